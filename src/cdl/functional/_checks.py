@@ -1,0 +1,99 @@
+"""Validation shared by the functional API: done once, at the Python boundary.
+
+Conventions: inputs must be float32 or float64 arrays (anything else is a
+TypeError); non-contiguous inputs are copied to C order; ``out=`` buffers are
+never copied, so they must already be C-contiguous with the exact shape and
+dtype, or a ValueError/TypeError says what was expected.
+"""
+import numbers
+
+import numpy as np
+
+from .. import _config
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Kernels index with Py_ssize_t, but BLAS and per-plane indices are 32-bit.
+INT32_MAX = 2**31 - 1
+
+
+def shape_str(shape):
+    return "x".join(str(int(s)) for s in shape) if len(shape) else "scalar"
+
+
+def float_array(a, name, where, ndim=None):
+    """``a`` as a C-contiguous float32/float64 ndarray, or a clear error."""
+    if not isinstance(a, np.ndarray):
+        if a is None or isinstance(a, (str, bytes, dict, set)):
+            raise TypeError(f"{where}: {name} must be a float32 or float64 array, "
+                            f"got {type(a).__name__}")
+        a = np.asarray(a)
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{where}: {name} must be float32 or float64, got dtype {a.dtype} "
+                        f"(shape {shape_str(a.shape)}); cast it first, e.g. x.astype(np.float32)")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{where}: {name} must be {ndim}-D, got {a.ndim}-D array of shape "
+                         f"{shape_str(a.shape)}")
+    if a.size > INT32_MAX:
+        raise ValueError(f"{where}: {name} has {a.size} elements (shape {shape_str(a.shape)}); "
+                         f"at most {INT32_MAX} are supported")
+    return np.ascontiguousarray(a)
+
+
+def same_dtype(where, first_name, first, **others):
+    for name, a in others.items():
+        if a is not None and a.dtype != first.dtype:
+            raise TypeError(f"{where}: {name} has dtype {a.dtype} but {first_name} has "
+                            f"{first.dtype}; use one dtype for all arrays")
+
+
+def out_array(out, name, where, shape, dtype):
+    """Check a caller-provided output buffer, or allocate one if ``out`` is None."""
+    shape = tuple(int(s) for s in shape)
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{where}: {name} must be a numpy array, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{where}: {name} must have dtype {np.dtype(dtype)}, got {out.dtype}")
+    if out.shape != shape:
+        raise ValueError(f"{where}: {name} must have shape {shape_str(shape)}, "
+                         f"got {shape_str(out.shape)}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"{where}: {name} must be a writeable C-contiguous array")
+    return out
+
+
+def int_pair(value, name, where, minimum):
+    """An int or a pair of ints, each >= minimum, as a tuple (h, w)."""
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(items) != 2:
+        raise ValueError(f"{where}: {name} must be an int or a pair of ints, got {value!r}")
+    out = []
+    for v in items:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{where}: {name} must be an int or a pair of ints, got {value!r}")
+        if v < minimum:
+            raise ValueError(f"{where}: {name} must be >= {minimum}, got {value!r}")
+        if v > INT32_MAX:
+            raise ValueError(f"{where}: {name}={value!r} is too large")
+        out.append(int(v))
+    return tuple(out)
+
+
+def conv_output_size(size, kernel, stride, padding, where, axis="H"):
+    """floor((H + 2P - F) / S) + 1, or a ValueError that shows the arithmetic."""
+    span = size + 2 * padding - kernel
+    if span < 0:
+        raise ValueError(
+            f"{where}: kernel {axis}={kernel} is larger than the padded input "
+            f"{axis}={size}+2*{padding}={size + 2 * padding}: "
+            f"{axis}2 = ({axis}1 - F + 2P)/S + 1 = ({size} - {kernel} + 2*{padding})/{stride} + 1 < 1")
+    return span // stride + 1
+
+
+def num_threads(n=None):
+    if n is None:
+        return _config.get_num_threads()
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"num_threads must be a positive int, got {n!r}")
+    return int(n)
