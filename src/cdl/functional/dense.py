@@ -1,7 +1,7 @@
 """Dense layer kernels: f(x; W) = x W^T + b, and its gradients."""
 import numpy as np
 
-from .. import _dense
+from .._kernels import dense as _dense
 from ._checks import float_array, num_threads, out_array, same_dtype, shape_str
 
 
