@@ -133,3 +133,17 @@ def test_linear_bad_input():
         F.linear("abc", w)
     with pytest.raises(ValueError, match="num_threads must be a positive int"):
         F.linear(x, w, threads=0)
+
+
+def test_user_raising_blas_threads_does_not_break_kernels():
+    """threadpoolctl raising SciPy's BLAS threads must not oversubscribe cdl's chunks."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from cdl import _config
+
+    x = RNG.standard_normal((64, 784)).astype(np.float32)
+    w = RNG.standard_normal((256, 784)).astype(np.float32)
+    expected = F.linear(x, w, threads=2)
+    with threadpoolctl.threadpool_limits(2):
+        got = F.linear(x, w, threads=2)
+        assert _config.blas_info()[2] == 1  # the kernel pinned it back
+    assert np.array_equal(got, expected)
