@@ -79,7 +79,10 @@ def test_sigmoid_is_stable_at_large_inputs():
             assert (np.diff(s) >= 0).all()
             d = F.sigmoid_backward(np.ones_like(s), s)
             assert np.isfinite(d).all()
-    assert F.sigmoid(np.array([-30.0]))[0] == pytest.approx(np.exp(-30), rel=1e-12)
+    z = np.array([-30.0, -100.0, -700.0, -80.0])
+    np.testing.assert_allclose(F.sigmoid(z), np.exp(z) / (1 + np.exp(z)), rtol=1e-14)
+    np.testing.assert_allclose(F.sigmoid(z[[0, 3]].astype(np.float32)),
+                               np.exp(z[[0, 3]]) / (1 + np.exp(z[[0, 3]])), rtol=1e-6)
 
 
 def test_nan_propagates():
