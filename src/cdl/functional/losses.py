@@ -26,23 +26,26 @@ def _reduction(reduction, n, where):
     raise ValueError(f"{where}: reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def _labels(labels, n, classes, where):
-    """labels as a C-contiguous int64 (N,) array with values in [0, classes)."""
+def _labels(labels, scores_shape, where, scores_name="scores"):
+    """labels as a C-contiguous int64 (N,) array with values in [0, C) for scores (N, C)."""
+    n, classes = scores_shape[0], scores_shape[1]
     if not isinstance(labels, np.ndarray):
         labels = np.asarray(labels)
     if labels.dtype.kind not in "iu":
         raise TypeError(f"{where}: labels must be integer class indices, got dtype "
                         f"{labels.dtype} (shape {shape_str(labels.shape)})")
     if labels.ndim != 1:
-        raise ValueError(f"{where}: labels must be 1-D (N,), got shape {shape_str(labels.shape)}")
+        raise ValueError(f"{where}: labels must be 1-D (N,), got shape {shape_str(labels.shape)} "
+                         f"for {scores_name} of shape {shape_str(scores_shape)}")
     if labels.shape[0] != n:
-        raise ValueError(f"{where}: labels has {labels.shape[0]} entries but scores has {n} rows")
+        raise ValueError(f"{where}: labels has {labels.shape[0]} entries but {scores_name} has "
+                         f"{n} rows (shape {shape_str(scores_shape)})")
     if n:
         lo, hi = labels.min(), labels.max()
         if lo < 0 or hi >= classes:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"{where}: labels must lie in [0, {classes}) for {classes} classes, "
-                             f"got {int(bad)}")
+            raise ValueError(f"{where}: labels must lie in [0, {classes}) for {classes} classes "
+                             f"({scores_name} shape {shape_str(scores_shape)}), got {int(bad)}")
     return np.ascontiguousarray(labels, dtype=np.int64)
 
 
@@ -72,7 +75,7 @@ def softmax_cross_entropy(scores, labels, *, reduction="mean", grad=None, probs=
     where = "softmax_cross_entropy"
     scores = _scores(scores, "scores", where)
     n, c = scores.shape
-    labels = _labels(labels, n, c, where)
+    labels = _labels(labels, scores.shape, where)
     scale = _reduction(reduction, n, where)
     grad = out_array(grad, "grad", where, scores.shape, scores.dtype)
     if probs is not None:
@@ -89,7 +92,7 @@ def multiclass_svm(scores, labels, *, margin=1.0, reduction="mean", grad=None, t
     where = "multiclass_svm"
     scores = _scores(scores, "scores", where)
     n, c = scores.shape
-    labels = _labels(labels, n, c, where)
+    labels = _labels(labels, scores.shape, where)
     if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not np.isfinite(margin):
         raise ValueError(f"{where}: margin must be a finite number, got {margin!r}")
     scale = _reduction(reduction, n, where)
@@ -120,7 +123,7 @@ def mse(pred, target, *, reduction="mean", grad=None, threads=None):
         if pred.ndim != 2:
             raise ValueError(f"{where}: with integer labels pred must be 2-D (N, C), got shape "
                              f"{shape_str(pred.shape)}")
-        labels = _labels(t, n, pred.shape[1], where)
+        labels = _labels(t, pred.shape, where, "pred")
         total = _losses.mse_labels(pred, labels, grad, sample, scale, nt)
     else:
         t = float_array(t, "target", where)
