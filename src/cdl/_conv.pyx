@@ -256,15 +256,16 @@ cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bia
 cdef inline void _wgrad_tile(const float* gs, Py_ssize_t gs_k, Py_ssize_t gs_n,
                              const float* xs, Py_ssize_t xs_n, Py_ssize_t xs_r,
                              Py_ssize_t nb, Py_ssize_t oh, Py_ssize_t owp, Py_ssize_t sh,
-                             float* res, const int KR, const int JB) noexcept nogil:
-    # res[a*JB + b] = sum_{n, y, q} gs[a, n, y, q] * xs[n, y*sh, q + b]
+                             float* res, const int KR, const int IB, const int JB) noexcept nogil:
+    # res[(a*IB + e)*JB + b] = sum_{n, y, q} gs[a, n, y, q] * xs[n, y*sh + e, q + b]:
+    # KR channels x IB kernel rows x JB kernel columns in registers.
     cdef vf acc[24]
-    cdef vf xv[5]
-    cdef vf gv
-    cdef Py_ssize_t n, y, q, a, b, qv
+    cdef vf gv[12]
+    cdef vf xv
+    cdef Py_ssize_t n, y, q, a, b, e, qv
     cdef const float* xr
     cdef const float* gr
-    for a in range(KR * JB):
+    for a in range(KR * IB * JB):
         acc[a] = vset1(0)
     for n in range(nb):
         for y in range(oh):
@@ -272,45 +273,60 @@ cdef inline void _wgrad_tile(const float* gs, Py_ssize_t gs_k, Py_ssize_t gs_n,
             gr = gs + n * gs_n + y * owp
             for qv in range(owp // VF):
                 q = qv * VF
-                for b in range(JB):
-                    xv[b] = vload(xr + q + b)
                 for a in range(KR):
-                    gv = vload(gr + a * gs_k + q)
+                    gv[a] = vload(gr + a * gs_k + q)
+                for e in range(IB):
                     for b in range(JB):
-                        acc[a * JB + b] = acc[a * JB + b] + gv * xv[b]
-    for a in range(KR * JB):
+                        xv = vload(xr + e * xs_r + q + b)
+                        for a in range(KR):
+                            acc[(a * IB + e) * JB + b] = acc[(a * IB + e) * JB + b] + gv[a] * xv
+    for a in range(KR * IB * JB):
         res[a] = vsum(acc[a])
 
 
-cdef void _wgrad_jb(Py_ssize_t jb, const float* gs, Py_ssize_t gs_k, Py_ssize_t gs_n,
-                    const float* xs, Py_ssize_t xs_n, Py_ssize_t xs_r,
-                    Py_ssize_t nb, Py_ssize_t oh, Py_ssize_t owp, Py_ssize_t sh,
-                    float* res) noexcept nogil:
-    if jb == 5:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 5)
-    elif jb == 4:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 6, 4)
-    elif jb == 3:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 8, 3)
-    elif jb == 2:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 8, 2)
+cdef inline void _wgrad_shape(Py_ssize_t ib_left, Py_ssize_t jb_left, Py_ssize_t* kr,
+                              Py_ssize_t* ib, Py_ssize_t* jb) noexcept nogil:
+    # Tile for the next block of kernel offsets: (KR, IB, JB) with KR*IB*JB <= 24
+    # accumulators plus KR loaded grad_out vectors, all in registers.
+    jb[0] = _imin(jb_left, 5)
+    ib[0] = 1
+    if jb[0] == 5:
+        kr[0] = 4
+    elif jb[0] == 4:
+        kr[0] = 4
+    elif jb[0] == 3:
+        if ib_left >= 3:
+            kr[0] = 2
+            ib[0] = 3
+        else:
+            kr[0] = 6
+    elif jb[0] == 2:
+        kr[0] = 8
     else:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 16, 1)
+        kr[0] = 12
 
 
-cdef inline Py_ssize_t _wgrad_kr(Py_ssize_t jb) noexcept nogil:
+cdef void _wgrad_run(Py_ssize_t kr, Py_ssize_t ib, Py_ssize_t jb, const float* gs, Py_ssize_t gs_k,
+                     Py_ssize_t gs_n, const float* xs, Py_ssize_t xs_n, Py_ssize_t xs_r,
+                     Py_ssize_t nb, Py_ssize_t oh, Py_ssize_t owp, Py_ssize_t sh,
+                     float* res) noexcept nogil:
     if jb == 5:
-        return 4
-    if jb == 4:
-        return 6
-    if jb >= 2:
-        return 8
-    return 16
+        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 5)
+    elif jb == 4:
+        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 4)
+    elif jb == 3 and ib == 3:
+        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 2, 3, 3)
+    elif jb == 3:
+        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 6, 1, 3)
+    elif jb == 2:
+        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 8, 1, 2)
+    else:
+        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 12, 1, 1)
 
 
 ctypedef struct WGrad:
     Py_ssize_t n, c, h, w, k, kh, kw, oh, ow, sh, ph, pw
-    Py_ssize_t kg, nbk, owp, rs, qs, gs_size, xs_size
+    Py_ssize_t kg, kgpad, nbk, owp, rs, qs, gs_size, xs_size
 
 
 cdef void _wgrad_item(const WGrad* g, const float* go, const float* x, float* part,
@@ -321,8 +337,8 @@ cdef void _wgrad_item(const WGrad* g, const float* go, const float* x, float* pa
     cdef Py_ssize_t nci = it // ngroups, kgi = it % ngroups
     cdef Py_ssize_t n_lo = nci * g.nbk, nb = _imin(g.nbk, g.n - n_lo)
     cdef Py_ssize_t k_lo = kgi * g.kg, k_hi = _imin(g.k, k_lo + g.kg)
-    cdef Py_ssize_t kgpad = g.kg + 16
-    cdef Py_ssize_t kl, nl, y, c, i, j0, jb, kr, k0, a, b, kb
+    cdef Py_ssize_t kgpad = g.kgpad
+    cdef Py_ssize_t kl, nl, y, c, i, j0, jb, kr, ib, k0, a, b, e, kb
     cdef Py_ssize_t gs_k = g.nbk * g.oh * g.owp, gs_n = g.oh * g.owp
     cdef Py_ssize_t xs_n = g.rs * g.qs
     cdef float res[24]
@@ -344,36 +360,50 @@ cdef void _wgrad_item(const WGrad* g, const float* go, const float* x, float* pa
         for nl in range(nb):
             _stage(x + ((n_lo + nl) * g.c + c) * g.h * g.w, 1, g.h, g.w, g.ph, g.pw,
                    g.rs, g.qs, xs + nl * xs_n)
-        for i in range(g.kh):
-            for j0 in range(0, g.kw, 5):
-                jb = _imin(5, g.kw - j0)
-                kr = _wgrad_kr(jb)
+        j0 = 0
+        while j0 < g.kw:
+            i = 0
+            while i < g.kh:
+                _wgrad_shape(g.kh - i, g.kw - j0, &kr, &ib, &jb)
                 for kb in range(_cdiv(k_hi - k_lo, kr)):
                     k0 = k_lo + kb * kr
-                    _wgrad_jb(jb, gs + (k0 - k_lo) * gs_k, gs_k, gs_n,
-                              xs + i * g.qs + j0, xs_n, g.qs, nb, g.oh, g.owp, g.sh, res)
+                    _wgrad_run(kr, ib, jb, gs + (k0 - k_lo) * gs_k, gs_k, gs_n,
+                               xs + i * g.qs + j0, xs_n, g.qs, nb, g.oh, g.owp, g.sh, res)
                     for a in range(kr):
                         if k0 + a >= k_hi:
                             break
-                        for b in range(jb):
-                            pc[(((k0 + a) * g.c + c) * g.kh + i) * g.kw + j0 + b] = res[a * jb + b]
+                        for e in range(ib):
+                            for b in range(jb):
+                                pc[(((k0 + a) * g.c + c) * g.kh + i + e) * g.kw + j0 + b] = \
+                                    res[(a * ib + e) * jb + b]
+                i = i + ib
+            j0 = j0 + jb
 
 
 cdef int _wgrad_f32(WGrad* g, const float* go, const float* x, float* gw,
                     int num_threads) noexcept nogil:
-    cdef Py_ssize_t nchunks, items, it, tid, per, wsize, t, ci
+    cdef Py_ssize_t nchunks, items, it, tid, per, wsize, t, ci, i, j0, kr, ib, jb
     cdef int nt
     cdef float* buf
     cdef float* part
-    cdef float s
-    # Chunk size depends only on N: at most 8 partial sums to add at the end.
-    g.nbk = _imax(16, _cdiv(g.n, 8))
+    # Chunk size depends only on N: at most 16 partial sums to add at the end.
+    g.nbk = _imax(4, _cdiv(g.n, 16))
     nchunks = _cdiv(g.n, g.nbk)
     g.kg = _imin(g.k, 16)
+    # Channels a tile may read past the group: zeros, staged once per item.
+    g.kgpad = g.kg
+    j0 = 0
+    while j0 < g.kw:
+        i = 0
+        while i < g.kh:
+            _wgrad_shape(g.kh - i, g.kw - j0, &kr, &ib, &jb)
+            g.kgpad = _imax(g.kgpad, _cdiv(g.kg, kr) * kr)
+            i = i + ib
+        j0 = j0 + jb
     g.owp = _cdiv(g.ow, VF) * VF
     g.rs = (g.oh - 1) * g.sh + g.kh
     g.qs = g.owp + g.kw - 1
-    g.gs_size = (g.kg + 16) * g.nbk * g.oh * g.owp
+    g.gs_size = g.kgpad * g.nbk * g.oh * g.owp
     g.xs_size = g.nbk * g.rs * g.qs + VF
     items = nchunks * _cdiv(g.k, g.kg)
     wsize = g.k * g.c * g.kh * g.kw
@@ -386,11 +416,11 @@ cdef int _wgrad_f32(WGrad* g, const float* go, const float* x, float* gw,
     for it in prange(items, schedule="static", num_threads=nt):
         tid = omp_get_thread_num()
         _wgrad_item(g, go, x, part, it, buf + tid * per, buf + tid * per + g.gs_size)
-    for t in range(wsize):
-        s = part[t]
-        for ci in range(1, nchunks):
-            s = s + part[ci * wsize + t]
-        gw[t] = s
+    # Partial sums added in chunk order: the same for any thread count.
+    memcpy(gw, part, wsize * sizeof(float))
+    for ci in range(1, nchunks):
+        for t in range(wsize):
+            gw[t] = gw[t] + part[ci * wsize + t]
     free(buf)
     return 0
 
