@@ -61,6 +61,15 @@ cdef inline Py_ssize_t _imax(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return a if a > b else b
 
 
+cdef inline Py_ssize_t _align16(Py_ssize_t n) noexcept nogil:
+    # Floats rounded up to whole 64-byte cache lines.
+    return (n + 15) // 16 * 16
+
+
+cdef inline float* _aligned(void* mem) noexcept nogil:
+    return <float*>((<size_t>mem + 63) & ~(<size_t>63))
+
+
 cdef inline Py_ssize_t _imin(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return a if a < b else b
 
@@ -235,21 +244,24 @@ cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bia
     cdef Py_ssize_t items, it, xs_size, tb_size, tid
     cdef int nt
     cdef float* buf
+    cdef void* mem
     g.kg = g.kr * _imax(1, 16 // g.kr)
     g.rs = (_cdiv(g.oh, g.rb) * g.rb - 1) * g.sh + g.kh
-    g.qs = _cdiv(g.ow, VF) * VF + g.kw - 1
+    # Rows start on cache lines so the j = 0 loads are aligned.
+    g.qs = _align16(_cdiv(g.ow, VF) * VF + g.kw - 1)
     items = g.n * _cdiv(g.cout, g.kg)
     nt = _threads(g.n * g.cout * g.oh * g.ow * g.cin * g.kh * g.kw, items, num_threads)
-    xs_size = g.cin * g.rs * g.qs + VF
+    xs_size = _align16(g.cin * g.rs * g.qs + VF)
     tb_size = 24 * VF
-    buf = <float*>malloc(nt * (xs_size + tb_size) * sizeof(float) + 64)
-    if buf == NULL:
+    mem = malloc(nt * (xs_size + tb_size) * sizeof(float) + 64)
+    if mem == NULL:
         return -1
+    buf = _aligned(mem)
     for it in prange(items, schedule="static", num_threads=nt):
         tid = omp_get_thread_num()
         _corr_item(g, src, wpk, bias, dst, it, buf + tid * (xs_size + tb_size),
                    buf + tid * (xs_size + tb_size) + xs_size)
-    free(buf)
+    free(mem)
     return 0
 
 
@@ -386,6 +398,7 @@ cdef int _wgrad_f32(WGrad* g, const float* go, const float* x, float* gw,
     cdef int nt
     cdef float* buf
     cdef float* part
+    cdef void* mem
     # Chunk size depends only on N: at most 16 partial sums to add at the end.
     g.nbk = _imax(4, _cdiv(g.n, 16))
     nchunks = _cdiv(g.n, g.nbk)
@@ -402,16 +415,17 @@ cdef int _wgrad_f32(WGrad* g, const float* go, const float* x, float* gw,
         j0 = j0 + jb
     g.owp = _cdiv(g.ow, VF) * VF
     g.rs = (g.oh - 1) * g.sh + g.kh
-    g.qs = g.owp + g.kw - 1
-    g.gs_size = g.kgpad * g.nbk * g.oh * g.owp
-    g.xs_size = g.nbk * g.rs * g.qs + VF
+    g.qs = _align16(g.owp + g.kw - 1)
+    g.gs_size = _align16(g.kgpad * g.nbk * g.oh * g.owp)
+    g.xs_size = _align16(g.nbk * g.rs * g.qs + VF)
     items = nchunks * _cdiv(g.k, g.kg)
     wsize = g.k * g.c * g.kh * g.kw
     nt = _threads(g.n * g.k * g.oh * g.ow * g.c * g.kh * g.kw, items, num_threads)
     per = g.gs_size + g.xs_size
-    buf = <float*>malloc((nt * per + nchunks * wsize) * sizeof(float) + 64)
-    if buf == NULL:
+    mem = malloc((nt * per + nchunks * wsize) * sizeof(float) + 64)
+    if mem == NULL:
         return -1
+    buf = _aligned(mem)
     part = buf + nt * per
     for it in prange(items, schedule="static", num_threads=nt):
         tid = omp_get_thread_num()
@@ -421,7 +435,7 @@ cdef int _wgrad_f32(WGrad* g, const float* go, const float* x, float* gw,
     for ci in range(1, nchunks):
         for t in range(wsize):
             gw[t] = gw[t] + part[ci * wsize + t]
-    free(buf)
+    free(mem)
     return 0
 
 
