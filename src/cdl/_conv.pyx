@@ -296,14 +296,15 @@ cdef inline void _wgrad_tile(const float* gs, Py_ssize_t gs_k, Py_ssize_t gs_n,
         res[a] = vsum(acc[a])
 
 
-cdef inline void _wgrad_shape(Py_ssize_t ib_left, Py_ssize_t jb_left, Py_ssize_t* kr,
-                              Py_ssize_t* ib, Py_ssize_t* jb) noexcept nogil:
+cdef inline void _wgrad_shape(Py_ssize_t ib_left, Py_ssize_t jb_left, Py_ssize_t kg,
+                              Py_ssize_t* kr, Py_ssize_t* ib, Py_ssize_t* jb) noexcept nogil:
     # Tile for the next block of kernel offsets: (KR, IB, JB) with KR*IB*JB <= 24
     # accumulators plus KR loaded grad_out vectors, all in registers.
     jb[0] = _imin(jb_left, 5)
     ib[0] = 1
     if jb[0] == 5:
-        kr[0] = 4
+        # 3 channels when that splits the group evenly and 4 would not (LeNet's 6).
+        kr[0] = 3 if kg % 4 != 0 and kg % 3 == 0 else 4
     elif jb[0] == 4:
         kr[0] = 4
     elif jb[0] == 3:
@@ -322,7 +323,9 @@ cdef void _wgrad_run(Py_ssize_t kr, Py_ssize_t ib, Py_ssize_t jb, const float* g
                      Py_ssize_t gs_n, const float* xs, Py_ssize_t xs_n, Py_ssize_t xs_r,
                      Py_ssize_t nb, Py_ssize_t oh, Py_ssize_t owp, Py_ssize_t sh,
                      float* res) noexcept nogil:
-    if jb == 5:
+    if jb == 5 and kr == 3:
+        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 3, 1, 5)
+    elif jb == 5:
         _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 5)
     elif jb == 4:
         _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 4)
@@ -376,7 +379,7 @@ cdef void _wgrad_item(const WGrad* g, const float* go, const float* x, float* pa
         while j0 < g.kw:
             i = 0
             while i < g.kh:
-                _wgrad_shape(g.kh - i, g.kw - j0, &kr, &ib, &jb)
+                _wgrad_shape(g.kh - i, g.kw - j0, g.kg, &kr, &ib, &jb)
                 for kb in range(_cdiv(k_hi - k_lo, kr)):
                     k0 = k_lo + kb * kr
                     _wgrad_run(kr, ib, jb, gs + (k0 - k_lo) * gs_k, gs_k, gs_n,
@@ -409,7 +412,7 @@ cdef int _wgrad_f32(WGrad* g, const float* go, const float* x, float* gw,
     while j0 < g.kw:
         i = 0
         while i < g.kh:
-            _wgrad_shape(g.kh - i, g.kw - j0, &kr, &ib, &jb)
+            _wgrad_shape(g.kh - i, g.kw - j0, g.kg, &kr, &ib, &jb)
             g.kgpad = _imax(g.kgpad, _cdiv(g.kg, kr) * kr)
             i = i + ib
         j0 = j0 + jb
