@@ -15,7 +15,6 @@ file intact.
 import json
 import os
 import tempfile
-import zipfile
 
 import numpy as np
 
@@ -75,10 +74,24 @@ def _fail(path, why):
     return ValueError(f"cdl.load: {path!s} is not a valid cdl model file: {why}")
 
 
+def _member(npz, name, path):
+    """One stored array; any failure to decode it is the file's fault, reported as such."""
+    try:
+        a = npz[name]
+    except KeyError:
+        raise _fail(path, f"array {name!r} is missing") from None
+    except Exception as exc:  # zipfile / numpy format errors of many kinds
+        raise _fail(path, f"array {name!r} is corrupted or unreadable "
+                          f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(a, np.ndarray):
+        raise _fail(path, f"member {name!r} is not a .npy array")
+    return a
+
+
 def _read_header(npz, path):
     if HEADER not in npz.files:
         raise _fail(path, f"no '{HEADER}' header (a foreign .npz?)")
-    raw = npz[HEADER]
+    raw = _member(npz, HEADER, path)
     if raw.dtype != np.uint8 or raw.ndim != 1:
         raise _fail(path, "the header is not a byte string")
     try:
@@ -121,12 +134,7 @@ def _build(header, path):
 
 
 def _read_array(npz, entry, path):
-    try:
-        a = npz[entry["name"]]
-    except KeyError:
-        raise _fail(path, f"array {entry['name']!r} is missing") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise _fail(path, f"array {entry['name']!r} is corrupted ({exc})") from None
+    a = _member(npz, entry["name"], path)
     if a.shape != tuple(entry["shape"]) or a.dtype.name != entry["dtype"]:
         raise _fail(path, f"array {entry['name']!r} is {a.dtype} {shape_str(a.shape)}, the "
                           f"header says {entry['dtype']} {shape_str(entry['shape'])}")
@@ -146,13 +154,11 @@ def load(path, optimizer=False):
         raise _fail(path, "it is not a zip/npz container" if magic else "the file is empty")
     try:
         npz = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise _fail(path, f"the container is truncated or damaged ({exc})") from None
+    except Exception as exc:  # zipfile raises several types for damaged containers
+        raise _fail(path, f"the container is truncated or damaged "
+                          f"({type(exc).__name__}: {exc})") from None
     with npz:
-        try:
-            header = _read_header(npz, path)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise _fail(path, f"the header is corrupted ({exc})") from None
+        header = _read_header(npz, path)
         model = _build(header, path)
         entries = header.get("arrays")
         if not isinstance(entries, list) or not all(
