@@ -1057,6 +1057,8 @@ def parse_args(argv):
                    help=f"comma-separated groups: {','.join(GROUPS)}")
     p.add_argument("--repeats", type=int, default=None, help="samples per contender (>= 5)")
     p.add_argument("--pause", type=float, default=None, help="seconds between timed blocks")
+    p.add_argument("--min-sample", type=float, default=None,
+                   help="seconds one sample lasts at least (calls are repeated to reach it)")
     p.add_argument("--out", default=str(HERE / "results" / "latest.json"),
                    help="JSON results path (markdown and PNGs written beside it)")
     p.add_argument("--compare", nargs="+", metavar="JSON",
@@ -1085,7 +1087,9 @@ def main(argv=None):
                                else len(os.sched_getaffinity(0)))
     repeats = max(5, args.repeats or (5 if args.quick else 7))
     pause = args.pause if args.pause is not None else (0.1 if args.quick else 0.15)
-    timer = Timer(repeats, pause, 0.004 if args.quick else 0.02)
+    min_sample = args.min_sample if args.min_sample is not None else (
+        0.004 if args.quick else 0.02)
+    timer = Timer(repeats, pause, min_sample)
     t_start = time.perf_counter()
 
     machine = machine_info(threads)
