@@ -784,6 +784,10 @@ def machine_info(threads):
             info["cdl_config_error"] = str(exc)
     else:
         info["cdl"] = CDL_ERROR
+    try:
+        info["loadavg_start"] = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        pass
     info["env"] = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "CDL_ISA", "OPENBLAS_CORETYPE",
                                               "OPENBLAS_L2_SIZE") if k in os.environ}
     return info
@@ -837,6 +841,11 @@ def markdown(results, ceilings, machine):
              f"GB/s in cache ({ceilings['copy_cache_bytes'] >> 20} MiB), "
              f"{ceilings['copy_dram_gbs']:.1f} GB/s from DRAM ({ceilings['copy_dram_bytes'] >> 20}"
              f" MiB), read+write counted.", ""]
+    load = max(machine.get("loadavg_start", 0.0), machine.get("loadavg_end", 0.0))
+    if load > 0.5 * machine["cores_usable"]:
+        lines += [f"**Warning: the machine was busy (1-min load average up to {load:.1f} on "
+                  f"{machine['cores_usable']} cores). Multi-threaded timings are unreliable: "
+                  f"threads that spin at barriers lose their core to other processes.**", ""]
     groups = []
     for r in results:
         g = r["group"] if r["group"] != "scaling" else f"scaling ({r['threads']} threads)"
@@ -1094,6 +1103,9 @@ def main(argv=None):
 
     machine = machine_info(threads)
     ceilings = measure_ceilings(threads, args.quick)
+    if machine.get("loadavg_start", 0.0) > 0.5 * machine["cores_usable"]:
+        print(f"warning: load average {machine['loadavg_start']:.1f} on "
+              f"{machine['cores_usable']} cores; timings will be noisy", file=sys.stderr)
     print(f"ceilings: sgemm {ceilings['sgemm_gflops']:.1f} GFLOP/s, copy "
           f"{ceilings['copy_cache_gbs']:.1f} GB/s (cache) / {ceilings['copy_dram_gbs']:.1f} GB/s "
           f"(DRAM)", file=sys.stderr)
@@ -1112,6 +1124,10 @@ def main(argv=None):
                                                        for n in CONTENDERS), file=sys.stderr)
         set_threads(threads)
     targets = check_targets(results, ceilings)
+    try:
+        machine["loadavg_end"] = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        pass
     doc = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": "quick" if args.quick
            else "full", "argv": sys.argv[1:], "machine": machine, "ceilings": ceilings,
            "method": {"repeats": repeats, "pause_s": pause, "min_sample_s": timer.min_sample,
