@@ -101,7 +101,65 @@ cdef extern from *:
     }
     CDL_POOL_KERNELS(f, float, uint32_t)
     CDL_POOL_KERNELS(d, double, uint64_t)
+
+    /* 2x2 stride 2 on a small plane (short rows, as LeNet's 28- and 10-wide maps):
+       a row-by-row loop would be all scalar remainder. The even and the odd input
+       rows are first packed into two contiguous buffers (2*OW cells per row), so
+       output j's window is b0[2j], b0[2j+1], b1[2j], b1[2j+1] across the whole
+       plane and one long loop vectorises; the index offset 2*oh*W + 2*ow is added
+       row by row. Planes up to CDL_POOL2_SMALL cells (per row parity) qualify. */
+    #define CDL_POOL2_SMALL 2048
+    #define CDL_POOL2_PLANE(SFX, T)                                                 \
+    static void cdl_pool2_fwd_small_##SFX(const T *x, T *y, int *ind, Py_ssize_t W, \
+                                          Py_ssize_t OH, Py_ssize_t OW) {           \
+        T b0[CDL_POOL2_SMALL], b1[CDL_POOL2_SMALL];                                  \
+        Py_ssize_t oh, ow, w2 = 2 * OW;                                             \
+        for (oh = 0; oh < OH; oh++) {                                               \
+            memcpy(b0 + oh * w2, x + 2 * oh * W, (size_t)w2 * sizeof(T));           \
+            memcpy(b1 + oh * w2, x + (2 * oh + 1) * W, (size_t)w2 * sizeof(T));     \
+        }                                                                           \
+        cdl_pool2_fwd_##SFX(b0, b1, y, ind, OH * OW, 0, (int)W);                    \
+        /* cdl_pool2_fwd_ added 2j; the true offset of output (oh, ow) is           \
+           2*oh*W + 2*ow = 2j + oh*(2W - 2*OW). */                                  \
+        for (oh = 1; oh < OH; oh++) {                                               \
+            int shift = (int)(oh * (2 * W - w2));                                   \
+            for (ow = 0; ow < OW; ow++) ind[oh * OW + ow] += shift;                 \
+        }                                                                           \
+    }                                                                               \
+    static Py_ssize_t cdl_pool2_bwd_small_##SFX(const T *g, const int *ind, T *dx,  \
+                                                Py_ssize_t H, Py_ssize_t W,         \
+                                                Py_ssize_t OH, Py_ssize_t OW) {     \
+        T b0[CDL_POOL2_SMALL], b1[CDL_POOL2_SMALL];                                  \
+        int rel[CDL_POOL2_SMALL / 2];                                                \
+        Py_ssize_t oh, ow, w, h, w2 = 2 * OW, matched;                              \
+        /* Indices relative to the packed layout (see the forward). */              \
+        for (oh = 0; oh < OH; oh++) {                                               \
+            int shift = (int)(oh * (2 * W - w2));                                   \
+            for (ow = 0; ow < OW; ow++) rel[oh * OW + ow] = ind[oh * OW + ow] - shift; \
+        }                                                                           \
+        matched = cdl_pool2_bwd_##SFX(g, rel, b0, b1, OH * OW, 0, (int)W);          \
+        for (oh = 0; oh < OH; oh++) {                                               \
+            T *d0 = dx + 2 * oh * W, *d1 = d0 + W;                                  \
+            memcpy(d0, b0 + oh * w2, (size_t)w2 * sizeof(T));                       \
+            memcpy(d1, b1 + oh * w2, (size_t)w2 * sizeof(T));                       \
+            for (w = w2; w < W; w++) { d0[w] = 0; d1[w] = 0; }                      \
+        }                                                                           \
+        for (h = 2 * OH; h < H; h++)                                                \
+            for (w = 0; w < W; w++) dx[h * W + w] = 0;                              \
+        return matched;                                                             \
+    }
+    CDL_POOL2_PLANE(f, float)
+    CDL_POOL2_PLANE(d, double)
     """
+    Py_ssize_t CDL_POOL2_SMALL
+    void cdl_pool2_fwd_small_f(const float* x, float* y, int* ind, Py_ssize_t W,
+                               Py_ssize_t OH, Py_ssize_t OW) noexcept nogil
+    void cdl_pool2_fwd_small_d(const double* x, double* y, int* ind, Py_ssize_t W,
+                               Py_ssize_t OH, Py_ssize_t OW) noexcept nogil
+    Py_ssize_t cdl_pool2_bwd_small_f(const float* g, const int* ind, float* dx, Py_ssize_t H,
+                                     Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW) noexcept nogil
+    Py_ssize_t cdl_pool2_bwd_small_d(const double* g, const int* ind, double* dx, Py_ssize_t H,
+                                     Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW) noexcept nogil
     void cdl_pool_row_f(const float* xrow, float* best, int* arg, Py_ssize_t n,
                         Py_ssize_t sw, int idx0) noexcept nogil
     void cdl_pool_row_d(const double* xrow, double* best, int* arg, Py_ssize_t n,
@@ -138,6 +196,12 @@ cdef void _forward_2x2(const floating* x, floating* y, int* ind,
                        Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
                        Py_ssize_t OW) noexcept nogil:
     cdef Py_ssize_t oh
+    if OW < 16 and 2 * OH * OW <= CDL_POOL2_SMALL:
+        if floating is float:
+            cdl_pool2_fwd_small_f(x, y, ind, W, OH, OW)
+        else:
+            cdl_pool2_fwd_small_d(x, y, ind, W, OH, OW)
+        return
     for oh in range(OH):
         if floating is float:
             cdl_pool2_fwd_f(x + 2 * oh * W, x + (2 * oh + 1) * W, y + oh * OW, ind + oh * OW,
@@ -239,6 +303,12 @@ cdef Py_ssize_t _backward_2x2(const floating* g, const int* ind, floating* dx,
     cdef floating* d0
     cdef floating* d1
     cdef Py_ssize_t matched = 0
+    if OW < 16 and 2 * OH * OW <= CDL_POOL2_SMALL:
+        if floating is float:
+            matched = cdl_pool2_bwd_small_f(g, ind, dx, H, W, OH, OW)
+        else:
+            matched = cdl_pool2_bwd_small_d(g, ind, dx, H, W, OH, OW)
+        return OH * OW - matched
     for oh in range(OH):
         d0 = dx + 2 * oh * W
         d1 = d0 + W
