@@ -19,3 +19,22 @@ cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k,
     else:
         dgemm(&tb, &ta, &n, &m, &k, &alpha, <double*>b, &ldb, <double*>a, &lda,
               &beta, c, &ldc)
+
+
+from scipy.linalg.cython_blas cimport sgemv, dgemv
+
+
+cdef inline void gemv(bint trans_a, int m, int n, floating alpha, const floating* a, int lda,
+                      const floating* x, floating beta, floating* y) noexcept nogil:
+    """y = alpha * op(A) @ x + beta * y for a row-major m x n matrix A.
+
+    A batch of one is a matrix-vector product: GEMM would pack the whole
+    weight matrix for a single row, GEMV streams it once.
+    """
+    # Row-major A (m x n) is column-major A^T (n x m), so the flag flips.
+    cdef char t = b'N' if trans_a else b'T'
+    cdef int one = 1
+    if floating is float:
+        sgemv(&t, &n, &m, &alpha, <float*>a, &lda, <float*>x, &one, &beta, y, &one)
+    else:
+        dgemv(&t, &n, &m, &alpha, <double*>a, &lda, <double*>x, &one, &beta, y, &one)

@@ -8,7 +8,7 @@ any thread count. Inputs are trusted: cdl.functional validates them.
 """
 from cython cimport floating
 from cython.parallel cimport prange
-from cdl._blas cimport gemm
+from cdl._blas cimport gemm, gemv
 from cdl._runtime cimport ensure_single_threaded_blas
 
 # Below this many multiply-adds a second thread costs more than it saves.
@@ -69,9 +69,13 @@ def linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
                         for j in range(c0, c0 + nc):
                             out[i, j] = 0
                 continue
-            gemm(False, True, <int>mr, <int>nc, <int>fin, <floating>1.0,
-                 &x[r0, 0], <int>fin, &weight[c0, 0], <int>fin,
-                 beta, &out[r0, c0], <int>fout)
+            if mr == 1:
+                gemv(False, <int>nc, <int>fin, <floating>1.0, &weight[c0, 0], <int>fin,
+                     &x[r0, 0], beta, &out[r0, c0])
+            else:
+                gemm(False, True, <int>mr, <int>nc, <int>fin, <floating>1.0,
+                     &x[r0, 0], <int>fin, &weight[c0, 0], <int>fin,
+                     beta, &out[r0, c0], <int>fout)
 
 
 def linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
@@ -101,9 +105,13 @@ def linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
                         for j in range(c0, c0 + nc):
                             grad_input[i, j] = 0
                     continue
-                gemm(False, False, <int>mr, <int>nc, <int>fout, <floating>1.0,
-                     &grad_out[r0, 0], <int>fout, &weight[0, c0], <int>fin,
-                     <floating>0.0, &grad_input[r0, c0], <int>fin)
+                if mr == 1:
+                    gemv(True, <int>fout, <int>nc, <floating>1.0, &weight[0, c0], <int>fin,
+                         &grad_out[r0, 0], <floating>0.0, &grad_input[r0, c0])
+                else:
+                    gemm(False, False, <int>mr, <int>nc, <int>fout, <floating>1.0,
+                         &grad_out[r0, 0], <int>fout, &weight[0, c0], <int>fin,
+                         <floating>0.0, &grad_input[r0, c0], <int>fin)
 
     if fout > 0 and fin > 0:
         _tiling(fout, fin, n, &tm, &tn)
