@@ -24,6 +24,21 @@ static inline cdl_vf cdl_vf_load(const float *p) {
     return v;
 }
 
+/* A load the compiler must keep in a register: without the empty asm, GCC may
+ * fold a vector that several multiply-adds share into each of them as a memory
+ * operand, turning one load into many. */
+static inline cdl_vf cdl_vf_loadr(const float *p) {
+    cdl_vf v = cdl_vf_load(p);
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__AVX512F__)
+    __asm__("" : "+v"(v));
+#else
+    __asm__("" : "+x"(v));
+#endif
+#endif
+    return v;
+}
+
 static inline void cdl_vf_store(float *p, cdl_vf v) {
     __builtin_memcpy(p, &v, sizeof(v));
 }
