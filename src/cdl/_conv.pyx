@@ -297,7 +297,7 @@ cdef inline void _wgrad_tile(const float* gs, Py_ssize_t gs_k, Py_ssize_t gs_n,
             for qv in range(owp // VF):
                 q = qv * VF
                 for a in range(KR):
-                    gv[a] = vload(gr + a * gs_k + q)
+                    gv[a] = vloadr(gr + a * gs_k + q)
                 for e in range(IB):
                     for b in range(JB):
                         xv = vload(xr + e * xs_r + q + b)
