@@ -175,9 +175,11 @@ cdef void _choose_tile(Py_ssize_t cout, Py_ssize_t oh, Py_ssize_t* kr, Py_ssize_
 cdef void _stage(const float* src, Py_ssize_t ch, Py_ssize_t h, Py_ssize_t w,
                  Py_ssize_t offh, Py_ssize_t offw, Py_ssize_t rs, Py_ssize_t qs,
                  float* dst) noexcept nogil:
-    # dst[c, r, q] = src[c, r - offh, q - offw], zero outside src.
-    cdef Py_ssize_t c, r, ih, q_lo, q_hi
+    # dst[c, r, q] = src[c, r - offh, q - offw], zero outside src. Plain loops:
+    # rows are short, and library calls per row cost more than the copy.
+    cdef Py_ssize_t c, r, q, ih, q_lo, q_hi
     cdef float* d
+    cdef const float* s
     q_lo = _imin(_imax(offw, 0), qs)
     q_hi = _imax(_imin(offw + w, qs), q_lo)
     for c in range(ch):
@@ -185,15 +187,16 @@ cdef void _stage(const float* src, Py_ssize_t ch, Py_ssize_t h, Py_ssize_t w,
             d = dst + (c * rs + r) * qs
             ih = r - offh
             if ih < 0 or ih >= h:
-                memset(d, 0, qs * sizeof(float))
+                for q in range(qs):
+                    d[q] = 0
                 continue
-            if q_lo > 0:
-                memset(d, 0, q_lo * sizeof(float))
-            if q_hi > q_lo:
-                memcpy(d + q_lo, src + (c * h + ih) * w + (q_lo - offw),
-                       (q_hi - q_lo) * sizeof(float))
-            if qs > q_hi:
-                memset(d + q_hi, 0, (qs - q_hi) * sizeof(float))
+            s = src + (c * h + ih) * w - offw
+            for q in range(q_lo):
+                d[q] = 0
+            for q in range(q_lo, q_hi):
+                d[q] = s[q]
+            for q in range(q_hi, qs):
+                d[q] = 0
 
 
 cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const float* bias,
@@ -256,7 +259,9 @@ cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bia
     cdef int nt
     cdef float* buf
     cdef void* mem
-    g.kg = g.kr * _imax(1, 16 // g.kr)
+    # Output channels per work item: large, so that staging the input is paid
+    # for once per many channels; smaller for tiny batches so two threads have work.
+    g.kg = g.kr * _imax(1, _cdiv(64 if g.n >= 8 else 16, g.kr))
     g.rs = (_cdiv(g.oh, g.rb) * g.rb - 1) * g.sh + g.kh
     # Rows start on cache lines so the j = 0 loads are aligned.
     g.qs = _align16(_cdiv(g.ow, VF) * VF + g.kw - 1)
@@ -416,7 +421,7 @@ cdef int _wgrad_f32(WGrad* g, const float* go, const float* x, float* gw,
     # Chunk size depends only on N: at most 16 partial sums to add at the end.
     g.nbk = _imax(4, _cdiv(g.n, 16))
     nchunks = _cdiv(g.n, g.nbk)
-    g.kg = _imin(g.k, 16)
+    g.kg = _imin(g.k, 64 if g.n >= 32 else 16)
     # Channels a tile may read past the group: zeros, staged once per item.
     g.kgpad = g.kg
     j0 = 0
