@@ -38,6 +38,7 @@ cdef extern from "cdl_simd.h" nogil:
     # Declared as float so that Cython emits plain C arithmetic on it.
     ctypedef float vf "cdl_vf"
     const int VF "CDL_VF"
+    const int VREGS "CDL_VREGS"
     vf vload "cdl_vf_load"(const float* p)
     vf vloadr "cdl_vf_loadr"(const float* p)
     void vstore "cdl_vf_store"(float* p, vf v)
@@ -113,57 +114,62 @@ cdef inline void _corr_tile(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
         vstore(tb + a * VF, acc[a])
 
 
-cdef void _tile_8x3(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r, const float* wp,
-                    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
-                    float* tb) noexcept nogil:
-    _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 8, 3)
-
-
-cdef void _tile_6x4(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r, const float* wp,
-                    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
-                    float* tb) noexcept nogil:
-    _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 6, 4)
-
-
-cdef void _tile_4x4(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r, const float* wp,
-                    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
-                    float* tb) noexcept nogil:
-    _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 4, 4)
-
-
-cdef void _tile_3x6(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r, const float* wp,
-                    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
-                    float* tb) noexcept nogil:
-    _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 3, 6)
-
-
-cdef void _tile_2x8(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r, const float* wp,
-                    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
-                    float* tb) noexcept nogil:
-    _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 2, 8)
-
-
-cdef void _tile_1x8(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r, const float* wp,
-                    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
-                    float* tb) noexcept nogil:
-    _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 1, 8)
+cdef void _corr_run(Py_ssize_t kr, Py_ssize_t rb, const float* xs, Py_ssize_t xs_c,
+                    Py_ssize_t xs_r, const float* wp, Py_ssize_t cin, Py_ssize_t kh,
+                    Py_ssize_t kw, Py_ssize_t sh, float* tb) noexcept nogil:
+    # One call site per tile shape, so the compiler specialises each; the
+    # VREGS test is a compile-time constant, so each build keeps only its own.
+    if VREGS >= 32:
+        if kr == 8:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 8, 3)
+        elif kr == 6:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 6, 4)
+        elif kr == 4:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 4, 4)
+        elif kr == 3:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 3, 6)
+        elif kr == 2:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 2, 8)
+        else:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 1, 8)
+    else:
+        if kr == 6:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 6, 2)
+        elif kr == 4:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 4, 3)
+        elif kr == 3:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 3, 3)
+        elif kr == 2:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 2, 4)
+        else:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 1, 6)
 
 
 cdef void _choose_tile(Py_ssize_t cout, Py_ssize_t oh, Py_ssize_t* kr, Py_ssize_t* rb) noexcept nogil:
     # Fewest channel x row cells computed (padding included), weighted by how
     # fast each tile runs per cell (in 1/16ths, measured on AVX-512): tiles
-    # with fewer than 24 accumulators or more loads per multiply-add are slower.
+    # with fewer accumulators or more loads per multiply-add are slower. With
+    # 16 vector registers (AVX2, baseline) the tiles are halved so that the
+    # accumulators, input rows and a broadcast weight all stay in registers.
     cdef Py_ssize_t cand_kr[6]
     cdef Py_ssize_t cand_rb[6]
     cdef Py_ssize_t cand_cost[6]
-    cdef Py_ssize_t t, cells, best = -1
-    cand_kr[0] = 8; cand_rb[0] = 3; cand_cost[0] = 16
-    cand_kr[1] = 6; cand_rb[1] = 4; cand_cost[1] = 16
-    cand_kr[2] = 4; cand_rb[2] = 4; cand_cost[2] = 18
-    cand_kr[3] = 3; cand_rb[3] = 6; cand_cost[3] = 18
-    cand_kr[4] = 2; cand_rb[4] = 8; cand_cost[4] = 20
-    cand_kr[5] = 1; cand_rb[5] = 8; cand_cost[5] = 32
-    for t in range(6):
+    cdef Py_ssize_t t, cells, best = -1, ncand = 6
+    if VREGS >= 32:
+        cand_kr[0] = 8; cand_rb[0] = 3; cand_cost[0] = 16
+        cand_kr[1] = 6; cand_rb[1] = 4; cand_cost[1] = 16
+        cand_kr[2] = 4; cand_rb[2] = 4; cand_cost[2] = 18
+        cand_kr[3] = 3; cand_rb[3] = 6; cand_cost[3] = 18
+        cand_kr[4] = 2; cand_rb[4] = 8; cand_cost[4] = 20
+        cand_kr[5] = 1; cand_rb[5] = 8; cand_cost[5] = 32
+    else:
+        ncand = 5
+        cand_kr[0] = 4; cand_rb[0] = 3; cand_cost[0] = 16
+        cand_kr[1] = 6; cand_rb[1] = 2; cand_cost[1] = 16
+        cand_kr[2] = 3; cand_rb[2] = 3; cand_cost[2] = 18
+        cand_kr[3] = 2; cand_rb[3] = 4; cand_cost[3] = 20
+        cand_kr[4] = 1; cand_rb[4] = 6; cand_cost[4] = 32
+    for t in range(ncand):
         cells = _cdiv(cout, cand_kr[t]) * cand_kr[t] * _cdiv(oh, cand_rb[t]) * cand_rb[t]
         cells = cells * cand_cost[t]
         if best < 0 or cells < best:
@@ -220,18 +226,7 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
             for tx in range(_cdiv(g.ow, VF)):
                 ow0 = tx * VF
                 xt = xs + oh0 * g.sh * g.qs + ow0
-                if g.kr == 8:
-                    _tile_8x3(xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
-                elif g.kr == 6:
-                    _tile_6x4(xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
-                elif g.kr == 4:
-                    _tile_4x4(xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
-                elif g.kr == 3:
-                    _tile_3x6(xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
-                elif g.kr == 2:
-                    _tile_2x8(xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
-                else:
-                    _tile_1x8(xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
+                _corr_run(g.kr, g.rb, xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
                 nv = _imin(VF, g.ow - ow0)
                 for a in range(g.kr):
                     k = k0 + a
@@ -314,10 +309,23 @@ cdef inline void _wgrad_tile(const float* gs, Py_ssize_t gs_k, Py_ssize_t gs_n,
 
 cdef inline void _wgrad_shape(Py_ssize_t ib_left, Py_ssize_t jb_left, Py_ssize_t kg,
                               Py_ssize_t* kr, Py_ssize_t* ib, Py_ssize_t* jb) noexcept nogil:
-    # Tile for the next block of kernel offsets: (KR, IB, JB) with KR*IB*JB <= 24
-    # accumulators plus KR loaded grad_out vectors, all in registers.
+    # Tile for the next block of kernel offsets: KR*IB*JB accumulators plus KR
+    # grad_out vectors and one input vector, all in registers (32 or 16).
     jb[0] = _imin(jb_left, 5)
     ib[0] = 1
+    if VREGS < 32:
+        if jb[0] == 5:
+            kr[0] = 2
+        elif jb[0] == 4 or jb[0] == 3:
+            kr[0] = 3
+            if jb[0] == 3 and ib_left >= 3:
+                kr[0] = 1
+                ib[0] = 3
+        elif jb[0] == 2:
+            kr[0] = 4
+        else:
+            kr[0] = 6
+        return
     if jb[0] == 5:
         # 3 channels when that splits the group evenly and 4 would not (LeNet's 6).
         kr[0] = 3 if kg % 4 != 0 and kg % 3 == 0 else 4
@@ -339,20 +347,35 @@ cdef void _wgrad_run(Py_ssize_t kr, Py_ssize_t ib, Py_ssize_t jb, const float* g
                      Py_ssize_t gs_n, const float* xs, Py_ssize_t xs_n, Py_ssize_t xs_r,
                      Py_ssize_t nb, Py_ssize_t oh, Py_ssize_t owp, Py_ssize_t sh,
                      float* res) noexcept nogil:
-    if jb == 5 and kr == 3:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 3, 1, 5)
-    elif jb == 5:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 5)
-    elif jb == 4:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 4)
-    elif jb == 3 and ib == 3:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 2, 3, 3)
-    elif jb == 3:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 6, 1, 3)
-    elif jb == 2:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 8, 1, 2)
+    # One call site per tile shape chosen by _wgrad_shape (see _corr_run).
+    if VREGS >= 32:
+        if jb == 5 and kr == 3:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 3, 1, 5)
+        elif jb == 5:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 5)
+        elif jb == 4:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 4)
+        elif jb == 3 and ib == 3:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 2, 3, 3)
+        elif jb == 3:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 6, 1, 3)
+        elif jb == 2:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 8, 1, 2)
+        else:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 12, 1, 1)
     else:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 12, 1, 1)
+        if jb == 5:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 2, 1, 5)
+        elif jb == 4:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 3, 1, 4)
+        elif jb == 3 and ib == 3:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 1, 3, 3)
+        elif jb == 3:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 3, 1, 3)
+        elif jb == 2:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 2)
+        else:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 6, 1, 1)
 
 
 ctypedef struct WGrad:

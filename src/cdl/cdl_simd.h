@@ -8,12 +8,16 @@
 #ifndef CDL_SIMD_H
 #define CDL_SIMD_H
 
+/* CDL_VREGS: vector registers the kernels may plan their tiles around. */
 #if defined(__AVX512F__)
 #define CDL_VF 16
+#define CDL_VREGS 32
 #elif defined(__AVX__)
 #define CDL_VF 8
+#define CDL_VREGS 16
 #else
 #define CDL_VF 4
+#define CDL_VREGS 16
 #endif
 
 typedef float cdl_vf __attribute__((vector_size(CDL_VF * 4), aligned(4)));
