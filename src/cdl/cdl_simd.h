@@ -22,10 +22,23 @@
 
 typedef float cdl_vf __attribute__((vector_size(CDL_VF * 4), aligned(4)));
 
+/* Unaligned loads and stores. On AVX2 and SSE builds they go through the
+ * intrinsics: GCC expands a 32-byte memcpy as two 16-byte moves via the stack,
+ * which keeps the tiles' vectors out of registers. */
+#if !defined(__AVX512F__) && (defined(__AVX__) || defined(__SSE2__))
+#include <immintrin.h>
+#endif
+
 static inline cdl_vf cdl_vf_load(const float *p) {
+#if !defined(__AVX512F__) && defined(__AVX__)
+    return (cdl_vf)_mm256_loadu_ps(p);
+#elif !defined(__AVX512F__) && defined(__SSE2__)
+    return (cdl_vf)_mm_loadu_ps(p);
+#else
     cdl_vf v;
     __builtin_memcpy(&v, p, sizeof(v));
     return v;
+#endif
 }
 
 /* A load the compiler must keep in a register: without the empty asm, GCC may
@@ -44,7 +57,13 @@ static inline cdl_vf cdl_vf_loadr(const float *p) {
 }
 
 static inline void cdl_vf_store(float *p, cdl_vf v) {
+#if !defined(__AVX512F__) && defined(__AVX__)
+    _mm256_storeu_ps(p, (__m256)v);
+#elif !defined(__AVX512F__) && defined(__SSE2__)
+    _mm_storeu_ps(p, (__m128)v);
+#else
     __builtin_memcpy(p, &v, sizeof(v));
+#endif
 }
 
 static inline cdl_vf cdl_vf_set1(float a) {
