@@ -5,27 +5,35 @@
 
 with zero padding P and output size H2 = (H1 - F + 2P)/S + 1 (floor).
 
-float32 with horizontal stride 1 takes the register-blocked path: a tile of
-KR output channels x RB output rows x one SIMD vector of output columns is
-kept in vector registers (cdl_simd.h: zmm on the AVX-512 build, ymm on AVX2,
-xmm on baseline) while the loop runs over (c, i, j); each step loads RB input
-row segments, broadcasts KR weights and does KR*RB multiply-adds. Padding is
-handled inside the kernel: each thread stages the rows a work item reads into
-a small zero-bordered scratch buffer (per image, never a padded copy of the
-whole input), so the vector loads need no bounds checks; ragged edges are
-computed on zeros and not stored. The input gradient at stride 1 is the same
-correlation of grad_out with the flipped, transposed filters. The weight
-gradient keeps KR x JB (output channel x kernel column) vectors in registers
-and sums over images, rows and column vectors, then adds the lanes.
+float32 with horizontal stride 1 (any vertical stride) takes the
+register-blocked path. A tile of KR output channels x RB output rows x one
+SIMD vector of output columns lives in vector registers (cdl_simd.h: zmm on
+the AVX-512 build, ymm on AVX2, xmm on baseline; tile shapes are chosen per
+shape from a table sized for 32 or 16 registers) while the loop runs over
+(c, i, j): each step loads RB input row segments, broadcasts KR weights (packed
+so they are adjacent) and does KR*RB multiply-adds. Padding is handled inside
+the kernel: each thread copies the image a work item reads into a
+zero-bordered scratch buffer (its rows cache-line aligned), so the vector loads
+need no bounds checks; ragged edges of the last tiles are computed on zeros and
+not stored. The input gradient at stride 1 is the same correlation, of
+grad_out with the filters flipped and in/out channels swapped. The weight
+gradient keeps KR x IB x JB (output channel x kernel row x kernel column)
+vectors in registers, sums over images, rows and column vectors, then adds the
+lanes in a fixed order.
 
-float64 and other strides take a plain scalar path (correctness, not speed).
+float64, horizontal strides > 1 and the input gradient at strides > 1 take a
+plain scalar path (correctness, not speed).
 
-Parallel work is split into fixed items that depend only on the shapes:
-forward (image, block of output channels), input gradient (image, block of
-input channels), weight gradient (block of output channels, fixed chunk of
-images) whose partial sums are added in chunk order. No two threads write the
-same element and results are bitwise identical for any thread count.
-Scratch memory is allocated once per call (per thread), outside hot loops.
+Parallel work is split into fixed items that depend only on the shapes (and
+the build's vector width), never on the thread count: forward (image, group of
+output channels), input gradient (image, group of input channels), weight
+gradient (group of output channels, chunk of images) whose partial sums are
+added in chunk order at the end; grad_bias per output channel. No two threads
+write the same element, so results are bitwise identical for any thread count.
+Scratch memory is allocated once per call (per thread: one staged image, plus
+for the weight gradient one chunk of grad_out and at most 16 partial weight
+gradients), outside the hot loops; no workspace argument is needed. Calls
+below ~2^18 multiply-adds run on one thread.
 Inputs are trusted: cdl.functional validates them.
 """
 from cython cimport floating
