@@ -327,6 +327,7 @@ cdef inline void _wgrad_shape(Py_ssize_t ib_left, Py_ssize_t jb_left, Py_ssize_t
         elif jb[0] == 4 or jb[0] == 3:
             kr[0] = 3
             if jb[0] == 3 and ib_left >= 3:
+                # Here 1 x 3 x 3 measured faster than 3 x 1 x 3.
                 kr[0] = 1
                 ib[0] = 3
         elif jb[0] == 2:
@@ -340,11 +341,8 @@ cdef inline void _wgrad_shape(Py_ssize_t ib_left, Py_ssize_t jb_left, Py_ssize_t
     elif jb[0] == 4:
         kr[0] = 4
     elif jb[0] == 3:
-        if ib_left >= 3:
-            kr[0] = 2
-            ib[0] = 3
-        else:
-            kr[0] = 6
+        # 6 x 1 x 3 beat 2 x 3 x 3 (fewer unaligned input loads per multiply-add).
+        kr[0] = 6
     elif jb[0] == 2:
         kr[0] = 8
     else:
@@ -363,8 +361,6 @@ cdef void _wgrad_run(Py_ssize_t kr, Py_ssize_t ib, Py_ssize_t jb, const float* g
             _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 5)
         elif jb == 4:
             _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 4)
-        elif jb == 3 and ib == 3:
-            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 2, 3, 3)
         elif jb == 3:
             _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 6, 1, 3)
         elif jb == 2:
