@@ -233,6 +233,11 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
             oh0 = ty * g.rb
             for tx in range(_cdiv(g.ow, VF)):
                 ow0 = tx * VF
+                if ow0 + VF > g.ow and g.ow >= VF:
+                    # Last vector overlaps the previous one instead of running
+                    # past the row: the overlap is recomputed bit for bit the same,
+                    # and every store is a whole vector.
+                    ow0 = g.ow - VF
                 xt = xs + oh0 * g.sh * g.qs + ow0
                 _corr_run(g.kr, g.rb, xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
                 nv = _imin(VF, g.ow - ow0)
