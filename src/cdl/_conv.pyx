@@ -30,6 +30,9 @@ output channels), input gradient (image, group of input channels), weight
 gradient (group of output channels, chunk of images) whose partial sums are
 added in chunk order at the end; grad_bias per output channel. No two threads
 write the same element, so results are bitwise identical for any thread count.
+Items are handed out dynamically (which thread runs an item never changes its
+result), so a thread that the OS preempts on a busy machine does not hold the
+others up at the end of the loop.
 Scratch memory is allocated once per call (per thread: one staged image, plus
 for the weight gradient one chunk of grad_out and at most 16 partial weight
 gradients), outside the hot loops; no workspace argument is needed. Calls
@@ -281,7 +284,7 @@ cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bia
     if mem == NULL:
         return -1
     buf = _aligned(mem)
-    for it in prange(items, schedule="static", num_threads=nt):
+    for it in prange(items, schedule="dynamic", num_threads=nt):
         tid = omp_get_thread_num()
         _corr_item(g, src, wpk, bias, dst, it, buf + tid * (xs_size + tb_size),
                    buf + tid * (xs_size + tb_size) + xs_size)
@@ -478,7 +481,7 @@ cdef int _wgrad_f32(WGrad* g, const float* go, const float* x, float* gw,
         return -1
     buf = _aligned(mem)
     part = buf + nt * per
-    for it in prange(items, schedule="static", num_threads=nt):
+    for it in prange(items, schedule="dynamic", num_threads=nt):
         tid = omp_get_thread_num()
         _wgrad_item(g, go, x, part, it, buf + tid * per, buf + tid * per + g.gs_size)
     # Partial sums added in chunk order: the same for any thread count.
@@ -632,7 +635,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
         return
     nt = _threads(N * K * OH * OW * C * KH * KW, N * K, num_threads)
     with nogil:
-        for it in prange(N * K, schedule="static", num_threads=nt):
+        for it in prange(N * K, schedule="dynamic", num_threads=nt):
             _fwd_scalar(x, weight, bp, out, it, sh, sw, ph, pw)
 
 
@@ -680,7 +683,7 @@ def conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
         return
     nt = _threads(N * K * OH * OW * C * KH * KW, N * C, num_threads)
     with nogil:
-        for it in prange(N * C, schedule="static", num_threads=nt):
+        for it in prange(N * C, schedule="dynamic", num_threads=nt):
             _dx_scalar(grad_out, weight, grad_input, it, sh, sw, ph, pw)
 
 
@@ -701,7 +704,7 @@ def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
     if grad_bias is not None and K > 0:
         nt = _threads(N * K * plane * 8, K, num_threads)
         with nogil:
-            for k in prange(K, schedule="static", num_threads=nt):
+            for k in prange(K, schedule="dynamic", num_threads=nt):
                 s = 0
                 for n in range(N):
                     if floating is float:
@@ -726,5 +729,5 @@ def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
         return
     nt = _threads(N * K * OH * OW * C * KH * KW, K * C, num_threads)
     with nogil:
-        for it in prange(K * C, schedule="static", num_threads=nt):
+        for it in prange(K * C, schedule="dynamic", num_threads=nt):
             _dw_scalar(grad_out, x, grad_weight, it, sh, sw, ph, pw)
