@@ -121,6 +121,15 @@ def test_random_shapes_match_reference(seed, dtype, rtol):
     _check_case(xs, ws, s, p, dtype, rng, rtol)
 
 
+@pytest.mark.parametrize("xs,ws,s,p", [
+    ((40, 5, 9, 11), (70, 5, 3, 3), 1, 1),      # several channel groups, ragged last group
+    ((33, 2, 8, 21), (13, 2, 5, 5), 1, 2),      # image chunks of uneven size
+    ((9, 7, 6, 5), (66, 7, 2, 4), (2, 1), (1, 3)),
+])
+def test_large_batches_and_channel_groups(xs, ws, s, p):
+    _check_case(xs, ws, s, p, np.float32, np.random.default_rng(2), 1e-4)
+
+
 def test_bias_none_and_skipped_gradients():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)

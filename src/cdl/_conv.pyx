@@ -5,27 +5,38 @@
 
 with zero padding P and output size H2 = (H1 - F + 2P)/S + 1 (floor).
 
-float32 with horizontal stride 1 takes the register-blocked path: a tile of
-KR output channels x RB output rows x one SIMD vector of output columns is
-kept in vector registers (cdl_simd.h: zmm on the AVX-512 build, ymm on AVX2,
-xmm on baseline) while the loop runs over (c, i, j); each step loads RB input
-row segments, broadcasts KR weights and does KR*RB multiply-adds. Padding is
-handled inside the kernel: each thread stages the rows a work item reads into
-a small zero-bordered scratch buffer (per image, never a padded copy of the
-whole input), so the vector loads need no bounds checks; ragged edges are
-computed on zeros and not stored. The input gradient at stride 1 is the same
-correlation of grad_out with the flipped, transposed filters. The weight
-gradient keeps KR x JB (output channel x kernel column) vectors in registers
-and sums over images, rows and column vectors, then adds the lanes.
+float32 with horizontal stride 1 (any vertical stride) takes the
+register-blocked path. A tile of KR output channels x RB output rows x one
+SIMD vector of output columns lives in vector registers (cdl_simd.h: zmm on
+the AVX-512 build, ymm on AVX2, xmm on baseline; tile shapes are chosen per
+shape from a table sized for 32 or 16 registers) while the loop runs over
+(c, i, j): each step loads RB input row segments, broadcasts KR weights (packed
+so they are adjacent) and does KR*RB multiply-adds. Padding is handled inside
+the kernel: each thread copies the image a work item reads into a
+zero-bordered scratch buffer (its rows cache-line aligned), so the vector loads
+need no bounds checks; ragged edges of the last tiles are computed on zeros and
+not stored. The input gradient at stride 1 is the same correlation, of
+grad_out with the filters flipped and in/out channels swapped. The weight
+gradient keeps KR x IB x JB (output channel x kernel row x kernel column)
+vectors in registers, sums over images, rows and column vectors, then adds the
+lanes in a fixed order.
 
-float64 and other strides take a plain scalar path (correctness, not speed).
+float64, horizontal strides > 1 and the input gradient at strides > 1 take a
+plain scalar path (correctness, not speed).
 
-Parallel work is split into fixed items that depend only on the shapes:
-forward (image, block of output channels), input gradient (image, block of
-input channels), weight gradient (block of output channels, fixed chunk of
-images) whose partial sums are added in chunk order. No two threads write the
-same element and results are bitwise identical for any thread count.
-Scratch memory is allocated once per call (per thread), outside hot loops.
+Parallel work is split into fixed items that depend only on the shapes (and
+the build's vector width), never on the thread count: forward (image, group of
+output channels), input gradient (image, group of input channels), weight
+gradient (group of output channels, chunk of images) whose partial sums are
+added in chunk order at the end; grad_bias per output channel. No two threads
+write the same element, so results are bitwise identical for any thread count.
+Items are handed out dynamically (which thread runs an item never changes its
+result), so a thread that the OS preempts on a busy machine does not hold the
+others up at the end of the loop.
+Scratch memory is allocated once per call (per thread: one staged image, plus
+for the weight gradient one chunk of grad_out and at most 16 partial weight
+gradients), outside the hot loops; no workspace argument is needed. Calls
+below ~2^18 multiply-adds run on one thread.
 Inputs are trusted: cdl.functional validates them.
 """
 from cython cimport floating
@@ -38,7 +49,9 @@ cdef extern from "cdl_simd.h" nogil:
     # Declared as float so that Cython emits plain C arithmetic on it.
     ctypedef float vf "cdl_vf"
     const int VF "CDL_VF"
+    const int VREGS "CDL_VREGS"
     vf vload "cdl_vf_load"(const float* p)
+    vf vloadr "cdl_vf_loadr"(const float* p)
     void vstore "cdl_vf_store"(float* p, vf v)
     vf vset1 "cdl_vf_set1"(float a)
     float vsum "cdl_vf_sum"(vf v)
@@ -103,7 +116,7 @@ cdef inline void _corr_tile(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
             wq = wp + (c * kh + i) * kw * KR
             for j in range(kw):
                 for r in range(RB):
-                    xv[r] = vload(xr + r * rstep + j)
+                    xv[r] = vloadr(xr + r * rstep + j)
                 for a in range(KR):
                     for r in range(RB):
                         acc[a * RB + r] = acc[a * RB + r] + wq[a] * xv[r]
@@ -112,51 +125,64 @@ cdef inline void _corr_tile(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
         vstore(tb + a * VF, acc[a])
 
 
-cdef void _tile_8x3(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r, const float* wp,
-                    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
-                    float* tb) noexcept nogil:
-    _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 8, 3)
-
-
-cdef void _tile_6x4(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r, const float* wp,
-                    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
-                    float* tb) noexcept nogil:
-    _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 6, 4)
-
-
-cdef void _tile_4x4(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r, const float* wp,
-                    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
-                    float* tb) noexcept nogil:
-    _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 4, 4)
-
-
-cdef void _tile_2x8(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r, const float* wp,
-                    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
-                    float* tb) noexcept nogil:
-    _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 2, 8)
-
-
-cdef void _tile_1x8(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r, const float* wp,
-                    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
-                    float* tb) noexcept nogil:
-    _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 1, 8)
+cdef void _corr_run(Py_ssize_t kr, Py_ssize_t rb, const float* xs, Py_ssize_t xs_c,
+                    Py_ssize_t xs_r, const float* wp, Py_ssize_t cin, Py_ssize_t kh,
+                    Py_ssize_t kw, Py_ssize_t sh, float* tb) noexcept nogil:
+    # One call site per tile shape, so the compiler specialises each; the
+    # VREGS test is a compile-time constant, so each build keeps only its own.
+    if VREGS >= 32:
+        if kr == 8:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 8, 3)
+        elif kr == 6:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 6, 4)
+        elif kr == 4:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 4, 4)
+        elif kr == 3:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 3, 6)
+        elif kr == 2:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 2, 8)
+        else:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 1, 8)
+    else:
+        if kr == 6:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 6, 2)
+        elif kr == 4:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 4, 3)
+        elif kr == 3:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 3, 3)
+        elif kr == 2:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 2, 4)
+        else:
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 1, 6)
 
 
 cdef void _choose_tile(Py_ssize_t cout, Py_ssize_t oh, Py_ssize_t* kr, Py_ssize_t* rb) noexcept nogil:
-    # Fewest wasted (padded) channel x row cells; ties go to the larger tile.
-    cdef Py_ssize_t cand_kr[5]
-    cdef Py_ssize_t cand_rb[5]
-    cdef Py_ssize_t t, cells, best = -1
-    cand_kr[0] = 8; cand_rb[0] = 3
-    cand_kr[1] = 6; cand_rb[1] = 4
-    cand_kr[2] = 4; cand_rb[2] = 4
-    cand_kr[3] = 2; cand_rb[3] = 8
-    cand_kr[4] = 1; cand_rb[4] = 8
-    for t in range(5):
+    # Fewest channel x row cells computed (padding included), weighted by how
+    # fast each tile runs per cell (in 1/16ths, measured on AVX-512): tiles
+    # with fewer accumulators or more loads per multiply-add are slower. With
+    # 16 vector registers (AVX2, baseline) the tiles are halved so that the
+    # accumulators, input rows and a broadcast weight all stay in registers.
+    cdef Py_ssize_t cand_kr[6]
+    cdef Py_ssize_t cand_rb[6]
+    cdef Py_ssize_t cand_cost[6]
+    cdef Py_ssize_t t, cells, best = -1, ncand = 6
+    if VREGS >= 32:
+        cand_kr[0] = 8; cand_rb[0] = 3; cand_cost[0] = 16
+        cand_kr[1] = 6; cand_rb[1] = 4; cand_cost[1] = 16
+        cand_kr[2] = 4; cand_rb[2] = 4; cand_cost[2] = 18
+        cand_kr[3] = 3; cand_rb[3] = 6; cand_cost[3] = 18
+        cand_kr[4] = 2; cand_rb[4] = 8; cand_cost[4] = 20
+        cand_kr[5] = 1; cand_rb[5] = 8; cand_cost[5] = 32
+    else:
+        ncand = 5
+        cand_kr[0] = 4; cand_rb[0] = 3; cand_cost[0] = 16
+        cand_kr[1] = 6; cand_rb[1] = 2; cand_cost[1] = 16
+        cand_kr[2] = 3; cand_rb[2] = 3; cand_cost[2] = 18
+        cand_kr[3] = 2; cand_rb[3] = 4; cand_cost[3] = 20
+        cand_kr[4] = 1; cand_rb[4] = 6; cand_cost[4] = 32
+    for t in range(ncand):
         cells = _cdiv(cout, cand_kr[t]) * cand_kr[t] * _cdiv(oh, cand_rb[t]) * cand_rb[t]
-        # 16-accumulator tiles run a little slower per cell than 24-accumulator ones.
-        if cand_kr[t] * cand_rb[t] < 24:
-            cells = cells + cells // 8
+        cells = cells * cand_cost[t]
         if best < 0 or cells < best:
             best = cells
             kr[0] = cand_kr[t]
@@ -166,9 +192,11 @@ cdef void _choose_tile(Py_ssize_t cout, Py_ssize_t oh, Py_ssize_t* kr, Py_ssize_
 cdef void _stage(const float* src, Py_ssize_t ch, Py_ssize_t h, Py_ssize_t w,
                  Py_ssize_t offh, Py_ssize_t offw, Py_ssize_t rs, Py_ssize_t qs,
                  float* dst) noexcept nogil:
-    # dst[c, r, q] = src[c, r - offh, q - offw], zero outside src.
-    cdef Py_ssize_t c, r, ih, q_lo, q_hi
+    # dst[c, r, q] = src[c, r - offh, q - offw], zero outside src. Plain loops:
+    # rows are short, and library calls per row cost more than the copy.
+    cdef Py_ssize_t c, r, q, ih, q_lo, q_hi
     cdef float* d
+    cdef const float* s
     q_lo = _imin(_imax(offw, 0), qs)
     q_hi = _imax(_imin(offw + w, qs), q_lo)
     for c in range(ch):
@@ -176,15 +204,16 @@ cdef void _stage(const float* src, Py_ssize_t ch, Py_ssize_t h, Py_ssize_t w,
             d = dst + (c * rs + r) * qs
             ih = r - offh
             if ih < 0 or ih >= h:
-                memset(d, 0, qs * sizeof(float))
+                for q in range(qs):
+                    d[q] = 0
                 continue
-            if q_lo > 0:
-                memset(d, 0, q_lo * sizeof(float))
-            if q_hi > q_lo:
-                memcpy(d + q_lo, src + (c * h + ih) * w + (q_lo - offw),
-                       (q_hi - q_lo) * sizeof(float))
-            if qs > q_hi:
-                memset(d + q_hi, 0, (qs - q_hi) * sizeof(float))
+            s = src + (c * h + ih) * w - offw
+            for q in range(q_lo):
+                d[q] = 0
+            for q in range(q_lo, q_hi):
+                d[q] = s[q]
+            for q in range(q_hi, qs):
+                d[q] = 0
 
 
 cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const float* bias,
@@ -207,17 +236,13 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
             oh0 = ty * g.rb
             for tx in range(_cdiv(g.ow, VF)):
                 ow0 = tx * VF
+                if ow0 + VF > g.ow and g.ow >= VF:
+                    # Last vector overlaps the previous one instead of running
+                    # past the row: the overlap is recomputed bit for bit the same,
+                    # and every store is a whole vector.
+                    ow0 = g.ow - VF
                 xt = xs + oh0 * g.sh * g.qs + ow0
-                if g.kr == 8:
-                    _tile_8x3(xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
-                elif g.kr == 6:
-                    _tile_6x4(xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
-                elif g.kr == 4:
-                    _tile_4x4(xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
-                elif g.kr == 2:
-                    _tile_2x8(xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
-                else:
-                    _tile_1x8(xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
+                _corr_run(g.kr, g.rb, xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
                 nv = _imin(VF, g.ow - ow0)
                 for a in range(g.kr):
                     k = k0 + a
@@ -245,7 +270,9 @@ cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bia
     cdef int nt
     cdef float* buf
     cdef void* mem
-    g.kg = g.kr * _imax(1, 16 // g.kr)
+    # Output channels per work item: large, so that staging the input is paid
+    # for once per many channels; smaller for tiny batches so two threads have work.
+    g.kg = g.kr * _imax(1, _cdiv(64 if g.n >= 8 else 16, g.kr))
     g.rs = (_cdiv(g.oh, g.rb) * g.rb - 1) * g.sh + g.kh
     # Rows start on cache lines so the j = 0 loads are aligned.
     g.qs = _align16(_cdiv(g.ow, VF) * VF + g.kw - 1)
@@ -257,7 +284,7 @@ cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bia
     if mem == NULL:
         return -1
     buf = _aligned(mem)
-    for it in prange(items, schedule="static", num_threads=nt):
+    for it in prange(items, schedule="dynamic", num_threads=nt):
         tid = omp_get_thread_num()
         _corr_item(g, src, wpk, bias, dst, it, buf + tid * (xs_size + tb_size),
                    buf + tid * (xs_size + tb_size) + xs_size)
@@ -286,7 +313,7 @@ cdef inline void _wgrad_tile(const float* gs, Py_ssize_t gs_k, Py_ssize_t gs_n,
             for qv in range(owp // VF):
                 q = qv * VF
                 for a in range(KR):
-                    gv[a] = vload(gr + a * gs_k + q)
+                    gv[a] = vloadr(gr + a * gs_k + q)
                 for e in range(IB):
                     for b in range(JB):
                         xv = vload(xr + e * xs_r + q + b)
@@ -298,21 +325,32 @@ cdef inline void _wgrad_tile(const float* gs, Py_ssize_t gs_k, Py_ssize_t gs_n,
 
 cdef inline void _wgrad_shape(Py_ssize_t ib_left, Py_ssize_t jb_left, Py_ssize_t kg,
                               Py_ssize_t* kr, Py_ssize_t* ib, Py_ssize_t* jb) noexcept nogil:
-    # Tile for the next block of kernel offsets: (KR, IB, JB) with KR*IB*JB <= 24
-    # accumulators plus KR loaded grad_out vectors, all in registers.
+    # Tile for the next block of kernel offsets: KR*IB*JB accumulators plus KR
+    # grad_out vectors and one input vector, all in registers (32 or 16).
     jb[0] = _imin(jb_left, 5)
     ib[0] = 1
+    if VREGS < 32:
+        if jb[0] == 5:
+            kr[0] = 2
+        elif jb[0] == 4 or jb[0] == 3:
+            kr[0] = 3
+            if jb[0] == 3 and ib_left >= 3:
+                # Here 1 x 3 x 3 measured faster than 3 x 1 x 3.
+                kr[0] = 1
+                ib[0] = 3
+        elif jb[0] == 2:
+            kr[0] = 4
+        else:
+            kr[0] = 6
+        return
     if jb[0] == 5:
         # 3 channels when that splits the group evenly and 4 would not (LeNet's 6).
         kr[0] = 3 if kg % 4 != 0 and kg % 3 == 0 else 4
     elif jb[0] == 4:
         kr[0] = 4
     elif jb[0] == 3:
-        if ib_left >= 3:
-            kr[0] = 2
-            ib[0] = 3
-        else:
-            kr[0] = 6
+        # 6 x 1 x 3 beat 2 x 3 x 3 (fewer unaligned input loads per multiply-add).
+        kr[0] = 6
     elif jb[0] == 2:
         kr[0] = 8
     else:
@@ -323,20 +361,33 @@ cdef void _wgrad_run(Py_ssize_t kr, Py_ssize_t ib, Py_ssize_t jb, const float* g
                      Py_ssize_t gs_n, const float* xs, Py_ssize_t xs_n, Py_ssize_t xs_r,
                      Py_ssize_t nb, Py_ssize_t oh, Py_ssize_t owp, Py_ssize_t sh,
                      float* res) noexcept nogil:
-    if jb == 5 and kr == 3:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 3, 1, 5)
-    elif jb == 5:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 5)
-    elif jb == 4:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 4)
-    elif jb == 3 and ib == 3:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 2, 3, 3)
-    elif jb == 3:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 6, 1, 3)
-    elif jb == 2:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 8, 1, 2)
+    # One call site per tile shape chosen by _wgrad_shape (see _corr_run).
+    if VREGS >= 32:
+        if jb == 5 and kr == 3:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 3, 1, 5)
+        elif jb == 5:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 5)
+        elif jb == 4:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 4)
+        elif jb == 3:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 6, 1, 3)
+        elif jb == 2:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 8, 1, 2)
+        else:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 12, 1, 1)
     else:
-        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 12, 1, 1)
+        if jb == 5:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 2, 1, 5)
+        elif jb == 4:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 3, 1, 4)
+        elif jb == 3 and ib == 3:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 1, 3, 3)
+        elif jb == 3:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 3, 1, 3)
+        elif jb == 2:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 2)
+        else:
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 6, 1, 1)
 
 
 ctypedef struct WGrad:
@@ -405,7 +456,7 @@ cdef int _wgrad_f32(WGrad* g, const float* go, const float* x, float* gw,
     # Chunk size depends only on N: at most 16 partial sums to add at the end.
     g.nbk = _imax(4, _cdiv(g.n, 16))
     nchunks = _cdiv(g.n, g.nbk)
-    g.kg = _imin(g.k, 16)
+    g.kg = _imin(g.k, 64 if g.n >= 32 else 16)
     # Channels a tile may read past the group: zeros, staged once per item.
     g.kgpad = g.kg
     j0 = 0
@@ -430,7 +481,7 @@ cdef int _wgrad_f32(WGrad* g, const float* go, const float* x, float* gw,
         return -1
     buf = _aligned(mem)
     part = buf + nt * per
-    for it in prange(items, schedule="static", num_threads=nt):
+    for it in prange(items, schedule="dynamic", num_threads=nt):
         tid = omp_get_thread_num()
         _wgrad_item(g, go, x, part, it, buf + tid * per, buf + tid * per + g.gs_size)
     # Partial sums added in chunk order: the same for any thread count.
@@ -584,7 +635,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
         return
     nt = _threads(N * K * OH * OW * C * KH * KW, N * K, num_threads)
     with nogil:
-        for it in prange(N * K, schedule="static", num_threads=nt):
+        for it in prange(N * K, schedule="dynamic", num_threads=nt):
             _fwd_scalar(x, weight, bp, out, it, sh, sw, ph, pw)
 
 
@@ -632,7 +683,7 @@ def conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
         return
     nt = _threads(N * K * OH * OW * C * KH * KW, N * C, num_threads)
     with nogil:
-        for it in prange(N * C, schedule="static", num_threads=nt):
+        for it in prange(N * C, schedule="dynamic", num_threads=nt):
             _dx_scalar(grad_out, weight, grad_input, it, sh, sw, ph, pw)
 
 
@@ -653,7 +704,7 @@ def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
     if grad_bias is not None and K > 0:
         nt = _threads(N * K * plane * 8, K, num_threads)
         with nogil:
-            for k in prange(K, schedule="static", num_threads=nt):
+            for k in prange(K, schedule="dynamic", num_threads=nt):
                 s = 0
                 for n in range(N):
                     if floating is float:
@@ -678,5 +729,5 @@ def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
         return
     nt = _threads(N * K * OH * OW * C * KH * KW, K * C, num_threads)
     with nogil:
-        for it in prange(K * C, schedule="static", num_threads=nt):
+        for it in prange(K * C, schedule="dynamic", num_threads=nt):
             _dw_scalar(grad_out, x, grad_weight, it, sh, sw, ph, pw)

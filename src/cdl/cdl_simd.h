@@ -8,24 +8,62 @@
 #ifndef CDL_SIMD_H
 #define CDL_SIMD_H
 
+/* CDL_VREGS: vector registers the kernels may plan their tiles around. */
 #if defined(__AVX512F__)
 #define CDL_VF 16
+#define CDL_VREGS 32
 #elif defined(__AVX__)
 #define CDL_VF 8
+#define CDL_VREGS 16
 #else
 #define CDL_VF 4
+#define CDL_VREGS 16
 #endif
 
 typedef float cdl_vf __attribute__((vector_size(CDL_VF * 4), aligned(4)));
 
+/* Unaligned loads and stores. On AVX2 and SSE builds they go through the
+ * intrinsics: GCC expands a 32-byte memcpy as two 16-byte moves via the stack,
+ * which keeps the tiles' vectors out of registers. */
+#if !defined(__AVX512F__) && (defined(__AVX__) || defined(__SSE2__))
+#include <immintrin.h>
+#endif
+
 static inline cdl_vf cdl_vf_load(const float *p) {
+#if !defined(__AVX512F__) && defined(__AVX__)
+    return (cdl_vf)_mm256_loadu_ps(p);
+#elif !defined(__AVX512F__) && defined(__SSE2__)
+    return (cdl_vf)_mm_loadu_ps(p);
+#else
     cdl_vf v;
     __builtin_memcpy(&v, p, sizeof(v));
+    return v;
+#endif
+}
+
+/* A load the compiler must keep in a register: without the empty asm, GCC may
+ * fold a vector that several multiply-adds share into each of them as a memory
+ * operand, turning one load into many. */
+static inline cdl_vf cdl_vf_loadr(const float *p) {
+    cdl_vf v = cdl_vf_load(p);
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__AVX512F__)
+    __asm__("" : "+v"(v));
+#else
+    __asm__("" : "+x"(v));
+#endif
+#endif
     return v;
 }
 
 static inline void cdl_vf_store(float *p, cdl_vf v) {
+#if !defined(__AVX512F__) && defined(__AVX__)
+    _mm256_storeu_ps(p, (__m256)v);
+#elif !defined(__AVX512F__) && defined(__SSE2__)
+    _mm_storeu_ps(p, (__m128)v);
+#else
     __builtin_memcpy(p, &v, sizeof(v));
+#endif
 }
 
 static inline cdl_vf cdl_vf_set1(float a) {
