@@ -106,6 +106,25 @@ def _read_header(npz, path):
     return header
 
 
+def _declared_params(spec):
+    """Parameter count a layer config asks for, computed without building the layer."""
+    c = spec.get("config") or {}
+    if not isinstance(c, dict):
+        return 0
+    try:
+        if spec.get("type") == "Linear":
+            n, k = int(c["in_features"]), int(c["out_features"])
+            return max(n, 0) * max(k, 0) + max(k, 0)
+        if spec.get("type") == "Conv2d":
+            ks = c["kernel_size"]
+            kh, kw = (ks, ks) if isinstance(ks, int) else (int(ks[0]), int(ks[1]))
+            i, o = int(c["in_channels"]), int(c["out_channels"])
+            return max(o, 0) * max(i, 0) * max(kh, 0) * max(kw, 0) + max(o, 0)
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError):
+        return 0  # the layer's own constructor reports the bad config
+    return 0
+
+
 def _build(header, path):
     from .layers import LAYER_TYPES
     from .model import Sequential
@@ -115,6 +134,14 @@ def _build(header, path):
         raise _fail(path, "the header has no layer list")
     if cfg.get("dtype") not in ("float32", "float64"):
         raise _fail(path, f"unsupported dtype {cfg.get('dtype')!r}")
+    # Before allocating anything: the weights the architecture needs must fit in the
+    # file (a damaged or hostile header cannot make load allocate gigabytes).
+    need = sum(_declared_params(s) for s in cfg["layers"] if isinstance(s, dict)) \
+        * np.dtype(cfg["dtype"]).itemsize
+    have = os.path.getsize(path)
+    if need > have:
+        raise _fail(path, f"the architecture needs {need} bytes of weights but the file has "
+                          f"only {have} bytes")
     layers = []
     for i, spec in enumerate(cfg["layers"]):
         if not isinstance(spec, dict) or spec.get("type") not in LAYER_TYPES:
