@@ -114,7 +114,13 @@ def test_kernels_release_the_gil(name):
         "linear": lambda: [F.linear(a, a, threads=1) for _ in range(1)],
         "predict": lambda: m.predict(x),
     }
-    ran, seconds = _main_thread_ran_during(calls[name])
+    # On a loaded machine the OS may not schedule this thread inside one window: a
+    # kernel holding the GIL fails every attempt, a releasing one passes almost always.
+    with cdl.threads(1):
+        for _ in range(4):
+            ran, seconds = _main_thread_ran_during(calls[name])
+            if ran:
+                break
     assert ran, f"{name} ({seconds * 1e3:.0f} ms) held the GIL: no other Python thread ran"
 
 
