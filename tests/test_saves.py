@@ -205,6 +205,7 @@ def test_foreign_files(tmp_path):
         "otherformat.npz": (None, r"the header does not name the cdl-model format"),
         "version.npz": (None, r"format version 99 is not supported"),
         "floatheader.npz": (None, r"the header is not a byte string"),
+        "deepjson.npz": (None, r"the header is not valid JSON"),
     }
     (tmp_path / "text.npz").write_bytes(cases["text.npz"][0])
     np.save(tmp_path / "npy.npz.npy", np.zeros(3))
@@ -218,6 +219,8 @@ def test_foreign_files(tmp_path):
     _write_npz(tmp_path / "version.npz", __cdl__=np.frombuffer(
         json.dumps({"format": "cdl-model", "version": 99}).encode(), np.uint8))
     _write_npz(tmp_path / "floatheader.npz", __cdl__=np.zeros(4))
+    _write_npz(tmp_path / "deepjson.npz",   # 100,000 nested lists: RecursionError in json
+               __cdl__=np.frombuffer(b"[" * 100000 + b"]" * 100000, np.uint8))
     for name, (_, match) in cases.items():
         with pytest.raises(ValueError, match=rf"cdl.load: .*{name} is not a valid cdl model "
                                              rf"file: {match}"):
@@ -319,6 +322,26 @@ def test_header_is_checked_against_the_architecture(saved, tmp_path):
         bad = _rewrite(path, tmp_path / f"h{i}.npz", header)
         with pytest.raises(ValueError, match=rf"cdl.load: .* is not a valid cdl model file: {match}"):
             cdl.load(bad)
+
+
+def test_bad_optimizer_sections(tmp_path):
+    m = make_model()
+    path = tmp_path / "m.npz"
+    m.save(path, optimizer=cdl.SGD(m, 0.1, momentum=0.9))
+    h = _header_of(path)
+    for i, (opt, match) in enumerate([
+            ("garbage", r"unknown optimizer 'garbage'"),
+            ({"type": "Adam", "config": {}}, r"unknown optimizer 'Adam'"),
+            ({"type": "SGD", "config": {"lr": "x"}}, r"bad optimizer settings: SGD: lr must be"),
+            ({"type": "SGD", "config": {"lr": 0.1}, "velocities": 5}, r"the optimizer.s velocity list is malformed"),
+            ({"type": "SGD", "config": {"lr": 0.1}, "velocities": [[1]]}, r"the optimizer.s velocity list is malformed"),
+            ({"type": "SGD", "config": {"lr": 0.1, "momentum": 0.9}, "velocities": ["9.weight"]},
+             r"optimizer state '9.weight' does not match the model"),
+            ({"type": "SGD", "config": {"lr": 0.1}, "base_lr": [1]}, r"bad optimizer settings")]):
+        hh = dict(h, optimizer=opt)
+        bad = _rewrite(path, tmp_path / f"o{i}.npz", hh)
+        with pytest.raises(ValueError, match=rf"is not a valid cdl model file: {match}"):
+            cdl.load(bad, optimizer=True)
 
 
 def test_stored_arrays_must_match_the_header(saved, tmp_path):

@@ -96,7 +96,7 @@ def _read_header(npz, path):
         raise _fail(path, "the header is not a byte string")
     try:
         header = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _fail(path, f"the header is not valid JSON ({exc})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise _fail(path, "the header does not name the cdl-model format")
@@ -211,8 +211,13 @@ def load(path, optimizer=False):
         if spec:
             from .optim import SGD
 
-            if spec.get("type") != "SGD" or not isinstance(spec.get("config"), dict):
-                raise _fail(path, f"unknown optimizer {spec.get('type')!r}")
+            if not isinstance(spec, dict) or spec.get("type") != "SGD" \
+                    or not isinstance(spec.get("config"), dict):
+                kind = spec.get("type") if isinstance(spec, dict) else spec
+                raise _fail(path, f"unknown optimizer {kind!r}")
+            vel = spec.get("velocities", [])
+            if not isinstance(vel, list) or not all(isinstance(k, str) for k in vel):
+                raise _fail(path, "the optimizer's velocity list is malformed")
             try:
                 opt = SGD(model, **spec["config"])
                 opt.base_lr = float(spec.get("base_lr", opt.lr))
