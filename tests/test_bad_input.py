@@ -9,6 +9,7 @@ File-system failures (missing file, folder not found) stay OSError.
 """
 import gzip
 import os
+import re
 import subprocess
 import sys
 
@@ -612,5 +613,3 @@ def test_cli_bad_data_files(tmp_path):
     assert r.returncode == 2, r
     assert "more than the 1024" in r.stderr and "Traceback" not in r.stderr
 
-
-import re  # noqa: E402  (used by the CLI tests)
