@@ -61,6 +61,15 @@ CASES = [random_case(np.random.default_rng(seed)) for seed in range(60)] + [
     ((3, 1, 5, 8), (3, 3), (1, 1), (1, 1)),     # overlapping
     ((1, 1, 1, 1), (1, 1), (1, 1), (0, 0)),
     ((1, 1, 6, 3), (4, 1), (1, 3), (2, 0)),
+    # wide rows: the vectorised interior sweep runs full vectors plus a tail
+    ((2, 3, 9, 45), (3, 3), (1, 1), (1, 1)),
+    ((1, 2, 11, 70), (3, 3), (2, 2), (1, 1)),
+    ((2, 2, 8, 53), (2, 4), (3, 3), (1, 2)),
+    ((1, 1, 5, 64), (1, 5), (1, 4), (0, 2)),
+    ((1, 2, 6, 41), (2, 2), (2, 2), (0, 0)),
+    # 2x2 on small planes (packed path) and on tall planes with short rows
+    ((2, 2, 29, 31), (2, 2), (2, 2), (0, 0)),
+    ((1, 1, 301, 21), (2, 2), (2, 2), (0, 0)),
 ]
 
 

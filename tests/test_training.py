@@ -1,5 +1,6 @@
 """fit: accuracy on real digits, validation, shuffling, callbacks, NaN stop, Ctrl-C."""
 import os
+import re
 import signal
 
 import numpy as np
@@ -53,6 +54,10 @@ def test_fit_history_validation_split_and_verbose(capsys):
     err = capsys.readouterr().err
     assert err.count("Epoch ") == 3 and "samples/s" in err and "val_accuracy" in err
     assert "\r" not in err  # plain lines when stderr is not a terminal
+    # the rate is samples over the epoch's own time, not over the instant the line is printed
+    rates = [float(r.replace(",", "")) for r in re.findall(r"([\d,]+) samples/s", err)]
+    for rate, seconds in zip(rates, h["seconds"]):
+        assert rate <= 1.5 * 40 / seconds
     v_loss, v_acc = m.evaluate(x[40:], y[40:], cdl.SoftmaxCrossEntropy())
     assert h["val_loss"][-1] == pytest.approx(v_loss) and h["val_accuracy"][-1] == v_acc
 

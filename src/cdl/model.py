@@ -8,6 +8,7 @@ import math
 import numbers
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -469,7 +470,7 @@ class Sequential:
                     cb.on_epoch_begin(epoch)
                 t0 = time.perf_counter()
                 order = self._rng.permutation(n) if shuffle else np.arange(n)
-                bar = ProgressBar(n, epoch + 1, epochs) if verbose == 1 else None
+                bar = ProgressBar(n, epoch + 1, epochs, start=t0) if verbose == 1 else None
                 loss_sum = 0.0
                 correct = 0
                 done = 0
@@ -509,7 +510,7 @@ class Sequential:
                                            f"step {step + 1} of {steps}; the model keeps the "
                                            f"weights after that step")
                     if verbose:
-                        print("\n" + history.stop_reason, file=__import__("sys").stderr)
+                        print("\n" + history.stop_reason, file=sys.stderr)
                     break
                 if self.stop_training and history.stop_reason:
                     break
@@ -522,7 +523,8 @@ class Sequential:
                 if verbose:
                     shown = {k: v for k, v in logs.items() if k not in ("lr", "seconds")}
                     if bar is None:
-                        bar = ProgressBar(n, epoch + 1, epochs)
+                        # verbose=2: one plain line per epoch, timed from its start
+                        bar = ProgressBar(n, epoch + 1, epochs, start=t0)
                         bar.tty = False
                     bar.finish(n, shown)
                 for cb in cbs:

@@ -15,13 +15,13 @@ def _fmt_time(s):
 
 
 class ProgressBar:
-    def __init__(self, total, epoch, epochs, file=None, width=24):
+    def __init__(self, total, epoch, epochs, file=None, width=24, start=None):
         self.total = int(total)
         self.prefix = f"Epoch {epoch}/{epochs}"
         self.file = sys.stderr if file is None else file
         self.width = width
         self.tty = bool(getattr(self.file, "isatty", lambda: False)())
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() if start is None else start
         self._last_draw = 0.0
 
     def _line(self, done, metrics):
