@@ -113,6 +113,9 @@ def set_num_threads(n):
         raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    from .functional._checks import MAX_THREADS
+    if n > MAX_THREADS:
+        raise ValueError(f"set_num_threads: n={n} is more than the {MAX_THREADS} cdl supports")
     _pin_blas()
     _state["threads"] = n if _runtime.openmp_enabled() else 1
 

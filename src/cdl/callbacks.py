@@ -7,11 +7,32 @@ Epochs are counted from 0 in the calls and from 1 in messages.
 import math
 import os
 import warnings
+import weakref
 
 
 class Callback:
-    model = None
-    optimizer = None
+    """Base class. ``model`` and ``optimizer`` are held through weak references, so
+    a History or callback kept after training does not keep a dropped model (and its
+    buffers) alive."""
+
+    _model_ref = None
+    _optimizer_ref = None
+
+    @property
+    def model(self):
+        return None if self._model_ref is None else self._model_ref()
+
+    @model.setter
+    def model(self, value):
+        self._model_ref = None if value is None else weakref.ref(value)
+
+    @property
+    def optimizer(self):
+        return None if self._optimizer_ref is None else self._optimizer_ref()
+
+    @optimizer.setter
+    def optimizer(self, value):
+        self._optimizer_ref = None if value is None else weakref.ref(value)
 
     def set_context(self, model, optimizer):
         self.model = model

@@ -6,6 +6,8 @@ loss and its gradient in one pass; ``backward`` returns that gradient (a buffer
 the loss owns and reuses). Labels may be any integer (or boolean) array; they
 are used as int64.
 """
+import numbers
+
 import numpy as np
 
 from . import _config
@@ -123,6 +125,8 @@ class MulticlassSVM(Loss):
 
     def __init__(self, margin=1.0, reduction="mean"):
         super().__init__(reduction)
+        if isinstance(margin, (bool, np.bool_)) or not isinstance(margin, numbers.Real):
+            raise TypeError(f"MulticlassSVM: margin must be a number, got {margin!r}")
         margin = float(margin)
         if not np.isfinite(margin) or margin < 0:
             raise ValueError(f"MulticlassSVM: margin must be a finite number >= 0, got {margin!r}")

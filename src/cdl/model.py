@@ -5,6 +5,8 @@ the weights (not the biases) to every reported loss (train_step, fit, evaluate)
 and 2λW to the weight gradients.
 """
 import math
+import numbers
+import os
 import signal
 import sys
 import threading
@@ -70,7 +72,11 @@ class Sequential:
         self.seed = seed
         self.l2 = l2
         self.stop_training = False
-        self._rng = np.random.default_rng(seed)
+        try:
+            self._rng = np.random.default_rng(seed)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"Sequential: seed must be None or a non-negative int, got "
+                            f"{seed!r} ({exc})") from None
         self._lock = threading.Lock()
         self._build()
 
@@ -80,6 +86,8 @@ class Sequential:
 
     @l2.setter
     def l2(self, value):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError(f"Sequential: l2 must be a number, got {value!r}")
         value = float(value)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"Sequential: l2 must be a finite number >= 0, got {value!r}")
@@ -103,6 +111,9 @@ class Sequential:
                 source = f"from {layer.name} output {shape_str(out)}"
             shape = out
         self.output_shape = shape
+        # Largest per-sample activation: a batch of n needs n times this in one buffer.
+        self._max_sample = max([int(np.prod(self.input_shape))]
+                               + [int(np.prod(l.output_shape)) for l in self.layers])
         self._params = [(f"{i}.{k}", layer.params[k], layer.grads[k])
                         for i, layer in enumerate(self.layers) for k in layer.params]
         self._weights = [layer.params["weight"] for layer in self.layers
@@ -181,7 +192,7 @@ class Sequential:
                 f"dtype={self.dtype.name})")
 
     # -- boundary checks ------------------------------------------------------------
-    def _check_x(self, x, where, name="x"):
+    def _check_x(self, x, where, name="x", batch=False):
         if not isinstance(x, np.ndarray):
             if x is None or isinstance(x, (str, bytes, dict)):
                 raise TypeError(f"{where}: {name} must be a numeric array, got "
@@ -194,9 +205,26 @@ class Sequential:
                 if x.shape == self.input_shape else ""
             raise ValueError(f"{where}: {name} must have shape Nx{shape_str(self.input_shape)}, "
                              f"got {shape_str(x.shape)}{hint}")
+        if batch and x.shape[0] * self._max_sample > INT32_MAX:
+            raise ValueError(f"{where}: a batch of {x.shape[0]} needs "
+                             f"{x.shape[0] * self._max_sample} elements in one layer buffer; "
+                             f"at most {INT32_MAX} are supported (use a smaller batch)")
         if x.dtype != self.dtype or not x.flags.c_contiguous:
+            need = x.size * self.dtype.itemsize
+            if need > _physical_memory():  # e.g. a broadcast view: refuse before allocating
+                raise ValueError(f"{where}: {name} of shape {shape_str(x.shape)} needs a "
+                                 f"{need / 2**30:.1f} GiB {self.dtype.name} copy, more than "
+                                 f"this machine's memory")
             x = np.ascontiguousarray(x, dtype=self.dtype)
         return x
+
+    def _check_optimizer(self, optimizer, where):
+        if not callable(getattr(optimizer, "step", None)):
+            raise TypeError(f"{where}: optimizer must be a cdl optimizer (e.g. cdl.SGD(model, "
+                            f"lr=0.01)), got {type(optimizer).__name__}")
+        if getattr(optimizer, "model", self) is not self:
+            raise ValueError(f"{where}: the optimizer was built for another model; create it "
+                             f"with this model: cdl.SGD(model, ...)")
 
     def _check_loss(self, loss, where):
         if not isinstance(loss, Loss):
@@ -229,7 +257,7 @@ class Sequential:
 
     def forward(self, x):
         """Training-mode forward pass (keeps what backward needs); returns a copy of the output."""
-        x = self._check_x(x, "Sequential.forward")
+        x = self._check_x(x, "Sequential.forward", batch=True)
         if x.shape[0] == 0:
             raise ValueError("Sequential.forward: x is an empty batch")
         return self._forward(x, _config.get_num_threads()).copy()
@@ -262,7 +290,10 @@ class Sequential:
         """
         x = self._check_x(x, "Sequential.predict")
         n = x.shape[0]
-        bs = 256 if batch_size is None else int(batch_size)
+        bs = 256 if batch_size is None else batch_size
+        if isinstance(bs, (bool, np.bool_)) or not isinstance(bs, numbers.Integral):
+            raise TypeError(f"Sequential.predict: batch_size must be an int, got {batch_size!r}")
+        bs = int(bs)
         if bs < 1:
             raise ValueError(f"Sequential.predict: batch_size must be >= 1, got {batch_size!r}")
         out = np.empty((n,) + self.output_shape, self.dtype)
@@ -322,11 +353,12 @@ class Sequential:
         Buffers are reused, so nothing is allocated once a batch size has been seen.
         """
         where = "Sequential.train_step"
-        x = self._check_x(x, where)
+        x = self._check_x(x, where, batch=True)
         n = x.shape[0]
         if n == 0:
             raise ValueError(f"{where}: x is an empty batch")
         self._check_loss(loss, where)
+        self._check_optimizer(optimizer, where)
         y = self._check_y(y, n, loss, where)
         return self._train_step(x, y, loss, optimizer, _config.get_num_threads())
 
@@ -361,6 +393,13 @@ class Sequential:
         """
         where = "Sequential.fit"
         self._check_loss(loss, where)
+        self._check_optimizer(optimizer, where)
+        if isinstance(validation_split, (bool, np.bool_)) or \
+                not isinstance(validation_split, numbers.Real):
+            raise TypeError(f"{where}: validation_split must be a number in [0, 1), got "
+                            f"{validation_split!r}")
+        if verbose not in (0, 1, 2):
+            raise ValueError(f"{where}: verbose must be 0, 1 or 2, got {verbose!r}")
         x = self._check_x(x, where)
         n_all = x.shape[0]
         y = self._check_y(y, n_all, loss, where)
@@ -398,6 +437,9 @@ class Sequential:
             cb.set_context(self, optimizer)
 
         bs = min(int(batch_size), n)
+        if bs * self._max_sample > INT32_MAX:
+            raise ValueError(f"{where}: batch_size={bs} needs {bs * self._max_sample} elements "
+                             f"in one layer buffer; at most {INT32_MAX} are supported")
         steps = -(-n // bs)
         nt = _config.get_num_threads()
         xb = np.empty((bs,) + self.input_shape, self.dtype)
@@ -507,6 +549,13 @@ class Sequential:
                 "l2": self._l2,
                 "layers": [{"type": type(l).__name__, "config": l.get_config()}
                            for l in self.layers]}
+
+
+def _physical_memory():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**62
 
 
 def _accuracy_labels(y, num_classes):

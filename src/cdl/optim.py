@@ -43,6 +43,8 @@ class SGD:
         if nesterov and self.momentum == 0.0:
             raise ValueError("SGD: nesterov=True needs momentum > 0")
         self.nesterov = bool(nesterov)
+        if not callable(getattr(model, "parameters", None)):
+            raise TypeError(f"SGD: model must be a cdl.Sequential, got {type(model).__name__}")
         self.model = model
         self.base_lr = self.lr
         self._slots = []

@@ -96,7 +96,7 @@ def _read_header(npz, path):
         raise _fail(path, "the header is not a byte string")
     try:
         header = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _fail(path, f"the header is not valid JSON ({exc})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise _fail(path, "the header does not name the cdl-model format")
@@ -104,6 +104,25 @@ def _read_header(npz, path):
         raise _fail(path, f"format version {header.get('version')!r} is not supported "
                           f"(this cdl reads version {VERSION})")
     return header
+
+
+def _declared_params(spec):
+    """Parameter count a layer config asks for, computed without building the layer."""
+    c = spec.get("config") or {}
+    if not isinstance(c, dict):
+        return 0
+    try:
+        if spec.get("type") == "Linear":
+            n, k = int(c["in_features"]), int(c["out_features"])
+            return max(n, 0) * max(k, 0) + max(k, 0)
+        if spec.get("type") == "Conv2d":
+            ks = c["kernel_size"]
+            kh, kw = (ks, ks) if isinstance(ks, int) else (int(ks[0]), int(ks[1]))
+            i, o = int(c["in_channels"]), int(c["out_channels"])
+            return max(o, 0) * max(i, 0) * max(kh, 0) * max(kw, 0) + max(o, 0)
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError):
+        return 0  # the layer's own constructor reports the bad config
+    return 0
 
 
 def _build(header, path):
@@ -115,6 +134,14 @@ def _build(header, path):
         raise _fail(path, "the header has no layer list")
     if cfg.get("dtype") not in ("float32", "float64"):
         raise _fail(path, f"unsupported dtype {cfg.get('dtype')!r}")
+    # Before allocating anything: the weights the architecture needs must fit in the
+    # file (a damaged or hostile header cannot make load allocate gigabytes).
+    need = sum(_declared_params(s) for s in cfg["layers"] if isinstance(s, dict)) \
+        * np.dtype(cfg["dtype"]).itemsize
+    have = os.path.getsize(path)
+    if need > have:
+        raise _fail(path, f"the architecture needs {need} bytes of weights but the file has "
+                          f"only {have} bytes")
     layers = []
     for i, spec in enumerate(cfg["layers"]):
         if not isinstance(spec, dict) or spec.get("type") not in LAYER_TYPES:
@@ -184,8 +211,13 @@ def load(path, optimizer=False):
         if spec:
             from .optim import SGD
 
-            if spec.get("type") != "SGD" or not isinstance(spec.get("config"), dict):
-                raise _fail(path, f"unknown optimizer {spec.get('type')!r}")
+            if not isinstance(spec, dict) or spec.get("type") != "SGD" \
+                    or not isinstance(spec.get("config"), dict):
+                kind = spec.get("type") if isinstance(spec, dict) else spec
+                raise _fail(path, f"unknown optimizer {kind!r}")
+            vel = spec.get("velocities", [])
+            if not isinstance(vel, list) or not all(isinstance(k, str) for k in vel):
+                raise _fail(path, "the optimizer's velocity list is malformed")
             try:
                 opt = SGD(model, **spec["config"])
                 opt.base_lr = float(spec.get("base_lr", opt.lr))

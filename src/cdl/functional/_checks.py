@@ -14,6 +14,9 @@ from .. import _config
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # Kernels index with Py_ssize_t, but BLAS and per-plane indices are 32-bit.
 INT32_MAX = 2**31 - 1
+# More OpenMP threads than this is a mistake (and libgomp crashes when thread
+# creation fails for ~1e5 threads): refuse it with a ValueError.
+MAX_THREADS = 1024
 
 
 def shape_str(shape):
@@ -36,7 +39,8 @@ def float_array(a, name, where, ndim=None):
     if a.size > INT32_MAX:
         raise ValueError(f"{where}: {name} has {a.size} elements (shape {shape_str(a.shape)}); "
                          f"at most {INT32_MAX} are supported")
-    return np.ascontiguousarray(a)
+    # (np.ascontiguousarray would turn a 0-d array into 1-d)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def same_dtype(where, first_name, first, **others):
@@ -49,6 +53,12 @@ def same_dtype(where, first_name, first, **others):
 def out_array(out, name, where, shape, dtype):
     """Check a caller-provided output buffer, or allocate one if ``out`` is None."""
     shape = tuple(int(s) for s in shape)
+    size = 1
+    for s in shape:
+        size *= s
+    if size > INT32_MAX:  # before allocating: this would overflow indices or memory
+        raise ValueError(f"{where}: {name} would have shape {shape_str(shape)} = {size} "
+                         f"elements; at most {INT32_MAX} are supported")
     if out is None:
         return np.empty(shape, dtype=dtype)
     if not isinstance(out, np.ndarray):
@@ -96,4 +106,6 @@ def num_threads(n=None):
         return _config.get_num_threads()
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"num_threads must be a positive int, got {n!r}")
+    if n > MAX_THREADS:
+        raise ValueError(f"num_threads={n} is more than the {MAX_THREADS} cdl supports")
     return int(n)

@@ -147,7 +147,14 @@ def l2_penalty(weights, lam):
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not np.isfinite(lam) \
             or lam < 0:
         raise ValueError(f"{where}: lam must be a finite number >= 0, got {lam!r}")
-    arrays = [weights] if isinstance(weights, np.ndarray) else list(weights)
+    if isinstance(weights, np.ndarray):
+        arrays = [weights]
+    else:
+        try:
+            arrays = list(weights)
+        except TypeError:
+            raise TypeError(f"{where}: weights must be an array or an iterable of arrays, "
+                            f"got {type(weights).__name__}") from None
     total = 0.0
     for k, w in enumerate(arrays):
         w = float_array(w, f"weights[{k}]", where)
