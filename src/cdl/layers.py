@@ -434,13 +434,8 @@ class _Elementwise(Layer):
 class ReLU(_Elementwise):
     """f(x) = max(0, x); gradient 1 where the output is positive, else 0."""
 
-    @staticmethod
-    def _fwd_kernel(x, out, nt):
-        _ew.relu_forward(x, out, nt)
-
-    @staticmethod
-    def _bwd_kernel(g, y, dx, nt):
-        _ew.relu_backward(g, y, dx, nt)
+    _fwd_kernel = staticmethod(_ew.relu_forward)
+    _bwd_kernel = staticmethod(_ew.relu_backward)
 
 
 class Sigmoid(_Elementwise):
@@ -449,13 +444,8 @@ class Sigmoid(_Elementwise):
     def flops(self):
         return 4 * int(np.prod(self.output_shape))
 
-    @staticmethod
-    def _fwd_kernel(x, out, nt):
-        _ew.sigmoid_forward(x, out, nt)
-
-    @staticmethod
-    def _bwd_kernel(g, y, dx, nt):
-        _ew.sigmoid_backward(g, y, dx, nt)
+    _fwd_kernel = staticmethod(_ew.sigmoid_forward)
+    _bwd_kernel = staticmethod(_ew.sigmoid_backward)
 
 
 class Flatten(Layer):
