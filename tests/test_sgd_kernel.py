@@ -115,7 +115,7 @@ def test_bad_input():
         F.sgd_update(p, g, lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="lr must be a finite number"):
         F.sgd_update(p, g, lr=float("inf"))
-    with pytest.raises(ValueError, match="lr must be >= 0"):
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0, got -1.0"):
         F.sgd_update(p, g, lr=-1.0)
     with pytest.raises(ValueError, match="param must be a writeable C-contiguous"):
         F.sgd_update(np.zeros((3, 2), np.float32).T, g, lr=0.1)

@@ -6,13 +6,12 @@ loss and its gradient in one pass; ``backward`` returns that gradient (a buffer
 the loss owns and reuses). Labels may be any integer (or boolean) array; they
 are used as int64.
 """
-import numbers
 
 import numpy as np
 
 from . import _config
 from ._kernels import losses as _kl
-from .functional._checks import FLOAT_DTYPES, shape_str
+from .functional._checks import FLOAT_DTYPES, real_number, shape_str
 
 _KEEP = 3  # (shape, dtype) buffer sets kept: training batch, last partial batch, evaluation
 
@@ -125,12 +124,7 @@ class MulticlassSVM(Loss):
 
     def __init__(self, margin=1.0, reduction="mean"):
         super().__init__(reduction)
-        if isinstance(margin, (bool, np.bool_)) or not isinstance(margin, numbers.Real):
-            raise TypeError(f"MulticlassSVM: margin must be a number, got {margin!r}")
-        margin = float(margin)
-        if not np.isfinite(margin) or margin < 0:
-            raise ValueError(f"MulticlassSVM: margin must be a finite number >= 0, got {margin!r}")
-        self.margin = margin
+        self.margin = real_number(margin, "margin", "MulticlassSVM", minimum=0)
 
     def get_config(self):
         return {"margin": self.margin, "reduction": self.reduction}

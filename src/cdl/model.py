@@ -18,7 +18,7 @@ import numpy as np
 from . import _config
 from ._kernels import losses as _kl
 from .callbacks import Callback, History
-from .functional._checks import FLOAT_DTYPES, INT32_MAX, shape_str
+from .functional._checks import FLOAT_DTYPES, INT32_MAX, real_number, shape_str
 from .layers import Flatten, Layer, MaxPool2d, ReLU
 from .losses import Loss
 from .progress import ProgressBar
@@ -86,12 +86,7 @@ class Sequential:
 
     @l2.setter
     def l2(self, value):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-            raise TypeError(f"Sequential: l2 must be a number, got {value!r}")
-        value = float(value)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"Sequential: l2 must be a finite number >= 0, got {value!r}")
-        self._l2 = value
+        self._l2 = real_number(value, "l2", "Sequential", minimum=0)
 
     # -- construction ---------------------------------------------------------------
     def _build(self):

@@ -5,6 +5,7 @@ TypeError); non-contiguous inputs are copied to C order; ``out=`` buffers are
 never copied, so they must already be C-contiguous with the exact shape and
 dtype, or a ValueError/TypeError says what was expected.
 """
+import math
 import numbers
 
 import numpy as np
@@ -71,6 +72,17 @@ def out_array(out, name, where, shape, dtype):
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError(f"{where}: {name} must be a writeable C-contiguous array")
     return out
+
+
+def real_number(value, name, where, minimum=None):
+    """A finite real number (>= minimum when given) as a float; TypeError for non-numbers."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: {name} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or (minimum is not None and v < minimum):
+        bound = "" if minimum is None else f" >= {minimum:g}"
+        raise ValueError(f"{where}: {name} must be a finite number{bound}, got {value!r}")
+    return v
 
 
 def int_pair(value, name, where, minimum):

@@ -1,10 +1,8 @@
 """Dense layer kernels: f(x; W) = x W^T + b, and its gradients."""
-import numbers
 
-import numpy as np
 
 from .._kernels import dense as _dense
-from ._checks import float_array, num_threads, out_array, same_dtype, shape_str
+from ._checks import float_array, num_threads, out_array, real_number, same_dtype, shape_str
 
 
 def linear(x, weight, bias=None, *, out=None, threads=None):
@@ -51,10 +49,7 @@ def linear_backward(grad_out, x, weight, *, need_input_grad=True, need_bias_grad
     if grad_out.shape != (n, fout):
         raise ValueError(f"{where}: grad_out must have shape {shape_str((n, fout))} "
                          f"(batch x out_features), got {shape_str(grad_out.shape)}")
-    if isinstance(l2, (bool, np.bool_)) or not isinstance(l2, numbers.Real):
-        raise TypeError(f"{where}: l2 must be a number, got {l2!r}")
-    if not np.isfinite(l2) or l2 < 0:
-        raise ValueError(f"{where}: l2 must be a finite number >= 0, got {l2!r}")
+    l2 = real_number(l2, "l2", where, minimum=0)
     dx = out_array(grad_input, "grad_input", where, x.shape, x.dtype) if need_input_grad else None
     dw = out_array(grad_weight, "grad_weight", where, weight.shape, x.dtype)
     db = out_array(grad_bias, "grad_bias", where, (fout,), x.dtype) if need_bias_grad else None

@@ -10,12 +10,11 @@ the returned gradient is dL/ds for that L. Labels are integer class indices in
 [0, C) (any integer dtype; converted to int64). The loss is a Python float,
 summed in a fixed order: identical for any thread count.
 """
-import numbers
 
 import numpy as np
 
 from .._kernels import losses as _losses
-from ._checks import float_array, num_threads, out_array, shape_str
+from ._checks import float_array, num_threads, out_array, real_number, shape_str
 
 
 def _reduction(reduction, n, where):
@@ -93,8 +92,7 @@ def multiclass_svm(scores, labels, *, margin=1.0, reduction="mean", grad=None, t
     scores = _scores(scores, "scores", where)
     n, c = scores.shape
     labels = _labels(labels, scores.shape, where)
-    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not np.isfinite(margin):
-        raise ValueError(f"{where}: margin must be a finite number, got {margin!r}")
+    margin = real_number(margin, "margin", where)
     scale = _reduction(reduction, n, where)
     grad = out_array(grad, "grad", where, scores.shape, scores.dtype)
     sample = np.empty(n, dtype=np.float64)
@@ -144,9 +142,7 @@ def l2_penalty(weights, lam):
     Its gradient 2λW is added by linear_backward(l2=λ) or by the caller.
     """
     where = "l2_penalty"
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not np.isfinite(lam) \
-            or lam < 0:
-        raise ValueError(f"{where}: lam must be a finite number >= 0, got {lam!r}")
+    lam = real_number(lam, "lam", where, minimum=0)
     if isinstance(weights, np.ndarray):
         arrays = [weights]
     else:

@@ -1,10 +1,9 @@
 """Parameter update: stochastic gradient descent with momentum (PyTorch semantics)."""
-import numbers
 
 import numpy as np
 
 from .._kernels import elementwise as _ew
-from ._checks import FLOAT_DTYPES, num_threads, shape_str
+from ._checks import FLOAT_DTYPES, num_threads, real_number, shape_str
 
 
 def _buffer(a, name, where, like=None):
@@ -23,11 +22,7 @@ def _buffer(a, name, where, like=None):
 
 
 def _number(value, name, where):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
-        raise ValueError(f"{where}: {name} must be a finite number, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{where}: {name} must be >= 0, got {value!r}")
-    return float(value)
+    return real_number(value, name, where, minimum=0)
 
 
 def sgd_update(param, grad, *, lr, velocity=None, momentum=0.0, nesterov=False,
