@@ -453,8 +453,14 @@ cdef int _wgrad_f32(WGrad* g, const float* go, const float* x, float* gw,
     cdef float* buf
     cdef float* part
     cdef void* mem
-    # Chunk size depends only on N: at most 16 partial sums to add at the end.
+    # Chunk size depends only on the shapes: at most 16 partial sums to add at
+    # the end, doubled when a chunk has under 128 output rows and its staged
+    # grad_out still fits in 192 KB, so that each tile's sum runs long enough
+    # to pay for its lane sums and set-up (LeNet's 10x10 outputs).
     g.nbk = _imax(4, _cdiv(g.n, 16))
+    if (g.nbk * g.oh < 128 and
+            2 * g.nbk * _imin(g.k, 64) * g.oh * _cdiv(g.ow, VF) * VF <= 48 * 1024):
+        g.nbk = 2 * g.nbk
     nchunks = _cdiv(g.n, g.nbk)
     g.kg = _imin(g.k, 64 if g.n >= 32 else 16)
     # Channels a tile may read past the group: zeros, staged once per item.
