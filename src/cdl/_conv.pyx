@@ -373,7 +373,7 @@ cdef void _wgrad_run(Py_ssize_t kr, Py_ssize_t ib, Py_ssize_t jb, const float* g
         if jb == 5 and kr == 3:
             _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 3, 1, 5, 1)
         elif jb == 5:
-            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 5, 0)
+            _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 5, 1)
         elif jb == 4:
             _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 4, 0)
         elif jb == 3:
