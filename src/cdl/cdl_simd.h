@@ -25,7 +25,7 @@ typedef float cdl_vf __attribute__((vector_size(CDL_VF * 4), aligned(4)));
 /* Unaligned loads and stores. On AVX2 and SSE builds they go through the
  * intrinsics: GCC expands a 32-byte memcpy as two 16-byte moves via the stack,
  * which keeps the tiles' vectors out of registers. */
-#if !defined(__AVX512F__) && (defined(__AVX__) || defined(__SSE2__))
+#if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -73,6 +73,23 @@ static inline cdl_vf cdl_vf_set1(float a) {
 
 /* Sum of the lanes in a fixed order (pairwise halves), so results are reproducible. */
 static inline float cdl_vf_sum(cdl_vf v) {
+#if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE2__)
+    /* The same pairwise halves in registers (the array version compiles to a
+     * store and scalar adds): bitwise the same result. */
+    __m128 h;
+#if defined(__AVX512F__)
+    __m256 q = _mm256_add_ps(_mm512_castps512_ps256((__m512)v),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd((__m512)v), 1)));
+    h = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));
+#elif defined(__AVX__)
+    h = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+#else
+    h = (__m128)v;
+#endif
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+#else
     float t[CDL_VF];
     int n;
     __builtin_memcpy(t, &v, sizeof(v));
@@ -81,5 +98,6 @@ static inline float cdl_vf_sum(cdl_vf v) {
         for (i = 0; i < n; i++) t[i] += t[i + n];
     }
     return t[0];
+#endif
 }
 #endif
