@@ -153,9 +153,12 @@ cdef void _relu(const floating* x, floating* y, Py_ssize_t n) noexcept nogil:
 cdef void _relu_backward(const floating* g, const floating* y, floating* dx,
                          Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
-    cdef floating zero = 0
+    cdef floating gv, zero = 0
     for i in range(n):
-        dx[i] = zero if y[i] <= zero else g[i]
+        # Both loads unconditional: the select then vectorises as a blend. A
+        # conditional load of g compiled to a branch on SSE2 (~20x slower).
+        gv = g[i]
+        dx[i] = zero if y[i] <= zero else gv
 
 
 def relu_forward(const floating[::1] x, floating[::1] out, int num_threads):
