@@ -605,6 +605,40 @@ cdef void _dw_scalar(const floating[:, :, :, ::1] go, const floating[:, :, :, ::
             dw[k, c, i, j] = s
 
 
+cdef int _packed_corr(Corr* g, const float* weight, bint flip, const float* src,
+                      const float* bias, float* dst, int num_threads) noexcept nogil:
+    # Packs the (K, C, KH, KW) filters as [cout block][cin][kh][kw][kr], so one
+    # step reads kr adjacent weights, and runs the correlation. flip=False is
+    # the forward pass (cout=K, cin=C); flip=True the input gradient (cout=C,
+    # cin=K, taps mirrored in both axes). Returns -1 when memory is missing.
+    cdef Py_ssize_t KH = g.kh, KW = g.kw, cin = g.cin, cout = g.cout
+    cdef Py_ssize_t b, q, i, j, a, o, nb
+    cdef float* wpk
+    cdef int rc
+    _choose_tile(cout, g.oh, &g.kr, &g.rb)
+    nb = _cdiv(cout, g.kr)
+    wpk = <float*>malloc(nb * cin * KH * KW * g.kr * sizeof(float) + 64)
+    if wpk == NULL:
+        return -1
+    for b in range(nb):
+        for q in range(cin):
+            for i in range(KH):
+                for j in range(KW):
+                    for a in range(g.kr):
+                        o = b * g.kr + a
+                        if o >= cout:
+                            wpk[(((b * cin + q) * KH + i) * KW + j) * g.kr + a] = 0
+                        elif flip:
+                            wpk[(((b * cin + q) * KH + i) * KW + j) * g.kr + a] = \
+                                weight[((q * cout + o) * KH + KH - 1 - i) * KW + KW - 1 - j]
+                        else:
+                            wpk[(((b * cin + q) * KH + i) * KW + j) * g.kr + a] = \
+                                weight[((o * cin + q) * KH + i) * KW + j]
+    rc = _corr_f32(g, src, wpk, bias, dst, num_threads)
+    free(wpk)
+    return rc
+
+
 # ----------------------------------------------------------------------------
 # Entry points
 # ----------------------------------------------------------------------------
@@ -616,33 +650,18 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], K = weight.shape[0]
     cdef Py_ssize_t KH = weight.shape[2], KW = weight.shape[3]
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
-    cdef Py_ssize_t it, kb, c, i, j, a, k, nkb
+    cdef Py_ssize_t it
     cdef const floating* bp = &bias[0] if bias is not None and K > 0 else NULL
     cdef Corr g
-    cdef float* wpk
     cdef int rc = 0, nt
     if N == 0 or K == 0 or OH == 0 or OW == 0:
         return
     if floating is float and sw == 1 and C > 0:
         g.n = N; g.cin = C; g.h = x.shape[2]; g.w = x.shape[3]; g.cout = K
         g.kh = KH; g.kw = KW; g.oh = OH; g.ow = OW; g.sh = sh; g.offh = ph; g.offw = pw
-        _choose_tile(K, OH, &g.kr, &g.rb)
-        nkb = _cdiv(K, g.kr)
-        wpk = <float*>malloc(nkb * C * KH * KW * g.kr * sizeof(float) + 64)
-        if wpk == NULL:
-            raise MemoryError()
         with nogil:
-            # Filters packed [k block][c][i][j][kr] so one step reads kr adjacent weights.
-            for kb in range(nkb):
-                for c in range(C):
-                    for i in range(KH):
-                        for j in range(KW):
-                            for a in range(g.kr):
-                                k = kb * g.kr + a
-                                wpk[(((kb * C + c) * KH + i) * KW + j) * g.kr + a] = \
-                                    weight[k, c, i, j] if k < K else 0
-            rc = _corr_f32(&g, &x[0, 0, 0, 0], wpk, bp, &out[0, 0, 0, 0], num_threads)
-        free(wpk)
+            rc = _packed_corr(&g, &weight[0, 0, 0, 0], False, &x[0, 0, 0, 0], bp,
+                              &out[0, 0, 0, 0], num_threads)
         if rc != 0:
             raise MemoryError()
         return
@@ -662,9 +681,8 @@ def conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
     cdef Py_ssize_t H = grad_input.shape[2], W = grad_input.shape[3], K = weight.shape[0]
     cdef Py_ssize_t KH = weight.shape[2], KW = weight.shape[3]
     cdef Py_ssize_t OH = grad_out.shape[2], OW = grad_out.shape[3]
-    cdef Py_ssize_t it, cb, c, i, j, a, k, ncb
+    cdef Py_ssize_t it
     cdef Corr g
-    cdef float* wpk
     cdef int rc = 0, nt
     if N == 0 or C == 0 or H == 0 or W == 0:
         return
@@ -674,23 +692,9 @@ def conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
         g.n = N; g.cin = K; g.h = OH; g.w = OW; g.cout = C
         g.kh = KH; g.kw = KW; g.oh = H; g.ow = W; g.sh = 1
         g.offh = KH - 1 - ph; g.offw = KW - 1 - pw
-        _choose_tile(C, H, &g.kr, &g.rb)
-        ncb = _cdiv(C, g.kr)
-        wpk = <float*>malloc(ncb * K * KH * KW * g.kr * sizeof(float) + 64)
-        if wpk == NULL:
-            raise MemoryError()
         with nogil:
-            for cb in range(ncb):
-                for k in range(K):
-                    for i in range(KH):
-                        for j in range(KW):
-                            for a in range(g.kr):
-                                c = cb * g.kr + a
-                                wpk[(((cb * K + k) * KH + i) * KW + j) * g.kr + a] = \
-                                    weight[k, c, KH - 1 - i, KW - 1 - j] if c < C else 0
-            rc = _corr_f32(&g, &grad_out[0, 0, 0, 0], wpk, NULL, &grad_input[0, 0, 0, 0],
-                           num_threads)
-        free(wpk)
+            rc = _packed_corr(&g, &weight[0, 0, 0, 0], True, &grad_out[0, 0, 0, 0], NULL,
+                              &grad_input[0, 0, 0, 0], num_threads)
         if rc != 0:
             raise MemoryError()
         return
