@@ -101,6 +101,16 @@ class Layer:
     def _init_params(self, rng, init, dtype):
         pass
 
+    def _new_params(self, shape, fan_in, fan_out, rng, init, dtype):
+        """Weight of ``shape`` drawn by ``init``; zero bias (if used); zero gradients."""
+        self._check_size(shape)
+        w = initialize(init, shape, fan_in, fan_out, rng, dtype)
+        self.params = {"weight": w}
+        self.grads = {"weight": np.zeros_like(w)}
+        if self.use_bias:
+            self.params["bias"] = np.zeros(shape[0], dtype)
+            self.grads["bias"] = np.zeros(shape[0], dtype)
+
     def _check_size(self, shape):
         n = int(np.prod(shape, dtype=object))
         if n > INT32_MAX:
@@ -200,14 +210,8 @@ class Linear(Layer):
         return f"Linear({self.in_features}, {self.out_features}{'' if self.use_bias else ', no bias'})"
 
     def _init_params(self, rng, init, dtype):
-        shape = (self.out_features, self.in_features)
-        self._check_size(shape)
-        w = initialize(init, shape, self.in_features, self.out_features, rng, dtype)
-        self.params = {"weight": w}
-        self.grads = {"weight": np.zeros_like(w)}
-        if self.use_bias:
-            self.params["bias"] = np.zeros(self.out_features, dtype)
-            self.grads["bias"] = np.zeros(self.out_features, dtype)
+        self._new_params((self.out_features, self.in_features), self.in_features,
+                         self.out_features, rng, init, dtype)
 
     def _configure(self, input_shape, source):
         if len(input_shape) != 1:
@@ -281,14 +285,8 @@ class Conv2d(Layer):
     def _init_params(self, rng, init, dtype):
         kh, kw = self.kernel_size
         shape = (self.out_channels, self.in_channels, kh, kw)
-        self._check_size(shape)
-        fan_in, fan_out = self.in_channels * kh * kw, self.out_channels * kh * kw
-        w = initialize(init, shape, fan_in, fan_out, rng, dtype)
-        self.params = {"weight": w}
-        self.grads = {"weight": np.zeros_like(w)}
-        if self.use_bias:
-            self.params["bias"] = np.zeros(self.out_channels, dtype)
-            self.grads["bias"] = np.zeros(self.out_channels, dtype)
+        self._new_params(shape, self.in_channels * kh * kw, self.out_channels * kh * kw,
+                         rng, init, dtype)
 
     def _configure(self, input_shape, source):
         if len(input_shape) != 3:
