@@ -53,8 +53,8 @@ cdef inline void _tiling(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
             pm *= 2
         else:
             break
-    tm[0] = _split(m, pm, 8)
-    tn[0] = _split(n, pn, 16)
+    tm[0] = _split(m, pm, 4)
+    tn[0] = _split(n, pn, 4)
 
 
 cdef inline int _threads(Py_ssize_t macs, int num_threads) noexcept nogil:
