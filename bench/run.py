@@ -131,8 +131,10 @@ class Timer:
         inner, per_call = {}, {}
         for name in names:                      # warm-up and calibration (steady state)
             fn = fns[name]
-            fn()
-            times = []
+            t0 = time.perf_counter()
+            fn()                                # warm-up
+            first = time.perf_counter() - t0
+            times = [first] if first > 0.05 else []   # slow calls: the warm-up calibrates
             while sum(times) < 0.3:             # median of single calls: robust to a hiccup
                 t0 = time.perf_counter()
                 fn()
@@ -1102,8 +1104,8 @@ def main(argv=None):
         groups = tuple(g for g in groups if g != "scaling")
     threads = args.threads or (cdl.get_num_threads() if cdl is not None
                                else len(os.sched_getaffinity(0)))
-    repeats = max(5, args.repeats or (5 if args.quick else 7))
-    pause = args.pause if args.pause is not None else (0.1 if args.quick else 0.15)
+    repeats = max(5, args.repeats or 5)
+    pause = args.pause if args.pause is not None else (0.1 if args.quick else 0.12)
     min_sample = args.min_sample if args.min_sample is not None else (
         0.004 if args.quick else 0.02)
     timer = Timer(repeats, pause, min_sample)
