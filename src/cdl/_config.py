@@ -6,6 +6,8 @@ is kept single-threaded: cdl's own threads are the parallelism, and results
 do not depend on the thread count.
 """
 import contextlib
+import ctypes
+import itertools
 import os
 import platform
 import sys
@@ -73,14 +75,29 @@ def blas_info():
 
 
 def _pin_blas():
+    """Keep SciPy's BLAS single-threaded, now and at every kernel call."""
     if _state["blas_pinned"]:
         return
-    try:
-        for c in _blas_controllers():
-            c.set_num_threads(1)
-    except Exception:
-        pass  # no controllable BLAS: calls still run, just without the pin
     _state["blas_pinned"] = True
+    try:
+        controllers = _blas_controllers()
+    except Exception:
+        return  # no threadpoolctl or no BLAS it knows: calls still run, unpinned
+    for c in controllers:
+        c.set_num_threads(1)
+        if c.internal_api != "openblas":
+            continue
+        # The kernels check the count before each parallel BLAS use, through the
+        # library's own C functions (a user's threadpoolctl limit may raise it).
+        lib = ctypes.CDLL(c.filepath)
+        for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_", "_64")):
+            get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                _runtime.set_blas_thread_functions(
+                    ctypes.cast(get, ctypes.c_void_p).value,
+                    ctypes.cast(put, ctypes.c_void_p).value)
+                break
 
 
 def get_num_threads():

@@ -1,2 +1,682 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Elementwise kernels (placeholder until the activations land)."""
+"""Conv2d by direct convolution, NCHW, and its gradients.
+
+    out[n, k, oh, ow] = b[k] + sum_{c, i, j} W[k, c, i, j] x[n, c, oh*S_h - P_h + i, ow*S_w - P_w + j]
+
+with zero padding P and output size H2 = (H1 - F + 2P)/S + 1 (floor).
+
+float32 with horizontal stride 1 takes the register-blocked path: a tile of
+KR output channels x RB output rows x one SIMD vector of output columns is
+kept in vector registers (cdl_simd.h: zmm on the AVX-512 build, ymm on AVX2,
+xmm on baseline) while the loop runs over (c, i, j); each step loads RB input
+row segments, broadcasts KR weights and does KR*RB multiply-adds. Padding is
+handled inside the kernel: each thread stages the rows a work item reads into
+a small zero-bordered scratch buffer (per image, never a padded copy of the
+whole input), so the vector loads need no bounds checks; ragged edges are
+computed on zeros and not stored. The input gradient at stride 1 is the same
+correlation of grad_out with the flipped, transposed filters. The weight
+gradient keeps KR x JB (output channel x kernel column) vectors in registers
+and sums over images, rows and column vectors, then adds the lanes.
+
+float64 and other strides take a plain scalar path (correctness, not speed).
+
+Parallel work is split into fixed items that depend only on the shapes:
+forward (image, block of output channels), input gradient (image, block of
+input channels), weight gradient (block of output channels, fixed chunk of
+images) whose partial sums are added in chunk order. No two threads write the
+same element and results are bitwise identical for any thread count.
+Scratch memory is allocated once per call (per thread), outside hot loops.
+Inputs are trusted: cdl.functional validates them.
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset, memcpy
+from cdl._openmp cimport omp_get_thread_num
+
+cdef extern from "cdl_simd.h" nogil:
+    # Declared as float so that Cython emits plain C arithmetic on it.
+    ctypedef float vf "cdl_vf"
+    const int VF "CDL_VF"
+    vf vload "cdl_vf_load"(const float* p)
+    void vstore "cdl_vf_store"(float* p, vf v)
+    vf vset1 "cdl_vf_set1"(float a)
+    float vsum "cdl_vf_sum"(vf v)
+
+# Below this many multiply-adds a second thread costs more than it saves.
+cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 18
+
+
+cdef inline int _threads(Py_ssize_t macs, Py_ssize_t items, int num_threads) noexcept nogil:
+    if macs < PARALLEL_MIN_MACS or items < 2:
+        return 1
+    return num_threads
+
+
+cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef inline Py_ssize_t _imax(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return a if a > b else b
+
+
+cdef inline Py_ssize_t _align16(Py_ssize_t n) noexcept nogil:
+    # Floats rounded up to whole 64-byte cache lines.
+    return (n + 15) // 16 * 16
+
+
+cdef inline float* _aligned(void* mem) noexcept nogil:
+    return <float*>((<size_t>mem + 63) & ~(<size_t>63))
+
+
+cdef inline Py_ssize_t _imin(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return a if a < b else b
+
+
+# ----------------------------------------------------------------------------
+# float32 vector path
+# ----------------------------------------------------------------------------
+
+ctypedef struct Corr:
+    # A correlation of `src` (cin x h x w per image) with packed filters, giving
+    # cout x oh x ow per image; src is read at (oh*sh + i - offh, ow + j - offw).
+    Py_ssize_t n, cin, h, w, cout, kh, kw, oh, ow, sh, offh, offw
+    Py_ssize_t kr, rb, kg, rs, qs
+
+
+cdef inline void _corr_tile(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
+                            const float* wp, Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw,
+                            Py_ssize_t sh, float* tb, const int KR, const int RB) noexcept nogil:
+    # KR channels x RB rows x VF columns; the constant KR/RB let the compiler
+    # unroll the small loops and keep acc[] in registers.
+    cdef vf acc[24]
+    cdef vf xv[12]
+    cdef Py_ssize_t c, i, j, a, r, rstep = sh * xs_r
+    cdef const float* xr
+    cdef const float* wq
+    for a in range(KR * RB):
+        acc[a] = vset1(0)
+    for c in range(cin):
+        for i in range(kh):
+            xr = xs + c * xs_c + i * xs_r
+            wq = wp + (c * kh + i) * kw * KR
+            for j in range(kw):
+                for r in range(RB):
+                    xv[r] = vload(xr + r * rstep + j)
+                for a in range(KR):
+                    for r in range(RB):
+                        acc[a * RB + r] = acc[a * RB + r] + wq[a] * xv[r]
+                wq = wq + KR
+    for a in range(KR * RB):
+        vstore(tb + a * VF, acc[a])
+
+
+cdef void _tile_8x3(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r, const float* wp,
+                    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
+                    float* tb) noexcept nogil:
+    _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 8, 3)
+
+
+cdef void _tile_6x4(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r, const float* wp,
+                    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
+                    float* tb) noexcept nogil:
+    _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 6, 4)
+
+
+cdef void _tile_4x4(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r, const float* wp,
+                    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
+                    float* tb) noexcept nogil:
+    _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 4, 4)
+
+
+cdef void _tile_2x8(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r, const float* wp,
+                    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
+                    float* tb) noexcept nogil:
+    _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 2, 8)
+
+
+cdef void _tile_1x8(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r, const float* wp,
+                    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh,
+                    float* tb) noexcept nogil:
+    _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 1, 8)
+
+
+cdef void _choose_tile(Py_ssize_t cout, Py_ssize_t oh, Py_ssize_t* kr, Py_ssize_t* rb) noexcept nogil:
+    # Fewest wasted (padded) channel x row cells; ties go to the larger tile.
+    cdef Py_ssize_t cand_kr[5]
+    cdef Py_ssize_t cand_rb[5]
+    cdef Py_ssize_t t, cells, best = -1
+    cand_kr[0] = 8; cand_rb[0] = 3
+    cand_kr[1] = 6; cand_rb[1] = 4
+    cand_kr[2] = 4; cand_rb[2] = 4
+    cand_kr[3] = 2; cand_rb[3] = 8
+    cand_kr[4] = 1; cand_rb[4] = 8
+    for t in range(5):
+        cells = _cdiv(cout, cand_kr[t]) * cand_kr[t] * _cdiv(oh, cand_rb[t]) * cand_rb[t]
+        # 16-accumulator tiles run a little slower per cell than 24-accumulator ones.
+        if cand_kr[t] * cand_rb[t] < 24:
+            cells = cells + cells // 8
+        if best < 0 or cells < best:
+            best = cells
+            kr[0] = cand_kr[t]
+            rb[0] = cand_rb[t]
+
+
+cdef void _stage(const float* src, Py_ssize_t ch, Py_ssize_t h, Py_ssize_t w,
+                 Py_ssize_t offh, Py_ssize_t offw, Py_ssize_t rs, Py_ssize_t qs,
+                 float* dst) noexcept nogil:
+    # dst[c, r, q] = src[c, r - offh, q - offw], zero outside src.
+    cdef Py_ssize_t c, r, ih, q_lo, q_hi
+    cdef float* d
+    q_lo = _imin(_imax(offw, 0), qs)
+    q_hi = _imax(_imin(offw + w, qs), q_lo)
+    for c in range(ch):
+        for r in range(rs):
+            d = dst + (c * rs + r) * qs
+            ih = r - offh
+            if ih < 0 or ih >= h:
+                memset(d, 0, qs * sizeof(float))
+                continue
+            if q_lo > 0:
+                memset(d, 0, q_lo * sizeof(float))
+            if q_hi > q_lo:
+                memcpy(d + q_lo, src + (c * h + ih) * w + (q_lo - offw),
+                       (q_hi - q_lo) * sizeof(float))
+            if qs > q_hi:
+                memset(d + q_hi, 0, (qs - q_hi) * sizeof(float))
+
+
+cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const float* bias,
+                     float* dst, Py_ssize_t it, float* xs, float* tb) noexcept nogil:
+    cdef Py_ssize_t ngroups = _cdiv(g.cout, g.kg)
+    cdef Py_ssize_t n = it // ngroups, kgi = it % ngroups
+    cdef Py_ssize_t k_lo = kgi * g.kg, k_hi = _imin(g.cout, k_lo + g.kg)
+    cdef Py_ssize_t k0, oh0, ow0, a, r, k, oy, nv, q, kb, ty, tx
+    cdef Py_ssize_t xs_c = g.rs * g.qs, wsz = g.cin * g.kh * g.kw * g.kr
+    cdef const float* wb
+    cdef const float* xt
+    cdef float* d
+    cdef const float* t
+    cdef float bk
+    _stage(src + n * g.cin * g.h * g.w, g.cin, g.h, g.w, g.offh, g.offw, g.rs, g.qs, xs)
+    for kb in range(_cdiv(k_hi - k_lo, g.kr)):
+        k0 = k_lo + kb * g.kr
+        wb = wpk + (k0 // g.kr) * wsz
+        for ty in range(_cdiv(g.oh, g.rb)):
+            oh0 = ty * g.rb
+            for tx in range(_cdiv(g.ow, VF)):
+                ow0 = tx * VF
+                xt = xs + oh0 * g.sh * g.qs + ow0
+                if g.kr == 8:
+                    _tile_8x3(xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
+                elif g.kr == 6:
+                    _tile_6x4(xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
+                elif g.kr == 4:
+                    _tile_4x4(xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
+                elif g.kr == 2:
+                    _tile_2x8(xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
+                else:
+                    _tile_1x8(xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
+                nv = _imin(VF, g.ow - ow0)
+                for a in range(g.kr):
+                    k = k0 + a
+                    if k >= k_hi:
+                        break
+                    bk = bias[k] if bias != NULL else 0
+                    for r in range(g.rb):
+                        oy = oh0 + r
+                        if oy >= g.oh:
+                            break
+                        t = tb + (a * g.rb + r) * VF
+                        d = dst + ((n * g.cout + k) * g.oh + oy) * g.ow + ow0
+                        if nv == VF:
+                            vstore(d, vload(t) + bk)
+                        else:
+                            for q in range(nv):
+                                d[q] = t[q] + bk
+
+
+cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bias,
+                   float* dst, int num_threads) noexcept nogil:
+    # Runs the correlation described by g; wpk holds the filters packed as
+    # [cout block][cin][kh][kw][kr]. Returns -1 if scratch memory is missing.
+    cdef Py_ssize_t items, it, xs_size, tb_size, tid
+    cdef int nt
+    cdef float* buf
+    cdef void* mem
+    g.kg = g.kr * _imax(1, 16 // g.kr)
+    g.rs = (_cdiv(g.oh, g.rb) * g.rb - 1) * g.sh + g.kh
+    # Rows start on cache lines so the j = 0 loads are aligned.
+    g.qs = _align16(_cdiv(g.ow, VF) * VF + g.kw - 1)
+    items = g.n * _cdiv(g.cout, g.kg)
+    nt = _threads(g.n * g.cout * g.oh * g.ow * g.cin * g.kh * g.kw, items, num_threads)
+    xs_size = _align16(g.cin * g.rs * g.qs + VF)
+    tb_size = 24 * VF
+    mem = malloc(nt * (xs_size + tb_size) * sizeof(float) + 64)
+    if mem == NULL:
+        return -1
+    buf = _aligned(mem)
+    for it in prange(items, schedule="static", num_threads=nt):
+        tid = omp_get_thread_num()
+        _corr_item(g, src, wpk, bias, dst, it, buf + tid * (xs_size + tb_size),
+                   buf + tid * (xs_size + tb_size) + xs_size)
+    free(mem)
+    return 0
+
+
+cdef inline void _wgrad_tile(const float* gs, Py_ssize_t gs_k, Py_ssize_t gs_n,
+                             const float* xs, Py_ssize_t xs_n, Py_ssize_t xs_r,
+                             Py_ssize_t nb, Py_ssize_t oh, Py_ssize_t owp, Py_ssize_t sh,
+                             float* res, const int KR, const int IB, const int JB) noexcept nogil:
+    # res[(a*IB + e)*JB + b] = sum_{n, y, q} gs[a, n, y, q] * xs[n, y*sh + e, q + b]:
+    # KR channels x IB kernel rows x JB kernel columns in registers.
+    cdef vf acc[24]
+    cdef vf gv[12]
+    cdef vf xv
+    cdef Py_ssize_t n, y, q, a, b, e, qv
+    cdef const float* xr
+    cdef const float* gr
+    for a in range(KR * IB * JB):
+        acc[a] = vset1(0)
+    for n in range(nb):
+        for y in range(oh):
+            xr = xs + n * xs_n + y * sh * xs_r
+            gr = gs + n * gs_n + y * owp
+            for qv in range(owp // VF):
+                q = qv * VF
+                for a in range(KR):
+                    gv[a] = vload(gr + a * gs_k + q)
+                for e in range(IB):
+                    for b in range(JB):
+                        xv = vload(xr + e * xs_r + q + b)
+                        for a in range(KR):
+                            acc[(a * IB + e) * JB + b] = acc[(a * IB + e) * JB + b] + gv[a] * xv
+    for a in range(KR * IB * JB):
+        res[a] = vsum(acc[a])
+
+
+cdef inline void _wgrad_shape(Py_ssize_t ib_left, Py_ssize_t jb_left, Py_ssize_t kg,
+                              Py_ssize_t* kr, Py_ssize_t* ib, Py_ssize_t* jb) noexcept nogil:
+    # Tile for the next block of kernel offsets: (KR, IB, JB) with KR*IB*JB <= 24
+    # accumulators plus KR loaded grad_out vectors, all in registers.
+    jb[0] = _imin(jb_left, 5)
+    ib[0] = 1
+    if jb[0] == 5:
+        # 3 channels when that splits the group evenly and 4 would not (LeNet's 6).
+        kr[0] = 3 if kg % 4 != 0 and kg % 3 == 0 else 4
+    elif jb[0] == 4:
+        kr[0] = 4
+    elif jb[0] == 3:
+        if ib_left >= 3:
+            kr[0] = 2
+            ib[0] = 3
+        else:
+            kr[0] = 6
+    elif jb[0] == 2:
+        kr[0] = 8
+    else:
+        kr[0] = 12
+
+
+cdef void _wgrad_run(Py_ssize_t kr, Py_ssize_t ib, Py_ssize_t jb, const float* gs, Py_ssize_t gs_k,
+                     Py_ssize_t gs_n, const float* xs, Py_ssize_t xs_n, Py_ssize_t xs_r,
+                     Py_ssize_t nb, Py_ssize_t oh, Py_ssize_t owp, Py_ssize_t sh,
+                     float* res) noexcept nogil:
+    if jb == 5 and kr == 3:
+        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 3, 1, 5)
+    elif jb == 5:
+        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 5)
+    elif jb == 4:
+        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 4, 1, 4)
+    elif jb == 3 and ib == 3:
+        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 2, 3, 3)
+    elif jb == 3:
+        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 6, 1, 3)
+    elif jb == 2:
+        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 8, 1, 2)
+    else:
+        _wgrad_tile(gs, gs_k, gs_n, xs, xs_n, xs_r, nb, oh, owp, sh, res, 12, 1, 1)
+
+
+ctypedef struct WGrad:
+    Py_ssize_t n, c, h, w, k, kh, kw, oh, ow, sh, ph, pw
+    Py_ssize_t kg, kgpad, nbk, owp, rs, qs, gs_size, xs_size
+
+
+cdef void _wgrad_item(const WGrad* g, const float* go, const float* x, float* part,
+                      Py_ssize_t it, float* gs, float* xs) noexcept nogil:
+    # Partial weight gradient of one (channel group, image chunk) item, written
+    # to part[chunk][k][c][i][j].
+    cdef Py_ssize_t ngroups = _cdiv(g.k, g.kg)
+    cdef Py_ssize_t nci = it // ngroups, kgi = it % ngroups
+    cdef Py_ssize_t n_lo = nci * g.nbk, nb = _imin(g.nbk, g.n - n_lo)
+    cdef Py_ssize_t k_lo = kgi * g.kg, k_hi = _imin(g.k, k_lo + g.kg)
+    cdef Py_ssize_t kgpad = g.kgpad
+    cdef Py_ssize_t kl, nl, y, c, i, j0, jb, kr, ib, k0, a, b, e, kb
+    cdef Py_ssize_t gs_k = g.nbk * g.oh * g.owp, gs_n = g.oh * g.owp
+    cdef Py_ssize_t xs_n = g.rs * g.qs
+    cdef float res[24]
+    cdef float* d
+    cdef float* pc = part + nci * g.k * g.c * g.kh * g.kw
+    # grad_out rows padded to whole vectors; channels past k_hi are zero.
+    for kl in range(kgpad):
+        for nl in range(g.nbk):
+            d = gs + kl * gs_k + nl * gs_n
+            if k_lo + kl >= k_hi or nl >= nb:
+                memset(d, 0, gs_n * sizeof(float))
+                continue
+            for y in range(g.oh):
+                memcpy(d + y * g.owp, go + ((n_lo + nl) * g.k + k_lo + kl) * g.oh * g.ow + y * g.ow,
+                       g.ow * sizeof(float))
+                if g.owp > g.ow:
+                    memset(d + y * g.owp + g.ow, 0, (g.owp - g.ow) * sizeof(float))
+    for c in range(g.c):
+        for nl in range(nb):
+            _stage(x + ((n_lo + nl) * g.c + c) * g.h * g.w, 1, g.h, g.w, g.ph, g.pw,
+                   g.rs, g.qs, xs + nl * xs_n)
+        j0 = 0
+        while j0 < g.kw:
+            i = 0
+            while i < g.kh:
+                _wgrad_shape(g.kh - i, g.kw - j0, g.kg, &kr, &ib, &jb)
+                for kb in range(_cdiv(k_hi - k_lo, kr)):
+                    k0 = k_lo + kb * kr
+                    _wgrad_run(kr, ib, jb, gs + (k0 - k_lo) * gs_k, gs_k, gs_n,
+                               xs + i * g.qs + j0, xs_n, g.qs, nb, g.oh, g.owp, g.sh, res)
+                    for a in range(kr):
+                        if k0 + a >= k_hi:
+                            break
+                        for e in range(ib):
+                            for b in range(jb):
+                                pc[(((k0 + a) * g.c + c) * g.kh + i + e) * g.kw + j0 + b] = \
+                                    res[(a * ib + e) * jb + b]
+                i = i + ib
+            j0 = j0 + jb
+
+
+cdef int _wgrad_f32(WGrad* g, const float* go, const float* x, float* gw,
+                    int num_threads) noexcept nogil:
+    cdef Py_ssize_t nchunks, items, it, tid, per, wsize, t, ci, i, j0, kr, ib, jb
+    cdef int nt
+    cdef float* buf
+    cdef float* part
+    cdef void* mem
+    # Chunk size depends only on N: at most 16 partial sums to add at the end.
+    g.nbk = _imax(4, _cdiv(g.n, 16))
+    nchunks = _cdiv(g.n, g.nbk)
+    g.kg = _imin(g.k, 16)
+    # Channels a tile may read past the group: zeros, staged once per item.
+    g.kgpad = g.kg
+    j0 = 0
+    while j0 < g.kw:
+        i = 0
+        while i < g.kh:
+            _wgrad_shape(g.kh - i, g.kw - j0, g.kg, &kr, &ib, &jb)
+            g.kgpad = _imax(g.kgpad, _cdiv(g.kg, kr) * kr)
+            i = i + ib
+        j0 = j0 + jb
+    g.owp = _cdiv(g.ow, VF) * VF
+    g.rs = (g.oh - 1) * g.sh + g.kh
+    g.qs = _align16(g.owp + g.kw - 1)
+    g.gs_size = _align16(g.kgpad * g.nbk * g.oh * g.owp)
+    g.xs_size = _align16(g.nbk * g.rs * g.qs + VF)
+    items = nchunks * _cdiv(g.k, g.kg)
+    wsize = g.k * g.c * g.kh * g.kw
+    nt = _threads(g.n * g.k * g.oh * g.ow * g.c * g.kh * g.kw, items, num_threads)
+    per = g.gs_size + g.xs_size
+    mem = malloc((nt * per + nchunks * wsize) * sizeof(float) + 64)
+    if mem == NULL:
+        return -1
+    buf = _aligned(mem)
+    part = buf + nt * per
+    for it in prange(items, schedule="static", num_threads=nt):
+        tid = omp_get_thread_num()
+        _wgrad_item(g, go, x, part, it, buf + tid * per, buf + tid * per + g.gs_size)
+    # Partial sums added in chunk order: the same for any thread count.
+    memcpy(gw, part, wsize * sizeof(float))
+    for ci in range(1, nchunks):
+        for t in range(wsize):
+            gw[t] = gw[t] + part[ci * wsize + t]
+    free(mem)
+    return 0
+
+
+cdef float _sum_f32(const float* p, Py_ssize_t m) noexcept nogil:
+    # Fixed-order sum: four vector accumulators, then the tail.
+    cdef vf a0 = vset1(0), a1 = vset1(0), a2 = vset1(0), a3 = vset1(0)
+    cdef Py_ssize_t q = 0
+    cdef float s
+    while q + 4 * VF <= m:
+        a0 = a0 + vload(p + q)
+        a1 = a1 + vload(p + q + VF)
+        a2 = a2 + vload(p + q + 2 * VF)
+        a3 = a3 + vload(p + q + 3 * VF)
+        q = q + 4 * VF
+    s = vsum((a0 + a1) + (a2 + a3))
+    while q < m:
+        s = s + p[q]
+        q = q + 1
+    return s
+
+
+# ----------------------------------------------------------------------------
+# Scalar path: float64 and any stride
+# ----------------------------------------------------------------------------
+
+cdef inline void _col_range(Py_ssize_t j, Py_ssize_t pw, Py_ssize_t sw, Py_ssize_t w,
+                            Py_ssize_t ow, Py_ssize_t* lo, Py_ssize_t* hi) noexcept nogil:
+    # Output columns whose input column ow*sw - pw + j lies inside [0, w).
+    cdef Py_ssize_t a = pw - j
+    lo[0] = _imin(_imax(0, _cdiv(a, sw) if a > 0 else 0), ow)
+    hi[0] = _imax(_imin(ow, (w - 1 + a) // sw + 1 if w - 1 + a >= 0 else 0), lo[0])
+
+
+cdef void _fwd_scalar(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
+                      const floating* bias, floating[:, :, :, ::1] out,
+                      Py_ssize_t it, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
+                      Py_ssize_t pw) noexcept nogil:
+    cdef Py_ssize_t K = w.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t KH = w.shape[2], KW = w.shape[3], OH = out.shape[2], OW = out.shape[3]
+    cdef Py_ssize_t n = it // K, k = it % K, c, i, j, oy, ox, ih, lo, hi
+    cdef floating b = bias[k] if bias != NULL else 0
+    cdef floating wv
+    for oy in range(OH):
+        for ox in range(OW):
+            out[n, k, oy, ox] = b
+    for c in range(C):
+        for i in range(KH):
+            for j in range(KW):
+                wv = w[k, c, i, j]
+                _col_range(j, pw, sw, W, OW, &lo, &hi)
+                for oy in range(OH):
+                    ih = oy * sh - ph + i
+                    if ih < 0 or ih >= H:
+                        continue
+                    for ox in range(lo, hi):
+                        out[n, k, oy, ox] += wv * x[n, c, ih, ox * sw - pw + j]
+
+
+cdef void _dx_scalar(const floating[:, :, :, ::1] go, const floating[:, :, :, ::1] w,
+                     floating[:, :, :, ::1] dx, Py_ssize_t it, Py_ssize_t sh, Py_ssize_t sw,
+                     Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
+    cdef Py_ssize_t K = w.shape[0], C = dx.shape[1], H = dx.shape[2], W = dx.shape[3]
+    cdef Py_ssize_t KH = w.shape[2], KW = w.shape[3], OH = go.shape[2], OW = go.shape[3]
+    cdef Py_ssize_t n = it // C, c = it % C, k, i, j, oy, ox, ih, lo, hi
+    cdef floating wv
+    for ih in range(H):
+        for ox in range(W):
+            dx[n, c, ih, ox] = 0
+    for k in range(K):
+        for i in range(KH):
+            for j in range(KW):
+                wv = w[k, c, i, j]
+                _col_range(j, pw, sw, W, OW, &lo, &hi)
+                for oy in range(OH):
+                    ih = oy * sh - ph + i
+                    if ih < 0 or ih >= H:
+                        continue
+                    for ox in range(lo, hi):
+                        dx[n, c, ih, ox * sw - pw + j] += wv * go[n, k, oy, ox]
+
+
+cdef void _dw_scalar(const floating[:, :, :, ::1] go, const floating[:, :, :, ::1] x,
+                     floating[:, :, :, ::1] dw, Py_ssize_t it, Py_ssize_t sh, Py_ssize_t sw,
+                     Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t KH = dw.shape[2], KW = dw.shape[3], OH = go.shape[2], OW = go.shape[3]
+    cdef Py_ssize_t k = it // C, c = it % C, n, i, j, oy, ox, ih, lo, hi
+    cdef floating s
+    for i in range(KH):
+        for j in range(KW):
+            _col_range(j, pw, sw, W, OW, &lo, &hi)
+            s = 0
+            for n in range(N):
+                for oy in range(OH):
+                    ih = oy * sh - ph + i
+                    if ih < 0 or ih >= H:
+                        continue
+                    for ox in range(lo, hi):
+                        s = s + go[n, k, oy, ox] * x[n, c, ih, ox * sw - pw + j]
+            dw[k, c, i, j] = s
+
+
+# ----------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------
+
+def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
+                   const floating[::1] bias, floating[:, :, :, ::1] out,
+                   Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, int num_threads):
+    """out = conv(x, weight) + bias (bias may be None); shapes already checked."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], K = weight.shape[0]
+    cdef Py_ssize_t KH = weight.shape[2], KW = weight.shape[3]
+    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
+    cdef Py_ssize_t it, kb, c, i, j, a, k, nkb
+    cdef const floating* bp = &bias[0] if bias is not None and K > 0 else NULL
+    cdef Corr g
+    cdef float* wpk
+    cdef int rc = 0, nt
+    if N == 0 or K == 0 or OH == 0 or OW == 0:
+        return
+    if floating is float and sw == 1 and C > 0:
+        g.n = N; g.cin = C; g.h = x.shape[2]; g.w = x.shape[3]; g.cout = K
+        g.kh = KH; g.kw = KW; g.oh = OH; g.ow = OW; g.sh = sh; g.offh = ph; g.offw = pw
+        _choose_tile(K, OH, &g.kr, &g.rb)
+        nkb = _cdiv(K, g.kr)
+        wpk = <float*>malloc(nkb * C * KH * KW * g.kr * sizeof(float) + 64)
+        if wpk == NULL:
+            raise MemoryError()
+        with nogil:
+            # Filters packed [k block][c][i][j][kr] so one step reads kr adjacent weights.
+            for kb in range(nkb):
+                for c in range(C):
+                    for i in range(KH):
+                        for j in range(KW):
+                            for a in range(g.kr):
+                                k = kb * g.kr + a
+                                wpk[(((kb * C + c) * KH + i) * KW + j) * g.kr + a] = \
+                                    weight[k, c, i, j] if k < K else 0
+            rc = _corr_f32(&g, &x[0, 0, 0, 0], wpk, bp, &out[0, 0, 0, 0], num_threads)
+        free(wpk)
+        if rc != 0:
+            raise MemoryError()
+        return
+    nt = _threads(N * K * OH * OW * C * KH * KW, N * K, num_threads)
+    with nogil:
+        for it in prange(N * K, schedule="static", num_threads=nt):
+            _fwd_scalar(x, weight, bp, out, it, sh, sw, ph, pw)
+
+
+def conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
+                          const floating[:, :, :, ::1] weight,
+                          floating[:, :, :, ::1] grad_input,
+                          Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                          int num_threads):
+    """grad_input[n, c] = sum_k full correlation of grad_out[n, k] with flipped weight[k, c]."""
+    cdef Py_ssize_t N = grad_input.shape[0], C = grad_input.shape[1]
+    cdef Py_ssize_t H = grad_input.shape[2], W = grad_input.shape[3], K = weight.shape[0]
+    cdef Py_ssize_t KH = weight.shape[2], KW = weight.shape[3]
+    cdef Py_ssize_t OH = grad_out.shape[2], OW = grad_out.shape[3]
+    cdef Py_ssize_t it, cb, c, i, j, a, k, ncb
+    cdef Corr g
+    cdef float* wpk
+    cdef int rc = 0, nt
+    if N == 0 or C == 0 or H == 0 or W == 0:
+        return
+    if floating is float and sw == 1 and sh == 1 and K > 0:
+        # Stride 1: a correlation of grad_out, padded by F-1-P, with the filters
+        # flipped in both axes and in/out channels swapped.
+        g.n = N; g.cin = K; g.h = OH; g.w = OW; g.cout = C
+        g.kh = KH; g.kw = KW; g.oh = H; g.ow = W; g.sh = 1
+        g.offh = KH - 1 - ph; g.offw = KW - 1 - pw
+        _choose_tile(C, H, &g.kr, &g.rb)
+        ncb = _cdiv(C, g.kr)
+        wpk = <float*>malloc(ncb * K * KH * KW * g.kr * sizeof(float) + 64)
+        if wpk == NULL:
+            raise MemoryError()
+        with nogil:
+            for cb in range(ncb):
+                for k in range(K):
+                    for i in range(KH):
+                        for j in range(KW):
+                            for a in range(g.kr):
+                                c = cb * g.kr + a
+                                wpk[(((cb * K + k) * KH + i) * KW + j) * g.kr + a] = \
+                                    weight[k, c, KH - 1 - i, KW - 1 - j] if c < C else 0
+            rc = _corr_f32(&g, &grad_out[0, 0, 0, 0], wpk, NULL, &grad_input[0, 0, 0, 0],
+                           num_threads)
+        free(wpk)
+        if rc != 0:
+            raise MemoryError()
+        return
+    nt = _threads(N * K * OH * OW * C * KH * KW, N * C, num_threads)
+    with nogil:
+        for it in prange(N * C, schedule="static", num_threads=nt):
+            _dx_scalar(grad_out, weight, grad_input, it, sh, sw, ph, pw)
+
+
+def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
+                           const floating[:, :, :, ::1] x,
+                           floating[:, :, :, ::1] grad_weight, floating[::1] grad_bias,
+                           Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                           int num_threads):
+    """grad_weight[k, c, i, j] = sum_{n, oh, ow} grad_out[n, k, oh, ow] x[n, c, oh*S-P+i, ow*S-P+j];
+    grad_bias[k] = sum_{n, oh, ow} grad_out[n, k, oh, ow] (skipped if None)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], K = grad_weight.shape[0]
+    cdef Py_ssize_t KH = grad_weight.shape[2], KW = grad_weight.shape[3]
+    cdef Py_ssize_t OH = grad_out.shape[2], OW = grad_out.shape[3], plane = OH * OW
+    cdef Py_ssize_t it, n, k
+    cdef floating s
+    cdef WGrad g
+    cdef int rc = 0, nt
+    if grad_bias is not None and K > 0:
+        nt = _threads(N * K * plane * 8, K, num_threads)
+        with nogil:
+            for k in prange(K, schedule="static", num_threads=nt):
+                s = 0
+                for n in range(N):
+                    if floating is float:
+                        s = s + _sum_f32(&grad_out[n, k, 0, 0], plane)
+                    else:
+                        for it in range(plane):
+                            s = s + grad_out[n, k, it // OW, it % OW]
+                grad_bias[k] = s
+    if K == 0 or C == 0 or KH == 0 or KW == 0:
+        return
+    if N == 0 or OH == 0 or OW == 0:
+        grad_weight[:, :, :, :] = 0
+        return
+    if floating is float and sw == 1:
+        g.n = N; g.c = C; g.h = x.shape[2]; g.w = x.shape[3]; g.k = K
+        g.kh = KH; g.kw = KW; g.oh = OH; g.ow = OW; g.sh = sh; g.ph = ph; g.pw = pw
+        with nogil:
+            rc = _wgrad_f32(&g, &grad_out[0, 0, 0, 0], &x[0, 0, 0, 0],
+                            &grad_weight[0, 0, 0, 0], num_threads)
+        if rc != 0:
+            raise MemoryError()
+        return
+    nt = _threads(N * K * OH * OW * C * KH * KW, K * C, num_threads)
+    with nogil:
+        for it in prange(K * C, schedule="static", num_threads=nt):
+            _dw_scalar(grad_out, x, grad_weight, it, sh, sw, ph, pw)

@@ -9,14 +9,27 @@ any thread count. Inputs are trusted: cdl.functional validates them.
 from cython cimport floating
 from cython.parallel cimport prange
 from cdl._blas cimport gemm
+from cdl._runtime cimport ensure_single_threaded_blas
 
 # Below this many multiply-adds a second thread costs more than it saves.
-cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 16
+cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 19
 
 
-cdef inline Py_ssize_t _tile(Py_ssize_t extent, Py_ssize_t size) noexcept nogil:
-    # Split only when at least two full tiles fit; a remainder tile rides along.
-    return size if extent >= 2 * size else extent
+cdef inline void _tiling(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                         Py_ssize_t* tm, Py_ssize_t* tn) noexcept nogil:
+    # Output tiles of at most 64x128 (single-threaded sgemm runs near its peak
+    # there), halved until there are 4 tiles or a tile would drop under 2M
+    # multiply-adds. Depends on the shapes only, never on the thread count.
+    tm[0] = m if m <= 64 else 64
+    tn[0] = n if n <= 128 else 128
+    while ((m + tm[0] - 1) // tm[0]) * ((n + tn[0] - 1) // tn[0]) < 4 \
+            and tm[0] * tn[0] * k >= (1 << 21):
+        if tn[0] >= 128:
+            tn[0] = (tn[0] + 1) // 2
+        elif tm[0] >= 32:
+            tm[0] = (tm[0] + 1) // 2
+        else:
+            break
 
 
 cdef inline int _threads(Py_ssize_t macs, int num_threads) noexcept nogil:
@@ -27,13 +40,15 @@ def linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
                    const floating[::1] bias, floating[:, ::1] out, int num_threads):
     """out = x @ weight.T + bias (bias may be None)."""
     cdef Py_ssize_t n = x.shape[0], fin = x.shape[1], fout = weight.shape[0]
-    cdef Py_ssize_t tm = _tile(n, 32), tn = _tile(fout, 128)
-    cdef Py_ssize_t tiles_m = (n + tm - 1) // tm, tiles_n = (fout + tn - 1) // tn
-    cdef Py_ssize_t t, i, j, r0, c0, mr, nc
+    cdef Py_ssize_t tm, tn, tiles_m, tiles_n, t, i, j, r0, c0, mr, nc
     cdef bint has_bias = bias is not None
     cdef floating beta
     if n == 0 or fout == 0:
         return
+    ensure_single_threaded_blas()
+    _tiling(n, fout, fin, &tm, &tn)
+    tiles_m = (n + tm - 1) // tm
+    tiles_n = (fout + tn - 1) // tn
     with nogil:
         for t in prange(tiles_m * tiles_n, schedule="static",
                         num_threads=_threads(n * fin * fout, num_threads)):
@@ -69,10 +84,10 @@ def linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
     cdef Py_ssize_t t, i, j, r0, c0, mr, nc, tm, tn, tiles_m, tiles_n
     cdef floating two_l2 = <floating>(2.0 * l2)
     cdef int nt = _threads(n * fin * fout, num_threads)
+    ensure_single_threaded_blas()
 
     if grad_input is not None and n > 0 and fin > 0:
-        tm = _tile(n, 32)
-        tn = _tile(fin, 128)
+        _tiling(n, fin, fout, &tm, &tn)
         tiles_m = (n + tm - 1) // tm
         tiles_n = (fin + tn - 1) // tn
         with nogil:
@@ -91,8 +106,7 @@ def linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
                      <floating>0.0, &grad_input[r0, c0], <int>fin)
 
     if fout > 0 and fin > 0:
-        tm = _tile(fout, 32)
-        tn = _tile(fin, 128)
+        _tiling(fout, fin, n, &tm, &tn)
         tiles_m = (fout + tm - 1) // tm
         tiles_n = (fin + tn - 1) // tn
         with nogil:

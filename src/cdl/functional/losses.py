@@ -1,21 +1,155 @@
-"""Loss kernels (pending: being written)."""
+"""Losses over a batch of scores s (N, C), each with its gradient in one pass.
+
+  softmax_cross_entropy  L_i = -log(e^{s_{y_i}} / Σ_j e^{s_j})      dL_i/ds = p - onehot(y_i)
+  multiclass_svm         L_i = Σ_{j≠y_i} max(0, s_j - s_{y_i} + Δ)
+  mse                    L_i = ½ Σ_j (s_j - t_j)²                    dL_i/ds = s - t
+  l2_penalty             R(W) = λ Σ W²                               dR/dW = 2λW
+
+L = (1/N) Σ_i L_i with reduction="mean" (the default) or Σ_i L_i with "sum";
+the returned gradient is dL/ds for that L. Labels are integer class indices in
+[0, C) (any integer dtype; converted to int64). The loss is a Python float,
+summed in a fixed order: identical for any thread count.
+"""
+import numbers
+
+import numpy as np
+
+from .._kernels import losses as _losses
+from ._checks import float_array, num_threads, out_array, shape_str
 
 
-def softmax(*args, **kwargs):
-    raise NotImplementedError
+def _reduction(reduction, n, where):
+    if reduction == "mean":
+        return 1.0 / n if n else 0.0
+    if reduction == "sum":
+        return 1.0
+    raise ValueError(f"{where}: reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def softmax_cross_entropy(*args, **kwargs):
-    raise NotImplementedError
+def _labels(labels, scores_shape, where, scores_name="scores"):
+    """labels as a C-contiguous int64 (N,) array with values in [0, C) for scores (N, C)."""
+    n, classes = scores_shape[0], scores_shape[1]
+    if not isinstance(labels, np.ndarray):
+        labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"{where}: labels must be integer class indices, got dtype "
+                        f"{labels.dtype} (shape {shape_str(labels.shape)})")
+    if labels.ndim != 1:
+        raise ValueError(f"{where}: labels must be 1-D (N,), got shape {shape_str(labels.shape)} "
+                         f"for {scores_name} of shape {shape_str(scores_shape)}")
+    if labels.shape[0] != n:
+        raise ValueError(f"{where}: labels has {labels.shape[0]} entries but {scores_name} has "
+                         f"{n} rows (shape {shape_str(scores_shape)})")
+    if n:
+        lo, hi = labels.min(), labels.max()
+        if lo < 0 or hi >= classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{where}: labels must lie in [0, {classes}) for {classes} classes "
+                             f"({scores_name} shape {shape_str(scores_shape)}), got {int(bad)}")
+    return np.ascontiguousarray(labels, dtype=np.int64)
 
 
-def multiclass_svm(*args, **kwargs):
-    raise NotImplementedError
+def _scores(scores, name, where):
+    scores = float_array(scores, name, where, ndim=2)
+    if scores.shape[1] == 0:
+        raise ValueError(f"{where}: {name} needs at least one class, got shape "
+                         f"{shape_str(scores.shape)}")
+    return scores
 
 
-def mse(*args, **kwargs):
-    raise NotImplementedError
+def softmax(scores, *, out=None, threads=None):
+    """p_ij = e^{s_ij - m_i} / Σ_k e^{s_ik - m_i} with m_i = max_k s_ik, for scores (N, C)."""
+    where = "softmax"
+    scores = _scores(scores, "scores", where)
+    out = out_array(out, "out", where, scores.shape, scores.dtype)
+    _losses.softmax(scores, out, num_threads(threads))
+    return out
 
 
-def l2_penalty(*args, **kwargs):
-    raise NotImplementedError
+def softmax_cross_entropy(scores, labels, *, reduction="mean", grad=None, probs=None,
+                          threads=None):
+    """Softmax cross-entropy of scores (N, C) against labels (N,); returns (loss, dL/ds).
+
+    If ``probs`` (an (N, C) array) is given it is filled with the softmax p.
+    """
+    where = "softmax_cross_entropy"
+    scores = _scores(scores, "scores", where)
+    n, c = scores.shape
+    labels = _labels(labels, scores.shape, where)
+    scale = _reduction(reduction, n, where)
+    grad = out_array(grad, "grad", where, scores.shape, scores.dtype)
+    if probs is not None:
+        probs = out_array(probs, "probs", where, scores.shape, scores.dtype)
+    sample = np.empty(n, dtype=np.float64)
+    total = _losses.softmax_cross_entropy(scores, labels, probs, grad, sample, scale,
+                                          num_threads(threads))
+    return float(total * scale), grad
+
+
+def multiclass_svm(scores, labels, *, margin=1.0, reduction="mean", grad=None, threads=None):
+    """Multiclass hinge loss L_i = Σ_{j≠y_i} max(0, s_j - s_{y_i} + Δ), Δ = ``margin``;
+    returns (loss, dL/ds)."""
+    where = "multiclass_svm"
+    scores = _scores(scores, "scores", where)
+    n, c = scores.shape
+    labels = _labels(labels, scores.shape, where)
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not np.isfinite(margin):
+        raise ValueError(f"{where}: margin must be a finite number, got {margin!r}")
+    scale = _reduction(reduction, n, where)
+    grad = out_array(grad, "grad", where, scores.shape, scores.dtype)
+    sample = np.empty(n, dtype=np.float64)
+    total = _losses.multiclass_svm(scores, labels, float(margin), grad, sample, scale,
+                                   num_threads(threads))
+    return float(total * scale), grad
+
+
+def mse(pred, target, *, reduction="mean", grad=None, threads=None):
+    """Half squared error L_i = ½ Σ_j (pred_ij - t_ij)²; returns (loss, dL/dpred).
+
+    ``target`` is a float array shaped like ``pred`` (N, ...), or integer labels
+    (N,) meaning one-hot rows t_ij = [j = label_i] (pred must then be (N, C)).
+    """
+    where = "mse"
+    pred = float_array(pred, "pred", where)
+    if pred.ndim < 1:
+        raise ValueError(f"{where}: pred must have a batch axis, got a scalar")
+    n = pred.shape[0]
+    scale = _reduction(reduction, n, where)
+    grad = out_array(grad, "grad", where, pred.shape, pred.dtype)
+    sample = np.empty(n, dtype=np.float64)
+    nt = num_threads(threads)
+    t = target if isinstance(target, np.ndarray) else np.asarray(target)
+    if t.dtype.kind in "iu":
+        if pred.ndim != 2:
+            raise ValueError(f"{where}: with integer labels pred must be 2-D (N, C), got shape "
+                             f"{shape_str(pred.shape)}")
+        labels = _labels(t, pred.shape, where, "pred")
+        total = _losses.mse_labels(pred, labels, grad, sample, scale, nt)
+    else:
+        t = float_array(t, "target", where)
+        if t.dtype != pred.dtype:
+            raise TypeError(f"{where}: target has dtype {t.dtype} but pred has {pred.dtype}")
+        if t.shape != pred.shape:
+            raise ValueError(f"{where}: target has shape {shape_str(t.shape)} but pred has "
+                             f"{shape_str(pred.shape)}")
+        cols = pred.size // n if n else 0
+        total = _losses.mse(pred.reshape(n, cols), t.reshape(n, cols), grad.reshape(n, cols),
+                            sample, scale, nt)
+    return float(total * scale), grad
+
+
+def l2_penalty(weights, lam):
+    """R = λ Σ W² over ``weights`` (one array or an iterable of arrays); returns a float.
+
+    Its gradient 2λW is added by linear_backward(l2=λ) or by the caller.
+    """
+    where = "l2_penalty"
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not np.isfinite(lam) \
+            or lam < 0:
+        raise ValueError(f"{where}: lam must be a finite number >= 0, got {lam!r}")
+    arrays = [weights] if isinstance(weights, np.ndarray) else list(weights)
+    total = 0.0
+    for k, w in enumerate(arrays):
+        w = float_array(w, f"weights[{k}]", where)
+        total += _losses.sum_squares(w.reshape(-1))
+    return float(lam) * total

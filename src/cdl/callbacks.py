@@ -1,0 +1,166 @@
+"""Callbacks for ``Sequential.fit``: History, EarlyStopping, ModelCheckpoint.
+
+A callback gets ``model`` and ``optimizer`` set before training and may set
+``model.stop_training = True`` to end training after the current epoch.
+Epochs are counted from 0 in the calls and from 1 in messages.
+"""
+import math
+import os
+import warnings
+
+
+class Callback:
+    model = None
+    optimizer = None
+
+    def set_context(self, model, optimizer):
+        self.model = model
+        self.optimizer = optimizer
+
+    def on_train_begin(self, logs=None):
+        pass
+
+    def on_epoch_begin(self, epoch, logs=None):
+        pass
+
+    def on_epoch_end(self, epoch, logs=None):
+        pass
+
+    def on_train_end(self, logs=None):
+        pass
+
+
+class History(Callback):
+    """Per-epoch metrics: ``history.history["loss"]`` etc. (also ``history["loss"]``).
+
+    Keys: loss, accuracy, val_loss, val_accuracy (when there is validation data),
+    lr, seconds. ``stop_reason`` says why training ended early (None otherwise).
+    """
+
+    def __init__(self):
+        self.history = {}
+        self.epochs = []
+        self.stop_reason = None
+
+    def on_train_begin(self, logs=None):
+        self.history = {}
+        self.epochs = []
+        self.stop_reason = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append(epoch)
+        for k, v in (logs or {}).items():
+            self.history.setdefault(k, []).append(v)
+
+    def __getitem__(self, key):
+        return self.history[key]
+
+    def __contains__(self, key):
+        return key in self.history
+
+    def __repr__(self):
+        return f"History(epochs={len(self.epochs)}, keys={sorted(self.history)})"
+
+
+def _better(mode, monitor):
+    if mode == "auto":
+        mode = "max" if "acc" in monitor else "min"
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    return mode
+
+
+def _monitored(logs, monitor, owner):
+    value = (logs or {}).get(monitor)
+    if value is None and monitor.startswith("val_"):
+        fallback = monitor[4:]
+        if not getattr(owner, "_warned", False):
+            warnings.warn(f"{type(owner).__name__}: no {monitor} (no validation data); "
+                          f"monitoring {fallback} instead", RuntimeWarning, stacklevel=3)
+            owner._warned = True
+        value = (logs or {}).get(fallback)
+    return value
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
+
+    With ``restore_best_weights=True`` the model gets back the weights of the best
+    epoch when training ends (also when it ends because ``epochs`` ran out).
+    """
+
+    def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto",
+                 restore_best_weights=False):
+        if patience < 0:
+            raise ValueError(f"EarlyStopping: patience must be >= 0, got {patience!r}")
+        self.monitor = monitor
+        self.patience = int(patience)
+        self.min_delta = abs(float(min_delta))
+        self.mode = _better(mode, monitor)
+        self.restore_best_weights = bool(restore_best_weights)
+        self.stopped_epoch = None
+        self.best_epoch = None
+
+    def on_train_begin(self, logs=None):
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.wait = 0
+        self.best_weights = None
+        self.stopped_epoch = None
+        self.best_epoch = None
+
+    def _improved(self, value):
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = _monitored(logs, self.monitor, self)
+        if value is None or not math.isfinite(value):
+            return
+        if self._improved(value):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best_weights:
+                self.best_weights = self.model.get_weights()
+        else:
+            self.wait += 1
+            if self.wait > self.patience:
+                self.stopped_epoch = epoch
+                self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.restore_best_weights and self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+
+
+class ModelCheckpoint(Callback):
+    """Save the model after each epoch (atomically: a temporary file, then a rename).
+
+    ``path`` may contain ``{epoch}`` (from 1) and any log key, e.g.
+    ``"ckpt-{epoch:02d}-{val_loss:.3f}.npz"``. ``save_best_only`` saves only when
+    ``monitor`` improves; ``save_optimizer`` stores the optimizer state too.
+    """
+
+    def __init__(self, path, monitor="val_loss", save_best_only=False, mode="auto",
+                 save_optimizer=False):
+        self.path = os.fspath(path)
+        self.monitor = monitor
+        self.save_best_only = bool(save_best_only)
+        self.mode = _better(mode, monitor)
+        self.save_optimizer = bool(save_optimizer)
+        self.saved = []
+
+    def on_train_begin(self, logs=None):
+        self.best = math.inf if self.mode == "min" else -math.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        if self.save_best_only:
+            value = _monitored(logs, self.monitor, self)
+            if value is None or not math.isfinite(value):
+                return
+            if not (value < self.best if self.mode == "min" else value > self.best):
+                return
+            self.best = value
+        path = self.path.format(epoch=epoch + 1, **logs)
+        self.model.save(path, optimizer=self.optimizer if self.save_optimizer else None)
+        self.saved.append(path)

@@ -1,0 +1,85 @@
+"""Datasets: scikit-learn's 8x8 digits, and IDX files (MNIST / Fashion-MNIST) you have.
+
+Nothing is downloaded. Images come back NCHW float32 in [0, 1], labels int64.
+"""
+import gzip
+import os
+
+import numpy as np
+
+# IDX type codes -> big-endian dtypes
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def load_digits():
+    """(x, y): the 1,797 handwritten 8x8 digits shipped with scikit-learn.
+
+    x is float32 (1797, 1, 8, 8) scaled from 0..16 to [0, 1]; y int64 in 0..9.
+    Needs scikit-learn (``pip install "cdl[data]"`` or ``pip install scikit-learn``).
+    """
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+    except ImportError:
+        raise ImportError("cdl.datasets.load_digits needs scikit-learn, which ships the digits "
+                          "data: pip install 'cdl[data]'  (or: pip install scikit-learn)") from None
+    d = _sk_load_digits()
+    x = (np.asarray(d.images, dtype=np.float32) / np.float32(16.0)).reshape(-1, 1, 8, 8)
+    y = np.asarray(d.target, dtype=np.int64)
+    return np.ascontiguousarray(x), y
+
+
+def load_idx(path):
+    """The array stored in an IDX file (gzip-compressed or not), in native byte order.
+
+    Format: two zero bytes, a type byte (0x08 ubyte ... 0x0E double), the number of
+    dimensions, each dimension as a big-endian uint32, then the data.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        head = f.read(2)
+    opener = gzip.open if head == b"\x1f\x8b" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"load_idx: {path}: cannot read the gzip stream ({exc})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"load_idx: {path} is not an IDX file (the header must start with "
+                         f"two zero bytes, got {data[:4]!r})")
+    code, ndim = data[2], data[3]
+    if code not in _IDX_TYPES:
+        raise ValueError(f"load_idx: {path}: unknown IDX type code 0x{code:02X}")
+    if ndim < 1:
+        raise ValueError(f"load_idx: {path}: header says 0 dimensions")
+    start = 4 + 4 * ndim
+    if len(data) < start:
+        raise ValueError(f"load_idx: {path}: truncated header ({len(data)} bytes)")
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
+    dtype = np.dtype(_IDX_TYPES[code])
+    expect = int(np.prod(dims, dtype=object)) * dtype.itemsize
+    got = len(data) - start
+    if got != expect:
+        raise ValueError(f"load_idx: {path}: header says {'x'.join(map(str, dims))} of "
+                         f"{dtype.name} = {expect} data bytes, file has {got}"
+                         + (" (truncated)" if got < expect else ""))
+    arr = np.frombuffer(data, dtype, offset=start).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="))
+
+
+def load_idx_dataset(images_path, labels_path):
+    """(x, y) from an IDX image file (N, H, W) and label file (N,): x float32 in [0, 1]."""
+    images = load_idx(images_path)
+    labels = load_idx(labels_path)
+    if images.ndim != 3:
+        raise ValueError(f"load_idx_dataset: {images_path}: expected images N x H x W, got "
+                         f"{'x'.join(map(str, images.shape))}")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"load_idx_dataset: {labels_path} has shape "
+                         f"{'x'.join(map(str, labels.shape))}, expected ({images.shape[0]},) "
+                         f"labels for the {images.shape[0]} images")
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"load_idx_dataset: labels must be integers, got {labels.dtype}")
+    x = images.astype(np.float32)
+    if images.dtype.kind in "iu":
+        x /= np.float32(255.0)
+    return np.ascontiguousarray(x[:, None]), labels.astype(np.int64)

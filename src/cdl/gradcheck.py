@@ -1,0 +1,72 @@
+"""Numerical gradient check of a model: float64 central differences vs backward.
+
+For every parameter element θ (and, with ``check_input``, every input element),
+    g_num = (J(θ + ε) − J(θ − ε)) / (2ε),   J = loss(model(x), y) + λ Σ W²,
+and each array's error is reported relative to its gradient's scale:
+    err = max_i |g_i − g_num,i| / max(max_i |g_i| + max_i |g_num,i|, 1e-12)
+(a per-element ratio would flag round-off on elements whose gradient is ~0). A float32 model is checked through a float64 copy
+(same weights), because float32 round-off swamps ε.
+"""
+import numpy as np
+
+from . import _config
+
+
+def _float64_copy(model):
+    from .layers import LAYER_TYPES
+    from .model import Sequential
+
+    if model.dtype == np.float64:
+        return model
+    cfg = model.get_config()
+    layers = [LAYER_TYPES[s["type"]](**s["config"]) for s in cfg["layers"]]
+    clone = Sequential(layers, model.input_shape, dtype=np.float64, l2=model.l2)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def gradcheck(model, x, y, loss, eps=1e-6, max_checks=None, seed=0, check_input=True):
+    """Relative error (see the module notes) per parameter key ("0.weight", ...; "input" for dL/dx).
+
+    ``max_checks`` limits the elements tried per array (chosen at random with ``seed``);
+    by default every element is checked.
+    """
+    m = _float64_copy(model)
+    x = m._check_x(x, "gradcheck").copy()
+    y = m._check_y(y, x.shape[0], loss, "gradcheck")
+    nt = _config.get_num_threads()
+
+    def objective():
+        scores = m.predict(x, batch_size=x.shape[0])
+        return loss._compute(scores, y, nt, need_grad=False) + m.l2_penalty()
+
+    scores = m._forward(x, nt)
+    loss._compute(scores, y, nt)
+    g = loss._grad.copy()
+    dx = m.backward(g)
+    analytic = {k: gr.copy() for k, _, gr in m.parameters()}
+    arrays = {k: p for k, p, _ in m.parameters()}
+    if check_input:
+        analytic["input"] = dx
+        arrays["input"] = x
+    rng = np.random.default_rng(seed)
+    errors = {}
+    for key, a in arrays.items():
+        flat = a.reshape(-1)
+        idx = np.arange(flat.size)
+        if max_checks is not None and flat.size > max_checks:
+            idx = rng.choice(flat.size, max_checks, replace=False)
+        ga = analytic[key].reshape(-1)
+        nums = np.empty(len(idx))
+        for t, i in enumerate(idx):
+            old = flat[i]
+            flat[i] = old + eps
+            jp = objective()
+            flat[i] = old - eps
+            jm = objective()
+            flat[i] = old
+            nums[t] = (jp - jm) / (2 * eps)
+        a = ga[idx]
+        scale = np.abs(a).max(initial=0.0) + np.abs(nums).max(initial=0.0)
+        errors[key] = float(np.abs(a - nums).max(initial=0.0) / max(scale, 1e-12))
+    return errors

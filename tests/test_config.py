@@ -1,0 +1,79 @@
+"""Thread control, build facts and instruction-set dispatch."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import cdl
+from cdl import _config, _dispatch, _runtime
+
+
+def test_version_and_config():
+    assert cdl.__version__.count(".") == 2
+    c = _config.config()
+    assert c["isa"] in c["isa_supported"]
+    assert c["threads"] == cdl.get_num_threads()
+    assert c["openmp"] == _runtime.openmp_enabled()
+
+
+def test_show_config_prints_the_facts(capsys):
+    cdl.show_config()
+    out = capsys.readouterr().out
+    for word in ("cdl " + cdl.__version__, "OpenMP:", "threads:", "instruction set:", "BLAS:"):
+        assert word in out
+
+
+def test_set_get_and_context_manager():
+    before = cdl.get_num_threads()
+    with cdl.threads(1):
+        assert cdl.get_num_threads() == 1
+        with cdl.threads(3):
+            assert cdl.get_num_threads() == (3 if _runtime.openmp_enabled() else 1)
+        assert cdl.get_num_threads() == 1
+    assert cdl.get_num_threads() == before
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        cdl.set_num_threads(0)
+    with pytest.raises(TypeError, match="n must be an int, got float"):
+        cdl.set_num_threads(2.0)
+
+
+def test_threads_context_restores_after_error():
+    before = cdl.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with cdl.threads(1):
+            raise RuntimeError("boom")
+    assert cdl.get_num_threads() == before
+
+
+def test_scipy_blas_is_single_threaded_inside_cdl():
+    name, _, blas_threads, _ = _config.blas_info()
+    if name == "unknown":
+        pytest.skip("threadpoolctl cannot see SciPy's BLAS here")
+    assert blas_threads == 1
+
+
+def _run(code, **env):
+    full = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full)
+
+
+def test_default_threads_respect_omp_num_threads():
+    r = _run("import cdl; print(cdl.get_num_threads())", OMP_NUM_THREADS="1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_forced_isa(isa):
+    r = _run("import cdl._dispatch as d; print(d.ISA)", CDL_ISA=isa)
+    if isa in _dispatch.SUPPORTED:
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == isa
+    else:
+        assert "this CPU supports only" in r.stderr
+
+
+def test_unknown_isa_is_refused():
+    r = _run("import cdl", CDL_ISA="sse9")
+    assert r.returncode != 0 and "expected one of baseline, avx2, avx512" in r.stderr

@@ -1,0 +1,304 @@
+"""Conv2d kernels against a plain NumPy reference, gradient checks, thread and ISA agreement."""
+import importlib
+
+import numpy as np
+import pytest
+
+import cdl
+import cdl.functional as F
+from cdl._runtime import cpu_supports
+
+
+# ---------------------------------------------------------------------------
+# Plain NumPy reference: one einsum per kernel offset (i, j) over a padded copy.
+# ---------------------------------------------------------------------------
+
+def _pair(v):
+    return (v, v) if np.isscalar(v) else tuple(v)
+
+
+def _windows(xp, i, j, oh, ow, s):
+    # x_pad[:, :, oh*S + i, ow*S + j] for all output positions
+    return xp[:, :, i:i + s[0] * (oh - 1) + 1:s[0], j:j + s[1] * (ow - 1) + 1:s[1]]
+
+
+def ref_conv2d(x, w, b, stride, padding):
+    s, p = _pair(stride), _pair(padding)
+    x = x.astype(np.float64)
+    w = w.astype(np.float64)
+    n, c, h, wd = x.shape
+    k, _, kh, kw = w.shape
+    oh = (h + 2 * p[0] - kh) // s[0] + 1
+    ow = (wd + 2 * p[1] - kw) // s[1] + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[0]), (p[1], p[1])))
+    y = np.zeros((n, k, oh, ow))
+    for i in range(kh):
+        for j in range(kw):
+            y += np.einsum("nchw,kc->nkhw", _windows(xp, i, j, oh, ow, s), w[:, :, i, j])
+    if b is not None:
+        y += b.astype(np.float64)[None, :, None, None]
+    return y
+
+
+def ref_conv2d_backward(g, x, w, stride, padding):
+    s, p = _pair(stride), _pair(padding)
+    g = g.astype(np.float64)
+    x = x.astype(np.float64)
+    w = w.astype(np.float64)
+    h, wd = x.shape[2:]
+    kh, kw = w.shape[2:]
+    oh, ow = g.shape[2:]
+    xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[0]), (p[1], p[1])))
+    dxp = np.zeros_like(xp)
+    dw = np.zeros(w.shape)
+    for i in range(kh):
+        for j in range(kw):
+            dw[:, :, i, j] = np.einsum("nkhw,nchw->kc", g, _windows(xp, i, j, oh, ow, s))
+            _windows(dxp, i, j, oh, ow, s)[...] += np.einsum("nkhw,kc->nchw", g, w[:, :, i, j])
+    dx = dxp[:, :, p[0]:p[0] + h, p[1]:p[1] + wd]
+    return dx, dw, g.sum(axis=(0, 2, 3))
+
+
+def _random_case(rng):
+    n = int(rng.integers(1, 4))
+    c = int(rng.integers(1, 6))
+    k = int(rng.integers(1, 12))
+    kh, kw = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+    s = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+    p = (int(rng.integers(0, 3)), int(rng.integers(0, 3)))
+    h = max(kh - 2 * p[0], 1) + int(rng.integers(0, 19))
+    w = max(kw - 2 * p[1], 1) + int(rng.integers(0, 37))
+    return (n, c, h, w), (k, c, kh, kw), s, p
+
+
+# Hand-picked shapes: stride 1 (the vector path), ragged widths and channel
+# counts, batch 1, one channel, kernel equal to the padded input, H != W.
+FIXED = [
+    ((2, 3, 16, 16), (8, 3, 3, 3), 1, 1),
+    ((1, 1, 28, 28), (6, 1, 5, 5), 1, 2),
+    ((3, 4, 7, 19), (5, 4, 2, 3), 1, 0),
+    ((2, 2, 9, 33), (7, 2, 3, 1), (1, 1), (2, 0)),
+    ((1, 5, 5, 5), (3, 5, 5, 5), 1, 0),
+    ((1, 2, 3, 4), (4, 2, 7, 8), 1, 2),
+    ((2, 3, 6, 40), (17, 3, 1, 6), 1, (0, 2)),
+    ((1, 1, 1, 1), (1, 1, 1, 1), 1, 0),
+    ((2, 3, 11, 13), (9, 3, 4, 4), 2, 1),
+    ((2, 2, 12, 10), (3, 2, 3, 3), (3, 1), (1, 2)),
+    ((1, 3, 10, 12), (2, 3, 3, 2), (1, 3), (2, 1)),
+    ((2, 6, 18, 21), (12, 6, 7, 2), 1, (3, 0)),
+]
+
+
+def _check_case(xs, ws, s, p, dtype, rng, rtol):
+    x = rng.standard_normal(xs).astype(dtype)
+    w = rng.standard_normal(ws).astype(dtype)
+    b = rng.standard_normal(ws[0]).astype(dtype)
+    y = F.conv2d(x, w, b, s, p)
+    y_ref = ref_conv2d(x, w, b, s, p)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    scale = np.abs(y_ref).max() + 1e-30
+    np.testing.assert_allclose(y, y_ref, rtol=rtol, atol=rtol * scale)
+    g = rng.standard_normal(y.shape).astype(dtype)
+    dx, dw, db = F.conv2d_backward(g, x, w, s, p)
+    for got, want in zip((dx, dw, db), ref_conv2d_backward(g, x, w, s, p)):
+        assert got.dtype == dtype and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * (np.abs(want).max() + 1e-30))
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float32, 1e-4), (np.float64, 1e-10)])
+@pytest.mark.parametrize("case", FIXED, ids=lambda c: f"{c[0]}-{c[1]}-s{c[2]}-p{c[3]}")
+def test_fixed_shapes_match_reference(case, dtype, rtol):
+    _check_case(*case, dtype, np.random.default_rng(1), rtol)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float32, 1e-4), (np.float64, 1e-10)])
+@pytest.mark.parametrize("seed", range(40))
+def test_random_shapes_match_reference(seed, dtype, rtol):
+    rng = np.random.default_rng(seed)
+    xs, ws, s, p = _random_case(rng)
+    if seed % 2 == 0:
+        s = (1, 1)      # half the cases exercise the stride-1 vector path
+    _check_case(xs, ws, s, p, dtype, rng, rtol)
+
+
+def test_bias_none_and_skipped_gradients():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    y = F.conv2d(x, w, None, 1, 1)
+    np.testing.assert_allclose(y, ref_conv2d(x, w, None, 1, 1), rtol=1e-4, atol=1e-4)
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dw, db = F.conv2d_backward(g, x, w, 1, 1, need_input_grad=False, need_bias_grad=False)
+    assert dx is None and db is None
+    np.testing.assert_allclose(dw, ref_conv2d_backward(g, x, w, 1, 1)[1], rtol=1e-4, atol=1e-3)
+
+
+def test_out_buffers_are_used():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 2, 6, 7))
+    w = rng.standard_normal((3, 2, 3, 3))
+    out = np.full((2, 3, 6, 7), np.nan)
+    assert F.conv2d(x, w, None, 1, 1, out=out) is out
+    g = rng.standard_normal(out.shape)
+    bufs = (np.full(x.shape, np.nan), np.full(w.shape, np.nan), np.full(3, np.nan))
+    dx, dw, db = F.conv2d_backward(g, x, w, 1, 1, grad_input=bufs[0], grad_weight=bufs[1],
+                                   grad_bias=bufs[2])
+    assert dx is bufs[0] and dw is bufs[1] and db is bufs[2]
+    assert np.isfinite(dx).all() and np.isfinite(dw).all() and np.isfinite(db).all()
+
+
+def test_non_contiguous_input_is_copied():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 10, 12)).astype(np.float32)[:, :, ::2, ::2]
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    np.testing.assert_allclose(F.conv2d(x, w, None, 1, 1), ref_conv2d(x, w, None, 1, 1),
+                               rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# Central-difference gradient checks (float64)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("xs,ws,s,p", [
+    ((2, 2, 5, 6), (3, 2, 3, 2), 1, 1),
+    ((1, 3, 7, 5), (2, 3, 2, 3), (2, 1), (0, 2)),
+    ((2, 1, 6, 6), (2, 1, 3, 3), 2, 1),
+])
+def test_gradients_central_difference(xs, ws, s, p):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(xs)
+    w = rng.standard_normal(ws)
+    b = rng.standard_normal(ws[0])
+    g = rng.standard_normal(F.conv2d(x, w, b, s, p).shape)
+
+    def loss(x_, w_, b_):
+        return float(np.sum(F.conv2d(x_, w_, b_, s, p) * g))
+
+    dx, dw, db = F.conv2d_backward(g, x, w, s, p)
+    eps = 1e-6
+    for arr, grad in ((x, dx), (w, dw), (b, db)):
+        num = np.zeros_like(arr)
+        for idx in np.ndindex(arr.shape):
+            old = arr[idx]
+            arr[idx] = old + eps
+            up = loss(x, w, b)
+            arr[idx] = old - eps
+            down = loss(x, w, b)
+            arr[idx] = old
+            num[idx] = (up - down) / (2 * eps)
+        rel = np.abs(num - grad).max() / max(np.abs(num).max(), 1e-12)
+        assert rel < 1e-6, rel
+
+
+# ---------------------------------------------------------------------------
+# Determinism across thread counts, and agreement of every ISA build
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("xs,ws,s,p", [
+    ((64, 32, 16, 16), (64, 32, 3, 3), 1, 1),
+    ((64, 1, 28, 28), (6, 1, 5, 5), 1, 2),
+    ((33, 3, 17, 23), (10, 3, 3, 5), 1, (1, 2)),
+    ((20, 4, 15, 15), (7, 4, 3, 3), 2, 1),
+])
+def test_bitwise_identical_for_1_and_2_threads(xs, ws, s, p, dtype):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(xs).astype(dtype)
+    w = rng.standard_normal(ws).astype(dtype)
+    b = rng.standard_normal(ws[0]).astype(dtype)
+    y1 = F.conv2d(x, w, b, s, p, threads=1)
+    y2 = F.conv2d(x, w, b, s, p, threads=2)
+    assert np.array_equal(y1, y2)
+    g = rng.standard_normal(y1.shape).astype(dtype)
+    r1 = F.conv2d_backward(g, x, w, s, p, threads=1)
+    r2 = F.conv2d_backward(g, x, w, s, p, threads=2)
+    for a, b_ in zip(r1, r2):
+        assert np.array_equal(a, b_)
+    with cdl.threads(2):
+        assert np.array_equal(F.conv2d(x, w, b, s, p), y1)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype,rtol", [(np.float32, 1e-4), (np.float64, 1e-10)])
+def test_every_isa_build_matches_reference(isa, dtype, rtol):
+    if isa not in cpu_supports():
+        pytest.skip(f"CPU lacks {isa}")
+    mod = importlib.import_module(f"cdl._conv_{isa}")
+    rng = np.random.default_rng(8)
+    for xs, ws, s, p in FIXED + [_random_case(rng)[:2] + ((1, 1), (1, 1)) for _ in range(6)]:
+        s, p = _pair(s), _pair(p)
+        x = rng.standard_normal(xs).astype(dtype)
+        w = rng.standard_normal(ws).astype(dtype)
+        b = rng.standard_normal(ws[0]).astype(dtype)
+        y_ref = ref_conv2d(x, w, b, s, p)
+        y = np.empty(y_ref.shape, dtype)
+        mod.conv2d_forward(x, w, b, y, s[0], s[1], p[0], p[1], 2)
+        np.testing.assert_allclose(y, y_ref, rtol=rtol, atol=rtol * np.abs(y_ref).max())
+        g = rng.standard_normal(y.shape).astype(dtype)
+        dx, dw, db = np.empty_like(x), np.empty_like(w), np.empty_like(b)
+        mod.conv2d_backward_input(g, w, dx, s[0], s[1], p[0], p[1], 2)
+        mod.conv2d_backward_weight(g, x, dw, db, s[0], s[1], p[0], p[1], 2)
+        for got, want in zip((dx, dw, db), ref_conv2d_backward(g, x, w, s, p)):
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+
+X = np.zeros((2, 3, 8, 8), np.float32)
+W = np.zeros((4, 3, 3, 3), np.float32)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: F.conv2d(X[0], W), ValueError, "x must be 4-D"),
+    (lambda: F.conv2d(X, W[0]), ValueError, "weight must be 4-D"),
+    (lambda: F.conv2d(X, np.zeros((4, 2, 3, 3), np.float32)), ValueError, "3 channels.*expects 2"),
+    (lambda: F.conv2d(X.astype(np.int32), W), TypeError, "x must be float32 or float64"),
+    (lambda: F.conv2d(X, W.astype(np.float64)), TypeError, "weight has dtype float64"),
+    (lambda: F.conv2d(X, W, np.zeros(5, np.float32)), ValueError, "bias has 5 entries"),
+    (lambda: F.conv2d(X, W, stride=0), ValueError, "stride must be >= 1"),
+    (lambda: F.conv2d(X, W, stride=(1, -2)), ValueError, "stride must be >= 1"),
+    (lambda: F.conv2d(X, W, stride=1.5), TypeError, "stride must be an int"),
+    (lambda: F.conv2d(X, W, padding=-1), ValueError, "padding must be >= 0"),
+    (lambda: F.conv2d(X, np.zeros((4, 3, 11, 3), np.float32)), ValueError,
+     r"kernel H=11 is larger than the padded input H=8\+2\*0=8"),
+    (lambda: F.conv2d(X, np.zeros((4, 3, 3, 12), np.float32), padding=(0, 1)), ValueError,
+     "kernel W=12 is larger than the padded input W=8"),
+    (lambda: F.conv2d(X, W, out=np.zeros((2, 4, 8, 8), np.float32)), ValueError,
+     "out must have shape 2x4x6x6, got 2x4x8x8"),
+    (lambda: F.conv2d(X, W, out=np.zeros((2, 4, 6, 6), np.float64)), TypeError,
+     "out must have dtype float32"),
+    (lambda: F.conv2d(X, W, out=np.zeros((2, 4, 6, 12), np.float32)[..., ::2]), ValueError,
+     "C-contiguous"),
+    (lambda: F.conv2d_backward(np.zeros((2, 4, 7, 6), np.float32), X, W), ValueError,
+     "grad_out must have shape 2x4x6x6"),
+    (lambda: F.conv2d_backward(np.zeros((2, 4, 6, 6), np.float64), X, W), TypeError,
+     "grad_out has dtype float64"),
+    (lambda: F.conv2d_backward(np.zeros((2, 4, 6, 6), np.float32), X, W,
+                               grad_weight=np.zeros((4, 3, 3, 2), np.float32)), ValueError,
+     "grad_weight must have shape 4x3x3x3"),
+    (lambda: F.conv2d_backward(np.zeros((2, 4, 6, 6), np.float32), X, W, stride=0), ValueError,
+     "stride must be >= 1"),
+    (lambda: F.conv2d(X, W, threads=0), ValueError, "num_threads"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_nan_propagates():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, 2, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    x[0, 1, 2, 3] = np.nan
+    y = F.conv2d(x, w, None, 1, 0)
+    # Exactly the outputs whose window covers the NaN are NaN.
+    expect = np.zeros((4, 4), bool)
+    expect[0:3, 1:4] = True
+    for k in range(3):
+        assert np.array_equal(np.isnan(y[0, k]), expect)
+    g = np.ones_like(y)
+    dx, dw, db = F.conv2d_backward(g, x, w, 1, 0)
+    assert np.isnan(dw[:, 1]).all() and np.isfinite(dw[:, 0]).all()
+    assert np.isfinite(dx).all() and np.isfinite(db).all()

@@ -1,0 +1,146 @@
+"""Layers against plain NumPy references, gradients, buffers and bad arguments."""
+import numpy as np
+import pytest
+
+import cdl
+
+
+def conv_ref(x, w, b, stride, pad):
+    n, c, h, wd = x.shape
+    k, _, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    h2 = (h + 2 * pad - kh) // stride + 1
+    w2 = (wd + 2 * pad - kw) // stride + 1
+    out = np.zeros((n, k, h2, w2))
+    for i in range(h2):
+        for j in range(w2):
+            patch = xp[:, :, i * stride:i * stride + kh, j * stride:j * stride + kw]
+            out[:, :, i, j] = np.tensordot(patch, w, axes=([1, 2, 3], [1, 2, 3])) + b
+    return out
+
+
+def pool_ref(x, k, s):
+    n, c, h, w = x.shape
+    h2, w2 = (h - k) // s + 1, (w - k) // s + 1
+    out = np.zeros((n, c, h2, w2))
+    idx = np.zeros((n, c, h2, w2), np.int64)
+    for i in range(h2):
+        for j in range(w2):
+            win = x[:, :, i * s:i * s + k, j * s:j * s + k].reshape(n, c, -1)
+            a = win.argmax(-1)
+            out[:, :, i, j] = win.max(-1)
+            idx[:, :, i, j] = (i * s + a // k) * w + (j * s + a % k)
+    return out, idx
+
+
+def model_of(layers, shape, **kw):
+    return cdl.Sequential(layers, shape, dtype=np.float64, seed=1, **kw)
+
+
+@pytest.mark.parametrize("n,fin,fout", [(1, 3, 2), (5, 7, 4), (33, 20, 130)])
+def test_linear_forward_matches_numpy(n, fin, fout):
+    rng = np.random.default_rng(n)
+    layer = cdl.Linear(fin, fout)
+    m = model_of([layer], (fin,))
+    layer.params["bias"][:] = rng.standard_normal(fout)
+    x = rng.standard_normal((n, fin))
+    ref = x @ layer.params["weight"].T + layer.params["bias"]
+    np.testing.assert_allclose(m.forward(x), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("c,k,size,f,s,p", [(1, 2, 5, 3, 1, 0), (3, 4, 8, 3, 1, 1),
+                                            (2, 3, 9, 3, 2, 1), (2, 2, 6, 5, 1, 2)])
+def test_conv_forward_matches_numpy(c, k, size, f, s, p):
+    rng = np.random.default_rng(size)
+    layer = cdl.Conv2d(c, k, f, stride=s, padding=p)
+    m = model_of([layer], (c, size, size))
+    layer.params["bias"][:] = rng.standard_normal(k)
+    x = rng.standard_normal((2, c, size, size))
+    ref = conv_ref(x, layer.params["weight"], layer.params["bias"], s, p)
+    np.testing.assert_allclose(m.forward(x), ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("size,k,s", [(4, 2, 2), (7, 3, 2), (6, 3, 3), (5, 2, 1)])
+def test_maxpool_forward_and_indices(size, k, s):
+    rng = np.random.default_rng(size * k)
+    layer = cdl.MaxPool2d(k, stride=s)
+    m = model_of([layer], (3, size, size))
+    x = rng.standard_normal((2, 3, size, size))
+    y = m.forward(x)
+    ref, idx = pool_ref(x, k, s)
+    np.testing.assert_array_equal(y, ref)
+    assert layer.indices.dtype == np.int32
+    np.testing.assert_array_equal(layer.indices, idx)
+
+
+def test_relu_sigmoid_flatten_forward():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 2, 4, 4))
+    np.testing.assert_array_equal(model_of([cdl.ReLU()], (2, 4, 4)).forward(x), np.maximum(x, 0))
+    np.testing.assert_allclose(model_of([cdl.Sigmoid()], (2, 4, 4)).forward(x),
+                               1 / (1 + np.exp(-x)), rtol=1e-12)
+    np.testing.assert_array_equal(model_of([cdl.Flatten()], (2, 4, 4)).forward(x),
+                                  x.reshape(3, -1))
+
+
+@pytest.mark.parametrize("layers,shape", [
+    ([cdl.Linear(6, 5)], (6,)),
+    ([cdl.Sigmoid(), cdl.Flatten(), cdl.Linear(12, 3)], (3, 2, 2)),
+    ([cdl.Conv2d(2, 3, 3, stride=2, padding=1), cdl.Flatten(), cdl.Linear(27, 2)], (2, 5, 5)),
+    ([cdl.Conv2d(1, 2, (3, 2), stride=(1, 2)), cdl.Flatten(), cdl.Linear(12, 2)], (1, 5, 5)),
+    ([cdl.MaxPool2d(2), cdl.Flatten(), cdl.Linear(8, 3)], (2, 4, 4)),
+])
+def test_single_layer_gradients(layers, shape):
+    m = model_of(layers, shape)
+    rng = np.random.default_rng(3)
+    for _, p, _ in m.parameters():
+        p[...] = rng.standard_normal(p.shape) * 0.5
+    x = rng.standard_normal((3,) + shape)
+    errs = cdl.gradcheck(m, x, np.array([0, 1, 1]), cdl.SoftmaxCrossEntropy())
+    assert max(errs.values()) < 1e-6, errs
+
+
+def test_layer_standalone_forward_backward():
+    rng = np.random.default_rng(0)
+    layer = cdl.Linear(4, 3)
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    y = layer.forward(x)
+    np.testing.assert_allclose(y, x @ layer.params["weight"].T, rtol=1e-5)
+    g = rng.standard_normal((5, 3)).astype(np.float32)
+    dx = layer.backward(g)
+    np.testing.assert_allclose(dx, g @ layer.params["weight"], rtol=1e-5)
+    np.testing.assert_allclose(layer.grads["weight"], g.T @ x, rtol=1e-5)
+    np.testing.assert_allclose(layer.grads["bias"], g.sum(0), rtol=1e-5)
+    with pytest.raises(ValueError, match="Linear: grad must have shape 5x3"):
+        layer.backward(g[:, :2])
+
+
+def test_buffers_are_reused_and_params_updated_in_place():
+    layer = cdl.Linear(4, 3)
+    m = cdl.Sequential([layer, cdl.ReLU(), cdl.Linear(3, 2)], (4,), seed=0)
+    w = layer.params["weight"]
+    x = np.ones((8, 4), np.float32)
+    opt = cdl.SGD(m, lr=0.1)
+    m.train_step(x, np.zeros(8, np.int64), cdl.SoftmaxCrossEntropy(), opt)
+    out1 = m.layers[0]._workspace(8)["out"]
+    before = w.copy()
+    m.train_step(x, np.ones(8, np.int64), cdl.SoftmaxCrossEntropy(), opt)
+    assert m.layers[0]._workspace(8)["out"] is out1
+    assert layer.params["weight"] is w and not np.array_equal(w, before)
+
+
+def test_layer_argument_errors():
+    with pytest.raises(ValueError, match="in_features must be >= 1"):
+        cdl.Linear(0, 3)
+    with pytest.raises(TypeError, match="out_features must be an int"):
+        cdl.Linear(3, 2.5)
+    with pytest.raises(ValueError, match="kernel_size must be >= 1"):
+        cdl.Conv2d(1, 2, 0)
+    with pytest.raises(TypeError, match="stride"):
+        cdl.Conv2d(1, 2, 3, stride="1")
+    with pytest.raises(ValueError, match="padding must be at most half"):
+        cdl.MaxPool2d(2, padding=2)
+    with pytest.raises(ValueError, match="init must be"):
+        cdl.Linear(2, 2, init="zeros")
+    with pytest.raises(ValueError, match="at most 2147483647"):
+        cdl.Linear(2**20, 2**12)

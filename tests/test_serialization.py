@@ -1,0 +1,169 @@
+"""save / load: bit-identical round trip, atomic writes, damaged and foreign files."""
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+import cdl
+
+
+def cnn(dtype=np.float32, l2=0.0):
+    return cdl.Sequential([cdl.Conv2d(1, 4, 3, padding=1), cdl.ReLU(), cdl.MaxPool2d(2),
+                           cdl.Conv2d(4, 6, (3, 2), stride=(1, 2)), cdl.Sigmoid(), cdl.Flatten(),
+                           cdl.Linear(6 * 2 * 2, 3, bias=False)], (1, 8, 8), dtype=dtype,
+                          seed=3, l2=l2)
+
+
+def trained(dtype=np.float32):
+    m = cnn(dtype, l2=1e-3)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20, 1, 8, 8)).astype(dtype)
+    y = rng.integers(0, 3, 20)
+    opt = cdl.SGD(m, lr=0.05, momentum=0.9, nesterov=True)
+    m.fit(x, y, cdl.SoftmaxCrossEntropy(), opt, epochs=2, batch_size=8, verbose=0)
+    return m, opt, x, y
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_round_trip_bit_identical(tmp_path, dtype):
+    m, opt, x, y = trained(dtype)
+    path = tmp_path / "m.npz"
+    m.save(path)
+    m2 = cdl.load(path)
+    assert m2.dtype == dtype and m2.l2 == m.l2 and m2.input_shape == m.input_shape
+    assert [l.describe() for l in m2.layers] == [l.describe() for l in m.layers]
+    assert m2.predict(x).tobytes() == m.predict(x).tobytes()
+
+
+def test_round_trip_with_optimizer_state_continues_identically(tmp_path):
+    m, opt, x, y = trained()
+    m.save(tmp_path / "m.npz", optimizer=opt)
+    m2, opt2 = cdl.load(tmp_path / "m.npz", optimizer=True)
+    assert (opt2.lr, opt2.momentum, opt2.nesterov) == (opt.lr, opt.momentum, opt.nesterov)
+    loss = cdl.SoftmaxCrossEntropy()
+    for _ in range(3):
+        a = m.train_step(x[:8], y[:8], loss, opt)
+        b = m2.train_step(x[:8], y[:8], loss, opt2)
+        assert a == b
+    assert m2.predict(x).tobytes() == m.predict(x).tobytes()
+    m.save(tmp_path / "plain.npz")
+    assert cdl.load(tmp_path / "plain.npz", optimizer=True)[1] is None
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    m, _, x, _ = trained()
+    path = tmp_path / "m.npz"
+    m.save(path)
+    before = path.read_bytes()
+    for _, p, _ in m.parameters():
+        p += 1
+
+    def crash(f, **arrays):
+        f.write(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        m.save(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.npz"]
+
+
+def test_truncated_files_are_rejected(tmp_path):
+    m, _, _, _ = trained()
+    path = tmp_path / "m.npz"
+    m.save(path)
+    data = path.read_bytes()
+    for cut in (0, 3, 10, 100, len(data) // 2, len(data) - 30, len(data) - 1):
+        bad = tmp_path / f"cut{cut}.npz"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="not a valid cdl model file"):
+            cdl.load(bad)
+
+
+def test_corrupted_bytes_never_pass_silently(tmp_path):
+    m, _, x, _ = trained()
+    path = tmp_path / "m.npz"
+    m.save(path)
+    data = bytearray(path.read_bytes())
+    ref = m.predict(x).tobytes()
+    # A flipped byte inside the weights must be caught (zip CRC).
+    w = m.layers[0].params["weight"].tobytes()
+    at = bytes(data).find(w)
+    assert at > 0
+    bad = bytearray(data)
+    bad[at + 5] ^= 0xFF
+    (tmp_path / "w.npz").write_bytes(bytes(bad))
+    with pytest.raises(ValueError, match="corrupted"):
+        cdl.load(tmp_path / "w.npz")
+    # Anywhere else: a clear ValueError, or (padding bytes) the very same model.
+    for off in range(0, len(data), 53):
+        bad = bytearray(data)
+        bad[off] ^= 0x55
+        (tmp_path / "b.npz").write_bytes(bytes(bad))
+        try:
+            m2 = cdl.load(tmp_path / "b.npz")
+        except ValueError as exc:
+            assert "not a valid cdl model file" in str(exc)
+        else:
+            assert m2.predict(x).tobytes() == ref
+
+
+def test_foreign_files_are_rejected(tmp_path):
+    np.savez(tmp_path / "other.npz", a=np.arange(3))
+    with pytest.raises(ValueError, match="no '__cdl__' header"):
+        cdl.load(tmp_path / "other.npz")
+    (tmp_path / "text.npz").write_text("hello, not a model")
+    with pytest.raises(ValueError, match="not a zip/npz container"):
+        cdl.load(tmp_path / "text.npz")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        cdl.load(tmp_path / "empty.npz")
+    np.savez(tmp_path / "pickle.npz", __cdl__=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="not a valid cdl model file"):
+        cdl.load(tmp_path / "pickle.npz")
+
+
+def _rewrite_header(src, dst, edit):
+    with np.load(src, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    header = json.loads(arrays["__cdl__"].tobytes())
+    edit(header)
+    arrays["__cdl__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    np.savez(dst, **arrays)
+
+
+def test_header_is_validated_before_building(tmp_path):
+    m, _, _, _ = trained()
+    src = tmp_path / "m.npz"
+    m.save(src)
+
+    def unknown(h):
+        h["model"]["layers"][0]["type"] = "os.system"
+    _rewrite_header(src, tmp_path / "a.npz", unknown)
+    with pytest.raises(ValueError, match="unknown type"):
+        cdl.load(tmp_path / "a.npz")
+
+    def widen(h):
+        h["model"]["layers"][6]["config"]["in_features"] = 25
+    _rewrite_header(src, tmp_path / "b.npz", widen)
+    with pytest.raises(ValueError, match=r"inconsistent: Linear\[6\]: expected 25 input features"):
+        cdl.load(tmp_path / "b.npz")
+
+    def shapes(h):
+        h["arrays"][0]["shape"] = [4, 1, 3, 4]
+    _rewrite_header(src, tmp_path / "c.npz", shapes)
+    with pytest.raises(ValueError, match=r"parameter 0.weight is float32 4x1x3x4"):
+        cdl.load(tmp_path / "c.npz")
+
+    def version(h):
+        h["version"] = 99
+    _rewrite_header(src, tmp_path / "d.npz", version)
+    with pytest.raises(ValueError, match="version 99 is not supported"):
+        cdl.load(tmp_path / "d.npz")
+
+    with zipfile.ZipFile(tmp_path / "e.npz", "w") as z:
+        z.writestr("__cdl__.npy", b"garbage")
+    with pytest.raises(ValueError, match="not a valid cdl model file"):
+        cdl.load(tmp_path / "e.npz")

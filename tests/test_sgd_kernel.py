@@ -1,0 +1,142 @@
+"""SGD update and axpy kernels against a NumPy twin of torch.optim.SGD's rule."""
+import importlib
+
+import numpy as np
+import pytest
+
+import cdl.functional as F
+from cdl import _runtime
+from cdl._kernels import elementwise
+
+
+def ref_sgd(p, g, v, lr, momentum, nesterov, wd):
+    """One step of torch.optim.SGD (dampening 0) in plain NumPy; returns new (p, v)."""
+    d = g + wd * p
+    if momentum:
+        v = momentum * v + d
+        d = d + momentum * v if nesterov else v
+    return p - lr * d, v
+
+
+CASES = [
+    dict(lr=0.1),
+    dict(lr=0.05, weight_decay=1e-3),
+    dict(lr=0.01, momentum=0.9),
+    dict(lr=0.01, momentum=0.9, weight_decay=5e-4),
+    dict(lr=0.02, momentum=0.5, nesterov=True),
+    dict(lr=0.02, momentum=0.99, nesterov=True, weight_decay=1e-2),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (16, 3, 3, 3), (100_003,)])
+@pytest.mark.parametrize("opts", CASES)
+def test_sgd_matches_numpy_over_steps(opts, shape, dtype):
+    rng = np.random.default_rng(int(np.prod(shape)))
+    p = rng.standard_normal(shape).astype(dtype)
+    mom = opts.get("momentum", 0.0)
+    v = np.zeros_like(p) if mom else None
+    p_ref = p.astype(np.float64)
+    v_ref = np.zeros_like(p_ref)
+    for _ in range(4):
+        g = rng.standard_normal(shape).astype(dtype)
+        out = F.sgd_update(p, g, velocity=v, **opts)
+        assert out is p
+        p_ref, v_ref = ref_sgd(p_ref, g.astype(np.float64), v_ref, opts["lr"], mom,
+                               opts.get("nesterov", False), opts.get("weight_decay", 0.0))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(p, p_ref, rtol=tol, atol=tol)
+    if mom:
+        np.testing.assert_allclose(v, v_ref, rtol=tol, atol=tol)
+
+
+def test_velocity_with_zero_momentum_is_plain_sgd():
+    p = np.ones(5)
+    v = np.zeros(5)
+    F.sgd_update(p, np.full(5, 2.0), lr=0.5, velocity=v)
+    np.testing.assert_array_equal(p, np.zeros(5))
+    np.testing.assert_array_equal(v, np.full(5, 2.0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_threads_bitwise(dtype):
+    rng = np.random.default_rng(1)
+    p0 = rng.standard_normal(200_001).astype(dtype)
+    g = rng.standard_normal(p0.shape).astype(dtype)
+    res = []
+    for nt in (1, 2):
+        p, v = p0.copy(), np.full_like(p0, 0.1)
+        F.sgd_update(p, g, lr=0.1, velocity=v, momentum=0.9, nesterov=True,
+                     weight_decay=1e-3, threads=nt)
+        res.append((p.tobytes(), v.tobytes()))
+    assert res[0] == res[1]
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_isa_build_agrees(isa):
+    if isa not in _runtime.cpu_supports():
+        pytest.skip(f"CPU lacks {isa}")
+    mod = importlib.import_module(f"cdl._elementwise_{isa}")
+    rng = np.random.default_rng(2)
+    for dtype, tol in ((np.float32, 1e-6), (np.float64, 1e-14)):
+        p = rng.standard_normal(50_001).astype(dtype)
+        g = rng.standard_normal(p.shape).astype(dtype)
+        v = rng.standard_normal(p.shape).astype(dtype)
+        p_ref, v_ref = ref_sgd(p.astype(np.float64), g.astype(np.float64),
+                               v.astype(np.float64), 0.1, 0.8, True, 0.01)
+        mod.sgd_update(p, g, v, 0.1, 0.8, True, 0.01, 2)
+        np.testing.assert_allclose(p, p_ref, rtol=tol, atol=tol)
+        np.testing.assert_allclose(v, v_ref, rtol=tol, atol=tol)
+        y = rng.standard_normal(p.shape).astype(dtype)
+        y_ref = y + 0.25 * p
+        mod.axpy(0.25, p, y, 2)
+        np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
+
+
+def test_axpy():
+    x = np.arange(5, dtype=np.float32)
+    y = np.ones(5, np.float32)
+    elementwise.axpy(-2.0, x, y, 1)
+    np.testing.assert_array_equal(y, 1 - 2 * np.arange(5))
+
+
+def test_bad_input():
+    p = np.zeros((2, 3), np.float32)
+    g = np.zeros((2, 3), np.float32)
+    with pytest.raises(TypeError, match="sgd_update: param must be float32 or float64, got dtype int64"):
+        F.sgd_update(np.zeros(3, np.int64), np.zeros(3), lr=0.1)
+    with pytest.raises(ValueError, match="sgd_update: grad has shape 3x2 but param has 2x3"):
+        F.sgd_update(p, g.T.copy(), lr=0.1)
+    with pytest.raises(TypeError, match="grad has dtype float64 but param has float32"):
+        F.sgd_update(p, g.astype(np.float64), lr=0.1)
+    with pytest.raises(ValueError, match="momentum=0.9 needs a velocity buffer"):
+        F.sgd_update(p, g, lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="nesterov=True needs momentum > 0"):
+        F.sgd_update(p, g, lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        F.sgd_update(p, g, lr=float("inf"))
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        F.sgd_update(p, g, lr=-1.0)
+    with pytest.raises(ValueError, match="param must be a writeable C-contiguous"):
+        F.sgd_update(np.zeros((3, 2), np.float32).T, g, lr=0.1)
+    with pytest.raises(ValueError, match="velocity has shape 3 but param has 2x3"):
+        F.sgd_update(p, g, lr=0.1, momentum=0.9, velocity=np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="velocity must not share memory with param"):
+        F.sgd_update(p, g, lr=0.1, momentum=0.9, velocity=p)
+    with pytest.raises(TypeError, match="lr"):
+        F.sgd_update(p, g)
+
+
+def test_matches_torch_if_available():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    p = rng.standard_normal(10)
+    v = np.zeros_like(p)
+    tp = torch.nn.Parameter(torch.from_numpy(p.copy()))
+    opt = torch.optim.SGD([tp], lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    for _ in range(3):
+        g = rng.standard_normal(10)
+        tp.grad = torch.from_numpy(g.copy())
+        opt.step()
+        F.sgd_update(p, g, lr=0.1, velocity=v, momentum=0.9, nesterov=True, weight_decay=0.01)
+    np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-12)

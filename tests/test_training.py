@@ -1,0 +1,184 @@
+"""fit: accuracy on real digits, validation, shuffling, callbacks, NaN stop, Ctrl-C."""
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import cdl
+
+
+def digits_cnn(seed=0):
+    return cdl.Sequential([cdl.Conv2d(1, 16, 3, padding=1), cdl.ReLU(), cdl.MaxPool2d(2),
+                           cdl.Conv2d(16, 32, 3, padding=1), cdl.ReLU(), cdl.MaxPool2d(2),
+                           cdl.Flatten(), cdl.Linear(128, 10)], (1, 8, 8), seed=seed)
+
+
+def tiny(seed=0, **kw):
+    return cdl.Sequential([cdl.Linear(4, 8), cdl.ReLU(), cdl.Linear(8, 3)], (4,), seed=seed, **kw)
+
+
+def blobs(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.standard_normal((n, 4)).astype(np.float32) * 0.3
+    x[np.arange(n), y] += 2.0
+    return x, y
+
+
+def test_digits_cnn_reaches_97_percent():
+    pytest.importorskip("sklearn")
+    x, y = cdl.datasets.load_digits()
+    order = np.random.default_rng(0).permutation(len(x))
+    test, train = order[:360], order[360:]
+    m = digits_cnn(seed=0)
+    loss = cdl.SoftmaxCrossEntropy()
+    opt = cdl.SGD(m, lr=0.05, momentum=0.9)
+    h = m.fit(x[train], y[train], loss, opt, epochs=12, batch_size=32,
+              validation_data=(x[test], y[test]), callbacks=[cdl.CosineLR(12)], verbose=0)
+    _, acc = m.evaluate(x[test], y[test], loss)
+    assert acc >= 0.97, h.history
+    assert len(h["loss"]) == 12 and h["loss"][-1] < h["loss"][0]
+    assert h["val_accuracy"][-1] == acc
+    assert h["lr"][0] == 0.05 and h["lr"][-1] < 0.01  # the cosine schedule was applied
+
+
+def test_fit_history_validation_split_and_verbose(capsys):
+    x, y = blobs(50)
+    m = tiny()
+    h = m.fit(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1), epochs=3, batch_size=8,
+              validation_split=0.2, verbose=2)
+    assert set(h.history) >= {"loss", "accuracy", "val_loss", "val_accuracy", "seconds", "lr"}
+    assert all(len(v) == 3 for v in h.history.values())
+    err = capsys.readouterr().err
+    assert err.count("Epoch ") == 3 and "samples/s" in err and "val_accuracy" in err
+    assert "\r" not in err  # plain lines when stderr is not a terminal
+    v_loss, v_acc = m.evaluate(x[40:], y[40:], cdl.SoftmaxCrossEntropy())
+    assert h["val_loss"][-1] == pytest.approx(v_loss) and h["val_accuracy"][-1] == v_acc
+
+
+def test_fit_shuffles_without_replacement_and_keeps_partial_batch(monkeypatch):
+    m = cdl.Sequential([cdl.Linear(1, 2)], (1,), seed=0)
+    x = np.arange(10, dtype=np.float32).reshape(10, 1)
+    y = np.zeros(10, np.int64)
+    seen = []
+    real = m._train_step
+
+    def spy(xb, yb, loss, opt, nt):
+        seen.append(xb[:, 0].astype(int).tolist())
+        return real(xb, yb, loss, opt, nt)
+    monkeypatch.setattr(m, "_train_step", spy)
+    m.fit(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.01), epochs=2, batch_size=4, verbose=0)
+    assert [len(b) for b in seen] == [4, 4, 2, 4, 4, 2]
+    e1, e2 = sum(seen[:3], []), sum(seen[3:], [])
+    assert sorted(e1) == list(range(10)) and sorted(e2) == list(range(10))
+    assert e1 != e2 and e1 != list(range(10))
+
+
+def test_fit_is_reproducible_with_seed():
+    x, y = blobs()
+    ws = []
+    for _ in range(2):
+        m = tiny(seed=5)
+        m.fit(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1, momentum=0.9), epochs=2,
+              batch_size=7, verbose=0)
+        ws.append(m.get_weights())
+    for k in ws[0]:
+        assert ws[0][k].tobytes() == ws[1][k].tobytes()
+
+
+def test_nan_loss_stops_with_epoch_and_step():
+    x, y = blobs()
+    x[:] *= 1e3
+    m = tiny()
+    with pytest.warns(RuntimeWarning, match=r"loss became (nan|inf) at epoch \d+, step \d+ of 8"):
+        h = m.fit(x, y, cdl.MSE(), cdl.SGD(m, lr=1e3), epochs=5, batch_size=8, verbose=0)
+    assert "epoch" in h.stop_reason
+    for _, p, _ in m.parameters():
+        assert np.isfinite(p).all()  # the non-finite step's update was skipped
+    assert len(h.epochs) < 5
+
+
+def test_nan_input_reported_with_epoch_and_step():
+    x, y = blobs(16)
+    x[5, 2] = np.nan
+    m = tiny()
+    before = m.get_weights()
+    with pytest.warns(RuntimeWarning, match=r"at epoch 1, step 1 of 2.*NaN or Inf inputs"):
+        h = m.fit(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1), epochs=2,
+                  batch_size=8, shuffle=False, verbose=0)
+    assert h.epochs == []
+    for k, w in m.get_weights().items():  # the poisoned update was skipped
+        np.testing.assert_array_equal(w, before[k])
+
+
+def test_early_stopping_restores_best_weights():
+    m = tiny()
+    es = cdl.EarlyStopping(monitor="val_loss", patience=1, restore_best_weights=True)
+    es.set_context(m, None)
+    es.on_train_begin()
+    snapshots = []
+    for epoch, v in enumerate([1.0, 0.5, 0.6, 0.7, 0.1]):
+        for _, p, _ in m.parameters():
+            p += 1.0
+        snapshots.append(m.get_weights())
+        es.on_epoch_end(epoch, {"val_loss": v})
+        if m.stop_training:
+            break
+    es.on_train_end()
+    assert epoch == 3 and es.best_epoch == 1 and es.stopped_epoch == 3
+    for k, w in m.get_weights().items():
+        np.testing.assert_array_equal(w, snapshots[1][k])
+
+
+def test_early_stopping_in_fit():
+    x, y = blobs()
+    m = tiny()
+    es = cdl.EarlyStopping(monitor="loss", patience=0, min_delta=1e9)
+    h = m.fit(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1), epochs=10, verbose=0,
+              callbacks=[es])
+    assert len(h.epochs) == 2 and es.stopped_epoch == 1
+
+
+def test_model_checkpoint_writes_loadable_files_atomically(tmp_path):
+    x, y = blobs()
+    m = tiny()
+    ck = cdl.ModelCheckpoint(str(tmp_path / "ck-{epoch:02d}.npz"), monitor="loss")
+    best = cdl.ModelCheckpoint(tmp_path / "best.npz", monitor="val_loss", save_best_only=True)
+    m.fit(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1), epochs=3, verbose=0,
+          validation_split=0.25, callbacks=[ck, best])
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["best.npz", "ck-01.npz", "ck-02.npz", "ck-03.npz"]  # no temp files left
+    np.testing.assert_array_equal(cdl.load(tmp_path / "ck-03.npz").predict(x), m.predict(x))
+
+
+def test_ctrl_c_stops_between_steps_and_model_stays_usable():
+    x, y = blobs(64)
+    m = tiny()
+
+    class Interrupt(cdl.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+    h = m.fit(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1), epochs=5, batch_size=8,
+              callbacks=[Interrupt()], verbose=0)
+    assert "interrupted" in h.stop_reason and "epoch 2, step 1" in h.stop_reason
+    assert len(h.epochs) == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert np.isfinite(m.predict(x)).all()
+    m.fit(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1), epochs=1, verbose=0)
+
+
+def test_fit_argument_errors():
+    x, y = blobs()
+    m = tiny()
+    opt = cdl.SGD(m, lr=0.1)
+    loss = cdl.SoftmaxCrossEntropy()
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        m.fit(x, y, loss, opt, batch_size=0)
+    with pytest.raises(ValueError, match="validation_split"):
+        m.fit(x, y, loss, opt, validation_split=1.0)
+    with pytest.raises(ValueError, match=r"validation_data\[1\] must have shape \(3,\)"):
+        m.fit(x, y, loss, opt, validation_data=(x[:3], y[:4]))
+    with pytest.raises(TypeError, match="callbacks must be cdl callbacks"):
+        m.fit(x, y, loss, opt, callbacks=[print])
