@@ -840,8 +840,8 @@ def _fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
 
-def markdown(results, ceilings, machine):
-    lines = [f"### Machine: {machine['cpu']}, {machine['cores_usable']} usable cores, "
+def markdown(results, ceilings, machine, command=None):
+    lines = ([f"Command: `{command}`", ""] if command else []) + [f"### Machine: {machine['cpu']}, {machine['cores_usable']} usable cores, "
              f"{machine['threads']} threads; cdl {machine.get('cdl')} (ISA "
              f"{machine.get('cdl_isa', '?')}), numpy {machine['numpy']} "
              f"({machine.get('numpy_blas', '?')}), torch {machine.get('torch') or 'n/a'}",
@@ -1150,7 +1150,8 @@ def main(argv=None):
                       "statistic": "median"},
            "results": results, "targets": targets,
            "elapsed_s": time.perf_counter() - t_start}
-    md = markdown(results, ceilings, machine) + "\n" + targets_markdown(targets)
+    command = "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = markdown(results, ceilings, machine, command.strip()) + "\n" + targets_markdown(targets)
     print(md)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
