@@ -179,7 +179,8 @@ def softmax_cross_entropy(scores, labels):
 
 # ----------------------------------------------------------------------------- networks
 # A network spec is a list of tuples shared by the NumPy, PyTorch and cdl builders:
-#   ("linear", fin, fout) | ("conv", cin, cout, k, stride, pad) | ("pool", k) | ("relu",) | ("flatten",)
+#   ("linear", fin, fout) | ("conv", cin, cout, k, stride, pad) | ("pool", k) | ("relu",)
+#   | ("flatten",)
 NETWORKS = {
     "MLP": ((784,), [("linear", 784, 256), ("relu",), ("linear", 256, 128), ("relu",),
                      ("linear", 128, 10)]),

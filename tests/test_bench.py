@@ -324,3 +324,20 @@ def test_only_rejects_unknown_group(tmp_path):
                            "--out", str(tmp_path / "x.json")], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "unknown group" in proc.stderr
+
+
+def test_without_torch_its_columns_say_na(tmp_path):
+    out = tmp_path / "nt.json"
+    code = ("import sys, runpy; sys.modules['torch'] = None; "
+            f"sys.argv = ['run.py', '--quick', '--only', 'relu,loss', '--pause', '0', "
+            f"'--min-sample', '0', '--threads', '1', '--no-plots', '--out', {str(out)!r}]; "
+            f"runpy.run_path({str(BENCH / 'run.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["machine"]["torch"] is None
+    for r in doc["results"]:
+        assert r["contenders"]["PyTorch"]["status"] == run.NA
+        assert "median_s" in r["contenders"]["NumPy"]
+    assert "| n/a |" in proc.stdout
