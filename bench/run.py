@@ -861,10 +861,13 @@ def markdown(results, ceilings, machine, command=None):
               f"{c['copy_cache_gbs']:.1f} GB/s in cache ({c['copy_cache_bytes'] >> 20} MiB), "
               f"{c['copy_dram_gbs']:.1f} GB/s from DRAM ({c['copy_dram_bytes'] >> 20} MiB), "
               f"read+write counted.", ""]
-    load = max(machine.get("loadavg_start", 0.0), machine.get("loadavg_end", 0.0))
+    # At the end the load average includes the benchmark's own threads: count only the rest.
+    load = max(machine.get("loadavg_start", 0.0),
+               machine.get("loadavg_end", 0.0) - machine.get("threads", 0))
     if load > 0.5 * machine["cores_usable"]:
-        lines += [f"**Warning: the machine was busy (1-min load average up to {load:.1f} on "
-                  f"{machine['cores_usable']} cores). Multi-threaded timings are unreliable: "
+        lines += [f"**Warning: the machine was busy (1-min load average of other work up to "
+                  f"{load:.1f} on {machine['cores_usable']} cores). Multi-threaded timings are "
+                  f"unreliable: "
                   f"threads that spin at barriers lose their core to other processes.**", ""]
     groups = []
     for r in results:
