@@ -31,6 +31,23 @@ def _positive_int(value, name, where):
     return int(value)
 
 
+def check_grad(grad, expect, dtype, where):
+    """An upstream gradient of shape ``expect``, as a C-contiguous array of ``dtype``."""
+    g = np.asarray(grad)
+    if g.shape != expect:
+        raise ValueError(f"{where}: grad must have shape {shape_str(expect)}, "
+                         f"got {shape_str(g.shape)}")
+    if g.dtype.kind not in "fiu":
+        raise TypeError(f"{where}: grad must be a float array, got {g.dtype}")
+    return np.ascontiguousarray(g, dtype=dtype)
+
+
+def _check_init(init, where):
+    if init != "auto" and init not in INITS:
+        raise ValueError(f"{where}: init must be 'auto', 'he' or 'xavier', got {init!r}")
+    return init
+
+
 class Layer:
     """Base class. Subclasses implement ``_configure``, ``_alloc``, ``_forward``, ``_backward``."""
 
@@ -162,14 +179,7 @@ class Layer:
         if self._last is None:
             raise RuntimeError(f"{self.name}: backward called before forward")
         x, ws = self._last
-        g = np.asarray(grad)
-        expect = (x.shape[0],) + self.output_shape
-        if g.shape != expect:
-            raise ValueError(f"{self.name}: grad must have shape {shape_str(expect)}, "
-                             f"got {shape_str(g.shape)}")
-        if g.dtype.kind not in "fiu":
-            raise TypeError(f"{self.name}: grad must be a float array, got dtype {g.dtype}")
-        g = np.ascontiguousarray(g, dtype=self.dtype)
+        g = check_grad(grad, (x.shape[0],) + self.output_shape, self.dtype, self.name)
         return self._backward(g, x, ws, _config.get_num_threads(), True, 0.0)
 
     # -- hot path (trusted inputs) -------------------------------------------------
@@ -195,9 +205,7 @@ class Linear(Layer):
         self.in_features = _positive_int(in_features, "in_features", "Linear")
         self.out_features = _positive_int(out_features, "out_features", "Linear")
         self.use_bias = bool(bias)
-        if init != "auto" and init not in INITS:
-            raise ValueError(f"Linear: init must be 'auto', 'he' or 'xavier', got {init!r}")
-        self.init = init
+        self.init = _check_init(init, "Linear")
         self._init_params(np.random.default_rng(), "he" if init == "auto" else init, np.float32)
         self.dtype = np.dtype(np.float32)
         self.input_shape = None
@@ -265,9 +273,7 @@ class Conv2d(Layer):
         self.stride = int_pair(stride, "stride", "Conv2d", 1)
         self.padding = int_pair(padding, "padding", "Conv2d", 0)
         self.use_bias = bool(bias)
-        if init != "auto" and init not in INITS:
-            raise ValueError(f"Conv2d: init must be 'auto', 'he' or 'xavier', got {init!r}")
-        self.init = init
+        self.init = _check_init(init, "Conv2d")
         self._init_params(np.random.default_rng(), "he" if init == "auto" else init, np.float32)
         self.dtype = np.dtype(np.float32)
 

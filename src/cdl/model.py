@@ -19,7 +19,7 @@ from . import _config
 from ._kernels import losses as _kl
 from .callbacks import Callback, History
 from .functional._checks import FLOAT_DTYPES, INT32_MAX, real_number, shape_str
-from .layers import Flatten, Layer, MaxPool2d, ReLU
+from .layers import Flatten, Layer, MaxPool2d, ReLU, check_grad
 from .losses import Loss
 from .progress import ProgressBar
 
@@ -263,14 +263,7 @@ class Sequential:
         if last is None:
             raise RuntimeError("Sequential.backward: call forward first")
         n = last[0].shape[0]
-        g = np.asarray(grad)
-        expect = (n,) + self.output_shape
-        if g.shape != expect:
-            raise ValueError(f"Sequential.backward: grad must have shape {shape_str(expect)}, "
-                             f"got {shape_str(g.shape)}")
-        if g.dtype.kind not in "fiu":
-            raise TypeError(f"Sequential.backward: grad must be a float array, got {g.dtype}")
-        g = np.ascontiguousarray(g, dtype=self.dtype)
+        g = check_grad(grad, (n,) + self.output_shape, self.dtype, "Sequential.backward")
         nt = _config.get_num_threads()
         dx = g
         for i in range(len(self.layers) - 1, -1, -1):
