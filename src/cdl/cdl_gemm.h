@@ -35,6 +35,9 @@
 /* Columns of B packed at once (KC x NC floats, 1 MiB). */
 #define CDL_GEMM_NC 1024
 
+/* Packed B blocks up to this many floats (64 KiB) are walked row panel first. */
+#define CDL_GEMM_ROWWISE (16 * 1024)
+
 typedef ptrdiff_t cdl_idx;
 
 /* Floats of packing scratch one thread needs for an m x n x k product. */
@@ -136,7 +139,7 @@ static inline void cdl_gemm_pack_b(cdl_idx kc, cdl_idx nc, const float *b,
  * constant mr, so the accumulators become registers. */
 static inline __attribute__((always_inline)) void
 cdl_gemm_ukr(const int mr, cdl_idx kc, const float *restrict ap, const float *restrict bp,
-             float *restrict c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr, int beta_one) {
+             cdl_idx ldb, float *restrict c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr, int beta_one) {
     cdl_vf acc[CDL_GEMM_MR][CDL_GEMM_NV];
     cdl_idx k;
     int i, v;
@@ -153,7 +156,7 @@ cdl_gemm_ukr(const int mr, cdl_idx kc, const float *restrict ap, const float *re
                 acc[i][v] += a * b[v];
         }
         ap += mr;
-        bp += CDL_GEMM_NR;
+        bp += ldb;
     }
     if (cs_c == 1 && nr == CDL_GEMM_NR) {
         for (i = 0; i < mr; i++)
@@ -176,10 +179,10 @@ cdl_gemm_ukr(const int mr, cdl_idx kc, const float *restrict ap, const float *re
 }
 
 #define CDL_GEMM_CASE(r) \
-    case r: cdl_gemm_ukr(r, kc, ap, bp, c, rs_c, cs_c, nr, beta_one); break;
+    case r: cdl_gemm_ukr(r, kc, ap, bp, ldb, c, rs_c, cs_c, nr, beta_one); break;
 
 static void cdl_gemm_ukr_any(int mr, cdl_idx kc, const float *ap, const float *bp,
-                             float *c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr, int beta_one) {
+                             cdl_idx ldb, float *c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr, int beta_one) {
     switch (mr) {
     CDL_GEMM_CASE(1) CDL_GEMM_CASE(2) CDL_GEMM_CASE(3) CDL_GEMM_CASE(4)
     CDL_GEMM_CASE(5) CDL_GEMM_CASE(6)
@@ -191,6 +194,15 @@ static void cdl_gemm_ukr_any(int mr, cdl_idx kc, const float *ap, const float *b
     }
 }
 #undef CDL_GEMM_CASE
+
+static inline void cdl_gemm_tile(int mr, cdl_idx kc, const float *ap, const float *bp,
+                                 cdl_idx ldb, float *c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr,
+                                 int beta) {
+    if (mr == CDL_GEMM_MR && ldb == CDL_GEMM_NR)
+        cdl_gemm_ukr(CDL_GEMM_MR, kc, ap, bp, CDL_GEMM_NR, c, rs_c, cs_c, nr, beta);
+    else
+        cdl_gemm_ukr_any(mr, kc, ap, bp, ldb, c, rs_c, cs_c, nr, beta);
+}
 
 /* C (+)= A B for an m x n x k product; scratch holds cdl_sgemm_scratch(m, n, k)
  * floats. k == 0 leaves C alone when beta_one, else zeroes it. */
@@ -218,21 +230,41 @@ static void cdl_sgemm(cdl_idx m, cdl_idx n, cdl_idx k,
         for (pc = 0; pc < k; pc += CDL_GEMM_KC) {
             cdl_idx kc = k - pc < CDL_GEMM_KC ? k - pc : CDL_GEMM_KC;
             int beta = beta_one || pc > 0;
-            cdl_gemm_pack_b(kc, nc, b + pc * rs_b + jc * cs_b, rs_b, cs_b, bbuf);
+            /* One row panel uses each B panel once: read B in place. */
+            int direct = m <= CDL_GEMM_MR && cs_b == 1 && kc * nc > CDL_GEMM_ROWWISE;
+            if (!direct)
+                cdl_gemm_pack_b(kc, nc, b + pc * rs_b + jc * cs_b, rs_b, cs_b, bbuf);
             for (ic = 0; ic < m; ic += CDL_GEMM_MC) {
                 cdl_idx mc = m - ic < CDL_GEMM_MC ? m - ic : CDL_GEMM_MC;
                 cdl_gemm_pack_a(mc, kc, a + ic * rs_a + pc * cs_a, rs_a, cs_a, abuf);
-                for (jr = 0; jr < nc; jr += CDL_GEMM_NR) {
-                    cdl_idx nr = nc - jr < CDL_GEMM_NR ? nc - jr : CDL_GEMM_NR;
+                if (kc * nc <= CDL_GEMM_ROWWISE) {
+                    /* Short reduction: walk C row panel by row panel, so its
+                     * rows stream (C rows 4 KiB apart alias in L1 when a
+                     * column panel's tiles are stored one below the other). */
                     for (ir = 0; ir < mc; ir += CDL_GEMM_MR) {
                         int mr = mc - ir < CDL_GEMM_MR ? (int)(mc - ir) : CDL_GEMM_MR;
-                        float *cp = c + (ic + ir) * rs_c + (jc + jr) * cs_c;
-                        if (mr == CDL_GEMM_MR)
-                            cdl_gemm_ukr(CDL_GEMM_MR, kc, abuf + ir * kc, bbuf + jr * kc,
-                                         cp, rs_c, cs_c, nr, beta);
-                        else
-                            cdl_gemm_ukr_any(mr, kc, abuf + ir * kc, bbuf + jr * kc,
-                                             cp, rs_c, cs_c, nr, beta);
+                        for (jr = 0; jr < nc; jr += CDL_GEMM_NR)
+                            cdl_gemm_tile(mr, kc, abuf + ir * kc, bbuf + jr * kc, CDL_GEMM_NR,
+                                          c + (ic + ir) * rs_c + (jc + jr) * cs_c, rs_c, cs_c,
+                                          nc - jr < CDL_GEMM_NR ? nc - jr : CDL_GEMM_NR, beta);
+                    }
+                } else {
+                    for (jr = 0; jr < nc; jr += CDL_GEMM_NR) {
+                        cdl_idx nr = nc - jr < CDL_GEMM_NR ? nc - jr : CDL_GEMM_NR;
+                        const float *bp = bbuf + jr * kc;
+                        cdl_idx ldb = CDL_GEMM_NR;
+                        if (direct && nr == CDL_GEMM_NR) {
+                            bp = b + pc * rs_b + jc + jr;
+                            ldb = rs_b;
+                        } else if (direct) {
+                            bp = bbuf;
+                            cdl_gemm_pack_b(kc, nr, b + pc * rs_b + jc + jr, rs_b, 1, bbuf);
+                        }
+                        for (ir = 0; ir < mc; ir += CDL_GEMM_MR)
+                            cdl_gemm_tile(mc - ir < CDL_GEMM_MR ? (int)(mc - ir) : CDL_GEMM_MR,
+                                          kc, abuf + ir * kc, bp, ldb,
+                                          c + (ic + ir) * rs_c + (jc + jr) * cs_c, rs_c, cs_c,
+                                          nr, beta);
                     }
                 }
             }
