@@ -72,9 +72,18 @@ cdef inline void _tiling(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
 
 
 cdef inline bint _own_gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
-    # Our kernel where it measured faster than SciPy's sgemm: the AVX2 and
-    # AVX-512 builds, products of at least two rows (a batch of one is GEMV).
-    return VF >= 8 and m >= 2 and n >= 2 and k >= 1
+    # Our kernel where it measured faster than SciPy's OpenBLAS sgemm (Haswell
+    # kernels): always on AVX-512 (zmm, 2x the lanes); on AVX2 (a tie on big
+    # products) for skinny or small ones, where OpenBLAS's fixed costs show;
+    # on SSE (3x slower than AVX2) only for 2-4 rows over a long reduction,
+    # where OpenBLAS packs all of B for a few rows. A batch of one is GEMV.
+    if m < 2 or n < 2 or k < 1:
+        return False
+    if VF >= 16:
+        return True
+    if VF >= 8:
+        return min(m, min(n, k)) <= 32 or m * n * k <= (1 << 22)
+    return m <= 4 and k >= 16
 
 
 cdef inline bint _flip(Py_ssize_t m, Py_ssize_t n) noexcept nogil:

@@ -18,7 +18,9 @@
 #include <stddef.h>
 #include "cdl_simd.h"
 
-#if defined(__AVX512F__)
+#if defined(CDL_GEMM_MR)
+/* set by the build (tuning runs) */
+#elif defined(__AVX512F__)
 #define CDL_GEMM_MR 14
 #define CDL_GEMM_NV 2
 #elif defined(__AVX__)
@@ -29,7 +31,9 @@
 #define CDL_GEMM_NV 2
 #endif
 #define CDL_GEMM_NR (CDL_GEMM_NV * CDL_VF)
+#ifndef CDL_GEMM_KC
 #define CDL_GEMM_KC 256
+#endif
 /* Rows of A packed at once: the whole A block stays in L2. */
 #define CDL_GEMM_MC (CDL_GEMM_MR * (256 / CDL_GEMM_MR))
 /* Columns of B packed at once (KC x NC floats, 1 MiB). */
