@@ -275,4 +275,82 @@ static void cdl_sgemm(cdl_idx m, cdl_idx n, cdl_idx k,
         }
     }
 }
+
+/* Few outputs per row (C = A B^T with n below one microkernel's width, as in
+ * a 4096 -> 10 layer): dot products along k, both operands read in place
+ * (rows of A and B are contiguous in k), no packing. An ri x rj block of C
+ * keeps one vector accumulator per element; the lanes are added in a fixed
+ * order, then the k % VF tail in order. */
+#if CDL_VREGS >= 32
+#define CDL_DOT_RI 4
+#else
+#define CDL_DOT_RI 2
+#endif
+#define CDL_DOT_RJ 5
+
+static inline __attribute__((always_inline)) void
+cdl_dot_block(const int ri, const int rj, cdl_idx k, const float *restrict a, cdl_idx lda,
+              const float *restrict b, cdl_idx ldb, float *restrict c, cdl_idx ldc,
+              int beta_one) {
+    cdl_vf acc[CDL_DOT_RI][CDL_DOT_RJ];
+    cdl_idx p, kv = k / CDL_VF * CDL_VF;
+    int i, j;
+    for (i = 0; i < ri; i++)
+        for (j = 0; j < rj; j++)
+            acc[i][j] = cdl_vf_set1(0.0f);
+    for (p = 0; p < kv; p += CDL_VF) {
+        cdl_vf x[CDL_DOT_RI];
+        for (i = 0; i < ri; i++)
+            x[i] = cdl_vf_loadr(a + i * lda + p);
+        for (j = 0; j < rj; j++) {
+            cdl_vf w = cdl_vf_load(b + j * ldb + p);
+            for (i = 0; i < ri; i++)
+                acc[i][j] += x[i] * w;
+        }
+    }
+    for (i = 0; i < ri; i++)
+        for (j = 0; j < rj; j++) {
+            float t = cdl_vf_sum(acc[i][j]);
+            for (p = kv; p < k; p++)
+                t += a[i * lda + p] * b[j * ldb + p];
+            c[i * ldc + j] = beta_one ? c[i * ldc + j] + t : t;
+        }
+}
+
+#define CDL_DOT_J(ri, rj) \
+    case rj: cdl_dot_block(ri, rj, k, a, lda, b, ldb, c, ldc, beta_one); break;
+#define CDL_DOT_I(ri) \
+    case ri: switch (rj) { CDL_DOT_J(ri, 1) CDL_DOT_J(ri, 2) CDL_DOT_J(ri, 3) \
+                           CDL_DOT_J(ri, 4) CDL_DOT_J(ri, 5) default: break; } break;
+
+static void cdl_dot_any(int ri, int rj, cdl_idx k, const float *a, cdl_idx lda,
+                        const float *b, cdl_idx ldb, float *c, cdl_idx ldc, int beta_one) {
+    switch (ri) {
+    CDL_DOT_I(1) CDL_DOT_I(2)
+#if CDL_DOT_RI > 2
+    CDL_DOT_I(3) CDL_DOT_I(4)
+#endif
+    default: break;
+    }
+}
+#undef CDL_DOT_I
+#undef CDL_DOT_J
+
+/* C[i, j] (+)= sum_k A[i, k] B[j, k]: A m x k and B n x k row-major, C m x n. */
+static void cdl_sdot_nt(cdl_idx m, cdl_idx n, cdl_idx k, const float *a, cdl_idx lda,
+                        const float *b, cdl_idx ldb, float *c, cdl_idx ldc, int beta_one) {
+    cdl_idx i, j;
+    for (i = 0; i < m; i += CDL_DOT_RI) {
+        int ri = m - i < CDL_DOT_RI ? (int)(m - i) : CDL_DOT_RI;
+        for (j = 0; j < n; j += CDL_DOT_RJ) {
+            int rj = n - j < CDL_DOT_RJ ? (int)(n - j) : CDL_DOT_RJ;
+            const float *ap = a + i * lda, *bp = b + j * ldb;
+            float *cp = c + i * ldc + j;
+            if (ri == CDL_DOT_RI && rj == CDL_DOT_RJ)
+                cdl_dot_block(CDL_DOT_RI, CDL_DOT_RJ, k, ap, lda, bp, ldb, cp, ldc, beta_one);
+            else
+                cdl_dot_any(ri, rj, k, ap, lda, bp, ldb, cp, ldc, beta_one);
+        }
+    }
+}
 #endif
