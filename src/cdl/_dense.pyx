@@ -4,7 +4,9 @@
 Every product (out = x W^T, dx = G W, dW = G^T x) is cut into fixed tiles of
 the output, each computed by one single-threaded GEMM over the full
 reduction; OpenMP spreads the tiles. The tiling depends only on the shapes,
-so results are bitwise identical for any thread count.
+so results are bitwise identical for any thread count. Tiles are handed out
+dynamically (which thread runs a tile never changes its result), so a thread
+that the OS preempts on a busy machine does not hold the others up.
 
 float32 tiles use our own GEMM (cdl_gemm.h, built per instruction set like
 _conv): B packed into KC x NR panels and A into mr x KC panels (transposes
@@ -162,7 +164,7 @@ def linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
     if own and not dot:
         mem = _scratch(tm, tn, fin, nt, &per)
     with nogil:
-        for t in prange(tiles_m * tiles_n, schedule="static", num_threads=nt):
+        for t in prange(tiles_m * tiles_n, schedule="dynamic", num_threads=nt):
             r0 = (t // tiles_n) * tm
             c0 = (t % tiles_n) * tn
             mr = min(tm, n - r0)
@@ -222,7 +224,7 @@ def linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
         if own:
             mem = _scratch(tm, tn, fout, nt, &per)
         with nogil:
-            for t in prange(tiles_m * tiles_n, schedule="static", num_threads=nt):
+            for t in prange(tiles_m * tiles_n, schedule="dynamic", num_threads=nt):
                 r0 = (t // tiles_n) * tm
                 c0 = (t % tiles_n) * tn
                 mr = min(tm, n - r0)
@@ -256,7 +258,7 @@ def linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
         if own:
             mem = _scratch(tm, tn, n, nt, &per)
         with nogil:
-            for t in prange(tiles_m * tiles_n, schedule="static", num_threads=nt):
+            for t in prange(tiles_m * tiles_n, schedule="dynamic", num_threads=nt):
                 r0 = (t // tiles_n) * tm
                 c0 = (t % tiles_n) * tn
                 mr = min(tm, fout - r0)
