@@ -98,6 +98,10 @@ cdef inline bint _own_gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept no
     # where OpenBLAS packs all of B for a few rows. A batch of one is GEMV.
     if m < 2 or n < 2 or k < 1:
         return False
+    if n < GEMM_NR and k < 16:
+        # A few columns over a short reduction: ours ends in scalar stores
+        # (C^T, or a part-width tile) and lost to BLAS (10 -> 4096, batch 1).
+        return False
     if VF >= 16:
         return True
     if VF >= 8:
