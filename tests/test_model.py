@@ -247,6 +247,34 @@ def test_sgd_matches_numpy(momentum, nesterov):
         opt.step()
     for k, p, _ in m.parameters():
         np.testing.assert_allclose(p, ref[k], rtol=1e-12, atol=1e-14)
+        if momentum:
+            np.testing.assert_allclose(opt.velocities[k], vel[k], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parameters_share_one_aligned_buffer_and_stay_live(dtype):
+    # The optimizer updates the whole model in one call over a flat buffer: every
+    # parameter and gradient must be an aligned view of it, and the arrays a user
+    # holds must be the ones training updates.
+    m = cdl.Sequential([cdl.Conv2d(1, 3, 3), cdl.ReLU(), cdl.Flatten(), cdl.Linear(12, 5),
+                        cdl.Linear(5, 2, bias=False)], (1, 4, 4), dtype=dtype, seed=0)
+    held = {k: (p, g) for k, p, g in m.parameters()}
+    for k, (p, g) in held.items():
+        assert p.ctypes.data % 64 == 0 and g.ctypes.data % 64 == 0, k
+        assert np.shares_memory(p, m._flat_params) and np.shares_memory(g, m._flat_grads), k
+    before = {k: p.copy() for k, (p, _) in held.items()}
+    x = np.random.default_rng(1).standard_normal((4, 1, 4, 4)).astype(dtype)
+    opt = cdl.SGD(m, lr=0.1, momentum=0.5)
+    m.train_step(x, np.array([0, 1, 1, 0]), cdl.SoftmaxCrossEntropy(), opt)
+    for k, (p, g) in held.items():
+        np.testing.assert_allclose(p, before[k] - 0.1 * g, rtol=1e-5, atol=1e-6)
+        assert np.shares_memory(opt.velocities[k], p) is False
+    # The gaps between views stay zero, so no update leaks into another parameter.
+    live = np.zeros(m._flat_params.size, bool)
+    for p, _ in held.values():
+        start = (p.ctypes.data - m._flat_params.ctypes.data) // p.itemsize
+        live[start:start + p.size] = True
+    assert not m._flat_params[~live].any() and not m._flat_grads[~live].any()
 
 
 def test_sgd_and_schedule_arguments():
