@@ -125,11 +125,45 @@ cdef inline void _corr_tile(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
         vstore(tb + a * VF, acc[a])
 
 
+cdef inline void _corr_tile_1ch(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
+                                const float* wp, Py_ssize_t cin, Py_ssize_t kw, float* tb,
+                                const int RB, const int KH) noexcept nogil:
+    # One output channel, stride 1: RB (8) rows x VF columns. With a single channel
+    # _corr_tile does one load per multiply-add; here each loaded input row
+    # vector feeds the KH output rows that read it (up to KH multiply-adds per
+    # load), with the KH taps of the current column held in registers.
+    cdef vf acc[8]
+    cdef vf wv[5]
+    cdef Py_ssize_t c, j, q, i
+    cdef const float* xr
+    for q in range(RB):
+        acc[q] = vset1(0)
+    for c in range(cin):
+        xr = xs + c * xs_c
+        for j in range(kw):
+            for i in range(KH):
+                wv[i] = vset1(wp[(c * KH + i) * kw + j])
+            # Written per (tap row, output row) so that both loops have constant
+            # trip counts and unroll; the compiler then merges the loads of the
+            # same input row.
+            for i in range(KH):
+                for q in range(RB):
+                    acc[q] = acc[q] + wv[i] * vload(xr + (q + i) * xs_r + j)
+    for q in range(RB):
+        vstore(tb + q * VF, acc[q])
+
+
 cdef void _corr_run(Py_ssize_t kr, Py_ssize_t rb, const float* xs, Py_ssize_t xs_c,
                     Py_ssize_t xs_r, const float* wp, Py_ssize_t cin, Py_ssize_t kh,
                     Py_ssize_t kw, Py_ssize_t sh, float* tb) noexcept nogil:
     # One call site per tile shape, so the compiler specialises each; the
     # VREGS test is a compile-time constant, so each build keeps only its own.
+    if kr == 1 and sh == 1 and (kh == 3 or kh == 5):
+        if kh == 5:
+            _corr_tile_1ch(xs, xs_c, xs_r, wp, cin, kw, tb, 8, 5)
+        else:
+            _corr_tile_1ch(xs, xs_c, xs_r, wp, cin, kw, tb, 8, 3)
+        return
     if VREGS >= 32:
         if kr == 8:
             _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 8, 3)
@@ -616,6 +650,9 @@ cdef int _packed_corr(Corr* g, const float* weight, bint flip, const float* src,
     cdef float* wpk
     cdef int rc
     _choose_tile(cout, g.oh, &g.kr, &g.rb)
+    if cout == 1 and g.sh == 1 and (KH == 3 or KH == 5):
+        g.kr = 1
+        g.rb = 8
     nb = _cdiv(cout, g.kr)
     wpk = <float*>malloc(nb * cin * KH * KW * g.kr * sizeof(float) + 64)
     if wpk == NULL:
