@@ -100,9 +100,11 @@ ctypedef struct Corr:
 
 cdef inline void _corr_tile(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
                             const float* wp, Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw,
-                            Py_ssize_t sh, float* tb, const int KR, const int RB) noexcept nogil:
+                            Py_ssize_t sh, Py_ssize_t i_lo, Py_ssize_t i_hi, float* tb,
+                            const int KR, const int RB) noexcept nogil:
     # KR channels x RB rows x VF columns; the constant KR/RB let the compiler
-    # unroll the small loops and keep acc[] in registers.
+    # unroll the small loops and keep acc[] in registers. Kernel rows outside
+    # [i_lo, i_hi) would read only zero padding rows for every row of the tile.
     cdef vf acc[24]
     cdef vf xv[12]
     cdef Py_ssize_t c, i, j, a, r, rstep = sh * xs_r
@@ -111,7 +113,7 @@ cdef inline void _corr_tile(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
     for a in range(KR * RB):
         acc[a] = vset1(0)
     for c in range(cin):
-        for i in range(kh):
+        for i in range(i_lo, i_hi):
             xr = xs + c * xs_c + i * xs_r
             wq = wp + (c * kh + i) * kw * KR
             for j in range(kw):
@@ -155,7 +157,8 @@ cdef inline void _corr_tile_1ch(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_
 
 cdef void _corr_run(Py_ssize_t kr, Py_ssize_t rb, const float* xs, Py_ssize_t xs_c,
                     Py_ssize_t xs_r, const float* wp, Py_ssize_t cin, Py_ssize_t kh,
-                    Py_ssize_t kw, Py_ssize_t sh, float* tb) noexcept nogil:
+                    Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t i_lo, Py_ssize_t i_hi,
+                    float* tb) noexcept nogil:
     # One call site per tile shape, so the compiler specialises each; the
     # VREGS test is a compile-time constant, so each build keeps only its own.
     if kr == 1 and sh == 1 and (kh == 3 or kh == 5):
@@ -166,28 +169,28 @@ cdef void _corr_run(Py_ssize_t kr, Py_ssize_t rb, const float* xs, Py_ssize_t xs
         return
     if VREGS >= 32:
         if kr == 8:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 8, 3)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 8, 3)
         elif kr == 6:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 6, 4)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 6, 4)
         elif kr == 4:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 4, 4)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 4, 4)
         elif kr == 3:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 3, 6)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 3, 6)
         elif kr == 2:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 2, 8)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 2, 8)
         else:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 1, 8)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 1, 8)
     else:
         if kr == 6:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 6, 2)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 6, 2)
         elif kr == 4:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 4, 3)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 4, 3)
         elif kr == 3:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 3, 3)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 3, 3)
         elif kr == 2:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 2, 4)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 2, 4)
         else:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 1, 6)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 1, 6)
 
 
 cdef void _choose_tile(Py_ssize_t cout, Py_ssize_t oh, Py_ssize_t* kr, Py_ssize_t* rb) noexcept nogil:
@@ -262,7 +265,7 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
     cdef Py_ssize_t ngroups = _cdiv(g.cout, g.kg)
     cdef Py_ssize_t n = it // ngroups, kgi = it % ngroups
     cdef Py_ssize_t k_lo = kgi * g.kg, k_hi = _imin(g.cout, k_lo + g.kg)
-    cdef Py_ssize_t k0, oh0, ow0, a, r, k, oy, nv, q, kb, ty, tx
+    cdef Py_ssize_t k0, oh0, ow0, a, r, k, oy, nv, q, kb, ty, tx, i_lo, i_hi
     cdef Py_ssize_t xs_c = g.rs * g.qs, wsz = g.cin * g.kh * g.kw * g.kr
     cdef const float* wb
     cdef const float* xt
@@ -278,6 +281,11 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
         wb = wpk + (k0 // g.kr) * wsz
         for ty in range(_cdiv(g.oh, g.rb)):
             oh0 = ty * g.rb
+            # Staged rows [offh, offh + h) hold data; the rest are zero padding
+            # (with a large kernel and no padding, the input gradient's tiles at
+            # the top and bottom would spend up to 60% of their steps on zeros).
+            i_lo = _imax(0, g.offh - (oh0 + g.rb - 1) * g.sh)
+            i_hi = _imax(i_lo, _imin(g.kh, g.offh + g.h - oh0 * g.sh))
             for tx in range(_cdiv(g.ow, VF)):
                 ow0 = tx * VF
                 if ow0 + VF > g.ow and g.ow >= VF:
@@ -286,7 +294,8 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
                     # and every store is a whole vector.
                     ow0 = g.ow - VF
                 xt = xs + oh0 * g.sh * g.qs + ow0
-                _corr_run(g.kr, g.rb, xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
+                _corr_run(g.kr, g.rb, xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh,
+                          i_lo, i_hi, tb)
                 nv = _imin(VF, g.ow - ow0)
                 for a in range(g.kr):
                     k = k0 + a
