@@ -147,3 +147,57 @@ def test_user_raising_blas_threads_does_not_break_kernels():
         got = F.linear(x, w, threads=2)
         assert _config.blas_info()[2] == 1  # the kernel pinned it back
     assert np.array_equal(got, expected)
+
+
+# Shapes around the float32 GEMM's blocking (microkernel 14 x 32 on AVX-512, 6 x 16 on
+# AVX2; reduction blocks of 256, 1024 packed columns, 252 packed rows): sizes of 1, primes,
+# one past a block, one row panel (B read in place), few columns (C^T computed instead),
+# short reductions (C walked by row panels), and empty reductions.
+GEMM_SHAPES = [(2, 1, 1), (2, 3, 2), (37, 37, 37), (15, 257, 33), (29, 300, 513),
+               (14, 256, 32), (28, 512, 64), (5, 3, 1025), (300, 17, 600), (64, 11, 4097),
+               (2, 700, 2), (50, 300, 3), (13, 64, 2047), (7, 1, 129), (253, 513, 31),
+               (5, 0, 7), (3, 8, 0), (0, 4, 6)]
+
+
+def _ref64(a):
+    return a.astype(np.float64)
+
+
+@pytest.mark.parametrize("n,fin,fout", GEMM_SHAPES)
+def test_gemm_edges_match_numpy_float32(n, fin, fout):
+    rng = np.random.default_rng(n * 10007 + fin * 101 + fout)
+    x = rng.standard_normal((n, fin)).astype(np.float32)
+    w = rng.standard_normal((fout, fin)).astype(np.float32)
+    b = rng.standard_normal(fout).astype(np.float32)
+    g = rng.standard_normal((n, fout)).astype(np.float32)
+    x64, w64, g64 = _ref64(x), _ref64(w), _ref64(g)
+
+    def close(got, want, k):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * (k + 1))
+
+    # Outputs start as NaN: an overwriting product must never read them.
+    out = np.full((n, fout), np.nan, np.float32)
+    close(F.linear(x, w, b, out=out), x64 @ w64.T + b, fin)
+    out = np.full((n, fout), np.nan, np.float32)
+    close(F.linear(x, w, out=out), x64 @ w64.T, fin)
+    dx = np.full((n, fin), np.nan, np.float32)
+    dw = np.full((fout, fin), np.nan, np.float32)
+    dx, dw, db = F.linear_backward(g, x, w, grad_input=dx, grad_weight=dw)
+    close(dx, g64 @ w64, fout)
+    close(dw, g64.T @ x64, n)
+    close(db, g64.sum(0), n)
+
+
+@pytest.mark.parametrize("n,fin,fout", [(37, 37, 37), (29, 300, 513), (300, 17, 600),
+                                        (64, 11, 4097), (50, 300, 3), (253, 513, 31),
+                                        (256, 4096, 10)])
+def test_gemm_edges_bitwise_identical_for_1_and_2_threads(n, fin, fout):
+    rng = np.random.default_rng(fin)
+    x = rng.standard_normal((n, fin)).astype(np.float32)
+    w = rng.standard_normal((fout, fin)).astype(np.float32)
+    b = rng.standard_normal(fout).astype(np.float32)
+    g = rng.standard_normal((n, fout)).astype(np.float32)
+    runs = [(F.linear(x, w, b, threads=t),) + F.linear_backward(g, x, w, l2=0.1, threads=t)
+            for t in (1, 2)]
+    for a, c in zip(*runs):
+        assert a.tobytes() == c.tobytes()

@@ -3,11 +3,11 @@
 Kernels trust their inputs (C-contiguous, matching shapes and dtypes); callers
 validate first, as cdl.functional does and the layers do at construction.
 """
-from . import _dense as dense
 from . import _losses as losses
 from ._dispatch import load
 
 conv = load("_conv")
+dense = load("_dense")
 pool = load("_pool")
 elementwise = load("_elementwise")
 

@@ -1,0 +1,356 @@
+/* float32 GEMM for the dense layers: C (+)= A B, all operands strided.
+ *
+ *     C[i, j] (+)= sum_k A[i, k] B[k, j],   X[i, j] at x + i*rs_x + j*cs_x
+ *
+ * BLIS structure: the reduction is cut into KC blocks; per block B is packed
+ * into KC x NR panels (zero-padded past n) and A into mr x KC panels
+ * (mr = MR, or what is left at the edge), and a register-blocked microkernel
+ * keeps an mr x NR tile of C in vector registers (cdl_simd.h: zmm on AVX-512,
+ * ymm on AVX2, xmm on baseline). Transposes are handled in the packing, so one
+ * kernel serves X W^T, G W and G^T X. Each C element is summed over k in
+ * order within a block, and blocks are added onto C in order: the result
+ * depends on the shapes only (not on where a tile starts or on threads).
+ * beta_one = 0 overwrites C (it is never read, so garbage in it is harmless).
+ */
+#ifndef CDL_GEMM_H
+#define CDL_GEMM_H
+
+#include <stddef.h>
+#include "cdl_simd.h"
+
+#if defined(CDL_GEMM_MR)
+/* set by the build (tuning runs) */
+#elif defined(__AVX512F__)
+#define CDL_GEMM_MR 14
+#define CDL_GEMM_NV 2
+#elif defined(__AVX__)
+#define CDL_GEMM_MR 6
+#define CDL_GEMM_NV 2
+#else
+#define CDL_GEMM_MR 6
+#define CDL_GEMM_NV 2
+#endif
+#define CDL_GEMM_NR (CDL_GEMM_NV * CDL_VF)
+#ifndef CDL_GEMM_KC
+#define CDL_GEMM_KC 256
+#endif
+/* Rows of A packed at once: the whole A block stays in L2. */
+#define CDL_GEMM_MC (CDL_GEMM_MR * (256 / CDL_GEMM_MR))
+/* Columns of B packed at once (KC x NC floats, 1 MiB). */
+#define CDL_GEMM_NC 1024
+
+/* Packed B blocks up to this many floats (64 KiB) are walked row panel first. */
+#define CDL_GEMM_ROWWISE (16 * 1024)
+
+typedef ptrdiff_t cdl_idx;
+
+/* Floats of packing scratch one thread needs for an m x n x k product. */
+static inline cdl_idx cdl_sgemm_scratch(cdl_idx m, cdl_idx n, cdl_idx k) {
+    cdl_idx kc = k < CDL_GEMM_KC ? k : CDL_GEMM_KC;
+    cdl_idx mc = m < CDL_GEMM_MC ? m : CDL_GEMM_MC;
+    cdl_idx nc = n < CDL_GEMM_NC ? n : CDL_GEMM_NC;
+    nc = (nc + CDL_GEMM_NR - 1) / CDL_GEMM_NR * CDL_GEMM_NR;
+    if (kc < 1) kc = 1;
+    /* B first; A starts on a cache line. */
+    return (kc * nc + 15) / 16 * 16 + mc * kc + 16;
+}
+
+/* dst[k*ldd + i] = src[i*lds + k] for i < ni, k < nk: 4 x 4 blocks through
+ * SSE shuffles (strided scalar stores were a third of the time of X W^T). */
+static inline void cdl_gemm_transpose_copy(cdl_idx ni, cdl_idx nk, const float *src, cdl_idx lds,
+                                           float *dst, cdl_idx ldd) {
+    cdl_idx i = 0, k;
+#if defined(__SSE2__)
+    for (; i + 4 <= ni; i += 4) {
+        const float *s = src + i * lds;
+        for (k = 0; k + 4 <= nk; k += 4) {
+            __m128 r0 = _mm_loadu_ps(s + k), r1 = _mm_loadu_ps(s + lds + k);
+            __m128 r2 = _mm_loadu_ps(s + 2 * lds + k), r3 = _mm_loadu_ps(s + 3 * lds + k);
+            _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+            _mm_storeu_ps(dst + k * ldd + i, r0);
+            _mm_storeu_ps(dst + (k + 1) * ldd + i, r1);
+            _mm_storeu_ps(dst + (k + 2) * ldd + i, r2);
+            _mm_storeu_ps(dst + (k + 3) * ldd + i, r3);
+        }
+        for (; k < nk; k++) {
+            dst[k * ldd + i] = s[k];
+            dst[k * ldd + i + 1] = s[lds + k];
+            dst[k * ldd + i + 2] = s[2 * lds + k];
+            dst[k * ldd + i + 3] = s[3 * lds + k];
+        }
+    }
+#endif
+    for (; i < ni; i++)
+        for (k = 0; k < nk; k++)
+            dst[k * ldd + i] = src[i * lds + k];
+}
+
+/* mc x kc block of A into panels of MR rows: panel p at buf + p*MR*kc, each
+ * k holding mr consecutive floats (mr < MR only in the last panel). */
+static inline void cdl_gemm_pack_a(cdl_idx mc, cdl_idx kc, const float *a,
+                                   cdl_idx rs, cdl_idx cs, float *buf) {
+    cdl_idx p, i, k;
+    for (p = 0; p < mc; p += CDL_GEMM_MR) {
+        cdl_idx mr = mc - p < CDL_GEMM_MR ? mc - p : CDL_GEMM_MR;
+        const float *ap = a + p * rs;
+        float *dst = buf + p * kc;
+        if (rs == 1) {
+            for (k = 0; k < kc; k++)
+                for (i = 0; i < mr; i++)
+                    dst[k * mr + i] = ap[k * cs + i];
+        } else if (cs == 1) {
+            cdl_gemm_transpose_copy(mr, kc, ap, rs, dst, mr);
+        } else {
+            for (i = 0; i < mr; i++)
+                for (k = 0; k < kc; k++)
+                    dst[k * mr + i] = ap[i * rs + k * cs];
+        }
+    }
+}
+
+/* kc x nc block of B into panels of NR columns, zero-padded past nc. */
+static inline void cdl_gemm_pack_b(cdl_idx kc, cdl_idx nc, const float *b,
+                                   cdl_idx rs, cdl_idx cs, float *buf) {
+    cdl_idx q, j, k;
+    for (q = 0; q < nc; q += CDL_GEMM_NR) {
+        cdl_idx nr = nc - q < CDL_GEMM_NR ? nc - q : CDL_GEMM_NR;
+        const float *bp = b + q * cs;
+        float *dst = buf + q * kc;
+        if (cs == 1 && nr == CDL_GEMM_NR) {
+            for (k = 0; k < kc; k++) {
+                int v;
+                for (v = 0; v < CDL_GEMM_NV; v++)
+                    cdl_vf_store(dst + k * CDL_GEMM_NR + v * CDL_VF,
+                                 cdl_vf_load(bp + k * rs + v * CDL_VF));
+            }
+        } else if (rs == 1) {
+            cdl_gemm_transpose_copy(nr, kc, bp, cs, dst, CDL_GEMM_NR);
+            for (k = 0; k < kc; k++)
+                for (j = nr; j < CDL_GEMM_NR; j++)
+                    dst[k * CDL_GEMM_NR + j] = 0.0f;
+        } else {
+            for (k = 0; k < kc; k++) {
+                for (j = 0; j < nr; j++)
+                    dst[k * CDL_GEMM_NR + j] = bp[k * rs + j * cs];
+                for (; j < CDL_GEMM_NR; j++)
+                    dst[k * CDL_GEMM_NR + j] = 0.0f;
+            }
+        }
+    }
+}
+
+/* The mr x NR microkernel over one packed panel pair. Always inlined with a
+ * constant mr, so the accumulators become registers. */
+static inline __attribute__((always_inline)) void
+cdl_gemm_ukr(const int mr, cdl_idx kc, const float *restrict ap, const float *restrict bp,
+             cdl_idx ldb, float *restrict c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr, int beta_one) {
+    cdl_vf acc[CDL_GEMM_MR][CDL_GEMM_NV];
+    cdl_idx k;
+    int i, v;
+    for (i = 0; i < mr; i++)
+        for (v = 0; v < CDL_GEMM_NV; v++)
+            acc[i][v] = cdl_vf_set1(0.0f);
+    for (k = 0; k < kc; k++) {
+        cdl_vf b[CDL_GEMM_NV];
+        for (v = 0; v < CDL_GEMM_NV; v++)
+            b[v] = cdl_vf_loadr(bp + v * CDL_VF);
+        for (i = 0; i < mr; i++) {
+            cdl_vf a = cdl_vf_set1(ap[i]);
+            for (v = 0; v < CDL_GEMM_NV; v++)
+                acc[i][v] += a * b[v];
+        }
+        ap += mr;
+        bp += ldb;
+    }
+    if (cs_c == 1 && nr == CDL_GEMM_NR) {
+        for (i = 0; i < mr; i++)
+            for (v = 0; v < CDL_GEMM_NV; v++) {
+                float *cp = c + i * rs_c + v * CDL_VF;
+                cdl_vf_store(cp, beta_one ? cdl_vf_load(cp) + acc[i][v] : acc[i][v]);
+            }
+    } else {
+        float t[CDL_GEMM_MR * CDL_GEMM_NR];
+        cdl_idx j;
+        for (i = 0; i < mr; i++)
+            for (v = 0; v < CDL_GEMM_NV; v++)
+                cdl_vf_store(t + i * CDL_GEMM_NR + v * CDL_VF, acc[i][v]);
+        for (i = 0; i < mr; i++)
+            for (j = 0; j < nr; j++) {
+                float *cp = c + i * rs_c + j * cs_c;
+                *cp = beta_one ? *cp + t[i * CDL_GEMM_NR + j] : t[i * CDL_GEMM_NR + j];
+            }
+    }
+}
+
+#define CDL_GEMM_CASE(r) \
+    case r: cdl_gemm_ukr(r, kc, ap, bp, ldb, c, rs_c, cs_c, nr, beta_one); break;
+
+static void cdl_gemm_ukr_any(int mr, cdl_idx kc, const float *ap, const float *bp,
+                             cdl_idx ldb, float *c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr, int beta_one) {
+    switch (mr) {
+    CDL_GEMM_CASE(1) CDL_GEMM_CASE(2) CDL_GEMM_CASE(3) CDL_GEMM_CASE(4)
+    CDL_GEMM_CASE(5) CDL_GEMM_CASE(6)
+#if CDL_GEMM_MR > 6
+    CDL_GEMM_CASE(7) CDL_GEMM_CASE(8) CDL_GEMM_CASE(9) CDL_GEMM_CASE(10)
+    CDL_GEMM_CASE(11) CDL_GEMM_CASE(12) CDL_GEMM_CASE(13) CDL_GEMM_CASE(14)
+#endif
+    default: break;
+    }
+}
+#undef CDL_GEMM_CASE
+
+static inline void cdl_gemm_tile(int mr, cdl_idx kc, const float *ap, const float *bp,
+                                 cdl_idx ldb, float *c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr,
+                                 int beta) {
+    if (mr == CDL_GEMM_MR && ldb == CDL_GEMM_NR)
+        cdl_gemm_ukr(CDL_GEMM_MR, kc, ap, bp, CDL_GEMM_NR, c, rs_c, cs_c, nr, beta);
+    else
+        cdl_gemm_ukr_any(mr, kc, ap, bp, ldb, c, rs_c, cs_c, nr, beta);
+}
+
+/* C (+)= A B for an m x n x k product; scratch holds cdl_sgemm_scratch(m, n, k)
+ * floats. k == 0 leaves C alone when beta_one, else zeroes it. */
+static void cdl_sgemm(cdl_idx m, cdl_idx n, cdl_idx k,
+                      const float *a, cdl_idx rs_a, cdl_idx cs_a,
+                      const float *b, cdl_idx rs_b, cdl_idx cs_b,
+                      float *c, cdl_idx rs_c, cdl_idx cs_c, int beta_one, float *scratch) {
+    cdl_idx jc, pc, ic, jr, ir, kcap = k < CDL_GEMM_KC ? k : CDL_GEMM_KC;
+    cdl_idx ncap = n < CDL_GEMM_NC ? n : CDL_GEMM_NC;
+    float *bbuf, *abuf;
+    if (m <= 0 || n <= 0)
+        return;
+    if (k <= 0) {
+        if (!beta_one)
+            for (ir = 0; ir < m; ir++)
+                for (jr = 0; jr < n; jr++)
+                    c[ir * rs_c + jr * cs_c] = 0.0f;
+        return;
+    }
+    ncap = (ncap + CDL_GEMM_NR - 1) / CDL_GEMM_NR * CDL_GEMM_NR;
+    bbuf = (float *)(((size_t)scratch + 63) & ~(size_t)63);
+    abuf = bbuf + (kcap * ncap + 15) / 16 * 16;
+    for (jc = 0; jc < n; jc += CDL_GEMM_NC) {
+        cdl_idx nc = n - jc < CDL_GEMM_NC ? n - jc : CDL_GEMM_NC;
+        for (pc = 0; pc < k; pc += CDL_GEMM_KC) {
+            cdl_idx kc = k - pc < CDL_GEMM_KC ? k - pc : CDL_GEMM_KC;
+            int beta = beta_one || pc > 0;
+            /* One row panel uses each B panel once: read B in place. */
+            int direct = m <= CDL_GEMM_MR && cs_b == 1 && kc * nc > CDL_GEMM_ROWWISE;
+            if (!direct)
+                cdl_gemm_pack_b(kc, nc, b + pc * rs_b + jc * cs_b, rs_b, cs_b, bbuf);
+            for (ic = 0; ic < m; ic += CDL_GEMM_MC) {
+                cdl_idx mc = m - ic < CDL_GEMM_MC ? m - ic : CDL_GEMM_MC;
+                cdl_gemm_pack_a(mc, kc, a + ic * rs_a + pc * cs_a, rs_a, cs_a, abuf);
+                if (kc * nc <= CDL_GEMM_ROWWISE) {
+                    /* Short reduction: walk C row panel by row panel, so its
+                     * rows stream (C rows 4 KiB apart alias in L1 when a
+                     * column panel's tiles are stored one below the other). */
+                    for (ir = 0; ir < mc; ir += CDL_GEMM_MR) {
+                        int mr = mc - ir < CDL_GEMM_MR ? (int)(mc - ir) : CDL_GEMM_MR;
+                        for (jr = 0; jr < nc; jr += CDL_GEMM_NR)
+                            cdl_gemm_tile(mr, kc, abuf + ir * kc, bbuf + jr * kc, CDL_GEMM_NR,
+                                          c + (ic + ir) * rs_c + (jc + jr) * cs_c, rs_c, cs_c,
+                                          nc - jr < CDL_GEMM_NR ? nc - jr : CDL_GEMM_NR, beta);
+                    }
+                } else {
+                    for (jr = 0; jr < nc; jr += CDL_GEMM_NR) {
+                        cdl_idx nr = nc - jr < CDL_GEMM_NR ? nc - jr : CDL_GEMM_NR;
+                        const float *bp = bbuf + jr * kc;
+                        cdl_idx ldb = CDL_GEMM_NR;
+                        if (direct && nr == CDL_GEMM_NR) {
+                            bp = b + pc * rs_b + jc + jr;
+                            ldb = rs_b;
+                        } else if (direct) {
+                            bp = bbuf;
+                            cdl_gemm_pack_b(kc, nr, b + pc * rs_b + jc + jr, rs_b, 1, bbuf);
+                        }
+                        for (ir = 0; ir < mc; ir += CDL_GEMM_MR)
+                            cdl_gemm_tile(mc - ir < CDL_GEMM_MR ? (int)(mc - ir) : CDL_GEMM_MR,
+                                          kc, abuf + ir * kc, bp, ldb,
+                                          c + (ic + ir) * rs_c + (jc + jr) * cs_c, rs_c, cs_c,
+                                          nr, beta);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* Few outputs per row (C = A B^T with n below one microkernel's width, as in
+ * a 4096 -> 10 layer): dot products along k, both operands read in place
+ * (rows of A and B are contiguous in k), no packing. An ri x rj block of C
+ * keeps one vector accumulator per element; the lanes are added in a fixed
+ * order, then the k % VF tail in order. */
+#if CDL_VREGS >= 32
+#define CDL_DOT_RI 4
+#else
+#define CDL_DOT_RI 2
+#endif
+#define CDL_DOT_RJ 5
+
+static inline __attribute__((always_inline)) void
+cdl_dot_block(const int ri, const int rj, cdl_idx k, const float *restrict a, cdl_idx lda,
+              const float *restrict b, cdl_idx ldb, float *restrict c, cdl_idx ldc,
+              int beta_one) {
+    cdl_vf acc[CDL_DOT_RI][CDL_DOT_RJ];
+    cdl_idx p, kv = k / CDL_VF * CDL_VF;
+    int i, j;
+    for (i = 0; i < ri; i++)
+        for (j = 0; j < rj; j++)
+            acc[i][j] = cdl_vf_set1(0.0f);
+    for (p = 0; p < kv; p += CDL_VF) {
+        cdl_vf x[CDL_DOT_RI];
+        for (i = 0; i < ri; i++)
+            x[i] = cdl_vf_loadr(a + i * lda + p);
+        for (j = 0; j < rj; j++) {
+            cdl_vf w = cdl_vf_load(b + j * ldb + p);
+            for (i = 0; i < ri; i++)
+                acc[i][j] += x[i] * w;
+        }
+    }
+    for (i = 0; i < ri; i++)
+        for (j = 0; j < rj; j++) {
+            float t = cdl_vf_sum(acc[i][j]);
+            for (p = kv; p < k; p++)
+                t += a[i * lda + p] * b[j * ldb + p];
+            c[i * ldc + j] = beta_one ? c[i * ldc + j] + t : t;
+        }
+}
+
+#define CDL_DOT_J(ri, rj) \
+    case rj: cdl_dot_block(ri, rj, k, a, lda, b, ldb, c, ldc, beta_one); break;
+#define CDL_DOT_I(ri) \
+    case ri: switch (rj) { CDL_DOT_J(ri, 1) CDL_DOT_J(ri, 2) CDL_DOT_J(ri, 3) \
+                           CDL_DOT_J(ri, 4) CDL_DOT_J(ri, 5) default: break; } break;
+
+static void cdl_dot_any(int ri, int rj, cdl_idx k, const float *a, cdl_idx lda,
+                        const float *b, cdl_idx ldb, float *c, cdl_idx ldc, int beta_one) {
+    switch (ri) {
+    CDL_DOT_I(1) CDL_DOT_I(2)
+#if CDL_DOT_RI > 2
+    CDL_DOT_I(3) CDL_DOT_I(4)
+#endif
+    default: break;
+    }
+}
+#undef CDL_DOT_I
+#undef CDL_DOT_J
+
+/* C[i, j] (+)= sum_k A[i, k] B[j, k]: A m x k and B n x k row-major, C m x n. */
+static void cdl_sdot_nt(cdl_idx m, cdl_idx n, cdl_idx k, const float *a, cdl_idx lda,
+                        const float *b, cdl_idx ldb, float *c, cdl_idx ldc, int beta_one) {
+    cdl_idx i, j;
+    for (i = 0; i < m; i += CDL_DOT_RI) {
+        int ri = m - i < CDL_DOT_RI ? (int)(m - i) : CDL_DOT_RI;
+        for (j = 0; j < n; j += CDL_DOT_RJ) {
+            int rj = n - j < CDL_DOT_RJ ? (int)(n - j) : CDL_DOT_RJ;
+            const float *ap = a + i * lda, *bp = b + j * ldb;
+            float *cp = c + i * ldc + j;
+            if (ri == CDL_DOT_RI && rj == CDL_DOT_RJ)
+                cdl_dot_block(CDL_DOT_RI, CDL_DOT_RJ, k, ap, lda, bp, ldb, cp, ldc, beta_one);
+            else
+                cdl_dot_any(ri, rj, k, ap, lda, bp, ldb, cp, ldc, beta_one);
+        }
+    }
+}
+#endif
