@@ -525,6 +525,354 @@ cdef float _sum_f32(const float* p, Py_ssize_t m) noexcept nogil:
 
 
 # ----------------------------------------------------------------------------
+# float32 channel-vector path ("implicit GEMM"): vectors over output channels
+# ----------------------------------------------------------------------------
+
+# Test and benchmark hook: 0 picks the path from the shapes, 1 forces the
+# column-vector kernels above (stride 1 only), 2 the channel-vector kernels.
+cdef int _cv_mode = 0
+
+
+def _set_path(int mode):
+    """Force a float32 path (0 auto, 1 column vectors, 2 channel vectors); returns the old mode."""
+    global _cv_mode
+    cdef int old = _cv_mode
+    _cv_mode = mode
+    return old
+
+
+cdef bint _use_cv(Py_ssize_t k, Py_ssize_t ow, Py_ssize_t sw) noexcept nogil:
+    # From the shapes (and the build's VF) only.
+    if _cv_mode == 1 and sw == 1:
+        return False
+    if _cv_mode == 2 or sw != 1:
+        return True
+    return k >= 12 and ow % VF != 0
+
+
+cdef inline void _cv_wtile(const float* xs, const Py_ssize_t* off, Py_ssize_t oh, Py_ssize_t ow,
+                           Py_ssize_t rstep, Py_ssize_t sw, const float* gt, Py_ssize_t kp,
+                           float* am, const int RT, const int V) noexcept nogil:
+    # am[t*kp + v*VF + l] += sum_{y, x} xs[off[t] + y*rstep + x*sw] * gt[(y*ow + x)*kp + v*VF + l]:
+    # RT rows (c, i, j) of the transposed weight gradient x V vectors of output
+    # channels in registers; per output position V loads and RT broadcasts.
+    cdef vf acc[28]
+    cdef vf gv[4]
+    cdef vf bv
+    cdef const float* pt[28]
+    cdef const float* g = gt
+    cdef Py_ssize_t y, x, t, v, xi
+    for t in range(RT):
+        for v in range(V):
+            acc[t * V + v] = vload(am + t * kp + v * VF)
+    for y in range(oh):
+        for t in range(RT):
+            pt[t] = xs + off[t] + y * rstep
+        xi = 0
+        for x in range(ow):
+            for v in range(V):
+                gv[v] = vloadr(g + v * VF)
+            for t in range(RT):
+                bv = vset1(pt[t][xi])
+                for v in range(V):
+                    acc[t * V + v] = acc[t * V + v] + bv * gv[v]
+            g = g + kp
+            xi = xi + sw
+    for t in range(RT):
+        for v in range(V):
+            vstore(am + t * kp + v * VF, acc[t * V + v])
+
+
+cdef inline void _cv_ftile(const float* xs, const Py_ssize_t* pos, const Py_ssize_t* roff,
+                           Py_ssize_t nr, const float* wt, Py_ssize_t kp, float* tb,
+                           const int RT, const int V) noexcept nogil:
+    # tb[t*V*VF + v*VF + l] = sum_r xs[pos[t] + roff[r]] * wt[r*kp + v*VF + l]: RT output
+    # positions x V vectors of output channels in registers; per (c, i, j) V
+    # weight loads and RT broadcasts.
+    cdef vf acc[28]
+    cdef vf gv[4]
+    cdef vf bv
+    cdef const float* pt[28]
+    cdef const float* w = wt
+    cdef Py_ssize_t r, t, v, o
+    for t in range(RT):
+        pt[t] = xs + pos[t]
+        for v in range(V):
+            acc[t * V + v] = vset1(0)
+    for r in range(nr):
+        o = roff[r]
+        for v in range(V):
+            gv[v] = vloadr(w + v * VF)
+        for t in range(RT):
+            bv = vset1(pt[t][o])
+            for v in range(V):
+                acc[t * V + v] = acc[t * V + v] + bv * gv[v]
+        w = w + kp
+    for t in range(RT):
+        for v in range(V):
+            vstore(tb + (t * V + v) * VF, acc[t * V + v])
+
+
+# Tiles (RT, V): RT*V accumulators, V channel vectors and a broadcast in 32 or
+# 16 registers. V=1 has several RT so that the rows or positions split evenly.
+cdef void _cv_wrun(Py_ssize_t rt, Py_ssize_t v, const float* xs, const Py_ssize_t* off,
+                   Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t rstep, Py_ssize_t sw,
+                   const float* gt, Py_ssize_t kp, float* am) noexcept nogil:
+    if VREGS >= 32:
+        if v == 4:
+            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 6, 4)
+        elif v == 3:
+            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 8, 3)
+        elif v == 2:
+            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 12, 2)
+        elif rt == 25:
+            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 25, 1)
+        elif rt == 20:
+            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 20, 1)
+        else:
+            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 24, 1)
+    else:
+        if v == 3:
+            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 4, 3)
+        elif v == 2:
+            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 6, 2)
+        elif rt == 10:
+            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 10, 1)
+        else:
+            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 12, 1)
+
+
+cdef void _cv_frun(Py_ssize_t rt, Py_ssize_t v, const float* xs, const Py_ssize_t* pos,
+                   const Py_ssize_t* roff, Py_ssize_t nr, const float* wt, Py_ssize_t kp,
+                   float* tb) noexcept nogil:
+    if VREGS >= 32:
+        if v == 4:
+            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 6, 4)
+        elif v == 3:
+            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 8, 3)
+        elif v == 2:
+            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 12, 2)
+        elif rt == 25:
+            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 25, 1)
+        elif rt == 20:
+            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 20, 1)
+        else:
+            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 24, 1)
+    else:
+        if v == 3:
+            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 4, 3)
+        elif v == 2:
+            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 6, 2)
+        elif rt == 10:
+            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 10, 1)
+        else:
+            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 12, 1)
+
+
+cdef void _cv_shape(Py_ssize_t k, Py_ssize_t rows, Py_ssize_t* rt, Py_ssize_t* v,
+                    Py_ssize_t* kp) noexcept nogil:
+    # V: fewest channel vectors computed (K rounded up to V vectors), ties to
+    # the wider tile; RT: for V=1 the candidate that pads `rows` least.
+    cdef Py_ssize_t kv = _cdiv(k, VF), vmax = 4 if VREGS >= 32 else 3
+    cdef Py_ssize_t c, best = -1, cells, t
+    cdef Py_ssize_t cand[3]
+    for c in range(vmax, 0, -1):
+        cells = _cdiv(kv, c) * c
+        if best < 0 or cells < best:
+            best = cells
+            v[0] = c
+    kp[0] = best * VF
+    if VREGS >= 32:
+        cand[0] = 25; cand[1] = 24; cand[2] = 20
+        if v[0] == 4:
+            rt[0] = 6
+        elif v[0] == 3:
+            rt[0] = 8
+        elif v[0] == 2:
+            rt[0] = 12
+    else:
+        cand[0] = 12; cand[1] = 10; cand[2] = 12
+        if v[0] == 3:
+            rt[0] = 4
+        elif v[0] == 2:
+            rt[0] = 6
+    if v[0] == 1:
+        best = -1
+        for c in range(3):
+            cells = _cdiv(rows, cand[c]) * cand[c]
+            if best < 0 or cells < best:
+                best = cells
+                rt[0] = cand[c]
+
+
+ctypedef struct CV:
+    # Shapes, staged plane sizes, tile (rt rows or positions x v vectors, K
+    # padded to kp), work split.
+    Py_ssize_t n, c, h, w, k, kh, kw, oh, ow, sh, sw, ph, pw
+    Py_ssize_t rs, qs, rows, rpad, p, rt, v, kp, nbk, nchunks, ngroups, gsz
+    Py_ssize_t xs_size, gt_size
+
+
+cdef void _cv_setup(CV* g) noexcept nogil:
+    g.rs = (g.oh - 1) * g.sh + g.kh
+    g.qs = (g.ow - 1) * g.sw + g.kw
+    g.rows = g.c * g.kh * g.kw
+    g.p = g.oh * g.ow
+    g.xs_size = _align16(g.c * g.rs * g.qs)
+
+
+cdef void _cv_offsets(const CV* g, Py_ssize_t* off) noexcept nogil:
+    # off[r] for r = (c, i, j): where tap r of output position 0 is in the staged image.
+    cdef Py_ssize_t c, i, j
+    for c in range(g.c):
+        for i in range(g.kh):
+            for j in range(g.kw):
+                off[(c * g.kh + i) * g.kw + j] = (c * g.rs + i) * g.qs + j
+
+
+cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize_t* off,
+                    float* part, Py_ssize_t it, float* xs, float* gt) noexcept nogil:
+    # Item = (chunk of images, group of row tiles): adds every image of the
+    # chunk, in order, into part[chunk][rows of the group][kp].
+    cdef Py_ssize_t ci = it // g.ngroups, gi = it % g.ngroups
+    cdef Py_ssize_t n_lo = ci * g.nbk, n_hi = _imin(g.n, n_lo + g.nbk)
+    cdef Py_ssize_t ntiles = g.rpad // g.rt
+    cdef Py_ssize_t t_lo = gi * g.gsz, t_hi = _imin(ntiles, t_lo + g.gsz)
+    cdef Py_ssize_t n, k, q, t, kb, P = g.p, kp = g.kp, vw = g.v * VF
+    cdef float* pc = part + ci * g.rpad * kp
+    cdef const float* src
+    if t_lo >= t_hi:
+        return
+    memset(pc + t_lo * g.rt * kp, 0, (t_hi - t_lo) * g.rt * kp * sizeof(float))
+    for n in range(n_lo, n_hi):
+        _stage(x + n * g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, g.rs, g.qs, xs)
+        # grad_out[n] (K x P) transposed to P x kp, channels past K zero.
+        for q in range(P):
+            for k in range(g.k, kp):
+                gt[q * kp + k] = 0
+        for k in range(g.k):
+            src = go + (n * g.k + k) * P
+            for q in range(P):
+                gt[q * kp + k] = src[q]
+        for t in range(t_lo, t_hi):
+            for kb in range(kp // vw):
+                _cv_wrun(g.rt, g.v, xs, off + t * g.rt, g.oh, g.ow, g.sh * g.qs, g.sw,
+                         gt + kb * vw, kp, pc + t * g.rt * kp + kb * vw)
+
+
+cdef int _cv_wgrad(CV* g, const float* go, const float* x, float* gw, int num_threads) noexcept nogil:
+    cdef Py_ssize_t items, it, tid, per, ntiles, r, k, ci, i, j, c, pr
+    cdef float s
+    cdef int nt
+    cdef float* buf
+    cdef float* part
+    cdef Py_ssize_t* off
+    cdef void* mem
+    _cv_setup(g)
+    _cv_shape(g.k, g.rows, &g.rt, &g.v, &g.kp)
+    g.rpad = _cdiv(g.rows, g.rt) * g.rt
+    ntiles = g.rpad // g.rt
+    # Work split from the shapes only: at most 8 chunks of images (partial sums
+    # added in chunk order), and row-tile groups when there are few chunks.
+    g.nbk = _cdiv(g.n, 8)
+    g.nchunks = _cdiv(g.n, g.nbk)
+    g.gsz = _cdiv(ntiles, _imin(ntiles, _cdiv(8, g.nchunks)))
+    g.ngroups = _cdiv(ntiles, g.gsz)
+    g.gt_size = _align16(g.p * g.kp)
+    items = g.nchunks * g.ngroups
+    nt = _threads(g.n * g.k * g.p * g.rows, items, num_threads)
+    per = g.xs_size + g.gt_size
+    mem = malloc((nt * per + g.nchunks * g.rpad * g.kp) * sizeof(float) + g.rpad * sizeof(Py_ssize_t) + 128)
+    if mem == NULL:
+        return -1
+    buf = _aligned(mem)
+    part = buf + nt * per
+    off = <Py_ssize_t*>(part + g.nchunks * g.rpad * g.kp)
+    _cv_offsets(g, off)
+    for r in range(g.rows, g.rpad):
+        off[r] = 0      # padding rows: computed on a valid address, never stored
+    for it in prange(items, schedule="dynamic", num_threads=nt):
+        tid = omp_get_thread_num()
+        _cv_witem(g, go, x, off, part, it, buf + tid * per, buf + tid * per + g.xs_size)
+    # Chunks added in order (the same for any thread count), transposed back to (K, C, KH, KW).
+    for r in range(g.rows):
+        for k in range(g.k):
+            s = part[r * g.kp + k]
+            for ci in range(1, g.nchunks):
+                s = s + part[(ci * g.rpad + r) * g.kp + k]
+            gw[k * g.rows + r] = s
+    free(mem)
+    return 0
+
+
+cdef void _cv_fitem(const CV* g, const float* x, const float* wt, const float* bias,
+                    const Py_ssize_t* roff, float* out, Py_ssize_t it, float* xs,
+                    float* tb) noexcept nogil:
+    # Item = (image, group of position tiles).
+    cdef Py_ssize_t n = it // g.ngroups, gi = it % g.ngroups
+    cdef Py_ssize_t ntiles = _cdiv(g.p, g.rt)
+    cdef Py_ssize_t t_lo = gi * g.gsz, t_hi = _imin(ntiles, t_lo + g.gsz)
+    cdef Py_ssize_t t, a, q, kb, k, kk, nv, vw = g.v * VF
+    cdef Py_ssize_t pos[28]
+    cdef float* d
+    cdef float bk
+    if t_lo >= t_hi:
+        return
+    _stage(x + n * g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, g.rs, g.qs, xs)
+    for t in range(t_lo, t_hi):
+        nv = _imin(g.rt, g.p - t * g.rt)
+        for a in range(g.rt):
+            # Positions past the plane repeat the last one: computed, not stored.
+            q = t * g.rt + _imin(a, nv - 1)
+            pos[a] = (q // g.ow) * g.sh * g.qs + (q % g.ow) * g.sw
+        for kb in range(g.kp // vw):
+            _cv_frun(g.rt, g.v, xs, pos, roff, g.rows, wt + kb * vw, g.kp, tb)
+            for kk in range(vw):
+                k = kb * vw + kk
+                if k >= g.k:
+                    break
+                bk = bias[k] if bias != NULL else 0
+                d = out + (n * g.k + k) * g.p + t * g.rt
+                for a in range(nv):
+                    d[a] = tb[a * vw + kk] + bk
+
+
+cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bias,
+                     float* out, int num_threads) noexcept nogil:
+    cdef Py_ssize_t items, it, tid, per, ntiles, r, k, tbs
+    cdef int nt
+    cdef float* buf
+    cdef float* wt
+    cdef Py_ssize_t* roff
+    cdef void* mem
+    _cv_setup(g)
+    _cv_shape(g.k, g.p, &g.rt, &g.v, &g.kp)
+    ntiles = _cdiv(g.p, g.rt)
+    g.gsz = _cdiv(ntiles, _imin(ntiles, _cdiv(8, g.n)))
+    g.ngroups = _cdiv(ntiles, g.gsz)
+    items = g.n * g.ngroups
+    nt = _threads(g.n * g.k * g.p * g.rows, items, num_threads)
+    tbs = _align16(g.rt * g.v * VF)
+    per = g.xs_size + tbs
+    mem = malloc((nt * per + g.rows * g.kp) * sizeof(float) + g.rows * sizeof(Py_ssize_t) + 128)
+    if mem == NULL:
+        return -1
+    buf = _aligned(mem)
+    wt = buf + nt * per
+    roff = <Py_ssize_t*>(wt + g.rows * g.kp)
+    _cv_offsets(g, roff)
+    # Filters as Wt[(c, i, j)][k], channels past K zero.
+    for r in range(g.rows):
+        for k in range(g.kp):
+            wt[r * g.kp + k] = weight[k * g.rows + r] if k < g.k else 0
+    for it in prange(items, schedule="dynamic", num_threads=nt):
+        tid = omp_get_thread_num()
+        _cv_fitem(g, x, wt, bias, roff, out, it, buf + tid * per, buf + tid * per + g.xs_size)
+    free(mem)
+    return 0
+
+
+# ----------------------------------------------------------------------------
 # Scalar path: float64 and any stride
 # ----------------------------------------------------------------------------
 
@@ -653,8 +1001,19 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     cdef Py_ssize_t it
     cdef const floating* bp = &bias[0] if bias is not None and K > 0 else NULL
     cdef Corr g
+    cdef CV cv
     cdef int rc = 0, nt
     if N == 0 or K == 0 or OH == 0 or OW == 0:
+        return
+    if floating is float and C > 0 and _use_cv(K, OW, sw):
+        cv.n = N; cv.c = C; cv.h = x.shape[2]; cv.w = x.shape[3]; cv.k = K
+        cv.kh = KH; cv.kw = KW; cv.oh = OH; cv.ow = OW; cv.sh = sh; cv.sw = sw
+        cv.ph = ph; cv.pw = pw
+        with nogil:
+            rc = _cv_forward(&cv, &x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp, &out[0, 0, 0, 0],
+                             num_threads)
+        if rc != 0:
+            raise MemoryError()
         return
     if floating is float and sw == 1 and C > 0:
         g.n = N; g.cin = C; g.h = x.shape[2]; g.w = x.shape[3]; g.cout = K
@@ -717,6 +1076,7 @@ def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
     cdef Py_ssize_t it, n, k
     cdef floating s
     cdef WGrad g
+    cdef CV cv
     cdef int rc = 0, nt
     if grad_bias is not None and K > 0:
         nt = _threads(N * K * plane * 8, K, num_threads)
@@ -734,6 +1094,16 @@ def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
         return
     if N == 0 or OH == 0 or OW == 0:
         grad_weight[:, :, :, :] = 0
+        return
+    if floating is float and _use_cv(K, OW, sw):
+        cv.n = N; cv.c = C; cv.h = x.shape[2]; cv.w = x.shape[3]; cv.k = K
+        cv.kh = KH; cv.kw = KW; cv.oh = OH; cv.ow = OW; cv.sh = sh; cv.sw = sw
+        cv.ph = ph; cv.pw = pw
+        with nogil:
+            rc = _cv_wgrad(&cv, &grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], &grad_weight[0, 0, 0, 0],
+                           num_threads)
+        if rc != 0:
+            raise MemoryError()
         return
     if floating is float and sw == 1:
         g.n = N; g.c = C; g.h = x.shape[2]; g.w = x.shape[3]; g.k = K
