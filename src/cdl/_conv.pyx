@@ -550,167 +550,340 @@ cdef bint _use_cv(Py_ssize_t k, Py_ssize_t ow, Py_ssize_t sw) noexcept nogil:
     return k >= 12 and ow % VF != 0
 
 
-cdef inline void _cv_wtile(const float* xs, const Py_ssize_t* off, Py_ssize_t oh, Py_ssize_t ow,
+cdef inline void _cv_wtile(const float* xs, const Py_ssize_t* poff, Py_ssize_t oh, Py_ssize_t ow,
                            Py_ssize_t rstep, Py_ssize_t sw, const float* gt, Py_ssize_t kp,
-                           float* am, const int RT, const int V) noexcept nogil:
-    # am[t*kp + v*VF + l] += sum_{y, x} xs[off[t] + y*rstep + x*sw] * gt[(y*ow + x)*kp + v*VF + l]:
-    # RT rows (c, i, j) of the transposed weight gradient x V vectors of output
-    # channels in registers; per output position V loads and RT broadcasts.
-    cdef vf acc[28]
+                           float* am, Py_ssize_t am_a, const int A, const int B,
+                           const int V) noexcept nogil:
+    # am[a*am_a + b*kp + v*VF + l] += sum_{y, x} xs[poff[a] + b + y*rstep + x*sw] * gt[(y*ow + x)*kp + v*VF + l]:
+    # rows (c, i, j) of the transposed weight gradient for A (c, i) pairs x B
+    # adjacent kernel columns, times V vectors of output channels, in registers.
+    # Per output position: V loads, A*B broadcasts (one pointer per pair, the
+    # column a constant offset), A*B*V multiply-adds.
+    cdef vf acc[25]
     cdef vf gv[4]
     cdef vf bv
-    cdef const float* pt[28]
+    cdef const float* pt[12]
     cdef const float* g = gt
-    cdef Py_ssize_t y, x, t, v, xi
-    for t in range(RT):
-        for v in range(V):
-            acc[t * V + v] = vload(am + t * kp + v * VF)
+    cdef Py_ssize_t y, x, a, b, v, xi
+    for a in range(A):
+        for b in range(B):
+            for v in range(V):
+                acc[(a * B + b) * V + v] = vload(am + a * am_a + b * kp + v * VF)
     for y in range(oh):
-        for t in range(RT):
-            pt[t] = xs + off[t] + y * rstep
+        for a in range(A):
+            pt[a] = xs + poff[a] + y * rstep
         xi = 0
         for x in range(ow):
             for v in range(V):
                 gv[v] = vloadr(g + v * VF)
-            for t in range(RT):
-                bv = vset1(pt[t][xi])
-                for v in range(V):
-                    acc[t * V + v] = acc[t * V + v] + bv * gv[v]
+            for a in range(A):
+                for b in range(B):
+                    bv = vset1(pt[a][xi + b])
+                    for v in range(V):
+                        acc[(a * B + b) * V + v] = acc[(a * B + b) * V + v] + bv * gv[v]
             g = g + kp
             xi = xi + sw
-    for t in range(RT):
-        for v in range(V):
-            vstore(am + t * kp + v * VF, acc[t * V + v])
+    for a in range(A):
+        for b in range(B):
+            for v in range(V):
+                vstore(am + a * am_a + b * kp + v * VF, acc[(a * B + b) * V + v])
 
 
-cdef inline void _cv_ftile(const float* xs, const Py_ssize_t* pos, const Py_ssize_t* roff,
+cdef inline void _cv_ftile(const float* xs, const Py_ssize_t* prow, const Py_ssize_t* roff,
                            Py_ssize_t nr, const float* wt, Py_ssize_t kp, float* tb,
-                           const int RT, const int V) noexcept nogil:
-    # tb[t*V*VF + v*VF + l] = sum_r xs[pos[t] + roff[r]] * wt[r*kp + v*VF + l]: RT output
-    # positions x V vectors of output channels in registers; per (c, i, j) V
-    # weight loads and RT broadcasts.
-    cdef vf acc[28]
+                           const int A, const int B, const int V) noexcept nogil:
+    # tb[((a*B + b)*V + v)*VF + l] = sum_r xs[prow[a] + b + roff[r]] * wt[r*kp + v*VF + l]:
+    # A output rows x B adjacent output columns (stride 1; B=1 with any
+    # positions otherwise) x V vectors of output channels in registers. Per tap
+    # (c, i, j): V weight loads, A*B broadcasts, A*B*V multiply-adds.
+    cdef vf acc[25]
     cdef vf gv[4]
     cdef vf bv
-    cdef const float* pt[28]
+    cdef const float* pt[12]
     cdef const float* w = wt
-    cdef Py_ssize_t r, t, v, o
-    for t in range(RT):
-        pt[t] = xs + pos[t]
-        for v in range(V):
-            acc[t * V + v] = vset1(0)
+    cdef Py_ssize_t r, a, b, v, o
+    for a in range(A):
+        pt[a] = xs + prow[a]
+    for a in range(A * B * V):
+        acc[a] = vset1(0)
     for r in range(nr):
         o = roff[r]
         for v in range(V):
             gv[v] = vloadr(w + v * VF)
-        for t in range(RT):
-            bv = vset1(pt[t][o])
-            for v in range(V):
-                acc[t * V + v] = acc[t * V + v] + bv * gv[v]
+        for a in range(A):
+            for b in range(B):
+                bv = vset1(pt[a][o + b])
+                for v in range(V):
+                    acc[(a * B + b) * V + v] = acc[(a * B + b) * V + v] + bv * gv[v]
         w = w + kp
-    for t in range(RT):
-        for v in range(V):
-            vstore(tb + (t * V + v) * VF, acc[t * V + v])
+    for a in range(A * B * V):
+        vstore(tb + a * VF, acc[a])
 
 
-# Tiles (RT, V): RT*V accumulators, V channel vectors and a broadcast in 32 or
-# 16 registers. V=1 has several RT so that the rows or positions split evenly.
-cdef void _cv_wrun(Py_ssize_t rt, Py_ssize_t v, const float* xs, const Py_ssize_t* off,
-                   Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t rstep, Py_ssize_t sw,
-                   const float* gt, Py_ssize_t kp, float* am) noexcept nogil:
-    if VREGS >= 32:
-        if v == 4:
-            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 6, 4)
-        elif v == 3:
-            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 8, 3)
-        elif v == 2:
-            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 12, 2)
-        elif rt == 25:
-            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 25, 1)
-        elif rt == 20:
-            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 20, 1)
-        else:
-            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 24, 1)
-    else:
-        if v == 3:
-            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 4, 3)
-        elif v == 2:
-            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 6, 2)
-        elif rt == 10:
-            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 10, 1)
-        else:
-            _cv_wtile(xs, off, oh, ow, rstep, sw, gt, kp, am, 12, 1)
-
-
-cdef void _cv_frun(Py_ssize_t rt, Py_ssize_t v, const float* xs, const Py_ssize_t* pos,
-                   const Py_ssize_t* roff, Py_ssize_t nr, const float* wt, Py_ssize_t kp,
-                   float* tb) noexcept nogil:
-    if VREGS >= 32:
-        if v == 4:
-            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 6, 4)
-        elif v == 3:
-            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 8, 3)
-        elif v == 2:
-            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 12, 2)
-        elif rt == 25:
-            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 25, 1)
-        elif rt == 20:
-            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 20, 1)
-        else:
-            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 24, 1)
-    else:
-        if v == 3:
-            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 4, 3)
-        elif v == 2:
-            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 6, 2)
-        elif rt == 10:
-            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 10, 1)
-        else:
-            _cv_ftile(xs, pos, roff, nr, wt, kp, tb, 12, 1)
-
-
-cdef void _cv_shape(Py_ssize_t k, Py_ssize_t rows, Py_ssize_t* rt, Py_ssize_t* v,
-                    Py_ssize_t* kp) noexcept nogil:
-    # V: fewest channel vectors computed (K rounded up to V vectors), ties to
-    # the wider tile; RT: for V=1 the candidate that pads `rows` least.
-    cdef Py_ssize_t kv = _cdiv(k, VF), vmax = 4 if VREGS >= 32 else 3
-    cdef Py_ssize_t c, best = -1, cells, t
-    cdef Py_ssize_t cand[3]
+cdef void _cv_shape(Py_ssize_t k, Py_ssize_t* v, Py_ssize_t* kp) noexcept nogil:
+    # V: fewest channel vectors computed (K rounded up to a multiple of V
+    # vectors), ties to the wider tile.
+    cdef Py_ssize_t kv = _cdiv(k, VF), vmax = 4 if VREGS >= 32 else 2
+    cdef Py_ssize_t c, best = -1, cells
     for c in range(vmax, 0, -1):
         cells = _cdiv(kv, c) * c
         if best < 0 or cells < best:
             best = cells
             v[0] = c
     kp[0] = best * VF
+
+
+cdef Py_ssize_t _cv_rows(Py_ssize_t v, Py_ssize_t b) noexcept nogil:
+    # A for a tile of A x B x V: A*B*V accumulators, V channel vectors and a
+    # broadcast in 32 or 16 vector registers; A pointers in general registers.
     if VREGS >= 32:
-        cand[0] = 25; cand[1] = 24; cand[2] = 20
-        if v[0] == 4:
-            rt[0] = 6
-        elif v[0] == 3:
-            rt[0] = 8
-        elif v[0] == 2:
-            rt[0] = 12
+        if v == 1 and b == 5:
+            return 5
+        elif v == 1 and b == 4:
+            return 6
+        elif v == 1 and b == 3:
+            return 8
+        elif v == 1 and b == 2:
+            return 10
+        elif v == 1 and b == 1:
+            return 10
+        elif v == 2 and b == 5:
+            return 2
+        elif v == 2 and b == 4:
+            return 3
+        elif v == 2 and b == 3:
+            return 4
+        elif v == 2 and b == 2:
+            return 6
+        elif v == 2 and b == 1:
+            return 10
+        elif v == 3 and b == 5:
+            return 1
+        elif v == 3 and b == 4:
+            return 2
+        elif v == 3 and b == 3:
+            return 2
+        elif v == 3 and b == 2:
+            return 4
+        elif v == 3 and b == 1:
+            return 8
+        elif v == 4 and b == 5:
+            return 1
+        elif v == 4 and b == 4:
+            return 1
+        elif v == 4 and b == 3:
+            return 2
+        elif v == 4 and b == 2:
+            return 3
+        elif v == 4 and b == 1:
+            return 6
     else:
-        cand[0] = 12; cand[1] = 10; cand[2] = 12
-        if v[0] == 3:
-            rt[0] = 4
-        elif v[0] == 2:
-            rt[0] = 6
-    if v[0] == 1:
-        best = -1
-        for c in range(3):
-            cells = _cdiv(rows, cand[c]) * cand[c]
-            if best < 0 or cells < best:
-                best = cells
-                rt[0] = cand[c]
+        if v == 1 and b == 5:
+            return 2
+        elif v == 1 and b == 4:
+            return 3
+        elif v == 1 and b == 3:
+            return 4
+        elif v == 1 and b == 2:
+            return 6
+        elif v == 1 and b == 1:
+            return 8
+        elif v == 2 and b == 5:
+            return 1
+        elif v == 2 and b == 4:
+            return 1
+        elif v == 2 and b == 3:
+            return 2
+        elif v == 2 and b == 2:
+            return 3
+        elif v == 2 and b == 1:
+            return 6
+    return 1
+
+
+cdef void _cv_wrun(Py_ssize_t a, Py_ssize_t b, Py_ssize_t v, const float* xs, const Py_ssize_t* poff, Py_ssize_t oh, Py_ssize_t ow,
+               Py_ssize_t rstep, Py_ssize_t sw, const float* gt, Py_ssize_t kp, float* am,
+               Py_ssize_t am_a) noexcept nogil:
+    if VREGS >= 32:
+        if a == 5 and b == 1 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 5, 1, 1)
+        elif a == 10 and b == 1 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 10, 1, 1)
+        elif a == 5 and b == 2 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 5, 2, 1)
+        elif a == 10 and b == 2 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 10, 2, 1)
+        elif a == 5 and b == 3 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 5, 3, 1)
+        elif a == 8 and b == 3 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 8, 3, 1)
+        elif a == 5 and b == 4 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 5, 4, 1)
+        elif a == 6 and b == 4 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 6, 4, 1)
+        elif a == 5 and b == 5 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 5, 5, 1)
+        elif a == 2 and b == 1 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 1, 2)
+        elif a == 10 and b == 1 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 10, 1, 2)
+        elif a == 2 and b == 2 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 2, 2)
+        elif a == 6 and b == 2 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 6, 2, 2)
+        elif a == 2 and b == 3 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 3, 2)
+        elif a == 4 and b == 3 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 4, 3, 2)
+        elif a == 2 and b == 4 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 4, 2)
+        elif a == 3 and b == 4 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 3, 4, 2)
+        elif a == 2 and b == 5 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 5, 2)
+        elif a == 1 and b == 1 and v == 3:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 1, 3)
+        elif a == 8 and b == 1 and v == 3:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 8, 1, 3)
+        elif a == 1 and b == 2 and v == 3:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 2, 3)
+        elif a == 4 and b == 2 and v == 3:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 4, 2, 3)
+        elif a == 1 and b == 3 and v == 3:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 3, 3)
+        elif a == 2 and b == 3 and v == 3:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 3, 3)
+        elif a == 1 and b == 4 and v == 3:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 4, 3)
+        elif a == 2 and b == 4 and v == 3:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 4, 3)
+        elif a == 1 and b == 5 and v == 3:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 5, 3)
+        elif a == 1 and b == 1 and v == 4:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 1, 4)
+        elif a == 6 and b == 1 and v == 4:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 6, 1, 4)
+        elif a == 1 and b == 2 and v == 4:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 2, 4)
+        elif a == 3 and b == 2 and v == 4:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 3, 2, 4)
+        elif a == 1 and b == 3 and v == 4:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 3, 4)
+        elif a == 2 and b == 3 and v == 4:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 3, 4)
+        elif a == 1 and b == 4 and v == 4:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 4, 4)
+        elif a == 1 and b == 5 and v == 4:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 5, 4)
+    else:
+        if a == 2 and b == 1 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 1, 1)
+        elif a == 8 and b == 1 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 8, 1, 1)
+        elif a == 2 and b == 2 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 2, 1)
+        elif a == 6 and b == 2 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 6, 2, 1)
+        elif a == 2 and b == 3 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 3, 1)
+        elif a == 4 and b == 3 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 4, 3, 1)
+        elif a == 2 and b == 4 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 4, 1)
+        elif a == 3 and b == 4 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 3, 4, 1)
+        elif a == 2 and b == 5 and v == 1:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 5, 1)
+        elif a == 1 and b == 1 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 1, 2)
+        elif a == 6 and b == 1 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 6, 1, 2)
+        elif a == 1 and b == 2 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 2, 2)
+        elif a == 3 and b == 2 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 3, 2, 2)
+        elif a == 1 and b == 3 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 3, 2)
+        elif a == 2 and b == 3 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 3, 2)
+        elif a == 1 and b == 4 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 4, 2)
+        elif a == 1 and b == 5 and v == 2:
+            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 5, 2)
+
+
+cdef void _cv_frun(Py_ssize_t a, Py_ssize_t b, Py_ssize_t v, const float* xs, const Py_ssize_t* prow,
+               const Py_ssize_t* roff, Py_ssize_t nr, const float* wt, Py_ssize_t kp, float* tb) noexcept nogil:
+    if VREGS >= 32:
+        if a == 10 and b == 1 and v == 1:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 10, 1, 1)
+        elif a == 10 and b == 2 and v == 1:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 10, 2, 1)
+        elif a == 8 and b == 3 and v == 1:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 8, 3, 1)
+        elif a == 6 and b == 4 and v == 1:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 6, 4, 1)
+        elif a == 5 and b == 5 and v == 1:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 5, 5, 1)
+        elif a == 10 and b == 1 and v == 2:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 10, 1, 2)
+        elif a == 6 and b == 2 and v == 2:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 6, 2, 2)
+        elif a == 4 and b == 3 and v == 2:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 4, 3, 2)
+        elif a == 3 and b == 4 and v == 2:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 3, 4, 2)
+        elif a == 2 and b == 5 and v == 2:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 2, 5, 2)
+        elif a == 8 and b == 1 and v == 3:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 8, 1, 3)
+        elif a == 4 and b == 2 and v == 3:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 4, 2, 3)
+        elif a == 2 and b == 3 and v == 3:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 2, 3, 3)
+        elif a == 2 and b == 4 and v == 3:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 2, 4, 3)
+        elif a == 1 and b == 5 and v == 3:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 1, 5, 3)
+        elif a == 6 and b == 1 and v == 4:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 6, 1, 4)
+        elif a == 3 and b == 2 and v == 4:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 3, 2, 4)
+        elif a == 2 and b == 3 and v == 4:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 2, 3, 4)
+        elif a == 1 and b == 4 and v == 4:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 1, 4, 4)
+        elif a == 1 and b == 5 and v == 4:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 1, 5, 4)
+    else:
+        if a == 8 and b == 1 and v == 1:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 8, 1, 1)
+        elif a == 6 and b == 2 and v == 1:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 6, 2, 1)
+        elif a == 4 and b == 3 and v == 1:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 4, 3, 1)
+        elif a == 3 and b == 4 and v == 1:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 3, 4, 1)
+        elif a == 2 and b == 5 and v == 1:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 2, 5, 1)
+        elif a == 6 and b == 1 and v == 2:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 6, 1, 2)
+        elif a == 3 and b == 2 and v == 2:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 3, 2, 2)
+        elif a == 2 and b == 3 and v == 2:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 2, 3, 2)
+        elif a == 1 and b == 4 and v == 2:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 1, 4, 2)
+        elif a == 1 and b == 5 and v == 2:
+            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 1, 5, 2)
 
 
 ctypedef struct CV:
-    # Shapes, staged plane sizes, tile (rt rows or positions x v vectors, K
-    # padded to kp), work split.
+    # Shapes; staged image (C x rs x qs); tile A x B x V with K padded to kp;
+    # work split into chunks of nbk images and groups of gsz tiles.
     Py_ssize_t n, c, h, w, k, kh, kw, oh, ow, sh, sw, ph, pw
-    Py_ssize_t rs, qs, rows, rpad, p, rt, v, kp, nbk, nchunks, ngroups, gsz
-    Py_ssize_t xs_size, gt_size
+    Py_ssize_t rs, qs, rows, p, a, b, v, kp, ntiles, nbk, nchunks, ngroups, gsz
+    Py_ssize_t xs_size, gt_size, ppad, tx
 
 
 cdef void _cv_setup(CV* g) noexcept nogil:
@@ -718,32 +891,26 @@ cdef void _cv_setup(CV* g) noexcept nogil:
     g.qs = (g.ow - 1) * g.sw + g.kw
     g.rows = g.c * g.kh * g.kw
     g.p = g.oh * g.ow
-    g.xs_size = _align16(g.c * g.rs * g.qs)
+    # Slack past the image: the forward pass's last column tile reads up to
+    # B-1 floats beyond a row (those outputs are not stored).
+    g.xs_size = _align16(g.c * g.rs * g.qs + 16)
+    _cv_shape(g.k, &g.v, &g.kp)
 
 
-cdef void _cv_offsets(const CV* g, Py_ssize_t* off) noexcept nogil:
-    # off[r] for r = (c, i, j): where tap r of output position 0 is in the staged image.
-    cdef Py_ssize_t c, i, j
-    for c in range(g.c):
-        for i in range(g.kh):
-            for j in range(g.kw):
-                off[(c * g.kh + i) * g.kw + j] = (c * g.rs + i) * g.qs + j
-
-
-cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize_t* off,
+cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize_t* poff,
                     float* part, Py_ssize_t it, float* xs, float* gt) noexcept nogil:
-    # Item = (chunk of images, group of row tiles): adds every image of the
+    # Item = (chunk of images, group of pair tiles): adds every image of the
     # chunk, in order, into part[chunk][rows of the group][kp].
     cdef Py_ssize_t ci = it // g.ngroups, gi = it % g.ngroups
     cdef Py_ssize_t n_lo = ci * g.nbk, n_hi = _imin(g.n, n_lo + g.nbk)
-    cdef Py_ssize_t ntiles = g.rpad // g.rt
-    cdef Py_ssize_t t_lo = gi * g.gsz, t_hi = _imin(ntiles, t_lo + g.gsz)
-    cdef Py_ssize_t n, k, q, t, kb, P = g.p, kp = g.kp, vw = g.v * VF
-    cdef float* pc = part + ci * g.rpad * kp
+    cdef Py_ssize_t t_lo = gi * g.gsz, t_hi = _imin(g.ntiles, t_lo + g.gsz)
+    cdef Py_ssize_t n, k, q, t, kb, j0, b, P = g.p, kp = g.kp, vw = g.v * VF
+    cdef Py_ssize_t A = g.a, KW = g.kw
+    cdef float* pc = part + ci * g.ppad * KW * kp
     cdef const float* src
     if t_lo >= t_hi:
         return
-    memset(pc + t_lo * g.rt * kp, 0, (t_hi - t_lo) * g.rt * kp * sizeof(float))
+    memset(pc + t_lo * A * KW * kp, 0, (t_hi - t_lo) * A * KW * kp * sizeof(float))
     for n in range(n_lo, n_hi):
         _stage(x + n * g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, g.rs, g.qs, xs)
         # grad_out[n] (K x P) transposed to P x kp, channels past K zero.
@@ -755,51 +922,60 @@ cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize
             for q in range(P):
                 gt[q * kp + k] = src[q]
         for t in range(t_lo, t_hi):
-            for kb in range(kp // vw):
-                _cv_wrun(g.rt, g.v, xs, off + t * g.rt, g.oh, g.ow, g.sh * g.qs, g.sw,
-                         gt + kb * vw, kp, pc + t * g.rt * kp + kb * vw)
+            j0 = 0
+            while j0 < KW:
+                b = _imin(KW - j0, 5)
+                for kb in range(kp // vw):
+                    _cv_wrun(A, b, g.v, xs + j0, poff + t * A, g.oh, g.ow, g.sh * g.qs, g.sw,
+                             gt + kb * vw, kp, pc + (t * A * KW + j0) * kp + kb * vw, KW * kp)
+                j0 = j0 + b
 
 
 cdef int _cv_wgrad(CV* g, const float* go, const float* x, float* gw, int num_threads) noexcept nogil:
-    cdef Py_ssize_t items, it, tid, per, ntiles, r, k, ci, i, j, c, pr
+    cdef Py_ssize_t items, it, tid, per, r, k, ci, c, i, q, psize
     cdef float s
     cdef int nt
     cdef float* buf
     cdef float* part
-    cdef Py_ssize_t* off
+    cdef Py_ssize_t* poff
     cdef void* mem
     _cv_setup(g)
-    _cv_shape(g.k, g.rows, &g.rt, &g.v, &g.kp)
-    g.rpad = _cdiv(g.rows, g.rt) * g.rt
-    ntiles = g.rpad // g.rt
+    g.a = _cv_rows(g.v, _imin(g.kw, 5))
+    g.ntiles = _cdiv(g.c * g.kh, g.a)
+    g.ppad = g.ntiles * g.a
     # Work split from the shapes only: at most 8 chunks of images (partial sums
-    # added in chunk order), and row-tile groups when there are few chunks.
+    # added in chunk order), and groups of pair tiles when chunks are few.
     g.nbk = _cdiv(g.n, 8)
     g.nchunks = _cdiv(g.n, g.nbk)
-    g.gsz = _cdiv(ntiles, _imin(ntiles, _cdiv(8, g.nchunks)))
-    g.ngroups = _cdiv(ntiles, g.gsz)
+    g.gsz = _cdiv(g.ntiles, _imin(g.ntiles, _cdiv(8, g.nchunks)))
+    g.ngroups = _cdiv(g.ntiles, g.gsz)
     g.gt_size = _align16(g.p * g.kp)
     items = g.nchunks * g.ngroups
     nt = _threads(g.n * g.k * g.p * g.rows, items, num_threads)
     per = g.xs_size + g.gt_size
-    mem = malloc((nt * per + g.nchunks * g.rpad * g.kp) * sizeof(float) + g.rpad * sizeof(Py_ssize_t) + 128)
+    psize = g.ppad * g.kw * g.kp
+    mem = malloc((nt * per + g.nchunks * psize) * sizeof(float) + g.ppad * sizeof(Py_ssize_t) + 128)
     if mem == NULL:
         return -1
     buf = _aligned(mem)
     part = buf + nt * per
-    off = <Py_ssize_t*>(part + g.nchunks * g.rpad * g.kp)
-    _cv_offsets(g, off)
-    for r in range(g.rows, g.rpad):
-        off[r] = 0      # padding rows: computed on a valid address, never stored
+    poff = <Py_ssize_t*>(part + g.nchunks * psize)
+    # poff[(c, i)]: kernel row i of channel c for output position 0; padding
+    # pairs read a valid address, their sums are never stored.
+    for q in range(g.ppad):
+        c = q // g.kh
+        i = q % g.kh
+        poff[q] = (c * g.rs + i) * g.qs if c < g.c else 0
     for it in prange(items, schedule="dynamic", num_threads=nt):
         tid = omp_get_thread_num()
-        _cv_witem(g, go, x, off, part, it, buf + tid * per, buf + tid * per + g.xs_size)
-    # Chunks added in order (the same for any thread count), transposed back to (K, C, KH, KW).
+        _cv_witem(g, go, x, poff, part, it, buf + tid * per, buf + tid * per + g.xs_size)
+    # Chunks added in order (the same for any thread count); rows r = (c, i, j)
+    # transposed back to (K, C, KH, KW).
     for r in range(g.rows):
         for k in range(g.k):
             s = part[r * g.kp + k]
             for ci in range(1, g.nchunks):
-                s = s + part[(ci * g.rpad + r) * g.kp + k]
+                s = s + part[ci * psize + r * g.kp + k]
             gw[k * g.rows + r] = s
     free(mem)
     return 0
@@ -808,51 +984,81 @@ cdef int _cv_wgrad(CV* g, const float* go, const float* x, float* gw, int num_th
 cdef void _cv_fitem(const CV* g, const float* x, const float* wt, const float* bias,
                     const Py_ssize_t* roff, float* out, Py_ssize_t it, float* xs,
                     float* tb) noexcept nogil:
-    # Item = (image, group of position tiles).
+    # Item = (image, group of position tiles). Stride 1: tile = A output rows x
+    # B adjacent columns; otherwise A positions in row-major order (B = 1).
     cdef Py_ssize_t n = it // g.ngroups, gi = it % g.ngroups
-    cdef Py_ssize_t ntiles = _cdiv(g.p, g.rt)
-    cdef Py_ssize_t t_lo = gi * g.gsz, t_hi = _imin(ntiles, t_lo + g.gsz)
-    cdef Py_ssize_t t, a, q, kb, k, kk, nv, vw = g.v * VF
-    cdef Py_ssize_t pos[28]
+    cdef Py_ssize_t t_lo = gi * g.gsz, t_hi = _imin(g.ntiles, t_lo + g.gsz)
+    cdef Py_ssize_t t, a, b, q, kb, k, kk, y0, x0, oy, ox, vw = g.v * VF
+    cdef Py_ssize_t A = g.a, B = g.b, P = g.p
+    cdef Py_ssize_t prow[12]
+    cdef Py_ssize_t opos[12]
+    cdef const float* tv
     cdef float* d
     cdef float bk
     if t_lo >= t_hi:
         return
     _stage(x + n * g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, g.rs, g.qs, xs)
     for t in range(t_lo, t_hi):
-        nv = _imin(g.rt, g.p - t * g.rt)
-        for a in range(g.rt):
-            # Positions past the plane repeat the last one: computed, not stored.
-            q = t * g.rt + _imin(a, nv - 1)
-            pos[a] = (q // g.ow) * g.sh * g.qs + (q % g.ow) * g.sw
+        if B > 1 or g.sw == 1:
+            y0 = (t // g.tx) * A
+            x0 = (t % g.tx) * B
+            for a in range(A):
+                # Rows past the plane repeat the last one: computed, not stored.
+                oy = _imin(y0 + a, g.oh - 1)
+                prow[a] = oy * g.sh * g.qs + x0
+                opos[a] = oy * g.ow + x0 if y0 + a < g.oh else -1
+        else:
+            x0 = 0
+            for a in range(A):
+                q = _imin(t * A + a, P - 1)
+                prow[a] = (q // g.ow) * g.sh * g.qs + (q % g.ow) * g.sw
+                opos[a] = q if t * A + a < P else -1
         for kb in range(g.kp // vw):
-            _cv_frun(g.rt, g.v, xs, pos, roff, g.rows, wt + kb * vw, g.kp, tb)
+            _cv_frun(A, B, g.v, xs, prow, roff, g.rows, wt + kb * vw, g.kp, tb)
             for kk in range(vw):
                 k = kb * vw + kk
                 if k >= g.k:
                     break
                 bk = bias[k] if bias != NULL else 0
-                d = out + (n * g.k + k) * g.p + t * g.rt
-                for a in range(nv):
-                    d[a] = tb[a * vw + kk] + bk
+                d = out + (n * g.k + k) * P
+                for a in range(A):
+                    if opos[a] < 0:
+                        break
+                    tv = tb + a * B * vw + kk
+                    for b in range(_imin(B, g.ow - x0)):
+                        d[opos[a] + b] = tv[b * vw] + bk
 
 
 cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bias,
                      float* out, int num_threads) noexcept nogil:
-    cdef Py_ssize_t items, it, tid, per, ntiles, r, k, tbs
+    cdef Py_ssize_t items, it, tid, per, r, k, tbs, b, a, cells, best = -1, c, i, j
     cdef int nt
     cdef float* buf
     cdef float* wt
     cdef Py_ssize_t* roff
     cdef void* mem
     _cv_setup(g)
-    _cv_shape(g.k, g.p, &g.rt, &g.v, &g.kp)
-    ntiles = _cdiv(g.p, g.rt)
-    g.gsz = _cdiv(ntiles, _imin(ntiles, _cdiv(8, g.n)))
-    g.ngroups = _cdiv(ntiles, g.gsz)
+    if g.sw == 1:
+        # Tile A x B with the fewest output cells computed (padding included).
+        for b in range(5, 0, -1):
+            a = _cv_rows(g.v, b)
+            cells = _cdiv(g.oh, a) * a * _cdiv(g.ow, b) * b
+            if best < 0 or cells < best:
+                best = cells
+                g.a = a
+                g.b = b
+        g.tx = _cdiv(g.ow, g.b)
+        g.ntiles = _cdiv(g.oh, g.a) * g.tx
+    else:
+        g.b = 1
+        g.a = _cv_rows(g.v, 1)
+        g.tx = 1
+        g.ntiles = _cdiv(g.p, g.a)
+    g.gsz = _cdiv(g.ntiles, _imin(g.ntiles, _cdiv(8, g.n)))
+    g.ngroups = _cdiv(g.ntiles, g.gsz)
     items = g.n * g.ngroups
     nt = _threads(g.n * g.k * g.p * g.rows, items, num_threads)
-    tbs = _align16(g.rt * g.v * VF)
+    tbs = _align16(g.a * g.b * g.v * VF)
     per = g.xs_size + tbs
     mem = malloc((nt * per + g.rows * g.kp) * sizeof(float) + g.rows * sizeof(Py_ssize_t) + 128)
     if mem == NULL:
@@ -860,8 +1066,14 @@ cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bi
     buf = _aligned(mem)
     wt = buf + nt * per
     roff = <Py_ssize_t*>(wt + g.rows * g.kp)
-    _cv_offsets(g, roff)
-    # Filters as Wt[(c, i, j)][k], channels past K zero.
+    for it in range(nt):
+        memset(buf + it * per + g.c * g.rs * g.qs, 0, (g.xs_size - g.c * g.rs * g.qs) * sizeof(float))
+    # roff[(c, i, j)]: tap (c, i, j) of output position 0 in the staged image;
+    # filters as Wt[(c, i, j)][k], channels past K zero.
+    for c in range(g.c):
+        for i in range(g.kh):
+            for j in range(g.kw):
+                roff[(c * g.kh + i) * g.kw + j] = (c * g.rs + i) * g.qs + j
     for r in range(g.rows):
         for k in range(g.kp):
             wt[r * g.kp + k] = weight[k * g.rows + r] if k < g.k else 0
