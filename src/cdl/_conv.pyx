@@ -56,6 +56,17 @@ cdef extern from "cdl_simd.h" nogil:
     vf vset1 "cdl_vf_set1"(float a)
     float vsum "cdl_vf_sum"(vf v)
 
+cdef extern from "cdl_cvtile.h" nogil:
+    # Register tiles of the channel-vector path, one C copy per shape (A, B, V).
+    int cv_rows "cdl_cv_rows"(int v, int b)
+    const int CV_VMAX "CDL_CV_VMAX"
+    void cv_wrun "cdl_cv_wrun"(int a, int b, int v, const float* xs, const Py_ssize_t* poff,
+                               Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t rstep, Py_ssize_t sw,
+                               const float* gt, Py_ssize_t kp, float* am, Py_ssize_t am_a)
+    void cv_frun "cdl_cv_frun"(int a, int b, int v, const float* xs, const Py_ssize_t* prow,
+                               const Py_ssize_t* roff, Py_ssize_t nr, const float* wt,
+                               Py_ssize_t kp, float* tb)
+
 # Below this many multiply-adds a second thread costs more than it saves.
 cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 18
 
@@ -550,80 +561,10 @@ cdef bint _use_cv(Py_ssize_t k, Py_ssize_t ow, Py_ssize_t sw) noexcept nogil:
     return k >= 12 and ow % VF != 0
 
 
-cdef inline void _cv_wtile(const float* xs, const Py_ssize_t* poff, Py_ssize_t oh, Py_ssize_t ow,
-                           Py_ssize_t rstep, Py_ssize_t sw, const float* gt, Py_ssize_t kp,
-                           float* am, Py_ssize_t am_a, const int A, const int B,
-                           const int V) noexcept nogil:
-    # am[a*am_a + b*kp + v*VF + l] += sum_{y, x} xs[poff[a] + b + y*rstep + x*sw] * gt[(y*ow + x)*kp + v*VF + l]:
-    # rows (c, i, j) of the transposed weight gradient for A (c, i) pairs x B
-    # adjacent kernel columns, times V vectors of output channels, in registers.
-    # Per output position: V loads, A*B broadcasts (one pointer per pair, the
-    # column a constant offset), A*B*V multiply-adds.
-    cdef vf acc[25]
-    cdef vf gv[4]
-    cdef vf bv
-    cdef const float* pt[12]
-    cdef const float* g = gt
-    cdef Py_ssize_t y, x, a, b, v, xi
-    for a in range(A):
-        for b in range(B):
-            for v in range(V):
-                acc[(a * B + b) * V + v] = vload(am + a * am_a + b * kp + v * VF)
-    for y in range(oh):
-        for a in range(A):
-            pt[a] = xs + poff[a] + y * rstep
-        xi = 0
-        for x in range(ow):
-            for v in range(V):
-                gv[v] = vloadr(g + v * VF)
-            for a in range(A):
-                for b in range(B):
-                    bv = vset1(pt[a][xi + b])
-                    for v in range(V):
-                        acc[(a * B + b) * V + v] = acc[(a * B + b) * V + v] + bv * gv[v]
-            g = g + kp
-            xi = xi + sw
-    for a in range(A):
-        for b in range(B):
-            for v in range(V):
-                vstore(am + a * am_a + b * kp + v * VF, acc[(a * B + b) * V + v])
-
-
-cdef inline void _cv_ftile(const float* xs, const Py_ssize_t* prow, const Py_ssize_t* roff,
-                           Py_ssize_t nr, const float* wt, Py_ssize_t kp, float* tb,
-                           const int A, const int B, const int V) noexcept nogil:
-    # tb[((a*B + b)*V + v)*VF + l] = sum_r xs[prow[a] + b + roff[r]] * wt[r*kp + v*VF + l]:
-    # A output rows x B adjacent output columns (stride 1; B=1 with any
-    # positions otherwise) x V vectors of output channels in registers. Per tap
-    # (c, i, j): V weight loads, A*B broadcasts, A*B*V multiply-adds.
-    cdef vf acc[25]
-    cdef vf gv[4]
-    cdef vf bv
-    cdef const float* pt[12]
-    cdef const float* w = wt
-    cdef Py_ssize_t r, a, b, v, o
-    for a in range(A):
-        pt[a] = xs + prow[a]
-    for a in range(A * B * V):
-        acc[a] = vset1(0)
-    for r in range(nr):
-        o = roff[r]
-        for v in range(V):
-            gv[v] = vloadr(w + v * VF)
-        for a in range(A):
-            for b in range(B):
-                bv = vset1(pt[a][o + b])
-                for v in range(V):
-                    acc[(a * B + b) * V + v] = acc[(a * B + b) * V + v] + bv * gv[v]
-        w = w + kp
-    for a in range(A * B * V):
-        vstore(tb + a * VF, acc[a])
-
-
 cdef void _cv_shape(Py_ssize_t k, Py_ssize_t* v, Py_ssize_t* kp) noexcept nogil:
     # V: fewest channel vectors computed (K rounded up to a multiple of V
     # vectors), ties to the wider tile.
-    cdef Py_ssize_t kv = _cdiv(k, VF), vmax = 4 if VREGS >= 32 else 2
+    cdef Py_ssize_t kv = _cdiv(k, VF), vmax = CV_VMAX
     cdef Py_ssize_t c, best = -1, cells
     for c in range(vmax, 0, -1):
         cells = _cdiv(kv, c) * c
@@ -631,251 +572,6 @@ cdef void _cv_shape(Py_ssize_t k, Py_ssize_t* v, Py_ssize_t* kp) noexcept nogil:
             best = cells
             v[0] = c
     kp[0] = best * VF
-
-
-cdef Py_ssize_t _cv_rows(Py_ssize_t v, Py_ssize_t b) noexcept nogil:
-    # A for a tile of A x B x V: A*B*V accumulators, V channel vectors and a
-    # broadcast in 32 or 16 vector registers; A pointers in general registers.
-    if VREGS >= 32:
-        if v == 1 and b == 5:
-            return 5
-        elif v == 1 and b == 4:
-            return 6
-        elif v == 1 and b == 3:
-            return 8
-        elif v == 1 and b == 2:
-            return 10
-        elif v == 1 and b == 1:
-            return 10
-        elif v == 2 and b == 5:
-            return 2
-        elif v == 2 and b == 4:
-            return 3
-        elif v == 2 and b == 3:
-            return 4
-        elif v == 2 and b == 2:
-            return 6
-        elif v == 2 and b == 1:
-            return 10
-        elif v == 3 and b == 5:
-            return 1
-        elif v == 3 and b == 4:
-            return 2
-        elif v == 3 and b == 3:
-            return 2
-        elif v == 3 and b == 2:
-            return 4
-        elif v == 3 and b == 1:
-            return 8
-        elif v == 4 and b == 5:
-            return 1
-        elif v == 4 and b == 4:
-            return 1
-        elif v == 4 and b == 3:
-            return 2
-        elif v == 4 and b == 2:
-            return 3
-        elif v == 4 and b == 1:
-            return 6
-    else:
-        if v == 1 and b == 5:
-            return 2
-        elif v == 1 and b == 4:
-            return 3
-        elif v == 1 and b == 3:
-            return 4
-        elif v == 1 and b == 2:
-            return 6
-        elif v == 1 and b == 1:
-            return 8
-        elif v == 2 and b == 5:
-            return 1
-        elif v == 2 and b == 4:
-            return 1
-        elif v == 2 and b == 3:
-            return 2
-        elif v == 2 and b == 2:
-            return 3
-        elif v == 2 and b == 1:
-            return 6
-    return 1
-
-
-cdef void _cv_wrun(Py_ssize_t a, Py_ssize_t b, Py_ssize_t v, const float* xs, const Py_ssize_t* poff, Py_ssize_t oh, Py_ssize_t ow,
-               Py_ssize_t rstep, Py_ssize_t sw, const float* gt, Py_ssize_t kp, float* am,
-               Py_ssize_t am_a) noexcept nogil:
-    if VREGS >= 32:
-        if a == 5 and b == 1 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 5, 1, 1)
-        elif a == 10 and b == 1 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 10, 1, 1)
-        elif a == 5 and b == 2 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 5, 2, 1)
-        elif a == 10 and b == 2 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 10, 2, 1)
-        elif a == 5 and b == 3 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 5, 3, 1)
-        elif a == 8 and b == 3 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 8, 3, 1)
-        elif a == 5 and b == 4 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 5, 4, 1)
-        elif a == 6 and b == 4 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 6, 4, 1)
-        elif a == 5 and b == 5 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 5, 5, 1)
-        elif a == 2 and b == 1 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 1, 2)
-        elif a == 10 and b == 1 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 10, 1, 2)
-        elif a == 2 and b == 2 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 2, 2)
-        elif a == 6 and b == 2 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 6, 2, 2)
-        elif a == 2 and b == 3 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 3, 2)
-        elif a == 4 and b == 3 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 4, 3, 2)
-        elif a == 2 and b == 4 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 4, 2)
-        elif a == 3 and b == 4 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 3, 4, 2)
-        elif a == 2 and b == 5 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 5, 2)
-        elif a == 1 and b == 1 and v == 3:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 1, 3)
-        elif a == 8 and b == 1 and v == 3:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 8, 1, 3)
-        elif a == 1 and b == 2 and v == 3:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 2, 3)
-        elif a == 4 and b == 2 and v == 3:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 4, 2, 3)
-        elif a == 1 and b == 3 and v == 3:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 3, 3)
-        elif a == 2 and b == 3 and v == 3:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 3, 3)
-        elif a == 1 and b == 4 and v == 3:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 4, 3)
-        elif a == 2 and b == 4 and v == 3:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 4, 3)
-        elif a == 1 and b == 5 and v == 3:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 5, 3)
-        elif a == 1 and b == 1 and v == 4:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 1, 4)
-        elif a == 6 and b == 1 and v == 4:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 6, 1, 4)
-        elif a == 1 and b == 2 and v == 4:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 2, 4)
-        elif a == 3 and b == 2 and v == 4:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 3, 2, 4)
-        elif a == 1 and b == 3 and v == 4:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 3, 4)
-        elif a == 2 and b == 3 and v == 4:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 3, 4)
-        elif a == 1 and b == 4 and v == 4:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 4, 4)
-        elif a == 1 and b == 5 and v == 4:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 5, 4)
-    else:
-        if a == 2 and b == 1 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 1, 1)
-        elif a == 8 and b == 1 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 8, 1, 1)
-        elif a == 2 and b == 2 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 2, 1)
-        elif a == 6 and b == 2 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 6, 2, 1)
-        elif a == 2 and b == 3 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 3, 1)
-        elif a == 4 and b == 3 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 4, 3, 1)
-        elif a == 2 and b == 4 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 4, 1)
-        elif a == 3 and b == 4 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 3, 4, 1)
-        elif a == 2 and b == 5 and v == 1:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 5, 1)
-        elif a == 1 and b == 1 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 1, 2)
-        elif a == 6 and b == 1 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 6, 1, 2)
-        elif a == 1 and b == 2 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 2, 2)
-        elif a == 3 and b == 2 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 3, 2, 2)
-        elif a == 1 and b == 3 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 3, 2)
-        elif a == 2 and b == 3 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 2, 3, 2)
-        elif a == 1 and b == 4 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 4, 2)
-        elif a == 1 and b == 5 and v == 2:
-            _cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, 1, 5, 2)
-
-
-cdef void _cv_frun(Py_ssize_t a, Py_ssize_t b, Py_ssize_t v, const float* xs, const Py_ssize_t* prow,
-               const Py_ssize_t* roff, Py_ssize_t nr, const float* wt, Py_ssize_t kp, float* tb) noexcept nogil:
-    if VREGS >= 32:
-        if a == 10 and b == 1 and v == 1:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 10, 1, 1)
-        elif a == 10 and b == 2 and v == 1:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 10, 2, 1)
-        elif a == 8 and b == 3 and v == 1:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 8, 3, 1)
-        elif a == 6 and b == 4 and v == 1:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 6, 4, 1)
-        elif a == 5 and b == 5 and v == 1:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 5, 5, 1)
-        elif a == 10 and b == 1 and v == 2:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 10, 1, 2)
-        elif a == 6 and b == 2 and v == 2:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 6, 2, 2)
-        elif a == 4 and b == 3 and v == 2:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 4, 3, 2)
-        elif a == 3 and b == 4 and v == 2:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 3, 4, 2)
-        elif a == 2 and b == 5 and v == 2:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 2, 5, 2)
-        elif a == 8 and b == 1 and v == 3:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 8, 1, 3)
-        elif a == 4 and b == 2 and v == 3:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 4, 2, 3)
-        elif a == 2 and b == 3 and v == 3:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 2, 3, 3)
-        elif a == 2 and b == 4 and v == 3:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 2, 4, 3)
-        elif a == 1 and b == 5 and v == 3:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 1, 5, 3)
-        elif a == 6 and b == 1 and v == 4:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 6, 1, 4)
-        elif a == 3 and b == 2 and v == 4:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 3, 2, 4)
-        elif a == 2 and b == 3 and v == 4:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 2, 3, 4)
-        elif a == 1 and b == 4 and v == 4:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 1, 4, 4)
-        elif a == 1 and b == 5 and v == 4:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 1, 5, 4)
-    else:
-        if a == 8 and b == 1 and v == 1:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 8, 1, 1)
-        elif a == 6 and b == 2 and v == 1:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 6, 2, 1)
-        elif a == 4 and b == 3 and v == 1:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 4, 3, 1)
-        elif a == 3 and b == 4 and v == 1:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 3, 4, 1)
-        elif a == 2 and b == 5 and v == 1:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 2, 5, 1)
-        elif a == 6 and b == 1 and v == 2:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 6, 1, 2)
-        elif a == 3 and b == 2 and v == 2:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 3, 2, 2)
-        elif a == 2 and b == 3 and v == 2:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 2, 3, 2)
-        elif a == 1 and b == 4 and v == 2:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 1, 4, 2)
-        elif a == 1 and b == 5 and v == 2:
-            _cv_ftile(xs, prow, roff, nr, wt, kp, tb, 1, 5, 2)
 
 
 ctypedef struct CV:
@@ -926,7 +622,7 @@ cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize
             while j0 < KW:
                 b = _imin(KW - j0, 5)
                 for kb in range(kp // vw):
-                    _cv_wrun(A, b, g.v, xs + j0, poff + t * A, g.oh, g.ow, g.sh * g.qs, g.sw,
+                    cv_wrun(A, b, g.v, xs + j0, poff + t * A, g.oh, g.ow, g.sh * g.qs, g.sw,
                              gt + kb * vw, kp, pc + (t * A * KW + j0) * kp + kb * vw, KW * kp)
                 j0 = j0 + b
 
@@ -940,7 +636,7 @@ cdef int _cv_wgrad(CV* g, const float* go, const float* x, float* gw, int num_th
     cdef Py_ssize_t* poff
     cdef void* mem
     _cv_setup(g)
-    g.a = _cv_rows(g.v, _imin(g.kw, 5))
+    g.a = cv_rows(g.v, _imin(g.kw, 5))
     g.ntiles = _cdiv(g.c * g.kh, g.a)
     g.ppad = g.ntiles * g.a
     # Work split from the shapes only: at most 8 chunks of images (partial sums
@@ -1014,7 +710,7 @@ cdef void _cv_fitem(const CV* g, const float* x, const float* wt, const float* b
                 prow[a] = (q // g.ow) * g.sh * g.qs + (q % g.ow) * g.sw
                 opos[a] = q if t * A + a < P else -1
         for kb in range(g.kp // vw):
-            _cv_frun(A, B, g.v, xs, prow, roff, g.rows, wt + kb * vw, g.kp, tb)
+            cv_frun(A, B, g.v, xs, prow, roff, g.rows, wt + kb * vw, g.kp, tb)
             for kk in range(vw):
                 k = kb * vw + kk
                 if k >= g.k:
@@ -1041,7 +737,7 @@ cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bi
     if g.sw == 1:
         # Tile A x B with the fewest output cells computed (padding included).
         for b in range(5, 0, -1):
-            a = _cv_rows(g.v, b)
+            a = cv_rows(g.v, b)
             cells = _cdiv(g.oh, a) * a * _cdiv(g.ow, b) * b
             if best < 0 or cells < best:
                 best = cells
@@ -1051,7 +747,7 @@ cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bi
         g.ntiles = _cdiv(g.oh, g.a) * g.tx
     else:
         g.b = 1
-        g.a = _cv_rows(g.v, 1)
+        g.a = cv_rows(g.v, 1)
         g.tx = 1
         g.ntiles = _cdiv(g.p, g.a)
     g.gsz = _cdiv(g.ntiles, _imin(g.ntiles, _cdiv(8, g.n)))

@@ -1,0 +1,143 @@
+/* Register tiles of the channel-vector conv kernels (_conv.pyx, "channel-vector
+ * path"), one copy per tile shape.
+ *
+ * A tile holds A x B x V vector accumulators: A pointers into the staged
+ * input, B adjacent columns at constant offsets from each pointer, V vectors of
+ * output channels. Each step loads V channel vectors, broadcasts A*B input
+ * values and does A*B*V multiply-adds; with A pointers in general registers
+ * and the columns as constant offsets no broadcast needs an address reload.
+ * Kept in C so that every shape is compiled with A, B, V as constants (loops
+ * unrolled, accumulators in registers): GCC neither inlines nor clones a
+ * Cython helper for ~30 constant argument sets.
+ */
+#ifndef CDL_CVTILE_H
+#define CDL_CVTILE_H
+
+#include "cdl_simd.h"
+
+#define CDL_CV_INLINE static inline __attribute__((always_inline))
+
+/* am[a*am_a + b*kp + v*VF + l] += sum_{y, x} xs[poff[a] + b + y*rstep + x*sw]
+ *                                   * gt[(y*ow + x)*kp + v*VF + l]
+ * (weight gradient: A (c, i) pairs x B kernel columns x V channel vectors). */
+CDL_CV_INLINE void cdl_cv_wtile(const float *xs, const Py_ssize_t *poff, Py_ssize_t oh,
+                                Py_ssize_t ow, Py_ssize_t rstep, Py_ssize_t sw,
+                                const float *gt, Py_ssize_t kp, float *am, Py_ssize_t am_a,
+                                const int A, const int B, const int V) {
+    cdl_vf acc[A * B * V], gv[V];
+    const float *pt[A];
+    const float *g = gt;
+    Py_ssize_t y, x, xi;
+    int a, b, v;
+    for (a = 0; a < A; a++)
+        for (b = 0; b < B; b++)
+            for (v = 0; v < V; v++)
+                acc[(a * B + b) * V + v] = cdl_vf_load(am + a * am_a + b * kp + v * CDL_VF);
+    for (y = 0; y < oh; y++) {
+        for (a = 0; a < A; a++)
+            pt[a] = xs + poff[a] + y * rstep;
+        for (x = 0, xi = 0; x < ow; x++, xi += sw, g += kp) {
+            for (v = 0; v < V; v++)
+                gv[v] = cdl_vf_loadr(g + v * CDL_VF);
+            for (a = 0; a < A; a++)
+                for (b = 0; b < B; b++) {
+                    cdl_vf bv = cdl_vf_set1(pt[a][xi + b]);
+                    for (v = 0; v < V; v++)
+                        acc[(a * B + b) * V + v] += bv * gv[v];
+                }
+        }
+    }
+    for (a = 0; a < A; a++)
+        for (b = 0; b < B; b++)
+            for (v = 0; v < V; v++)
+                cdl_vf_store(am + a * am_a + b * kp + v * CDL_VF, acc[(a * B + b) * V + v]);
+}
+
+/* tb[((a*B + b)*V + v)*VF + l] = sum_r xs[prow[a] + b + roff[r]] * wt[r*kp + v*VF + l]
+ * (forward: A output rows x B adjacent output columns x V channel vectors). */
+CDL_CV_INLINE void cdl_cv_ftile(const float *xs, const Py_ssize_t *prow, const Py_ssize_t *roff,
+                                Py_ssize_t nr, const float *wt, Py_ssize_t kp, float *tb,
+                                const int A, const int B, const int V) {
+    cdl_vf acc[A * B * V], gv[V];
+    const float *pt[A];
+    const float *w = wt;
+    Py_ssize_t r, o;
+    int a, b, v;
+    for (a = 0; a < A; a++)
+        pt[a] = xs + prow[a];
+    for (a = 0; a < A * B * V; a++)
+        acc[a] = cdl_vf_set1(0);
+    for (r = 0; r < nr; r++, w += kp) {
+        o = roff[r];
+        for (v = 0; v < V; v++)
+            gv[v] = cdl_vf_loadr(w + v * CDL_VF);
+        for (a = 0; a < A; a++)
+            for (b = 0; b < B; b++) {
+                cdl_vf bv = cdl_vf_set1(pt[a][o + b]);
+                for (v = 0; v < V; v++)
+                    acc[(a * B + b) * V + v] += bv * gv[v];
+            }
+    }
+    for (a = 0; a < A * B * V; a++)
+        cdl_vf_store(tb + a * CDL_VF, acc[a]);
+}
+
+/* A for the tile of B columns x V vectors: A*B*V accumulators, V channel
+ * vectors and a broadcast within the vector registers; A <= 10 pointers. */
+static inline int cdl_cv_rows(int v, int b) {
+#if CDL_VREGS >= 32
+    static const int t[4][5] = {{10, 10, 8, 6, 5}, {10, 6, 4, 3, 2},
+                                {8, 4, 2, 2, 1}, {6, 3, 2, 1, 1}};
+#else
+    static const int t[4][5] = {{8, 6, 4, 3, 2}, {6, 3, 2, 1, 1}, {1, 1, 1, 1, 1}, {1, 1, 1, 1, 1}};
+#endif
+    return t[v - 1][b - 1];
+}
+
+/* Largest V the build uses. */
+#if CDL_VREGS >= 32
+#define CDL_CV_VMAX 4
+#else
+#define CDL_CV_VMAX 2
+#endif
+
+#define CDL_CV_WARGS const float *xs, const Py_ssize_t *poff, Py_ssize_t oh, Py_ssize_t ow, \
+    Py_ssize_t rstep, Py_ssize_t sw, const float *gt, Py_ssize_t kp, float *am, Py_ssize_t am_a
+#define CDL_CV_FARGS const float *xs, const Py_ssize_t *prow, const Py_ssize_t *roff, \
+    Py_ssize_t nr, const float *wt, Py_ssize_t kp, float *tb
+
+/* One function per shape (A, B, V); the residual column blocks of kernels wider
+ * than 5 use B = 1..4 with the A of B = 5. */
+#define CDL_CV_DEF(A, B, V) \
+    static void cdl_cv_w_##A##_##B##_##V(CDL_CV_WARGS) { \
+        cdl_cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, A, B, V); } \
+    static void cdl_cv_f_##A##_##B##_##V(CDL_CV_FARGS) { \
+        cdl_cv_ftile(xs, prow, roff, nr, wt, kp, tb, A, B, V); }
+#define CDL_CV_WCASE(A, B, V) \
+    if (a == A && b == B && v == V) { cdl_cv_w_##A##_##B##_##V(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a); return; }
+#define CDL_CV_FCASE(A, B, V) \
+    if (a == A && b == B && v == V) { cdl_cv_f_##A##_##B##_##V(xs, prow, roff, nr, wt, kp, tb); return; }
+
+#if CDL_VREGS >= 32
+#define CDL_CV_SHAPES(X) \
+    X(10, 1, 1) X(10, 2, 1) X(8, 3, 1) X(6, 4, 1) X(5, 5, 1) X(5, 1, 1) X(5, 2, 1) X(5, 3, 1) X(5, 4, 1) \
+    X(10, 1, 2) X(6, 2, 2) X(4, 3, 2) X(3, 4, 2) X(2, 5, 2) X(2, 1, 2) X(2, 2, 2) X(2, 3, 2) X(2, 4, 2) \
+    X(8, 1, 3) X(4, 2, 3) X(2, 3, 3) X(2, 4, 3) X(1, 5, 3) X(1, 1, 3) X(1, 2, 3) X(1, 3, 3) X(1, 4, 3) \
+    X(6, 1, 4) X(3, 2, 4) X(2, 3, 4) X(1, 4, 4) X(1, 5, 4) X(1, 1, 4) X(1, 2, 4) X(1, 3, 4)
+#else
+#define CDL_CV_SHAPES(X) \
+    X(8, 1, 1) X(6, 2, 1) X(4, 3, 1) X(3, 4, 1) X(2, 5, 1) X(2, 1, 1) X(2, 2, 1) X(2, 3, 1) X(2, 4, 1) \
+    X(6, 1, 2) X(3, 2, 2) X(2, 3, 2) X(1, 4, 2) X(1, 5, 2) X(1, 1, 2) X(1, 2, 2) X(1, 3, 2)
+#endif
+
+CDL_CV_SHAPES(CDL_CV_DEF)
+
+static void cdl_cv_wrun(int a, int b, int v, CDL_CV_WARGS) {
+    CDL_CV_SHAPES(CDL_CV_WCASE)
+}
+
+static void cdl_cv_frun(int a, int b, int v, CDL_CV_FARGS) {
+    CDL_CV_SHAPES(CDL_CV_FCASE)
+}
+
+#endif
