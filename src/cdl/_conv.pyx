@@ -601,29 +601,39 @@ cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize
     cdef Py_ssize_t n_lo = ci * g.nbk, n_hi = _imin(g.n, n_lo + g.nbk)
     cdef Py_ssize_t t_lo = gi * g.gsz, t_hi = _imin(g.ntiles, t_lo + g.gsz)
     cdef Py_ssize_t n, k, q, t, kb, j0, b, P = g.p, kp = g.kp, vw = g.v * VF
-    cdef Py_ssize_t A = g.a, KW = g.kw
+    cdef Py_ssize_t A = g.a, KW = g.kw, q0, qn, c_lo, c_hi
     cdef float* pc = part + ci * g.ppad * KW * kp
     cdef const float* src
+    cdef float* d
     if t_lo >= t_hi:
         return
     memset(pc + t_lo * A * KW * kp, 0, (t_hi - t_lo) * A * KW * kp * sizeof(float))
+    # Only the channels of this group's pairs are staged (padding pairs read
+    # whatever is at offset 0; their sums are never stored).
+    c_lo = _imin(t_lo * A // g.kh, g.c - 1)
+    c_hi = _imin(g.c, _cdiv(t_hi * A, g.kh))
     for n in range(n_lo, n_hi):
-        _stage(x + n * g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, g.rs, g.qs, xs)
-        # grad_out[n] (K x P) transposed to P x kp, channels past K zero.
-        for q in range(P):
-            for k in range(g.k, kp):
-                gt[q * kp + k] = 0
-        for k in range(g.k):
-            src = go + (n * g.k + k) * P
-            for q in range(P):
-                gt[q * kp + k] = src[q]
+        _stage(x + (n * g.c + c_lo) * g.h * g.w, c_hi - c_lo, g.h, g.w, g.ph, g.pw, g.rs, g.qs,
+               xs + c_lo * g.rs * g.qs)
+        # grad_out[n] (K x P) transposed to P x kp in blocks of 16 positions (the
+        # block's rows of gt stay in L1), channels past K zero.
+        for q0 in range(0, P, 16):
+            qn = _imin(16, P - q0)
+            for k in range(g.k):
+                src = go + (n * g.k + k) * P + q0
+                d = gt + q0 * kp + k
+                for q in range(qn):
+                    d[q * kp] = src[q]
+            for q in range(qn):
+                for k in range(g.k, kp):
+                    gt[(q0 + q) * kp + k] = 0
         for t in range(t_lo, t_hi):
             j0 = 0
             while j0 < KW:
                 b = _imin(KW - j0, 5)
                 for kb in range(kp // vw):
                     cv_wrun(A, b, g.v, xs + j0, poff + t * A, g.oh, g.ow, g.sh * g.qs, g.sw,
-                             gt + kb * vw, kp, pc + (t * A * KW + j0) * kp + kb * vw, KW * kp)
+                            gt + kb * vw, kp, pc + (t * A * KW + j0) * kp + kb * vw, KW * kp)
                 j0 = j0 + b
 
 
