@@ -60,6 +60,8 @@ cdef extern from "cdl_cvtile.h" nogil:
     # Register tiles of the channel-vector path, one C copy per shape (A, B, V).
     int cv_rows "cdl_cv_rows"(int v, int b)
     const int CV_VMAX "CDL_CV_VMAX"
+    void cv_transpose "cdl_cv_transpose"(const float* src, Py_ssize_t p, Py_ssize_t nk,
+                                         float* dst, Py_ssize_t kp)
     void cv_wrun "cdl_cv_wrun"(int a, int b, int v, const float* xs, const Py_ssize_t* poff,
                                Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t rstep, Py_ssize_t sw,
                                const float* gt, Py_ssize_t kp, float* am, Py_ssize_t am_a)
@@ -599,10 +601,8 @@ cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize
     cdef Py_ssize_t n_lo = ci * g.nbk, n_hi = _imin(g.n, n_lo + g.nbk)
     cdef Py_ssize_t t_lo = gi * g.gsz, t_hi = _imin(g.ntiles, t_lo + g.gsz)
     cdef Py_ssize_t n, k, q, t, kb, j0, b, P = g.p, kp = g.kp, vw = g.v * VF
-    cdef Py_ssize_t A = g.a, KW = g.kw, q0, qn, c_lo, c_hi
+    cdef Py_ssize_t A = g.a, KW = g.kw, c_lo, c_hi
     cdef float* pc = part + ci * g.ppad * KW * kp
-    cdef const float* src
-    cdef float* d
     if t_lo >= t_hi:
         return
     memset(pc + t_lo * A * KW * kp, 0, (t_hi - t_lo) * A * KW * kp * sizeof(float))
@@ -613,18 +613,12 @@ cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize
     for n in range(n_lo, n_hi):
         _stage(x + (n * g.c + c_lo) * g.h * g.w, c_hi - c_lo, g.h, g.w, g.ph, g.pw, g.rs, g.qs,
                xs + c_lo * g.rs * g.qs)
-        # grad_out[n] (K x P) transposed to P x kp in blocks of 16 positions (the
-        # block's rows of gt stay in L1), channels past K zero.
-        for q0 in range(0, P, 16):
-            qn = _imin(16, P - q0)
-            for k in range(g.k):
-                src = go + (n * g.k + k) * P + q0
-                d = gt + q0 * kp + k
-                for q in range(qn):
-                    d[q * kp] = src[q]
-            for q in range(qn):
+        # grad_out[n] (K x P) transposed to P x kp, channels past K zero.
+        cv_transpose(go + n * g.k * P, P, g.k, gt, kp)
+        if kp > g.k:
+            for q in range(P):
                 for k in range(g.k, kp):
-                    gt[(q0 + q) * kp + k] = 0
+                    gt[q * kp + k] = 0
         for t in range(t_lo, t_hi):
             j0 = 0
             while j0 < KW:
