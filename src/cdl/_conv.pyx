@@ -573,6 +573,7 @@ ctypedef struct CV:
     Py_ssize_t n, c, h, w, k, kh, kw, oh, ow, sh, sw, ph, pw
     Py_ssize_t rs, qs, rows, p, a, b, v, kp, ntiles, nbk, nchunks, ngroups, gsz
     Py_ssize_t xs_size, gt_size, ppad, tx
+    bint direct
 
 
 cdef void _cv_setup(CV* g) noexcept nogil:
@@ -611,8 +612,11 @@ cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize
     c_lo = _imin(t_lo * A // g.kh, g.c - 1)
     c_hi = _imin(g.c, _cdiv(t_hi * A, g.kh))
     for n in range(n_lo, n_hi):
-        _stage(x + (n * g.c + c_lo) * g.h * g.w, c_hi - c_lo, g.h, g.w, g.ph, g.pw, g.rs, g.qs,
-               xs + c_lo * g.rs * g.qs)
+        if g.direct:
+            xs = <float*>(x + n * g.c * g.h * g.w)
+        else:
+            _stage(x + (n * g.c + c_lo) * g.h * g.w, c_hi - c_lo, g.h, g.w, g.ph, g.pw,
+                   g.rs, g.qs, xs + c_lo * g.rs * g.qs)
         # grad_out[n] (K x P) transposed to P x kp, channels past K zero.
         cv_transpose(go + n * g.k * P, P, g.k, gt, kp)
         if kp > g.k:
@@ -638,6 +642,12 @@ cdef int _cv_wgrad(CV* g, const float* go, const float* x, float* gw, int num_th
     cdef Py_ssize_t* poff
     cdef void* mem
     _cv_setup(g)
+    # Without padding every tap the tiles read lies inside the image: they
+    # read x itself (rows of w floats), nothing is staged.
+    g.direct = g.ph == 0 and g.pw == 0
+    if g.direct:
+        g.rs = g.h
+        g.qs = g.w
     _cv_wtiles(g)
     # Work split from the shapes only: at most 8 chunks of images (partial sums
     # added in chunk order), and groups of pair tiles when chunks are few.
@@ -782,6 +792,7 @@ cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bi
     cdef Py_ssize_t* roff
     cdef void* mem
     _cv_setup(g)
+    g.direct = False
     _cv_ftiles(g)
     g.gsz = _cdiv(g.ntiles, _imin(g.ntiles, _cdiv(8, g.n)))
     g.ngroups = _cdiv(g.ntiles, g.gsz)
