@@ -305,6 +305,10 @@ def test_forced_float32_paths_match_reference(isa, path):
                                            atol=1e-4 * (np.abs(dw_ref).max() + 1e-30))
                 res.append((y, dw))
             assert np.array_equal(res[0][0], res[1][0]) and np.array_equal(res[0][1], res[1][1])
+            y = np.full(y_ref.shape, np.nan, np.float32)
+            mod.conv2d_forward(x, w, None, y, s[0], s[1], p[0], p[1], 2)
+            np.testing.assert_allclose(y + b[:, None, None], y_ref, rtol=1e-4,
+                                       atol=1e-4 * np.abs(y_ref).max())
     finally:
         mod.set_float32_path(old)
 

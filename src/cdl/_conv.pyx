@@ -60,8 +60,8 @@ cdef extern from "cdl_cvtile.h" nogil:
     # Register tiles of the channel-vector path, one C copy per shape (A, B, V).
     int cv_rows "cdl_cv_rows"(int v, int b)
     const int CV_VMAX "CDL_CV_VMAX"
-    void cv_transpose "cdl_cv_transpose"(const float* src, Py_ssize_t p, Py_ssize_t nk,
-                                         float* dst, Py_ssize_t kp)
+    void cv_transpose "cdl_cv_transpose"(const float* src, Py_ssize_t ld_src, Py_ssize_t nr,
+                                         Py_ssize_t nc, float* dst, Py_ssize_t ld_dst)
     void cv_wrun "cdl_cv_wrun"(int a, int b, int v, const float* xs, const Py_ssize_t* poff,
                                Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t rstep, Py_ssize_t sw,
                                const float* gt, Py_ssize_t kp, float* am, Py_ssize_t am_a)
@@ -618,7 +618,7 @@ cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize
             _stage(x + (n * g.c + c_lo) * g.h * g.w, c_hi - c_lo, g.h, g.w, g.ph, g.pw,
                    g.rs, g.qs, xs + c_lo * g.rs * g.qs)
         # grad_out[n] (K x P) transposed to P x kp, channels past K zero.
-        cv_transpose(go + n * g.k * P, P, g.k, gt, kp)
+        cv_transpose(go + n * g.k * P, P, g.k, P, gt, kp)
         if kp > g.k:
             for q in range(P):
                 for k in range(g.k, kp):
@@ -710,9 +710,11 @@ cdef void _cv_ftiles(CV* g) noexcept nogil:
 
 cdef void _cv_fitem(const CV* g, const float* x, const float* wt, const float* bias,
                     const Py_ssize_t* roff, float* out, Py_ssize_t it, float* xs,
-                    float* tb) noexcept nogil:
+                    float* tb, float* yb) noexcept nogil:
     # Item = (image, group of position tiles). Stride 1: tile = A output rows x
     # B adjacent columns; otherwise A positions in row-major order (B = 1).
+    # With yb (items of whole images) the tiles' vectors are gathered there as
+    # P x kp and transposed once; otherwise each output is stored on its own.
     cdef Py_ssize_t n = it // g.ngroups, gi = it % g.ngroups
     cdef Py_ssize_t t_lo = gi * g.gsz, t_hi = _imin(g.ntiles, t_lo + g.gsz)
     cdef Py_ssize_t t, a, b, q, kb, k, kk, y0, x0, oy, ox, vw = g.v * VF
@@ -742,6 +744,14 @@ cdef void _cv_fitem(const CV* g, const float* x, const float* wt, const float* b
                 opos[a] = q if t * A + a < P else -1
         for kb in range(g.kp // vw):
             cv_frun(A, B, g.v, xs, prow, roff, g.rows, wt + kb * vw, g.kp, tb)
+            if yb != NULL:
+                for a in range(A):
+                    if opos[a] < 0:
+                        break
+                    for b in range(_imin(B, g.ow - x0)):
+                        memcpy(yb + (opos[a] + b) * g.kp + kb * vw, tb + (a * B + b) * vw,
+                               vw * sizeof(float))
+                continue
             for kk in range(vw):
                 k = kb * vw + kk
                 if k >= g.k:
@@ -754,6 +764,15 @@ cdef void _cv_fitem(const CV* g, const float* x, const float* wt, const float* b
                     tv = tb + a * B * vw + kk
                     for b in range(_imin(B, g.ow - x0)):
                         d[opos[a] + b] = tv[b * vw] + bk
+    if yb != NULL:
+        # The whole image as P x kp, transposed to K x P in register blocks.
+        cv_transpose(yb, g.kp, P, g.k, out + n * g.k * P, P)
+        if bias != NULL:
+            for k in range(g.k):
+                d = out + (n * g.k + k) * P
+                bk = bias[k]
+                for q in range(P):
+                    d[q] = d[q] + bk
 
 
 cdef bint _use_cv(CV* g, bint forward) noexcept nogil:
@@ -785,7 +804,7 @@ cdef bint _use_cv(CV* g, bint forward) noexcept nogil:
 
 cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bias,
                      float* out, int num_threads) noexcept nogil:
-    cdef Py_ssize_t items, it, tid, per, r, k, tbs, c, i, j
+    cdef Py_ssize_t items, it, tid, per, r, k, tbs, ybs, c, i, j
     cdef int nt
     cdef float* buf
     cdef float* wt
@@ -799,7 +818,8 @@ cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bi
     items = g.n * g.ngroups
     nt = _threads(g.n * g.k * g.p * g.rows, items, num_threads)
     tbs = _align16(g.a * g.b * g.v * VF)
-    per = g.xs_size + tbs
+    ybs = _align16(g.p * g.kp) if g.ngroups == 1 and g.p * g.kp <= (1 << 20) else 0
+    per = g.xs_size + tbs + ybs
     mem = malloc((nt * per + g.rows * g.kp) * sizeof(float) + g.rows * sizeof(Py_ssize_t) + 128)
     if mem == NULL:
         return -1
@@ -819,7 +839,8 @@ cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bi
             wt[r * g.kp + k] = weight[k * g.rows + r] if k < g.k else 0
     for it in prange(items, schedule="dynamic", num_threads=nt):
         tid = omp_get_thread_num()
-        _cv_fitem(g, x, wt, bias, roff, out, it, buf + tid * per, buf + tid * per + g.xs_size)
+        _cv_fitem(g, x, wt, bias, roff, out, it, buf + tid * per, buf + tid * per + g.xs_size,
+                  buf + tid * per + g.xs_size + tbs if ybs > 0 else NULL)
     free(mem)
     return 0
 

@@ -101,23 +101,25 @@ static inline int cdl_cv_rows(int v, int b) {
 #define CDL_CV_VMAX 2
 #endif
 
-/* dst[q*kp + k] = src[k*p + q] for k < nk, q < p: one image's grad_out (K x P)
- * as P x kp rows of channels. 8 x 8 blocks transposed in AVX registers (8
- * loads, 24 shuffles, 8 stores for 64 floats, where scalar code stores each
- * float on its own); the edges, and builds without AVX, copy floats. */
-static void cdl_cv_transpose(const float *src, Py_ssize_t p, Py_ssize_t nk, float *dst,
-                             Py_ssize_t kp) {
-    Py_ssize_t k0 = 0, q, k;
+/* dst[c*ld_dst + r] = src[r*ld_src + c] for r < nr, c < nc: grad_out (K x P) to
+ * P x kp rows of channels, and forward results back. 8 x 8 blocks transposed
+ * in AVX registers (8 loads, 24 shuffles, 8 stores for 64 floats, where
+ * scalar code stores each float on its own); the edges, and builds without
+ * AVX, copy floats. */
+static void cdl_cv_transpose(const float *src, Py_ssize_t ld_src, Py_ssize_t nr, Py_ssize_t nc,
+                             float *dst, Py_ssize_t ld_dst) {
+    Py_ssize_t r0 = 0, c, r;
 #if defined(__AVX__)
-    for (; k0 + 8 <= nk; k0 += 8) {
-        for (q = 0; q + 8 <= p; q += 8) {
-            const float *s = src + k0 * p + q;
-            float *d = dst + q * kp + k0;
-            __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + p);
+    for (; r0 + 8 <= nr; r0 += 8) {
+        for (c = 0; c + 8 <= nc; c += 8) {
+            const float *s = src + r0 * ld_src + c;
+            float *d = dst + c * ld_dst + r0;
+            Py_ssize_t p = ld_src, kp = ld_dst;
+            __m256 r0v = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + p);
             __m256 r2 = _mm256_loadu_ps(s + 2 * p), r3 = _mm256_loadu_ps(s + 3 * p);
             __m256 r4 = _mm256_loadu_ps(s + 4 * p), r5 = _mm256_loadu_ps(s + 5 * p);
             __m256 r6 = _mm256_loadu_ps(s + 6 * p), r7 = _mm256_loadu_ps(s + 7 * p);
-            __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+            __m256 t0 = _mm256_unpacklo_ps(r0v, r1), t1 = _mm256_unpackhi_ps(r0v, r1);
             __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
             __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
             __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
@@ -134,14 +136,14 @@ static void cdl_cv_transpose(const float *src, Py_ssize_t p, Py_ssize_t nk, floa
             _mm256_storeu_ps(d + 6 * kp, _mm256_permute2f128_ps(u2, u6, 0x31));
             _mm256_storeu_ps(d + 7 * kp, _mm256_permute2f128_ps(u3, u7, 0x31));
         }
-        for (; q < p; q++)
-            for (k = k0; k < k0 + 8; k++)
-                dst[q * kp + k] = src[k * p + q];
+        for (; c < nc; c++)
+            for (r = r0; r < r0 + 8; r++)
+                dst[c * ld_dst + r] = src[r * ld_src + c];
     }
 #endif
-    for (q = 0; q < p; q++)
-        for (k = k0; k < nk; k++)
-            dst[q * kp + k] = src[k * p + q];
+    for (c = 0; c < nc; c++)
+        for (r = r0; r < nr; r++)
+            dst[c * ld_dst + r] = src[r * ld_src + c];
 }
 
 #define CDL_CV_WARGS const float *xs, const Py_ssize_t *poff, Py_ssize_t oh, Py_ssize_t ow, \
