@@ -677,12 +677,10 @@ cdef int _cv_wgrad(CV* g, const float* go, const float* x, float* gw, int num_th
         _cv_witem(g, go, x, poff, part, it, buf + tid * per, buf + tid * per + g.xs_size)
     # Chunks added in order (the same for any thread count); rows r = (c, i, j)
     # transposed back to (K, C, KH, KW).
-    for r in range(g.rows):
-        for k in range(g.k):
-            s = part[r * g.kp + k]
-            for ci in range(1, g.nchunks):
-                s = s + part[ci * psize + r * g.kp + k]
-            gw[k * g.rows + r] = s
+    for ci in range(1, g.nchunks):
+        for r in range(g.rows * g.kp):
+            part[r] = part[r] + part[ci * psize + r]
+    cv_transpose(part, g.kp, g.rows, g.k, gw, g.rows)
     free(mem)
     return 0
 
