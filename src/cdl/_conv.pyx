@@ -5,8 +5,7 @@
 
 with zero padding P and output size H2 = (H1 - F + 2P)/S + 1 (floor).
 
-float32 with horizontal stride 1 (any vertical stride) takes the
-register-blocked path. A tile of KR output channels x RB output rows x one
+Column-vector path (float32, horizontal stride 1, any vertical stride). A tile of KR output channels x RB output rows x one
 SIMD vector of output columns lives in vector registers (cdl_simd.h: zmm on
 the AVX-512 build, ymm on AVX2, xmm on baseline; tile shapes are chosen per
 shape from a table sized for 32 or 16 registers) while the loop runs over
@@ -21,21 +20,45 @@ gradient keeps KR x IB x JB (output channel x kernel row x kernel column)
 vectors in registers, sums over images, rows and column vectors, then adds the
 lanes in a fixed order.
 
-float64, horizontal strides > 1 and the input gradient at strides > 1 take a
-plain scalar path (correctness, not speed).
+Channel-vector path (float32, forward and weight gradient): the same sums
+as an implicit GEMM with SIMD vectors over OUTPUT CHANNELS K instead of output
+columns, for shapes where column vectors waste lanes (LeNet conv2: 10 output
+columns fill 10 of 16 lanes) and for horizontal strides > 1, which column
+vectors do not handle. Weight gradient: dW^T[(c, i, j), k] = sum_{n, y, x}
+Xpad[n, c, y*S_h + i, x*S_w + j] dY[n, k, y, x]; per image grad_out is
+transposed to P x Kp (P = H2*W2 positions, K padded to whole vectors) and a
+tile of A (c, i) pairs x B adjacent kernel columns x V channel vectors stays in
+registers while the loop runs over positions: V loads, A*B broadcasts,
+A*B*V multiply-adds (cdl_cvtile.h, one C copy per tile shape). Without padding
+the tiles read x itself; otherwise the image is staged as above. Forward:
+out[n, k, p] = b[k] + sum_{(c, i, j)} Xpad[tap (c, i, j) of p] Wt[(c, i, j), k]
+with a tile of A output rows x B adjacent output columns (B = 1, any positions,
+at stride > 1) x V channel vectors; results are gathered as P x Kp and
+transposed to NCHW. Which path runs depends on the shapes and the build's
+vector width only (_use_cv): channel vectors when K >= 12 and they leave at
+least as many lanes useful as column vectors (strictly more for the forward
+pass, where column vectors win ties); always at horizontal stride > 1.
+
+float64 and the input gradient at strides > 1 take a plain scalar path
+(correctness, not speed).
 
 Parallel work is split into fixed items that depend only on the shapes (and
 the build's vector width), never on the thread count: forward (image, group of
 output channels), input gradient (image, group of input channels), weight
 gradient (group of output channels, chunk of images) whose partial sums are
-added in chunk order at the end; grad_bias per output channel. No two threads
+added in chunk order at the end; grad_bias per output channel. Channel-vector
+path: forward (image, group of position tiles), weight gradient (chunk of
+images, group of pair tiles; at most 8 chunks, summed in chunk order; tile
+groups only when chunks are few, e.g. batch 1). No two threads
 write the same element, so results are bitwise identical for any thread count.
 Items are handed out dynamically (which thread runs an item never changes its
 result), so a thread that the OS preempts on a busy machine does not hold the
 others up at the end of the loop.
 Scratch memory is allocated once per call (per thread: one staged image, plus
 for the weight gradient one chunk of grad_out and at most 16 partial weight
-gradients), outside the hot loops; no workspace argument is needed. Calls
+gradients; the channel-vector path: one staged image, transposed grad_out or
+gathered output of one image, and at most 8 partial weight gradients), outside
+the hot loops; no workspace argument is needed. Calls
 below ~2^18 multiply-adds run on one thread.
 Inputs are trusted: cdl.functional validates them.
 """
