@@ -770,8 +770,9 @@ cdef void _cv_fitem(const CV* g, const float* x, const float* wt, const float* b
                     if opos[a] < 0:
                         break
                     for b in range(_imin(B, g.ow - x0)):
-                        memcpy(yb + (opos[a] + b) * g.kp + kb * vw, tb + (a * B + b) * vw,
-                               vw * sizeof(float))
+                        for kk in range(g.v):
+                            vstore(yb + (opos[a] + b) * g.kp + kb * vw + kk * VF,
+                                   vload(tb + ((a * B + b) * g.v + kk) * VF))
                 continue
             for kk in range(vw):
                 k = kb * vw + kk
