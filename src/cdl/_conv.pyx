@@ -804,8 +804,10 @@ cdef bint _use_cv(CV* g, bint forward) noexcept nogil:
     # useful lanes: column vectors use ow of each whole number of vectors per
     # row; channel vectors K of kp and the real pairs or positions of the
     # padded tiles. Measured (1 thread, AVX-512 and AVX2): the weight gradient
-    # on channel vectors wins ties (CIFAR 16x16 3x3 C32->K64: ~1.4x); the
-    # forward pass loses them (~0.8x), so it needs strictly more useful lanes.
+    # on channel vectors wins ties (CIFAR 16x16 3x3 C32->K64: ~1.5x) and, with
+    # 16 registers, also at 80% of the column vectors' useful lanes (AVX2:
+    # C3->K32 32x32 1.1x, C16->K12 30x30 1.15x; on AVX-512 these lose, 0.8-1x);
+    # the forward pass loses ties (0.6-1x), so it needs strictly more.
     cdef double eff_old, eff_new
     if _cv_mode == 1 and g.sw == 1:
         return False
@@ -821,7 +823,7 @@ cdef bint _use_cv(CV* g, bint forward) noexcept nogil:
         return eff_new > eff_old
     _cv_wtiles(g)
     eff_new = (<double>g.k / g.kp) * (g.c * g.kh) / g.ppad
-    return eff_new >= eff_old
+    return eff_new >= (eff_old if VREGS >= 32 else 0.8 * eff_old)
 
 
 cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bias,
