@@ -293,18 +293,24 @@ def test_forced_float32_paths_match_reference(isa, path):
             b = rng.standard_normal(ws[0]).astype(np.float32)
             y_ref = ref_conv2d(x, w, b, s, p)
             g = rng.standard_normal(y_ref.shape).astype(np.float32)
-            dw_ref = ref_conv2d_backward(g, x, w, s, p)[1]
+            _, dw_ref, db_ref = ref_conv2d_backward(g, x, w, s, p)
             res = []
             for nt in (1, 2):
                 y = np.full(y_ref.shape, np.nan, np.float32)
                 dw = np.full(w.shape, np.nan, np.float32)
+                db = np.full(b.shape, np.nan, np.float32)
                 mod.conv2d_forward(x, w, b, y, s[0], s[1], p[0], p[1], nt)
-                mod.conv2d_backward_weight(g, x, dw, None, s[0], s[1], p[0], p[1], nt)
+                mod.conv2d_backward_weight(g, x, dw, db, s[0], s[1], p[0], p[1], nt)
                 np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4 * np.abs(y_ref).max())
                 np.testing.assert_allclose(dw, dw_ref, rtol=1e-4,
                                            atol=1e-4 * (np.abs(dw_ref).max() + 1e-30))
-                res.append((y, dw))
-            assert np.array_equal(res[0][0], res[1][0]) and np.array_equal(res[0][1], res[1][1])
+                np.testing.assert_allclose(db, db_ref, rtol=1e-4, atol=1e-4 * np.abs(db_ref).max())
+                res.append((y, dw, db))
+            for a, b_ in zip(*res):
+                assert np.array_equal(a, b_)
+            dw2 = np.full(w.shape, np.nan, np.float32)
+            mod.conv2d_backward_weight(g, x, dw2, None, s[0], s[1], p[0], p[1], 2)
+            assert np.array_equal(dw2, res[0][1])        # grad_bias=None: same weights
             y = np.full(y_ref.shape, np.nan, np.float32)
             mod.conv2d_forward(x, w, None, y, s[0], s[1], p[0], p[1], 2)
             np.testing.assert_allclose(y + b[:, None, None], y_ref, rtol=1e-4,

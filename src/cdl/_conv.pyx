@@ -30,7 +30,8 @@ transposed to P x Kp (P = H2*W2 positions, K padded to whole vectors) and a
 tile of A (c, i) pairs x B adjacent kernel columns x V channel vectors stays in
 registers while the loop runs over positions: V loads, A*B broadcasts,
 A*B*V multiply-adds (cdl_cvtile.h, one C copy per tile shape). Without padding
-the tiles read x itself; otherwise the image is staged as above. Forward:
+the tiles read x itself; otherwise the image is staged as above. grad_bias is
+summed from the transposed grad_out (no second pass over grad_out). Forward:
 out[n, k, p] = b[k] + sum_{(c, i, j)} Xpad[tap (c, i, j) of p] Wt[(c, i, j), k]
 with a tile of A output rows x B adjacent output columns (B = 1, any positions,
 at stride > 1) x V channel vectors; results are gathered as P x Kp and
@@ -645,7 +646,8 @@ cdef void _cv_wtiles(CV* g) noexcept nogil:
 
 
 cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize_t* poff,
-                    float* part, Py_ssize_t it, float* xs, float* gt) noexcept nogil:
+                    float* part, Py_ssize_t psize, bint bias, Py_ssize_t it, float* xs,
+                    float* gt) noexcept nogil:
     # Item = (chunk of images, group of pair tiles): adds every image of the
     # chunk, in order, into part[chunk][rows of the group][kp].
     cdef Py_ssize_t ci = it // g.ngroups, gi = it % g.ngroups
@@ -653,10 +655,17 @@ cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize
     cdef Py_ssize_t t_lo = gi * g.gsz, t_hi = _imin(g.ntiles, t_lo + g.gsz)
     cdef Py_ssize_t n, k, q, t, kb, j0, b, P = g.p, kp = g.kp, vw = g.v * VF
     cdef Py_ssize_t A = g.a, KW = g.kw, c_lo, c_hi
-    cdef float* pc = part + ci * g.ppad * KW * kp
+    cdef float* pc = part + ci * psize
+    cdef float* pb = pc + g.ppad * KW * kp
+    cdef vf a0, a1, a2, a3
+    cdef Py_ssize_t nv
+    # The first group of each chunk also sums grad_out over positions (grad_bias).
+    bias = bias and gi == 0
     if t_lo >= t_hi:
         return
     memset(pc + t_lo * A * KW * kp, 0, (t_hi - t_lo) * A * KW * kp * sizeof(float))
+    if bias:
+        memset(pb, 0, kp * sizeof(float))
     # Only the channels of this group's pairs are staged (padding pairs read
     # whatever is at offset 0; their sums are never stored).
     c_lo = _imin(t_lo * A // g.kh, g.c - 1)
@@ -676,6 +685,31 @@ cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize
             for q in range(P):
                 for k in range(g.k, kp):
                     gt[q * kp + k] = 0
+        if bias:
+            # Up to 4 vectors of channels summed over positions in registers.
+            k = 0
+            while k < kp:
+                nv = _imin(4, (kp - k) // VF)
+                a0 = vload(pb + k)
+                a1 = vload(pb + k + VF) if nv > 1 else a0
+                a2 = vload(pb + k + 2 * VF) if nv > 2 else a0
+                a3 = vload(pb + k + 3 * VF) if nv > 3 else a0
+                for q in range(P):
+                    a0 = a0 + vload(gt + q * kp + k)
+                    if nv > 1:
+                        a1 = a1 + vload(gt + q * kp + k + VF)
+                    if nv > 2:
+                        a2 = a2 + vload(gt + q * kp + k + 2 * VF)
+                    if nv > 3:
+                        a3 = a3 + vload(gt + q * kp + k + 3 * VF)
+                vstore(pb + k, a0)
+                if nv > 1:
+                    vstore(pb + k + VF, a1)
+                if nv > 2:
+                    vstore(pb + k + 2 * VF, a2)
+                if nv > 3:
+                    vstore(pb + k + 3 * VF, a3)
+                k = k + nv * VF
         for t in range(t_lo, t_hi):
             j0 = 0
             while j0 < KW:
@@ -686,7 +720,8 @@ cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize
                 j0 = j0 + b
 
 
-cdef int _cv_wgrad(CV* g, const float* go, const float* x, float* gw, int num_threads) noexcept nogil:
+cdef int _cv_wgrad(CV* g, const float* go, const float* x, float* gw, float* gb,
+                   int num_threads) noexcept nogil:
     cdef Py_ssize_t items, it, tid, per, r, k, ci, c, i, q, psize
     cdef float s
     cdef int nt
@@ -713,6 +748,8 @@ cdef int _cv_wgrad(CV* g, const float* go, const float* x, float* gw, int num_th
     nt = _threads(g.n * g.k * g.p * g.rows, items, num_threads)
     per = g.xs_size + g.gt_size
     psize = g.ppad * g.kw * g.kp
+    # Per chunk: the partial weight gradient, then kp partial bias sums.
+    psize = psize + (_align16(g.kp) if gb != NULL else 0)
     mem = malloc((nt * per + g.nchunks * psize) * sizeof(float) + g.ppad * sizeof(Py_ssize_t) + 128)
     if mem == NULL:
         return -1
@@ -727,13 +764,20 @@ cdef int _cv_wgrad(CV* g, const float* go, const float* x, float* gw, int num_th
         poff[q] = (c * g.rs + i) * g.qs if c < g.c else 0
     for it in prange(items, schedule="dynamic", num_threads=nt):
         tid = omp_get_thread_num()
-        _cv_witem(g, go, x, poff, part, it, buf + tid * per, buf + tid * per + g.xs_size)
+        _cv_witem(g, go, x, poff, part, psize, gb != NULL, it, buf + tid * per,
+                  buf + tid * per + g.xs_size)
     # Chunks added in order (the same for any thread count); rows r = (c, i, j)
     # transposed back to (K, C, KH, KW).
     for ci in range(1, g.nchunks):
         for r in range(g.rows * g.kp):
             part[r] = part[r] + part[ci * psize + r]
+        if gb != NULL:
+            for r in range(g.ppad * g.kw * g.kp, g.ppad * g.kw * g.kp + g.k):
+                part[r] = part[r] + part[ci * psize + r]
     cv_transpose(part, g.kp, g.rows, g.k, gw, g.rows)
+    if gb != NULL:
+        for k in range(g.k):
+            gb[k] = part[g.ppad * g.kw * g.kp + k]
     free(mem)
     return 0
 
@@ -1105,7 +1149,18 @@ def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
     cdef WGrad g
     cdef CV cv
     cdef int rc = 0, nt
-    if grad_bias is not None and K > 0:
+    cdef bint use_cv = False
+    cdef float* gbp = NULL
+    cv.n = N; cv.c = C; cv.h = x.shape[2]; cv.w = x.shape[3]; cv.k = K
+    cv.kh = KH; cv.kw = KW; cv.oh = OH; cv.ow = OW; cv.sh = sh; cv.sw = sw
+    cv.ph = ph; cv.pw = pw
+    if (floating is float and K > 0 and C > 0 and KH > 0 and KW > 0 and N > 0 and OH > 0
+            and OW > 0):
+        use_cv = _use_cv(&cv, False)
+    if use_cv and grad_bias is not None:
+        # grad_bias comes from the transposed grad_out the kernel builds anyway.
+        gbp = <float*>&grad_bias[0]
+    elif grad_bias is not None and K > 0:
         nt = _threads(N * K * plane * 8, K, num_threads)
         with nogil:
             for k in prange(K, schedule="dynamic", num_threads=nt):
@@ -1122,13 +1177,10 @@ def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
     if N == 0 or OH == 0 or OW == 0:
         grad_weight[:, :, :, :] = 0
         return
-    cv.n = N; cv.c = C; cv.h = x.shape[2]; cv.w = x.shape[3]; cv.k = K
-    cv.kh = KH; cv.kw = KW; cv.oh = OH; cv.ow = OW; cv.sh = sh; cv.sw = sw
-    cv.ph = ph; cv.pw = pw
-    if floating is float and _use_cv(&cv, False):
+    if floating is float and use_cv:
         with nogil:
             rc = _cv_wgrad(&cv, &grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], &grad_weight[0, 0, 0, 0],
-                           num_threads)
+                           gbp, num_threads)
         if rc != 0:
             raise MemoryError()
         return
