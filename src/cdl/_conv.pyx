@@ -666,8 +666,7 @@ cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize
     memset(pc + t_lo * A * KW * kp, 0, (t_hi - t_lo) * A * KW * kp * sizeof(float))
     if bias:
         memset(pb, 0, kp * sizeof(float))
-    # Only the channels of this group's pairs are staged (padding pairs read
-    # whatever is at offset 0; their sums are never stored).
+    # Only the channels of this group's pairs are staged.
     c_lo = _imin(t_lo * A // g.kh, g.c - 1)
     c_hi = _imin(g.c, _cdiv(t_hi * A, g.kh))
     for n in range(n_lo, n_hi):
@@ -756,12 +755,13 @@ cdef int _cv_wgrad(CV* g, const float* go, const float* x, float* gw, float* gb,
     buf = _aligned(mem)
     part = buf + nt * per
     poff = <Py_ssize_t*>(part + g.nchunks * psize)
-    # poff[(c, i)]: kernel row i of channel c for output position 0; padding
-    # pairs read a valid address, their sums are never stored.
+    # poff[(c, i)]: kernel row i of channel c for output position 0. Padding
+    # pairs repeat the last real one (staged by the same item, so they read
+    # real numbers); their sums are never stored.
     for q in range(g.ppad):
-        c = q // g.kh
-        i = q % g.kh
-        poff[q] = (c * g.rs + i) * g.qs if c < g.c else 0
+        c = _imin(q, g.c * g.kh - 1) // g.kh
+        i = _imin(q, g.c * g.kh - 1) % g.kh
+        poff[q] = (c * g.rs + i) * g.qs
     for it in prange(items, schedule="dynamic", num_threads=nt):
         tid = omp_get_thread_num()
         _cv_witem(g, go, x, poff, part, psize, gb != NULL, it, buf + tid * per,
