@@ -66,20 +66,9 @@ static inline void cdl_vf_store(float *p, cdl_vf v) {
 #endif
 }
 
-/* Every lane = a. Through the intrinsics where there are some: `{0} + a`
- * costs an add and a register broadcast per call (the add cannot be dropped,
- * -0 + 0 is +0), where a broadcast load from memory is one instruction. */
 static inline cdl_vf cdl_vf_set1(float a) {
-#if defined(__AVX512F__)
-    return (cdl_vf)_mm512_set1_ps(a);
-#elif defined(__AVX__)
-    return (cdl_vf)_mm256_set1_ps(a);
-#elif defined(__SSE2__)
-    return (cdl_vf)_mm_set1_ps(a);
-#else
     cdl_vf v = {0};
     return v + a;
-#endif
 }
 
 /* Sum of the lanes in a fixed order (pairwise halves), so results are reproducible. */
