@@ -86,6 +86,16 @@ FIXED = [
     ((2, 2, 12, 10), (3, 2, 3, 3), (3, 1), (1, 2)),
     ((1, 3, 10, 12), (2, 3, 3, 2), (1, 3), (2, 1)),
     ((2, 6, 18, 21), (12, 6, 7, 2), 1, (3, 0)),
+    # One input channel: the input gradient takes the row-reuse tile (kh 3 or 5).
+    ((3, 1, 28, 28), (6, 1, 5, 5), 1, 2),
+    ((2, 1, 19, 37), (5, 1, 3, 3), 1, (1, 0)),
+    ((1, 1, 9, 17), (4, 1, 5, 3), 1, (2, 1)),
+    # Shapes the float32 channel-vector path takes: many output channels and
+    # output widths that are not whole vectors, or horizontal stride > 1.
+    ((3, 6, 14, 14), (16, 6, 5, 5), 1, 0),
+    ((2, 5, 9, 13), (17, 5, 3, 3), 1, 1),
+    ((5, 3, 11, 10), (33, 3, 3, 2), (2, 3), (0, 2)),
+    ((1, 4, 12, 12), (20, 4, 7, 7), 1, 2),
 ]
 
 
@@ -209,6 +219,9 @@ def test_gradients_central_difference(xs, ws, s, p):
     ((64, 1, 28, 28), (6, 1, 5, 5), 1, 2),
     ((33, 3, 17, 23), (10, 3, 3, 5), 1, (1, 2)),
     ((20, 4, 15, 15), (7, 4, 3, 3), 2, 1),
+    ((64, 6, 14, 14), (16, 6, 5, 5), 1, 0),           # channel-vector path
+    ((13, 5, 13, 17), (33, 5, 3, 3), (2, 3), (2, 1)),  # channel vectors, strides
+    ((1, 32, 16, 16), (64, 32, 3, 3), 1, 1),           # batch 1: tile groups
 ])
 def test_bitwise_identical_for_1_and_2_threads(xs, ws, s, p, dtype):
     rng = np.random.default_rng(7)
@@ -249,6 +262,65 @@ def test_every_isa_build_matches_reference(isa, dtype, rtol):
         mod.conv2d_backward_weight(g, x, dw, db, s[0], s[1], p[0], p[1], 2)
         for got, want in zip((dx, dw, db), ref_conv2d_backward(g, x, w, s, p)):
             np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+# Both float32 paths forced on every shape they accept: channel vectors (any
+# stride) and column vectors (stride 1), whichever the shape would pick.
+FORCED = [
+    ((1, 6, 14, 14), (16, 6, 5, 5), 1, 0),
+    ((9, 6, 14, 14), (16, 6, 5, 5), 1, 0),      # chunks of 2 images, last one short
+    ((2, 32, 8, 8), (64, 32, 3, 3), 1, 1),
+    ((3, 5, 13, 11), (17, 5, 3, 3), 2, 1),
+    ((5, 4, 12, 15), (33, 4, 3, 2), (1, 3), (2, 0)),
+    ((4, 3, 10, 10), (1, 3, 5, 5), 3, 2),
+    ((2, 2, 7, 9), (40, 2, 1, 1), 1, 0),
+    ((3, 2, 9, 20), (12, 2, 2, 7), (1, 2), (1, 2)),   # kernel wider than 5 columns
+    ((2, 1, 28, 28), (6, 1, 5, 5), 1, 2),
+    ((17, 3, 6, 5), (70, 3, 4, 4), (3, 1), (2, 1)),
+    ((1, 7, 5, 5), (13, 7, 5, 5), 1, 0),              # one output position
+]
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("path", [1, 2])
+def test_forced_float32_paths_match_reference(isa, path):
+    if isa not in cpu_supports():
+        pytest.skip(f"CPU lacks {isa}")
+    mod = importlib.import_module(f"cdl._conv_{isa}")
+    rng = np.random.default_rng(9)
+    old = mod.set_float32_path(path)
+    try:
+        for xs, ws, s, p in FORCED:
+            s, p = _pair(s), _pair(p)
+            x = rng.standard_normal(xs).astype(np.float32)
+            w = rng.standard_normal(ws).astype(np.float32)
+            b = rng.standard_normal(ws[0]).astype(np.float32)
+            y_ref = ref_conv2d(x, w, b, s, p)
+            g = rng.standard_normal(y_ref.shape).astype(np.float32)
+            _, dw_ref, db_ref = ref_conv2d_backward(g, x, w, s, p)
+            res = []
+            for nt in (1, 2):
+                y = np.full(y_ref.shape, np.nan, np.float32)
+                dw = np.full(w.shape, np.nan, np.float32)
+                db = np.full(b.shape, np.nan, np.float32)
+                mod.conv2d_forward(x, w, b, y, s[0], s[1], p[0], p[1], nt)
+                mod.conv2d_backward_weight(g, x, dw, db, s[0], s[1], p[0], p[1], nt)
+                np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4 * np.abs(y_ref).max())
+                np.testing.assert_allclose(dw, dw_ref, rtol=1e-4,
+                                           atol=1e-4 * (np.abs(dw_ref).max() + 1e-30))
+                np.testing.assert_allclose(db, db_ref, rtol=1e-4, atol=1e-4 * np.abs(db_ref).max())
+                res.append((y, dw, db))
+            for a, b_ in zip(*res):
+                assert np.array_equal(a, b_)
+            dw2 = np.full(w.shape, np.nan, np.float32)
+            mod.conv2d_backward_weight(g, x, dw2, None, s[0], s[1], p[0], p[1], 2)
+            assert np.array_equal(dw2, res[0][1])        # grad_bias=None: same weights
+            y = np.full(y_ref.shape, np.nan, np.float32)
+            mod.conv2d_forward(x, w, None, y, s[0], s[1], p[0], p[1], 2)
+            np.testing.assert_allclose(y + b[:, None, None], y_ref, rtol=1e-4,
+                                       atol=1e-4 * np.abs(y_ref).max())
+    finally:
+        mod.set_float32_path(old)
 
 
 # ---------------------------------------------------------------------------

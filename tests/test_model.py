@@ -247,6 +247,34 @@ def test_sgd_matches_numpy(momentum, nesterov):
         opt.step()
     for k, p, _ in m.parameters():
         np.testing.assert_allclose(p, ref[k], rtol=1e-12, atol=1e-14)
+        if momentum:
+            np.testing.assert_allclose(opt.velocities[k], vel[k], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parameters_share_one_aligned_buffer_and_stay_live(dtype):
+    # The optimizer updates the whole model in one call over a flat buffer: every
+    # parameter and gradient must be an aligned view of it, and the arrays a user
+    # holds must be the ones training updates.
+    m = cdl.Sequential([cdl.Conv2d(1, 3, 3), cdl.ReLU(), cdl.Flatten(), cdl.Linear(12, 5),
+                        cdl.Linear(5, 2, bias=False)], (1, 4, 4), dtype=dtype, seed=0)
+    held = {k: (p, g) for k, p, g in m.parameters()}
+    for k, (p, g) in held.items():
+        assert p.ctypes.data % 64 == 0 and g.ctypes.data % 64 == 0, k
+        assert np.shares_memory(p, m._flat_params) and np.shares_memory(g, m._flat_grads), k
+    before = {k: p.copy() for k, (p, _) in held.items()}
+    x = np.random.default_rng(1).standard_normal((4, 1, 4, 4)).astype(dtype)
+    opt = cdl.SGD(m, lr=0.1, momentum=0.5)
+    m.train_step(x, np.array([0, 1, 1, 0]), cdl.SoftmaxCrossEntropy(), opt)
+    for k, (p, g) in held.items():
+        np.testing.assert_allclose(p, before[k] - 0.1 * g, rtol=1e-5, atol=1e-6)
+        assert np.shares_memory(opt.velocities[k], p) is False
+    # The gaps between views stay zero, so no update leaks into another parameter.
+    live = np.zeros(m._flat_params.size, bool)
+    for p, _ in held.values():
+        start = (p.ctypes.data - m._flat_params.ctypes.data) // p.itemsize
+        live[start:start + p.size] = True
+    assert not m._flat_params[~live].any() and not m._flat_grads[~live].any()
 
 
 def test_sgd_and_schedule_arguments():
@@ -262,3 +290,74 @@ def test_sgd_and_schedule_arguments():
     cos = cdl.CosineLR(10, min_lr=0.1)
     assert cos(0, 1.0) == 1.0 and cos(10, 1.0) == pytest.approx(0.1)
     assert cos(5, 1.0) == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("hw", [(8, 8), (7, 9), (1, 3)])
+def test_relu_then_pool_runs_fused_with_identical_results(dtype, hw):
+    # Sequential runs ReLU + MaxPool2d(2) as one pass; every output, index and
+    # gradient must equal the separate layers' bit for bit (NaN, ties at zero,
+    # all-negative windows and odd sizes included).
+    def build():
+        return cdl.Sequential([cdl.Conv2d(2, 3, 3, padding=1), cdl.ReLU(), cdl.MaxPool2d(2),
+                               cdl.Flatten(), cdl.Linear(3 * (hw[0] // 2) * (hw[1] // 2), 4)],
+                              (2,) + hw, dtype=dtype, seed=3)
+    if min(hw) < 2:
+        with pytest.raises(ValueError):
+            build()
+        return
+    fused, plain = build(), build()
+    assert fused._fused_relu == {1}
+    plain._fused_relu = frozenset()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 2) + hw).astype(dtype)
+    x[0] = -np.abs(x[0])                                # conv output mostly <= 0
+    x[1, :, 0, 0] = np.nan
+    g = rng.standard_normal((5, 4)).astype(dtype)
+    for nt in (1, 2):
+        with cdl.threads(nt):
+            outs = []
+            for m in (fused, plain):
+                y = m.forward(x)
+                dx = m.backward(g)
+                outs.append((y, dx, m.layers[2].indices.copy(),
+                             [gr.copy() for _, _, gr in m.parameters()], m.predict(x)))
+        (y1, dx1, i1, g1, p1), (y2, dx2, i2, g2, p2) = outs
+        np.testing.assert_array_equal(y1, y2)
+        np.testing.assert_array_equal(dx1, dx2)
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(p1, p2)
+        for a, b in zip(g1, g2):
+            np.testing.assert_array_equal(a, b)
+    assert fused.layers[1]._last is None and plain.layers[1]._last is not None
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_pool_kernels_match_separate_kernels(isa, dtype):
+    from cdl._dispatch import SUPPORTED
+    if isa not in SUPPORTED:
+        pytest.skip(f"CPU lacks {isa}")
+    import importlib
+    pool, ew = (importlib.import_module(f"cdl.{m}_{isa}") for m in ("_pool", "_elementwise"))
+    rng = np.random.default_rng(1)
+    for shape in [(2, 3, 28, 28), (1, 2, 9, 7), (3, 1, 32, 40), (1, 1, 2, 2)]:
+        x = rng.standard_normal(shape).astype(dtype)
+        x.flat[::7] = 0.0
+        x.flat[::11] = -0.0
+        x.flat[min(5, x.size - 1)] = np.nan
+        oshape = shape[:2] + (shape[2] // 2, shape[3] // 2)
+        r = np.empty_like(x)
+        ew.relu_forward(x.reshape(-1), r.reshape(-1), 2)
+        y_ref, i_ref = np.empty(oshape, dtype), np.empty(oshape, np.int32)
+        pool.max_pool2d_forward(r, y_ref, i_ref, 2, 2, 2, 2, 0, 0, 2)
+        y, idx = np.empty(oshape, dtype), np.empty(oshape, np.int32)
+        pool.max_pool2d_relu_forward(x, y, idx, 2)
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(idx, i_ref)
+        g = rng.standard_normal(oshape).astype(dtype)
+        dr, dx_ref, dx = np.empty_like(x), np.empty_like(x), np.full_like(x, 7.0)
+        pool.max_pool2d_backward(g, i_ref, dr, 2, 2, 2, 2, 0, 0, 2)
+        ew.relu_backward(dr.reshape(-1), r.reshape(-1), dx_ref.reshape(-1), 2)
+        assert pool.max_pool2d_relu_backward(g, y, idx, dx, 2) == 0
+        np.testing.assert_array_equal(dx, dx_ref)

@@ -5,8 +5,7 @@
 
 with zero padding P and output size H2 = (H1 - F + 2P)/S + 1 (floor).
 
-float32 with horizontal stride 1 (any vertical stride) takes the
-register-blocked path. A tile of KR output channels x RB output rows x one
+Column-vector path (float32, horizontal stride 1, any vertical stride). A tile of KR output channels x RB output rows x one
 SIMD vector of output columns lives in vector registers (cdl_simd.h: zmm on
 the AVX-512 build, ymm on AVX2, xmm on baseline; tile shapes are chosen per
 shape from a table sized for 32 or 16 registers) while the loop runs over
@@ -21,21 +20,46 @@ gradient keeps KR x IB x JB (output channel x kernel row x kernel column)
 vectors in registers, sums over images, rows and column vectors, then adds the
 lanes in a fixed order.
 
-float64, horizontal strides > 1 and the input gradient at strides > 1 take a
-plain scalar path (correctness, not speed).
+Channel-vector path (float32, forward and weight gradient): the same sums
+as an implicit GEMM with SIMD vectors over OUTPUT CHANNELS K instead of output
+columns, for shapes where column vectors waste lanes (LeNet conv2: 10 output
+columns fill 10 of 16 lanes) and for horizontal strides > 1, which column
+vectors do not handle. Weight gradient: dW^T[(c, i, j), k] = sum_{n, y, x}
+Xpad[n, c, y*S_h + i, x*S_w + j] dY[n, k, y, x]; per image grad_out is
+transposed to P x Kp (P = H2*W2 positions, K padded to whole vectors) and a
+tile of A (c, i) pairs x B adjacent kernel columns x V channel vectors stays in
+registers while the loop runs over positions: V loads, A*B broadcasts,
+A*B*V multiply-adds (cdl_cvtile.h, one C copy per tile shape). Without padding
+the tiles read x itself; otherwise the image is staged as above. grad_bias is
+summed from the transposed grad_out (no second pass over grad_out). Forward:
+out[n, k, p] = b[k] + sum_{(c, i, j)} Xpad[tap (c, i, j) of p] Wt[(c, i, j), k]
+with a tile of A output rows x B adjacent output columns (B = 1, any positions,
+at stride > 1) x V channel vectors; results are gathered as P x Kp and
+transposed to NCHW. Which path runs depends on the shapes and the build's
+vector width only (_use_cv): channel vectors when K >= 12 and they leave at
+least as many lanes useful as column vectors (strictly more for the forward
+pass, where column vectors win ties); always at horizontal stride > 1.
+
+float64 and the input gradient at strides > 1 take a plain scalar path
+(correctness, not speed).
 
 Parallel work is split into fixed items that depend only on the shapes (and
 the build's vector width), never on the thread count: forward (image, group of
 output channels), input gradient (image, group of input channels), weight
 gradient (group of output channels, chunk of images) whose partial sums are
-added in chunk order at the end; grad_bias per output channel. No two threads
+added in chunk order at the end; grad_bias per output channel. Channel-vector
+path: forward (image, group of position tiles), weight gradient (chunk of
+images, group of pair tiles; at most 8 chunks, summed in chunk order; tile
+groups only when chunks are few, e.g. batch 1). No two threads
 write the same element, so results are bitwise identical for any thread count.
 Items are handed out dynamically (which thread runs an item never changes its
 result), so a thread that the OS preempts on a busy machine does not hold the
 others up at the end of the loop.
 Scratch memory is allocated once per call (per thread: one staged image, plus
 for the weight gradient one chunk of grad_out and at most 16 partial weight
-gradients), outside the hot loops; no workspace argument is needed. Calls
+gradients; the channel-vector path: one staged image, transposed grad_out or
+gathered output of one image, and at most 8 partial weight gradients), outside
+the hot loops; no workspace argument is needed. Calls
 below ~2^18 multiply-adds run on one thread.
 Inputs are trusted: cdl.functional validates them.
 """
@@ -55,6 +79,19 @@ cdef extern from "cdl_simd.h" nogil:
     void vstore "cdl_vf_store"(float* p, vf v)
     vf vset1 "cdl_vf_set1"(float a)
     float vsum "cdl_vf_sum"(vf v)
+
+cdef extern from "cdl_cvtile.h" nogil:
+    # Register tiles of the channel-vector path, one C copy per shape (A, B, V).
+    int cv_rows "cdl_cv_rows"(int v, int b)
+    const int CV_VMAX "CDL_CV_VMAX"
+    void cv_transpose "cdl_cv_transpose"(const float* src, Py_ssize_t ld_src, Py_ssize_t nr,
+                                         Py_ssize_t nc, float* dst, Py_ssize_t ld_dst)
+    void cv_wrun "cdl_cv_wrun"(int a, int b, int v, const float* xs, const Py_ssize_t* poff,
+                               Py_ssize_t oh, Py_ssize_t ow, Py_ssize_t rstep, Py_ssize_t sw,
+                               const float* gt, Py_ssize_t kp, float* am, Py_ssize_t am_a)
+    void cv_frun "cdl_cv_frun"(int a, int b, int v, const float* xs, const Py_ssize_t* prow,
+                               const Py_ssize_t* roff, Py_ssize_t nr, const float* wt,
+                               Py_ssize_t kp, float* tb)
 
 # Below this many multiply-adds a second thread costs more than it saves.
 cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 18
@@ -100,9 +137,11 @@ ctypedef struct Corr:
 
 cdef inline void _corr_tile(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
                             const float* wp, Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw,
-                            Py_ssize_t sh, float* tb, const int KR, const int RB) noexcept nogil:
+                            Py_ssize_t sh, Py_ssize_t i_lo, Py_ssize_t i_hi, float* tb,
+                            const int KR, const int RB) noexcept nogil:
     # KR channels x RB rows x VF columns; the constant KR/RB let the compiler
-    # unroll the small loops and keep acc[] in registers.
+    # unroll the small loops and keep acc[] in registers. Kernel rows outside
+    # [i_lo, i_hi) would read only zero padding rows for every row of the tile.
     cdef vf acc[24]
     cdef vf xv[12]
     cdef Py_ssize_t c, i, j, a, r, rstep = sh * xs_r
@@ -111,7 +150,7 @@ cdef inline void _corr_tile(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
     for a in range(KR * RB):
         acc[a] = vset1(0)
     for c in range(cin):
-        for i in range(kh):
+        for i in range(i_lo, i_hi):
             xr = xs + c * xs_c + i * xs_r
             wq = wp + (c * kh + i) * kw * KR
             for j in range(kw):
@@ -125,35 +164,70 @@ cdef inline void _corr_tile(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
         vstore(tb + a * VF, acc[a])
 
 
+cdef inline void _corr_tile_1ch(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
+                                const float* wp, Py_ssize_t cin, Py_ssize_t kw, float* tb,
+                                const int RB, const int KH) noexcept nogil:
+    # One output channel, stride 1: RB (8) rows x VF columns. With a single channel
+    # _corr_tile does one load per multiply-add; here each loaded input row
+    # vector feeds the KH output rows that read it (up to KH multiply-adds per
+    # load), with the KH taps of the current column held in registers.
+    cdef vf acc[8]
+    cdef vf wv[5]
+    cdef Py_ssize_t c, j, q, i
+    cdef const float* xr
+    for q in range(RB):
+        acc[q] = vset1(0)
+    for c in range(cin):
+        xr = xs + c * xs_c
+        for j in range(kw):
+            for i in range(KH):
+                wv[i] = vset1(wp[(c * KH + i) * kw + j])
+            # Written per (tap row, output row) so that both loops have constant
+            # trip counts and unroll; the compiler then merges the loads of the
+            # same input row.
+            for i in range(KH):
+                for q in range(RB):
+                    acc[q] = acc[q] + wv[i] * vload(xr + (q + i) * xs_r + j)
+    for q in range(RB):
+        vstore(tb + q * VF, acc[q])
+
+
 cdef void _corr_run(Py_ssize_t kr, Py_ssize_t rb, const float* xs, Py_ssize_t xs_c,
                     Py_ssize_t xs_r, const float* wp, Py_ssize_t cin, Py_ssize_t kh,
-                    Py_ssize_t kw, Py_ssize_t sh, float* tb) noexcept nogil:
+                    Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t i_lo, Py_ssize_t i_hi,
+                    float* tb) noexcept nogil:
     # One call site per tile shape, so the compiler specialises each; the
     # VREGS test is a compile-time constant, so each build keeps only its own.
+    if kr == 1 and sh == 1 and (kh == 3 or kh == 5):
+        if kh == 5:
+            _corr_tile_1ch(xs, xs_c, xs_r, wp, cin, kw, tb, 8, 5)
+        else:
+            _corr_tile_1ch(xs, xs_c, xs_r, wp, cin, kw, tb, 8, 3)
+        return
     if VREGS >= 32:
         if kr == 8:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 8, 3)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 8, 3)
         elif kr == 6:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 6, 4)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 6, 4)
         elif kr == 4:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 4, 4)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 4, 4)
         elif kr == 3:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 3, 6)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 3, 6)
         elif kr == 2:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 2, 8)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 2, 8)
         else:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 1, 8)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 1, 8)
     else:
         if kr == 6:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 6, 2)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 6, 2)
         elif kr == 4:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 4, 3)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 4, 3)
         elif kr == 3:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 3, 3)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 3, 3)
         elif kr == 2:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 2, 4)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 2, 4)
         else:
-            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, tb, 1, 6)
+            _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 1, 6)
 
 
 cdef void _choose_tile(Py_ssize_t cout, Py_ssize_t oh, Py_ssize_t* kr, Py_ssize_t* rb) noexcept nogil:
@@ -191,9 +265,12 @@ cdef void _choose_tile(Py_ssize_t cout, Py_ssize_t oh, Py_ssize_t* kr, Py_ssize_
 
 cdef void _stage(const float* src, Py_ssize_t ch, Py_ssize_t h, Py_ssize_t w,
                  Py_ssize_t offh, Py_ssize_t offw, Py_ssize_t rs, Py_ssize_t qs,
-                 float* dst) noexcept nogil:
+                 float* dst, bint borders=True) noexcept nogil:
     # dst[c, r, q] = src[c, r - offh, q - offw], zero outside src. Plain loops:
     # rows are short, and library calls per row cost more than the copy.
+    # borders=False writes only the cells inside src: for a buffer whose zero
+    # borders are already in place (staging was up to 80% zeros, and on LeNet's
+    # conv2 input gradient it took about half the time).
     cdef Py_ssize_t c, r, q, ih, q_lo, q_hi
     cdef float* d
     cdef const float* s
@@ -204,36 +281,75 @@ cdef void _stage(const float* src, Py_ssize_t ch, Py_ssize_t h, Py_ssize_t w,
             d = dst + (c * rs + r) * qs
             ih = r - offh
             if ih < 0 or ih >= h:
-                for q in range(qs):
-                    d[q] = 0
+                if borders:
+                    for q in range(qs):
+                        d[q] = 0
                 continue
             s = src + (c * h + ih) * w - offw
-            for q in range(q_lo):
-                d[q] = 0
+            if borders:
+                for q in range(q_lo):
+                    d[q] = 0
+                for q in range(q_hi, qs):
+                    d[q] = 0
             for q in range(q_lo, q_hi):
                 d[q] = s[q]
-            for q in range(q_hi, qs):
-                d[q] = 0
+
+
+cdef void _copy_inside(const float* src, Py_ssize_t ch, Py_ssize_t h, Py_ssize_t w,
+                       Py_ssize_t offh, Py_ssize_t offw, Py_ssize_t rs, Py_ssize_t qs,
+                       float* dst) noexcept nogil:
+    # The copy half of _stage (the zeros around are already there), by whole
+    # vectors and a scalar tail: rows are short, and GCC's own vectorised loop
+    # spends more on its checks than on the copy.
+    cdef Py_ssize_t c, r, q, r_lo, r_hi, q_lo, q_hi, m
+    cdef float* d
+    cdef const float* sp
+    q_lo = _imin(_imax(offw, 0), qs)
+    q_hi = _imax(_imin(offw + w, qs), q_lo)
+    r_lo = _imin(_imax(offh, 0), rs)
+    r_hi = _imax(_imin(offh + h, rs), r_lo)
+    m = q_hi - q_lo
+    for c in range(ch):
+        for r in range(r_lo, r_hi):
+            d = dst + (c * rs + r) * qs + q_lo
+            sp = src + (c * h + r - offh) * w + q_lo - offw
+            q = 0
+            while q + VF <= m:
+                vstore(d + q, vload(sp + q))
+                q = q + VF
+            while q < m:
+                d[q] = sp[q]
+                q = q + 1
 
 
 cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const float* bias,
-                     float* dst, Py_ssize_t it, float* xs, float* tb) noexcept nogil:
+                     float* dst, Py_ssize_t it, float* xs, float* tb,
+                     Py_ssize_t* staged) noexcept nogil:
+    # staged: the image this thread's xs holds (-1: none yet, borders not written).
     cdef Py_ssize_t ngroups = _cdiv(g.cout, g.kg)
     cdef Py_ssize_t n = it // ngroups, kgi = it % ngroups
     cdef Py_ssize_t k_lo = kgi * g.kg, k_hi = _imin(g.cout, k_lo + g.kg)
-    cdef Py_ssize_t k0, oh0, ow0, a, r, k, oy, nv, q, kb, ty, tx
+    cdef Py_ssize_t k0, oh0, ow0, a, r, k, oy, nv, q, kb, ty, tx, i_lo, i_hi
     cdef Py_ssize_t xs_c = g.rs * g.qs, wsz = g.cin * g.kh * g.kw * g.kr
     cdef const float* wb
     cdef const float* xt
     cdef float* d
     cdef const float* t
     cdef float bk
-    _stage(src + n * g.cin * g.h * g.w, g.cin, g.h, g.w, g.offh, g.offw, g.rs, g.qs, xs)
+    if staged[0] != n:
+        _stage(src + n * g.cin * g.h * g.w, g.cin, g.h, g.w, g.offh, g.offw, g.rs, g.qs, xs,
+               staged[0] < 0)
+        staged[0] = n
     for kb in range(_cdiv(k_hi - k_lo, g.kr)):
         k0 = k_lo + kb * g.kr
         wb = wpk + (k0 // g.kr) * wsz
         for ty in range(_cdiv(g.oh, g.rb)):
             oh0 = ty * g.rb
+            # Staged rows [offh, offh + h) hold data; the rest are zero padding
+            # (with a large kernel and no padding, the input gradient's tiles at
+            # the top and bottom would spend up to 60% of their steps on zeros).
+            i_lo = _imax(0, g.offh - (oh0 + g.rb - 1) * g.sh)
+            i_hi = _imax(i_lo, _imin(g.kh, g.offh + g.h - oh0 * g.sh))
             for tx in range(_cdiv(g.ow, VF)):
                 ow0 = tx * VF
                 if ow0 + VF > g.ow and g.ow >= VF:
@@ -242,7 +358,8 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
                     # and every store is a whole vector.
                     ow0 = g.ow - VF
                 xt = xs + oh0 * g.sh * g.qs + ow0
-                _corr_run(g.kr, g.rb, xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh, tb)
+                _corr_run(g.kr, g.rb, xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh,
+                          i_lo, i_hi, tb)
                 nv = _imin(VF, g.ow - ow0)
                 for a in range(g.kr):
                     k = k0 + a
@@ -266,9 +383,10 @@ cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bia
                    float* dst, int num_threads) noexcept nogil:
     # Runs the correlation described by g; wpk holds the filters packed as
     # [cout block][cin][kh][kw][kr]. Returns -1 if scratch memory is missing.
-    cdef Py_ssize_t items, it, xs_size, tb_size, tid
+    cdef Py_ssize_t items, it, xs_size, tb_size, tid, per
     cdef int nt
     cdef float* buf
+    cdef Py_ssize_t* staged
     cdef void* mem
     # Output channels per work item: large, so that staging the input is paid
     # for once per many channels; smaller for tiny batches so two threads have work.
@@ -280,14 +398,18 @@ cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bia
     nt = _threads(g.n * g.cout * g.oh * g.ow * g.cin * g.kh * g.kw, items, num_threads)
     xs_size = _align16(g.cin * g.rs * g.qs + VF)
     tb_size = 24 * VF
-    mem = malloc(nt * (xs_size + tb_size) * sizeof(float) + 64)
+    per = xs_size + tb_size
+    mem = malloc(nt * per * sizeof(float) + nt * sizeof(Py_ssize_t) + 64)
     if mem == NULL:
         return -1
     buf = _aligned(mem)
+    staged = <Py_ssize_t*>(buf + nt * per)
+    for tid in range(nt):
+        staged[tid] = -1
     for it in prange(items, schedule="dynamic", num_threads=nt):
         tid = omp_get_thread_num()
-        _corr_item(g, src, wpk, bias, dst, it, buf + tid * (xs_size + tb_size),
-                   buf + tid * (xs_size + tb_size) + xs_size)
+        _corr_item(g, src, wpk, bias, dst, it, buf + tid * per, buf + tid * per + xs_size,
+                   staged + tid)
     free(mem)
     return 0
 
@@ -525,6 +647,361 @@ cdef float _sum_f32(const float* p, Py_ssize_t m) noexcept nogil:
 
 
 # ----------------------------------------------------------------------------
+# float32 channel-vector path ("implicit GEMM"): vectors over output channels
+# ----------------------------------------------------------------------------
+
+# Test and benchmark hook: 0 picks the path from the shapes, 1 forces the
+# column-vector kernels above (stride 1 only), 2 the channel-vector kernels.
+cdef int _cv_mode = 0
+
+
+def set_float32_path(int mode):
+    """Force a float32 path (0 auto, 1 column vectors, 2 channel vectors); returns the old mode."""
+    global _cv_mode
+    cdef int old = _cv_mode
+    _cv_mode = mode
+    return old
+
+
+cdef void _cv_shape(Py_ssize_t k, Py_ssize_t* v, Py_ssize_t* kp) noexcept nogil:
+    # V: fewest channel vectors computed (K rounded up to a multiple of V
+    # vectors), ties to the wider tile.
+    cdef Py_ssize_t kv = _cdiv(k, VF), vmax = CV_VMAX
+    cdef Py_ssize_t c, best = -1, cells
+    for c in range(vmax, 0, -1):
+        cells = _cdiv(kv, c) * c
+        if best < 0 or cells < best:
+            best = cells
+            v[0] = c
+    kp[0] = best * VF
+
+
+ctypedef struct CV:
+    # Shapes; staged image (C x rs x qs); tile A x B x V with K padded to kp;
+    # work split into chunks of nbk images and groups of gsz tiles.
+    Py_ssize_t n, c, h, w, k, kh, kw, oh, ow, sh, sw, ph, pw
+    Py_ssize_t rs, qs, rows, p, a, b, v, kp, ntiles, nbk, nchunks, ngroups, gsz
+    Py_ssize_t xs_size, gt_size, ppad, tx
+    bint direct
+
+
+cdef void _cv_setup(CV* g) noexcept nogil:
+    g.rs = (g.oh - 1) * g.sh + g.kh
+    g.qs = (g.ow - 1) * g.sw + g.kw
+    g.rows = g.c * g.kh * g.kw
+    g.p = g.oh * g.ow
+    # Slack past the image: the forward pass's last column tile reads up to
+    # B-1 floats beyond a row (those outputs are not stored).
+    g.xs_size = _align16(g.c * g.rs * g.qs + 16)
+    _cv_shape(g.k, &g.v, &g.kp)
+
+
+cdef void _cv_wtiles(CV* g) noexcept nogil:
+    # Weight-gradient tiles: A (c, i) pairs x up to 5 kernel columns.
+    g.a = cv_rows(g.v, _imin(g.kw, 5))
+    g.ntiles = _cdiv(g.c * g.kh, g.a)
+    g.ppad = g.ntiles * g.a
+
+
+cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize_t* poff,
+                    float* part, Py_ssize_t psize, bint bias, Py_ssize_t it, float* xs,
+                    float* gt) noexcept nogil:
+    # Item = (chunk of images, group of pair tiles): adds every image of the
+    # chunk, in order, into part[chunk][rows of the group][kp].
+    cdef Py_ssize_t ci = it // g.ngroups, gi = it % g.ngroups
+    cdef Py_ssize_t n_lo = ci * g.nbk, n_hi = _imin(g.n, n_lo + g.nbk)
+    cdef Py_ssize_t t_lo = gi * g.gsz, t_hi = _imin(g.ntiles, t_lo + g.gsz)
+    cdef Py_ssize_t n, k, q, t, kb, j0, b, P = g.p, kp = g.kp, vw = g.v * VF
+    cdef Py_ssize_t A = g.a, KW = g.kw, c_lo, c_hi
+    cdef float* pc = part + ci * psize
+    cdef float* pb = pc + g.ppad * KW * kp
+    cdef vf a0, a1, a2, a3
+    cdef Py_ssize_t nv
+    # The first group of each chunk also sums grad_out over positions (grad_bias).
+    bias = bias and gi == 0
+    if t_lo >= t_hi:
+        return
+    memset(pc + t_lo * A * KW * kp, 0, (t_hi - t_lo) * A * KW * kp * sizeof(float))
+    if bias:
+        memset(pb, 0, kp * sizeof(float))
+    # Only the channels of this group's pairs are staged.
+    c_lo = _imin(t_lo * A // g.kh, g.c - 1)
+    c_hi = _imin(g.c, _cdiv(t_hi * A, g.kh))
+    for n in range(n_lo, n_hi):
+        if g.direct:
+            xs = <float*>(x + n * g.c * g.h * g.w)
+        else:
+            if n == n_lo:
+                # Zero border once: every image of the item has the same geometry.
+                memset(xs + c_lo * g.rs * g.qs, 0, (c_hi - c_lo) * g.rs * g.qs * sizeof(float))
+            _copy_inside(x + (n * g.c + c_lo) * g.h * g.w, c_hi - c_lo, g.h, g.w, g.ph, g.pw,
+                         g.rs, g.qs, xs + c_lo * g.rs * g.qs)
+        # grad_out[n] (K x P) transposed to P x kp, channels past K zero.
+        cv_transpose(go + n * g.k * P, P, g.k, P, gt, kp)
+        if kp > g.k:
+            for q in range(P):
+                for k in range(g.k, kp):
+                    gt[q * kp + k] = 0
+        if bias:
+            # Up to 4 vectors of channels summed over positions in registers.
+            k = 0
+            while k < kp:
+                nv = _imin(4, (kp - k) // VF)
+                a0 = vload(pb + k)
+                a1 = vload(pb + k + VF) if nv > 1 else a0
+                a2 = vload(pb + k + 2 * VF) if nv > 2 else a0
+                a3 = vload(pb + k + 3 * VF) if nv > 3 else a0
+                for q in range(P):
+                    a0 = a0 + vload(gt + q * kp + k)
+                    if nv > 1:
+                        a1 = a1 + vload(gt + q * kp + k + VF)
+                    if nv > 2:
+                        a2 = a2 + vload(gt + q * kp + k + 2 * VF)
+                    if nv > 3:
+                        a3 = a3 + vload(gt + q * kp + k + 3 * VF)
+                vstore(pb + k, a0)
+                if nv > 1:
+                    vstore(pb + k + VF, a1)
+                if nv > 2:
+                    vstore(pb + k + 2 * VF, a2)
+                if nv > 3:
+                    vstore(pb + k + 3 * VF, a3)
+                k = k + nv * VF
+        for t in range(t_lo, t_hi):
+            j0 = 0
+            while j0 < KW:
+                b = _imin(KW - j0, 5)
+                for kb in range(kp // vw):
+                    cv_wrun(A, b, g.v, xs + j0, poff + t * A, g.oh, g.ow, g.sh * g.qs, g.sw,
+                            gt + kb * vw, kp, pc + (t * A * KW + j0) * kp + kb * vw, KW * kp)
+                j0 = j0 + b
+
+
+cdef int _cv_wgrad(CV* g, const float* go, const float* x, float* gw, float* gb,
+                   int num_threads) noexcept nogil:
+    cdef Py_ssize_t items, it, tid, per, r, k, ci, c, i, q, psize
+    cdef float s
+    cdef int nt
+    cdef float* buf
+    cdef float* part
+    cdef Py_ssize_t* poff
+    cdef void* mem
+    _cv_setup(g)
+    # Without padding every tap the tiles read lies inside the image: they
+    # read x itself (rows of w floats), nothing is staged.
+    g.direct = g.ph == 0 and g.pw == 0
+    if g.direct:
+        g.rs = g.h
+        g.qs = g.w
+    _cv_wtiles(g)
+    # Work split from the shapes only: at most 8 chunks of images (partial sums
+    # added in chunk order), and groups of pair tiles when chunks are few.
+    g.nbk = _cdiv(g.n, 8)
+    g.nchunks = _cdiv(g.n, g.nbk)
+    g.gsz = _cdiv(g.ntiles, _imin(g.ntiles, _cdiv(8, g.nchunks)))
+    g.ngroups = _cdiv(g.ntiles, g.gsz)
+    g.gt_size = _align16(g.p * g.kp)
+    items = g.nchunks * g.ngroups
+    nt = _threads(g.n * g.k * g.p * g.rows, items, num_threads)
+    per = g.xs_size + g.gt_size
+    psize = g.ppad * g.kw * g.kp
+    # Per chunk: the partial weight gradient, then kp partial bias sums.
+    psize = psize + (_align16(g.kp) if gb != NULL else 0)
+    mem = malloc((nt * per + g.nchunks * psize) * sizeof(float) + g.ppad * sizeof(Py_ssize_t) + 128)
+    if mem == NULL:
+        return -1
+    buf = _aligned(mem)
+    part = buf + nt * per
+    poff = <Py_ssize_t*>(part + g.nchunks * psize)
+    # poff[(c, i)]: kernel row i of channel c for output position 0. Padding
+    # pairs repeat the last real one (staged by the same item, so they read
+    # real numbers); their sums are never stored.
+    for q in range(g.ppad):
+        c = _imin(q, g.c * g.kh - 1) // g.kh
+        i = _imin(q, g.c * g.kh - 1) % g.kh
+        poff[q] = (c * g.rs + i) * g.qs
+    for it in prange(items, schedule="dynamic", num_threads=nt):
+        tid = omp_get_thread_num()
+        _cv_witem(g, go, x, poff, part, psize, gb != NULL, it, buf + tid * per,
+                  buf + tid * per + g.xs_size)
+    # Chunks added in order (the same for any thread count); rows r = (c, i, j)
+    # transposed back to (K, C, KH, KW).
+    for ci in range(1, g.nchunks):
+        for r in range(g.rows * g.kp):
+            part[r] = part[r] + part[ci * psize + r]
+        if gb != NULL:
+            for r in range(g.ppad * g.kw * g.kp, g.ppad * g.kw * g.kp + g.k):
+                part[r] = part[r] + part[ci * psize + r]
+    cv_transpose(part, g.kp, g.rows, g.k, gw, g.rows)
+    if gb != NULL:
+        for k in range(g.k):
+            gb[k] = part[g.ppad * g.kw * g.kp + k]
+    free(mem)
+    return 0
+
+
+cdef void _cv_ftiles(CV* g) noexcept nogil:
+    # Forward tiles. Stride 1: A x B with the fewest output cells computed
+    # (padding included); otherwise A positions in row-major order (B = 1).
+    cdef Py_ssize_t a, b, cells, best = -1
+    if g.sw == 1:
+        for b in range(5, 0, -1):
+            a = cv_rows(g.v, b)
+            cells = _cdiv(g.oh, a) * a * _cdiv(g.ow, b) * b
+            if best < 0 or cells < best:
+                best = cells
+                g.a = a
+                g.b = b
+        g.tx = _cdiv(g.ow, g.b)
+        g.ntiles = _cdiv(g.oh, g.a) * g.tx
+    else:
+        g.b = 1
+        g.a = cv_rows(g.v, 1)
+        g.tx = 1
+        g.ntiles = _cdiv(g.p, g.a)
+
+
+cdef void _cv_fitem(const CV* g, const float* x, const float* wt, const float* bias,
+                    const Py_ssize_t* roff, float* out, Py_ssize_t it, float* xs,
+                    float* tb, float* yb) noexcept nogil:
+    # Item = (image, group of position tiles). Stride 1: tile = A output rows x
+    # B adjacent columns; otherwise A positions in row-major order (B = 1).
+    # With yb (items of whole images) the tiles' vectors are gathered there as
+    # P x kp and transposed once; otherwise each output is stored on its own.
+    cdef Py_ssize_t n = it // g.ngroups, gi = it % g.ngroups
+    cdef Py_ssize_t t_lo = gi * g.gsz, t_hi = _imin(g.ntiles, t_lo + g.gsz)
+    cdef Py_ssize_t t, a, b, q, kb, k, kk, y0, x0, oy, ox, vw = g.v * VF
+    cdef Py_ssize_t A = g.a, B = g.b, P = g.p
+    cdef Py_ssize_t prow[12]
+    cdef Py_ssize_t opos[12]
+    cdef const float* tv
+    cdef float* d
+    cdef float bk
+    if t_lo >= t_hi:
+        return
+    _stage(x + n * g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, g.rs, g.qs, xs)
+    for t in range(t_lo, t_hi):
+        if B > 1 or g.sw == 1:
+            y0 = (t // g.tx) * A
+            x0 = (t % g.tx) * B
+            for a in range(A):
+                # Rows past the plane repeat the last one: computed, not stored.
+                oy = _imin(y0 + a, g.oh - 1)
+                prow[a] = oy * g.sh * g.qs + x0
+                opos[a] = oy * g.ow + x0 if y0 + a < g.oh else -1
+        else:
+            x0 = 0
+            for a in range(A):
+                q = _imin(t * A + a, P - 1)
+                prow[a] = (q // g.ow) * g.sh * g.qs + (q % g.ow) * g.sw
+                opos[a] = q if t * A + a < P else -1
+        for kb in range(g.kp // vw):
+            cv_frun(A, B, g.v, xs, prow, roff, g.rows, wt + kb * vw, g.kp, tb)
+            if yb != NULL:
+                for a in range(A):
+                    if opos[a] < 0:
+                        break
+                    for b in range(_imin(B, g.ow - x0)):
+                        for kk in range(g.v):
+                            vstore(yb + (opos[a] + b) * g.kp + kb * vw + kk * VF,
+                                   vload(tb + ((a * B + b) * g.v + kk) * VF))
+                continue
+            for kk in range(vw):
+                k = kb * vw + kk
+                if k >= g.k:
+                    break
+                bk = bias[k] if bias != NULL else 0
+                d = out + (n * g.k + k) * P
+                for a in range(A):
+                    if opos[a] < 0:
+                        break
+                    tv = tb + a * B * vw + kk
+                    for b in range(_imin(B, g.ow - x0)):
+                        d[opos[a] + b] = tv[b * vw] + bk
+    if yb != NULL:
+        # The whole image as P x kp, transposed to K x P in register blocks.
+        cv_transpose(yb, g.kp, P, g.k, out + n * g.k * P, P)
+        if bias != NULL:
+            for k in range(g.k):
+                d = out + (n * g.k + k) * P
+                bk = bias[k]
+                for q in range(P):
+                    d[q] = d[q] + bk
+
+
+cdef bint _use_cv(CV* g, bint forward) noexcept nogil:
+    # Channel vectors or column vectors, from the shapes (and the build's VF)
+    # only. Column vectors need stride 1 and lose when few output channels
+    # fill the channel vectors. Otherwise the path with the larger fraction of
+    # useful lanes: column vectors use ow of each whole number of vectors per
+    # row; channel vectors K of kp and the real pairs or positions of the
+    # padded tiles. Measured (1 thread, AVX-512 and AVX2): the weight gradient
+    # on channel vectors wins ties (CIFAR 16x16 3x3 C32->K64: ~1.5x) and, with
+    # 16 registers, also at 80% of the column vectors' useful lanes (AVX2:
+    # C3->K32 32x32 1.1x, C16->K12 30x30 1.15x; on AVX-512 these lose, 0.8-1x);
+    # the forward pass loses ties (0.6-1x), so it needs strictly more.
+    cdef double eff_old, eff_new
+    if _cv_mode == 1 and g.sw == 1:
+        return False
+    if _cv_mode == 2 or g.sw != 1:
+        return True
+    if g.k < 12:
+        return False
+    _cv_setup(g)
+    eff_old = <double>g.ow / (_cdiv(g.ow, VF) * VF)
+    if forward:
+        _cv_ftiles(g)
+        eff_new = (<double>g.k / g.kp) * g.p / (g.ntiles * g.a * g.b)
+        return eff_new > eff_old
+    _cv_wtiles(g)
+    eff_new = (<double>g.k / g.kp) * (g.c * g.kh) / g.ppad
+    return eff_new >= (eff_old if VREGS >= 32 else 0.8 * eff_old)
+
+
+cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bias,
+                     float* out, int num_threads) noexcept nogil:
+    cdef Py_ssize_t items, it, tid, per, r, k, tbs, ybs, c, i, j
+    cdef int nt
+    cdef float* buf
+    cdef float* wt
+    cdef Py_ssize_t* roff
+    cdef void* mem
+    _cv_setup(g)
+    g.direct = False
+    _cv_ftiles(g)
+    g.gsz = _cdiv(g.ntiles, _imin(g.ntiles, _cdiv(8, g.n)))
+    g.ngroups = _cdiv(g.ntiles, g.gsz)
+    items = g.n * g.ngroups
+    nt = _threads(g.n * g.k * g.p * g.rows, items, num_threads)
+    tbs = _align16(g.a * g.b * g.v * VF)
+    ybs = _align16(g.p * g.kp) if g.ngroups == 1 and g.p * g.kp <= (1 << 20) else 0
+    per = g.xs_size + tbs + ybs
+    mem = malloc((nt * per + g.rows * g.kp) * sizeof(float) + g.rows * sizeof(Py_ssize_t) + 128)
+    if mem == NULL:
+        return -1
+    buf = _aligned(mem)
+    wt = buf + nt * per
+    roff = <Py_ssize_t*>(wt + g.rows * g.kp)
+    for it in range(nt):
+        memset(buf + it * per + g.c * g.rs * g.qs, 0, (g.xs_size - g.c * g.rs * g.qs) * sizeof(float))
+    # roff[(c, i, j)]: tap (c, i, j) of output position 0 in the staged image;
+    # filters as Wt[(c, i, j)][k], channels past K zero.
+    for c in range(g.c):
+        for i in range(g.kh):
+            for j in range(g.kw):
+                roff[(c * g.kh + i) * g.kw + j] = (c * g.rs + i) * g.qs + j
+    for r in range(g.rows):
+        for k in range(g.kp):
+            wt[r * g.kp + k] = weight[k * g.rows + r] if k < g.k else 0
+    for it in prange(items, schedule="dynamic", num_threads=nt):
+        tid = omp_get_thread_num()
+        _cv_fitem(g, x, wt, bias, roff, out, it, buf + tid * per, buf + tid * per + g.xs_size,
+                  buf + tid * per + g.xs_size + tbs if ybs > 0 else NULL)
+    free(mem)
+    return 0
+
+
+# ----------------------------------------------------------------------------
 # Scalar path: float64 and any stride
 # ----------------------------------------------------------------------------
 
@@ -616,6 +1093,9 @@ cdef int _packed_corr(Corr* g, const float* weight, bint flip, const float* src,
     cdef float* wpk
     cdef int rc
     _choose_tile(cout, g.oh, &g.kr, &g.rb)
+    if cout == 1 and g.sh == 1 and (KH == 3 or KH == 5):
+        g.kr = 1
+        g.rb = 8
     nb = _cdiv(cout, g.kr)
     wpk = <float*>malloc(nb * cin * KH * KW * g.kr * sizeof(float) + 64)
     if wpk == NULL:
@@ -653,8 +1133,19 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     cdef Py_ssize_t it
     cdef const floating* bp = &bias[0] if bias is not None and K > 0 else NULL
     cdef Corr g
+    cdef CV cv
     cdef int rc = 0, nt
     if N == 0 or K == 0 or OH == 0 or OW == 0:
+        return
+    cv.n = N; cv.c = C; cv.h = x.shape[2]; cv.w = x.shape[3]; cv.k = K
+    cv.kh = KH; cv.kw = KW; cv.oh = OH; cv.ow = OW; cv.sh = sh; cv.sw = sw
+    cv.ph = ph; cv.pw = pw
+    if floating is float and C > 0 and _use_cv(&cv, True):
+        with nogil:
+            rc = _cv_forward(&cv, &x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp, &out[0, 0, 0, 0],
+                             num_threads)
+        if rc != 0:
+            raise MemoryError()
         return
     if floating is float and sw == 1 and C > 0:
         g.n = N; g.cin = C; g.h = x.shape[2]; g.w = x.shape[3]; g.cout = K
@@ -717,8 +1208,20 @@ def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
     cdef Py_ssize_t it, n, k
     cdef floating s
     cdef WGrad g
+    cdef CV cv
     cdef int rc = 0, nt
-    if grad_bias is not None and K > 0:
+    cdef bint use_cv = False
+    cdef float* gbp = NULL
+    cv.n = N; cv.c = C; cv.h = x.shape[2]; cv.w = x.shape[3]; cv.k = K
+    cv.kh = KH; cv.kw = KW; cv.oh = OH; cv.ow = OW; cv.sh = sh; cv.sw = sw
+    cv.ph = ph; cv.pw = pw
+    if (floating is float and K > 0 and C > 0 and KH > 0 and KW > 0 and N > 0 and OH > 0
+            and OW > 0):
+        use_cv = _use_cv(&cv, False)
+    if use_cv and grad_bias is not None:
+        # grad_bias comes from the transposed grad_out the kernel builds anyway.
+        gbp = <float*>&grad_bias[0]
+    elif grad_bias is not None and K > 0:
         nt = _threads(N * K * plane * 8, K, num_threads)
         with nogil:
             for k in prange(K, schedule="dynamic", num_threads=nt):
@@ -734,6 +1237,13 @@ def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
         return
     if N == 0 or OH == 0 or OW == 0:
         grad_weight[:, :, :, :] = 0
+        return
+    if floating is float and use_cv:
+        with nogil:
+            rc = _cv_wgrad(&cv, &grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], &grad_weight[0, 0, 0, 0],
+                           gbp, num_threads)
+        if rc != 0:
+            raise MemoryError()
         return
     if floating is float and sw == 1:
         g.n = N; g.c = C; g.h = x.shape[2]; g.w = x.shape[3]; g.k = K

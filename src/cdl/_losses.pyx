@@ -224,3 +224,18 @@ def sum_squares(const floating[::1] w):
             a0 += v * v
             i += 1
     return (a0 + a1) + (a2 + a3)
+
+
+def label_range(const int64_t[::1] labels):
+    """(min, max) of a non-empty label array, in one pass (NumPy's min and max cost
+    two calls, a noticeable share of a batch-1 training step)."""
+    cdef Py_ssize_t i
+    cdef int64_t lo = labels[0], hi = labels[0], v
+    with nogil:
+        for i in range(1, labels.shape[0]):
+            v = labels[i]
+            if v < lo:
+                lo = v
+            if v > hi:
+                hi = v
+    return lo, hi

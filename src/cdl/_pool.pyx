@@ -22,7 +22,9 @@ instead of scattering silently wrong gradients.
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport INFINITY
+from libc.stdlib cimport malloc, free
 from libc.string cimport memset
+from cdl._openmp cimport omp_get_thread_num
 
 # The inner loops are written in C (below) so that every select is a bit-mask
 # blend: a ternary on floats compiles to a branch in the scalar remainder of a
@@ -421,4 +423,83 @@ def max_pool2d_backward(const floating[:, :, :, ::1] grad_out, const int[:, :, :
             else:
                 bad += _backward_overlap(gp + p * OH * OW, ip + p * OH * OW, dp + p * H * W,
                                          H, W, OH, OW, kh, kw, sh, sw, ph, pw)
+    return bad
+
+
+# ---------------------------------------------------------------- ReLU then 2x2 pool
+# A ReLU followed by a 2x2 stride-2 max-pool (the usual CNN block) in one pass:
+# Sequential runs the pair through these, so the full-size ReLU output is never
+# written and read back, nor its gradient. Each plane is rectified into a
+# per-thread buffer (in cache) and pooled there, so values and indices are
+# exactly those of the separate layers; the backward masks the pooled gradient
+# with ReLU's rule (0 where the pooled value is <= 0; NaN passes) and gathers it.
+
+cdef void _relu_copy(const floating* x, floating* y, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating v, zero = 0
+    for i in range(n):
+        v = x[i]
+        y[i] = zero if v <= zero else v       # ReLU's rule: NaN passes
+
+
+def max_pool2d_relu_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
+                            int[:, :, :, ::1] indices, int num_threads):
+    """out, indices = 2x2 stride-2 max-pool of max(0, x); equal to ReLU then MaxPool2d(2)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
+    cdef Py_ssize_t p, planes = N * C, tid
+    cdef int nt
+    cdef floating* buf
+    if planes == 0 or OH == 0 or OW == 0:
+        return
+    cdef const floating* xp = &x[0, 0, 0, 0]
+    cdef floating* yp = &out[0, 0, 0, 0]
+    cdef int* ip = &indices[0, 0, 0, 0]
+    nt = _threads(planes * H * W, num_threads)
+    buf = <floating*>malloc(nt * H * W * sizeof(floating))
+    if buf == NULL:
+        raise MemoryError()
+    with nogil:
+        for p in prange(planes, schedule="static", num_threads=nt):
+            tid = omp_get_thread_num()
+            _relu_copy(xp + p * H * W, buf + tid * H * W, H * W)
+            _forward_2x2(buf + tid * H * W, yp + p * OH * OW, ip + p * OH * OW, H, W, OH, OW)
+    free(buf)
+
+
+def max_pool2d_relu_backward(const floating[:, :, :, ::1] grad_out,
+                             const floating[:, :, :, ::1] out, const int[:, :, :, ::1] indices,
+                             floating[:, :, :, ::1] grad_input, int num_threads):
+    """Gradient of max_pool2d_relu_forward w.r.t. x (every cell written); returns the
+    number of foreign indices, as max_pool2d_backward."""
+    cdef Py_ssize_t N = grad_input.shape[0], C = grad_input.shape[1]
+    cdef Py_ssize_t H = grad_input.shape[2], W = grad_input.shape[3]
+    cdef Py_ssize_t OH = grad_out.shape[2], OW = grad_out.shape[3]
+    cdef Py_ssize_t p, planes = N * C, bad = 0, tid, o
+    cdef int nt
+    cdef floating zero = 0
+    cdef floating* buf
+    cdef floating* gm
+    cdef const floating* gp
+    cdef const floating* yp
+    if planes == 0 or H == 0 or W == 0:
+        return 0
+    cdef floating* dp = &grad_input[0, 0, 0, 0]
+    if OH == 0 or OW == 0:
+        memset(dp, 0, planes * H * W * sizeof(floating))
+        return 0
+    gp = &grad_out[0, 0, 0, 0]
+    yp = &out[0, 0, 0, 0]
+    cdef const int* ip = &indices[0, 0, 0, 0]
+    nt = _threads(planes * H * W, num_threads)
+    buf = <floating*>malloc(nt * OH * OW * sizeof(floating))
+    if buf == NULL:
+        raise MemoryError()
+    with nogil:
+        for p in prange(planes, schedule="static", num_threads=nt):
+            gm = buf + omp_get_thread_num() * OH * OW
+            for o in range(OH * OW):
+                gm[o] = zero if yp[p * OH * OW + o] <= zero else gp[p * OH * OW + o]
+            bad += _backward_2x2(gm, ip + p * OH * OW, dp + p * H * W, H, W, OH, OW)
+    free(buf)
     return bad

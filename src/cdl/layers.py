@@ -410,6 +410,23 @@ class MaxPool2d(Layer):
         _pool.max_pool2d_backward(g, ws["indices"], dx, kh, kw, sh, sw, ph, pw, nt)
         return dx
 
+    # A ReLU right before this pool, run as one pass (Sequential decides; see
+    # _pool.max_pool2d_relu_forward): x is the ReLU's input, results are identical.
+    def fuses_relu(self):
+        return self.kernel_size == (2, 2) and self.stride == (2, 2) and self.padding == (0, 0)
+
+    def _forward_relu(self, x, ws, nt, train):
+        out, idx = ws["out"], ws["indices"]
+        _pool.max_pool2d_relu_forward(x, out, idx, nt)
+        if train:
+            self.indices = idx
+        return out
+
+    def _backward_relu(self, g, x, ws, nt):
+        dx = ws["dx"]
+        _pool.max_pool2d_relu_backward(g, ws["out"], ws["indices"], dx, nt)
+        return dx
+
 
 class _Elementwise(Layer):
     def flops(self):

@@ -105,7 +105,7 @@ def _labels(targets, n, num_classes, where, name):
                          f"got {shape_str(targets.shape)}")
     labels = np.ascontiguousarray(targets, dtype=np.int64)
     if n:
-        lo, hi = int(labels.min()), int(labels.max())
+        lo, hi = _kl.label_range(labels)
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{where}: {name} must be class labels in [0, {num_classes}), "
                              f"got values from {lo} to {hi}")

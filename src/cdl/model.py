@@ -39,6 +39,37 @@ def _input_shape(shape):
     return tuple(int(s) for s in shape)
 
 
+def _pack_parameters(layers, dtype):
+    """Move every parameter and gradient into one flat buffer each, as views.
+
+    The optimizer then updates the whole model in one kernel call (at batch 1
+    a call per parameter cost more than the arithmetic). Each view starts on a
+    64-byte boundary; the gaps stay zero in both buffers, so updates keep them
+    zero. Returns (params, grads), flat, or (None, None) without parameters.
+    """
+    align = 64 // dtype.itemsize
+    slots, total = [], 0
+    for layer in layers:
+        for key in layer.params:
+            size = layer.params[key].size
+            slots.append((layer, key, total, size))
+            total += -(-size // align) * align
+    if not slots:
+        return None, None
+    flat = []
+    for _ in range(2):
+        raw = np.zeros(total + align, dtype)
+        skip = (-raw.ctypes.data % 64) // dtype.itemsize
+        flat.append(raw[skip:skip + total])
+    params, grads = flat
+    for layer, key, start, size in slots:
+        for store, buf in ((layer.params, params), (layer.grads, grads)):
+            view = buf[start:start + size].reshape(store[key].shape)
+            view[...] = store[key]
+            store[key] = view
+    return params, grads
+
+
 class Sequential:
     """``Sequential(layers, input_shape, dtype=np.float32, seed=None, l2=0.0)``.
 
@@ -109,6 +140,7 @@ class Sequential:
         # Largest per-sample activation: a batch of n needs n times this in one buffer.
         self._max_sample = max([int(np.prod(self.input_shape))]
                                + [int(np.prod(l.output_shape)) for l in self.layers])
+        self._flat_params, self._flat_grads = _pack_parameters(self.layers, self.dtype)
         self._params = [(f"{i}.{k}", layer.params[k], layer.grads[k])
                         for i, layer in enumerate(self.layers) for k in layer.params]
         self._weights = [layer.params["weight"] for layer in self.layers
@@ -117,6 +149,12 @@ class Sequential:
         # Layers before the first one with parameters need no backward in train_step.
         self._first_trained = next((i for i, l in enumerate(self.layers) if l.params),
                                    len(self.layers))
+        # ReLU followed by a 2x2 max-pool runs as one pass (identical results): the
+        # indices of those ReLUs. Such a ReLU keeps no state of its own.
+        self._fused_relu = frozenset(
+            i for i in range(len(self.layers) - 1)
+            if isinstance(self.layers[i], ReLU) and isinstance(self.layers[i + 1], MaxPool2d)
+            and self.layers[i + 1].fuses_relu())
 
     def _followed_by_relu(self, i):
         for layer in self.layers[i + 1:]:
@@ -235,19 +273,38 @@ class Sequential:
     # -- passes ---------------------------------------------------------------------
     def _forward(self, x, nt):
         n = x.shape[0]
-        for layer in self.layers:
-            ws = layer._workspace(n)
-            y = layer._forward(x, ws, nt, True)
+        layers, fused = self.layers, self._fused_relu
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if i in fused:
+                layer._last = None
+                i += 1
+                layer = layers[i]
+                ws = layer._workspace(n)
+                y = layer._forward_relu(x, ws, nt, True)
+            else:
+                ws = layer._workspace(n)
+                y = layer._forward(x, ws, nt, True)
             layer._last = (x, ws)
             x = y
+            i += 1
         return x
 
-    def _backward(self, g, nt, stop):
-        layers = self.layers
-        l2 = self._l2
-        for i in range(len(layers) - 1, stop - 1, -1):
+    def _backward(self, g, nt, stop, need_input_grad=False):
+        """Back-propagate g down to layer ``stop``; its input gradient only if asked."""
+        layers, fused, l2 = self.layers, self._fused_relu, self._l2
+        i = len(layers) - 1
+        while i >= stop:
             x, ws = layers[i]._last
-            g = layers[i]._backward(g, x, ws, nt, i > stop, l2)
+            if i - 1 in fused:
+                # A fused pair never holds `stop` (a layer with parameters) unless stop
+                # is 0 for the input gradient, which the pair then computes.
+                g = layers[i]._backward_relu(g, x, ws, nt)
+                i -= 2
+                continue
+            g = layers[i]._backward(g, x, ws, nt, i > stop or need_input_grad, l2)
+            i -= 1
         return g
 
     def forward(self, x):
@@ -264,12 +321,7 @@ class Sequential:
             raise RuntimeError("Sequential.backward: call forward first")
         n = last[0].shape[0]
         g = check_grad(grad, (n,) + self.output_shape, self.dtype, "Sequential.backward")
-        nt = _config.get_num_threads()
-        dx = g
-        for i in range(len(self.layers) - 1, -1, -1):
-            x, ws = self.layers[i]._last
-            dx = self.layers[i]._backward(dx, x, ws, nt, True, self._l2)
-        return dx.copy()
+        return self._backward(g, _config.get_num_threads(), 0, need_input_grad=True).copy()
 
     def predict(self, x, batch_size=None):
         """Inference in batches of ``batch_size`` (default 256); stores nothing for backward.
@@ -296,8 +348,11 @@ class Sequential:
             if wss is None:
                 wss = bufs[m] = [layer._alloc(m, False) for layer in self.layers]
             h = x[s:e]
-            for layer, ws in zip(self.layers, wss):
-                h = layer._forward(h, ws, nt, False)
+            for i, (layer, ws) in enumerate(zip(self.layers, wss)):
+                if i - 1 in self._fused_relu:
+                    h = layer._forward_relu(h, ws, nt, False)
+                elif i not in self._fused_relu:
+                    h = layer._forward(h, ws, nt, False)
             out[s:e] = h
         return out
 

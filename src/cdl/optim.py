@@ -47,8 +47,20 @@ class SGD:
             raise TypeError(f"SGD: model must be a cdl.Sequential, got {type(model).__name__}")
         self.model = model
         self.base_lr = self.lr
-        self._slots = []
         self.velocities = {}
+        flat_p, flat_g = getattr(model, "_flat_params", None), getattr(model, "_flat_grads", None)
+        if flat_p is not None:
+            # One kernel call for the whole model; velocities are views of one buffer
+            # laid out like the parameters (gaps included, which stay zero).
+            flat_v = np.zeros_like(flat_p) if self.momentum > 0 else None
+            self._slots = [(flat_p, flat_g, flat_v)]
+            if flat_v is not None:
+                base = flat_p.ctypes.data
+                for key, p, _ in model.parameters():
+                    start = (p.ctypes.data - base) // p.itemsize
+                    self.velocities[key] = flat_v[start:start + p.size].reshape(p.shape)
+            return
+        self._slots = []
         for key, p, g in model.parameters():
             v = np.zeros_like(p) if self.momentum > 0 else None
             if v is not None:

@@ -1,0 +1,204 @@
+/* Register tiles of the channel-vector conv kernels (_conv.pyx, "channel-vector
+ * path"), one copy per tile shape.
+ *
+ * A tile holds A x B x V vector accumulators: A pointers into the staged
+ * input, B adjacent columns at constant offsets from each pointer, V vectors of
+ * output channels. Each step loads V channel vectors, broadcasts A*B input
+ * values and does A*B*V multiply-adds; with A pointers in general registers
+ * and the columns as constant offsets no broadcast needs an address reload.
+ * Kept in C so that every shape is compiled with A, B, V as constants (loops
+ * unrolled, accumulators in registers): GCC neither inlines nor clones a
+ * Cython helper for ~30 constant argument sets.
+ */
+#ifndef CDL_CVTILE_H
+#define CDL_CVTILE_H
+
+#include "cdl_simd.h"
+
+#define CDL_CV_INLINE static inline __attribute__((always_inline))
+
+/* Every lane = a, through the intrinsics: one broadcast load from memory,
+ * where cdl_vf_set1's `{0} + a` costs an add and a register broadcast (the add
+ * stays: -0 + 0 is +0). Kept out of cdl_simd.h: there it slowed the column
+ * kernels' code by ~5% (CIFAR conv2 forward). */
+CDL_CV_INLINE cdl_vf cdl_cv_bcast(float a) {
+#if defined(__AVX512F__)
+    return (cdl_vf)_mm512_set1_ps(a);
+#elif defined(__AVX__)
+    return (cdl_vf)_mm256_set1_ps(a);
+#elif defined(__SSE2__)
+    return (cdl_vf)_mm_set1_ps(a);
+#else
+    return cdl_vf_set1(a);
+#endif
+}
+
+/* am[a*am_a + b*kp + v*VF + l] += sum_{y, x} xs[poff[a] + b + y*rstep + x*sw]
+ *                                   * gt[(y*ow + x)*kp + v*VF + l]
+ * (weight gradient: A (c, i) pairs x B kernel columns x V channel vectors). */
+CDL_CV_INLINE void cdl_cv_wtile(const float *xs, const Py_ssize_t *poff, Py_ssize_t oh,
+                                Py_ssize_t ow, Py_ssize_t rstep, Py_ssize_t sw,
+                                const float *gt, Py_ssize_t kp, float *am, Py_ssize_t am_a,
+                                const int A, const int B, const int V) {
+    cdl_vf acc[A * B * V], gv[V];
+    const float *pt[A];
+    const float *g = gt;
+    Py_ssize_t y, x, xi;
+    int a, b, v;
+    for (a = 0; a < A; a++)
+        for (b = 0; b < B; b++)
+            for (v = 0; v < V; v++)
+                acc[(a * B + b) * V + v] = cdl_vf_load(am + a * am_a + b * kp + v * CDL_VF);
+    for (y = 0; y < oh; y++) {
+        for (a = 0; a < A; a++)
+            pt[a] = xs + poff[a] + y * rstep;
+        for (x = 0, xi = 0; x < ow; x++, xi += sw, g += kp) {
+            for (v = 0; v < V; v++)
+                gv[v] = cdl_vf_loadr(g + v * CDL_VF);
+            for (a = 0; a < A; a++)
+                for (b = 0; b < B; b++) {
+                    cdl_vf bv = cdl_cv_bcast(pt[a][xi + b]);
+                    for (v = 0; v < V; v++)
+                        acc[(a * B + b) * V + v] += bv * gv[v];
+                }
+        }
+    }
+    for (a = 0; a < A; a++)
+        for (b = 0; b < B; b++)
+            for (v = 0; v < V; v++)
+                cdl_vf_store(am + a * am_a + b * kp + v * CDL_VF, acc[(a * B + b) * V + v]);
+}
+
+/* tb[((a*B + b)*V + v)*VF + l] = sum_r xs[prow[a] + b + roff[r]] * wt[r*kp + v*VF + l]
+ * (forward: A output rows x B adjacent output columns x V channel vectors). */
+CDL_CV_INLINE void cdl_cv_ftile(const float *xs, const Py_ssize_t *prow, const Py_ssize_t *roff,
+                                Py_ssize_t nr, const float *wt, Py_ssize_t kp, float *tb,
+                                const int A, const int B, const int V) {
+    cdl_vf acc[A * B * V], gv[V];
+    const float *pt[A];
+    const float *w = wt;
+    Py_ssize_t r, o;
+    int a, b, v;
+    for (a = 0; a < A; a++)
+        pt[a] = xs + prow[a];
+    for (a = 0; a < A * B * V; a++)
+        acc[a] = cdl_vf_set1(0);
+    for (r = 0; r < nr; r++, w += kp) {
+        o = roff[r];
+        for (v = 0; v < V; v++)
+            gv[v] = cdl_vf_loadr(w + v * CDL_VF);
+        for (a = 0; a < A; a++)
+            for (b = 0; b < B; b++) {
+                cdl_vf bv = cdl_cv_bcast(pt[a][o + b]);
+                for (v = 0; v < V; v++)
+                    acc[(a * B + b) * V + v] += bv * gv[v];
+            }
+    }
+    for (a = 0; a < A * B * V; a++)
+        cdl_vf_store(tb + a * CDL_VF, acc[a]);
+}
+
+/* A for the tile of B columns x V vectors: A*B*V accumulators, V channel
+ * vectors and a broadcast within the vector registers; A <= 10 pointers. */
+static inline int cdl_cv_rows(int v, int b) {
+#if CDL_VREGS >= 32
+    static const int t[4][5] = {{10, 10, 8, 6, 5}, {10, 6, 4, 3, 2},
+                                {8, 4, 2, 2, 1}, {6, 3, 2, 1, 1}};
+#else
+    static const int t[4][5] = {{8, 6, 4, 3, 2}, {6, 3, 2, 1, 1}, {1, 1, 1, 1, 1}, {1, 1, 1, 1, 1}};
+#endif
+    return t[v - 1][b - 1];
+}
+
+/* Largest V the build uses. */
+#if CDL_VREGS >= 32
+#define CDL_CV_VMAX 4
+#else
+#define CDL_CV_VMAX 2
+#endif
+
+/* dst[c*ld_dst + r] = src[r*ld_src + c] for r < nr, c < nc: grad_out (K x P) to
+ * P x kp rows of channels, and forward results back. 8 x 8 blocks transposed
+ * in AVX registers (8 loads, 24 shuffles, 8 stores for 64 floats, where
+ * scalar code stores each float on its own); the edges, and builds without
+ * AVX, copy floats. */
+static void cdl_cv_transpose(const float *src, Py_ssize_t ld_src, Py_ssize_t nr, Py_ssize_t nc,
+                             float *dst, Py_ssize_t ld_dst) {
+    Py_ssize_t r0 = 0, c, r;
+#if defined(__AVX__)
+    for (; r0 + 8 <= nr; r0 += 8) {
+        for (c = 0; c + 8 <= nc; c += 8) {
+            const float *s = src + r0 * ld_src + c;
+            float *d = dst + c * ld_dst + r0;
+            Py_ssize_t p = ld_src, kp = ld_dst;
+            __m256 r0v = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + p);
+            __m256 r2 = _mm256_loadu_ps(s + 2 * p), r3 = _mm256_loadu_ps(s + 3 * p);
+            __m256 r4 = _mm256_loadu_ps(s + 4 * p), r5 = _mm256_loadu_ps(s + 5 * p);
+            __m256 r6 = _mm256_loadu_ps(s + 6 * p), r7 = _mm256_loadu_ps(s + 7 * p);
+            __m256 t0 = _mm256_unpacklo_ps(r0v, r1), t1 = _mm256_unpackhi_ps(r0v, r1);
+            __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+            __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+            __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+            __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+            __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+            __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+            __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+            _mm256_storeu_ps(d + kp, _mm256_permute2f128_ps(u1, u5, 0x20));
+            _mm256_storeu_ps(d + 2 * kp, _mm256_permute2f128_ps(u2, u6, 0x20));
+            _mm256_storeu_ps(d + 3 * kp, _mm256_permute2f128_ps(u3, u7, 0x20));
+            _mm256_storeu_ps(d + 4 * kp, _mm256_permute2f128_ps(u0, u4, 0x31));
+            _mm256_storeu_ps(d + 5 * kp, _mm256_permute2f128_ps(u1, u5, 0x31));
+            _mm256_storeu_ps(d + 6 * kp, _mm256_permute2f128_ps(u2, u6, 0x31));
+            _mm256_storeu_ps(d + 7 * kp, _mm256_permute2f128_ps(u3, u7, 0x31));
+        }
+        for (; c < nc; c++)
+            for (r = r0; r < r0 + 8; r++)
+                dst[c * ld_dst + r] = src[r * ld_src + c];
+    }
+#endif
+    for (c = 0; c < nc; c++)
+        for (r = r0; r < nr; r++)
+            dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
+#define CDL_CV_WARGS const float *xs, const Py_ssize_t *poff, Py_ssize_t oh, Py_ssize_t ow, \
+    Py_ssize_t rstep, Py_ssize_t sw, const float *gt, Py_ssize_t kp, float *am, Py_ssize_t am_a
+#define CDL_CV_FARGS const float *xs, const Py_ssize_t *prow, const Py_ssize_t *roff, \
+    Py_ssize_t nr, const float *wt, Py_ssize_t kp, float *tb
+
+/* One function per shape (A, B, V); the residual column blocks of kernels wider
+ * than 5 use B = 1..4 with the A of B = 5. */
+#define CDL_CV_DEF(A, B, V) \
+    static void cdl_cv_w_##A##_##B##_##V(CDL_CV_WARGS) { \
+        cdl_cv_wtile(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a, A, B, V); } \
+    static void cdl_cv_f_##A##_##B##_##V(CDL_CV_FARGS) { \
+        cdl_cv_ftile(xs, prow, roff, nr, wt, kp, tb, A, B, V); }
+#define CDL_CV_WCASE(A, B, V) \
+    if (a == A && b == B && v == V) { cdl_cv_w_##A##_##B##_##V(xs, poff, oh, ow, rstep, sw, gt, kp, am, am_a); return; }
+#define CDL_CV_FCASE(A, B, V) \
+    if (a == A && b == B && v == V) { cdl_cv_f_##A##_##B##_##V(xs, prow, roff, nr, wt, kp, tb); return; }
+
+#if CDL_VREGS >= 32
+#define CDL_CV_SHAPES(X) \
+    X(10, 1, 1) X(10, 2, 1) X(8, 3, 1) X(6, 4, 1) X(5, 5, 1) X(5, 1, 1) X(5, 2, 1) X(5, 3, 1) X(5, 4, 1) \
+    X(10, 1, 2) X(6, 2, 2) X(4, 3, 2) X(3, 4, 2) X(2, 5, 2) X(2, 1, 2) X(2, 2, 2) X(2, 3, 2) X(2, 4, 2) \
+    X(8, 1, 3) X(4, 2, 3) X(2, 3, 3) X(2, 4, 3) X(1, 5, 3) X(1, 1, 3) X(1, 2, 3) X(1, 3, 3) X(1, 4, 3) \
+    X(6, 1, 4) X(3, 2, 4) X(2, 3, 4) X(1, 4, 4) X(1, 5, 4) X(1, 1, 4) X(1, 2, 4) X(1, 3, 4)
+#else
+#define CDL_CV_SHAPES(X) \
+    X(8, 1, 1) X(6, 2, 1) X(4, 3, 1) X(3, 4, 1) X(2, 5, 1) X(2, 1, 1) X(2, 2, 1) X(2, 3, 1) X(2, 4, 1) \
+    X(6, 1, 2) X(3, 2, 2) X(2, 3, 2) X(1, 4, 2) X(1, 5, 2) X(1, 1, 2) X(1, 2, 2) X(1, 3, 2)
+#endif
+
+CDL_CV_SHAPES(CDL_CV_DEF)
+
+static void cdl_cv_wrun(int a, int b, int v, CDL_CV_WARGS) {
+    CDL_CV_SHAPES(CDL_CV_WCASE)
+}
+
+static void cdl_cv_frun(int a, int b, int v, CDL_CV_FARGS) {
+    CDL_CV_SHAPES(CDL_CV_FCASE)
+}
+
+#endif
