@@ -160,11 +160,12 @@ class Timer:
     def _warm(self, fn, per_call):
         # After the pause the first milliseconds of calls run up to 2x slower (threads and
         # caches cold, the VM's core clocked down): a training loop never sees that, so
-        # calls are repeated, untimed, for a quarter of a sample (at least once).
+        # calls are repeated, untimed, for a quarter of a sample and at least 5 ms (1 ms
+        # left PyTorch's batch-1 MLP step at 2.3x its steady time).
         if per_call >= 0.02:
             fn()
             return
-        end = time.perf_counter() + self.min_sample / 4
+        end = time.perf_counter() + max(self.min_sample / 4, 0.005)
         fn()
         while time.perf_counter() < end:
             fn()
