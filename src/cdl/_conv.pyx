@@ -399,17 +399,18 @@ cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bia
     xs_size = _align16(g.cin * g.rs * g.qs + VF)
     tb_size = 24 * VF
     per = xs_size + tb_size
-    mem = malloc(nt * per * sizeof(float) + nt * sizeof(Py_ssize_t) + 64)
+    # One cache line per thread for its `staged` marker (no false sharing).
+    mem = malloc(nt * per * sizeof(float) + nt * 64 + 64)
     if mem == NULL:
         return -1
     buf = _aligned(mem)
     staged = <Py_ssize_t*>(buf + nt * per)
     for tid in range(nt):
-        staged[tid] = -1
+        staged[tid * 8] = -1
     for it in prange(items, schedule="dynamic", num_threads=nt):
         tid = omp_get_thread_num()
         _corr_item(g, src, wpk, bias, dst, it, buf + tid * per, buf + tid * per + xs_size,
-                   staged + tid)
+                   staged + tid * 8)
     free(mem)
     return 0
 
