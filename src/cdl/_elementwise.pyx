@@ -125,10 +125,14 @@ cdef extern from *:
     void cdl_sigmoid_f(const float* x, float* y, Py_ssize_t n) noexcept nogil
     void cdl_sigmoid_d(const double* x, double* y, Py_ssize_t n) noexcept nogil
 
-# Elements per parallel chunk, and the size below which one thread is faster
-# (sigmoid, which calls exp, counts each element as 8).
+# Elements per parallel chunk, and the size below which one thread runs it
+# (sigmoid, which calls exp, counts each element as 8). A second thread halves a
+# 235K-element SGD update in isolation (18 -> 10 us) but gained nothing inside a
+# batch-1 MLP step, and in this VM's slow spells that step ran 0.19 ms with the
+# parallel update against 0.07 ms with none (the serial work after a parallel
+# call slowed down): memory-bound passes go parallel from 2 MB of float32.
 cdef Py_ssize_t CHUNK = 1 << 14
-cdef Py_ssize_t PARALLEL_MIN_ELEMENTS = 1 << 16
+cdef Py_ssize_t PARALLEL_MIN_ELEMENTS = 1 << 19
 
 
 cdef inline int _threads(Py_ssize_t n, int num_threads) noexcept nogil:
