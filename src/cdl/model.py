@@ -149,12 +149,18 @@ class Sequential:
         # Layers before the first one with parameters need no backward in train_step.
         self._first_trained = next((i for i, l in enumerate(self.layers) if l.params),
                                    len(self.layers))
-        # ReLU followed by a 2x2 max-pool runs as one pass (identical results): the
-        # indices of those ReLUs. Such a ReLU keeps no state of its own.
-        self._fused_relu = frozenset(
-            i for i in range(len(self.layers) - 1)
-            if isinstance(self.layers[i], ReLU) and isinstance(self.layers[i + 1], MaxPool2d)
-            and self.layers[i + 1].fuses_relu())
+        self._plan_passes()
+
+    def _plan_passes(self, fuse=True):
+        """The passes forward runs, as (index, layer, fused): a ReLU followed by a 2x2
+        max-pool runs inside that pool's pass (fused=True, identical results) and keeps
+        no state of its own; backward walks the same list in reverse."""
+        layers = self.layers
+        fused = {i + 1 for i in range(len(layers) - 1)
+                 if fuse and isinstance(layers[i], ReLU) and isinstance(layers[i + 1], MaxPool2d)
+                 and layers[i + 1].fuses_relu()}
+        self._passes = [(i, layer, i in fused) for i, layer in enumerate(layers)
+                        if i + 1 not in fused]
 
     def _followed_by_relu(self, i):
         for layer in self.layers[i + 1:]:
@@ -273,38 +279,30 @@ class Sequential:
     # -- passes ---------------------------------------------------------------------
     def _forward(self, x, nt):
         n = x.shape[0]
-        layers, fused = self.layers, self._fused_relu
-        i = 0
-        while i < len(layers):
-            layer = layers[i]
-            if i in fused:
-                layer._last = None
-                i += 1
-                layer = layers[i]
-                ws = layer._workspace(n)
+        for i, layer, fused in self._passes:
+            ws = layer._workspace(n)
+            if fused:
+                self.layers[i - 1]._last = None
                 y = layer._forward_relu(x, ws, nt, True)
             else:
-                ws = layer._workspace(n)
                 y = layer._forward(x, ws, nt, True)
             layer._last = (x, ws)
             x = y
-            i += 1
         return x
 
     def _backward(self, g, nt, stop, need_input_grad=False):
         """Back-propagate g down to layer ``stop``; its input gradient only if asked."""
-        layers, fused, l2 = self.layers, self._fused_relu, self._l2
-        i = len(layers) - 1
-        while i >= stop:
-            x, ws = layers[i]._last
-            if i - 1 in fused:
-                # A fused pair never holds `stop` (a layer with parameters) unless stop
-                # is 0 for the input gradient, which the pair then computes.
-                g = layers[i]._backward_relu(g, x, ws, nt)
-                i -= 2
-                continue
-            g = layers[i]._backward(g, x, ws, nt, i > stop or need_input_grad, l2)
-            i -= 1
+        l2 = self._l2
+        for i, layer, fused in reversed(self._passes):
+            if i < stop:
+                break
+            x, ws = layer._last
+            if fused:
+                # The pair's ReLU (i - 1) has no parameters, so it is never `stop`
+                # unless stop is 0, where the input gradient is wanted anyway.
+                g = layer._backward_relu(g, x, ws, nt)
+            else:
+                g = layer._backward(g, x, ws, nt, i > stop or need_input_grad, l2)
         return g
 
     def forward(self, x):
@@ -348,11 +346,11 @@ class Sequential:
             if wss is None:
                 wss = bufs[m] = [layer._alloc(m, False) for layer in self.layers]
             h = x[s:e]
-            for i, (layer, ws) in enumerate(zip(self.layers, wss)):
-                if i - 1 in self._fused_relu:
-                    h = layer._forward_relu(h, ws, nt, False)
-                elif i not in self._fused_relu:
-                    h = layer._forward(h, ws, nt, False)
+            for i, layer, fused in self._passes:
+                if fused:
+                    h = layer._forward_relu(h, wss[i], nt, False)
+                else:
+                    h = layer._forward(h, wss[i], nt, False)
             out[s:e] = h
         return out
 
