@@ -263,42 +263,10 @@ cdef void _choose_tile(Py_ssize_t cout, Py_ssize_t oh, Py_ssize_t* kr, Py_ssize_
             rb[0] = cand_rb[t]
 
 
-cdef void _stage(const float* src, Py_ssize_t ch, Py_ssize_t h, Py_ssize_t w,
-                 Py_ssize_t offh, Py_ssize_t offw, Py_ssize_t rs, Py_ssize_t qs,
-                 float* dst, bint borders=True) noexcept nogil:
-    # dst[c, r, q] = src[c, r - offh, q - offw], zero outside src. Plain loops:
-    # rows are short, and library calls per row cost more than the copy.
-    # borders=False writes only the cells inside src: for a buffer whose zero
-    # borders are already in place (staging was up to 80% zeros, and on LeNet's
-    # conv2 input gradient it took about half the time).
-    cdef Py_ssize_t c, r, q, ih, q_lo, q_hi
-    cdef float* d
-    cdef const float* s
-    q_lo = _imin(_imax(offw, 0), qs)
-    q_hi = _imax(_imin(offw + w, qs), q_lo)
-    for c in range(ch):
-        for r in range(rs):
-            d = dst + (c * rs + r) * qs
-            ih = r - offh
-            if ih < 0 or ih >= h:
-                if borders:
-                    for q in range(qs):
-                        d[q] = 0
-                continue
-            s = src + (c * h + ih) * w - offw
-            if borders:
-                for q in range(q_lo):
-                    d[q] = 0
-                for q in range(q_hi, qs):
-                    d[q] = 0
-            for q in range(q_lo, q_hi):
-                d[q] = s[q]
-
-
 cdef void _copy_inside(const float* src, Py_ssize_t ch, Py_ssize_t h, Py_ssize_t w,
                        Py_ssize_t offh, Py_ssize_t offw, Py_ssize_t rs, Py_ssize_t qs,
                        float* dst) noexcept nogil:
-    # The copy half of _stage (the zeros around are already there), by whole
+    # The cells of _stage inside src (the zeros around are already there), by whole
     # vectors and a scalar tail: rows are short, and GCC's own vectorised loop
     # spends more on its checks than on the copy.
     cdef Py_ssize_t c, r, q, r_lo, r_hi, q_lo, q_hi, m
@@ -320,6 +288,18 @@ cdef void _copy_inside(const float* src, Py_ssize_t ch, Py_ssize_t h, Py_ssize_t
             while q < m:
                 d[q] = sp[q]
                 q = q + 1
+
+
+cdef void _stage(const float* src, Py_ssize_t ch, Py_ssize_t h, Py_ssize_t w,
+                 Py_ssize_t offh, Py_ssize_t offw, Py_ssize_t rs, Py_ssize_t qs,
+                 float* dst, bint borders=True) noexcept nogil:
+    # dst[c, r, q] = src[c, r - offh, q - offw], zero outside src. borders=False
+    # writes only the cells inside src, for a buffer whose zero borders are
+    # already in place (staging was up to 80% zeros, and on LeNet's conv2 input
+    # gradient it took about half the time).
+    if borders:
+        memset(dst, 0, ch * rs * qs * sizeof(float))
+    _copy_inside(src, ch, h, w, offh, offw, rs, qs, dst)
 
 
 cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const float* bias,
