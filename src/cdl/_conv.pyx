@@ -1104,10 +1104,10 @@ cdef int _packed_corr(Corr* g, const float* weight, bint flip, const float* src,
 # Entry points
 # ----------------------------------------------------------------------------
 
-def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
-                   const floating[::1] bias, floating[:, :, :, ::1] out,
-                   Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, int num_threads):
-    """out = conv(x, weight) + bias (bias may be None); shapes already checked."""
+cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
+                         const floating[::1] bias, floating[:, :, :, ::1] out,
+                         Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                         int num_threads) except -1:
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], K = weight.shape[0]
     cdef Py_ssize_t KH = weight.shape[2], KW = weight.shape[3]
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
@@ -1117,7 +1117,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     cdef CV cv
     cdef int rc = 0, nt
     if N == 0 or K == 0 or OH == 0 or OW == 0:
-        return
+        return 0
     cv.n = N; cv.c = C; cv.h = x.shape[2]; cv.w = x.shape[3]; cv.k = K
     cv.kh = KH; cv.kw = KW; cv.oh = OH; cv.ow = OW; cv.sh = sh; cv.sw = sw
     cv.ph = ph; cv.pw = pw
@@ -1127,7 +1127,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
                              num_threads)
         if rc != 0:
             raise MemoryError()
-        return
+        return 0
     if floating is float and sw == 1 and C > 0:
         g.n = N; g.cin = C; g.h = x.shape[2]; g.w = x.shape[3]; g.cout = K
         g.kh = KH; g.kw = KW; g.oh = OH; g.ow = OW; g.sh = sh; g.offh = ph; g.offw = pw
@@ -1136,19 +1136,26 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
                               &out[0, 0, 0, 0], num_threads)
         if rc != 0:
             raise MemoryError()
-        return
+        return 0
     nt = _threads(N * K * OH * OW * C * KH * KW, N * K, num_threads)
     with nogil:
         for it in prange(N * K, schedule="dynamic", num_threads=nt):
             _fwd_scalar(x, weight, bp, out, it, sh, sw, ph, pw)
+    return 0
 
 
-def conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
-                          const floating[:, :, :, ::1] weight,
-                          floating[:, :, :, ::1] grad_input,
-                          Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                          int num_threads):
-    """grad_input[n, c] = sum_k full correlation of grad_out[n, k] with flipped weight[k, c]."""
+def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
+                   const floating[::1] bias, floating[:, :, :, ::1] out,
+                   Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, int num_threads):
+    """out = conv(x, weight) + bias (bias may be None); shapes already checked."""
+    _conv2d_forward(x, weight, bias, out, sh, sw, ph, pw, num_threads)
+
+
+cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
+                                const floating[:, :, :, ::1] weight,
+                                floating[:, :, :, ::1] grad_input,
+                                Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                                int num_threads) except -1:
     cdef Py_ssize_t N = grad_input.shape[0], C = grad_input.shape[1]
     cdef Py_ssize_t H = grad_input.shape[2], W = grad_input.shape[3], K = weight.shape[0]
     cdef Py_ssize_t KH = weight.shape[2], KW = weight.shape[3]
@@ -1157,7 +1164,7 @@ def conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
     cdef Corr g
     cdef int rc = 0, nt
     if N == 0 or C == 0 or H == 0 or W == 0:
-        return
+        return 0
     if floating is float and sw == 1 and sh == 1 and K > 0:
         # Stride 1: a correlation of grad_out, padded by F-1-P, with the filters
         # flipped in both axes and in/out channels swapped.
@@ -1169,20 +1176,28 @@ def conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
                               &grad_input[0, 0, 0, 0], num_threads)
         if rc != 0:
             raise MemoryError()
-        return
+        return 0
     nt = _threads(N * K * OH * OW * C * KH * KW, N * C, num_threads)
     with nogil:
         for it in prange(N * C, schedule="dynamic", num_threads=nt):
             _dx_scalar(grad_out, weight, grad_input, it, sh, sw, ph, pw)
+    return 0
 
 
-def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
-                           const floating[:, :, :, ::1] x,
-                           floating[:, :, :, ::1] grad_weight, floating[::1] grad_bias,
-                           Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                           int num_threads):
-    """grad_weight[k, c, i, j] = sum_{n, oh, ow} grad_out[n, k, oh, ow] x[n, c, oh*S-P+i, ow*S-P+j];
-    grad_bias[k] = sum_{n, oh, ow} grad_out[n, k, oh, ow] (skipped if None)."""
+def conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
+                          const floating[:, :, :, ::1] weight,
+                          floating[:, :, :, ::1] grad_input,
+                          Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                          int num_threads):
+    """grad_input[n, c] = sum_k full correlation of grad_out[n, k] with flipped weight[k, c]."""
+    _conv2d_backward_input(grad_out, weight, grad_input, sh, sw, ph, pw, num_threads)
+
+
+cdef int _conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
+                                 const floating[:, :, :, ::1] x,
+                                 floating[:, :, :, ::1] grad_weight, floating[::1] grad_bias,
+                                 Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                                 int num_threads) except -1:
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], K = grad_weight.shape[0]
     cdef Py_ssize_t KH = grad_weight.shape[2], KW = grad_weight.shape[3]
     cdef Py_ssize_t OH = grad_out.shape[2], OW = grad_out.shape[3], plane = OH * OW
@@ -1215,17 +1230,17 @@ def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
                             s = s + grad_out[n, k, it // OW, it % OW]
                 grad_bias[k] = s
     if K == 0 or C == 0 or KH == 0 or KW == 0:
-        return
+        return 0
     if N == 0 or OH == 0 or OW == 0:
         grad_weight[:, :, :, :] = 0
-        return
+        return 0
     if floating is float and use_cv:
         with nogil:
             rc = _cv_wgrad(&cv, &grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], &grad_weight[0, 0, 0, 0],
                            gbp, num_threads)
         if rc != 0:
             raise MemoryError()
-        return
+        return 0
     if floating is float and sw == 1:
         g.n = N; g.c = C; g.h = x.shape[2]; g.w = x.shape[3]; g.k = K
         g.kh = KH; g.kw = KW; g.oh = OH; g.ow = OW; g.sh = sh; g.ph = ph; g.pw = pw
@@ -1234,8 +1249,80 @@ def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
                             &grad_weight[0, 0, 0, 0], num_threads)
         if rc != 0:
             raise MemoryError()
-        return
+        return 0
     nt = _threads(N * K * OH * OW * C * KH * KW, K * C, num_threads)
     with nogil:
         for it in prange(K * C, schedule="dynamic", num_threads=nt):
             _dw_scalar(grad_out, x, grad_weight, it, sh, sw, ph, pw)
+    return 0
+
+
+def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
+                           const floating[:, :, :, ::1] x,
+                           floating[:, :, :, ::1] grad_weight, floating[::1] grad_bias,
+                           Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                           int num_threads):
+    """grad_weight[k, c, i, j] = sum_{n, oh, ow} grad_out[n, k, oh, ow] x[n, c, oh*S-P+i, ow*S-P+j];
+    grad_bias[k] = sum_{n, oh, ow} grad_out[n, k, oh, ow] (skipped if None)."""
+    _conv2d_backward_weight(grad_out, x, grad_weight, grad_bias, sh, sw, ph, pw, num_threads)
+
+
+# ----------------------------------------------------------------------------
+# Bound calls: a float32 call with its arrays bound once (cdl.model's training
+# plan), so ``run`` skips the per-call buffer checks and type dispatch. The
+# input can be rebound.
+# ----------------------------------------------------------------------------
+
+cdef class ConvForward:
+    cdef const float[:, :, :, ::1] x
+    cdef const float[:, :, :, ::1] weight
+    cdef const float[::1] bias
+    cdef float[:, :, :, ::1] out
+    cdef Py_ssize_t sh, sw, ph, pw
+
+    def __init__(self, x, weight, bias, out, stride, padding):
+        self.x, self.weight, self.bias, self.out = x, weight, bias, out
+        (self.sh, self.sw), (self.ph, self.pw) = stride, padding
+
+    def bind_input(self, const float[:, :, :, ::1] x):
+        self.x = x
+
+    def run(self, int num_threads):
+        _conv2d_forward(self.x, self.weight, self.bias, self.out, self.sh, self.sw, self.ph,
+                        self.pw, num_threads)
+
+
+cdef class ConvBackward:
+    """Weight and bias gradients (plus 2*l2*W, as the layer adds it), then the
+    input gradient if grad_input is not None."""
+    cdef const float[:, :, :, ::1] grad_out
+    cdef const float[:, :, :, ::1] x
+    cdef const float[:, :, :, ::1] weight
+    cdef float[:, :, :, ::1] grad_input
+    cdef float[:, :, :, ::1] grad_weight
+    cdef float[::1] grad_bias
+    cdef Py_ssize_t sh, sw, ph, pw
+
+    def __init__(self, grad_out, x, weight, grad_input, grad_weight, grad_bias, stride,
+                 padding):
+        self.grad_out, self.x, self.weight = grad_out, x, weight
+        self.grad_input, self.grad_weight, self.grad_bias = grad_input, grad_weight, grad_bias
+        (self.sh, self.sw), (self.ph, self.pw) = stride, padding
+
+    def bind_input(self, const float[:, :, :, ::1] x):
+        self.x = x
+
+    def run(self, int num_threads, double l2):
+        cdef Py_ssize_t i, size = (self.grad_weight.shape[0] * self.grad_weight.shape[1]
+                                   * self.grad_weight.shape[2] * self.grad_weight.shape[3])
+        cdef float a = <float>(2.0 * l2)
+        cdef float* dw = &self.grad_weight[0, 0, 0, 0]
+        cdef const float* w = &self.weight[0, 0, 0, 0]
+        _conv2d_backward_weight(self.grad_out, self.x, self.grad_weight, self.grad_bias,
+                                self.sh, self.sw, self.ph, self.pw, num_threads)
+        if l2:
+            for i in range(size):
+                dw[i] += a * w[i]
+        if self.grad_input is not None:
+            _conv2d_backward_input(self.grad_out, self.weight, self.grad_input, self.sh,
+                                   self.sw, self.ph, self.pw, num_threads)

@@ -20,6 +20,13 @@ products, so it is used for skinny or small ones; on SSE only for 2-4 rows.
 float64, a batch of one (GEMV) and every other case stay on SciPy's BLAS.
 The choice depends on the shapes and the build only. Inputs are trusted:
 cdl.functional validates them.
+
+A small batch with a big weight (e.g. 784 -> 256 at batch 1) only streams the
+weight, so the forward and the weight gradient cut it into row chunks that
+are dealt out round-robin (chunk c to thread c mod threads) instead of
+dynamically; the SGD update deals the same chunks the same way (row_chunks
+tells the model where they are). Each core then keeps its rows of W and dW in
+its own L2 cache from step to step instead of fetching them from L3.
 """
 from cython cimport floating
 from cython.parallel cimport prange
@@ -46,6 +53,32 @@ cdef extern from "cdl_gemm.h" nogil:
 
 # Below this many multiply-adds a second thread costs more than it saves.
 cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 19
+
+
+# Row chunks for a small batch: a weight of at least ROW_SPLIT_MIN elements in
+# chunks of about ROW_CHUNK elements (an even count, so two threads get equal
+# shares). Below that size one thread streams it faster than two start.
+cdef enum:
+    SMALL_BATCH = 8
+    ROW_SPLIT_MIN = 1 << 14
+    ROW_CHUNK = 1 << 14
+    MAX_ROW_CHUNKS = 16
+
+
+cdef inline Py_ssize_t _row_chunk(Py_ssize_t fout, Py_ssize_t fin) noexcept nogil:
+    """Rows per chunk of a (fout, fin) weight; fout (one chunk) if it is not split."""
+    cdef Py_ssize_t parts = min(min(fout * fin // ROW_CHUNK, fout), MAX_ROW_CHUNKS)
+    if fout * fin < ROW_SPLIT_MIN or parts < 2:
+        return fout
+    parts -= parts % 2
+    return (fout + parts - 1) // parts
+
+
+def row_chunks(Py_ssize_t fout, Py_ssize_t fin):
+    """(rows per chunk, number of chunks) of a (fout, fin) weight at batch <= SMALL_BATCH;
+    chunk c is handled by OpenMP thread c mod threads."""
+    cdef Py_ssize_t rows = _row_chunk(fout, fin)
+    return rows, (fout + rows - 1) // rows if fout > 0 else 1
 
 
 # Tile bounds, measured against NumPy's multi-threaded sgemm on 784->256 and
@@ -147,77 +180,130 @@ cdef inline int _threads(Py_ssize_t macs, int num_threads) noexcept nogil:
     return num_threads if macs >= PARALLEL_MIN_MACS else 1
 
 
-def linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
-                   const floating[::1] bias, floating[:, ::1] out, int num_threads):
-    """out = x @ weight.T + bias (bias may be None)."""
+cdef void _forward_tile(const floating* x, const floating* weight, const floating* bias,
+                        floating* out, Py_ssize_t fin, Py_ssize_t fout, Py_ssize_t r0,
+                        Py_ssize_t mr, Py_ssize_t c0, Py_ssize_t nc, bint own, bint dot,
+                        float* scratch) noexcept nogil:
+    """out[r0:r0+mr, c0:c0+nc] = x[r0:r0+mr] @ weight[c0:c0+nc].T + bias[c0:c0+nc]."""
+    cdef Py_ssize_t i, j
+    cdef bint has_bias = bias != NULL
+    cdef floating beta = 0
+    if has_bias:
+        # Bias is written first and the GEMM accumulates onto it.
+        beta = 1
+        for i in range(r0, r0 + mr):
+            for j in range(c0, c0 + nc):
+                out[i * fout + j] = bias[j]
+    if fin == 0:
+        if not has_bias:
+            for i in range(r0, r0 + mr):
+                for j in range(c0, c0 + nc):
+                    out[i * fout + j] = 0
+        return
+    if floating is float:
+        if dot:
+            sdot_nt(mr, nc, fin, x + r0 * fin, fin, weight + c0 * fin, fin,
+                    out + r0 * fout + c0, fout, has_bias)
+            return
+        if own:
+            _sgemm(mr, nc, fin, x + r0 * fin, fin, 1, weight + c0 * fin, 1, fin,
+                   out + r0 * fout + c0, fout, has_bias, scratch)
+            return
+    if mr == 1:
+        gemv(False, <int>nc, <int>fin, <floating>1.0, weight + c0 * fin, <int>fin,
+             x + r0 * fin, beta, out + r0 * fout + c0)
+    else:
+        gemm(False, True, <int>mr, <int>nc, <int>fin, <floating>1.0,
+             x + r0 * fin, <int>fin, weight + c0 * fin, <int>fin,
+             beta, out + r0 * fout + c0, <int>fout)
+
+
+cdef int _linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
+                         const floating[::1] bias, floating[:, ::1] out, int num_threads) except -1:
     cdef Py_ssize_t n = x.shape[0], fin = x.shape[1], fout = weight.shape[0]
-    cdef Py_ssize_t tm, tn, tiles_m, tiles_n, t, i, j, r0, c0, mr, nc
-    cdef bint has_bias = bias is not None
-    cdef floating beta
+    cdef Py_ssize_t tm, tn, tiles_m, tiles_n, t, r0, c0
     cdef int nt = _threads(n * fin * fout, num_threads)
     cdef bint own = floating is float and _own_gemm(n, fout, fin)
     cdef bint dot = own and _dot(fout)
+    cdef bint chunked = n <= SMALL_BATCH and _row_chunk(fout, fin) < fout
     cdef float* mem = NULL
     cdef Py_ssize_t per = 0
     if n == 0 or fout == 0:
-        return
+        return 0
     ensure_single_threaded_blas()
-    _tiling(n, fout, fin, &tm, &tn)
+    if chunked:
+        tm, tn, nt = n, _row_chunk(fout, fin), num_threads
+    else:
+        _tiling(n, fout, fin, &tm, &tn)
     tiles_m = (n + tm - 1) // tm
     tiles_n = (fout + tn - 1) // tn
     if own and not dot:
         mem = _scratch(tm, tn, fin, nt, &per)
+    cdef const floating* xp = &x[0, 0]
+    cdef const floating* wp = &weight[0, 0]
+    cdef const floating* bp = &bias[0] if bias is not None else NULL
+    cdef floating* op = &out[0, 0]
     with nogil:
-        for t in prange(tiles_m * tiles_n, schedule="dynamic", num_threads=nt):
-            r0 = (t // tiles_n) * tm
-            c0 = (t % tiles_n) * tn
-            mr = min(tm, n - r0)
-            nc = min(tn, fout - c0)
-            beta = 0
-            if has_bias:
-                # Bias is written first and the GEMM accumulates onto it.
-                beta = 1
-                for i in range(r0, r0 + mr):
-                    for j in range(c0, c0 + nc):
-                        out[i, j] = bias[j]
-            if fin == 0:
-                if not has_bias:
-                    for i in range(r0, r0 + mr):
-                        for j in range(c0, c0 + nc):
-                            out[i, j] = 0
-                continue
-            if floating is float:
-                if dot:
-                    sdot_nt(mr, nc, fin, &x[r0, 0], fin, &weight[c0, 0], fin,
-                            &out[r0, c0], fout, has_bias)
-                    continue
-                if own:
-                    _sgemm(mr, nc, fin, &x[r0, 0], fin, 1, &weight[c0, 0], 1, fin,
-                           &out[r0, c0], fout, has_bias, mem + omp_get_thread_num() * per)
-                    continue
-            if mr == 1:
-                gemv(False, <int>nc, <int>fin, <floating>1.0, &weight[c0, 0], <int>fin,
-                     &x[r0, 0], beta, &out[r0, c0])
-            else:
-                gemm(False, True, <int>mr, <int>nc, <int>fin, <floating>1.0,
-                     &x[r0, 0], <int>fin, &weight[c0, 0], <int>fin,
-                     beta, &out[r0, c0], <int>fout)
+        if chunked:
+            for t in prange(tiles_n, schedule="static", chunksize=1, num_threads=nt):
+                c0 = t * tn
+                _forward_tile(xp, wp, bp, op, fin, fout, 0, n, c0, min(tn, fout - c0),
+                              own, dot, mem + omp_get_thread_num() * per)
+        else:
+            for t in prange(tiles_m * tiles_n, schedule="dynamic", num_threads=nt):
+                r0 = (t // tiles_n) * tm
+                c0 = (t % tiles_n) * tn
+                _forward_tile(xp, wp, bp, op, fin, fout, r0, min(tm, n - r0), c0,
+                              min(tn, fout - c0), own, dot, mem + omp_get_thread_num() * per)
     free(mem)
+    return 0
 
 
-def linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
-                    const floating[:, ::1] weight, floating[:, ::1] grad_input,
-                    floating[:, ::1] grad_weight, floating[::1] grad_bias,
-                    double l2, int num_threads):
-    """grad_input = grad_out @ W (skipped if None); grad_weight = grad_out.T @ x + 2*l2*W;
-    grad_bias = sum of grad_out over the batch (skipped if None)."""
+def linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
+                   const floating[::1] bias, floating[:, ::1] out, int num_threads):
+    """out = x @ weight.T + bias (bias may be None)."""
+    _linear_forward(x, weight, bias, out, num_threads)
+
+
+cdef void _wgrad_tile(const floating* grad_out, const floating* x, const floating* weight,
+                      floating* grad_weight, Py_ssize_t n, Py_ssize_t fin, Py_ssize_t fout,
+                      Py_ssize_t r0, Py_ssize_t mr, Py_ssize_t c0, Py_ssize_t nc, bint own,
+                      floating two_l2, float* scratch) noexcept nogil:
+    """grad_weight[r0:r0+mr, c0:c0+nc] = grad_out[:, r0:r0+mr].T @ x[:, c0:c0+nc] + 2*l2*W."""
+    cdef Py_ssize_t i, j
+    cdef floating* dw = grad_weight + r0 * fin + c0
+    if own:
+        if floating is float:
+            _sgemm(mr, nc, n, grad_out + r0, 1, fout, x + c0, fin, 1, dw, fin, False, scratch)
+    elif n > 0:
+        gemm(True, False, <int>mr, <int>nc, <int>n, <floating>1.0, grad_out + r0, <int>fout,
+             x + c0, <int>fin, <floating>0.0, dw, <int>fin)
+    else:
+        for i in range(mr):
+            for j in range(nc):
+                dw[i * fin + j] = 0
+    if two_l2 != 0:
+        # The L2 term 2*lambda*W is added while the tile is in cache.
+        for i in range(r0, r0 + mr):
+            for j in range(c0, c0 + nc):
+                grad_weight[i * fin + j] += two_l2 * weight[i * fin + j]
+
+
+cdef int _linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
+                          const floating[:, ::1] weight, floating[:, ::1] grad_input,
+                          floating[:, ::1] grad_weight, floating[::1] grad_bias,
+                          double l2, int num_threads) except -1:
     cdef Py_ssize_t n = x.shape[0], fin = x.shape[1], fout = weight.shape[0]
     cdef Py_ssize_t t, i, j, r0, c0, mr, nc, tm, tn, tiles_m, tiles_n
     cdef floating two_l2 = <floating>(2.0 * l2)
     cdef int nt = _threads(n * fin * fout, num_threads)
-    cdef bint own
+    cdef bint own, chunked
     cdef float* mem = NULL
     cdef Py_ssize_t per = 0
+    cdef const floating* gp
+    cdef const floating* xp
+    cdef const floating* wp
+    cdef floating* dwp
     ensure_single_threaded_blas()
 
     if grad_input is not None and n > 0 and fin > 0:
@@ -255,36 +341,31 @@ def linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
         mem = NULL
 
     if fout > 0 and fin > 0:
-        _tiling(fout, fin, n, &tm, &tn)
+        chunked = n <= SMALL_BATCH and _row_chunk(fout, fin) < fout
+        if chunked:
+            # The forward's row chunks, dealt to the same threads.
+            tm, tn, nt = _row_chunk(fout, fin), fin, num_threads
+        else:
+            _tiling(fout, fin, n, &tm, &tn)
         tiles_m = (fout + tm - 1) // tm
         tiles_n = (fin + tn - 1) // tn
         own = floating is float and _own_gemm(fout, fin, n)
         if own:
             mem = _scratch(tm, tn, n, nt, &per)
+        gp, xp, wp = &grad_out[0, 0], &x[0, 0], &weight[0, 0]
+        dwp = &grad_weight[0, 0]
         with nogil:
-            for t in prange(tiles_m * tiles_n, schedule="dynamic", num_threads=nt):
-                r0 = (t // tiles_n) * tm
-                c0 = (t % tiles_n) * tn
-                mr = min(tm, fout - r0)
-                nc = min(tn, fin - c0)
-                if own:
-                    if floating is float:
-                        _sgemm(mr, nc, n, &grad_out[0, r0], 1, fout, &x[0, c0], fin, 1,
-                               &grad_weight[r0, c0], fin, False,
-                               mem + omp_get_thread_num() * per)
-                elif n > 0:
-                    gemm(True, False, <int>mr, <int>nc, <int>n, <floating>1.0,
-                         &grad_out[0, r0], <int>fout, &x[0, c0], <int>fin,
-                         <floating>0.0, &grad_weight[r0, c0], <int>fin)
-                else:
-                    for i in range(r0, r0 + mr):
-                        for j in range(c0, c0 + nc):
-                            grad_weight[i, j] = 0
-                if two_l2 != 0:
-                    # The L2 term 2*lambda*W is added while the tile is in cache.
-                    for i in range(r0, r0 + mr):
-                        for j in range(c0, c0 + nc):
-                            grad_weight[i, j] += two_l2 * weight[i, j]
+            if chunked:
+                for t in prange(tiles_m, schedule="static", chunksize=1, num_threads=nt):
+                    r0 = t * tm
+                    _wgrad_tile(gp, xp, wp, dwp, n, fin, fout, r0, min(tm, fout - r0), 0, fin,
+                                own, two_l2, mem + omp_get_thread_num() * per)
+            else:
+                for t in prange(tiles_m * tiles_n, schedule="dynamic", num_threads=nt):
+                    r0 = (t // tiles_n) * tm
+                    c0 = (t % tiles_n) * tn
+                    _wgrad_tile(gp, xp, wp, dwp, n, fin, fout, r0, min(tm, fout - r0), c0,
+                                min(tn, fin - c0), own, two_l2, mem + omp_get_thread_num() * per)
         free(mem)
 
     if grad_bias is not None and fout > 0:
@@ -300,3 +381,54 @@ def linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
                 for i in range(n):
                     for j in range(c0, c0 + nc):
                         grad_bias[j] += grad_out[i, j]
+    return 0
+
+
+def linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
+                    const floating[:, ::1] weight, floating[:, ::1] grad_input,
+                    floating[:, ::1] grad_weight, floating[::1] grad_bias,
+                    double l2, int num_threads):
+    """grad_input = grad_out @ W (skipped if None); grad_weight = grad_out.T @ x + 2*l2*W;
+    grad_bias = sum of grad_out over the batch (skipped if None)."""
+    _linear_backward(grad_out, x, weight, grad_input, grad_weight, grad_bias, l2, num_threads)
+
+
+# ---------------------------------------------------------------- bound calls
+# A float32 kernel call with its arrays bound once (cdl.model's training plan):
+# ``run`` then skips the per-call buffer checks and type dispatch, which cost
+# more than the arithmetic of a batch-1 layer. The input can be rebound.
+
+cdef class LinearForward:
+    cdef const float[:, ::1] x
+    cdef const float[:, ::1] weight
+    cdef const float[::1] bias
+    cdef float[:, ::1] out
+
+    def __init__(self, x, weight, bias, out):
+        self.x, self.weight, self.bias, self.out = x, weight, bias, out
+
+    def bind_input(self, const float[:, ::1] x):
+        self.x = x
+
+    def run(self, int num_threads):
+        _linear_forward(self.x, self.weight, self.bias, self.out, num_threads)
+
+
+cdef class LinearBackward:
+    cdef const float[:, ::1] grad_out
+    cdef const float[:, ::1] x
+    cdef const float[:, ::1] weight
+    cdef float[:, ::1] grad_input
+    cdef float[:, ::1] grad_weight
+    cdef float[::1] grad_bias
+
+    def __init__(self, grad_out, x, weight, grad_input, grad_weight, grad_bias):
+        self.grad_out, self.x, self.weight = grad_out, x, weight
+        self.grad_input, self.grad_weight, self.grad_bias = grad_input, grad_weight, grad_bias
+
+    def bind_input(self, const float[:, ::1] x):
+        self.x = x
+
+    def run(self, int num_threads, double l2):
+        _linear_backward(self.grad_out, self.x, self.weight, self.grad_input, self.grad_weight,
+                         self.grad_bias, l2, num_threads)

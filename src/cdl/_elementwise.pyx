@@ -13,7 +13,9 @@ computed independently, so results are bitwise identical for any thread count.
 NaN propagates: relu(NaN) = NaN, sigmoid(NaN) = NaN.
 """
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int64_t
+from cdl._openmp cimport omp_get_num_threads, omp_get_thread_num
 # exp(x) for x <= 0 without a libm call, so the sigmoid loop vectorises and has
 # no branch (random signs made a branchy loop mispredict half the time).
 # exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2]
@@ -145,7 +147,7 @@ cdef inline Py_ssize_t _chunks(Py_ssize_t n) noexcept nogil:
 
 # ---------------------------------------------------------------- ReLU
 
-cdef void _relu(const floating* x, floating* y, Py_ssize_t n) noexcept nogil:
+cdef void _relu_chunk(const floating* x, floating* y, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
     cdef floating v, zero = 0
     for i in range(n):
@@ -154,7 +156,7 @@ cdef void _relu(const floating* x, floating* y, Py_ssize_t n) noexcept nogil:
         y[i] = zero if v <= zero else v
 
 
-cdef void _relu_backward(const floating* g, const floating* y, floating* dx,
+cdef void _relu_backward_chunk(const floating* g, const floating* y, floating* dx,
                          Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
     cdef floating gv, zero = 0
@@ -165,44 +167,55 @@ cdef void _relu_backward(const floating* g, const floating* y, floating* dx,
         dx[i] = zero if y[i] <= zero else gv
 
 
-def relu_forward(const floating[::1] x, floating[::1] out, int num_threads):
-    """out = max(0, x); out may be x (in place)."""
+cdef int _relu_forward(const floating[::1] x, floating[::1] out, int num_threads) except -1:
     cdef Py_ssize_t n = x.shape[0], t, lo
     if n == 0:
-        return
+        return 0
     cdef const floating* xp = &x[0]
     cdef floating* yp = &out[0]
     with nogil:
         for t in prange(_chunks(n), schedule="static", num_threads=_threads(n, num_threads)):
             lo = t * CHUNK
-            _relu(xp + lo, yp + lo, min(CHUNK, n - lo))
+            _relu_chunk(xp + lo, yp + lo, min(CHUNK, n - lo))
+    return 0
 
 
-def relu_backward(const floating[::1] grad_out, const floating[::1] y,
-                  floating[::1] grad_input, int num_threads):
-    """grad_input = grad_out where y > 0 else 0 (y: the forward output)."""
+def relu_forward(const floating[::1] x, floating[::1] out, int num_threads):
+    """out = max(0, x); out may be x (in place)."""
+    _relu_forward(x, out, num_threads)
+
+
+cdef int _relu_backward(const floating[::1] grad_out, const floating[::1] y,
+                        floating[::1] grad_input, int num_threads) except -1:
     cdef Py_ssize_t n = y.shape[0], t, lo
     if n == 0:
-        return
+        return 0
     cdef const floating* gp = &grad_out[0]
     cdef const floating* yp = &y[0]
     cdef floating* dp = &grad_input[0]
     with nogil:
         for t in prange(_chunks(n), schedule="static", num_threads=_threads(n, num_threads)):
             lo = t * CHUNK
-            _relu_backward(gp + lo, yp + lo, dp + lo, min(CHUNK, n - lo))
+            _relu_backward_chunk(gp + lo, yp + lo, dp + lo, min(CHUNK, n - lo))
+    return 0
+
+
+def relu_backward(const floating[::1] grad_out, const floating[::1] y,
+                  floating[::1] grad_input, int num_threads):
+    """grad_input = grad_out where y > 0 else 0 (y: the forward output)."""
+    _relu_backward(grad_out, y, grad_input, num_threads)
 
 
 # ---------------------------------------------------------------- Sigmoid
 
-cdef inline void _sigmoid(const floating* x, floating* y, Py_ssize_t n) noexcept nogil:
+cdef inline void _sigmoid_chunk(const floating* x, floating* y, Py_ssize_t n) noexcept nogil:
     if floating is float:
         cdl_sigmoid_f(x, y, n)
     else:
         cdl_sigmoid_d(x, y, n)
 
 
-cdef void _sigmoid_backward(const floating* g, const floating* y, floating* dx,
+cdef void _sigmoid_backward_chunk(const floating* g, const floating* y, floating* dx,
                             Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
     cdef floating one = 1
@@ -210,32 +223,43 @@ cdef void _sigmoid_backward(const floating* g, const floating* y, floating* dx,
         dx[i] = g[i] * y[i] * (one - y[i])
 
 
-def sigmoid_forward(const floating[::1] x, floating[::1] out, int num_threads):
-    """out = 1 / (1 + exp(-x)), stable for any |x|; out may be x."""
+cdef int _sigmoid_forward(const floating[::1] x, floating[::1] out, int num_threads) except -1:
     cdef Py_ssize_t n = x.shape[0], t, lo
     if n == 0:
-        return
+        return 0
     cdef const floating* xp = &x[0]
     cdef floating* yp = &out[0]
     with nogil:
         for t in prange(_chunks(n), schedule="static", num_threads=_threads(8 * n, num_threads)):
             lo = t * CHUNK
-            _sigmoid(xp + lo, yp + lo, min(CHUNK, n - lo))
+            _sigmoid_chunk(xp + lo, yp + lo, min(CHUNK, n - lo))
+    return 0
 
 
-def sigmoid_backward(const floating[::1] grad_out, const floating[::1] y,
-                     floating[::1] grad_input, int num_threads):
-    """grad_input = grad_out * y * (1 - y) (y: the forward output)."""
+def sigmoid_forward(const floating[::1] x, floating[::1] out, int num_threads):
+    """out = 1 / (1 + exp(-x)), stable for any |x|; out may be x."""
+    _sigmoid_forward(x, out, num_threads)
+
+
+cdef int _sigmoid_backward(const floating[::1] grad_out, const floating[::1] y,
+                           floating[::1] grad_input, int num_threads) except -1:
     cdef Py_ssize_t n = y.shape[0], t, lo
     if n == 0:
-        return
+        return 0
     cdef const floating* gp = &grad_out[0]
     cdef const floating* yp = &y[0]
     cdef floating* dp = &grad_input[0]
     with nogil:
         for t in prange(_chunks(n), schedule="static", num_threads=_threads(n, num_threads)):
             lo = t * CHUNK
-            _sigmoid_backward(gp + lo, yp + lo, dp + lo, min(CHUNK, n - lo))
+            _sigmoid_backward_chunk(gp + lo, yp + lo, dp + lo, min(CHUNK, n - lo))
+    return 0
+
+
+def sigmoid_backward(const floating[::1] grad_out, const floating[::1] y,
+                     floating[::1] grad_input, int num_threads):
+    """grad_input = grad_out * y * (1 - y) (y: the forward output)."""
+    _sigmoid_backward(grad_out, y, grad_input, num_threads)
 
 
 # ---------------------------------------------------------------- SGD, axpy
@@ -288,6 +312,45 @@ def sgd_update(floating[::1] param, const floating[::1] grad, floating[::1] velo
                  flr, fmu, nesterov, fwd)
 
 
+cdef int _sgd_update_chunks(floating[::1] param, const floating[::1] grad, floating[::1] velocity,
+                            const int64_t[:, ::1] chunks, double lr, double momentum, bint nesterov,
+                            int num_threads) except -1:
+    cdef Py_ssize_t rows = chunks.shape[0], r, tid, team
+    cdef bint has_v = velocity is not None
+    cdef int nt = 1
+    if rows == 0:
+        return 0
+    for r in range(rows):
+        if chunks[r, 2] > 0:
+            nt = num_threads
+    cdef floating* pp = &param[0]
+    cdef const floating* gp = &grad[0]
+    cdef floating* vp = &velocity[0] if has_v else NULL
+    cdef floating flr = <floating>lr, fmu = <floating>momentum
+    with nogil, parallel(num_threads=nt):
+        tid = omp_get_thread_num()
+        team = omp_get_num_threads()
+        for r in range(rows):
+            if chunks[r, 2] % team == tid:
+                _sgd(pp + chunks[r, 0], gp + chunks[r, 0],
+                     vp + chunks[r, 0] if has_v else NULL, chunks[r, 1] - chunks[r, 0],
+                     flr, fmu, nesterov, 0)
+    return 0
+
+
+def sgd_update_chunks(floating[::1] param, const floating[::1] grad, floating[::1] velocity,
+                      const int64_t[:, ::1] chunks, double lr, double momentum, bint nesterov,
+                      int num_threads):
+    """sgd_update over the parts of flat buffers listed in ``chunks``, rows of
+    (start, stop, owner): OpenMP thread owner mod threads updates [start, stop).
+
+    The owners are the dense kernels' row chunks (cdl._dense.row_chunks), so
+    each part is updated by the thread that computed its gradient and has it
+    in its cache; a single owner (every row owner 0) runs on one thread.
+    """
+    _sgd_update_chunks(param, grad, velocity, chunks, lr, momentum, nesterov, num_threads)
+
+
 def axpy(double alpha, const floating[::1] x, floating[::1] y, int num_threads):
     """y += alpha * x."""
     cdef Py_ssize_t n = y.shape[0], t, lo, i
@@ -301,3 +364,67 @@ def axpy(double alpha, const floating[::1] x, floating[::1] y, int num_threads):
             lo = t * CHUNK
             for i in range(lo, min(lo + CHUNK, n)):
                 yp[i] += a * xp[i]
+
+
+# ---------------------------------------------------------------- bound calls
+# A float32 call with its arrays bound once (cdl.model's training plan), so
+# ``run`` skips the per-call buffer checks and type dispatch. The input can be
+# rebound.
+
+cdef class ActivationForward:
+    """ReLU or sigmoid forward on flat views."""
+    cdef const float[::1] x
+    cdef float[::1] out
+    cdef bint sigmoid
+
+    def __init__(self, kind, x, out):
+        if kind not in ("relu", "sigmoid"):
+            raise ValueError(f"ActivationForward: kind must be 'relu' or 'sigmoid', got {kind!r}")
+        self.sigmoid = kind == "sigmoid"
+        self.x, self.out = x, out
+
+    def bind_input(self, const float[::1] x):
+        self.x = x
+
+    def run(self, int num_threads):
+        if self.sigmoid:
+            _sigmoid_forward(self.x, self.out, num_threads)
+        else:
+            _relu_forward(self.x, self.out, num_threads)
+
+
+cdef class ActivationBackward:
+    cdef const float[::1] grad_out
+    cdef const float[::1] y
+    cdef float[::1] grad_input
+    cdef bint sigmoid
+
+    def __init__(self, kind, grad_out, y, grad_input):
+        if kind not in ("relu", "sigmoid"):
+            raise ValueError(f"ActivationBackward: kind must be 'relu' or 'sigmoid', got {kind!r}")
+        self.sigmoid = kind == "sigmoid"
+        self.grad_out, self.y, self.grad_input = grad_out, y, grad_input
+
+    def run(self, int num_threads):
+        if self.sigmoid:
+            _sigmoid_backward(self.grad_out, self.y, self.grad_input, num_threads)
+        else:
+            _relu_backward(self.grad_out, self.y, self.grad_input, num_threads)
+
+
+cdef class SGDChunks:
+    """sgd_update_chunks over a model's flat buffers; lr is passed per run (schedules)."""
+    cdef float[::1] param
+    cdef const float[::1] grad
+    cdef float[::1] velocity
+    cdef const int64_t[:, ::1] chunks
+    cdef double momentum
+    cdef bint nesterov
+
+    def __init__(self, param, grad, velocity, chunks, double momentum, bint nesterov):
+        self.param, self.grad, self.velocity, self.chunks = param, grad, velocity, chunks
+        self.momentum, self.nesterov = momentum, nesterov
+
+    def run(self, int num_threads, double lr):
+        _sgd_update_chunks(self.param, self.grad, self.velocity, self.chunks, lr, self.momentum,
+                           self.nesterov, num_threads)

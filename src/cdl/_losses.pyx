@@ -73,11 +73,10 @@ def softmax(const floating[:, ::1] scores, floating[:, ::1] out, int num_threads
                 out[i, j] = out[i, j] * inv
 
 
-def softmax_cross_entropy(const floating[:, ::1] scores, const int64_t[::1] labels,
-                          floating[:, ::1] probs, floating[:, ::1] grad,
-                          double[::1] sample_loss, double grad_scale, int num_threads):
-    """Returns Σ_i L_i; fills sample_loss[i] = L_i, probs (if not None) with the
-    softmax, grad (if not None) with grad_scale * (p - onehot(y))."""
+cdef double _softmax_cross_entropy(const floating[:, ::1] scores,
+                                   const int64_t[::1] labels, floating[:, ::1] probs,
+                                   floating[:, ::1] grad, double[::1] sample_loss,
+                                   double grad_scale, int num_threads) noexcept:
     cdef Py_ssize_t N = scores.shape[0], C = scores.shape[1], i, j, y
     cdef bint has_p = probs is not None, has_g = grad is not None
     cdef double total, m
@@ -118,12 +117,20 @@ def softmax_cross_entropy(const floating[:, ::1] scores, const int64_t[::1] labe
     return total
 
 
+def softmax_cross_entropy(const floating[:, ::1] scores, const int64_t[::1] labels,
+                          floating[:, ::1] probs, floating[:, ::1] grad,
+                          double[::1] sample_loss, double grad_scale, int num_threads):
+    """Returns Σ_i L_i; fills sample_loss[i] = L_i, probs (if not None) with the
+    softmax, grad (if not None) with grad_scale * (p - onehot(y))."""
+    return _softmax_cross_entropy(scores, labels, probs, grad, sample_loss, grad_scale,
+                                  num_threads)
+
+
 # ---------------------------------------------------------------- multiclass SVM
 
-def multiclass_svm(const floating[:, ::1] scores, const int64_t[::1] labels, double margin,
-                   floating[:, ::1] grad, double[::1] sample_loss, double grad_scale,
-                   int num_threads):
-    """Returns Σ_i L_i with L_i = Σ_{j≠y_i} max(0, s_j - s_{y_i} + margin); fills grad."""
+cdef double _multiclass_svm(const floating[:, ::1] scores, const int64_t[::1] labels, double margin,
+                            floating[:, ::1] grad, double[::1] sample_loss, double grad_scale,
+                            int num_threads) noexcept:
     cdef Py_ssize_t N = scores.shape[0], C = scores.shape[1], i, j, y
     cdef bint has_g = grad is not None
     cdef floating delta = <floating>margin, scale = <floating>grad_scale, sy, d
@@ -158,11 +165,17 @@ def multiclass_svm(const floating[:, ::1] scores, const int64_t[::1] labels, dou
     return total
 
 
+def multiclass_svm(const floating[:, ::1] scores, const int64_t[::1] labels, double margin,
+                   floating[:, ::1] grad, double[::1] sample_loss, double grad_scale,
+                   int num_threads):
+    """Returns Σ_i L_i with L_i = Σ_{j≠y_i} max(0, s_j - s_{y_i} + margin); fills grad."""
+    return _multiclass_svm(scores, labels, margin, grad, sample_loss, grad_scale, num_threads)
+
+
 # ---------------------------------------------------------------- half squared error
 
-def mse(const floating[:, ::1] pred, const floating[:, ::1] target, floating[:, ::1] grad,
-        double[::1] sample_loss, double grad_scale, int num_threads):
-    """Returns Σ_i ½ Σ_j (pred_ij - target_ij)²; grad = grad_scale * (pred - target)."""
+cdef double _mse(const floating[:, ::1] pred, const floating[:, ::1] target, floating[:, ::1] grad,
+                 double[::1] sample_loss, double grad_scale, int num_threads) noexcept:
     cdef Py_ssize_t N = pred.shape[0], D = pred.shape[1], i, j
     cdef bint has_g = grad is not None
     cdef floating scale = <floating>grad_scale, r
@@ -182,9 +195,15 @@ def mse(const floating[:, ::1] pred, const floating[:, ::1] target, floating[:, 
     return total
 
 
-def mse_labels(const floating[:, ::1] pred, const int64_t[::1] labels, floating[:, ::1] grad,
-               double[::1] sample_loss, double grad_scale, int num_threads):
-    """mse against one-hot targets t_ij = [j = labels_i]."""
+def mse(const floating[:, ::1] pred, const floating[:, ::1] target, floating[:, ::1] grad,
+        double[::1] sample_loss, double grad_scale, int num_threads):
+    """Returns Σ_i ½ Σ_j (pred_ij - target_ij)²; grad = grad_scale * (pred - target)."""
+    return _mse(pred, target, grad, sample_loss, grad_scale, num_threads)
+
+
+cdef double _mse_labels(const floating[:, ::1] pred, const int64_t[::1] labels,
+                        floating[:, ::1] grad, double[::1] sample_loss, double grad_scale,
+                        int num_threads) noexcept:
     cdef Py_ssize_t N = pred.shape[0], D = pred.shape[1], i, j, y
     cdef bint has_g = grad is not None
     cdef floating scale = <floating>grad_scale, r
@@ -203,6 +222,12 @@ def mse_labels(const floating[:, ::1] pred, const int64_t[::1] labels, floating[
             sample_loss[i] = 0.5 * loss
         total = _ordered_sum(sample_loss)
     return total
+
+
+def mse_labels(const floating[:, ::1] pred, const int64_t[::1] labels, floating[:, ::1] grad,
+               double[::1] sample_loss, double grad_scale, int num_threads):
+    """mse against one-hot targets t_ij = [j = labels_i]."""
+    return _mse_labels(pred, labels, grad, sample_loss, grad_scale, num_threads)
 
 
 # ---------------------------------------------------------------- L2
@@ -239,3 +264,50 @@ def label_range(const int64_t[::1] labels):
             if v > hi:
                 hi = v
     return lo, hi
+
+
+
+# ---------------------------------------------------------------- bound call
+# A float32 loss with its arrays bound once (cdl.model's training plan), so
+# ``run`` skips the per-call buffer checks and type dispatch; the targets are
+# rebound every step.
+
+cdef class LossForward:
+    """Loss and gradient of ``scores`` into ``grad``; run() returns the reduced loss."""
+    cdef const float[:, ::1] scores
+    cdef float[:, ::1] grad
+    cdef double[::1] sample_loss
+    cdef const int64_t[::1] labels
+    cdef const float[:, ::1] target
+    cdef int kind
+    cdef double margin, scale
+
+    def __init__(self, kind, scores, grad, sample_loss, double scale, double margin=0.0):
+        kinds = ("softmax_cross_entropy", "multiclass_svm", "mse")
+        if kind not in kinds:
+            raise ValueError(f"LossForward: kind must be one of {kinds}, got {kind!r}")
+        self.kind = kinds.index(kind)
+        self.scores, self.grad, self.sample_loss = scores, grad, sample_loss
+        self.scale, self.margin = scale, margin
+
+    def bind_labels(self, const int64_t[::1] labels):
+        self.labels, self.target = labels, None
+
+    def bind_target(self, const float[:, ::1] target):
+        self.labels, self.target = None, target
+
+    def run(self, int num_threads):
+        cdef double total
+        if self.kind == 0:
+            total = _softmax_cross_entropy[float](self.scores, self.labels, None, self.grad,
+                                           self.sample_loss, self.scale, num_threads)
+        elif self.kind == 1:
+            total = _multiclass_svm[float](self.scores, self.labels, self.margin, self.grad,
+                                    self.sample_loss, self.scale, num_threads)
+        elif self.target is not None:
+            total = _mse[float](self.scores, self.target, self.grad, self.sample_loss, self.scale,
+                         num_threads)
+        else:
+            total = _mse_labels[float](self.scores, self.labels, self.grad, self.sample_loss, self.scale,
+                                num_threads)
+        return total * self.scale

@@ -271,17 +271,16 @@ cdef void _forward_plane(const floating* x, floating* y, int* ind,
                           <int>(h * W + col0))
 
 
-def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
-                       int[:, :, :, ::1] indices, Py_ssize_t kh, Py_ssize_t kw,
-                       Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                       int num_threads):
-    """out, indices = max-pool of x (KH x KW window, stride (sh, sw), padding (ph, pw))."""
+cdef int _max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
+                             int[:, :, :, ::1] indices, Py_ssize_t kh, Py_ssize_t kw,
+                             Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                             int num_threads) except -1:
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
     cdef Py_ssize_t p, planes = N * C
     cdef bint fast = kh == 2 and kw == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0
     if planes == 0 or OH == 0 or OW == 0:
-        return
+        return 0
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef floating* yp = &out[0, 0, 0, 0]
     cdef int* ip = &indices[0, 0, 0, 0]
@@ -296,6 +295,16 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] ou
 
 
 # ---------------------------------------------------------------- backward
+    return 0
+
+
+def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
+                       int[:, :, :, ::1] indices, Py_ssize_t kh, Py_ssize_t kw,
+                       Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                       int num_threads):
+    """out, indices = max-pool of x (KH x KW window, stride (sh, sw), padding (ph, pw))."""
+    _max_pool2d_forward(x, out, indices, kh, kw, sh, sw, ph, pw, num_threads)
+
 
 cdef Py_ssize_t _backward_2x2(const floating* g, const int* ind, floating* dx,
                               Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
@@ -386,15 +395,11 @@ cdef Py_ssize_t _backward_overlap(const floating* g, const int* ind, floating* d
     return bad
 
 
-def max_pool2d_backward(const floating[:, :, :, ::1] grad_out, const int[:, :, :, ::1] indices,
-                        floating[:, :, :, ::1] grad_input, Py_ssize_t kh, Py_ssize_t kw,
-                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                        int num_threads):
-    """grad_input = scatter of grad_out through indices (every cell written).
-
-    Returns the number of indices that do not lie in their own window (those are
-    skipped); 0 for indices produced by max_pool2d_forward with the same parameters.
-    """
+cdef Py_ssize_t _max_pool2d_backward(const floating[:, :, :, ::1] grad_out,
+                                     const int[:, :, :, ::1] indices,
+                                     floating[:, :, :, ::1] grad_input, Py_ssize_t kh,
+                                     Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
+                                     Py_ssize_t pw, int num_threads) except -1:
     cdef Py_ssize_t N = grad_input.shape[0], C = grad_input.shape[1]
     cdef Py_ssize_t H = grad_input.shape[2], W = grad_input.shape[3]
     cdef Py_ssize_t OH = grad_out.shape[2], OW = grad_out.shape[3]
@@ -426,6 +431,18 @@ def max_pool2d_backward(const floating[:, :, :, ::1] grad_out, const int[:, :, :
     return bad
 
 
+def max_pool2d_backward(const floating[:, :, :, ::1] grad_out, const int[:, :, :, ::1] indices,
+                        floating[:, :, :, ::1] grad_input, Py_ssize_t kh, Py_ssize_t kw,
+                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                        int num_threads):
+    """grad_input = scatter of grad_out through indices (every cell written).
+
+    Returns the number of indices that do not lie in their own window (those are
+    skipped); 0 for indices produced by max_pool2d_forward with the same parameters.
+    """
+    return _max_pool2d_backward(grad_out, indices, grad_input, kh, kw, sh, sw, ph, pw, num_threads)
+
+
 # ---------------------------------------------------------------- ReLU then 2x2 pool
 # A ReLU followed by a 2x2 stride-2 max-pool (the usual CNN block) in one pass:
 # Sequential runs the pair through these, so the full-size ReLU output is never
@@ -433,6 +450,7 @@ def max_pool2d_backward(const floating[:, :, :, ::1] grad_out, const int[:, :, :
 # per-thread buffer (in cache) and pooled there, so values and indices are
 # exactly those of the separate layers; the backward masks the pooled gradient
 # with ReLU's rule (0 where the pooled value is <= 0; NaN passes) and gathers it.
+
 
 cdef inline Py_ssize_t _lines(Py_ssize_t n, size_t itemsize) noexcept nogil:
     # n elements rounded up to whole 64-byte lines plus one spare line, so that
@@ -450,16 +468,15 @@ cdef void _relu_copy(const floating* x, floating* y, Py_ssize_t n) noexcept nogi
         y[i] = zero if v <= zero else v       # ReLU's rule: NaN passes
 
 
-def max_pool2d_relu_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
-                            int[:, :, :, ::1] indices, int num_threads):
-    """out, indices = 2x2 stride-2 max-pool of max(0, x); equal to ReLU then MaxPool2d(2)."""
+cdef int _max_pool2d_relu_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
+                                  int[:, :, :, ::1] indices, int num_threads) except -1:
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
     cdef Py_ssize_t p, planes = N * C, tid, per
     cdef int nt
     cdef floating* buf
     if planes == 0 or OH == 0 or OW == 0:
-        return
+        return 0
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef floating* yp = &out[0, 0, 0, 0]
     cdef int* ip = &indices[0, 0, 0, 0]
@@ -474,13 +491,20 @@ def max_pool2d_relu_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::
             _relu_copy(xp + p * H * W, buf + tid * per, H * W)
             _forward_2x2(buf + tid * per, yp + p * OH * OW, ip + p * OH * OW, H, W, OH, OW)
     free(buf)
+    return 0
 
 
-def max_pool2d_relu_backward(const floating[:, :, :, ::1] grad_out,
-                             const floating[:, :, :, ::1] out, const int[:, :, :, ::1] indices,
-                             floating[:, :, :, ::1] grad_input, int num_threads):
-    """Gradient of max_pool2d_relu_forward w.r.t. x (every cell written); returns the
-    number of foreign indices, as max_pool2d_backward."""
+def max_pool2d_relu_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
+                            int[:, :, :, ::1] indices, int num_threads):
+    """out, indices = 2x2 stride-2 max-pool of max(0, x); equal to ReLU then MaxPool2d(2)."""
+    _max_pool2d_relu_forward(x, out, indices, num_threads)
+
+
+cdef Py_ssize_t _max_pool2d_relu_backward(const floating[:, :, :, ::1] grad_out,
+                                          const floating[:, :, :, ::1] out,
+                                          const int[:, :, :, ::1] indices,
+                                          floating[:, :, :, ::1] grad_input,
+                                          int num_threads) except -1:
     cdef Py_ssize_t N = grad_input.shape[0], C = grad_input.shape[1]
     cdef Py_ssize_t H = grad_input.shape[2], W = grad_input.shape[3]
     cdef Py_ssize_t OH = grad_out.shape[2], OW = grad_out.shape[3]
@@ -514,3 +538,78 @@ def max_pool2d_relu_backward(const floating[:, :, :, ::1] grad_out,
             bad += _backward_2x2(gm, ip + p * OH * OW, dp + p * H * W, H, W, OH, OW)
     free(buf)
     return bad
+
+
+def max_pool2d_relu_backward(const floating[:, :, :, ::1] grad_out,
+                             const floating[:, :, :, ::1] out, const int[:, :, :, ::1] indices,
+                             floating[:, :, :, ::1] grad_input, int num_threads):
+    """Gradient of max_pool2d_relu_forward w.r.t. x (every cell written); returns the
+    number of foreign indices, as max_pool2d_backward."""
+    return _max_pool2d_relu_backward(grad_out, out, indices, grad_input, num_threads)
+
+
+# ---------------------------------------------------------------- bound calls
+# A float32 call with its arrays bound once (cdl.model's training plan), so
+# ``run`` skips the per-call buffer checks and type dispatch. The input can be
+# rebound.
+
+cdef class MaxPoolForward:
+    cdef const float[:, :, :, ::1] x
+    cdef float[:, :, :, ::1] out
+    cdef int[:, :, :, ::1] indices
+    cdef Py_ssize_t kh, kw, sh, sw, ph, pw
+
+    def __init__(self, x, out, indices, kernel_size, stride, padding):
+        self.x, self.out, self.indices = x, out, indices
+        (self.kh, self.kw), (self.sh, self.sw), (self.ph, self.pw) = kernel_size, stride, padding
+
+    def bind_input(self, const float[:, :, :, ::1] x):
+        self.x = x
+
+    def run(self, int num_threads):
+        _max_pool2d_forward(self.x, self.out, self.indices, self.kh, self.kw, self.sh, self.sw,
+                            self.ph, self.pw, num_threads)
+
+
+cdef class MaxPoolBackward:
+    cdef const float[:, :, :, ::1] grad_out
+    cdef const int[:, :, :, ::1] indices
+    cdef float[:, :, :, ::1] grad_input
+    cdef Py_ssize_t kh, kw, sh, sw, ph, pw
+
+    def __init__(self, grad_out, indices, grad_input, kernel_size, stride, padding):
+        self.grad_out, self.indices, self.grad_input = grad_out, indices, grad_input
+        (self.kh, self.kw), (self.sh, self.sw), (self.ph, self.pw) = kernel_size, stride, padding
+
+    def run(self, int num_threads):
+        _max_pool2d_backward(self.grad_out, self.indices, self.grad_input, self.kh, self.kw,
+                             self.sh, self.sw, self.ph, self.pw, num_threads)
+
+
+cdef class ReluMaxPoolForward:
+    cdef const float[:, :, :, ::1] x
+    cdef float[:, :, :, ::1] out
+    cdef int[:, :, :, ::1] indices
+
+    def __init__(self, x, out, indices):
+        self.x, self.out, self.indices = x, out, indices
+
+    def bind_input(self, const float[:, :, :, ::1] x):
+        self.x = x
+
+    def run(self, int num_threads):
+        _max_pool2d_relu_forward(self.x, self.out, self.indices, num_threads)
+
+
+cdef class ReluMaxPoolBackward:
+    cdef const float[:, :, :, ::1] grad_out
+    cdef const float[:, :, :, ::1] out
+    cdef const int[:, :, :, ::1] indices
+    cdef float[:, :, :, ::1] grad_input
+
+    def __init__(self, grad_out, out, indices, grad_input):
+        self.grad_out, self.out, self.indices, self.grad_input = grad_out, out, indices, grad_input
+
+    def run(self, int num_threads):
+        _max_pool2d_relu_backward(self.grad_out, self.out, self.indices, self.grad_input,
+                                  num_threads)

@@ -16,10 +16,11 @@ import warnings
 import numpy as np
 
 from . import _config
+from ._kernels import dense as _dense
 from ._kernels import losses as _kl
 from .callbacks import Callback, History
 from .functional._checks import FLOAT_DTYPES, INT32_MAX, real_number, shape_str
-from .layers import Flatten, Layer, MaxPool2d, ReLU, check_grad
+from .layers import Flatten, Layer, Linear, MaxPool2d, ReLU, check_grad
 from .losses import Loss
 from .progress import ProgressBar
 
@@ -45,7 +46,8 @@ def _pack_parameters(layers, dtype):
     The optimizer then updates the whole model in one kernel call (at batch 1
     a call per parameter cost more than the arithmetic). Each view starts on a
     64-byte boundary; the gaps stay zero in both buffers, so updates keep them
-    zero. Returns (params, grads), flat, or (None, None) without parameters.
+    zero. Returns (params, grads, chunks), the flat buffers and the parts the
+    update deals to threads (see _update_chunks), or Nones without parameters.
     """
     align = 64 // dtype.itemsize
     slots, total = [], 0
@@ -55,7 +57,7 @@ def _pack_parameters(layers, dtype):
             slots.append((layer, key, total, size))
             total += -(-size // align) * align
     if not slots:
-        return None, None
+        return None, None, None
     flat = []
     for _ in range(2):
         raw = np.zeros(total + align, dtype)
@@ -67,7 +69,24 @@ def _pack_parameters(layers, dtype):
             view = buf[start:start + size].reshape(store[key].shape)
             view[...] = store[key]
             store[key] = view
-    return params, grads
+    return params, grads, _update_chunks(slots)
+
+
+def _update_chunks(slots):
+    """(start, stop, owner) rows over the flat buffers for SGD: a Linear weight in
+    the row chunks its small-batch kernels deal to threads (owner = chunk index,
+    so the update runs where the gradient was computed); anything else whole,
+    owner 0."""
+    chunks = []
+    for layer, key, start, size in slots:
+        if isinstance(layer, Linear) and key == "weight":
+            fout, fin = layer.params[key].shape
+            rows, count = _dense.row_chunks(fout, fin)
+            for c in range(count):
+                chunks.append((start + c * rows * fin, start + min((c + 1) * rows, fout) * fin, c))
+        else:
+            chunks.append((start, start + size, 0))
+    return np.array(chunks, np.int64).reshape(-1, 3)
 
 
 class Sequential:
@@ -140,7 +159,8 @@ class Sequential:
         # Largest per-sample activation: a batch of n needs n times this in one buffer.
         self._max_sample = max([int(np.prod(self.input_shape))]
                                + [int(np.prod(l.output_shape)) for l in self.layers])
-        self._flat_params, self._flat_grads = _pack_parameters(self.layers, self.dtype)
+        self._flat_params, self._flat_grads, self._update_chunks = _pack_parameters(
+            self.layers, self.dtype)
         self._params = [(f"{i}.{k}", layer.params[k], layer.grads[k])
                         for i, layer in enumerate(self.layers) for k in layer.params]
         self._weights = [layer.params["weight"] for layer in self.layers

@@ -53,13 +53,14 @@ class SGD:
             # One kernel call for the whole model; velocities are views of one buffer
             # laid out like the parameters (gaps included, which stay zero).
             flat_v = np.zeros_like(flat_p) if self.momentum > 0 else None
-            self._slots = [(flat_p, flat_g, flat_v)]
+            self._flat = (flat_p, flat_g, flat_v, model._update_chunks)
             if flat_v is not None:
                 base = flat_p.ctypes.data
                 for key, p, _ in model.parameters():
                     start = (p.ctypes.data - base) // p.itemsize
                     self.velocities[key] = flat_v[start:start + p.size].reshape(p.shape)
             return
+        self._flat = None
         self._slots = []
         for key, p, g in model.parameters():
             v = np.zeros_like(p) if self.momentum > 0 else None
@@ -71,6 +72,10 @@ class SGD:
         """One update of every parameter from its current gradient."""
         nt = threads or _config.get_num_threads()
         lr, mu, nest = self.lr, self.momentum, self.nesterov
+        if self._flat is not None:
+            p, g, v, chunks = self._flat
+            _ew.sgd_update_chunks(p, g, v, chunks, lr, mu, nest, nt)
+            return
         for p, g, v in self._slots:
             _ew.sgd_update(p, g, v, lr, mu, nest, 0.0, nt)
 
