@@ -6,8 +6,9 @@ import cdl
 from cdl import functional as F
 
 RNG = np.random.default_rng(0)
+# (1, 784, 256), (3, 300, 200) and (8, 128, 513) take the small-batch row chunks.
 SHAPES = [(1, 1, 1), (1, 784, 256), (3, 5, 7), (33, 17, 129), (64, 784, 256), (64, 4096, 10),
-          (65, 130, 257), (2, 300, 1), (97, 1, 5)]
+          (65, 130, 257), (2, 300, 1), (97, 1, 5), (3, 300, 200), (8, 128, 513), (9, 784, 256)]
 
 
 def ref_linear(x, w, b):
@@ -70,7 +71,8 @@ def test_linear_gradients_numerically():
         assert err < 1e-6, err
 
 
-@pytest.mark.parametrize("n,fin,fout", [(64, 784, 256), (256, 1024, 1024), (64, 4096, 10), (1, 784, 256)])
+@pytest.mark.parametrize("n,fin,fout", [(64, 784, 256), (256, 1024, 1024), (64, 4096, 10),
+                                        (1, 784, 256), (3, 300, 200), (8, 128, 513)])
 def test_linear_bitwise_identical_for_any_thread_count(n, fin, fout):
     x = RNG.standard_normal((n, fin)).astype(np.float32)
     w = RNG.standard_normal((fout, fin)).astype(np.float32)
@@ -201,3 +203,23 @@ def test_gemm_edges_bitwise_identical_for_1_and_2_threads(n, fin, fout):
             for t in (1, 2)]
     for a, c in zip(*runs):
         assert a.tobytes() == c.tobytes()
+
+
+def test_row_chunks_cover_the_weight():
+    """The small-batch row chunks: big weights split in an even number of chunks,
+    small ones whole; the model's SGD chunks cover every parameter exactly once."""
+    dense = cdl._kernels.dense
+    assert dense.row_chunks(256, 784)[1] % 2 == 0 and dense.row_chunks(256, 784)[1] > 1
+    assert dense.row_chunks(10, 128) == (10, 1)
+    for fout, fin in ((256, 784), (200, 300), (513, 128), (7, 5), (3, 100000)):
+        rows, count = dense.row_chunks(fout, fin)
+        assert (count - 1) * rows < fout <= count * rows
+    model = cdl.Sequential([cdl.Linear(784, 256), cdl.ReLU(), cdl.Linear(256, 10)], (784,))
+    covered = np.zeros(model._flat_params.size, int)
+    for start, stop, owner in model._update_chunks:
+        covered[start:stop] += 1
+    for _, p, _ in model.parameters():
+        start = (p.ctypes.data - model._flat_params.ctypes.data) // p.itemsize
+        assert (covered[start:start + p.size] == 1).all()
+    assert covered.sum() == model.num_params()
+    assert model._update_chunks[:, 2].max() == dense.row_chunks(256, 784)[1] - 1

@@ -64,6 +64,26 @@ def test_training_bitwise_identical_across_threads(build, loss_name):
         assert ev == base_ev
 
 
+def test_small_batch_row_chunks_bitwise_identical_across_threads():
+    """Batches of 1 and 4 on a 784 -> 256 layer take the row chunks dealt to fixed
+    threads (forward, weight gradient, SGD); the result must not depend on how many."""
+    runs = []
+    for nt in THREADS:
+        model = cdl.Sequential([cdl.Linear(784, 256), cdl.ReLU(), cdl.Linear(256, 10)], (784,),
+                               seed=2)
+        opt = cdl.SGD(model, lr=0.01, momentum=0.9)
+        rng = np.random.default_rng(8)
+        losses = []
+        with cdl.threads(nt):
+            for n in (1, 4, 1, 4):
+                x = rng.standard_normal((n, 784)).astype(np.float32)
+                losses.append(model.train_step(x, rng.integers(0, 10, n),
+                                               cdl.SoftmaxCrossEntropy(), opt))
+        runs.append((losses, {k: w.tobytes() for k, w in model.get_weights().items()}))
+    for other in runs[1:]:
+        assert other == runs[0]
+
+
 def test_float64_cnn_bitwise_identical():
     a = train(cnn, "ce", 1, np.float64, steps=3)
     b = train(cnn, "ce", 3, np.float64, steps=3)

@@ -206,8 +206,16 @@ def test_train_step_skips_input_gradient(monkeypatch):
     monkeypatch.setattr(cdl.layers, "_conv", Spy())
     m = cdl.Sequential(small_cnn(), (2, 4, 4), seed=0)
     x = np.ones((3, 2, 4, 4), np.float32)
-    m.train_step(x, np.array([0, 1, 2]), cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1))
-    assert calls == {"input": 1, "weight": 2}  # only the second conv passes a gradient on
+    convs = [layer for layer in m.layers if isinstance(layer, cdl.Conv2d)]
+    for plan in (True, False):
+        m._use_plans = plan
+        for conv in convs:
+            conv._workspace(3)["dx"][...] = 7.0
+        m.train_step(x, np.array([0, 1, 2]), cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1))
+        # Only the second conv passes a gradient on.
+        assert (convs[0]._workspace(3)["dx"] == 7.0).all()
+        assert (convs[1]._workspace(3)["dx"] != 7.0).any()
+    assert calls == {"input": 1, "weight": 2}  # the layer-by-layer step (the plan's calls are bound)
     m.forward(x)
     dx = m.backward(np.ones((3, 5), np.float32))
     assert dx.shape == x.shape and calls["input"] == 3  # model.backward: both convs

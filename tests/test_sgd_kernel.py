@@ -72,6 +72,28 @@ def test_threads_bitwise(dtype):
     assert res[0] == res[1]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+def test_chunked_update_matches_whole(dtype, momentum, nesterov):
+    """sgd_update_chunks (parts dealt to threads by owner) updates exactly the listed
+    parts, as sgd_update would, for any thread count; gaps stay untouched."""
+    rng = np.random.default_rng(4)
+    p0 = rng.standard_normal(1000).astype(dtype)
+    g = rng.standard_normal(p0.shape).astype(dtype)
+    v0 = rng.standard_normal(p0.shape).astype(dtype)
+    chunks = np.array([[0, 300, 0], [300, 550, 1], [550, 551, 2], [560, 1000, 3]], np.int64)
+    want_p, want_v = p0.copy(), v0.copy()
+    for start, stop, _ in chunks:
+        F.sgd_update(want_p[start:stop], g[start:stop], lr=0.1, momentum=momentum,
+                     nesterov=nesterov, velocity=want_v[start:stop] if momentum else None)
+    for nt in (1, 2, 3, 5):
+        p, v = p0.copy(), v0.copy()
+        elementwise.sgd_update_chunks(p, g, v if momentum else None, chunks, 0.1, momentum,
+                                      nesterov, nt)
+        assert p.tobytes() == want_p.tobytes() and v.tobytes() == want_v.tobytes(), nt
+        assert (p[551:560] == p0[551:560]).all()
+
+
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 def test_every_isa_build_agrees(isa):
     if isa not in _runtime.cpu_supports():

@@ -413,18 +413,15 @@ cdef class ActivationBackward:
 
 
 cdef class SGDChunks:
-    """sgd_update_chunks over a model's flat buffers; lr is passed per run (schedules)."""
+    """sgd_update_chunks over a model's flat buffers (cdl.SGD.step)."""
     cdef float[::1] param
     cdef const float[::1] grad
     cdef float[::1] velocity
     cdef const int64_t[:, ::1] chunks
-    cdef double momentum
-    cdef bint nesterov
 
-    def __init__(self, param, grad, velocity, chunks, double momentum, bint nesterov):
+    def __init__(self, param, grad, velocity, chunks):
         self.param, self.grad, self.velocity, self.chunks = param, grad, velocity, chunks
-        self.momentum, self.nesterov = momentum, nesterov
 
-    def run(self, int num_threads, double lr):
-        _sgd_update_chunks(self.param, self.grad, self.velocity, self.chunks, lr, self.momentum,
-                           self.nesterov, num_threads)
+    def run(self, double lr, double momentum, bint nesterov, int num_threads):
+        _sgd_update_chunks(self.param, self.grad, self.velocity, self.chunks, lr, momentum,
+                           nesterov, num_threads)

@@ -15,7 +15,7 @@ import warnings
 
 import numpy as np
 
-from . import _config
+from . import _config, _plan
 from ._kernels import dense as _dense
 from ._kernels import losses as _kl
 from .callbacks import Callback, History
@@ -169,6 +169,7 @@ class Sequential:
         # Layers before the first one with parameters need no backward in train_step.
         self._first_trained = next((i for i, l in enumerate(self.layers) if l.params),
                                    len(self.layers))
+        self._use_plans = True
         self._plan_passes()
 
     def _plan_passes(self, fuse=True):
@@ -181,6 +182,7 @@ class Sequential:
                  and layers[i + 1].fuses_relu()}
         self._passes = [(i, layer, i in fused) for i, layer in enumerate(layers)
                         if i + 1 not in fused]
+        self._plans = []    # TrainPlans follow the passes
 
     def _followed_by_relu(self, i):
         for layer in self.layers[i + 1:]:
@@ -428,17 +430,35 @@ class Sequential:
             raise RuntimeError("train_step: this model is being trained from another thread; "
                                "training one model from several threads is not supported")
         try:
-            scores = self._forward(x, nt)
-            value = loss._compute(scores, y, nt)
+            plan = self._plan(x.shape[0], loss)
+            if plan is not None:
+                value = plan.forward(x, y, nt)
+            else:
+                value = loss._compute(self._forward(x, nt), y, nt)
             if self._l2:
                 value += self.l2_penalty()
             if not math.isfinite(value):
                 return value
-            self._backward(loss._grad, nt, self._first_trained)
+            if plan is not None:
+                plan.backward(nt, self._l2)
+            else:
+                self._backward(loss._grad, nt, self._first_trained)
             optimizer.step(nt)
             return value
         finally:
             self._lock.release()
+
+    def _plan(self, n, loss):
+        """The TrainPlan for batch size n and this loss (the last two are kept), or None
+        where the model or loss has no plan (float64, a custom layer or loss)."""
+        for plan in self._plans:
+            if plan.n == n and plan.loss is loss:
+                return plan
+        if not self._use_plans or not _plan.supported(self, loss):
+            return None
+        plan = _plan.TrainPlan(self, n, loss)
+        self._plans = [plan] + self._plans[:1]
+        return plan
 
     def fit(self, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=None,
             validation_split=0.0, shuffle=True, callbacks=(), verbose=1):

@@ -9,6 +9,7 @@ Plain SGD (μ = 0) is W ← W − lr · g. L2 regularisation is set on the model
 Schedules are callbacks: pass them to ``fit(callbacks=[...])``; at the start of
 epoch e (counted from 0) each sets ``optimizer.lr = schedule(e, base_lr)``.
 """
+import functools
 import math
 import numbers
 
@@ -53,14 +54,17 @@ class SGD:
             # One kernel call for the whole model; velocities are views of one buffer
             # laid out like the parameters (gaps included, which stay zero).
             flat_v = np.zeros_like(flat_p) if self.momentum > 0 else None
-            self._flat = (flat_p, flat_g, flat_v, model._update_chunks)
+            bound = (flat_p, flat_g, flat_v, model._update_chunks)
+            # float32 binds the arrays once (a batch-1 step is short enough to notice).
+            self._update = _ew.SGDChunks(*bound).run if flat_p.dtype == np.float32 else \
+                functools.partial(_ew.sgd_update_chunks, *bound)
             if flat_v is not None:
                 base = flat_p.ctypes.data
                 for key, p, _ in model.parameters():
                     start = (p.ctypes.data - base) // p.itemsize
                     self.velocities[key] = flat_v[start:start + p.size].reshape(p.shape)
             return
-        self._flat = None
+        self._update = None
         self._slots = []
         for key, p, g in model.parameters():
             v = np.zeros_like(p) if self.momentum > 0 else None
@@ -72,9 +76,8 @@ class SGD:
         """One update of every parameter from its current gradient."""
         nt = threads or _config.get_num_threads()
         lr, mu, nest = self.lr, self.momentum, self.nesterov
-        if self._flat is not None:
-            p, g, v, chunks = self._flat
-            _ew.sgd_update_chunks(p, g, v, chunks, lr, mu, nest, nt)
+        if self._update is not None:
+            self._update(lr, mu, nest, nt)
             return
         for p, g, v in self._slots:
             _ew.sgd_update(p, g, v, lr, mu, nest, 0.0, nt)

@@ -1,0 +1,135 @@
+"""train_step through a TrainPlan (bound kernel calls) against the layer-by-layer step.
+
+Both run the same kernels on the same buffers, so every loss, weight, velocity,
+gradient and pooling index must be bit for bit the same.
+"""
+import numpy as np
+import pytest
+
+import cdl
+
+
+def mlp():
+    return [cdl.Linear(20, 48), cdl.ReLU(), cdl.Linear(48, 16), cdl.Sigmoid(), cdl.Linear(16, 5)]
+
+
+def cnn():
+    # Fused ReLU + 2x2 pool, a sigmoid, an overlapping padded pool, Flatten, Linear.
+    return [cdl.Conv2d(2, 6, 3, padding=1), cdl.ReLU(), cdl.MaxPool2d(2),
+            cdl.Conv2d(6, 8, 3, stride=2, padding=1), cdl.Sigmoid(),
+            cdl.MaxPool2d(3, stride=2, padding=1), cdl.Flatten(), cdl.Linear(8, 5)]
+
+
+def flat_first():
+    # The model's input goes through Flatten and a ReLU before the first parameters.
+    return [cdl.Flatten(), cdl.ReLU(), cdl.Linear(2 * 4 * 4, 7), cdl.Linear(7, 5)]
+
+
+def big_first():
+    # A first layer big enough for the small-batch row chunks (784 x 256).
+    return [cdl.Linear(784, 256), cdl.ReLU(), cdl.Linear(256, 5)]
+
+
+NETS = {"mlp": (mlp, (20,), 0.05), "cnn": (cnn, (2, 8, 8), 0.05),
+        "flat_first": (flat_first, (2, 4, 4), 0.05), "big_first": (big_first, (784,), 0.002)}
+
+
+def _targets(loss_name, rng, n):
+    if loss_name == "mse_float":
+        return rng.standard_normal((n, 5)).astype(np.float32)
+    return rng.integers(0, 5, n)
+
+
+def _loss(loss_name):
+    return {"ce": cdl.SoftmaxCrossEntropy(), "svm": cdl.MulticlassSVM(margin=0.5),
+            "mse": cdl.MSE(reduction="sum"), "mse_float": cdl.MSE()}[loss_name]
+
+
+def _run(net, loss_name, use_plan, batches, l2=0.0, momentum=0.0, nesterov=False):
+    build, shape, lr = NETS[net]
+    model = cdl.Sequential(build(), shape, seed=3, l2=l2)
+    model._use_plans = use_plan
+    loss = _loss(loss_name)
+    opt = cdl.SGD(model, lr=lr, momentum=momentum, nesterov=nesterov)
+    rng = np.random.default_rng(11)
+    losses, record = [], []
+    for n in batches:
+        x = rng.standard_normal((n,) + shape).astype(np.float32)
+        y = _targets(loss_name, rng, n)
+        losses.append(model.train_step(x, y, loss, opt))
+        record.append(loss.backward().copy())
+        record += [g.copy() for _, _, g in model.parameters()]
+        record += [layer.indices.copy() for layer in model.layers
+                   if isinstance(layer, cdl.MaxPool2d)]
+    record += [p.copy() for _, p, _ in model.parameters()]
+    record += [v.copy() for v in opt.velocities.values()]
+    return model, losses, record
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+@pytest.mark.parametrize("loss_name,l2,momentum,nesterov", [
+    ("ce", 0.0, 0.0, False), ("svm", 1e-3, 0.9, True), ("mse", 0.0, 0.5, False),
+    ("mse_float", 1e-2, 0.0, False)])
+def test_plan_matches_layer_by_layer_bitwise(net, loss_name, l2, momentum, nesterov):
+    batches = [1, 3, 1, 8, 3, 17, 1]     # more sizes than plans kept: rebuilt on the way
+    planned, losses, a = _run(net, loss_name, True, batches, l2, momentum, nesterov)
+    layered, losses_ref, b = _run(net, loss_name, False, batches, l2, momentum, nesterov)
+    assert planned._plans and not layered._plans
+    assert losses == losses_ref and np.isfinite(losses).all()
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b)):
+        u, v = np.asarray(u), np.asarray(v)
+        assert u.dtype == v.dtype and u.shape == v.shape, i
+        assert u.tobytes() == v.tobytes(), f"item {i} differs"
+
+
+def test_backward_after_a_planned_step_matches():
+    """model.backward after train_step sees the step's forward, as layer by layer."""
+    grads = []
+    for use_plan in (True, False):
+        model = cdl.Sequential(cnn(), (2, 8, 8), seed=1)
+        model._use_plans = use_plan
+        x = np.random.default_rng(0).standard_normal((4, 2, 8, 8)).astype(np.float32)
+        model.train_step(x, np.arange(4), cdl.SoftmaxCrossEntropy(), cdl.SGD(model, lr=0.1))
+        grads.append(model.backward(np.ones((4, 5), np.float32)))
+    assert grads[0].tobytes() == grads[1].tobytes()
+
+
+def test_plan_rebinds_each_input():
+    """A plan binds the arrays of the current step, never those of the one it was built in."""
+    model = cdl.Sequential(mlp(), (20,), seed=0)
+    loss, opt = cdl.SoftmaxCrossEntropy(), cdl.SGD(model, lr=0.0001)
+    rng = np.random.default_rng(5)
+    x1, x2 = (rng.standard_normal((2, 20)).astype(np.float32) for _ in range(2))
+    model.train_step(x1, np.array([0, 1]), loss, opt)
+    got = model.train_step(x2, np.array([2, 3]), loss, opt)
+    fresh = cdl.Sequential(mlp(), (20,), seed=0)
+    fresh.set_weights(model.get_weights())
+    want, _ = fresh.evaluate(x2, np.array([2, 3]), loss)
+    assert got == pytest.approx(want, rel=1e-3)   # one tiny update apart
+    assert len(model._plans) == 1
+
+
+def test_no_plan_for_float64_or_custom_loss():
+    model = cdl.Sequential(mlp(), (20,), dtype=np.float64, seed=0)
+    x, y = np.ones((2, 20)), np.array([0, 1])
+    model.train_step(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(model, lr=0.1))
+    assert model._plans == []
+
+    class Halved(cdl.SoftmaxCrossEntropy):
+        def _kernel(self, *args):
+            return 0.5 * super()._kernel(*args)
+    model = cdl.Sequential(mlp(), (20,), seed=0)
+    value = model.train_step(x, y, Halved(), cdl.SGD(model, lr=0.1))
+    assert model._plans == [] and np.isfinite(value)
+
+
+def test_plan_skips_update_on_nan_loss():
+    model = cdl.Sequential(mlp(), (20,), seed=0)
+    before = model.get_weights()
+    x = np.full((2, 20), np.nan, np.float32)
+    value = model.train_step(x, np.array([0, 1]), cdl.SoftmaxCrossEntropy(),
+                             cdl.SGD(model, lr=0.1))
+    assert np.isnan(value) and model._plans
+    for k, w in model.get_weights().items():
+        assert w.tobytes() == before[k].tobytes()
