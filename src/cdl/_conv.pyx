@@ -971,9 +971,11 @@ cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bi
         for i in range(g.kh):
             for j in range(g.kw):
                 roff[(c * g.kh + i) * g.kw + j] = (c * g.rs + i) * g.qs + j
-    for r in range(g.rows):
-        for k in range(g.kp):
-            wt[r * g.kp + k] = weight[k * g.rows + r] if k < g.k else 0
+    cv_transpose(weight, g.rows, g.k, g.rows, wt, g.kp)
+    if g.kp > g.k:
+        for r in range(g.rows):
+            for k in range(g.k, g.kp):
+                wt[r * g.kp + k] = 0
     for it in prange(items, schedule="dynamic", num_threads=nt):
         tid = omp_get_thread_num()
         _cv_fitem(g, x, wt, bias, roff, out, it, buf + tid * per, buf + tid * per + g.xs_size,
@@ -1069,32 +1071,40 @@ cdef int _packed_corr(Corr* g, const float* weight, bint flip, const float* src,
     # step reads kr adjacent weights, and runs the correlation. flip=False is
     # the forward pass (cout=K, cin=C); flip=True the input gradient (cout=C,
     # cin=K, taps mirrored in both axes). Returns -1 when memory is missing.
-    cdef Py_ssize_t KH = g.kh, KW = g.kw, cin = g.cin, cout = g.cout
-    cdef Py_ssize_t b, q, i, j, a, o, nb
+    cdef Py_ssize_t KH = g.kh, KW = g.kw, cin = g.cin, cout = g.cout, T = KH * KW
+    cdef Py_ssize_t b, q, t, a, o, nb, kr
     cdef float* wpk
+    cdef float* col
+    cdef const float* taps
     cdef int rc
     _choose_tile(cout, g.oh, &g.kr, &g.rb)
     if cout == 1 and g.sh == 1 and (KH == 3 or KH == 5):
         g.kr = 1
         g.rb = 8
-    nb = _cdiv(cout, g.kr)
-    wpk = <float*>malloc(nb * cin * KH * KW * g.kr * sizeof(float) + 64)
+    kr = g.kr
+    nb = _cdiv(cout, kr)
+    wpk = <float*>malloc(nb * cin * T * kr * sizeof(float) + 64)
     if wpk == NULL:
         return -1
+    # Column a of each block gathers filter o = b*kr + a (zeros past cout); the
+    # loops read each filter's taps in order, so the gather is a transpose. With
+    # flip, tap (i, j) comes from (KH-1-i, KW-1-j): the taps reversed.
     for b in range(nb):
-        for q in range(cin):
-            for i in range(KH):
-                for j in range(KW):
-                    for a in range(g.kr):
-                        o = b * g.kr + a
-                        if o >= cout:
-                            wpk[(((b * cin + q) * KH + i) * KW + j) * g.kr + a] = 0
-                        elif flip:
-                            wpk[(((b * cin + q) * KH + i) * KW + j) * g.kr + a] = \
-                                weight[((q * cout + o) * KH + KH - 1 - i) * KW + KW - 1 - j]
-                        else:
-                            wpk[(((b * cin + q) * KH + i) * KW + j) * g.kr + a] = \
-                                weight[((o * cin + q) * KH + i) * KW + j]
+        for a in range(kr):
+            o = b * kr + a
+            for q in range(cin):
+                col = wpk + (b * cin + q) * T * kr + a
+                if o >= cout:
+                    for t in range(T):
+                        col[t * kr] = 0
+                elif flip:
+                    taps = weight + (q * cout + o) * T + T - 1
+                    for t in range(T):
+                        col[t * kr] = taps[-t]
+                else:
+                    taps = weight + (o * cin + q) * T
+                    for t in range(T):
+                        col[t * kr] = taps[t]
     rc = _corr_f32(g, src, wpk, bias, dst, num_threads)
     free(wpk)
     return rc

@@ -60,8 +60,8 @@ cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 19
 # shares). Below that size one thread streams it faster than two start.
 cdef enum:
     SMALL_BATCH = 8
-    ROW_SPLIT_MIN = 1 << 14
-    ROW_CHUNK = 1 << 14
+    ROW_SPLIT_MIN = 1 << 16
+    ROW_CHUNK = 1 << 15
     MAX_ROW_CHUNKS = 16
 
 
