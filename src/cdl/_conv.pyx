@@ -1072,10 +1072,9 @@ cdef int _packed_corr(Corr* g, const float* weight, bint flip, const float* src,
     # the forward pass (cout=K, cin=C); flip=True the input gradient (cout=C,
     # cin=K, taps mirrored in both axes). Returns -1 when memory is missing.
     cdef Py_ssize_t KH = g.kh, KW = g.kw, cin = g.cin, cout = g.cout, T = KH * KW
-    cdef Py_ssize_t b, q, t, a, o, nb, kr
+    cdef Py_ssize_t b, q, t, a, o, nb, kv, kr
     cdef float* wpk
-    cdef float* col
-    cdef const float* taps
+    cdef float* blk
     cdef int rc
     _choose_tile(cout, g.oh, &g.kr, &g.rb)
     if cout == 1 and g.sh == 1 and (KH == 3 or KH == 5):
@@ -1086,25 +1085,25 @@ cdef int _packed_corr(Corr* g, const float* weight, bint flip, const float* src,
     wpk = <float*>malloc(nb * cin * T * kr * sizeof(float) + 64)
     if wpk == NULL:
         return -1
-    # Column a of each block gathers filter o = b*kr + a (zeros past cout); the
-    # loops read each filter's taps in order, so the gather is a transpose. With
-    # flip, tap (i, j) comes from (KH-1-i, KW-1-j): the taps reversed.
+    # Block b holds filters b*kr .. b*kr+kr-1 as [cin][kh][kw][kr] (zeros past
+    # cout): a transpose of their rows. With flip the filters are those of the
+    # input gradient, in/out channels swapped and taps reversed in both axes:
+    # the (kr x taps) block of each input channel is transposed into its rows
+    # last to first.
     for b in range(nb):
-        for a in range(kr):
-            o = b * kr + a
+        o = b * kr
+        kv = _imin(kr, cout - o)
+        blk = wpk + b * cin * T * kr
+        if flip:
             for q in range(cin):
-                col = wpk + (b * cin + q) * T * kr + a
-                if o >= cout:
-                    for t in range(T):
-                        col[t * kr] = 0
-                elif flip:
-                    taps = weight + (q * cout + o) * T + T - 1
-                    for t in range(T):
-                        col[t * kr] = taps[-t]
-                else:
-                    taps = weight + (o * cin + q) * T
-                    for t in range(T):
-                        col[t * kr] = taps[t]
+                cv_transpose(weight + (q * cout + o) * T, T, kv, T, blk + (q * T + T - 1) * kr,
+                             -kr)
+        else:
+            cv_transpose(weight + o * cin * T, cin * T, kv, cin * T, blk, kr)
+        if kv < kr:
+            for t in range(cin * T):
+                for a in range(kv, kr):
+                    blk[t * kr + a] = 0
     rc = _corr_f32(g, src, wpk, bias, dst, num_threads)
     free(wpk)
     return rc

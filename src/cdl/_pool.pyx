@@ -185,7 +185,7 @@ cdef inline void _pool_row(const floating* xrow, floating* best, int* arg, Py_ss
 
 
 # Below this many input elements a second thread costs more than it saves.
-cdef Py_ssize_t PARALLEL_MIN_ELEMENTS = 1 << 15
+cdef Py_ssize_t PARALLEL_MIN_ELEMENTS = 1 << 13
 
 
 cdef inline int _threads(Py_ssize_t work, int num_threads) noexcept nogil:

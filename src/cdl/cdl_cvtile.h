@@ -117,48 +117,62 @@ static inline int cdl_cv_rows(int v, int b) {
 #define CDL_CV_VMAX 2
 #endif
 
-/* dst[c*ld_dst + r] = src[r*ld_src + c] for r < nr, c < nc: grad_out (K x P) to
- * P x kp rows of channels, and forward results back. 8 x 8 blocks transposed
- * in AVX registers (8 loads, 24 shuffles, 8 stores for 64 floats, where
- * scalar code stores each float on its own); the edges, and builds without
- * AVX, copy floats. */
+#if defined(__AVX__)
+/* Eight rows s, s + p, ... (rows m.. of the block read as zeros) of 8 floats,
+ * transposed: column c of the block goes to d + c * kp, its first m floats. */
+static inline void cdl_cv_transpose8(const float *s, Py_ssize_t p, Py_ssize_t m, float *d,
+                                     Py_ssize_t kp) {
+    __m256 z = _mm256_setzero_ps();
+    __m256 r0v = _mm256_loadu_ps(s);
+    __m256 r1 = m > 1 ? _mm256_loadu_ps(s + p) : z, r2 = m > 2 ? _mm256_loadu_ps(s + 2 * p) : z;
+    __m256 r3 = m > 3 ? _mm256_loadu_ps(s + 3 * p) : z, r4 = m > 4 ? _mm256_loadu_ps(s + 4 * p) : z;
+    __m256 r5 = m > 5 ? _mm256_loadu_ps(s + 5 * p) : z, r6 = m > 6 ? _mm256_loadu_ps(s + 6 * p) : z;
+    __m256 r7 = m > 7 ? _mm256_loadu_ps(s + 7 * p) : z;
+    __m256 t0 = _mm256_unpacklo_ps(r0v, r1), t1 = _mm256_unpackhi_ps(r0v, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    __m256 o[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                   _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                   _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                   _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+    int c;
+    if (m == 8) {
+        for (c = 0; c < 8; c++)
+            _mm256_storeu_ps(d + c * kp, o[c]);
+    } else {
+        __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)m), lanes);
+        for (c = 0; c < 8; c++)
+            _mm256_maskstore_ps(d + c * kp, mask, o[c]);
+    }
+}
+#endif
+
+/* dst[c*ld_dst + r] = src[r*ld_src + c] for r < nr, c < nc (ld_dst may be
+ * negative): grad_out (K x P) to P x kp rows of channels, forward results back,
+ * filters into the column path's blocks. 8 x 8 blocks are transposed in AVX
+ * registers (8 loads, 24 shuffles, 8 stores for 64 floats, where scalar code
+ * stores each float on its own), the last rows of a block with masked stores;
+ * the last columns, and builds without AVX, copy floats. */
 static void cdl_cv_transpose(const float *src, Py_ssize_t ld_src, Py_ssize_t nr, Py_ssize_t nc,
                              float *dst, Py_ssize_t ld_dst) {
-    Py_ssize_t r0 = 0, c, r;
+    Py_ssize_t c = 0, r, r0;
 #if defined(__AVX__)
-    for (; r0 + 8 <= nr; r0 += 8) {
-        for (c = 0; c + 8 <= nc; c += 8) {
-            const float *s = src + r0 * ld_src + c;
-            float *d = dst + c * ld_dst + r0;
-            Py_ssize_t p = ld_src, kp = ld_dst;
-            __m256 r0v = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + p);
-            __m256 r2 = _mm256_loadu_ps(s + 2 * p), r3 = _mm256_loadu_ps(s + 3 * p);
-            __m256 r4 = _mm256_loadu_ps(s + 4 * p), r5 = _mm256_loadu_ps(s + 5 * p);
-            __m256 r6 = _mm256_loadu_ps(s + 6 * p), r7 = _mm256_loadu_ps(s + 7 * p);
-            __m256 t0 = _mm256_unpacklo_ps(r0v, r1), t1 = _mm256_unpackhi_ps(r0v, r1);
-            __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-            __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-            __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-            __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-            __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-            __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-            __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-            _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
-            _mm256_storeu_ps(d + kp, _mm256_permute2f128_ps(u1, u5, 0x20));
-            _mm256_storeu_ps(d + 2 * kp, _mm256_permute2f128_ps(u2, u6, 0x20));
-            _mm256_storeu_ps(d + 3 * kp, _mm256_permute2f128_ps(u3, u7, 0x20));
-            _mm256_storeu_ps(d + 4 * kp, _mm256_permute2f128_ps(u0, u4, 0x31));
-            _mm256_storeu_ps(d + 5 * kp, _mm256_permute2f128_ps(u1, u5, 0x31));
-            _mm256_storeu_ps(d + 6 * kp, _mm256_permute2f128_ps(u2, u6, 0x31));
-            _mm256_storeu_ps(d + 7 * kp, _mm256_permute2f128_ps(u3, u7, 0x31));
-        }
-        for (; c < nc; c++)
-            for (r = r0; r < r0 + 8; r++)
-                dst[c * ld_dst + r] = src[r * ld_src + c];
+    for (r0 = 0; r0 < nr; r0 += 8) {
+        Py_ssize_t m = nr - r0 < 8 ? nr - r0 : 8;
+        for (c = 0; c + 8 <= nc; c += 8)
+            cdl_cv_transpose8(src + r0 * ld_src + c, ld_src, m, dst + c * ld_dst + r0, ld_dst);
     }
+    if (nr == 0)
+        c = nc;
 #endif
-    for (c = 0; c < nc; c++)
-        for (r = r0; r < nr; r++)
+    for (; c < nc; c++)
+        for (r = 0; r < nr; r++)
             dst[c * ld_dst + r] = src[r * ld_src + c];
 }
 
