@@ -201,7 +201,7 @@ cdef void _forward_tile(const floating* x, const floating* weight, const floatin
                     out[i * fout + j] = 0
         return
     if floating is float:
-        if dot:
+        if dot or (mr == 1 and VF >= 8):
             sdot_nt(mr, nc, fin, x + r0 * fin, fin, weight + c0 * fin, fin,
                     out + r0 * fout + c0, fout, has_bias)
             return
@@ -289,6 +289,59 @@ cdef void _wgrad_tile(const floating* grad_out, const floating* x, const floatin
                 grad_weight[i * fin + j] += two_l2 * weight[i * fin + j]
 
 
+cdef inline void _outer_rows(const floating* g, const floating* x, const floating* weight,
+                             floating* grad_weight, Py_ssize_t fin, Py_ssize_t r0,
+                             Py_ssize_t r1, floating two_l2) noexcept nogil:
+    """grad_weight[i] = g[i] * x (+ 2*l2*W[i]) for rows r0 <= i < r1."""
+    cdef Py_ssize_t i, j
+    cdef floating gi
+    cdef floating* dw
+    cdef const floating* w
+    for i in range(r0, r1):
+        gi = g[i]
+        dw = grad_weight + i * fin
+        if two_l2 != 0:
+            w = weight + i * fin
+            for j in range(fin):
+                dw[j] = gi * x[j] + two_l2 * w[j]
+        else:
+            for j in range(fin):
+                dw[j] = gi * x[j]
+
+
+cdef void _backward_one(const floating* g, const floating* x, const floating* weight,
+                        floating* grad_input, floating* grad_weight, floating* grad_bias,
+                        Py_ssize_t fin, Py_ssize_t fout, floating two_l2,
+                        int num_threads) noexcept nogil:
+    """A batch of one: the weight gradient is the outer product g x^T, the input
+    gradient sum_i g[i] W[i] (rows added in order). One pass over the rows of W
+    does both, where a GEMM would pack its operands and a GEMV read W again.
+    A weight in row chunks gets its rows from the chunks' threads (as the forward
+    and SGD), and the input gradient after them."""
+    cdef Py_ssize_t i, j, t, rows = _row_chunk(fout, fin)
+    cdef floating gi
+    cdef const floating* w
+    if grad_bias != NULL:
+        for i in range(fout):
+            grad_bias[i] = g[i]
+    if rows < fout:
+        for t in prange((fout + rows - 1) // rows, schedule="static", chunksize=1,
+                        num_threads=num_threads):
+            _outer_rows(g, x, weight, grad_weight, fin, t * rows, min(fout, t * rows + rows),
+                        two_l2)
+    if grad_input != NULL:
+        for j in range(fin):
+            grad_input[j] = 0
+    for i in range(fout):
+        gi = g[i]
+        w = weight + i * fin
+        if rows == fout:
+            _outer_rows(g, x, weight, grad_weight, fin, i, i + 1, two_l2)
+        if grad_input != NULL:
+            for j in range(fin):
+                grad_input[j] += gi * w[j]
+
+
 cdef int _linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
                           const floating[:, ::1] weight, floating[:, ::1] grad_input,
                           floating[:, ::1] grad_weight, floating[::1] grad_bias,
@@ -305,6 +358,13 @@ cdef int _linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1
     cdef const floating* wp
     cdef floating* dwp
     ensure_single_threaded_blas()
+    cdef floating* dxp = &grad_input[0, 0] if grad_input is not None else NULL
+    cdef floating* dbp = &grad_bias[0] if grad_bias is not None else NULL
+    if n == 1 and fin > 0 and fout > 0:
+        with nogil:
+            _backward_one(&grad_out[0, 0], &x[0, 0], &weight[0, 0], dxp, &grad_weight[0, 0],
+                          dbp, fin, fout, two_l2, num_threads)
+        return 0
 
     if grad_input is not None and n > 0 and fin > 0:
         _tiling(n, fin, fout, &tm, &tn)
