@@ -686,9 +686,10 @@ cdef void _cv_wtiles(CV* g) noexcept nogil:
 
 cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize_t* poff,
                     float* part, Py_ssize_t psize, bint bias, Py_ssize_t it, float* xs,
-                    float* gt) noexcept nogil:
+                    float* gt, Py_ssize_t* gt_image) noexcept nogil:
     # Item = (chunk of images, group of pair tiles): adds every image of the
-    # chunk, in order, into part[chunk][rows of the group][kp].
+    # chunk, in order, into part[chunk][rows of the group][kp]. gt_image: the
+    # image whose transposed grad_out this thread's gt holds (-1: none).
     cdef Py_ssize_t ci = it // g.ngroups, gi = it % g.ngroups
     cdef Py_ssize_t n_lo = ci * g.nbk, n_hi = _imin(g.n, n_lo + g.nbk)
     cdef Py_ssize_t t_lo = gi * g.gsz, t_hi = _imin(g.ntiles, t_lo + g.gsz)
@@ -717,12 +718,15 @@ cdef void _cv_witem(const CV* g, const float* go, const float* x, const Py_ssize
                 memset(xs + c_lo * g.rs * g.qs, 0, (c_hi - c_lo) * g.rs * g.qs * sizeof(float))
             _copy_inside(x + (n * g.c + c_lo) * g.h * g.w, c_hi - c_lo, g.h, g.w, g.ph, g.pw,
                          g.rs, g.qs, xs + c_lo * g.rs * g.qs)
-        # grad_out[n] (K x P) transposed to P x kp, channels past K zero.
-        cv_transpose(go + n * g.k * P, P, g.k, P, gt, kp)
-        if kp > g.k:
-            for q in range(P):
-                for k in range(g.k, kp):
-                    gt[q * kp + k] = 0
+        # grad_out[n] (K x P) transposed to P x kp, channels past K zero; once
+        # per thread for a batch of one, whose groups all need the same image.
+        if gt_image[0] != n:
+            cv_transpose(go + n * g.k * P, P, g.k, P, gt, kp)
+            if kp > g.k:
+                for q in range(P):
+                    for k in range(g.k, kp):
+                        gt[q * kp + k] = 0
+            gt_image[0] = n
         if bias:
             # Up to 4 vectors of channels summed over positions in registers.
             k = 0
@@ -766,6 +770,7 @@ cdef int _cv_wgrad(CV* g, const float* go, const float* x, float* gw, float* gb,
     cdef float* buf
     cdef float* part
     cdef Py_ssize_t* poff
+    cdef Py_ssize_t* gt_image
     cdef void* mem
     _cv_setup(g)
     # Without padding every tap the tiles read lies inside the image: they
@@ -788,12 +793,17 @@ cdef int _cv_wgrad(CV* g, const float* go, const float* x, float* gw, float* gb,
     psize = g.ppad * g.kw * g.kp
     # Per chunk: the partial weight gradient, then kp partial bias sums.
     psize = psize + (_align16(g.kp) if gb != NULL else 0)
-    mem = malloc((nt * per + g.nchunks * psize) * sizeof(float) + g.ppad * sizeof(Py_ssize_t) + 128)
+    mem = malloc((nt * per + g.nchunks * psize) * sizeof(float) + g.ppad * sizeof(Py_ssize_t)
+                 + nt * 64 + 128)
     if mem == NULL:
         return -1
     buf = _aligned(mem)
     part = buf + nt * per
     poff = <Py_ssize_t*>(part + g.nchunks * psize)
+    # One cache line per thread for its gt_image marker (no false sharing).
+    gt_image = poff + g.ppad + 8 - g.ppad % 8
+    for tid in range(nt):
+        gt_image[tid * 8] = -1
     # poff[(c, i)]: kernel row i of channel c for output position 0. Padding
     # pairs repeat the last real one (staged by the same item, so they read
     # real numbers); their sums are never stored.
@@ -804,7 +814,7 @@ cdef int _cv_wgrad(CV* g, const float* go, const float* x, float* gw, float* gb,
     for it in prange(items, schedule="dynamic", num_threads=nt):
         tid = omp_get_thread_num()
         _cv_witem(g, go, x, poff, part, psize, gb != NULL, it, buf + tid * per,
-                  buf + tid * per + g.xs_size)
+                  buf + tid * per + g.xs_size, gt_image + tid * 8)
     # Chunks added in order (the same for any thread count); rows r = (c, i, j)
     # transposed back to (K, C, KH, KW).
     for ci in range(1, g.nchunks):
@@ -917,10 +927,11 @@ cdef bint _use_cv(CV* g, bint forward) noexcept nogil:
     # useful lanes: column vectors use ow of each whole number of vectors per
     # row; channel vectors K of kp and the real pairs or positions of the
     # padded tiles. Measured (1 thread, AVX-512 and AVX2): the weight gradient
-    # on channel vectors wins ties (CIFAR 16x16 3x3 C32->K64: ~1.5x) and, with
-    # 16 registers, also at 80% of the column vectors' useful lanes (AVX2:
-    # C3->K32 32x32 1.1x, C16->K12 30x30 1.15x; on AVX-512 these lose, 0.8-1x);
-    # the forward pass loses ties (0.6-1x), so it needs strictly more.
+    # on channel vectors wins ties (CIFAR 16x16 3x3 C32->K64: ~1.5x) and also
+    # at 75% of the column vectors' useful lanes (C3->K32 32x32, at 75%: AVX2
+    # 1.1x; AVX-512, since grad_out is transposed once per thread, 1.1x at
+    # batch 64 and 1.3x at batch 1; AVX2 C16->K12 30x30 1.15x); the forward
+    # pass loses ties (0.6-1x), so it needs strictly more.
     cdef double eff_old, eff_new
     if _cv_mode == 1 and g.sw == 1:
         return False
@@ -936,7 +947,7 @@ cdef bint _use_cv(CV* g, bint forward) noexcept nogil:
         return eff_new > eff_old
     _cv_wtiles(g)
     eff_new = (<double>g.k / g.kp) * (g.c * g.kh) / g.ppad
-    return eff_new >= (eff_old if VREGS >= 32 else 0.8 * eff_old)
+    return eff_new >= 0.75 * eff_old
 
 
 cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bias,
