@@ -854,11 +854,12 @@ cdef void _cv_ftiles(CV* g) noexcept nogil:
 
 cdef void _cv_fitem(const CV* g, const float* x, const float* wt, const float* bias,
                     const Py_ssize_t* roff, float* out, Py_ssize_t it, float* xs,
-                    float* tb, float* yb) noexcept nogil:
+                    float* tb, float* yb, Py_ssize_t* staged) noexcept nogil:
     # Item = (image, group of position tiles). Stride 1: tile = A output rows x
     # B adjacent columns; otherwise A positions in row-major order (B = 1).
     # With yb (items of whole images) the tiles' vectors are gathered there as
     # P x kp and transposed once; otherwise each output is stored on its own.
+    # staged: the image this thread's xs holds (-1: none yet, borders not written).
     cdef Py_ssize_t n = it // g.ngroups, gi = it % g.ngroups
     cdef Py_ssize_t t_lo = gi * g.gsz, t_hi = _imin(g.ntiles, t_lo + g.gsz)
     cdef Py_ssize_t t, a, b, q, kb, k, kk, y0, x0, oy, ox, vw = g.v * VF
@@ -870,7 +871,10 @@ cdef void _cv_fitem(const CV* g, const float* x, const float* wt, const float* b
     cdef float bk
     if t_lo >= t_hi:
         return
-    _stage(x + n * g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, g.rs, g.qs, xs)
+    if staged[0] != n:
+        _stage(x + n * g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, g.rs, g.qs, xs,
+               staged[0] < 0)
+        staged[0] = n
     for t in range(t_lo, t_hi):
         if B > 1 or g.sw == 1:
             y0 = (t // g.tx) * A
@@ -957,6 +961,7 @@ cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bi
     cdef float* buf
     cdef float* wt
     cdef Py_ssize_t* roff
+    cdef Py_ssize_t* staged
     cdef void* mem
     _cv_setup(g)
     g.direct = False
@@ -968,12 +973,17 @@ cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bi
     tbs = _align16(g.a * g.b * g.v * VF)
     ybs = _align16(g.p * g.kp) if g.ngroups == 1 and g.p * g.kp <= (1 << 20) else 0
     per = g.xs_size + tbs + ybs
-    mem = malloc((nt * per + g.rows * g.kp) * sizeof(float) + g.rows * sizeof(Py_ssize_t) + 128)
+    mem = malloc((nt * per + g.rows * g.kp) * sizeof(float) + g.rows * sizeof(Py_ssize_t)
+                 + nt * 64 + 128)
     if mem == NULL:
         return -1
     buf = _aligned(mem)
     wt = buf + nt * per
     roff = <Py_ssize_t*>(wt + g.rows * g.kp)
+    # One cache line per thread for its `staged` marker (no false sharing).
+    staged = roff + g.rows + 8 - g.rows % 8
+    for it in range(nt):
+        staged[it * 8] = -1
     for it in range(nt):
         memset(buf + it * per + g.c * g.rs * g.qs, 0, (g.xs_size - g.c * g.rs * g.qs) * sizeof(float))
     # roff[(c, i, j)]: tap (c, i, j) of output position 0 in the staged image;
@@ -990,7 +1000,7 @@ cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bi
     for it in prange(items, schedule="dynamic", num_threads=nt):
         tid = omp_get_thread_num()
         _cv_fitem(g, x, wt, bias, roff, out, it, buf + tid * per, buf + tid * per + g.xs_size,
-                  buf + tid * per + g.xs_size + tbs if ybs > 0 else NULL)
+                  buf + tid * per + g.xs_size + tbs if ybs > 0 else NULL, staged + tid * 8)
     free(mem)
     return 0
 
