@@ -70,6 +70,9 @@ CASES = [random_case(np.random.default_rng(seed)) for seed in range(60)] + [
     # 2x2 on small planes (packed path) and on tall planes with short rows
     ((2, 2, 29, 31), (2, 2), (2, 2), (0, 0)),
     ((1, 1, 301, 21), (2, 2), (2, 2), (0, 0)),
+    # 2x2 in vectors of 16 outputs: two whole vectors, one whole and an odd column
+    ((1, 2, 10, 64), (2, 2), (2, 2), (0, 0)),
+    ((2, 1, 7, 33), (2, 2), (2, 2), (0, 0)),
 ]
 
 
@@ -276,3 +279,34 @@ def test_matches_torch_if_available():
         ty, ti = torch.nn.functional.max_pool2d(torch.from_numpy(x), k, s, p, return_indices=True)
         np.testing.assert_array_equal(y, ty.numpy())
         np.testing.assert_array_equal(idx, ti.numpy())
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_relu_pool_2x2_agrees_with_the_baseline_build(isa):
+    """The vector 2x2 kernels (AVX-512 build) against the portable build's, bit for
+    bit, with NaN, signed zeros, ties and all-negative windows."""
+    supported = _runtime.cpu_supports()
+    if isa not in supported:
+        pytest.skip(f"CPU lacks {isa}")
+    fast, base = (importlib.import_module(f"cdl._pool_{i}") for i in (isa, "baseline"))
+    rng = np.random.default_rng(9)
+    for shape in [(2, 3, 28, 28), (1, 2, 10, 64), (2, 1, 7, 33), (1, 1, 2, 2), (1, 1, 5, 3)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        x.flat[::5] = 0.0
+        x.flat[::7] = -0.0
+        x.flat[::13] = np.nan
+        x.flat[1::9] = x.flat[0]                     # ties
+        x[:, :, :2, :2] = -1.0                       # an all-negative window
+        oshape = shape[:2] + (shape[2] // 2, shape[3] // 2)
+        g = rng.standard_normal(oshape).astype(np.float32)
+        results = []
+        for mod in (fast, base):
+            y, idx = np.empty(oshape, np.float32), np.empty(oshape, np.int32)
+            yr, ir = np.empty(oshape, np.float32), np.empty(oshape, np.int32)
+            mod.max_pool2d_forward(x, y, idx, 2, 2, 2, 2, 0, 0, 1)
+            mod.max_pool2d_relu_forward(x, yr, ir, 1)
+            dx, dxr = np.full_like(x, 7.0), np.full_like(x, 7.0)
+            bad = mod.max_pool2d_backward(g, idx, dx, 2, 2, 2, 2, 0, 0, 1)
+            bad_r = mod.max_pool2d_relu_backward(g, yr, ir, dxr, 1)
+            results.append([a.tobytes() for a in (y, idx, yr, ir, dx, dxr)] + [bad, bad_r])
+        assert results[0] == results[1], shape

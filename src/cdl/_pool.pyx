@@ -175,6 +175,14 @@ cdef extern from *:
     Py_ssize_t cdl_pool2_bwd_d(const double* g, const int* ind, double* d0, double* d1,
                                Py_ssize_t ow_n, int base, int w) noexcept nogil
 
+cdef extern from "cdl_pool2x2.h" nogil:
+    const bint POOL2_VEC "CDL_POOL2_VEC"
+    void pool2_plane_fwd "cdl_pool2_plane_fwd"(const float* x, float* y, int* ind, Py_ssize_t W,
+                                                Py_ssize_t OH, Py_ssize_t OW, int relu)
+    Py_ssize_t pool2_plane_bwd "cdl_pool2_plane_bwd"(const float* g, const int* ind,
+                                                      const float* yrelu, float* dx, Py_ssize_t H,
+                                                      Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW)
+
 
 cdef inline void _pool_row(const floating* xrow, floating* best, int* arg, Py_ssize_t n,
                            Py_ssize_t sw, int idx0) noexcept nogil:
@@ -198,6 +206,11 @@ cdef void _forward_2x2(const floating* x, floating* y, int* ind,
                        Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
                        Py_ssize_t OW) noexcept nogil:
     cdef Py_ssize_t oh
+    if floating is float and POOL2_VEC and OW < 16:
+        # Short rows: the row kernel below is all remainder there. On rows of 16
+        # or more outputs it measured 10-15% faster than the vector kernel.
+        pool2_plane_fwd(x, y, ind, W, OH, OW, False)
+        return
     if OW < 16 and 2 * OH * OW <= CDL_POOL2_SMALL:
         if floating is float:
             cdl_pool2_fwd_small_f(x, y, ind, W, OH, OW)
@@ -314,6 +327,8 @@ cdef Py_ssize_t _backward_2x2(const floating* g, const int* ind, floating* dx,
     cdef floating* d0
     cdef floating* d1
     cdef Py_ssize_t matched = 0
+    if floating is float and POOL2_VEC:
+        return OH * OW - pool2_plane_bwd(g, ind, NULL, dx, H, W, OH, OW)
     if OW < 16 and 2 * OH * OW <= CDL_POOL2_SMALL:
         if floating is float:
             matched = cdl_pool2_bwd_small_f(g, ind, dx, H, W, OH, OW)
@@ -487,6 +502,11 @@ cdef int _max_pool2d_relu_forward(const floating[:, :, :, ::1] x, floating[:, :,
         raise MemoryError()
     with nogil:
         for p in prange(planes, schedule="static", num_threads=nt):
+            if floating is float and POOL2_VEC:
+                # Rectified in registers, no copy.
+                pool2_plane_fwd(xp + p * H * W, yp + p * OH * OW, ip + p * OH * OW, W, OH, OW,
+                                True)
+                continue
             tid = omp_get_thread_num()
             _relu_copy(xp + p * H * W, buf + tid * per, H * W)
             _forward_2x2(buf + tid * per, yp + p * OH * OW, ip + p * OH * OW, H, W, OH, OW)
@@ -531,6 +551,10 @@ cdef Py_ssize_t _max_pool2d_relu_backward(const floating[:, :, :, ::1] grad_out,
         raise MemoryError()
     with nogil:
         for p in prange(planes, schedule="static", num_threads=nt):
+            if floating is float and POOL2_VEC:
+                bad += OH * OW - pool2_plane_bwd(gp + p * OH * OW, ip + p * OH * OW,
+                                                 yp + p * OH * OW, dp + p * H * W, H, W, OH, OW)
+                continue
             gm = buf + omp_get_thread_num() * per
             for o in range(OH * OW):
                 gv = gp[p * OH * OW + o]        # both loads unconditional: a blend, no branch

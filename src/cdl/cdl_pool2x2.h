@@ -1,0 +1,150 @@
+/* 2x2 stride-2 max pooling of one float plane in AVX-512 registers, optionally of
+ * max(0, x) (ReLU's rule: v <= 0 gives 0, NaN passes), and its gradient.
+ *
+ * Sixteen outputs of a row at a time: the two input rows' 32 cells are loaded
+ * (masked at the row's end), split into even and odd columns with two permutes,
+ * and the window is reduced in the scalar kernels' order (top-left, top-right,
+ * bottom-left, bottom-right; a later cell wins if it is greater or NaN), so
+ * values and indices are bit for bit those of cdl_pool2_fwd_f. The scalar
+ * kernels spent most of their time on short rows (LeNet's 28 and 10 columns).
+ * CDL_POOL2_VEC is 0 in builds without AVX-512; the callers use the scalar
+ * kernels there. */
+#ifndef CDL_POOL2X2_H
+#define CDL_POOL2X2_H
+#include <stddef.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define CDL_POOL2_VEC 1
+
+static inline __m512 cdl_p2_relu(__m512 v) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LE_OQ), v,
+                                _mm512_setzero_ps());
+}
+
+/* A later cell v replaces best where v > best or v is NaN. */
+static inline __mmask16 cdl_p2_takes(__m512 v, __m512 best) {
+    return _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+}
+
+static void cdl_pool2_plane_fwd(const float *x, float *y, int *ind, Py_ssize_t W,
+                                Py_ssize_t OH, Py_ssize_t OW, int relu) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                           28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    Py_ssize_t oh, j;
+    for (oh = 0; oh < OH; oh++) {
+        const float *r0 = x + 2 * oh * W, *r1 = r0 + W;
+        for (j = 0; j < OW; j += 16) {
+            Py_ssize_t n = OW - j < 16 ? OW - j : 16;
+            __mmask32 cells = (__mmask32)(n == 16 ? 0xFFFFFFFFu : ((1u << (2 * n)) - 1u));
+            __mmask16 lo = (__mmask16)cells, hi = (__mmask16)(cells >> 16);
+            __mmask16 out = (__mmask16)((1u << n) - 1u);
+            __m512 a0 = _mm512_maskz_loadu_ps(lo, r0 + 2 * j);
+            __m512 a1 = _mm512_maskz_loadu_ps(hi, r0 + 2 * j + 16);
+            __m512 b0 = _mm512_maskz_loadu_ps(lo, r1 + 2 * j);
+            __m512 b1 = _mm512_maskz_loadu_ps(hi, r1 + 2 * j + 16);
+            __m512 best = _mm512_permutex2var_ps(a0, even, a1);
+            __m512 v;
+            __m512i k = _mm512_setzero_si512();
+            __mmask16 t;
+            if (relu)
+                best = cdl_p2_relu(best);
+            v = _mm512_permutex2var_ps(a0, odd, a1);
+            if (relu)
+                v = cdl_p2_relu(v);
+            t = cdl_p2_takes(v, best);
+            best = _mm512_mask_blend_ps(t, best, v);
+            k = _mm512_mask_blend_epi32(t, k, _mm512_set1_epi32(1));
+            v = _mm512_permutex2var_ps(b0, even, b1);
+            if (relu)
+                v = cdl_p2_relu(v);
+            t = cdl_p2_takes(v, best);
+            best = _mm512_mask_blend_ps(t, best, v);
+            k = _mm512_mask_blend_epi32(t, k, _mm512_set1_epi32((int)W));
+            v = _mm512_permutex2var_ps(b0, odd, b1);
+            if (relu)
+                v = cdl_p2_relu(v);
+            t = cdl_p2_takes(v, best);
+            best = _mm512_mask_blend_ps(t, best, v);
+            k = _mm512_mask_blend_epi32(t, k, _mm512_set1_epi32((int)W + 1));
+            /* index = 2*oh*W + 2*(j + lane) + k */
+            k = _mm512_add_epi32(k, _mm512_add_epi32(even, _mm512_set1_epi32(
+                    (int)(2 * oh * W + 2 * j))));
+            _mm512_mask_storeu_ps(y + oh * OW + j, out, best);
+            _mm512_mask_storeu_epi32(ind + oh * OW + j, out, k);
+        }
+    }
+}
+
+/* dx of the plane (every cell written): each cell gets the gradient of its
+ * window if it is that window's argmax, else 0; with yrelu (the pooled output of
+ * the fused ReLU + pool) the gradient is first zeroed where yrelu <= 0. Returns
+ * how many indices matched a cell of their own window. */
+static Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, const float *yrelu,
+                                      float *dx, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                                      Py_ssize_t OW) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                           28, 30);
+    /* Interleave two 16-vectors p, q as p0 q0 p1 q1 ...: low and high halves. */
+    const __m512i ilo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i ihi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30,
+                                          15, 31);
+    const __m512 zero = _mm512_setzero_ps();
+    Py_ssize_t oh, j, h, w, matched = 0;
+    for (oh = 0; oh < OH; oh++) {
+        float *d0 = dx + 2 * oh * W, *d1 = d0 + W;
+        for (j = 0; j < OW; j += 16) {
+            Py_ssize_t n = OW - j < 16 ? OW - j : 16;
+            __mmask32 cells = (__mmask32)(n == 16 ? 0xFFFFFFFFu : ((1u << (2 * n)) - 1u));
+            __mmask16 lo = (__mmask16)cells, hi = (__mmask16)(cells >> 16);
+            __mmask16 out = (__mmask16)((1u << n) - 1u);
+            __m512 gv = _mm512_maskz_loadu_ps(out, g + oh * OW + j);
+            __m512i rel = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(out, ind + oh * OW + j),
+                                           _mm512_add_epi32(even, _mm512_set1_epi32(
+                                               (int)(2 * oh * W + 2 * j))));
+            __mmask16 m0 = _mm512_mask_cmpeq_epi32_mask(out, rel, _mm512_setzero_si512());
+            __mmask16 m1 = _mm512_mask_cmpeq_epi32_mask(out, rel, _mm512_set1_epi32(1));
+            __mmask16 m2 = _mm512_mask_cmpeq_epi32_mask(out, rel, _mm512_set1_epi32((int)W));
+            __mmask16 m3 = _mm512_mask_cmpeq_epi32_mask(out, rel, _mm512_set1_epi32((int)W + 1));
+            __m512 p, q;
+            if (yrelu) {
+                __m512 yv = _mm512_maskz_loadu_ps(out, yrelu + oh * OW + j);
+                gv = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(yv, zero, _CMP_LE_OQ), gv, zero);
+            }
+            matched += _mm_popcnt_u32((unsigned)m0) + _mm_popcnt_u32((unsigned)m1)
+                     + _mm_popcnt_u32((unsigned)m2) + _mm_popcnt_u32((unsigned)m3);
+            p = _mm512_maskz_mov_ps(m0, gv);
+            q = _mm512_maskz_mov_ps(m1, gv);
+            _mm512_mask_storeu_ps(d0 + 2 * j, lo, _mm512_permutex2var_ps(p, ilo, q));
+            _mm512_mask_storeu_ps(d0 + 2 * j + 16, hi, _mm512_permutex2var_ps(p, ihi, q));
+            p = _mm512_maskz_mov_ps(m2, gv);
+            q = _mm512_maskz_mov_ps(m3, gv);
+            _mm512_mask_storeu_ps(d1 + 2 * j, lo, _mm512_permutex2var_ps(p, ilo, q));
+            _mm512_mask_storeu_ps(d1 + 2 * j + 16, hi, _mm512_permutex2var_ps(p, ihi, q));
+        }
+        for (w = 2 * OW; w < W; w++) {   /* odd width: the last column is in no window */
+            d0[w] = 0;
+            d1[w] = 0;
+        }
+    }
+    for (h = 2 * OH; h < H; h++)          /* odd height: the last row is in no window */
+        for (w = 0; w < W; w++)
+            dx[h * W + w] = 0;
+    return matched;
+}
+
+#else
+#define CDL_POOL2_VEC 0
+static inline void cdl_pool2_plane_fwd(const float *x, float *y, int *ind, Py_ssize_t W,
+                                       Py_ssize_t OH, Py_ssize_t OW, int relu) {
+    (void)x; (void)y; (void)ind; (void)W; (void)OH; (void)OW; (void)relu;
+}
+static inline Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, const float *yrelu,
+                                             float *dx, Py_ssize_t H, Py_ssize_t W,
+                                             Py_ssize_t OH, Py_ssize_t OW) {
+    (void)g; (void)ind; (void)yrelu; (void)dx; (void)H; (void)W; (void)OH; (void)OW;
+    return 0;
+}
+#endif
+#endif
