@@ -133,3 +133,30 @@ def test_plan_skips_update_on_nan_loss():
     assert np.isnan(value) and model._plans
     for k, w in model.get_weights().items():
         assert w.tobytes() == before[k].tobytes()
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_predict_plan_matches_layer_by_layer_bitwise(net):
+    build, shape, _ = NETS[net]
+    planned = cdl.Sequential(build(), shape, seed=4)
+    layered = cdl.Sequential(build(), shape, seed=4)
+    layered._use_plans = False
+    rng = np.random.default_rng(2)
+    for n, bs in ((1, None), (7, 3), (20, 8), (5, None)):
+        x = rng.standard_normal((n,) + shape).astype(np.float32)
+        a, b = planned.predict(x, batch_size=bs), layered.predict(x, batch_size=bs)
+        assert a.tobytes() == b.tobytes(), (n, bs)
+    assert len(planned._local.plans) == 2          # the last two batch sizes, this thread
+    # predict keeps no state for backward, and a training step is unaffected by it.
+    assert all(layer._last is None for layer in planned.layers)
+
+
+def test_predict_plan_large_batches_are_not_kept():
+    model = cdl.Sequential(cnn(), (2, 8, 8), seed=0)
+    per_sample = model._act_per_sample * 4
+    n = (4 << 20) // per_sample + 1                 # buffers just over the 4 MB kept
+    x = np.random.default_rng(0).standard_normal((n, 2, 8, 8)).astype(np.float32)
+    ref = cdl.Sequential(cnn(), (2, 8, 8), seed=0)
+    ref._use_plans = False
+    assert model.predict(x, batch_size=n).tobytes() == ref.predict(x, batch_size=n).tobytes()
+    assert getattr(model._local, "plans", []) == []

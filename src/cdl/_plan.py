@@ -24,29 +24,33 @@ _LOSS_KINDS = {SoftmaxCrossEntropy: "softmax_cross_entropy", MulticlassSVM: "mul
 _ACTIVATIONS = {ReLU: "relu", Sigmoid: "sigmoid"}
 
 
-def supported(model, loss):
-    """Whether ``model`` trained with ``loss`` can run through a plan."""
-    return (model.dtype == np.float32 and type(loss) in _LOSS_KINDS
+def supported(model, loss=None):
+    """Whether ``model`` (trained with ``loss``, if given) can run through a plan."""
+    return (model.dtype == np.float32 and (loss is None or type(loss) in _LOSS_KINDS)
             and all(type(layer) in (Linear, Conv2d, MaxPool2d, ReLU, Sigmoid, Flatten)
                     for layer in model.layers))
 
 
-class TrainPlan:
-    """Forward, loss and backward of ``model`` for batch size ``n`` with ``loss``."""
+class ForwardPlan:
+    """The forward passes of ``model`` for batch size ``n``, as bound calls.
 
-    def __init__(self, model, n, loss):
-        self.n, self.loss = n, loss
-        self._binders = []      # op.bind_input of every op that reads the model's input
+    ``workspace(layer)`` gives each layer's buffers: the layer's own training
+    workspace (TrainPlan) or fresh inference buffers (predict's plans, one set
+    per thread). ``run(x, nt)`` returns the output buffer.
+    """
+
+    def __init__(self, model, n, workspace=None):
+        self.n = n
+        self._binders = []      # (op.bind_input, shape) of every op that reads the input
         self._forward = []      # run(num_threads)
-        self._backward = []     # (run, takes_l2)
         self._pools = []        # (layer, indices): MaxPool2d.indices after each step
-        self._last = []         # (layer, ws): each layer's state for a later backward
+        self._last = []         # (layer, ws, reads the input, input): state for backward
+        self._saved = {}        # pass index -> (its input array, whether it is the model's)
         self._input = np.zeros((n,) + model.input_shape, np.float32)
         h, from_input = self._input, True
-        saved = {}              # pass index -> (input array, whether it is the model's input)
         for i, layer, fused in model._passes:
-            ws = layer._workspace(n)
-            saved[i] = (h, from_input)
+            ws = layer._alloc(n, False) if workspace is None else workspace(layer)
+            self._saved[i] = (h, from_input)
             if isinstance(layer, Flatten):
                 out = h.reshape(n, -1)
             else:
@@ -61,34 +65,8 @@ class TrainPlan:
             if fused:
                 self._last.append((model.layers[i - 1], None, False, None))
             h, from_input = out, from_input and isinstance(layer, Flatten)
+        self.output = h
 
-        kind = _LOSS_KINDS[type(loss)]
-        scores = h
-        self.grad, sample = loss._buffers(scores.shape, scores.dtype)
-        scale = 1.0 / n if loss.reduction == "mean" else 1.0
-        self._loss = _kl.LossForward(kind, scores, self.grad, sample, scale,
-                                     getattr(loss, "margin", 0.0))
-
-        g, stop = self.grad, model._first_trained
-        for i, layer, fused in reversed(model._passes):
-            if i < stop:
-                break
-            x, x_is_input = saved[i]
-            ws = layer._ws[n]
-            need_dx = i > stop
-            if isinstance(layer, Flatten):
-                g = g.reshape(x.shape)
-                continue
-            op, takes_l2 = self._backward_op(layer, fused, g, x, ws, need_dx)
-            if op is None:
-                g = None
-                continue
-            if x_is_input and hasattr(op, "bind_input"):
-                self._binders.append((op.bind_input, x.shape))
-            self._backward.append((op.run, takes_l2))
-            g = ws.get("dx") if need_dx or fused else None
-
-    # -- building --------------------------------------------------------------------
     @staticmethod
     def _forward_op(layer, fused, x, ws):
         """(bound call, the array it reads as input)."""
@@ -105,6 +83,49 @@ class TrainPlan:
                                         layer.stride, layer.padding), x
         flat = x.reshape(-1)
         return _ew.ActivationForward(_ACTIVATIONS[type(layer)], flat, ws["out_flat"]), flat
+
+    def run(self, x, nt):
+        """The output of the forward passes on x (N, *input_shape, float32, C order)."""
+        for bind, shape in self._binders:
+            bind(x if x.shape == shape else x.reshape(shape))
+        for run in self._forward:
+            run(nt)
+        return self.output
+
+
+class TrainPlan(ForwardPlan):
+    """Forward, loss and backward of ``model`` for batch size ``n`` with ``loss``, on
+    the layers' own workspaces (so layer state after a step is as layer by layer)."""
+
+    def __init__(self, model, n, loss):
+        super().__init__(model, n, lambda layer: layer._workspace(n))
+        self.loss = loss
+        self._backward = []     # (run, takes_l2)
+        kind = _LOSS_KINDS[type(loss)]
+        scores = self.output
+        self.grad, sample = loss._buffers(scores.shape, scores.dtype)
+        scale = 1.0 / n if loss.reduction == "mean" else 1.0
+        self._loss = _kl.LossForward(kind, scores, self.grad, sample, scale,
+                                     getattr(loss, "margin", 0.0))
+
+        g, stop = self.grad, model._first_trained
+        for i, layer, fused in reversed(model._passes):
+            if i < stop:
+                break
+            x, x_is_input = self._saved[i]
+            ws = layer._ws[n]
+            need_dx = i > stop
+            if isinstance(layer, Flatten):
+                g = g.reshape(x.shape)
+                continue
+            op, takes_l2 = self._backward_op(layer, fused, g, x, ws, need_dx)
+            if op is None:
+                g = None
+                continue
+            if x_is_input and hasattr(op, "bind_input"):
+                self._binders.append((op.bind_input, x.shape))
+            self._backward.append((op.run, takes_l2))
+            g = ws.get("dx") if need_dx or fused else None
 
     @staticmethod
     def _backward_op(layer, fused, g, x, ws, need_dx):
@@ -134,14 +155,11 @@ class TrainPlan:
     def forward(self, x, y, nt):
         """Bind x (N, *input_shape, float32, C-contiguous) and the checked targets y,
         run the forward passes and the loss; returns the loss (without L2)."""
-        for bind, shape in self._binders:
-            bind(x if x.shape == shape else x.reshape(shape))
         if y.dtype == np.int64:
             self._loss.bind_labels(y)
         else:
             self._loss.bind_target(y)
-        for run in self._forward:
-            run(nt)
+        self.run(x, nt)
         for layer, indices in self._pools:
             layer.indices = indices
         for layer, ws, from_input, h in self._last:

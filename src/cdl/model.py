@@ -25,6 +25,9 @@ from .losses import Loss
 from .progress import ProgressBar
 
 
+_PLAN_CACHE_BYTES = 4 << 20    # predict keeps a plan's buffers up to this size per thread
+
+
 def _input_shape(shape):
     if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
         shape = (shape,)
@@ -159,6 +162,7 @@ class Sequential:
         # Largest per-sample activation: a batch of n needs n times this in one buffer.
         self._max_sample = max([int(np.prod(self.input_shape))]
                                + [int(np.prod(l.output_shape)) for l in self.layers])
+        self._act_per_sample = sum(int(np.prod(l.output_shape)) for l in self.layers)
         self._flat_params, self._flat_grads, self._update_chunks = _pack_parameters(
             self.layers, self.dtype)
         self._params = [(f"{i}.{k}", layer.params[k], layer.grads[k])
@@ -182,7 +186,9 @@ class Sequential:
                  and layers[i + 1].fuses_relu()}
         self._passes = [(i, layer, i in fused) for i, layer in enumerate(layers)
                         if i + 1 not in fused]
-        self._plans = []    # TrainPlans follow the passes
+        self._plans = []                    # TrainPlans follow the passes,
+        self._local = threading.local()     # and so do predict's plans (per thread)
+        self._plannable = _plan.supported(self)
 
     def _followed_by_relu(self, i):
         for layer in self.layers[i + 1:]:
@@ -364,6 +370,10 @@ class Sequential:
         for s in range(0, n, bs):
             e = min(s + bs, n)
             m = e - s
+            plan = self._forward_plan(m)
+            if plan is not None:
+                out[s:e] = plan.run(x[s:e], nt)
+                continue
             wss = bufs.get(m)
             if wss is None:
                 wss = bufs[m] = [layer._alloc(m, False) for layer in self.layers]
@@ -375,6 +385,25 @@ class Sequential:
                     h = layer._forward(h, wss[i], nt, False)
             out[s:e] = h
         return out
+
+    def _forward_plan(self, m):
+        """predict's ForwardPlan for batch size m, or None (no plan for this model).
+
+        Each thread keeps its own (two batch sizes), so concurrent predicts never
+        share buffers. Batches whose buffers would exceed 4 MB run layer by layer
+        on buffers freed after the call (a large predict does not hold its memory,
+        and there the per-call overhead a plan saves is small)."""
+        if not (self._use_plans and self._plannable):
+            return None
+        plans = getattr(self._local, "plans", [])
+        for plan in plans:
+            if plan.n == m:
+                return plan
+        if m * self._act_per_sample * self.dtype.itemsize > _PLAN_CACHE_BYTES:
+            return None
+        plan = _plan.ForwardPlan(self, m)
+        self._local.plans = [plan] + plans[:1]
+        return plan
 
     def evaluate(self, x, y, loss, batch_size=256):
         """(loss, accuracy) over the whole set; loss includes λ Σ W² when l2 > 0.
