@@ -206,20 +206,33 @@ def test_gemm_edges_bitwise_identical_for_1_and_2_threads(n, fin, fout):
 
 
 def test_row_chunks_cover_the_weight():
-    """The small-batch row chunks: big weights split in an even number of chunks,
-    small ones whole; the model's SGD chunks cover every parameter exactly once."""
+    """The small-batch row chunks: big weights split in whole rows (an even count
+    where the rows allow, as 784 x 256), small ones whole."""
     dense = cdl._kernels.dense
-    assert dense.row_chunks(256, 784)[1] % 2 == 0 and dense.row_chunks(256, 784)[1] > 1
+    assert dense.row_chunks(256, 784) == (43, 6)
     assert dense.row_chunks(10, 128) == (10, 1)
-    for fout, fin in ((256, 784), (200, 300), (513, 128), (7, 5), (3, 100000)):
+    for fout, fin in ((256, 784), (200, 300), (513, 128), (7, 5), (3, 100000), (17, 40000)):
         rows, count = dense.row_chunks(fout, fin)
-        assert (count - 1) * rows < fout <= count * rows
-    model = cdl.Sequential([cdl.Linear(784, 256), cdl.ReLU(), cdl.Linear(256, 10)], (784,))
+        assert 1 <= count <= 16 and (count - 1) * rows < fout <= count * rows
+
+
+def test_sgd_parts_cover_every_parameter_once():
+    """The model's SGD parts: a big Linear weight in its row chunks, another big
+    parameter in 16K parts dealt round-robin, the rest whole on thread 0."""
+    dense = cdl._kernels.dense
+    model = cdl.Sequential([cdl.Conv2d(256, 256, 3), cdl.Flatten(), cdl.Linear(256, 256),
+                            cdl.ReLU(), cdl.Linear(256, 10)], (256, 3, 3))
     covered = np.zeros(model._flat_params.size, int)
-    for start, stop, owner in model._update_chunks:
+    for start, stop, owner in model._sgd_parts:
         covered[start:stop] += 1
     for _, p, _ in model.parameters():
         start = (p.ctypes.data - model._flat_params.ctypes.data) // p.itemsize
         assert (covered[start:start + p.size] == 1).all()
     assert covered.sum() == model.num_params()
-    assert model._update_chunks[:, 2].max() == dense.row_chunks(256, 784)[1] - 1
+    conv = model.layers[0].params["weight"]
+    sizes, owners = model._sgd_parts[:, 1] - model._sgd_parts[:, 0], model._sgd_parts[:, 2]
+    assert list(owners[:36]) == list(range(36)) and conv.size == 36 << 14   # 16K parts
+    assert dense.row_chunks(256, 256) == (128, 2)
+    linear = [i for i in range(len(sizes)) if sizes[i] == 128 * 256]        # its 2 chunks
+    assert len(linear) == 2 and list(owners[linear]) == [0, 1]
+    assert (owners[sizes < (1 << 14)] == 0).all()                           # small, whole

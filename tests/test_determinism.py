@@ -71,14 +71,13 @@ def test_small_batch_row_chunks_bitwise_identical_across_threads():
     for nt in THREADS:
         model = cdl.Sequential([cdl.Linear(784, 256), cdl.ReLU(), cdl.Linear(256, 10)], (784,),
                                seed=2)
-        opt = cdl.SGD(model, lr=0.01, momentum=0.9)
+        opt, loss = cdl.SGD(model, lr=0.01, momentum=0.9), cdl.SoftmaxCrossEntropy()
         rng = np.random.default_rng(8)
         losses = []
         with cdl.threads(nt):
-            for n in (1, 4, 1, 4):
+            for n in (1, 4, 1, 4):      # the training plans of both sizes are reused
                 x = rng.standard_normal((n, 784)).astype(np.float32)
-                losses.append(model.train_step(x, rng.integers(0, 10, n),
-                                               cdl.SoftmaxCrossEntropy(), opt))
+                losses.append(model.train_step(x, rng.integers(0, 10, n), loss, opt))
         runs.append((losses, {k: w.tobytes() for k, w in model.get_weights().items()}))
     for other in runs[1:]:
         assert other == runs[0]

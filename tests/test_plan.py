@@ -160,3 +160,43 @@ def test_predict_plan_large_batches_are_not_kept():
     ref._use_plans = False
     assert model.predict(x, batch_size=n).tobytes() == ref.predict(x, batch_size=n).tobytes()
     assert getattr(model._local, "plans", []) == []
+
+
+def test_flatten_only_model_runs_layer_by_layer():
+    """A model whose output is a view of its input has no plan (it would bind nothing)."""
+    for use_plan in (True, False):
+        model = cdl.Sequential([cdl.Flatten()], (5,))
+        model._use_plans = use_plan
+        x = np.arange(10, dtype=np.float32).reshape(2, 5)
+        assert model.predict(x).tobytes() == x.tobytes()
+        value = model.train_step(x, np.array([4, 0]), cdl.SoftmaxCrossEntropy(),
+                                 cdl.SGD(model, lr=0.1))
+        assert value == pytest.approx(float(np.mean([np.log(np.exp(x[0]).sum()) - x[0, 4],
+                                                     np.log(np.exp(x[1]).sum()) - x[1, 0]])))
+        assert model._plans == []
+
+
+def test_changing_the_loss_or_the_flag_after_a_step_is_honoured():
+    """A cached plan serves only the loss as configured when it was built, and
+    _use_plans=False turns plans off even when one is cached."""
+    x = np.random.default_rng(3).standard_normal((4, 20)).astype(np.float32)
+    y = np.array([0, 1, 2, 3])
+    results = []
+    for use_plan in (True, False):
+        model = cdl.Sequential(mlp(), (20,), seed=5)
+        model._use_plans = use_plan
+        loss, opt = cdl.MulticlassSVM(margin=1.0), cdl.SGD(model, lr=0.01)
+        values = [model.train_step(x, y, loss, opt)]
+        loss.margin = 5.0
+        values.append(model.train_step(x, y, loss, opt))
+        loss.reduction = "sum"
+        values.append(model.train_step(x, y, loss, opt))
+        results.append(values)
+    assert results[0] == results[1]
+    assert results[0][1] > results[0][0] and results[0][2] > results[0][1]
+    model = cdl.Sequential(mlp(), (20,), seed=5)
+    loss, opt = cdl.SoftmaxCrossEntropy(), cdl.SGD(model, lr=0.01)
+    model.train_step(x, y, loss, opt)
+    assert model._plan(4, loss) is not None
+    model._use_plans = False
+    assert model._plan(4, loss) is None and model._forward_plan(4) is None

@@ -283,8 +283,9 @@ def test_matches_torch_if_available():
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_relu_pool_2x2_agrees_with_the_baseline_build(isa):
-    """The vector 2x2 kernels (AVX-512 build) against the portable build's, bit for
-    bit, with NaN, signed zeros, ties and all-negative windows."""
+    """The 2x2 kernels of a vector build (AVX-512 has its own in registers; AVX2
+    compiles the scalar ones with other instructions) against the portable build's,
+    bit for bit, with NaN, signed zeros, ties and all-negative windows."""
     supported = _runtime.cpu_supports()
     if isa not in supported:
         pytest.skip(f"CPU lacks {isa}")

@@ -94,6 +94,17 @@ def test_chunked_update_matches_whole(dtype, momentum, nesterov):
         assert (p[551:560] == p0[551:560]).all()
 
 
+def test_chunked_update_refuses_parts_outside_the_buffers():
+    p, g = np.zeros(10, np.float32), np.zeros(10, np.float32)
+    for bad in ([[0, 11, 0]], [[5, 4, 0]], [[-1, 3, 0]], [[0, 3, -1]]):
+        with pytest.raises(ValueError, match="sgd_update_chunks: chunk 0"):
+            elementwise.sgd_update_chunks(p, g, None, np.array(bad, np.int64), 0.1, 0.0,
+                                          False, 1)
+    with pytest.raises(ValueError, match="one length"):
+        elementwise.sgd_update_chunks(p, g[:5], None, np.array([[0, 5, 0]], np.int64), 0.1,
+                                      0.0, False, 1)
+
+
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 def test_every_isa_build_agrees(isa):
     if isa not in _runtime.cpu_supports():

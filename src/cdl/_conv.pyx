@@ -1323,8 +1323,7 @@ cdef class ConvForward:
 
 
 cdef class ConvBackward:
-    """Weight and bias gradients (plus 2*l2*W, as the layer adds it), then the
-    input gradient if grad_input is not None."""
+    """Weight and bias gradients, then the input gradient if grad_input is not None."""
     cdef const float[:, :, :, ::1] grad_out
     cdef const float[:, :, :, ::1] x
     cdef const float[:, :, :, ::1] weight
@@ -1342,17 +1341,9 @@ cdef class ConvBackward:
     def bind_input(self, const float[:, :, :, ::1] x):
         self.x = x
 
-    def run(self, int num_threads, double l2):
-        cdef Py_ssize_t i, size = (self.grad_weight.shape[0] * self.grad_weight.shape[1]
-                                   * self.grad_weight.shape[2] * self.grad_weight.shape[3])
-        cdef float a = <float>(2.0 * l2)
-        cdef float* dw = &self.grad_weight[0, 0, 0, 0]
-        cdef const float* w = &self.weight[0, 0, 0, 0]
+    def run(self, int num_threads):
         _conv2d_backward_weight(self.grad_out, self.x, self.grad_weight, self.grad_bias,
                                 self.sh, self.sw, self.ph, self.pw, num_threads)
-        if l2:
-            for i in range(size):
-                dw[i] += a * w[i]
         if self.grad_input is not None:
             _conv2d_backward_input(self.grad_out, self.weight, self.grad_input, self.sh,
                                    self.sw, self.ph, self.pw, num_threads)

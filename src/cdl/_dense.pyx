@@ -17,7 +17,9 @@ instead. Why: SciPy's OpenBLAS runs its AVX2 (Haswell) kernels here, and on
 AVX-512 ours is ~1.7-2x faster per tile (2x on skinny 4096 -> 10 shapes,
 where OpenBLAS's fixed costs dominate). On AVX2 ours only ties on big
 products, so it is used for skinny or small ones; on SSE only for 2-4 rows.
-float64, a batch of one (GEMV) and every other case stay on SciPy's BLAS.
+float64 and every other case stay on SciPy's BLAS. A float32 batch of one
+takes our dot products (GEMV) on AVX builds, BLAS's GEMV on the baseline build,
+and its backward one pass over the rows of W (_backward_one).
 The choice depends on the shapes and the build only. Inputs are trusted:
 cdl.functional validates them.
 
@@ -56,8 +58,10 @@ cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 19
 
 
 # Row chunks for a small batch: a weight of at least ROW_SPLIT_MIN elements in
-# chunks of about ROW_CHUNK elements (an even count, so two threads get equal
-# shares). Below that size one thread streams it faster than two start.
+# chunks of whole rows, about ROW_CHUNK elements each and at most MAX_ROW_CHUNKS
+# (aimed at an even count, so that two threads get equal shares; rounding to
+# whole rows can leave one chunk more). Below that size one thread streams the
+# weight faster than two start.
 cdef enum:
     SMALL_BATCH = 8
     ROW_SPLIT_MIN = 1 << 16
@@ -78,7 +82,7 @@ def row_chunks(Py_ssize_t fout, Py_ssize_t fin):
     """(rows per chunk, number of chunks) of a (fout, fin) weight at batch <= SMALL_BATCH;
     chunk c is handled by OpenMP thread c mod threads."""
     cdef Py_ssize_t rows = _row_chunk(fout, fin)
-    return rows, (fout + rows - 1) // rows if fout > 0 else 1
+    return rows, ((fout + rows - 1) // rows if fout > 0 else 1)
 
 
 # Tile bounds, measured against NumPy's multi-threaded sgemm on 784->256 and
@@ -128,7 +132,8 @@ cdef inline bint _own_gemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) noexcept no
     # kernels): always on AVX-512 (zmm, 2x the lanes); on AVX2 (a tie on big
     # products) for skinny or small ones, where OpenBLAS's fixed costs show;
     # on SSE (3x slower than AVX2) only for 2-4 rows over a long reduction,
-    # where OpenBLAS packs all of B for a few rows. A batch of one is GEMV.
+    # where OpenBLAS packs all of B for a few rows. A batch of one is a GEMV
+    # (dot products, see _forward_tile).
     if m < 2 or n < 2 or k < 1:
         return False
     if n < GEMM_NR and k < 16:

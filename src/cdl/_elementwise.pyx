@@ -344,10 +344,20 @@ def sgd_update_chunks(floating[::1] param, const floating[::1] grad, floating[::
     """sgd_update over the parts of flat buffers listed in ``chunks``, rows of
     (start, stop, owner): OpenMP thread owner mod threads updates [start, stop).
 
-    The owners are the dense kernels' row chunks (cdl._dense.row_chunks), so
-    each part is updated by the thread that computed its gradient and has it
-    in its cache; a single owner (every row owner 0) runs on one thread.
+    The model deals the parts (cdl.model._sgd_parts): a big Linear weight's are
+    the dense kernels' row chunks, so each is updated by the thread that computed
+    its gradient and has it in its cache. With every owner 0 it runs on one thread.
     """
+    cdef Py_ssize_t r, n = param.shape[0]
+    if chunks.shape[1] != 3:
+        raise ValueError(f"sgd_update_chunks: chunks must be (rows, 3), got "
+                         f"{chunks.shape[1]} columns")
+    for r in range(chunks.shape[0]):
+        if not 0 <= chunks[r, 0] <= chunks[r, 1] <= n or chunks[r, 2] < 0:
+            raise ValueError(f"sgd_update_chunks: chunk {r} = {list(chunks[r])} is not a part "
+                             f"[start, stop) of {n} elements with an owner >= 0")
+    if grad.shape[0] != n or (velocity is not None and velocity.shape[0] != n):
+        raise ValueError("sgd_update_chunks: param, grad and velocity must have one length")
     _sgd_update_chunks(param, grad, velocity, chunks, lr, momentum, nesterov, num_threads)
 
 

@@ -25,10 +25,23 @@ _ACTIVATIONS = {ReLU: "relu", Sigmoid: "sigmoid"}
 
 
 def supported(model, loss=None):
-    """Whether ``model`` (trained with ``loss``, if given) can run through a plan."""
+    """Whether ``model`` (trained with ``loss``, if given) can run through a plan: float32,
+    built-in layers and losses, and an output that is not a view of the input (a
+    model of Flatten layers only)."""
     return (model.dtype == np.float32 and (loss is None or type(loss) in _LOSS_KINDS)
             and all(type(layer) in (Linear, Conv2d, MaxPool2d, ReLU, Sigmoid, Flatten)
-                    for layer in model.layers))
+                    for layer in model.layers)
+            and not all(isinstance(layer, Flatten) for layer in model.layers))
+
+
+def _conv_l2(layer):
+    """run(nt, l2): 2*l2*W added to a Conv2d's dW by the call Conv2d._backward makes."""
+    w, dw = layer.params["weight"].reshape(-1), layer.grads["weight"].reshape(-1)
+
+    def run(nt, l2):
+        if l2:
+            _ew.axpy(2.0 * l2, w, dw, nt)
+    return run
 
 
 class ForwardPlan:
@@ -100,6 +113,7 @@ class TrainPlan(ForwardPlan):
     def __init__(self, model, n, loss):
         super().__init__(model, n, lambda layer: layer._workspace(n))
         self.loss = loss
+        self._loss_config = self._config_of(loss)
         self._backward = []     # (run, takes_l2)
         kind = _LOSS_KINDS[type(loss)]
         scores = self.output
@@ -122,10 +136,21 @@ class TrainPlan(ForwardPlan):
             if op is None:
                 g = None
                 continue
-            if x_is_input and hasattr(op, "bind_input"):
+            if x_is_input and isinstance(layer, (Linear, Conv2d)):
+                # Their weight gradients read the input; no other backward does.
                 self._binders.append((op.bind_input, x.shape))
             self._backward.append((op.run, takes_l2))
+            if isinstance(layer, Conv2d):
+                self._backward.append((_conv_l2(layer), True))
             g = ws.get("dx") if need_dx or fused else None
+
+    @staticmethod
+    def _config_of(loss):
+        return (loss.reduction, getattr(loss, "margin", None))
+
+    def fits(self, loss):
+        """Whether this plan runs ``loss`` as it is configured now."""
+        return loss is self.loss and self._config_of(loss) == self._loss_config
 
     @staticmethod
     def _backward_op(layer, fused, g, x, ws, need_dx):
@@ -138,7 +163,7 @@ class TrainPlan(ForwardPlan):
             return _conv.ConvBackward(g, x, layer.params["weight"],
                                       ws["dx"] if need_dx else None, layer.grads["weight"],
                                       layer.grads.get("bias"), layer.stride,
-                                      layer.padding), True
+                                      layer.padding), False
         if isinstance(layer, MaxPool2d):
             if fused:
                 return _pool.ReluMaxPoolBackward(g, ws["out"], ws["indices"], ws["dx"]), False

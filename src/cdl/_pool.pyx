@@ -305,9 +305,6 @@ cdef int _max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, :
             else:
                 _forward_plane(xp + p * H * W, yp + p * OH * OW, ip + p * OH * OW,
                                H, W, OH, OW, kh, kw, sh, sw, ph, pw)
-
-
-# ---------------------------------------------------------------- backward
     return 0
 
 
@@ -318,6 +315,8 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] ou
     """out, indices = max-pool of x (KH x KW window, stride (sh, sw), padding (ph, pw))."""
     _max_pool2d_forward(x, out, indices, kh, kw, sh, sw, ph, pw, num_threads)
 
+
+# ---------------------------------------------------------------- backward
 
 cdef Py_ssize_t _backward_2x2(const floating* g, const int* ind, floating* dx,
                               Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
@@ -461,10 +460,11 @@ def max_pool2d_backward(const floating[:, :, :, ::1] grad_out, const int[:, :, :
 # ---------------------------------------------------------------- ReLU then 2x2 pool
 # A ReLU followed by a 2x2 stride-2 max-pool (the usual CNN block) in one pass:
 # Sequential runs the pair through these, so the full-size ReLU output is never
-# written and read back, nor its gradient. Each plane is rectified into a
-# per-thread buffer (in cache) and pooled there, so values and indices are
-# exactly those of the separate layers; the backward masks the pooled gradient
-# with ReLU's rule (0 where the pooled value is <= 0; NaN passes) and gathers it.
+# written and read back, nor its gradient. Each plane is rectified in vector
+# registers (AVX-512 float32, cdl_pool2x2.h) or into a per-thread buffer in
+# cache, and pooled, so values and indices are exactly those of the separate
+# layers; the backward masks the pooled gradient with ReLU's rule (0 where the
+# pooled value is <= 0; NaN passes) and gathers it.
 
 
 cdef inline Py_ssize_t _lines(Py_ssize_t n, size_t itemsize) noexcept nogil:
@@ -496,17 +496,18 @@ cdef int _max_pool2d_relu_forward(const floating[:, :, :, ::1] x, floating[:, :,
     cdef floating* yp = &out[0, 0, 0, 0]
     cdef int* ip = &indices[0, 0, 0, 0]
     nt = _threads(planes * H * W, num_threads)
+    if floating is float and POOL2_VEC:
+        with nogil:
+            for p in prange(planes, schedule="static", num_threads=nt):
+                pool2_plane_fwd(xp + p * H * W, yp + p * OH * OW, ip + p * OH * OW, W, OH, OW,
+                                True)
+        return 0
     per = _lines(H * W, sizeof(floating))
     buf = <floating*>malloc(nt * per * sizeof(floating))
     if buf == NULL:
         raise MemoryError()
     with nogil:
         for p in prange(planes, schedule="static", num_threads=nt):
-            if floating is float and POOL2_VEC:
-                # Rectified in registers, no copy.
-                pool2_plane_fwd(xp + p * H * W, yp + p * OH * OW, ip + p * OH * OW, W, OH, OW,
-                                True)
-                continue
             tid = omp_get_thread_num()
             _relu_copy(xp + p * H * W, buf + tid * per, H * W)
             _forward_2x2(buf + tid * per, yp + p * OH * OW, ip + p * OH * OW, H, W, OH, OW)
@@ -545,16 +546,18 @@ cdef Py_ssize_t _max_pool2d_relu_backward(const floating[:, :, :, ::1] grad_out,
     yp = &out[0, 0, 0, 0]
     cdef const int* ip = &indices[0, 0, 0, 0]
     nt = _threads(planes * H * W, num_threads)
+    if floating is float and POOL2_VEC:
+        with nogil:
+            for p in prange(planes, schedule="static", num_threads=nt):
+                bad += OH * OW - pool2_plane_bwd(gp + p * OH * OW, ip + p * OH * OW,
+                                                 yp + p * OH * OW, dp + p * H * W, H, W, OH, OW)
+        return bad
     per = _lines(OH * OW, sizeof(floating))
     buf = <floating*>malloc(nt * per * sizeof(floating))
     if buf == NULL:
         raise MemoryError()
     with nogil:
         for p in prange(planes, schedule="static", num_threads=nt):
-            if floating is float and POOL2_VEC:
-                bad += OH * OW - pool2_plane_bwd(gp + p * OH * OW, ip + p * OH * OW,
-                                                 yp + p * OH * OW, dp + p * H * W, H, W, OH, OW)
-                continue
             gm = buf + omp_get_thread_num() * per
             for o in range(OH * OW):
                 gv = gp[p * OH * OW + o]        # both loads unconditional: a blend, no branch

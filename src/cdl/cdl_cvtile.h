@@ -145,8 +145,9 @@ static inline void cdl_cv_transpose8(const float *s, Py_ssize_t p, Py_ssize_t m,
         for (c = 0; c < 8; c++)
             _mm256_storeu_ps(d + c * kp, o[c]);
     } else {
-        __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)m), lanes);
+        /* First m lanes set (loaded, not compared: AVX has no 256-bit integer compare). */
+        static const int ones[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+        __m256i mask = _mm256_loadu_si256((const __m256i *)(ones + 8 - m));
         for (c = 0; c < 8; c++)
             _mm256_maskstore_ps(d + c * kp, mask, o[c]);
     }
@@ -161,17 +162,17 @@ static inline void cdl_cv_transpose8(const float *s, Py_ssize_t p, Py_ssize_t m,
  * the last columns, and builds without AVX, copy floats. */
 static void cdl_cv_transpose(const float *src, Py_ssize_t ld_src, Py_ssize_t nr, Py_ssize_t nc,
                              float *dst, Py_ssize_t ld_dst) {
-    Py_ssize_t c = 0, r, r0;
+    Py_ssize_t c, r, tail = 0;   /* columns from `tail` on are copied one by one */
 #if defined(__AVX__)
+    Py_ssize_t r0;
+    tail = nc / 8 * 8;
     for (r0 = 0; r0 < nr; r0 += 8) {
         Py_ssize_t m = nr - r0 < 8 ? nr - r0 : 8;
-        for (c = 0; c + 8 <= nc; c += 8)
+        for (c = 0; c < tail; c += 8)
             cdl_cv_transpose8(src + r0 * ld_src + c, ld_src, m, dst + c * ld_dst + r0, ld_dst);
     }
-    if (nr == 0)
-        c = nc;
 #endif
-    for (; c < nc; c++)
+    for (c = tail; c < nc; c++)
         for (r = 0; r < nr; r++)
             dst[c * ld_dst + r] = src[r * ld_src + c];
 }

@@ -50,7 +50,7 @@ def _pack_parameters(layers, dtype):
     a call per parameter cost more than the arithmetic). Each view starts on a
     64-byte boundary; the gaps stay zero in both buffers, so updates keep them
     zero. Returns (params, grads, chunks), the flat buffers and the parts the
-    update deals to threads (see _update_chunks), or Nones without parameters.
+    update deals to threads (see _sgd_parts), or Nones without parameters.
     """
     align = 64 // dtype.itemsize
     slots, total = [], 0
@@ -72,24 +72,34 @@ def _pack_parameters(layers, dtype):
             view = buf[start:start + size].reshape(store[key].shape)
             view[...] = store[key]
             store[key] = view
-    return params, grads, _update_chunks(slots)
+    return params, grads, _sgd_parts(slots)
 
 
-def _update_chunks(slots):
-    """(start, stop, owner) rows over the flat buffers for SGD: a Linear weight in
-    the row chunks its small-batch kernels deal to threads (owner = chunk index,
-    so the update runs where the gradient was computed); anything else whole,
-    owner 0."""
-    chunks = []
+_SGD_PART = 1 << 14            # elements per SGD part of a big parameter that is not split by rows
+_SGD_SPLIT_MIN = 1 << 19       # ... from this size (as the elementwise kernels go parallel)
+
+
+def _sgd_parts(slots):
+    """(start, stop, owner) rows over the flat buffers for SGD (thread owner mod threads
+    updates [start, stop)). A Linear weight comes in the row chunks that its
+    small-batch kernels deal to threads (owner = chunk index, so the update runs
+    where the gradient was computed); another parameter of 512K elements or more
+    in parts of 16K dealt round-robin; anything else whole, on thread 0."""
+    parts = []
     for layer, key, start, size in slots:
+        rows, count = 0, 1
         if isinstance(layer, Linear) and key == "weight":
             fout, fin = layer.params[key].shape
             rows, count = _dense.row_chunks(fout, fin)
+        if count > 1:
             for c in range(count):
-                chunks.append((start + c * rows * fin, start + min((c + 1) * rows, fout) * fin, c))
+                parts.append((start + c * rows * fin, start + min((c + 1) * rows, fout) * fin, c))
+        elif size >= _SGD_SPLIT_MIN:
+            for c, lo in enumerate(range(0, size, _SGD_PART)):
+                parts.append((start + lo, start + min(lo + _SGD_PART, size), c))
         else:
-            chunks.append((start, start + size, 0))
-    return np.array(chunks, np.int64).reshape(-1, 3)
+            parts.append((start, start + size, 0))
+    return np.array(parts, np.int64).reshape(-1, 3)
 
 
 class Sequential:
@@ -163,7 +173,7 @@ class Sequential:
         self._max_sample = max([int(np.prod(self.input_shape))]
                                + [int(np.prod(l.output_shape)) for l in self.layers])
         self._act_per_sample = sum(int(np.prod(l.output_shape)) for l in self.layers)
-        self._flat_params, self._flat_grads, self._update_chunks = _pack_parameters(
+        self._flat_params, self._flat_grads, self._sgd_parts = _pack_parameters(
             self.layers, self.dtype)
         self._params = [(f"{i}.{k}", layer.params[k], layer.grads[k])
                         for i, layer in enumerate(self.layers) for k in layer.params]
@@ -480,10 +490,12 @@ class Sequential:
     def _plan(self, n, loss):
         """The TrainPlan for batch size n and this loss (the last two are kept), or None
         where the model or loss has no plan (float64, a custom layer or loss)."""
+        if not self._use_plans:
+            return None
         for plan in self._plans:
-            if plan.n == n and plan.loss is loss:
+            if plan.n == n and plan.fits(loss):
                 return plan
-        if not self._use_plans or not _plan.supported(self, loss):
+        if not _plan.supported(self, loss):
             return None
         plan = _plan.TrainPlan(self, n, loss)
         self._plans = [plan] + self._plans[:1]

@@ -54,7 +54,7 @@ class SGD:
             # One kernel call for the whole model; velocities are views of one buffer
             # laid out like the parameters (gaps included, which stay zero).
             flat_v = np.zeros_like(flat_p) if self.momentum > 0 else None
-            bound = (flat_p, flat_g, flat_v, model._update_chunks)
+            bound = (flat_p, flat_g, flat_v, model._sgd_parts)
             # float32 binds the arrays once (a batch-1 step is short enough to notice).
             self._update = _ew.SGDChunks(*bound).run if flat_p.dtype == np.float32 else \
                 functools.partial(_ew.sgd_update_chunks, *bound)
