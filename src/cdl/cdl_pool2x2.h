@@ -17,18 +17,14 @@
 #include <immintrin.h>
 #define CDL_POOL2_VEC 1
 
-static inline __m512 cdl_p2_relu(__m512 v) {
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LE_OQ), v,
-                                _mm512_setzero_ps());
-}
-
 /* A later cell v replaces best where v > best or v is NaN. */
 static inline __mmask16 cdl_p2_takes(__m512 v, __m512 best) {
     return _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
 }
 
-static void cdl_pool2_plane_fwd(const float *x, float *y, int *ind, Py_ssize_t W,
-                                Py_ssize_t OH, Py_ssize_t OW, int relu) {
+static inline __attribute__((always_inline)) void
+cdl_pool2_plane_fwd_core(const float *x, float *y, int *ind, Py_ssize_t W, Py_ssize_t OH,
+                         Py_ssize_t OW, const int relu) {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
                                            28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
@@ -45,29 +41,27 @@ static void cdl_pool2_plane_fwd(const float *x, float *y, int *ind, Py_ssize_t W
             __m512 b0 = _mm512_maskz_loadu_ps(lo, r1 + 2 * j);
             __m512 b1 = _mm512_maskz_loadu_ps(hi, r1 + 2 * j + 16);
             __m512 best = _mm512_permutex2var_ps(a0, even, a1);
-            __m512 v;
+            __m512 v = _mm512_permutex2var_ps(a0, odd, a1);
             __m512i k = _mm512_setzero_si512();
-            __mmask16 t;
-            if (relu)
-                best = cdl_p2_relu(best);
-            v = _mm512_permutex2var_ps(a0, odd, a1);
-            if (relu)
-                v = cdl_p2_relu(v);
-            t = cdl_p2_takes(v, best);
+            __mmask16 t = cdl_p2_takes(v, best);
             best = _mm512_mask_blend_ps(t, best, v);
             k = _mm512_mask_blend_epi32(t, k, _mm512_set1_epi32(1));
             v = _mm512_permutex2var_ps(b0, even, b1);
-            if (relu)
-                v = cdl_p2_relu(v);
             t = cdl_p2_takes(v, best);
             best = _mm512_mask_blend_ps(t, best, v);
             k = _mm512_mask_blend_epi32(t, k, _mm512_set1_epi32((int)W));
             v = _mm512_permutex2var_ps(b0, odd, b1);
-            if (relu)
-                v = cdl_p2_relu(v);
             t = cdl_p2_takes(v, best);
             best = _mm512_mask_blend_ps(t, best, v);
             k = _mm512_mask_blend_epi32(t, k, _mm512_set1_epi32((int)W + 1));
+            if (relu) {
+                /* The window of max(0, x): if its maximum is > 0 (or NaN) the same
+                 * cell wins as for x; otherwise every cell is 0 and, ties going to
+                 * the first, the top-left one wins with +0. */
+                t = _mm512_cmp_ps_mask(best, _mm512_setzero_ps(), _CMP_LE_OQ);
+                best = _mm512_mask_blend_ps(t, best, _mm512_setzero_ps());
+                k = _mm512_mask_blend_epi32(t, k, _mm512_setzero_si512());
+            }
             /* index = 2*oh*W + 2*(j + lane) + k */
             k = _mm512_add_epi32(k, _mm512_add_epi32(even, _mm512_set1_epi32(
                     (int)(2 * oh * W + 2 * j))));
@@ -75,6 +69,14 @@ static void cdl_pool2_plane_fwd(const float *x, float *y, int *ind, Py_ssize_t W
             _mm512_mask_storeu_epi32(ind + oh * OW + j, out, k);
         }
     }
+}
+
+static inline void cdl_pool2_plane_fwd(const float *x, float *y, int *ind, Py_ssize_t W,
+                                       Py_ssize_t OH, Py_ssize_t OW, int relu) {
+    if (relu)
+        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 1);
+    else
+        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 0);
 }
 
 /* dx of the plane (every cell written): each cell gets the gradient of its
