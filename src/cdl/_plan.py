@@ -24,14 +24,18 @@ _LOSS_KINDS = {SoftmaxCrossEntropy: "softmax_cross_entropy", MulticlassSVM: "mul
 _ACTIVATIONS = {ReLU: "relu", Sigmoid: "sigmoid"}
 
 
-def supported(model, loss=None):
-    """Whether ``model`` (trained with ``loss``, if given) can run through a plan: float32,
-    built-in layers and losses, and an output that is not a view of the input (a
-    model of Flatten layers only)."""
-    return (model.dtype == np.float32 and (loss is None or type(loss) in _LOSS_KINDS)
+def supported(model):
+    """Whether ``model`` can run through a plan: float32, built-in layers, and an
+    output that is not a view of the input (a model of Flatten layers only)."""
+    return (model.dtype == np.float32
             and all(type(layer) in (Linear, Conv2d, MaxPool2d, ReLU, Sigmoid, Flatten)
                     for layer in model.layers)
             and not all(isinstance(layer, Flatten) for layer in model.layers))
+
+
+def supports_loss(loss):
+    """Whether a TrainPlan can compute ``loss`` (a built-in loss)."""
+    return type(loss) in _LOSS_KINDS
 
 
 def _conv_l2(layer):

@@ -490,13 +490,11 @@ class Sequential:
     def _plan(self, n, loss):
         """The TrainPlan for batch size n and this loss (the last two are kept), or None
         where the model or loss has no plan (float64, a custom layer or loss)."""
-        if not self._use_plans:
+        if not (self._use_plans and self._plannable and _plan.supports_loss(loss)):
             return None
         for plan in self._plans:
             if plan.n == n and plan.fits(loss):
                 return plan
-        if not _plan.supported(self, loss):
-            return None
         plan = _plan.TrainPlan(self, n, loss)
         self._plans = [plan] + self._plans[:1]
         return plan
