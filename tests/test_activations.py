@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cdl.functional as F
-from cdl import _runtime
+from cdl._kernels import _runtime
 
 
 def ref_relu(x):
@@ -116,7 +116,7 @@ def test_threads_bitwise(dtype):
 def test_every_isa_build_agrees(isa):
     if isa not in _runtime.cpu_supports():
         pytest.skip(f"CPU lacks {isa}")
-    mod = importlib.import_module(f"cdl._elementwise_{isa}")
+    mod = importlib.import_module(f"cdl._kernels._elementwise_{isa}")
     rng = np.random.default_rng(4)
     for dtype in (np.float32, np.float64):
         x = (rng.standard_normal(70_001) * 10).astype(dtype)

@@ -127,7 +127,7 @@ def test_kernels_release_the_gil(name):
 def test_kernel_sources_release_the_gil():
     """Every public kernel in the .pyx sources does its work inside ``with nogil``
     (in its own body or in the ``cdef _name`` it delegates to)."""
-    src = pathlib.Path(__file__).resolve().parents[1] / "src" / "cdl"
+    src = pathlib.Path(__file__).resolve().parents[1] / "src" / "cdl" / "_kernels"
     files = sorted(src.glob("_*.pyx")) if src.is_dir() else []
     if not files:
         pytest.skip("kernel sources not next to the tests")

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 import cdl
-from cdl import _config, _dispatch, _runtime
+from cdl import _config
+from cdl._kernels import _dispatch, _runtime
 
 
 def test_version_and_config():
@@ -66,7 +67,7 @@ def test_default_threads_respect_omp_num_threads():
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 def test_forced_isa(isa):
-    r = _run("import cdl._dispatch as d; print(d.ISA)", CDL_ISA=isa)
+    r = _run("import cdl._kernels._dispatch as d; print(d.ISA)", CDL_ISA=isa)
     if isa in _dispatch.SUPPORTED:
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == isa

@@ -6,7 +6,7 @@ import pytest
 
 import cdl
 import cdl.functional as F
-from cdl._runtime import cpu_supports
+from cdl._kernels._runtime import cpu_supports
 
 
 # ---------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def test_bitwise_identical_for_1_and_2_threads(xs, ws, s, p, dtype):
 def test_every_isa_build_matches_reference(isa, dtype, rtol):
     if isa not in cpu_supports():
         pytest.skip(f"CPU lacks {isa}")
-    mod = importlib.import_module(f"cdl._conv_{isa}")
+    mod = importlib.import_module(f"cdl._kernels._conv_{isa}")
     rng = np.random.default_rng(8)
     for xs, ws, s, p in FIXED + [_random_case(rng)[:2] + ((1, 1), (1, 1)) for _ in range(6)]:
         s, p = _pair(s), _pair(p)
@@ -286,7 +286,7 @@ FORCED = [
 def test_forced_float32_paths_match_reference(isa, path):
     if isa not in cpu_supports():
         pytest.skip(f"CPU lacks {isa}")
-    mod = importlib.import_module(f"cdl._conv_{isa}")
+    mod = importlib.import_module(f"cdl._kernels._conv_{isa}")
     rng = np.random.default_rng(9)
     old = mod.set_float32_path(path)
     try:

@@ -343,11 +343,11 @@ def test_relu_then_pool_runs_fused_with_identical_results(dtype, hw):
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_relu_pool_kernels_match_separate_kernels(isa, dtype):
-    from cdl._dispatch import SUPPORTED
+    from cdl._kernels._dispatch import SUPPORTED
     if isa not in SUPPORTED:
         pytest.skip(f"CPU lacks {isa}")
     import importlib
-    pool, ew = (importlib.import_module(f"cdl.{m}_{isa}") for m in ("_pool", "_elementwise"))
+    pool, ew = (importlib.import_module(f"cdl._kernels.{m}_{isa}") for m in ("_pool", "_elementwise"))
     rng = np.random.default_rng(1)
     for shape in [(2, 3, 28, 28), (1, 2, 9, 7), (3, 1, 32, 40), (1, 1, 2, 2)]:
         x = rng.standard_normal(shape).astype(dtype)

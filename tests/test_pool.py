@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import cdl.functional as F
-from cdl import _runtime
+from cdl._kernels import _runtime
 
 
 # ------------------------------------------------------------ NumPy reference
@@ -188,7 +188,7 @@ def test_threads_bitwise(k, s, p, dtype):
 def test_every_isa_build_agrees(isa):
     if isa not in _runtime.cpu_supports():
         pytest.skip(f"CPU lacks {isa}")
-    mod = importlib.import_module(f"cdl._pool_{isa}")
+    mod = importlib.import_module(f"cdl._kernels._pool_{isa}")
     rng = np.random.default_rng(4)
     for shape, k, s, p in CASES[:20] + CASES[-6:]:
         for dtype in (np.float32, np.float64):
@@ -289,7 +289,7 @@ def test_relu_pool_2x2_agrees_with_the_baseline_build(isa):
     supported = _runtime.cpu_supports()
     if isa not in supported:
         pytest.skip(f"CPU lacks {isa}")
-    fast, base = (importlib.import_module(f"cdl._pool_{i}") for i in (isa, "baseline"))
+    fast, base = (importlib.import_module(f"cdl._kernels._pool_{i}") for i in (isa, "baseline"))
     rng = np.random.default_rng(9)
     for shape in [(2, 3, 28, 28), (1, 2, 10, 64), (2, 1, 7, 33), (1, 1, 2, 2), (1, 1, 5, 3)]:
         x = rng.standard_normal(shape).astype(np.float32)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import cdl.functional as F
-from cdl import _runtime
+from cdl._kernels import _runtime
 from cdl._kernels import elementwise
 
 
@@ -109,7 +109,7 @@ def test_chunked_update_refuses_parts_outside_the_buffers():
 def test_every_isa_build_agrees(isa):
     if isa not in _runtime.cpu_supports():
         pytest.skip(f"CPU lacks {isa}")
-    mod = importlib.import_module(f"cdl._elementwise_{isa}")
+    mod = importlib.import_module(f"cdl._kernels._elementwise_{isa}")
     rng = np.random.default_rng(2)
     for dtype, tol in ((np.float32, 1e-6), (np.float64, 1e-14)):
         p = rng.standard_normal(50_001).astype(dtype)

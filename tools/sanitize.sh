@@ -32,7 +32,7 @@ export LD_PRELOAD="$ASAN_LIB $UBSAN_LIB"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 cd /tmp  # test the installed package, not the source tree
-SUPPORTED="$("$VENV/bin/python" -c "import cdl._runtime as r; print(' '.join(r.cpu_supports()))")"
+SUPPORTED="$("$VENV/bin/python" -c "import cdl._kernels._runtime as r; print(' '.join(r.cpu_supports()))")"
 ran=0
 for isa in ${SANITIZE_ISAS:-avx512 avx2 baseline}; do
   case " $SUPPORTED " in

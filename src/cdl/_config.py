@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 
-from . import _runtime
+from ._kernels import _runtime
 
 _state = {"threads": None, "blas_pinned": False}
 
@@ -144,7 +144,8 @@ def _cpu_model():
 
 def config():
     """The facts ``show_config`` prints, as a dict."""
-    from . import __version__, _dispatch
+    from . import __version__
+    from ._kernels import _dispatch
     import numpy
 
     name, version, blas_threads, path = blas_info()

@@ -32,9 +32,9 @@ its own L2 cache from step to step instead of fetching them from L3.
 """
 from cython cimport floating
 from cython.parallel cimport prange
-from cdl._blas cimport gemm, gemv
-from cdl._runtime cimport ensure_single_threaded_blas
-from cdl._openmp cimport omp_get_thread_num
+from cdl._kernels._blas cimport gemm, gemv
+from cdl._kernels._runtime cimport ensure_single_threaded_blas
+from cdl._kernels._openmp cimport omp_get_thread_num
 from libc.stdlib cimport malloc, free
 
 cdef extern from "cdl_simd.h" nogil:

@@ -67,7 +67,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset, memcpy
-from cdl._openmp cimport omp_get_thread_num
+from cdl._kernels._openmp cimport omp_get_thread_num
 
 cdef extern from "cdl_simd.h" nogil:
     # Declared as float so that Cython emits plain C arithmetic on it.

@@ -15,7 +15,7 @@ NaN propagates: relu(NaN) = NaN, sigmoid(NaN) = NaN.
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t
-from cdl._openmp cimport omp_get_num_threads, omp_get_thread_num
+from cdl._kernels._openmp cimport omp_get_num_threads, omp_get_thread_num
 # exp(x) for x <= 0 without a libm call, so the sigmoid loop vectorises and has
 # no branch (random signs made a branchy loop mispredict half the time).
 # exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2]

@@ -26,7 +26,7 @@ from cython.parallel cimport prange
 from libc.math cimport INFINITY
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
-from cdl._openmp cimport omp_get_thread_num
+from cdl._kernels._openmp cimport omp_get_thread_num
 
 # The inner loops are written in C (below) so that every select is a bit-mask
 # blend: a ternary on floats compiles to a branch in the scalar remainder of a

@@ -1,6 +1,6 @@
 # cython: language_level=3
 """Build and CPU facts the Python side needs: OpenMP present, CPU instruction sets."""
-from cdl._openmp cimport (CDL_HAVE_OPENMP, omp_get_max_threads,
+from cdl._kernels._openmp cimport (CDL_HAVE_OPENMP, omp_get_max_threads,
                           cdl_cpu_has_avx2_fma, cdl_cpu_has_avx512)
 
 

@@ -26,5 +26,5 @@ ISA = _select()
 
 
 def load(module):
-    """Import ``cdl.<module>_<ISA>``."""
-    return importlib.import_module(f"cdl.{module}_{ISA}")
+    """Import ``cdl._kernels.<module>_<ISA>``."""
+    return importlib.import_module(f"cdl._kernels.{module}_{ISA}")
