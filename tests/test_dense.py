@@ -222,15 +222,16 @@ def test_sgd_parts_cover_every_parameter_once():
     dense = cdl._kernels.dense
     model = cdl.Sequential([cdl.Conv2d(256, 256, 3), cdl.Flatten(), cdl.Linear(256, 256),
                             cdl.ReLU(), cdl.Linear(256, 10)], (256, 3, 3))
-    covered = np.zeros(model._flat_params.size, int)
-    for start, stop, owner in model._sgd_parts:
+    pack = model.parameter_pack
+    covered = np.zeros(pack.params.size, int)
+    for start, stop, owner in pack.parts:
         covered[start:stop] += 1
     for _, p, _ in model.parameters():
-        start = (p.ctypes.data - model._flat_params.ctypes.data) // p.itemsize
+        start = (p.ctypes.data - pack.params.ctypes.data) // p.itemsize
         assert (covered[start:start + p.size] == 1).all()
     assert covered.sum() == model.num_params()
     conv = model.layers[0].params["weight"]
-    sizes, owners = model._sgd_parts[:, 1] - model._sgd_parts[:, 0], model._sgd_parts[:, 2]
+    sizes, owners = pack.parts[:, 1] - pack.parts[:, 0], pack.parts[:, 2]
     assert list(owners[:36]) == list(range(36)) and conv.size == 36 << 14   # 16K parts
     assert dense.row_chunks(256, 256) == (128, 2)
     linear = [i for i in range(len(sizes)) if sizes[i] == 128 * 256]        # its 2 chunks

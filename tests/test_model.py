@@ -190,7 +190,7 @@ def test_train_step_loss_matches_forward_and_includes_l2():
 
 def test_train_step_skips_input_gradient(monkeypatch):
     calls = {"input": 0, "weight": 0}
-    real = cdl.layers._conv
+    real = cdl.layers.conv._conv
 
     class Spy:
         def __getattr__(self, name):
@@ -203,7 +203,7 @@ def test_train_step_skips_input_gradient(monkeypatch):
         def conv2d_backward_weight(self, *a):
             calls["weight"] += 1
             return real.conv2d_backward_weight(*a)
-    monkeypatch.setattr(cdl.layers, "_conv", Spy())
+    monkeypatch.setattr(cdl.layers.conv, "_conv", Spy())
     m = cdl.Sequential(small_cnn(), (2, 4, 4), seed=0)
     x = np.ones((3, 2, 4, 4), np.float32)
     convs = [layer for layer in m.layers if isinstance(layer, cdl.Conv2d)]
@@ -269,7 +269,7 @@ def test_parameters_share_one_aligned_buffer_and_stay_live(dtype):
     held = {k: (p, g) for k, p, g in m.parameters()}
     for k, (p, g) in held.items():
         assert p.ctypes.data % 64 == 0 and g.ctypes.data % 64 == 0, k
-        assert np.shares_memory(p, m._flat_params) and np.shares_memory(g, m._flat_grads), k
+        assert np.shares_memory(p, m.parameter_buffer) and np.shares_memory(g, m.gradient_buffer), k
     before = {k: p.copy() for k, (p, _) in held.items()}
     x = np.random.default_rng(1).standard_normal((4, 1, 4, 4)).astype(dtype)
     opt = cdl.SGD(m, lr=0.1, momentum=0.5)
@@ -278,11 +278,11 @@ def test_parameters_share_one_aligned_buffer_and_stay_live(dtype):
         np.testing.assert_allclose(p, before[k] - 0.1 * g, rtol=1e-5, atol=1e-6)
         assert np.shares_memory(opt.velocities[k], p) is False
     # The gaps between views stay zero, so no update leaks into another parameter.
-    live = np.zeros(m._flat_params.size, bool)
+    live = np.zeros(m.parameter_buffer.size, bool)
     for p, _ in held.values():
-        start = (p.ctypes.data - m._flat_params.ctypes.data) // p.itemsize
+        start = (p.ctypes.data - m.parameter_buffer.ctypes.data) // p.itemsize
         live[start:start + p.size] = True
-    assert not m._flat_params[~live].any() and not m._flat_grads[~live].any()
+    assert not m.parameter_buffer[~live].any() and not m.gradient_buffer[~live].any()
 
 
 def test_sgd_and_schedule_arguments():
@@ -315,8 +315,9 @@ def test_relu_then_pool_runs_fused_with_identical_results(dtype, hw):
             build()
         return
     fused, plain = build(), build()
-    assert [i for i, _, f in fused._passes if f] == [2]      # the ReLU at 1 runs in the pool
-    plain._plan_passes(fuse=False)
+    assert [i for i, l in fused.chain.passes if l.fused_previous] == [2]  # the ReLU at 1 runs in the pool
+    plain.chain.fuse(False)
+    plain._reset_plans()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 2) + hw).astype(dtype)
     x[0] = -np.abs(x[0])                                # conv output mostly <= 0

@@ -13,15 +13,17 @@ from . import _config
 
 
 def _float64_copy(model):
-    from .layers import LAYER_TYPES
+    from .layers import layer_from_spec
     from .model import Sequential
 
     if model.dtype == np.float64:
         return model
     cfg = model.get_config()
-    layers = [LAYER_TYPES[s["type"]](**s["config"]) for s in cfg["layers"]]
+    layers = [layer_from_spec(s) for s in cfg["layers"]]
     clone = Sequential(layers, model.input_shape, dtype=np.float64, l2=model.l2)
-    clone.set_weights(model.get_weights())
+    clone.load_state_dict(model.state_dict())
+    for (path, a), (_, b) in zip(model.chain.walk(), clone.chain.walk()):
+        b.set_extra_state(a.extra_state())
     return clone
 
 
@@ -36,12 +38,26 @@ def gradcheck(model, x, y, loss, eps=1e-6, max_checks=None, seed=0, check_input=
     y = m._check_y(y, x.shape[0], loss, "gradcheck")
     nt = _config.get_num_threads()
 
+    # The objective runs in training mode, as the backward does (BatchNorm's batch
+    # statistics, the same Dropout masks); running statistics and generator positions
+    # are put back after every pass.
+    buffers = [(b, b.copy()) for _, b in m.buffers()]
+    extra = [(layer, layer.extra_state()) for _, layer in m.chain.walk()]
+
+    def restore():
+        for b, saved in buffers:
+            b[...] = saved
+        for layer, e in extra:
+            layer.set_extra_state(e)
+
     def objective():
-        scores = m.predict(x, batch_size=x.shape[0])
+        restore()
+        scores = m._forward(x, nt).copy()
         return loss._compute(scores, y, nt, need_grad=False) + m.l2_penalty()
 
     scores = m._forward(x, nt)
     loss._compute(scores, y, nt)
+    restore()
     g = loss._grad.copy()
     dx = m.backward(g)
     analytic = {k: gr.copy() for k, _, gr in m.parameters()}

@@ -20,6 +20,7 @@ class Loss:
     """Base class; see the subclasses for the formulas."""
 
     needs_labels = True
+    plan_kind = None    # the compiled loss a training plan runs for exactly this class
 
     def __init__(self, reduction="mean"):
         if reduction not in ("mean", "sum"):
@@ -115,12 +116,16 @@ def _labels(targets, n, num_classes, where, name):
 class SoftmaxCrossEntropy(Loss):
     """L_i = −log(e^{s_{y_i}} / Σ_j e^{s_j}) (log-sum-exp, stable); dL_i/ds = p − onehot(y_i)."""
 
+    plan_kind = "softmax_cross_entropy"
+
     def _kernel(self, scores, targets, grad, sample, scale, nt):
         return _kl.softmax_cross_entropy(scores, targets, None, grad, sample, scale, nt)
 
 
 class MulticlassSVM(Loss):
     """L_i = Σ_{j≠y_i} max(0, s_j − s_{y_i} + Δ), Δ = ``margin`` (PyTorch MultiMarginLoss × C)."""
+
+    plan_kind = "multiclass_svm"
 
     def __init__(self, margin=1.0, reduction="mean"):
         super().__init__(reduction)
@@ -139,6 +144,8 @@ class MSE(Loss):
     Targets: a float array shaped like the predictions ((N,) allowed when C = 1),
     or integer class labels, used as one-hot rows.
     """
+
+    plan_kind = "mse"
 
     def check_targets(self, targets, n, num_classes, dtype, where=None, name="targets"):
         where = where or "MSE.forward"

@@ -1,66 +1,97 @@
-"""One-file model format: an uncompressed .npz (zip) holding
+"""cdl's model file: an uncompressed .npz (zip) holding
 
 - ``__cdl__``: a uint8 array with a UTF-8 JSON header: format name and version,
-  the architecture (input shape, dtype, l2, each layer's type and config), the
-  name, shape and dtype of every stored array, and optional optimizer settings;
-- ``param/<i>.<name>``: each parameter, ``optim/<i>.<name>``: each velocity.
+  the architecture (input shape, dtype, l2, each layer's type and config,
+  nested for containers), the name, shape and dtype of every stored array,
+  the optimizer's type, settings and step, and the state a copy needs to train
+  bit for bit (the model's shuffling generator, Dropout's generator position);
+- ``param/<name>``: each parameter, ``buffer/<name>``: each buffer (BatchNorm's
+  running statistics), ``optim/<state>/<name>``: the optimizer's state.
 
-Files are read with ``allow_pickle=False`` and only whitelisted layer types are
-built, so loading never runs code from the file. The header is validated
-against the architecture before any weight is read; zip CRCs catch corrupted
-data. ``save`` writes a temporary file in the same folder, syncs it and renames
-it over the target (``os.replace``), so an interrupted save leaves any previous
-file intact.
+Version 1 files (parameters and SGD velocities only) still load.
+
+Files are read with ``allow_pickle=False`` and only registered layer and
+optimizer types are built, so loading never runs code from the file. The
+header is validated against the architecture before any weight is read; zip
+CRCs catch corrupted data. ``save`` writes a temporary file in the same folder,
+syncs it and renames it over the target (``os.replace``), so an interrupted
+save leaves any previous file intact. ``dumps``/``loads`` and pickling use the
+same format in memory.
 """
+import io
 import json
 import os
 import tempfile
 
 import numpy as np
 
-from .functional._checks import shape_str
+from ..functional._checks import shape_str
+
+__all__ = ["save", "load", "dumps", "loads"]
 
 FORMAT = "cdl-model"
-VERSION = 1
+VERSION = 2
 HEADER = "__cdl__"
 
 
 def _header(model, optimizer):
     arrays = {}
     entries = []
+
+    def add(name, a):
+        arrays[name] = a
+        entries.append({"name": name, "shape": list(a.shape), "dtype": a.dtype.name})
+
     for key, p, _ in model.parameters():
-        name = f"param/{key}"
-        arrays[name] = p
-        entries.append({"name": name, "shape": list(p.shape), "dtype": p.dtype.name})
+        add(f"param/{key}", p)
+    for key, b in model.buffers():
+        add(f"buffer/{key}", b)
     opt = None
     if optimizer is not None:
         if getattr(optimizer, "model", None) is not model:
             raise ValueError("save: optimizer belongs to another model")
-        opt = {"type": type(optimizer).__name__, "config": optimizer.get_config(),
-               "base_lr": optimizer.base_lr, "velocities": []}
-        for key, v in optimizer.velocities.items():
-            name = f"optim/{key}"
-            arrays[name] = v
-            opt["velocities"].append(key)
-            entries.append({"name": name, "shape": list(v.shape), "dtype": v.dtype.name})
+        state = optimizer.state_dict()
+        opt = {"type": state["type"], "config": state["config"], "base_lr": state["base_lr"],
+               "step": state["step"], "state": sorted(state["state"])}
+        for b, per in state["state"].items():
+            for key, a in per.items():
+                add(f"optim/{b}/{key}", a)
+    extra = {path.rstrip("."): layer.extra_state() for path, layer in model.chain.walk()
+             if layer.extra_state()}
     header = {"format": FORMAT, "version": VERSION, "model": model.get_config(),
-              "arrays": entries, "optimizer": opt}
+              "arrays": entries, "optimizer": opt, "extra": extra,
+              "rng": model._rng.bit_generator.state}
     return header, arrays
 
 
-def save(model, path, optimizer=None):
-    """Write ``model`` (and ``optimizer``'s state, if given) to ``path`` atomically."""
-    path = os.fspath(path)
+def _write(model, f, optimizer):
     header, arrays = _header(model, optimizer)
     blob = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+    np.savez(f, **{HEADER: blob}, **arrays)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save(model, path, optimizer=None):
+    """Write ``model`` (and ``optimizer``'s state, if given) to ``path`` atomically, or
+    to a binary file object."""
+    if hasattr(path, "write"):
+        _write(model, path, optimizer)
+        return
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
                                suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{HEADER: blob}, **arrays)
+            _write(model, f, optimizer)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())   # as a plain open() would (mkstemp makes 0600)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -68,6 +99,29 @@ def save(model, path, optimizer=None):
         except OSError:
             pass
         raise
+
+
+def dumps(model, optimizer=None):
+    """The model (and optimizer state) as bytes in the model-file format."""
+    buf = io.BytesIO()
+    _write(model, buf, optimizer)
+    return buf.getvalue()
+
+
+def loads(data, optimizer=False):
+    """A model from ``dumps``'s bytes (``optimizer=True``: (model, optimizer or None))."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"cdl.loads: expected bytes, got {type(data).__name__}")
+    return load(io.BytesIO(bytes(data)), optimizer=optimizer)
+
+
+def _unpickle(data):
+    """What pickle calls to rebuild a Sequential (see Sequential.__reduce__)."""
+    return loads(data)
+
+
+def _unpickle_optimizer(data):
+    return loads(data, optimizer=True)[1]
 
 
 def _fail(path, why):
@@ -100,34 +154,30 @@ def _read_header(npz, path):
         raise _fail(path, f"the header is not valid JSON ({exc})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise _fail(path, "the header does not name the cdl-model format")
-    if header.get("version") != VERSION:
+    if header.get("version") not in (1, VERSION):
         raise _fail(path, f"format version {header.get('version')!r} is not supported "
-                          f"(this cdl reads version {VERSION})")
+                          f"(this cdl reads versions 1 and {VERSION})")
     return header
 
 
 def _declared_params(spec):
-    """Parameter count a layer config asks for, computed without building the layer."""
-    c = spec.get("config") or {}
-    if not isinstance(c, dict):
+    """Parameter count a layer spec asks for, from its class's ``declared_params``."""
+    from ..layers import LAYER_TYPES
+
+    if not isinstance(spec, dict) or spec.get("type") not in LAYER_TYPES:
+        return 0
+    config = spec.get("config") or {}
+    if not isinstance(config, dict):
         return 0
     try:
-        if spec.get("type") == "Linear":
-            n, k = int(c["in_features"]), int(c["out_features"])
-            return max(n, 0) * max(k, 0) + max(k, 0)
-        if spec.get("type") == "Conv2d":
-            ks = c["kernel_size"]
-            kh, kw = (ks, ks) if isinstance(ks, int) else (int(ks[0]), int(ks[1]))
-            i, o = int(c["in_channels"]), int(c["out_channels"])
-            return max(o, 0) * max(i, 0) * max(kh, 0) * max(kw, 0) + max(o, 0)
+        return int(LAYER_TYPES[spec["type"]].declared_params(config))
     except (KeyError, TypeError, ValueError, IndexError, OverflowError):
         return 0  # the layer's own constructor reports the bad config
-    return 0
 
 
-def _build(header, path):
-    from .layers import LAYER_TYPES
-    from .model import Sequential
+def _build(header, path, size):
+    from ..layers import LAYER_TYPES
+    from ..model import Sequential
 
     cfg = header.get("model")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("layers"), list):
@@ -136,12 +186,10 @@ def _build(header, path):
         raise _fail(path, f"unsupported dtype {cfg.get('dtype')!r}")
     # Before allocating anything: the weights the architecture needs must fit in the
     # file (a damaged or hostile header cannot make load allocate gigabytes).
-    need = sum(_declared_params(s) for s in cfg["layers"] if isinstance(s, dict)) \
-        * np.dtype(cfg["dtype"]).itemsize
-    have = os.path.getsize(path)
-    if need > have:
+    need = sum(_declared_params(s) for s in cfg["layers"]) * np.dtype(cfg["dtype"]).itemsize
+    if need > size:
         raise _fail(path, f"the architecture needs {need} bytes of weights but the file has "
-                          f"only {have} bytes")
+                          f"only {size} bytes")
     layers = []
     for i, spec in enumerate(cfg["layers"]):
         if not isinstance(spec, dict) or spec.get("type") not in LAYER_TYPES:
@@ -150,8 +198,8 @@ def _build(header, path):
         if not isinstance(kwargs, dict):
             raise _fail(path, f"layer {i} has a malformed config")
         try:
-            layers.append(LAYER_TYPES[spec["type"]](**kwargs))
-        except (TypeError, ValueError) as exc:
+            layers.append(LAYER_TYPES[spec["type"]].from_config(kwargs))
+        except (TypeError, ValueError, KeyError, RecursionError) as exc:
             raise _fail(path, f"layer {i} ({spec['type']}): {exc}") from None
     try:
         return Sequential(layers, cfg.get("input_shape"), dtype=cfg["dtype"],
@@ -168,25 +216,47 @@ def _read_array(npz, entry, path):
     return a
 
 
-def load(path, optimizer=False):
-    """Read a model saved with ``model.save``; predictions are bit-identical.
-
-    With ``optimizer=True`` returns (model, SGD or None), restoring lr, momentum
-    and velocities when the file has them.
-    """
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
+def _open(path):
+    """(npz, display name, size in bytes) for a path or a binary file object."""
+    if hasattr(path, "read"):
+        name = getattr(path, "name", "<file object>")
+        start = path.tell() if hasattr(path, "tell") else 0
+        magic = path.read(4)
+        try:
+            path.seek(0, os.SEEK_END)
+            size = path.tell() - start
+            path.seek(start)
+        except (OSError, AttributeError, ValueError):
+            data = magic + path.read()
+            path, size = io.BytesIO(data), len(data)
+        source = path
+    else:
+        name = path = os.fspath(path)
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        size = os.path.getsize(path)
+        source = path
     if magic != b"PK\x03\x04":
-        raise _fail(path, "it is not a zip/npz container" if magic else "the file is empty")
+        raise _fail(name, "it is not a zip/npz container" if magic else "the file is empty")
     try:
-        npz = np.load(path, allow_pickle=False)
+        npz = np.load(source, allow_pickle=False)
     except Exception as exc:  # zipfile raises several types for damaged containers
-        raise _fail(path, f"the container is truncated or damaged "
+        raise _fail(name, f"the container is truncated or damaged "
                           f"({type(exc).__name__}: {exc})") from None
+    return npz, name, size
+
+
+def load(path, optimizer=False):
+    """Read a model saved with ``model.save`` (a path or a binary file object);
+    predictions are bit-identical.
+
+    With ``optimizer=True`` returns (model, optimizer or None), restoring the
+    optimizer's settings, step and state when the file has them.
+    """
+    npz, path, size = _open(path)
     with npz:
         header = _read_header(npz, path)
-        model = _build(header, path)
+        model = _build(header, path, size)
         entries = header.get("arrays")
         if not isinstance(entries, list) or not all(
                 isinstance(e, dict) and isinstance(e.get("name"), str)
@@ -195,36 +265,97 @@ def load(path, optimizer=False):
             raise _fail(path, "the array list in the header is malformed")
         by_name = {e["name"]: e for e in entries}
         # Check the header against the architecture before reading any weights.
-        for key, p, _ in model.parameters():
-            e = by_name.get(f"param/{key}")
+        wanted = [(f"param/{k}", "parameter", k, p) for k, p, _ in model.parameters()]
+        if header["version"] >= 2:
+            wanted += [(f"buffer/{k}", "buffer", k, b) for k, b in model.buffers()]
+            declared = {e["name"][7:] for e in entries if e["name"].startswith("buffer/")}
+            extra = sorted(declared - {k for k, _ in model.buffers()})
+            if extra:
+                raise _fail(path, f"buffers {extra} do not belong to any layer")
+        for name, kind, key, target in wanted:
+            e = by_name.get(name)
             if e is None:
-                raise _fail(path, f"parameter {key} is not in the file")
-            if tuple(e["shape"]) != p.shape or e["dtype"] != p.dtype.name:
-                raise _fail(path, f"parameter {key} is {e['dtype']} {shape_str(e['shape'])} "
-                                  f"but the architecture needs {p.dtype} {shape_str(p.shape)}")
-        for key, p, _ in model.parameters():
-            p[...] = _read_array(npz, by_name[f"param/{key}"], path)
+                raise _fail(path, f"{kind} {key} is not in the file")
+            if tuple(e["shape"]) != target.shape or e["dtype"] != target.dtype.name:
+                raise _fail(path, f"{kind} {key} is {e['dtype']} {shape_str(e['shape'])} "
+                                  f"but the architecture needs {target.dtype} "
+                                  f"{shape_str(target.shape)}")
+        values = [(target, _read_array(npz, by_name[name], path))
+                  for name, _, _, target in wanted]
+        _restore_extra(model, header, path)
+        for target, value in values:
+            target[...] = value
         if not optimizer:
             return model
-        opt = None
-        spec = header.get("optimizer")
-        if spec:
-            from .optim import SGD
+        return model, _load_optimizer(model, header, npz, by_name, path)
 
-            if not isinstance(spec, dict) or spec.get("type") != "SGD" \
-                    or not isinstance(spec.get("config"), dict):
-                kind = spec.get("type") if isinstance(spec, dict) else spec
-                raise _fail(path, f"unknown optimizer {kind!r}")
-            vel = spec.get("velocities", [])
-            if not isinstance(vel, list) or not all(isinstance(k, str) for k in vel):
-                raise _fail(path, "the optimizer's velocity list is malformed")
-            try:
-                opt = SGD(model, **spec["config"])
-                opt.base_lr = float(spec.get("base_lr", opt.lr))
-            except (TypeError, ValueError) as exc:
-                raise _fail(path, f"bad optimizer settings: {exc}") from None
-            for key in spec.get("velocities", []):
-                if key not in opt.velocities or f"optim/{key}" not in by_name:
-                    raise _fail(path, f"optimizer state {key!r} does not match the model")
-                opt.velocities[key][...] = _read_array(npz, by_name[f"optim/{key}"], path)
-        return model, opt
+
+def _restore_extra(model, header, path):
+    extra = header.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise _fail(path, "the extra state is malformed")
+    layers = {p.rstrip("."): layer for p, layer in model.chain.walk()}
+    for key, state in extra.items():
+        if key not in layers or not isinstance(state, dict):
+            raise _fail(path, f"extra state for {key!r} matches no layer")
+        try:
+            layers[key].set_extra_state(state)
+        except (TypeError, ValueError) as exc:
+            raise _fail(path, str(exc)) from None
+    rng = header.get("rng")
+    if rng is not None:
+        try:
+            model._rng.bit_generator.state = rng
+        except (TypeError, ValueError, KeyError) as exc:
+            raise _fail(path, f"the generator state is malformed ({exc})") from None
+
+
+def _load_optimizer(model, header, npz, by_name, path):
+    from ..optim import OPTIMIZER_TYPES
+
+    spec = header.get("optimizer")
+    if not spec:
+        return None
+    if not isinstance(spec, dict) or spec.get("type") not in OPTIMIZER_TYPES \
+            or not isinstance(spec.get("config"), dict):
+        kind = spec.get("type") if isinstance(spec, dict) else spec
+        raise _fail(path, f"unknown optimizer {kind!r}")
+    try:
+        opt = OPTIMIZER_TYPES[spec["type"]](model, **spec["config"])
+    except (TypeError, ValueError) as exc:
+        raise _fail(path, f"bad optimizer settings: {exc}") from None
+    base_lr = spec.get("base_lr", opt.lr)
+    if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)):
+        raise _fail(path, f"bad optimizer settings: base_lr must be a number, got {base_lr!r}")
+    if header["version"] == 1:     # SGD velocities as optim/<param>
+        vel = spec.get("velocities", [])
+        if not isinstance(vel, list) or not all(isinstance(k, str) for k in vel):
+            raise _fail(path, "the optimizer's velocity list is malformed")
+        names = {"momentum_buffer": vel} if vel else {}
+        prefix = lambda b, k: f"optim/{k}"  # noqa: E731
+    else:
+        names = {b: opt.pack.names for b in spec.get("state", [])} \
+            if isinstance(spec.get("state", []), list) else None
+        if names is None:
+            raise _fail(path, "the optimizer's state list is malformed")
+        prefix = lambda b, k: f"optim/{b}/{k}"  # noqa: E731
+    state = {}
+    for b, keys in names.items():
+        if b not in opt.buffers:
+            raise _fail(path, f"optimizer state {b!r} does not match the optimizer")
+        state[b] = {}
+        for key in keys:
+            if key not in opt.pack.names or prefix(b, key) not in by_name:
+                raise _fail(path, f"optimizer state {key!r} does not match the model")
+            state[b][key] = _read_array(npz, by_name[prefix(b, key)], path)
+    if header["version"] == 1 and opt.buffers:
+        for b in opt.buffers:
+            per = state.setdefault(b, {})
+            for key in opt.pack.names:
+                per.setdefault(key, np.zeros(opt.pack.shapes[key], model.dtype))
+    try:
+        opt.load_state_dict({"type": spec["type"], "step": spec.get("step", 0),
+                             "base_lr": base_lr, "state": state})
+    except (TypeError, ValueError) as exc:
+        raise _fail(path, f"bad optimizer state: {exc}") from None
+    return opt

@@ -1,29 +1,58 @@
-"""Layers: thin classes over the compiled kernels, no autograd.
+"""The layer protocol: what every layer owns, and what the model asks of it.
 
-Each layer runs ``forward(x)`` and ``backward(grad)``, keeps what backward
-needs, and owns its buffers: one set per batch size (the two most recent sizes
-are kept, so a last partial batch does not cause reallocation every epoch).
-Shapes are checked once, when a :class:`cdl.Sequential` is built (or on a
-standalone layer's first call); the per-step path only calls kernels.
+A layer is one class that owns everything about itself. ``Sequential``, the
+training and inference plans, files, ``summary``, ``gradcheck``, L2 and the
+optimizers reach it only through these members:
 
-Parameters live in ``layer.params`` (``"weight"``, ``"bias"``) and are updated
-in place, so references to them stay valid; ``layer.grads`` holds the
-gradients of the last backward with the same keys.
+shapes and state
+    ``_configure(input_shape, source) -> output_shape`` checks the per-sample
+    input shape; ``_create(rng, init, dtype)`` makes ``params`` (trained,
+    each with a same-shaped entry in ``grads``) and ``buffers`` (state that is
+    not trained, such as running statistics) through ``add_param`` and
+    ``add_buffer``. ``decay`` names the parameters that L2 applies to.
+passes
+    ``_alloc(n, train)`` returns the buffers for a batch of n (``"out"``
+    always); ``_forward(x, ws, nt, train)`` writes ``ws["out"]`` and returns it
+    (or returns a view of x); ``_backward(g, x, ws, nt, need_input_grad, l2)``
+    overwrites ``grads`` and returns dL/dx (or None when not needed). A layer
+    with ``fuses_l2 = True`` adds 2λW to its decayed gradients itself;
+    otherwise the model does, right after its backward.
+plan ops
+    ``plan_forward(x, ws, train)`` and ``plan_backward(g, x, ws, need_input_grad)``
+    return the same work as lists of bound calls (objects with ``run(nt)``;
+    forward ones that read x also have ``bind_input``). The defaults wrap
+    ``_forward``/``_backward``, so any layer runs on the fast plan; the built-in
+    layers return their kernels' bound-call classes.
+description and files
+    ``get_config()`` (constructor arguments, JSON-able), ``from_config``,
+    ``flops()`` per sample, ``describe()``.
+fusion
+    ``absorbs_previous(layer)`` / ``absorbs_next(layer)``: whether this layer
+    runs a neighbour (a ReLU) inside its own pass. The chain asks, then sets
+    ``fused_previous`` / ``fused_next`` on the layer that runs the pair.
+containers
+    ``children()`` lists (name, Layer or chain) held inside; parameters,
+    buffers, names, summary and files recurse into them.
+
+Every subclass is registered by name in ``LAYER_TYPES`` when it is defined;
+model files only ever build registered classes.
 """
 import numpy as np
 
-from . import _config
-from ._kernels import conv as _conv
-from ._kernels import dense as _dense
-from ._kernels import elementwise as _ew
-from ._kernels import pool as _pool
-from .functional._checks import FLOAT_DTYPES, INT32_MAX, conv_output_size, int_pair, shape_str
-from .init import INITS, initialize
+from .. import _config
+from .._kernels import elementwise as _ew
+from ..functional._checks import FLOAT_DTYPES, INT32_MAX, shape_str
+from ..init import INITS, initialize
+
+__all__ = ["Layer", "LAYER_TYPES", "check_grad"]
 
 _KEEP_SIZES = 2  # batch sizes whose buffers a layer keeps
 
+LAYER_TYPES = {}
+"""Every Layer subclass by class name (the whitelist model files are built from)."""
 
-def _positive_int(value, name, where):
+
+def positive_int(value, name, where):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{where}: {name} must be an int, got {value!r}")
     if value < 1:
@@ -42,24 +71,67 @@ def check_grad(grad, expect, dtype, where):
     return np.ascontiguousarray(g, dtype=dtype)
 
 
-def _check_init(init, where):
+def check_init(init, where):
     if init != "auto" and init not in INITS:
         raise ValueError(f"{where}: init must be 'auto', 'he' or 'xavier', got {init!r}")
     return init
 
 
-class Layer:
-    """Base class. Subclasses implement ``_configure``, ``_alloc``, ``_forward``, ``_backward``."""
+class CallOp:
+    """A plan op that calls a Python function ``fn(x, nt)`` on a rebindable input."""
 
-    has_params = False
+    __slots__ = ("fn", "x")
+
+    def __init__(self, fn, x):
+        self.fn, self.x = fn, x
+
+    def bind_input(self, x):
+        self.x = x
+
+    def run(self, nt):
+        self.fn(self.x, nt)
+
+
+class L2Op:
+    """dW += 2λW for a layer that does not fuse L2 into its backward kernel."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, layer):
+        self.pairs = [(layer.params[k].reshape(-1), layer.grads[k].reshape(-1))
+                      for k in layer.decay]
+
+    def run(self, nt, l2):
+        if l2:
+            for w, dw in self.pairs:
+                _ew.axpy(2.0 * l2, w, dw, nt)
+
+
+class Layer:
+    """Base class of every layer; see the module notes for the protocol."""
+
+    decay = ()                 # parameter names that L2 applies to
+    fuses_l2 = False           # True: _backward adds 2*l2*W to the decayed grads itself
+    activation = None          # "relu" etc. for activations ("auto" init before a ReLU is He)
+    transparent = False        # passes an activation through for "auto" init (Flatten, pooling)
+    names_source = True        # error messages about the next layer name this one's output
+    init = None                # "auto", "he", "xavier" for layers with weights
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("_"):
+            LAYER_TYPES[cls.__name__] = cls
 
     def __init__(self):
         self.params = {}
         self.grads = {}
-        self.index = None
+        self.buffers = {}
+        self.path = None           # "3" or "3.layers.0": the state-dict prefix
         self.dtype = None
         self.input_shape = None    # per sample, without the batch axis
         self.output_shape = None
+        self.fused_previous = False
+        self.fused_next = False
         self._ws = {}
         self._last = None
 
@@ -67,10 +139,34 @@ class Layer:
     @property
     def name(self):
         t = type(self).__name__
-        return f"{t}[{self.index}]" if self.index is not None else t
+        return f"{t}[{self.path}]" if self.path is not None else t
+
+    @property
+    def index(self):
+        """Position in the model (None for a standalone layer)."""
+        return None if self.path is None else self.path
 
     def get_config(self):
+        """Constructor arguments as a JSON-able dict (what model files store)."""
         return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    @classmethod
+    def declared_params(cls, config):
+        """Parameter elements a layer with this config creates, from the config alone
+        (files are checked against their size before anything is built); 0 if unknown."""
+        return 0
+
+    def extra_state(self):
+        """JSON-able state that is neither a parameter nor a buffer but that a copy
+        needs to train bit for bit like this layer (Dropout's generator position)."""
+        return {}
+
+    def set_extra_state(self, state):
+        """Restore what ``extra_state`` gave."""
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -87,15 +183,29 @@ class Layer:
     def num_params(self):
         return sum(int(p.size) for p in self.params.values())
 
+    def children(self):
+        """(name, Layer or Chain) pairs held inside this layer; none by default."""
+        return []
+
+    # -- fusion --------------------------------------------------------------------
+    def absorbs_previous(self, layer):
+        """Whether this layer can run ``layer`` (just before it) inside its own pass."""
+        return False
+
+    def absorbs_next(self, layer):
+        """Whether this layer can run ``layer`` (just after it) inside its own pass."""
+        return False
+
     # -- set-up ------------------------------------------------------------------
     def build(self, input_shape, dtype, index=None, source=None, rng=None, init=None,
               keep_params=False):
-        """Check ``input_shape`` (per sample), fix dtype, (re)initialise parameters.
+        """Check ``input_shape`` (per sample), fix dtype, (re)create parameters and buffers.
 
         ``source`` describes where the input comes from, for error messages.
         Returns the per-sample output shape.
         """
-        self.index = index
+        if index is not None:
+            self.path = str(index)
         dtype = np.dtype(dtype)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"{self.name}: dtype must be float32 or float64, got {dtype}")
@@ -103,30 +213,37 @@ class Layer:
         self.output_shape = tuple(int(s) for s in self._configure(tuple(input_shape), src))
         self.input_shape = tuple(int(s) for s in input_shape)
         self.dtype = dtype
-        if self.has_params and keep_params:
-            for d in (self.params, self.grads):
+        if keep_params and (self.params or self.buffers):
+            for d in (self.params, self.grads, self.buffers):
                 for k in d:
-                    d[k] = np.ascontiguousarray(d[k], dtype=dtype)
-        elif self.has_params:
-            if rng is None:
-                rng = np.random.default_rng()
-            self._init_params(rng, init or "he", dtype)
+                    if d[k].dtype.kind == "f":
+                        d[k] = np.ascontiguousarray(d[k], dtype=dtype)
+        else:
+            self.params, self.grads, self.buffers = {}, {}, {}
+            self._create(np.random.default_rng() if rng is None else rng, init or "he", dtype)
+        self.fused_previous = self.fused_next = False
         self._ws = {}
         self._last = None
         return self.output_shape
 
-    def _init_params(self, rng, init, dtype):
-        pass
+    def _configure(self, input_shape, source):
+        return input_shape
 
-    def _new_params(self, shape, fan_in, fan_out, rng, init, dtype):
-        """Weight of ``shape`` drawn by ``init``; zero bias (if used); zero gradients."""
-        self._check_size(shape)
-        w = initialize(init, shape, fan_in, fan_out, rng, dtype)
-        self.params = {"weight": w}
-        self.grads = {"weight": np.zeros_like(w)}
-        if self.use_bias:
-            self.params["bias"] = np.zeros(shape[0], dtype)
-            self.grads["bias"] = np.zeros(shape[0], dtype)
+    def _create(self, rng, init, dtype):
+        """Create parameters and buffers (add_param / add_buffer); none by default."""
+
+    def add_param(self, name, value):
+        """Register a trained parameter (its gradient starts at zero)."""
+        value = np.ascontiguousarray(value)
+        self._check_size(value.shape)
+        self.params[name] = value
+        self.grads[name] = np.zeros_like(value)
+        return value
+
+    def add_buffer(self, name, value):
+        """Register state that is saved and loaded but not trained."""
+        self.buffers[name] = np.ascontiguousarray(value)
+        return self.buffers[name]
 
     def _check_size(self, shape):
         n = int(np.prod(shape, dtype=object))
@@ -134,9 +251,19 @@ class Layer:
             raise ValueError(f"{self.name}: weight {shape_str(shape)} has {n} elements; at most "
                              f"{INT32_MAX} are supported")
 
-    def _configure(self, input_shape, source):
-        return input_shape
+    def _new_weight(self, shape, fan_in, fan_out, rng, init, dtype, bias):
+        """Weight of ``shape`` drawn by ``init`` (L2 applies to it); zero bias if ``bias``."""
+        self._check_size(shape)
+        self.add_param("weight", initialize(init, shape, fan_in, fan_out, rng, dtype))
+        if bias:
+            self.add_param("bias", np.zeros(shape[0], dtype))
 
+    def update_parts(self, key):
+        """(rows, count) when the optimizer should update parameter ``key`` in row chunks
+        dealt to fixed threads (as this layer's kernels compute it); None otherwise."""
+        return None
+
+    # -- buffers -------------------------------------------------------------------
     def _workspace(self, n):
         ws = self._ws.get(n)
         if ws is None:
@@ -147,7 +274,10 @@ class Layer:
 
     def _alloc(self, n, train):
         """Buffers for batch size n: 'out' always, backward ones if ``train``."""
-        return {"out": np.empty((n,) + self.output_shape, self.dtype)}
+        ws = {"out": np.empty((n,) + self.output_shape, self.dtype)}
+        if train:
+            ws["dx"] = np.empty((n,) + self.input_shape, self.dtype)
+        return ws
 
     # -- public, validated -------------------------------------------------------
     def _check_input(self, x):
@@ -160,14 +290,15 @@ class Layer:
                 raise ValueError(f"{self.name}: x must have a batch axis, got shape "
                                  f"{shape_str(x.shape)}")
             dt = x.dtype if x.dtype in FLOAT_DTYPES else np.dtype(np.float32)
-            self.build(x.shape[1:], self.dtype or dt, index=self.index, keep_params=True)
+            self.build(x.shape[1:], self.dtype or dt, keep_params=True)
         if x.shape[1:] != self.input_shape or x.shape[0] < 1:
             raise ValueError(f"{self.name}: expected x of shape Nx{shape_str(self.input_shape)} "
                              f"(N >= 1), got {shape_str(x.shape)}")
         return np.ascontiguousarray(x, dtype=self.dtype)
 
     def forward(self, x):
-        """Forward pass on a batch; the result is the layer's own buffer (reused next call)."""
+        """Training-mode forward pass on a batch; the result is the layer's own buffer
+        (reused by the next call with the same batch size)."""
         x = self._check_input(x)
         ws = self._workspace(x.shape[0])
         y = self._forward(x, ws, _config.get_num_threads(), True)
@@ -184,307 +315,32 @@ class Layer:
 
     # -- hot path (trusted inputs) -------------------------------------------------
     def _forward(self, x, ws, nt, train):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement _forward")
 
     def _backward(self, g, x, ws, nt, need_input_grad, l2):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement _backward")
 
-
-class Linear(Layer):
-    """Fully connected layer, f(x; W) = x W^T + b.
-
-    ``weight`` is (out_features, in_features), ``bias`` (out_features,).
-    ``init``: "he" (N(0, 2/fan_in)), "xavier" (U(±sqrt(6/(fan_in+fan_out)))) or
-    "auto" (He when a ReLU follows, else Xavier; decided by Sequential).
-    """
-
-    has_params = True
-
-    def __init__(self, in_features, out_features, bias=True, init="auto"):
-        super().__init__()
-        self.in_features = _positive_int(in_features, "in_features", "Linear")
-        self.out_features = _positive_int(out_features, "out_features", "Linear")
-        self.use_bias = bool(bias)
-        self.init = _check_init(init, "Linear")
-        self._init_params(np.random.default_rng(), "he" if init == "auto" else init, np.float32)
-        self.dtype = np.dtype(np.float32)
-        self.input_shape = None
-
-    def get_config(self):
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.use_bias, "init": self.init}
-
-    def describe(self):
-        return f"Linear({self.in_features}, {self.out_features}{'' if self.use_bias else ', no bias'})"
-
-    def _init_params(self, rng, init, dtype):
-        self._new_params((self.out_features, self.in_features), self.in_features,
-                         self.out_features, rng, init, dtype)
-
-    def _configure(self, input_shape, source):
-        if len(input_shape) != 1:
-            n = int(np.prod(input_shape))
-            raise ValueError(f"{self.name}: expects flat inputs of {self.in_features} features, "
-                             f"got {shape_str(input_shape)} ({source}); put a Flatten() before "
-                             f"it ({shape_str(input_shape)} = {n} features)")
-        if input_shape[0] != self.in_features:
-            raise ValueError(f"{self.name}: expected {self.in_features} input features, "
-                             f"got {input_shape[0]} ({source})")
-        return (self.out_features,)
-
-    def flops(self):
-        return 2 * self.in_features * self.out_features + (self.out_features if self.use_bias else 0)
-
-    def _alloc(self, n, train):
-        ws = {"out": np.empty((n, self.out_features), self.dtype)}
-        if train:
-            ws["dx"] = np.empty((n, self.in_features), self.dtype)
-        return ws
-
-    def _forward(self, x, ws, nt, train):
+    def plan_forward(self, x, ws, train):
+        """(ops, output): bound calls computing this layer's pass on x into ws."""
         out = ws["out"]
-        _dense.linear_forward(x, self.params["weight"], self.params.get("bias"), out, nt)
-        return out
 
-    def _backward(self, g, x, ws, nt, need_input_grad, l2):
-        dx = ws["dx"] if need_input_grad else None
-        # The kernel adds the L2 gradient 2*l2*W to dW in the same pass.
-        _dense.linear_backward(g, x, self.params["weight"], dx, self.grads["weight"],
-                               self.grads.get("bias"), l2, nt)
-        return dx
+        def run(xv, nt):
+            y = self._forward(xv, ws, nt, train)
+            if y is not out:
+                np.copyto(out, y)
+        return [CallOp(run, x)], out
 
+    def plan_backward(self, g, x, ws, need_input_grad):
+        """(ops, input gradient or None): bound calls of this layer's backward; each op's
+        ``run(nt)``; ops that read x have ``bind_input``. L2 is added by the plan."""
+        dx = ws.get("dx") if need_input_grad else None
 
-class Conv2d(Layer):
-    """2-D convolution (cross-correlation) over NCHW inputs.
+        def run(xv, nt):
+            r = self._backward(g, xv, ws, nt, need_input_grad, 0.0)
+            if need_input_grad and r is not dx:
+                np.copyto(dx, r)
+        return [CallOp(run, x)], dx
 
-    out[n, k, i, j] = b[k] + Σ_c Σ_u Σ_v W[k, c, u, v] · x[n, c, S·i + u − P, S·j + v − P],
-    with output size H2 = (H1 − F + 2P)/S + 1 (floor), W2 likewise.
-    ``weight`` is (out_channels, in_channels, kh, kw), ``bias`` (out_channels,).
-    """
-
-    has_params = True
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 bias=True, init="auto"):
-        super().__init__()
-        self.in_channels = _positive_int(in_channels, "in_channels", "Conv2d")
-        self.out_channels = _positive_int(out_channels, "out_channels", "Conv2d")
-        self.kernel_size = int_pair(kernel_size, "kernel_size", "Conv2d", 1)
-        self.stride = int_pair(stride, "stride", "Conv2d", 1)
-        self.padding = int_pair(padding, "padding", "Conv2d", 0)
-        self.use_bias = bool(bias)
-        self.init = _check_init(init, "Conv2d")
-        self._init_params(np.random.default_rng(), "he" if init == "auto" else init, np.float32)
-        self.dtype = np.dtype(np.float32)
-
-    def get_config(self):
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
-                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
-                "padding": list(self.padding), "bias": self.use_bias, "init": self.init}
-
-    def describe(self):
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        s = f"s={sh}" if sh == sw else f"s={sh},{sw}"
-        p = f"p={ph}" if ph == pw else f"p={ph},{pw}"
-        return f"Conv2d({self.in_channels}, {self.out_channels}, {kh}x{kw}, {s}, {p})"
-
-    def _init_params(self, rng, init, dtype):
-        kh, kw = self.kernel_size
-        shape = (self.out_channels, self.in_channels, kh, kw)
-        self._new_params(shape, self.in_channels * kh * kw, self.out_channels * kh * kw,
-                         rng, init, dtype)
-
-    def _configure(self, input_shape, source):
-        if len(input_shape) != 3:
-            raise ValueError(f"{self.name}: expects inputs of shape CxHxW, got "
-                             f"{shape_str(input_shape)} ({source})")
-        c, h, w = input_shape
-        if c != self.in_channels:
-            raise ValueError(f"{self.name}: expected {self.in_channels} input channels, got {c} "
-                             f"({source})")
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        try:
-            h2 = conv_output_size(h, kh, sh, ph, self.name, "H")
-            w2 = conv_output_size(w, kw, sw, pw, self.name, "W")
-        except ValueError as exc:
-            raise ValueError(f"{exc} ({source})") from None
-        return (self.out_channels, h2, w2)
-
-    def flops(self):
-        kh, kw = self.kernel_size
-        _, h2, w2 = self.output_shape
-        return 2 * self.in_channels * kh * kw * self.out_channels * h2 * w2
-
-    def _alloc(self, n, train):
-        ws = {"out": np.empty((n,) + self.output_shape, self.dtype)}
-        if train:
-            ws["dx"] = np.empty((n,) + self.input_shape, self.dtype)
-        return ws
-
-    def _forward(self, x, ws, nt, train):
-        out = ws["out"]
-        (sh, sw), (ph, pw) = self.stride, self.padding
-        _conv.conv2d_forward(x, self.params["weight"], self.params.get("bias"), out,
-                             sh, sw, ph, pw, nt)
-        return out
-
-    def _backward(self, g, x, ws, nt, need_input_grad, l2):
-        (sh, sw), (ph, pw) = self.stride, self.padding
-        w, dw = self.params["weight"], self.grads["weight"]
-        _conv.conv2d_backward_weight(g, x, dw, self.grads.get("bias"), sh, sw, ph, pw, nt)
-        if l2:
-            _ew.axpy(2.0 * l2, w.reshape(-1), dw.reshape(-1), nt)
-        if not need_input_grad:
-            return None
-        dx = ws["dx"]
-        _conv.conv2d_backward_input(g, w, dx, sh, sw, ph, pw, nt)
-        return dx
-
-
-class MaxPool2d(Layer):
-    """Max pooling: out[n, c, i, j] = max over the F×F window at (S·i − P, S·j − P).
-
-    H2 = (H1 − F + 2P)/S + 1 (floor); ``stride`` defaults to ``kernel_size``;
-    padding at most half the kernel (padded cells never win). ``indices`` holds
-    the int32 argmax of the last forward: flat index h·W + w in the input plane.
-    """
-
-    def __init__(self, kernel_size, stride=None, padding=0):
-        super().__init__()
-        self.kernel_size = int_pair(kernel_size, "kernel_size", "MaxPool2d", 1)
-        self.stride = self.kernel_size if stride is None else int_pair(stride, "stride",
-                                                                       "MaxPool2d", 1)
-        self.padding = int_pair(padding, "padding", "MaxPool2d", 0)
-        for p, k in zip(self.padding, self.kernel_size):
-            if 2 * p > k:
-                raise ValueError(f"MaxPool2d: padding must be at most half the kernel size, "
-                                 f"got padding={padding!r} for kernel_size={kernel_size!r}")
-        self.indices = None
-
-    def get_config(self):
-        return {"kernel_size": list(self.kernel_size), "stride": list(self.stride),
-                "padding": list(self.padding)}
-
-    def describe(self):
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        return f"MaxPool2d({kh}x{kw}, s={sh}" + (f",{sw}" if sw != sh else "") + \
-            (f", p={ph}" + (f",{pw}" if pw != ph else "") if ph or pw else "") + ")"
-
-    def _configure(self, input_shape, source):
-        if len(input_shape) != 3:
-            raise ValueError(f"{self.name}: expects inputs of shape CxHxW, got "
-                             f"{shape_str(input_shape)} ({source})")
-        c, h, w = input_shape
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        try:
-            h2 = conv_output_size(h, kh, sh, ph, self.name, "H")
-            w2 = conv_output_size(w, kw, sw, pw, self.name, "W")
-        except ValueError as exc:
-            raise ValueError(f"{exc} ({source})") from None
-        return (c, h2, w2)
-
-    def flops(self):
-        kh, kw = self.kernel_size
-        return int(np.prod(self.output_shape)) * kh * kw
-
-    def _alloc(self, n, train):
-        ws = {"out": np.empty((n,) + self.output_shape, self.dtype),
-              "indices": np.empty((n,) + self.output_shape, np.int32)}
-        if train:
-            ws["dx"] = np.empty((n,) + self.input_shape, self.dtype)
-        return ws
-
-    def _forward(self, x, ws, nt, train):
-        out, idx = ws["out"], ws["indices"]
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        _pool.max_pool2d_forward(x, out, idx, kh, kw, sh, sw, ph, pw, nt)
-        if train:
-            self.indices = idx
-        return out
-
-    def _backward(self, g, x, ws, nt, need_input_grad, l2):
-        if not need_input_grad:
-            return None
-        dx = ws["dx"]
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        _pool.max_pool2d_backward(g, ws["indices"], dx, kh, kw, sh, sw, ph, pw, nt)
-        return dx
-
-    # A ReLU right before this pool, run as one pass (Sequential decides; see
-    # _pool.max_pool2d_relu_forward): x is the ReLU's input, results are identical.
-    def fuses_relu(self):
-        return self.kernel_size == (2, 2) and self.stride == (2, 2) and self.padding == (0, 0)
-
-    def _forward_relu(self, x, ws, nt, train):
-        out, idx = ws["out"], ws["indices"]
-        _pool.max_pool2d_relu_forward(x, out, idx, nt)
-        if train:
-            self.indices = idx
-        return out
-
-    def _backward_relu(self, g, x, ws, nt):
-        dx = ws["dx"]
-        _pool.max_pool2d_relu_backward(g, ws["out"], ws["indices"], dx, nt)
-        return dx
-
-
-class _Elementwise(Layer):
-    def flops(self):
-        return int(np.prod(self.output_shape))
-
-    def _alloc(self, n, train):
-        out = np.empty((n,) + self.output_shape, self.dtype)
-        ws = {"out": out, "out_flat": out.reshape(-1)}
-        if train:
-            dx = np.empty((n,) + self.input_shape, self.dtype)
-            ws["dx"] = dx
-            ws["dx_flat"] = dx.reshape(-1)
-        return ws
-
-    def _forward(self, x, ws, nt, train):
-        self._fwd_kernel(x.reshape(-1), ws["out_flat"], nt)
-        return ws["out"]
-
-    def _backward(self, g, x, ws, nt, need_input_grad, l2):
-        if not need_input_grad:
-            return None
-        self._bwd_kernel(g.reshape(-1), ws["out_flat"], ws["dx_flat"], nt)
-        return ws["dx"]
-
-
-class ReLU(_Elementwise):
-    """f(x) = max(0, x); gradient 1 where the output is positive, else 0."""
-
-    _fwd_kernel = staticmethod(_ew.relu_forward)
-    _bwd_kernel = staticmethod(_ew.relu_backward)
-
-
-class Sigmoid(_Elementwise):
-    """σ(x) = 1 / (1 + e^{−x}); gradient σ(x)(1 − σ(x)), computed from the output."""
-
-    def flops(self):
-        return 4 * int(np.prod(self.output_shape))
-
-    _fwd_kernel = staticmethod(_ew.sigmoid_forward)
-    _bwd_kernel = staticmethod(_ew.sigmoid_backward)
-
-
-class Flatten(Layer):
-    """Reshape each sample CxHxW -> (C·H·W,) (a view, no copy)."""
-
-    def _configure(self, input_shape, source):
-        return (int(np.prod(input_shape)),)
-
-    def _alloc(self, n, train):
-        return {}
-
-    def _forward(self, x, ws, nt, train):
-        return x.reshape(x.shape[0], -1)
-
-    def _backward(self, g, x, ws, nt, need_input_grad, l2):
-        if not need_input_grad:
-            return None
-        return g.reshape(x.shape)
-
-
-LAYER_TYPES = {cls.__name__: cls for cls in (Linear, Conv2d, MaxPool2d, ReLU, Sigmoid, Flatten)}
+    def on_train_forward(self, ws, x):
+        """Called by plans after a planned training forward, so state that the layer
+        keeps (pool indices, say) is what the layer-by-layer pass would leave."""

@@ -1,0 +1,187 @@
+"""Chain: layers in a line, with their passes, fusion and plan ops.
+
+``Sequential`` holds one chain; a ``Residual`` holds one per branch. A chain
+builds its layers (shape inference, "auto" init), decides which neighbours run
+as one pass (a layer's ``absorbs_previous``/``absorbs_next``), runs the passes
+forward and backward, and turns them into plan ops. It reaches its layers only
+through the layer protocol (layers/base.py).
+"""
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+
+from ..functional._checks import INT32_MAX, shape_str
+from .base import L2Op, Layer
+
+__all__ = ["Chain", "Op", "has_params", "replay"]
+
+
+class Op(NamedTuple):
+    """One bound call of a plan: ``run(nt)`` (``run(nt, l2)`` when ``takes_l2``).
+
+    ``bind`` is set when the op reads the pass's input x: the plan rebinds it to
+    each step's input, reshaped to ``shape``."""
+    run: Callable
+    bind: Optional[Callable] = None
+    shape: Optional[tuple] = None
+    takes_l2: bool = False
+
+
+class Chain:
+    """A list of layers run one after another (see the module notes)."""
+
+    def __init__(self, layers, where):
+        layers = list(layers)
+        if not layers:
+            raise ValueError(f"{where}: needs at least one layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"{where}: layers[{i}] must be a cdl layer, got "
+                                f"{type(layer).__name__}")
+        self.layers = layers
+        self.where = where
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self):
+        return len(self.layers)
+
+    # -- construction ---------------------------------------------------------------
+    def build(self, shape, dtype, rng, prefix="", source=None):
+        """Build every layer from the per-sample input ``shape``; returns the output shape."""
+        source = source or f"from input {shape_str(shape)}"
+        for i, layer in enumerate(self.layers):
+            init = layer.init
+            if init == "auto":
+                init = "he" if self._followed_by_relu(i) else "xavier"
+            out = layer.build(shape, dtype, index=f"{prefix}{i}", source=source, rng=rng,
+                              init=init)
+            n = int(np.prod(out))
+            if n > INT32_MAX:
+                raise ValueError(f"{layer.name}: output {shape_str(out)} has {n} elements per "
+                                 f"sample; at most {INT32_MAX} are supported")
+            if layer.names_source or i == 0:
+                source = f"from {layer.name} output {shape_str(out)}"
+            shape = out
+        self.output_shape = shape
+        self.first_trained = next((i for i, l in enumerate(self.layers) if has_params(l)),
+                                  len(self.layers))
+        self.fuse()
+        return shape
+
+    def _followed_by_relu(self, i):
+        for layer in self.layers[i + 1:]:
+            if layer.activation == "relu":
+                return True
+            if not layer.transparent:
+                return False
+        return False
+
+    def fuse(self, enable=True):
+        """Decide the passes: (index, layer) for each layer that runs; a layer that
+        runs a neighbour inside its own pass has fused_previous/fused_next set."""
+        layers = self.layers
+        for layer in layers:
+            layer.fused_previous = layer.fused_next = False
+        absorbed = set()
+        for i in range(len(layers) - 1):
+            if not enable or i in absorbed:
+                continue
+            a, b = layers[i], layers[i + 1]
+            if b.absorbs_previous(a):
+                b.fused_previous = True
+                absorbed.add(i)
+            elif a.absorbs_next(b):
+                a.fused_next = True
+                absorbed.add(i + 1)
+        self.absorbed = [layers[i] for i in sorted(absorbed)]
+        self.passes = [(i, layer) for i, layer in enumerate(layers) if i not in absorbed]
+
+    # -- walking ----------------------------------------------------------------------
+    def walk(self, prefix=""):
+        """Every layer inside, depth first, as (state-dict prefix, layer)."""
+        for i, layer in enumerate(self.layers):
+            p = f"{prefix}{i}."
+            yield p, layer
+            for name, child in layer.children():
+                if isinstance(child, Chain):
+                    yield from child.walk(f"{p}{name}.")
+                else:
+                    yield f"{p}{name}.", child
+
+    # -- passes (layer by layer) -------------------------------------------------------
+    def forward(self, x, nt, train, workspace):
+        for layer in self.absorbed:
+            layer._last = None
+        for _, layer in self.passes:
+            ws = workspace(layer)
+            y = layer._forward(x, ws, nt, train)
+            if train:
+                layer._last = (x, ws)
+            x = y
+        return x
+
+    def backward(self, g, nt, need_input_grad, l2):
+        """Back-propagate g; the chain's input gradient only if ``need_input_grad``
+        (layers before the first one with parameters are then skipped)."""
+        stop = 0 if need_input_grad else self.first_trained
+        for i, layer in reversed(self.passes):
+            if i < stop:
+                break
+            x, ws = layer._last
+            g = layer._backward(g, x, ws, nt, i > stop or need_input_grad,
+                                l2 if layer.fuses_l2 else 0.0)
+            if l2 and layer.decay and not layer.fuses_l2:
+                L2Op(layer).run(nt, l2)
+        return g
+
+    # -- plan ops -----------------------------------------------------------------------
+    def plan_forward(self, x, workspace, train):
+        """(ops, output, trace): the passes as ops on x. ``trace`` lists, per pass,
+        (index, layer, ws, input array, whether that input is x itself or a view of it)."""
+        ops, trace = [], []
+        h, from_input = x, True
+        for i, layer in self.passes:
+            ws = workspace(layer)
+            layer_ops, out = layer.plan_forward(h, ws, train)
+            for op in layer_ops:
+                ops.append(op if from_input else op._replace(bind=None))
+            trace.append((i, layer, ws, h, from_input))
+            from_input = from_input and np.shares_memory(out, h)
+            h = out
+        return ops, h, trace
+
+    def plan_backward(self, g, trace, need_input_grad):
+        """(ops, input gradient): the backward of the passes recorded in ``trace``."""
+        stop = 0 if need_input_grad else self.first_trained
+        ops = []
+        for i, layer, ws, x, x_is_input in reversed(trace):
+            if i < stop:
+                break
+            layer_ops, g = layer.plan_backward(g, x, ws, i > stop or need_input_grad)
+            for op in layer_ops:
+                ops.append(op if x_is_input else op._replace(bind=None))
+            if layer.decay and not layer.fuses_l2:
+                ops.append(Op(L2Op(layer).run, takes_l2=True))
+        return ops, g
+
+
+def has_params(layer):
+    """Whether a layer or anything inside it has trained parameters."""
+    if layer.params:
+        return True
+    for _, child in layer.children():
+        layers = child.layers if isinstance(child, Chain) else [child]
+        if any(has_params(l) for l in layers):
+            return True
+    return False
+
+
+def replay(trace, x):
+    """After a planned training forward on input x: leave each pass's state (``_last``,
+    and whatever ``on_train_forward`` sets) as the layer-by-layer pass would."""
+    for _, layer, ws, h, from_input in trace:
+        inp = x.reshape(h.shape) if from_input else h
+        layer._last = (inp, ws)
+        layer.on_train_forward(ws, inp)

@@ -1,0 +1,109 @@
+"""Conv2d: direct 2-D convolution over NCHW batches."""
+import numpy as np
+
+from .._kernels import conv as _conv
+from ..functional._checks import conv_output_size, int_pair, shape_str
+from .base import Layer, check_init, positive_int
+from .chain import Op
+
+__all__ = ["Conv2d"]
+
+
+class Conv2d(Layer):
+    """2-D convolution (cross-correlation) over NCHW inputs.
+
+    out[n, k, i, j] = b[k] + Σ_c Σ_u Σ_v W[k, c, u, v] · x[n, c, S·i + u − P, S·j + v − P],
+    with output size H2 = (H1 − F + 2P)/S + 1 (floor), W2 likewise.
+    ``weight`` is (out_channels, in_channels, kh, kw), ``bias`` (out_channels,);
+    ``bias=False`` leaves it out (as before a BatchNorm2d).
+    """
+
+    decay = ("weight",)
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 bias=True, init="auto"):
+        super().__init__()
+        self.in_channels = positive_int(in_channels, "in_channels", "Conv2d")
+        self.out_channels = positive_int(out_channels, "out_channels", "Conv2d")
+        self.kernel_size = int_pair(kernel_size, "kernel_size", "Conv2d", 1)
+        self.stride = int_pair(stride, "stride", "Conv2d", 1)
+        self.padding = int_pair(padding, "padding", "Conv2d", 0)
+        self.use_bias = bool(bias)
+        self.init = check_init(init, "Conv2d")
+        self._create(np.random.default_rng(), "he" if init == "auto" else init, np.float32)
+        self.dtype = np.dtype(np.float32)
+
+    def get_config(self):
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": list(self.padding), "bias": self.use_bias, "init": self.init}
+
+    @classmethod
+    def declared_params(cls, config):
+        ks = config["kernel_size"]
+        kh, kw = (ks, ks) if isinstance(ks, int) else (int(ks[0]), int(ks[1]))
+        i, o = int(config["in_channels"]), int(config["out_channels"])
+        return max(o, 0) * max(i, 0) * max(kh, 0) * max(kw, 0) + \
+            (max(o, 0) if config.get("bias", True) else 0)
+
+    def describe(self):
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        s = f"s={sh}" if sh == sw else f"s={sh},{sw}"
+        p = f"p={ph}" if ph == pw else f"p={ph},{pw}"
+        return (f"Conv2d({self.in_channels}, {self.out_channels}, {kh}x{kw}, {s}, {p}"
+                + ("" if self.use_bias else ", no bias") + ")")
+
+    def _create(self, rng, init, dtype):
+        kh, kw = self.kernel_size
+        shape = (self.out_channels, self.in_channels, kh, kw)
+        self._new_weight(shape, self.in_channels * kh * kw, self.out_channels * kh * kw,
+                         rng, init, dtype, self.use_bias)
+
+    def _configure(self, input_shape, source):
+        if len(input_shape) != 3:
+            raise ValueError(f"{self.name}: expects inputs of shape CxHxW, got "
+                             f"{shape_str(input_shape)} ({source})")
+        c, h, w = input_shape
+        if c != self.in_channels:
+            raise ValueError(f"{self.name}: expected {self.in_channels} input channels, got {c} "
+                             f"({source})")
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        try:
+            h2 = conv_output_size(h, kh, sh, ph, self.name, "H")
+            w2 = conv_output_size(w, kw, sw, pw, self.name, "W")
+        except ValueError as exc:
+            raise ValueError(f"{exc} ({source})") from None
+        return (self.out_channels, h2, w2)
+
+    def flops(self):
+        kh, kw = self.kernel_size
+        _, h2, w2 = self.output_shape
+        return 2 * self.in_channels * kh * kw * self.out_channels * h2 * w2
+
+    def _forward(self, x, ws, nt, train):
+        out = ws["out"]
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        _conv.conv2d_forward(x, self.params["weight"], self.params.get("bias"), out,
+                             sh, sw, ph, pw, nt)
+        return out
+
+    def _backward(self, g, x, ws, nt, need_input_grad, l2):
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        w, dw = self.params["weight"], self.grads["weight"]
+        _conv.conv2d_backward_weight(g, x, dw, self.grads.get("bias"), sh, sw, ph, pw, nt)
+        if not need_input_grad:
+            return None
+        dx = ws["dx"]
+        _conv.conv2d_backward_input(g, w, dx, sh, sw, ph, pw, nt)
+        return dx
+
+    def plan_forward(self, x, ws, train):
+        k = _conv.ConvForward(x, self.params["weight"], self.params.get("bias"), ws["out"],
+                              self.stride, self.padding)
+        return [Op(k.run, k.bind_input, x.shape)], ws["out"]
+
+    def plan_backward(self, g, x, ws, need_input_grad):
+        dx = ws["dx"] if need_input_grad else None
+        k = _conv.ConvBackward(g, x, self.params["weight"], dx, self.grads["weight"],
+                               self.grads.get("bias"), self.stride, self.padding)
+        return [Op(k.run, k.bind_input, x.shape)], dx

@@ -1,0 +1,86 @@
+"""Linear: the notes' score function f(x; W) = Wx + b, on a batch."""
+import numpy as np
+
+from .._kernels import dense as _dense
+from ..functional._checks import shape_str
+from .base import Layer, check_init, positive_int
+from .chain import Op
+
+__all__ = ["Linear"]
+
+
+class Linear(Layer):
+    """Fully connected layer, f(x; W) = x W^T + b.
+
+    ``weight`` is (out_features, in_features), ``bias`` (out_features,).
+    ``init``: "he" (N(0, 2/fan_in)), "xavier" (U(±sqrt(6/(fan_in+fan_out)))) or
+    "auto" (He when a ReLU follows, else Xavier; decided by Sequential).
+    """
+
+    decay = ("weight",)
+    fuses_l2 = True             # the backward kernel adds 2*l2*W to dW in the same pass
+
+    def __init__(self, in_features, out_features, bias=True, init="auto"):
+        super().__init__()
+        self.in_features = positive_int(in_features, "in_features", "Linear")
+        self.out_features = positive_int(out_features, "out_features", "Linear")
+        self.use_bias = bool(bias)
+        self.init = check_init(init, "Linear")
+        self._create(np.random.default_rng(), "he" if init == "auto" else init, np.float32)
+        self.dtype = np.dtype(np.float32)
+
+    def get_config(self):
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.use_bias, "init": self.init}
+
+    @classmethod
+    def declared_params(cls, config):
+        n, k = int(config["in_features"]), int(config["out_features"])
+        return max(n, 0) * max(k, 0) + (max(k, 0) if config.get("bias", True) else 0)
+
+    def describe(self):
+        return f"Linear({self.in_features}, {self.out_features}{'' if self.use_bias else ', no bias'})"
+
+    def _create(self, rng, init, dtype):
+        self._new_weight((self.out_features, self.in_features), self.in_features,
+                         self.out_features, rng, init, dtype, self.use_bias)
+
+    def _configure(self, input_shape, source):
+        if len(input_shape) != 1:
+            n = int(np.prod(input_shape))
+            raise ValueError(f"{self.name}: expects flat inputs of {self.in_features} features, "
+                             f"got {shape_str(input_shape)} ({source}); put a Flatten() before "
+                             f"it ({shape_str(input_shape)} = {n} features)")
+        if input_shape[0] != self.in_features:
+            raise ValueError(f"{self.name}: expected {self.in_features} input features, "
+                             f"got {input_shape[0]} ({source})")
+        return (self.out_features,)
+
+    def flops(self):
+        return 2 * self.in_features * self.out_features + (self.out_features if self.use_bias else 0)
+
+    def update_parts(self, key):
+        if key != "weight":
+            return None
+        return _dense.row_chunks(self.out_features, self.in_features)
+
+    def _forward(self, x, ws, nt, train):
+        out = ws["out"]
+        _dense.linear_forward(x, self.params["weight"], self.params.get("bias"), out, nt)
+        return out
+
+    def _backward(self, g, x, ws, nt, need_input_grad, l2):
+        dx = ws["dx"] if need_input_grad else None
+        _dense.linear_backward(g, x, self.params["weight"], dx, self.grads["weight"],
+                               self.grads.get("bias"), l2, nt)
+        return dx
+
+    def plan_forward(self, x, ws, train):
+        k = _dense.LinearForward(x, self.params["weight"], self.params.get("bias"), ws["out"])
+        return [Op(k.run, k.bind_input, x.shape)], ws["out"]
+
+    def plan_backward(self, g, x, ws, need_input_grad):
+        dx = ws["dx"] if need_input_grad else None
+        k = _dense.LinearBackward(g, x, self.params["weight"], dx, self.grads["weight"],
+                                  self.grads.get("bias"))
+        return [Op(k.run, k.bind_input, x.shape, takes_l2=True)], dx

@@ -1,0 +1,176 @@
+"""Batch normalisation over channels (BatchNorm2d) or features (BatchNorm1d)."""
+import numbers
+
+import numpy as np
+
+from .._kernels import norm as _norm
+from ..functional._checks import shape_str
+from .base import Layer, positive_int
+from .chain import Op
+
+__all__ = ["BatchNorm1d", "BatchNorm2d"]
+
+
+class _BatchNorm(Layer):
+    """PyTorch's semantics: in training, y = (x − mean) / sqrt(var + eps) · weight + bias
+    with the batch mean and biased variance per channel, and the running statistics
+    updated with ``momentum`` (the unbiased variance); in inference (predict,
+    evaluate), the running statistics. ``momentum=None`` keeps a cumulative average.
+
+    Parameters ``weight``, ``bias`` (when ``affine``); buffers ``running_mean``,
+    ``running_var``, ``num_batches_tracked``. A ReLU right after runs in this
+    layer's pass (``fused_next``), with identical results.
+    """
+
+    transparent = True
+    _ndim = None                # per-sample input dims accepted
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True):
+        super().__init__()
+        where = type(self).__name__
+        self.num_features = positive_int(num_features, "num_features", where)
+        for name, value in (("eps", eps), ("momentum", momentum)):
+            if value is None and name == "momentum":
+                continue
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{where}: {name} must be a number, got {value!r}")
+        if not (eps > 0 and np.isfinite(eps)):
+            raise ValueError(f"{where}: eps must be a finite number > 0, got {eps!r}")
+        if momentum is not None and not 0 <= momentum <= 1:
+            raise ValueError(f"{where}: momentum must be in [0, 1] or None, got {momentum!r}")
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+
+    def get_config(self):
+        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
+                "affine": self.affine}
+
+    @classmethod
+    def declared_params(cls, config):
+        return 2 * max(int(config["num_features"]), 0) if config.get("affine", True) else 0
+
+    def describe(self):
+        return f"{type(self).__name__}({self.num_features})"
+
+    def _configure(self, input_shape, source):
+        if len(input_shape) not in self._ndim or input_shape[0] != self.num_features:
+            want = " or ".join({1: "F", 2: "CxL", 3: "CxHxW"}[d] for d in self._ndim)
+            raise ValueError(f"{self.name}: expected inputs of shape {want} with "
+                             f"{self.num_features} channels (num_features), got "
+                             f"{shape_str(input_shape)} ({source})")
+        return input_shape
+
+    def _create(self, rng, init, dtype):
+        c = self.num_features
+        if self.affine:
+            self.add_param("weight", np.ones(c, dtype))
+            self.add_param("bias", np.zeros(c, dtype))
+        self.add_buffer("running_mean", np.zeros(c, dtype))
+        self.add_buffer("running_var", np.ones(c, dtype))
+        self.add_buffer("num_batches_tracked", np.zeros((), np.int64))
+
+    def absorbs_next(self, layer):
+        return layer.activation == "relu"
+
+    def flops(self):
+        return 2 * int(np.prod(self.output_shape))
+
+    # -- helpers ---------------------------------------------------------------------
+    def _planes(self, a):
+        return a.reshape(a.shape[0], self.num_features, -1)
+
+    def _plane_size(self):
+        return int(np.prod(self.input_shape[1:], dtype=np.int64))
+
+    def _check_batch(self, n):
+        if n * self._plane_size() < 2:
+            raise ValueError(f"{self.name}: training needs more than one value per channel, "
+                             f"got a batch of {n} with input {shape_str(self.input_shape)}")
+
+    def _factor(self):
+        """The running statistics' update factor for this batch (after counting it)."""
+        self.buffers["num_batches_tracked"] += 1
+        if self.momentum is None:
+            return 1.0 / float(self.buffers["num_batches_tracked"])
+        return self.momentum
+
+    def _alloc(self, n, train):
+        c = self.num_features
+        ws = {"out": np.empty((n,) + self.output_shape, self.dtype),
+              "scale": np.empty(c, self.dtype), "shift": np.empty(c, self.dtype)}
+        if train:
+            ws["dx"] = np.empty((n,) + self.input_shape, self.dtype)
+            ws["mean"] = np.empty(c, self.dtype)
+            ws["invstd"] = np.empty(c, self.dtype)
+        return ws
+
+    def _coefficients(self, ws):
+        b = self.buffers
+        _norm.batchnorm_eval_coefficients(self.params.get("weight"), self.params.get("bias"),
+                                          b["running_mean"], b["running_var"], self.eps,
+                                          ws["scale"], ws["shift"])
+
+    # -- passes ------------------------------------------------------------------------
+    def _forward(self, x, ws, nt, train):
+        x3, out3 = self._planes(x), self._planes(ws["out"])
+        if not train:
+            self._coefficients(ws)
+            _norm.batchnorm_forward_eval(x3, ws["scale"], ws["shift"], out3, self.fused_next, nt)
+            return ws["out"]
+        self._check_batch(x.shape[0])
+        b = self.buffers
+        _norm.batchnorm_forward_train(x3, self.params.get("weight"), self.params.get("bias"),
+                                      out3, ws["mean"], ws["invstd"], b["running_mean"],
+                                      b["running_var"], self._factor(), self.eps,
+                                      self.fused_next, nt)
+        return ws["out"]
+
+    def _backward(self, g, x, ws, nt, need_input_grad, l2):
+        dx = ws["dx"] if need_input_grad else None
+        _norm.batchnorm_backward(self._planes(g), self._planes(x), self._planes(ws["out"]),
+                                 self.params.get("weight"), ws["mean"], ws["invstd"],
+                                 None if dx is None else self._planes(dx),
+                                 self.grads.get("weight"), self.grads.get("bias"),
+                                 self.fused_next, nt)
+        return dx
+
+    def plan_forward(self, x, ws, train):
+        x3, out3 = self._planes(x), self._planes(ws["out"])
+        if not train:
+            k = _norm.BatchNormEvalForward(x3, ws["scale"], ws["shift"], out3, self.fused_next)
+            coef = lambda nt: self._coefficients(ws)   # noqa: E731  (weights change between runs)
+            return [Op(coef), Op(k.run, k.bind_input, x3.shape)], ws["out"]
+        self._check_batch(x.shape[0])
+        b = self.buffers
+        k = _norm.BatchNormTrainForward(x3, self.params.get("weight"), self.params.get("bias"),
+                                        out3, ws["mean"], ws["invstd"], b["running_mean"],
+                                        b["running_var"], self.momentum or 0.0, self.eps,
+                                        self.fused_next)
+
+        def run(nt):
+            k.set_momentum(self._factor())
+            k.run(nt)
+        return [Op(run, k.bind_input, x3.shape)], ws["out"]
+
+    def plan_backward(self, g, x, ws, need_input_grad):
+        dx = ws["dx"] if need_input_grad else None
+        x3 = self._planes(x)
+        k = _norm.BatchNormBackward(self._planes(g), x3, self._planes(ws["out"]),
+                                    self.params.get("weight"), ws["mean"], ws["invstd"],
+                                    None if dx is None else self._planes(dx),
+                                    self.grads.get("weight"), self.grads.get("bias"),
+                                    self.fused_next)
+        return [Op(k.run, k.bind_input, x3.shape)], dx
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalisation of (N, C, H, W) over N, H and W, per channel."""
+
+    _ndim = (3,)
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalisation of (N, F) per feature (or (N, C, L) per channel)."""
+
+    _ndim = (1, 2)

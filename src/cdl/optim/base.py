@@ -1,0 +1,161 @@
+"""The optimizer base class: an update of the model's flat parameter pack.
+
+An optimizer works on the public :class:`cdl.params.ParameterPack` of its model:
+one kernel call updates every parameter. Its per-parameter state (momentum
+buffers, Adam's moments) lives in flat buffers laid out like the pack, and
+``state_dict()`` gives it with the step count and settings; model files store
+it (``model.save(path, optimizer)``).
+
+Every optimizer takes ``clip_grad_norm``: before the update, all gradients are
+scaled by max_norm / (‖g‖ + 1e-6) when the global L2 norm ‖g‖ exceeds
+max_norm (as ``torch.nn.utils.clip_grad_norm_``).
+"""
+import math
+import numbers
+
+import numpy as np
+
+from .. import _config
+from .._kernels import elementwise as _ew
+from .._kernels import losses as _kl
+from ..functional._checks import shape_str
+
+__all__ = ["Optimizer", "OPTIMIZER_TYPES"]
+
+OPTIMIZER_TYPES = {}
+"""Every Optimizer subclass by class name (what model files may name)."""
+
+
+def number(value, name, where, lo=None, lo_open=False, hi=None, hi_open=False):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: {name} must be a number, got {value!r}")
+    v = float(value)
+    bad = not math.isfinite(v)
+    if lo is not None:
+        bad |= v <= lo if lo_open else v < lo
+    if hi is not None:
+        bad |= v >= hi if hi_open else v > hi
+    if bad:
+        rng = (f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}"
+               f"{')' if hi_open or hi is None else ']'}")
+        raise ValueError(f"{where}: {name} must be a finite number in {rng}, got {value!r}")
+    return v
+
+
+class Optimizer:
+    """Base class. Subclasses name their per-parameter ``state_names`` and implement
+    ``_bind()`` (make the update call once) and ``_update(nt)``."""
+
+    state_names = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("_"):
+            OPTIMIZER_TYPES[cls.__name__] = cls
+
+    def __init__(self, model, lr, clip_grad_norm=None):
+        where = type(self).__name__
+        if getattr(model, "parameter_pack", None) is None:
+            raise TypeError(f"{where}: model must be a cdl.Sequential, got "
+                            f"{type(model).__name__}")
+        self.lr = number(lr, "lr", where, lo=0.0, lo_open=True)
+        self.clip_grad_norm = None if clip_grad_norm is None else \
+            number(clip_grad_norm, "clip_grad_norm", where, lo=0.0, lo_open=True)
+        self.model = model
+        self.pack = model.parameter_pack
+        self.base_lr = self.lr
+        self.steps = 0
+        self.buffers = {}
+        if self.pack.params is not None:
+            self.buffers = {name: self.pack.zeros() for name in self.state_names}
+            self._bind()
+
+    def _bind(self):
+        raise NotImplementedError
+
+    def _update(self, nt):
+        raise NotImplementedError
+
+    def step(self, threads=None):
+        """One update of every parameter from its current gradient."""
+        nt = threads or _config.get_num_threads()
+        self.steps += 1
+        if self.pack.params is None:
+            return
+        if self.clip_grad_norm is not None:
+            self.clip_gradients(self.clip_grad_norm, nt)
+        self._update(nt)
+
+    def clip_gradients(self, max_norm, nt=None):
+        """Scale every gradient by max_norm / (‖g‖ + 1e-6) if the global norm ‖g‖ is
+        larger; returns ‖g‖ before clipping."""
+        grads = self.pack.grads
+        if grads is None:
+            return 0.0
+        norm = math.sqrt(_kl.sum_squares(grads))
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            _ew.scale(grads, coef, nt or _config.get_num_threads())
+        return norm
+
+    # -- state ---------------------------------------------------------------------
+    def get_config(self):
+        return {"lr": self.lr, "clip_grad_norm": self.clip_grad_norm}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+    def state_dict(self):
+        """{"type", "config", "base_lr", "step", "state": {buffer name: {param name:
+        array}}}: everything needed to resume (arrays are copies)."""
+        state = {b: {name: self.pack.view(flat, name).copy() for name in self.pack.names}
+                 for b, flat in self.buffers.items()}
+        return {"type": type(self).__name__, "config": self.get_config(),
+                "base_lr": self.base_lr, "step": self.steps, "state": state}
+
+    def load_state_dict(self, state, where=None):
+        """Load what ``state_dict`` gave; everything is checked before anything changes."""
+        where = where or f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state, dict):
+            raise TypeError(f"{where}: expected a dict, got {type(state).__name__}")
+        if state.get("type", type(self).__name__) != type(self).__name__:
+            raise ValueError(f"{where}: the state is of a {state.get('type')}, not a "
+                             f"{type(self).__name__}")
+        step = state.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"{where}: step must be an int >= 0, got {step!r}")
+        arrays = state.get("state", {})
+        problems, values = [], []
+        if not isinstance(arrays, dict):
+            raise ValueError(f"{where}: 'state' must be a dict")
+        extra = sorted(set(arrays) - set(self.buffers))
+        if extra:
+            problems.append(f"unexpected state {extra}")
+        for b in self.buffers:
+            per = arrays.get(b)
+            if per is None:
+                problems.append(f"missing state {b!r}")
+                continue
+            if not isinstance(per, dict):
+                problems.append(f"state {b!r} is not a dict of arrays")
+                continue
+            missing = sorted(set(self.pack.names) - set(per))
+            unexpected = sorted(set(per) - set(self.pack.names))
+            if missing or unexpected:
+                problems.append(f"state {b!r}: missing {missing}, unexpected {unexpected}")
+                continue
+            for name in self.pack.names:
+                a = np.asarray(per[name])
+                if a.shape != self.pack.shapes[name] or a.dtype.kind not in "fiu":
+                    problems.append(f"{b}[{name}] is {a.dtype} {shape_str(a.shape)}, needs "
+                                    f"{shape_str(self.pack.shapes[name])}")
+                else:
+                    values.append((b, name, a))
+        if problems:
+            raise ValueError(f"{where}: " + "; ".join(problems))
+        for b, name, a in values:
+            self.pack.view(self.buffers[b], name)[...] = a
+        self.steps = int(step)
+        if "base_lr" in state:
+            self.base_lr = float(state["base_lr"])
