@@ -37,6 +37,8 @@ containers
 Every subclass is registered by name in ``LAYER_TYPES`` when it is defined;
 model files only ever build registered classes.
 """
+from typing import Callable, NamedTuple, Optional
+
 import numpy as np
 
 from .. import _config
@@ -44,7 +46,7 @@ from .._kernels import elementwise as _ew
 from ..functional._checks import FLOAT_DTYPES, INT32_MAX, shape_str
 from ..init import INITS, initialize
 
-__all__ = ["Layer", "LAYER_TYPES", "check_grad"]
+__all__ = ["Layer", "LAYER_TYPES", "Op", "check_grad"]
 
 _KEEP_SIZES = 2  # batch sizes whose buffers a layer keeps
 
@@ -75,6 +77,17 @@ def check_init(init, where):
     if init != "auto" and init not in INITS:
         raise ValueError(f"{where}: init must be 'auto', 'he' or 'xavier', got {init!r}")
     return init
+
+
+class Op(NamedTuple):
+    """One bound call of a plan: ``run(nt)`` (``run(nt, l2)`` when ``takes_l2``).
+
+    ``bind`` is set when the op reads the pass's input x: the plan rebinds it to
+    each step's input, reshaped to ``shape``."""
+    run: Callable
+    bind: Optional[Callable] = None
+    shape: Optional[tuple] = None
+    takes_l2: bool = False
 
 
 class CallOp:
@@ -328,7 +341,8 @@ class Layer:
             y = self._forward(xv, ws, nt, train)
             if y is not out:
                 np.copyto(out, y)
-        return [CallOp(run, x)], out
+        op = CallOp(run, x)
+        return [Op(op.run, op.bind_input, x.shape)], out
 
     def plan_backward(self, g, x, ws, need_input_grad):
         """(ops, input gradient or None): bound calls of this layer's backward; each op's
@@ -339,7 +353,8 @@ class Layer:
             r = self._backward(g, xv, ws, nt, need_input_grad, 0.0)
             if need_input_grad and r is not dx:
                 np.copyto(dx, r)
-        return [CallOp(run, x)], dx
+        op = CallOp(run, x)
+        return [Op(op.run, op.bind_input, x.shape)], dx
 
     def on_train_forward(self, ws, x):
         """Called by plans after a planned training forward, so state that the layer

@@ -6,25 +6,12 @@ as one pass (a layer's ``absorbs_previous``/``absorbs_next``), runs the passes
 forward and backward, and turns them into plan ops. It reaches its layers only
 through the layer protocol (layers/base.py).
 """
-from typing import Callable, NamedTuple, Optional
-
 import numpy as np
 
 from ..functional._checks import INT32_MAX, shape_str
-from .base import L2Op, Layer
+from .base import L2Op, Layer, Op
 
 __all__ = ["Chain", "Op", "has_params", "replay"]
-
-
-class Op(NamedTuple):
-    """One bound call of a plan: ``run(nt)`` (``run(nt, l2)`` when ``takes_l2``).
-
-    ``bind`` is set when the op reads the pass's input x: the plan rebinds it to
-    each step's input, reshaped to ``shape``."""
-    run: Callable
-    bind: Optional[Callable] = None
-    shape: Optional[tuple] = None
-    takes_l2: bool = False
 
 
 class Chain:
