@@ -1,0 +1,256 @@
+"""BatchNorm, Dropout, average pooling, Tanh, LeakyReLU, Residual, and Adam/AdamW
+inside models: NumPy twins, float64 gradchecks, plan = layer by layer bit for bit,
+thread-count independence, PyTorch cross-checks, and bad input."""
+import numpy as np
+import pytest
+
+import cdl
+
+
+def conv_bn_net(dtype=np.float32, seed=0):
+    return cdl.Sequential([
+        cdl.Conv2d(3, 8, 3, padding=1, bias=False), cdl.BatchNorm2d(8), cdl.ReLU(),
+        cdl.Residual([cdl.Conv2d(8, 8, 3, padding=1, bias=False), cdl.BatchNorm2d(8),
+                      cdl.ReLU(), cdl.Conv2d(8, 8, 3, padding=1, bias=False),
+                      cdl.BatchNorm2d(8)]),
+        cdl.ReLU(),
+        cdl.Residual([cdl.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+                      cdl.BatchNorm2d(16), cdl.LeakyReLU(0.1)],
+                     shortcut=[cdl.Conv2d(8, 16, 1, stride=2, bias=False), cdl.BatchNorm2d(16)]),
+        cdl.Tanh(), cdl.AvgPool2d(2), cdl.Dropout(0.25), cdl.GlobalAvgPool2d(),
+        cdl.Linear(16, 12), cdl.BatchNorm1d(12), cdl.Sigmoid(), cdl.Dropout(0.1),
+        cdl.Linear(12, 5)], (3, 8, 8), dtype=dtype, seed=seed, l2=1e-3)
+
+
+def batch(n=6, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 3, 8, 8)).astype(dtype), rng.integers(0, 5, n)
+
+
+def test_names_match_torch_conventions():
+    m = conv_bn_net()
+    sd = m.state_dict()
+    for key in ("0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var",
+                "1.num_batches_tracked", "3.layers.0.weight", "3.layers.1.running_var",
+                "5.layers.0.weight", "5.shortcut.0.weight", "5.shortcut.1.running_mean",
+                "10.weight", "11.running_mean"):
+        assert key in sd, key
+    assert sd["1.num_batches_tracked"].dtype == np.int64
+    assert "0.bias" not in sd
+
+
+def test_gradcheck_every_new_layer():
+    m = conv_bn_net(np.float64)
+    x, y = batch(4, dtype=np.float64)
+    errors = cdl.gradcheck(m, x, y, cdl.SoftmaxCrossEntropy(), max_checks=12)
+    assert max(errors.values()) < 1e-6, errors
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_plan_equals_layer_by_layer_and_threads(dtype):
+    x, y = batch(6, dtype=dtype)
+    loss = cdl.SoftmaxCrossEntropy()
+    results = []
+    for use_plan, nt in ((True, 1), (False, 2), (True, 2), (True, 3)):
+        m = conv_bn_net(dtype)
+        m._use_plans = use_plan
+        opt = cdl.AdamW(m, lr=1e-2)
+        with cdl.threads(nt):
+            values = [m.train_step(x[:n], y[:n], loss, opt) for n in (6, 5, 6)]
+            pred = m.predict(x)
+        results.append((values, m.state_dict(), pred, m.layers[8].passes))
+    ref = results[0]
+    for values, sd, pred, passes in results[1:]:
+        assert values == ref[0]
+        for k in sd:
+            np.testing.assert_array_equal(sd[k], ref[1][k], err_msg=k)
+        np.testing.assert_array_equal(pred, ref[2])
+        assert passes == ref[3] == 3
+
+
+def test_batchnorm_matches_numpy_twin_and_running_stats():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 4, 3, 3)) * 3 + 1
+    bn = cdl.BatchNorm2d(4, momentum=0.2)
+    m = cdl.Sequential([bn, cdl.Flatten()], (4, 3, 3), dtype=np.float64)
+    bn.params["weight"][:] = rng.standard_normal(4)
+    bn.params["bias"][:] = rng.standard_normal(4)
+    out = m.forward(x).reshape(x.shape)
+    mean = x.mean(axis=(0, 2, 3))
+    var = x.var(axis=(0, 2, 3))
+    ref = (x - mean[:, None, None]) / np.sqrt(var[:, None, None] + 1e-5) \
+        * bn.params["weight"][:, None, None] + bn.params["bias"][:, None, None]
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(bn.buffers["running_mean"], 0.2 * mean, rtol=1e-12)
+    np.testing.assert_allclose(bn.buffers["running_var"], 0.8 + 0.2 * var * 45 / 44, rtol=1e-12)
+    assert int(bn.buffers["num_batches_tracked"]) == 1
+    # inference uses the running statistics
+    pred = m.predict(x).reshape(x.shape)
+    rm, rv = bn.buffers["running_mean"], bn.buffers["running_var"]
+    ref = (x - rm[:, None, None]) / np.sqrt(rv[:, None, None] + 1e-5) \
+        * bn.params["weight"][:, None, None] + bn.params["bias"][:, None, None]
+    np.testing.assert_allclose(pred, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_is_identity_in_inference_and_reproducible_in_training():
+    x = np.ones((64, 100), np.float32)
+    def make(seed):
+        return cdl.Sequential([cdl.Dropout(0.3), cdl.Linear(100, 2)], (100,), seed=seed)
+    a, b, c = make(1), make(1), make(2)
+    np.testing.assert_array_equal(a.predict(x), b.predict(x))
+    fa, fb, fc = a.forward(x), b.forward(x), c.forward(x)
+    np.testing.assert_array_equal(fa, fb)
+    assert not np.array_equal(fa, fc)
+    kept = a.layers[0]._ws[64]["out"]
+    assert abs((kept != 0).mean() - 0.7) < 0.02
+    np.testing.assert_allclose(kept[kept != 0], 1 / 0.7, rtol=1e-6)
+    assert not np.array_equal(a.forward(x), fa)     # the next step draws a new mask
+
+
+def test_avgpool_and_gap_and_activations_match_numpy():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 7, 7))
+    m = cdl.Sequential([cdl.AvgPool2d(3, stride=2, padding=1)], (3, 7, 7), dtype=np.float64)
+    out = m.predict(x)
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    ref = np.array([[[[xp[n, c, 2 * i:2 * i + 3, 2 * j:2 * j + 3].sum() / 9
+                       for j in range(4)] for i in range(4)] for c in range(3)]
+                    for n in range(2)])
+    np.testing.assert_allclose(out, ref, rtol=1e-12)
+    g = cdl.Sequential([cdl.GlobalAvgPool2d()], (3, 7, 7), dtype=np.float64).predict(x)
+    np.testing.assert_allclose(g, x.mean(axis=(2, 3)), rtol=1e-12)
+    flat = x.reshape(2, -1)
+    t = cdl.Sequential([cdl.Tanh()], (147,), dtype=np.float64).predict(flat)
+    np.testing.assert_allclose(t, np.tanh(flat), rtol=1e-12, atol=1e-15)
+    lr = cdl.Sequential([cdl.LeakyReLU(0.2)], (147,), dtype=np.float64).predict(flat)
+    np.testing.assert_array_equal(lr, np.where(flat > 0, flat, 0.2 * flat))
+
+
+def test_torch_cross_check_resnet_block():
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1, bias=False),
+                                        nn.BatchNorm2d(16), nn.ReLU(),
+                                        nn.Conv2d(16, 16, 3, 1, 1, bias=False),
+                                        nn.BatchNorm2d(16))
+            self.shortcut = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False),
+                                          nn.BatchNorm2d(16))
+
+        def forward(self, x):
+            return self.layers(x) + self.shortcut(x)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        Block(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(16, 10))
+    m = cdl.Sequential([
+        cdl.Conv2d(3, 8, 3, padding=1, bias=False), cdl.BatchNorm2d(8), cdl.ReLU(),
+        cdl.Residual([cdl.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+                      cdl.BatchNorm2d(16), cdl.ReLU(),
+                      cdl.Conv2d(16, 16, 3, padding=1, bias=False), cdl.BatchNorm2d(16)],
+                     shortcut=[cdl.Conv2d(8, 16, 1, stride=2, bias=False), cdl.BatchNorm2d(16)]),
+        cdl.ReLU(), cdl.GlobalAvgPool2d(), cdl.Linear(16, 10)], (3, 8, 8))
+    sd = {k: v.numpy() for k, v in net.state_dict().items()}
+    sd = {k.replace("6.", "X.") if False else k: v for k, v in sd.items()}
+    # torch's Flatten at 6 shifts the Linear to 7; cdl's GlobalAvgPool2d flattens itself
+    sd = {("6." + k[2:] if k.startswith("7.") else k): v for k, v in sd.items()}
+    m.load_state_dict(sd)
+    x, y = batch(5)
+    tx = torch.from_numpy(x)
+    opt_t = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    opt_c = cdl.AdamW(m, lr=1e-2)
+    loss_t = nn.CrossEntropyLoss()
+    for _ in range(3):
+        opt_t.zero_grad()
+        lt = loss_t(net(tx), torch.from_numpy(y))
+        lt.backward()
+        opt_t.step()
+        lc = m.train_step(x, y, cdl.SoftmaxCrossEntropy(), opt_c)
+        assert lc == pytest.approx(lt.item(), rel=1e-4)
+    net.eval()
+    with torch.no_grad():
+        ref = net(tx).numpy()
+    np.testing.assert_allclose(m.predict(x), ref, rtol=1e-3, atol=1e-4)
+    got = m.state_dict()
+    for k, v in net.state_dict().items():
+        k2 = "6." + k[2:] if k.startswith("7.") else k
+        np.testing.assert_allclose(got[k2], v.numpy(), rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+def test_bad_input_messages():
+    with pytest.raises(ValueError, match=r"BatchNorm2d\[1\]: expected inputs of shape CxHxW "
+                                         r"with 4 channels \(num_features\), got 3x8x8"):
+        cdl.Sequential([cdl.Conv2d(3, 3, 1), cdl.BatchNorm2d(4)], (3, 8, 8))
+    for p in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"Dropout: p must be in \[0, 1\)"):
+            cdl.Dropout(p)
+    with pytest.raises(TypeError, match="Dropout: p must be a number"):
+        cdl.Dropout("0.5")
+    with pytest.raises(ValueError, match=r"Residual\[0\]: the branches' outputs differ: layers "
+                                         r"give 3x8x8 -> Conv2d.* -> 4x4x4, shortcut gives the "
+                                         r"identity 3x8x8"):
+        cdl.Sequential([cdl.Residual([cdl.Conv2d(3, 4, 3, stride=2, padding=1)])], (3, 8, 8))
+    m = cdl.Sequential([cdl.Linear(3, 2)], (3,))
+    for kw, match in (({"betas": (0.9, 1.0)}, r"Adam: betas\[1\] must be a finite number in "
+                                              r"\[0.0, 1.0\)"),
+                      ({"betas": (-0.1, 0.9)}, r"betas\[0\]"),
+                      ({"eps": 0.0}, r"Adam: eps must be a finite number in \(0.0, inf\)")):
+        with pytest.raises(ValueError, match=match):
+            cdl.Adam(m, **kw)
+    with pytest.raises(TypeError, match="Adam: betas must be a pair"):
+        cdl.Adam(m, betas=0.9)
+    bn = cdl.Sequential([cdl.BatchNorm1d(3)], (3,))
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        bn.train_step(np.ones((1, 3), np.float32), np.array([0]), cdl.SoftmaxCrossEntropy(),
+                      cdl.SGD(bn, lr=0.1))
+
+
+def test_model_file_with_mismatched_buffers_is_refused(tmp_path):
+    import json
+    m = conv_bn_net()
+    path = tmp_path / "m.npz"
+    m.save(path)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    header = json.loads(arrays.pop("__cdl__").tobytes())
+    arrays["buffer/1.running_mean"] = np.zeros(7, np.float32)
+    for e in header["arrays"]:
+        if e["name"] == "buffer/1.running_mean":
+            e["shape"] = [7]
+    np.savez(tmp_path / "bad.npz", __cdl__=np.frombuffer(json.dumps(header).encode(), np.uint8),
+             **arrays)
+    with pytest.raises(ValueError, match=r"buffer 1.running_mean is float32 7 but the "
+                                         r"architecture needs float32 8"):
+        cdl.load(tmp_path / "bad.npz")
+    loaded = cdl.load(path)
+    x, _ = batch(3)
+    np.testing.assert_array_equal(loaded.predict(x), m.predict(x))
+
+
+def test_adam_matches_torch_formulas_over_steps():
+    torch = pytest.importorskip("torch")
+    m = cdl.Sequential([cdl.Linear(4, 3)], (4,), dtype=np.float64, seed=0)
+    w = torch.tensor(m.layers[0].params["weight"].copy(), requires_grad=True)
+    b = torch.tensor(m.layers[0].params["bias"].copy(), requires_grad=True)
+    for cls, tcls, wd in ((cdl.Adam, torch.optim.Adam, 0.1), (cdl.AdamW, torch.optim.AdamW, 0.1)):
+        mm = cdl.Sequential([cdl.Linear(4, 3)], (4,), dtype=np.float64, seed=0)
+        opt = cls(mm, lr=0.05, betas=(0.8, 0.9), eps=1e-6, weight_decay=wd, clip_grad_norm=0.5)
+        tw, tb = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        topt = tcls([tw, tb], lr=0.05, betas=(0.8, 0.9), eps=1e-6, weight_decay=wd)
+        rng = np.random.default_rng(0)
+        for _ in range(5):
+            x = rng.standard_normal((8, 4))
+            y = rng.integers(0, 3, 8)
+            mm.train_step(x, y, cdl.SoftmaxCrossEntropy(), opt)
+            topt.zero_grad()
+            out = torch.from_numpy(x) @ tw.T + tb
+            torch.nn.functional.cross_entropy(out, torch.from_numpy(y)).backward()
+            torch.nn.utils.clip_grad_norm_([tw, tb], 0.5)
+            topt.step()
+        np.testing.assert_allclose(mm.layers[0].params["weight"], tw.detach().numpy(),
+                                   rtol=1e-10, atol=1e-12)
+        assert opt.state_dict()["step"] == 5
