@@ -10,5 +10,6 @@ conv = load("_conv")
 dense = load("_dense")
 pool = load("_pool")
 elementwise = load("_elementwise")
+norm = load("_norm")
 
-__all__ = ["conv", "dense", "elementwise", "losses", "pool"]
+__all__ = ["conv", "dense", "elementwise", "losses", "norm", "pool"]
