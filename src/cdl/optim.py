@@ -77,7 +77,7 @@ class SGD:
         nt = threads or _config.get_num_threads()
         lr, mu, nest = self.lr, self.momentum, self.nesterov
         if self._update is not None:
-            self._update(lr, mu, nest, nt)
+            self._update(lr, mu, nest, 0.0, nt)
             return
         for p, g, v in self._slots:
             _ew.sgd_update(p, g, v, lr, mu, nest, 0.0, nt)
