@@ -19,6 +19,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport exp, log
 from libc.stdint cimport int64_t
+from libc.stdlib cimport malloc, free
 
 # Below this many score elements a second thread costs more than it saves.
 cdef Py_ssize_t PARALLEL_MIN_ELEMENTS = 1 << 14
@@ -232,23 +233,59 @@ def mse_labels(const floating[:, ::1] pred, const int64_t[::1] labels, floating[
 
 # ---------------------------------------------------------------- L2
 
-def sum_squares(const floating[::1] w):
-    """Σ w² in float64, in a fixed order (four interleaved partial sums)."""
-    cdef Py_ssize_t n = w.shape[0], i
+# Elements per sum_squares part: parts are summed alone (in parallel) and their
+# sums then added in part order, so the total is the same for any thread count.
+cdef Py_ssize_t SUM_PART = 1 << 16
+
+
+cdef double _sum_squares_part(const floating* w, Py_ssize_t n) noexcept nogil:
+    """Σ w² in float64: four interleaved partial sums, then (a0 + a1) + (a2 + a3)."""
+    cdef Py_ssize_t i = 0
     cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, v
-    with nogil:
-        i = 0
-        while i + 4 <= n:
-            a0 += <double>w[i] * w[i]
-            a1 += <double>w[i + 1] * w[i + 1]
-            a2 += <double>w[i + 2] * w[i + 2]
-            a3 += <double>w[i + 3] * w[i + 3]
-            i += 4
-        while i < n:
-            v = w[i]
-            a0 += v * v
-            i += 1
+    while i + 4 <= n:
+        a0 += <double>w[i] * w[i]
+        a1 += <double>w[i + 1] * w[i + 1]
+        a2 += <double>w[i + 2] * w[i + 2]
+        a3 += <double>w[i + 3] * w[i + 3]
+        i += 4
+    while i < n:
+        v = w[i]
+        a0 += v * v
+        i += 1
     return (a0 + a1) + (a2 + a3)
+
+
+cdef double _sum_squares(const floating[::1] w, int num_threads) except? -1:
+    cdef Py_ssize_t n = w.shape[0], parts, t, lo
+    cdef double total = 0
+    cdef double* sums
+    if n == 0:
+        return 0.0
+    cdef const floating* wp = &w[0]
+    if n <= SUM_PART:
+        with nogil:
+            total = _sum_squares_part(wp, n)
+        return total
+    parts = (n + SUM_PART - 1) // SUM_PART
+    sums = <double*>malloc(parts * sizeof(double))
+    if sums == NULL:
+        raise MemoryError()
+    with nogil:
+        for t in prange(parts, schedule="static",
+                        num_threads=num_threads if n >= 1 << 19 and num_threads > 0 else 1):
+            lo = t * SUM_PART
+            sums[t] = _sum_squares_part(wp + lo, min(SUM_PART, n - lo))
+        for t in range(parts):
+            total += sums[t]
+    free(sums)
+    return total
+
+
+def sum_squares(const floating[::1] w, int num_threads=1):
+    """Σ w² in float64, in a fixed order: parts of 65536 elements, each with four
+    interleaved partial sums, added in part order (the same for any thread count;
+    up to one part, the plain four-sum order)."""
+    return _sum_squares(w, num_threads)
 
 
 def label_range(const int64_t[::1] labels):

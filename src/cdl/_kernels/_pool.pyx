@@ -23,7 +23,7 @@ instead of scattering silently wrong gradients.
 """
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport INFINITY
+from libc.math cimport INFINITY, NAN
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from cdl._kernels._openmp cimport omp_get_thread_num
@@ -642,3 +642,282 @@ cdef class ReluMaxPoolBackward:
     def run(self, int num_threads):
         _max_pool2d_relu_backward(self.grad_out, self.out, self.indices, self.grad_input,
                                   num_threads)
+
+
+# ---------------------------------------------------------------- average pooling
+# PyTorch's avg_pool2d with count_include_pad=True (its default): the sum over the
+# window's cells inside the input, divided by kh*kw always. Each window is summed
+# in row-major order (padded cells skipped); each plane is computed whole by one
+# thread, so results are bitwise identical for any thread count. The backward
+# adds g / (kh*kw) into every cell of each window, in output order, into a
+# zeroed plane.
+
+cdef inline Py_ssize_t _ow_first(Py_ssize_t off, Py_ssize_t sw) noexcept nogil:
+    """First ow with ow*sw + off >= 0."""
+    if off >= 0:
+        return 0
+    return (-off + sw - 1) // sw
+
+
+cdef inline Py_ssize_t _ow_stop(Py_ssize_t off, Py_ssize_t sw, Py_ssize_t W,
+                                Py_ssize_t OW) noexcept nogil:
+    """One past the last ow < OW with ow*sw + off < W."""
+    if W - 1 - off < 0:
+        return 0
+    return min((W - 1 - off) // sw + 1, OW)
+
+
+cdef void _avg_plane(const floating* x, floating* y, Py_ssize_t H, Py_ssize_t W,
+                     Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t kh, Py_ssize_t kw,
+                     Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
+    cdef Py_ssize_t oh, ow, i, j, h, off, lo, hi
+    cdef floating div = <floating>(kh * kw)
+    cdef floating* yr
+    cdef const floating* xr
+    for oh in range(OH):
+        yr = y + oh * OW
+        for ow in range(OW):
+            yr[ow] = 0
+        for i in range(kh):
+            h = oh * sh - ph + i
+            if h < 0 or h >= H:
+                continue
+            xr = x + h * W
+            # Window offset (i, j) swept across the row: every output still adds
+            # its cells in row-major order.
+            for j in range(kw):
+                off = j - pw
+                lo = _ow_first(off, sw)
+                hi = _ow_stop(off, sw, W, OW)
+                if sw == 1:
+                    for ow in range(lo, hi):
+                        yr[ow] += xr[ow + off]
+                else:
+                    for ow in range(lo, hi):
+                        yr[ow] += xr[ow * sw + off]
+        for ow in range(OW):
+            yr[ow] = yr[ow] / div
+
+
+cdef void _avg_plane_backward(const floating* g, floating* dx, Py_ssize_t H, Py_ssize_t W,
+                              Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t kh, Py_ssize_t kw,
+                              Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
+                              Py_ssize_t pw) noexcept nogil:
+    cdef Py_ssize_t oh, ow, i, j, h, off, lo, hi
+    cdef floating div = <floating>(kh * kw)
+    cdef const floating* gr
+    cdef floating* dr
+    memset(dx, 0, H * W * sizeof(floating))
+    for oh in range(OH):
+        gr = g + oh * OW
+        for i in range(kh):
+            h = oh * sh - ph + i
+            if h < 0 or h >= H:
+                continue
+            dr = dx + h * W
+            for j in range(kw):
+                off = j - pw
+                lo = _ow_first(off, sw)
+                hi = _ow_stop(off, sw, W, OW)
+                if sw == 1:
+                    for ow in range(lo, hi):
+                        dr[ow + off] += gr[ow] / div
+                else:
+                    for ow in range(lo, hi):
+                        dr[ow * sw + off] += gr[ow] / div
+
+
+cdef int _avg_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
+                             Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
+                             Py_ssize_t ph, Py_ssize_t pw, int num_threads) except -1:
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
+    cdef Py_ssize_t p, planes = N * C
+    if planes == 0 or OH == 0 or OW == 0:
+        return 0
+    cdef const floating* xp = &x[0, 0, 0, 0]
+    cdef floating* yp = &out[0, 0, 0, 0]
+    with nogil:
+        for p in prange(planes, schedule="static",
+                        num_threads=_threads(planes * H * W, num_threads)):
+            _avg_plane(xp + p * H * W, yp + p * OH * OW, H, W, OH, OW, kh, kw, sh, sw, ph, pw)
+    return 0
+
+
+def avg_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
+                       Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
+                       Py_ssize_t ph, Py_ssize_t pw, int num_threads):
+    """out = average pool of x (N, C, H, W), count_include_pad=True: each window's sum
+    over the cells inside x divided by kh*kw."""
+    _avg_pool2d_forward(x, out, kh, kw, sh, sw, ph, pw, num_threads)
+
+
+cdef int _avg_pool2d_backward(const floating[:, :, :, ::1] grad_out,
+                              floating[:, :, :, ::1] grad_input, Py_ssize_t kh, Py_ssize_t kw,
+                              Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                              int num_threads) except -1:
+    cdef Py_ssize_t N = grad_input.shape[0], C = grad_input.shape[1]
+    cdef Py_ssize_t H = grad_input.shape[2], W = grad_input.shape[3]
+    cdef Py_ssize_t OH = grad_out.shape[2], OW = grad_out.shape[3]
+    cdef Py_ssize_t p, planes = N * C
+    if planes == 0 or H == 0 or W == 0:
+        return 0
+    cdef floating* dp = &grad_input[0, 0, 0, 0]
+    cdef const floating* gp = NULL
+    if OH == 0 or OW == 0:
+        with nogil:
+            memset(dp, 0, planes * H * W * sizeof(floating))
+        return 0
+    gp = &grad_out[0, 0, 0, 0]
+    with nogil:
+        for p in prange(planes, schedule="static",
+                        num_threads=_threads(planes * H * W, num_threads)):
+            _avg_plane_backward(gp + p * OH * OW, dp + p * H * W, H, W, OH, OW, kh, kw, sh, sw,
+                                ph, pw)
+    return 0
+
+
+def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] grad_input,
+                        Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
+                        Py_ssize_t ph, Py_ssize_t pw, int num_threads):
+    """grad_input = gradient of avg_pool2d_forward (every cell written)."""
+    _avg_pool2d_backward(grad_out, grad_input, kh, kw, sh, sw, ph, pw, num_threads)
+
+
+# ---------------------------------------------------------------- global average pooling
+# x (N, C, L) -> out (N, C): the mean over L, summed in double into 8 lanes by
+# l mod 8 that are then added pairwise (a fixed order that vectorises).
+
+cdef double _row_sum(const floating* x, Py_ssize_t L) noexcept nogil:
+    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
+    cdef Py_ssize_t i = 0
+    while i + 8 <= L:
+        a0 += x[i]
+        a1 += x[i + 1]
+        a2 += x[i + 2]
+        a3 += x[i + 3]
+        a4 += x[i + 4]
+        a5 += x[i + 5]
+        a6 += x[i + 6]
+        a7 += x[i + 7]
+        i += 8
+    if i < L:
+        a0 += x[i]
+    if i + 1 < L:
+        a1 += x[i + 1]
+    if i + 2 < L:
+        a2 += x[i + 2]
+    if i + 3 < L:
+        a3 += x[i + 3]
+    if i + 4 < L:
+        a4 += x[i + 4]
+    if i + 5 < L:
+        a5 += x[i + 5]
+    if i + 6 < L:
+        a6 += x[i + 6]
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+cdef int _global_avg_pool_forward(const floating[:, :, ::1] x, floating[:, ::1] out,
+                                  int num_threads) except -1:
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2], r, rows = N * C
+    if rows == 0:
+        return 0
+    cdef floating* yp = &out[0, 0]
+    cdef const floating* xp
+    if L == 0:
+        with nogil:
+            for r in range(rows):
+                yp[r] = NAN             # the mean of nothing, as NumPy's
+        return 0
+    xp = &x[0, 0, 0]
+    with nogil:
+        for r in prange(rows, schedule="static", num_threads=_threads(rows * L, num_threads)):
+            yp[r] = <floating>(_row_sum(xp + r * L, L) / <double>L)
+    return 0
+
+
+def global_avg_pool_forward(const floating[:, :, ::1] x, floating[:, ::1] out, int num_threads):
+    """out[n, c] = mean of x[n, c, :] (x is (N, C, L), e.g. (N, C, H*W))."""
+    _global_avg_pool_forward(x, out, num_threads)
+
+
+cdef int _global_avg_pool_backward(const floating[:, ::1] grad_out, floating[:, :, ::1] grad_input,
+                                   int num_threads) except -1:
+    cdef Py_ssize_t N = grad_input.shape[0], C = grad_input.shape[1], L = grad_input.shape[2]
+    cdef Py_ssize_t r, l, rows = N * C
+    cdef floating v
+    if rows == 0 or L == 0:
+        return 0
+    cdef const floating* gp = &grad_out[0, 0]
+    cdef floating* dp = &grad_input[0, 0, 0]
+    cdef floating fl = <floating>L
+    with nogil:
+        for r in prange(rows, schedule="static", num_threads=_threads(rows * L, num_threads)):
+            v = gp[r] / fl
+            for l in range(L):
+                dp[r * L + l] = v
+    return 0
+
+
+def global_avg_pool_backward(const floating[:, ::1] grad_out, floating[:, :, ::1] grad_input,
+                             int num_threads):
+    """grad_input[n, c, :] = grad_out[n, c] / L."""
+    _global_avg_pool_backward(grad_out, grad_input, num_threads)
+
+
+cdef class AvgPoolForward:
+    cdef const float[:, :, :, ::1] x
+    cdef float[:, :, :, ::1] out
+    cdef Py_ssize_t kh, kw, sh, sw, ph, pw
+
+    def __init__(self, x, out, kernel_size, stride, padding):
+        self.x, self.out = x, out
+        (self.kh, self.kw), (self.sh, self.sw), (self.ph, self.pw) = kernel_size, stride, padding
+
+    def bind_input(self, const float[:, :, :, ::1] x):
+        self.x = x
+
+    def run(self, int num_threads):
+        _avg_pool2d_forward(self.x, self.out, self.kh, self.kw, self.sh, self.sw, self.ph,
+                            self.pw, num_threads)
+
+
+cdef class AvgPoolBackward:
+    cdef const float[:, :, :, ::1] grad_out
+    cdef float[:, :, :, ::1] grad_input
+    cdef Py_ssize_t kh, kw, sh, sw, ph, pw
+
+    def __init__(self, grad_out, grad_input, kernel_size, stride, padding):
+        self.grad_out, self.grad_input = grad_out, grad_input
+        (self.kh, self.kw), (self.sh, self.sw), (self.ph, self.pw) = kernel_size, stride, padding
+
+    def run(self, int num_threads):
+        _avg_pool2d_backward(self.grad_out, self.grad_input, self.kh, self.kw, self.sh, self.sw,
+                             self.ph, self.pw, num_threads)
+
+
+cdef class GlobalAvgPoolForward:
+    """global_avg_pool_forward with bound arrays; x is the (N, C, L) view."""
+    cdef const float[:, :, ::1] x
+    cdef float[:, ::1] out
+
+    def __init__(self, x, out):
+        self.x, self.out = x, out
+
+    def bind_input(self, const float[:, :, ::1] x):
+        self.x = x
+
+    def run(self, int num_threads):
+        _global_avg_pool_forward(self.x, self.out, num_threads)
+
+
+cdef class GlobalAvgPoolBackward:
+    cdef const float[:, ::1] grad_out
+    cdef float[:, :, ::1] grad_input
+
+    def __init__(self, grad_out, grad_input):
+        self.grad_out, self.grad_input = grad_out, grad_input
+
+    def run(self, int num_threads):
+        _global_avg_pool_backward(self.grad_out, self.grad_input, num_threads)

@@ -1,0 +1,744 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Batch-normalisation kernels (PyTorch semantics) on x viewed as (N, C, L).
+
+BatchNorm2d on (N, C, H, W) is L = H*W; BatchNorm1d on (N, F) is C = F, L = 1.
+Per channel c, over its M = N*L values:
+  training   mean = Σ x / M,  var = Σ (x - mean)² / M  (biased; two passes, double)
+             invstd = 1 / sqrt(var + eps)
+             y = (x - mean) · invstd · w + b            (then max(0, y) with relu)
+             running_mean = (1 - m) · rm + m · mean
+             running_var  = (1 - m) · rv + m · var · M / (M - 1)   (M > 1: callers check)
+  backward   g masked to 0 where the forward output <= 0 (relu only)
+             dβ = Σ g,  dγ = Σ g · x̂,  x̂ = (x - mean) · invstd
+             dx = γ · invstd / M · (M g - dβ - x̂ dγ)
+  eval       y = x · scale[c] + shift[c],  scale = w / sqrt(rv + eps), shift = b - rm · scale
+
+Sums run over a fixed order that depends on neither the thread count nor how
+channels are grouped: for each element position l of a channel, the N values
+are added in n order into a double (a vectorised column sum over the rows of
+the (N, C·L) matrix); those L column sums are then folded into 8 lanes by
+l mod 8 and the lanes added pairwise. Channels are dealt to threads in blocks
+(one channel, or several short ones whose C·L rows still fit a tile of
+CDL_BN_TILE elements), each computed whole by one thread, so results are
+bitwise identical for any thread count. A block's data is read three times in
+training (sum, squared deviations, output), mostly from cache.
+
+Kernels trust their inputs (shapes, dtypes, C-contiguity, M > 1); the layers
+validate. weight and bias may be None (affine=False); so may the running
+statistics (track_running_stats=False).
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+from libc.stdlib cimport malloc, free
+from cdl._kernels._openmp cimport omp_get_thread_num
+
+# The element loops are C, so each is one simple loop the compiler vectorises;
+# relu's select is a bit-mask blend (a ternary on floats can become a branch).
+cdef extern from *:
+    """
+    #include <math.h>
+    #include <stdint.h>
+    #include <string.h>
+    /* A tile: the column sums of one block (<= CDL_BN_TILE doubles). Shorter
+       channels (L < CDL_BN_RUN) use per-element copies of the per-channel
+       coefficients so that the loop runs over the whole block, not over runs
+       of L. */
+    #define CDL_BN_TILE 1024
+    #define CDL_BN_RUN 16
+    /* Per-thread workspace in doubles: 6 tiles (two accumulators, a double
+       mean, 3 per-channel arrays) and 4 tiles of coefficients as T. */
+    #define CDL_BN_WS (10 * CDL_BN_TILE + 8)
+
+    /* lanes[l % 8] += a[l]; calls continuing the same lanes must follow one
+       with n % 8 == 0. */
+    static inline void cdl_bn_fold(double *lanes, const double *a, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        int k;
+        for (; i + 8 <= n; i += 8)
+            for (k = 0; k < 8; k++) lanes[k] += a[i + k];
+        for (k = 0; i < n; i++, k++) lanes[k] += a[i];
+    }
+    static inline double cdl_bn_total(const double *l) {
+        return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+    }
+    static inline double cdl_bn_fold_total(const double *a, Py_ssize_t n) {
+        double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        cdl_bn_fold(lanes, a, n);
+        return cdl_bn_total(lanes);
+    }
+
+    #define CDL_BN_KERNELS(SFX, T, UT)                                              \\
+    static inline T cdl_bn_pick_##SFX(int cond, T a, T b) {                         \\
+        UT ia, ib, m = (UT)0 - (UT)(cond != 0);                                     \\
+        memcpy(&ia, &a, sizeof ia);                                                 \\
+        memcpy(&ib, &b, sizeof ib);                                                 \\
+        ia = (ia & m) | (ib & ~m);                                                  \\
+        memcpy(&a, &ia, sizeof a);                                                  \\
+        return a;                                                                   \\
+    }                                                                               \\
+    /* acc[j] += x[j] */                                                            \\
+    static void cdl_bn_sum_##SFX(double *acc, const T *x, Py_ssize_t n) {           \\
+        Py_ssize_t j;                                                               \\
+        for (j = 0; j < n; j++) acc[j] += (double)x[j];                             \\
+    }                                                                               \\
+    /* acc[j] += (x[j] - m)^2, m one value or (v) one per element */                \\
+    static void cdl_bn_sqdev_##SFX(double *acc, const T *x, double m, Py_ssize_t n) { \\
+        Py_ssize_t j;                                                               \\
+        for (j = 0; j < n; j++) {                                                   \\
+            double d = (double)x[j] - m;                                            \\
+            acc[j] += d * d;                                                        \\
+        }                                                                           \\
+    }                                                                               \\
+    static void cdl_bn_sqdev_v_##SFX(double *acc, const T *x, const double *m,      \\
+                                     Py_ssize_t n) {                                \\
+        Py_ssize_t j;                                                               \\
+        for (j = 0; j < n; j++) {                                                   \\
+            double d = (double)x[j] - m[j];                                         \\
+            acc[j] += d * d;                                                        \\
+        }                                                                           \\
+    }                                                                               \\
+    /* y = (x - m) * s + b, then max(0, y) (NaN passes) */                          \\
+    static void cdl_bn_norm_##SFX(T *y, const T *x, T m, T s, T b, Py_ssize_t n,    \\
+                                  int relu) {                                       \\
+        Py_ssize_t j;                                                               \\
+        if (relu) {                                                                 \\
+            for (j = 0; j < n; j++) {                                               \\
+                T v = (x[j] - m) * s + b;                                           \\
+                y[j] = cdl_bn_pick_##SFX(v <= (T)0, (T)0, v);                       \\
+            }                                                                       \\
+        } else {                                                                    \\
+            for (j = 0; j < n; j++) y[j] = (x[j] - m) * s + b;                      \\
+        }                                                                           \\
+    }                                                                               \\
+    static void cdl_bn_norm_v_##SFX(T *y, const T *x, const T *m, const T *s,       \\
+                                    const T *b, Py_ssize_t n, int relu) {           \\
+        Py_ssize_t j;                                                               \\
+        if (relu) {                                                                 \\
+            for (j = 0; j < n; j++) {                                               \\
+                T v = (x[j] - m[j]) * s[j] + b[j];                                  \\
+                y[j] = cdl_bn_pick_##SFX(v <= (T)0, (T)0, v);                       \\
+            }                                                                       \\
+        } else {                                                                    \\
+            for (j = 0; j < n; j++) y[j] = (x[j] - m[j]) * s[j] + b[j];             \\
+        }                                                                           \\
+    }                                                                               \\
+    /* y = x * s + b (eval) */                                                      \\
+    static void cdl_bn_affine_##SFX(T *y, const T *x, T s, T b, Py_ssize_t n,       \\
+                                    int relu) {                                     \\
+        Py_ssize_t j;                                                               \\
+        if (relu) {                                                                 \\
+            for (j = 0; j < n; j++) {                                               \\
+                T v = x[j] * s + b;                                                 \\
+                y[j] = cdl_bn_pick_##SFX(v <= (T)0, (T)0, v);                       \\
+            }                                                                       \\
+        } else {                                                                    \\
+            for (j = 0; j < n; j++) y[j] = x[j] * s + b;                            \\
+        }                                                                           \\
+    }                                                                               \\
+    static void cdl_bn_affine_v_##SFX(T *y, const T *x, const T *s, const T *b,     \\
+                                      Py_ssize_t n, int relu) {                     \\
+        Py_ssize_t j;                                                               \\
+        if (relu) {                                                                 \\
+            for (j = 0; j < n; j++) {                                               \\
+                T v = x[j] * s[j] + b[j];                                           \\
+                y[j] = cdl_bn_pick_##SFX(v <= (T)0, (T)0, v);                       \\
+            }                                                                       \\
+        } else {                                                                    \\
+            for (j = 0; j < n; j++) y[j] = x[j] * s[j] + b[j];                      \\
+        }                                                                           \\
+    }                                                                               \\
+    /* Backward sums: ag += g, agx += g * (x - m), g masked where y <= 0 if y */    \\
+    static void cdl_bn_bsum_##SFX(double *ag, double *agx, const T *g, const T *x,  \\
+                                  const T *y, double m, Py_ssize_t n) {             \\
+        Py_ssize_t j;                                                               \\
+        if (y) {                                                                    \\
+            for (j = 0; j < n; j++) {                                               \\
+                double gv = (double)cdl_bn_pick_##SFX(y[j] <= (T)0, (T)0, g[j]);    \\
+                ag[j] += gv;                                                        \\
+                agx[j] += gv * ((double)x[j] - m);                                  \\
+            }                                                                       \\
+        } else {                                                                    \\
+            for (j = 0; j < n; j++) {                                               \\
+                double gv = (double)g[j];                                           \\
+                ag[j] += gv;                                                        \\
+                agx[j] += gv * ((double)x[j] - m);                                  \\
+            }                                                                       \\
+        }                                                                           \\
+    }                                                                               \\
+    static void cdl_bn_bsum_v_##SFX(double *ag, double *agx, const T *g, const T *x, \\
+                                    const T *y, const double *m, Py_ssize_t n) {    \\
+        Py_ssize_t j;                                                               \\
+        if (y) {                                                                    \\
+            for (j = 0; j < n; j++) {                                               \\
+                double gv = (double)cdl_bn_pick_##SFX(y[j] <= (T)0, (T)0, g[j]);    \\
+                ag[j] += gv;                                                        \\
+                agx[j] += gv * ((double)x[j] - m[j]);                               \\
+            }                                                                       \\
+        } else {                                                                    \\
+            for (j = 0; j < n; j++) {                                               \\
+                double gv = (double)g[j];                                           \\
+                ag[j] += gv;                                                        \\
+                agx[j] += gv * ((double)x[j] - m[j]);                               \\
+            }                                                                       \\
+        }                                                                           \\
+    }                                                                               \\
+    /* dx = ((g - gm) - (x - m) * k) * sc, g masked as above */                     \\
+    static void cdl_bn_dx_##SFX(T *dx, const T *g, const T *x, const T *y, T m, T k, \\
+                                T gm, T sc, Py_ssize_t n) {                         \\
+        Py_ssize_t j;                                                               \\
+        if (y) {                                                                    \\
+            for (j = 0; j < n; j++) {                                               \\
+                T gv = cdl_bn_pick_##SFX(y[j] <= (T)0, (T)0, g[j]);                 \\
+                dx[j] = ((gv - gm) - (x[j] - m) * k) * sc;                          \\
+            }                                                                       \\
+        } else {                                                                    \\
+            for (j = 0; j < n; j++) dx[j] = ((g[j] - gm) - (x[j] - m) * k) * sc;    \\
+        }                                                                           \\
+    }                                                                               \\
+    static void cdl_bn_dx_v_##SFX(T *dx, const T *g, const T *x, const T *y,        \\
+                                  const T *m, const T *k, const T *gm, const T *sc, \\
+                                  Py_ssize_t n) {                                   \\
+        Py_ssize_t j;                                                               \\
+        if (y) {                                                                    \\
+            for (j = 0; j < n; j++) {                                               \\
+                T gv = cdl_bn_pick_##SFX(y[j] <= (T)0, (T)0, g[j]);                 \\
+                dx[j] = ((gv - gm[j]) - (x[j] - m[j]) * k[j]) * sc[j];              \\
+            }                                                                       \\
+        } else {                                                                    \\
+            for (j = 0; j < n; j++)                                                 \\
+                dx[j] = ((g[j] - gm[j]) - (x[j] - m[j]) * k[j]) * sc[j];            \\
+        }                                                                           \\
+    }                                                                               \\
+    /* Spread one value per channel over the channel's L elements. */               \\
+    static void cdl_bn_spread_##SFX(T *dst, const T *per_channel, Py_ssize_t nc,    \\
+                                    Py_ssize_t L) {                                 \\
+        Py_ssize_t c, l;                                                            \\
+        for (c = 0; c < nc; c++)                                                    \\
+            for (l = 0; l < L; l++) dst[c * L + l] = per_channel[c];                \\
+    }                                                                               \\
+                                                                                    \\
+    /* Training forward of channels [c0, c0 + nc) (nc > 1 only if nc*L <= TILE). */\\
+    static void cdl_bn_fwd_block_##SFX(const T *x, T *y, Py_ssize_t N, Py_ssize_t C, \\
+            Py_ssize_t L, Py_ssize_t c0, Py_ssize_t nc, const T *w, const T *b,     \\
+            T *mean_out, T *invstd_out, T *rm, T *rv, double momentum, double eps,  \\
+            int relu, double *ws) {                                                 \\
+        double *acc = ws, *mexp = ws + CDL_BN_TILE, *mean = ws + 2 * CDL_BN_TILE;   \\
+        double *ssq = ws + 3 * CDL_BN_TILE;                                         \\
+        T *mf = (T *)(ws + 6 * CDL_BN_TILE), *sf = mf + CDL_BN_TILE;                \\
+        T *bf = sf + CDL_BN_TILE, *tmp = bf + CDL_BN_TILE;                          \\
+        const Py_ssize_t CL = C * L, M = N * L;                                     \\
+        const T *xb = x + c0 * L;                                                   \\
+        T *yb = y + c0 * L;                                                         \\
+        Py_ssize_t n, c, l0, len, S = nc * L;                                       \\
+        if (L > CDL_BN_TILE) {          /* one channel, in pieces of a tile */      \\
+            double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};                             \\
+            for (l0 = 0; l0 < L; l0 += CDL_BN_TILE) {                               \\
+                len = L - l0 < CDL_BN_TILE ? L - l0 : CDL_BN_TILE;                  \\
+                memset(acc, 0, (size_t)len * sizeof(double));                       \\
+                for (n = 0; n < N; n++) cdl_bn_sum_##SFX(acc, xb + n * CL + l0, len); \\
+                cdl_bn_fold(lanes, acc, len);                                       \\
+            }                                                                       \\
+            mean[0] = cdl_bn_total(lanes) / (double)M;                              \\
+            memset(lanes, 0, sizeof lanes);                                         \\
+            for (l0 = 0; l0 < L; l0 += CDL_BN_TILE) {                               \\
+                len = L - l0 < CDL_BN_TILE ? L - l0 : CDL_BN_TILE;                  \\
+                memset(acc, 0, (size_t)len * sizeof(double));                       \\
+                for (n = 0; n < N; n++)                                             \\
+                    cdl_bn_sqdev_##SFX(acc, xb + n * CL + l0, mean[0], len);        \\
+                cdl_bn_fold(lanes, acc, len);                                       \\
+            }                                                                       \\
+            ssq[0] = cdl_bn_total(lanes);                                           \\
+        } else {                                                                    \\
+            memset(acc, 0, (size_t)S * sizeof(double));                             \\
+            for (n = 0; n < N; n++) cdl_bn_sum_##SFX(acc, xb + n * CL, S);          \\
+            for (c = 0; c < nc; c++)                                                \\
+                mean[c] = cdl_bn_fold_total(acc + c * L, L) / (double)M;            \\
+            memset(acc, 0, (size_t)S * sizeof(double));                             \\
+            if (L >= CDL_BN_RUN) {                                                  \\
+                for (n = 0; n < N; n++)                                             \\
+                    for (c = 0; c < nc; c++)                                        \\
+                        cdl_bn_sqdev_##SFX(acc + c * L, xb + n * CL + c * L, mean[c], L); \\
+            } else {                                                                \\
+                for (c = 0; c < nc; c++)                                            \\
+                    for (l0 = 0; l0 < L; l0++) mexp[c * L + l0] = mean[c];          \\
+                for (n = 0; n < N; n++) cdl_bn_sqdev_v_##SFX(acc, xb + n * CL, mexp, S); \\
+            }                                                                       \\
+            for (c = 0; c < nc; c++) ssq[c] = cdl_bn_fold_total(acc + c * L, L);    \\
+        }                                                                           \\
+        for (c = 0; c < nc; c++) {                                                  \\
+            double mu = mean[c], var = ssq[c] / (double)M;                          \\
+            double is = 1.0 / sqrt(var + eps);                                      \\
+            double wc = w ? (double)w[c0 + c] : 1.0, bc = b ? (double)b[c0 + c] : 0.0; \\
+            mean_out[c0 + c] = (T)mu;                                               \\
+            invstd_out[c0 + c] = (T)is;                                             \\
+            if (rm) rm[c0 + c] = (T)(momentum * mu + (1.0 - momentum) * (double)rm[c0 + c]); \\
+            if (rv) rv[c0 + c] = (T)(momentum * (ssq[c] / (double)(M - 1))          \\
+                                     + (1.0 - momentum) * (double)rv[c0 + c]);      \\
+            mf[c] = (T)mu;                                                          \\
+            sf[c] = (T)(is * wc);                                                   \\
+            bf[c] = (T)bc;                                                          \\
+        }                                                                           \\
+        if (L >= CDL_BN_RUN) {                                                      \\
+            for (n = 0; n < N; n++)                                                 \\
+                for (c = 0; c < nc; c++)                                            \\
+                    cdl_bn_norm_##SFX(yb + n * CL + c * L, xb + n * CL + c * L, mf[c], \\
+                                      sf[c], bf[c], L, relu);                       \\
+        } else {                                                                    \\
+            /* per-element copies in the tiles no longer needed */                  \\
+            T *me = tmp, *se = (T *)mexp, *be = (T *)ssq;                           \\
+            cdl_bn_spread_##SFX(me, mf, nc, L);                                     \\
+            cdl_bn_spread_##SFX(se, sf, nc, L);                                     \\
+            cdl_bn_spread_##SFX(be, bf, nc, L);                                     \\
+            for (n = 0; n < N; n++)                                                 \\
+                cdl_bn_norm_v_##SFX(yb + n * CL, xb + n * CL, me, se, be, S, relu); \\
+        }                                                                           \\
+    }                                                                               \\
+                                                                                    \\
+    /* Backward of channels [c0, c0 + nc). y: forward output (relu) or NULL;         \\
+       w, dx, dw, db may be NULL. */                                                \\
+    static void cdl_bn_bwd_block_##SFX(const T *g, const T *x, const T *y, const T *w, \\
+            const T *mean_in, const T *invstd_in, T *dx, T *dw, T *db, Py_ssize_t N, \\
+            Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0, Py_ssize_t nc, double *ws) {  \\
+        double *ag = ws, *agx = ws + CDL_BN_TILE, *mexp = ws + 2 * CDL_BN_TILE;     \\
+        double *sg = ws + 3 * CDL_BN_TILE, *sgx = ws + 4 * CDL_BN_TILE;             \\
+        T *mf = (T *)(ws + 6 * CDL_BN_TILE), *kf = mf + CDL_BN_TILE;                \\
+        T *gf = kf + CDL_BN_TILE, *cf = gf + CDL_BN_TILE;                           \\
+        const Py_ssize_t CL = C * L, M = N * L;                                     \\
+        const Py_ssize_t off = c0 * L;                                              \\
+        Py_ssize_t n, c, l0, len, S = nc * L;                                       \\
+        if (L > CDL_BN_TILE) {                                                      \\
+            double l1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, l2[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \\
+            double m = (double)mean_in[c0];                                         \\
+            for (l0 = 0; l0 < L; l0 += CDL_BN_TILE) {                               \\
+                len = L - l0 < CDL_BN_TILE ? L - l0 : CDL_BN_TILE;                  \\
+                memset(ag, 0, (size_t)len * sizeof(double));                        \\
+                memset(agx, 0, (size_t)len * sizeof(double));                       \\
+                for (n = 0; n < N; n++) {                                           \\
+                    Py_ssize_t o = off + n * CL + l0;                               \\
+                    cdl_bn_bsum_##SFX(ag, agx, g + o, x + o, y ? y + o : NULL, m, len); \\
+                }                                                                   \\
+                cdl_bn_fold(l1, ag, len);                                           \\
+                cdl_bn_fold(l2, agx, len);                                          \\
+            }                                                                       \\
+            sg[0] = cdl_bn_total(l1);                                               \\
+            sgx[0] = cdl_bn_total(l2);                                              \\
+        } else {                                                                    \\
+            memset(ag, 0, (size_t)S * sizeof(double));                              \\
+            memset(agx, 0, (size_t)S * sizeof(double));                             \\
+            if (L >= CDL_BN_RUN) {                                                  \\
+                for (n = 0; n < N; n++)                                             \\
+                    for (c = 0; c < nc; c++) {                                      \\
+                        Py_ssize_t o = off + n * CL + c * L;                        \\
+                        cdl_bn_bsum_##SFX(ag + c * L, agx + c * L, g + o, x + o,    \\
+                                          y ? y + o : NULL, (double)mean_in[c0 + c], L); \\
+                    }                                                               \\
+            } else {                                                                \\
+                for (c = 0; c < nc; c++)                                            \\
+                    for (l0 = 0; l0 < L; l0++) mexp[c * L + l0] = (double)mean_in[c0 + c]; \\
+                for (n = 0; n < N; n++) {                                           \\
+                    Py_ssize_t o = off + n * CL;                                    \\
+                    cdl_bn_bsum_v_##SFX(ag, agx, g + o, x + o, y ? y + o : NULL, mexp, S); \\
+                }                                                                   \\
+            }                                                                       \\
+            for (c = 0; c < nc; c++) {                                              \\
+                sg[c] = cdl_bn_fold_total(ag + c * L, L);                           \\
+                sgx[c] = cdl_bn_fold_total(agx + c * L, L);                         \\
+            }                                                                       \\
+        }                                                                           \\
+        for (c = 0; c < nc; c++) {                                                  \\
+            double is = (double)invstd_in[c0 + c];                                  \\
+            double wc = w ? (double)w[c0 + c] : 1.0;                                \\
+            if (db) db[c0 + c] = (T)sg[c];                                          \\
+            if (dw) dw[c0 + c] = (T)(sgx[c] * is);                                  \\
+            mf[c] = mean_in[c0 + c];                                                \\
+            kf[c] = (T)(sgx[c] * is * is / (double)M);                              \\
+            gf[c] = (T)(sg[c] / (double)M);                                         \\
+            cf[c] = (T)(is * wc);                                                   \\
+        }                                                                           \\
+        if (!dx) return;                                                            \\
+        if (L >= CDL_BN_RUN) {                                                      \\
+            for (n = 0; n < N; n++)                                                 \\
+                for (c = 0; c < nc; c++) {                                          \\
+                    Py_ssize_t o = off + n * CL + c * L;                            \\
+                    cdl_bn_dx_##SFX(dx + o, g + o, x + o, y ? y + o : NULL, mf[c], kf[c], \\
+                                    gf[c], cf[c], L);                               \\
+                }                                                                   \\
+        } else {                                                                    \\
+            /* per-element copies in the tiles no longer needed */                  \\
+            T *me = (T *)ag, *ke = (T *)agx, *ge = (T *)mexp, *ce = (T *)(ws + 5 * CDL_BN_TILE); \\
+            cdl_bn_spread_##SFX(me, mf, nc, L);                                     \\
+            cdl_bn_spread_##SFX(ke, kf, nc, L);                                     \\
+            cdl_bn_spread_##SFX(ge, gf, nc, L);                                     \\
+            cdl_bn_spread_##SFX(ce, cf, nc, L);                                     \\
+            for (n = 0; n < N; n++) {                                               \\
+                Py_ssize_t o = off + n * CL;                                        \\
+                cdl_bn_dx_v_##SFX(dx + o, g + o, x + o, y ? y + o : NULL, me, ke, ge, ce, S); \\
+            }                                                                       \\
+        }                                                                           \\
+    }                                                                               \\
+                                                                                    \\
+    /* Eval: y = x * scale[c] + shift[c] over channels [c0, c0 + nc). */            \\
+    static void cdl_bn_eval_block_##SFX(const T *x, T *y, const T *scale, const T *shift, \\
+            Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0, Py_ssize_t nc, \\
+            int relu, double *ws) {                                                 \\
+        const Py_ssize_t CL = C * L, off = c0 * L, S = nc * L;                      \\
+        Py_ssize_t n, c;                                                            \\
+        if (L >= CDL_BN_RUN) {                                                      \\
+            for (n = 0; n < N; n++)                                                 \\
+                for (c = 0; c < nc; c++)                                            \\
+                    cdl_bn_affine_##SFX(y + off + n * CL + c * L, x + off + n * CL + c * L, \\
+                                        scale[c0 + c], shift[c0 + c], L, relu);     \\
+        } else {                                                                    \\
+            T *se = (T *)ws, *be = (T *)(ws + CDL_BN_TILE);                         \\
+            cdl_bn_spread_##SFX(se, scale + c0, nc, L);                             \\
+            cdl_bn_spread_##SFX(be, shift + c0, nc, L);                             \\
+            for (n = 0; n < N; n++)                                                 \\
+                cdl_bn_affine_v_##SFX(y + off + n * CL, x + off + n * CL, se, be, S, relu); \\
+        }                                                                           \\
+    }
+    CDL_BN_KERNELS(f, float, uint32_t)
+    CDL_BN_KERNELS(d, double, uint64_t)
+    """
+    Py_ssize_t CDL_BN_TILE
+    Py_ssize_t CDL_BN_WS
+    void cdl_bn_fwd_block_f(const float* x, float* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
+                            Py_ssize_t c0, Py_ssize_t nc, const float* w, const float* b,
+                            float* mean_out, float* invstd_out, float* rm, float* rv,
+                            double momentum, double eps, int relu, double* ws) noexcept nogil
+    void cdl_bn_fwd_block_d(const double* x, double* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
+                            Py_ssize_t c0, Py_ssize_t nc, const double* w, const double* b,
+                            double* mean_out, double* invstd_out, double* rm, double* rv,
+                            double momentum, double eps, int relu, double* ws) noexcept nogil
+    void cdl_bn_bwd_block_f(const float* g, const float* x, const float* y, const float* w,
+                            const float* mean_in, const float* invstd_in, float* dx, float* dw,
+                            float* db, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0,
+                            Py_ssize_t nc, double* ws) noexcept nogil
+    void cdl_bn_bwd_block_d(const double* g, const double* x, const double* y, const double* w,
+                            const double* mean_in, const double* invstd_in, double* dx,
+                            double* dw, double* db, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
+                            Py_ssize_t c0, Py_ssize_t nc, double* ws) noexcept nogil
+    void cdl_bn_eval_block_f(const float* x, float* y, const float* scale, const float* shift,
+                             Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0,
+                             Py_ssize_t nc, int relu, double* ws) noexcept nogil
+    void cdl_bn_eval_block_d(const double* x, double* y, const double* scale, const double* shift,
+                             Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0,
+                             Py_ssize_t nc, int relu, double* ws) noexcept nogil
+
+
+# Below this many elements one thread runs the call (a second costs more than it saves).
+cdef Py_ssize_t PARALLEL_MIN_ELEMENTS = 1 << 15
+
+
+cdef inline int _threads(Py_ssize_t work, int num_threads) noexcept nogil:
+    if num_threads < 1:
+        return 1
+    return num_threads if work >= PARALLEL_MIN_ELEMENTS else 1
+
+
+cdef inline Py_ssize_t _block_channels(Py_ssize_t C, Py_ssize_t L, int nt) noexcept nogil:
+    """Channels per block: one when a channel fills a tile, else as many as fit a
+    tile but no more than a thread's share (so every thread gets a block). The
+    grouping does not change any result, only the work split."""
+    cdef Py_ssize_t cb, share
+    if L >= CDL_BN_TILE // 2:
+        return 1
+    cb = CDL_BN_TILE // L
+    share = (C + nt - 1) // nt
+    return max(1, min(cb, share))
+
+
+cdef inline Py_ssize_t _ws_stride() noexcept nogil:
+    # Whole cache lines plus one spare, so threads never share a line.
+    return (CDL_BN_WS + 7) // 8 * 8 + 8
+
+
+cdef inline const floating* _ptr_or_null(const floating[::1] a) noexcept nogil:
+    return NULL if a is None else &a[0]
+
+
+cdef inline floating* _wptr_or_null(floating[::1] a) noexcept nogil:
+    return NULL if a is None else &a[0]
+
+
+# ---------------------------------------------------------------- training forward
+
+cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::1] weight,
+                                  const floating[::1] bias, floating[:, :, ::1] out,
+                                  floating[::1] mean, floating[::1] invstd,
+                                  floating[::1] running_mean, floating[::1] running_var,
+                                  double momentum, double eps, bint relu,
+                                  int num_threads) except -1:
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2]
+    cdef Py_ssize_t cb, nblocks, blk, c0, stride = _ws_stride()
+    cdef int nt
+    cdef double* ws
+    if N == 0 or C == 0 or L == 0:
+        return 0
+    nt = _threads(N * C * L, num_threads)
+    cb = _block_channels(C, L, nt)
+    nblocks = (C + cb - 1) // cb
+    if nt > nblocks:
+        nt = <int>nblocks
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* yp = &out[0, 0, 0]
+    cdef const floating* wp = _ptr_or_null(weight)
+    cdef const floating* bp = _ptr_or_null(bias)
+    cdef floating* mp = &mean[0]
+    cdef floating* ip = &invstd[0]
+    cdef floating* rmp = _wptr_or_null(running_mean)
+    cdef floating* rvp = _wptr_or_null(running_var)
+    ws = <double*>malloc(nt * stride * sizeof(double))
+    if ws == NULL:
+        raise MemoryError()
+    with nogil:
+        for blk in prange(nblocks, schedule="static", num_threads=nt):
+            c0 = blk * cb
+            if floating is float:
+                cdl_bn_fwd_block_f(xp, yp, N, C, L, c0, min(cb, C - c0), wp, bp, mp, ip, rmp,
+                                   rvp, momentum, eps, relu,
+                                   ws + omp_get_thread_num() * stride)
+            else:
+                cdl_bn_fwd_block_d(xp, yp, N, C, L, c0, min(cb, C - c0), wp, bp, mp, ip, rmp,
+                                   rvp, momentum, eps, relu,
+                                   ws + omp_get_thread_num() * stride)
+    free(ws)
+    return 0
+
+
+def batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::1] weight,
+                            const floating[::1] bias, floating[:, :, ::1] out,
+                            floating[::1] mean, floating[::1] invstd,
+                            floating[::1] running_mean, floating[::1] running_var,
+                            double momentum, double eps, bint relu, int num_threads):
+    """Training-mode batch norm of x (N, C, L) into out (may be x).
+
+    Fills mean and invstd (C,) with the batch mean and 1/sqrt(var + eps) (kept for
+    the backward) and updates running_mean / running_var in place (PyTorch's
+    momentum rule, unbiased variance); weight, bias and the running statistics
+    may each be None. relu applies max(0, ·) to the output. Needs N*L > 1.
+    """
+    _batchnorm_forward_train(x, weight, bias, out, mean, invstd, running_mean, running_var,
+                             momentum, eps, relu, num_threads)
+
+
+# ---------------------------------------------------------------- backward
+
+cdef int _batchnorm_backward(const floating[:, :, ::1] grad_out, const floating[:, :, ::1] x,
+                             const floating[:, :, ::1] out, const floating[::1] weight,
+                             const floating[::1] mean, const floating[::1] invstd,
+                             floating[:, :, ::1] grad_input, floating[::1] grad_weight,
+                             floating[::1] grad_bias, bint relu, int num_threads) except -1:
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2]
+    cdef Py_ssize_t cb, nblocks, blk, c0, stride = _ws_stride()
+    cdef int nt
+    cdef double* ws
+    if C == 0:
+        return 0
+    if N == 0 or L == 0:
+        # No elements: the parameter gradients are empty sums.
+        for c0 in range(C):
+            if grad_weight is not None:
+                grad_weight[c0] = 0
+            if grad_bias is not None:
+                grad_bias[c0] = 0
+        return 0
+    nt = _threads(N * C * L, num_threads)
+    cb = _block_channels(C, L, nt)
+    nblocks = (C + cb - 1) // cb
+    if nt > nblocks:
+        nt = <int>nblocks
+    cdef const floating* gp = &grad_out[0, 0, 0]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef const floating* yp = &out[0, 0, 0] if relu else NULL
+    cdef const floating* wp = _ptr_or_null(weight)
+    cdef const floating* mp = &mean[0]
+    cdef const floating* ip = &invstd[0]
+    cdef floating* dxp = NULL if grad_input is None else &grad_input[0, 0, 0]
+    cdef floating* dwp = _wptr_or_null(grad_weight)
+    cdef floating* dbp = _wptr_or_null(grad_bias)
+    ws = <double*>malloc(nt * stride * sizeof(double))
+    if ws == NULL:
+        raise MemoryError()
+    with nogil:
+        for blk in prange(nblocks, schedule="static", num_threads=nt):
+            c0 = blk * cb
+            if floating is float:
+                cdl_bn_bwd_block_f(gp, xp, yp, wp, mp, ip, dxp, dwp, dbp, N, C, L, c0,
+                                   min(cb, C - c0), ws + omp_get_thread_num() * stride)
+            else:
+                cdl_bn_bwd_block_d(gp, xp, yp, wp, mp, ip, dxp, dwp, dbp, N, C, L, c0,
+                                   min(cb, C - c0), ws + omp_get_thread_num() * stride)
+    free(ws)
+    return 0
+
+
+def batchnorm_backward(const floating[:, :, ::1] grad_out, const floating[:, :, ::1] x,
+                       const floating[:, :, ::1] out, const floating[::1] weight,
+                       const floating[::1] mean, const floating[::1] invstd,
+                       floating[:, :, ::1] grad_input, floating[::1] grad_weight,
+                       floating[::1] grad_bias, bint relu, int num_threads):
+    """Gradients of batchnorm_forward_train given grad_out (N, C, L).
+
+    mean / invstd are the forward's; out (the forward output) is read only with
+    relu (the gradient is 0 where out <= 0). grad_input (may be grad_out) may be
+    None (parameter gradients only); weight (None: 1), grad_weight and grad_bias
+    may be None. grad_weight = Σ g·x̂, grad_bias = Σ g, overwritten (not added to).
+    """
+    _batchnorm_backward(grad_out, x, out, weight, mean, invstd, grad_input, grad_weight,
+                        grad_bias, relu, num_threads)
+
+
+# ---------------------------------------------------------------- eval
+
+cdef int _batchnorm_forward_eval(const floating[:, :, ::1] x, const floating[::1] scale,
+                                 const floating[::1] shift, floating[:, :, ::1] out, bint relu,
+                                 int num_threads) except -1:
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2]
+    cdef Py_ssize_t cb, nblocks, blk, c0, stride = _ws_stride()
+    cdef int nt
+    cdef double* ws
+    if N == 0 or C == 0 or L == 0:
+        return 0
+    nt = _threads(N * C * L, num_threads)
+    cb = _block_channels(C, L, nt)
+    nblocks = (C + cb - 1) // cb
+    if nt > nblocks:
+        nt = <int>nblocks
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* yp = &out[0, 0, 0]
+    cdef const floating* sp = &scale[0]
+    cdef const floating* hp = &shift[0]
+    ws = <double*>malloc(nt * stride * sizeof(double))
+    if ws == NULL:
+        raise MemoryError()
+    with nogil:
+        for blk in prange(nblocks, schedule="static", num_threads=nt):
+            c0 = blk * cb
+            if floating is float:
+                cdl_bn_eval_block_f(xp, yp, sp, hp, N, C, L, c0, min(cb, C - c0), relu,
+                                    ws + omp_get_thread_num() * stride)
+            else:
+                cdl_bn_eval_block_d(xp, yp, sp, hp, N, C, L, c0, min(cb, C - c0), relu,
+                                    ws + omp_get_thread_num() * stride)
+    free(ws)
+    return 0
+
+
+def batchnorm_forward_eval(const floating[:, :, ::1] x, const floating[::1] scale,
+                           const floating[::1] shift, floating[:, :, ::1] out, bint relu,
+                           int num_threads):
+    """Inference batch norm: out = x · scale[c] + shift[c] (then max(0, ·) with relu);
+    out may be x. scale and shift come from batchnorm_eval_coefficients."""
+    _batchnorm_forward_eval(x, scale, shift, out, relu, num_threads)
+
+
+cdef int _batchnorm_eval_coefficients(const floating[::1] weight, const floating[::1] bias,
+                                      const floating[::1] running_mean,
+                                      const floating[::1] running_var, double eps,
+                                      floating[::1] scale, floating[::1] shift) except -1:
+    cdef Py_ssize_t C = running_mean.shape[0], c
+    cdef bint has_w = weight is not None, has_b = bias is not None
+    cdef double s, w, b
+    with nogil:
+        for c in range(C):
+            w = weight[c] if has_w else 1.0
+            b = bias[c] if has_b else 0.0
+            s = w / sqrt(<double>running_var[c] + eps)
+            scale[c] = <floating>s
+            shift[c] = <floating>(b - <double>running_mean[c] * s)
+    return 0
+
+
+def batchnorm_eval_coefficients(const floating[::1] weight, const floating[::1] bias,
+                                const floating[::1] running_mean,
+                                const floating[::1] running_var, double eps,
+                                floating[::1] scale, floating[::1] shift):
+    """scale = w / sqrt(rv + eps), shift = b - rm · scale (in double, then rounded);
+    weight (None: 1) and bias (None: 0) may be None."""
+    _batchnorm_eval_coefficients(weight, bias, running_mean, running_var, eps, scale, shift)
+
+
+# ---------------------------------------------------------------- bound calls
+# A float32 call with its arrays bound once (cdl.model's training plan), so
+# ``run`` skips the per-call buffer checks and type dispatch. The input can be
+# rebound.
+
+cdef class BatchNormTrainForward:
+    """batchnorm_forward_train with bound arrays; x is the (N, C, L) view."""
+    cdef const float[:, :, ::1] x
+    cdef const float[::1] weight
+    cdef const float[::1] bias
+    cdef float[:, :, ::1] out
+    cdef float[::1] mean
+    cdef float[::1] invstd
+    cdef float[::1] running_mean
+    cdef float[::1] running_var
+    cdef double momentum, eps
+    cdef bint relu
+
+    def __init__(self, x, weight, bias, out, mean, invstd, running_mean, running_var,
+                 double momentum, double eps, bint relu):
+        self.x, self.weight, self.bias, self.out = x, weight, bias, out
+        self.mean, self.invstd = mean, invstd
+        self.running_mean, self.running_var = running_mean, running_var
+        self.momentum, self.eps, self.relu = momentum, eps, relu
+
+    def bind_input(self, const float[:, :, ::1] x):
+        self.x = x
+
+    def set_momentum(self, double momentum):
+        self.momentum = momentum
+
+    def run(self, int num_threads):
+        _batchnorm_forward_train[float](self.x, self.weight, self.bias, self.out, self.mean,
+                                        self.invstd, self.running_mean, self.running_var,
+                                        self.momentum, self.eps, self.relu, num_threads)
+
+
+cdef class BatchNormBackward:
+    """batchnorm_backward with bound arrays; x is the (N, C, L) view of the input."""
+    cdef const float[:, :, ::1] grad_out
+    cdef const float[:, :, ::1] x
+    cdef const float[:, :, ::1] out
+    cdef const float[::1] weight
+    cdef const float[::1] mean
+    cdef const float[::1] invstd
+    cdef float[:, :, ::1] grad_input
+    cdef float[::1] grad_weight
+    cdef float[::1] grad_bias
+    cdef bint relu
+
+    def __init__(self, grad_out, x, out, weight, mean, invstd, grad_input, grad_weight,
+                 grad_bias, bint relu):
+        self.grad_out, self.x, self.out, self.weight = grad_out, x, out, weight
+        self.mean, self.invstd = mean, invstd
+        self.grad_input, self.grad_weight, self.grad_bias = grad_input, grad_weight, grad_bias
+        self.relu = relu
+
+    def bind_input(self, const float[:, :, ::1] x):
+        self.x = x
+
+    def run(self, int num_threads):
+        _batchnorm_backward[float](self.grad_out, self.x, self.out, self.weight, self.mean,
+                                   self.invstd, self.grad_input, self.grad_weight,
+                                   self.grad_bias, self.relu, num_threads)
+
+
+cdef class BatchNormEvalForward:
+    """batchnorm_forward_eval with bound arrays."""
+    cdef const float[:, :, ::1] x
+    cdef const float[::1] scale
+    cdef const float[::1] shift
+    cdef float[:, :, ::1] out
+    cdef bint relu
+
+    def __init__(self, x, scale, shift, out, bint relu):
+        self.x, self.scale, self.shift, self.out, self.relu = x, scale, shift, out, relu
+
+    def bind_input(self, const float[:, :, ::1] x):
+        self.x = x
+
+    def run(self, int num_threads):
+        _batchnorm_forward_eval[float](self.x, self.scale, self.shift, self.out, self.relu,
+                                       num_threads)
