@@ -18,7 +18,7 @@ def conv_bn_net(dtype=np.float32, seed=0):
                       cdl.BatchNorm2d(16), cdl.LeakyReLU(0.1)],
                      shortcut=[cdl.Conv2d(8, 16, 1, stride=2, bias=False), cdl.BatchNorm2d(16)]),
         cdl.Tanh(), cdl.AvgPool2d(2), cdl.Dropout(0.25), cdl.GlobalAvgPool2d(),
-        cdl.Linear(16, 12), cdl.BatchNorm1d(12), cdl.Sigmoid(), cdl.Dropout(0.1),
+        cdl.Linear(16, 12, bias=False), cdl.BatchNorm1d(12), cdl.Sigmoid(), cdl.Dropout(0.1),
         cdl.Linear(12, 5)], (3, 8, 8), dtype=dtype, seed=seed, l2=1e-3)
 
 

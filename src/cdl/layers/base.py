@@ -230,7 +230,7 @@ class Layer:
             for d in (self.params, self.grads, self.buffers):
                 for k in d:
                     if d[k].dtype.kind == "f":
-                        d[k] = np.ascontiguousarray(d[k], dtype=dtype)
+                        d[k] = np.require(d[k], dtype, "C")
         else:
             self.params, self.grads, self.buffers = {}, {}, {}
             self._create(np.random.default_rng() if rng is None else rng, init or "he", dtype)
@@ -247,7 +247,7 @@ class Layer:
 
     def add_param(self, name, value):
         """Register a trained parameter (its gradient starts at zero)."""
-        value = np.ascontiguousarray(value)
+        value = np.require(value, requirements="C")
         self._check_size(value.shape)
         self.params[name] = value
         self.grads[name] = np.zeros_like(value)
@@ -255,7 +255,7 @@ class Layer:
 
     def add_buffer(self, name, value):
         """Register state that is saved and loaded but not trained."""
-        self.buffers[name] = np.ascontiguousarray(value)
+        self.buffers[name] = np.require(value, requirements="C")
         return self.buffers[name]
 
     def _check_size(self, shape):

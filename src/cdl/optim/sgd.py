@@ -38,7 +38,7 @@ class SGD(Optimizer):
             functools.partial(_ew.sgd_update_chunks, *bound)
 
     def _update(self, nt):
-        self._run(self.lr, self.momentum, self.nesterov, nt)  # TEMP
+        self._run(self.lr, self.momentum, self.nesterov, self.weight_decay, nt)
 
     @property
     def velocities(self):
