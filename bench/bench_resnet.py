@@ -1,0 +1,182 @@
+"""ResNet-8 (3x32x32) and LeNet-5 with and without BatchNorm + Dropout: cdl against
+PyTorch, same weights, same threads, interleaved runs, medians.
+
+    python bench/bench_resnet.py [--threads 2] [--repeats 30] [--out bench/results/resnet]
+
+Rows: train_step (SGD, lr 0.01, cross-entropy) and predict at batch 1 and 64. The
+machine's load average is recorded before and after. NumPy has no ResNet-8 twin in
+bench/ (numpy_ref.py covers the MLP, LeNet-5 and CIFAR nets), so it is not a
+contender here.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+
+def torch_resnet8(torch):
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.layers = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                                        nn.BatchNorm2d(cout), nn.ReLU(),
+                                        nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                        nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential() if stride == 1 and cin == cout else \
+                nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            return self.layers(x) + self.shortcut(x)
+
+    class GAP(nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    return nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         Block(16, 16, 1), nn.ReLU(), Block(16, 32, 2), nn.ReLU(),
+                         Block(32, 64, 2), nn.ReLU(), GAP(), nn.Linear(64, 10))
+
+
+def torch_lenet(torch, bn, p):
+    nn = torch.nn
+    b2 = (lambda n: [nn.BatchNorm2d(n)]) if bn else (lambda n: [])
+    b1 = (lambda n: [nn.BatchNorm1d(n)]) if bn else (lambda n: [])
+    d = (lambda: [nn.Dropout(p)]) if p else (lambda: [])
+    return nn.Sequential(*([nn.Conv2d(1, 6, 5, padding=2, bias=not bn)] + b2(6)
+                           + [nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5, bias=not bn)]
+                           + b2(16) + [nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()] + d()
+                           + [nn.Linear(400, 120, bias=not bn)] + b1(120) + [nn.ReLU()] + d()
+                           + [nn.Linear(120, 84, bias=not bn)] + b1(84)
+                           + [nn.ReLU(), nn.Linear(84, 10)]))
+
+
+def median_times(fns, repeats, min_time=0.002):
+    """Interleaved: each round runs every contender once (a few calls, timed together)."""
+    calls = {}
+    for name, fn in fns.items():
+        fn()
+        t = time.perf_counter()
+        fn()
+        per = time.perf_counter() - t
+        calls[name] = max(1, int(min_time / max(per, 1e-7)))
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            k = calls[name]
+            t = time.perf_counter()
+            for _ in range(k):
+                fn()
+            times[name].append((time.perf_counter() - t) / k)
+    return {name: float(np.median(v)) for name, v in times.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+    import cdl
+    import cdl.models as models
+    try:
+        import torch
+    except ImportError:
+        torch = None
+        print("PyTorch is not installed: cdl rows only", file=sys.stderr)
+    cdl.set_num_threads(args.threads)
+    if torch is not None:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    nets = [("ResNet-8", lambda: models.resnet8(seed=0),
+             (lambda: torch_resnet8(torch)) if torch else None, (3, 32, 32)),
+            ("LeNet-5", lambda: models.lenet5(seed=0),
+             (lambda: torch_lenet(torch, False, 0)) if torch else None, (1, 28, 28)),
+            ("LeNet-5 + BN + Dropout", lambda: models.lenet5(batchnorm=True, dropout=0.3, seed=0),
+             (lambda: torch_lenet(torch, True, 0.3)) if torch else None, (1, 28, 28))]
+    rows = []
+    for name, make_cdl, make_torch, shape in nets:
+        for n in (1, 64):
+            rng = np.random.default_rng(0)
+            x = rng.standard_normal((n,) + shape).astype(np.float32)
+            y = rng.integers(0, 10, n)
+            m = make_cdl()
+            if n == 1 and any(isinstance(l, (cdl.BatchNorm1d,)) for l in m.layers):
+                continue      # BatchNorm1d cannot train on one sample (as in PyTorch)
+            opt = cdl.SGD(m, lr=0.01)
+            loss = cdl.SoftmaxCrossEntropy()
+            fns = {"cdl train_step": lambda: m.train_step(x, y, loss, opt),
+                   "cdl predict": lambda: m.predict(x)}
+            if make_torch is not None:
+                net = make_torch()
+                tsd = net.state_dict()
+                ours = m.state_dict()
+                # same weights (names differ only where torch has a Flatten layer)
+                for (tk, tv), (ck, cv) in zip(tsd.items(), ours.items()):
+                    tv.copy_(torch.from_numpy(np.asarray(cv).reshape(tv.shape)))
+                topt = torch.optim.SGD(net.parameters(), lr=0.01)
+                tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+                lossf = torch.nn.CrossEntropyLoss()
+
+                def t_step():
+                    net.train()
+                    topt.zero_grad()
+                    lossf(net(tx), ty).backward()
+                    topt.step()
+
+                def t_pred():
+                    net.eval()
+                    with torch.no_grad():
+                        net(tx)
+                fns["torch train_step"] = t_step
+                fns["torch predict"] = t_pred
+            res = median_times(fns, args.repeats)
+            for op in ("train_step", "predict"):
+                c = res[f"cdl {op}"]
+                t = res.get(f"torch {op}")
+                rows.append({"net": name, "batch": n, "op": op, "cdl_ms": c * 1e3,
+                             "torch_ms": None if t is None else t * 1e3,
+                             "cdl/torch": None if t is None else c / t})
+                print(f"{name:24s} N={n:<3d} {op:10s} cdl {c * 1e3:8.3f} ms"
+                      + ("" if t is None else f"  torch {t * 1e3:8.3f} ms  ratio {c / t:.2f}"),
+                      flush=True)
+    load_after = os.getloadavg()
+    meta = {"command": "python bench/bench_resnet.py " + " ".join(argv or sys.argv[1:]),
+            "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after,
+            "torch": None if torch is None else torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+    by = {(r["net"], r["batch"], r["op"]): r for r in rows}
+    base = by.get(("LeNet-5", 64, "train_step"))
+    full = by.get(("LeNet-5 + BN + Dropout", 64, "train_step"))
+    if base and full:
+        meta["bn_dropout_overhead_lenet_n64"] = full["cdl_ms"] / base["cdl_ms"] - 1
+        print(f"BatchNorm + Dropout add {meta['bn_dropout_overhead_lenet_n64']:.0%} to LeNet-5's "
+              f"step at batch 64")
+    if args.out:
+        with open(args.out + ".json", "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        lines = [f"# ResNet-8 and LeNet-5 (+BN, Dropout): cdl vs PyTorch", "",
+                 f"`{meta['command']}`, {args.threads} threads, {meta['cores']} cores, "
+                 f"load average {load_before[0]:.2f} before / {load_after[0]:.2f} after, "
+                 f"torch {meta['torch']}, {meta['date']}.", "",
+                 "| net | batch | op | cdl ms | PyTorch ms | cdl/PyTorch |", "|---|--:|---|--:|--:|--:|"]
+        for r in rows:
+            t = "—" if r["torch_ms"] is None else f"{r['torch_ms']:.3f}"
+            q = "—" if r["cdl/torch"] is None else f"{r['cdl/torch']:.2f}"
+            lines.append(f"| {r['net']} | {r['batch']} | {r['op']} | {r['cdl_ms']:.3f} | {t} | {q} |")
+        if "bn_dropout_overhead_lenet_n64" in meta:
+            lines += ["", f"BatchNorm + Dropout add {meta['bn_dropout_overhead_lenet_n64']:.0%} "
+                          f"to LeNet-5's train_step at batch 64 (target ≤ 15%)."]
+        with open(args.out + ".md", "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
