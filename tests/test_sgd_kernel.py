@@ -74,7 +74,8 @@ def test_threads_bitwise(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
-def test_chunked_update_matches_whole(dtype, momentum, nesterov):
+@pytest.mark.parametrize("wd", [0.0, 1e-2])
+def test_chunked_update_matches_whole(dtype, momentum, nesterov, wd):
     """sgd_update_chunks (parts dealt to threads by owner) updates exactly the listed
     parts, as sgd_update would, for any thread count; gaps stay untouched."""
     rng = np.random.default_rng(4)
@@ -85,13 +86,40 @@ def test_chunked_update_matches_whole(dtype, momentum, nesterov):
     want_p, want_v = p0.copy(), v0.copy()
     for start, stop, _ in chunks:
         F.sgd_update(want_p[start:stop], g[start:stop], lr=0.1, momentum=momentum,
-                     nesterov=nesterov, velocity=want_v[start:stop] if momentum else None)
+                     nesterov=nesterov, velocity=want_v[start:stop] if momentum else None,
+                     weight_decay=wd)
     for nt in (1, 2, 3, 5):
         p, v = p0.copy(), v0.copy()
         elementwise.sgd_update_chunks(p, g, v if momentum else None, chunks, 0.1, momentum,
-                                      nesterov, nt)
+                                      nesterov, wd, nt)
         assert p.tobytes() == want_p.tobytes() and v.tobytes() == want_v.tobytes(), nt
         assert (p[551:560] == p0[551:560]).all()
+    if dtype == np.float32:
+        p, v = p0.copy(), v0.copy()
+        elementwise.SGDChunks(p, g, v if momentum else None, chunks).run(0.1, momentum,
+                                                                         nesterov, wd, 2)
+        assert p.tobytes() == want_p.tobytes() and v.tobytes() == want_v.tobytes()
+
+
+def test_chunked_weight_decay_matches_torch_over_steps():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    for dtype, tol in ((np.float32, 1e-6), (np.float64, 1e-13)):
+        for nesterov in (False, True):
+            p = rng.standard_normal(300).astype(dtype)
+            v = np.zeros_like(p)
+            tp = torch.nn.Parameter(torch.from_numpy(p.copy()))
+            opt = torch.optim.SGD([tp], lr=0.05, momentum=0.9, nesterov=nesterov,
+                                  weight_decay=0.02)
+            chunks = np.array([[0, 120, 0], [120, 300, 1]], np.int64)
+            for _ in range(5):
+                g = rng.standard_normal(300).astype(dtype)
+                tp.grad = torch.from_numpy(g.copy())
+                opt.step()
+                elementwise.sgd_update_chunks(p, g, v, chunks, 0.05, 0.9, nesterov, 0.02, 2)
+            np.testing.assert_allclose(p, tp.detach().numpy(), rtol=tol, atol=tol)
+            np.testing.assert_allclose(v, opt.state[tp]["momentum_buffer"].numpy(), rtol=tol,
+                                       atol=tol)
 
 
 def test_chunked_update_refuses_parts_outside_the_buffers():
@@ -99,10 +127,10 @@ def test_chunked_update_refuses_parts_outside_the_buffers():
     for bad in ([[0, 11, 0]], [[5, 4, 0]], [[-1, 3, 0]], [[0, 3, -1]]):
         with pytest.raises(ValueError, match="sgd_update_chunks: chunk 0"):
             elementwise.sgd_update_chunks(p, g, None, np.array(bad, np.int64), 0.1, 0.0,
-                                          False, 1)
+                                          False, 0.0, 1)
     with pytest.raises(ValueError, match="one length"):
         elementwise.sgd_update_chunks(p, g[:5], None, np.array([[0, 5, 0]], np.int64), 0.1,
-                                      0.0, False, 1)
+                                      0.0, False, 0.0, 1)
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])

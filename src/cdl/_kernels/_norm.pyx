@@ -650,13 +650,16 @@ cdef int _batchnorm_eval_coefficients(const floating[::1] weight, const floating
     return 0
 
 
-def batchnorm_eval_coefficients(const floating[::1] weight, const floating[::1] bias,
-                                const floating[::1] running_mean,
+def batchnorm_eval_coefficients(weight, bias, const floating[::1] running_mean,
                                 const floating[::1] running_var, double eps,
                                 floating[::1] scale, floating[::1] shift):
     """scale = w / sqrt(rv + eps), shift = b - rm · scale (in double, then rounded);
     weight (None: 1) and bias (None: 0) may be None."""
-    _batchnorm_eval_coefficients(weight, bias, running_mean, running_var, eps, scale, shift)
+    # weight and bias are typed here, not in the signature: Cython picks a fused
+    # def's type from its first typed argument, and None there picked float32.
+    cdef const floating[::1] w = weight
+    cdef const floating[::1] b = bias
+    _batchnorm_eval_coefficients(w, b, running_mean, running_var, eps, scale, shift)
 
 
 # ---------------------------------------------------------------- bound calls
