@@ -48,6 +48,21 @@ def _header(model, optimizer):
     return header, arrays
 
 
+def _umask():
+    """The process umask, read without changing it where possible (os.umask can only read
+    it by setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save(model, path, optimizer=None):
     """Write ``model`` (and ``optimizer``'s state, if given) to ``path`` atomically."""
     path = os.fspath(path)
@@ -58,6 +73,8 @@ def save(model, path, optimizer=None):
                                suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file 0600; give it the mode a plain open() would
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             np.savez(f, **{HEADER: blob}, **arrays)
             f.flush()
             os.fsync(f.fileno())
