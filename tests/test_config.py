@@ -1,5 +1,6 @@
 """Thread control, build facts and instruction-set dispatch."""
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ from cdl._kernels import _dispatch, _runtime
 
 
 def test_version_and_config():
-    assert cdl.__version__.count(".") == 2
+    # PEP 440: release X.Y.Z, optionally a .devN / aN / bN / rcN suffix
+    assert re.fullmatch(r"\d+\.\d+\.\d+((a|b|rc)\d+)?(\.dev\d+)?", cdl.__version__)
     c = _config.config()
     assert c["isa"] in c["isa_supported"]
     assert c["threads"] == cdl.get_num_threads()

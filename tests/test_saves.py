@@ -353,3 +353,43 @@ def test_stored_arrays_must_match_the_header(saved, tmp_path):
         with pytest.raises(ValueError, match=r"array 'param/0.weight' is .* the header says "
                                              r"float32 4x1x3x3"):
             cdl.load(bad)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002, 0o027])
+def test_saves_honour_the_umask(tmp_path, umask):
+    """A save gets the mode a plain open() would give, for a new file and over an old one."""
+    model = cdl.Sequential([cdl.Linear(3, 2)], (3,), seed=0)
+    old = os.umask(umask)
+    try:
+        (tmp_path / "plain").write_bytes(b"")  # what open() gives under this umask
+        model.save(tmp_path / "m.npz")
+        model.save(tmp_path / "m.npz")  # replacing an existing file
+        cb_path = tmp_path / "ck.npz"
+        cb = cdl.ModelCheckpoint(str(cb_path))
+        cb.set_context(model, None)
+        cb.on_epoch_end(0, {"loss": 1.0})
+    finally:
+        os.umask(old)
+    want = (tmp_path / "plain").stat().st_mode & 0o777
+    assert want == 0o666 & ~umask
+    assert (tmp_path / "m.npz").stat().st_mode & 0o777 == want
+    assert cb_path.stat().st_mode & 0o777 == want
+    assert ser._umask() == old  # reading the umask does not change it
+
+
+def test_umask_is_read_without_proc(monkeypatch):
+    """Where /proc is missing, the umask is still read correctly and left as it was."""
+    real_open = open
+
+    def no_proc(path, *a, **k):
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **k)
+    monkeypatch.setattr("builtins.open", no_proc)
+    old = os.umask(0o037)
+    try:
+        assert ser._umask() == 0o037
+        assert ser._umask() == 0o037
+    finally:
+        os.umask(old)

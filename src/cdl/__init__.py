@@ -1,5 +1,5 @@
 """cdl: fast CPU deep-learning layers built on typed Cython + OpenMP kernels."""
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 from . import _config  # noqa: E402
 from ._config import get_num_threads, set_num_threads, show_config, threads  # noqa: E402

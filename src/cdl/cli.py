@@ -1,20 +1,51 @@
-"""``cdl train``: train a small LeNet-style CNN on handwritten digits.
+"""The ``cdl`` command: ``cdl train``, ``cdl bench``, ``cdl --version``.
 
-By default the 1,797 8x8 digits from scikit-learn; ``--data IMAGES LABELS`` takes
-IDX files (e.g. MNIST). 20% of the samples are held out for testing. Writes the
-model (``model.npz``) and loss/accuracy curves (``curves.png``, if matplotlib
-is installed) to ``--out``.
+Every option is checked before any work starts (nothing is loaded, printed or
+written for a bad value). Exit codes: 0 success, 2 bad options or input (argparse's
+convention), 3 a training run that diverged, 130 interrupted by Ctrl-C.
 """
 import argparse
+import importlib.util
+import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
+__all__ = ["main", "build_parser", "lenet"]
+
+EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
+MAX_THREADS = 1024
+
+TRAIN_DESCRIPTION = """\
+Train a small LeNet-style CNN on handwritten digits and report its test accuracy.
+
+By default the data are the 1,797 8x8 digits that ship with scikit-learn
+(pip install scikit-learn); --data IMAGES LABELS takes IDX files instead
+(e.g. MNIST, gzip-compressed or not). 20% of the samples are held out for
+testing. Writes the model (model.npz, with the optimizer state) and the
+loss/accuracy curves (curves.png, when matplotlib is installed) to --out.
+
+A run that diverges (the loss becomes NaN or infinite; try a lower --lr) ends
+with exit code 3 and saves nothing; Ctrl-C ends it with exit code 130 and
+saves nothing.
+"""
+
+BENCH_DESCRIPTION = """\
+A quick benchmark of this installation: a few kernels (dense, convolution,
+max pooling) and whole train_step / predict calls of small networks, timed
+against the same computation written in NumPy and, when it is installed,
+PyTorch CPU, with the same thread count for everyone. Every contender's result
+is checked against NumPy's before it is timed. Times are medians; ratios below
+1 mean cdl is faster. The full suite (more cases, ceilings, charts) is
+bench/run.py in a source checkout.
+"""
+
 
 def lenet(in_shape, num_classes):
-    """conv 3x3 (c→16, p1), ReLU, pool 2; conv 3x3 (16→32, p1), ReLU, pool 2; Linear → classes."""
+    """conv 3x3 (c->16, p1), ReLU, pool 2; conv 3x3 (16->32, p1), ReLU, pool 2; Linear -> classes."""
     from . import Conv2d, Flatten, Linear, MaxPool2d, ReLU
 
     c, h, w = in_shape
@@ -31,6 +62,8 @@ def _split(n, test_fraction, seed):
 
 
 def _plot(history, path):
+    """curves.png from a History with at least one finished epoch; False if matplotlib is
+    missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -38,7 +71,7 @@ def _plot(history, path):
     except ImportError:
         return False
     h = history.history
-    epochs = np.arange(1, len(h.get("loss", [])) + 1)
+    epochs = np.arange(1, len(h["loss"]) + 1)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(epochs, h["loss"], label="train")
     if "val_loss" in h:
@@ -54,7 +87,40 @@ def _plot(history, path):
     return True
 
 
+class _Stop(Exception):
+    """End the command with ``code`` after printing ``message`` to stderr."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def _check_train_args(args):
+    """Everything that can be checked before work starts; raises _Stop(..., 2)."""
+    def bad(msg):
+        return _Stop(f"cdl train: error: {msg}", EXIT_USAGE)
+
+    if args.data:
+        for path in args.data:
+            if not os.path.isfile(path):
+                raise bad(f"--data: {path}: no such file")
+    elif importlib.util.find_spec("sklearn") is None:
+        raise bad("the default data (scikit-learn's digits) needs scikit-learn: "
+                  "pip install scikit-learn  (or pass --data IMAGES LABELS)")
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise bad(f"--out: {args.out} exists and is not a folder")
+    parent = out
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise bad(f"--out: cannot create {args.out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise bad(f"--out: cannot write to {parent}")
+
+
 def train(args):
+    _check_train_args(args)
     import cdl
     from cdl import datasets
 
@@ -66,6 +132,8 @@ def train(args):
     else:
         x, y = datasets.load_digits()
         source = "scikit-learn digits (1,797 8x8 images)"
+    if x.shape[0] < 2:
+        raise _Stop(f"cdl train: error: {source}: need at least 2 samples", EXIT_USAGE)
     num_classes = int(y.max()) + 1
     train_idx, test_idx = _split(x.shape[0], 0.2, args.seed)
     x_train, y_train = x[train_idx], y[train_idx]
@@ -77,12 +145,24 @@ def train(args):
     loss = cdl.SoftmaxCrossEntropy()
     opt = cdl.SGD(model, lr=args.lr, momentum=args.momentum)
     t0 = time.perf_counter()
-    history = model.fit(x_train, y_train, loss, opt, epochs=args.epochs,
-                        batch_size=args.batch_size, validation_data=(x_test, y_test),
-                        callbacks=[cdl.CosineLR(args.epochs)], verbose=1)
+    # fit reports a diverging loss as a RuntimeWarning and in history.stop_reason; the
+    # command reports it once, as its error, instead of also printing the warning.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        history = model.fit(x_train, y_train, loss, opt, epochs=args.epochs,
+                            batch_size=args.batch_size, validation_data=(x_test, y_test),
+                            callbacks=[cdl.CosineLR(args.epochs)], verbose=1)
+    for w in caught:
+        if not (history.stop_reason and str(w.message) == history.stop_reason):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     seconds = time.perf_counter() - t0
     if history.stop_reason:
-        print(history.stop_reason, file=sys.stderr)
+        diverged = any(str(w.message) == history.stop_reason for w in caught)
+        if diverged:
+            raise _Stop(f"cdl train: error: training diverged, nothing was saved. "
+                        f"{history.stop_reason} (--lr is {args.lr:g})", EXIT_DIVERGED)
+        raise _Stop(f"cdl train: interrupted after {len(history.epochs)} finished epoch(s); "
+                    f"nothing was saved", EXIT_INTERRUPTED)
     test_loss, test_acc = model.evaluate(x_test, y_test, loss)
     print(f"test accuracy: {test_acc * 100:.2f}%  (loss {test_loss:.4f}, "
           f"{len(history.epochs)} epochs in {seconds:.1f} s, {cdl.get_num_threads()} threads)")
@@ -92,50 +172,136 @@ def train(args):
     model.save(model_path, optimizer=opt)
     print(f"saved model: {model_path}")
     png = os.path.join(args.out, "curves.png")
-    if _plot(history, png):
+    if not history.history.get("loss"):
+        print("skipped the curves plot: no finished epoch")
+    elif _plot(history, png):
         print(f"saved curves: {png}")
     else:
-        print("skipped the curves plot: matplotlib is not installed "
-              "(pip install 'cdl[plot]')")
-    return 0 if not history.stop_reason else 1
+        print("skipped the curves plot: matplotlib is not installed (pip install matplotlib)")
+    return EXIT_OK
 
 
-def _positive(kind):
+def bench(args):
+    from . import _quickbench
+
+    return _quickbench.main(threads=args.threads, repeats=args.repeats, torch=args.torch,
+                            json_path=args.json)
+
+
+def _int_in(lo, hi=None):
     def parse(text):
-        v = kind(text)
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(
+                f"must be >= {lo}" + (f" and <= {hi}" if hi is not None else "") + f", got {v}")
         return v
     return parse
 
 
+def _float_in(lo, hi=None, lo_open=True, hi_open=True):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if v < lo or (lo_open and v == lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo:g}, "
+                                             f"got {text}")
+        if hi is not None and (v > hi or (hi_open and v == hi)):
+            raise argparse.ArgumentTypeError(f"must be {'<' if hi_open else '<='} {hi:g}, "
+                                             f"got {text}")
+        return v
+    return parse
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's help ends with its default. An option whose
+    default is None says in its help what happens without it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _version():
+    from . import __version__
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            dist = f"distribution cdl-cpu {version('cdl-cpu')}"
+        except PackageNotFoundError:
+            dist = "not installed as a distribution"
+    except ImportError:  # pragma: no cover - Python < 3.8
+        dist = ""
+    py = ".".join(map(str, sys.version_info[:3]))
+    return f"cdl {__version__} ({dist}; Python {py}; {os.path.dirname(os.path.abspath(__file__))})"
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="cdl", description="cdl: fast CPU deep-learning layers")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(
+        prog="cdl", formatter_class=_HelpFormatter,
+        description="cdl: fast CPU deep-learning layers (typed Cython + OpenMP kernels).",
+        epilog="Run 'cdl COMMAND --help' for a command's options.")
+    p.add_argument("--version", action="version", version=_version(),
+                   help="print the version, the distribution and where cdl is installed")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     t = sub.add_parser("train", help="train a small CNN on handwritten digits",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--epochs", type=_positive(int), default=15)
-    t.add_argument("--batch-size", type=_positive(int), default=32)
-    t.add_argument("--lr", type=_positive(float), default=0.05)
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--threads", type=_positive(int), default=None,
-                   help="threads for the kernels (default: usable cores)")
-    t.add_argument("--data", nargs=2, metavar=("IMAGES", "LABELS"),
-                   help="IDX image and label files (gzip or not) instead of the digits")
+                       description=TRAIN_DESCRIPTION, formatter_class=_HelpFormatter)
+    t.add_argument("--epochs", type=_int_in(1), default=15, help="passes over the training data")
+    t.add_argument("--batch-size", type=_int_in(1), default=32, help="samples per SGD step")
+    t.add_argument("--lr", type=_float_in(0.0), default=0.05,
+                   help="learning rate (the start of a cosine schedule to 0)")
+    t.add_argument("--momentum", type=_float_in(0.0, 1.0, lo_open=False), default=0.9,
+                   help="SGD momentum, in [0, 1)")
+    t.add_argument("--threads", type=_int_in(1, MAX_THREADS), default=None,
+                   help="threads for the kernels (default: OMP_NUM_THREADS, else the usable "
+                        "cores)")
+    t.add_argument("--data", nargs=2, metavar=("IMAGES", "LABELS"), default=None,
+                   help="IDX image and label files, gzip-compressed or not (default: "
+                        "scikit-learn's 8x8 digits)")
     t.add_argument("--out", default="cdl-out", help="folder for model.npz and curves.png")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_int_in(0), default=0,
+                   help="seed of the weights, the shuffling and the train/test split")
+    t.set_defaults(run=train)
+
+    b = sub.add_parser("bench", help="quick benchmark against NumPy (and PyTorch)",
+                       description=BENCH_DESCRIPTION, formatter_class=_HelpFormatter)
+    b.add_argument("--threads", type=_int_in(1, MAX_THREADS), default=None,
+                   help="threads for every contender (default: cdl's default, "
+                        "OMP_NUM_THREADS or the usable cores)")
+    b.add_argument("--repeats", type=_int_in(3, 1000), default=7,
+                   help="timed samples per case and contender (the median is shown)")
+    b.add_argument("--no-torch", dest="torch", action="store_false",
+                   help="leave PyTorch out even when it is installed")
+    b.add_argument("--json", metavar="PATH", default=None,
+                   help="also write the results as JSON to PATH (default: no file)")
+    b.set_defaults(run=bench)
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    """Run the ``cdl`` command with ``argv`` (default: sys.argv[1:]); returns the exit code."""
+    cmd = "cdl"
     try:
-        if args.command == "train":
-            return train(args)
-    except (ImportError, ValueError, OSError) as exc:
-        print(f"cdl {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        args = build_parser().parse_args(argv)
+        cmd = f"cdl {args.command}"
+        return args.run(args)
+    except _Stop as stop:
+        print(stop, file=sys.stderr)
+        return stop.code
+    except KeyboardInterrupt:
+        print(f"\n{cmd}: interrupted (Ctrl-C); nothing was saved", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ImportError, ValueError, TypeError, OSError) as exc:
+        print(f"{cmd}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -71,7 +71,16 @@ def _write(model, f, optimizer):
 
 
 def _umask():
-    mask = os.umask(0)
+    """The process umask, read without changing it where possible (os.umask can only read
+    it by setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -88,10 +97,11 @@ def save(model, path, optimizer=None):
                                suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file 0600; give it the mode a plain open() would
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             _write(model, f, optimizer)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())   # as a plain open() would (mkstemp makes 0600)
         os.replace(tmp, path)
     except BaseException:
         try:
