@@ -261,3 +261,18 @@ def test_bench_numpy_twins_agree_with_cdl():
         assert abs(lc - ln) <= 1e-10 * abs(ln)
     np.testing.assert_allclose(model.layers[0].params["weight"], twin.params[0], rtol=1e-9)
     np.testing.assert_allclose(model.predict(xb), twin.predict(xb), rtol=1e-9)
+
+
+def test_train_resnet_on_digits(tmp_path):
+    pytest.importorskip("sklearn")
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "cdl", "train", "--model", "resnet", "--epochs", "3",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "Residual" in r.stdout and "BatchNorm2d" in r.stdout
+    acc = float(r.stdout.split("test accuracy: ")[1].split("%")[0])
+    assert acc > 80.0, r.stdout
+    import cdl
+    model, opt = cdl.load(tmp_path / "model.npz", optimizer=True)
+    assert type(opt).__name__ == "AdamW" and opt.steps > 0
