@@ -146,20 +146,21 @@ def test_predict_plan_matches_layer_by_layer_bitwise(net):
         x = rng.standard_normal((n,) + shape).astype(np.float32)
         a, b = planned.predict(x, batch_size=bs), layered.predict(x, batch_size=bs)
         assert a.tobytes() == b.tobytes(), (n, bs)
-    assert len(planned._local.plans) == 2          # the last two batch sizes, this thread
+    assert sorted(planned._runners.sizes()) == [1, 3, 4, 5, 8]   # one runner per batch size
     # predict keeps no state for backward, and a training step is unaffected by it.
     assert all(layer._last is None for layer in planned.layers)
 
 
 def test_predict_plan_large_batches_are_not_kept():
     model = cdl.Sequential(cnn(), (2, 8, 8), seed=0)
+    model._runners.budget = 4 << 20
     per_sample = model._act_per_sample * 4
     n = (4 << 20) // per_sample + 1                 # buffers just over the 4 MB kept
     x = np.random.default_rng(0).standard_normal((n, 2, 8, 8)).astype(np.float32)
     ref = cdl.Sequential(cnn(), (2, 8, 8), seed=0)
     ref._use_plans = False
     assert model.predict(x, batch_size=n).tobytes() == ref.predict(x, batch_size=n).tobytes()
-    assert getattr(model._local, "plans", []) == []
+    assert model._runners.sizes() == []
 
 
 def test_flatten_only_model_runs_layer_by_layer():
@@ -199,4 +200,5 @@ def test_changing_the_loss_or_the_flag_after_a_step_is_honoured():
     model.train_step(x, y, loss, opt)
     assert model._plan(4, loss) is not None
     model._use_plans = False
-    assert model._plan(4, loss) is None and model._forward_plan(4) is None
+    assert model._plan(4, loss) is None
+    assert not isinstance(model._make_runner(4), cdl.plan.ForwardPlan)

@@ -25,12 +25,14 @@ from .functional._checks import FLOAT_DTYPES, INT32_MAX, real_number, shape_str
 from .layers.base import Layer, check_grad
 from .layers.chain import Chain, has_params
 from .losses import Loss
+from .buffers import ResultPool, RunnerPool
 from .params import ParameterPack
 
 __all__ = ["Sequential"]
 
 
-_PLAN_CACHE_BYTES = 4 << 20    # predict keeps a plan's buffers up to this size per thread
+INFERENCE_CACHE_BYTES = 256 << 20
+"""predict keeps at most this many bytes of inference buffers per model (see cdl.buffers)."""
 
 
 def _input_shape(shape):
@@ -112,13 +114,29 @@ class Sequential:
                          for k in layer.buffers]
         self._weights_flat = [layer.params[k].reshape(-1) for _, layer in self.chain.walk()
                               for k in layer.decay]
+        self._results = ResultPool()
         self._use_plans = True
+
+    @property
+    def _use_plans(self):
+        return self._plans_on
+
+    @_use_plans.setter
+    def _use_plans(self, value):
+        self._plans_on = bool(value)
         self._reset_plans()
 
     def _reset_plans(self):
         self._plans = []                    # TrainPlans (the last two batch sizes)
-        self._local = threading.local()     # predict's plans, per thread
         self._plannable = _plan.supported(self)
+        per_sample = self._act_per_sample * self.dtype.itemsize
+        self._runners = RunnerPool(lambda n: n * per_sample, INFERENCE_CACHE_BYTES)
+
+    def _make_runner(self, n):
+        """predict's runner for batch size n: a ForwardPlan, or layer-by-layer buffers."""
+        if self._plans_on and self._plannable:
+            return _plan.ForwardPlan(self, n)
+        return _LayerRunner(self, n)
 
     @property
     def parameter_buffer(self):
@@ -313,71 +331,71 @@ class Sequential:
         the first one with parameters are skipped)."""
         return self.chain.backward(g, nt, need_input_grad, self._l2)
 
-    def forward(self, x):
-        """Training-mode forward pass (keeps what backward needs); returns a copy of the output."""
-        x = self._check_x(x, "Sequential.forward", batch=True)
+    def forward(self, x, out=None):
+        """Training-mode forward pass (keeps what backward needs); returns the output in
+        a new array, or in ``out`` (reused memory, never one the caller still holds)."""
+        where = "Sequential.forward"
+        x = self._check_x(x, where, batch=True)
         if x.shape[0] == 0:
-            raise ValueError("Sequential.forward: x is an empty batch")
-        return self._forward(x, _config.get_num_threads()).copy()
+            raise ValueError(f"{where}: x is an empty batch")
+        out = self._result(out, (x.shape[0],) + self.output_shape, where)
+        np.copyto(out, self._forward(x, _config.get_num_threads()))
+        return out
 
-    def backward(self, grad):
-        """Back-propagate dL/d(output); fills every layer's grads; returns dL/dx (a copy)."""
+    def backward(self, grad, out=None):
+        """Back-propagate dL/d(output); fills every layer's grads; returns dL/dx in a new
+        array, or in ``out``."""
+        where = "Sequential.backward"
         n = getattr(self, "_last_n", None)
         if n is None:
-            raise RuntimeError("Sequential.backward: call forward first")
-        g = check_grad(grad, (n,) + self.output_shape, self.dtype, "Sequential.backward")
-        return self._backward(g, _config.get_num_threads(), need_input_grad=True).copy()
+            raise RuntimeError(f"{where}: call forward first")
+        g = check_grad(grad, (n,) + self.output_shape, self.dtype, where)
+        out = self._result(out, (n,) + self.input_shape, where)
+        np.copyto(out, self._backward(g, _config.get_num_threads(), need_input_grad=True))
+        return out
 
-    def predict(self, x, batch_size=None):
+    def predict(self, x, batch_size=None, out=None):
         """Inference in batches of ``batch_size`` (default 256); stores nothing for backward.
 
-        Thread-safe: each call uses its own buffers, so several threads may predict at once.
+        Returns a new array, or fills ``out`` (shape (N, *output_shape), the model's
+        dtype, C order) and returns it. Arrays returned earlier are never overwritten
+        while anything refers to them; once dropped, their memory is reused.
+        Thread-safe: concurrent calls use separate buffers. Inference buffers are
+        kept per batch size, at most ``cdl.model.INFERENCE_CACHE_BYTES`` per model.
         """
-        x = self._check_x(x, "Sequential.predict")
+        where = "Sequential.predict"
+        x = self._check_x(x, where)
         n = x.shape[0]
         bs = 256 if batch_size is None else batch_size
         if isinstance(bs, (bool, np.bool_)) or not isinstance(bs, numbers.Integral):
-            raise TypeError(f"Sequential.predict: batch_size must be an int, got {batch_size!r}")
+            raise TypeError(f"{where}: batch_size must be an int, got {batch_size!r}")
         bs = int(bs)
         if bs < 1:
-            raise ValueError(f"Sequential.predict: batch_size must be >= 1, got {batch_size!r}")
-        out = np.empty((n,) + self.output_shape, self.dtype)
+            raise ValueError(f"{where}: batch_size must be >= 1, got {batch_size!r}")
+        out = self._result(out, (n,) + self.output_shape, where)
         if n == 0:
             return out
         nt = _config.get_num_threads()
-        bufs = {}
         for s in range(0, n, bs):
             e = min(s + bs, n)
-            m = e - s
-            plan = self._forward_plan(m)
-            if plan is not None:
-                out[s:e] = plan.run(x[s:e], nt)
-                continue
-            wss = bufs.get(m)
-            if wss is None:
-                wss = bufs[m] = {id(layer): layer._alloc(m, False)
-                                 for _, layer in self.chain.passes}
-            out[s:e] = self.chain.forward(x[s:e], nt, False, lambda layer: wss[id(layer)])
+            runner = self._runners.acquire(e - s, self._make_runner)
+            try:
+                out[s:e] = runner.run(x[s:e], nt)
+            finally:
+                self._runners.release(runner, e - s)
         return out
 
-    def _forward_plan(self, m):
-        """predict's ForwardPlan for batch size m, or None (no plan for this model).
-
-        Each thread keeps its own (two batch sizes), so concurrent predicts never
-        share buffers. Batches whose buffers would exceed 4 MB run layer by layer
-        on buffers freed after the call (a large predict does not hold its memory,
-        and there the per-call overhead a plan saves is small)."""
-        if not (self._use_plans and self._plannable):
-            return None
-        plans = getattr(self._local, "plans", [])
-        for plan in plans:
-            if plan.n == m:
-                return plan
-        if m * self._act_per_sample * self.dtype.itemsize > _PLAN_CACHE_BYTES:
-            return None
-        plan = _plan.ForwardPlan(self, m)
-        self._local.plans = [plan] + plans[:1]
-        return plan
+    def _result(self, out, shape, where):
+        """``out`` checked, or an array from the result pool."""
+        if out is None:
+            return self._results.get(shape, self.dtype)
+        if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != self.dtype \
+                or not out.flags.c_contiguous or not out.flags.writeable:
+            got = (f"{out.dtype} {shape_str(out.shape)}" if isinstance(out, np.ndarray)
+                   else type(out).__name__)
+            raise ValueError(f"{where}: out must be a writeable C-contiguous {self.dtype} array "
+                             f"of shape {shape_str(shape)}, got {got}")
+        return out
 
     def evaluate(self, x, y, loss, batch_size=256):
         """(loss, accuracy) over the whole set; loss includes λ Σ W² when l2 > 0.
@@ -526,6 +544,19 @@ class Sequential:
         # its buffers and trains bit for bit like this model.
         from .io.format import _unpickle, dumps
         return _unpickle, (dumps(self),)
+
+
+class _LayerRunner:
+    """predict's layer-by-layer passes for batch size n on buffers of its own (models
+    without a plan: float64, or an output that is a view of the input)."""
+
+    def __init__(self, model, n):
+        self.chain = model.chain
+        self.ws = {id(layer): layer._alloc(n, False) for _, layer in model.chain.passes}
+
+    def run(self, x, nt):
+        ws = self.ws
+        return self.chain.forward(x, nt, False, lambda layer: ws[id(layer)])
 
 
 def _physical_memory():

@@ -1,0 +1,96 @@
+"""Reused buffers for the public calls: inference runners and returned arrays.
+
+A fresh multi-megabyte array per call costs page faults that can exceed the
+kernels' time (a 8 MB gradient: 2-7x). Two bounded pools remove them:
+
+- ``RunnerPool`` keeps inference runners (a plan, or layer-by-layer buffers)
+  per batch size, shared by the threads: a call checks one out and returns it,
+  so concurrent predicts never share buffers. At most ``budget`` bytes stay
+  cached (the least recently used go first); a runner bigger than the budget is
+  used once and freed, so a huge predict does not keep its memory.
+- ``ResultPool`` hands out the arrays that public calls return. An array is
+  reused only when nothing outside the pool refers to it any more (no variable,
+  no view): results a user holds are never overwritten.
+"""
+import sys
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+__all__ = ["RunnerPool", "ResultPool"]
+
+
+class RunnerPool:
+    """Inference runners by batch size, at most ``budget`` bytes kept."""
+
+    def __init__(self, nbytes, budget):
+        self._nbytes = nbytes        # nbytes(n) -> its buffers' size
+        self.budget = budget
+        self._free = OrderedDict()   # n -> [runner, ...], least recently used first
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def acquire(self, n, make):
+        """A runner for batch size n: a kept one, or ``make(n)``."""
+        with self._lock:
+            runners = self._free.get(n)
+            if runners:
+                runner = runners.pop()
+                if not runners:
+                    del self._free[n]
+                self._held -= self._nbytes(n)
+                return runner
+        return make(n)
+
+    def release(self, runner, n):
+        size = self._nbytes(n)
+        if size > self.budget:
+            return
+        with self._lock:
+            self._free.setdefault(n, []).append(runner)
+            self._free.move_to_end(n)
+            self._held += size
+            while self._held > self.budget:
+                m, runners = next(iter(self._free.items()))
+                runners.pop(0)
+                self._held -= self._nbytes(m)
+                if not runners:
+                    del self._free[m]
+
+    def clear(self):
+        with self._lock:
+            self._free.clear()
+            self._held = 0
+
+    def sizes(self):
+        """The batch sizes with a runner kept (for tests and diagnostics)."""
+        with self._lock:
+            return [n for n, rs in self._free.items() for _ in rs]
+
+
+class ResultPool:
+    """Arrays to return from public calls, reused once their holders let go."""
+
+    def __init__(self, keep=2):
+        self.keep = keep
+        self._arrays = {}            # (shape, dtype) -> [array, ...]
+        self._lock = threading.Lock()
+
+    def get(self, shape, dtype):
+        key = (tuple(shape), np.dtype(dtype))
+        with self._lock:
+            arrays = self._arrays.setdefault(key, [])
+            for a in arrays:
+                # References: this list, the loop variable, getrefcount's argument.
+                if sys.getrefcount(a) == 3:
+                    return a
+            a = np.empty(key[0], key[1])
+            arrays.append(a)
+            if len(arrays) > self.keep:
+                arrays.pop(0)        # forgotten by the pool; its holder keeps it
+            return a
+
+    def clear(self):
+        with self._lock:
+            self._arrays.clear()

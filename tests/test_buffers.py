@@ -1,0 +1,95 @@
+"""Public calls reuse memory without overwriting anything a caller still holds."""
+import threading
+
+import numpy as np
+import pytest
+
+import cdl
+
+
+def net():
+    return cdl.Sequential([cdl.Conv2d(2, 4, 3, padding=1), cdl.ReLU(), cdl.MaxPool2d(2),
+                           cdl.Flatten(), cdl.Linear(64, 5)], (2, 8, 8), seed=0)
+
+
+def data(n=6, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 2, 8, 8)).astype(np.float32)
+
+
+@pytest.mark.parametrize("call", ["predict", "forward", "backward"])
+def test_held_results_are_never_overwritten_and_dropped_ones_are_reused(call):
+    m = net()
+    x1, x2 = data(seed=1), data(seed=2)
+
+    def run(x):
+        if call == "predict":
+            return m.predict(x)
+        y = m.forward(x)
+        return y if call == "forward" else m.backward(np.ones_like(y))
+
+    a = run(x1)
+    kept = a.copy()
+    view = a[1:]                      # a view keeps its base alive too
+    del a
+    b = run(x2)
+    np.testing.assert_array_equal(view, kept[1:])
+    assert not np.shares_memory(b, view)
+    address = b.ctypes.data
+    del b, view
+    c = run(x1)
+    np.testing.assert_array_equal(c, kept)
+    d = run(x2)                       # c is held: d must be elsewhere
+    assert not np.shares_memory(c, d)
+    del d
+    # a dropped result's memory is reused (no fresh allocation, no page faults)
+    e = run(x2)
+    assert e.ctypes.data in (address, c.ctypes.data) or not np.shares_memory(e, c)
+
+
+def test_out_arguments():
+    m = net()
+    x = data()
+    out = np.empty((6, 5), np.float32)
+    assert m.predict(x, out=out) is out
+    np.testing.assert_array_equal(out, m.predict(x))
+    assert m.forward(x, out=out) is out
+    dx = np.empty((6, 2, 8, 8), np.float32)
+    assert m.backward(np.ones((6, 5), np.float32), out=dx) is dx
+    for bad in (np.empty((6, 4), np.float32), np.empty((6, 5), np.float64),
+                np.empty((5, 6), np.float32).T, [[0.0] * 5] * 6):
+        with pytest.raises(ValueError, match=r"Sequential.predict: out must be a writeable "
+                                             r"C-contiguous float32 array of shape 6x5"):
+            m.predict(x, out=bad)
+
+
+def test_inference_cache_is_bounded_and_shared_by_threads():
+    m = net()
+    m._runners.budget = 3 * 64 * m._act_per_sample * 4       # room for three batches of 64
+    x = data(64)
+    ref = {n: m.predict(x[:n]) for n in (64, 63, 62, 61)}
+    assert sorted(m._runners.sizes()) == [61, 62, 63]      # the oldest was let go
+    results, errors = [], []
+
+    def worker(n):
+        try:
+            for _ in range(20):
+                results.append((n, m.predict(x[:n]).copy()))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=worker, args=(n,)) for n in (64, 63, 64, 61)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for n, r in results:
+        np.testing.assert_array_equal(r, ref[n])
+    assert len(m._runners.sizes()) <= 3 + 1
+
+
+def test_a_huge_predict_keeps_no_buffers():
+    m = net()
+    m._runners.budget = 1 << 20
+    n = (1 << 20) // (m._act_per_sample * 4) + 8
+    m.predict(data(n), batch_size=n)
+    assert m._runners.sizes() == []
