@@ -52,6 +52,7 @@ cdef extern from "cdl_gemm.h" nogil:
     void sdot_nt "cdl_sdot_nt"(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                                const float* a, Py_ssize_t lda, const float* b, Py_ssize_t ldb,
                                float* c, Py_ssize_t ldc, int beta_one)
+    double fma_peak "cdl_fma_peak"(double seconds, int num_threads)
 
 # Below this many multiply-adds a second thread costs more than it saves.
 cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 19
@@ -497,3 +498,16 @@ cdef class LinearBackward:
     def run(self, int num_threads, double l2):
         _linear_backward(self.grad_out, self.x, self.weight, self.grad_input, self.grad_weight,
                          self.grad_bias, l2, num_threads)
+
+
+def fma_peak_gflops(double seconds=0.2, int num_threads=1):
+    """The float32 multiply-add peak of this build, GFLOP/s summed over num_threads threads.
+
+    Each thread runs 12 independent register-resident multiply-add chains of full
+    vectors (zmm FMAs on the AVX-512 build, ymm FMAs on AVX2, SSE multiplies and
+    adds on baseline) for about `seconds`; 2 flops per lane per multiply-add. A
+    benchmark ceiling (bench/bench_peak.py), not a kernel."""
+    cdef double r
+    with nogil:
+        r = fma_peak(seconds, num_threads)
+    return r / 1e9

@@ -357,4 +357,102 @@ static void cdl_sdot_nt(cdl_idx m, cdl_idx n, cdl_idx k, const float *a, cdl_idx
         }
     }
 }
+/* ------------------------------------------------------------------------
+ * The machine's multiply-add peak, for the benchmarks (bench/bench_peak.py):
+ * each thread runs 12 independent vector multiply-add chains that stay in
+ * registers (12 chains cover the latency x throughput of two FMA pipes) for
+ * about `seconds`, and the threads' rates are summed. Built per instruction
+ * set like the kernels: zmm FMAs on AVX-512, ymm FMAs on AVX2, and on the
+ * baseline build SSE multiplies and adds (no FMA there), so it is the peak of
+ * the build that runs. Counts 2 flops per lane per multiply-add.
+ * ------------------------------------------------------------------------ */
+#include <time.h>
+#include "cdl_omp.h"
+
+static inline double cdl_peak_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* One asm statement naming all 12 chains keeps each in its own register (one
+ * statement per chain made GCC route them all through one register and spill). */
+#if defined(__GNUC__) && defined(__AVX512F__)
+#define CDL_PEAK_R "+v"
+#elif defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define CDL_PEAK_R "+x"
+#endif
+#ifdef CDL_PEAK_R
+#define CDL_PEAK_KEEP12() __asm__("" : CDL_PEAK_R(a0), CDL_PEAK_R(a1), CDL_PEAK_R(a2), \
+    CDL_PEAK_R(a3), CDL_PEAK_R(a4), CDL_PEAK_R(a5), CDL_PEAK_R(a6), CDL_PEAK_R(a7), \
+    CDL_PEAK_R(a8), CDL_PEAK_R(a9), CDL_PEAK_R(a10), CDL_PEAK_R(a11))
+#else
+#define CDL_PEAK_KEEP12() ((void)0)
+#endif
+
+/* Naturally aligned, unlike cdl_vf: an asm operand of an under-aligned vector
+ * type is kept in memory. */
+typedef float cdl_peak_v __attribute__((vector_size(CDL_VF * 4)));
+
+/* iters steps of the 12 chains in st[0..11]; not inlined, so that the timer
+ * calls between chunks do not make GCC keep the chains in memory. */
+static __attribute__((noinline)) void cdl_peak_chunk(cdl_peak_v *st, long iters) {
+    cdl_peak_v a0 = st[0], a1 = st[1], a2 = st[2], a3 = st[3], a4 = st[4], a5 = st[5],
+               a6 = st[6], a7 = st[7], a8 = st[8], a9 = st[9], a10 = st[10], a11 = st[11];
+    cdl_peak_v m = st[12], c = st[13];
+    long k;
+    for (k = 0; k < iters; k++) {
+        a0 = a0 * m + c; a1 = a1 * m + c; a2 = a2 * m + c; a3 = a3 * m + c;
+        a4 = a4 * m + c; a5 = a5 * m + c; a6 = a6 * m + c; a7 = a7 * m + c;
+        a8 = a8 * m + c; a9 = a9 * m + c; a10 = a10 * m + c; a11 = a11 * m + c;
+        CDL_PEAK_KEEP12();
+    }
+    st[0] = a0; st[1] = a1; st[2] = a2; st[3] = a3; st[4] = a4; st[5] = a5;
+    st[6] = a6; st[7] = a7; st[8] = a8; st[9] = a9; st[10] = a10; st[11] = a11;
+}
+
+static double cdl_fma_peak_thread(double seconds) {
+    cdl_peak_v st[14];
+    double t0, t;
+    long n = 0;
+    int i;
+    float out[CDL_VF];
+    /* x -> x * 0.999 + 0.001 converges to 1: no overflow, no denormals. */
+    for (i = 0; i < 12; i++)
+        st[i] = (cdl_peak_v){0} + (float)i;
+    st[12] = (cdl_peak_v){0} + 0.999f;
+    st[13] = (cdl_peak_v){0} + 0.001f;
+    cdl_peak_chunk(st, 1 << 12);   /* warm-up: clocks and the vector unit up */
+    t0 = cdl_peak_now();
+    do {
+        cdl_peak_chunk(st, 1 << 14);
+        n += 1 << 14;
+        t = cdl_peak_now() - t0;
+    } while (t < seconds);
+    /* The sums are used, so the chains are not dropped. */
+    for (i = 1; i < 12; i++)
+        st[0] += st[i];
+    __builtin_memcpy(out, &st[0], sizeof(out));
+    if (out[0] == 12345.f)
+        t += 1e-300;
+    return 2.0 * CDL_VF * 12.0 * (double)n / t;
+}
+
+/* Summed multiply-add rate of num_threads threads (flop/s). */
+static double cdl_fma_peak(double seconds, int num_threads) {
+    double total = 0;
+    int t;
+    double rate[256];
+    if (num_threads < 1) num_threads = 1;
+    if (num_threads > 256) num_threads = 256;
+    for (t = 0; t < num_threads; t++) rate[t] = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(num_threads)
+    rate[omp_get_thread_num()] = cdl_fma_peak_thread(seconds);
+#else
+    rate[0] = cdl_fma_peak_thread(seconds);
+#endif
+    for (t = 0; t < num_threads; t++) total += rate[t];
+    return total;
+}
 #endif
