@@ -143,11 +143,25 @@ static inline void cdl_gemm_pack_b(cdl_idx kc, cdl_idx nc, const float *b,
     }
 }
 
+/* ReLU's rule on a finished value (v <= 0 gives +0, NaN passes): bitwise the
+ * result of _elementwise's relu_forward applied to it. */
+static inline float cdl_gemm_relu1(float v) {
+    return v <= 0.0f ? 0.0f : v;
+}
+
+static inline cdl_vf cdl_gemm_relu(cdl_vf y) {
+    typedef int cdl_vi __attribute__((vector_size(CDL_VF * 4)));
+    cdl_vi m = (y <= cdl_vf_set1(0.0f));
+    return (cdl_vf)((cdl_vi)y & ~m);
+}
+
 /* The mr x NR microkernel over one packed panel pair. Always inlined with a
- * constant mr, so the accumulators become registers. */
+ * constant mr, so the accumulators become registers. relu: ReLU on the values
+ * stored (the caller sets it on the last block of the reduction only). */
 static inline __attribute__((always_inline)) void
 cdl_gemm_ukr(const int mr, cdl_idx kc, const float *restrict ap, const float *restrict bp,
-             cdl_idx ldb, float *restrict c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr, int beta_one) {
+             cdl_idx ldb, float *restrict c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr, int beta_one,
+             int relu) {
     cdl_vf acc[CDL_GEMM_MR][CDL_GEMM_NV];
     cdl_idx k;
     int i, v;
@@ -170,7 +184,8 @@ cdl_gemm_ukr(const int mr, cdl_idx kc, const float *restrict ap, const float *re
         for (i = 0; i < mr; i++)
             for (v = 0; v < CDL_GEMM_NV; v++) {
                 float *cp = c + i * rs_c + v * CDL_VF;
-                cdl_vf_store(cp, beta_one ? cdl_vf_load(cp) + acc[i][v] : acc[i][v]);
+                cdl_vf y = beta_one ? cdl_vf_load(cp) + acc[i][v] : acc[i][v];
+                cdl_vf_store(cp, relu ? cdl_gemm_relu(y) : y);
             }
     } else {
         float t[CDL_GEMM_MR * CDL_GEMM_NR];
@@ -181,16 +196,18 @@ cdl_gemm_ukr(const int mr, cdl_idx kc, const float *restrict ap, const float *re
         for (i = 0; i < mr; i++)
             for (j = 0; j < nr; j++) {
                 float *cp = c + i * rs_c + j * cs_c;
-                *cp = beta_one ? *cp + t[i * CDL_GEMM_NR + j] : t[i * CDL_GEMM_NR + j];
+                float y = beta_one ? *cp + t[i * CDL_GEMM_NR + j] : t[i * CDL_GEMM_NR + j];
+                *cp = relu ? cdl_gemm_relu1(y) : y;
             }
     }
 }
 
 #define CDL_GEMM_CASE(r) \
-    case r: cdl_gemm_ukr(r, kc, ap, bp, ldb, c, rs_c, cs_c, nr, beta_one); break;
+    case r: cdl_gemm_ukr(r, kc, ap, bp, ldb, c, rs_c, cs_c, nr, beta_one, relu); break;
 
 static void cdl_gemm_ukr_any(int mr, cdl_idx kc, const float *ap, const float *bp,
-                             cdl_idx ldb, float *c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr, int beta_one) {
+                             cdl_idx ldb, float *c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr, int beta_one,
+                             int relu) {
     switch (mr) {
     CDL_GEMM_CASE(1) CDL_GEMM_CASE(2) CDL_GEMM_CASE(3) CDL_GEMM_CASE(4)
     CDL_GEMM_CASE(5) CDL_GEMM_CASE(6)
@@ -205,19 +222,22 @@ static void cdl_gemm_ukr_any(int mr, cdl_idx kc, const float *ap, const float *b
 
 static inline void cdl_gemm_tile(int mr, cdl_idx kc, const float *ap, const float *bp,
                                  cdl_idx ldb, float *c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr,
-                                 int beta) {
+                                 int beta, int relu) {
     if (mr == CDL_GEMM_MR && ldb == CDL_GEMM_NR)
-        cdl_gemm_ukr(CDL_GEMM_MR, kc, ap, bp, CDL_GEMM_NR, c, rs_c, cs_c, nr, beta);
+        cdl_gemm_ukr(CDL_GEMM_MR, kc, ap, bp, CDL_GEMM_NR, c, rs_c, cs_c, nr, beta, relu);
     else
-        cdl_gemm_ukr_any(mr, kc, ap, bp, ldb, c, rs_c, cs_c, nr, beta);
+        cdl_gemm_ukr_any(mr, kc, ap, bp, ldb, c, rs_c, cs_c, nr, beta, relu);
 }
 
 /* C (+)= A B for an m x n x k product; scratch holds cdl_sgemm_scratch(m, n, k)
- * floats. k == 0 leaves C alone when beta_one, else zeroes it. */
+ * floats. k == 0 leaves C alone when beta_one, else zeroes it. relu: ReLU on C
+ * as the last block of the reduction stores it (so C = relu(C (+) A B) exactly;
+ * with k == 0 the caller applies it). */
 static void cdl_sgemm(cdl_idx m, cdl_idx n, cdl_idx k,
                       const float *a, cdl_idx rs_a, cdl_idx cs_a,
                       const float *b, cdl_idx rs_b, cdl_idx cs_b,
-                      float *c, cdl_idx rs_c, cdl_idx cs_c, int beta_one, float *scratch) {
+                      float *c, cdl_idx rs_c, cdl_idx cs_c, int beta_one, int relu,
+                      float *scratch) {
     cdl_idx jc, pc, ic, jr, ir, kcap = k < CDL_GEMM_KC ? k : CDL_GEMM_KC;
     cdl_idx ncap = n < CDL_GEMM_NC ? n : CDL_GEMM_NC;
     float *bbuf, *abuf;
@@ -238,6 +258,7 @@ static void cdl_sgemm(cdl_idx m, cdl_idx n, cdl_idx k,
         for (pc = 0; pc < k; pc += CDL_GEMM_KC) {
             cdl_idx kc = k - pc < CDL_GEMM_KC ? k - pc : CDL_GEMM_KC;
             int beta = beta_one || pc > 0;
+            int rl = relu && pc + kc >= k;
             /* One row panel uses each B panel once: read B in place. */
             int direct = m <= CDL_GEMM_MR && cs_b == 1 && kc * nc > CDL_GEMM_ROWWISE;
             if (!direct)
@@ -254,7 +275,7 @@ static void cdl_sgemm(cdl_idx m, cdl_idx n, cdl_idx k,
                         for (jr = 0; jr < nc; jr += CDL_GEMM_NR)
                             cdl_gemm_tile(mr, kc, abuf + ir * kc, bbuf + jr * kc, CDL_GEMM_NR,
                                           c + (ic + ir) * rs_c + (jc + jr) * cs_c, rs_c, cs_c,
-                                          nc - jr < CDL_GEMM_NR ? nc - jr : CDL_GEMM_NR, beta);
+                                          nc - jr < CDL_GEMM_NR ? nc - jr : CDL_GEMM_NR, beta, rl);
                     }
                 } else {
                     for (jr = 0; jr < nc; jr += CDL_GEMM_NR) {
@@ -272,7 +293,7 @@ static void cdl_sgemm(cdl_idx m, cdl_idx n, cdl_idx k,
                             cdl_gemm_tile(mc - ir < CDL_GEMM_MR ? (int)(mc - ir) : CDL_GEMM_MR,
                                           kc, abuf + ir * kc, bp, ldb,
                                           c + (ic + ir) * rs_c + (jc + jr) * cs_c, rs_c, cs_c,
-                                          nr, beta);
+                                          nr, beta, rl);
                     }
                 }
             }
@@ -295,7 +316,7 @@ static void cdl_sgemm(cdl_idx m, cdl_idx n, cdl_idx k,
 static inline __attribute__((always_inline)) void
 cdl_dot_block(const int ri, const int rj, cdl_idx k, const float *restrict a, cdl_idx lda,
               const float *restrict b, cdl_idx ldb, float *restrict c, cdl_idx ldc,
-              int beta_one) {
+              int beta_one, int relu) {
     cdl_vf acc[CDL_DOT_RI][CDL_DOT_RJ];
     cdl_idx p, kv = k / CDL_VF * CDL_VF;
     int i, j;
@@ -317,18 +338,20 @@ cdl_dot_block(const int ri, const int rj, cdl_idx k, const float *restrict a, cd
             float t = cdl_vf_sum(acc[i][j]);
             for (p = kv; p < k; p++)
                 t += a[i * lda + p] * b[j * ldb + p];
-            c[i * ldc + j] = beta_one ? c[i * ldc + j] + t : t;
+            t = beta_one ? c[i * ldc + j] + t : t;
+            c[i * ldc + j] = relu ? cdl_gemm_relu1(t) : t;
         }
 }
 
 #define CDL_DOT_J(ri, rj) \
-    case rj: cdl_dot_block(ri, rj, k, a, lda, b, ldb, c, ldc, beta_one); break;
+    case rj: cdl_dot_block(ri, rj, k, a, lda, b, ldb, c, ldc, beta_one, relu); break;
 #define CDL_DOT_I(ri) \
     case ri: switch (rj) { CDL_DOT_J(ri, 1) CDL_DOT_J(ri, 2) CDL_DOT_J(ri, 3) \
                            CDL_DOT_J(ri, 4) CDL_DOT_J(ri, 5) default: break; } break;
 
 static void cdl_dot_any(int ri, int rj, cdl_idx k, const float *a, cdl_idx lda,
-                        const float *b, cdl_idx ldb, float *c, cdl_idx ldc, int beta_one) {
+                        const float *b, cdl_idx ldb, float *c, cdl_idx ldc, int beta_one,
+                        int relu) {
     switch (ri) {
     CDL_DOT_I(1) CDL_DOT_I(2)
 #if CDL_DOT_RI > 2
@@ -340,9 +363,11 @@ static void cdl_dot_any(int ri, int rj, cdl_idx k, const float *a, cdl_idx lda,
 #undef CDL_DOT_I
 #undef CDL_DOT_J
 
-/* C[i, j] (+)= sum_k A[i, k] B[j, k]: A m x k and B n x k row-major, C m x n. */
+/* C[i, j] (+)= sum_k A[i, k] B[j, k]: A m x k and B n x k row-major, C m x n;
+ * relu: ReLU on each stored value. */
 static void cdl_sdot_nt(cdl_idx m, cdl_idx n, cdl_idx k, const float *a, cdl_idx lda,
-                        const float *b, cdl_idx ldb, float *c, cdl_idx ldc, int beta_one) {
+                        const float *b, cdl_idx ldb, float *c, cdl_idx ldc, int beta_one,
+                        int relu) {
     cdl_idx i, j;
     for (i = 0; i < m; i += CDL_DOT_RI) {
         int ri = m - i < CDL_DOT_RI ? (int)(m - i) : CDL_DOT_RI;
@@ -351,9 +376,9 @@ static void cdl_sdot_nt(cdl_idx m, cdl_idx n, cdl_idx k, const float *a, cdl_idx
             const float *ap = a + i * lda, *bp = b + j * ldb;
             float *cp = c + i * ldc + j;
             if (ri == CDL_DOT_RI && rj == CDL_DOT_RJ)
-                cdl_dot_block(CDL_DOT_RI, CDL_DOT_RJ, k, ap, lda, bp, ldb, cp, ldc, beta_one);
+                cdl_dot_block(CDL_DOT_RI, CDL_DOT_RJ, k, ap, lda, bp, ldb, cp, ldc, beta_one, relu);
             else
-                cdl_dot_any(ri, rj, k, ap, lda, bp, ldb, cp, ldc, beta_one);
+                cdl_dot_any(ri, rj, k, ap, lda, bp, ldb, cp, ldc, beta_one, relu);
         }
     }
 }
