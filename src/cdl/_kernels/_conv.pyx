@@ -97,7 +97,7 @@ cdef extern from "cdl_cvtile.h" nogil:
     int ct_run "cdl_ct_run"(int kr, int rb, const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
                             Py_ssize_t rstep, Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw,
                             const float* wp, const float* bias, int relu, float* dst,
-                            Py_ssize_t dst_k, Py_ssize_t dst_r, int nk, int nr, int nv)
+                            Py_ssize_t dst_k, Py_ssize_t dst_r, int nk, int nr)
 
 # Below this many multiply-adds a second thread costs more than it saves.
 cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 18
@@ -349,13 +349,12 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
                     ow0 = g.ow - VF
                 xt = xs + oh0 * g.sh * g.qs + ow0
                 nv = _imin(VF, g.ow - ow0)
-                # Tiles that read every kernel row: the sums, bias, ReLU and
-                # stores in registers (cdl_cvtile.h); the same numbers.
-                if (direct and i_lo == 0 and i_hi == g.kh and
+                # Whole-vector tiles that read every kernel row: the sums, bias,
+                # ReLU and stores in registers (cdl_cvtile.h); the same numbers.
+                if (direct and nv == VF and i_lo == 0 and i_hi == g.kh and
                         ct_run(g.kr, g.rb, xt, xs_c, g.qs, g.sh * g.qs, g.cin, g.kh, g.kw, wb,
                                bpk + k0, g.relu, dst + ((n * g.cout + k0) * g.oh + oh0) * g.ow + ow0,
-                               g.oh * g.ow, g.ow, _imin(g.kr, k_hi - k0), _imin(g.rb, g.oh - oh0),
-                               nv)):
+                               g.oh * g.ow, g.ow, _imin(g.kr, k_hi - k0), _imin(g.rb, g.oh - oh0))):
                     continue
                 _corr_run(g.kr, g.rb, xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh,
                           i_lo, i_hi, tb)
