@@ -92,6 +92,12 @@ cdef extern from "cdl_cvtile.h" nogil:
     void cv_frun "cdl_cv_frun"(int a, int b, int v, const float* xs, const Py_ssize_t* prow,
                                const Py_ssize_t* roff, Py_ssize_t nr, const float* wt,
                                Py_ssize_t kp, float* tb)
+    # Column-path tile with its epilogue (bias, ReLU, stores) in registers;
+    # returns 0 for a tile shape it does not have.
+    int ct_run "cdl_ct_run"(int kr, int rb, const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
+                            Py_ssize_t rstep, Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw,
+                            const float* wp, const float* bias, int relu, float* dst,
+                            Py_ssize_t dst_k, Py_ssize_t dst_r, int nk, int nr)
 
 # Below this many multiply-adds a second thread costs more than it saves.
 cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 18
@@ -133,6 +139,7 @@ ctypedef struct Corr:
     # cout x oh x ow per image; src is read at (oh*sh + i - offh, ow + j - offw).
     Py_ssize_t n, cin, h, w, cout, kh, kw, oh, ow, sh, offh, offw
     Py_ssize_t kr, rb, kg, rs, qs
+    bint relu
 
 
 cdef inline void _corr_tile(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
@@ -302,10 +309,11 @@ cdef void _stage(const float* src, Py_ssize_t ch, Py_ssize_t h, Py_ssize_t w,
     _copy_inside(src, ch, h, w, offh, offw, rs, qs, dst)
 
 
-cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const float* bias,
+cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const float* bpk,
                      float* dst, Py_ssize_t it, float* xs, float* tb,
                      Py_ssize_t* staged) noexcept nogil:
     # staged: the image this thread's xs holds (-1: none yet, borders not written).
+    # bpk: the bias per output channel, zeros past cout (and all zeros without one).
     cdef Py_ssize_t ngroups = _cdiv(g.cout, g.kg)
     cdef Py_ssize_t n = it // ngroups, kgi = it % ngroups
     cdef Py_ssize_t k_lo = kgi * g.kg, k_hi = _imin(g.cout, k_lo + g.kg)
@@ -315,7 +323,9 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
     cdef const float* xt
     cdef float* d
     cdef const float* t
-    cdef float bk
+    cdef float bk, v
+    # _corr_tile_1ch sums in another order (c, j, i): those tiles keep it.
+    cdef bint direct = not (g.kr == 1 and g.sh == 1 and (g.kh == 3 or g.kh == 5))
     if staged[0] != n:
         _stage(src + n * g.cin * g.h * g.w, g.cin, g.h, g.w, g.offh, g.offw, g.rs, g.qs, xs,
                staged[0] < 0)
@@ -338,31 +348,42 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
                     # and every store is a whole vector.
                     ow0 = g.ow - VF
                 xt = xs + oh0 * g.sh * g.qs + ow0
+                nv = _imin(VF, g.ow - ow0)
+                # Whole-vector tiles that read every kernel row: the sums, bias,
+                # ReLU and stores in registers (cdl_cvtile.h); the same numbers.
+                if (direct and nv == VF and i_lo == 0 and i_hi == g.kh and
+                        ct_run(g.kr, g.rb, xt, xs_c, g.qs, g.sh * g.qs, g.cin, g.kh, g.kw, wb,
+                               bpk + k0, g.relu, dst + ((n * g.cout + k0) * g.oh + oh0) * g.ow + ow0,
+                               g.oh * g.ow, g.ow, _imin(g.kr, k_hi - k0), _imin(g.rb, g.oh - oh0))):
+                    continue
                 _corr_run(g.kr, g.rb, xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh,
                           i_lo, i_hi, tb)
-                nv = _imin(VF, g.ow - ow0)
                 for a in range(g.kr):
                     k = k0 + a
                     if k >= k_hi:
                         break
-                    bk = bias[k] if bias != NULL else 0
+                    bk = bpk[k]
                     for r in range(g.rb):
                         oy = oh0 + r
                         if oy >= g.oh:
                             break
                         t = tb + (a * g.rb + r) * VF
                         d = dst + ((n * g.cout + k) * g.oh + oy) * g.ow + ow0
-                        if nv == VF:
+                        if nv == VF and not g.relu:
                             vstore(d, vload(t) + bk)
                         else:
                             for q in range(nv):
-                                d[q] = t[q] + bk
+                                v = t[q] + bk
+                                if g.relu and v <= 0:
+                                    v = 0
+                                d[q] = v
 
 
-cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bias,
+cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bpk,
                    float* dst, int num_threads) noexcept nogil:
     # Runs the correlation described by g; wpk holds the filters packed as
-    # [cout block][cin][kh][kw][kr]. Returns -1 if scratch memory is missing.
+    # [cout block][cin][kh][kw][kr], bpk the bias of each output channel (zeros
+    # past cout). Returns -1 if scratch memory is missing.
     cdef Py_ssize_t items, it, xs_size, tb_size, tid, per
     cdef int nt
     cdef float* buf
@@ -389,7 +410,7 @@ cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bia
         staged[tid * 8] = -1
     for it in prange(items, schedule="dynamic", num_threads=nt):
         tid = omp_get_thread_num()
-        _corr_item(g, src, wpk, bias, dst, it, buf + tid * per, buf + tid * per + xs_size,
+        _corr_item(g, src, wpk, bpk, dst, it, buf + tid * per, buf + tid * per + xs_size,
                    staged + tid * 8)
     free(mem)
     return 0
@@ -663,7 +684,7 @@ ctypedef struct CV:
     Py_ssize_t n, c, h, w, k, kh, kw, oh, ow, sh, sw, ph, pw
     Py_ssize_t rs, qs, rows, p, a, b, v, kp, ntiles, nbk, nchunks, ngroups, gsz
     Py_ssize_t xs_size, gt_size, ppad, tx
-    bint direct
+    bint direct, relu
 
 
 cdef void _cv_setup(CV* g) noexcept nogil:
@@ -852,6 +873,26 @@ cdef void _cv_ftiles(CV* g) noexcept nogil:
         g.ntiles = _cdiv(g.p, g.a)
 
 
+cdef inline void _add_scalar(float* d, Py_ssize_t m, float b) noexcept nogil:
+    # d[q] = d[q] + b, by vectors and a scalar tail (the same sums either way).
+    cdef Py_ssize_t q = 0
+    while q + VF <= m:
+        vstore(d + q, vload(d + q) + b)
+        q = q + VF
+    while q < m:
+        d[q] = d[q] + b
+        q = q + 1
+
+
+cdef inline void _relu_inplace(float* d, Py_ssize_t m) noexcept nogil:
+    # ReLU's rule: v <= 0 gives +0 (-0 too), NaN passes (see _elementwise).
+    cdef Py_ssize_t q
+    cdef float v
+    for q in range(m):
+        v = d[q]
+        d[q] = 0 if v <= 0 else v
+
+
 cdef void _cv_fitem(const CV* g, const float* x, const float* wt, const float* bias,
                     const Py_ssize_t* roff, float* out, Py_ssize_t it, float* xs,
                     float* tb, float* yb, Py_ssize_t* staged) noexcept nogil:
@@ -868,7 +909,7 @@ cdef void _cv_fitem(const CV* g, const float* x, const float* wt, const float* b
     cdef Py_ssize_t opos[12]
     cdef const float* tv
     cdef float* d
-    cdef float bk
+    cdef float bk, v
     if t_lo >= t_hi:
         return
     if staged[0] != n:
@@ -912,16 +953,21 @@ cdef void _cv_fitem(const CV* g, const float* x, const float* wt, const float* b
                         break
                     tv = tb + a * B * vw + kk
                     for b in range(_imin(B, g.ow - x0)):
-                        d[opos[a] + b] = tv[b * vw] + bk
+                        v = tv[b * vw] + bk
+                        if g.relu and v <= 0:
+                            v = 0
+                        d[opos[a] + b] = v
     if yb != NULL:
         # The whole image as P x kp, transposed to K x P in register blocks.
         cv_transpose(yb, g.kp, P, g.k, out + n * g.k * P, P)
-        if bias != NULL:
+        if bias != NULL or g.relu:
             for k in range(g.k):
                 d = out + (n * g.k + k) * P
-                bk = bias[k]
-                for q in range(P):
-                    d[q] = d[q] + bk
+                bk = bias[k] if bias != NULL else 0
+                if bias != NULL:
+                    _add_scalar(d, P, bk)
+                if g.relu:
+                    _relu_inplace(d, P)
 
 
 cdef bint _use_cv(CV* g, bint forward) noexcept nogil:
@@ -1020,12 +1066,12 @@ cdef inline void _col_range(Py_ssize_t j, Py_ssize_t pw, Py_ssize_t sw, Py_ssize
 cdef void _fwd_scalar(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
                       const floating* bias, floating[:, :, :, ::1] out,
                       Py_ssize_t it, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
-                      Py_ssize_t pw) noexcept nogil:
+                      Py_ssize_t pw, bint relu) noexcept nogil:
     cdef Py_ssize_t K = w.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t KH = w.shape[2], KW = w.shape[3], OH = out.shape[2], OW = out.shape[3]
     cdef Py_ssize_t n = it // K, k = it % K, c, i, j, oy, ox, ih, lo, hi
     cdef floating b = bias[k] if bias != NULL else 0
-    cdef floating wv
+    cdef floating wv, v
     for oy in range(OH):
         for ox in range(OW):
             out[n, k, oy, ox] = b
@@ -1040,6 +1086,13 @@ cdef void _fwd_scalar(const floating[:, :, :, ::1] x, const floating[:, :, :, ::
                         continue
                     for ox in range(lo, hi):
                         out[n, k, oy, ox] += wv * x[n, c, ih, ox * sw - pw + j]
+    if relu:
+        # On the finished plane, while it is in cache: ReLU's rule (v <= 0
+        # gives +0, NaN passes), so the result is that of a separate ReLU.
+        for oy in range(OH):
+            for ox in range(OW):
+                v = out[n, k, oy, ox]
+                out[n, k, oy, ox] = 0 if v <= 0 else v
 
 
 cdef void _dx_scalar(const floating[:, :, :, ::1] go, const floating[:, :, :, ::1] w,
@@ -1096,6 +1149,7 @@ cdef int _packed_corr(Corr* g, const float* weight, bint flip, const float* src,
     cdef Py_ssize_t b, q, t, a, o, nb, kv, kr
     cdef float* wpk
     cdef float* blk
+    cdef float* bpk
     cdef int rc
     _choose_tile(cout, g.oh, &g.kr, &g.rb)
     if cout == 1 and g.sh == 1 and (KH == 3 or KH == 5):
@@ -1103,9 +1157,12 @@ cdef int _packed_corr(Corr* g, const float* weight, bint flip, const float* src,
         g.rb = 8
     kr = g.kr
     nb = _cdiv(cout, kr)
-    wpk = <float*>malloc(nb * cin * T * kr * sizeof(float) + 64)
+    wpk = <float*>malloc((nb * cin * T * kr + nb * kr) * sizeof(float) + 64)
     if wpk == NULL:
         return -1
+    bpk = wpk + nb * cin * T * kr
+    for o in range(nb * kr):
+        bpk[o] = bias[o] if bias != NULL and o < cout else 0
     # Block b holds filters b*kr .. b*kr+kr-1 as [cin][kh][kw][kr] (zeros past
     # cout): a transpose of their rows. With flip the filters are those of the
     # input gradient, in/out channels swapped and taps reversed in both axes:
@@ -1125,7 +1182,7 @@ cdef int _packed_corr(Corr* g, const float* weight, bint flip, const float* src,
             for t in range(cin * T):
                 for a in range(kv, kr):
                     blk[t * kr + a] = 0
-    rc = _corr_f32(g, src, wpk, bias, dst, num_threads)
+    rc = _corr_f32(g, src, wpk, bpk, dst, num_threads)
     free(wpk)
     return rc
 
@@ -1137,7 +1194,7 @@ cdef int _packed_corr(Corr* g, const float* weight, bint flip, const float* src,
 cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
                          const floating[::1] bias, floating[:, :, :, ::1] out,
                          Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                         int num_threads) except -1:
+                         int num_threads, bint relu=False) except -1:
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], K = weight.shape[0]
     cdef Py_ssize_t KH = weight.shape[2], KW = weight.shape[3]
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
@@ -1151,6 +1208,7 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
     cv.n = N; cv.c = C; cv.h = x.shape[2]; cv.w = x.shape[3]; cv.k = K
     cv.kh = KH; cv.kw = KW; cv.oh = OH; cv.ow = OW; cv.sh = sh; cv.sw = sw
     cv.ph = ph; cv.pw = pw
+    cv.relu = relu
     if floating is float and C > 0 and _use_cv(&cv, True):
         with nogil:
             rc = _cv_forward(&cv, &x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp, &out[0, 0, 0, 0],
@@ -1161,6 +1219,7 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
     if floating is float and sw == 1 and C > 0:
         g.n = N; g.cin = C; g.h = x.shape[2]; g.w = x.shape[3]; g.cout = K
         g.kh = KH; g.kw = KW; g.oh = OH; g.ow = OW; g.sh = sh; g.offh = ph; g.offw = pw
+        g.relu = relu
         with nogil:
             rc = _packed_corr(&g, &weight[0, 0, 0, 0], False, &x[0, 0, 0, 0], bp,
                               &out[0, 0, 0, 0], num_threads)
@@ -1170,15 +1229,19 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
     nt = _threads(N * K * OH * OW * C * KH * KW, N * K, num_threads)
     with nogil:
         for it in prange(N * K, schedule="dynamic", num_threads=nt):
-            _fwd_scalar(x, weight, bp, out, it, sh, sw, ph, pw)
+            _fwd_scalar(x, weight, bp, out, it, sh, sw, ph, pw, relu)
     return 0
 
 
 def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
                    const floating[::1] bias, floating[:, :, :, ::1] out,
-                   Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, int num_threads):
-    """out = conv(x, weight) + bias (bias may be None); shapes already checked."""
-    _conv2d_forward(x, weight, bias, out, sh, sw, ph, pw, num_threads)
+                   Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, int num_threads,
+                   bint relu=False):
+    """out = conv(x, weight) + bias (bias may be None); shapes already checked.
+
+    relu=True: out = max(0, conv(x, weight) + bias) in the same pass, bitwise equal
+    to the unfused conv followed by relu_forward (v <= 0 gives +0, NaN passes)."""
+    _conv2d_forward(x, weight, bias, out, sh, sw, ph, pw, num_threads, relu)
 
 
 cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
@@ -1201,6 +1264,7 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
         g.n = N; g.cin = K; g.h = OH; g.w = OW; g.cout = C
         g.kh = KH; g.kw = KW; g.oh = H; g.ow = W; g.sh = 1
         g.offh = KH - 1 - ph; g.offw = KW - 1 - pw
+        g.relu = False
         with nogil:
             rc = _packed_corr(&g, &weight[0, 0, 0, 0], True, &grad_out[0, 0, 0, 0], NULL,
                               &grad_input[0, 0, 0, 0], num_threads)
@@ -1309,17 +1373,19 @@ cdef class ConvForward:
     cdef const float[::1] bias
     cdef float[:, :, :, ::1] out
     cdef Py_ssize_t sh, sw, ph, pw
+    cdef bint relu
 
-    def __init__(self, x, weight, bias, out, stride, padding):
+    def __init__(self, x, weight, bias, out, stride, padding, relu=False):
         self.x, self.weight, self.bias, self.out = x, weight, bias, out
         (self.sh, self.sw), (self.ph, self.pw) = stride, padding
+        self.relu = relu
 
     def bind_input(self, const float[:, :, :, ::1] x):
         self.x = x
 
     def run(self, int num_threads):
         _conv2d_forward(self.x, self.weight, self.bias, self.out, self.sh, self.sw, self.ph,
-                        self.pw, num_threads)
+                        self.pw, num_threads, self.relu)
 
 
 cdef class ConvBackward:

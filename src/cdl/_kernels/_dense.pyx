@@ -47,11 +47,12 @@ cdef extern from "cdl_gemm.h" nogil:
                            const float* a, Py_ssize_t rs_a, Py_ssize_t cs_a,
                            const float* b, Py_ssize_t rs_b, Py_ssize_t cs_b,
                            float* c, Py_ssize_t rs_c, Py_ssize_t cs_c, int beta_one,
-                           float* scratch)
+                           int relu, float* scratch)
     const int DOT_RJ "CDL_DOT_RJ"
     void sdot_nt "cdl_sdot_nt"(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                                const float* a, Py_ssize_t lda, const float* b, Py_ssize_t ldb,
-                               float* c, Py_ssize_t ldc, int beta_one)
+                               float* c, Py_ssize_t ldc, int beta_one, int relu)
+    double fma_peak "cdl_fma_peak"(double seconds, int num_threads)
 
 # Below this many multiply-adds a second thread costs more than it saves.
 cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 19
@@ -165,11 +166,12 @@ cdef inline bint _flip(Py_ssize_t m, Py_ssize_t n) noexcept nogil:
 cdef inline void _sgemm(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                         const float* a, Py_ssize_t rs_a, Py_ssize_t cs_a,
                         const float* b, Py_ssize_t rs_b, Py_ssize_t cs_b,
-                        float* c, Py_ssize_t ldc, bint beta_one, float* scratch) noexcept nogil:
+                        float* c, Py_ssize_t ldc, bint beta_one, float* scratch,
+                        bint relu=False) noexcept nogil:
     if _flip(m, n):
-        sgemm(n, m, k, b, cs_b, rs_b, a, cs_a, rs_a, c, 1, ldc, beta_one, scratch)
+        sgemm(n, m, k, b, cs_b, rs_b, a, cs_a, rs_a, c, 1, ldc, beta_one, relu, scratch)
     else:
-        sgemm(m, n, k, a, rs_a, cs_a, b, rs_b, cs_b, c, ldc, 1, beta_one, scratch)
+        sgemm(m, n, k, a, rs_a, cs_a, b, rs_b, cs_b, c, ldc, 1, beta_one, relu, scratch)
 
 
 cdef float* _scratch(Py_ssize_t tm, Py_ssize_t tn, Py_ssize_t k, int nt, Py_ssize_t* per) except? NULL:
@@ -185,11 +187,24 @@ cdef inline int _threads(Py_ssize_t macs, int num_threads) noexcept nogil:
     return num_threads if macs >= PARALLEL_MIN_MACS else 1
 
 
+cdef inline void _relu_tile(floating* out, Py_ssize_t fout, Py_ssize_t r0, Py_ssize_t mr,
+                            Py_ssize_t c0, Py_ssize_t nc) noexcept nogil:
+    # ReLU's rule (v <= 0 gives +0, NaN passes) on a finished tile, in cache.
+    cdef Py_ssize_t i, j
+    cdef floating v
+    for i in range(r0, r0 + mr):
+        for j in range(c0, c0 + nc):
+            v = out[i * fout + j]
+            out[i * fout + j] = 0 if v <= 0 else v
+
+
 cdef void _forward_tile(const floating* x, const floating* weight, const floating* bias,
                         floating* out, Py_ssize_t fin, Py_ssize_t fout, Py_ssize_t r0,
                         Py_ssize_t mr, Py_ssize_t c0, Py_ssize_t nc, bint own, bint dot,
-                        float* scratch) noexcept nogil:
-    """out[r0:r0+mr, c0:c0+nc] = x[r0:r0+mr] @ weight[c0:c0+nc].T + bias[c0:c0+nc]."""
+                        float* scratch, bint relu=False) noexcept nogil:
+    """out[r0:r0+mr, c0:c0+nc] = x[r0:r0+mr] @ weight[c0:c0+nc].T + bias[c0:c0+nc]
+    (then ReLU if relu: our float32 kernels apply it as they store the last block of
+    the reduction, BLAS tiles in a pass over the finished tile)."""
     cdef Py_ssize_t i, j
     cdef bint has_bias = bias != NULL
     cdef floating beta = 0
@@ -204,15 +219,17 @@ cdef void _forward_tile(const floating* x, const floating* weight, const floatin
             for i in range(r0, r0 + mr):
                 for j in range(c0, c0 + nc):
                     out[i * fout + j] = 0
+        if relu:
+            _relu_tile(out, fout, r0, mr, c0, nc)
         return
     if floating is float:
         if dot or (mr == 1 and VF >= 8):
             sdot_nt(mr, nc, fin, x + r0 * fin, fin, weight + c0 * fin, fin,
-                    out + r0 * fout + c0, fout, has_bias)
+                    out + r0 * fout + c0, fout, has_bias, relu)
             return
         if own:
             _sgemm(mr, nc, fin, x + r0 * fin, fin, 1, weight + c0 * fin, 1, fin,
-                   out + r0 * fout + c0, fout, has_bias, scratch)
+                   out + r0 * fout + c0, fout, has_bias, scratch, relu)
             return
     if mr == 1:
         gemv(False, <int>nc, <int>fin, <floating>1.0, weight + c0 * fin, <int>fin,
@@ -221,10 +238,13 @@ cdef void _forward_tile(const floating* x, const floating* weight, const floatin
         gemm(False, True, <int>mr, <int>nc, <int>fin, <floating>1.0,
              x + r0 * fin, <int>fin, weight + c0 * fin, <int>fin,
              beta, out + r0 * fout + c0, <int>fout)
+    if relu:
+        _relu_tile(out, fout, r0, mr, c0, nc)
 
 
 cdef int _linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
-                         const floating[::1] bias, floating[:, ::1] out, int num_threads) except -1:
+                         const floating[::1] bias, floating[:, ::1] out, int num_threads,
+                         bint relu=False) except -1:
     cdef Py_ssize_t n = x.shape[0], fin = x.shape[1], fout = weight.shape[0]
     cdef Py_ssize_t tm, tn, tiles_m, tiles_n, t, r0, c0
     cdef int nt = _threads(n * fin * fout, num_threads)
@@ -253,21 +273,27 @@ cdef int _linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight
             for t in prange(tiles_n, schedule="static", chunksize=1, num_threads=nt):
                 c0 = t * tn
                 _forward_tile(xp, wp, bp, op, fin, fout, 0, n, c0, min(tn, fout - c0),
-                              own, dot, mem + omp_get_thread_num() * per)
+                              own, dot, mem + omp_get_thread_num() * per, relu)
         else:
             for t in prange(tiles_m * tiles_n, schedule="dynamic", num_threads=nt):
                 r0 = (t // tiles_n) * tm
                 c0 = (t % tiles_n) * tn
                 _forward_tile(xp, wp, bp, op, fin, fout, r0, min(tm, n - r0), c0,
-                              min(tn, fout - c0), own, dot, mem + omp_get_thread_num() * per)
+                              min(tn, fout - c0), own, dot, mem + omp_get_thread_num() * per,
+                              relu)
     free(mem)
     return 0
 
 
 def linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
-                   const floating[::1] bias, floating[:, ::1] out, int num_threads):
-    """out = x @ weight.T + bias (bias may be None)."""
-    _linear_forward(x, weight, bias, out, num_threads)
+                   const floating[::1] bias, floating[:, ::1] out, int num_threads,
+                   bint relu=False):
+    """out = x @ weight.T + bias (bias may be None).
+
+    relu=True: out = max(0, x @ weight.T + bias) in the same pass over each tile,
+    bitwise equal to the unfused product followed by relu_forward (v <= 0 gives +0,
+    NaN passes)."""
+    _linear_forward(x, weight, bias, out, num_threads, relu)
 
 
 cdef void _wgrad_tile(const floating* grad_out, const floating* x, const floating* weight,
@@ -468,15 +494,17 @@ cdef class LinearForward:
     cdef const float[:, ::1] weight
     cdef const float[::1] bias
     cdef float[:, ::1] out
+    cdef bint relu
 
-    def __init__(self, x, weight, bias, out):
+    def __init__(self, x, weight, bias, out, relu=False):
         self.x, self.weight, self.bias, self.out = x, weight, bias, out
+        self.relu = relu
 
     def bind_input(self, const float[:, ::1] x):
         self.x = x
 
     def run(self, int num_threads):
-        _linear_forward(self.x, self.weight, self.bias, self.out, num_threads)
+        _linear_forward(self.x, self.weight, self.bias, self.out, num_threads, self.relu)
 
 
 cdef class LinearBackward:
@@ -497,3 +525,16 @@ cdef class LinearBackward:
     def run(self, int num_threads, double l2):
         _linear_backward(self.grad_out, self.x, self.weight, self.grad_input, self.grad_weight,
                          self.grad_bias, l2, num_threads)
+
+
+def fma_peak_gflops(double seconds=0.2, int num_threads=1):
+    """The float32 multiply-add peak of this build, GFLOP/s summed over num_threads threads.
+
+    Each thread runs 12 independent register-resident multiply-add chains of full
+    vectors (zmm FMAs on the AVX-512 build, ymm FMAs on AVX2, SSE multiplies and
+    adds on baseline) for about `seconds`; 2 flops per lane per multiply-add. A
+    benchmark ceiling (bench/bench_peak.py), not a kernel."""
+    cdef double r
+    with nogil:
+        r = fma_peak(seconds, num_threads)
+    return r / 1e9

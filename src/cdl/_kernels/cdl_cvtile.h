@@ -216,4 +216,121 @@ static void cdl_cv_frun(int a, int b, int v, CDL_CV_FARGS) {
     CDL_CV_SHAPES(CDL_CV_FCASE)
 }
 
+/* ------------------------------------------------------------------------
+ * Column-vector tiles with their epilogue in registers (_conv.pyx, column
+ * path): KR output channels x RB output rows x one vector of VF output
+ * columns, summed over (c, i, j) in that order (the order of _corr_tile, so
+ * the sums are bitwise those of the tile-then-store path), then the bias added
+ * (and ReLU applied) in registers and the vectors stored straight to the
+ * output. KH and KW are constants for 3x3 and 5x5 kernels (the tap loops
+ * unroll) and run-time values otherwise. The arrays have fixed sizes: a
+ * variable-length array keeps GCC from holding the accumulators in registers.
+ *
+ *   dst[a*dst_k + r*dst_r + l] = relu?(sum_{c,i,j} xs[c*xs_c + r*rstep + i*xs_r + j + l]
+ *                                       * wp[((c*KH + i)*KW + j)*KR + a] + bias[a])
+ * for a < nk, r < nr, l < VF (whole vectors only: a part-width column is the
+ * tile-then-store path's).
+ * ------------------------------------------------------------------------ */
+
+/* ReLU's rule (y <= 0 gives +0, NaN passes), bitwise that of _elementwise's
+ * relu_forward applied to the stored value. */
+CDL_CV_INLINE cdl_vf cdl_cv_relu(cdl_vf y) {
+    typedef int cdl_vi __attribute__((vector_size(CDL_VF * 4)));
+    cdl_vi m = (y <= cdl_vf_set1(0));
+    return (cdl_vf)((cdl_vi)y & ~m);
+}
+
+CDL_CV_INLINE void cdl_ct_tile(const float *xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
+                               Py_ssize_t rstep, Py_ssize_t cin, const float *wp,
+                               const float *bias, int relu, float *dst, Py_ssize_t dst_k,
+                               Py_ssize_t dst_r, int nk, int nr,
+                               const int KR, const int RB, const int KH, const int KW) {
+    cdl_vf acc[24], xv[8];
+    Py_ssize_t c;
+    int a, r, i, j;
+#pragma GCC unroll 24
+    for (a = 0; a < KR * RB; a++)
+        acc[a] = cdl_vf_set1(0);
+    for (c = 0; c < cin; c++) {
+        const float *xc = xs + c * xs_c;
+        const float *wc = wp + c * KH * KW * KR;
+        for (i = 0; i < KH; i++)
+            for (j = 0; j < KW; j++) {
+                for (r = 0; r < RB; r++)
+                    xv[r] = cdl_vf_loadr(xc + r * rstep + i * xs_r + j);
+                for (a = 0; a < KR; a++) {
+                    cdl_vf w = cdl_cv_bcast(wc[(i * KW + j) * KR + a]);
+                    for (r = 0; r < RB; r++)
+                        acc[a * RB + r] += w * xv[r];
+                }
+            }
+    }
+    /* Loops with constant trip counts unrolled (here and at the top): left as
+     * loops, they kept a copy of acc[] in memory, zeroed by a rep stos on every
+     * call (~12% of the time of a 27-tap tile). */
+#pragma GCC unroll 24
+    for (a = 0; a < KR; a++) {
+        cdl_vf b = cdl_cv_bcast(bias[a]);
+#pragma GCC unroll 24
+        for (r = 0; r < RB; r++) {
+            acc[a * RB + r] += b;
+            if (relu)
+                acc[a * RB + r] = cdl_cv_relu(acc[a * RB + r]);
+        }
+    }
+    if (nk == KR && nr == RB) {
+#pragma GCC unroll 24
+        for (a = 0; a < KR; a++)
+#pragma GCC unroll 24
+            for (r = 0; r < RB; r++)
+                cdl_vf_store(dst + a * dst_k + r * dst_r, acc[a * RB + r]);
+    } else {
+#pragma GCC unroll 24
+        for (a = 0; a < KR; a++)
+#pragma GCC unroll 24
+            for (r = 0; r < RB; r++)
+                if (a < nk && r < nr)
+                    cdl_vf_store(dst + a * dst_k + r * dst_r, acc[a * RB + r]);
+    }
+}
+
+#define CDL_CT_ARGS const float *xs, Py_ssize_t xs_c, Py_ssize_t xs_r, Py_ssize_t rstep, \
+    Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, const float *wp, const float *bias, int relu, \
+    float *dst, Py_ssize_t dst_k, Py_ssize_t dst_r, int nk, int nr
+#define CDL_CT_PASS xs, xs_c, xs_r, rstep, cin, kh, kw, wp, bias, relu, dst, dst_k, dst_r, nk, nr
+#define CDL_CT_DEF(KR, RB) \
+    static void cdl_ct_##KR##_##RB##_3(CDL_CT_ARGS) { \
+        (void)kh; (void)kw; \
+        cdl_ct_tile(xs, xs_c, xs_r, rstep, cin, wp, bias, relu, dst, dst_k, dst_r, nk, nr, \
+                    KR, RB, 3, 3); } \
+    static void cdl_ct_##KR##_##RB##_5(CDL_CT_ARGS) { \
+        (void)kh; (void)kw; \
+        cdl_ct_tile(xs, xs_c, xs_r, rstep, cin, wp, bias, relu, dst, dst_k, dst_r, nk, nr, \
+                    KR, RB, 5, 5); } \
+    static void cdl_ct_##KR##_##RB##_n(CDL_CT_ARGS) { \
+        cdl_ct_tile(xs, xs_c, xs_r, rstep, cin, wp, bias, relu, dst, dst_k, dst_r, nk, nr, \
+                    KR, RB, (int)kh, (int)kw); }
+#define CDL_CT_CASE(KR, RB) \
+    if (kr == KR && rb == RB) { \
+        if (kh == 3 && kw == 3) cdl_ct_##KR##_##RB##_3(CDL_CT_PASS); \
+        else if (kh == 5 && kw == 5) cdl_ct_##KR##_##RB##_5(CDL_CT_PASS); \
+        else cdl_ct_##KR##_##RB##_n(CDL_CT_PASS); \
+        return 1; }
+
+/* The column path's tile shapes (_conv.pyx, _choose_tile): KR*RB accumulators,
+ * RB input vectors and a broadcast weight within the vector registers. */
+#if CDL_VREGS >= 32
+#define CDL_CT_SHAPES(X) X(8, 3) X(6, 4) X(4, 4) X(3, 6) X(2, 8) X(1, 8)
+#else
+#define CDL_CT_SHAPES(X) X(4, 3) X(6, 2) X(3, 3) X(2, 4) X(1, 6)
+#endif
+
+CDL_CT_SHAPES(CDL_CT_DEF)
+
+/* Runs the tile for (kr, rb); returns 0, having done nothing, for a shape not listed. */
+static int cdl_ct_run(int kr, int rb, CDL_CT_ARGS) {
+    CDL_CT_SHAPES(CDL_CT_CASE)
+    return 0;
+}
+
 #endif

@@ -143,11 +143,25 @@ static inline void cdl_gemm_pack_b(cdl_idx kc, cdl_idx nc, const float *b,
     }
 }
 
+/* ReLU's rule on a finished value (v <= 0 gives +0, NaN passes): bitwise the
+ * result of _elementwise's relu_forward applied to it. */
+static inline float cdl_gemm_relu1(float v) {
+    return v <= 0.0f ? 0.0f : v;
+}
+
+static inline cdl_vf cdl_gemm_relu(cdl_vf y) {
+    typedef int cdl_vi __attribute__((vector_size(CDL_VF * 4)));
+    cdl_vi m = (y <= cdl_vf_set1(0.0f));
+    return (cdl_vf)((cdl_vi)y & ~m);
+}
+
 /* The mr x NR microkernel over one packed panel pair. Always inlined with a
- * constant mr, so the accumulators become registers. */
+ * constant mr, so the accumulators become registers. relu: ReLU on the values
+ * stored (the caller sets it on the last block of the reduction only). */
 static inline __attribute__((always_inline)) void
 cdl_gemm_ukr(const int mr, cdl_idx kc, const float *restrict ap, const float *restrict bp,
-             cdl_idx ldb, float *restrict c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr, int beta_one) {
+             cdl_idx ldb, float *restrict c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr, int beta_one,
+             int relu) {
     cdl_vf acc[CDL_GEMM_MR][CDL_GEMM_NV];
     cdl_idx k;
     int i, v;
@@ -170,7 +184,8 @@ cdl_gemm_ukr(const int mr, cdl_idx kc, const float *restrict ap, const float *re
         for (i = 0; i < mr; i++)
             for (v = 0; v < CDL_GEMM_NV; v++) {
                 float *cp = c + i * rs_c + v * CDL_VF;
-                cdl_vf_store(cp, beta_one ? cdl_vf_load(cp) + acc[i][v] : acc[i][v]);
+                cdl_vf y = beta_one ? cdl_vf_load(cp) + acc[i][v] : acc[i][v];
+                cdl_vf_store(cp, relu ? cdl_gemm_relu(y) : y);
             }
     } else {
         float t[CDL_GEMM_MR * CDL_GEMM_NR];
@@ -181,16 +196,18 @@ cdl_gemm_ukr(const int mr, cdl_idx kc, const float *restrict ap, const float *re
         for (i = 0; i < mr; i++)
             for (j = 0; j < nr; j++) {
                 float *cp = c + i * rs_c + j * cs_c;
-                *cp = beta_one ? *cp + t[i * CDL_GEMM_NR + j] : t[i * CDL_GEMM_NR + j];
+                float y = beta_one ? *cp + t[i * CDL_GEMM_NR + j] : t[i * CDL_GEMM_NR + j];
+                *cp = relu ? cdl_gemm_relu1(y) : y;
             }
     }
 }
 
 #define CDL_GEMM_CASE(r) \
-    case r: cdl_gemm_ukr(r, kc, ap, bp, ldb, c, rs_c, cs_c, nr, beta_one); break;
+    case r: cdl_gemm_ukr(r, kc, ap, bp, ldb, c, rs_c, cs_c, nr, beta_one, relu); break;
 
 static void cdl_gemm_ukr_any(int mr, cdl_idx kc, const float *ap, const float *bp,
-                             cdl_idx ldb, float *c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr, int beta_one) {
+                             cdl_idx ldb, float *c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr, int beta_one,
+                             int relu) {
     switch (mr) {
     CDL_GEMM_CASE(1) CDL_GEMM_CASE(2) CDL_GEMM_CASE(3) CDL_GEMM_CASE(4)
     CDL_GEMM_CASE(5) CDL_GEMM_CASE(6)
@@ -205,19 +222,22 @@ static void cdl_gemm_ukr_any(int mr, cdl_idx kc, const float *ap, const float *b
 
 static inline void cdl_gemm_tile(int mr, cdl_idx kc, const float *ap, const float *bp,
                                  cdl_idx ldb, float *c, cdl_idx rs_c, cdl_idx cs_c, cdl_idx nr,
-                                 int beta) {
+                                 int beta, int relu) {
     if (mr == CDL_GEMM_MR && ldb == CDL_GEMM_NR)
-        cdl_gemm_ukr(CDL_GEMM_MR, kc, ap, bp, CDL_GEMM_NR, c, rs_c, cs_c, nr, beta);
+        cdl_gemm_ukr(CDL_GEMM_MR, kc, ap, bp, CDL_GEMM_NR, c, rs_c, cs_c, nr, beta, relu);
     else
-        cdl_gemm_ukr_any(mr, kc, ap, bp, ldb, c, rs_c, cs_c, nr, beta);
+        cdl_gemm_ukr_any(mr, kc, ap, bp, ldb, c, rs_c, cs_c, nr, beta, relu);
 }
 
 /* C (+)= A B for an m x n x k product; scratch holds cdl_sgemm_scratch(m, n, k)
- * floats. k == 0 leaves C alone when beta_one, else zeroes it. */
+ * floats. k == 0 leaves C alone when beta_one, else zeroes it. relu: ReLU on C
+ * as the last block of the reduction stores it (so C = relu(C (+) A B) exactly;
+ * with k == 0 the caller applies it). */
 static void cdl_sgemm(cdl_idx m, cdl_idx n, cdl_idx k,
                       const float *a, cdl_idx rs_a, cdl_idx cs_a,
                       const float *b, cdl_idx rs_b, cdl_idx cs_b,
-                      float *c, cdl_idx rs_c, cdl_idx cs_c, int beta_one, float *scratch) {
+                      float *c, cdl_idx rs_c, cdl_idx cs_c, int beta_one, int relu,
+                      float *scratch) {
     cdl_idx jc, pc, ic, jr, ir, kcap = k < CDL_GEMM_KC ? k : CDL_GEMM_KC;
     cdl_idx ncap = n < CDL_GEMM_NC ? n : CDL_GEMM_NC;
     float *bbuf, *abuf;
@@ -238,6 +258,7 @@ static void cdl_sgemm(cdl_idx m, cdl_idx n, cdl_idx k,
         for (pc = 0; pc < k; pc += CDL_GEMM_KC) {
             cdl_idx kc = k - pc < CDL_GEMM_KC ? k - pc : CDL_GEMM_KC;
             int beta = beta_one || pc > 0;
+            int rl = relu && pc + kc >= k;
             /* One row panel uses each B panel once: read B in place. */
             int direct = m <= CDL_GEMM_MR && cs_b == 1 && kc * nc > CDL_GEMM_ROWWISE;
             if (!direct)
@@ -254,7 +275,7 @@ static void cdl_sgemm(cdl_idx m, cdl_idx n, cdl_idx k,
                         for (jr = 0; jr < nc; jr += CDL_GEMM_NR)
                             cdl_gemm_tile(mr, kc, abuf + ir * kc, bbuf + jr * kc, CDL_GEMM_NR,
                                           c + (ic + ir) * rs_c + (jc + jr) * cs_c, rs_c, cs_c,
-                                          nc - jr < CDL_GEMM_NR ? nc - jr : CDL_GEMM_NR, beta);
+                                          nc - jr < CDL_GEMM_NR ? nc - jr : CDL_GEMM_NR, beta, rl);
                     }
                 } else {
                     for (jr = 0; jr < nc; jr += CDL_GEMM_NR) {
@@ -272,7 +293,7 @@ static void cdl_sgemm(cdl_idx m, cdl_idx n, cdl_idx k,
                             cdl_gemm_tile(mc - ir < CDL_GEMM_MR ? (int)(mc - ir) : CDL_GEMM_MR,
                                           kc, abuf + ir * kc, bp, ldb,
                                           c + (ic + ir) * rs_c + (jc + jr) * cs_c, rs_c, cs_c,
-                                          nr, beta);
+                                          nr, beta, rl);
                     }
                 }
             }
@@ -295,7 +316,7 @@ static void cdl_sgemm(cdl_idx m, cdl_idx n, cdl_idx k,
 static inline __attribute__((always_inline)) void
 cdl_dot_block(const int ri, const int rj, cdl_idx k, const float *restrict a, cdl_idx lda,
               const float *restrict b, cdl_idx ldb, float *restrict c, cdl_idx ldc,
-              int beta_one) {
+              int beta_one, int relu) {
     cdl_vf acc[CDL_DOT_RI][CDL_DOT_RJ];
     cdl_idx p, kv = k / CDL_VF * CDL_VF;
     int i, j;
@@ -317,18 +338,20 @@ cdl_dot_block(const int ri, const int rj, cdl_idx k, const float *restrict a, cd
             float t = cdl_vf_sum(acc[i][j]);
             for (p = kv; p < k; p++)
                 t += a[i * lda + p] * b[j * ldb + p];
-            c[i * ldc + j] = beta_one ? c[i * ldc + j] + t : t;
+            t = beta_one ? c[i * ldc + j] + t : t;
+            c[i * ldc + j] = relu ? cdl_gemm_relu1(t) : t;
         }
 }
 
 #define CDL_DOT_J(ri, rj) \
-    case rj: cdl_dot_block(ri, rj, k, a, lda, b, ldb, c, ldc, beta_one); break;
+    case rj: cdl_dot_block(ri, rj, k, a, lda, b, ldb, c, ldc, beta_one, relu); break;
 #define CDL_DOT_I(ri) \
     case ri: switch (rj) { CDL_DOT_J(ri, 1) CDL_DOT_J(ri, 2) CDL_DOT_J(ri, 3) \
                            CDL_DOT_J(ri, 4) CDL_DOT_J(ri, 5) default: break; } break;
 
 static void cdl_dot_any(int ri, int rj, cdl_idx k, const float *a, cdl_idx lda,
-                        const float *b, cdl_idx ldb, float *c, cdl_idx ldc, int beta_one) {
+                        const float *b, cdl_idx ldb, float *c, cdl_idx ldc, int beta_one,
+                        int relu) {
     switch (ri) {
     CDL_DOT_I(1) CDL_DOT_I(2)
 #if CDL_DOT_RI > 2
@@ -340,9 +363,11 @@ static void cdl_dot_any(int ri, int rj, cdl_idx k, const float *a, cdl_idx lda,
 #undef CDL_DOT_I
 #undef CDL_DOT_J
 
-/* C[i, j] (+)= sum_k A[i, k] B[j, k]: A m x k and B n x k row-major, C m x n. */
+/* C[i, j] (+)= sum_k A[i, k] B[j, k]: A m x k and B n x k row-major, C m x n;
+ * relu: ReLU on each stored value. */
 static void cdl_sdot_nt(cdl_idx m, cdl_idx n, cdl_idx k, const float *a, cdl_idx lda,
-                        const float *b, cdl_idx ldb, float *c, cdl_idx ldc, int beta_one) {
+                        const float *b, cdl_idx ldb, float *c, cdl_idx ldc, int beta_one,
+                        int relu) {
     cdl_idx i, j;
     for (i = 0; i < m; i += CDL_DOT_RI) {
         int ri = m - i < CDL_DOT_RI ? (int)(m - i) : CDL_DOT_RI;
@@ -351,10 +376,108 @@ static void cdl_sdot_nt(cdl_idx m, cdl_idx n, cdl_idx k, const float *a, cdl_idx
             const float *ap = a + i * lda, *bp = b + j * ldb;
             float *cp = c + i * ldc + j;
             if (ri == CDL_DOT_RI && rj == CDL_DOT_RJ)
-                cdl_dot_block(CDL_DOT_RI, CDL_DOT_RJ, k, ap, lda, bp, ldb, cp, ldc, beta_one);
+                cdl_dot_block(CDL_DOT_RI, CDL_DOT_RJ, k, ap, lda, bp, ldb, cp, ldc, beta_one, relu);
             else
-                cdl_dot_any(ri, rj, k, ap, lda, bp, ldb, cp, ldc, beta_one);
+                cdl_dot_any(ri, rj, k, ap, lda, bp, ldb, cp, ldc, beta_one, relu);
         }
     }
+}
+/* ------------------------------------------------------------------------
+ * The machine's multiply-add peak, for the benchmarks (bench/bench_peak.py):
+ * each thread runs 12 independent vector multiply-add chains that stay in
+ * registers (12 chains cover the latency x throughput of two FMA pipes) for
+ * about `seconds`, and the threads' rates are summed. Built per instruction
+ * set like the kernels: zmm FMAs on AVX-512, ymm FMAs on AVX2, and on the
+ * baseline build SSE multiplies and adds (no FMA there), so it is the peak of
+ * the build that runs. Counts 2 flops per lane per multiply-add.
+ * ------------------------------------------------------------------------ */
+#include <time.h>
+#include "cdl_omp.h"
+
+static inline double cdl_peak_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* One asm statement naming all 12 chains keeps each in its own register (one
+ * statement per chain made GCC route them all through one register and spill). */
+#if defined(__GNUC__) && defined(__AVX512F__)
+#define CDL_PEAK_R "+v"
+#elif defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define CDL_PEAK_R "+x"
+#endif
+#ifdef CDL_PEAK_R
+#define CDL_PEAK_KEEP12() __asm__("" : CDL_PEAK_R(a0), CDL_PEAK_R(a1), CDL_PEAK_R(a2), \
+    CDL_PEAK_R(a3), CDL_PEAK_R(a4), CDL_PEAK_R(a5), CDL_PEAK_R(a6), CDL_PEAK_R(a7), \
+    CDL_PEAK_R(a8), CDL_PEAK_R(a9), CDL_PEAK_R(a10), CDL_PEAK_R(a11))
+#else
+#define CDL_PEAK_KEEP12() ((void)0)
+#endif
+
+/* Naturally aligned, unlike cdl_vf: an asm operand of an under-aligned vector
+ * type is kept in memory. */
+typedef float cdl_peak_v __attribute__((vector_size(CDL_VF * 4)));
+
+/* iters steps of the 12 chains in st[0..11]; not inlined, so that the timer
+ * calls between chunks do not make GCC keep the chains in memory. */
+static __attribute__((noinline)) void cdl_peak_chunk(cdl_peak_v *st, long iters) {
+    cdl_peak_v a0 = st[0], a1 = st[1], a2 = st[2], a3 = st[3], a4 = st[4], a5 = st[5],
+               a6 = st[6], a7 = st[7], a8 = st[8], a9 = st[9], a10 = st[10], a11 = st[11];
+    cdl_peak_v m = st[12], c = st[13];
+    long k;
+    for (k = 0; k < iters; k++) {
+        a0 = a0 * m + c; a1 = a1 * m + c; a2 = a2 * m + c; a3 = a3 * m + c;
+        a4 = a4 * m + c; a5 = a5 * m + c; a6 = a6 * m + c; a7 = a7 * m + c;
+        a8 = a8 * m + c; a9 = a9 * m + c; a10 = a10 * m + c; a11 = a11 * m + c;
+        CDL_PEAK_KEEP12();
+    }
+    st[0] = a0; st[1] = a1; st[2] = a2; st[3] = a3; st[4] = a4; st[5] = a5;
+    st[6] = a6; st[7] = a7; st[8] = a8; st[9] = a9; st[10] = a10; st[11] = a11;
+}
+
+static double cdl_fma_peak_thread(double seconds) {
+    cdl_peak_v st[14];
+    double t0, t;
+    long n = 0;
+    int i;
+    float out[CDL_VF];
+    /* x -> x * 0.999 + 0.001 converges to 1: no overflow, no denormals. */
+    for (i = 0; i < 12; i++)
+        st[i] = (cdl_peak_v){0} + (float)i;
+    st[12] = (cdl_peak_v){0} + 0.999f;
+    st[13] = (cdl_peak_v){0} + 0.001f;
+    cdl_peak_chunk(st, 1 << 12);   /* warm-up: clocks and the vector unit up */
+    t0 = cdl_peak_now();
+    do {
+        cdl_peak_chunk(st, 1 << 14);
+        n += 1 << 14;
+        t = cdl_peak_now() - t0;
+    } while (t < seconds);
+    /* The sums are used, so the chains are not dropped. */
+    for (i = 1; i < 12; i++)
+        st[0] += st[i];
+    __builtin_memcpy(out, &st[0], sizeof(out));
+    if (out[0] == 12345.f)
+        t += 1e-300;
+    return 2.0 * CDL_VF * 12.0 * (double)n / t;
+}
+
+/* Summed multiply-add rate of num_threads threads (flop/s). */
+static double cdl_fma_peak(double seconds, int num_threads) {
+    double total = 0;
+    int t;
+    double rate[256];
+    if (num_threads < 1) num_threads = 1;
+    if (num_threads > 256) num_threads = 256;
+    for (t = 0; t < num_threads; t++) rate[t] = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(num_threads)
+    rate[omp_get_thread_num()] = cdl_fma_peak_thread(seconds);
+#else
+    rate[0] = cdl_fma_peak_thread(seconds);
+#endif
+    for (t = 0; t < num_threads; t++) total += rate[t];
+    return total;
 }
 #endif
