@@ -93,3 +93,41 @@ def test_a_huge_predict_keeps_no_buffers():
     n = (1 << 20) // (m._act_per_sample * 4) + 8
     m.predict(data(n), batch_size=n)
     assert m._runners.sizes() == []
+
+
+def _unfused(model):
+    """The same model with no fusion at all (every layer its own pass)."""
+    def off(chain):
+        chain.fuse(False)
+        for layer in chain:
+            for _, child in layer.children():
+                off(child)
+    off(model.chain)
+    model._reset_plans()
+    return model
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 2e-5), (np.float64, 1e-12)])
+def test_inference_folds_batchnorm_and_relu_within_rounding(dtype, tol):
+    import cdl.models
+    x = np.random.default_rng(0).standard_normal((7, 3, 16, 16)).astype(dtype)
+    xs = np.random.default_rng(1).standard_normal((7, 1, 28, 28)).astype(dtype)
+    for build, data in ((lambda: cdl.models.resnet8((3, 16, 16), dtype=dtype, seed=0), x),
+                        (lambda: cdl.models.lenet5(batchnorm=True, dtype=dtype, seed=0), xs)):
+        fused, plain = build(), _unfused(build())
+        folded = [l for _, l in fused.chain.walk() if getattr(l, "folded", None)]
+        assert folded and not any(l.folded for _, l in plain.chain.walk())
+        opt_f, opt_p = cdl.SGD(fused, lr=0.1), cdl.SGD(plain, lr=0.1)
+        for _ in range(2):       # running statistics and weights move: folds follow them
+            y = np.arange(7) % 10
+            a = fused.train_step(data, y, cdl.SoftmaxCrossEntropy(), opt_f)
+            b = plain.train_step(data, y, cdl.SoftmaxCrossEntropy(), opt_p)
+            assert a == b        # training is not folded
+            pf, pp = fused.predict(data), plain.predict(data)
+            scale = np.abs(pp).max()
+            assert np.abs(pf - pp).max() <= tol * scale
+        outs = []
+        for nt in (1, 2, 3):
+            with cdl.threads(nt):
+                outs.append(fused.predict(data).copy())
+        assert all(o.tobytes() == outs[0].tobytes() for o in outs)

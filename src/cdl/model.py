@@ -552,7 +552,7 @@ class _LayerRunner:
 
     def __init__(self, model, n):
         self.chain = model.chain
-        self.ws = {id(layer): layer._alloc(n, False) for _, layer in model.chain.passes}
+        self.ws = {id(layer): layer._alloc(n, False) for _, layer in model.chain.infer_passes}
 
     def run(self, x, nt):
         ws = self.ws

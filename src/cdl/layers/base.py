@@ -145,6 +145,7 @@ class Layer:
         self.output_shape = None
         self.fused_previous = False
         self.fused_next = False
+        self.folded = []           # passes taken into this one at inference (Chain.fuse)
         self._ws = {}
         self._last = None
 
@@ -208,6 +209,18 @@ class Layer:
     def absorbs_next(self, layer):
         """Whether this layer can run ``layer`` (just after it) inside its own pass."""
         return False
+
+    def folds(self, layer):
+        """Whether, at inference, this layer can take the pass of ``layer`` (right after
+        it, or after the passes it has already folded, listed in ``folded``) into its own."""
+        return False
+
+    per_channel_affine = False   # at inference y = x·scale[c] + shift[c] (channel_affine)
+
+    def channel_affine(self, scale, shift):
+        """Fill the inference (scale, shift) of a ``per_channel_affine`` layer."""
+        raise NotImplementedError
+
 
     # -- set-up ------------------------------------------------------------------
     def build(self, input_shape, dtype, index=None, source=None, rng=None, init=None,
@@ -359,3 +372,44 @@ class Layer:
     def on_train_forward(self, ws, x):
         """Called by plans after a planned training forward, so state that the layer
         keeps (pool indices, say) is what the layer-by-layer pass would leave."""
+
+
+class FoldsAtInference:
+    """For Conv2d and Linear: at inference, a following per-channel affine pass
+    (BatchNorm, with its fused ReLU) folds into the weights and bias, and a ReLU
+    into the output tiles; fused and unfused results agree to float32 rounding."""
+
+    def folds(self, layer):
+        if self.folded and (self.folded[-1].activation == "relu" or self.folded[-1].fused_next):
+            return False
+        if layer.activation == "relu":
+            return True
+        return (not self.folded and layer.per_channel_affine
+                and layer.output_shape[0] == self.output_shape[0])
+
+    @property
+    def fold_relu(self):
+        return any(l.activation == "relu" or l.fused_next for l in self.folded)
+
+    def _fold_buffers(self, ws):
+        if any(l.per_channel_affine for l in self.folded):
+            w = self.params["weight"]
+            k = w.shape[0]
+            ws.update(w_fold=np.empty_like(w), b_fold=np.empty(k, w.dtype),
+                      scale=np.empty(k, w.dtype), shift=np.empty(k, w.dtype))
+        return ws
+
+    def _folded_params(self, ws):
+        """(weight, bias) to run with: the layer's own, or with the affine folded in."""
+        w, b = self.params["weight"], self.params.get("bias")
+        if "w_fold" not in ws:
+            return w, b
+        scale, shift = ws["scale"], ws["shift"]
+        self.folded[0].channel_affine(scale, shift)
+        np.multiply(w, scale.reshape((-1,) + (1,) * (w.ndim - 1)), out=ws["w_fold"])
+        if b is None:
+            ws["b_fold"][...] = shift
+        else:
+            np.multiply(b, scale, out=ws["b_fold"])
+            ws["b_fold"] += shift
+        return ws["w_fold"], ws["b_fold"]

@@ -84,6 +84,23 @@ class Chain:
                 absorbed.add(i + 1)
         self.absorbed = [layers[i] for i in sorted(absorbed)]
         self.passes = [(i, layer) for i, layer in enumerate(layers) if i not in absorbed]
+        # Inference folds further: a pass may take the passes after it into its own
+        # (a BatchNorm, with its ReLU, into the convolution's weights; a ReLU into
+        # the convolution's or Linear's output tiles).
+        self.infer_passes = []
+        for layer in layers:
+            layer.folded = []
+        k = 0
+        while k < len(self.passes):
+            i, layer = self.passes[k]
+            self.infer_passes.append((i, layer))
+            k += 1
+            while enable and k < len(self.passes) and layer.folds(self.passes[k][1]):
+                layer.folded.append(self.passes[k][1])
+                k += 1
+
+    def passes_for(self, train):
+        return self.passes if train else self.infer_passes
 
     # -- walking ----------------------------------------------------------------------
     def walk(self, prefix=""):
@@ -99,9 +116,10 @@ class Chain:
 
     # -- passes (layer by layer) -------------------------------------------------------
     def forward(self, x, nt, train, workspace):
-        for layer in self.absorbed:
-            layer._last = None
-        for _, layer in self.passes:
+        if train:
+            for layer in self.absorbed:
+                layer._last = None
+        for _, layer in self.passes_for(train):
             ws = workspace(layer)
             y = layer._forward(x, ws, nt, train)
             if train:
@@ -129,7 +147,7 @@ class Chain:
         (index, layer, ws, input array, whether that input is x itself or a view of it)."""
         ops, trace = [], []
         h, from_input = x, True
-        for i, layer in self.passes:
+        for i, layer in self.passes_for(train):
             ws = workspace(layer)
             layer_ops, out = layer.plan_forward(h, ws, train)
             for op in layer_ops:

@@ -3,13 +3,13 @@ import numpy as np
 
 from .._kernels import conv as _conv
 from ..functional._checks import conv_output_size, int_pair, shape_str
-from .base import Layer, check_init, positive_int
+from .base import FoldsAtInference, Layer, check_init, positive_int
 from .chain import Op
 
 __all__ = ["Conv2d"]
 
 
-class Conv2d(Layer):
+class Conv2d(FoldsAtInference, Layer):
     """2-D convolution (cross-correlation) over NCHW inputs.
 
     out[n, k, i, j] = b[k] + Σ_c Σ_u Σ_v W[k, c, u, v] · x[n, c, S·i + u − P, S·j + v − P],
@@ -83,13 +83,19 @@ class Conv2d(Layer):
     def _forward(self, x, ws, nt, train):
         out = ws["out"]
         (sh, sw), (ph, pw) = self.stride, self.padding
-        _conv.conv2d_forward(x, self.params["weight"], self.params.get("bias"), out,
-                             sh, sw, ph, pw, nt)
+        if train:
+            _conv.conv2d_forward(x, self.params["weight"], self.params.get("bias"), out,
+                                 sh, sw, ph, pw, nt)
+        else:
+            w, b = self._folded_params(ws)
+            _conv.conv2d_forward(x, w, b, out, sh, sw, ph, pw, nt, self.fold_relu)
         return out
 
     def _alloc(self, n, train):
         ws = super()._alloc(n, train)
-        if train and self.stride != (1, 1):
+        if not train:
+            return self._fold_buffers(ws)
+        if self.stride != (1, 1):
             # A strided input gradient runs as a stride-1 one over grad_out spread onto
             # a zero grid (7-11x faster than the strided kernel on ResNet shapes); the
             # zeros between the spread cells are never written, so they stay zero.
@@ -120,9 +126,16 @@ class Conv2d(Layer):
         return self._input_grad(g, ws, nt)
 
     def plan_forward(self, x, ws, train):
-        k = _conv.ConvForward(x, self.params["weight"], self.params.get("bias"), ws["out"],
-                              self.stride, self.padding)
-        return [Op(k.run, k.bind_input, x.shape)], ws["out"]
+        if train:
+            k = _conv.ConvForward(x, self.params["weight"], self.params.get("bias"), ws["out"],
+                                  self.stride, self.padding)
+            return [Op(k.run, k.bind_input, x.shape)], ws["out"]
+        w, b = self._folded_params(ws)
+        k = _conv.ConvForward(x, w, b, ws["out"], self.stride, self.padding, self.fold_relu)
+        ops = [Op(k.run, k.bind_input, x.shape)]
+        if "w_fold" in ws:    # the weights change between runs: fold them each time
+            ops.insert(0, Op(lambda nt: self._folded_params(ws)))
+        return ops, ws["out"]
 
     def plan_backward(self, g, x, ws, need_input_grad):
         dx = ws["dx"] if need_input_grad else None

@@ -3,13 +3,13 @@ import numpy as np
 
 from .._kernels import dense as _dense
 from ..functional._checks import shape_str
-from .base import Layer, check_init, positive_int
+from .base import FoldsAtInference, Layer, check_init, positive_int
 from .chain import Op
 
 __all__ = ["Linear"]
 
 
-class Linear(Layer):
+class Linear(FoldsAtInference, Layer):
     """Fully connected layer, f(x; W) = x W^T + b.
 
     ``weight`` is (out_features, in_features), ``bias`` (out_features,).
@@ -64,9 +64,17 @@ class Linear(Layer):
             return None
         return _dense.row_chunks(self.out_features, self.in_features)
 
+    def _alloc(self, n, train):
+        ws = super()._alloc(n, train)
+        return ws if train else self._fold_buffers(ws)
+
     def _forward(self, x, ws, nt, train):
         out = ws["out"]
-        _dense.linear_forward(x, self.params["weight"], self.params.get("bias"), out, nt)
+        if train:
+            _dense.linear_forward(x, self.params["weight"], self.params.get("bias"), out, nt)
+        else:
+            w, b = self._folded_params(ws)
+            _dense.linear_forward(x, w, b, out, nt, self.fold_relu)
         return out
 
     def _backward(self, g, x, ws, nt, need_input_grad, l2):
@@ -76,8 +84,15 @@ class Linear(Layer):
         return dx
 
     def plan_forward(self, x, ws, train):
-        k = _dense.LinearForward(x, self.params["weight"], self.params.get("bias"), ws["out"])
-        return [Op(k.run, k.bind_input, x.shape)], ws["out"]
+        if train:
+            k = _dense.LinearForward(x, self.params["weight"], self.params.get("bias"), ws["out"])
+            return [Op(k.run, k.bind_input, x.shape)], ws["out"]
+        w, b = self._folded_params(ws)
+        k = _dense.LinearForward(x, w, b, ws["out"], self.fold_relu)
+        ops = [Op(k.run, k.bind_input, x.shape)]
+        if "w_fold" in ws:    # the weights change between runs: fold them each time
+            ops.insert(0, Op(lambda nt: self._folded_params(ws)))
+        return ops, ws["out"]
 
     def plan_backward(self, g, x, ws, need_input_grad):
         dx = ws["dx"] if need_input_grad else None

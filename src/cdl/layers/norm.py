@@ -105,11 +105,16 @@ class _BatchNorm(Layer):
             ws["invstd"] = np.empty(c, self.dtype)
         return ws
 
-    def _coefficients(self, ws):
+    per_channel_affine = True
+
+    def channel_affine(self, scale, shift):
         b = self.buffers
         _norm.batchnorm_eval_coefficients(self.params.get("weight"), self.params.get("bias"),
                                           b["running_mean"], b["running_var"], self.eps,
-                                          ws["scale"], ws["shift"])
+                                          scale, shift)
+
+    def _coefficients(self, ws):
+        self.channel_affine(ws["scale"], ws["shift"])
 
     # -- passes ------------------------------------------------------------------------
     def _forward(self, x, ws, nt, train):

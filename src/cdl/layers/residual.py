@@ -134,12 +134,9 @@ class Residual(Layer):
             if self.fused_next:
                 ws["g"] = np.empty_like(out)
         else:
-            ws["inner"] = {id(l): l._alloc(n, False) for _, l in self._passes()}
+            ws["inner"] = {id(l): l._alloc(n, False)
+                           for _, chain in self.children() for _, l in chain.infer_passes}
         return ws
-
-    def _passes(self):
-        for chain in self.children():
-            yield from chain[1].passes
 
     def _workspaces(self, n, ws, train):
         if train:
