@@ -399,6 +399,16 @@ class FoldsAtInference:
                       scale=np.empty(k, w.dtype), shift=np.empty(k, w.dtype))
         return ws
 
+    def _inference_ops(self, bound, x, ws):
+        """(ops, output) running ``bound(weight, bias)`` (a bound kernel call on x) with the
+        folded parameters, refolded before every run (the weights change in between)."""
+        w, b = self._folded_params(ws)
+        k = bound(w, b)
+        ops = [Op(k.run, k.bind_input, x.shape)]
+        if "w_fold" in ws:
+            ops.insert(0, Op(lambda nt: self._folded_params(ws)))
+        return ops, ws["out"]
+
     def _folded_params(self, ws):
         """(weight, bias) to run with: the layer's own, or with the affine folded in."""
         w, b = self.params["weight"], self.params.get("bias")

@@ -130,12 +130,8 @@ class Conv2d(FoldsAtInference, Layer):
             k = _conv.ConvForward(x, self.params["weight"], self.params.get("bias"), ws["out"],
                                   self.stride, self.padding)
             return [Op(k.run, k.bind_input, x.shape)], ws["out"]
-        w, b = self._folded_params(ws)
-        k = _conv.ConvForward(x, w, b, ws["out"], self.stride, self.padding, self.fold_relu)
-        ops = [Op(k.run, k.bind_input, x.shape)]
-        if "w_fold" in ws:    # the weights change between runs: fold them each time
-            ops.insert(0, Op(lambda nt: self._folded_params(ws)))
-        return ops, ws["out"]
+        return self._inference_ops(lambda w, b: _conv.ConvForward(
+            x, w, b, ws["out"], self.stride, self.padding, self.fold_relu), x, ws)
 
     def plan_backward(self, g, x, ws, need_input_grad):
         dx = ws["dx"] if need_input_grad else None

@@ -87,12 +87,8 @@ class Linear(FoldsAtInference, Layer):
         if train:
             k = _dense.LinearForward(x, self.params["weight"], self.params.get("bias"), ws["out"])
             return [Op(k.run, k.bind_input, x.shape)], ws["out"]
-        w, b = self._folded_params(ws)
-        k = _dense.LinearForward(x, w, b, ws["out"], self.fold_relu)
-        ops = [Op(k.run, k.bind_input, x.shape)]
-        if "w_fold" in ws:    # the weights change between runs: fold them each time
-            ops.insert(0, Op(lambda nt: self._folded_params(ws)))
-        return ops, ws["out"]
+        return self._inference_ops(lambda w, b: _dense.LinearForward(
+            x, w, b, ws["out"], self.fold_relu), x, ws)
 
     def plan_backward(self, g, x, ws, need_input_grad):
         dx = ws["dx"] if need_input_grad else None
