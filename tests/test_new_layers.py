@@ -254,3 +254,15 @@ def test_adam_matches_torch_formulas_over_steps():
         np.testing.assert_allclose(mm.layers[0].params["weight"], tw.detach().numpy(),
                                    rtol=1e-10, atol=1e-12)
         assert opt.state_dict()["step"] == 5
+
+
+def test_compute_gradients_is_train_step_without_the_update():
+    x, y = batch(6)
+    a, b = conv_bn_net(), conv_bn_net()
+    before = a.get_weights()
+    va = a.compute_gradients(x, y, cdl.SoftmaxCrossEntropy())
+    assert all(np.array_equal(before[k], v) for k, v in a.get_weights().items())
+    ga = a.gradient_buffer.copy()
+    vb = b.train_step(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(b, lr=0.1))
+    assert va == vb                                    # L2 included in both
+    np.testing.assert_array_equal(ga, b.gradient_buffer)

@@ -437,42 +437,36 @@ class Sequential:
         Buffers are reused, so nothing is allocated once a batch size has been seen.
         """
         where = "Sequential.train_step"
-        x = self._check_x(x, where, batch=True)
-        n = x.shape[0]
-        if n == 0:
-            raise ValueError(f"{where}: x is an empty batch")
-        self._check_loss(loss, where)
+        x, y = self._check_batch(x, y, loss, where)
         self._check_optimizer(optimizer, where)
-        y = self._check_y(y, n, loss, where)
         return self._train_step(x, y, loss, optimizer, _config.get_num_threads())
 
     def compute_gradients(self, x, y, loss):
         """Forward and backward with no update: fills the gradients (``gradient_buffer``)
         and returns the loss, L2 included. A non-finite loss leaves the gradients as
         they are (nothing is back-propagated)."""
-        where = "Sequential.compute_gradients"
+        x, y = self._check_batch(x, y, loss, "Sequential.compute_gradients")
+        return self._train_step(x, y, loss, None, _config.get_num_threads())
+
+    def _check_batch(self, x, y, loss, where):
         x = self._check_x(x, where, batch=True)
-        n = x.shape[0]
-        if n == 0:
+        if x.shape[0] == 0:
             raise ValueError(f"{where}: x is an empty batch")
         self._check_loss(loss, where)
-        y = self._check_y(y, n, loss, where)
-        with self._training(where):
-            return self._gradients(x, y, loss, _config.get_num_threads())
+        return x, self._check_y(y, x.shape[0], loss, where)
 
-    def _training(self, where):
-        model = self
-
-        class _Guard:
-            def __enter__(self):
-                if not model._lock.acquire(blocking=False):
-                    raise RuntimeError(f"{where}: this model is being trained from another "
-                                       f"thread; training one model from several threads is "
-                                       f"not supported")
-
-            def __exit__(self, *exc):
-                model._lock.release()
-        return _Guard()
+    def _train_step(self, x, y, loss, optimizer, nt):
+        """Gradients, then ``optimizer.step`` (if given) when the loss is finite."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("train_step: this model is being trained from another thread; "
+                               "training one model from several threads is not supported")
+        try:
+            value = self._gradients(x, y, loss, nt)
+            if optimizer is not None and math.isfinite(value):
+                optimizer.step(nt)
+            return value
+        finally:
+            self._lock.release()
 
     def _gradients(self, x, y, loss, nt):
         plan = self._plan(x.shape[0], loss)
@@ -492,18 +486,6 @@ class Sequential:
         else:
             self._backward(loss._grad, nt)
         return value
-
-    def _train_step(self, x, y, loss, optimizer, nt):
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("train_step: this model is being trained from another thread; "
-                               "training one model from several threads is not supported")
-        try:
-            value = self._gradients(x, y, loss, nt)
-            if math.isfinite(value):
-                optimizer.step(nt)
-            return value
-        finally:
-            self._lock.release()
 
     def _plan(self, n, loss):
         """The TrainPlan for batch size n and this loss (the last two are kept), or None
