@@ -19,6 +19,8 @@ from ._kernels import pool as _pool
 from .layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sigmoid
 from .losses import MSE, MulticlassSVM, SoftmaxCrossEntropy
 
+__all__ = ["supported", "supports_loss", "ForwardPlan", "TrainPlan"]
+
 _LOSS_KINDS = {SoftmaxCrossEntropy: "softmax_cross_entropy", MulticlassSVM: "multiclass_svm",
                MSE: "mse"}
 _ACTIVATIONS = {ReLU: "relu", Sigmoid: "sigmoid"}

@@ -20,6 +20,8 @@ from ._kernels import pool as _pool
 from .functional._checks import FLOAT_DTYPES, INT32_MAX, conv_output_size, int_pair, shape_str
 from .init import INITS, initialize
 
+__all__ = ["Layer", "Linear", "Conv2d", "MaxPool2d", "ReLU", "Sigmoid", "Flatten", "LAYER_TYPES"]
+
 _KEEP_SIZES = 2  # batch sizes whose buffers a layer keeps
 
 

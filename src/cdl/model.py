@@ -24,6 +24,8 @@ from .layers import Flatten, Layer, Linear, MaxPool2d, ReLU, check_grad
 from .losses import Loss
 from .progress import ProgressBar
 
+__all__ = ["Sequential"]
+
 
 _PLAN_CACHE_BYTES = 4 << 20    # predict keeps a plan's buffers up to this size per thread
 

@@ -19,6 +19,8 @@ from . import _config
 from ._kernels import elementwise as _ew
 from .callbacks import Callback
 
+__all__ = ["SGD", "StepLR", "ExponentialLR", "CosineLR"]
+
 
 def _number(value, name, where, lo=None, lo_open=False, hi=None, hi_open=False):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):

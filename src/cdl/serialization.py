@@ -20,6 +20,8 @@ import numpy as np
 
 from .functional._checks import shape_str
 
+__all__ = ["save", "load", "FORMAT", "VERSION"]
+
 FORMAT = "cdl-model"
 VERSION = 1
 HEADER = "__cdl__"
