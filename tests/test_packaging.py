@@ -71,7 +71,7 @@ def test_installed_metadata_matches():
     assert dist.version == cdl.__version__
     assert dist.metadata["License-Expression"] == "MIT"
     assert dist.metadata["Requires-Python"] == ">=3.9"
-    assert dist.entry_points.select(group="console_scripts", name="cdl")
+    assert [e for e in dist.entry_points if e.group == "console_scripts" and e.name == "cdl"]
 
 
 def test_sdist_holds_sources_and_no_generated_files(tmp_path):
