@@ -6,7 +6,6 @@ in one namespace, in a temporary folder, as one script would. A block meant not 
 is tagged ``python no-run`` (Markdown) or given the ``:class: no-run`` option (rst);
 keep those rare.
 """
-import os
 import re
 import textwrap
 from pathlib import Path

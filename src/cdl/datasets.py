@@ -23,7 +23,8 @@ def load_digits():
         from sklearn.datasets import load_digits as _sk_load_digits
     except ImportError:
         raise ImportError("cdl.datasets.load_digits needs scikit-learn, which ships the digits "
-                          "data: pip install 'cdl-cpu[data]'  (or: pip install scikit-learn)") from None
+                          "data: pip install 'cdl-cpu[data]'  (or: pip install scikit-learn)"
+                          ) from None
     d = _sk_load_digits()
     x = (_np.asarray(d.images, dtype=_np.float32) / _np.float32(16.0)).reshape(-1, 1, 8, 8)
     y = _np.asarray(d.target, dtype=_np.int64)
