@@ -14,6 +14,9 @@ import sys
 
 from ._kernels import _runtime
 
+__all__ = ["default_num_threads", "blas_info", "get_num_threads", "set_num_threads", "threads",
+           "config", "show_config"]
+
 _state = {"threads": None, "blas_pinned": False}
 
 

@@ -9,6 +9,8 @@ import os
 import warnings
 import weakref
 
+__all__ = ["Callback", "History", "EarlyStopping", "ModelCheckpoint"]
+
 
 class Callback:
     """Base class. ``model`` and ``optimizer`` are held through weak references, so

@@ -47,7 +47,8 @@ bench/run.py in a source checkout.
 
 
 def lenet(in_shape, num_classes):
-    """conv 3x3 (c->16, p1), ReLU, pool 2; conv 3x3 (16->32, p1), ReLU, pool 2; Linear -> classes."""
+    """The layers: conv 3x3 (c->16, p1), ReLU, pool 2; conv 3x3 (16->32, p1), ReLU, pool 2;
+    Linear -> classes."""
     from . import Conv2d, Flatten, Linear, MaxPool2d, ReLU
 
     c, h, w = in_shape

@@ -2,10 +2,12 @@
 
 Nothing is downloaded. Images come back NCHW float32 in [0, 1], labels int64.
 """
-import gzip
-import os
+import gzip as _gzip
+import os as _os
 
-import numpy as np
+import numpy as _np
+
+__all__ = ["load_digits", "load_idx", "load_idx_dataset"]
 
 # IDX type codes -> big-endian dtypes
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -15,17 +17,18 @@ def load_digits():
     """(x, y): the 1,797 handwritten 8x8 digits shipped with scikit-learn.
 
     x is float32 (1797, 1, 8, 8) scaled from 0..16 to [0, 1]; y int64 in 0..9.
-    Needs scikit-learn (``pip install "cdl[data]"`` or ``pip install scikit-learn``).
+    Needs scikit-learn (``pip install "cdl-cpu[data]"`` or ``pip install scikit-learn``).
     """
     try:
         from sklearn.datasets import load_digits as _sk_load_digits
     except ImportError:
         raise ImportError("cdl.datasets.load_digits needs scikit-learn, which ships the digits "
-                          "data: pip install 'cdl[data]'  (or: pip install scikit-learn)") from None
+                          "data: pip install 'cdl-cpu[data]'  (or: pip install scikit-learn)"
+                          ) from None
     d = _sk_load_digits()
-    x = (np.asarray(d.images, dtype=np.float32) / np.float32(16.0)).reshape(-1, 1, 8, 8)
-    y = np.asarray(d.target, dtype=np.int64)
-    return np.ascontiguousarray(x), y
+    x = (_np.asarray(d.images, dtype=_np.float32) / _np.float32(16.0)).reshape(-1, 1, 8, 8)
+    y = _np.asarray(d.target, dtype=_np.int64)
+    return _np.ascontiguousarray(x), y
 
 
 def load_idx(path):
@@ -34,10 +37,10 @@ def load_idx(path):
     Format: two zero bytes, a type byte (0x08 ubyte ... 0x0E double), the number of
     dimensions, each dimension as a big-endian uint32, then the data.
     """
-    path = os.fspath(path)
+    path = _os.fspath(path)
     with open(path, "rb") as f:
         head = f.read(2)
-    opener = gzip.open if head == b"\x1f\x8b" else open
+    opener = _gzip.open if head == b"\x1f\x8b" else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
@@ -54,15 +57,15 @@ def load_idx(path):
     start = 4 + 4 * ndim
     if len(data) < start:
         raise ValueError(f"load_idx: {path}: truncated header ({len(data)} bytes)")
-    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
-    dtype = np.dtype(_IDX_TYPES[code])
-    expect = int(np.prod(dims, dtype=object)) * dtype.itemsize
+    dims = tuple(int(d) for d in _np.frombuffer(data, ">u4", ndim, 4))
+    dtype = _np.dtype(_IDX_TYPES[code])
+    expect = int(_np.prod(dims, dtype=object)) * dtype.itemsize
     got = len(data) - start
     if got != expect:
         raise ValueError(f"load_idx: {path}: header says {'x'.join(map(str, dims))} of "
                          f"{dtype.name} = {expect} data bytes, file has {got}"
                          + (" (truncated)" if got < expect else ""))
-    arr = np.frombuffer(data, dtype, offset=start).reshape(dims)
+    arr = _np.frombuffer(data, dtype, offset=start).reshape(dims)
     return arr.astype(dtype.newbyteorder("="))
 
 
@@ -79,7 +82,7 @@ def load_idx_dataset(images_path, labels_path):
                          f"labels for the {images.shape[0]} images")
     if labels.dtype.kind not in "iu":
         raise ValueError(f"load_idx_dataset: labels must be integers, got {labels.dtype}")
-    x = images.astype(np.float32)
+    x = images.astype(_np.float32)
     if images.dtype.kind in "iu":
-        x /= np.float32(255.0)
-    return np.ascontiguousarray(x[:, None]), labels.astype(np.int64)
+        x /= _np.float32(255.0)
+    return _np.ascontiguousarray(x[:, None]), labels.astype(_np.int64)

@@ -11,6 +11,8 @@ import numpy as np
 
 from . import _config
 
+__all__ = ["gradcheck"]
+
 
 def _float64_copy(model):
     from .layers import layer_from_spec

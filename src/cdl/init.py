@@ -6,6 +6,8 @@ bit-identical weights on every run.
 """
 import numpy as np
 
+__all__ = ["INITS", "he_normal", "xavier_uniform", "initialize"]
+
 INITS = ("he", "xavier")
 
 

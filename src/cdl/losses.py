@@ -13,6 +13,8 @@ from . import _config
 from ._kernels import losses as _kl
 from .functional._checks import FLOAT_DTYPES, real_number, shape_str
 
+__all__ = ["Loss", "SoftmaxCrossEntropy", "MulticlassSVM", "MSE", "LOSS_TYPES"]
+
 _KEEP = 3  # (shape, dtype) buffer sets kept: training batch, last partial batch, evaluation
 
 

@@ -30,6 +30,8 @@ from .params import ParameterPack
 
 __all__ = ["Sequential"]
 
+__all__ = ["Sequential"]
+
 
 INFERENCE_CACHE_BYTES = 256 << 20
 """predict keeps at most this many bytes of inference buffers per model (see cdl.buffers)."""

@@ -6,6 +6,8 @@ prints one plain line per epoch so logs stay readable.
 import sys
 import time
 
+__all__ = ["ProgressBar"]
+
 
 def _fmt_time(s):
     if s != s or s == float("inf"):

@@ -8,6 +8,8 @@ import os
 
 from . import _runtime
 
+__all__ = ["SUPPORTED", "ISA", "load"]
+
 SUPPORTED = tuple(_runtime.cpu_supports())
 
 

@@ -12,6 +12,9 @@ import numpy as np
 
 from .. import _config
 
+__all__ = ["FLOAT_DTYPES", "MAX_THREADS", "shape_str", "float_array", "same_dtype", "out_array",
+           "real_number", "int_pair", "conv_output_size", "num_threads"]
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # Kernels index with Py_ssize_t, but BLAS and per-plane indices are 32-bit.
 INT32_MAX = 2**31 - 1
@@ -102,8 +105,13 @@ def int_pair(value, name, where, minimum):
     return tuple(out)
 
 
-def conv_output_size(size, kernel, stride, padding, where, axis="H"):
-    """floor((H + 2P - F) / S) + 1, or a ValueError that shows the arithmetic."""
+def conv_output_size(size, kernel, stride=1, padding=0, where="conv_output_size", axis="H"):
+    """Output size of a convolution or pooling along one axis: H2 = floor((H1 - F + 2P) / S) + 1.
+
+    ``size`` is H1, ``kernel`` F, ``stride`` S, ``padding`` P. A window larger than the
+    padded input is a ValueError that shows the arithmetic (``where`` names the caller,
+    ``axis`` the axis in the message).
+    """
     span = size + 2 * padding - kernel
     if span < 0:
         raise ValueError(

@@ -9,6 +9,8 @@ The backward functions take the forward OUTPUT y (what a layer keeps), not x.
 from .._kernels import elementwise as _ew
 from ._checks import float_array, num_threads, out_array, same_dtype, shape_str
 
+__all__ = ["relu", "relu_backward", "sigmoid", "sigmoid_backward"]
+
 
 def _unary(kernel, x, out, threads, where):
     x = float_array(x, "x", where)
@@ -40,7 +42,7 @@ def relu_backward(grad_out, y, *, out=None, threads=None):
 
 
 def sigmoid(x, *, out=None, threads=None):
-    """y = 1 / (1 + e^-x), computed without overflow for any |x|."""
+    """y = 1 / (1 + e^-x), computed without overflow for any ``|x|``."""
     return _unary(_ew.sigmoid_forward, x, out, threads, "sigmoid")
 
 

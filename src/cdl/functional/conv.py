@@ -8,6 +8,8 @@ from .._kernels import conv as _conv
 from ._checks import (conv_output_size, float_array, int_pair, num_threads, out_array,
                       same_dtype, shape_str)
 
+__all__ = ["conv2d", "conv2d_backward"]
+
 
 def _geometry(where, x_shape, w_shape, stride, padding):
     sh, sw = int_pair(stride, "stride", where, 1)

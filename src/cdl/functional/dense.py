@@ -4,6 +4,8 @@
 from .._kernels import dense as _dense
 from ._checks import float_array, num_threads, out_array, real_number, same_dtype, shape_str
 
+__all__ = ["linear", "linear_backward"]
+
 
 def linear(x, weight, bias=None, *, out=None, threads=None):
     """Scores f(x; W) = x W^T + b for a batch x of shape (N, in_features).

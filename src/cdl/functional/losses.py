@@ -16,6 +16,8 @@ import numpy as np
 from .._kernels import losses as _losses
 from ._checks import float_array, num_threads, out_array, real_number, shape_str
 
+__all__ = ["softmax", "softmax_cross_entropy", "multiclass_svm", "mse", "l2_penalty"]
+
 
 def _reduction(reduction, n, where):
     if reduction == "mean":

@@ -5,6 +5,8 @@ import numpy as np
 from .._kernels import elementwise as _ew
 from ._checks import FLOAT_DTYPES, num_threads, real_number, shape_str
 
+__all__ = ["sgd_update"]
+
 
 def _buffer(a, name, where, like=None):
     """An in-place buffer: float32/float64, C-contiguous, writeable, never copied."""

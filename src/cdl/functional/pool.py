@@ -15,6 +15,8 @@ from .._kernels import pool as _pool
 from ._checks import (conv_output_size, float_array, int_pair, num_threads, out_array,
                       shape_str)
 
+__all__ = ["max_pool2d", "max_pool2d_backward"]
+
 
 def _params(kernel_size, stride, padding, where):
     kh, kw = int_pair(kernel_size, "kernel_size", where, 1)
