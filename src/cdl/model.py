@@ -359,8 +359,8 @@ class Sequential:
     def predict(self, x, batch_size=None, out=None):
         """Inference in batches of ``batch_size`` (default 256); stores nothing for backward.
 
-        Returns a new array, or fills ``out`` (shape (N, *output_shape), the model's
-        dtype, C order) and returns it. Arrays returned earlier are never overwritten
+        Returns a new array, or fills ``out`` (shape ``(N,) + output_shape``, the
+        model's dtype, C order) and returns it. Arrays returned earlier are never overwritten
         while anything refers to them; once dropped, their memory is reused.
         Thread-safe: concurrent calls use separate buffers. Inference buffers are
         kept per batch size, at most ``cdl.model.INFERENCE_CACHE_BYTES`` per model.
