@@ -682,8 +682,12 @@ class _Importer:
             self.add(n, dyn)
             return
         if n.input[0] not in dyn or len(dyn) != 1:
-            raise self.fail(n, "cdl layers compute on their first input only (the others "
-                               "must be constants)")
+            late = [f"{i} ({name!r})" for i, name in enumerate(n.input)
+                    if i and isinstance(self.values.get(name), _Dyn)]
+            raise self.fail(n, "cdl layers compute on their first input only; "
+                               + (f"input {', '.join(late)} is computed from the graph's "
+                                  f"input, not a constant (a non-constant weight)" if late
+                                  else "its first input is a constant"))
         src = self.values[n.input[0]]
         if op == "Identity":
             self.attributes(n, {})
@@ -704,7 +708,12 @@ class _Importer:
         except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
             raise self.fail(n, f"{type(exc).__name__}: {exc}") from None
         if not layers:
-            self.values[self.current_out] = src
+            onnx_shape = self.current_onnx_shape
+            if onnx_shape is None or onnx_shape == src.onnx_shape:
+                self.values[self.current_out] = src
+            else:   # no cdl layer, but ONNX's shape changes ((C, 1, 1) flattened to (C,))
+                self.values[self.current_out] = _Dyn("op", n, (src,), [], src.shape,
+                                                     onnx_shape)
             return
         shape = src.shape
         for layer in layers:

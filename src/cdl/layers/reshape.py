@@ -52,10 +52,12 @@ class Flatten(Layer):
                 raise reader.fail(node, f"Flatten with axis={axis} on a rank-{rank} "
                                         f"input mixes the batch axis with others; cdl flattens "
                                         f"from axis 1")
+            reader.set_onnx_shape((size,))
             return [] if len(shape) == 1 else [cls()]
         allowzero = reader.attrs(node, {"allowzero": 0})["allowzero"]
         target = reader.const(node, 1, "shape", batch_ok=True)
         per_sample = reader.batch_reshape(node, target, allowzero)
+        reader.set_onnx_shape(per_sample)
         if per_sample == tuple(shape):
             return []
         if per_sample == (size,):
