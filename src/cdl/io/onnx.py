@@ -427,6 +427,10 @@ class _Importer:
         self.onnx = onnx
         self.model = model
         self.graph = model.graph
+        # one list of the node messages, kept alive: protobuf makes a new Python wrapper
+        # on each access to graph.node[i], so identities are only stable for these
+        self.nodes = list(model.graph.node)
+        self.node_index = {id(n): i for i, n in enumerate(self.nodes)}
         self.layer_ops = _layer_ops()
         self.values = {}
         self.assignments = []
@@ -440,7 +444,7 @@ class _Importer:
     def _node_label(self, node):
         if node is None:
             return "the graph"
-        idx = self.node_index.get(id(node), "?") if hasattr(self, "node_index") else "?"
+        idx = self.node_index.get(id(node), "?")
         name = node.name or f"#{idx}"
         return f"node {name!r} ({node.op_type})"
 
@@ -536,7 +540,6 @@ class _Importer:
 
     def prepare(self):
         g = self.graph
-        self.node_index = {id(n): i for i, n in enumerate(g.node)}
         if len(g.output) != 1:
             raise self.fail(None, f"it has {len(g.output)} outputs; cdl models have one")
         self.graph_outputs = {g.output[0].name}
@@ -550,7 +553,7 @@ class _Importer:
         self.inits = inits
         # what the output depends on, back from it
         producer = {}
-        for n in g.node:
+        for n in self.nodes:
             for o in n.output:
                 if o:
                     if o in producer or o in inits:
@@ -571,7 +574,7 @@ class _Importer:
                                     self.onnx.AttributeProto.GRAPHS):
                         raise self.fail(n, "subgraphs (control flow) are not supported")
                 stack.extend(i for i in n.input if i)
-        self.needed_nodes = [n for n in g.node if id(n) in needed]
+        self.needed_nodes = [n for n in self.nodes if id(n) in needed]
         ops = set(self.layer_ops) | set(_STRUCTURAL) | set(_FOLDED)
         for n in self.needed_nodes:
             if n.domain not in ("", "ai.onnx"):
@@ -681,6 +684,9 @@ class _Importer:
         if op in ("Add", "Sum"):
             self.add(n, dyn)
             return
+        if op not in self.layer_ops and op not in _STRUCTURAL:
+            raise self.fail(n, "this op is not supported on values computed from the input "
+                               "(cdl only folds it where all its inputs are constants)")
         if n.input[0] not in dyn or len(dyn) != 1:
             late = [f"{i} ({name!r})" for i, name in enumerate(n.input)
                     if i and isinstance(self.values.get(name), _Dyn)]
@@ -696,9 +702,7 @@ class _Importer:
         if op in ("Softmax", "LogSoftmax"):
             self.final_activation(n, src)
             return
-        cls = self.layer_ops.get(op)
-        if cls is None:
-            raise self.fail(n, "this op is not supported on values computed from the input")
+        cls = self.layer_ops[op]
         reader.shape, reader.onnx_shape = src.shape, src.onnx_shape
         self.current_out, self.current_onnx_shape = n.output[0], None
         try:
@@ -796,7 +800,8 @@ class _Importer:
             raise self.fail(n, f"cannot fold it ({type(exc).__name__}: {exc})") from None
         out = np.asarray(out)
         if out.size > _MAX_CONST_ELEMENTS:
-            raise self.fail(n, f"it makes a constant of {out.size} values")
+            raise self.fail(n, f"it makes a constant of {out.size} values, more than cdl "
+                               f"folds ({_MAX_CONST_ELEMENTS})")
         outs = [o for o in n.output if o]
         if len(outs) != 1:
             raise self.fail(n, "folded ops must have one output")
@@ -844,7 +849,8 @@ class _Importer:
             if shape.ndim != 1 or shape.dtype.kind not in "iu" or (shape < 0).any():
                 raise self.fail(n, f"shape {shape.tolist()} is not a list of ints >= 0")
             if _prod(shape.tolist()) > _MAX_CONST_ELEMENTS:
-                raise self.fail(n, f"it would make a constant of {_prod(shape.tolist())} values")
+                raise self.fail(n, f"it would make a constant of {_prod(shape.tolist())} values, "
+                                   f"more than cdl folds ({_MAX_CONST_ELEMENTS})")
             value = a["value"] if a["value"] is not None else np.zeros(1, np.float32)
             if value.size != 1:
                 raise self.fail(n, "value must hold one element")
