@@ -137,10 +137,6 @@ def _unpickle(data):
     return loads(data)
 
 
-def _unpickle_optimizer(data):
-    return loads(data, optimizer=True)[1]
-
-
 def _fail(path, why):
     return ValueError(f"cdl.load: {path!s} is not a valid cdl model file: {why}")
 
