@@ -95,8 +95,8 @@ class GraphBuilder:
         if a.dtype.kind == "f":
             a = a.astype(self.dtype)
         name = self.unique(f"{self._prefix(layer)}{what}")
-        self.initializers.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(a),
-                                                                   name))
+        a = np.require(a, requirements="C")    # (keeps 0-d arrays 0-d)
+        self.initializers.append(self.onnx.numpy_helper.from_array(a, name))
         return name
 
     def param(self, layer, key):

@@ -54,7 +54,7 @@ def save_state_dict(model, path, format=None):
     safetensors or npz (from the suffix, or ``format``)."""
     where = "Sequential.save_state_dict"
     kind = _format(path, format, where)
-    state = {k: np.ascontiguousarray(v) for k, v in model.state_dict().items()}
+    state = {k: np.require(v, requirements="C") for k, v in model.state_dict().items()}
     if kind == ".safetensors":
         data = _require_safetensors().save(state, metadata={"format": "np",
                                                              "producer": "cdl"})
