@@ -254,6 +254,28 @@ def _declared_params(spec):
         return 0  # the layer's own constructor reports the bad config
 
 
+MAX_NESTING = 64
+"""Containers (Residual) nested deeper than this are refused: no real network needs
+it, and a hostile header could otherwise make building the model slow."""
+
+
+def _nesting(specs):
+    """How deep container configs nest inside a layer list (iteratively: a hostile
+    header cannot make this recurse)."""
+    deepest, stack = 0, [(s, 1) for s in specs]
+    while stack:
+        spec, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_NESTING:
+            break
+        config = spec.get("config") if isinstance(spec, dict) else None
+        if isinstance(config, dict):
+            for value in config.values():
+                if isinstance(value, list):
+                    stack.extend((v, depth + 1) for v in value if isinstance(v, dict))
+    return deepest
+
+
 def _build(header, path, size):
     from ..layers import LAYER_TYPES
     from ..model import Sequential
@@ -263,6 +285,8 @@ def _build(header, path, size):
         raise _fail(path, "the header has no layer list")
     if cfg.get("dtype") not in ("float32", "float64"):
         raise _fail(path, f"unsupported dtype {cfg.get('dtype')!r}")
+    if _nesting(cfg["layers"]) > MAX_NESTING:
+        raise _fail(path, f"layers nest more than {MAX_NESTING} levels deep")
     # Before allocating anything: the weights the architecture needs must fit in the
     # file (a damaged or hostile header cannot make load allocate gigabytes).
     need = sum(_declared_params(s) for s in cfg["layers"]) * np.dtype(cfg["dtype"]).itemsize

@@ -33,7 +33,8 @@ import numpy as np
 
 from ..functional._checks import shape_str
 
-__all__ = ["export", "load", "supported_ops", "GraphBuilder", "NodeReader"]
+__all__ = ["export", "load", "supported_ops", "to_model", "GraphBuilder", "NodeReader",
+           "OnnxImportError"]
 
 MIN_OPSET = 13
 _MAX_CONST_ELEMENTS = 1 << 24       # a folded constant (ConstantOfShape...) at most this big
@@ -214,8 +215,9 @@ def supported_ops():
     return sorted(set(_layer_ops()) | set(_STRUCTURAL) | set(_FOLDED))
 
 
-class _Refused(ValueError):
-    pass
+class OnnxImportError(ValueError):
+    """What cdl.onnx.load raises for a graph it cannot turn into a model (a ValueError
+    naming the node, its op type and the reason, and listing the supported ops)."""
 
 
 class _Dyn:
@@ -449,7 +451,7 @@ class _Importer:
         return f"node {name!r} ({node.op_type})"
 
     def fail(self, node, reason):
-        return _Refused(f"cdl.onnx.load: {self._node_label(node)}: {reason}. Supported ops: "
+        return OnnxImportError(f"cdl.onnx.load: {self._node_label(node)}: {reason}. Supported ops: "
                         f"{', '.join(supported_ops())}")
 
     # -- attributes and tensors -----------------------------------------------------
@@ -596,9 +598,10 @@ class _Importer:
             raise self.fail(None, f"input {vi.name!r} is not a tensor")
         dtypes = {T.FLOAT: np.float32, T.DOUBLE: np.float64}
         if tt.elem_type not in dtypes:
-            raise self.fail(None, f"input {vi.name!r} has element type "
-                                  f"{T.DataType.Name(tt.elem_type) if tt.elem_type in T.DataType.values() else tt.elem_type}; "
-                                  f"cdl models are float32 or float64")
+            kind = T.DataType.Name(tt.elem_type) if tt.elem_type in T.DataType.values() \
+                else tt.elem_type
+            raise self.fail(None, f"input {vi.name!r} has element type {kind}; cdl models are "
+                                  f"float32 or float64")
         self.dtype = np.dtype(dtypes[tt.elem_type])
         dims = list(tt.shape.dim) if tt.HasField("shape") else None
         if dims is not None and len(dims) < 2:
@@ -609,7 +612,8 @@ class _Importer:
         if self.input_shape_override is not None:
             shape = tuple(int(s) for s in self.input_shape_override)
             if dims is not None and (len(dims) - 1 != len(shape) or any(
-                    d.HasField("dim_value") and d.dim_value != s for d, s in zip(dims[1:], shape))):
+                    d.HasField("dim_value") and d.dim_value != s
+                    for d, s in zip(dims[1:], shape))):
                 raise self.fail(None, f"input_shape {shape} contradicts the graph's input shape")
         else:
             if dims is None or not all(d.HasField("dim_value") for d in dims[1:]):
@@ -707,7 +711,7 @@ class _Importer:
         self.current_out, self.current_onnx_shape = n.output[0], None
         try:
             layers = list(cls.from_onnx(n, reader))
-        except _Refused:
+        except OnnxImportError:
             raise
         except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
             raise self.fail(n, f"{type(exc).__name__}: {exc}") from None
@@ -758,10 +762,14 @@ class _Importer:
         fork = common[-1]
         self.values[n.output[0]] = _Dyn("add", n, (a, b), [], a.shape, a.onnx_shape, fork=fork)
 
-    def linearize(self, v, stop):
+    def linearize(self, v, stop, depth=1):
         """The cdl layers computing v from ``stop`` (a value v's branches pass through)."""
         from ..layers import Residual
+        from .format import MAX_NESTING
 
+        if depth > MAX_NESTING:
+            raise self.fail(v.node, f"residual branches nest more than {MAX_NESTING} levels "
+                                    f"deep")
         path = v.dom[v.dom.index(stop) + 1:]
         layers = []
         for e in path:
@@ -773,8 +781,8 @@ class _Importer:
                 layers.extend(e.layers)
                 continue
             a, b = e.parents
-            body = self.linearize(a, e.fork)
-            short = self.linearize(b, e.fork)
+            body = self.linearize(a, e.fork, depth + 1)
+            short = self.linearize(b, e.fork, depth + 1)
             if not body:
                 body, short = short, body
             if not body:
@@ -793,7 +801,7 @@ class _Importer:
             raise self.fail(n, "cannot fold")
         try:
             out = self._fold(n, op, ins, shape_of)
-        except _Refused:
+        except OnnxImportError:
             raise
         except (TypeError, ValueError, IndexError, OverflowError, ZeroDivisionError,
                 MemoryError, KeyError) as exc:
