@@ -193,6 +193,11 @@ def test_resnet8_export_matches_predict_at_batch_1_and_37(tmp_path):
     back = cdl.onnx.load(path)
     x = inputs(model, 37)
     np.testing.assert_array_equal(back.predict(x), model.predict(x))
+    with open(path, "rb") as f:     # binary file objects and ModelProtos load too
+        np.testing.assert_array_equal(cdl.onnx.load(f).predict(x), model.predict(x))
+    np.testing.assert_array_equal(cdl.onnx.load(proto).predict(x), model.predict(x))
+    with pytest.raises(TypeError, match="expected a path, bytes"):
+        cdl.onnx.load(42)
 
 
 def test_export_options_and_errors(tmp_path):
@@ -433,9 +438,6 @@ def test_final_softmax_is_reported(torch, kind):
 # ---------------------------------------------------------------------------------
 # Refusals: clean ValueErrors that name the node, its op type, the reason, the ops
 # ---------------------------------------------------------------------------------
-H = None
-
-
 def graph_model(nodes, inits, in_shape, out_shape=None, opset=17, dtype=np.float32,
                 extra_inputs=()):
     h = onnx.helper
