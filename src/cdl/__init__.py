@@ -12,7 +12,7 @@ from .callbacks import Callback, EarlyStopping, History, ModelCheckpoint  # noqa
 from .optim import SGD, Adam, AdamW, CosineLR, ExponentialLR, Optimizer, StepLR  # noqa: E402
 from .params import ParameterPack  # noqa: E402
 from .model import Sequential  # noqa: E402
-from .io import dumps, load, loads  # noqa: E402
+from .io import dumps, load, load_state_dict_file, loads  # noqa: E402
 from .gradcheck import gradcheck  # noqa: E402
 from . import datasets  # noqa: E402
 
@@ -25,4 +25,14 @@ __all__ = ["__version__", "functional", "get_num_threads", "set_num_threads",
            "Residual", "Sequential", "ParameterPack",
            "SoftmaxCrossEntropy", "MulticlassSVM", "MSE", "Optimizer", "SGD", "Adam", "AdamW",
            "StepLR", "ExponentialLR", "CosineLR", "Callback", "EarlyStopping",
-           "ModelCheckpoint", "History", "load", "dumps", "loads", "gradcheck", "datasets"]
+           "ModelCheckpoint", "History", "load", "dumps", "loads", "load_state_dict_file",
+           "gradcheck", "datasets", "onnx"]
+
+
+def __getattr__(name):
+    # cdl.onnx is imported on first use: `import cdl` never imports the onnx package
+    # (nor does `import cdl.onnx`; its functions import it when they run).
+    if name == "onnx":
+        import importlib
+        return importlib.import_module(".onnx", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -516,6 +516,14 @@ class Sequential:
         from .io.format import save
         save(self, path, optimizer=optimizer)
 
+    def save_state_dict(self, path, format=None):
+        """Write ``state_dict()`` to a ``.safetensors`` file (needs the safetensors
+        package: ``pip install cdl-cpu[safetensors]``) or a ``.npz``, atomically; PyTorch
+        reads the former with ``safetensors.torch.load_file``. ``cdl.load_state_dict_file``
+        reads either back."""
+        from .io.state_files import save_state_dict
+        save_state_dict(self, path, format)
+
     def get_config(self):
         return {"input_shape": list(self.input_shape), "dtype": self.dtype.name,
                 "l2": self._l2,

@@ -85,12 +85,10 @@ def _umask():
     return mask
 
 
-def save(model, path, optimizer=None):
-    """Write ``model`` (and ``optimizer``'s state, if given) to ``path`` atomically, or
-    to a binary file object."""
-    if hasattr(path, "write"):
-        _write(model, path, optimizer)
-        return
+def atomic_write(path, write):
+    """Call ``write(f)`` on a temporary file in ``path``'s folder, sync it and rename it
+    over ``path``: an interrupted write leaves any previous file intact. The file gets
+    the mode a plain open() would."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
@@ -99,7 +97,7 @@ def save(model, path, optimizer=None):
         with os.fdopen(fd, "wb") as f:
             # mkstemp makes the file 0600; give it the mode a plain open() would
             os.fchmod(f.fileno(), 0o666 & ~_umask())
-            _write(model, f, optimizer)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -109,6 +107,15 @@ def save(model, path, optimizer=None):
         except OSError:
             pass
         raise
+
+
+def save(model, path, optimizer=None):
+    """Write ``model`` (and ``optimizer``'s state, if given) to ``path`` atomically, or
+    to a binary file object."""
+    if hasattr(path, "write"):
+        _write(model, path, optimizer)
+        return
+    atomic_write(path, lambda f: _write(model, f, optimizer))
 
 
 def dumps(model, optimizer=None):
@@ -130,16 +137,56 @@ def _unpickle(data):
     return loads(data)
 
 
-def _unpickle_optimizer(data):
-    return loads(data, optimizer=True)[1]
-
-
 def _fail(path, why):
     return ValueError(f"cdl.load: {path!s} is not a valid cdl model file: {why}")
 
 
-def _member(npz, name, path):
-    """One stored array; any failure to decode it is the file's fault, reported as such."""
+def _npy_header(npz, name, size, fail):
+    """(shape, dtype) that member ``name`` declares in its .npy header, read without
+    reading its data, after checking that the data it declares fits in what the
+    member stores and the member in the container (so a lying header cannot make a
+    reader allocate more than the file backs)."""
+    zf = getattr(npz, "zip", None)
+    if zf is None:
+        raise fail(f"array {name!r} is not in a zip container")
+    try:
+        info = zf.getinfo(name + ".npy")
+    except KeyError:
+        raise fail(f"array {name!r} is missing") from None
+    stored_limit = max(size, 0) if info.compress_type == 0 else max(size, 0) * 1100
+    if info.file_size > stored_limit:
+        raise fail(f"array {name!r} declares {info.file_size} bytes, more than the "
+                   f"{size}-byte file can hold")
+    try:
+        with zf.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f".npy version {version} is not supported")
+            offset = f.tell()
+    except Exception as exc:  # zipfile / numpy format errors of many kinds
+        raise fail(f"array {name!r} is corrupted or unreadable "
+                   f"({type(exc).__name__}: {exc})") from None
+    if dtype.hasobject:
+        raise fail(f"array {name!r} holds Python objects (never unpickled)")
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if need > info.file_size - offset:
+        raise fail(f"array {name!r} declares {dtype} {shape_str(shape)} ({need} bytes) but "
+                   f"stores {info.file_size - offset}")
+    return tuple(shape), dtype
+
+
+def _member(npz, name, path, expect=None):
+    """One stored array; any failure to decode it is the file's fault, reported as such.
+    ``expect`` = (shape, dtype name) is checked against the .npy header first."""
+    fail = lambda why: _fail(path, why)  # noqa: E731
+    shape, dtype = _npy_header(npz, name, getattr(npz, "cdl_size", 0), fail)
+    if expect is not None and (shape != tuple(expect[0]) or dtype.name != expect[1]):
+        raise fail(f"array {name!r} is {dtype} {shape_str(shape)}, the header says "
+                   f"{expect[1]} {shape_str(expect[0])}")
     try:
         a = npz[name]
     except KeyError:
@@ -150,6 +197,28 @@ def _member(npz, name, path):
     if not isinstance(a, np.ndarray):
         raise _fail(path, f"member {name!r} is not a .npy array")
     return a
+
+
+def checked_npz_arrays(f, name, size, where):
+    """Every array of an .npz (a state-dict file) as {name: array}, each .npy header
+    checked against the stored sizes before its data is read; never unpickles."""
+    fail = lambda why: ValueError(f"{where}: {name} is not a valid .npz file: {why}")  # noqa: E731
+    try:
+        npz = np.load(f, allow_pickle=False)
+    except Exception as exc:
+        raise fail(f"{type(exc).__name__}: {exc}") from None
+    if not hasattr(npz, "files"):
+        raise fail("it holds a single array, not a dict of arrays")
+    out = {}
+    with npz:
+        for key in npz.files:
+            _npy_header(npz, key, size, fail)
+            try:
+                out[key] = npz[key]
+            except Exception as exc:
+                raise fail(f"array {key!r} is corrupted or unreadable "
+                           f"({type(exc).__name__}: {exc})") from None
+    return out
 
 
 def _read_header(npz, path):
@@ -185,6 +254,28 @@ def _declared_params(spec):
         return 0  # the layer's own constructor reports the bad config
 
 
+MAX_NESTING = 64
+"""Containers (Residual) nested deeper than this are refused: no real network needs
+it, and a hostile header could otherwise make building the model slow."""
+
+
+def _nesting(specs):
+    """How deep container configs nest inside a layer list (iteratively: a hostile
+    header cannot make this recurse)."""
+    deepest, stack = 0, [(s, 1) for s in specs]
+    while stack:
+        spec, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_NESTING:
+            break
+        config = spec.get("config") if isinstance(spec, dict) else None
+        if isinstance(config, dict):
+            for value in config.values():
+                if isinstance(value, list):
+                    stack.extend((v, depth + 1) for v in value if isinstance(v, dict))
+    return deepest
+
+
 def _build(header, path, size):
     from ..layers import LAYER_TYPES
     from ..model import Sequential
@@ -194,6 +285,8 @@ def _build(header, path, size):
         raise _fail(path, "the header has no layer list")
     if cfg.get("dtype") not in ("float32", "float64"):
         raise _fail(path, f"unsupported dtype {cfg.get('dtype')!r}")
+    if _nesting(cfg["layers"]) > MAX_NESTING:
+        raise _fail(path, f"layers nest more than {MAX_NESTING} levels deep")
     # Before allocating anything: the weights the architecture needs must fit in the
     # file (a damaged or hostile header cannot make load allocate gigabytes).
     need = sum(_declared_params(s) for s in cfg["layers"]) * np.dtype(cfg["dtype"]).itemsize
@@ -219,7 +312,7 @@ def _build(header, path, size):
 
 
 def _read_array(npz, entry, path):
-    a = _member(npz, entry["name"], path)
+    a = _member(npz, entry["name"], path, (entry["shape"], entry["dtype"]))
     if a.shape != tuple(entry["shape"]) or a.dtype.name != entry["dtype"]:
         raise _fail(path, f"array {entry['name']!r} is {a.dtype} {shape_str(a.shape)}, the "
                           f"header says {entry['dtype']} {shape_str(entry['shape'])}")
@@ -253,6 +346,9 @@ def _open(path):
     except Exception as exc:  # zipfile raises several types for damaged containers
         raise _fail(name, f"the container is truncated or damaged "
                           f"({type(exc).__name__}: {exc})") from None
+    if not hasattr(npz, "files"):
+        raise _fail(name, "it holds a single array, not a cdl model")
+    npz.cdl_size = size
     return npz, name, size
 
 

@@ -37,6 +37,14 @@ class _Elementwise(Layer):
         getattr(_ew, self._kernels[1])(g.reshape(-1), ws["out_flat"], ws["dx_flat"], nt)
         return ws["dx"]
 
+    def to_onnx(self, graph, x):
+        return graph.node(self.onnx_ops[0], [x], self)
+
+    @classmethod
+    def from_onnx(cls, node, reader):
+        reader.attrs(node, {})
+        return [cls()]
+
     def plan_forward(self, x, ws, train):
         flat = x.reshape(-1)
         k = _ew.ActivationForward(self.activation, flat, ws["out_flat"])
@@ -55,6 +63,7 @@ class ReLU(_Elementwise):
 
     activation = "relu"
     names_source = False
+    onnx_ops = ("Relu",)
     _kernels = ("relu_forward", "relu_backward")
 
 
@@ -62,6 +71,7 @@ class Sigmoid(_Elementwise):
     """σ(x) = 1 / (1 + e^{−x}); gradient σ(x)(1 − σ(x)), computed from the output."""
 
     activation = "sigmoid"
+    onnx_ops = ("Sigmoid",)
     _kernels = ("sigmoid_forward", "sigmoid_backward")
 
     def flops(self):
@@ -72,6 +82,7 @@ class Tanh(_Elementwise):
     """tanh(x); gradient 1 − tanh(x)², computed from the output."""
 
     activation = "tanh"
+    onnx_ops = ("Tanh",)
     _kernels = ("tanh_forward", "tanh_backward")
 
     def flops(self):
@@ -82,6 +93,7 @@ class LeakyReLU(_Elementwise):
     """f(x) = x for x > 0, else negative_slope · x; its backward reads the input."""
 
     activation = "leaky_relu"
+    onnx_ops = ("LeakyRelu",)
 
     def __init__(self, negative_slope=0.01):
         super().__init__()
@@ -96,6 +108,13 @@ class LeakyReLU(_Elementwise):
 
     def describe(self):
         return f"LeakyReLU({self.negative_slope:g})"
+
+    def to_onnx(self, graph, x):
+        return graph.node("LeakyRelu", [x], self, alpha=self.negative_slope)
+
+    @classmethod
+    def from_onnx(cls, node, reader):
+        return [cls(reader.attrs(node, {"alpha": 0.01})["alpha"])]
 
     def _forward(self, x, ws, nt, train):
         _ew.leaky_relu_forward(x.reshape(-1), ws["out_flat"], self.negative_slope, nt)

@@ -33,6 +33,14 @@ fusion
 containers
     ``children()`` lists (name, Layer or chain) held inside; parameters,
     buffers, names, summary and files recurse into them.
+ONNX
+    ``to_onnx(graph, x) -> name`` adds the layer's inference computation to an
+    export graph (:class:`cdl.io.onnx.GraphBuilder`) reading the value named x,
+    and returns its output's name. ``onnx_ops`` names the ONNX op types the
+    class builds from, and ``from_onnx(node, reader) -> [layers]`` builds them
+    for one node (:class:`cdl.io.onnx.NodeReader`). Neither needs the onnx
+    package: the builder and the reader hold it. A layer without them exports
+    and imports with a clear error.
 
 Every subclass is registered by name in ``LAYER_TYPES`` when it is defined;
 model files only ever build registered classes.
@@ -129,6 +137,7 @@ class Layer:
     transparent = False        # passes an activation through for "auto" init (Flatten, pooling)
     names_source = True        # error messages about the next layer name this one's output
     init = None                # "auto", "he", "xavier" for layers with weights
+    onnx_ops = ()              # ONNX op types from_onnx builds this class from
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -200,6 +209,23 @@ class Layer:
     def children(self):
         """(name, Layer or Chain) pairs held inside this layer; none by default."""
         return []
+
+    # -- ONNX ----------------------------------------------------------------------
+    def to_onnx(self, graph, x):
+        """Add this layer's inference computation on the value named ``x`` to ``graph``
+        (a :class:`cdl.io.onnx.GraphBuilder`: ``node``, ``param``, ``constant``) and
+        return the name of its output. Fusion flags are runtime details: export the
+        logical layer."""
+        raise NotImplementedError(f"{type(self).__name__} has no ONNX export (define to_onnx)")
+
+    @classmethod
+    def from_onnx(cls, node, reader):
+        """The layers computing ONNX ``node`` (its op type is one of ``onnx_ops``) on its
+        first input, as a list (empty for an op that is the identity at inference).
+        ``reader`` (a :class:`cdl.io.onnx.NodeReader`) gives the attributes, constant
+        inputs and the input's per-sample shape, takes the weights (``assign``) and
+        refuses what cdl cannot compute (``fail``)."""
+        raise NotImplementedError(f"{cls.__name__} has no ONNX import (define from_onnx)")
 
     # -- fusion --------------------------------------------------------------------
     def absorbs_previous(self, layer):

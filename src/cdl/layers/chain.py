@@ -114,6 +114,12 @@ class Chain:
                 else:
                     yield f"{p}{name}.", child
 
+    def to_onnx(self, graph, x):
+        """Export the layers in order (see ``Layer.to_onnx``); the output's name."""
+        for layer in self.layers:
+            x = graph.export_layer(layer, x)
+        return x
+
     # -- passes (layer by layer) -------------------------------------------------------
     def forward(self, x, nt, train, workspace):
         if train:

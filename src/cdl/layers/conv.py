@@ -125,6 +125,53 @@ class Conv2d(FoldsAtInference, Layer):
             return None
         return self._input_grad(g, ws, nt)
 
+    # -- ONNX --------------------------------------------------------------------------
+    onnx_ops = ("Conv",)
+
+    def to_onnx(self, graph, x):
+        inputs = [x, graph.param(self, "weight")]
+        if self.use_bias:
+            inputs.append(graph.param(self, "bias"))
+        (ph, pw) = self.padding
+        return graph.node("Conv", inputs, self, kernel_shape=list(self.kernel_size),
+                          strides=list(self.stride), pads=[ph, pw, ph, pw], dilations=[1, 1],
+                          group=1)
+
+    @classmethod
+    def from_onnx(cls, node, reader):
+        """Conv over NCHW with a constant weight: group 1, dilations 1, padding equal on
+        both sides (``pads`` or ``auto_pad``), any strides; bias optional."""
+        a = reader.attrs(node, {"auto_pad": "NOTSET", "dilations": None, "group": 1,
+                                "kernel_shape": None, "pads": None, "strides": None})
+        w = reader.const(node, 1, "W (weight)")
+        if w.ndim != 4:
+            raise reader.fail(node, f"a {w.ndim - 2}-D convolution (weight "
+                                    f"{shape_str(w.shape)}); cdl's Conv2d is 2-D")
+        if len(reader.shape) != 3:
+            raise reader.fail(node, f"input of per-sample shape {shape_str(reader.shape)}; "
+                                    f"Conv2d takes CxHxW")
+        if a["group"] != 1:
+            raise reader.fail(node, f"group={a['group']} (grouped or depthwise convolution) is "
+                                    f"not supported; cdl's Conv2d has group=1")
+        kernel = tuple(int(k) for k in w.shape[2:])
+        if a["kernel_shape"] is not None and tuple(a["kernel_shape"]) != kernel:
+            raise reader.fail(node, f"kernel_shape {a['kernel_shape']} differs from the "
+                                    f"weight's {list(kernel)}")
+        if w.shape[1] != reader.shape[0]:
+            raise reader.fail(node, f"weight {shape_str(w.shape)} expects {w.shape[1]} input "
+                                    f"channels, the input has {reader.shape[0]}")
+        strides, pads = reader.window(node, a, kernel)
+        b = reader.const(node, 2, "B (bias)", optional=True)
+        if b is not None and b.shape != (w.shape[0],):
+            raise reader.fail(node, f"bias of shape {shape_str(b.shape)}, expected "
+                                    f"({w.shape[0]},)")
+        layer = cls(int(w.shape[1]), int(w.shape[0]), kernel, stride=strides, padding=pads,
+                    bias=b is not None)
+        reader.assign(layer, "weight", w)
+        if b is not None:
+            reader.assign(layer, "bias", b)
+        return [layer]
+
     def plan_forward(self, x, ws, train):
         if train:
             k = _conv.ConvForward(x, self.params["weight"], self.params.get("bias"), ws["out"],

@@ -83,6 +83,63 @@ class Linear(FoldsAtInference, Layer):
                                self.grads.get("bias"), l2, nt)
         return dx
 
+    # -- ONNX --------------------------------------------------------------------------
+    onnx_ops = ("Gemm", "MatMul")
+
+    def to_onnx(self, graph, x):
+        inputs = [x, graph.param(self, "weight")]
+        if self.use_bias:
+            inputs.append(graph.param(self, "bias"))
+        return graph.node("Gemm", inputs, self, transB=1)
+
+    @classmethod
+    def from_onnx(cls, node, reader):
+        """Gemm (transA = 0; alpha and beta scale the weight and bias) and MatMul by a
+        constant matrix, with a following Add of a constant absorbed as the bias."""
+        if len(reader.shape) != 1:
+            raise reader.fail(node, f"{node.op_type} on per-sample inputs of shape "
+                                    f"{shape_str(reader.shape)}; cdl's Linear takes flat "
+                                    f"(N, features) inputs")
+        k = reader.shape[0]
+        bias = None
+        if node.op_type == "MatMul":
+            reader.attrs(node, {})
+            b = reader.const(node, 1, "B (weight)")
+            if b.ndim != 2 or b.shape[0] != k:
+                raise reader.fail(node, f"weight B of shape {shape_str(b.shape)} does not "
+                                        f"multiply inputs of {k} features")
+            weight = b.T
+            add = reader.sole_consumer(node)
+            if add is not None and add.op_type == "Add":
+                other = 1 if add.input[0] == node.output[0] else 0
+                if reader.is_const(add.input[other]):
+                    bias = reader.bias_vector(add, reader.const(add, other, "bias"),
+                                              weight.shape[0])
+                    reader.absorb(add)
+        else:
+            a = reader.attrs(node, {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0})
+            if a["transA"]:
+                raise reader.fail(node, "transA=1 transposes the batch of inputs; cdl's "
+                                        "Linear needs transA=0")
+            b = reader.const(node, 1, "B (weight)")
+            if b.ndim != 2:
+                raise reader.fail(node, f"weight B must be a matrix, got {shape_str(b.shape)}")
+            weight = b if a["transB"] else b.T
+            if weight.shape[1] != k:
+                raise reader.fail(node, f"weight B of shape {shape_str(b.shape)} (transB="
+                                        f"{a['transB']}) does not multiply inputs of {k} "
+                                        f"features")
+            if a["alpha"] != 1.0:
+                weight = weight * a["alpha"]
+            c = reader.const(node, 2, "C (bias)", optional=True)
+            if c is not None:
+                bias = reader.bias_vector(node, c, weight.shape[0]) * a["beta"]
+        layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None)
+        reader.assign(layer, "weight", weight)
+        if bias is not None:
+            reader.assign(layer, "bias", bias)
+        return [layer]
+
     def plan_forward(self, x, ws, train):
         if train:
             k = _dense.LinearForward(x, self.params["weight"], self.params.get("bias"), ws["out"])

@@ -60,6 +60,24 @@ class Dropout(Layer):
     def flops(self):
         return int(np.prod(self.output_shape))
 
+    # -- ONNX --------------------------------------------------------------------------
+    onnx_ops = ("Dropout",)
+
+    def to_onnx(self, graph, x):
+        return x                # the identity at inference: an inference graph drops it
+
+    @classmethod
+    def from_onnx(cls, node, reader):
+        """An inference Dropout is the identity (no layer); one that trains
+        (training_mode true) is refused."""
+        reader.attrs(node, {"seed": 0, "ratio": 0.5, "is_test": 0})
+        mode = reader.const(node, 2, "training_mode", optional=True)
+        if mode is not None and mode.size == 1 and bool(mode.reshape(-1)[0]):
+            raise reader.fail(node, "training_mode=true drops values at inference")
+        if mode is not None and mode.size != 1:
+            raise reader.fail(node, "training_mode must be a scalar")
+        return []
+
     def _alloc(self, n, train):
         if not train:
             return {}

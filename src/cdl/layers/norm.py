@@ -73,6 +73,50 @@ class _BatchNorm(Layer):
     def absorbs_next(self, layer):
         return layer.activation == "relu"
 
+    # -- ONNX --------------------------------------------------------------------------
+    def to_onnx(self, graph, x):
+        c = self.num_features
+        if self.affine:
+            scale, shift = graph.param(self, "weight"), graph.param(self, "bias")
+        else:
+            scale = graph.constant(np.ones(c, self.dtype), self, "weight")
+            shift = graph.constant(np.zeros(c, self.dtype), self, "bias")
+        attrs = {"epsilon": self.eps}
+        if self.momentum is not None:   # ONNX's momentum weighs the old running value
+            attrs["momentum"] = 1.0 - self.momentum
+        return graph.node("BatchNormalization",
+                          [x, scale, shift, graph.param(self, "running_mean"),
+                           graph.param(self, "running_var")], self, **attrs)
+
+    @classmethod
+    def from_onnx(cls, node, reader):
+        """Inference BatchNormalization (training_mode 0) over (C,), (C, L) or (C, H, W)
+        samples: BatchNorm1d or BatchNorm2d with the constant scale, bias and running
+        statistics; ONNX's momentum m becomes cdl's (PyTorch's) 1 - m."""
+        a = reader.attrs(node, {"epsilon": 1e-5, "momentum": 0.9, "training_mode": 0})
+        if a["training_mode"]:
+            raise reader.fail(node, "training_mode=1 normalises with the batch's statistics; "
+                                    "cdl imports inference graphs")
+        shape = reader.shape
+        kind = BatchNorm1d if len(shape) in (1, 2) else BatchNorm2d if len(shape) == 3 else None
+        if kind is None:
+            raise reader.fail(node, f"input of per-sample shape {shape_str(shape)}; cdl "
+                                    f"normalises (C,), (C, L) or (C, H, W) samples")
+        c = shape[0]
+        arrays = {}
+        for i, key in ((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var")):
+            v = reader.const(node, i, key)
+            if v.shape != (c,):
+                raise reader.fail(node, f"{key} of shape {shape_str(v.shape)}, expected ({c},)")
+            arrays[key] = v
+        if not 0.0 <= a["momentum"] <= 1.0:
+            raise reader.fail(node, f"momentum={a['momentum']} is outside [0, 1]")
+        momentum = float(str(np.float32(1.0 - a["momentum"])))   # 0.9 -> 0.1, not 0.0999...
+        layer = kind(c, eps=a["epsilon"], momentum=momentum)
+        for key, v in arrays.items():
+            reader.assign(layer, key, v)
+        return [layer]
+
     def flops(self):
         return 2 * int(np.prod(self.output_shape))
 
@@ -173,6 +217,7 @@ class BatchNorm2d(_BatchNorm):
     """Batch normalisation of (N, C, H, W) over N, H and W, per channel."""
 
     _ndim = (3,)
+    onnx_ops = ("BatchNormalization",)   # BatchNorm1d too: from_onnx picks by rank
 
 
 class BatchNorm1d(_BatchNorm):

@@ -50,6 +50,36 @@ class _Pool2d(Layer):
         kh, kw = self.kernel_size
         return int(np.prod(self.output_shape)) * kh * kw
 
+    def to_onnx(self, graph, x):
+        (ph, pw) = self.padding
+        return graph.node(self.onnx_ops[0], [x], self, kernel_shape=list(self.kernel_size),
+                          strides=list(self.stride), pads=[ph, pw, ph, pw],
+                          **self._onnx_extra)
+
+    @classmethod
+    def from_onnx(cls, node, reader):
+        """2-D pooling over NCHW: dilations 1, padding equal on both sides and at most
+        half the kernel, ``ceil_mode`` only where it gives floor's output size."""
+        allowed = {"auto_pad": "NOTSET", "ceil_mode": 0, "dilations": None,
+                   "kernel_shape": None, "pads": None, "strides": None}
+        allowed.update(cls._onnx_allowed)
+        a = reader.attrs(node, allowed)
+        if len(reader.shape) != 3 or a["kernel_shape"] is None or len(a["kernel_shape"]) != 2:
+            raise reader.fail(node, f"pooling of per-sample shape {shape_str(reader.shape)} "
+                                    f"with kernel_shape {a['kernel_shape']}; cdl pools 2-D "
+                                    f"CxHxW inputs")
+        kernel = tuple(int(k) for k in a["kernel_shape"])
+        strides, pads = reader.window(node, a, kernel)
+        cls._onnx_check(node, reader, a, pads)
+        return [cls(kernel, stride=strides, padding=pads)]
+
+    _onnx_extra = {}
+    _onnx_allowed = {}
+
+    @classmethod
+    def _onnx_check(cls, node, reader, attrs, pads):
+        pass
+
     @property
     def _window(self):
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
@@ -66,6 +96,9 @@ class MaxPool2d(_Pool2d):
     A ReLU right before a 2×2 stride-2 pool runs inside the pool's pass
     (``fused_previous``): x is then the ReLU's input, and results are identical.
     """
+
+    onnx_ops = ("MaxPool",)
+    _onnx_allowed = {"storage_order": 0}     # only orders the unused Indices output
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__(kernel_size, stride, padding)
@@ -130,6 +163,17 @@ class AvgPool2d(_Pool2d):
     """Average pooling over F×F windows; padded cells count as zeros
     (PyTorch's default ``count_include_pad=True``): every window divides by kh·kw."""
 
+    onnx_ops = ("AveragePool",)
+    _onnx_extra = {"count_include_pad": 1}
+    _onnx_allowed = {"count_include_pad": 0}
+
+    @classmethod
+    def _onnx_check(cls, node, reader, attrs, pads):
+        if any(pads) and not attrs["count_include_pad"]:
+            raise reader.fail(node, "count_include_pad=0 with padding divides border windows "
+                                    "by their count of real cells; cdl's AvgPool2d counts "
+                                    "padded cells (count_include_pad=1)")
+
     def _forward(self, x, ws, nt, train):
         _pool.avg_pool2d_forward(x, ws["out"], *self._window, nt)
         return ws["out"]
@@ -155,6 +199,30 @@ class GlobalAvgPool2d(Layer):
     """(N, C, H, W) → (N, C): the mean of each channel's plane."""
 
     transparent = True
+    onnx_ops = ("GlobalAveragePool",)
+
+    def to_onnx(self, graph, x):
+        # ONNX keeps the 1x1 plane: (N, C, 1, 1), then Flatten to cdl's (N, C)
+        y = graph.node("GlobalAveragePool", [x], self)
+        return graph.node("Flatten", [y], self, axis=1)
+
+    @classmethod
+    def from_onnx(cls, node, reader):
+        """GlobalAveragePool over CxHxW gives (C, 1, 1): a GlobalAvgPool2d when every use
+        flattens it (Flatten/Reshape, or reads its Shape), otherwise an AvgPool2d over
+        the whole plane."""
+        reader.attrs(node, {})
+        if len(reader.shape) != 3:
+            raise reader.fail(node, f"input of per-sample shape {shape_str(reader.shape)}; "
+                                    f"cdl pools 2-D CxHxW inputs")
+        c, h, w = reader.shape
+        uses = reader.consumers(node)
+        flat = [n for n in uses if n.op_type in ("Flatten", "Reshape")]
+        if flat and not reader.is_graph_output(node) and \
+                all(n.op_type in ("Flatten", "Reshape", "Shape") for n in uses):
+            reader.set_onnx_shape((c, 1, 1))
+            return [cls()]
+        return [AvgPool2d((h, w), stride=(h, w))]
 
     def _configure(self, input_shape, source):
         if len(input_shape) != 3:

@@ -92,6 +92,14 @@ class Residual(Layer):
     def absorbs_next(self, layer):
         return layer.activation == "relu"
 
+    def to_onnx(self, graph, x):
+        # the branches, joined by Add (a ReLU after it is the next layer, exported as such;
+        # the fused pass is a runtime detail). ONNX import builds Residual from such Adds
+        # (cdl.io.onnx), so it declares no op of its own.
+        f = self.body.to_onnx(graph, x)
+        s = x if self.shortcut is None else self.shortcut.to_onnx(graph, x)
+        return graph.node("Add", [f, s], self)
+
     def flops(self):
         return int(np.prod(self.output_shape))
 

@@ -98,6 +98,20 @@ class Optimizer:
             _ew.scale(grads, coef, nt or _config.get_num_threads())
         return norm
 
+    # -- pickling --------------------------------------------------------------------
+    def __reduce__(self):
+        # The optimizer carries its model object (pickled through the safe model format,
+        # see Sequential.__reduce__) and its state as plain bytes. Pickle memoizes the
+        # model: a pickled (model, optimizer) gives an optimizer bound to the unpickled
+        # model, and an optimizer pickled alone brings its own copy of the model.
+        # Unpickling builds only registered optimizer types.
+        state = self.state_dict()
+        packed = {b: {k: (a.dtype.str, list(a.shape), a.tobytes()) for k, a in per.items()}
+                  for b, per in state["state"].items()}
+        spec = {"type": state["type"], "config": state["config"], "base_lr": state["base_lr"],
+                "step": state["step"], "state": packed}
+        return _rebuild_optimizer, (self.model, spec)
+
     # -- state ---------------------------------------------------------------------
     def get_config(self):
         return {"lr": self.lr, "clip_grad_norm": self.clip_grad_norm}
@@ -159,3 +173,29 @@ class Optimizer:
         self.steps = int(step)
         if "base_lr" in state:
             self.base_lr = float(state["base_lr"])
+
+
+def _rebuild_optimizer(model, spec):
+    """What pickle calls to rebuild an optimizer (see Optimizer.__reduce__)."""
+    where = "cdl: unpickling an optimizer"
+    if not isinstance(spec, dict) or spec.get("type") not in OPTIMIZER_TYPES \
+            or not isinstance(spec.get("config"), dict) or not isinstance(spec.get("state"), dict):
+        raise ValueError(f"{where}: malformed or unknown optimizer")
+    opt = OPTIMIZER_TYPES[spec["type"]](model, **spec["config"])
+    state = {}
+    for b, per in spec["state"].items():
+        if not isinstance(per, dict):
+            raise ValueError(f"{where}: malformed state {b!r}")
+        state[b] = {}
+        for k, packed in per.items():
+            try:
+                dtype, shape, raw = packed
+                dtype = np.dtype(dtype)
+                if dtype.kind != "f" or len(raw) != int(np.prod(shape)) * dtype.itemsize:
+                    raise ValueError("size mismatch")
+                state[b][k] = np.frombuffer(raw, dtype).reshape(shape)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{where}: malformed state {b}[{k}] ({exc})") from None
+    opt.load_state_dict({"type": spec["type"], "step": spec.get("step", 0),
+                         "base_lr": spec.get("base_lr", opt.lr), "state": state}, where=where)
+    return opt

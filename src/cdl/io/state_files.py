@@ -1,0 +1,101 @@
+"""State-dict files: ``model.save_state_dict(path)`` and ``cdl.load_state_dict_file(model,
+path)``.
+
+``.safetensors`` (the optional extra ``pip install cdl-cpu[safetensors]``; the
+package is imported only here, when such a file is read or written) holds the
+flat state dict with PyTorch's ``torch.nn.Sequential`` names, so the same file
+loads into PyTorch with ``safetensors.torch.load_file``; ``.npz`` (NumPy only) is
+the same dict in NumPy's format, read with ``allow_pickle=False``. Damaged files
+are ValueErrors; the safetensors library checks every declared shape and offset
+against the file before it makes an array.
+"""
+import io
+import os
+
+import numpy as np
+
+__all__ = ["save_state_dict", "load_state_dict_file"]
+
+_KINDS = (".safetensors", ".npz")
+
+
+def _require_safetensors():
+    try:
+        import safetensors.numpy
+    except ImportError as exc:
+        raise ImportError("reading or writing .safetensors files needs the safetensors "
+                          "package: pip install cdl-cpu[safetensors] (or pip install "
+                          f"safetensors) ({exc})") from exc
+    return safetensors.numpy
+
+
+def _kind(path, where):
+    name = os.fspath(path) if not hasattr(path, "read") and not hasattr(path, "write") \
+        else getattr(path, "name", "")
+    name = str(name).lower()
+    for kind in _KINDS:
+        if name.endswith(kind):
+            return kind
+    raise ValueError(f"{where}: {path!r} must end in .safetensors or .npz (for a file "
+                     f"object, pass format='safetensors' or 'npz')")
+
+
+def _format(path, format, where):
+    if format is None:
+        return _kind(path, where)
+    kind = "." + str(format).lstrip(".").lower()
+    if kind not in _KINDS:
+        raise ValueError(f"{where}: format must be 'safetensors' or 'npz', got {format!r}")
+    return kind
+
+
+def save_state_dict(model, path, format=None):
+    """Write ``model.state_dict()`` to ``path`` (atomically) or a binary file object, as
+    safetensors or npz (from the suffix, or ``format``)."""
+    where = "Sequential.save_state_dict"
+    kind = _format(path, format, where)
+    state = {k: np.require(v, requirements="C") for k, v in model.state_dict().items()}
+    if kind == ".safetensors":
+        data = _require_safetensors().save(state, metadata={"format": "np",
+                                                             "producer": "cdl"})
+    else:
+        buf = io.BytesIO()
+        np.savez(buf, **state)
+        data = buf.getvalue()
+    if hasattr(path, "write"):
+        path.write(data)
+        return
+    from .format import atomic_write
+    atomic_write(path, lambda f: f.write(data))
+
+
+def read_state_dict_file(path, format=None, where="cdl.load_state_dict_file"):
+    """The {name: array} a .safetensors or .npz state-dict file holds."""
+    kind = _format(path, format, where)
+    if hasattr(path, "read"):
+        data, name = path.read(), getattr(path, "name", "<file object>")
+    else:
+        name = os.fspath(path)
+        with open(name, "rb") as f:
+            data = f.read()
+    if not isinstance(data, (bytes, bytearray)):
+        raise TypeError(f"{where}: the file object must be opened in binary mode")
+    if kind == ".safetensors":
+        st = _require_safetensors()
+        try:
+            return dict(st.load(bytes(data)))
+        except Exception as exc:  # SafetensorError, unknown dtypes, ...
+            raise ValueError(f"{where}: {name} is not a valid safetensors file "
+                             f"({type(exc).__name__}: {exc})") from None
+    from .format import checked_npz_arrays
+    return checked_npz_arrays(io.BytesIO(bytes(data)), name, len(data), where)
+
+
+def load_state_dict_file(model, path, format=None):
+    """Load a .safetensors or .npz state-dict file (e.g. written by PyTorch with
+    ``safetensors.torch.save_file(net.state_dict(), path)``) into ``model``: every key,
+    shape and dtype is checked before anything changes. Returns the model."""
+    where = "cdl.load_state_dict_file"
+    state = read_state_dict_file(path, format, where)
+    model.load_state_dict(state, where=where)
+    return model
