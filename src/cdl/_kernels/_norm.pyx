@@ -495,11 +495,15 @@ cdef inline Py_ssize_t _ws_stride() noexcept nogil:
 
 
 cdef inline const floating* _ptr_or_null(const floating[::1] a) noexcept nogil:
-    return NULL if a is None else &a[0]
+    if a is None:
+        return NULL
+    return &a[0]
 
 
 cdef inline floating* _wptr_or_null(floating[::1] a) noexcept nogil:
-    return NULL if a is None else &a[0]
+    if a is None:
+        return NULL
+    return &a[0]
 
 
 # ---------------------------------------------------------------- training forward
