@@ -415,3 +415,31 @@ def test_adam_refuses_bad_chunks_and_step():
     with pytest.raises(ValueError, match="step counts from 1"):
         ew.adam_update_chunks(p, p, p.copy(), p.copy(), np.array([[0, 5, 0]], np.int64),
                               0.1, 0.9, 0.999, 1e-8, 0.0, False, 0, 1)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_isa_build_agrees(isa):
+    import importlib
+
+    from cdl._kernels import _runtime
+    if isa not in _runtime.cpu_supports():
+        pytest.skip(f"CPU lacks {isa}")
+    mod = importlib.import_module(f"cdl._kernels._elementwise_{isa}")
+    rng = np.random.default_rng(14)
+    for dtype in DTYPES:
+        x = (rng.standard_normal(5001) * 3).astype(dtype)
+        y = np.empty_like(x)
+        mod.tanh_forward(x, y, 2)
+        np.testing.assert_array_max_ulp(y, np.tanh(x.astype(np.float64)).astype(dtype), 4)
+        mask = np.empty(x.size, np.uint8)
+        mod.dropout_forward(x, y, mask, 0.4, 5, 6, 7, 2)
+        # the mask is integer arithmetic: the same bits in every build
+        np.testing.assert_array_equal(mask, (uniforms(x.size, 5, 6, 7) >= 0.4).astype(np.uint8))
+        p, m, v = x.copy(), np.zeros_like(x), np.zeros_like(x)
+        g = rng.standard_normal(x.size).astype(dtype)
+        mod.adam_update_chunks(p, g, m, v, np.array([[0, x.size, 0]], np.int64), 1e-2, 0.9,
+                               0.999, 1e-8, 0.1, True, 1, 2)
+        rp, _, _ = ref_adam(x.astype(np.float64), g.astype(np.float64), 0.0, 0.0, 1e-2, 0.9,
+                            0.999, 1e-8, 0.1, True, 1)
+        tol = 2e-6 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(p, rp, rtol=tol, atol=tol * 1e-2)

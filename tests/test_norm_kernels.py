@@ -507,3 +507,34 @@ def test_pools_bitwise_for_any_thread_count_and_bound_calls(dtype):
     gf.run(2)
     pool.GlobalAvgPoolBackward(g2, gdx).run(2)
     assert (out.tobytes(), dx.tobytes(), gout.tobytes(), gdx.tobytes()) == res[0]
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_isa_build_agrees(isa):
+    import importlib
+
+    from cdl._kernels import _runtime
+    if isa not in _runtime.cpu_supports():
+        pytest.skip(f"CPU lacks {isa}")
+    mod = importlib.import_module(f"cdl._kernels._norm_{isa}")
+    pmod = importlib.import_module(f"cdl._kernels._pool_{isa}")
+    for dtype in (np.float32, np.float64):
+        for shape in ((6, 5, 1), (4, 7, 9), (3, 4, 100), (2, 2, 1500)):
+            x, w, b, rm, rv = bn_case(shape, dtype, seed=19)
+            c = shape[1]
+            out, mean, invstd = np.empty_like(x), np.empty(c, dtype), np.empty(c, dtype)
+            rm2, rv2 = rm.copy(), rv.copy()
+            mod.batchnorm_forward_train(x, w, b, out, mean, invstd, rm2, rv2, 0.1, 1e-5, True, 2)
+            y, m, s, rm_ref, rv_ref = ref_bn_train(x, w, b, rm, rv, 0.1, 1e-5, True)
+            close(out, y, dtype, 4)
+            close(rv2, rv_ref, dtype, 4)
+            g = np.random.default_rng(20).standard_normal(shape).astype(dtype)
+            dx, dw, db = np.empty_like(x), np.empty(c, dtype), np.empty(c, dtype)
+            mod.batchnorm_backward(g, x, out, w, mean, invstd, dx, dw, db, True, 2)
+            dx_ref, dw_ref, db_ref = ref_bn_backward(g, x, out, w, mean, invstd, True)
+            close(dx, dx_ref, dtype, 4)
+            close(dw, dw_ref, dtype, 4 * np.sqrt(shape[0] * shape[2]))
+        xp = np.random.default_rng(21).standard_normal((2, 3, 9, 11)).astype(dtype)
+        out = np.empty((2, 3, 5, 6), dtype)
+        pmod.avg_pool2d_forward(xp, out, 3, 3, 2, 2, 1, 1, 2)
+        close(out, ref_avg_pool(xp.astype(np.float64), 3, 3, 2, 2, 1, 1), dtype, 2)

@@ -1,16 +1,23 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Elementwise kernels on flat C-contiguous views: activations, SGD update, axpy.
+"""Elementwise kernels on flat C-contiguous views: activations, dropout, residual
+add, optimiser updates.
 
 ReLU        y = max(0, x)                      dx = dy * [y > 0]
 Sigmoid     y = 1 / (1 + exp(-x))              dx = dy * y * (1 - y)
+Tanh        y = tanh(x)                        dx = dy * (1 - y²)
+LeakyReLU   y = x if x > 0 else slope * x      dx = dy if x > 0 else slope * dy
+Dropout     y = x * mask / (1 - p), mask from a counter-based generator
+add         y = a + b (optionally max(0, ·))   scale  x *= alpha
 SGD         g = grad + wd * param;  v = mu * v + g;
             step = g + mu * v (Nesterov) or v;  param -= lr * step   (PyTorch SGD)
+Adam(W)     torch.optim.Adam / AdamW (see adam_update_chunks)
 axpy        y += alpha * x
 
-The backward kernels take the forward OUTPUT y, which is what layers keep.
+The backward kernels take the forward OUTPUT y, which is what layers keep,
+except leaky ReLU's, which takes the input x.
 Arrays are cut into fixed chunks spread over OpenMP threads; every element is
 computed independently, so results are bitwise identical for any thread count.
-NaN propagates: relu(NaN) = NaN, sigmoid(NaN) = NaN.
+NaN propagates: relu(NaN) = NaN, sigmoid(NaN) = NaN, tanh(NaN) = NaN.
 """
 from cython cimport floating
 from cython.parallel cimport parallel, prange

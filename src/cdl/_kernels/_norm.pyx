@@ -77,26 +77,63 @@ cdef extern from *:
         memcpy(&a, &ia, sizeof a);                                                  \\
         return a;                                                                   \\
     }                                                                               \\
-    /* acc[j] += x[j] */                                                            \\
-    static void cdl_bn_sum_##SFX(double *acc, const T *x, Py_ssize_t n) {           \\
+    /* Column sums over `rows` rows `st` apart: acc[j] += x[r*st + j] for r in     \\
+       order. Four rows per sweep (the accumulators are loaded and stored once     \\
+       per four rows), adding them one by one in row order as a row-by-row loop    \\
+       would. m: one value, or (v) one per element. */                             \\
+    static void cdl_bn_sum_##SFX(double *__restrict acc, const T *x, Py_ssize_t st, \\
+                                 Py_ssize_t rows, Py_ssize_t n) {                   \\
         Py_ssize_t j;                                                               \\
-        for (j = 0; j < n; j++) acc[j] += (double)x[j];                             \\
-    }                                                                               \\
-    /* acc[j] += (x[j] - m)^2, m one value or (v) one per element */                \\
-    static void cdl_bn_sqdev_##SFX(double *acc, const T *x, double m, Py_ssize_t n) { \\
-        Py_ssize_t j;                                                               \\
-        for (j = 0; j < n; j++) {                                                   \\
-            double d = (double)x[j] - m;                                            \\
-            acc[j] += d * d;                                                        \\
+        for (; rows >= 4; rows -= 4, x += 4 * st) {                                 \\
+            const T *x1 = x + st, *x2 = x1 + st, *x3 = x2 + st;                    \\
+            for (j = 0; j < n; j++)                                                 \\
+                acc[j] = (((acc[j] + (double)x[j]) + (double)x1[j]) + (double)x2[j]) \\
+                         + (double)x3[j];                                           \\
         }                                                                           \\
+        for (; rows > 0; rows--, x += st)                                           \\
+            for (j = 0; j < n; j++) acc[j] += (double)x[j];                         \\
     }                                                                               \\
-    static void cdl_bn_sqdev_v_##SFX(double *acc, const T *x, const double *m,      \\
+    /* acc[j] += (x[r*st + j] - m)^2 */                                             \\
+    static void cdl_bn_sqdev_##SFX(double *__restrict acc, const T *x, Py_ssize_t st, \\
+                                   Py_ssize_t rows, double m, Py_ssize_t n) {       \\
+        Py_ssize_t j;                                                               \\
+        for (; rows >= 4; rows -= 4, x += 4 * st) {                                 \\
+            const T *x1 = x + st, *x2 = x1 + st, *x3 = x2 + st;                     \\
+            for (j = 0; j < n; j++) {                                               \\
+                double a = acc[j], d;                                               \\
+                d = (double)x[j] - m;  a += d * d;                                  \\
+                d = (double)x1[j] - m; a += d * d;                                  \\
+                d = (double)x2[j] - m; a += d * d;                                  \\
+                d = (double)x3[j] - m; a += d * d;                                  \\
+                acc[j] = a;                                                         \\
+            }                                                                       \\
+        }                                                                           \\
+        for (; rows > 0; rows--, x += st)                                           \\
+            for (j = 0; j < n; j++) {                                               \\
+                double d = (double)x[j] - m;                                        \\
+                acc[j] += d * d;                                                    \\
+            }                                                                       \\
+    }                                                                               \\
+    static void cdl_bn_sqdev_v_##SFX(double *__restrict acc, const T *x, Py_ssize_t st, \\
+                                     Py_ssize_t rows, const double *__restrict m,   \\
                                      Py_ssize_t n) {                                \\
         Py_ssize_t j;                                                               \\
-        for (j = 0; j < n; j++) {                                                   \\
-            double d = (double)x[j] - m[j];                                         \\
-            acc[j] += d * d;                                                        \\
+        for (; rows >= 4; rows -= 4, x += 4 * st) {                                 \\
+            const T *x1 = x + st, *x2 = x1 + st, *x3 = x2 + st;                     \\
+            for (j = 0; j < n; j++) {                                               \\
+                double a = acc[j], mj = m[j], d;                                    \\
+                d = (double)x[j] - mj;  a += d * d;                                 \\
+                d = (double)x1[j] - mj; a += d * d;                                 \\
+                d = (double)x2[j] - mj; a += d * d;                                 \\
+                d = (double)x3[j] - mj; a += d * d;                                 \\
+                acc[j] = a;                                                         \\
+            }                                                                       \\
         }                                                                           \\
+        for (; rows > 0; rows--, x += st)                                           \\
+            for (j = 0; j < n; j++) {                                               \\
+                double d = (double)x[j] - m[j];                                     \\
+                acc[j] += d * d;                                                    \\
+            }                                                                       \\
     }                                                                               \\
     /* y = (x - m) * s + b, then max(0, y) (NaN passes) */                          \\
     static void cdl_bn_norm_##SFX(T *y, const T *x, T m, T s, T b, Py_ssize_t n,    \\
@@ -148,40 +185,49 @@ cdef extern from *:
             for (j = 0; j < n; j++) y[j] = x[j] * s[j] + b[j];                      \\
         }                                                                           \\
     }                                                                               \\
-    /* Backward sums: ag += g, agx += g * (x - m), g masked where y <= 0 if y */    \\
-    static void cdl_bn_bsum_##SFX(double *ag, double *agx, const T *g, const T *x,  \\
-                                  const T *y, double m, Py_ssize_t n) {             \\
+    /* Backward sums over `rows` rows `st` apart, four per sweep in row order:     \\
+       ag += g, agx += g * (x - m), g masked to 0 where y <= 0 (if y). */          \\
+    static inline T cdl_bn_gmask_##SFX(const T *g, const T *y, Py_ssize_t j) {      \\
+        return y ? cdl_bn_pick_##SFX(y[j] <= (T)0, (T)0, g[j]) : g[j];              \\
+    }                                                                               \\
+    static inline void cdl_bn_bsum_rows_##SFX(double *__restrict ag,                \\
+            double *__restrict agx, const T *g, const T *x, const T *y,            \\
+            Py_ssize_t st, Py_ssize_t rows, const double *mv, double m, Py_ssize_t n) { \\
         Py_ssize_t j;                                                               \\
-        if (y) {                                                                    \\
+        for (; rows >= 4; rows -= 4, g += 4 * st, x += 4 * st, y = y ? y + 4 * st : y) { \\
             for (j = 0; j < n; j++) {                                               \\
-                double gv = (double)cdl_bn_pick_##SFX(y[j] <= (T)0, (T)0, g[j]);    \\
-                ag[j] += gv;                                                        \\
-                agx[j] += gv * ((double)x[j] - m);                                  \\
-            }                                                                       \\
-        } else {                                                                    \\
-            for (j = 0; j < n; j++) {                                               \\
-                double gv = (double)g[j];                                           \\
-                ag[j] += gv;                                                        \\
-                agx[j] += gv * ((double)x[j] - m);                                  \\
+                double a = ag[j], b = agx[j], mj = mv ? mv[j] : m, gv;              \\
+                gv = (double)cdl_bn_gmask_##SFX(g, y, j);                           \\
+                a += gv; b += gv * ((double)x[j] - mj);                             \\
+                gv = (double)cdl_bn_gmask_##SFX(g + st, y ? y + st : y, j);         \\
+                a += gv; b += gv * ((double)x[st + j] - mj);                        \\
+                gv = (double)cdl_bn_gmask_##SFX(g + 2 * st, y ? y + 2 * st : y, j); \\
+                a += gv; b += gv * ((double)x[2 * st + j] - mj);                    \\
+                gv = (double)cdl_bn_gmask_##SFX(g + 3 * st, y ? y + 3 * st : y, j); \\
+                a += gv; b += gv * ((double)x[3 * st + j] - mj);                    \\
+                ag[j] = a; agx[j] = b;                                              \\
             }                                                                       \\
         }                                                                           \\
+        for (; rows > 0; rows--, g += st, x += st, y = y ? y + st : y)              \\
+            for (j = 0; j < n; j++) {                                               \\
+                double mj = mv ? mv[j] : m;                                         \\
+                double gv = (double)cdl_bn_gmask_##SFX(g, y, j);                    \\
+                ag[j] += gv;                                                        \\
+                agx[j] += gv * ((double)x[j] - mj);                                 \\
+            }                                                                       \\
+    }                                                                               \\
+    /* The four cases as separate loops (y and mv known), each vectorised. */       \\
+    static void cdl_bn_bsum_##SFX(double *ag, double *agx, const T *g, const T *x,  \\
+                                  const T *y, Py_ssize_t st, Py_ssize_t rows,       \\
+                                  double m, Py_ssize_t n) {                         \\
+        if (y) cdl_bn_bsum_rows_##SFX(ag, agx, g, x, y, st, rows, NULL, m, n);      \\
+        else cdl_bn_bsum_rows_##SFX(ag, agx, g, x, NULL, st, rows, NULL, m, n);     \\
     }                                                                               \\
     static void cdl_bn_bsum_v_##SFX(double *ag, double *agx, const T *g, const T *x, \\
-                                    const T *y, const double *m, Py_ssize_t n) {    \\
-        Py_ssize_t j;                                                               \\
-        if (y) {                                                                    \\
-            for (j = 0; j < n; j++) {                                               \\
-                double gv = (double)cdl_bn_pick_##SFX(y[j] <= (T)0, (T)0, g[j]);    \\
-                ag[j] += gv;                                                        \\
-                agx[j] += gv * ((double)x[j] - m[j]);                               \\
-            }                                                                       \\
-        } else {                                                                    \\
-            for (j = 0; j < n; j++) {                                               \\
-                double gv = (double)g[j];                                           \\
-                ag[j] += gv;                                                        \\
-                agx[j] += gv * ((double)x[j] - m[j]);                               \\
-            }                                                                       \\
-        }                                                                           \\
+                                    const T *y, Py_ssize_t st, Py_ssize_t rows,     \\
+                                    const double *mv, Py_ssize_t n) {               \\
+        if (y) cdl_bn_bsum_rows_##SFX(ag, agx, g, x, y, st, rows, mv, 0.0, n);      \\
+        else cdl_bn_bsum_rows_##SFX(ag, agx, g, x, NULL, st, rows, mv, 0.0, n);     \\
     }                                                                               \\
     /* dx = ((g - gm) - (x - m) * k) * sc, g masked as above */                     \\
     static void cdl_bn_dx_##SFX(T *dx, const T *g, const T *x, const T *y, T m, T k, \\
@@ -236,7 +282,7 @@ cdef extern from *:
             for (l0 = 0; l0 < L; l0 += CDL_BN_TILE) {                               \\
                 len = L - l0 < CDL_BN_TILE ? L - l0 : CDL_BN_TILE;                  \\
                 memset(acc, 0, (size_t)len * sizeof(double));                       \\
-                for (n = 0; n < N; n++) cdl_bn_sum_##SFX(acc, xb + n * CL + l0, len); \\
+                cdl_bn_sum_##SFX(acc, xb + l0, CL, N, len);                          \\
                 cdl_bn_fold(lanes, acc, len);                                       \\
             }                                                                       \\
             mean[0] = cdl_bn_total(lanes) / (double)M;                              \\
@@ -244,25 +290,23 @@ cdef extern from *:
             for (l0 = 0; l0 < L; l0 += CDL_BN_TILE) {                               \\
                 len = L - l0 < CDL_BN_TILE ? L - l0 : CDL_BN_TILE;                  \\
                 memset(acc, 0, (size_t)len * sizeof(double));                       \\
-                for (n = 0; n < N; n++)                                             \\
-                    cdl_bn_sqdev_##SFX(acc, xb + n * CL + l0, mean[0], len);        \\
+                cdl_bn_sqdev_##SFX(acc, xb + l0, CL, N, mean[0], len);              \\
                 cdl_bn_fold(lanes, acc, len);                                       \\
             }                                                                       \\
             ssq[0] = cdl_bn_total(lanes);                                           \\
         } else {                                                                    \\
             memset(acc, 0, (size_t)S * sizeof(double));                             \\
-            for (n = 0; n < N; n++) cdl_bn_sum_##SFX(acc, xb + n * CL, S);          \\
+            cdl_bn_sum_##SFX(acc, xb, CL, N, S);                                    \\
             for (c = 0; c < nc; c++)                                                \\
                 mean[c] = cdl_bn_fold_total(acc + c * L, L) / (double)M;            \\
             memset(acc, 0, (size_t)S * sizeof(double));                             \\
             if (L >= CDL_BN_RUN) {                                                  \\
-                for (n = 0; n < N; n++)                                             \\
-                    for (c = 0; c < nc; c++)                                        \\
-                        cdl_bn_sqdev_##SFX(acc + c * L, xb + n * CL + c * L, mean[c], L); \\
+                for (c = 0; c < nc; c++)                                            \\
+                    cdl_bn_sqdev_##SFX(acc + c * L, xb + c * L, CL, N, mean[c], L); \\
             } else {                                                                \\
                 for (c = 0; c < nc; c++)                                            \\
                     for (l0 = 0; l0 < L; l0++) mexp[c * L + l0] = mean[c];          \\
-                for (n = 0; n < N; n++) cdl_bn_sqdev_v_##SFX(acc, xb + n * CL, mexp, S); \\
+                cdl_bn_sqdev_v_##SFX(acc, xb, CL, N, mexp, S);                      \\
             }                                                                       \\
             for (c = 0; c < nc; c++) ssq[c] = cdl_bn_fold_total(acc + c * L, L);    \\
         }                                                                           \\
@@ -314,9 +358,9 @@ cdef extern from *:
                 len = L - l0 < CDL_BN_TILE ? L - l0 : CDL_BN_TILE;                  \\
                 memset(ag, 0, (size_t)len * sizeof(double));                        \\
                 memset(agx, 0, (size_t)len * sizeof(double));                       \\
-                for (n = 0; n < N; n++) {                                           \\
-                    Py_ssize_t o = off + n * CL + l0;                               \\
-                    cdl_bn_bsum_##SFX(ag, agx, g + o, x + o, y ? y + o : NULL, m, len); \\
+                {                                                                   \\
+                    Py_ssize_t o = off + l0;                                        \\
+                    cdl_bn_bsum_##SFX(ag, agx, g + o, x + o, y ? y + o : NULL, CL, N, m, len); \\
                 }                                                                   \\
                 cdl_bn_fold(l1, ag, len);                                           \\
                 cdl_bn_fold(l2, agx, len);                                          \\
@@ -327,19 +371,16 @@ cdef extern from *:
             memset(ag, 0, (size_t)S * sizeof(double));                              \\
             memset(agx, 0, (size_t)S * sizeof(double));                             \\
             if (L >= CDL_BN_RUN) {                                                  \\
-                for (n = 0; n < N; n++)                                             \\
-                    for (c = 0; c < nc; c++) {                                      \\
-                        Py_ssize_t o = off + n * CL + c * L;                        \\
-                        cdl_bn_bsum_##SFX(ag + c * L, agx + c * L, g + o, x + o,    \\
-                                          y ? y + o : NULL, (double)mean_in[c0 + c], L); \\
-                    }                                                               \\
+                for (c = 0; c < nc; c++) {                                          \\
+                    Py_ssize_t o = off + c * L;                                     \\
+                    cdl_bn_bsum_##SFX(ag + c * L, agx + c * L, g + o, x + o,        \\
+                                      y ? y + o : NULL, CL, N, (double)mean_in[c0 + c], L); \\
+                }                                                                   \\
             } else {                                                                \\
                 for (c = 0; c < nc; c++)                                            \\
                     for (l0 = 0; l0 < L; l0++) mexp[c * L + l0] = (double)mean_in[c0 + c]; \\
-                for (n = 0; n < N; n++) {                                           \\
-                    Py_ssize_t o = off + n * CL;                                    \\
-                    cdl_bn_bsum_v_##SFX(ag, agx, g + o, x + o, y ? y + o : NULL, mexp, S); \\
-                }                                                                   \\
+                cdl_bn_bsum_v_##SFX(ag, agx, g + off, x + off, y ? y + off : NULL, CL, N, \\
+                                    mexp, S);                                       \\
             }                                                                       \\
             for (c = 0; c < nc; c++) {                                              \\
                 sg[c] = cdl_bn_fold_total(ag + c * L, L);                           \\
@@ -454,11 +495,15 @@ cdef inline Py_ssize_t _ws_stride() noexcept nogil:
 
 
 cdef inline const floating* _ptr_or_null(const floating[::1] a) noexcept nogil:
-    return NULL if a is None else &a[0]
+    if a is None:
+        return NULL
+    return &a[0]
 
 
 cdef inline floating* _wptr_or_null(floating[::1] a) noexcept nogil:
-    return NULL if a is None else &a[0]
+    if a is None:
+        return NULL
+    return &a[0]
 
 
 # ---------------------------------------------------------------- training forward

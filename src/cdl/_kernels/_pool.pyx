@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Max-pooling kernels with argmax indices (PyTorch ``return_indices`` semantics).
+"""Max-pooling kernels with argmax indices (PyTorch ``return_indices`` semantics);
+average and global average pooling (at the end of this file).
 
 Forward: y[n, c, i, j] = max over the KH x KW window at (i*S_h - P_h, j*S_w - P_w),
 clipped to the input, so padded cells never win; ``indices`` holds the flat
