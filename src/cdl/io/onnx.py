@@ -163,7 +163,7 @@ def export(model, f, opset=17, dynamic_batch=True):
     """Write ``model`` (a cdl ``Sequential``) as an ONNX inference graph to ``f`` (a path,
     written atomically, or a binary file object); returns the ModelProto.
 
-    Input "input" of shape (N, *model.input_shape) (N symbolic when ``dynamic_batch``,
+    Input "input" of shape ``(N,) + model.input_shape`` (N symbolic when ``dynamic_batch``,
     else 1), output "output"; float32 or float64 as the model. Weights and running
     statistics are initializers named by their state-dict keys; Dropout is left out;
     a Residual becomes its branches and an Add. The graph passes
