@@ -17,7 +17,8 @@ def write_idx(path, arr, compress=False):
     """An unsigned-byte IDX file (the MNIST format)."""
     data = bytes([0, 0, 0x08, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape) \
         + np.asarray(arr, np.uint8).tobytes()
-    (gzip.open if compress else open)(path, "wb").write(data)
+    with (gzip.open if compress else open)(path, "wb") as f:  # closed: flushed before reading
+        f.write(data)
 
 
 def run(*args, cwd, timeout=300):
