@@ -262,3 +262,14 @@ def test_bench_numpy_twins_agree_with_cdl():
         assert abs(lc - ln) <= 1e-10 * abs(ln)
     np.testing.assert_allclose(model.layers[0].params["weight"], twin.params[0], rtol=1e-9)
     np.testing.assert_allclose(model.predict(xb), twin.predict(xb), rtol=1e-9)
+
+
+def test_bench_pytorch_twins_agree(capsys):
+    """With PyTorch installed, its versions of every case pass the check against NumPy."""
+    pytest.importorskip("torch")
+    from cdl import _quickbench as qb
+    doc = qb.run(threads=1, repeats=3, torch=True)
+    for row in doc["results"]:
+        assert not row["errors"], row
+        assert row["ms"]["PyTorch"] > 0
+    assert "PyTorch ms" in capsys.readouterr().out
