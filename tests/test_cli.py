@@ -17,7 +17,8 @@ def write_idx(path, arr, compress=False):
     """An unsigned-byte IDX file (the MNIST format)."""
     data = bytes([0, 0, 0x08, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape) \
         + np.asarray(arr, np.uint8).tobytes()
-    (gzip.open if compress else open)(path, "wb").write(data)
+    with (gzip.open if compress else open)(path, "wb") as f:  # closed: flushed before reading
+        f.write(data)
 
 
 def run(*args, cwd, timeout=300):
@@ -276,3 +277,14 @@ def test_train_resnet_on_digits(tmp_path):
     import cdl
     model, opt = cdl.load(tmp_path / "model.npz", optimizer=True)
     assert type(opt).__name__ == "AdamW" and opt.steps > 0
+
+
+def test_bench_pytorch_twins_agree(capsys):
+    """With PyTorch installed, its versions of every case pass the check against NumPy."""
+    pytest.importorskip("torch")
+    from cdl import _quickbench as qb
+    doc = qb.run(threads=1, repeats=3, torch=True)
+    for row in doc["results"]:
+        assert not row["errors"], row
+        assert row["ms"]["PyTorch"] > 0
+    assert "PyTorch ms" in capsys.readouterr().out

@@ -14,7 +14,8 @@ def write_idx(path, arr, code=0x08, compress=False, dims=None):
     dt = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}[code]
     data = bytes([0, 0, code, len(dims)]) + b"".join(struct.pack(">I", d) for d in dims) \
         + np.asarray(arr, dt).tobytes()
-    (gzip.open if compress else open)(path, "wb").write(data)
+    with (gzip.open if compress else open)(path, "wb") as f:  # closed: flushed before reading
+        f.write(data)
 
 
 def test_load_digits():

@@ -316,7 +316,7 @@ def _train_case(layers, n):
                 tl = torch.nn.functional.cross_entropy(net(tx), ty)
                 tl.backward()
                 topt.step()
-                return float(tl), first.detach()
+                return tl.item(), first.detach()
             out["PyTorch"] = c_torch
         return out
     return build
