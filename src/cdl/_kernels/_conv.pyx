@@ -386,17 +386,16 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
                 # Whole-vector tiles that read every kernel row: the sums, bias,
                 # ReLU (and pooling) and stores in registers (cdl_cvtile.h); the
                 # same numbers.
-                if g.pool:
-                    d = dst + ((n * g.cout + k0) * g.oh2 + oh0 // 2) * g.ow2 + ow0 // 2
-                    dk, dr = g.oh2 * g.ow2, g.ow2
-                else:
-                    d = dst + ((n * g.cout + k0) * g.oh + oh0) * g.ow + ow0
-                    dk, dr = g.oh * g.ow, g.ow
-                if (direct and nv == VF and i_lo == 0 and i_hi == g.kh and
-                        ct_run(g.kr, g.rb, g.pool, xt, xs_c, g.qs, g.sh * g.qs, g.cin, g.kh,
-                               g.kw, wb, bpk + k0, g.relu, d, dk, dr, _imin(g.kr, k_hi - k0),
-                               nr)):
-                    continue
+                if direct and nv == VF and i_lo == 0 and i_hi == g.kh:
+                    if g.pool:
+                        d = dst + ((n * g.cout + k0) * g.oh2 + oh0 // 2) * g.ow2 + ow0 // 2
+                        dk, dr = g.oh2 * g.ow2, g.ow2
+                    else:
+                        d = dst + ((n * g.cout + k0) * g.oh + oh0) * g.ow + ow0
+                        dk, dr = g.oh * g.ow, g.ow
+                    if ct_run(g.kr, g.rb, g.pool, xt, xs_c, g.qs, g.sh * g.qs, g.cin, g.kh,
+                              g.kw, wb, bpk + k0, g.relu, d, dk, dr, _imin(g.kr, k_hi - k0), nr):
+                        continue
                 _corr_run(g.kr, g.rb, xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh,
                           i_lo, i_hi, tb)
                 for a in range(g.kr):
