@@ -1560,6 +1560,8 @@ def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
 # ----------------------------------------------------------------------------
 
 cdef class ConvForward:
+    """conv2d_forward(x, weight, bias, out, *stride, *padding, num_threads, relu, pool)
+    with its arrays bound; relu and pool as there (pool=True: out is pooled)."""
     cdef const float[:, :, :, ::1] x
     cdef const float[:, :, :, ::1] weight
     cdef const float[::1] bias

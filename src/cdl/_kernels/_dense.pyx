@@ -495,6 +495,7 @@ def linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
 # more than the arithmetic of a batch-1 layer. The input can be rebound.
 
 cdef class LinearForward:
+    """linear_forward(x, weight, bias, out, num_threads, relu) with its arrays bound."""
     cdef const float[:, ::1] x
     cdef const float[:, ::1] weight
     cdef const float[::1] bias
