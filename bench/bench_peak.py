@@ -4,6 +4,7 @@
     python bench/bench_peak.py                       # 2 threads, every shape
     python bench/bench_peak.py --threads 1 --repeats 11
     python bench/bench_peak.py --before /tmp/before  # also time an older build's kernels
+    python bench/bench_peak.py --quick               # one small shape each, a smoke run
 
 The peak is measured in the same run: ``cdl._kernels.dense.fma_peak_gflops``, a
 register-resident loop of independent vector multiply-adds (zmm FMAs on the AVX-512
@@ -17,7 +18,9 @@ a directory holding copies of an older build's ``_conv_<isa>*.so`` and
 ``_dense_<isa>*.so``, e.g. copied from site-packages/cdl/_kernels before
 rebuilding), and PyTorch CPU (``torch.nn.functional``, same thread count, under
 ``torch.inference_mode``). Fused rows compare conv + bias + ReLU in one call with
-the conv then ReLU (and the dense layer likewise). Contenders are interleaved block
+the conv then ReLU, conv + bias + ReLU + 2x2 max-pool in one call with the conv
+then the fused ReLU + pool kernel (max_pool2d_relu_forward), and the dense layer
+with and without its ReLU fused. Contenders are interleaved block
 by block in a rotating order with a pause before each block (bench/run.py's Timer);
 the median of the samples is shown. Every contender's output is checked against
 cdl's before timing (max error relative to the largest value <= 1e-4; fused
@@ -86,14 +89,15 @@ def rel_err(a, ref):
 class Peak:
     """Best FMA peak (GFLOP/s) seen at the run's thread count."""
 
-    def __init__(self, threads):
+    def __init__(self, threads, seconds=0.25):
         self.threads = threads
+        self.seconds = seconds
         self.best = 0.0
         self.checks = []
 
     def check(self):
         time.sleep(0.05)
-        g = dense.fma_peak_gflops(0.25, self.threads)
+        g = dense.fma_peak_gflops(self.seconds, self.threads)
         self.checks.append(g)
         self.best = max(self.best, g)
         return g
@@ -111,6 +115,9 @@ def conv_rows(args, timer, peak, old_conv):
         y = np.empty((n, k, oh, ow), np.float32)
         y2 = np.empty_like(y)
         yr = np.empty_like(y)
+        yp = np.empty((n, k, oh // 2, ow // 2), np.float32)
+        yp2 = np.empty_like(yp)
+        idx = np.empty(yp.shape, np.int32)
         nt = args.threads
         fns = {"cdl": lambda: conv.conv2d_forward(x, wt, b, y, 1, 1, p, p, nt)}
         if old_conv is not None:
@@ -121,13 +128,25 @@ def conv_rows(args, timer, peak, old_conv):
             conv.conv2d_forward(x, wt, b, y2, 1, 1, p, p, nt)
             elementwise.relu_forward(y2.reshape(-1), y2.reshape(-1), nt)
         fns["cdl conv, then ReLU"] = unfused
+        fns["cdl fused ReLU+pool"] = lambda: conv.conv2d_forward(x, wt, b, yp, 1, 1, p, p, nt,
+                                                                 True, True)
+
+        def unfused_pool():
+            conv.conv2d_forward(x, wt, b, y2, 1, 1, p, p, nt)
+            pool.max_pool2d_relu_forward(y2, yp2, idx, nt)
+        fns["cdl conv, then ReLU+pool"] = unfused_pool
         if torch is not None:
             xt, wt_t, bt = torch.from_numpy(x), torch.from_numpy(wt), torch.from_numpy(b)
 
             def torch_fwd():
                 with torch.inference_mode():
                     return TF.conv2d(xt, wt_t, bt, 1, p)
+
+            def torch_block():
+                with torch.inference_mode():
+                    return TF.max_pool2d(TF.relu(TF.conv2d(xt, wt_t, bt, 1, p)), 2)
             fns["PyTorch"] = torch_fwd
+            fns["PyTorch conv+ReLU+pool"] = torch_block
         # Checks before timing.
         fns["cdl"]()
         ref = y.copy()
@@ -138,8 +157,12 @@ def conv_rows(args, timer, peak, old_conv):
         unfused()
         assert np.array_equal(yr, y2) and np.array_equal(yr, np.where(ref <= 0, 0, ref)), \
             f"{name}: fused ReLU differs from conv then ReLU"
+        fns["cdl fused ReLU+pool"]()
+        unfused_pool()
+        assert np.array_equal(yp, yp2), f"{name}: fused ReLU+pool differs from conv then ReLU+pool"
         if torch is not None:
             assert rel_err(torch_fwd().numpy(), ref) <= 1e-4, f"{name}: PyTorch disagrees"
+            assert rel_err(torch_block().numpy(), yp) <= 1e-4, f"{name}: PyTorch block disagrees"
         res = timer.run(fns)
         pk = peak.check()
         rows.append((f"{name}, N={n}", flops, {k_: v[0] for k_, v in res.items()}, pk))
@@ -198,14 +221,21 @@ def main():
     ap.add_argument("--min-sample", type=float, default=0.004)
     ap.add_argument("--before", help="directory with an older build's _conv/_dense .so copies")
     ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="one small conv and dense shape, 5 short samples (a smoke run)")
     args = ap.parse_args()
+    if args.quick:
+        global CONV_SHAPES, DENSE_SHAPES
+        CONV_SHAPES = [("first layer C3->K32 32x32 3x3 p1", (4, 3, 32, 32), (32, 3, 3), 1)]
+        DENSE_SHAPES = [(16, 64, 32)]
+        args.repeats, args.min_sample, args.pause = 5, 0.0005, 0.0
     cdl.set_num_threads(args.threads)
     if torch is not None:
         torch.set_num_threads(args.threads)
     old_conv = load_before(args.before, "_conv") if args.before else None
     old_dense = load_before(args.before, "_dense") if args.before else None
     timer = Timer(max(args.repeats, 5), args.pause, args.min_sample)
-    peak = Peak(args.threads)
+    peak = Peak(args.threads, 0.02 if args.quick else 0.25)
     load0 = os.getloadavg()[0]
     print(f"ISA {_dispatch.ISA}, {args.threads} threads, torch "
           f"{torch.__version__ if torch is not None else 'absent'}; FMA peak check "
@@ -214,25 +244,31 @@ def main():
     drows = [] if args.no_dense else dense_rows(args, timer, old_dense)
     peak.check()
     load1 = os.getloadavg()[0]
-    p1 = dense.fma_peak_gflops(0.25, 1)
+    p1 = dense.fma_peak_gflops(peak.seconds, 1)
     print()
     print(f"Command: `python bench/bench_peak.py {' '.join(sys.argv[1:])}`")
     print(f"FMA peak ({_dispatch.ISA} build, {args.threads} threads): best {peak.best:.0f} GFLOP/s "
           f"of {len(peak.checks)} checks (range {min(peak.checks):.0f}-{max(peak.checks):.0f}); "
           f"1 thread {p1:.0f}. Load average {load0:.2f} at start, {load1:.2f} at end.")
     print()
-    print("| shape | before ms | after ms | GFLOP/s | % of FMA peak | fused ReLU ms | conv, then ReLU ms "
-          "| PyTorch ms | after/PyTorch |")
-    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+    print("| shape | before ms | after ms | GFLOP/s | % of FMA peak | PyTorch ms | after/PyTorch |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
     for name, flops, t, _ in rows:
         after = t["cdl"]
         gf = flops / after / 1e9
         pt = t.get("PyTorch")
         before = t.get("before")
         print(f"| {name} | {fmt(before and before * 1e3)} | {after * 1e3:.4f} | {gf:.0f} | "
-              f"{100 * gf / peak.best:.0f} | {t['cdl fused ReLU'] * 1e3:.4f} | "
-              f"{t['cdl conv, then ReLU'] * 1e3:.4f} | {fmt(pt and pt * 1e3)} | "
-              f"{fmt(pt and after / pt, 2)} |")
+              f"{100 * gf / peak.best:.0f} | {fmt(pt and pt * 1e3)} | {fmt(pt and after / pt, 2)} |")
+    print()
+    print("| shape | conv, then ReLU ms | fused conv+ReLU ms | conv, then ReLU+pool ms "
+          "| fused conv+ReLU+pool ms | PyTorch conv+ReLU+pool ms |")
+    print("|---|--:|--:|--:|--:|--:|")
+    for name, flops, t, _ in rows:
+        pt = t.get("PyTorch conv+ReLU+pool")
+        print(f"| {name} | {t['cdl conv, then ReLU'] * 1e3:.4f} | {t['cdl fused ReLU'] * 1e3:.4f} | "
+              f"{t['cdl conv, then ReLU+pool'] * 1e3:.4f} | {t['cdl fused ReLU+pool'] * 1e3:.4f} | "
+              f"{fmt(pt and pt * 1e3)} |")
     for i, (name, flops, t, _) in enumerate(drows):
         if i == 0:
             print()

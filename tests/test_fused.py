@@ -7,6 +7,11 @@
   channel vectors, forced; scalar; own GEMM, dot products, BLAS, row chunks).
 - The column path's register-epilogue tiles (first layers: C = 1 or 3, 3x3 and 5x5)
   agree with a NumPy twin and are bitwise identical for any thread count.
+- conv2d_forward(..., pool=True) (conv + bias [+ ReLU] + 2x2 max-pool, inference)
+  gives bit for bit the values of the conv followed by max_pool2d_relu_forward
+  (relu=True) or max_pool2d_forward (relu=False), on every path (column tiles pooling
+  in registers, channel vectors pooling each image's vectors, chunks through a
+  scratch buffer), odd sizes, NaNs, 1/2/3 threads, both dtypes, every ISA build.
 - fma_peak_gflops (the benchmarks' ceiling) runs on every build.
 No timed assertions.
 """
@@ -18,6 +23,7 @@ import pytest
 from cdl._kernels import conv as kconv
 from cdl._kernels import dense as kdense
 from cdl._kernels import elementwise as kelem
+from cdl._kernels import pool as kpool
 from cdl._kernels._runtime import cpu_supports
 
 THREADS = (1, 2, 3)
@@ -192,6 +198,87 @@ def test_conv_relu_every_isa_build(isa):
             for nt in (1, 3):
                 assert _bits(_conv(mod, x, w, b, s, p, nt, relu=True)).tobytes() == \
                     _bits(want).tobytes()
+
+
+# Pooled: column tiles (stride 1 across, K < 12 or whole vectors), channel vectors
+# (K >= 12 with ragged columns, or strides; whole images from batch 8 on, chunks
+# below), odd output sizes (the last row / column dropped), tiny planes.
+POOL_CASES = CONV_CASES + [
+    ((9, 6, 14, 14), (16, 6, 5, 5), 1, 0),
+    ((9, 5, 9, 13), (17, 5, 3, 3), 1, 1),
+    ((10, 3, 11, 10), (33, 3, 3, 2), (2, 3), (0, 2)),
+    ((9, 32, 8, 8), (64, 32, 3, 3), 1, 1),
+    ((8, 2, 9, 20), (12, 2, 2, 7), (1, 2), (1, 2)),
+    ((3, 3, 33, 35), (32, 3, 3, 3), 1, 1),
+    ((2, 1, 3, 3), (2, 1, 2, 2), 1, 0),
+    ((2, 0, 6, 6), (3, 0, 3, 3), 1, 1),
+]
+
+
+def _pooled_ref(mod, pmod, x, w, b, s, p, relu):
+    y = _conv(mod, x, w, b, s, p, 2)
+    out = np.empty(y.shape[:2] + (y.shape[2] // 2, y.shape[3] // 2), y.dtype)
+    idx = np.empty(out.shape, np.int32)
+    if relu:
+        pmod.max_pool2d_relu_forward(y, out, idx, 1)
+    else:
+        pmod.max_pool2d_forward(y, out, idx, 2, 2, 2, 2, 0, 0, 1)
+    return out
+
+
+def _pooled(mod, x, w, b, s, p, nt, relu):
+    oh, ow = _out_shape(x.shape, w.shape, s, p)[2:]
+    out = np.full((x.shape[0], w.shape[0], oh // 2, ow // 2), np.nan, x.dtype)
+    mod.conv2d_forward(x, w, b, out, s[0], s[1], p[0], p[1], nt, relu=relu, pool=True)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: f"{c[0]}-{c[1]}-s{c[2]}-p{c[3]}")
+def test_conv_relu_pool_fused_equals_unfused(case, dtype):
+    xs, ws, s, p = case
+    s, p = _pair(s), _pair(p)
+    paths = [0, 1, 2] if dtype == np.float32 else [0]
+    for path in paths:
+        if path == 1 and s[1] != 1:
+            continue
+        old = kconv.set_float32_path(path)
+        try:
+            x, w, b = _conv_case(xs, ws, dtype, 12, with_nan=xs[1] > 0)
+            for relu in (True, False):
+                for bias in (b, None):
+                    want = _pooled_ref(kconv, kpool, x, w, bias, s, p, relu)
+                    for nt in THREADS:
+                        got = _pooled(kconv, x, w, bias, s, p, nt, relu)
+                        assert _bits(got).tobytes() == _bits(want).tobytes(), \
+                            f"path {path}, relu {relu}, {nt} threads"
+        finally:
+            kconv.set_float32_path(old)
+
+
+def test_conv_forward_bound_call_pool():
+    x, w, b = _conv_case((9, 3, 16, 16), (32, 3, 3, 3), np.float32, 13)
+    out = np.empty((9, 32, 8, 8), np.float32)
+    call = kconv.ConvForward(x, w, b, out, (1, 1), (1, 1), relu=True, pool=True)
+    for nt in THREADS:
+        call.run(nt)
+        want = _pooled_ref(kconv, kpool, x, w, b, (1, 1), (1, 1), True)
+        assert _bits(out).tobytes() == _bits(want).tobytes()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_conv_relu_pool_every_isa_build(isa):
+    mod = _module("conv", isa)
+    pmod = _module("pool", isa)
+    for xs, ws, s, p in POOL_CASES:
+        s, p = _pair(s), _pair(p)
+        for dtype in (np.float32, np.float64):
+            x, w, b = _conv_case(xs, ws, dtype, 14, with_nan=xs[1] > 0)
+            for relu in (True, False):
+                want = _pooled_ref(mod, pmod, x, w, b, s, p, relu)
+                for nt in (1, 3):
+                    assert _bits(_pooled(mod, x, w, b, s, p, nt, relu)).tobytes() == \
+                        _bits(want).tobytes()
 
 
 # First layers and their neighbours: NumPy twin, forward and input gradient (the

@@ -43,6 +43,27 @@ pass, where column vectors win ties); always at horizontal stride > 1.
 float64 and the input gradient at strides > 1 take a plain scalar path
 (correctness, not speed).
 
+Column tiles end in registers (cdl_cvtile.h, cdl_ct_tile): the tiles that read
+every kernel row and store whole vectors add the bias (and apply ReLU) to
+their accumulators and store them straight to the output, with 3x3 and 5x5
+taps compiled as constants. Before, every tile went through a scratch buffer
+and a scalar epilogue, which on first layers (C = 1 or 3: 9 to 27 taps per
+output) took about a third of the time. The sums run in the same (c, i, j)
+order as the buffered tile, so results are bitwise those of before; tiles that
+skip padding rows, part-width columns and the 1-channel row-reuse tile keep
+the buffered path.
+
+Fused inference (forward only, float32 and float64): relu=True applies ReLU's
+rule (v <= 0 gives +0, NaN passes) to each finished value as it is stored, so
+the result is bitwise that of the conv followed by relu_forward. pool=True
+writes only the 2x2 stride-2 max-pool (floor) of the result: column tiles with
+an even number of rows pool their row pairs in registers (the pooling kernels'
+rule: a later cell wins if greater or NaN, cells in the order TL, TR, BL, BR);
+the channel-vector path (batch >= 8) pools each image's gathered channel
+vectors before the transpose; other cases convolve chunks of images into a
+~1 MB scratch buffer and pool it. Bitwise the values of the conv followed by
+max_pool2d_relu_forward (relu=True) or max_pool2d_forward.
+
 Parallel work is split into fixed items that depend only on the shapes (and
 the build's vector width), never on the thread count: forward (image, group of
 output channels), input gradient (image, group of input channels), weight
@@ -63,6 +84,7 @@ the hot loops; no workspace argument is needed. Calls
 below ~2^18 multiply-adds run on one thread.
 Inputs are trusted: cdl.functional validates them.
 """
+import numpy as np
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
@@ -94,10 +116,16 @@ cdef extern from "cdl_cvtile.h" nogil:
                                Py_ssize_t kp, float* tb)
     # Column-path tile with its epilogue (bias, ReLU, stores) in registers;
     # returns 0 for a tile shape it does not have.
-    int ct_run "cdl_ct_run"(int kr, int rb, const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
+    int ct_run "cdl_ct_run"(int kr, int rb, int pool, const float* xs, Py_ssize_t xs_c,
+                            Py_ssize_t xs_r,
                             Py_ssize_t rstep, Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw,
                             const float* wp, const float* bias, int relu, float* dst,
                             Py_ssize_t dst_k, Py_ssize_t dst_r, int nk, int nr)
+    void cv_pool2_plane "cdl_cv_pool2_plane"(const float* y, float* o, Py_ssize_t ow,
+                                             Py_ssize_t oh2, Py_ssize_t ow2, Py_ssize_t avail)
+    # The pooling rule (v where v > best or NaN, else best) and ReLU's, lanewise.
+    vf cv_takes "cdl_cv_takes"(vf best, vf v)
+    vf cv_relu "cdl_cv_relu"(vf y)
 
 # Below this many multiply-adds a second thread costs more than it saves.
 cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 18
@@ -139,7 +167,10 @@ ctypedef struct Corr:
     # cout x oh x ow per image; src is read at (oh*sh + i - offh, ow + j - offw).
     Py_ssize_t n, cin, h, w, cout, kh, kw, oh, ow, sh, offh, offw
     Py_ssize_t kr, rb, kg, rs, qs
-    bint relu
+    # relu: ReLU on the result; pool: dst is the 2x2 stride-2 max-pool (floor)
+    # of the result, oh2 x ow2 per plane.
+    bint relu, pool
+    Py_ssize_t oh2, ow2
 
 
 cdef inline void _corr_tile(const float* xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
@@ -237,7 +268,8 @@ cdef void _corr_run(Py_ssize_t kr, Py_ssize_t rb, const float* xs, Py_ssize_t xs
             _corr_tile(xs, xs_c, xs_r, wp, cin, kh, kw, sh, i_lo, i_hi, tb, 1, 6)
 
 
-cdef void _choose_tile(Py_ssize_t cout, Py_ssize_t oh, Py_ssize_t* kr, Py_ssize_t* rb) noexcept nogil:
+cdef void _choose_tile(Py_ssize_t cout, Py_ssize_t oh, Py_ssize_t* kr, Py_ssize_t* rb,
+                       bint even=False) noexcept nogil:
     # Fewest channel x row cells computed (padding included), weighted by how
     # fast each tile runs per cell (in 1/16ths, measured on AVX-512): tiles
     # with fewer accumulators or more loads per multiply-add are slower. With
@@ -262,6 +294,8 @@ cdef void _choose_tile(Py_ssize_t cout, Py_ssize_t oh, Py_ssize_t* kr, Py_ssize_
         cand_kr[3] = 2; cand_rb[3] = 4; cand_cost[3] = 20
         cand_kr[4] = 1; cand_rb[4] = 6; cand_cost[4] = 32
     for t in range(ncand):
+        if even and cand_rb[t] % 2:
+            continue        # pooling needs whole row pairs in a tile
         cells = _cdiv(cout, cand_kr[t]) * cand_kr[t] * _cdiv(oh, cand_rb[t]) * cand_rb[t]
         cells = cells * cand_cost[t]
         if best < 0 or cells < best:
@@ -309,6 +343,23 @@ cdef void _stage(const float* src, Py_ssize_t ch, Py_ssize_t h, Py_ssize_t w,
     _copy_inside(src, ch, h, w, offh, offw, rs, qs, dst)
 
 
+cdef inline floating _pool4(floating tl, floating tr, floating bl, floating br,
+                           bint relu) noexcept nogil:
+    # One 2x2 window, the pooling kernels' rule: cells in the order top-left,
+    # top-right, bottom-left, bottom-right; a later cell wins if it is greater
+    # or NaN. Then ReLU's rule if relu (v <= 0 gives +0, NaN passes).
+    cdef floating best = tl
+    if tr > best or tr != tr:
+        best = tr
+    if bl > best or bl != bl:
+        best = bl
+    if br > best or br != br:
+        best = br
+    if relu and best <= 0:
+        best = 0
+    return best
+
+
 cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const float* bpk,
                      float* dst, Py_ssize_t it, float* xs, float* tb,
                      Py_ssize_t* staged) noexcept nogil:
@@ -317,7 +368,7 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
     cdef Py_ssize_t ngroups = _cdiv(g.cout, g.kg)
     cdef Py_ssize_t n = it // ngroups, kgi = it % ngroups
     cdef Py_ssize_t k_lo = kgi * g.kg, k_hi = _imin(g.cout, k_lo + g.kg)
-    cdef Py_ssize_t k0, oh0, ow0, a, r, k, oy, nv, q, kb, ty, tx, i_lo, i_hi
+    cdef Py_ssize_t k0, oh0, ow0, a, r, k, nv, q, kb, ty, tx, i_lo, i_hi, nr, ohc, owc, dk, dr
     cdef Py_ssize_t xs_c = g.rs * g.qs, wsz = g.cin * g.kh * g.kw * g.kr
     cdef const float* wb
     cdef const float* xt
@@ -330,32 +381,42 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
         _stage(src + n * g.cin * g.h * g.w, g.cin, g.h, g.w, g.offh, g.offw, g.rs, g.qs, xs,
                staged[0] < 0)
         staged[0] = n
+    # Pooled: only the rows and columns the 2x2 windows cover (floor) are computed.
+    ohc = 2 * g.oh2 if g.pool else g.oh
+    owc = 2 * g.ow2 if g.pool else g.ow
     for kb in range(_cdiv(k_hi - k_lo, g.kr)):
         k0 = k_lo + kb * g.kr
         wb = wpk + (k0 // g.kr) * wsz
-        for ty in range(_cdiv(g.oh, g.rb)):
+        for ty in range(_cdiv(ohc, g.rb)):
             oh0 = ty * g.rb
             # Staged rows [offh, offh + h) hold data; the rest are zero padding
             # (with a large kernel and no padding, the input gradient's tiles at
             # the top and bottom would spend up to 60% of their steps on zeros).
             i_lo = _imax(0, g.offh - (oh0 + g.rb - 1) * g.sh)
             i_hi = _imax(i_lo, _imin(g.kh, g.offh + g.h - oh0 * g.sh))
-            for tx in range(_cdiv(g.ow, VF)):
+            nr = _imin(g.rb, ohc - oh0)
+            for tx in range(_cdiv(owc, VF)):
                 ow0 = tx * VF
-                if ow0 + VF > g.ow and g.ow >= VF:
+                if ow0 + VF > owc and owc >= VF:
                     # Last vector overlaps the previous one instead of running
                     # past the row: the overlap is recomputed bit for bit the same,
-                    # and every store is a whole vector.
-                    ow0 = g.ow - VF
+                    # and every store is a whole vector (pooled: ow0 stays even).
+                    ow0 = owc - VF
                 xt = xs + oh0 * g.sh * g.qs + ow0
-                nv = _imin(VF, g.ow - ow0)
+                nv = _imin(VF, owc - ow0)
                 # Whole-vector tiles that read every kernel row: the sums, bias,
-                # ReLU and stores in registers (cdl_cvtile.h); the same numbers.
-                if (direct and nv == VF and i_lo == 0 and i_hi == g.kh and
-                        ct_run(g.kr, g.rb, xt, xs_c, g.qs, g.sh * g.qs, g.cin, g.kh, g.kw, wb,
-                               bpk + k0, g.relu, dst + ((n * g.cout + k0) * g.oh + oh0) * g.ow + ow0,
-                               g.oh * g.ow, g.ow, _imin(g.kr, k_hi - k0), _imin(g.rb, g.oh - oh0))):
-                    continue
+                # ReLU (and pooling) and stores in registers (cdl_cvtile.h); the
+                # same numbers.
+                if direct and nv == VF and i_lo == 0 and i_hi == g.kh:
+                    if g.pool:
+                        d = dst + ((n * g.cout + k0) * g.oh2 + oh0 // 2) * g.ow2 + ow0 // 2
+                        dk, dr = g.oh2 * g.ow2, g.ow2
+                    else:
+                        d = dst + ((n * g.cout + k0) * g.oh + oh0) * g.ow + ow0
+                        dk, dr = g.oh * g.ow, g.ow
+                    if ct_run(g.kr, g.rb, g.pool, xt, xs_c, g.qs, g.sh * g.qs, g.cin, g.kh,
+                              g.kw, wb, bpk + k0, g.relu, d, dk, dr, _imin(g.kr, k_hi - k0), nr):
+                        continue
                 _corr_run(g.kr, g.rb, xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh,
                           i_lo, i_hi, tb)
                 for a in range(g.kr):
@@ -363,12 +424,17 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
                     if k >= k_hi:
                         break
                     bk = bpk[k]
-                    for r in range(g.rb):
-                        oy = oh0 + r
-                        if oy >= g.oh:
-                            break
+                    if g.pool:
+                        for r in range(0, nr, 2):
+                            t = tb + (a * g.rb + r) * VF
+                            d = dst + ((n * g.cout + k) * g.oh2 + (oh0 + r) // 2) * g.ow2 + ow0 // 2
+                            for q in range(0, nv, 2):
+                                d[q // 2] = _pool4(t[q] + bk, t[q + 1] + bk, t[q + VF] + bk,
+                                                   t[q + VF + 1] + bk, g.relu)
+                        continue
+                    for r in range(nr):
                         t = tb + (a * g.rb + r) * VF
-                        d = dst + ((n * g.cout + k) * g.oh + oy) * g.ow + ow0
+                        d = dst + ((n * g.cout + k) * g.oh + oh0 + r) * g.ow + ow0
                         if nv == VF and not g.relu:
                             vstore(d, vload(t) + bk)
                         else:
@@ -685,6 +751,11 @@ ctypedef struct CV:
     Py_ssize_t rs, qs, rows, p, a, b, v, kp, ntiles, nbk, nchunks, ngroups, gsz
     Py_ssize_t xs_size, gt_size, ppad, tx
     bint direct, relu
+    # pool: out is the 2x2 stride-2 max-pool (oh2 x ow2) of the result (items of
+    # whole images only); bpad: the bias as kp floats (zeros past K or without one).
+    bint pool
+    Py_ssize_t oh2, ow2
+    const float* bpad
 
 
 cdef void _cv_setup(CV* g) noexcept nogil:
@@ -908,8 +979,11 @@ cdef void _cv_fitem(const CV* g, const float* x, const float* wt, const float* b
     cdef Py_ssize_t prow[12]
     cdef Py_ssize_t opos[12]
     cdef const float* tv
+    cdef const float* tl
     cdef float* d
+    cdef float* pb
     cdef float bk, v
+    cdef vf best, bv
     if t_lo >= t_hi:
         return
     if staged[0] != n:
@@ -957,6 +1031,24 @@ cdef void _cv_fitem(const CV* g, const float* x, const float* wt, const float* b
                         if g.relu and v <= 0:
                             v = 0
                         d[opos[a] + b] = v
+    if yb != NULL and g.pool:
+        # The whole image as P x kp: bias, each 2x2 window's channel vectors
+        # pooled (and ReLU), oh2*ow2 x kp transposed to K x (oh2*ow2).
+        pb = yb + _align16(P * g.kp)
+        for oy in range(g.oh2):
+            for ox in range(g.ow2):
+                for kb in range(g.kp // VF):
+                    tl = yb + ((2 * oy) * g.ow + 2 * ox) * g.kp + kb * VF
+                    bv = vload(g.bpad + kb * VF)
+                    best = vload(tl) + bv
+                    best = cv_takes(best, vload(tl + g.kp) + bv)
+                    best = cv_takes(best, vload(tl + g.ow * g.kp) + bv)
+                    best = cv_takes(best, vload(tl + (g.ow + 1) * g.kp) + bv)
+                    if g.relu:
+                        best = cv_relu(best)
+                    vstore(pb + (oy * g.ow2 + ox) * g.kp + kb * VF, best)
+        cv_transpose(pb, g.kp, g.oh2 * g.ow2, g.k, out + n * g.k * g.oh2 * g.ow2, g.oh2 * g.ow2)
+        return
     if yb != NULL:
         # The whole image as P x kp, transposed to K x P in register blocks.
         cv_transpose(yb, g.kp, P, g.k, out + n * g.k * P, P)
@@ -1002,10 +1094,13 @@ cdef bint _use_cv(CV* g, bint forward) noexcept nogil:
 
 cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bias,
                      float* out, int num_threads) noexcept nogil:
+    # Returns -1 when memory is missing, -2 when g.pool asks for items the
+    # shapes do not give (whole images gathered in yb).
     cdef Py_ssize_t items, it, tid, per, r, k, tbs, ybs, c, i, j
     cdef int nt
     cdef float* buf
     cdef float* wt
+    cdef float* bp
     cdef Py_ssize_t* roff
     cdef Py_ssize_t* staged
     cdef void* mem
@@ -1018,14 +1113,23 @@ cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bi
     nt = _threads(g.n * g.k * g.p * g.rows, items, num_threads)
     tbs = _align16(g.a * g.b * g.v * VF)
     ybs = _align16(g.p * g.kp) if g.ngroups == 1 and g.p * g.kp <= (1 << 20) else 0
+    if g.pool:
+        # The caller pools here only items of whole images gathered in yb.
+        if ybs == 0:
+            return -2
+        ybs = ybs + _align16(g.oh2 * g.ow2 * g.kp)
     per = g.xs_size + tbs + ybs
-    mem = malloc((nt * per + g.rows * g.kp) * sizeof(float) + g.rows * sizeof(Py_ssize_t)
-                 + nt * 64 + 128)
+    mem = malloc((nt * per + g.rows * g.kp + _align16(g.kp)) * sizeof(float)
+                 + g.rows * sizeof(Py_ssize_t) + nt * 64 + 128)
     if mem == NULL:
         return -1
     buf = _aligned(mem)
     wt = buf + nt * per
-    roff = <Py_ssize_t*>(wt + g.rows * g.kp)
+    bp = wt + g.rows * g.kp
+    for k in range(g.kp):
+        bp[k] = bias[k] if bias != NULL and k < g.k else 0
+    g.bpad = bp
+    roff = <Py_ssize_t*>(bp + _align16(g.kp))
     # One cache line per thread for its `staged` marker (no false sharing).
     staged = roff + g.rows + 8 - g.rows % 8
     for it in range(nt):
@@ -1151,7 +1255,7 @@ cdef int _packed_corr(Corr* g, const float* weight, bint flip, const float* src,
     cdef float* blk
     cdef float* bpk
     cdef int rc
-    _choose_tile(cout, g.oh, &g.kr, &g.rb)
+    _choose_tile(cout, 2 * g.oh2 if g.pool else g.oh, &g.kr, &g.rb, g.pool)
     if cout == 1 and g.sh == 1 and (KH == 3 or KH == 5):
         g.kr = 1
         g.rb = 8
@@ -1191,10 +1295,59 @@ cdef int _packed_corr(Corr* g, const float* weight, bint flip, const float* src,
 # Entry points
 # ----------------------------------------------------------------------------
 
+cdef void _pool_plane(const floating* y, floating* o, Py_ssize_t OW, Py_ssize_t OH2,
+                      Py_ssize_t OW2, Py_ssize_t avail) noexcept nogil:
+    # 2x2 stride-2 max-pool (floor) of one plane of width OW into OH2 x OW2;
+    # avail: elements readable from y on (float32 reads whole vectors).
+    cdef Py_ssize_t i, j
+    cdef const floating* a
+    if floating is float:
+        cv_pool2_plane(y, o, OW, OH2, OW2, avail)
+        return
+    for i in range(OH2):
+        a = y + 2 * i * OW
+        for j in range(OW2):
+            o[i * OW2 + j] = _pool4(a[2 * j], a[2 * j + 1], a[OW + 2 * j], a[OW + 2 * j + 1],
+                                    False)
+
+
+cdef void _pool_planes(const floating* y, floating* out, Py_ssize_t planes, Py_ssize_t OH,
+                       Py_ssize_t OW, Py_ssize_t OH2, Py_ssize_t OW2, int num_threads) noexcept nogil:
+    # Each OH x OW plane of y pooled into OH2 x OW2.
+    cdef Py_ssize_t p
+    for p in prange(planes, schedule="static",
+                    num_threads=_threads(planes * OH * OW * 4, planes, num_threads)):
+        _pool_plane(y + p * OH * OW, out + p * OH2 * OW2, OW, OH2, OW2, (planes - p) * OH * OW)
+
+
+cdef int _conv_pool_chunked(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
+                            const floating[::1] bias, floating[:, :, :, ::1] out,
+                            Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                            int num_threads, bint relu, Py_ssize_t OH, Py_ssize_t OW) except -1:
+    # Pooled forward on the paths that do not pool in registers: chunks of images
+    # (at least 8, else about 1 MB) are convolved (ReLU included) into a scratch
+    # buffer, which stays in cache, and pooled from there. Pooling max(0, y) gives the values
+    # of max(0, pooled y): ReLU keeps the order, the NaNs and the cell a window
+    # picks.
+    cdef Py_ssize_t N = x.shape[0], K = weight.shape[0], n0, n1
+    cdef Py_ssize_t plane = K * OH * OW
+    cdef Py_ssize_t chunk = min(N, max(8, (1 << 18) // max(plane, 1)))
+    cdef floating[:, :, :, ::1] scratch = np.empty(
+        (chunk, K, OH, OW), dtype=np.float32 if floating is float else np.float64)
+    for n0 in range(0, N, chunk):
+        n1 = min(N, n0 + chunk)
+        _conv2d_forward(x[n0:n1], weight, bias, scratch[:n1 - n0], sh, sw, ph, pw, num_threads,
+                        relu)
+        with nogil:
+            _pool_planes(&scratch[0, 0, 0, 0], &out[n0, 0, 0, 0], (n1 - n0) * K, OH, OW,
+                         out.shape[2], out.shape[3], num_threads)
+    return 0
+
+
 cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
                          const floating[::1] bias, floating[:, :, :, ::1] out,
                          Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                         int num_threads, bint relu=False) except -1:
+                         int num_threads, bint relu=False, bint pool=False) except -1:
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], K = weight.shape[0]
     cdef Py_ssize_t KH = weight.shape[2], KW = weight.shape[3]
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
@@ -1205,10 +1358,43 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
     cdef int rc = 0, nt
     if N == 0 or K == 0 or OH == 0 or OW == 0:
         return 0
+    if pool:
+        # out is the pooled result; the convolution's own size:
+        OH = (x.shape[2] + 2 * ph - KH) // sh + 1
+        OW = (x.shape[3] + 2 * pw - KW) // sw + 1
     cv.n = N; cv.c = C; cv.h = x.shape[2]; cv.w = x.shape[3]; cv.k = K
     cv.kh = KH; cv.kw = KW; cv.oh = OH; cv.ow = OW; cv.sh = sh; cv.sw = sw
     cv.ph = ph; cv.pw = pw
     cv.relu = relu
+    cv.pool = False
+    if pool:
+        cv.oh2 = out.shape[2]; cv.ow2 = out.shape[3]
+        if floating is float and C > 0 and N >= 8 and _use_cv(&cv, True):
+            # Channel-vector path, items of whole images (N >= 8): each image's
+            # channel vectors pooled before the transpose to NCHW.
+            cv.pool = True
+            with nogil:
+                rc = _cv_forward(&cv, &x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp,
+                                 &out[0, 0, 0, 0], num_threads)
+            if rc == -1:
+                raise MemoryError()
+            if rc == 0:
+                return 0
+            cv.pool = False
+        if floating is float and C > 0 and sw == 1 and not _use_cv(&cv, True):
+            # Column path: the tiles pool their row pairs in registers.
+            g.n = N; g.cin = C; g.h = x.shape[2]; g.w = x.shape[3]; g.cout = K
+            g.kh = KH; g.kw = KW; g.oh = OH; g.ow = OW; g.sh = sh; g.offh = ph; g.offw = pw
+            g.relu = relu
+            g.pool = True
+            g.oh2 = out.shape[2]; g.ow2 = out.shape[3]
+            with nogil:
+                rc = _packed_corr(&g, &weight[0, 0, 0, 0], False, &x[0, 0, 0, 0], bp,
+                                  &out[0, 0, 0, 0], num_threads)
+            if rc != 0:
+                raise MemoryError()
+            return 0
+        return _conv_pool_chunked(x, weight, bias, out, sh, sw, ph, pw, num_threads, relu, OH, OW)
     if floating is float and C > 0 and _use_cv(&cv, True):
         with nogil:
             rc = _cv_forward(&cv, &x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp, &out[0, 0, 0, 0],
@@ -1220,6 +1406,7 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
         g.n = N; g.cin = C; g.h = x.shape[2]; g.w = x.shape[3]; g.cout = K
         g.kh = KH; g.kw = KW; g.oh = OH; g.ow = OW; g.sh = sh; g.offh = ph; g.offw = pw
         g.relu = relu
+        g.pool = False
         with nogil:
             rc = _packed_corr(&g, &weight[0, 0, 0, 0], False, &x[0, 0, 0, 0], bp,
                               &out[0, 0, 0, 0], num_threads)
@@ -1236,12 +1423,16 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
 def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
                    const floating[::1] bias, floating[:, :, :, ::1] out,
                    Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw, int num_threads,
-                   bint relu=False):
+                   bint relu=False, bint pool=False):
     """out = conv(x, weight) + bias (bias may be None); shapes already checked.
 
     relu=True: out = max(0, conv(x, weight) + bias) in the same pass, bitwise equal
-    to the unfused conv followed by relu_forward (v <= 0 gives +0, NaN passes)."""
-    _conv2d_forward(x, weight, bias, out, sh, sw, ph, pw, num_threads, relu)
+    to the unfused conv followed by relu_forward (v <= 0 gives +0, NaN passes).
+    pool=True (inference): out, of shape (N, K, OH // 2, OW // 2), is the 2x2
+    stride-2 max-pool of that result, the full-size result never stored; bitwise the
+    values of max_pool2d_relu_forward (relu=True) or max_pool2d_forward (relu=False)
+    of the unpooled output. No indices: there is no backward for it."""
+    _conv2d_forward(x, weight, bias, out, sh, sw, ph, pw, num_threads, relu, pool)
 
 
 cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
@@ -1265,6 +1456,7 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
         g.kh = KH; g.kw = KW; g.oh = H; g.ow = W; g.sh = 1
         g.offh = KH - 1 - ph; g.offw = KW - 1 - pw
         g.relu = False
+        g.pool = False
         with nogil:
             rc = _packed_corr(&g, &weight[0, 0, 0, 0], True, &grad_out[0, 0, 0, 0], NULL,
                               &grad_input[0, 0, 0, 0], num_threads)
@@ -1368,24 +1560,26 @@ def conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
 # ----------------------------------------------------------------------------
 
 cdef class ConvForward:
+    """conv2d_forward(x, weight, bias, out, *stride, *padding, num_threads, relu, pool)
+    with its arrays bound; relu and pool as there (pool=True: out is pooled)."""
     cdef const float[:, :, :, ::1] x
     cdef const float[:, :, :, ::1] weight
     cdef const float[::1] bias
     cdef float[:, :, :, ::1] out
     cdef Py_ssize_t sh, sw, ph, pw
-    cdef bint relu
+    cdef bint relu, pool
 
-    def __init__(self, x, weight, bias, out, stride, padding, relu=False):
+    def __init__(self, x, weight, bias, out, stride, padding, relu=False, pool=False):
         self.x, self.weight, self.bias, self.out = x, weight, bias, out
         (self.sh, self.sw), (self.ph, self.pw) = stride, padding
-        self.relu = relu
+        self.relu, self.pool = relu, pool
 
     def bind_input(self, const float[:, :, :, ::1] x):
         self.x = x
 
     def run(self, int num_threads):
         _conv2d_forward(self.x, self.weight, self.bias, self.out, self.sh, self.sw, self.ph,
-                        self.pw, num_threads, self.relu)
+                        self.pw, num_threads, self.relu, self.pool)
 
 
 cdef class ConvBackward:

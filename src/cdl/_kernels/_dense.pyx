@@ -23,6 +23,11 @@ and its backward one pass over the rows of W (_backward_one).
 The choice depends on the shapes and the build only. Inputs are trusted:
 cdl.functional validates them.
 
+linear_forward(..., relu=True) fuses ReLU (v <= 0 gives +0, NaN passes): our
+sgemm microkernels and dot products apply it as they store the last block of the
+reduction, BLAS tiles (float64, and float32 where BLAS runs) in a pass over the
+finished tile while it is in cache; bitwise the product followed by relu_forward.
+
 A small batch with a big weight (e.g. 784 -> 256 at batch 1) only streams the
 weight, so the forward and the weight gradient cut it into row chunks that
 are dealt out round-robin (chunk c to thread c mod threads) instead of
@@ -490,6 +495,7 @@ def linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
 # more than the arithmetic of a batch-1 layer. The input can be rebound.
 
 cdef class LinearForward:
+    """linear_forward(x, weight, bias, out, num_threads, relu) with its arrays bound."""
     cdef const float[:, ::1] x
     cdef const float[:, ::1] weight
     cdef const float[::1] bias

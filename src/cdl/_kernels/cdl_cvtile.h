@@ -222,29 +222,128 @@ static void cdl_cv_frun(int a, int b, int v, CDL_CV_FARGS) {
  * columns, summed over (c, i, j) in that order (the order of _corr_tile, so
  * the sums are bitwise those of the tile-then-store path), then the bias added
  * (and ReLU applied) in registers and the vectors stored straight to the
- * output. KH and KW are constants for 3x3 and 5x5 kernels (the tap loops
- * unroll) and run-time values otherwise. The arrays have fixed sizes: a
- * variable-length array keeps GCC from holding the accumulators in registers.
+ * output. KH and KW are constants for 3x3 and 5x5 kernels and run-time values
+ * otherwise. The arrays have fixed sizes: a variable-length array keeps GCC
+ * from holding the accumulators in registers.
  *
- *   dst[a*dst_k + r*dst_r + l] = relu?(sum_{c,i,j} xs[c*xs_c + r*rstep + i*xs_r + j + l]
- *                                       * wp[((c*KH + i)*KW + j)*KR + a] + bias[a])
- * for a < nk, r < nr, l < VF (whole vectors only: a part-width column is the
- * tile-then-store path's).
+ *   y[a, r, l] = sum_{c,i,j} xs[c*xs_c + r*rstep + i*xs_r + j + l]
+ *                            * wp[((c*KH + i)*KW + j)*KR + a] + bias[a]
+ *
+ * POOL = 0: dst[a*dst_k + r*dst_r + l] = relu?(y[a, r, l]) for a < nk, r < nr,
+ * l < VF (whole vectors only: a part-width column is the tile-then-store
+ * path's). POOL = 1 (RB even, the tile's first row and column even): the 2x2
+ * stride-2 max-pool, dst[a*dst_k + (r/2)*dst_r + l/2] for even r < nr, l < VF,
+ * then ReLU (relu?), bitwise the values of max_pool2d_relu_forward (or
+ * max_pool2d_forward) on the stored y: a cell replaces the window's best so
+ * far if it is greater or NaN, cells in the order top-left, top-right,
+ * bottom-left, bottom-right. Pooled here as (TL vs TR) vs (BL vs BR), which
+ * gives the same cell: ties keep the earlier cell either way, and a NaN wins
+ * over everything before it and loses to a later NaN only.
  * ------------------------------------------------------------------------ */
+
+typedef int cdl_vi __attribute__((vector_size(CDL_VF * 4)));
+/* Half a vector, unaligned like cdl_vf. */
+typedef float cdl_vh __attribute__((vector_size(CDL_VF * 2), aligned(4)));
 
 /* ReLU's rule (y <= 0 gives +0, NaN passes), bitwise that of _elementwise's
  * relu_forward applied to the stored value. */
 CDL_CV_INLINE cdl_vf cdl_cv_relu(cdl_vf y) {
-    typedef int cdl_vi __attribute__((vector_size(CDL_VF * 4)));
     cdl_vi m = (y <= cdl_vf_set1(0));
     return (cdl_vf)((cdl_vi)y & ~m);
 }
+
+/* Lanewise: v where v > best or v is NaN, else best (the pooling rule). */
+CDL_CV_INLINE cdl_vf cdl_cv_takes(cdl_vf best, cdl_vf v) {
+    cdl_vi m = (v > best) | (v != v);
+    return (cdl_vf)(((cdl_vi)v & m) | ((cdl_vi)best & ~m));
+}
+
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define CDL_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define CDL_SHUF(a, b, ...) __builtin_shuffle(a, b, (cdl_vi){__VA_ARGS__})
+#endif
+#if CDL_VF == 16
+#define CDL_EVEN 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+#define CDL_ODD 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
+#define CDL_SWAP 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7
+#define CDL_LOW 0, 1, 2, 3, 4, 5, 6, 7
+#elif CDL_VF == 8
+#define CDL_EVEN 0, 2, 4, 6, 8, 10, 12, 14
+#define CDL_ODD 1, 3, 5, 7, 9, 11, 13, 15
+#define CDL_SWAP 4, 5, 6, 7, 0, 1, 2, 3
+#define CDL_LOW 0, 1, 2, 3
+#else
+#define CDL_EVEN 0, 2, 4, 6
+#define CDL_ODD 1, 3, 5, 7
+#define CDL_SWAP 2, 3, 0, 1
+#define CDL_LOW 0, 1
+#endif
+
+/* The 2x2 max-pool of rows t (top) and b (bottom), VF columns: VF/2 values,
+ * then ReLU if relu, stored at d. */
+CDL_CV_INLINE void cdl_cv_pool2_store(float *d, cdl_vf t, cdl_vf b, int relu) {
+    cdl_vf e = CDL_SHUF(t, b, CDL_EVEN);       /* TL | BL */
+    cdl_vf o = CDL_SHUF(t, b, CDL_ODD);        /* TR | BR */
+    cdl_vf h = cdl_cv_takes(e, o);             /* TL vs TR | BL vs BR */
+    cdl_vf r = cdl_cv_takes(h, CDL_SHUF(h, h, CDL_SWAP));
+    cdl_vh lo;
+    if (relu)
+        r = cdl_cv_relu(r);
+    lo = CDL_SHUF(r, r, CDL_LOW);
+    __builtin_memcpy(d, &lo, sizeof(lo));
+}
+
+/* The 2x2 stride-2 max-pool (floor) of one plane y of width ow into oh2 x ow2
+ * by the rule of cdl_cv_pool2_store, whole vectors of input columns at a
+ * time: rows at least a vector wide in steps of a vector (the last overlapping
+ * the one before it); narrower rows one vector from each row's start, reading
+ * into the next row (or plane), unused, while `avail` floats from y allow,
+ * else from a zero-padded copy. (The scalar rule mispredicted its branches
+ * half the time: ~30 cycles a window.) */
+static void cdl_cv_pool2_plane(const float *y, float *o, Py_ssize_t ow, Py_ssize_t oh2,
+                               Py_ssize_t ow2, Py_ssize_t avail) {
+    Py_ssize_t i, j, wc = 2 * ow2;
+    float tt[CDL_VF] = {0}, bb[CDL_VF] = {0}, oo[CDL_VF / 2];
+    for (i = 0; i < oh2; i++) {
+        const float *t = y + 2 * i * ow, *b = t + ow;
+        float *d = o + i * ow2;
+        if (wc >= CDL_VF) {
+            for (j = 0; j < wc; j += CDL_VF) {
+                Py_ssize_t j0 = j + CDL_VF > wc ? wc - CDL_VF : j;
+                cdl_cv_pool2_store(d + j0 / 2, cdl_vf_load(t + j0), cdl_vf_load(b + j0), 0);
+            }
+        } else if ((2 * i + 1) * ow + CDL_VF <= avail) {
+            cdl_cv_pool2_store(oo, cdl_vf_load(t), cdl_vf_load(b), 0);
+            for (j = 0; j < ow2; j++)
+                d[j] = oo[j];
+        } else {
+            for (j = 0; j < wc; j++) {
+                tt[j] = t[j];
+                bb[j] = b[j];
+            }
+            cdl_cv_pool2_store(oo, cdl_vf_load(tt), cdl_vf_load(bb), 0);
+            for (j = 0; j < ow2; j++)
+                d[j] = oo[j];
+        }
+    }
+}
+
+/* With 16 vector registers the tiles fill them (KR*RB accumulators, RB inputs,
+ * a weight): unrolled tap loops spilled two of them per kernel row (AVX2
+ * C32->K64 input gradient ~10% slower than the old tile), so they stay loops. */
+#if CDL_VREGS >= 32
+#define CDL_CT_ROLLED
+#else
+#define CDL_CT_ROLLED _Pragma("GCC unroll 1")
+#endif
 
 CDL_CV_INLINE void cdl_ct_tile(const float *xs, Py_ssize_t xs_c, Py_ssize_t xs_r,
                                Py_ssize_t rstep, Py_ssize_t cin, const float *wp,
                                const float *bias, int relu, float *dst, Py_ssize_t dst_k,
                                Py_ssize_t dst_r, int nk, int nr,
-                               const int KR, const int RB, const int KH, const int KW) {
+                               const int KR, const int RB, const int KH, const int KW,
+                               const int POOL) {
     cdl_vf acc[24], xv[8];
     Py_ssize_t c;
     int a, r, i, j;
@@ -254,7 +353,9 @@ CDL_CV_INLINE void cdl_ct_tile(const float *xs, Py_ssize_t xs_c, Py_ssize_t xs_r
     for (c = 0; c < cin; c++) {
         const float *xc = xs + c * xs_c;
         const float *wc = wp + c * KH * KW * KR;
+        CDL_CT_ROLLED
         for (i = 0; i < KH; i++)
+            CDL_CT_ROLLED
             for (j = 0; j < KW; j++) {
                 for (r = 0; r < RB; r++)
                     xv[r] = cdl_vf_loadr(xc + r * rstep + i * xs_r + j);
@@ -274,11 +375,19 @@ CDL_CV_INLINE void cdl_ct_tile(const float *xs, Py_ssize_t xs_c, Py_ssize_t xs_r
 #pragma GCC unroll 24
         for (r = 0; r < RB; r++) {
             acc[a * RB + r] += b;
-            if (relu)
+            if (relu && !POOL)
                 acc[a * RB + r] = cdl_cv_relu(acc[a * RB + r]);
         }
     }
-    if (nk == KR && nr == RB) {
+    if (POOL) {
+#pragma GCC unroll 24
+        for (a = 0; a < KR; a++)
+#pragma GCC unroll 24
+            for (r = 0; r < RB; r += 2)
+                if (a < nk && r < nr)
+                    cdl_cv_pool2_store(dst + a * dst_k + (r / 2) * dst_r, acc[a * RB + r],
+                                       acc[a * RB + r + 1], relu);
+    } else if (nk == KR && nr == RB) {
 #pragma GCC unroll 24
         for (a = 0; a < KR; a++)
 #pragma GCC unroll 24
@@ -298,37 +407,49 @@ CDL_CV_INLINE void cdl_ct_tile(const float *xs, Py_ssize_t xs_c, Py_ssize_t xs_r
     Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw, const float *wp, const float *bias, int relu, \
     float *dst, Py_ssize_t dst_k, Py_ssize_t dst_r, int nk, int nr
 #define CDL_CT_PASS xs, xs_c, xs_r, rstep, cin, kh, kw, wp, bias, relu, dst, dst_k, dst_r, nk, nr
-#define CDL_CT_DEF(KR, RB) \
-    static void cdl_ct_##KR##_##RB##_3(CDL_CT_ARGS) { \
-        (void)kh; (void)kw; \
-        cdl_ct_tile(xs, xs_c, xs_r, rstep, cin, wp, bias, relu, dst, dst_k, dst_r, nk, nr, \
-                    KR, RB, 3, 3); } \
-    static void cdl_ct_##KR##_##RB##_5(CDL_CT_ARGS) { \
-        (void)kh; (void)kw; \
-        cdl_ct_tile(xs, xs_c, xs_r, rstep, cin, wp, bias, relu, dst, dst_k, dst_r, nk, nr, \
-                    KR, RB, 5, 5); } \
-    static void cdl_ct_##KR##_##RB##_n(CDL_CT_ARGS) { \
-        cdl_ct_tile(xs, xs_c, xs_r, rstep, cin, wp, bias, relu, dst, dst_k, dst_r, nk, nr, \
-                    KR, RB, (int)kh, (int)kw); }
-#define CDL_CT_CASE(KR, RB) \
+#define CDL_CT_TILE(KR, RB, KH, KW, P) \
+    cdl_ct_tile(xs, xs_c, xs_r, rstep, cin, wp, bias, relu, dst, dst_k, dst_r, nk, nr, \
+                KR, RB, KH, KW, P)
+/* One function per (tile, taps 3x3 / 5x5 / other, pooled or not). */
+#define CDL_CT_DEF1(KR, RB, P, S) \
+    static void cdl_ct##S##_##KR##_##RB##_3(CDL_CT_ARGS) { \
+        (void)kh; (void)kw; CDL_CT_TILE(KR, RB, 3, 3, P); } \
+    static void cdl_ct##S##_##KR##_##RB##_5(CDL_CT_ARGS) { \
+        (void)kh; (void)kw; CDL_CT_TILE(KR, RB, 5, 5, P); } \
+    static void cdl_ct##S##_##KR##_##RB##_n(CDL_CT_ARGS) { \
+        CDL_CT_TILE(KR, RB, (int)kh, (int)kw, P); }
+#define CDL_CT_CASE1(KR, RB, S) \
     if (kr == KR && rb == RB) { \
-        if (kh == 3 && kw == 3) cdl_ct_##KR##_##RB##_3(CDL_CT_PASS); \
-        else if (kh == 5 && kw == 5) cdl_ct_##KR##_##RB##_5(CDL_CT_PASS); \
-        else cdl_ct_##KR##_##RB##_n(CDL_CT_PASS); \
+        if (kh == 3 && kw == 3) cdl_ct##S##_##KR##_##RB##_3(CDL_CT_PASS); \
+        else if (kh == 5 && kw == 5) cdl_ct##S##_##KR##_##RB##_5(CDL_CT_PASS); \
+        else cdl_ct##S##_##KR##_##RB##_n(CDL_CT_PASS); \
         return 1; }
+#define CDL_CT_DEF(KR, RB) CDL_CT_DEF1(KR, RB, 0, )
+#define CDL_CT_DEFP(KR, RB) CDL_CT_DEF1(KR, RB, 1, p)
+#define CDL_CT_CASE(KR, RB) CDL_CT_CASE1(KR, RB, )
+#define CDL_CT_CASEP(KR, RB) CDL_CT_CASE1(KR, RB, p)
 
 /* The column path's tile shapes (_conv.pyx, _choose_tile): KR*RB accumulators,
- * RB input vectors and a broadcast weight within the vector registers. */
+ * RB input vectors and a broadcast weight within the vector registers; those
+ * with an even RB also pool. */
 #if CDL_VREGS >= 32
 #define CDL_CT_SHAPES(X) X(8, 3) X(6, 4) X(4, 4) X(3, 6) X(2, 8) X(1, 8)
+#define CDL_CT_PSHAPES(X) X(6, 4) X(4, 4) X(3, 6) X(2, 8) X(1, 8)
 #else
 #define CDL_CT_SHAPES(X) X(4, 3) X(6, 2) X(3, 3) X(2, 4) X(1, 6)
+#define CDL_CT_PSHAPES(X) X(6, 2) X(2, 4) X(1, 6)
 #endif
 
 CDL_CT_SHAPES(CDL_CT_DEF)
+CDL_CT_PSHAPES(CDL_CT_DEFP)
 
-/* Runs the tile for (kr, rb); returns 0, having done nothing, for a shape not listed. */
-static int cdl_ct_run(int kr, int rb, CDL_CT_ARGS) {
+/* Runs the tile for (kr, rb), pooled or not; returns 0, having done nothing,
+ * for a shape it does not have. */
+static int cdl_ct_run(int kr, int rb, int pool, CDL_CT_ARGS) {
+    if (pool) {
+        CDL_CT_PSHAPES(CDL_CT_CASEP)
+        return 0;
+    }
     CDL_CT_SHAPES(CDL_CT_CASE)
     return 0;
 }
