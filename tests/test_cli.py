@@ -159,7 +159,9 @@ def test_ctrl_c_during_training_ends_cleanly(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.Popen([sys.executable, "-m", "cdl", "train", "--epochs", "100000",
                           "--threads", "1"], cwd=tmp_path, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
+                         stderr=subprocess.PIPE, text=True, env=env,
+                         # a background job (nohup, CI runners) may start with SIGINT ignored
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
         for line in p.stdout:  # wait until training has started
