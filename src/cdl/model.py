@@ -417,6 +417,13 @@ class Sequential:
         The loss includes λ Σ W² when l2 > 0. The input gradient is not computed. If
         the loss is NaN or infinite the update is skipped (weights stay finite).
         Buffers are reused, so nothing is allocated once a batch size has been seen.
+
+        Between the backward pass and ``optimizer.step()`` the optimizer's
+        ``gradient_hook(loss_value, batch_size, threads)`` runs and its value decides
+        the step (see :meth:`cdl.Optimizer.gradient_hook`). With a
+        :class:`cdl.distributed.DistributedOptimizer`, x and y are this rank's shard;
+        the gradients of all ranks are averaged over the global sample count before
+        the update, and the value returned is the global loss (the same on every rank).
         """
         where = "Sequential.train_step"
         x = self._check_x(x, where, batch=True)
@@ -481,6 +488,13 @@ class Sequential:
                                "training one model from several threads is not supported")
         try:
             value = self._gradients(x, y, loss, nt)
+            # The gradient hook (Optimizer.gradient_hook) runs on every step, also when the
+            # loss is not finite, and its value decides the step: a DistributedOptimizer
+            # averages the ranks' gradients here and returns the global loss (NaN on every
+            # rank when any rank's loss or gradient is not finite).
+            hook = getattr(optimizer, "gradient_hook", None)
+            if hook is not None:
+                value = hook(value, x.shape[0], nt)
             if math.isfinite(value):
                 optimizer.step(nt)
             return value
@@ -500,13 +514,16 @@ class Sequential:
         return plan
 
     def fit(self, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=None,
-            validation_split=0.0, shuffle=True, callbacks=(), verbose=1):
+            validation_split=0.0, shuffle=True, callbacks=(), verbose=1, comm=None,
+            shard=True):
         """Train for ``epochs`` passes over (x, y); returns a History. See
-        :func:`cdl.training.fit` for the details."""
+        :func:`cdl.training.fit` for the details (``comm``, ``shard``: distributed
+        training over MPI)."""
         from .training import fit
         return fit(self, x, y, loss, optimizer, epochs=epochs, batch_size=batch_size,
                    validation_data=validation_data, validation_split=validation_split,
-                   shuffle=shuffle, callbacks=callbacks, verbose=verbose)
+                   shuffle=shuffle, callbacks=callbacks, verbose=verbose, comm=comm,
+                   shard=shard)
 
     # -- persistence ----------------------------------------------------------------
     def save(self, path, optimizer=None):
