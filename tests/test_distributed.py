@@ -68,15 +68,21 @@ def run_checks(n, mode, tmp_path):
 
 
 # -- under mpiexec -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """One launch of 2 ranks running every 2-rank check (shared by the tests below)."""
+    return run_checks(2, "pair", tmp_path_factory.mktemp("pair"))
+
+
 @needs_mpi
-def test_two_ranks(tmp_path):
+def test_two_ranks(pair):
     """replicas identical; bit-identical to one process summing the same shards (SGD
     with BatchNorm, AdamW with clipping, all three algorithms); a batch-64 step matched
     at rtol 1e-5; broadcasts override different seeds; a NaN (or an inf gradient) on
     one rank skips everywhere; fit with checkpoints (rank 0 writes, atomically), a NaN
     in fit, unsharded uneven data; threads per rank."""
-    result, proc = run_checks(2, "pair", tmp_path)
-    assert len(result["checks"]) == 12, result
+    result, proc = pair
+    assert len(result["checks"]) == 13, result
     # the progress bar came from rank 0 only
     assert proc.stderr.count("Epoch 2/2") == 1, proc.stderr
 
@@ -86,6 +92,28 @@ def test_one_rank_is_plain_training(tmp_path):
     result, _ = run_checks(1, "single", tmp_path)
     assert "identical_to_plain_train_step" in result["checks"]
     assert "fit_identical_to_plain_fit" in result["checks"]
+
+
+@needs_mpi
+def test_fixed_shards_identical_on_1_2_4_ranks(tmp_path, pair):
+    """shards=4: fit and train_step give the same bits (weights, BatchNorm statistics,
+    every History value) on 1 process, 2 and 4 ranks."""
+    results = {2: pair[0]}
+    for n, mode in ((1, "single"), (4, "four")):
+        if n == 1:     # one plain process, no launcher
+            out = tmp_path / "plain"
+            out.mkdir()
+            env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+            subprocess.run([sys.executable, SCRIPT, mode, str(out)], check=True, env=env,
+                           timeout=TIMEOUT, capture_output=True)
+            with open(out / f"result-{mode}.json") as f:
+                results[n] = json.load(f)
+        else:
+            results[n] = run_checks(n, mode, tmp_path)[0]
+    keys = ("shards_digest", "shards_history", "shards_last_loss")
+    for n in (2, 4):
+        for k in keys:
+            assert results[n][k] == results[1][k], (n, k, results[n][k], results[1][k])
 
 
 @needs_mpi

@@ -46,7 +46,7 @@ from ._kernels import losses as _kl
 
 __all__ = ["DistributedOptimizer", "DistributedSampler", "broadcast_parameters",
            "broadcast_optimizer_state", "shard", "global_batches", "batch_piece",
-           "threads_per_rank", "world", "ALGORITHMS"]
+           "threads_per_rank", "tree_blocks", "world", "ALGORITHMS"]
 
 INSTALL_HINT = "pip install cdl-cpu[mpi]"
 ALGORITHMS = ("auto", "allgather", "alltoall", "allreduce")
@@ -356,6 +356,151 @@ class _Exchange:
         return N, loss_sum, flag
 
 
+def tree_blocks(shards, ranks):
+    """Whether the ranks' blocks of ``shards // ranks`` consecutive gradient shards are
+    nodes of the fixed summation tree over ``shards`` leaves (split at (lo + hi) // 2):
+    true for ranks = 1, 2, 4, ... dividing a power-of-two ``shards``."""
+    if ranks < 1 or shards % ranks:
+        return False
+    k = shards // ranks
+    blocks = {(r * k, (r + 1) * k) for r in range(ranks)}
+    found = set()
+
+    def walk(lo, hi):
+        if (lo, hi) in blocks:
+            found.add((lo, hi))
+            return True
+        if hi - lo < 2:
+            return False
+        mid = (lo + hi) // 2
+        return walk(lo, mid) and walk(mid, hi)
+    return walk(0, shards) and found == blocks
+
+
+def _tree_sum(rows, lo, hi, leaf=None):
+    """Σ rows[lo:hi] over the fixed tree (split at (lo + hi) // 2), in place: the result
+    ends in rows[lo]. ``leaf(lo, hi)`` may name a node whose value is already in
+    rows[lo] (a rank's block)."""
+    if hi - lo == 1 or (leaf is not None and leaf(lo, hi)):
+        return
+    mid = (lo + hi) // 2
+    _tree_sum(rows, lo, mid, leaf)
+    _tree_sum(rows, mid, hi, leaf)
+    np.add(rows[lo], rows[mid], out=rows[lo])
+
+
+class _ShardExchange:
+    """Fixed gradient shards: S leaves (m_j times shard j's gradients and float
+    buffers), summed over a fixed tree; each rank sums its block of S/R leaves, an
+    Allgather brings every block's sum (and every shard's loss sum, count and flags)
+    to every rank, and the top of the tree is added in the same order everywhere."""
+
+    def __init__(self, comm, model, shards):
+        self.comm, self.S = comm, shards
+        self.R, self.rank = comm.Get_size(), comm.Get_rank()
+        self.k = shards // self.R
+        self.dtype = dt = model.dtype
+        grads = model.gradient_buffer
+        self.float_bufs = [b for _, b in model.buffers() if b.dtype == dt]
+        self.int_bufs = [b for _, b in model.buffers() if b.dtype.kind in "iu"]
+        self.sources = ([grads] if grads is not None else []) + \
+            [b.reshape(-1) for b in self.float_bufs]
+        self.D = sum(a.size for a in self.sources)
+        self.I = sum(b.size for b in self.int_bufs)
+        item = dt.itemsize
+        C = -(-max(self.D, 1) // (64 // item)) * (64 // item)
+        self.meta_words = 3 * self.k + self.I
+        self.meta_bytes = -(-8 * self.meta_words // 64) * 64
+        self.block = self.meta_bytes + C * item
+        self.slots = np.zeros((self.k, C), dt)          # this rank's leaves
+        self.meta = np.zeros(self.meta_words, np.int64)
+        self.send = _aligned(self.block)
+        self.recv = _aligned(self.R * self.block).reshape(self.R, self.block)
+        self.recv_rows = self.recv[:, self.meta_bytes:].view(dt)
+        self.recv_metas = self.recv[:, :self.meta_bytes].view(np.int64)
+        self.snapshot = [b.copy() for _, b in model.buffers()]
+        self.bufs = [b for _, b in model.buffers()]
+
+    def begin(self):
+        for snap, b in zip(self.snapshot, self.bufs):
+            np.copyto(snap, b)
+        self.meta[:] = 0
+        if self.I:
+            self.meta[3 * self.k:] = np.iinfo(np.int64).min
+
+    def record(self, j, loss_value, count, flags, last):
+        """Leaf j of this rank: m·(gradients, float buffers); then the buffers go back to
+        the step's start for the next shard."""
+        row = self.slots[j]
+        if count:
+            off = 0
+            m = self.dtype.type(count)
+            for src in self.sources:
+                np.multiply(src, m, out=row[off:off + src.size])
+                off += src.size
+        else:
+            row.fill(0)
+        self.meta[3 * j:3 * j + 1].view(np.float64)[0] = loss_value * count if count else 0.0
+        self.meta[3 * j + 1] = count
+        self.meta[3 * j + 2] = flags
+        if self.I and count:
+            off = 3 * self.k
+            for b in self.int_bufs:
+                np.maximum(self.meta[off:off + b.size], b.reshape(-1), out=self.meta[off:off + b.size])
+                off += b.size
+        if not last:
+            for snap, b in zip(self.snapshot, self.bufs):
+                np.copyto(b, snap)
+
+    def reduce(self, stop):
+        _tree_sum(self.slots, 0, self.k)
+        send = self.send
+        send[:self.meta_bytes].view(np.int64)[:self.meta_words] = self.meta
+        send[self.meta_bytes:].view(self.dtype)[:] = self.slots[0]
+        if stop:  # rides on the first shard's flags
+            send[:self.meta_bytes].view(np.int64)[2] |= _STOP
+        if self.R > 1:
+            self.comm.Allgather(send, self.recv)
+        else:
+            self.recv[0] = send
+        metas = self.recv_metas[:, :self.meta_words]
+        per = metas[:, :3 * self.k].reshape(self.S, 3)  # shard order
+        N = int(per[:, 1].sum())
+        loss_sum = 0.0
+        for j in range(self.S):
+            loss_sum += float(per[j, 0:1].view(np.float64)[0])
+        flag = int(np.bitwise_or.reduce(per[:, 2]))
+        if self.I:
+            ints = metas[:, 3 * self.k:].max(axis=0)
+            if ints.min() == np.iinfo(np.int64).min:        # no shard had samples
+                ints = None
+            off = 0
+            for b in self.int_bufs if ints is not None else ():
+                b.reshape(-1)[...] = ints[off:off + b.size]
+                off += b.size
+        if N == 0:
+            return N, loss_sum, flag
+        k = self.k
+        rows = self.recv_rows
+        blocks = {(r * k, (r + 1) * k): r for r in range(self.R)}
+        # the top of the tree: its leaves are the ranks' block sums (rows[r])
+
+        def top(lo, hi):
+            if (lo, hi) in blocks:
+                return blocks[(lo, hi)]
+            mid = (lo + hi) // 2
+            a, b = top(lo, mid), top(mid, hi)
+            np.add(rows[a], rows[b], out=rows[a])
+            return a
+        res = rows[top(0, self.S)]
+        n = self.dtype.type(N)
+        off = 0
+        for dst in self.sources:
+            np.divide(res[off:off + dst.size], n, out=dst)
+            off += dst.size
+        return N, loss_sum, flag
+
+
 # -- the optimizer ----------------------------------------------------------------------
 class DistributedOptimizer:
     """``DistributedOptimizer(optimizer, comm=None, algorithm="auto", threads="auto")``:
@@ -382,7 +527,7 @@ class DistributedOptimizer:
     were chosen (``cdl.set_num_threads`` or OMP_NUM_THREADS); an int sets them.
     """
 
-    def __init__(self, optimizer, comm=None, algorithm="auto", threads="auto"):
+    def __init__(self, optimizer, comm=None, algorithm="auto", threads="auto", shards=None):
         if isinstance(optimizer, DistributedOptimizer):
             raise TypeError("DistributedOptimizer: the optimizer is already distributed")
         if not callable(getattr(optimizer, "step", None)) or \
@@ -402,6 +547,25 @@ class DistributedOptimizer:
         elif threads is not None:
             _config.set_num_threads(threads)
         self.algorithm = algorithm
+        self.shards = None
+        if shards is not None:
+            if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+                raise ValueError(f"DistributedOptimizer: shards must be an int >= 1, got "
+                                 f"{shards!r}")
+            if not tree_blocks(shards, self.size):
+                raise ValueError(f"DistributedOptimizer: shards={shards} on {self.size} ranks: "
+                                 f"the ranks must divide the shards into blocks of the fixed "
+                                 f"summation tree (e.g. shards a power of two and 1, 2, 4, ... "
+                                 f"ranks up to shards)")
+            for path, layer in optimizer.model.chain.walk():
+                if layer.extra_state():
+                    raise ValueError(f"DistributedOptimizer: shards= needs a model without "
+                                     f"per-pass random state ({type(layer).__name__} at "
+                                     f"{path.rstrip('.')}): its masks would depend on the "
+                                     f"number of ranks")
+            self.shards = shards
+            self._pieces = 0
+            self._done = 0
         self._exchange = None
         self._reduced = False
         self._stop = False
@@ -445,6 +609,30 @@ class DistributedOptimizer:
         next step (the request rides on that step's message; fit uses it for Ctrl-C)."""
         self._stop = True
 
+    def piece(self, start, stop):
+        """The part [lo, hi) of the global batch [start, stop) that this rank trains on:
+        ``batch_piece(start, stop, rank, ranks)``, or with ``shards=S`` the union of this
+        rank's S/ranks consecutive shards (``batch_piece(start, stop, j, S)``)."""
+        if self.shards is None:
+            return batch_piece(start, stop, self.rank, self.size)
+        k = self.shards // self.size
+        lo = batch_piece(start, stop, self.rank * k, self.shards)[0]
+        hi = batch_piece(start, stop, (self.rank + 1) * k - 1, self.shards)[1]
+        return lo, hi
+
+    def micro_batches(self, n):
+        """With ``shards=S``: the (lo, hi) of this rank's S/ranks shards within its local
+        batch of n samples (``train_step`` then runs the forward and backward passes
+        shard by shard and calls the hook after each); None otherwise."""
+        if self.shards is None:
+            return None
+        k = self.shards // self.size
+        if self._exchange is None:
+            self._exchange = _ShardExchange(self.comm, self.model, self.shards)
+        self._exchange.begin()
+        self._pieces, self._done = k, 0
+        return [batch_piece(0, n, i, k) for i in range(k)]
+
     def gradient_hook(self, loss_value, batch_size, threads=None):
         """Average the gradients of all ranks; returns the global loss, or NaN on every
         rank when any rank's loss or the averaged gradient is not finite (the step is
@@ -457,6 +645,8 @@ class DistributedOptimizer:
 
     def _hook(self, loss_value, batch_size, nt):
         self.last_skip = None
+        if self.shards is not None:
+            return self._shard_hook(loss_value, batch_size, nt)
         if self.size == 1:
             self.last_count = batch_size
             self.stop_requested, self._stop = self._stop, False
@@ -467,6 +657,9 @@ class DistributedOptimizer:
         flags = (0 if finite or not batch_size else _LOSS_NONFINITE) | (_STOP if self._stop else 0)
         N, loss_sum, flag = self._exchange.reduce(loss_value if finite else math.nan,
                                                   int(batch_size), flags, nt)
+        return self._decide(N, loss_sum, flag, nt)
+
+    def _decide(self, N, loss_sum, flag, nt):
         self._stop = False
         self.stop_requested = bool(flag & _STOP)
         self.last_count = N
@@ -484,6 +677,30 @@ class DistributedOptimizer:
         if not math.isfinite(value):
             self.last_skip = "the global loss was not finite"
         return value
+
+    def _shard_hook(self, loss_value, batch_size, nt):
+        ex = self._exchange
+        if self._pieces == 0:
+            if batch_size:
+                raise RuntimeError("DistributedOptimizer(shards=...): the gradients must "
+                                   "come from train_step or fit (they run the shards one by "
+                                   "one), not from compute_gradients")
+            # a rank with no samples in this step: all its shards are empty
+            self.micro_batches(0)
+            for j in range(self._pieces):
+                ex.record(j, 0.0, 0, 0, True)
+            self._done = self._pieces
+        else:
+            finite = math.isfinite(loss_value)
+            flags = 0 if finite or not batch_size else _LOSS_NONFINITE
+            self._done += 1
+            ex.record(self._done - 1, loss_value if finite else math.nan, int(batch_size),
+                      flags, self._done == self._pieces)
+            if self._done < self._pieces:
+                return 0.0
+        self._pieces = 0
+        N, loss_sum, flag = ex.reduce(self._stop)
+        return self._decide(N, loss_sum, flag, nt)
 
     def step(self, threads=None):
         """Update every replica. After :meth:`gradient_hook` (as in ``train_step`` and

@@ -487,6 +487,13 @@ class Sequential:
             raise RuntimeError("train_step: this model is being trained from another thread; "
                                "training one model from several threads is not supported")
         try:
+            # An optimizer may ask for the batch in micro-batches (cdl.distributed's
+            # fixed gradient shards): then the hook runs after each one's backward pass
+            # and the value of the last call decides the step.
+            split = getattr(optimizer, "micro_batches", None)
+            pieces = None if split is None else split(x.shape[0])
+            if pieces is not None:
+                return self._micro_step(x, y, loss, optimizer, pieces, nt)
             value = self._gradients(x, y, loss, nt)
             # The gradient hook (Optimizer.gradient_hook) runs on every step, also when the
             # loss is not finite, and its value decides the step: a DistributedOptimizer
@@ -500,6 +507,23 @@ class Sequential:
             return value
         finally:
             self._lock.release()
+
+    def _micro_step(self, x, y, loss, optimizer, pieces, nt):
+        n = x.shape[0]
+        scores = getattr(self, "_micro_scores", None)
+        if scores is None or scores.shape[0] < n:
+            scores = self._micro_scores = np.empty((n,) + self.output_shape, self.dtype)
+        value = math.nan
+        for lo, hi in pieces:
+            v = 0.0
+            if hi > lo:
+                v = self._gradients(x[lo:hi], y[lo:hi], loss, nt)
+                scores[lo:hi] = self._scores
+            value = optimizer.gradient_hook(v, hi - lo, nt)
+        self._scores = scores[:n]
+        if math.isfinite(value):
+            optimizer.step(nt)
+        return value
 
     def _plan(self, n, loss):
         """The TrainPlan for batch size n and this loss (the last two are kept), or None

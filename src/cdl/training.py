@@ -130,7 +130,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         bounds = [(s, min(s + bs, n)) for s in range(0, n, bs)]
         n_total = n
     else:
-        bounds, n_total = _local_batches(comm, n, int(batch_size), shard)
+        bounds, n_total = _local_batches(comm, n, int(batch_size), shard, optimizer)
         bs = max([e - s for s, e in bounds] + [1])
     if bs * model._max_sample > INT32_MAX:
         raise ValueError(f"{where}: batch_size={bs} needs {bs * model._max_sample} elements "
@@ -143,11 +143,15 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     ab = None if acc_all is None else np.empty(bs, np.int64)
     pred = np.empty(bs, np.intp)
     hit = np.empty(bs, np.bool_)
-    val_everywhere = comm is not None and ranks > 1 and xv is not None
+    shards = None if comm is None else optimizer.shards
+    val_everywhere = comm is not None and (ranks > 1 or shards) and xv is not None
+    val_pieces = 1
     if val_everywhere and shard:
-        from .distributed import batch_piece
-        lo, hi = batch_piece(0, xv.shape[0], rank, ranks)
+        lo, hi = optimizer.piece(0, xv.shape[0])
         xv, yv = xv[lo:hi], yv[lo:hi]
+        # with fixed gradient shards the validation set is scored shard by shard too, so
+        # the metrics do not depend on the number of ranks either
+        val_pieces = shards // ranks if shards else 1
 
     stop = {"interrupted": False}
     old_handler = None
@@ -236,7 +240,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                     "lr": float(getattr(optimizer, "lr", math.nan))}
             if val_everywhere:
                 logs["val_loss"], logs["val_accuracy"] = _evaluate_everywhere(
-                    comm, model, xv, yv, loss)
+                    comm, model, xv, yv, loss, val_pieces)
             elif xv is not None:
                 logs["val_loss"], logs["val_accuracy"] = model.evaluate(xv, yv, loss)
             logs["seconds"] = time.perf_counter() - t0
@@ -260,10 +264,14 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
 
 
 
-def _local_batches(comm, n, batch_size, shard):
+def _local_batches(comm, n, batch_size, shard, optimizer):
     """(this rank's (start, stop) per step over its order, the global sample count)."""
     from .distributed import batch_piece, global_batches
     rank, ranks = comm.Get_rank(), comm.Get_size()
+    if shard and optimizer.shards is not None:
+        # fixed gradient shards: the batches and their shards do not depend on the ranks
+        bs = min(batch_size, n)
+        return [optimizer.piece(s, min(s + bs, n)) for s in range(0, n, bs)], n
     if shard:
         bs = min(batch_size, n)
         return [batch_piece(s, e, rank, ranks) for s, e in global_batches(n, bs, ranks)], n
@@ -281,23 +289,24 @@ def _sum_in_rank_order(comm, value):
     return total
 
 
-def _evaluate_everywhere(comm, model, xv, yv, loss):
-    """Global (loss, accuracy) over every rank's validation part (Σ m·loss / Σ m, in
-    rank order)."""
+def _evaluate_everywhere(comm, model, xv, yv, loss, pieces=1):
+    """Global (loss, accuracy) over every rank's validation part, scored in ``pieces``
+    pieces per rank: Σ m·loss / Σ m over the pieces in rank order."""
+    from .distributed import batch_piece
     m = 0 if xv is None else xv.shape[0]
-    if m:
-        value, acc = model.evaluate(xv, yv, loss)
-        hits = acc * m
-    else:
-        value = acc = hits = 0.0
-    parts = comm.allgather((m, value, hits))
+    mine = []
+    for i in range(pieces):
+        lo, hi = batch_piece(0, m, i, pieces)
+        if hi > lo:
+            value, acc = model.evaluate(xv[lo:hi], yv[lo:hi], loss)
+            mine.append((hi - lo, value, acc * (hi - lo)))
+    parts = [p for ps in comm.allgather(mine) for p in ps]
     total = sum(p[0] for p in parts)
     if total == 0:
         return math.nan, math.nan
     loss_sum = hits_sum = 0.0
     for k, v, h in parts:
-        if k:
-            loss_sum += v * k
-            hits_sum += h
+        loss_sum += v * k
+        hits_sum += h
     acc = hits_sum / total
     return loss_sum / total, (round(acc * total) / total if math.isfinite(acc) else acc)

@@ -2,7 +2,8 @@
 
     mpiexec -n R python checks.py MODE OUT_DIR
 
-MODE: ``pair`` (2 ranks), ``single`` (1 rank), ``three`` (3 ranks). Every rank runs
+MODE: ``pair`` (2 ranks), ``single`` (1 rank), ``three`` (3 ranks), ``four`` (4 ranks:
+fixed gradient shards only). Every rank runs
 every check of its mode (the collectives need everyone); any failure prints the
 traceback and aborts the whole job (MPI_Abort), so the launcher returns non-zero
 at once instead of leaving a rank waiting. Rank 0 writes OUT_DIR/result-MODE.json
@@ -145,6 +146,25 @@ def bit_identical_to_one_process_sum(make=bn_net, shape=(2, 6, 6), opt_cls=cdl.S
     assert replicas_identical(model)
     assert opt.steps == steps
     return model
+
+
+def shards_run(S=4):
+    """fit (with validation, a last partial batch, BatchNorm, L2, momentum) and then two
+    train_steps with fixed gradient shards: the digest and History must not depend on
+    the number of ranks (compared across launches by the pytest side)."""
+    model = bn_net(seed=0)
+    opt = dist.DistributedOptimizer(cdl.SGD(model, lr=0.1, momentum=0.9), shards=S)
+    x, y = data(45, (2, 6, 6), 3, seed=13)
+    h = model.fit(x, y, LOSS, opt, epochs=2, batch_size=16, validation_split=0.1, verbose=0)
+    assert h.stop_reason is None
+    for t in range(2):
+        xb, yb = data(19, (2, 6, 6), 3, seed=30 + t)
+        lo, hi = opt.piece(0, 19)
+        v = model.train_step(xb[lo:hi], yb[lo:hi], LOSS, opt)
+        assert math.isfinite(v)
+    assert replicas_identical(model)
+    logs = {k: v for k, v in h.history.items() if k != "seconds"}
+    return {"shards_digest": digest(model), "shards_history": logs, "shards_last_loss": v}
 
 
 # -- pair (2 ranks) ---------------------------------------------------------------------------
@@ -311,7 +331,9 @@ def pair_checks():
         flat = sorted(v for r in got for b in r for v in b)
         assert flat == list(range(53))
 
-    return {"digest": None}
+    result = shards_run()
+    DONE.append("shards")
+    return result
 
 
 def single_checks():
@@ -340,7 +362,22 @@ def single_checks():
         assert strip(ha) == strip(hb), (strip(ha), strip(hb))
         assert np.array_equal(a.parameter_buffer, b.parameter_buffer)
 
-    return {}
+    result = shards_run()
+    DONE.append("shards")
+    return result
+
+
+def four_checks():
+    result = shards_run()
+    DONE.append("shards")
+    with_bad = False
+    try:
+        dist.DistributedOptimizer(cdl.SGD(mlp(), lr=0.1), shards=6)   # 4 does not divide 6
+    except ValueError:
+        with_bad = True
+    assert with_bad
+    DONE.append("shards_checked")
+    return result
 
 
 def three_checks():
@@ -368,7 +405,8 @@ def three_checks():
 
 def main():
     mode, out = sys.argv[1], sys.argv[2]
-    result = {"pair": pair_checks, "single": single_checks, "three": three_checks}[mode]()
+    result = {"pair": pair_checks, "single": single_checks, "three": three_checks,
+              "four": four_checks}[mode]()
     comm.Barrier()
     if rank == 0:
         result.update(mode=mode, ranks=size, checks=DONE)
