@@ -66,7 +66,20 @@ def _steps_for(step, target):
     return max(1, int(target / dt))
 
 
-def run_single(nets, batches, samples, target):
+def _time(step, samples, target):
+    for _ in range(2):
+        step()
+    k = _steps_for(step, target)
+    times = []
+    for _ in range(samples):
+        t = time.perf_counter()
+        for _ in range(k):
+            step()
+        times.append((time.perf_counter() - t) / k)
+    return times, k
+
+
+def run_single(nets, batches, samples, target, shards):
     import cdl
 
     cdl.set_num_threads(2)
@@ -77,17 +90,16 @@ def run_single(nets, batches, samples, target):
             model = build(name)
             opt = cdl.SGD(model, lr=1e-3)
             x, y = batch(model, b)
-            step = lambda: model.train_step(x, y, loss, opt)  # noqa: E731
-            for _ in range(2):
-                step()
-            k = _steps_for(step, target)
-            times = []
-            for _ in range(samples):
-                t = time.perf_counter()
-                for _ in range(k):
-                    step()
-                times.append((time.perf_counter() - t) / k)
-            out.append({"net": name, "batch": b, "step_s": times, "steps_per_sample": k})
+            times, k = _time(lambda: model.train_step(x, y, loss, opt), samples, target)
+            row = {"net": name, "batch": b, "step_s": times, "steps_per_sample": k}
+            if shards:
+                # the fixed-gradient-shards option in one process (MPI's singleton init)
+                from cdl import distributed as dist
+                model = build(name)
+                dopt = dist.DistributedOptimizer(cdl.SGD(model, lr=1e-3), shards=shards)
+                row["shards_step_s"], _ = _time(lambda: model.train_step(x, y, loss, dopt),
+                                                samples, target)
+            out.append(row)
     return out
 
 
@@ -202,6 +214,9 @@ def main(argv=None):
     p.add_argument("--nets", default=",".join(NETS))
     p.add_argument("--out", default=os.path.join(HERE, "results", "distributed"))
     p.add_argument("--mpiexec", default=None)
+    p.add_argument("--shards", type=int, default=4,
+                   help="also time DistributedOptimizer(shards=S) in the single process "
+                        "(0: no)")
     p.add_argument("--worker", choices=("single", "ranks"), help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -209,7 +224,7 @@ def main(argv=None):
     if args.quick:
         nets, args.samples = ["MLP", "CIFAR-CNN"], 1
     if args.worker == "single":
-        res = run_single(nets, BATCHES, args.samples, args.target)
+        res = run_single(nets, BATCHES, args.samples, args.target, args.shards)
         with open(args.json, "w") as f:
             json.dump(res, f)
         return 0
@@ -224,7 +239,8 @@ def main(argv=None):
     mpiexec = args.mpiexec or os.path.join(os.path.dirname(sys.executable), "mpiexec")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     base = [sys.executable, os.path.abspath(__file__), "--nets", ",".join(nets),
-            "--samples", str(args.samples), "--target", str(args.target)]
+            "--samples", str(args.samples), "--target", str(args.target),
+            "--shards", str(args.shards)]
     load_before = os.getloadavg()
     busy0, t0 = _busy_cpu_seconds(), time.time()
     single, ranks, exchange = [], [], []
@@ -257,7 +273,10 @@ def main(argv=None):
             d = [c for rr in ranks for c in rr if c["net"] == name and c["batch"] == b]
             dt = [t for c in d for t in c["step_s"]]
             sh = [x for c in d for x in c["comm_share"]]
+            sh_s = [t for rr in single for c in rr if c["net"] == name and c["batch"] == b
+                    for t in c.get("shards_step_s", [])]
             rows.append({"net": name, "batch": b, "single_ms": 1e3 * median(s),
+                         "single_shards_ms": 1e3 * median(sh_s) if sh_s else None,
                          "ranks_ms": 1e3 * median(dt), "ratio": median(s) / median(dt),
                          "comm_share": median(sh), "params": d[0]["params"],
                          "single_samples_ms": [1e3 * t for t in s],
@@ -271,6 +290,7 @@ def main(argv=None):
     import cdl
     meta = {
         "command": "python bench/bench_distributed.py " + " ".join(argv or sys.argv[1:]),
+        "shards": args.shards,
         "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
                     "usable_cores": cdl._config.usable_cores(), "python": platform.python_version(),
                     "cdl": cdl.__version__, "mpi": _mpi_version()},
@@ -316,6 +336,17 @@ def render(meta, rows, ex_rows):
     for r in rows:
         lines.append(f"| {r['net']} | {r['params']:,} | {r['batch']} | {r['single_ms']:.2f} | "
                      f"{r['ranks_ms']:.2f} | {r['ratio']:.2f}x | {100 * r['comm_share']:.0f}% |")
+    if meta.get("shards") and rows[0]["single_shards_ms"] is not None:
+        S = meta["shards"]
+        lines += ["", f"The fixed-gradient-shards option (`shards={S}`, bit-identical on 1, 2, "
+                  f"4, ... {S} ranks) in one process with 2 threads: the batch runs as {S} "
+                  f"micro-batches, summed over a fixed tree:", "",
+                  f"| network | global batch | plain step (ms) | shards={S} step (ms) | cost |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['net']} | {r['batch']} | {r['single_ms']:.2f} | "
+                         f"{r['single_shards_ms']:.2f} | "
+                         f"{r['single_shards_ms'] / r['single_ms']:.2f}x |")
     labels = [k for k in ex_rows[0] if k not in ("net", "floats")]
     lines += ["", "The exchange alone, 2 ranks (µs per call; `hook:*` is the "
               "DistributedOptimizer's whole gradient hook: copy and scale, exchange, "
