@@ -301,6 +301,23 @@ def pair_checks():
         assert opt.steps == 3 and replicas_identical(model)
 
     @check
+    def ctrl_c_on_one_rank_stops_all():
+        import signal
+
+        class Interrupt(cdl.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                if epoch == 1 and rank == 1:
+                    os.kill(os.getpid(), signal.SIGINT)     # fit's handler takes it
+        model = mlp(seed=0)
+        opt = dist.DistributedOptimizer(cdl.SGD(model, lr=0.05))
+        x, y = data(40, (12,), seed=8)
+        h = model.fit(x, y, LOSS, opt, epochs=3, batch_size=8, callbacks=[Interrupt()],
+                      verbose=0)
+        assert h.stop_reason and "interrupted" in h.stop_reason, h.stop_reason
+        assert "epoch 2, step 1 of 5" in h.stop_reason, h.stop_reason
+        assert len(h.epochs) == 1 and opt.steps == 6 and replicas_identical(model)
+
+    @check
     def fit_unsharded_uneven():
         model = bn_net(seed=0)
         opt = dist.DistributedOptimizer(cdl.Adam(model, lr=1e-2))
