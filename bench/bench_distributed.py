@@ -131,7 +131,7 @@ def run_ranks(nets, batches, samples, target, exchange_repeats):
             step = lambda: model.train_step(xs, ys, loss, dopt)  # noqa: E731
             for _ in range(2):
                 step()
-            k = comm.bcast(_steps_for(step, target) if True else None, root=0)
+            k = comm.bcast(_steps_for(step, target), root=0)  # every rank steps once
             comm.Barrier()
             times, shares = [], []
             for _ in range(samples):

@@ -3,7 +3,6 @@ bit-identical to a local predict; the learning-rate search (examples/dask_search
 trains in parallel and reports the best."""
 import importlib.util
 import os
-import sys
 
 import numpy as np
 import pytest

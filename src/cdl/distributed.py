@@ -33,8 +33,12 @@ any other MPI it was built against)::
   (MPI launchers such as MPICH's do not bind ranks to cores; two ranks with two
   threads each on two cores ran an MLP step 150x slower).
 
+- ``DistributedOptimizer(..., shards=S)``: fixed gradient shards summed over a
+  fixed tree, so training is bit-identical on 1, 2, 4, … S ranks.
+
 One rank (``mpiexec -n 1`` or a plain ``python``) trains exactly as without
-this module: the hook returns the local loss and sends nothing.
+this module: the hook returns the local loss and sends nothing (unless
+``shards`` is given).
 """
 import math
 import os
@@ -525,6 +529,17 @@ class DistributedOptimizer:
 
     ``threads="auto"`` sets cdl's threads to :func:`threads_per_rank` unless they
     were chosen (``cdl.set_num_threads`` or OMP_NUM_THREADS); an int sets them.
+    Construction is collective (every rank of ``comm`` makes its optimizer).
+
+    ``shards=S`` (fixed gradient shards): each global batch is cut into S shards
+    (``batch_piece(start, stop, j, S)``); rank r trains on shards r·S/R … (r+1)·S/R − 1
+    (:meth:`piece`), back-propagating each one separately (``train_step`` runs them one
+    by one through :meth:`micro_batches` and the hook), with BatchNorm statistics
+    restarted from the step's start for each shard. The S contributions are summed
+    over a fixed binary tree, each rank summing its own subtree, so training is
+    bit-identical on 1, 2, 4, … S ranks (R must cut the tree into whole subtrees:
+    :func:`tree_blocks`), one process included. It costs the efficiency of S smaller
+    batches (bench/results/distributed.md measures it); Dropout is refused.
     """
 
     def __init__(self, optimizer, comm=None, algorithm="auto", threads="auto", shards=None):

@@ -10,7 +10,6 @@ at once instead of leaving a rank waiting. Rank 0 writes OUT_DIR/result-MODE.jso
 (what the run-to-run comparison reads) when every check passed.
 """
 import copy
-import glob
 import hashlib
 import json
 import math
