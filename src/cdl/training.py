@@ -248,7 +248,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                 shown = {k: v for k, v in logs.items() if k not in ("lr", "seconds")}
                 if bar is None:
                     # verbose=2: one plain line per epoch, timed from its start
-                    bar = ProgressBar(n, epoch + 1, epochs, start=t0)
+                    bar = ProgressBar(n_total, epoch + 1, epochs, start=t0)
                     bar.tty = False
                 bar.finish(n_total, shown)
             for cb in cbs:
@@ -261,7 +261,6 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         for cb in cbs:
             cb.on_train_end()
     return history
-
 
 
 def _local_batches(comm, n, batch_size, shard, optimizer):
