@@ -62,6 +62,8 @@ def predict(model, x, batch_size=256):
                          f", got {x.shape}")
     if x.dtype.kind not in "fiub":
         raise TypeError(f"{where}: x must be a numeric array, got dtype {x.dtype}")
+    if any(math.isnan(c) for c in x.chunks[0]):      # unknown chunk sizes (e.g. after a filter)
+        x = x.compute_chunk_sizes()
     rows = max(x.chunks[0]) if x.shape[0] else bs
     rows = max(bs, rows // bs * bs)
     x = x.rechunk({0: rows, **{axis: -1 for axis in range(1, x.ndim)}})
