@@ -17,7 +17,7 @@ from ._kernels import _runtime
 __all__ = ["default_num_threads", "blas_info", "get_num_threads", "set_num_threads", "threads",
            "config", "show_config"]
 
-_state = {"threads": None, "blas_pinned": False}
+_state = {"threads": None, "blas_pinned": False, "explicit": False}
 
 
 def _cgroup_cpu_limit():
@@ -41,19 +41,32 @@ def _cgroup_cpu_limit():
     return None
 
 
-def default_num_threads():
-    """OMP_NUM_THREADS if set, else the usable cores (affinity and cgroup quota)."""
-    if not _runtime.openmp_enabled():
-        return 1
-    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
+def usable_cores():
+    """The cores this process may use: its CPU affinity, capped by the cgroup quota."""
     if hasattr(os, "sched_getaffinity"):
         n = len(os.sched_getaffinity(0))
     else:
         n = os.cpu_count() or 1
     quota = _cgroup_cpu_limit()
     return max(1, min(n, quota) if quota else n)
+
+
+def _omp_env_threads():
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(env) if env.isdigit() and int(env) > 0 else None
+
+
+def default_num_threads():
+    """OMP_NUM_THREADS if set, else the usable cores (affinity and cgroup quota)."""
+    if not _runtime.openmp_enabled():
+        return 1
+    return _omp_env_threads() or usable_cores()
+
+
+def threads_chosen():
+    """Whether the thread count was chosen: by set_num_threads or OMP_NUM_THREADS
+    (cdl.distributed only picks threads per rank where it was not)."""
+    return _state["explicit"] or _omp_env_threads() is not None
 
 
 def _blas_controllers():
@@ -121,17 +134,18 @@ def set_num_threads(n):
         raise ValueError(f"set_num_threads: n={n} is more than the {MAX_THREADS} cdl supports")
     _pin_blas()
     _state["threads"] = n if _runtime.openmp_enabled() else 1
+    _state["explicit"] = True
 
 
 @contextlib.contextmanager
 def threads(n):
     """``with cdl.threads(n):`` run the enclosed code with n threads, then restore."""
-    old = get_num_threads()
+    old, explicit = get_num_threads(), _state["explicit"]
     set_num_threads(n)
     try:
         yield
     finally:
-        _state["threads"] = old
+        _state["threads"], _state["explicit"] = old, explicit
 
 
 def _cpu_model():

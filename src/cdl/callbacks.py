@@ -19,6 +19,9 @@ class Callback:
 
     _model_ref = None
     _optimizer_ref = None
+    rank = 0
+    """This process's rank in a distributed ``fit`` (set by fit; 0 otherwise): a
+    callback that writes files or prints should do so where ``rank == 0``."""
 
     @property
     def model(self):
@@ -158,6 +161,9 @@ class EarlyStopping(Callback):
 class ModelCheckpoint(Callback):
     """Save the model after each epoch (atomically: a temporary file, then a rename).
 
+    In a distributed ``fit`` only rank 0 writes (the replicas are identical);
+    ``saved`` lists the paths on every rank.
+
     ``path`` may contain ``{epoch}`` (from 1) and any log key, e.g.
     ``"ckpt-{epoch:02d}-{val_loss:.3f}.npz"``. ``save_best_only`` saves only when
     ``monitor`` improves; ``save_optimizer`` stores the optimizer state too.
@@ -185,5 +191,6 @@ class ModelCheckpoint(Callback):
                 return
             self.best = value
         path = self.path.format(epoch=epoch + 1, **logs)
-        self.model.save(path, optimizer=self.optimizer if self.save_optimizer else None)
+        if self.rank == 0:
+            self.model.save(path, optimizer=self.optimizer if self.save_optimizer else None)
         self.saved.append(path)

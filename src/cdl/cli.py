@@ -129,6 +129,7 @@ def train(args):
 
     if args.threads is not None:
         cdl.set_num_threads(args.threads)
+    comm = _distributed() if args.distributed else None
     if args.data:
         x, y = datasets.load_idx_dataset(*args.data)
         source = f"{args.data[0]} ({x.shape[0]} images)"
@@ -152,6 +153,10 @@ def train(args):
         model = cdl.Sequential(lenet(x.shape[1:], num_classes), x.shape[1:], seed=args.seed)
         lr = 0.05 if args.lr is None else args.lr
         opt = cdl.SGD(model, lr=lr, momentum=args.momentum)
+    if comm is not None:
+        from .distributed import DistributedOptimizer
+        opt = DistributedOptimizer(opt, comm)  # threads per rank unless --threads
+        print(f"distributed: {comm.Get_size()} ranks x {cdl.get_num_threads()} threads")
     model.summary()
     loss = cdl.SoftmaxCrossEntropy()
     t0 = time.perf_counter()
@@ -177,6 +182,8 @@ def train(args):
     print(f"test accuracy: {test_acc * 100:.2f}%  (loss {test_loss:.4f}, "
           f"{len(history.epochs)} epochs in {seconds:.1f} s, {cdl.get_num_threads()} threads)")
 
+    if comm is not None and comm.Get_rank() != 0:
+        return EXIT_OK  # the replicas are identical: rank 0 saves
     os.makedirs(args.out, exist_ok=True)
     model_path = os.path.join(args.out, "model.npz")
     model.save(model_path, optimizer=opt)
@@ -189,6 +196,18 @@ def train(args):
     else:
         print("skipped the curves plot: matplotlib is not installed (pip install matplotlib)")
     return EXIT_OK
+
+
+def _distributed():
+    """COMM_WORLD for --distributed; ranks other than 0 print nothing to stdout."""
+    try:
+        from .distributed import world
+        comm = world()
+    except ImportError as exc:
+        raise _Stop(f"cdl train: error: --distributed: {exc}", EXIT_USAGE) from None
+    if comm.Get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return comm
 
 
 def bench(args):
@@ -284,6 +303,12 @@ def build_parser():
     t.add_argument("--out", default="cdl-out", help="folder for model.npz and curves.png")
     t.add_argument("--seed", type=_int_in(0), default=0,
                    help="seed of the weights, the shuffling and the train/test split")
+    t.add_argument("--distributed", action="store_true",
+                   help="data-parallel training over MPI, one process per rank: "
+                        "mpiexec -n 2 cdl train --distributed (needs pip install "
+                        "cdl-cpu[mpi]); --batch-size is the global batch, threads per rank "
+                        "default to the usable cores / ranks on the node, rank 0 prints "
+                        "and saves")
     t.set_defaults(run=train)
 
     b = sub.add_parser("bench", help="quick benchmark against NumPy (and PyTorch)",

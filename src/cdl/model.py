@@ -437,6 +437,13 @@ class Sequential:
         The loss includes λ Σ W² when l2 > 0. The input gradient is not computed. If
         the loss is NaN or infinite the update is skipped (weights stay finite).
         Buffers are reused, so nothing is allocated once a batch size has been seen.
+
+        Between the backward pass and ``optimizer.step()`` the optimizer's
+        ``gradient_hook(loss_value, batch_size, threads)`` runs and its value decides
+        the step (see :meth:`cdl.Optimizer.gradient_hook`). With a
+        :class:`cdl.distributed.DistributedOptimizer`, x and y are this rank's shard;
+        the gradients of all ranks are averaged over the global sample count before
+        the update, and the value returned is the global loss (the same on every rank).
         """
         where = "Sequential.train_step"
         x, y = self._check_batch(x, y, loss, where)
@@ -457,19 +464,6 @@ class Sequential:
         self._check_loss(loss, where)
         return x, self._check_y(y, x.shape[0], loss, where)
 
-    def _train_step(self, x, y, loss, optimizer, nt):
-        """Gradients, then ``optimizer.step`` (if given) when the loss is finite."""
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("train_step: this model is being trained from another thread; "
-                               "training one model from several threads is not supported")
-        try:
-            value = self._gradients(x, y, loss, nt)
-            if optimizer is not None and math.isfinite(value):
-                optimizer.step(nt)
-            return value
-        finally:
-            self._lock.release()
-
     def _gradients(self, x, y, loss, nt):
         plan = self._plan(x.shape[0], loss)
         if plan is not None:
@@ -489,6 +483,53 @@ class Sequential:
             self._backward(loss._grad, nt)
         return value
 
+    def _train_step(self, x, y, loss, optimizer, nt):
+        """Gradients, the optimizer's gradient hook, then ``optimizer.step`` when the
+        value is finite (no optimizer: gradients only, as compute_gradients)."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("train_step: this model is being trained from another thread; "
+                               "training one model from several threads is not supported")
+        try:
+            # An optimizer may ask for the batch in micro-batches (cdl.distributed's
+            # fixed gradient shards): then the hook runs after each one's backward pass
+            # and the value of the last call decides the step.
+            if optimizer is None:
+                return self._gradients(x, y, loss, nt)
+            split = getattr(optimizer, "micro_batches", None)
+            pieces = None if split is None else split(x.shape[0])
+            if pieces is not None:
+                return self._micro_step(x, y, loss, optimizer, pieces, nt)
+            value = self._gradients(x, y, loss, nt)
+            # The gradient hook (Optimizer.gradient_hook) runs on every step, also when the
+            # loss is not finite, and its value decides the step: a DistributedOptimizer
+            # averages the ranks' gradients here and returns the global loss (NaN on every
+            # rank when any rank's loss or gradient is not finite).
+            hook = getattr(optimizer, "gradient_hook", None)
+            if hook is not None:
+                value = hook(value, x.shape[0], nt)
+            if math.isfinite(value):
+                optimizer.step(nt)
+            return value
+        finally:
+            self._lock.release()
+
+    def _micro_step(self, x, y, loss, optimizer, pieces, nt):
+        n = x.shape[0]
+        scores = getattr(self, "_micro_scores", None)
+        if scores is None or scores.shape[0] < n:
+            scores = self._micro_scores = np.empty((n,) + self.output_shape, self.dtype)
+        value = math.nan
+        for lo, hi in pieces:
+            v = 0.0
+            if hi > lo:
+                v = self._gradients(x[lo:hi], y[lo:hi], loss, nt)
+                scores[lo:hi] = self._scores
+            value = optimizer.gradient_hook(v, hi - lo, nt)
+        self._scores = scores[:n]
+        if math.isfinite(value):
+            optimizer.step(nt)
+        return value
+
     def _plan(self, n, loss):
         """The TrainPlan for batch size n and this loss (the last two are kept), or None
         where the model or loss has no plan (float64, a custom loss)."""
@@ -502,13 +543,16 @@ class Sequential:
         return plan
 
     def fit(self, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=None,
-            validation_split=0.0, shuffle=True, callbacks=(), verbose=1):
+            validation_split=0.0, shuffle=True, callbacks=(), verbose=1, comm=None,
+            shard=True):
         """Train for ``epochs`` passes over (x, y); returns a History. See
-        :func:`cdl.training.fit` for the details."""
+        :func:`cdl.training.fit` for the details (``comm``, ``shard``: distributed
+        training over MPI)."""
         from .training import fit
         return fit(self, x, y, loss, optimizer, epochs=epochs, batch_size=batch_size,
                    validation_data=validation_data, validation_split=validation_split,
-                   shuffle=shuffle, callbacks=callbacks, verbose=verbose)
+                   shuffle=shuffle, callbacks=callbacks, verbose=verbose, comm=comm,
+                   shard=shard)
 
     # -- persistence ----------------------------------------------------------------
     def save(self, path, optimizer=None):

@@ -24,7 +24,7 @@ __all__ = ["fit"]
 
 
 def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=None,
-        validation_split=0.0, shuffle=True, callbacks=(), verbose=1):
+        validation_split=0.0, shuffle=True, callbacks=(), verbose=1, comm=None, shard=True):
     """Train ``model`` for ``epochs`` passes over (x, y); returns a History.
 
     Each epoch shuffles without replacement (seeded by the model's ``seed``) and
@@ -34,16 +34,48 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     epoch and step when the loss becomes NaN or infinite (that update is skipped),
     and Ctrl-C stops it between steps; the model stays usable either way.
     ``verbose``: 0 silent, 1 progress bar (stderr), 2 one line per epoch.
+
+    **Distributed** (``comm``, an mpi4py communicator, or a
+    :class:`cdl.distributed.DistributedOptimizer`, whose ``comm`` is then used): run
+    the same call on every rank. With ``shard=True`` every rank passes the same full
+    (x, y); ``batch_size`` is the global batch, each one dealt to the ranks in
+    contiguous pieces (:func:`cdl.distributed.batch_piece`), so every rank runs the
+    same number of steps, last partial batch included (one smaller than the number of
+    ranks joins the batch before it), in an order shuffled from rank 0's seed. With
+    ``shard=False`` each rank passes its own part (e.g. from
+    :func:`cdl.distributed.shard`) and splits it into as many steps as the rank with
+    the most batches of ``batch_size / ranks``. Validation data is sharded the same
+    way (``shard=True``) or taken as each rank's part. The loss and metrics in the
+    History (on every rank) are global averages; the progress bar and messages come
+    from rank 0 only, and so do ModelCheckpoint's files (written atomically). A
+    non-finite loss or gradient on any rank stops every rank at the same step, and
+    Ctrl-C stops them all after the same step. The loss must average over the batch
+    (``reduction="mean"``). On one rank, fit trains exactly as without ``comm``.
     """
     where = "Sequential.fit"
     model._check_loss(loss, where)
     model._check_optimizer(optimizer, where)
+    if comm is None:
+        comm = getattr(optimizer, "comm", None)
+    rank, ranks = 0, 1
+    if comm is not None:
+        from .distributed import DistributedOptimizer
+        if not isinstance(optimizer, DistributedOptimizer):
+            raise TypeError(f"{where}: with comm, the optimizer must be a "
+                            f"cdl.distributed.DistributedOptimizer (it averages the ranks' "
+                            f"gradients), got {type(optimizer).__name__}")
+        if getattr(loss, "reduction", "mean") != "mean":
+            raise ValueError(f"{where}: distributed training needs a loss that averages over "
+                             f"the batch (reduction='mean'), got {loss.reduction!r}")
+        rank, ranks = comm.Get_rank(), comm.Get_size()
     if isinstance(validation_split, (bool, np.bool_)) or \
             not isinstance(validation_split, numbers.Real):
         raise TypeError(f"{where}: validation_split must be a number in [0, 1), got "
                         f"{validation_split!r}")
     if verbose not in (0, 1, 2):
         raise ValueError(f"{where}: verbose must be 0, 1 or 2, got {verbose!r}")
+    if rank != 0:
+        verbose = 0  # distributed: rank 0 prints
     x = model._check_x(x, where)
     n_all = x.shape[0]
     y = model._check_y(y, n_all, loss, where)
@@ -70,7 +102,19 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     if xv is not None and xv.shape[0] == 0:
         xv = yv = None
     n = x.shape[0]
-    if n == 0:
+    if comm is not None and ranks > 1:
+        # Every rank must run the same number of steps: check the sizes collectively
+        # (everyone sees the same list, so everyone raises or no one does).
+        sizes = comm.allgather(n)
+        if shard and any(s != sizes[0] for s in sizes):
+            raise ValueError(f"{where}: with shard=True every rank must pass the same full "
+                             f"data; the ranks have {sizes} training samples (pass "
+                             f"shard=False if each rank passes its own part)")
+        if min(sizes) == 0 if shard else sum(sizes) == 0:
+            raise ValueError(f"{where}: x is empty")
+        # the same shuffling generator on every rank (rank 0's)
+        model._rng.bit_generator.state = comm.bcast(model._rng.bit_generator.state, root=0)
+    elif n == 0:
         raise ValueError(f"{where}: x is empty")
     history = History()
     cbs = [history] + list(callbacks)
@@ -79,12 +123,19 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
             raise TypeError(f"{where}: callbacks must be cdl callbacks, got "
                             f"{type(cb).__name__}")
         cb.set_context(model, optimizer)
+        cb.rank = rank
 
-    bs = min(int(batch_size), n)
+    if comm is None:
+        bs = min(int(batch_size), n)
+        bounds = [(s, min(s + bs, n)) for s in range(0, n, bs)]
+        n_total = n
+    else:
+        bounds, n_total = _local_batches(comm, n, int(batch_size), shard, optimizer)
+        bs = max([e - s for s, e in bounds] + [1])
     if bs * model._max_sample > INT32_MAX:
         raise ValueError(f"{where}: batch_size={bs} needs {bs * model._max_sample} elements "
                          f"in one layer buffer; at most {INT32_MAX} are supported")
-    steps = -(-n // bs)
+    steps = len(bounds)
     nt = _config.get_num_threads()
     xb = np.empty((bs,) + model.input_shape, model.dtype)
     yb = np.empty((bs,) + y.shape[1:], y.dtype)
@@ -92,6 +143,15 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     ab = None if acc_all is None else np.empty(bs, np.int64)
     pred = np.empty(bs, np.intp)
     hit = np.empty(bs, np.bool_)
+    shards = None if comm is None else optimizer.shards
+    val_everywhere = comm is not None and (ranks > 1 or shards) and xv is not None
+    val_pieces = 1
+    if val_everywhere and shard:
+        lo, hi = optimizer.piece(0, xv.shape[0])
+        xv, yv = xv[lo:hi], yv[lo:hi]
+        # with fixed gradient shards the validation set is scored shard by shard too, so
+        # the metrics do not depend on the number of ranks either
+        val_pieces = shards // ranks if shards else 1
 
     stop = {"interrupted": False}
     old_handler = None
@@ -114,39 +174,54 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                 cb.on_epoch_begin(epoch)
             t0 = time.perf_counter()
             order = model._rng.permutation(n) if shuffle else np.arange(n)
-            bar = ProgressBar(n, epoch + 1, epochs, start=t0) if verbose == 1 else None
+            bar = ProgressBar(n_total, epoch + 1, epochs, start=t0) if verbose == 1 else None
             loss_sum = 0.0
             correct = 0
-            done = 0
-            for step in range(steps):
-                s = step * bs
-                e = min(s + bs, n)
+            done = done_here = 0
+            for step, (s, e) in enumerate(bounds):
                 m = e - s
                 idx = order[s:e]
                 xm, ym = xb[:m], yb[:m]
-                np.take(x, idx, axis=0, out=xm, mode="clip")
-                np.take(y, idx, axis=0, out=ym, mode="clip")
-                value = model._train_step(xm, ym, loss, optimizer, nt)
+                if comm is not None and stop["interrupted"]:
+                    optimizer.request_stop()
+                if m:
+                    np.take(x, idx, axis=0, out=xm, mode="clip")
+                    np.take(y, idx, axis=0, out=ym, mode="clip")
+                    value = model._train_step(xm, ym, loss, optimizer, nt)
+                else:  # a rank with no samples in this step still joins it
+                    value = optimizer.gradient_hook(0.0, 0, nt)
+                    if math.isfinite(value):
+                        optimizer.step(nt)
+                if comm is not None:
+                    stop["interrupted"] = optimizer.stop_requested
+                    mg = optimizer.last_count
+                else:
+                    mg = m
                 if not math.isfinite(value):
                     bad_input = not np.isfinite(xm).all()
+                    why = getattr(optimizer, "last_skip", None)
                     msg = (f"fit: loss became {value} at epoch {epoch + 1}, step {step + 1} "
-                           f"of {steps}; training stopped and that update was skipped. "
-                           + ("The batch contains NaN or Inf inputs." if bad_input else
-                              "Try a lower learning rate (lr) or check the data."))
+                           f"of {steps}; training stopped and that update was skipped"
+                           + (f" on every rank ({why})" if comm is not None and why else "")
+                           + ". " + ("The batch contains NaN or Inf inputs." if bad_input else
+                                     "Try a lower learning rate (lr) or check the data."))
                     history.stop_reason = msg
                     warnings.warn(msg, RuntimeWarning, stacklevel=2)
                     model.stop_training = True
                     break
-                loss_sum += value * m
-                done = e
-                if ab is not None:
+                loss_sum += value * mg
+                done += mg
+                done_here += m
+                if ab is not None and m:
                     np.take(acc_all, idx, out=ab[:m], mode="clip")
                     np.argmax(model._scores, axis=1, out=pred[:m])
                     np.equal(pred[:m], ab[:m], out=hit[:m])
                     correct += int(np.count_nonzero(hit[:m]))
                 if bar is not None:
+                    # (distributed: the global loss; the accuracy of rank 0's samples)
                     bar.update(done, {"loss": loss_sum / done,
-                                      "acc": correct / done if ab is not None else math.nan})
+                                      "acc": correct / max(done_here, 1) if ab is not None
+                                      else math.nan})
                 if stop["interrupted"]:
                     break
             if stop["interrupted"]:
@@ -158,19 +233,24 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                 break
             if model.stop_training and history.stop_reason:
                 break
-            logs = {"loss": loss_sum / n,
-                    "accuracy": correct / n if ab is not None else math.nan,
+            if comm is not None and ranks > 1:
+                correct = _sum_in_rank_order(comm, correct)
+            logs = {"loss": loss_sum / n_total,
+                    "accuracy": correct / n_total if ab is not None else math.nan,
                     "lr": float(getattr(optimizer, "lr", math.nan))}
-            if xv is not None:
+            if val_everywhere:
+                logs["val_loss"], logs["val_accuracy"] = _evaluate_everywhere(
+                    comm, model, xv, yv, loss, val_pieces)
+            elif xv is not None:
                 logs["val_loss"], logs["val_accuracy"] = model.evaluate(xv, yv, loss)
             logs["seconds"] = time.perf_counter() - t0
             if verbose:
                 shown = {k: v for k, v in logs.items() if k not in ("lr", "seconds")}
                 if bar is None:
                     # verbose=2: one plain line per epoch, timed from its start
-                    bar = ProgressBar(n, epoch + 1, epochs, start=t0)
+                    bar = ProgressBar(n_total, epoch + 1, epochs, start=t0)
                     bar.tty = False
-                bar.finish(n, shown)
+                bar.finish(n_total, shown)
             for cb in cbs:
                 cb.on_epoch_end(epoch, logs)
             if model.stop_training:
@@ -182,3 +262,50 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
             cb.on_train_end()
     return history
 
+
+def _local_batches(comm, n, batch_size, shard, optimizer):
+    """(this rank's (start, stop) per step over its order, the global sample count)."""
+    from .distributed import batch_piece, global_batches
+    rank, ranks = comm.Get_rank(), comm.Get_size()
+    if shard and optimizer.shards is not None:
+        # fixed gradient shards: the batches and their shards do not depend on the ranks
+        bs = min(batch_size, n)
+        return [optimizer.piece(s, min(s + bs, n)) for s in range(0, n, bs)], n
+    if shard:
+        bs = min(batch_size, n)
+        return [batch_piece(s, e, rank, ranks) for s, e in global_batches(n, bs, ranks)], n
+    sizes = comm.allgather(n) if ranks > 1 else [n]
+    b = max(1, -(-batch_size // ranks))
+    steps = max(-(-k // b) for k in sizes)
+    local = [(s, min(s + b, n)) for s in range(0, n, b)]
+    return local + [(n, n)] * (steps - len(local)), sum(sizes)
+
+
+def _sum_in_rank_order(comm, value):
+    total = 0
+    for v in comm.allgather(value):
+        total += v
+    return total
+
+
+def _evaluate_everywhere(comm, model, xv, yv, loss, pieces=1):
+    """Global (loss, accuracy) over every rank's validation part, scored in ``pieces``
+    pieces per rank: Σ m·loss / Σ m over the pieces in rank order."""
+    from .distributed import batch_piece
+    m = 0 if xv is None else xv.shape[0]
+    mine = []
+    for i in range(pieces):
+        lo, hi = batch_piece(0, m, i, pieces)
+        if hi > lo:
+            value, acc = model.evaluate(xv[lo:hi], yv[lo:hi], loss)
+            mine.append((hi - lo, value, acc * (hi - lo)))
+    parts = [p for ps in comm.allgather(mine) for p in ps]
+    total = sum(p[0] for p in parts)
+    if total == 0:
+        return math.nan, math.nan
+    loss_sum = hits_sum = 0.0
+    for k, v, h in parts:
+        loss_sum += v * k
+        hits_sum += h
+    acc = hits_sum / total
+    return loss_sum / total, (round(acc * total) / total if math.isfinite(acc) else acc)

@@ -86,6 +86,21 @@ class Optimizer:
             self.clip_gradients(self.clip_grad_norm, nt)
         self._update(nt)
 
+    def gradient_hook(self, loss_value, batch_size, threads=None):
+        """The gradient hook: ``train_step`` and ``fit`` call it on every step, between
+        the backward pass and :meth:`step`, also when the loss is not finite (the
+        gradients are then stale: nothing was back-propagated). ``batch_size`` is the
+        number of samples the gradients come from. The step runs only when the value
+        returned is finite.
+
+        The base class returns ``loss_value`` unchanged (so a plain optimizer trains
+        exactly as before). :class:`cdl.distributed.DistributedOptimizer` overrides it:
+        it averages the gradients of all ranks and returns the global loss, or NaN on
+        every rank when the step must be skipped. A subclass may change the gradients
+        in place here (clip, add noise, log a norm) as long as it returns a loss value.
+        """
+        return loss_value
+
     def clip_gradients(self, max_norm, nt=None):
         """Scale every gradient by max_norm / (‖g‖ + 1e-6) if the global norm ‖g‖ is
         larger; returns ‖g‖ before clipping."""

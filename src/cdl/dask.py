@@ -1,0 +1,133 @@
+"""Batch inference and hyper-parameter search on Dask (``pip install cdl-cpu[dask]``).
+
+cdl models pickle through the safe model format (unpickling builds registered
+layers only), so they travel to Dask workers as they are; Dask's workers set
+``OMP_NUM_THREADS=1`` and cdl's results do not depend on the thread count.
+
+- :func:`predict`: lazy predictions of a Dask array, bit-identical to
+  ``model.predict`` on the computed array with the same ``batch_size``.
+- :func:`search`: train a copy of a model for each of several learning rates in
+  parallel on Dask futures; the results come back best first
+  (``examples/dask_search.py`` runs it on a ``LocalCluster``).
+"""
+import copy
+import hashlib
+import math
+import numbers
+
+import numpy as np
+
+__all__ = ["predict", "search", "INSTALL_HINT"]
+
+INSTALL_HINT = "pip install cdl-cpu[dask]"
+
+
+def _dask():
+    try:
+        import dask
+        import dask.array as da
+    except ImportError as exc:
+        raise ImportError(f"cdl.dask needs Dask: {INSTALL_HINT} (dask[distributed]) "
+                          f"({exc})") from exc
+    return dask, da
+
+
+def _predict_block(block, model, batch_size):
+    return model.predict(block, batch_size=batch_size)
+
+
+def predict(model, x, batch_size=256):
+    """``model``'s predictions of the Dask array ``x`` (N, *input_shape), as a lazy Dask
+    array (N, *output_shape) in the model's dtype.
+
+    The model is put in the graph once (a Delayed named by a hash of its bytes) and
+    each block is predicted on a worker with ``model.predict(block, batch_size)``.
+    Blocks are rechunked to whole batches of ``batch_size`` samples along the first
+    axis (and one chunk along the others), so every batch is the one a local
+    ``model.predict(x.compute(), batch_size)`` runs: the result is bit-identical.
+    A NumPy array is accepted too (wrapped with ``dask.array.from_array``).
+    """
+    dask, da = _dask()
+    from .io.format import dumps
+
+    where = "cdl.dask.predict"
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral) \
+            or batch_size < 1:
+        raise ValueError(f"{where}: batch_size must be an int >= 1, got {batch_size!r}")
+    bs = int(batch_size)
+    if not isinstance(x, da.Array):
+        x = da.from_array(np.asarray(x), chunks=(max(bs, 4 * bs),) + np.shape(x)[1:])
+    if tuple(x.shape[1:]) != model.input_shape:
+        raise ValueError(f"{where}: x must have shape (N, {', '.join(map(str, model.input_shape))})"
+                         f", got {x.shape}")
+    if x.dtype.kind not in "fiub":
+        raise TypeError(f"{where}: x must be a numeric array, got dtype {x.dtype}")
+    if any(math.isnan(c) for c in x.chunks[0]):      # unknown chunk sizes (e.g. after a filter)
+        x = x.compute_chunk_sizes()
+    rows = max(x.chunks[0]) if x.shape[0] else bs
+    rows = max(bs, rows // bs * bs)
+    x = x.rechunk({0: rows, **{axis: -1 for axis in range(1, x.ndim)}})
+    token = hashlib.sha256(dumps(model)).hexdigest()[:20]
+    shipped = dask.delayed(model, name=f"cdl-model-{token}", traverse=False)
+    out_ndim = 1 + len(model.output_shape)
+    chunks = (x.chunks[0],) + tuple((s,) for s in model.output_shape)
+    extra = {}
+    if x.ndim > out_ndim:
+        extra["drop_axis"] = list(range(out_ndim, x.ndim))
+    elif x.ndim < out_ndim:
+        extra["new_axis"] = list(range(x.ndim, out_ndim))
+    return da.map_blocks(_predict_block, x, shipped, bs, dtype=model.dtype, chunks=chunks,
+                         meta=np.empty((0,) * out_ndim, model.dtype),
+                         name=f"cdl-predict-{token}", **extra)
+
+
+def _train_one(model, x, y, loss, optimizer, lr, optimizer_kwargs, epochs, batch_size,
+               validation_data):
+    from .optim import OPTIMIZER_TYPES
+
+    model = copy.deepcopy(model)        # tasks on one worker may share the scattered model
+    cls = OPTIMIZER_TYPES[optimizer] if isinstance(optimizer, str) else optimizer
+    opt = cls(model, lr=lr, **(optimizer_kwargs or {}))
+    history = model.fit(x, y, loss, opt, epochs=epochs, batch_size=batch_size,
+                        validation_data=validation_data, verbose=0)
+    return {"lr": lr, "history": history.history, "stop_reason": history.stop_reason,
+            "model": model}
+
+
+def search(model, x, y, loss, learning_rates, optimizer="SGD", optimizer_kwargs=None,
+           epochs=3, batch_size=32, validation_data=None, monitor=None, client=None):
+    """Train a copy of ``model`` (the same initial weights) for each learning rate, in
+    parallel on Dask futures, and return the results best first.
+
+    ``optimizer``: a cdl optimizer class or its name ("SGD", "Adam", "AdamW"), built as
+    ``optimizer(model, lr=lr, **optimizer_kwargs)``. ``client``: a
+    ``distributed.Client`` (default: the current one). The data and the model are
+    scattered to the workers once. Each result is a dict: ``lr``, ``history`` (the
+    History's dict), ``score`` (the last ``monitor`` value: ``val_loss`` when there is
+    validation data, else ``loss``; a diverged run scores +inf), ``stop_reason`` and
+    the trained ``model``.
+    """
+    _dask()
+    try:
+        from distributed import default_client
+    except ImportError as exc:
+        raise ImportError(f"cdl.dask.search needs dask.distributed: {INSTALL_HINT} "
+                          f"({exc})") from exc
+    lrs = [float(lr) for lr in learning_rates]
+    if not lrs:
+        raise ValueError("cdl.dask.search: learning_rates is empty")
+    client = client or default_client()
+    monitor = monitor or ("val_loss" if validation_data is not None else "loss")
+    shipped_model, sx, sy = client.scatter([model, x, y], broadcast=True)
+    val = None
+    if validation_data is not None:
+        val = tuple(client.scatter(list(validation_data), broadcast=True))
+    futures = [client.submit(_train_one, shipped_model, sx, sy, loss, optimizer, lr,
+                             optimizer_kwargs, epochs, batch_size, val, pure=False)
+               for lr in lrs]
+    results = client.gather(futures)
+    for r in results:
+        values = r["history"].get(monitor) or [math.inf]
+        score = values[-1]
+        r["score"] = score if (math.isfinite(score) and not r["stop_reason"]) else math.inf
+    return sorted(results, key=lambda r: r["score"])
