@@ -78,7 +78,8 @@ def predict(model, x, batch_size=256):
         extra["new_axis"] = list(range(x.ndim, out_ndim))
     return da.map_blocks(_predict_block, x, shipped, bs, dtype=model.dtype, chunks=chunks,
                          meta=np.empty((0,) * out_ndim, model.dtype),
-                         name=f"cdl-predict-{token}", **extra)
+                         name=f"cdl-predict-{dask.base.tokenize(token, x.name, bs)}",
+                         **extra)
 
 
 def _train_one(model, x, y, loss, optimizer, lr, optimizer_kwargs, epochs, batch_size,
