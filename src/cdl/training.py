@@ -85,7 +85,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         raise ValueError(f"{where}: batch_size={bs} needs {bs * model._max_sample} elements "
                          f"in one layer buffer; at most {INT32_MAX} are supported")
     steps = -(-n // bs)
-    nt = _config.get_num_threads()
+    step_threads = _config.step_threads  # re-read per step: the load changes
     xb = np.empty((bs,) + model.input_shape, model.dtype)
     yb = np.empty((bs,) + y.shape[1:], y.dtype)
     acc_all = _accuracy_labels(y, model.output_shape[0])
@@ -126,7 +126,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                 xm, ym = xb[:m], yb[:m]
                 np.take(x, idx, axis=0, out=xm, mode="clip")
                 np.take(y, idx, axis=0, out=ym, mode="clip")
-                value = model._train_step(xm, ym, loss, optimizer, nt)
+                value = model._train_step(xm, ym, loss, optimizer, step_threads())
                 if not math.isfinite(value):
                     bad_input = not np.isfinite(xm).all()
                     msg = (f"fit: loss became {value} at epoch {epoch + 1}, step {step + 1} "
