@@ -323,10 +323,9 @@ def adaptive_state():
 
 def _set_fake_reading(int runnable, int own=-1):
     """Tests: make the next readings ``runnable`` tasks, ``own`` of them cdl's (-1: real)."""
-    global _fake_runnable, _fake_own, _last_sample
+    global _fake_runnable, _fake_own
     _fake_runnable = runnable
     _fake_own = own
-    _last_sample = -1e300
 
 
 def read_runnable():
