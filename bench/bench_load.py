@@ -405,10 +405,10 @@ def main(argv=None):
                    help="rows: mlp, lenet, cifar, train (cdl train's train_step), fit "
                         "(cdl train's fit), matmul (after a NumPy matmul)")
     p.add_argument("--ops", default="train_step,predict")
-    p.add_argument("--fit-epochs", type=int, default=3)
+    p.add_argument("--fit-epochs", type=int, default=2)
     p.add_argument("--pause-calls", type=int, default=30,
                    help="calls after a matmul and a 0.2 s pause (each costs 0.2 s)")
-    p.add_argument("--budget", type=float, default=8.0,
+    p.add_argument("--budget", type=float, default=5.0,
                    help="seconds a contender may spend on one row before it is stopped")
     p.add_argument("--pause", type=float, default=0.25,
                    help="seconds between blocks (lets spinning threads fall asleep)")

@@ -252,7 +252,16 @@ def config():
         "blas_path": path,
         "blas_per_call": bool(_runtime.blas_switchable()),
         "adaptive": adaptive_status(),
+        "omp_wait": _omp_wait(),
     }
+
+
+def _omp_wait():
+    """How idle OpenMP threads wait (libgomp reads these when it loads)."""
+    set_ = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+    if set_:
+        return ", ".join(f"{k}={v}" for k, v in set_.items())
+    return "default (libgomp: spin about 300000 times, a few ms, then sleep)"
 
 
 def _adaptive_line(a, threads):
@@ -284,6 +293,7 @@ def show_config(file=None):
         f"OpenMP:          {omp}",
         f"threads:         {c['threads']}  (usable cores: {c['cores_usable']})",
         f"adaptive:        {_adaptive_line(c['adaptive'], c['threads'])}",
+        f"OpenMP wait:     {c['omp_wait']}",
         f"CPU:             {c['cpu']}",
         f"instruction set: {c['isa']}  (supported: {', '.join(c['isa_supported'])})",
         f"BLAS:            SciPy's {c['blas']} {c['blas_version']}, {_blas_line(c)}"
