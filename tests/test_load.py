@@ -225,3 +225,30 @@ def test_bit_identical_while_another_process_is_busy(quiet_one_thread):
         busy.wait()
         cdl.set_num_threads(n)
     _same(quiet_one_thread, got)
+
+
+def test_bench_load_runs_and_reports(tmp_path):
+    """bench/bench_load.py end to end on its smallest setting, then --report on its JSON."""
+    import importlib
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        bench_load = importlib.import_module("bench_load")
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "load.json"
+    n = cdl.get_num_threads()
+    try:
+        assert bench_load.main(["--calls", "4", "--rounds", "1", "--busy", "0", "--only", "mlp",
+                                "--batches", "1", "--ops", "predict", "--no-torch",
+                                "--pause", "0", "--out", str(out)]) == 0
+    finally:
+        cdl.set_num_threads(n)
+    doc = json.loads(out.read_text())
+    row = doc["conditions"][0]["rows"][0]
+    assert row["name"] == "MLP N=1" and row["op"] == "predict"
+    assert set(row["results"]) == {"cdl", "cdl 1 thread", "cdl fixed"}
+    assert row["results"]["cdl"]["calls"] == 4
+    assert doc["loadavg_start"] is None or len(doc["loadavg_start"]) == 3
+    assert "## 0 competing busy process(es)" in out.with_suffix(".md").read_text()
+    assert bench_load.main(["--report", str(out)]) == 0
