@@ -809,6 +809,7 @@ def machine_info(threads):
             info["cdl_isa"] = cfg["isa"]
             info["cdl_openmp"] = cfg["openmp"]
             info["cdl_blas"] = f"{cfg['blas']} {cfg['blas_version']}"
+            info["cdl_adaptive_threads"] = cfg["adaptive"]["adaptive"]
         except Exception as exc:
             info["cdl"] = getattr(cdl, "__version__", "?")
             info["cdl_config_error"] = str(exc)

@@ -50,10 +50,24 @@ def test_threads_context_restores_after_error():
 
 
 def test_scipy_blas_is_single_threaded_inside_cdl():
-    name, _, blas_threads, _ = _config.blas_info()
+    """Inside cdl's calls SciPy's BLAS runs one thread; after them it has its count back
+    (tests/test_load.py checks the count right after ``import cdl``)."""
+    name, _, before, _ = _config.blas_info()
     if name == "unknown":
         pytest.skip("threadpoolctl cannot see SciPy's BLAS here")
-    assert blas_threads == 1
+    if not _runtime.blas_switchable():
+        assert before == 1  # a BLAS without per-call switching stays at one thread
+        return
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from cdl.functional import linear
+    import numpy as np
+    x = np.ones((64, 784))
+    w = np.ones((256, 784))
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        count = _runtime.blas_lowered_count()
+        linear(x, w, threads=2)  # float64: SciPy's dgemm per chunk
+        assert _runtime.blas_lowered_count() > count  # it was 1 during the call
+        assert _config.blas_info()[2] == 2  # and is given back after it
 
 
 def _run(code, **env):

@@ -2,7 +2,8 @@
 __version__ = "0.2.0.dev0"
 
 from . import _config  # noqa: E402
-from ._config import get_num_threads, set_num_threads, show_config, threads  # noqa: E402
+from ._config import (get_num_threads, set_num_threads, show_config, thread_status,  # noqa: E402
+                      threads)
 from . import functional  # noqa: E402
 from .layers import (AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten,  # noqa: E402
                      GlobalAvgPool2d, Layer, LeakyReLU, Linear, MaxPool2d, ReLU, Residual,
@@ -16,10 +17,11 @@ from .io import dumps, load, load_state_dict_file, loads  # noqa: E402
 from .gradcheck import gradcheck  # noqa: E402
 from . import datasets  # noqa: E402
 
-_config._pin_blas()  # cdl's OpenMP chunks are the parallelism; see _config
+_config._pin_blas()  # finds SciPy's BLAS; its thread count is left as it is (see _config)
+_config.get_adaptive()  # adaptive thread count: on unless CDL_ADAPTIVE_THREADS=0
 
 __all__ = ["__version__", "functional", "get_num_threads", "set_num_threads",
-           "show_config", "threads",
+           "show_config", "thread_status", "threads",
            "Layer", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d", "ReLU",
            "Sigmoid", "Tanh", "LeakyReLU", "Flatten", "BatchNorm1d", "BatchNorm2d", "Dropout",
            "Residual", "Sequential", "ParameterPack",

@@ -1,9 +1,21 @@
 """Thread control shared by every kernel, and ``show_config``.
 
-cdl parallelises with OpenMP over fixed chunks of work. Dense layers call
-SciPy's BLAS once per chunk from inside those threads, so that BLAS library
-is kept single-threaded: cdl's own threads are the parallelism, and results
-do not depend on the thread count.
+cdl parallelises with OpenMP over fixed chunks of work, so results do not depend
+on the thread count. Two things here keep it fast beside other work:
+
+* Adaptive thread count (on by default; ``cdl.set_num_threads(n, adaptive=False)``
+  or ``CDL_ADAPTIVE_THREADS=0`` turn it off). Before each call cdl reads, at most
+  every 2 ms, how many tasks are runnable on the machine (``/proc/loadavg``),
+  discounts its own running threads and runs on no more threads than there are
+  free CPUs (at least one, at most the configured count). Every OpenMP region ends
+  at a barrier, so a thread that has to share its core with other work stalls the
+  whole step; one thread on a free core is then many times faster. See
+  ``cdl._kernels._runtime`` for the rule.
+* SciPy's BLAS. Dense layers may call SciPy's BLAS once per chunk from inside their
+  threads; such a call must be single-threaded. The kernels set SciPy's BLAS to
+  one thread just before they need it and cdl's public calls give it back its
+  previous count when they return, so importing cdl changes nothing and a user's
+  own ``scipy.linalg`` calls keep their threads. NumPy's BLAS is never touched.
 """
 import contextlib
 import ctypes
@@ -15,9 +27,12 @@ import sys
 from ._kernels import _runtime
 
 __all__ = ["default_num_threads", "blas_info", "get_num_threads", "set_num_threads", "threads",
+           "get_adaptive", "set_adaptive", "step_threads", "thread_status", "adaptive_status",
            "config", "show_config"]
 
-_state = {"threads": None, "blas_pinned": False, "explicit": False}
+_state = {"threads": None, "blas_pinned": False, "explicit": False, "adaptive": None}
+
+_OFF = ("0", "false", "off", "no")
 
 
 def _cgroup_cpu_limit():
@@ -91,7 +106,10 @@ def blas_info():
 
 
 def _pin_blas():
-    """Keep SciPy's BLAS single-threaded, now and at every kernel call."""
+    """Find SciPy's BLAS and hand its get/set-threads functions to the kernels, which
+    keep it single-threaded during their calls (``ensure_single_threaded_blas``);
+    ``restore_blas`` gives it back its count when a public call returns. The count
+    itself is not changed here: importing cdl leaves SciPy's BLAS as it was."""
     if _state["blas_pinned"]:
         return
     _state["blas_pinned"] = True
@@ -100,11 +118,11 @@ def _pin_blas():
     except Exception:
         return  # no threadpoolctl or no BLAS it knows: calls still run, unpinned
     for c in controllers:
-        c.set_num_threads(1)
         if c.internal_api != "openblas":
+            # No C entry points to switch per call: keep it single-threaded throughout
+            # (documented in the README's Threads section).
+            c.set_num_threads(1)
             continue
-        # The kernels check the count before each parallel BLAS use, through the
-        # library's own C functions (a user's threadpoolctl limit may raise it).
         lib = ctypes.CDLL(c.filepath)
         for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_", "_64")):
             get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
@@ -114,17 +132,68 @@ def _pin_blas():
                     ctypes.cast(get, ctypes.c_void_p).value,
                     ctypes.cast(put, ctypes.c_void_p).value)
                 break
+        else:
+            c.set_num_threads(1)
+
+
+restore_blas = _runtime.restore_blas
+
+
+def _env_adaptive():
+    return os.environ.get("CDL_ADAPTIVE_THREADS", "1").strip().lower() not in _OFF
+
+
+def _online_cpus():
+    """CPUs of the whole machine: /proc/loadavg counts its runnable tasks."""
+    try:
+        return os.sysconf("SC_NPROCESSORS_ONLN")
+    except (ValueError, OSError, AttributeError):
+        return os.cpu_count() or 1
 
 
 def get_num_threads():
-    """Number of OpenMP threads cdl's kernels use."""
+    """Number of OpenMP threads cdl's kernels use (at most; see ``get_adaptive``)."""
     if _state["threads"] is None:
         _state["threads"] = default_num_threads()
     return _state["threads"]
 
 
-def set_num_threads(n):
-    """Set the threads cdl uses (kernels and the BLAS calls inside them)."""
+def get_adaptive():
+    """Whether cdl runs on fewer threads while other work holds the cores."""
+    if _state["adaptive"] is None:
+        set_adaptive(_env_adaptive())
+    return _state["adaptive"]
+
+
+def set_adaptive(on):
+    """Turn the adaptive thread count on or off (default: on, unless
+    ``CDL_ADAPTIVE_THREADS=0``)."""
+    if not isinstance(on, (bool, int)):
+        raise TypeError(f"set_adaptive: expected True or False, got {type(on).__name__}")
+    _state["adaptive"] = bool(on)
+    _runtime.set_adaptive(bool(on), _online_cpus())
+
+
+def step_threads(_state=_state, _step=_runtime.step_threads):
+    """Threads for the next kernel call: the configured count, or fewer while other
+    work holds the cores (adaptive mode, re-read at most every 2 ms)."""
+    n = _state["threads"]
+    if n is None:
+        n = get_num_threads()
+    return _step(n)
+
+
+def set_num_threads(n=None, adaptive=None):
+    """Set the threads cdl uses (kernels and the BLAS calls inside them).
+
+    ``n``: the most threads a call uses (None leaves it). ``adaptive``: True runs on
+    fewer threads while other work holds the cores, False always on ``n``; None
+    leaves the setting (default on, unless ``CDL_ADAPTIVE_THREADS=0``). Results are
+    bit-identical for any thread count, so neither changes them."""
+    if adaptive is not None:
+        set_adaptive(adaptive)
+    if n is None:
+        return
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
     if n < 1:
@@ -138,14 +207,33 @@ def set_num_threads(n):
 
 
 @contextlib.contextmanager
-def threads(n):
-    """``with cdl.threads(n):`` run the enclosed code with n threads, then restore."""
+def threads(n=None, adaptive=None):
+    """``with cdl.threads(n):`` run the enclosed code with n threads, then restore;
+    ``adaptive=`` likewise sets the adaptive thread count for the block."""
     old, explicit = get_num_threads(), _state["explicit"]
-    set_num_threads(n)
+    old_adaptive = get_adaptive()
+    set_num_threads(n, adaptive)
     try:
         yield
     finally:
         _state["threads"], _state["explicit"] = old, explicit
+        if get_adaptive() != old_adaptive:
+            set_adaptive(old_adaptive)
+
+
+def adaptive_status():
+    """What the adaptive thread count last saw: a dict with ``adaptive``,
+    ``online_cpus``, the last reading (``runnable`` tasks on the machine,
+    ``own_running`` of them cdl's, ``others``), ``capacity`` (threads that reading
+    allows; None before the first), and counters of readings and reduced calls."""
+    get_adaptive()
+    return _runtime.adaptive_state()
+
+
+def thread_status():
+    """``cdl.thread_status()``: the configured ``threads``, whether ``adaptive`` is on,
+    and what the adaptive count last read (see ``adaptive_status``)."""
+    return dict(adaptive_status(), threads=get_num_threads())
 
 
 def _cpu_model():
@@ -180,7 +268,38 @@ def config():
         "blas_version": version,
         "blas_threads": blas_threads,
         "blas_path": path,
+        "blas_per_call": bool(_runtime.blas_switchable()),
+        "adaptive": adaptive_status(),
+        "omp_wait": _omp_wait(),
     }
+
+
+def _omp_wait():
+    """How idle OpenMP threads wait (libgomp reads these when it loads)."""
+    set_ = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+    if set_:
+        return ", ".join(f"{k}={v}" for k, v in set_.items())
+    return "default (libgomp: spin about 300000 times, a few ms, then sleep)"
+
+
+def _adaptive_line(a, threads):
+    if not a["adaptive"]:
+        return (f"off (always {threads} thread(s); cdl.set_num_threads(adaptive=True) or "
+                f"CDL_ADAPTIVE_THREADS=1 turn it on)")
+    text = (f"on (fewer threads while other work holds the {a['online_cpus']} CPU(s); "
+            f"load re-read every {a['interval_s'] * 1e3:g} ms; off: CDL_ADAPTIVE_THREADS=0)")
+    if a["samples"]:
+        cap = a["capacity"]
+        text += (f"; last reading: {a['runnable']} runnable task(s), {a['own_running']} of "
+                 f"them cdl's -> {min(cap, threads) if cap else threads} thread(s)")
+    return text
+
+
+def _blas_line(c):
+    if c["blas_per_call"]:
+        return (f"{c['blas_threads']} thread(s) for your own calls; 1 inside cdl's chunks "
+                f"(set by each cdl call, restored when it returns)")
+    return f"{c['blas_threads']} thread(s), kept at 1 for cdl's chunks"
 
 
 def show_config(file=None):
@@ -191,9 +310,11 @@ def show_config(file=None):
         f"cdl {c['cdl']}  (python {c['python']}, numpy {c['numpy']})",
         f"OpenMP:          {omp}",
         f"threads:         {c['threads']}  (usable cores: {c['cores_usable']})",
+        f"adaptive:        {_adaptive_line(c['adaptive'], c['threads'])}",
+        f"OpenMP wait:     {c['omp_wait']}",
         f"CPU:             {c['cpu']}",
         f"instruction set: {c['isa']}  (supported: {', '.join(c['isa_supported'])})",
-        f"BLAS:            {c['blas']} {c['blas_version']}, {c['blas_threads']} thread(s) per call"
-        f" inside cdl's chunks  [{c['blas_path']}]",
+        f"BLAS:            SciPy's {c['blas']} {c['blas_version']}, {_blas_line(c)}"
+        f"  [{c['blas_path']}]",
     ]
     print("\n".join(lines), file=file)

@@ -83,7 +83,7 @@ class Loss:
         """The loss (a Python float) of ``scores`` (N, C) against ``targets``."""
         scores = self.check_scores(scores)
         targets = self.check_targets(targets, scores.shape[0], scores.shape[1], scores.dtype)
-        return self._compute(scores, targets, _config.get_num_threads())
+        return self._compute(scores, targets, _config.step_threads())
 
     __call__ = forward
 

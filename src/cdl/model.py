@@ -341,7 +341,8 @@ class Sequential:
         if x.shape[0] == 0:
             raise ValueError(f"{where}: x is an empty batch")
         out = self._result(out, (x.shape[0],) + self.output_shape, where)
-        np.copyto(out, self._forward(x, _config.get_num_threads()))
+        np.copyto(out, self._forward(x, _config.step_threads()))
+        _config.restore_blas()
         return out
 
     def backward(self, grad, out=None):
@@ -353,7 +354,8 @@ class Sequential:
             raise RuntimeError(f"{where}: call forward first")
         g = check_grad(grad, (n,) + self.output_shape, self.dtype, where)
         out = self._result(out, (n,) + self.input_shape, where)
-        np.copyto(out, self._backward(g, _config.get_num_threads(), need_input_grad=True))
+        np.copyto(out, self._backward(g, _config.step_threads(), need_input_grad=True))
+        _config.restore_blas()
         return out
 
     def predict(self, x, batch_size=None, out=None):
@@ -377,14 +379,17 @@ class Sequential:
         out = self._result(out, (n,) + self.output_shape, where)
         if n == 0:
             return out
-        nt = _config.get_num_threads()
-        for s in range(0, n, bs):
-            e = min(s + bs, n)
-            runner = self._runners.acquire(e - s, self._make_runner)
-            try:
-                out[s:e] = runner.run(x[s:e], nt)
-            finally:
-                self._runners.release(runner, e - s)
+        step = _config.step_threads
+        try:
+            for s in range(0, n, bs):
+                e = min(s + bs, n)
+                runner = self._runners.acquire(e - s, self._make_runner)
+                try:
+                    out[s:e] = runner.run(x[s:e], step())
+                finally:
+                    self._runners.release(runner, e - s)
+        finally:
+            _config.restore_blas()
         return out
 
     def _result(self, out, shape, where):
@@ -416,7 +421,7 @@ class Sequential:
         return self._score(scores, y, loss, batch_size or 256)
 
     def _score(self, scores, y, loss, bs):
-        nt = _config.get_num_threads()
+        nt = _config.step_threads()
         n = scores.shape[0]
         total = 0.0
         for s in range(0, n, bs):
@@ -448,14 +453,14 @@ class Sequential:
         where = "Sequential.train_step"
         x, y = self._check_batch(x, y, loss, where)
         self._check_optimizer(optimizer, where)
-        return self._train_step(x, y, loss, optimizer, _config.get_num_threads())
+        return self._train_step(x, y, loss, optimizer, _config.step_threads())
 
     def compute_gradients(self, x, y, loss):
         """Forward and backward with no update: fills the gradients (``gradient_buffer``)
         and returns the loss, L2 included. A non-finite loss leaves the gradients as
         they are (nothing is back-propagated)."""
         x, y = self._check_batch(x, y, loss, "Sequential.compute_gradients")
-        return self._train_step(x, y, loss, None, _config.get_num_threads())
+        return self._train_step(x, y, loss, None, _config.step_threads())
 
     def _check_batch(self, x, y, loss, where):
         x = self._check_x(x, where, batch=True)
@@ -512,6 +517,7 @@ class Sequential:
             return value
         finally:
             self._lock.release()
+            _config.restore_blas()
 
     def _micro_step(self, x, y, loss, optimizer, pieces, nt):
         n = x.shape[0]

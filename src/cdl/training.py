@@ -136,7 +136,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         raise ValueError(f"{where}: batch_size={bs} needs {bs * model._max_sample} elements "
                          f"in one layer buffer; at most {INT32_MAX} are supported")
     steps = len(bounds)
-    nt = _config.get_num_threads()
+    step_threads = _config.step_threads  # re-read per step: the load changes
     xb = np.empty((bs,) + model.input_shape, model.dtype)
     yb = np.empty((bs,) + y.shape[1:], y.dtype)
     acc_all = _accuracy_labels(y, model.output_shape[0])
@@ -182,6 +182,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                 m = e - s
                 idx = order[s:e]
                 xm, ym = xb[:m], yb[:m]
+                nt = step_threads()
                 if comm is not None and stop["interrupted"]:
                     optimizer.request_stop()
                 if m:

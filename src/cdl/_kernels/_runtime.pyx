@@ -36,6 +36,310 @@ def set_blas_thread_functions(size_t get_address, size_t set_address):
     _blas_set_threads = <set_threads_fn>set_address
 
 
+cdef int _blas_saved = 0      # SciPy's BLAS thread count before cdl lowered it (0: not lowered)
+cdef long _blas_lowered = 0   # how many times cdl lowered it (tests, show_config)
+
+
 cdef void ensure_single_threaded_blas() noexcept nogil:
-    if _blas_get_threads != NULL and _blas_get_threads() != 1:
-        _blas_set_threads(1)
+    """Called by the dense kernels before their BLAS calls inside OpenMP chunks. The
+    count the user had is restored by ``restore_blas`` when cdl's public call returns."""
+    global _blas_saved, _blas_lowered
+    cdef int n
+    if _blas_get_threads != NULL:
+        n = _blas_get_threads()
+        if n != 1:
+            if _blas_saved == 0:
+                _blas_saved = n
+            _blas_lowered += 1
+            _blas_set_threads(1)
+
+
+cpdef void restore_blas() noexcept:
+    """Give SciPy's BLAS back the thread count it had before a cdl call lowered it."""
+    global _blas_saved
+    cdef int n = _blas_saved
+    if n != 0:
+        _blas_saved = 0
+        if _blas_set_threads != NULL and _blas_get_threads() == 1:
+            _blas_set_threads(n)
+
+
+def blas_switchable():
+    """Whether the kernels can set SciPy's BLAS threads per call (functions registered)."""
+    return _blas_get_threads != NULL
+
+
+def blas_lowered_count():
+    """How many times a kernel lowered SciPy's BLAS to one thread for its chunks."""
+    return _blas_lowered
+
+
+# ---------------------------------------------------------------- adaptive thread count
+# A step is a few dozen short OpenMP regions, each ending at a barrier that waits for
+# every thread. When other work holds the cores, one preempted thread stalls the
+# others for a scheduler time slice at each barrier, and 2 threads on 2 busy cores
+# run many times slower than 1. Before a call cdl asks ``step_threads(n)``: at most
+# every ``interval`` seconds it reads the machine's runnable-task count (field 4 of
+# /proc/loadavg), takes away its own running threads (the caller and those of its
+# OpenMP workers that are running, i.e. spinning, read from /proc/self/task/<tid>/stat)
+# and runs on min(n, online CPUs - other runnable tasks) threads, at least 1.
+# The count goes down at once; it goes up only as far as the previous reading also
+# allowed, unless that reading is older than ``hold`` seconds (after a pause one
+# reading is enough). The work is split in chunks fixed by the shapes, so any thread count gives
+# bit-identical results: this changes speed only.
+cdef extern from *:
+    """
+    #include <fcntl.h>
+    #include <unistd.h>
+    #include <stdio.h>
+    #include <string.h>
+    #include <time.h>
+    #include <sys/syscall.h>
+    #include <sys/types.h>
+    #ifdef _OPENMP
+    #include <omp.h>
+    #endif
+    #define CDL_MAX_TIDS 1024
+    static int cdl_loadavg_fd = -1;
+    static pid_t cdl_fds_pid = 0;
+    static int cdl_ntids = 0;
+    static pid_t cdl_tids[CDL_MAX_TIDS];
+    static int cdl_tid_fds[CDL_MAX_TIDS];
+
+    static double cdl_monotonic(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    }
+
+    static void cdl_forget_tids(void) {
+        for (int i = 0; i < cdl_ntids; i++)
+            if (cdl_tid_fds[i] >= 0) close(cdl_tid_fds[i]);
+        cdl_ntids = 0;
+    }
+
+    /* After fork the child has none of the parent's threads: start over. */
+    static void cdl_check_pid(void) {
+        pid_t pid = getpid();
+        if (pid != cdl_fds_pid) {
+            if (cdl_fds_pid != 0) cdl_forget_tids();
+            cdl_ntids = 0;
+            cdl_fds_pid = pid;
+        }
+    }
+
+    /* Runnable tasks on the machine now (field 4 of /proc/loadavg, "R/T"), or -1. */
+    static int cdl_read_runnable(void) {
+        char buf[160];
+        if (cdl_loadavg_fd < 0) {
+            cdl_loadavg_fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+            if (cdl_loadavg_fd < 0) return -1;
+        }
+        ssize_t k = pread(cdl_loadavg_fd, buf, sizeof buf - 1, 0);
+        if (k <= 0) return -1;
+        buf[k] = 0;
+        char *p = buf;
+        int spaces = 0;
+        while (*p && spaces < 3) { if (*p == ' ') spaces++; p++; }
+        if (*p < '0' || *p > '9') return -1;
+        int r = 0;
+        while (*p >= '0' && *p <= '9') r = r * 10 + (*p++ - '0');
+        return r;
+    }
+
+    /* Record the thread ids of the OpenMP team this thread gets for n threads. */
+    static int cdl_collect_tids(int n) {
+        cdl_check_pid();
+        cdl_forget_tids();
+        if (n > CDL_MAX_TIDS) n = CDL_MAX_TIDS;
+        pid_t got[CDL_MAX_TIDS];
+        int team = 1;
+        got[0] = (pid_t)syscall(SYS_gettid);
+    #ifdef _OPENMP
+        #pragma omp parallel num_threads(n)
+        {
+            int t = omp_get_thread_num();
+            if (t < CDL_MAX_TIDS) got[t] = (pid_t)syscall(SYS_gettid);
+            #pragma omp single
+            team = omp_get_num_threads();
+        }
+    #endif
+        pid_t self = (pid_t)syscall(SYS_gettid);
+        char path[64];
+        for (int t = 0; t < team && t < CDL_MAX_TIDS; t++) {
+            if (got[t] == self) continue;
+            snprintf(path, sizeof path, "/proc/self/task/%d/stat", (int)got[t]);
+            int fd = open(path, O_RDONLY | O_CLOEXEC);
+            if (fd < 0) continue;
+            cdl_tids[cdl_ntids] = got[t];
+            cdl_tid_fds[cdl_ntids++] = fd;
+        }
+        return cdl_ntids;
+    }
+
+    /* How many of the recorded worker threads are running (state R), or -1 when one
+       is gone (the ids must be collected again). */
+    static int cdl_workers_running(void) {
+        char buf[512];
+        int running = 0;
+        for (int i = 0; i < cdl_ntids; i++) {
+            ssize_t k = pread(cdl_tid_fds[i], buf, sizeof buf - 1, 0);
+            if (k <= 0) return -1;
+            buf[k] = 0;
+            char *p = strrchr(buf, ')');
+            if (p == NULL || p[1] != ' ') return -1;
+            if (p[2] == 'R') running++;
+        }
+        return running;
+    }
+    """
+    int cdl_read_runnable() nogil
+    int cdl_collect_tids(int n) nogil
+    int cdl_workers_running() nogil
+    void cdl_check_pid() nogil
+    double cdl_monotonic() nogil
+    int cdl_ntids
+
+cdef int _adaptive = 1          # on unless CDL_ADAPTIVE_THREADS=0 / set_adaptive(False)
+cdef int _online = 1            # CPUs of the machine (the runnable count is machine-wide)
+cdef double _interval = 0.002   # seconds between two load readings
+cdef double _hold = 0.005       # a previous reading older than this does not hold the count down
+cdef double _last_sample = -1e300
+cdef double _prev_time = -1e300 # the previous reading: when, and how many threads it allowed
+cdef int _prev_allowed = 0
+cdef int _capacity = 1 << 30    # threads the last readings allow
+cdef int _team = 0              # team size whose worker ids are recorded
+cdef int _fake_runnable = -1    # tests: a made-up reading instead of /proc
+cdef int _fake_own = -1
+# what the last reading saw, for show_config and the benchmark
+cdef int _seen_runnable = -1
+cdef int _seen_own = -1
+cdef int _seen_others = -1
+cdef long _samples = 0
+cdef long _reduced_calls = 0
+cdef long _calls = 0
+
+
+def decide(int requested, int runnable, int own_running, int online):
+    """Threads allowed by one reading: ``runnable`` tasks on the machine, of which
+    ``own_running`` are cdl's (the caller and its running workers), on ``online`` CPUs."""
+    cdef int others = runnable - own_running
+    if others < 0:
+        others = 0
+    cdef int free = online - others
+    if free > requested:
+        free = requested
+    return free if free > 1 else 1
+
+
+cdef int _sample(int requested, double now) noexcept nogil:
+    """Read the load and update the capacity; returns the capacity."""
+    global _last_sample, _capacity, _prev_time, _prev_allowed, _team, _samples
+    global _seen_runnable, _seen_own, _seen_others
+    cdef int runnable, workers, own, others, allowed, up_to
+    if _fake_runnable >= 0:
+        runnable = _fake_runnable
+        own = _fake_own if _fake_own >= 0 else 1
+    else:
+        runnable = cdl_read_runnable()
+        if runnable < 0:               # no /proc/loadavg: nothing to adapt to
+            _capacity = 1 << 30
+            return _capacity
+        cdl_check_pid()
+        if _team != requested or (cdl_ntids == 0 and requested > 1):
+            cdl_collect_tids(requested)
+            _team = requested
+        workers = cdl_workers_running()
+        if workers < 0:
+            cdl_collect_tids(requested)
+            workers = cdl_workers_running()
+            if workers < 0:
+                workers = 0
+        own = 1 + workers
+    _samples += 1
+    others = runnable - own
+    if others < 0:
+        others = 0
+    _seen_runnable, _seen_own, _seen_others = runnable, own, others
+    allowed = _online - others
+    if allowed < 1:
+        allowed = 1
+    if allowed < _capacity:
+        _capacity = allowed
+    elif allowed > _capacity:
+        up_to = allowed
+        if now - _prev_time < _hold and _prev_allowed < up_to:
+            up_to = _prev_allowed
+        if up_to > _capacity:
+            _capacity = up_to
+    _prev_time = now
+    _prev_allowed = allowed
+    return _capacity
+
+
+cpdef int step_threads(int requested) noexcept:
+    """Threads to run the next call on, when ``requested`` are configured."""
+    global _last_sample, _calls, _reduced_calls
+    cdef double now
+    cdef int cap
+    if requested <= 1 or not _adaptive or not CDL_HAVE_OPENMP:
+        return requested
+    now = cdl_monotonic()
+    if now - _last_sample >= _interval:
+        _last_sample = now
+        _sample(requested, now)
+    cap = _capacity
+    _calls += 1
+    if cap < requested:
+        _reduced_calls += 1
+        return cap
+    return requested
+
+
+def set_adaptive(bint on, int online, double interval=-1.0, double hold=-1.0):
+    """Turn the adaptation on or off; ``online``: the machine's CPUs; ``interval``:
+    seconds between readings; ``hold``: seconds without a lower reading before the
+    count goes back up (negative: unchanged)."""
+    global _adaptive, _online, _interval, _hold, _capacity, _prev_time, _last_sample
+    _adaptive = on
+    _online = online if online > 0 else 1
+    if interval >= 0:
+        _interval = interval
+    if hold >= 0:
+        _hold = hold
+    _capacity = 1 << 30
+    _prev_time = -1e300
+    _last_sample = -1e300
+
+
+def adaptive_state():
+    """The adaptation's settings and what it last saw, as a dict."""
+    return {"adaptive": bool(_adaptive), "online_cpus": _online, "interval_s": _interval,
+            "hold_s": _hold,
+            "capacity": None if _capacity >= (1 << 30) else _capacity,
+            "runnable": _seen_runnable, "own_running": _seen_own, "others": _seen_others,
+            "samples": _samples, "calls": _calls, "reduced_calls": _reduced_calls}
+
+
+def _set_fake_reading(int runnable, int own=-1):
+    """Tests: make the next readings ``runnable`` tasks, ``own`` of them cdl's (-1: real)."""
+    global _fake_runnable, _fake_own
+    _fake_runnable = runnable
+    _fake_own = own
+
+
+def read_runnable():
+    """The machine's runnable-task count now (field 4 of /proc/loadavg), or -1."""
+    return cdl_read_runnable()
+
+
+def worker_tids(int n):
+    """Record and count the worker threads of this thread's OpenMP team of n."""
+    global _team
+    _team = n
+    return cdl_collect_tids(n)
+
+
+def workers_running():
+    """How many recorded workers are running now (-1: gone)."""
+    return cdl_workers_running()

@@ -123,7 +123,7 @@ def conv_output_size(size, kernel, stride=1, padding=0, where="conv_output_size"
 
 def num_threads(n=None):
     if n is None:
-        return _config.get_num_threads()
+        return _config.step_threads()
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"num_threads must be a positive int, got {n!r}")
     if n > MAX_THREADS:

@@ -1,6 +1,7 @@
 """Dense layer kernels: f(x; W) = x W^T + b, and its gradients."""
 
 
+from .. import _config
 from .._kernels import dense as _dense
 from ._checks import float_array, num_threads, out_array, real_number, same_dtype, shape_str
 
@@ -26,7 +27,10 @@ def linear(x, weight, bias=None, *, out=None, threads=None):
         raise ValueError(f"{where}: bias has {bias.shape[0]} entries but weight has "
                          f"{weight.shape[0]} output features")
     out = out_array(out, "out", where, (x.shape[0], weight.shape[0]), x.dtype)
-    _dense.linear_forward(x, weight, bias, out, num_threads(threads))
+    try:
+        _dense.linear_forward(x, weight, bias, out, num_threads(threads))
+    finally:
+        _config.restore_blas()  # SciPy's BLAS was single-threaded only for this call
     return out
 
 
@@ -55,5 +59,8 @@ def linear_backward(grad_out, x, weight, *, need_input_grad=True, need_bias_grad
     dx = out_array(grad_input, "grad_input", where, x.shape, x.dtype) if need_input_grad else None
     dw = out_array(grad_weight, "grad_weight", where, weight.shape, x.dtype)
     db = out_array(grad_bias, "grad_bias", where, (fout,), x.dtype) if need_bias_grad else None
-    _dense.linear_backward(grad_out, x, weight, dx, dw, db, float(l2), num_threads(threads))
+    try:
+        _dense.linear_backward(grad_out, x, weight, dx, dw, db, float(l2), num_threads(threads))
+    finally:
+        _config.restore_blas()
     return dx, dw, db

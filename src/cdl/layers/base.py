@@ -353,7 +353,8 @@ class Layer:
         (reused by the next call with the same batch size)."""
         x = self._check_input(x)
         ws = self._workspace(x.shape[0])
-        y = self._forward(x, ws, _config.get_num_threads(), True)
+        y = self._forward(x, ws, _config.step_threads(), True)
+        _config.restore_blas()
         self._last = (x, ws)
         return y
 
@@ -363,7 +364,10 @@ class Layer:
             raise RuntimeError(f"{self.name}: backward called before forward")
         x, ws = self._last
         g = check_grad(grad, (x.shape[0],) + self.output_shape, self.dtype, self.name)
-        return self._backward(g, x, ws, _config.get_num_threads(), True, 0.0)
+        try:
+            return self._backward(g, x, ws, _config.step_threads(), True, 0.0)
+        finally:
+            _config.restore_blas()
 
     # -- hot path (trusted inputs) -------------------------------------------------
     def _forward(self, x, ws, nt, train):

@@ -78,7 +78,7 @@ class Optimizer:
 
     def step(self, threads=None):
         """One update of every parameter from its current gradient."""
-        nt = threads or _config.get_num_threads()
+        nt = threads or _config.step_threads()
         self.steps += 1
         if self.pack.params is None:
             return
@@ -110,7 +110,7 @@ class Optimizer:
         norm = math.sqrt(_kl.sum_squares(grads))
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
-            _ew.scale(grads, coef, nt or _config.get_num_threads())
+            _ew.scale(grads, coef, nt or _config.step_threads())
         return norm
 
     # -- pickling --------------------------------------------------------------------

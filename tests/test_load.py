@@ -1,0 +1,254 @@
+"""cdl beside other work: the adaptive thread count (its decisions on made-up load
+readings, and the real readings it takes), bit-identical training while another
+process competes for the cores or while the thread count changes mid-training, and
+SciPy's BLAS thread count after ``import cdl``."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import cdl
+from cdl import _config
+from cdl._kernels import _runtime
+
+LINUX = sys.platform.startswith("linux")
+
+
+@pytest.fixture
+def fake_load():
+    """Made-up readings for the adaptation; everything restored afterwards."""
+    before = cdl.thread_status()
+    yield
+    _runtime._set_fake_reading(-1, -1)
+    _runtime.set_adaptive(before["adaptive"], before["online_cpus"], before["interval_s"],
+                          before["hold_s"])
+    _config._state["adaptive"] = before["adaptive"]
+
+
+def test_decide_discounts_own_threads():
+    d = _runtime.decide
+    assert d(2, 1, 1, 2) == 2          # only cdl's caller runs: both CPUs free
+    assert d(2, 2, 2, 2) == 2          # + cdl's spinning worker: still free
+    assert d(2, 2, 1, 2) == 1          # one other task on 2 CPUs
+    assert d(2, 3, 1, 2) == 1          # two others: never fewer than one thread
+    assert d(16, 5, 1, 16) == 12       # 4 others on 16 CPUs
+    assert d(4, 1, 1, 16) == 4         # never more than requested
+    assert d(2, 0, 1, 2) == 2          # a reading below cdl's own count
+
+
+@pytest.mark.skipif(not _runtime.openmp_enabled(), reason="built without OpenMP")
+def test_adaptive_decisions_with_faked_load(fake_load):
+    _runtime.set_adaptive(True, 2, 0.0, 0.05)  # read on every call, hold 50 ms
+    _runtime._set_fake_reading(1, 1)
+    assert _runtime.step_threads(2) == 2
+    assert _runtime.step_threads(1) == 1       # one requested: one, no reading needed
+    _runtime._set_fake_reading(2, 1)           # another task appears: down at once
+    assert _runtime.step_threads(2) == 1
+    _runtime._set_fake_reading(3, 2)           # cdl's spinning worker is not "other"
+    assert _runtime.step_threads(2) == 1
+    _runtime._set_fake_reading(2, 2)           # the other task is gone ...
+    assert _runtime.step_threads(2) == 1       # ... one reading within the hold: stay
+    assert _runtime.step_threads(2) == 2       # a second one agrees: up
+    _runtime._set_fake_reading(4, 1)
+    assert _runtime.step_threads(2) == 1
+    time.sleep(0.06)                           # after a pause longer than the hold,
+    _runtime._set_fake_reading(1, 1)           # one free reading is enough
+    assert _runtime.step_threads(2) == 2
+    s = cdl.thread_status()
+    assert (s["runnable"], s["own_running"], s["others"], s["capacity"]) == (1, 1, 0, 2)
+
+    _runtime.set_adaptive(True, 2, 10.0, 0.0)  # rate limit: one reading per 10 s
+    _runtime._set_fake_reading(2, 1)
+    assert _runtime.step_threads(2) == 1
+    samples = _runtime.adaptive_state()["samples"]
+    _runtime._set_fake_reading(1, 1)
+    assert _runtime.step_threads(2) == 1       # not read again yet
+    assert _runtime.adaptive_state()["samples"] == samples
+
+    cdl.set_num_threads(adaptive=False)        # off: always the configured count
+    _runtime._set_fake_reading(9, 1)
+    assert not cdl.thread_status()["adaptive"]
+    assert _runtime.step_threads(2) == 2
+
+
+@pytest.mark.skipif(not LINUX, reason="/proc is Linux's")
+def test_real_readings():
+    assert _runtime.read_runnable() >= 1       # at least this thread
+    if _runtime.openmp_enabled():
+        workers = _runtime.worker_tids(2)
+        assert workers in (0, 1)
+        assert 0 <= _runtime.workers_running() <= workers
+    n = cdl.get_num_threads()
+    assert 1 <= _config.step_threads() <= n
+
+
+def test_public_switches(fake_load):
+    n = cdl.get_num_threads()
+    with cdl.threads(1, adaptive=False):
+        assert cdl.get_num_threads() == 1 and not cdl.thread_status()["adaptive"]
+    assert cdl.get_num_threads() == n
+    with cdl.threads(adaptive=False):
+        assert cdl.get_num_threads() == n and not cdl.thread_status()["adaptive"]
+    cdl.set_num_threads(adaptive=True)
+    assert cdl.thread_status()["adaptive"]
+    with pytest.raises(TypeError, match="expected True or False"):
+        cdl.set_num_threads(adaptive="yes")
+
+
+def _run(code, **env):
+    full = dict(os.environ, **env)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_env_var_turns_adaptation_off():
+    out = _run("import cdl; print(cdl.thread_status()['adaptive']); cdl.show_config()",
+               CDL_ADAPTIVE_THREADS="0")
+    assert out.splitlines()[0] == "False"
+    assert "adaptive:        off" in out
+
+
+def test_show_config_reports_the_adaptation(capsys, fake_load):
+    cdl.set_num_threads(adaptive=True)
+    cdl.show_config()
+    assert "adaptive:        on" in capsys.readouterr().out
+
+
+def test_scipy_blas_threads_after_import_are_left_alone():
+    """The README: importing cdl leaves SciPy's BLAS thread count as it was; cdl's calls
+    run it on one thread and give the count back when they return."""
+    code = """
+import json, numpy as np
+from threadpoolctl import threadpool_info
+import scipy.linalg
+def scipy_blas():
+    return [i["num_threads"] for i in threadpool_info()
+            if i["user_api"] == "blas" and "scipy" in i["filepath"].split("/")[-2]]
+before = scipy_blas()
+import cdl
+after_import = scipy_blas()
+m = cdl.Sequential([cdl.Linear(64, 32, bias=True)], (64,), dtype=np.float64, seed=0)
+m.train_step(np.ones((128, 64)), np.zeros(128, np.int64), cdl.SoftmaxCrossEntropy(),
+             cdl.SGD(m, lr=0.1))
+after_call = scipy_blas()
+print(json.dumps([before, after_import, after_call, cdl._kernels._runtime.blas_switchable()]))
+"""
+    before, after_import, after_call, switchable = json.loads(
+        _run(code, OPENBLAS_NUM_THREADS="2", OMP_NUM_THREADS="2").strip().splitlines()[-1])
+    if not before:
+        pytest.skip("threadpoolctl cannot see SciPy's BLAS here")
+    assert before == [2]
+    assert after_import == before
+    assert after_call == (before if switchable else [1])
+
+
+# ----------------------------------------------------------------------------- determinism
+def _model():
+    layers = [cdl.Conv2d(1, 8, 3, padding=1), cdl.ReLU(), cdl.MaxPool2d(2), cdl.Flatten(),
+              cdl.Linear(8 * 8 * 8, 64), cdl.ReLU(), cdl.Linear(64, 10)]
+    return cdl.Sequential(layers, (1, 16, 16), seed=3)
+
+
+def _data(n=96):
+    rng = np.random.default_rng(7)
+    return (rng.standard_normal((n, 1, 16, 16)).astype(np.float32),
+            rng.integers(0, 10, n).astype(np.int64))
+
+
+def _train(threads_per_step, adaptive):
+    """12 train_steps then one epoch of fit; threads_per_step(i) is set before step i."""
+    m = _model()
+    opt = cdl.SGD(m, lr=0.05, momentum=0.9)
+    loss = cdl.SoftmaxCrossEntropy()
+    x, y = _data()
+    losses = []
+    with cdl.threads(adaptive=adaptive):
+        for i in range(12):
+            cdl.set_num_threads(threads_per_step(i))
+            s = (i * 16) % 96
+            losses.append(m.train_step(x[s:s + 32], y[s:s + 32], loss, opt))
+        m.fit(x, y, loss, opt, epochs=1, batch_size=16, verbose=0)
+        pred = m.predict(x)
+    return np.array(losses), m.get_weights(), pred
+
+
+def _same(a, b):
+    la, wa, pa = a
+    lb, wb, pb = b
+    assert np.array_equal(la, lb)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert np.array_equal(wa[k], wb[k]), k
+    assert np.array_equal(pa, pb)
+
+
+@pytest.fixture(scope="module")
+def quiet_one_thread():
+    n = cdl.get_num_threads()
+    try:
+        return _train(lambda i: 1, adaptive=False)
+    finally:
+        cdl.set_num_threads(n)
+
+
+def test_thread_count_changes_mid_training(quiet_one_thread, fake_load):
+    n = cdl.get_num_threads()
+    try:
+        _same(quiet_one_thread, _train(lambda i: (1, 2, 3, 2)[i % 4], adaptive=False))
+        # the adaptation switching on every call (made-up readings alternate)
+        _runtime.set_adaptive(True, 2, 0.0, 0.0)
+        flips = iter(range(10**6))
+
+        def threads(i):
+            _runtime._set_fake_reading(1 + next(flips) % 2, 1)
+            return 2
+        _same(quiet_one_thread, _train(threads, adaptive=True))
+    finally:
+        cdl.set_num_threads(n)
+
+
+@pytest.mark.skipif(not LINUX, reason="the busy process is judged by /proc readings")
+def test_bit_identical_while_another_process_is_busy(quiet_one_thread):
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    n = cdl.get_num_threads()
+    try:
+        time.sleep(0.2)
+        got = _train(lambda i: max(2, n), adaptive=True)  # the default: adaptive
+    finally:
+        busy.kill()
+        busy.wait()
+        cdl.set_num_threads(n)
+    _same(quiet_one_thread, got)
+
+
+def test_bench_load_runs_and_reports(tmp_path):
+    """bench/bench_load.py end to end on its smallest setting, then --report on its JSON."""
+    import importlib
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        bench_load = importlib.import_module("bench_load")
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "load.json"
+    n = cdl.get_num_threads()
+    try:
+        assert bench_load.main(["--calls", "4", "--rounds", "1", "--busy", "0", "--only", "mlp",
+                                "--batches", "1", "--ops", "predict", "--no-torch",
+                                "--pause", "0", "--out", str(out)]) == 0
+    finally:
+        cdl.set_num_threads(n)
+    doc = json.loads(out.read_text())
+    row = doc["conditions"][0]["rows"][0]
+    assert row["name"] == "MLP N=1" and row["op"] == "predict"
+    assert set(row["results"]) == {"cdl", "cdl 1 thread", "cdl fixed"}
+    assert row["results"]["cdl"]["calls"] == 4
+    assert doc["loadavg_start"] is None or len(doc["loadavg_start"]) == 3
+    assert "## 0 competing busy process(es)" in out.with_suffix(".md").read_text()
+    assert bench_load.main(["--report", str(out)]) == 0
