@@ -86,7 +86,7 @@ def test_sdist_holds_sources_and_no_generated_files(tmp_path):
     marker = out / "sdist-test-marker.txt"
     marker.write_text("must not end up in the sdist")
     try:
-        r = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation",
+        r = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "-x",
                             "-o", str(tmp_path), str(ROOT)], capture_output=True, text=True,
                            timeout=300)
     finally:
