@@ -114,13 +114,14 @@ cdef extern from "cdl_cvtile.h" nogil:
     void cv_frun "cdl_cv_frun"(int a, int b, int v, const float* xs, const Py_ssize_t* prow,
                                const Py_ssize_t* roff, Py_ssize_t nr, const float* wt,
                                Py_ssize_t kp, float* tb)
-    # Column-path tile with its epilogue (bias, ReLU, stores) in registers;
-    # returns 0 for a tile shape it does not have.
+    # Column-path tiles with their epilogue (bias, ReLU, pooling, stores) in
+    # registers, row tiles [ty0, ty1) x every column vector of one channel
+    # block; returns 0 for a tile shape it does not have.
     int ct_run "cdl_ct_run"(int kr, int rb, int pool, const float* xs, Py_ssize_t xs_c,
-                            Py_ssize_t xs_r,
-                            Py_ssize_t rstep, Py_ssize_t cin, Py_ssize_t kh, Py_ssize_t kw,
-                            const float* wp, const float* bias, int relu, float* dst,
-                            Py_ssize_t dst_k, Py_ssize_t dst_r, int nk, int nr)
+                            Py_ssize_t xs_r, Py_ssize_t rstep, Py_ssize_t cin, Py_ssize_t kh,
+                            Py_ssize_t kw, const float* wp, const float* bias, int relu,
+                            float* dst, Py_ssize_t dst_k, Py_ssize_t dst_r, int nk,
+                            Py_ssize_t ohc, Py_ssize_t owc, Py_ssize_t ty0, Py_ssize_t ty1)
     void cv_pool2_plane "cdl_cv_pool2_plane"(const float* y, float* o, Py_ssize_t ow,
                                              Py_ssize_t oh2, Py_ssize_t ow2, Py_ssize_t avail)
     # The pooling rule (v where v > best or NaN, else best) and ReLU's, lanewise.
@@ -369,6 +370,7 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
     cdef Py_ssize_t n = it // ngroups, kgi = it % ngroups
     cdef Py_ssize_t k_lo = kgi * g.kg, k_hi = _imin(g.cout, k_lo + g.kg)
     cdef Py_ssize_t k0, oh0, ow0, a, r, k, nv, q, kb, ty, tx, i_lo, i_hi, nr, ohc, owc, dk, dr
+    cdef Py_ssize_t ty0, ty1
     cdef Py_ssize_t xs_c = g.rs * g.qs, wsz = g.cin * g.kh * g.kw * g.kr
     cdef const float* wb
     cdef const float* xt
@@ -384,10 +386,34 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
     # Pooled: only the rows and columns the 2x2 windows cover (floor) are computed.
     ohc = 2 * g.oh2 if g.pool else g.oh
     owc = 2 * g.ow2 if g.pool else g.ow
+    # Row tiles that read every kernel row (i_lo == 0, i_hi == kh): a range,
+    # [ty0, ty1); with whole column vectors (owc >= VF) they go to the
+    # register-epilogue tiles (cdl_cvtile.h), the others to the buffered tile.
+    ty0 = 0
+    while ty0 < _cdiv(ohc, g.rb) and g.offh > (ty0 * g.rb + g.rb - 1) * g.sh:
+        ty0 = ty0 + 1
+    ty1 = ty0
+    while ty1 < _cdiv(ohc, g.rb) and g.offh + g.h - ty1 * g.rb * g.sh >= g.kh:
+        ty1 = ty1 + 1
+    if not direct or owc < VF:
+        ty1 = ty0
     for kb in range(_cdiv(k_hi - k_lo, g.kr)):
         k0 = k_lo + kb * g.kr
         wb = wpk + (k0 // g.kr) * wsz
+        if ty1 > ty0:
+            if g.pool:
+                d = dst + (n * g.cout + k0) * g.oh2 * g.ow2
+                dk, dr = g.oh2 * g.ow2, g.ow2
+            else:
+                d = dst + (n * g.cout + k0) * g.oh * g.ow
+                dk, dr = g.oh * g.ow, g.ow
+            if not ct_run(g.kr, g.rb, g.pool, xs, xs_c, g.qs, g.sh * g.qs, g.cin, g.kh, g.kw,
+                          wb, bpk + k0, g.relu, d, dk, dr, _imin(g.kr, k_hi - k0), ohc, owc,
+                          ty0, ty1):
+                ty1 = ty0           # (not reached: every tile shape has its block)
         for ty in range(_cdiv(ohc, g.rb)):
+            if ty0 <= ty < ty1:
+                continue
             oh0 = ty * g.rb
             # Staged rows [offh, offh + h) hold data; the rest are zero padding
             # (with a large kernel and no padding, the input gradient's tiles at
@@ -404,19 +430,6 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
                     ow0 = owc - VF
                 xt = xs + oh0 * g.sh * g.qs + ow0
                 nv = _imin(VF, owc - ow0)
-                # Whole-vector tiles that read every kernel row: the sums, bias,
-                # ReLU (and pooling) and stores in registers (cdl_cvtile.h); the
-                # same numbers.
-                if direct and nv == VF and i_lo == 0 and i_hi == g.kh:
-                    if g.pool:
-                        d = dst + ((n * g.cout + k0) * g.oh2 + oh0 // 2) * g.ow2 + ow0 // 2
-                        dk, dr = g.oh2 * g.ow2, g.ow2
-                    else:
-                        d = dst + ((n * g.cout + k0) * g.oh + oh0) * g.ow + ow0
-                        dk, dr = g.oh * g.ow, g.ow
-                    if ct_run(g.kr, g.rb, g.pool, xt, xs_c, g.qs, g.sh * g.qs, g.cin, g.kh,
-                              g.kw, wb, bpk + k0, g.relu, d, dk, dr, _imin(g.kr, k_hi - k0), nr):
-                        continue
                 _corr_run(g.kr, g.rb, xt, xs_c, g.qs, wb, g.cin, g.kh, g.kw, g.sh,
                           i_lo, i_hi, tb)
                 for a in range(g.kr):
