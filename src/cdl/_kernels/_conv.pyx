@@ -1039,11 +1039,13 @@ cdef void _cv_fitem(const CV* g, const float* x, const float* wt, const float* b
                     if opos[a] < 0:
                         break
                     tv = tb + a * B * vw + kk
-                    for b in range(_imin(B, g.ow - x0)):
-                        v = tv[b * vw] + bk
-                        if g.relu and v <= 0:
-                            v = 0
-                        d[opos[a] + b] = v
+                    if g.relu:
+                        for b in range(_imin(B, g.ow - x0)):
+                            v = tv[b * vw] + bk
+                            d[opos[a] + b] = 0 if v <= 0 else v
+                    else:
+                        for b in range(_imin(B, g.ow - x0)):
+                            d[opos[a] + b] = tv[b * vw] + bk
     if yb != NULL and g.pool:
         # The whole image as P x kp: bias, each 2x2 window's channel vectors
         # pooled (and ReLU), oh2*ow2 x kp transposed to K x (oh2*ow2).
@@ -1139,8 +1141,9 @@ cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bi
     buf = _aligned(mem)
     wt = buf + nt * per
     bp = wt + g.rows * g.kp
-    for k in range(g.kp):
-        bp[k] = bias[k] if bias != NULL and k < g.k else 0
+    if g.pool:
+        for k in range(g.kp):
+            bp[k] = bias[k] if bias != NULL and k < g.k else 0
     g.bpad = bp
     roff = <Py_ssize_t*>(bp + _align16(g.kp))
     # One cache line per thread for its `staged` marker (no false sharing).
