@@ -11,6 +11,7 @@ import numbers
 import numpy as np
 
 from .. import _config
+from .._kernels import _runtime
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # Kernels index with Py_ssize_t, but BLAS and per-plane indices are 32-bit.
@@ -120,4 +121,4 @@ def num_threads(n=None):
         raise ValueError(f"num_threads must be a positive int, got {n!r}")
     if n > MAX_THREADS:
         raise ValueError(f"num_threads={n} is more than the {MAX_THREADS} cdl supports")
-    return int(n)
+    return _runtime.fork_safe_threads(int(n))
