@@ -227,6 +227,36 @@ def test_bit_identical_while_another_process_is_busy(quiet_one_thread):
     _same(quiet_one_thread, got)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork") or not _runtime.openmp_enabled(),
+                    reason="fork and OpenMP teams")
+def test_forked_child_runs_on_one_thread_instead_of_hanging():
+    """GNU OpenMP hangs a team started in a child forked after the parent ran one:
+    cdl's calls in such a child run on one thread, with the same results."""
+    m = _model()
+    x, _ = _data(32)
+    expected = m.predict(x, out=None).copy()
+    import cdl.functional as F
+    w = np.ones((64, 256), np.float32)
+    lin = F.linear(x.reshape(32, -1), w, threads=2)
+    r, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: must not hang, must agree bit for bit
+        import signal
+        signal.alarm(20)
+        ok = (np.array_equal(m.predict(x), expected)
+              and np.array_equal(F.linear(x.reshape(32, -1), w, threads=2), lin)
+              and cdl.thread_status()["forked_child"])
+        os.write(wfd, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(wfd)
+    _, status = os.waitpid(pid, 0)
+    got = os.read(r, 1)
+    os.close(r)
+    assert status == 0, f"the forked child died or hung (status {status})"
+    assert got == b"1"
+    assert not cdl.thread_status()["forked_child"]
+
+
 def test_bench_load_runs_and_reports(tmp_path):
     """bench/bench_load.py end to end on its smallest setting, then --report on its JSON."""
     import importlib

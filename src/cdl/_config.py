@@ -137,6 +137,7 @@ def _pin_blas():
 
 
 restore_blas = _runtime.restore_blas
+fork_safe_threads = _runtime.fork_safe_threads
 
 
 def _env_adaptive():
@@ -283,6 +284,9 @@ def _omp_wait():
 
 
 def _adaptive_line(a, threads):
+    if a["forked_child"]:
+        return ("this process was forked after its parent ran OpenMP teams: every call runs on "
+                "1 thread (GNU OpenMP cannot start a team in such a child)")
     if not a["adaptive"]:
         return (f"off (always {threads} thread(s); cdl.set_num_threads(adaptive=True) or "
                 f"CDL_ADAPTIVE_THREADS=1 turn it on)")

@@ -38,7 +38,7 @@ def gradcheck(model, x, y, loss, eps=1e-6, max_checks=None, seed=0, check_input=
     m = _float64_copy(model)
     x = m._check_x(x, "gradcheck").copy()
     y = m._check_y(y, x.shape[0], loss, "gradcheck")
-    nt = _config.get_num_threads()
+    nt = _config.step_threads()
 
     # The objective runs in training mode, as the backward does (BatchNorm's batch
     # statistics, the same Dropout masks); running statistics and generator positions

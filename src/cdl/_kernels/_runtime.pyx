@@ -85,8 +85,8 @@ def blas_lowered_count():
 # and runs on min(n, online CPUs - other runnable tasks) threads, at least 1.
 # The count goes down at once; it goes up only as far as the previous reading also
 # allowed, unless that reading is older than ``hold`` seconds (after a pause one
-# reading is enough). The work is split in chunks fixed by the shapes, so any thread count gives
-# bit-identical results: this changes speed only.
+# reading is enough). The work is split in chunks fixed by the shapes, so any thread
+# count gives bit-identical results: this changes speed only.
 cdef extern from *:
     """
     #include <fcntl.h>
@@ -99,8 +99,22 @@ cdef extern from *:
     #ifdef _OPENMP
     #include <omp.h>
     #endif
+    #include <pthread.h>
     #define CDL_MAX_TIDS 1024
     static int cdl_loadavg_fd = -1;
+    /* GNU OpenMP cannot start a team in a child forked after the parent ran one (the
+       child's pool refers to threads it does not have, and the region hangs): such a
+       child runs every call on one thread. */
+    static int cdl_team_used = 0;
+    static int cdl_forked_child = 0;
+    static void cdl_atfork_child(void) { if (cdl_team_used) cdl_forked_child = 1; }
+    static int cdl_atfork_registered = 0;
+    static void cdl_register_atfork(void) {
+        if (!cdl_atfork_registered) {
+            cdl_atfork_registered = 1;
+            pthread_atfork(NULL, NULL, cdl_atfork_child);
+        }
+    }
     static pid_t cdl_fds_pid = 0;
     static int cdl_ntids = 0;
     static pid_t cdl_tids[CDL_MAX_TIDS];
@@ -118,14 +132,16 @@ cdef extern from *:
         cdl_ntids = 0;
     }
 
-    /* After fork the child has none of the parent's threads: start over. */
-    static void cdl_check_pid(void) {
+    /* After fork the child has none of the parent's threads: start over (returns 1). */
+    static int cdl_check_pid(void) {
         pid_t pid = getpid();
         if (pid != cdl_fds_pid) {
             if (cdl_fds_pid != 0) cdl_forget_tids();
             cdl_ntids = 0;
             cdl_fds_pid = pid;
+            return 1;
         }
+        return 0;
     }
 
     /* Runnable tasks on the machine now (field 4 of /proc/loadavg, "R/T"), or -1. */
@@ -150,6 +166,8 @@ cdef extern from *:
     /* Record the thread ids of the OpenMP team this thread gets for n threads. */
     static int cdl_collect_tids(int n) {
         cdl_check_pid();
+        if (cdl_forked_child) n = 1;
+        if (n > 1) cdl_team_used = 1;
         cdl_forget_tids();
         if (n > CDL_MAX_TIDS) n = CDL_MAX_TIDS;
         pid_t got[CDL_MAX_TIDS];
@@ -196,7 +214,10 @@ cdef extern from *:
     int cdl_read_runnable() nogil
     int cdl_collect_tids(int n) nogil
     int cdl_workers_running() nogil
-    void cdl_check_pid() nogil
+    int cdl_check_pid() nogil
+    int cdl_team_used
+    int cdl_forked_child
+    void cdl_register_atfork() nogil
     double cdl_monotonic() nogil
     int cdl_ntids
 
@@ -245,8 +266,7 @@ cdef int _sample(int requested, double now) noexcept nogil:
         if runnable < 0:               # no /proc/loadavg: nothing to adapt to
             _capacity = 1 << 30
             return _capacity
-        cdl_check_pid()
-        if _team != requested or (cdl_ntids == 0 and requested > 1):
+        if cdl_check_pid() or _team != requested:
             cdl_collect_tids(requested)
             _team = requested
         workers = cdl_workers_running()
@@ -279,10 +299,15 @@ cdef int _sample(int requested, double now) noexcept nogil:
 
 cpdef int step_threads(int requested) noexcept:
     """Threads to run the next call on, when ``requested`` are configured."""
-    global _last_sample, _calls, _reduced_calls
+    global _last_sample, _calls, _reduced_calls, cdl_team_used
     cdef double now
     cdef int cap
-    if requested <= 1 or not _adaptive or not CDL_HAVE_OPENMP:
+    if requested <= 1 or not CDL_HAVE_OPENMP:
+        return requested
+    if cdl_forked_child:
+        return 1
+    if not _adaptive:
+        cdl_team_used = 1
         return requested
     now = cdl_monotonic()
     if now - _last_sample >= _interval:
@@ -292,8 +317,29 @@ cpdef int step_threads(int requested) noexcept:
     _calls += 1
     if cap < requested:
         _reduced_calls += 1
-        return cap
+        requested = cap
+    if requested > 1:
+        cdl_team_used = 1
     return requested
+
+
+cpdef int fork_safe_threads(int n) noexcept:
+    """``n`` threads asked for explicitly (``threads=``): 1 in a child forked after the
+    parent ran OpenMP teams, where a team would hang."""
+    global cdl_team_used
+    if n > 1 and CDL_HAVE_OPENMP:
+        if cdl_forked_child:
+            return 1
+        cdl_team_used = 1
+    return n
+
+
+def forked_child():
+    """Whether this process was forked after its parent ran OpenMP teams (one thread)."""
+    return bool(cdl_forked_child)
+
+
+cdl_register_atfork()
 
 
 def set_adaptive(bint on, int online, double interval=-1.0, double hold=-1.0):
@@ -314,7 +360,8 @@ def set_adaptive(bint on, int online, double interval=-1.0, double hold=-1.0):
 
 def adaptive_state():
     """The adaptation's settings and what it last saw, as a dict."""
-    return {"adaptive": bool(_adaptive), "online_cpus": _online, "interval_s": _interval,
+    return {"adaptive": bool(_adaptive), "forked_child": bool(cdl_forked_child),
+            "online_cpus": _online, "interval_s": _interval,
             "hold_s": _hold,
             "capacity": None if _capacity >= (1 << 30) else _capacity,
             "runnable": _seen_runnable, "own_running": _seen_own, "others": _seen_others,

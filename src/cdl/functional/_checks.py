@@ -11,6 +11,7 @@ import numbers
 import numpy as np
 
 from .. import _config
+from .._kernels import _runtime
 
 __all__ = ["FLOAT_DTYPES", "MAX_THREADS", "shape_str", "float_array", "same_dtype", "out_array",
            "real_number", "int_pair", "conv_output_size", "num_threads"]
@@ -128,4 +129,4 @@ def num_threads(n=None):
         raise ValueError(f"num_threads must be a positive int, got {n!r}")
     if n > MAX_THREADS:
         raise ValueError(f"num_threads={n} is more than the {MAX_THREADS} cdl supports")
-    return int(n)
+    return _runtime.fork_safe_threads(int(n))

@@ -78,7 +78,7 @@ class Optimizer:
 
     def step(self, threads=None):
         """One update of every parameter from its current gradient."""
-        nt = threads or _config.step_threads()
+        nt = _config.fork_safe_threads(threads) if threads else _config.step_threads()
         self.steps += 1
         if self.pack.params is None:
             return
