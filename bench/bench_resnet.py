@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from _timing import median_times
+
 
 def torch_resnet8(torch):
     nn = torch.nn
@@ -54,26 +56,6 @@ def torch_lenet(torch, bn, p):
                            + [nn.Linear(400, 120, bias=not bn)] + b1(120) + [nn.ReLU()] + d()
                            + [nn.Linear(120, 84, bias=not bn)] + b1(84)
                            + [nn.ReLU(), nn.Linear(84, 10)]))
-
-
-def median_times(fns, repeats, min_time=0.002):
-    """Interleaved: each round runs every contender once (a few calls, timed together)."""
-    calls = {}
-    for name, fn in fns.items():
-        fn()
-        t = time.perf_counter()
-        fn()
-        per = time.perf_counter() - t
-        calls[name] = max(1, int(min_time / max(per, 1e-7)))
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            k = calls[name]
-            t = time.perf_counter()
-            for _ in range(k):
-                fn()
-            times[name].append((time.perf_counter() - t) / k)
-    return {name: float(np.median(v)) for name, v in times.items()}
 
 
 def main(argv=None):
