@@ -122,19 +122,19 @@ def conv_rows(args, timer, peak, old_conv):
         fns = {"cdl": lambda: conv.conv2d_forward(x, wt, b, y, 1, 1, p, p, nt)}
         if old_conv is not None:
             fns["before"] = lambda: old_conv.conv2d_forward(x, wt, b, y2, 1, 1, p, p, nt)
-        fns["cdl fused ReLU"] = lambda: conv.conv2d_forward(x, wt, b, yr, 1, 1, p, p, nt, True)
+        fused = {"cdl fused ReLU": lambda: conv.conv2d_forward(x, wt, b, yr, 1, 1, p, p, nt, True)}
 
         def unfused():
             conv.conv2d_forward(x, wt, b, y2, 1, 1, p, p, nt)
             elementwise.relu_forward(y2.reshape(-1), y2.reshape(-1), nt)
-        fns["cdl conv, then ReLU"] = unfused
-        fns["cdl fused ReLU+pool"] = lambda: conv.conv2d_forward(x, wt, b, yp, 1, 1, p, p, nt,
-                                                                 True, True)
+        fused["cdl conv, then ReLU"] = unfused
+        fused["cdl fused ReLU+pool"] = lambda: conv.conv2d_forward(x, wt, b, yp, 1, 1, p, p, nt,
+                                                                   True, True)
 
         def unfused_pool():
             conv.conv2d_forward(x, wt, b, y2, 1, 1, p, p, nt)
             pool.max_pool2d_relu_forward(y2, yp2, idx, nt)
-        fns["cdl conv, then ReLU+pool"] = unfused_pool
+        fused["cdl conv, then ReLU+pool"] = unfused_pool
         if torch is not None:
             xt, wt_t, bt = torch.from_numpy(x), torch.from_numpy(wt), torch.from_numpy(b)
 
@@ -146,26 +146,30 @@ def conv_rows(args, timer, peak, old_conv):
                 with torch.inference_mode():
                     return TF.max_pool2d(TF.relu(TF.conv2d(xt, wt_t, bt, 1, p)), 2)
             fns["PyTorch"] = torch_fwd
-            fns["PyTorch conv+ReLU+pool"] = torch_block
+            fused["PyTorch conv+ReLU+pool"] = torch_block
         # Checks before timing.
         fns["cdl"]()
         ref = y.copy()
         if old_conv is not None:
             fns["before"]()
             assert rel_err(y2, ref) <= 1e-4, f"{name}: before disagrees"
-        fns["cdl fused ReLU"]()
+        fused["cdl fused ReLU"]()
         unfused()
         assert np.array_equal(yr, y2) and np.array_equal(yr, np.where(ref <= 0, 0, ref)), \
             f"{name}: fused ReLU differs from conv then ReLU"
-        fns["cdl fused ReLU+pool"]()
+        fused["cdl fused ReLU+pool"]()
         unfused_pool()
         assert np.array_equal(yp, yp2), f"{name}: fused ReLU+pool differs from conv then ReLU+pool"
         if torch is not None:
             assert rel_err(torch_fwd().numpy(), ref) <= 1e-4, f"{name}: PyTorch disagrees"
             assert rel_err(torch_block().numpy(), yp) <= 1e-4, f"{name}: PyTorch block disagrees"
+        if not args.no_fused:
+            fns.update(fused)
+        pk0 = peak.checks[-1]
         res = timer.run(fns)
         pk = peak.check()
-        rows.append((f"{name}, N={n}", flops, {k_: v[0] for k_, v in res.items()}, pk))
+        # The row's peak checks, just before and just after it.
+        rows.append((f"{name}, N={n}", flops, {k_: v[0] for k_, v in res.items()}, min(pk0, pk)))
         print(f"  {name}, N={n}: " + ", ".join(f"{k_} {v[0] * 1e3:.4f} ms" for k_, v in res.items())
               + f"; peak check {pk:.0f} GFLOP/s", flush=True)
     return rows
@@ -220,7 +224,9 @@ def main():
     ap.add_argument("--pause", type=float, default=0.1)
     ap.add_argument("--min-sample", type=float, default=0.004)
     ap.add_argument("--before", help="directory with an older build's _conv/_dense .so copies")
-    ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--no-dense", action="store_true", help="leave out the dense rows")
+    ap.add_argument("--no-fused", action="store_true",
+                    help="leave out the fused conv contenders (a shorter run)")
     ap.add_argument("--quick", action="store_true",
                     help="one small conv and dense shape, 5 short samples (a smoke run)")
     args = ap.parse_args()
@@ -251,24 +257,30 @@ def main():
           f"of {len(peak.checks)} checks (range {min(peak.checks):.0f}-{max(peak.checks):.0f}); "
           f"1 thread {p1:.0f}. Load average {load0:.2f} at start, {load1:.2f} at end.")
     print()
+    print("Rows marked * had a peak check (just before or after them) under 90% of the best: "
+          "the machine was busy then, and their times mean little.")
+    print()
     print("| shape | before ms | after ms | GFLOP/s | % of FMA peak | PyTorch ms | after/PyTorch |")
     print("|---|--:|--:|--:|--:|--:|--:|")
-    for name, flops, t, _ in rows:
+    for name, flops, t, pk in rows:
         after = t["cdl"]
         gf = flops / after / 1e9
         pt = t.get("PyTorch")
         before = t.get("before")
-        print(f"| {name} | {fmt(before and before * 1e3)} | {after * 1e3:.4f} | {gf:.0f} | "
+        mark = " *" if pk < 0.9 * peak.best else ""
+        print(f"| {name}{mark} | {fmt(before and before * 1e3)} | {after * 1e3:.4f} | {gf:.0f} | "
               f"{100 * gf / peak.best:.0f} | {fmt(pt and pt * 1e3)} | {fmt(pt and after / pt, 2)} |")
-    print()
-    print("| shape | conv, then ReLU ms | fused conv+ReLU ms | conv, then ReLU+pool ms "
-          "| fused conv+ReLU+pool ms | PyTorch conv+ReLU+pool ms |")
-    print("|---|--:|--:|--:|--:|--:|")
-    for name, flops, t, _ in rows:
-        pt = t.get("PyTorch conv+ReLU+pool")
-        print(f"| {name} | {t['cdl conv, then ReLU'] * 1e3:.4f} | {t['cdl fused ReLU'] * 1e3:.4f} | "
-              f"{t['cdl conv, then ReLU+pool'] * 1e3:.4f} | {t['cdl fused ReLU+pool'] * 1e3:.4f} | "
-              f"{fmt(pt and pt * 1e3)} |")
+    if not args.no_fused:
+        print()
+        print("| shape | conv, then ReLU ms | fused conv+ReLU ms | conv, then ReLU+pool ms "
+              "| fused conv+ReLU+pool ms | PyTorch conv+ReLU+pool ms |")
+        print("|---|--:|--:|--:|--:|--:|")
+        for name, flops, t, pk in rows:
+            pt = t.get("PyTorch conv+ReLU+pool")
+            mark = " *" if pk < 0.9 * peak.best else ""
+            print(f"| {name}{mark} | {t['cdl conv, then ReLU'] * 1e3:.4f} | "
+                  f"{t['cdl fused ReLU'] * 1e3:.4f} | {t['cdl conv, then ReLU+pool'] * 1e3:.4f} | "
+                  f"{t['cdl fused ReLU+pool'] * 1e3:.4f} | {fmt(pt and pt * 1e3)} |")
     for i, (name, flops, t, _) in enumerate(drows):
         if i == 0:
             print()

@@ -14,5 +14,5 @@ def test_bench_peak_quick_runs(tmp_path):
     out = proc.stdout
     assert "FMA peak" in out
     assert "| shape | before ms | after ms | GFLOP/s | % of FMA peak |" in out
-    assert "| first layer C3->K32 32x32 3x3 p1, N=4 |" in out
+    assert "| first layer C3->K32 32x32 3x3 p1, N=4" in out
     assert "| dense N=16 64->32 |" in out
