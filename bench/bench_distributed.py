@@ -176,17 +176,6 @@ def run_ranks(nets, batches, samples, target, exchange_repeats):
     return steps, exchange
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _busy_cpu_seconds():
     """(CPU-seconds the whole machine has been busy, CPU-seconds of this process and its
     waited-for children), from /proc/stat and os.times()."""
@@ -294,7 +283,7 @@ def main(argv=None):
     meta = {
         "command": "python bench/bench_distributed.py " + " ".join(argv or sys.argv[1:]),
         "shards": args.shards,
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
+        "machine": {"cpu": cdl._config._cpu_model(), "cores": os.cpu_count(),
                     "usable_cores": cdl._config.usable_cores(), "python": platform.python_version(),
                     "cdl": cdl.__version__, "mpi": _mpi_version()},
         "load": {"loadavg_1min_before": load_before[0], "loadavg_1min_after": load_after[0],

@@ -37,6 +37,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import numpy_ref as nref  # noqa: E402
+from run import build_cdl_net  # noqa: E402
 
 import cdl  # noqa: E402
 from cdl import _config  # noqa: E402
@@ -85,28 +86,6 @@ def stop_busy(procs):
 
 
 # ------------------------------------------------------------------------------ models
-def cdl_net(spec, input_shape, params):
-    layers = []
-    for layer in spec:
-        kind = layer[0]
-        if kind == "linear":
-            layers.append(cdl.Linear(layer[1], layer[2]))
-        elif kind == "conv":
-            layers.append(cdl.Conv2d(layer[1], layer[2], layer[3], stride=layer[4],
-                                     padding=layer[5]))
-        elif kind == "relu":
-            layers.append(cdl.ReLU())
-        elif kind == "pool":
-            layers.append(cdl.MaxPool2d(layer[1]))
-        elif kind == "flatten":
-            layers.append(cdl.Flatten())
-    model = cdl.Sequential(layers, input_shape, seed=0)
-    for layer, (w, b) in zip([l for l in layers if l.params], params):
-        layer.params["weight"][...] = w
-        layer.params["bias"][...] = b
-    return model
-
-
 def batches(input_shape, n, count, seed):
     """``count`` different batches of n (digits: shuffled real data, else random)."""
     rng = np.random.default_rng(seed)
@@ -134,7 +113,7 @@ class Case:
                     "cdl 1 thread": dict(n=1, adaptive=False),
                     "cdl fixed": dict(n=threads, adaptive=False)}
         for label, how in settings.items():
-            model = cdl_net(spec, input_shape, params)
+            model = build_cdl_net(spec, input_shape, params)[0]
             loss = cdl.SoftmaxCrossEntropy()
             opt = cdl.SGD(model, lr=LR)
             self.calls[label] = (how, self._cdl_call(model, loss, opt, data))
@@ -260,7 +239,7 @@ def fit_case(threads, epochs, rounds, budget_s):
         for label in labels[r % 3:] + labels[:r % 3]:
             time.sleep(0.25)
             seen.append(runnable())
-            model = cdl_net(DIGITS_SPEC[1], DIGITS_SPEC[0], params)
+            model = build_cdl_net(DIGITS_SPEC[1], DIGITS_SPEC[0], params)[0]
             opt = cdl.SGD(model, lr=0.05, momentum=0.9)
             with cdl.threads(**settings[label]):
                 t0 = time.perf_counter()
