@@ -80,9 +80,10 @@ def test_two_ranks(pair):
     with BatchNorm, AdamW with clipping, all three algorithms); a batch-64 step matched
     at rtol 1e-5; broadcasts override different seeds; a NaN (or an inf gradient) on
     one rank skips everywhere; fit with checkpoints (rank 0 writes, atomically), a NaN
-    in fit, Ctrl-C on one rank, unsharded uneven data; threads per rank; fixed shards."""
+    in fit, Ctrl-C on one rank, unsharded uneven data; threads per rank; fixed shards;
+    each rank's own dropout masks; a summed loss refused."""
     result, proc = pair
-    assert len(result["checks"]) == 14, result
+    assert len(result["checks"]) == 16, result
     # the progress bar came from rank 0 only
     assert proc.stderr.count("Epoch 2/2") == 1, proc.stderr
 

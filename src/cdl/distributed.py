@@ -562,6 +562,8 @@ class DistributedOptimizer:
         elif threads is not None:
             _config.set_num_threads(threads)
         self.algorithm = algorithm
+        for _, layer in optimizer.model.chain.walk():
+            layer.set_replica(self.rank)        # each rank draws its own dropout masks
         self.shards = None
         if shards is not None:
             if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
@@ -617,6 +619,16 @@ class DistributedOptimizer:
     def __repr__(self):
         return (f"DistributedOptimizer({self.optimizer!r}, ranks={self.size}, "
                 f"algorithm={self.algorithm!r})")
+
+    def check_loss(self, loss, where="DistributedOptimizer"):
+        """Raise ValueError unless ``loss`` averages over the batch: the exchange weights
+        each rank's mean gradient by its sample count (a summed loss, and the L2 term
+        each rank adds, would be counted once per rank). ``train_step`` and ``fit``
+        call it."""
+        reduction = getattr(loss, "reduction", "mean")
+        if reduction != "mean":
+            raise ValueError(f"{where}: distributed training needs a loss that averages over "
+                             f"the batch (reduction='mean'), got reduction={reduction!r}")
 
     # -- the step ----------------------------------------------------------------------
     def request_stop(self):

@@ -453,6 +453,9 @@ class Sequential:
         where = "Sequential.train_step"
         x, y = self._check_batch(x, y, loss, where)
         self._check_optimizer(optimizer, where)
+        check = getattr(optimizer, "check_loss", None)
+        if check is not None:
+            check(loss, where)
         return self._train_step(x, y, loss, optimizer, _config.step_threads())
 
     def compute_gradients(self, x, y, loss):

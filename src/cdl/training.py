@@ -64,9 +64,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
             raise TypeError(f"{where}: with comm, the optimizer must be a "
                             f"cdl.distributed.DistributedOptimizer (it averages the ranks' "
                             f"gradients), got {type(optimizer).__name__}")
-        if getattr(loss, "reduction", "mean") != "mean":
-            raise ValueError(f"{where}: distributed training needs a loss that averages over "
-                             f"the batch (reduction='mean'), got {loss.reduction!r}")
+        optimizer.check_loss(loss, where)
         rank, ranks = comm.Get_rank(), comm.Get_size()
     if isinstance(validation_split, (bool, np.bool_)) or \
             not isinstance(validation_split, numbers.Real):

@@ -339,6 +339,35 @@ def pair_checks():
         assert opt.steps == 1 and replicas_identical(model)
 
     @check
+    def dropout_masks_differ_across_ranks():
+        def make():
+            return cdl.Sequential([cdl.Linear(12, 64), cdl.ReLU(), cdl.Dropout(0.5),
+                                   cdl.Linear(64, 4)], (12,), seed=4)
+        model, alone = make(), make()
+        opt = dist.DistributedOptimizer(cdl.SGD(model, lr=0.1))
+        x, _ = data(8, (12,), seed=12)
+        outs = comm.allgather(model.forward(x).copy())       # training mode: dropout on
+        assert not np.array_equal(outs[0], outs[1])
+        assert np.array_equal(outs[0], alone.forward(x))      # rank 0 = one process
+        x, y = data(16, (12,), seed=13)
+        model.train_step(*dist.shard(x, y), LOSS, opt)    # replicas stay identical
+        assert replicas_identical(model)
+
+    @check
+    def summed_loss_refused():
+        model = mlp(seed=0)
+        opt = dist.DistributedOptimizer(cdl.SGD(model, lr=0.1))
+        x, y = data(8, (12,), seed=14)
+        before = model.parameter_buffer.copy()
+        try:
+            model.train_step(x, y, cdl.SoftmaxCrossEntropy(reduction="sum"), opt)
+        except ValueError as e:
+            assert "reduction='mean'" in str(e), e
+        else:
+            raise AssertionError("a summed loss was accepted")
+        assert np.array_equal(before, model.parameter_buffer) and opt.steps == 0
+
+    @check
     def sampler_same_steps():
         s = dist.DistributedSampler(53, 16, seed=5)
         idx = [i for e in range(2) for i in s.epoch(e)]

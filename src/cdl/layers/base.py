@@ -23,6 +23,10 @@ plan ops
     forward ones that read x also have ``bind_input``). The defaults wrap
     ``_forward``/``_backward``, so any layer runs on the fast plan; the built-in
     layers return their kernels' bound-call classes.
+random state
+    ``extra_state()`` / ``set_extra_state(state)``: JSON-able state a copy needs to
+    train bit for bit (Dropout's generator position); ``set_replica(index)``:
+    the data-parallel replica, for layers that draw random numbers.
 description and files
     ``get_config()`` (constructor arguments, JSON-able), ``from_config``,
     ``flops()`` per sample, ``describe()``.
@@ -190,6 +194,11 @@ class Layer:
 
     def set_extra_state(self, state):
         """Restore what ``extra_state`` gave."""
+
+    def set_replica(self, index):
+        """This copy's index among data-parallel replicas (an MPI rank). Layers that draw
+        random numbers in training key them by it, so replicas do not draw alike;
+        replica 0 draws as a single process does. Not saved: it is the process's role."""
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())

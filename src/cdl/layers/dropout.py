@@ -18,7 +18,10 @@ class Dropout(Layer):
     Masks come from a counter-based generator keyed by a seed drawn from the
     model's seed when it is built, this layer's position and a count of its
     training passes, and the element's index: so training is reproducible from
-    the model's seed and identical for any thread count.
+    the model's seed and identical for any thread count. Data-parallel replicas
+    (``set_replica``, called by :class:`cdl.distributed.DistributedOptimizer`) put
+    their index in the counter's top 16 bits, so each rank draws its own masks and
+    rank 0 draws those of a single process.
     """
 
     transparent = True
@@ -34,6 +37,7 @@ class Dropout(Layer):
         self.seed = 0
         self.stream = 0
         self.passes = 0         # training passes so far: the generator's counter
+        self.replica = 0        # data-parallel replica index: the counter's top bits
 
     def get_config(self):
         return {"p": self.p}
@@ -51,6 +55,15 @@ class Dropout(Layer):
                 raise ValueError(f"{self.name}: extra state {key!r} must be an int in "
                                  f"[0, 2**64), got {value!r}")
         self.seed, self.stream, self.passes = state["seed"], state["stream"], state["passes"]
+
+    def set_replica(self, index):
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 2**16:
+            raise ValueError(f"{self.name}: replica index must be an int in [0, 65536), got "
+                             f"{index!r}")
+        self.replica = index
+
+    def _counter(self):
+        return (self.replica << 48) | (self.passes & (2**48 - 1))
 
     def _create(self, rng, init, dtype):
         self.seed = int(rng.integers(0, 2**63))
@@ -90,7 +103,7 @@ class Dropout(Layer):
         if not train:
             return x
         _ew.dropout_forward(x.reshape(-1), ws["out_flat"], ws["mask"], self.p, self.seed,
-                            self.stream, self.passes, nt)
+                            self.stream, self._counter(), nt)
         self.passes += 1
         return ws["out"]
 
@@ -107,7 +120,7 @@ class Dropout(Layer):
         k = _ew.DropoutForward(flat, ws["out_flat"], ws["mask"], self.p, self.seed, self.stream)
 
         def run(nt):
-            k.run(nt, self.passes)
+            k.run(nt, self._counter())
             self.passes += 1
         return [Op(run, k.bind_input, flat.shape)], ws["out"]
 
