@@ -104,6 +104,31 @@ def test_train_forward_matches_numpy(shape, dtype, affine, relu):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(64, 3, 1), (8, 4, 9), (16, 2, 49), (2, 1, 3000)])
+def test_statistics_of_offset_and_constant_channels(shape, dtype):
+    """The one-pass statistics shift by each channel's first value: a channel far from
+    zero with a small spread (where Σx² - (Σx)²/M in plain form would cancel), one whose
+    first value is an outlier, and a constant one (variance exactly 0, never negative)."""
+    rng = np.random.default_rng(3)
+    x = (1e4 + 0.01 * rng.standard_normal(shape)).astype(dtype)
+    if shape[1] > 1:
+        x[:, 1] = rng.standard_normal((shape[0], shape[2]))
+        x[0, 1, 0] = 500.0                     # the shift k is an outlier
+    x[:, -1] = dtype(7.25)                     # constant channel
+    _, mean, invstd, _, rv = run_train(x, None, None, np.zeros(shape[1], dtype),
+                                       np.ones(shape[1], dtype), 1.0, 1e-5)
+    ref = x.astype(np.float64)
+    want_mean = ref.mean(axis=(0, 2))
+    want_var = ref.var(axis=(0, 2))
+    np.testing.assert_allclose(mean, want_mean, rtol=TOL[dtype])
+    np.testing.assert_allclose(1 / invstd.astype(np.float64) ** 2 - 1e-5, want_var,
+                               rtol=1e-3 if dtype == np.float32 else 1e-9, atol=1e-9)
+    m = shape[0] * shape[2]
+    np.testing.assert_allclose(rv, want_var * m / (m - 1), rtol=TOL[dtype] * 10, atol=1e-12)
+    assert rv[-1] == 0 and invstd[-1] == dtype(1 / np.sqrt(1e-5))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_train_forward_without_running_stats_and_in_place(dtype):
     x, w, b, _, _ = bn_case((4, 6, 20), dtype)
     out, mean, invstd, _, _ = run_train(x, w, b, None, None)

@@ -3,7 +3,9 @@
 
 BatchNorm2d on (N, C, H, W) is L = H*W; BatchNorm1d on (N, F) is C = F, L = 1.
 Per channel c, over its M = N*L values:
-  training   mean = Σ x / M,  var = Σ (x - mean)² / M  (biased; two passes, double)
+  training   with k = the channel's first value, in one pass, in double:
+             s1 = Σ (x - k),  s2 = Σ (x - k)²
+             mean = k + s1 / M,  var = (s2 - s1² / M) / M  (biased; max(0, ·))
              invstd = 1 / sqrt(var + eps)
              y = (x - mean) · invstd · w + b            (then max(0, y) with relu)
              running_mean = (1 - m) · rm + m · mean
@@ -20,8 +22,8 @@ the (N, C·L) matrix); those L column sums are then folded into 8 lanes by
 l mod 8 and the lanes added pairwise. Channels are dealt to threads in blocks
 (one channel, or several short ones whose C·L rows still fit a tile of
 CDL_BN_TILE elements), each computed whole by one thread, so results are
-bitwise identical for any thread count. A block's data is read three times in
-training (sum, squared deviations, output), mostly from cache.
+bitwise identical for any thread count. A block's data is read twice in
+training (the sums, then the output), the second time mostly from cache.
 
 Kernels trust their inputs (shapes, dtypes, C-contiguity, M > 1); the layers
 validate. weight and bias may be None (affine=False); so may the running
@@ -77,62 +79,53 @@ cdef extern from *:
         memcpy(&a, &ia, sizeof a);                                                  \\
         return a;                                                                   \\
     }                                                                               \\
-    /* Column sums over `rows` rows `st` apart: acc[j] += x[r*st + j] for r in     \\
-       order. Four rows per sweep (the accumulators are loaded and stored once     \\
-       per four rows), adding them one by one in row order as a row-by-row loop    \\
-       would. m: one value, or (v) one per element. */                             \\
-    static void cdl_bn_sum_##SFX(double *__restrict acc, const T *x, Py_ssize_t st, \\
-                                 Py_ssize_t rows, Py_ssize_t n) {                   \\
-        Py_ssize_t j;                                                               \\
-        for (; rows >= 4; rows -= 4, x += 4 * st) {                                 \\
-            const T *x1 = x + st, *x2 = x1 + st, *x3 = x2 + st;                    \\
-            for (j = 0; j < n; j++)                                                 \\
-                acc[j] = (((acc[j] + (double)x[j]) + (double)x1[j]) + (double)x2[j]) \\
-                         + (double)x3[j];                                           \\
-        }                                                                           \\
-        for (; rows > 0; rows--, x += st)                                           \\
-            for (j = 0; j < n; j++) acc[j] += (double)x[j];                         \\
-    }                                                                               \\
-    /* acc[j] += (x[r*st + j] - m)^2 */                                             \\
-    static void cdl_bn_sqdev_##SFX(double *__restrict acc, const T *x, Py_ssize_t st, \\
-                                   Py_ssize_t rows, double m, Py_ssize_t n) {       \\
+    /* Shifted sums over `rows` rows `st` apart, in row order: s1[j] += x - k,      \\
+       s2[j] += (x - k)^2 (k: the channel's first value, so the variance            \\
+       Σ(x-k)² - (Σ(x-k))²/M loses nothing to cancellation in double unless a       \\
+       channel's values lie ~1e4 standard deviations from its first one). Four      \\
+       rows per sweep: the accumulators are loaded and stored once per four. */     \\
+    static void cdl_bn_sum2_##SFX(double *__restrict s1, double *__restrict s2,     \\
+                                  const T *x, Py_ssize_t st, Py_ssize_t rows,     \\
+                                  double k,                                       \\
+                                  Py_ssize_t n) {                                   \\
         Py_ssize_t j;                                                               \\
         for (; rows >= 4; rows -= 4, x += 4 * st) {                                 \\
             const T *x1 = x + st, *x2 = x1 + st, *x3 = x2 + st;                     \\
             for (j = 0; j < n; j++) {                                               \\
-                double a = acc[j], d;                                               \\
-                d = (double)x[j] - m;  a += d * d;                                  \\
-                d = (double)x1[j] - m; a += d * d;                                  \\
-                d = (double)x2[j] - m; a += d * d;                                  \\
-                d = (double)x3[j] - m; a += d * d;                                  \\
-                acc[j] = a;                                                         \\
+                double a = s1[j], q = s2[j], d;                                     \\
+                d = (double)x[j] - k;  a += d; q += d * d;                          \\
+                d = (double)x1[j] - k; a += d; q += d * d;                          \\
+                d = (double)x2[j] - k; a += d; q += d * d;                          \\
+                d = (double)x3[j] - k; a += d; q += d * d;                          \\
+                s1[j] = a; s2[j] = q;                                               \\
             }                                                                       \\
         }                                                                           \\
         for (; rows > 0; rows--, x += st)                                           \\
             for (j = 0; j < n; j++) {                                               \\
-                double d = (double)x[j] - m;                                        \\
-                acc[j] += d * d;                                                    \\
+                double d = (double)x[j] - k;                                        \\
+                s1[j] += d; s2[j] += d * d;                                         \\
             }                                                                       \\
     }                                                                               \\
-    static void cdl_bn_sqdev_v_##SFX(double *__restrict acc, const T *x, Py_ssize_t st, \\
-                                     Py_ssize_t rows, const double *__restrict m,   \\
-                                     Py_ssize_t n) {                                \\
+    /* the same with one k per element (channels shorter than CDL_BN_RUN) */        \\
+    static void cdl_bn_sum2_v_##SFX(double *__restrict s1, double *__restrict s2,   \\
+                                    const T *x, Py_ssize_t st, Py_ssize_t rows,     \\
+                                    const double *__restrict k, Py_ssize_t n) {     \\
         Py_ssize_t j;                                                               \\
         for (; rows >= 4; rows -= 4, x += 4 * st) {                                 \\
             const T *x1 = x + st, *x2 = x1 + st, *x3 = x2 + st;                     \\
             for (j = 0; j < n; j++) {                                               \\
-                double a = acc[j], mj = m[j], d;                                    \\
-                d = (double)x[j] - mj;  a += d * d;                                 \\
-                d = (double)x1[j] - mj; a += d * d;                                 \\
-                d = (double)x2[j] - mj; a += d * d;                                 \\
-                d = (double)x3[j] - mj; a += d * d;                                 \\
-                acc[j] = a;                                                         \\
+                double a = s1[j], q = s2[j], kj = k[j], d;                          \\
+                d = (double)x[j] - kj;  a += d; q += d * d;                         \\
+                d = (double)x1[j] - kj; a += d; q += d * d;                         \\
+                d = (double)x2[j] - kj; a += d; q += d * d;                         \\
+                d = (double)x3[j] - kj; a += d; q += d * d;                         \\
+                s1[j] = a; s2[j] = q;                                               \\
             }                                                                       \\
         }                                                                           \\
         for (; rows > 0; rows--, x += st)                                           \\
             for (j = 0; j < n; j++) {                                               \\
-                double d = (double)x[j] - m[j];                                     \\
-                acc[j] += d * d;                                                    \\
+                double d = (double)x[j] - k[j];                                     \\
+                s1[j] += d; s2[j] += d * d;                                         \\
             }                                                                       \\
     }                                                                               \\
     /* y = (x - m) * s + b, then max(0, y) (NaN passes) */                          \\
@@ -270,46 +263,52 @@ cdef extern from *:
             T *mean_out, T *invstd_out, T *rm, T *rv, double momentum, double eps,  \\
             int relu, double *ws) {                                                 \\
         double *acc = ws, *mexp = ws + CDL_BN_TILE, *mean = ws + 2 * CDL_BN_TILE;   \\
-        double *ssq = ws + 3 * CDL_BN_TILE;                                         \\
+        double *ssq = ws + 3 * CDL_BN_TILE, *acc2 = ws + 4 * CDL_BN_TILE;           \\
         T *mf = (T *)(ws + 6 * CDL_BN_TILE), *sf = mf + CDL_BN_TILE;                \\
         T *bf = sf + CDL_BN_TILE, *tmp = bf + CDL_BN_TILE;                          \\
         const Py_ssize_t CL = C * L, M = N * L;                                     \\
         const T *xb = x + c0 * L;                                                   \\
         T *yb = y + c0 * L;                                                         \\
         Py_ssize_t n, c, l0, len, S = nc * L;                                       \\
+        double s1, s2;                                                              \\
+        /* one pass: shifted sums, then mean = k + s1/M, M var = s2 - s1²/M */      \\
         if (L > CDL_BN_TILE) {          /* one channel, in pieces of a tile */      \\
-            double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};                             \\
+            double l1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, l2[8] = {0, 0, 0, 0, 0, 0, 0, 0};\\
+            double k = (double)xb[0];                                               \\
             for (l0 = 0; l0 < L; l0 += CDL_BN_TILE) {                               \\
                 len = L - l0 < CDL_BN_TILE ? L - l0 : CDL_BN_TILE;                  \\
                 memset(acc, 0, (size_t)len * sizeof(double));                       \\
-                cdl_bn_sum_##SFX(acc, xb + l0, CL, N, len);                          \\
-                cdl_bn_fold(lanes, acc, len);                                       \\
+                memset(acc2, 0, (size_t)len * sizeof(double));                      \\
+                cdl_bn_sum2_##SFX(acc, acc2, xb + l0, CL, N, k, len);               \\
+                cdl_bn_fold(l1, acc, len);                                          \\
+                cdl_bn_fold(l2, acc2, len);                                         \\
             }                                                                       \\
-            mean[0] = cdl_bn_total(lanes) / (double)M;                              \\
-            memset(lanes, 0, sizeof lanes);                                         \\
-            for (l0 = 0; l0 < L; l0 += CDL_BN_TILE) {                               \\
-                len = L - l0 < CDL_BN_TILE ? L - l0 : CDL_BN_TILE;                  \\
-                memset(acc, 0, (size_t)len * sizeof(double));                       \\
-                cdl_bn_sqdev_##SFX(acc, xb + l0, CL, N, mean[0], len);              \\
-                cdl_bn_fold(lanes, acc, len);                                       \\
-            }                                                                       \\
-            ssq[0] = cdl_bn_total(lanes);                                           \\
+            s1 = cdl_bn_total(l1);                                                  \\
+            s2 = cdl_bn_total(l2);                                                  \\
+            mean[0] = k + s1 / (double)M;                                           \\
+            ssq[0] = s2 - s1 * (s1 / (double)M);                                    \\
         } else {                                                                    \\
             memset(acc, 0, (size_t)S * sizeof(double));                             \\
-            cdl_bn_sum_##SFX(acc, xb, CL, N, S);                                    \\
-            for (c = 0; c < nc; c++)                                                \\
-                mean[c] = cdl_bn_fold_total(acc + c * L, L) / (double)M;            \\
-            memset(acc, 0, (size_t)S * sizeof(double));                             \\
+            memset(acc2, 0, (size_t)S * sizeof(double));                            \\
             if (L >= CDL_BN_RUN) {                                                  \\
                 for (c = 0; c < nc; c++)                                            \\
-                    cdl_bn_sqdev_##SFX(acc + c * L, xb + c * L, CL, N, mean[c], L); \\
+                    cdl_bn_sum2_##SFX(acc + c * L, acc2 + c * L, xb + c * L, CL, N, \\
+                                      (double)xb[c * L], L);                        \\
             } else {                                                                \\
                 for (c = 0; c < nc; c++)                                            \\
-                    for (l0 = 0; l0 < L; l0++) mexp[c * L + l0] = mean[c];          \\
-                cdl_bn_sqdev_v_##SFX(acc, xb, CL, N, mexp, S);                      \\
+                    for (l0 = 0; l0 < L; l0++) mexp[c * L + l0] = (double)xb[c * L];\\
+                cdl_bn_sum2_v_##SFX(acc, acc2, xb, CL, N, mexp, S);                 \\
             }                                                                       \\
-            for (c = 0; c < nc; c++) ssq[c] = cdl_bn_fold_total(acc + c * L, L);    \\
+            for (c = 0; c < nc; c++) {                                              \\
+                s1 = cdl_bn_fold_total(acc + c * L, L);                             \\
+                s2 = cdl_bn_fold_total(acc2 + c * L, L);                            \\
+                mean[c] = (double)xb[c * L] + s1 / (double)M;                       \\
+                ssq[c] = s2 - s1 * (s1 / (double)M);                                \\
+            }                                                                       \\
         }                                                                           \\
+        /* rounding can leave a constant channel just below 0 (NaN stays NaN) */     \\
+        for (c = 0; c < nc; c++)                                                    \\
+            if (!(ssq[c] > 0.0) && ssq[c] == ssq[c]) ssq[c] = 0.0;                  \\
         for (c = 0; c < nc; c++) {                                                  \\
             double mu = mean[c], var = ssq[c] / (double)M;                          \\
             double is = 1.0 / sqrt(var + eps);                                      \\
