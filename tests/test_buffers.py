@@ -64,7 +64,7 @@ def test_out_arguments():
 
 def test_inference_cache_is_bounded_and_shared_by_threads():
     m = net()
-    m._runners.budget = 3 * 64 * m._act_per_sample * 4       # room for three batches of 64
+    m._runners.budget = 3 * m._make_runner(64).nbytes       # room for three batches of 64
     x = data(64)
     ref = {n: m.predict(x[:n]) for n in (64, 63, 62, 61)}
     assert sorted(m._runners.sizes()) == [61, 62, 63]      # the oldest was let go
@@ -87,10 +87,32 @@ def test_inference_cache_is_bounded_and_shared_by_threads():
     assert len(m._runners.sizes()) <= 3 + 1
 
 
+def test_runner_budget_counts_the_buffers_a_runner_holds():
+    """BatchNorm and ReLU folded into the convolution allocate nothing at inference: the
+    pool counts a runner's own buffers, so a batch whose every layer output would not
+    fit the budget is still kept when its runner does (it was freed after each call)."""
+    m = cdl.Sequential([cdl.Conv2d(2, 8, 3, padding=1, bias=False), cdl.BatchNorm2d(8),
+                        cdl.ReLU(), cdl.Conv2d(8, 8, 3, padding=1), cdl.ReLU(),
+                        cdl.Flatten(), cdl.Linear(8 * 8 * 8, 5)], (2, 8, 8), seed=0)
+    n = 32
+    runner = m._make_runner(n)
+    every_output = n * 4 * sum(int(np.prod(layer.output_shape)) for layer in m.layers)
+    assert runner.nbytes < every_output
+    m._runners.budget = runner.nbytes
+    x = data(n)
+    first = m.predict(x).copy()
+    assert m._runners.sizes() == [n]
+    np.testing.assert_array_equal(m.predict(x), first)
+    m._runners.budget = runner.nbytes - 1          # one byte short: used once, not kept
+    m._runners.clear()
+    m.predict(x)
+    assert m._runners.sizes() == []
+
+
 def test_a_huge_predict_keeps_no_buffers():
     m = net()
     m._runners.budget = 1 << 20
-    n = (1 << 20) // (m._act_per_sample * 4) + 8
+    n = (1 << 20) // m._make_runner(1).nbytes + 8
     m.predict(data(n), batch_size=n)
     assert m._runners.sizes() == []
 

@@ -154,7 +154,7 @@ def test_predict_plan_matches_layer_by_layer_bitwise(net):
 def test_predict_plan_large_batches_are_not_kept():
     model = cdl.Sequential(cnn(), (2, 8, 8), seed=0)
     model._runners.budget = 4 << 20
-    per_sample = model._act_per_sample * 4
+    per_sample = model._make_runner(1).nbytes
     n = (4 << 20) // per_sample + 1                 # buffers just over the 4 MB kept
     x = np.random.default_rng(0).standard_normal((n, 2, 8, 8)).astype(np.float32)
     ref = cdl.Sequential(cnn(), (2, 8, 8), seed=0)

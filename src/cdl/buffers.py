@@ -6,8 +6,9 @@ kernels' time (a 8 MB gradient: 2-7x). Two bounded pools remove them:
 - ``RunnerPool`` keeps inference runners (a plan, or layer-by-layer buffers)
   per batch size, shared by the threads: a call checks one out and returns it,
   so concurrent predicts never share buffers. At most ``budget`` bytes stay
-  cached (the least recently used go first); a runner bigger than the budget is
-  used once and freed, so a huge predict does not keep its memory.
+  cached, counted from the buffers each runner actually holds (``nbytes``; the
+  least recently used go first); a runner bigger than the budget is used once
+  and freed, so a huge predict does not keep its memory.
 - ``ResultPool`` hands out the arrays that public calls return. An array is
   reused only when nothing outside the pool refers to it any more (no variable,
   no view): results a user holds are never overwritten.
@@ -18,14 +19,13 @@ from collections import OrderedDict
 
 import numpy as np
 
-__all__ = ["RunnerPool", "ResultPool"]
+__all__ = ["RunnerPool", "ResultPool", "nbytes_of"]
 
 
 class RunnerPool:
     """Inference runners by batch size, at most ``budget`` bytes kept."""
 
-    def __init__(self, nbytes, budget):
-        self._nbytes = nbytes        # nbytes(n) -> its buffers' size
+    def __init__(self, budget):
         self.budget = budget
         self._free = OrderedDict()   # n -> [runner, ...], least recently used first
         self._held = 0
@@ -39,22 +39,20 @@ class RunnerPool:
                 runner = runners.pop()
                 if not runners:
                     del self._free[n]
-                self._held -= self._nbytes(n)
+                self._held -= runner.nbytes
                 return runner
         return make(n)
 
     def release(self, runner, n):
-        size = self._nbytes(n)
-        if size > self.budget:
+        if runner.nbytes > self.budget:
             return
         with self._lock:
             self._free.setdefault(n, []).append(runner)
             self._free.move_to_end(n)
-            self._held += size
+            self._held += runner.nbytes
             while self._held > self.budget:
                 m, runners = next(iter(self._free.items()))
-                runners.pop(0)
-                self._held -= self._nbytes(m)
+                self._held -= runners.pop(0).nbytes
                 if not runners:
                     del self._free[m]
 
@@ -67,6 +65,22 @@ class RunnerPool:
         """The batch sizes with a runner kept (for tests and diagnostics)."""
         with self._lock:
             return [n for n, rs in self._free.items() for _ in rs]
+
+
+def nbytes_of(spaces):
+    """Bytes of the distinct memory held by the arrays in ``spaces`` (dicts of arrays and
+    other values; views count once, with the array they view)."""
+    seen, total = set(), 0
+    for ws in spaces:
+        for a in ws.values():
+            if isinstance(a, np.ndarray):
+                base = a
+                while isinstance(base.base, np.ndarray):
+                    base = base.base
+                if id(base) not in seen:
+                    seen.add(id(base))
+                    total += base.nbytes
+    return total
 
 
 class ResultPool:

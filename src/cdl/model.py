@@ -25,7 +25,7 @@ from .functional._checks import FLOAT_DTYPES, INT32_MAX, real_number, shape_str
 from .layers.base import Layer, check_grad
 from .layers.chain import Chain, has_params
 from .losses import Loss
-from .buffers import ResultPool, RunnerPool
+from .buffers import ResultPool, RunnerPool, nbytes_of
 from .params import ParameterPack
 
 __all__ = ["Sequential"]
@@ -108,7 +108,6 @@ class Sequential:
         # Largest per-sample activation: a batch of n needs n times this in one buffer.
         self._max_sample = max([int(np.prod(self.input_shape))]
                                + [int(np.prod(l.output_shape)) for l in everything])
-        self._act_per_sample = sum(int(np.prod(l.output_shape)) for l in everything)
         slots = [(f"{p}{k}", layer, k) for p, layer in self.chain.walk() for k in layer.params]
         self.parameter_pack = ParameterPack(slots, self.dtype)
         self._params = [(name, layer.params[k], layer.grads[k]) for name, layer, k in slots]
@@ -131,8 +130,7 @@ class Sequential:
     def _reset_plans(self):
         self._plans = []                    # TrainPlans (the last two batch sizes)
         self._plannable = _plan.supported(self)
-        per_sample = self._act_per_sample * self.dtype.itemsize
-        self._runners = RunnerPool(lambda n: n * per_sample, INFERENCE_CACHE_BYTES)
+        self._runners = RunnerPool(INFERENCE_CACHE_BYTES)
 
     def _make_runner(self, n):
         """predict's runner for batch size n: a ForwardPlan, or layer-by-layer buffers."""
@@ -381,6 +379,13 @@ class Sequential:
             return out
         step = _config.step_threads
         try:
+            if n <= bs:         # one batch (most calls): no slices
+                runner = self._runners.acquire(n, self._make_runner)
+                try:
+                    np.copyto(out, runner.run(x, step()))
+                finally:
+                    self._runners.release(runner, n)
+                return out
             for s in range(0, n, bs):
                 e = min(s + bs, n)
                 runner = self._runners.acquire(e - s, self._make_runner)
@@ -598,6 +603,7 @@ class _LayerRunner:
     def __init__(self, model, n):
         self.chain = model.chain
         self.ws = {id(layer): layer._alloc(n, False) for _, layer in model.chain.infer_passes}
+        self.nbytes = nbytes_of(self.ws.values())
 
     def run(self, x, nt):
         ws = self.ws

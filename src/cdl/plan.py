@@ -12,6 +12,7 @@ both). float32 models get plans; float64 ones run layer by layer.
 import numpy as np
 
 from ._kernels import losses as _kl
+from .buffers import nbytes_of
 from .layers.base import Layer
 from .layers.chain import replay
 
@@ -43,9 +44,14 @@ class ForwardPlan:
     def __init__(self, model, n, workspace=None, train=False):
         self.n = n
         self._input = np.zeros((n,) + model.input_shape, np.float32)
+        spaces = []
         if workspace is None:
-            workspace = lambda layer: layer._alloc(n, False)  # noqa: E731
+            def workspace(layer):
+                spaces.append(layer._alloc(n, False))
+                return spaces[-1]
         ops, self.output, self._trace = model.chain.plan_forward(self._input, workspace, train)
+        # the buffers this plan allocated (what predict's runner pool counts)
+        self.nbytes = self._input.nbytes + nbytes_of(spaces)
         self._binders = [(op.bind, op.shape) for op in ops if op.bind is not None]
         self._forward = [op.run for op in ops]
 
