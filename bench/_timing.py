@@ -1,24 +1,12 @@
-"""Interleaved timing shared by the bench scripts."""
-import time
-
-import numpy as np
+"""Interleaved timing shared by the bench scripts (bench/run.py's Timer)."""
+from run import Timer
 
 
-def median_times(fns, repeats, min_time=0.002):
-    """Interleaved: each round runs every contender once (a few calls, timed together)."""
-    calls = {}
-    for name, fn in fns.items():
-        fn()
-        t = time.perf_counter()
-        fn()
-        per = time.perf_counter() - t
-        calls[name] = max(1, int(min_time / max(per, 1e-7)))
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            k = calls[name]
-            t = time.perf_counter()
-            for _ in range(k):
-                fn()
-            times[name].append((time.perf_counter() - t) / k)
-    return {name: float(np.median(v)) for name, v in times.items()}
+def median_times(fns, repeats, pause=0.1, min_sample=0.01, warm=0.03):
+    """Median seconds per call of each fn. Blocks of calls lasting at least
+    ``min_sample`` run contender by contender in a rotating order; before each block a
+    pause lets the previous contender's spinning threads (OpenMP's, ONNX Runtime's,
+    PyTorch's) go idle, then untimed calls for ``warm`` seconds bring the next one back
+    to steady state (without them, 2-thread calls of a few ms ran up to 2x slow)."""
+    timer = Timer(max(repeats, 5), pause, min_sample, warm)
+    return {name: med for name, (med, _, _) in timer.run(fns).items()}

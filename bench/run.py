@@ -121,10 +121,11 @@ def rel_err(a, ref):
 
 # ============================================================================ timing
 class Timer:
-    def __init__(self, repeats, pause, min_sample):
+    def __init__(self, repeats, pause, min_sample, warm=0.005):
         self.repeats = repeats
         self.pause = pause
         self.min_sample = min_sample
+        self.warm = warm
 
     def run(self, fns):
         """Median seconds per call of each fn, interleaved. ``fns``: dict name -> callable."""
@@ -160,12 +161,12 @@ class Timer:
     def _warm(self, fn, per_call):
         # After the pause the first milliseconds of calls run up to 2x slower (threads and
         # caches cold, the VM's core clocked down): a training loop never sees that, so
-        # calls are repeated, untimed, for a quarter of a sample and at least 5 ms (1 ms
-        # left PyTorch's batch-1 MLP step at 2.3x its steady time).
+        # calls are repeated, untimed, for a quarter of a sample and at least ``warm``
+        # (5 ms by default; 1 ms left PyTorch's batch-1 MLP step at 2.3x its steady time).
         if per_call >= 0.02:
             fn()
             return
-        end = time.perf_counter() + max(self.min_sample / 4, 0.005)
+        end = time.perf_counter() + max(self.min_sample / 4, self.warm)
         fn()
         while time.perf_counter() < end:
             fn()
