@@ -53,6 +53,10 @@ def test_adaptive_decisions_with_faked_load(fake_load):
     _runtime._set_fake_reading(2, 2)           # the other task is gone ...
     assert _runtime.step_threads(2) == 1       # ... one reading within the hold: stay
     assert _runtime.step_threads(2) == 2       # a second one agrees: up
+    _runtime._set_fake_reading(2, 1, confirm=1)   # a blip the confirming reading
+    rereads = _runtime.adaptive_state()["rereads"]
+    assert _runtime.step_threads(2) == 2           # no longer sees: no drop
+    assert _runtime.adaptive_state()["rereads"] == rereads + 1
     _runtime._set_fake_reading(4, 1)
     assert _runtime.step_threads(2) == 1
     time.sleep(0.06)                           # after a pause longer than the hold,

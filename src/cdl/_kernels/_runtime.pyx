@@ -232,11 +232,13 @@ cdef int _capacity = 1 << 30    # threads the last readings allow
 cdef int _team = 0              # team size whose worker ids are recorded
 cdef int _fake_runnable = -1    # tests: a made-up reading instead of /proc
 cdef int _fake_own = -1
+cdef int _fake_confirm = -1     # tests: what the confirming second reading sees (-1: the same)
 # what the last reading saw, for show_config and the benchmark
 cdef int _seen_runnable = -1
 cdef int _seen_own = -1
 cdef int _seen_others = -1
 cdef long _samples = 0
+cdef long _rereads = 0          # drops checked by a second reading
 cdef long _reduced_calls = 0
 cdef long _calls = 0
 
@@ -253,33 +255,57 @@ def decide(int requested, int runnable, int own_running, int online):
     return free if free > 1 else 1
 
 
-cdef int _sample(int requested, double now) noexcept nogil:
-    """Read the load and update the capacity; returns the capacity."""
-    global _last_sample, _capacity, _prev_time, _prev_allowed, _team, _samples
-    global _seen_runnable, _seen_own, _seen_others
-    cdef int runnable, workers, own, others, allowed, up_to
+cdef int _read_others(int requested, int* own_out, bint confirming) noexcept nogil:
+    """One reading: (runnable tasks, with cdl's own running threads in own_out), or -1."""
+    global _team
+    cdef int runnable, workers
     if _fake_runnable >= 0:
-        runnable = _fake_runnable
-        own = _fake_own if _fake_own >= 0 else 1
-    else:
-        runnable = cdl_read_runnable()
-        if runnable < 0:               # no /proc/loadavg: nothing to adapt to
-            _capacity = 1 << 30
-            return _capacity
-        if cdl_check_pid() or _team != requested:
-            cdl_collect_tids(requested)
-            _team = requested
+        own_out[0] = _fake_own if _fake_own >= 0 else 1
+        if confirming and _fake_confirm >= 0:
+            return _fake_confirm
+        return _fake_runnable
+    runnable = cdl_read_runnable()
+    if runnable < 0:
+        return -1
+    if cdl_check_pid() or _team != requested:
+        cdl_collect_tids(requested)
+        _team = requested
+    workers = cdl_workers_running()
+    if workers < 0:
+        cdl_collect_tids(requested)
         workers = cdl_workers_running()
         if workers < 0:
-            cdl_collect_tids(requested)
-            workers = cdl_workers_running()
-            if workers < 0:
-                workers = 0
-        own = 1 + workers
-    _samples += 1
+            workers = 0
+    own_out[0] = 1 + workers
+    return runnable
+
+
+cdef int _sample(int requested, double now) noexcept nogil:
+    """Read the load and update the capacity; returns the capacity."""
+    global _last_sample, _capacity, _prev_time, _prev_allowed, _samples, _rereads
+    global _seen_runnable, _seen_own, _seen_others
+    cdef int runnable, own, others, allowed, up_to, runnable2, own2, others2
+    runnable = _read_others(requested, &own, False)
+    if runnable < 0:                   # no /proc/loadavg: nothing to adapt to
+        _capacity = 1 << 30
+        return _capacity
     others = runnable - own
     if others < 0:
         others = 0
+    if _online - others < _capacity:
+        # A drop is confirmed by a second reading at once: the runnable count and the
+        # workers' states are read microseconds apart, and a worker that starts or stops
+        # spinning in between, or a kernel thread's blip, would otherwise cost the next
+        # few ms of calls a thread on an idle machine. Sustained load shows in both.
+        _rereads += 1
+        runnable2 = _read_others(requested, &own2, True)
+        if runnable2 >= 0:
+            others2 = runnable2 - own2
+            if others2 < 0:
+                others2 = 0
+            if others2 < others:
+                runnable, own, others = runnable2, own2, others2
+    _samples += 1
     _seen_runnable, _seen_own, _seen_others = runnable, own, others
     allowed = _online - others
     if allowed < 1:
@@ -365,14 +391,17 @@ def adaptive_state():
             "hold_s": _hold,
             "capacity": None if _capacity >= (1 << 30) else _capacity,
             "runnable": _seen_runnable, "own_running": _seen_own, "others": _seen_others,
-            "samples": _samples, "calls": _calls, "reduced_calls": _reduced_calls}
+            "samples": _samples, "rereads": _rereads, "calls": _calls,
+            "reduced_calls": _reduced_calls}
 
 
-def _set_fake_reading(int runnable, int own=-1):
-    """Tests: make the next readings ``runnable`` tasks, ``own`` of them cdl's (-1: real)."""
-    global _fake_runnable, _fake_own
+def _set_fake_reading(int runnable, int own=-1, int confirm=-1):
+    """Tests: make the next readings ``runnable`` tasks, ``own`` of them cdl's (-1: real);
+    ``confirm``: the runnable count a drop's confirming second reading sees (-1: the same)."""
+    global _fake_runnable, _fake_own, _fake_confirm
     _fake_runnable = runnable
     _fake_own = own
+    _fake_confirm = confirm
 
 
 def read_runnable():
