@@ -11,8 +11,10 @@ kernels' time (a 8 MB gradient: 2-7x). Two bounded pools remove them:
   and freed, so a huge predict does not keep its memory.
 - ``ResultPool`` hands out the arrays that public calls return. An array is
   reused only when nothing outside the pool refers to it any more (no variable,
-  no view): results a user holds are never overwritten.
+  no view): results a user holds are never overwritten. Results under 64 KB are
+  fresh arrays (no page faults to save).
 """
+import math
 import sys
 import threading
 from collections import OrderedDict
@@ -83,6 +85,11 @@ def nbytes_of(spaces):
     return total
 
 
+SMALL_RESULT_BYTES = 64 << 10
+"""Results smaller than this are fresh arrays: malloc serves them from its heap (below
+glibc's 128 KB mmap threshold), with no page faults to save and no pool to search."""
+
+
 class ResultPool:
     """Arrays to return from public calls, reused once their holders let go."""
 
@@ -92,7 +99,10 @@ class ResultPool:
         self._lock = threading.Lock()
 
     def get(self, shape, dtype):
-        key = (tuple(shape), np.dtype(dtype))
+        dtype = np.dtype(dtype)
+        if math.prod(shape) * dtype.itemsize < SMALL_RESULT_BYTES:
+            return np.empty(shape, dtype)
+        key = (tuple(shape), dtype)
         with self._lock:
             arrays = self._arrays.setdefault(key, [])
             for a in arrays:

@@ -368,12 +368,15 @@ class Sequential:
         where = "Sequential.predict"
         x = self._check_x(x, where)
         n = x.shape[0]
-        bs = 256 if batch_size is None else batch_size
-        if isinstance(bs, (bool, np.bool_)) or not isinstance(bs, numbers.Integral):
-            raise TypeError(f"{where}: batch_size must be an int, got {batch_size!r}")
-        bs = int(bs)
-        if bs < 1:
-            raise ValueError(f"{where}: batch_size must be >= 1, got {batch_size!r}")
+        if batch_size is None:
+            bs = 256
+        else:
+            if isinstance(batch_size, (bool, np.bool_)) or \
+                    not isinstance(batch_size, numbers.Integral):
+                raise TypeError(f"{where}: batch_size must be an int, got {batch_size!r}")
+            bs = int(batch_size)
+            if bs < 1:
+                raise ValueError(f"{where}: batch_size must be >= 1, got {batch_size!r}")
         out = self._result(out, (n,) + self.output_shape, where)
         if n == 0:
             return out
