@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Regenerate the README's benchmark tables from the committed results files.
 
-Every number in README.md's benchmark section comes from a results file that
-``bench/run.py`` wrote (bench/results/*.json). This script rewrites the text between
+Every number in README.md's benchmark tables comes from a results file that
+``bench/run.py``, ``bench/bench_resnet.py`` or ``bench/bench_inference.py`` wrote
+(bench/results/*.json). This script rewrites the text between
 the marker comments
 
     <!-- readme_tables:NAME:begin --> ... <!-- readme_tables:NAME:end -->
@@ -163,7 +164,54 @@ def scaling_block(doc):
     return "\n".join(lines)
 
 
-BLOCKS = {"summary": (LATEST, summary_block), "scaling": (SCALING, scaling_block)}
+def _ratio(v):
+    return "—" if v is None else f"{v:.2f}"
+
+
+def resnet_block(doc):
+    """bench/bench_resnet.py's run: ResNet-8 and LeNet-5 (± BatchNorm + Dropout) vs PyTorch."""
+    m = doc["meta"]
+    lines = [f"`{m['command'].strip()}` ({m['date']}): {m['threads']} threads, {m['cores']} "
+             f"cores, load average {m['loadavg_before'][0]:.2f} before and "
+             f"{m['loadavg_after'][0]:.2f} after, PyTorch {m['torch']}.", "",
+             "| net | batch | op | cdl ms | PyTorch ms | cdl/PyTorch |",
+             "|---|--:|---|--:|--:|--:|"]
+    for r in doc["rows"]:
+        t = r["torch_ms"]
+        lines.append(f"| {r['net']} | {r['batch']} | `{r['op']}` | {ms(r['cdl_ms'])} | "
+                     f"{'n/a' if t is None else ms(t)} | {_ratio(r['cdl/torch'])} |")
+    if "bn_dropout_overhead_lenet_n64" in m:
+        lines += ["", f"BatchNorm + Dropout add {m['bn_dropout_overhead_lenet_n64']:.0%} to the "
+                      f"LeNet-5 `train_step` at batch 64."]
+    return "\n".join(lines)
+
+
+def inference_block(doc):
+    """bench/bench_inference.py's run: predict vs ONNX Runtime and PyTorch, public paths."""
+    m = doc["meta"]
+    lines = [f"`{m['command'].strip()}` ({m['date']}): {m['threads']} threads, {m['cores']} "
+             f"cores, load average {m['loadavg_before'][0]:.2f} before and "
+             f"{m['loadavg_after'][0]:.2f} after, ONNX Runtime {m['onnxruntime']}, PyTorch "
+             f"{m['torch']}. `predict`/plan: the public call over its plan alone.", "",
+             "| net | batch | cdl ms | ORT ms | PyTorch ms | cdl/ORT | cdl/PyTorch | predict/plan |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in doc["rows"]:
+        lines.append(f"| {r['net']} | {r['batch']} | {ms(r['cdl'])} | "
+                     f"{'n/a' if r.get('ORT') is None else ms(r['ORT'])} | "
+                     f"{'n/a' if r.get('PyTorch') is None else ms(r['PyTorch'])} | "
+                     f"{_ratio(r['cdl/ORT'])} | {_ratio(r['cdl/PyTorch'])} | "
+                     f"{_ratio(r['predict/plan'])} |")
+    for p in doc.get("public_paths", []):
+        lines += ["", f"{p['case']} through the public `forward` and `backward`: "
+                      f"{ms(p['public_ms'])} ms against {ms(p['kernels_ms'])} ms for its kernels "
+                      f"on preallocated buffers ({p['public/kernels']:.2f}x)."]
+    return "\n".join(lines)
+
+
+RESNET = ROOT / "bench" / "results" / "resnet.json"
+INFERENCE = ROOT / "bench" / "results" / "inference.json"
+BLOCKS = {"summary": (LATEST, summary_block), "scaling": (SCALING, scaling_block),
+          "resnet": (RESNET, resnet_block), "inference": (INFERENCE, inference_block)}
 
 
 def render(text, blocks=BLOCKS):
