@@ -85,8 +85,9 @@ def blas_lowered_count():
 # and runs on min(n, online CPUs - other runnable tasks) threads, at least 1.
 # The count goes down or up only as far as the previous reading also allowed, unless
 # that reading is older than ``hold`` seconds (after a pause one reading is enough);
-# a reading that would lower it is checked by a second one taken at once. The work is split in chunks fixed by the shapes, so any thread
-# count gives bit-identical results: this changes speed only.
+# a reading that would lower it is checked by a second one taken at once. The work is
+# split in chunks fixed by the shapes, so any thread count gives bit-identical results:
+# this changes speed only.
 cdef extern from *:
     """
     #include <fcntl.h>
@@ -289,27 +290,22 @@ cdef int _sample(int requested, double now) noexcept nogil:
     if runnable < 0:                   # no /proc/loadavg: nothing to adapt to
         _capacity = 1 << 30
         return _capacity
-    others = runnable - own
-    if others < 0:
-        others = 0
-    if _online - others < _capacity:
-        # A drop is confirmed by a second reading at once: the runnable count and the
-        # workers' states are read microseconds apart, and a worker that starts or stops
-        # spinning in between, or a kernel thread's blip, would otherwise cost the next
-        # few ms of calls a thread on an idle machine. Sustained load shows in both.
+    others = runnable - own if runnable > own else 0
+    allowed = _online - others if _online - others > 1 else 1
+    if allowed < _capacity:
+        # A lowering reading is checked by a second one at once: the runnable count and
+        # the workers' states are read microseconds apart, and a worker that starts or
+        # stops spinning in between, or a kernel thread's blip, would otherwise cost the
+        # next few ms of calls a thread on an idle machine. Sustained load shows in both.
         _rereads += 1
         runnable2 = _read_others(requested, &own2, True)
         if runnable2 >= 0:
-            others2 = runnable2 - own2
-            if others2 < 0:
-                others2 = 0
+            others2 = runnable2 - own2 if runnable2 > own2 else 0
             if others2 < others:
                 runnable, own, others = runnable2, own2, others2
+                allowed = _online - others if _online - others > 1 else 1
     _samples += 1
     _seen_runnable, _seen_own, _seen_others = runnable, own, others
-    allowed = _online - others
-    if allowed < 1:
-        allowed = 1
     if allowed < _capacity:
         # Down when the previous reading (within the hold) agrees: another task seen in
         # one reading only is mostly a blip of a few ms (this VM: 6% of readings during a
