@@ -1383,6 +1383,11 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
     cv.ph = ph; cv.pw = pw
     cv.relu = relu
     cv.pool = False
+    # the same geometry for the packed column path (stride 1 along the width)
+    g.n = N; g.cin = C; g.h = x.shape[2]; g.w = x.shape[3]; g.cout = K
+    g.kh = KH; g.kw = KW; g.oh = OH; g.ow = OW; g.sh = sh; g.offh = ph; g.offw = pw
+    g.relu = relu
+    g.pool = False
     if pool:
         cv.oh2 = out.shape[2]; cv.ow2 = out.shape[3]
         if floating is float and C > 0 and N >= 8 and _use_cv(&cv, True):
@@ -1399,9 +1404,6 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
             cv.pool = False
         if floating is float and C > 0 and sw == 1 and not _use_cv(&cv, True):
             # Column path: the tiles pool their row pairs in registers.
-            g.n = N; g.cin = C; g.h = x.shape[2]; g.w = x.shape[3]; g.cout = K
-            g.kh = KH; g.kw = KW; g.oh = OH; g.ow = OW; g.sh = sh; g.offh = ph; g.offw = pw
-            g.relu = relu
             g.pool = True
             g.oh2 = out.shape[2]; g.ow2 = out.shape[3]
             with nogil:
@@ -1419,10 +1421,6 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
             raise MemoryError()
         return 0
     if floating is float and sw == 1 and C > 0:
-        g.n = N; g.cin = C; g.h = x.shape[2]; g.w = x.shape[3]; g.cout = K
-        g.kh = KH; g.kw = KW; g.oh = OH; g.ow = OW; g.sh = sh; g.offh = ph; g.offw = pw
-        g.relu = relu
-        g.pool = False
         with nogil:
             rc = _packed_corr(&g, &weight[0, 0, 0, 0], False, &x[0, 0, 0, 0], bp,
                               &out[0, 0, 0, 0], num_threads)
