@@ -80,41 +80,22 @@ cdef extern from *:
         return a;                                                                   \\
     }                                                                               \\
     /* Shifted sums over `rows` rows `st` apart, in row order: s1[j] += x - k,      \\
-       s2[j] += (x - k)^2 (k: the channel's first value, so the variance            \\
-       Σ(x-k)² - (Σ(x-k))²/M loses nothing to cancellation in double unless a       \\
-       channel's values lie ~1e4 standard deviations from its first one). Four      \\
-       rows per sweep: the accumulators are loaded and stored once per four. */     \\
-    static void cdl_bn_sum2_##SFX(double *__restrict s1, double *__restrict s2,     \\
-                                  const T *x, Py_ssize_t st, Py_ssize_t rows,     \\
-                                  double k,                                       \\
-                                  Py_ssize_t n) {                                   \\
+       s2[j] += (x - k)^2, k = kv[j] when kv is given, else k (kv: channels shorter \\
+       than CDL_BN_RUN, one k per element). k is the channel's first value, so the  \\
+       variance Σ(x-k)² - (Σ(x-k))²/M loses nothing to cancellation in double unless\\
+       a channel's values lie ~1e4 standard deviations from its first one. Four rows\\
+       per sweep: the accumulators are loaded and stored once per four. Inlined, so \\
+       each call site's kv (NULL or not) is a constant the compiler folds. */       \\
+    static inline void cdl_bn_sum2_##SFX(double *__restrict s1,                     \\
+                                         double *__restrict s2,                     \\
+                                         const T *x, Py_ssize_t st, Py_ssize_t rows,\\
+                                         const double *__restrict kv, double k,     \\
+                                         Py_ssize_t n) {                            \\
         Py_ssize_t j;                                                               \\
         for (; rows >= 4; rows -= 4, x += 4 * st) {                                 \\
             const T *x1 = x + st, *x2 = x1 + st, *x3 = x2 + st;                     \\
             for (j = 0; j < n; j++) {                                               \\
-                double a = s1[j], q = s2[j], d;                                     \\
-                d = (double)x[j] - k;  a += d; q += d * d;                          \\
-                d = (double)x1[j] - k; a += d; q += d * d;                          \\
-                d = (double)x2[j] - k; a += d; q += d * d;                          \\
-                d = (double)x3[j] - k; a += d; q += d * d;                          \\
-                s1[j] = a; s2[j] = q;                                               \\
-            }                                                                       \\
-        }                                                                           \\
-        for (; rows > 0; rows--, x += st)                                           \\
-            for (j = 0; j < n; j++) {                                               \\
-                double d = (double)x[j] - k;                                        \\
-                s1[j] += d; s2[j] += d * d;                                         \\
-            }                                                                       \\
-    }                                                                               \\
-    /* the same with one k per element (channels shorter than CDL_BN_RUN) */        \\
-    static void cdl_bn_sum2_v_##SFX(double *__restrict s1, double *__restrict s2,   \\
-                                    const T *x, Py_ssize_t st, Py_ssize_t rows,     \\
-                                    const double *__restrict k, Py_ssize_t n) {     \\
-        Py_ssize_t j;                                                               \\
-        for (; rows >= 4; rows -= 4, x += 4 * st) {                                 \\
-            const T *x1 = x + st, *x2 = x1 + st, *x3 = x2 + st;                     \\
-            for (j = 0; j < n; j++) {                                               \\
-                double a = s1[j], q = s2[j], kj = k[j], d;                          \\
+                double a = s1[j], q = s2[j], kj = kv ? kv[j] : k, d;                \\
                 d = (double)x[j] - kj;  a += d; q += d * d;                         \\
                 d = (double)x1[j] - kj; a += d; q += d * d;                         \\
                 d = (double)x2[j] - kj; a += d; q += d * d;                         \\
@@ -124,7 +105,7 @@ cdef extern from *:
         }                                                                           \\
         for (; rows > 0; rows--, x += st)                                           \\
             for (j = 0; j < n; j++) {                                               \\
-                double d = (double)x[j] - k[j];                                     \\
+                double d = (double)x[j] - (kv ? kv[j] : k);                         \\
                 s1[j] += d; s2[j] += d * d;                                         \\
             }                                                                       \\
     }                                                                               \\
@@ -279,7 +260,7 @@ cdef extern from *:
                 len = L - l0 < CDL_BN_TILE ? L - l0 : CDL_BN_TILE;                  \\
                 memset(acc, 0, (size_t)len * sizeof(double));                       \\
                 memset(acc2, 0, (size_t)len * sizeof(double));                      \\
-                cdl_bn_sum2_##SFX(acc, acc2, xb + l0, CL, N, k, len);               \\
+                cdl_bn_sum2_##SFX(acc, acc2, xb + l0, CL, N, NULL, k, len);         \\
                 cdl_bn_fold(l1, acc, len);                                          \\
                 cdl_bn_fold(l2, acc2, len);                                         \\
             }                                                                       \\
@@ -293,11 +274,11 @@ cdef extern from *:
             if (L >= CDL_BN_RUN) {                                                  \\
                 for (c = 0; c < nc; c++)                                            \\
                     cdl_bn_sum2_##SFX(acc + c * L, acc2 + c * L, xb + c * L, CL, N, \\
-                                      (double)xb[c * L], L);                        \\
+                                      NULL, (double)xb[c * L], L);                  \\
             } else {                                                                \\
                 for (c = 0; c < nc; c++)                                            \\
                     for (l0 = 0; l0 < L; l0++) mexp[c * L + l0] = (double)xb[c * L];\\
-                cdl_bn_sum2_v_##SFX(acc, acc2, xb, CL, N, mexp, S);                 \\
+                cdl_bn_sum2_##SFX(acc, acc2, xb, CL, N, mexp, 0.0, S);              \\
             }                                                                       \\
             for (c = 0; c < nc; c++) {                                              \\
                 s1 = cdl_bn_fold_total(acc + c * L, L);                             \\
