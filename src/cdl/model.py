@@ -382,13 +382,6 @@ class Sequential:
             return out
         step = _config.step_threads
         try:
-            if n <= bs:         # one batch (most calls): no slices
-                runner = self._runners.acquire(n, self._make_runner)
-                try:
-                    np.copyto(out, runner.run(x, step()))
-                finally:
-                    self._runners.release(runner, n)
-                return out
             for s in range(0, n, bs):
                 e = min(s + bs, n)
                 runner = self._runners.acquire(e - s, self._make_runner)
