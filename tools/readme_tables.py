@@ -168,12 +168,17 @@ def _ratio(v):
     return "—" if v is None else f"{v:.2f}"
 
 
+def _run_line(m):
+    """The command, date, threads, cores and load average a bench script's JSON records."""
+    return (f"`{m['command'].strip()}` ({m['date']}): {m['threads']} threads, {m['cores']} "
+            f"cores, load average {m['loadavg_before'][0]:.2f} before and "
+            f"{m['loadavg_after'][0]:.2f} after")
+
+
 def resnet_block(doc):
     """bench/bench_resnet.py's run: ResNet-8 and LeNet-5 (± BatchNorm + Dropout) vs PyTorch."""
     m = doc["meta"]
-    lines = [f"`{m['command'].strip()}` ({m['date']}): {m['threads']} threads, {m['cores']} "
-             f"cores, load average {m['loadavg_before'][0]:.2f} before and "
-             f"{m['loadavg_after'][0]:.2f} after, PyTorch {m['torch']}.", "",
+    lines = [f"{_run_line(m)}, PyTorch {m['torch']}.", "",
              "| net | batch | op | cdl ms | PyTorch ms | cdl/PyTorch |",
              "|---|--:|---|--:|--:|--:|"]
     for r in doc["rows"]:
@@ -189,10 +194,8 @@ def resnet_block(doc):
 def inference_block(doc):
     """bench/bench_inference.py's run: predict vs ONNX Runtime and PyTorch, public paths."""
     m = doc["meta"]
-    lines = [f"`{m['command'].strip()}` ({m['date']}): {m['threads']} threads, {m['cores']} "
-             f"cores, load average {m['loadavg_before'][0]:.2f} before and "
-             f"{m['loadavg_after'][0]:.2f} after, ONNX Runtime {m['onnxruntime']}, PyTorch "
-             f"{m['torch']}. `predict`/plan: the public call over its plan alone.", "",
+    lines = [f"{_run_line(m)}, ONNX Runtime {m['onnxruntime']}, PyTorch {m['torch']}. "
+             f"`predict`/plan: the public call over its plan alone.", "",
              "| net | batch | cdl ms | ORT ms | PyTorch ms | cdl/ORT | cdl/PyTorch | predict/plan |",
              "|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in doc["rows"]:
