@@ -96,6 +96,12 @@ FIXED = [
     ((2, 5, 9, 13), (17, 5, 3, 3), 1, 1),
     ((5, 3, 11, 10), (33, 3, 3, 2), (2, 3), (0, 2)),
     ((1, 4, 12, 12), (20, 4, 7, 7), 1, 2),
+    # 1x1 without padding (a GEMM per image): strides, column chunks at batch 1,
+    # more channels than one reduction block.
+    ((1, 16, 32, 32), (32, 16, 1, 1), 2, 0),
+    ((3, 7, 9, 11), (5, 7, 1, 1), (2, 3), 0),
+    ((2, 260, 6, 5), (20, 260, 1, 1), 1, 0),
+    ((1, 3, 1, 1), (4, 3, 1, 1), 1, 0),
 ]
 
 
@@ -222,6 +228,10 @@ def test_gradients_central_difference(xs, ws, s, p):
     ((64, 6, 14, 14), (16, 6, 5, 5), 1, 0),           # channel-vector path
     ((13, 5, 13, 17), (33, 5, 3, 3), (2, 3), (2, 1)),  # channel vectors, strides
     ((1, 32, 16, 16), (64, 32, 3, 3), 1, 1),           # batch 1: tile groups
+    ((1, 16, 32, 32), (16, 16, 3, 3), 1, 1),           # batch 1: rows split too
+    ((2, 16, 32, 32), (16, 16, 3, 3), 1, 1),
+    ((1, 16, 32, 32), (32, 16, 1, 1), 2, 0),           # 1x1: column chunks
+    ((3, 32, 16, 16), (64, 32, 1, 1), 1, 0),
 ])
 def test_bitwise_identical_for_1_and_2_threads(xs, ws, s, p, dtype):
     rng = np.random.default_rng(7)

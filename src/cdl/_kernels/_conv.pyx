@@ -102,6 +102,15 @@ cdef extern from "cdl_simd.h" nogil:
     vf vset1 "cdl_vf_set1"(float a)
     float vsum "cdl_vf_sum"(vf v)
 
+cdef extern from "cdl_gemm.h" nogil:
+    const int GEMM_NR "CDL_GEMM_NR"
+    Py_ssize_t sgemm_scratch "cdl_sgemm_scratch"(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k)
+    void sgemm "cdl_sgemm"(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                           const float* a, Py_ssize_t rs_a, Py_ssize_t cs_a,
+                           const float* b, Py_ssize_t rs_b, Py_ssize_t cs_b,
+                           float* c, Py_ssize_t rs_c, Py_ssize_t cs_c, int beta_one,
+                           int relu, float* scratch)
+
 cdef extern from "cdl_cvtile.h" nogil:
     # Register tiles of the channel-vector path, one C copy per shape (A, B, V).
     int cv_rows "cdl_cv_rows"(int v, int b)
@@ -130,6 +139,8 @@ cdef extern from "cdl_cvtile.h" nogil:
 
 # Below this many multiply-adds a second thread costs more than it saves.
 cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 18
+# Work items a correlation is cut into at least (rows split when the batch is small).
+cdef Py_ssize_t MIN_ITEMS = 8
 
 
 cdef inline int _threads(Py_ssize_t macs, Py_ssize_t items, int num_threads) noexcept nogil:
@@ -168,6 +179,9 @@ ctypedef struct Corr:
     # cout x oh x ow per image; src is read at (oh*sh + i - offh, ow + j - offw).
     Py_ssize_t n, cin, h, w, cout, kh, kw, oh, ow, sh, offh, offw
     Py_ssize_t kr, rb, kg, rs, qs
+    # rg: row tiles per work item (all of them unless the batch is too small to
+    # give every thread work by images and channel groups alone).
+    Py_ssize_t rg
     # relu: ReLU on the result; pool: dst is the 2x2 stride-2 max-pool (floor)
     # of the result, oh2 x ow2 per plane.
     bint relu, pool
@@ -367,9 +381,12 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
     # staged: the image this thread's xs holds (-1: none yet, borders not written).
     # bpk: the bias per output channel, zeros past cout (and all zeros without one).
     cdef Py_ssize_t ngroups = _cdiv(g.cout, g.kg)
-    cdef Py_ssize_t n = it // ngroups, kgi = it % ngroups
+    cdef Py_ssize_t ohc = 2 * g.oh2 if g.pool else g.oh
+    cdef Py_ssize_t nrg = _cdiv(_cdiv(ohc, g.rb), g.rg)
+    cdef Py_ssize_t n = it // (ngroups * nrg), kgi = it // nrg % ngroups, rgi = it % nrg
     cdef Py_ssize_t k_lo = kgi * g.kg, k_hi = _imin(g.cout, k_lo + g.kg)
-    cdef Py_ssize_t k0, oh0, ow0, a, r, k, nv, q, kb, ty, tx, i_lo, i_hi, nr, ohc, owc, dk, dr
+    cdef Py_ssize_t ty_lo = rgi * g.rg, ty_hi = _imin(_cdiv(ohc, g.rb), ty_lo + g.rg)
+    cdef Py_ssize_t k0, oh0, ow0, a, r, k, nv, q, kb, ty, tx, i_lo, i_hi, nr, owc, dk, dr
     cdef Py_ssize_t ty0, ty1
     cdef Py_ssize_t xs_c = g.rs * g.qs, wsz = g.cin * g.kh * g.kw * g.kr
     cdef const float* wb
@@ -384,7 +401,6 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
                staged[0] < 0)
         staged[0] = n
     # Pooled: only the rows and columns the 2x2 windows cover (floor) are computed.
-    ohc = 2 * g.oh2 if g.pool else g.oh
     owc = 2 * g.ow2 if g.pool else g.ow
     # Row tiles that read every kernel row (i_lo == 0, i_hi == kh): a range,
     # [ty0, ty1); with whole column vectors (owc >= VF) they go to the
@@ -397,6 +413,10 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
         ty1 = ty1 + 1
     if not direct or owc < VF:
         ty1 = ty0
+    # This item's row tiles only (each tile is computed alone: any split gives
+    # the same bits).
+    ty0 = _imin(_imax(ty0, ty_lo), ty_hi)
+    ty1 = _imax(_imin(ty1, ty_hi), ty0)
     for kb in range(_cdiv(k_hi - k_lo, g.kr)):
         k0 = k_lo + kb * g.kr
         wb = wpk + (k0 // g.kr) * wsz
@@ -411,7 +431,7 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
                           wb, bpk + k0, g.relu, d, dk, dr, _imin(g.kr, k_hi - k0), ohc, owc,
                           ty0, ty1):
                 ty1 = ty0           # (not reached: every tile shape has its block)
-        for ty in range(_cdiv(ohc, g.rb)):
+        for ty in range(ty_lo, ty_hi):
             if ty0 <= ty < ty1:
                 continue
             oh0 = ty * g.rb
@@ -463,7 +483,7 @@ cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bpk
     # Runs the correlation described by g; wpk holds the filters packed as
     # [cout block][cin][kh][kw][kr], bpk the bias of each output channel (zeros
     # past cout). Returns -1 if scratch memory is missing.
-    cdef Py_ssize_t items, it, xs_size, tb_size, tid, per
+    cdef Py_ssize_t items, it, xs_size, tb_size, tid, per, nty
     cdef int nt
     cdef float* buf
     cdef Py_ssize_t* staged
@@ -475,6 +495,13 @@ cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bpk
     # Rows start on cache lines so the j = 0 loads are aligned.
     g.qs = _align16(_cdiv(g.ow, VF) * VF + g.kw - 1)
     items = g.n * _cdiv(g.cout, g.kg)
+    # Too few items for the threads (one or two images): split the rows as well,
+    # into a count fixed by the shapes, so results never depend on the threads.
+    nty = _cdiv(2 * g.oh2 if g.pool else g.oh, g.rb)
+    g.rg = nty
+    if items < MIN_ITEMS:
+        g.rg = _cdiv(nty, _cdiv(MIN_ITEMS, items))
+    items = items * _cdiv(nty, g.rg)
     nt = _threads(g.n * g.cout * g.oh * g.ow * g.cin * g.kh * g.kw, items, num_threads)
     xs_size = _align16(g.cin * g.rs * g.qs + VF)
     tb_size = 24 * VF
@@ -1307,6 +1334,68 @@ cdef int _packed_corr(Corr* g, const float* weight, bint flip, const float* src,
     return rc
 
 
+cdef int _pointwise_f32(const float* x, const float* weight, const float* bias, float* out,
+                        Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t K,
+                        Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t sh, Py_ssize_t sw, bint relu,
+                        int num_threads) noexcept nogil:
+    # A 1x1 convolution without padding (a ResNet shortcut) is a GEMM per image:
+    # out[n] (K x P) = weight (K x C) . x[n] (C x P), P = OH * OW positions, x's
+    # strided positions gathered first. The tile paths stage and walk whole
+    # images for one tap (10-40 GFLOP/s); this runs at GEMM speed. Items are
+    # images x column chunks fixed by the shapes; each output element is summed
+    # over c in order (cdl_gemm.h), then the bias is added and ReLU applied, as
+    # on the tile paths. Returns -1 when memory is missing.
+    cdef Py_ssize_t P = OH * OW, HW = H * W, cw, nch, items, it, n, j0, nc, c, j, k, per, tid, r
+    cdef bint strided = sh != 1 or sw != 1
+    cdef int nt
+    cdef void* mem
+    cdef float* buf
+    cdef float* gb
+    cdef float* o
+    cdef const float* xc
+    cdef float v, bk
+    cw = P
+    if N < MIN_ITEMS:
+        cw = _cdiv(_cdiv(P, _cdiv(MIN_ITEMS, N)), GEMM_NR) * GEMM_NR
+    nch = _cdiv(P, cw)
+    items = N * nch
+    nt = _threads(N * K * C * P, items, num_threads)
+    per = _align16(sgemm_scratch(K, cw, C) + (C * cw if strided else 0) + 16)
+    mem = malloc(nt * per * sizeof(float) + 64)
+    if mem == NULL:
+        return -1
+    buf = _aligned(mem)
+    for it in prange(items, schedule="dynamic", num_threads=nt):
+        tid = omp_get_thread_num()
+        n = it // nch
+        j0 = (it % nch) * cw
+        nc = _imin(cw, P - j0)
+        gb = buf + tid * per
+        if strided:
+            for c in range(C):
+                xc = x + (n * C + c) * HW
+                o = gb + c * nc - j0
+                for r in range(j0 // OW, _cdiv(j0 + nc, OW)):
+                    for j in range(_imax(j0, r * OW), _imin(j0 + nc, r * OW + OW)):
+                        o[j] = xc[r * sh * W + (j - r * OW) * sw]
+            sgemm(K, nc, C, weight, C, 1, gb, nc, 1, out + n * K * P + j0, P, 1, 0, 0,
+                  gb + _align16(C * cw))
+        else:
+            sgemm(K, nc, C, weight, C, 1, x + n * C * HW + j0, HW, 1, out + n * K * P + j0, P,
+                  1, 0, 0, gb)
+        if bias != NULL or relu:
+            for k in range(K):
+                o = out + (n * K + k) * P + j0
+                bk = bias[k] if bias != NULL else 0
+                for j in range(nc):
+                    v = o[j] + bk
+                    if relu and v <= 0:
+                        v = 0
+                    o[j] = v
+    free(mem)
+    return 0
+
+
 # ----------------------------------------------------------------------------
 # Entry points
 # ----------------------------------------------------------------------------
@@ -1413,6 +1502,14 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
                 raise MemoryError()
             return 0
         return _conv_pool_chunked(x, weight, bias, out, sh, sw, ph, pw, num_threads, relu, OH, OW)
+    if floating is float and C > 0 and KH == 1 and KW == 1 and ph == 0 and pw == 0 \
+            and _cv_mode == 0:
+        with nogil:
+            rc = _pointwise_f32(&x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp, &out[0, 0, 0, 0], N, C,
+                                x.shape[2], x.shape[3], K, OH, OW, sh, sw, relu, num_threads)
+        if rc != 0:
+            raise MemoryError()
+        return 0
     if floating is float and C > 0 and _use_cv(&cv, True):
         with nogil:
             rc = _cv_forward(&cv, &x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp, &out[0, 0, 0, 0],
