@@ -46,6 +46,66 @@ def test_held_results_are_never_overwritten_and_dropped_ones_are_reused(call):
     assert e.ctypes.data in (address, c.ctypes.data) or not np.shares_memory(e, c)
 
 
+def _pool_ref(x):
+    """2x2 max-pool of x and the gradient routing of an upstream g (first max wins)."""
+    n, c, h, w = x.shape
+    win = x.reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(
+        n, c, h // 2, w // 2, 4)
+    first = win.argmax(-1)
+
+    def backward(g):
+        dx = np.zeros((n, c, h // 2, w // 2, 4), x.dtype)
+        np.put_along_axis(dx, first[..., None], g[..., None], -1)
+        return dx.reshape(n, c, h // 2, w // 2, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(
+            x.shape)
+    return win.max(-1), backward
+
+
+@pytest.mark.parametrize("first", [None, "sigmoid"])
+def test_direct_results_of_forward_and_backward_stay_the_callers(first):
+    # Large enough for the result pool (> 64 KB). MaxPool2d writes its output and
+    # input gradient straight into the returned arrays; Sigmoid keeps views of its
+    # buffers (writes_through_ws False), so its input gradient is copied instead.
+    layers = [cdl.MaxPool2d(2)] if first is None else [cdl.Sigmoid(), cdl.MaxPool2d(2)]
+    m = cdl.Sequential(layers, (8, 32, 32))
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((4, 8, 32, 32)).astype(np.float32) for _ in range(2)]
+    gs = [rng.standard_normal((4, 8, 16, 16)).astype(np.float32) for _ in range(2)]
+    held = []
+    for x, g in zip(xs, gs):
+        h = x if first is None else 1 / (1 + np.exp(-x.astype(np.float64)))
+        y_ref, backward = _pool_ref(h)
+        dx_ref = backward(g.astype(np.float64))
+        if first is not None:
+            dx_ref = dx_ref * h * (1 - h)
+        y = m.forward(x)
+        dx = m.backward(g)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-7)
+        held.append((y, y.copy(), dx, dx.copy()))
+    for y, y_kept, dx, dx_kept in held:   # later calls wrote elsewhere
+        np.testing.assert_array_equal(y, y_kept)
+        np.testing.assert_array_equal(dx, dx_kept)
+
+
+def test_out_overlapping_an_operand_is_filled_by_a_copy():
+    # out=g for backward and out=x for forward: a direct write would clobber what the
+    # pass still reads, so the result goes through the layer's buffer.
+    m = cdl.Sequential([cdl.AvgPool2d(3, stride=1, padding=1)], (4, 16, 16))
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 4, 16, 16)).astype(np.float32)
+    g = rng.standard_normal((3, 4, 16, 16)).astype(np.float32)
+    y_ref = m.forward(x).copy()
+    dx_ref = m.backward(g).copy()
+    x2 = x.copy()
+    assert m.forward(x2, out=x2) is x2
+    np.testing.assert_array_equal(x2, y_ref)
+    m.forward(x)
+    g2 = g.copy()
+    assert m.backward(g2, out=g2) is g2
+    np.testing.assert_array_equal(g2, dx_ref)
+
+
 def test_out_arguments():
     m = net()
     x = data()

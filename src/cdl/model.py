@@ -320,11 +320,11 @@ class Sequential:
         return loss.check_targets(y, n, self.output_shape[0], self.dtype, where, name)
 
     # -- passes ---------------------------------------------------------------------
-    def _forward(self, x, nt):
+    def _forward(self, x, nt, out=None):
         n = x.shape[0]
-        out = self.chain.forward(x, nt, True, lambda layer: layer._workspace(n))
+        y = self.chain.forward(x, nt, True, lambda layer: layer._workspace(n), out)
         self._last_n = n
-        return out
+        return y
 
     def _backward(self, g, nt, need_input_grad=False):
         """Back-propagate g; the input gradient only if asked (otherwise layers before
@@ -339,7 +339,8 @@ class Sequential:
         if x.shape[0] == 0:
             raise ValueError(f"{where}: x is an empty batch")
         out = self._result(out, (x.shape[0],) + self.output_shape, where)
-        np.copyto(out, self._forward(x, _config.step_threads()))
+        # the last layer writes straight into out when its backward does not read it
+        self._forward(x, _config.step_threads(), out)
         _config.restore_blas()
         return out
 
@@ -352,7 +353,8 @@ class Sequential:
             raise RuntimeError(f"{where}: call forward first")
         g = check_grad(grad, (n,) + self.output_shape, self.dtype, where)
         out = self._result(out, (n,) + self.input_shape, where)
-        np.copyto(out, self._backward(g, _config.step_threads(), need_input_grad=True))
+        # the first layer writes its input gradient straight into out (no copy)
+        self.chain.backward(g, _config.step_threads(), True, self._l2, out=out)
         _config.restore_blas()
         return out
 

@@ -17,6 +17,13 @@ passes
     overwrites ``grads`` and returns dL/dx (or None when not needed). A layer
     with ``fuses_l2 = True`` adds 2λW to its decayed gradients itself;
     otherwise the model does, right after its backward.
+direct results
+    ``writes_through_ws = True`` promises that ``_forward`` writes its output
+    only through ``ws["out"]`` and ``_backward`` its input gradient only
+    through ``ws["dx"]`` (no views of them kept elsewhere). The model's public
+    ``backward`` then lets the first pass write into the array it returns, and
+    its ``forward`` the last pass, if also ``backward_reads_output`` is False.
+    Otherwise the result is copied.
 plan ops
     ``plan_forward(x, ws, train)`` and ``plan_backward(g, x, ws, need_input_grad)``
     return the same work as lists of bound calls (objects with ``run(nt)``;
@@ -137,6 +144,8 @@ class Layer:
 
     decay = ()                 # parameter names that L2 applies to
     fuses_l2 = False           # True: _backward adds 2*l2*W to the decayed grads itself
+    writes_through_ws = False      # see "direct results" above
+    backward_reads_output = True   # False: _backward never reads ws["out"]
     activation = None          # "relu" etc. for activations ("auto" init before a ReLU is He)
     transparent = False        # passes an activation through for "auto" init (Flatten, pooling)
     names_source = True        # error messages about the next layer name this one's output

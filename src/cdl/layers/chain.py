@@ -121,30 +121,54 @@ class Chain:
         return x
 
     # -- passes (layer by layer) -------------------------------------------------------
-    def forward(self, x, nt, train, workspace):
+    def forward(self, x, nt, train, workspace, out=None):
+        """The passes on x; returns the output, in ``out`` when given. The last pass
+        writes straight into ``out`` when it ``writes_through_ws``, its backward
+        does not read its output (``backward_reads_output``) and ``out`` overlaps
+        none of its operands; otherwise the output is copied there."""
         if train:
             for layer in self.absorbed:
                 layer._last = None
-        for _, layer in self.passes_for(train):
+        passes = self.passes_for(train)
+        last = passes[-1][1] if passes else None
+        for _, layer in passes:
             ws = workspace(layer)
-            y = layer._forward(x, ws, nt, train)
+            run_ws = ws
+            if out is not None and layer is last and layer.writes_through_ws \
+                    and not layer.backward_reads_output and _can_write(ws, "out", out, x):
+                run_ws = dict(ws, out=out)
+            y = layer._forward(x, run_ws, nt, train)
             if train:
                 layer._last = (x, ws)
             x = y
+        if out is not None and x is not out:
+            np.copyto(out, x)
+            x = out
         return x
 
-    def backward(self, g, nt, need_input_grad, l2):
+    def backward(self, g, nt, need_input_grad, l2, out=None):
         """Back-propagate g; the chain's input gradient only if ``need_input_grad``
-        (layers before the first one with parameters are then skipped)."""
+        (layers before the first one with parameters are then skipped).
+
+        ``out``: where the input gradient goes. The first pass writes it there
+        directly when it ``writes_through_ws`` and ``out`` overlaps none of its
+        operands; otherwise it is copied. Returns ``out`` then."""
         stop = 0 if need_input_grad else self.first_trained
+        first = self.passes[0][1] if self.passes else None
         for i, layer in reversed(self.passes):
             if i < stop:
                 break
             x, ws = layer._last
+            if out is not None and layer is first and layer.writes_through_ws \
+                    and _can_write(ws, "dx", out, g, x):
+                ws = dict(ws, dx=out)
             g = layer._backward(g, x, ws, nt, i > stop or need_input_grad,
                                 l2 if layer.fuses_l2 else 0.0)
             if l2 and layer.decay and not layer.fuses_l2:
                 L2Op(layer).run(nt, l2)
+        if out is not None and g is not out:
+            np.copyto(out, g)
+            g = out
         return g
 
     # -- plan ops -----------------------------------------------------------------------
@@ -196,3 +220,15 @@ def replay(trace, x):
         inp = x.reshape(h.shape) if from_input else h
         layer._last = (inp, ws)
         layer.on_train_forward(ws, inp)
+
+
+
+def _can_write(ws, key, out, *operands):
+    """Whether a pass can write ``ws[key]`` (its output "out", or its input gradient
+    "dx") straight into ``out``: the buffer exists with out's shape and dtype, and
+    ``out`` shares no memory with the pass's operands or its workspace."""
+    buf = ws.get(key)
+    if not isinstance(buf, np.ndarray) or buf.shape != out.shape or buf.dtype != out.dtype:
+        return False
+    return not any(isinstance(a, np.ndarray) and np.may_share_memory(a, out)
+                   for a in (*operands, *ws.values()))

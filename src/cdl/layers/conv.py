@@ -80,6 +80,9 @@ class Conv2d(FoldsAtInference, Layer):
         _, h2, w2 = self.output_shape
         return 2 * self.in_channels * kh * kw * self.out_channels * h2 * w2
 
+    writes_through_ws = True
+    backward_reads_output = False   # it reads x and the weights
+
     def _forward(self, x, ws, nt, train):
         out = ws["out"]
         (sh, sw), (ph, pw) = self.stride, self.padding

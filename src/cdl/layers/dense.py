@@ -68,6 +68,9 @@ class Linear(FoldsAtInference, Layer):
         ws = super()._alloc(n, train)
         return ws if train else self._fold_buffers(ws)
 
+    writes_through_ws = True
+    backward_reads_output = False   # it reads x and the weights
+
     def _forward(self, x, ws, nt, train):
         out = ws["out"]
         if train:

@@ -11,6 +11,7 @@ __all__ = ["MaxPool2d", "AvgPool2d", "GlobalAvgPool2d"]
 
 class _Pool2d(Layer):
     transparent = True
+    writes_through_ws = True
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
@@ -109,6 +110,10 @@ class MaxPool2d(_Pool2d):
                 and self.kernel_size == (2, 2) and self.stride == (2, 2)
                 and self.padding == (0, 0))
 
+    @property
+    def backward_reads_output(self):
+        return self.fused_previous     # the fused ReLU's mask is out > 0
+
     def _alloc(self, n, train):
         ws = {"out": np.empty((n,) + self.output_shape, self.dtype),
               "indices": np.empty((n,) + self.output_shape, np.int32)}
@@ -164,6 +169,7 @@ class AvgPool2d(_Pool2d):
     (PyTorch's default ``count_include_pad=True``): every window divides by kh·kw."""
 
     onnx_ops = ("AveragePool",)
+    backward_reads_output = False
     _onnx_extra = {"count_include_pad": 1}
     _onnx_allowed = {"count_include_pad": 0}
 
