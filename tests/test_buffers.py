@@ -213,3 +213,31 @@ def test_inference_folds_batchnorm_and_relu_within_rounding(dtype, tol):
             with cdl.threads(nt):
                 outs.append(fused.predict(data).copy())
         assert all(o.tobytes() == outs[0].tobytes() for o in outs)
+
+
+def test_runner_pool_keeps_at_most_its_budget_in_lru_order():
+    from cdl.buffers import RunnerPool
+
+    class Runner:
+        def __init__(self, n):
+            self.n, self.nbytes = n, 100 * n
+
+    pool = RunnerPool(budget=500)
+    made = []
+
+    def make(n):
+        made.append(n)
+        return Runner(n)
+    a = pool.acquire(1, make)        # checked out: its list stays, empty
+    pool.release(pool.acquire(2, make), 2)
+    pool.release(pool.acquire(3, make), 3)
+    assert pool.sizes() == [2, 3] and pool._held == 500
+    pool.release(a, 1)               # 600 > 500: the least recently used (2) goes
+    assert pool.sizes() == [3, 1] and pool._held == 400
+    assert pool.acquire(3, make).n == 3 and made == [1, 2, 3]
+    assert pool.sizes() == [1] and pool._held == 100
+    pool.release(Runner(6), 6)       # bigger than the budget: used once, never kept
+    assert pool.sizes() == [1] and pool._held == 100
+    assert pool.acquire(2, make).n == 2 and made == [1, 2, 3, 2]
+    pool.release(Runner(5), 5)       # eviction passes the emptied list of 3, then takes 1
+    assert pool.sizes() == [5] and pool._held == 500 and 3 not in pool._free

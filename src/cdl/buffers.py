@@ -39,8 +39,6 @@ class RunnerPool:
             runners = self._free.get(n)
             if runners:
                 runner = runners.pop()
-                if not runners:
-                    del self._free[n]
                 self._held -= runner.nbytes
                 return runner
         return make(n)
@@ -49,13 +47,20 @@ class RunnerPool:
         if runner.nbytes > self.budget:
             return
         with self._lock:
-            self._free.setdefault(n, []).append(runner)
-            self._free.move_to_end(n)
+            # Lists emptied by acquire stay in place (a call's pair costs two dict
+            # lookups, not a delete and an insert); eviction skips them.
+            runners = self._free.get(n)
+            if runners is None:
+                self._free[n] = runners = []
+            else:
+                self._free.move_to_end(n)
+            runners.append(runner)
             self._held += runner.nbytes
             while self._held > self.budget:
-                m, runners = next(iter(self._free.items()))
-                self._held -= runners.pop(0).nbytes
-                if not runners:
+                m, oldest = next(iter(self._free.items()))
+                if oldest:
+                    self._held -= oldest.pop(0).nbytes
+                if not oldest:
                     del self._free[m]
 
     def clear(self):
@@ -114,6 +119,14 @@ class ResultPool:
             if len(arrays) > self.keep:
                 arrays.pop(0)        # forgotten by the pool; its holder keeps it
             return a
+
+    def copy_of(self, a):
+        """A result holding a copy of ``a``."""
+        if a.nbytes < SMALL_RESULT_BYTES:
+            return a.copy()
+        out = self.get(a.shape, a.dtype)
+        np.copyto(out, a)
+        return out
 
     def clear(self):
         with self._lock:

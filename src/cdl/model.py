@@ -379,10 +379,18 @@ class Sequential:
             bs = int(batch_size)
             if bs < 1:
                 raise ValueError(f"{where}: batch_size must be >= 1, got {batch_size!r}")
+        step = _config.step_threads
+        if out is None and 0 < n <= bs:
+            # One batch, no out= (most calls): the result is a copy of the runner's.
+            runner = self._runners.acquire(n, self._make_runner)
+            try:
+                return self._results.copy_of(runner.run(x, step()))
+            finally:
+                self._runners.release(runner, n)
+                _config.restore_blas()
         out = self._result(out, (n,) + self.output_shape, where)
         if n == 0:
             return out
-        step = _config.step_threads
         try:
             for s in range(0, n, bs):
                 e = min(s + bs, n)
