@@ -324,6 +324,30 @@ def test_eval_matches_numpy(shape, dtype, affine):
         close(out, y, dtype, 8)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fold_channel_affine_matches_numpy_and_its_bound_call(dtype, with_bias):
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((5, 3 * 3 * 2)).astype(dtype)
+    b = rng.standard_normal(5).astype(dtype) if with_bias else None
+    scale, shift = rng.standard_normal(5).astype(dtype), rng.standard_normal(5).astype(dtype)
+    w_out, b_out = np.empty_like(w), np.empty(5, dtype)
+    norm.fold_channel_affine(w, b, scale, shift, w_out, b_out)
+    assert w_out.tobytes() == (w * scale[:, None]).tobytes()     # one rounding each
+    want = shift if b is None else (b.astype(np.float64) * scale + shift).astype(dtype)
+    assert b_out.tobytes() == want.tobytes()
+    if dtype == np.float32:
+        w2, b2 = np.empty_like(w), np.empty(5, dtype)
+        norm.FoldChannelAffine(w, b, scale, shift, w2, b2).run()
+        assert w2.tobytes() == w_out.tobytes() and b2.tobytes() == b_out.tobytes()
+        s2, h2 = np.empty(5, dtype), np.empty(5, dtype)
+        rm, rv = rng.standard_normal(5).astype(dtype), rng.random(5).astype(dtype)
+        norm.EvalCoefficients(scale, shift, rm, rv, 1e-5, s2, h2).run()
+        s1, h1 = np.empty(5, dtype), np.empty(5, dtype)
+        norm.batchnorm_eval_coefficients(scale, shift, rm, rv, 1e-5, s1, h1)
+        assert s1.tobytes() == s2.tobytes() and h1.tobytes() == h2.tobytes()
+
+
 # ------------------------------------------------------------ PyTorch
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -687,6 +687,35 @@ def batchnorm_eval_coefficients(weight, bias, const floating[::1] running_mean,
     _batchnorm_eval_coefficients(w, b, running_mean, running_var, eps, scale, shift)
 
 
+cdef int _fold_channel_affine(const floating[:, ::1] weight, const floating[::1] bias,
+                              const floating[::1] scale, const floating[::1] shift,
+                              floating[:, ::1] w_out, floating[::1] b_out) except -1:
+    cdef bint has_bias = bias is not None
+    cdef Py_ssize_t k, j, K = weight.shape[0], M = weight.shape[1]
+    cdef floating sk
+    with nogil:
+        for k in range(K):
+            sk = scale[k]
+            for j in range(M):
+                w_out[k, j] = weight[k, j] * sk
+            if has_bias:
+                # b * scale is exact in double, so contracting to an FMA changes nothing
+                b_out[k] = <floating>(<double>bias[k] * sk + shift[k])
+            else:
+                b_out[k] = shift[k]
+    return 0
+
+
+def fold_channel_affine(const floating[:, ::1] weight, bias, const floating[::1] scale,
+                        const floating[::1] shift, floating[:, ::1] w_out,
+                        floating[::1] b_out):
+    """Fold a per-output-channel affine (y * scale + shift) into the layer before it:
+    w_out = weight * scale (row k by scale[k]); b_out = bias * scale + shift, in double
+    then rounded (bias None: shift). Rows of weight are output channels."""
+    cdef const floating[::1] b = bias
+    _fold_channel_affine(weight, b, scale, shift, w_out, b_out)
+
+
 # ---------------------------------------------------------------- bound calls
 # A float32 call with its arrays bound once (cdl.model's training plan), so
 # ``run`` skips the per-call buffer checks and type dispatch. The input can be
@@ -770,3 +799,41 @@ cdef class BatchNormEvalForward:
     def run(self, int num_threads):
         _batchnorm_forward_eval[float](self.x, self.scale, self.shift, self.out, self.relu,
                                        num_threads)
+
+
+cdef class EvalCoefficients:
+    """batchnorm_eval_coefficients with bound arrays (weight and bias may be None)."""
+    cdef const float[::1] weight
+    cdef const float[::1] bias
+    cdef const float[::1] running_mean
+    cdef const float[::1] running_var
+    cdef float[::1] scale
+    cdef float[::1] shift
+    cdef double eps
+
+    def __init__(self, weight, bias, running_mean, running_var, double eps, scale, shift):
+        self.weight, self.bias = weight, bias
+        self.running_mean, self.running_var = running_mean, running_var
+        self.eps, self.scale, self.shift = eps, scale, shift
+
+    def run(self):
+        _batchnorm_eval_coefficients(self.weight, self.bias, self.running_mean,
+                                     self.running_var, self.eps, self.scale, self.shift)
+
+
+cdef class FoldChannelAffine:
+    """fold_channel_affine with bound arrays (bias may be None)."""
+    cdef const float[:, ::1] weight
+    cdef const float[::1] bias
+    cdef const float[::1] scale
+    cdef const float[::1] shift
+    cdef float[:, ::1] w_out
+    cdef float[::1] b_out
+
+    def __init__(self, weight, bias, scale, shift, w_out, b_out):
+        self.weight, self.bias, self.scale, self.shift = weight, bias, scale, shift
+        self.w_out, self.b_out = w_out, b_out
+
+    def run(self):
+        _fold_channel_affine(self.weight, self.bias, self.scale, self.shift, self.w_out,
+                             self.b_out)

@@ -62,6 +62,7 @@ import numpy as np
 
 from .. import _config
 from .._kernels import elementwise as _ew
+from .._kernels import norm as _norm
 from ..functional._checks import FLOAT_DTYPES, INT32_MAX, shape_str
 from ..init import INITS, initialize
 
@@ -96,6 +97,16 @@ def check_init(init, where):
     if init != "auto" and init not in INITS:
         raise ValueError(f"{where}: init must be 'auto', 'he' or 'xavier', got {init!r}")
     return init
+
+
+class _CallWith:
+    """``run()`` calls fn(*args)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def run(self):
+        self.fn(*self.args)
 
 
 class Op(NamedTuple):
@@ -264,6 +275,11 @@ class Layer:
     def channel_affine(self, scale, shift):
         """Fill the inference (scale, shift) of a ``per_channel_affine`` layer."""
         raise NotImplementedError
+
+    def channel_affine_op(self, scale, shift):
+        """An object whose ``run()`` fills (scale, shift) as ``channel_affine`` does, for
+        plans (a layer can return a bound kernel call instead)."""
+        return _CallWith(self.channel_affine, scale, shift)
 
 
     # -- set-up ------------------------------------------------------------------
@@ -454,7 +470,16 @@ class FoldsAtInference:
         k = bound(w, b)
         ops = [Op(k.run, k.bind_input, x.shape)]
         if "w_fold" in ws:
-            ops.insert(0, Op(lambda nt: self._folded_params(ws)))
+            w, b = self.params["weight"], self.params.get("bias")
+            n = w.shape[0]
+            coef = self.folded[0].channel_affine_op(ws["scale"], ws["shift"])
+            fold = _norm.FoldChannelAffine(w.reshape(n, -1), b, ws["scale"], ws["shift"],
+                                           ws["w_fold"].reshape(n, -1), ws["b_fold"])
+
+            def refold(nt):
+                coef.run()
+                fold.run()
+            ops.insert(0, Op(refold))
         return ops, ws["out"]
 
     def _folded_params(self, ws):
@@ -464,10 +489,7 @@ class FoldsAtInference:
             return w, b
         scale, shift = ws["scale"], ws["shift"]
         self.folded[0].channel_affine(scale, shift)
-        np.multiply(w, scale.reshape((-1,) + (1,) * (w.ndim - 1)), out=ws["w_fold"])
-        if b is None:
-            ws["b_fold"][...] = shift
-        else:
-            np.multiply(b, scale, out=ws["b_fold"])
-            ws["b_fold"] += shift
+        k = w.shape[0]
+        _norm.fold_channel_affine(w.reshape(k, -1), b, scale, shift,
+                                  ws["w_fold"].reshape(k, -1), ws["b_fold"])
         return ws["w_fold"], ws["b_fold"]

@@ -157,6 +157,12 @@ class _BatchNorm(Layer):
                                           b["running_mean"], b["running_var"], self.eps,
                                           scale, shift)
 
+    def channel_affine_op(self, scale, shift):
+        b = self.buffers
+        return _norm.EvalCoefficients(self.params.get("weight"), self.params.get("bias"),
+                                      b["running_mean"], b["running_var"], self.eps, scale,
+                                      shift)
+
     def _coefficients(self, ws):
         self.channel_affine(ws["scale"], ws["shift"])
 
