@@ -699,7 +699,7 @@ cdef int _fold_channel_affine(const floating[:, ::1] weight, const floating[::1]
             for j in range(M):
                 w_out[k, j] = weight[k, j] * sk
             if has_bias:
-                # b * scale is exact in double, so contracting to an FMA changes nothing
+                # float32: b * scale is exact in double, so an FMA changes nothing
                 b_out[k] = <floating>(<double>bias[k] * sk + shift[k])
             else:
                 b_out[k] = shift[k]
