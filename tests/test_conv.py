@@ -102,6 +102,13 @@ FIXED = [
     ((3, 7, 9, 11), (5, 7, 1, 1), (2, 3), 0),
     ((2, 260, 6, 5), (20, 260, 1, 1), 1, 0),
     ((1, 3, 1, 1), (4, 3, 1, 1), 1, 0),
+    # Strided input gradients run phase by phase: ResNet's 3x3 stride 2, padding
+    # past half the kernel (phases that read before the first row), phases that
+    # no tap reaches (kernel 2, stride 3), odd sizes.
+    ((2, 16, 32, 32), (32, 16, 3, 3), 2, 1),
+    ((2, 4, 9, 10), (6, 4, 3, 3), 2, 2),
+    ((1, 3, 11, 7), (5, 3, 2, 2), 3, 0),
+    ((2, 5, 13, 9), (7, 5, 5, 3), (2, 3), (2, 1)),
 ]
 
 
@@ -232,6 +239,7 @@ def test_gradients_central_difference(xs, ws, s, p):
     ((2, 16, 32, 32), (16, 16, 3, 3), 1, 1),
     ((1, 16, 32, 32), (32, 16, 1, 1), 2, 0),           # 1x1: column chunks
     ((3, 32, 16, 16), (64, 32, 1, 1), 1, 0),
+    ((8, 16, 32, 32), (32, 16, 3, 3), 2, 1),           # strided input gradient phases
 ])
 def test_bitwise_identical_for_1_and_2_threads(xs, ws, s, p, dtype):
     rng = np.random.default_rng(7)

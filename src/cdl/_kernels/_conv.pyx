@@ -1574,10 +1574,92 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
         if rc != 0:
             raise MemoryError()
         return 0
+    if floating is float and K > 0:
+        with nogil:
+            rc = _strided_input_grad_f32(&grad_out[0, 0, 0, 0], &weight[0, 0, 0, 0],
+                                         &grad_input[0, 0, 0, 0], N, C, H, W, K, KH, KW, OH,
+                                         OW, sh, sw, ph, pw, num_threads)
+        if rc != 0:
+            raise MemoryError()
+        return 0
     nt = _threads(N * K * OH * OW * C * KH * KW, N * C, num_threads)
     with nogil:
         for it in prange(N * C, schedule="dynamic", num_threads=nt):
             _dx_scalar(grad_out, weight, grad_input, it, sh, sw, ph, pw)
+    return 0
+
+
+cdef int _phase_taps(Py_ssize_t a, Py_ssize_t k, Py_ssize_t s, Py_ssize_t p,
+                     Py_ssize_t* u0, Py_ssize_t* off) noexcept nogil:
+    # Input rows y = s*i + a (phase a) get grad_out rows o = i + d - t through taps
+    # u0 + s*t, t < T: a stride-1 correlation over grad_out with those T taps in
+    # reverse order, reading row i + t' - off (off = T - 1 - d). Returns T (0: the
+    # phase gets no gradient).
+    u0[0] = (a + p) % s
+    if u0[0] >= k:
+        off[0] = 0
+        return 0
+    cdef Py_ssize_t T = _cdiv(k - u0[0], s)
+    off[0] = T - 1 - (a + p - u0[0]) // s
+    return <int>T
+
+
+cdef int _strided_input_grad_f32(const float* go, const float* weight, float* dx,
+                                 Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                                 Py_ssize_t K, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH,
+                                 Py_ssize_t OW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
+                                 Py_ssize_t pw, int num_threads) noexcept nogil:
+    # The input gradient of a strided convolution, phase by phase: the input cells
+    # (y, x) with y % sh == a and x % sw == b form a stride-1 correlation of
+    # grad_out with the taps that reach them (a 3x3 stride-2 kernel: 1x1, 1x2, 2x1
+    # and 2x2 taps), run on the column tiles into a phase buffer, then scattered.
+    # Every tap is used once: a quarter of the multiply-adds of the stride-1
+    # correlation over grad_out spread onto a zero grid. Returns -1 when memory is
+    # missing.
+    cdef Py_ssize_t a, b, u0, v0, offh, offw, Tu, Tv, Hp, Wp, c, k, t, q, i, j, pl
+    cdef Py_ssize_t hpmax = _cdiv(H, sh), wpmax = _cdiv(W, sw)
+    cdef float* sub
+    cdef float* buf
+    cdef float* d
+    cdef const float* src
+    cdef Corr g
+    cdef int nt = _threads(N * C * H * W, N * C, num_threads)
+    buf = <float*>malloc((N * C * hpmax * wpmax + C * K * KH * KW) * sizeof(float) + 64)
+    if buf == NULL:
+        return -1
+    sub = buf + N * C * hpmax * wpmax
+    for a in range(sh):
+        Hp = _cdiv(H - a, sh) if a < H else 0
+        Tu = _phase_taps(a, KH, sh, ph, &u0, &offh)
+        for b in range(sw):
+            Wp = _cdiv(W - b, sw) if b < W else 0
+            if Hp == 0 or Wp == 0:
+                continue
+            Tv = _phase_taps(b, KW, sw, pw, &v0, &offw)
+            if Tu > 0 and Tv > 0:
+                # The phase's filters as forward weights (C out, K in), taps reversed.
+                for c in range(C):
+                    for k in range(K):
+                        for t in range(Tu):
+                            for q in range(Tv):
+                                sub[((c * K + k) * Tu + t) * Tv + q] = weight[
+                                    ((k * C + c) * KH + u0 + sh * (Tu - 1 - t)) * KW
+                                    + v0 + sw * (Tv - 1 - q)]
+                g.n = N; g.cin = K; g.h = OH; g.w = OW; g.cout = C
+                g.kh = Tu; g.kw = Tv; g.oh = Hp; g.ow = Wp; g.sh = 1
+                g.offh = offh; g.offw = offw
+                g.relu = False
+                g.pool = False
+                if _packed_corr(&g, sub, False, go, NULL, buf, num_threads) != 0:
+                    free(buf)
+                    return -1
+            for pl in prange(N * C, schedule="static", num_threads=nt):
+                d = dx + pl * H * W + a * W + b
+                src = buf + pl * Hp * Wp
+                for i in range(Hp):
+                    for j in range(Wp):
+                        d[i * sh * W + j * sw] = src[i * Wp + j] if Tu > 0 and Tv > 0 else 0
+    free(buf)
     return 0
 
 

@@ -96,28 +96,11 @@ class Conv2d(FoldsAtInference, Layer):
 
     def _alloc(self, n, train):
         ws = super()._alloc(n, train)
-        if not train:
-            return self._fold_buffers(ws)
-        if self.stride != (1, 1):
-            # A strided input gradient runs as a stride-1 one over grad_out spread onto
-            # a zero grid (7-11x faster than the strided kernel on ResNet shapes); the
-            # zeros between the spread cells are never written, so they stay zero.
-            c, h, w = self.input_shape
-            (kh, kw), (ph, pw) = self.kernel_size, self.padding
-            ws["g_spread"] = np.zeros((n, self.out_channels, h + 2 * ph - kh + 1,
-                                       w + 2 * pw - kw + 1), self.dtype)
-        return ws
+        return ws if train else self._fold_buffers(ws)
 
     def _input_grad(self, g, ws, nt):
         (sh, sw), (ph, pw) = self.stride, self.padding
-        if (sh, sw) == (1, 1):
-            _conv.conv2d_backward_input(g, self.params["weight"], ws["dx"], 1, 1, ph, pw, nt)
-        else:
-            spread = ws["g_spread"]
-            ho, wo = self.output_shape[1:]
-            spread[:, :, :(ho - 1) * sh + 1:sh, :(wo - 1) * sw + 1:sw] = g
-            _conv.conv2d_backward_input(spread, self.params["weight"], ws["dx"], 1, 1, ph, pw,
-                                        nt)
+        _conv.conv2d_backward_input(g, self.params["weight"], ws["dx"], sh, sw, ph, pw, nt)
         return ws["dx"]
 
     def _backward(self, g, x, ws, nt, need_input_grad, l2):
@@ -185,11 +168,6 @@ class Conv2d(FoldsAtInference, Layer):
 
     def plan_backward(self, g, x, ws, need_input_grad):
         dx = ws["dx"] if need_input_grad else None
-        strided = self.stride != (1, 1)
-        k = _conv.ConvBackward(g, x, self.params["weight"], None if strided else dx,
-                               self.grads["weight"], self.grads.get("bias"), self.stride,
-                               self.padding)
-        ops = [Op(k.run, k.bind_input, x.shape)]
-        if strided and need_input_grad:
-            ops.append(Op(lambda nt: self._input_grad(g, ws, nt)))
-        return ops, dx
+        k = _conv.ConvBackward(g, x, self.params["weight"], dx, self.grads["weight"],
+                               self.grads.get("bias"), self.stride, self.padding)
+        return [Op(k.run, k.bind_input, x.shape)], dx
