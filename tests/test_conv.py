@@ -109,6 +109,11 @@ FIXED = [
     ((2, 4, 9, 10), (6, 4, 3, 3), 2, 2),
     ((1, 3, 11, 7), (5, 3, 2, 2), 3, 0),
     ((2, 5, 13, 9), (7, 5, 5, 3), (2, 3), (2, 1)),
+    # Narrow planes: the stride-1 input gradient takes the channel-vector forward
+    # path with flipped filters; padding past the kernel cannot (column tiles).
+    ((3, 64, 8, 8), (64, 64, 3, 3), 1, 1),
+    ((2, 20, 6, 6), (24, 20, 3, 3), 1, 0),
+    ((2, 20, 6, 6), (24, 20, 3, 3), 1, 3),
 ]
 
 
@@ -240,6 +245,7 @@ def test_gradients_central_difference(xs, ws, s, p):
     ((1, 16, 32, 32), (32, 16, 1, 1), 2, 0),           # 1x1: column chunks
     ((3, 32, 16, 16), (64, 32, 1, 1), 1, 0),
     ((8, 16, 32, 32), (32, 16, 3, 3), 2, 1),           # strided input gradient phases
+    ((16, 64, 8, 8), (64, 64, 3, 3), 1, 1),            # input gradient on channel vectors
 ])
 def test_bitwise_identical_for_1_and_2_threads(xs, ws, s, p, dtype):
     rng = np.random.default_rng(7)

@@ -1557,9 +1557,27 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
     cdef Py_ssize_t OH = grad_out.shape[2], OW = grad_out.shape[3]
     cdef Py_ssize_t it
     cdef Corr g
+    cdef CV cv
     cdef int rc = 0, nt
     if N == 0 or C == 0 or H == 0 or W == 0:
         return 0
+    if floating is float and sw == 1 and sh == 1 and K > 0 and KH - 1 >= ph and KW - 1 >= pw:
+        # Stride 1: the forward correlation of grad_out, padded by F-1-P, with the
+        # filters flipped in both axes and in/out channels swapped. Where the
+        # forward would take channel vectors (narrow planes: 8x8 uses half of each
+        # 16-lane column vector), the flipped filters are written out and it does.
+        cv.n = N; cv.c = K; cv.h = OH; cv.w = OW; cv.k = C
+        cv.kh = KH; cv.kw = KW; cv.oh = H; cv.ow = W; cv.sh = 1; cv.sw = 1
+        cv.ph = KH - 1 - ph; cv.pw = KW - 1 - pw
+        cv.relu = False
+        cv.pool = False
+        if _use_cv(&cv, True):
+            with nogil:
+                rc = _cv_flipped_forward(&cv, &grad_out[0, 0, 0, 0], &weight[0, 0, 0, 0],
+                                         &grad_input[0, 0, 0, 0], num_threads)
+            if rc != 0:
+                raise MemoryError()
+            return 0
     if floating is float and sw == 1 and sh == 1 and K > 0:
         # Stride 1: a correlation of grad_out, padded by F-1-P, with the filters
         # flipped in both axes and in/out channels swapped.
@@ -1587,6 +1605,27 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
         for it in prange(N * C, schedule="dynamic", num_threads=nt):
             _dx_scalar(grad_out, weight, grad_input, it, sh, sw, ph, pw)
     return 0
+
+
+cdef int _cv_flipped_forward(CV* cv, const float* go, const float* weight, float* dx,
+                             int num_threads) noexcept nogil:
+    # The stride-1 input gradient on the channel-vector forward path: cv describes
+    # the forward correlation of grad_out (cv.c = K channels in, cv.k = C out);
+    # weight is the layer's (K, C, KH, KW). Returns -1 when memory is missing.
+    cdef Py_ssize_t K = cv.c, C = cv.k, KH = cv.kh, KW = cv.kw, c, k, i, j
+    cdef float* wf = <float*>malloc(C * K * KH * KW * sizeof(float) + 64)
+    cdef int rc
+    if wf == NULL:
+        return -1
+    for c in range(C):
+        for k in range(K):
+            for i in range(KH):
+                for j in range(KW):
+                    wf[((c * K + k) * KH + i) * KW + j] = \
+                        weight[((k * C + c) * KH + KH - 1 - i) * KW + KW - 1 - j]
+    rc = _cv_forward(cv, go, wf, NULL, dx, num_threads)
+    free(wf)
+    return -1 if rc == -1 else 0
 
 
 cdef int _phase_taps(Py_ssize_t a, Py_ssize_t k, Py_ssize_t s, Py_ssize_t p,
