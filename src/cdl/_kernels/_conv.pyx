@@ -1561,6 +1561,16 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
     cdef int rc = 0, nt
     if N == 0 or C == 0 or H == 0 or W == 0:
         return 0
+    if floating is float and sw == 1 and sh == 1 and K > 0 and KH == 1 and KW == 1 \
+            and ph == 0 and pw == 0 and _cv_mode == 0:
+        # 1x1: dx[n] (C x HW) = weight^T . grad_out[n], a GEMM per image
+        with nogil:
+            rc = _pointwise_input_grad_f32(&grad_out[0, 0, 0, 0], &weight[0, 0, 0, 0],
+                                           &grad_input[0, 0, 0, 0], N, C, H, W, K,
+                                           num_threads)
+        if rc != 0:
+            raise MemoryError()
+        return 0
     if floating is float and sw == 1 and sh == 1 and K > 0 and KH - 1 >= ph and KW - 1 >= pw:
         # Stride 1: the forward correlation of grad_out, padded by F-1-P, with the
         # filters flipped in both axes and in/out channels swapped. Where the
@@ -1628,6 +1638,24 @@ cdef int _cv_flipped_forward(CV* cv, const float* go, const float* weight, float
     return -1 if rc == -1 else 0
 
 
+cdef int _pointwise_input_grad_f32(const float* go, const float* weight, float* dx,
+                                   Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                                   Py_ssize_t K, int num_threads) noexcept nogil:
+    # The 1x1 stride-1 input gradient: the pointwise forward of grad_out with the
+    # (C, K) transpose of the weights. Returns -1 when memory is missing.
+    cdef Py_ssize_t c, k
+    cdef int rc
+    cdef float* wt = <float*>malloc(C * K * sizeof(float) + 64)
+    if wt == NULL:
+        return -1
+    for c in range(C):
+        for k in range(K):
+            wt[c * K + k] = weight[k * C + c]
+    rc = _pointwise_f32(go, wt, NULL, dx, N, K, H, W, C, H, W, 1, 1, False, num_threads)
+    free(wt)
+    return rc
+
+
 cdef int _phase_taps(Py_ssize_t a, Py_ssize_t k, Py_ssize_t s, Py_ssize_t p,
                      Py_ssize_t* u0, Py_ssize_t* off) noexcept nogil:
     # Input rows y = s*i + a (phase a) get grad_out rows o = i + d - t through taps
@@ -1662,6 +1690,7 @@ cdef int _strided_input_grad_f32(const float* go, const float* weight, float* dx
     cdef float* d
     cdef const float* src
     cdef Corr g
+    cdef int rc
     cdef int nt = _threads(N * C * H * W, N * C, num_threads)
     buf = <float*>malloc((N * C * hpmax * wpmax + C * K * KH * KW) * sizeof(float) + 64)
     if buf == NULL:
@@ -1689,7 +1718,14 @@ cdef int _strided_input_grad_f32(const float* go, const float* weight, float* dx
                 g.offh = offh; g.offw = offw
                 g.relu = False
                 g.pool = False
-                if _packed_corr(&g, sub, False, go, NULL, buf, num_threads) != 0:
+                if Tu == 1 and Tv == 1 and offh == 0 and offw == 0 and Hp == OH and Wp == OW \
+                        and _cv_mode == 0:
+                    # one tap (a 1x1 shortcut): a GEMM per image
+                    rc = _pointwise_f32(go, sub, NULL, buf, N, K, OH, OW, C, Hp, Wp, 1, 1,
+                                        False, num_threads)
+                else:
+                    rc = _packed_corr(&g, sub, False, go, NULL, buf, num_threads)
+                if rc != 0:
                     free(buf)
                     return -1
             for pl in prange(N * C, schedule="static", num_threads=nt):
