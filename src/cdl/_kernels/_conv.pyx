@@ -483,7 +483,7 @@ cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bpk
     # Runs the correlation described by g; wpk holds the filters packed as
     # [cout block][cin][kh][kw][kr], bpk the bias of each output channel (zeros
     # past cout). Returns -1 if scratch memory is missing.
-    cdef Py_ssize_t items, it, xs_size, tb_size, tid, per, nty
+    cdef Py_ssize_t items, it, xs_size, tb_size, tid, per, nty, macs
     cdef int nt
     cdef float* buf
     cdef Py_ssize_t* staged
@@ -495,14 +495,16 @@ cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bpk
     # Rows start on cache lines so the j = 0 loads are aligned.
     g.qs = _align16(_cdiv(g.ow, VF) * VF + g.kw - 1)
     items = g.n * _cdiv(g.cout, g.kg)
-    # Too few items for the threads (one or two images): split the rows as well,
-    # into a count fixed by the shapes, so results never depend on the threads.
+    macs = g.n * g.cout * g.oh * g.ow * g.cin * g.kh * g.kw
+    # Too few items for the threads (one or two images): split the rows as well.
+    # Every row tile is computed alone, so the split never changes a bit; one
+    # thread keeps whole images.
     nty = _cdiv(2 * g.oh2 if g.pool else g.oh, g.rb)
     g.rg = nty
-    if items < MIN_ITEMS:
+    if items < MIN_ITEMS and _threads(macs, MIN_ITEMS, num_threads) > 1:
         g.rg = _cdiv(nty, _cdiv(MIN_ITEMS, items))
     items = items * _cdiv(nty, g.rg)
-    nt = _threads(g.n * g.cout * g.oh * g.ow * g.cin * g.kh * g.kw, items, num_threads)
+    nt = _threads(macs, items, num_threads)
     xs_size = _align16(g.cin * g.rs * g.qs + VF)
     tb_size = 24 * VF
     per = xs_size + tb_size
