@@ -194,8 +194,9 @@ class _BatchNorm(Layer):
         x3, out3 = self._planes(x), self._planes(ws["out"])
         if not train:
             k = _norm.BatchNormEvalForward(x3, ws["scale"], ws["shift"], out3, self.fused_next)
-            coef = lambda nt: self._coefficients(ws)   # noqa: E731  (weights change between runs)
-            return [Op(coef), Op(k.run, k.bind_input, x3.shape)], ws["out"]
+            coef = self.channel_affine_op(ws["scale"], ws["shift"])
+            # recomputed every run: the weights and running statistics change in between
+            return [Op(lambda nt: coef.run()), Op(k.run, k.bind_input, x3.shape)], ws["out"]
         self._check_batch(x.shape[0])
         b = self.buffers
         k = _norm.BatchNormTrainForward(x3, self.params.get("weight"), self.params.get("bias"),
