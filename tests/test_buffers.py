@@ -241,3 +241,30 @@ def test_runner_pool_keeps_at_most_its_budget_in_lru_order():
     assert pool.acquire(2, make).n == 2 and made == [1, 2, 3, 2]
     pool.release(Runner(5), 5)       # eviction passes the emptied list of 3, then takes 1
     assert pool.sizes() == [5] and pool._held == 500 and 3 not in pool._free
+
+
+@pytest.mark.parametrize("first", ["bn", "conv"])
+def test_kept_runners_see_in_place_changes_of_weights_and_buffers(first):
+    # BatchNorm first is not folded (its own coefficients op); after a convolution
+    # it is folded into the weights. Both are recomputed on every call, so a kept
+    # runner follows parameters and running statistics changed in place.
+    def make():
+        head = [cdl.BatchNorm2d(2)] if first == "bn" else [cdl.Conv2d(2, 2, 3, padding=1),
+                                                             cdl.BatchNorm2d(2)]
+        return cdl.Sequential(head + [cdl.ReLU(), cdl.Flatten(), cdl.Linear(128, 3)],
+                              (2, 8, 8), seed=0)
+    m = make()
+    x = data(4)
+    before = m.predict(x).copy()
+    assert m._runners.sizes() == [4]
+    bn = m.layers[0 if first == "bn" else 1]
+    bn.buffers["running_mean"][...] = [0.5, -0.25]
+    bn.buffers["running_var"][...] = [4.0, 0.25]
+    bn.params["weight"][...] = [2.0, -1.0]
+    if first == "conv":
+        m.layers[0].params["weight"][...] *= 0.5
+    after = m.predict(x)
+    assert m._runners.sizes() == [4] and not np.allclose(after, before)
+    fresh = make()
+    fresh.load_state_dict(m.state_dict())
+    np.testing.assert_array_equal(after, fresh.predict(x))
