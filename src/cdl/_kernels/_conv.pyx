@@ -102,14 +102,7 @@ cdef extern from "cdl_simd.h" nogil:
     vf vset1 "cdl_vf_set1"(float a)
     float vsum "cdl_vf_sum"(vf v)
 
-cdef extern from "cdl_gemm.h" nogil:
-    const int GEMM_NR "CDL_GEMM_NR"
-    Py_ssize_t sgemm_scratch "cdl_sgemm_scratch"(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k)
-    void sgemm "cdl_sgemm"(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
-                           const float* a, Py_ssize_t rs_a, Py_ssize_t cs_a,
-                           const float* b, Py_ssize_t rs_b, Py_ssize_t cs_b,
-                           float* c, Py_ssize_t rs_c, Py_ssize_t cs_c, int beta_one,
-                           int relu, float* scratch)
+from cdl._kernels._gemm cimport GEMM_NR, sgemm, sgemm_scratch
 
 cdef extern from "cdl_cvtile.h" nogil:
     # Register tiles of the channel-vector path, one C copy per shape (A, B, V).

@@ -45,14 +45,9 @@ from libc.stdlib cimport malloc, free
 cdef extern from "cdl_simd.h" nogil:
     const int VF "CDL_VF"
 
+from cdl._kernels._gemm cimport GEMM_NR, sgemm, sgemm_scratch
+
 cdef extern from "cdl_gemm.h" nogil:
-    const int GEMM_NR "CDL_GEMM_NR"
-    Py_ssize_t sgemm_scratch "cdl_sgemm_scratch"(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k)
-    void sgemm "cdl_sgemm"(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
-                           const float* a, Py_ssize_t rs_a, Py_ssize_t cs_a,
-                           const float* b, Py_ssize_t rs_b, Py_ssize_t cs_b,
-                           float* c, Py_ssize_t rs_c, Py_ssize_t cs_c, int beta_one,
-                           int relu, float* scratch)
     const int DOT_RJ "CDL_DOT_RJ"
     void sdot_nt "cdl_sdot_nt"(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
                                const float* a, Py_ssize_t lda, const float* b, Py_ssize_t ldb,
