@@ -88,22 +88,43 @@ def test_direct_results_of_forward_and_backward_stay_the_callers(first):
         np.testing.assert_array_equal(dx, dx_kept)
 
 
-def test_out_overlapping_an_operand_is_filled_by_a_copy():
-    # out=g for backward and out=x for forward: a direct write would clobber what the
-    # pass still reads, so the result goes through the layer's buffer.
+def test_out_overlapping_an_operand_is_filled_by_a_copy_or_refused():
+    # backward(g, out=g): a direct write would clobber g while the pass reads it, so
+    # the result goes through the layer's buffer. forward(x, out=x) would overwrite
+    # the input the layers keep for backward, and predict's later batches would read
+    # results: both are refused before anything runs.
     m = cdl.Sequential([cdl.AvgPool2d(3, stride=1, padding=1)], (4, 16, 16))
     rng = np.random.default_rng(6)
     x = rng.standard_normal((3, 4, 16, 16)).astype(np.float32)
     g = rng.standard_normal((3, 4, 16, 16)).astype(np.float32)
-    y_ref = m.forward(x).copy()
-    dx_ref = m.backward(g).copy()
-    x2 = x.copy()
-    assert m.forward(x2, out=x2) is x2
-    np.testing.assert_array_equal(x2, y_ref)
     m.forward(x)
+    dx_ref = m.backward(g).copy()
     g2 = g.copy()
     assert m.backward(g2, out=g2) is g2
     np.testing.assert_array_equal(g2, dx_ref)
+    x2 = x.copy()
+    for call in (lambda: m.forward(x2, out=x2), lambda: m.predict(x2, out=x2)):
+        with pytest.raises(ValueError, match=r"Sequential.(forward|predict): out shares "
+                                             r"memory with x"):
+            call()
+        np.testing.assert_array_equal(x2, x)
+
+
+def test_backward_after_the_caller_changed_forwards_result():
+    # Only layers whose backward does not read their output write it straight into
+    # the returned array: a MaxPool2d with a fused ReLU reads it (its mask), so the
+    # caller changing the result must not change the gradients.
+    def run(scribble):
+        m = cdl.Sequential([cdl.Conv2d(2, 4, 3, padding=1), cdl.ReLU(), cdl.MaxPool2d(2)],
+                           (2, 16, 16), seed=0)
+        x = data(3, seed=4).repeat(2, axis=2).repeat(2, axis=3)
+        y = m.forward(x)
+        if scribble:
+            y[...] = -1.0
+        dx = m.backward(np.ones(y.shape, np.float32)).copy()
+        return dx, m.layers[0].grads["weight"].copy()
+    for a, b in zip(run(False), run(True)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_out_arguments():

@@ -6,6 +6,7 @@ import pytest
 
 import cdl
 import cdl.functional as F
+from cdl._kernels import conv as kconv
 from cdl._kernels._runtime import cpu_supports
 
 
@@ -109,6 +110,8 @@ FIXED = [
     ((2, 4, 9, 10), (6, 4, 3, 3), 2, 2),
     ((1, 3, 11, 7), (5, 3, 2, 2), 3, 0),
     ((2, 5, 13, 9), (7, 5, 5, 3), (2, 3), (2, 1)),
+    ((2, 3, 1, 5), (4, 3, 1, 1), 2, 0),                 # fewer rows than the stride
+    ((2, 3, 7, 8), (4, 3, 3, 3), 2, 4),                 # padding past the kernel
     # Narrow planes: the stride-1 input gradient takes the channel-vector forward
     # path with flipped filters; padding past the kernel cannot (column tiles).
     ((3, 64, 8, 8), (64, 64, 3, 3), 1, 1),
@@ -168,6 +171,14 @@ def test_bias_none_and_skipped_gradients():
     dx, dw, db = F.conv2d_backward(g, x, w, 1, 1, need_input_grad=False, need_bias_grad=False)
     assert dx is None and db is None
     np.testing.assert_allclose(dw, ref_conv2d_backward(g, x, w, 1, 1)[1], rtol=1e-4, atol=1e-3)
+    # 1x1 (the GEMM path), strided, without bias: plain and with ReLU
+    x = rng.standard_normal((2, 16, 16, 16)).astype(np.float32)
+    w = rng.standard_normal((32, 16, 1, 1)).astype(np.float32)
+    want = ref_conv2d(x, w, None, 2, 0)
+    np.testing.assert_allclose(F.conv2d(x, w, None, 2, 0), want, rtol=1e-4, atol=1e-4)
+    y = np.empty(want.shape, np.float32)
+    kconv.conv2d_forward(x, w, None, y, 2, 2, 0, 0, 2, relu=True)
+    np.testing.assert_allclose(y, np.maximum(want, 0), rtol=1e-4, atol=1e-4)
 
 
 def test_out_buffers_are_used():

@@ -345,10 +345,11 @@ def test_fold_channel_affine_matches_numpy_and_its_bound_call(dtype, with_bias):
         assert w2.tobytes() == w_out.tobytes() and b2.tobytes() == b_out.tobytes()
         s2, h2 = np.empty(5, dtype), np.empty(5, dtype)
         rm, rv = rng.standard_normal(5).astype(dtype), rng.random(5).astype(dtype)
-        norm.EvalCoefficients(scale, shift, rm, rv, 1e-5, s2, h2).run()
-        s1, h1 = np.empty(5, dtype), np.empty(5, dtype)
-        norm.batchnorm_eval_coefficients(scale, shift, rm, rv, 1e-5, s1, h1)
-        assert s1.tobytes() == s2.tobytes() and h1.tobytes() == h2.tobytes()
+        for gamma, beta in ((scale, shift), (None, None)):    # affine=False: no arrays
+            norm.EvalCoefficients(gamma, beta, rm, rv, 1e-5, s2, h2).run()
+            s1, h1 = np.empty(5, dtype), np.empty(5, dtype)
+            norm.batchnorm_eval_coefficients(gamma, beta, rm, rv, 1e-5, s1, h1)
+            assert s1.tobytes() == s2.tobytes() and h1.tobytes() == h2.tobytes()
 
 
 # ------------------------------------------------------------ PyTorch

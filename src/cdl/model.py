@@ -333,12 +333,16 @@ class Sequential:
 
     def forward(self, x, out=None):
         """Training-mode forward pass (keeps what backward needs); returns the output in
-        a new array, or in ``out`` (reused memory, never one the caller still holds)."""
+        a new array (reused memory, never one the caller still holds), or in ``out``,
+        which must not share memory with x."""
         where = "Sequential.forward"
         x = self._check_x(x, where, batch=True)
         if x.shape[0] == 0:
             raise ValueError(f"{where}: x is an empty batch")
         out = self._result(out, (x.shape[0],) + self.output_shape, where)
+        if np.may_share_memory(out, x):
+            raise ValueError(f"{where}: out shares memory with x, which the layers keep for "
+                             f"backward; pass another array")
         # the last layer writes straight into out when its backward does not read it
         self._forward(x, _config.step_threads(), out)
         _config.restore_blas()
@@ -362,7 +366,7 @@ class Sequential:
         """Inference in batches of ``batch_size`` (default 256); stores nothing for backward.
 
         Returns a new array, or fills ``out`` (shape ``(N,) + output_shape``, the
-        model's dtype, C order) and returns it. Arrays returned earlier are never overwritten
+        model's dtype, C order, not sharing memory with x) and returns it. Arrays returned earlier are never overwritten
         while anything refers to them; once dropped, their memory is reused.
         Thread-safe: concurrent calls use separate buffers. Inference buffers are
         kept per batch size, at most ``cdl.model.INFERENCE_CACHE_BYTES`` per model.
@@ -389,6 +393,9 @@ class Sequential:
                 self._runners.release(runner, n)
                 _config.restore_blas()
         out = self._result(out, (n,) + self.output_shape, where)
+        if np.may_share_memory(out, x):
+            raise ValueError(f"{where}: out shares memory with x (a batch's results would "
+                             f"overwrite inputs not yet read); pass another array")
         if n == 0:
             return out
         try:

@@ -40,8 +40,13 @@ vector width only (_use_cv): channel vectors when K >= 12 and they leave at
 least as many lanes useful as column vectors (strictly more for the forward
 pass, where column vectors win ties); always at horizontal stride > 1.
 
-float64 and the input gradient at strides > 1 take a plain scalar path
-(correctness, not speed).
+1x1 convolutions without padding are a GEMM per image (cdl_gemm.h), forward
+and input gradient: weight (K x C) times the image's C x positions, strided
+positions gathered first. The float32 input gradient at strides > 1 runs phase
+by phase: the input cells with y % sh == a and x % sw == b are a stride-1
+correlation of grad_out with the taps that reach them (each tap used once),
+computed on the column tiles into a buffer and scattered. float64 takes a
+plain scalar path at strides > 1 (correctness, not speed).
 
 Column tiles end in registers (cdl_cvtile.h, cdl_ct_tile): the tiles that read
 every kernel row and store whole vectors add the bias (and apply ReLU) to
@@ -73,6 +78,9 @@ path: forward (image, group of position tiles), weight gradient (chunk of
 images, group of pair tiles; at most 8 chunks, summed in chunk order; tile
 groups only when chunks are few, e.g. batch 1). No two threads
 write the same element, so results are bitwise identical for any thread count.
+One split does follow the thread count: on more than one thread, column-path
+items with fewer than MIN_ITEMS (image, channel group) pairs are also cut into
+row groups. Every row tile is computed alone, so the cut changes no bit.
 Items are handed out dynamically (which thread runs an item never changes its
 result), so a thread that the OS preempts on a busy machine does not hold the
 others up at the end of the loop.
@@ -376,6 +384,7 @@ cdef void _corr_item(const Corr* g, const float* src, const float* wpk, const fl
     cdef Py_ssize_t ngroups = _cdiv(g.cout, g.kg)
     cdef Py_ssize_t ohc = 2 * g.oh2 if g.pool else g.oh
     cdef Py_ssize_t nrg = _cdiv(_cdiv(ohc, g.rb), g.rg)
+    # items in the order (image, channel group, row group)
     cdef Py_ssize_t n = it // (ngroups * nrg), kgi = it // nrg % ngroups, rgi = it % nrg
     cdef Py_ssize_t k_lo = kgi * g.kg, k_hi = _imin(g.cout, k_lo + g.kg)
     cdef Py_ssize_t ty_lo = rgi * g.rg, ty_hi = _imin(_cdiv(ohc, g.rb), ty_lo + g.rg)

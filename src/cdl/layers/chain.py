@@ -222,7 +222,6 @@ def replay(trace, x):
         layer.on_train_forward(ws, inp)
 
 
-
 def _can_write(ws, key, out, *operands):
     """Whether a pass can write ``ws[key]`` (its output "out", or its input gradient
     "dx") straight into ``out``: the buffer exists with out's shape and dtype, and
