@@ -186,8 +186,11 @@ def resnet_block(doc):
         lines.append(f"| {r['net']} | {r['batch']} | `{r['op']}` | {ms(r['cdl_ms'])} | "
                      f"{'n/a' if t is None else ms(t)} | {_ratio(r['cdl/torch'])} |")
     if "bn_dropout_overhead_lenet_n64" in m:
+        pair = m.get("lenet_n64_interleaved_ms")
+        timed = "" if pair is None else (f" ({ms(pair['plain'])} → {ms(pair['bn'])} ms, the two "
+                                         f"steps timed in one interleaved block)")
         lines += ["", f"BatchNorm + Dropout add {m['bn_dropout_overhead_lenet_n64']:.0%} to the "
-                      f"LeNet-5 `train_step` at batch 64."]
+                      f"LeNet-5 `train_step` at batch 64{timed}."]
     return "\n".join(lines)
 
 
