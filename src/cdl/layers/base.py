@@ -281,7 +281,6 @@ class Layer:
         plans (a layer can return a bound kernel call instead)."""
         return _CallWith(self.channel_affine, scale, shift)
 
-
     # -- set-up ------------------------------------------------------------------
     def build(self, input_shape, dtype, index=None, source=None, rng=None, init=None,
               keep_params=False):
@@ -454,6 +453,10 @@ class FoldsAtInference:
     @property
     def fold_relu(self):
         return any(l.activation == "relu" or l.fused_next for l in self.folded)
+
+    def _alloc(self, n, train):
+        ws = super()._alloc(n, train)
+        return ws if train else self._fold_buffers(ws)
 
     def _fold_buffers(self, ws):
         if any(l.per_channel_affine for l in self.folded):

@@ -94,22 +94,14 @@ class Conv2d(FoldsAtInference, Layer):
             _conv.conv2d_forward(x, w, b, out, sh, sw, ph, pw, nt, self.fold_relu)
         return out
 
-    def _alloc(self, n, train):
-        ws = super()._alloc(n, train)
-        return ws if train else self._fold_buffers(ws)
-
-    def _input_grad(self, g, ws, nt):
-        (sh, sw), (ph, pw) = self.stride, self.padding
-        _conv.conv2d_backward_input(g, self.params["weight"], ws["dx"], sh, sw, ph, pw, nt)
-        return ws["dx"]
-
     def _backward(self, g, x, ws, nt, need_input_grad, l2):
         (sh, sw), (ph, pw) = self.stride, self.padding
         _conv.conv2d_backward_weight(g, x, self.grads["weight"], self.grads.get("bias"),
                                      sh, sw, ph, pw, nt)
         if not need_input_grad:
             return None
-        return self._input_grad(g, ws, nt)
+        _conv.conv2d_backward_input(g, self.params["weight"], ws["dx"], sh, sw, ph, pw, nt)
+        return ws["dx"]
 
     # -- ONNX --------------------------------------------------------------------------
     onnx_ops = ("Conv",)

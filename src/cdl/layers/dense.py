@@ -64,10 +64,6 @@ class Linear(FoldsAtInference, Layer):
             return None
         return _dense.row_chunks(self.out_features, self.in_features)
 
-    def _alloc(self, n, train):
-        ws = super()._alloc(n, train)
-        return ws if train else self._fold_buffers(ws)
-
     writes_through_ws = True
     backward_reads_output = False   # it reads x and the weights
 
