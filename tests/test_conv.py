@@ -107,6 +107,7 @@ FIXED = [
     # past half the kernel (phases that read before the first row), phases that
     # no tap reaches (kernel 2, stride 3), odd sizes.
     ((2, 16, 32, 32), (32, 16, 3, 3), 2, 1),
+    ((2, 32, 16, 16), (64, 32, 3, 3), 2, 1),            # 8x8 phases: channel vectors
     ((2, 4, 9, 10), (6, 4, 3, 3), 2, 2),
     ((1, 3, 11, 7), (5, 3, 2, 2), 3, 0),
     ((2, 5, 13, 9), (7, 5, 5, 3), (2, 3), (2, 1)),
@@ -256,6 +257,8 @@ def test_gradients_central_difference(xs, ws, s, p):
     ((1, 16, 32, 32), (32, 16, 1, 1), 2, 0),           # 1x1: column chunks
     ((3, 32, 16, 16), (64, 32, 1, 1), 1, 0),
     ((8, 16, 32, 32), (32, 16, 3, 3), 2, 1),           # strided input gradient phases
+    ((8, 32, 16, 16), (64, 32, 3, 3), 2, 1),           # phases on channel vectors
+    ((2, 32, 15, 17), (64, 32, 1, 1), 2, 0),           # 1x1: phases no tap reaches, odd W
     ((16, 64, 8, 8), (64, 64, 3, 3), 1, 1),            # input gradient on channel vectors
 ])
 def test_bitwise_identical_for_1_and_2_threads(xs, ws, s, p, dtype):

@@ -1675,6 +1675,15 @@ cdef int _phase_taps(Py_ssize_t a, Py_ssize_t k, Py_ssize_t s, Py_ssize_t p,
     return <int>T
 
 
+cdef inline const float* _phase_row(const float* buf, Py_ssize_t off, const float* zeros,
+                                    Py_ssize_t pl, Py_ssize_t Hp, Py_ssize_t i,
+                                    Py_ssize_t Wp) noexcept nogil:
+    # Row i of plane pl of the phase at buf + off (Hp x Wp planes); zeros for off -1.
+    if off < 0:
+        return zeros
+    return buf + off + (pl * Hp + i) * Wp
+
+
 cdef int _strided_input_grad_f32(const float* go, const float* weight, float* dx,
                                  Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                                  Py_ssize_t K, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH,
@@ -1683,62 +1692,111 @@ cdef int _strided_input_grad_f32(const float* go, const float* weight, float* dx
     # The input gradient of a strided convolution, phase by phase: the input cells
     # (y, x) with y % sh == a and x % sw == b form a stride-1 correlation of
     # grad_out with the taps that reach them (a 3x3 stride-2 kernel: 1x1, 1x2, 2x1
-    # and 2x2 taps), run on the column tiles into a phase buffer, then scattered.
-    # Every tap is used once: a quarter of the multiply-adds of the stride-1
-    # correlation over grad_out spread onto a zero grid. Returns -1 when memory is
-    # missing.
-    cdef Py_ssize_t a, b, u0, v0, offh, offw, Tu, Tv, Hp, Wp, c, k, t, q, i, j, pl
-    cdef Py_ssize_t hpmax = _cdiv(H, sh), wpmax = _cdiv(W, sw)
+    # and 2x2 taps). Each phase runs on the path its shapes pick (channel vectors
+    # for narrow phases, column tiles, a GEMM for one tap) into its own buffer;
+    # one pass then interleaves the phases into dx row by row. Every tap is used
+    # once: a quarter of the multiply-adds of the stride-1 correlation over
+    # grad_out spread onto a zero grid. Returns -1 when memory is missing.
+    cdef Py_ssize_t a, b, u0, v0, offh, offw, Tu, Tv, Hp, Wp, c, k, t, q, i, y, pl
+    cdef Py_ssize_t nph = sh * sw, total = 0, wpmax = _cdiv(W, sw)
     cdef float* sub
+    cdef float* zeros
+    cdef float* base
+    cdef const float* s0
+    cdef const float* s1
     cdef float* buf
     cdef float* d
     cdef const float* src
+    cdef Py_ssize_t* poff
     cdef Corr g
+    cdef CV cv
     cdef int rc
     cdef int nt = _threads(N * C * H * W, N * C, num_threads)
-    buf = <float*>malloc((N * C * hpmax * wpmax + C * K * KH * KW) * sizeof(float) + 64)
-    if buf == NULL:
+    # poff[phase]: the phase's offset in buf, -1 when no tap reaches it
+    poff = <Py_ssize_t*>malloc(nph * sizeof(Py_ssize_t))
+    if poff == NULL:
         return -1
-    sub = buf + N * C * hpmax * wpmax
+    for a in range(sh):
+        for b in range(sw):
+            Hp = _cdiv(H - a, sh) if a < H else 0
+            Wp = _cdiv(W - b, sw) if b < W else 0
+            poff[a * sw + b] = -1
+            if Hp > 0 and Wp > 0 and _phase_taps(a, KH, sh, ph, &u0, &offh) > 0 \
+                    and _phase_taps(b, KW, sw, pw, &v0, &offw) > 0:
+                poff[a * sw + b] = total
+                total = total + _align16(N * C * Hp * Wp)
+    buf = <float*>malloc((total + C * K * KH * KW + wpmax) * sizeof(float) + 64)
+    if buf == NULL:
+        free(poff)
+        return -1
+    base = _aligned(buf)
+    sub = base + total
     for a in range(sh):
         Hp = _cdiv(H - a, sh) if a < H else 0
         Tu = _phase_taps(a, KH, sh, ph, &u0, &offh)
         for b in range(sw):
-            Wp = _cdiv(W - b, sw) if b < W else 0
-            if Hp == 0 or Wp == 0:
+            if poff[a * sw + b] < 0:
                 continue
+            Wp = _cdiv(W - b, sw)
             Tv = _phase_taps(b, KW, sw, pw, &v0, &offw)
-            if Tu > 0 and Tv > 0:
-                # The phase's filters as forward weights (C out, K in), taps reversed.
-                for c in range(C):
-                    for k in range(K):
-                        for t in range(Tu):
-                            for q in range(Tv):
-                                sub[((c * K + k) * Tu + t) * Tv + q] = weight[
-                                    ((k * C + c) * KH + u0 + sh * (Tu - 1 - t)) * KW
-                                    + v0 + sw * (Tv - 1 - q)]
+            # The phase's filters as forward weights (C out, K in), taps reversed.
+            for c in range(C):
+                for k in range(K):
+                    for t in range(Tu):
+                        for q in range(Tv):
+                            sub[((c * K + k) * Tu + t) * Tv + q] = weight[
+                                ((k * C + c) * KH + u0 + sh * (Tu - 1 - t)) * KW
+                                + v0 + sw * (Tv - 1 - q)]
+            d = base + poff[a * sw + b]
+            cv.n = N; cv.c = K; cv.h = OH; cv.w = OW; cv.k = C
+            cv.kh = Tu; cv.kw = Tv; cv.oh = Hp; cv.ow = Wp; cv.sh = 1; cv.sw = 1
+            cv.ph = offh; cv.pw = offw
+            cv.relu = False
+            cv.pool = False
+            if Tu == 1 and Tv == 1 and offh == 0 and offw == 0 and Hp == OH and Wp == OW \
+                    and _cv_mode == 0:
+                # one tap (a 1x1 shortcut): a GEMM per image
+                rc = _pointwise_f32(go, sub, NULL, d, N, K, OH, OW, C, Hp, Wp, 1, 1, False,
+                                    num_threads)
+            elif offh >= 0 and offw >= 0 and _use_cv(&cv, True):
+                rc = _cv_forward(&cv, go, sub, NULL, d, num_threads)
+            else:
                 g.n = N; g.cin = K; g.h = OH; g.w = OW; g.cout = C
                 g.kh = Tu; g.kw = Tv; g.oh = Hp; g.ow = Wp; g.sh = 1
                 g.offh = offh; g.offw = offw
                 g.relu = False
                 g.pool = False
-                if Tu == 1 and Tv == 1 and offh == 0 and offw == 0 and Hp == OH and Wp == OW \
-                        and _cv_mode == 0:
-                    # one tap (a 1x1 shortcut): a GEMM per image
-                    rc = _pointwise_f32(go, sub, NULL, buf, N, K, OH, OW, C, Hp, Wp, 1, 1,
-                                        False, num_threads)
-                else:
-                    rc = _packed_corr(&g, sub, False, go, NULL, buf, num_threads)
-                if rc != 0:
-                    free(buf)
-                    return -1
-            for pl in prange(N * C, schedule="static", num_threads=nt):
-                d = dx + pl * H * W + a * W + b
-                src = buf + pl * Hp * Wp
-                for i in range(Hp):
-                    for j in range(Wp):
-                        d[i * sh * W + j * sw] = src[i * Wp + j] if Tu > 0 and Tv > 0 else 0
+                rc = _packed_corr(&g, sub, False, go, NULL, d, num_threads)
+            if rc != 0:
+                free(buf)
+                free(poff)
+                return -1
+    # A row of zeros stands in for phases no tap reaches.
+    zeros = sub + C * K * KH * KW
+    memset(zeros, 0, wpmax * sizeof(float))
+    for pl in prange(N * C, schedule="static", num_threads=nt):
+        for y in range(H):
+            a = y % sh
+            i = y // sh
+            Hp = _cdiv(H - a, sh)
+            d = dx + (pl * H + y) * W
+            if sw == 2:
+                # the common case as one loop of pairs (the compiler interleaves them)
+                s0 = _phase_row(base, poff[a * 2], zeros, pl, Hp, i, _cdiv(W, 2))
+                s1 = _phase_row(base, poff[a * 2 + 1], zeros, pl, Hp, i, W // 2)
+                for q in range(W // 2):
+                    d[2 * q] = s0[q]
+                    d[2 * q + 1] = s1[q]
+                if W % 2:
+                    d[W - 1] = s0[W // 2]
+                continue
+            for b in range(_imin(sw, W)):
+                Wp = _cdiv(W - b, sw)
+                src = _phase_row(base, poff[a * sw + b], zeros, pl, Hp, i, Wp)
+                for q in range(Wp):
+                    d[q * sw + b] = src[q]
     free(buf)
+    free(poff)
     return 0
 
 
