@@ -42,6 +42,7 @@ cdef extern from *:
     #include <math.h>
     #include <stdint.h>
     #include <string.h>
+    #include "cdl_pool2x2.h"
     /* A tile: the column sums of one block (<= CDL_BN_TILE doubles). Shorter
        channels (L < CDL_BN_RUN) use per-element copies of the per-channel
        coefficients so that the loop runs over the whole block, not over runs
@@ -68,6 +69,44 @@ cdef extern from *:
         double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         cdl_bn_fold(lanes, a, n);
         return cdl_bn_total(lanes);
+    }
+
+    /* Pooled index k if it lies in the 2x2 window whose first cell is p (rows of W),
+       with *ok = 1; else p with *ok = 0 (the caller then uses a zero gradient there,
+       which leaves every result as it is). Masks, not conditionals: where the argmax
+       falls in its window is random, and the branches GCC made of conditionals
+       mispredicted often enough to double the backward's time. */
+    static inline Py_ssize_t cdl_bn_window_cell(int k, Py_ssize_t W, Py_ssize_t p,
+                                                size_t *ok) {
+        size_t r = (size_t)((Py_ssize_t)k - p);
+        *ok = (size_t)((r >> 1) == 0) | (size_t)(((r - (size_t)W) >> 1) == 0);
+        return p + (Py_ssize_t)(r & ((size_t)0 - *ok));
+    }
+    /* The AVX-512 2x2 pool of cdl_pool2x2.h, float only (1: done). */
+    static inline int cdl_bn_pool2_vec_f(const float *y, Py_ssize_t W, Py_ssize_t OH,
+                                         Py_ssize_t OW, float *out, int *ind) {
+        if (!CDL_POOL2_VEC) return 0;
+        cdl_pool2_plane_fwd(y, out, ind, W, OH, OW, 0);
+        return 1;
+    }
+    static inline int cdl_bn_pool2_vec_d(const double *y, Py_ssize_t W, Py_ssize_t OH,
+                                         Py_ssize_t OW, double *out, int *ind) {
+        (void)y; (void)W; (void)OH; (void)OW; (void)out; (void)ind;
+        return 0;
+    }
+    /* Its backward into a dense plane gb (max-pool's input gradient, masked where
+       the pooled ReLU output y <= 0; y NULL: no ReLU), float only (1: done); adds
+       the indices outside their window to *bad. */
+    static inline int cdl_bn_unpool2_vec_f(float *gb, const float *g, const float *y,
+            const int *ind, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t *bad) {
+        if (!CDL_POOL2_VEC) return 0;
+        *bad += OH * OW - cdl_pool2_plane_bwd(g, ind, y, gb, 2 * OH, W, OH, OW);
+        return 1;
+    }
+    static inline int cdl_bn_unpool2_vec_d(double *gb, const double *g, const double *y,
+            const int *ind, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t *bad) {
+        (void)gb; (void)g; (void)y; (void)ind; (void)W; (void)OH; (void)OW; (void)bad;
+        return 0;
     }
 
     #define CDL_BN_KERNELS(SFX, T, UT)                                              \\
@@ -237,12 +276,84 @@ cdef extern from *:
         for (c = 0; c < nc; c++)                                                    \\
             for (l = 0; l < L; l++) dst[c * L + l] = per_channel[c];                \\
     }                                                                               \\
+    /* A following 2x2 stride-2 max-pool of one plane y (even height, rows of W):  \\
+       max-pool's rule, bitwise: cells in the order TL, TR, BL, BR, a later one     \\
+       wins if greater or NaN (branch-free: random data mispredicts); ind = the     \\
+       winner's flat index in the plane. float on AVX-512: cdl_pool2x2.h's kernel.  \\
+    */                                                                              \\
+    static void cdl_bn_pool2_##SFX(const T *y, Py_ssize_t W, Py_ssize_t OH,         \\
+                                   Py_ssize_t OW, T *out, int *ind) {               \\
+        Py_ssize_t oh, ow, p;                                                       \\
+        if (cdl_bn_pool2_vec_##SFX(y, W, OH, OW, out, ind)) return;                 \\
+        for (oh = 0; oh < OH; oh++)                                                 \\
+            for (ow = 0; ow < OW; ow++) {                                           \\
+                T best, v;                                                          \\
+                int k, t;                                                           \\
+                p = 2 * oh * W + 2 * ow;                                            \\
+                best = y[p]; k = (int)p;                                            \\
+                v = y[p + 1]; t = (v > best) | (v != v);                            \\
+                best = cdl_bn_pick_##SFX(t, v, best); k = t ? (int)p + 1 : k;       \\
+                v = y[p + W]; t = (v > best) | (v != v);                            \\
+                best = cdl_bn_pick_##SFX(t, v, best); k = t ? (int)(p + W) : k;     \\
+                v = y[p + W + 1]; t = (v > best) | (v != v);                        \\
+                best = cdl_bn_pick_##SFX(t, v, best); k = t ? (int)(p + W) + 1 : k; \\
+                out[oh * OW + ow] = best;                                           \\
+                ind[oh * OW + ow] = k;                                              \\
+            }                                                                       \\
+    }                                                                               \\
+    /* That pool's backward with the batch norm's, for one plane of the pooled      \\
+       pass. The unpooled input gradient is g of each window at its argmax (masked  \\
+       to 0 where the pooled ReLU output y <= 0; y NULL: no ReLU) and 0 elsewhere;  \\
+       its zeros add nothing to the sums (x finite: 0 * (x - m) is 0; otherwise the \\
+       channel's mean and invstd are NaN and so is every result either way), so the \\
+       sums visit the argmax cells only, each column still in n order. Indices      \\
+       outside their window count as a zero gradient and are counted. */           \\
+    static inline T cdl_bn_pooled_g_##SFX(const T *g, const T *y, Py_ssize_t o) {   \\
+        return y ? cdl_bn_pick_##SFX(y[o] <= (T)0, (T)0, g[o]) : g[o];              \\
+    }                                                                               \\
+    static Py_ssize_t cdl_bn_pooled_sums_##SFX(double *__restrict ag,               \\
+            double *__restrict agx, const T *__restrict g, const T *__restrict y,   \\
+            const int *__restrict ind, const T *__restrict x, double m, Py_ssize_t W, \\
+            Py_ssize_t OH, Py_ssize_t OW) {                                         \\
+        Py_ssize_t oh, ow, bad = 0;                                                 \\
+        for (oh = 0; oh < OH; oh++, g += OW, ind += OW, y = y ? y + OW : y) {       \\
+            const Py_ssize_t p0 = 2 * oh * W;                                       \\
+            for (ow = 0; ow < OW; ow++) {                                           \\
+                size_t ok;                                                          \\
+                Py_ssize_t k = cdl_bn_window_cell(ind[ow], W, p0 + 2 * ow, &ok);    \\
+                double gv;                                                          \\
+                bad += (Py_ssize_t)(ok ^ 1);                                        \\
+                gv = (double)cdl_bn_pick_##SFX((int)ok, cdl_bn_pooled_g_##SFX(g, y, ow), (T)0); \\
+                ag[k] += gv;                                                        \\
+                agx[k] += gv * ((double)x[k] - m);                                  \\
+            }                                                                       \\
+        }                                                                           \\
+        return bad;                                                                 \\
+    }                                                                               \\
+    /* dx of one plane: the zero-gradient formula everywhere, then the argmax cells */ \\
+    static void cdl_bn_pooled_dx_##SFX(T *__restrict dx, const T *__restrict g,     \\
+            const T *__restrict y, const int *__restrict ind, const T *__restrict x, \\
+            T m, T k, T gm, T sc, Py_ssize_t L, Py_ssize_t W, Py_ssize_t OH,         \\
+            Py_ssize_t OW) {                                                        \\
+        Py_ssize_t j, oh, ow;                                                       \\
+        const T zero = 0;                                                           \\
+        for (j = 0; j < L; j++) dx[j] = ((zero - gm) - (x[j] - m) * k) * sc;        \\
+        for (oh = 0; oh < OH; oh++, g += OW, ind += OW, y = y ? y + OW : y) {       \\
+            const Py_ssize_t p0 = 2 * oh * W;                                       \\
+            for (ow = 0; ow < OW; ow++) {                                           \\
+                size_t ok;                                                          \\
+                Py_ssize_t q = cdl_bn_window_cell(ind[ow], W, p0 + 2 * ow, &ok);    \\
+                T gv = cdl_bn_pick_##SFX((int)ok, cdl_bn_pooled_g_##SFX(g, y, ow), zero); \\
+                dx[q] = ((gv - gm) - (x[q] - m) * k) * sc;                          \\
+            }                                                                       \\
+        }                                                                           \\
+    }                                                                               \\
                                                                                     \\
     /* Training forward of channels [c0, c0 + nc) (nc > 1 only if nc*L <= TILE). */\\
     static void cdl_bn_fwd_block_##SFX(const T *x, T *y, Py_ssize_t N, Py_ssize_t C, \\
             Py_ssize_t L, Py_ssize_t c0, Py_ssize_t nc, const T *w, const T *b,     \\
             T *mean_out, T *invstd_out, T *rm, T *rv, double momentum, double eps,  \\
-            int relu, double *ws) {                                                 \\
+            int relu, T *pout, int *pind, Py_ssize_t W, double *ws) {               \\
         double *acc = ws, *mexp = ws + CDL_BN_TILE, *mean = ws + 2 * CDL_BN_TILE;   \\
         double *ssq = ws + 3 * CDL_BN_TILE, *acc2 = ws + 4 * CDL_BN_TILE;           \\
         T *mf = (T *)(ws + 6 * CDL_BN_TILE), *sf = mf + CDL_BN_TILE;                \\
@@ -303,7 +414,18 @@ cdef extern from *:
             sf[c] = (T)(is * wc);                                                   \\
             bf[c] = (T)bc;                                                          \\
         }                                                                           \\
-        if (L >= CDL_BN_RUN) {                                                      \\
+        if (pout) {                                                                 \\
+            /* pooled (CDL_BN_RUN <= L <= CDL_BN_TILE): each plane normalised into  \\
+               tile 5, which the forward does not use otherwise, and pooled there */ \\
+            T *yp = (T *)(ws + 5 * CDL_BN_TILE);                                    \\
+            Py_ssize_t OH = L / W / 2, OW = W / 2, P = OH * OW;                     \\
+            for (n = 0; n < N; n++)                                                 \\
+                for (c = 0; c < nc; c++) {                                          \\
+                    Py_ssize_t o = (n * C + c0 + c) * P;                            \\
+                    cdl_bn_norm_##SFX(yp, xb + n * CL + c * L, mf[c], sf[c], bf[c], L, relu); \\
+                    cdl_bn_pool2_##SFX(yp, W, OH, OW, pout + o, pind + o);          \\
+                }                                                                   \\
+        } else if (L >= CDL_BN_RUN) {                                               \\
             for (n = 0; n < N; n++)                                                 \\
                 for (c = 0; c < nc; c++)                                            \\
                     cdl_bn_norm_##SFX(yb + n * CL + c * L, xb + n * CL + c * L, mf[c], \\
@@ -320,18 +442,46 @@ cdef extern from *:
     }                                                                               \\
                                                                                     \\
     /* Backward of channels [c0, c0 + nc). y: forward output (relu) or NULL;         \\
-       w, dx, dw, db may be NULL. */                                                \\
-    static void cdl_bn_bwd_block_##SFX(const T *g, const T *x, const T *y, const T *w, \\
-            const T *mean_in, const T *invstd_in, T *dx, T *dw, T *db, Py_ssize_t N, \\
-            Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0, Py_ssize_t nc, double *ws) {  \\
+       w, dx, dw, db may be NULL. With pind (a pooled forward): g and y are the     \\
+       pool's (N, C, L/4) gradient and output (cdl_bn_pooled_sums); returns how     \\
+       many indices lay outside their window. */                                    \\
+    static Py_ssize_t cdl_bn_bwd_block_##SFX(const T *g, const T *x, const T *y,     \\
+            const T *w, const T *mean_in, const T *invstd_in, T *dx, T *dw, T *db,  \\
+            Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0, Py_ssize_t nc, \\
+            const int *pind, Py_ssize_t W, double *ws) {                            \\
         double *ag = ws, *agx = ws + CDL_BN_TILE, *mexp = ws + 2 * CDL_BN_TILE;     \\
         double *sg = ws + 3 * CDL_BN_TILE, *sgx = ws + 4 * CDL_BN_TILE;             \\
         T *mf = (T *)(ws + 6 * CDL_BN_TILE), *kf = mf + CDL_BN_TILE;                \\
         T *gf = kf + CDL_BN_TILE, *cf = gf + CDL_BN_TILE;                           \\
         const Py_ssize_t CL = C * L, M = N * L;                                     \\
         const Py_ssize_t off = c0 * L;                                              \\
-        Py_ssize_t n, c, l0, len, S = nc * L;                                       \\
-        if (L > CDL_BN_TILE) {                                                      \\
+        Py_ssize_t n, c, l0, len, S = nc * L, bad = 0;                              \\
+        const Py_ssize_t OH = pind ? L / W / 2 : 0, OW = W / 2, P = OH * OW;        \\
+        T *gp = (T *)(ws + 5 * CDL_BN_TILE);   /* a dense plane (tile 5 is free) */  \\
+        if (pind) {                                                                 \\
+            /* agx 16 doubles further on (into the unused mexp tile): a tile apart, \\
+               each scattered load of agx[k] waited on the store to ag[k] (4 KiB    \\
+               aliasing) and the sums ran at half speed */                          \\
+            double *agp = agx + 16;                                                 \\
+            memset(ag, 0, (size_t)S * sizeof(double));                              \\
+            memset(agp, 0, (size_t)S * sizeof(double));                             \\
+            for (n = 0; n < N; n++)                                                 \\
+                for (c = 0; c < nc; c++) {                                          \\
+                    Py_ssize_t o = (n * C + c0 + c) * P;                            \\
+                    const T *yo = y ? y + o : NULL, *xq = x + off + n * CL + c * L; \\
+                    double m = (double)mean_in[c0 + c];                             \\
+                    if (cdl_bn_unpool2_vec_##SFX(gp, g + o, yo, pind + o, W, OH, OW, &bad)) \\
+                        /* the plane's gradient, dense: one vectorised row */       \\
+                        cdl_bn_bsum_##SFX(ag + c * L, agp + c * L, gp, xq, NULL, 0, 1, m, L); \\
+                    else                                                            \\
+                        bad += cdl_bn_pooled_sums_##SFX(ag + c * L, agp + c * L, g + o, \\
+                                                        yo, pind + o, xq, m, W, OH, OW); \\
+                }                                                                   \\
+            for (c = 0; c < nc; c++) {                                              \\
+                sg[c] = cdl_bn_fold_total(ag + c * L, L);                           \\
+                sgx[c] = cdl_bn_fold_total(agp + c * L, L);                         \\
+            }                                                                       \\
+        } else if (L > CDL_BN_TILE) {                                               \\
             double l1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, l2[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \\
             double m = (double)mean_in[c0];                                         \\
             for (l0 = 0; l0 < L; l0 += CDL_BN_TILE) {                               \\
@@ -377,8 +527,19 @@ cdef extern from *:
             gf[c] = (T)(sg[c] / (double)M);                                         \\
             cf[c] = (T)(is * wc);                                                   \\
         }                                                                           \\
-        if (!dx) return;                                                            \\
-        if (L >= CDL_BN_RUN) {                                                      \\
+        if (!dx) return bad;                                                        \\
+        if (pind) {                                                                 \\
+            for (n = 0; n < N; n++)                                                 \\
+                for (c = 0; c < nc; c++) {                                          \\
+                    Py_ssize_t o = (n * C + c0 + c) * P, q = off + n * CL + c * L, b2 = 0; \\
+                    const T *yo = y ? y + o : NULL;                                 \\
+                    if (cdl_bn_unpool2_vec_##SFX(gp, g + o, yo, pind + o, W, OH, OW, &b2)) \\
+                        cdl_bn_dx_##SFX(dx + q, gp, x + q, NULL, mf[c], kf[c], gf[c], cf[c], L); \\
+                    else                                                            \\
+                        cdl_bn_pooled_dx_##SFX(dx + q, g + o, yo, pind + o, x + q, mf[c], \\
+                                               kf[c], gf[c], cf[c], L, W, OH, OW);  \\
+                }                                                                   \\
+        } else if (L >= CDL_BN_RUN) {                                               \\
             for (n = 0; n < N; n++)                                                 \\
                 for (c = 0; c < nc; c++) {                                          \\
                     Py_ssize_t o = off + n * CL + c * L;                            \\
@@ -397,6 +558,7 @@ cdef extern from *:
                 cdl_bn_dx_v_##SFX(dx + o, g + o, x + o, y ? y + o : NULL, me, ke, ge, ce, S); \\
             }                                                                       \\
         }                                                                           \\
+        return bad;                                                                 \\
     }                                                                               \\
                                                                                     \\
     /* Eval: y = x * scale[c] + shift[c] over channels [c0, c0 + nc). */            \\
@@ -422,23 +584,29 @@ cdef extern from *:
     CDL_BN_KERNELS(d, double, uint64_t)
     """
     Py_ssize_t CDL_BN_TILE
+    Py_ssize_t CDL_BN_RUN
     Py_ssize_t CDL_BN_WS
     void cdl_bn_fwd_block_f(const float* x, float* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
                             Py_ssize_t c0, Py_ssize_t nc, const float* w, const float* b,
                             float* mean_out, float* invstd_out, float* rm, float* rv,
-                            double momentum, double eps, int relu, double* ws) noexcept nogil
+                            double momentum, double eps, int relu, float* pout, int* pind,
+                            Py_ssize_t W, double* ws) noexcept nogil
     void cdl_bn_fwd_block_d(const double* x, double* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
                             Py_ssize_t c0, Py_ssize_t nc, const double* w, const double* b,
                             double* mean_out, double* invstd_out, double* rm, double* rv,
-                            double momentum, double eps, int relu, double* ws) noexcept nogil
-    void cdl_bn_bwd_block_f(const float* g, const float* x, const float* y, const float* w,
-                            const float* mean_in, const float* invstd_in, float* dx, float* dw,
-                            float* db, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0,
-                            Py_ssize_t nc, double* ws) noexcept nogil
-    void cdl_bn_bwd_block_d(const double* g, const double* x, const double* y, const double* w,
-                            const double* mean_in, const double* invstd_in, double* dx,
-                            double* dw, double* db, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
-                            Py_ssize_t c0, Py_ssize_t nc, double* ws) noexcept nogil
+                            double momentum, double eps, int relu, double* pout, int* pind,
+                            Py_ssize_t W, double* ws) noexcept nogil
+    Py_ssize_t cdl_bn_bwd_block_f(const float* g, const float* x, const float* y,
+                                  const float* w, const float* mean_in, const float* invstd_in,
+                                  float* dx, float* dw, float* db, Py_ssize_t N, Py_ssize_t C,
+                                  Py_ssize_t L, Py_ssize_t c0, Py_ssize_t nc, const int* pind,
+                                  Py_ssize_t W, double* ws) noexcept nogil
+    Py_ssize_t cdl_bn_bwd_block_d(const double* g, const double* x, const double* y,
+                                  const double* w, const double* mean_in,
+                                  const double* invstd_in, double* dx, double* dw, double* db,
+                                  Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0,
+                                  Py_ssize_t nc, const int* pind, Py_ssize_t W,
+                                  double* ws) noexcept nogil
     void cdl_bn_eval_block_f(const float* x, float* y, const float* scale, const float* shift,
                              Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0,
                              Py_ssize_t nc, int relu, double* ws) noexcept nogil
@@ -446,6 +614,10 @@ cdef extern from *:
                              Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0,
                              Py_ssize_t nc, int relu, double* ws) noexcept nogil
 
+
+# The plane sizes (cells) a pooled training pass takes.
+POOLED_PLANE_MIN = CDL_BN_RUN
+POOLED_PLANE_MAX = CDL_BN_TILE
 
 # Below this many elements one thread runs the call (a second costs more than it saves).
 cdef Py_ssize_t PARALLEL_MIN_ELEMENTS = 1 << 15
@@ -488,25 +660,53 @@ cdef inline floating* _wptr_or_null(floating[::1] a) noexcept nogil:
 
 # ---------------------------------------------------------------- training forward
 
+cdef inline tuple _shape3(Py_ssize_t* shape):
+    return (shape[0], shape[1], shape[2])
+
+
+def _check_pool(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t width, pool_shape,
+                bint others_match):
+    # The pooled path's shapes (the layers choose it only where these hold);
+    # others_match: the indices (and the pool's output) have pool_shape too.
+    if width <= 0 or L % width or (L // width) % 2 or width % 2 \
+            or not CDL_BN_RUN <= L <= CDL_BN_TILE:
+        raise ValueError(f"pooled batch norm: planes of {L} cells in rows of {width} must "
+                         f"have an even height and width and {CDL_BN_RUN} to "
+                         f"{CDL_BN_TILE} cells")
+    want = (N, C, L // 4)
+    if tuple(pool_shape) != want or not others_match:
+        raise ValueError(f"pooled batch norm: the pool's arrays must have shape {want}")
+
+
 cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::1] weight,
                                   const floating[::1] bias, floating[:, :, ::1] out,
                                   floating[::1] mean, floating[::1] invstd,
                                   floating[::1] running_mean, floating[::1] running_var,
                                   double momentum, double eps, bint relu,
-                                  int num_threads) except -1:
+                                  int num_threads, floating[:, :, ::1] pool_out=None,
+                                  int[:, :, ::1] pool_indices=None,
+                                  Py_ssize_t width=0) except -1:
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2]
     cdef Py_ssize_t cb, nblocks, blk, c0, stride = _ws_stride()
     cdef int nt
     cdef double* ws
+    cdef floating* pp = NULL
+    cdef int* pi = NULL
+    if pool_out is not None:
+        _check_pool(N, C, L, width, _shape3(pool_out.shape), pool_indices is not None
+                    and _shape3(pool_indices.shape) == _shape3(pool_out.shape))
     if N == 0 or C == 0 or L == 0:
         return 0
+    if pool_out is not None:
+        pp = &pool_out[0, 0, 0]
+        pi = &pool_indices[0, 0, 0]
     nt = _threads(N * C * L, num_threads)
     cb = _block_channels(C, L, nt)
     nblocks = (C + cb - 1) // cb
     if nt > nblocks:
         nt = <int>nblocks
     cdef const floating* xp = &x[0, 0, 0]
-    cdef floating* yp = &out[0, 0, 0]
+    cdef floating* yp = NULL if out is None else &out[0, 0, 0]
     cdef const floating* wp = _ptr_or_null(weight)
     cdef const floating* bp = _ptr_or_null(bias)
     cdef floating* mp = &mean[0]
@@ -521,11 +721,11 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
             c0 = blk * cb
             if floating is float:
                 cdl_bn_fwd_block_f(xp, yp, N, C, L, c0, min(cb, C - c0), wp, bp, mp, ip, rmp,
-                                   rvp, momentum, eps, relu,
+                                   rvp, momentum, eps, relu, pp, pi, width,
                                    ws + omp_get_thread_num() * stride)
             else:
                 cdl_bn_fwd_block_d(xp, yp, N, C, L, c0, min(cb, C - c0), wp, bp, mp, ip, rmp,
-                                   rvp, momentum, eps, relu,
+                                   rvp, momentum, eps, relu, pp, pi, width,
                                    ws + omp_get_thread_num() * stride)
     free(ws)
     return 0
@@ -535,29 +735,46 @@ def batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::1] wei
                             const floating[::1] bias, floating[:, :, ::1] out,
                             floating[::1] mean, floating[::1] invstd,
                             floating[::1] running_mean, floating[::1] running_var,
-                            double momentum, double eps, bint relu, int num_threads):
+                            double momentum, double eps, bint relu, int num_threads,
+                            floating[:, :, ::1] pool_out=None,
+                            int[:, :, ::1] pool_indices=None, Py_ssize_t width=0):
     """Training-mode batch norm of x (N, C, L) into out (may be x).
 
     Fills mean and invstd (C,) with the batch mean and 1/sqrt(var + eps) (kept for
     the backward) and updates running_mean / running_var in place (PyTorch's
     momentum rule, unbiased variance); weight, bias and the running statistics
     may each be None. relu applies max(0, ·) to the output. Needs N*L > 1.
+
+    With pool_out and pool_indices (N, C, L/4) and the planes' width (L = H * W,
+    H and W even, CDL_BN_RUN <= L <= CDL_BN_TILE): a 2x2 stride-2 max-pool of the
+    result instead, with its argmax indices, bitwise max_pool2d_forward of the
+    unpooled output; out is not written (may be None). Each plane is normalised
+    into a per-thread buffer and pooled there, so no full-size output is stored.
     """
     _batchnorm_forward_train(x, weight, bias, out, mean, invstd, running_mean, running_var,
-                             momentum, eps, relu, num_threads)
+                             momentum, eps, relu, num_threads, pool_out, pool_indices, width)
 
 
 # ---------------------------------------------------------------- backward
 
-cdef int _batchnorm_backward(const floating[:, :, ::1] grad_out, const floating[:, :, ::1] x,
+cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const floating[:, :, ::1] x,
                              const floating[:, :, ::1] out, const floating[::1] weight,
-                             const floating[::1] mean, const floating[::1] invstd,
-                             floating[:, :, ::1] grad_input, floating[::1] grad_weight,
-                             floating[::1] grad_bias, bint relu, int num_threads) except -1:
+                                    const floating[::1] mean, const floating[::1] invstd,
+                                    floating[:, :, ::1] grad_input,
+                                    floating[::1] grad_weight, floating[::1] grad_bias,
+                                    bint relu, int num_threads,
+                             const int[:, :, ::1] pool_indices=None,
+                             Py_ssize_t width=0) except -1:
+    # Returns how many pool indices lay outside their window (0 unpooled).
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2]
-    cdef Py_ssize_t cb, nblocks, blk, c0, stride = _ws_stride()
+    cdef Py_ssize_t cb, nblocks, blk, c0, stride = _ws_stride(), bad = 0
     cdef int nt
     cdef double* ws
+    cdef const int* pi = NULL
+    if pool_indices is not None:
+        _check_pool(N, C, L, width, _shape3(grad_out.shape),
+                    _shape3(pool_indices.shape) == _shape3(grad_out.shape)
+                    and (not relu or _shape3(out.shape) == _shape3(grad_out.shape)))
     if C == 0:
         return 0
     if N == 0 or L == 0:
@@ -582,6 +799,8 @@ cdef int _batchnorm_backward(const floating[:, :, ::1] grad_out, const floating[
     cdef floating* dxp = NULL if grad_input is None else &grad_input[0, 0, 0]
     cdef floating* dwp = _wptr_or_null(grad_weight)
     cdef floating* dbp = _wptr_or_null(grad_bias)
+    if pool_indices is not None:
+        pi = &pool_indices[0, 0, 0]
     ws = <double*>malloc(nt * stride * sizeof(double))
     if ws == NULL:
         raise MemoryError()
@@ -589,29 +808,37 @@ cdef int _batchnorm_backward(const floating[:, :, ::1] grad_out, const floating[
         for blk in prange(nblocks, schedule="static", num_threads=nt):
             c0 = blk * cb
             if floating is float:
-                cdl_bn_bwd_block_f(gp, xp, yp, wp, mp, ip, dxp, dwp, dbp, N, C, L, c0,
-                                   min(cb, C - c0), ws + omp_get_thread_num() * stride)
+                bad += cdl_bn_bwd_block_f(gp, xp, yp, wp, mp, ip, dxp, dwp, dbp, N, C, L, c0,
+                                          min(cb, C - c0), pi, width,
+                                          ws + omp_get_thread_num() * stride)
             else:
-                cdl_bn_bwd_block_d(gp, xp, yp, wp, mp, ip, dxp, dwp, dbp, N, C, L, c0,
-                                   min(cb, C - c0), ws + omp_get_thread_num() * stride)
+                bad += cdl_bn_bwd_block_d(gp, xp, yp, wp, mp, ip, dxp, dwp, dbp, N, C, L, c0,
+                                          min(cb, C - c0), pi, width,
+                                          ws + omp_get_thread_num() * stride)
     free(ws)
-    return 0
+    return bad
 
 
 def batchnorm_backward(const floating[:, :, ::1] grad_out, const floating[:, :, ::1] x,
                        const floating[:, :, ::1] out, const floating[::1] weight,
                        const floating[::1] mean, const floating[::1] invstd,
                        floating[:, :, ::1] grad_input, floating[::1] grad_weight,
-                       floating[::1] grad_bias, bint relu, int num_threads):
+                       floating[::1] grad_bias, bint relu, int num_threads,
+                       const int[:, :, ::1] pool_indices=None, Py_ssize_t width=0):
     """Gradients of batchnorm_forward_train given grad_out (N, C, L).
 
     mean / invstd are the forward's; out (the forward output) is read only with
     relu (the gradient is 0 where out <= 0). grad_input (may be grad_out) may be
     None (parameter gradients only); weight (None: 1), grad_weight and grad_bias
     may be None. grad_weight = Σ g·x̂, grad_bias = Σ g, overwritten (not added to).
+
+    With pool_indices (the pooled forward's) and width: grad_out and out are the
+    pool's (N, C, L/4) gradient and output; bitwise the gradients of the unpooled
+    pass given max_pool2d_backward's input gradient. Returns how many indices lay
+    outside their 2x2 window (skipped; 0 for indices the forward made).
     """
-    _batchnorm_backward(grad_out, x, out, weight, mean, invstd, grad_input, grad_weight,
-                        grad_bias, relu, num_threads)
+    return _batchnorm_backward(grad_out, x, out, weight, mean, invstd, grad_input,
+                               grad_weight, grad_bias, relu, num_threads, pool_indices, width)
 
 
 # ---------------------------------------------------------------- eval
@@ -733,13 +960,18 @@ cdef class BatchNormTrainForward:
     cdef float[::1] running_var
     cdef double momentum, eps
     cdef bint relu
+    cdef float[:, :, ::1] pool_out
+    cdef int[:, :, ::1] pool_indices
+    cdef Py_ssize_t width
 
     def __init__(self, x, weight, bias, out, mean, invstd, running_mean, running_var,
-                 double momentum, double eps, bint relu):
+                 double momentum, double eps, bint relu, pool_out=None, pool_indices=None,
+                 Py_ssize_t width=0):
         self.x, self.weight, self.bias, self.out = x, weight, bias, out
         self.mean, self.invstd = mean, invstd
         self.running_mean, self.running_var = running_mean, running_var
         self.momentum, self.eps, self.relu = momentum, eps, relu
+        self.pool_out, self.pool_indices, self.width = pool_out, pool_indices, width
 
     def bind_input(self, const float[:, :, ::1] x):
         self.x = x
@@ -750,7 +982,8 @@ cdef class BatchNormTrainForward:
     def run(self, int num_threads):
         _batchnorm_forward_train[float](self.x, self.weight, self.bias, self.out, self.mean,
                                         self.invstd, self.running_mean, self.running_var,
-                                        self.momentum, self.eps, self.relu, num_threads)
+                                        self.momentum, self.eps, self.relu, num_threads,
+                                        self.pool_out, self.pool_indices, self.width)
 
 
 cdef class BatchNormBackward:
@@ -765,13 +998,16 @@ cdef class BatchNormBackward:
     cdef float[::1] grad_weight
     cdef float[::1] grad_bias
     cdef bint relu
+    cdef const int[:, :, ::1] pool_indices
+    cdef Py_ssize_t width
 
     def __init__(self, grad_out, x, out, weight, mean, invstd, grad_input, grad_weight,
-                 grad_bias, bint relu):
+                 grad_bias, bint relu, pool_indices=None, Py_ssize_t width=0):
         self.grad_out, self.x, self.out, self.weight = grad_out, x, out, weight
         self.mean, self.invstd = mean, invstd
         self.grad_input, self.grad_weight, self.grad_bias = grad_input, grad_weight, grad_bias
         self.relu = relu
+        self.pool_indices, self.width = pool_indices, width
 
     def bind_input(self, const float[:, :, ::1] x):
         self.x = x
@@ -779,7 +1015,8 @@ cdef class BatchNormBackward:
     def run(self, int num_threads):
         _batchnorm_backward[float](self.grad_out, self.x, self.out, self.weight, self.mean,
                                    self.invstd, self.grad_input, self.grad_weight,
-                                   self.grad_bias, self.relu, num_threads)
+                                   self.grad_bias, self.relu, num_threads,
+                                   self.pool_indices, self.width)
 
 
 cdef class BatchNormEvalForward:

@@ -41,6 +41,8 @@ fusion
     ``absorbs_previous(layer)`` / ``absorbs_next(layer)``: whether this layer
     runs a neighbour (a ReLU) inside its own pass. The chain asks, then sets
     ``fused_previous`` / ``fused_next`` on the layer that runs the pair.
+    ``merges_next(layer)``: whether, in training only, this pass also runs the
+    next pass (BatchNorm + ReLU, then a 2x2 max-pool); the chain sets ``merged``.
 containers
     ``children()`` lists (name, Layer or chain) held inside; parameters,
     buffers, names, summary and files recurse into them.
@@ -179,6 +181,7 @@ class Layer:
         self.fused_previous = False
         self.fused_next = False
         self.folded = []           # passes taken into this one at inference (Chain.fuse)
+        self.merged = None         # the pass run inside this one in training (Chain.fuse)
         self._ws = {}
         self._last = None
 
@@ -270,6 +273,11 @@ class Layer:
         it, or after the passes it has already folded, listed in ``folded``) into its own."""
         return False
 
+    def merges_next(self, layer):
+        """Whether, in training, this pass can also run the pass of ``layer`` (right after
+        it) inside its own; the chain then sets ``merged`` to that layer."""
+        return False
+
     per_channel_affine = False   # at inference y = x·scale[c] + shift[c] (channel_affine)
 
     def channel_affine(self, scale, shift):
@@ -307,6 +315,7 @@ class Layer:
             self.params, self.grads, self.buffers = {}, {}, {}
             self._create(np.random.default_rng() if rng is None else rng, init or "he", dtype)
         self.fused_previous = self.fused_next = False
+        self.merged = None
         self._ws = {}
         self._last = None
         return self.output_shape

@@ -2,7 +2,8 @@
 
 ``Sequential`` holds one chain; a ``Residual`` holds one per branch. A chain
 builds its layers (shape inference, "auto" init), decides which neighbours run
-as one pass (a layer's ``absorbs_previous``/``absorbs_next``), runs the passes
+as one pass (a layer's ``absorbs_previous``/``absorbs_next``, and in training
+``merges_next``), runs the passes
 forward and backward, and turns them into plan ops. It reaches its layers only
 through the layer protocol (layers/base.py).
 """
@@ -82,7 +83,6 @@ class Chain:
             elif a.absorbs_next(b):
                 a.fused_next = True
                 absorbed.add(i + 1)
-        self.absorbed = [layers[i] for i in sorted(absorbed)]
         self.passes = [(i, layer) for i, layer in enumerate(layers) if i not in absorbed]
         # Inference folds further: a pass may take the passes after it into its own
         # (a BatchNorm, with its ReLU, into the convolution's weights; a ReLU into
@@ -98,6 +98,23 @@ class Chain:
             while enable and k < len(self.passes) and layer.folds(self.passes[k][1]):
                 layer.folded.append(self.passes[k][1])
                 k += 1
+        # Training merges further: a pass may run the pass right after it inside its own
+        # (a BatchNorm, with its ReLU, the 2x2 max-pool after them: the full-size
+        # output is never stored). Inference keeps both passes, the BatchNorm folded.
+        train_passes = []
+        for k, (i, layer) in enumerate(self.passes):
+            if train_passes and train_passes[-1][1].merged is layer:
+                absorbed.add(i)
+                continue
+            merged = None
+            if enable and k + 1 < len(self.passes) and layer.merges_next(self.passes[k + 1][1]):
+                merged = self.passes[k + 1][1]
+            if merged is not layer.merged:
+                layer._ws = {}       # the workspace's layout follows the merge
+            layer.merged = merged
+            train_passes.append((i, layer))
+        self.passes = train_passes
+        self.absorbed = [layers[i] for i in sorted(absorbed)]
 
     def passes_for(self, train):
         return self.passes if train else self.infer_passes

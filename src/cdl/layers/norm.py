@@ -7,6 +7,7 @@ from .._kernels import norm as _norm
 from ..functional._checks import shape_str
 from .base import Layer, positive_int
 from .chain import Op
+from .pool import MaxPool2d
 
 __all__ = ["BatchNorm1d", "BatchNorm2d"]
 
@@ -19,7 +20,11 @@ class _BatchNorm(Layer):
 
     Parameters ``weight``, ``bias`` (when ``affine``); buffers ``running_mean``,
     ``running_var``, ``num_batches_tracked``. A ReLU right after runs in this
-    layer's pass (``fused_next``), with identical results.
+    layer's pass (``fused_next``), with identical results. In training, so does a
+    2x2 stride-2 ``MaxPool2d`` after them (``merged``) on planes of 16 to 1024
+    cells with an even height and width: each plane is normalised into a small
+    buffer and pooled there, so the full-size output is never written or read
+    back; results, indices and gradients are bitwise those of the separate passes.
     """
 
     transparent = True
@@ -72,6 +77,14 @@ class _BatchNorm(Layer):
 
     def absorbs_next(self, layer):
         return layer.activation == "relu"
+
+    def merges_next(self, layer):
+        if not (isinstance(layer, MaxPool2d) and not layer.fused_previous
+                and layer.kernel_size == (2, 2) and layer.stride == (2, 2)
+                and layer.padding == (0, 0) and len(self.input_shape) == 3):
+            return False
+        _, h, w = self.input_shape
+        return h % 2 == 0 and w % 2 == 0 and _norm.POOLED_PLANE_MIN <= h * w <= _norm.POOLED_PLANE_MAX
 
     # -- ONNX --------------------------------------------------------------------------
     def to_onnx(self, graph, x):
@@ -141,8 +154,13 @@ class _BatchNorm(Layer):
 
     def _alloc(self, n, train):
         c = self.num_features
-        ws = {"out": np.empty((n,) + self.output_shape, self.dtype),
-              "scale": np.empty(c, self.dtype), "shift": np.empty(c, self.dtype)}
+        if train and self.merged is not None:
+            # the pool's output and indices; the full-size output is never stored
+            shape = (n,) + self.merged.output_shape
+            ws = {"out": np.empty(shape, self.dtype), "indices": np.empty(shape, np.int32)}
+        else:
+            ws = {"out": np.empty((n,) + self.output_shape, self.dtype)}
+        ws.update(scale=np.empty(c, self.dtype), shift=np.empty(c, self.dtype))
         if train:
             ws["dx"] = np.empty((n,) + self.input_shape, self.dtype)
             ws["mean"] = np.empty(c, self.dtype)
@@ -176,9 +194,10 @@ class _BatchNorm(Layer):
         self._check_batch(x.shape[0])
         b = self.buffers
         _norm.batchnorm_forward_train(x3, self.params.get("weight"), self.params.get("bias"),
-                                      out3, ws["mean"], ws["invstd"], b["running_mean"],
-                                      b["running_var"], self._factor(), self.eps,
-                                      self.fused_next, nt)
+                                      self._train_out(ws), ws["mean"], ws["invstd"],
+                                      b["running_mean"], b["running_var"], self._factor(),
+                                      self.eps, self.fused_next, nt, **self._pool_args(ws))
+        self.on_train_forward(ws, x)
         return ws["out"]
 
     def _backward(self, g, x, ws, nt, need_input_grad, l2):
@@ -187,8 +206,27 @@ class _BatchNorm(Layer):
                                  self.params.get("weight"), ws["mean"], ws["invstd"],
                                  None if dx is None else self._planes(dx),
                                  self.grads.get("weight"), self.grads.get("bias"),
-                                 self.fused_next, nt)
+                                 self.fused_next, nt, **self._pool_args(ws, backward=True))
         return dx
+
+    # -- the merged max-pool (training) -----------------------------------------------
+    def _train_out(self, ws):
+        """The training forward's full-size output (None when a max-pool is merged: the
+        kernel writes the pool's output and indices instead)."""
+        return self._planes(ws["out"]) if self.merged is None else None
+
+    def _pool_args(self, ws, backward=False):
+        """The training kernels' pool arguments (none without a merged max-pool)."""
+        if self.merged is None:
+            return {}
+        args = {"pool_indices": self._planes(ws["indices"]), "width": self.input_shape[2]}
+        if not backward:
+            args["pool_out"] = self._planes(ws["out"])
+        return args
+
+    def on_train_forward(self, ws, x):
+        if self.merged is not None:
+            self.merged.indices = ws["indices"]
 
     def plan_forward(self, x, ws, train):
         x3, out3 = self._planes(x), self._planes(ws["out"])
@@ -200,9 +238,10 @@ class _BatchNorm(Layer):
         self._check_batch(x.shape[0])
         b = self.buffers
         k = _norm.BatchNormTrainForward(x3, self.params.get("weight"), self.params.get("bias"),
-                                        out3, ws["mean"], ws["invstd"], b["running_mean"],
-                                        b["running_var"], self.momentum or 0.0, self.eps,
-                                        self.fused_next)
+                                        self._train_out(ws), ws["mean"], ws["invstd"],
+                                        b["running_mean"], b["running_var"],
+                                        self.momentum or 0.0, self.eps, self.fused_next,
+                                        **self._pool_args(ws))
 
         def run(nt):
             k.set_momentum(self._factor())
@@ -216,7 +255,7 @@ class _BatchNorm(Layer):
                                     self.params.get("weight"), ws["mean"], ws["invstd"],
                                     None if dx is None else self._planes(dx),
                                     self.grads.get("weight"), self.grads.get("bias"),
-                                    self.fused_next)
+                                    self.fused_next, **self._pool_args(ws, backward=True))
         return [Op(k.run, k.bind_input, x3.shape)], dx
 
 
