@@ -50,8 +50,9 @@ cdef extern from *:
     #define CDL_BN_TILE 1024
     #define CDL_BN_RUN 16
     /* Per-thread workspace in doubles: 6 tiles (two accumulators, a double
-       mean, 3 per-channel arrays) and 4 tiles of coefficients as T. */
-    #define CDL_BN_WS (10 * CDL_BN_TILE + 8)
+       mean, 3 per-channel arrays), 4 tiles of coefficients as T, and 4 tiles for
+       the pooled pass's four unpooled gradient planes (as T). */
+    #define CDL_BN_WS (14 * CDL_BN_TILE + 8)
 
     /* lanes[l % 8] += a[l]; calls continuing the same lanes must follow one
        with n % 8 == 0. */
@@ -125,7 +126,8 @@ cdef extern from *:
        a channel's values lie ~1e4 standard deviations from its first one. Four rows\\
        per sweep: the accumulators are loaded and stored once per four. Inlined, so \\
        each call site's kv (NULL or not) is a constant the compiler folds. */       \\
-    static inline void cdl_bn_sum2_##SFX(double *__restrict s1,                     \\
+    static inline __attribute__((always_inline)) void cdl_bn_sum2_##SFX(              \\
+                                         double *__restrict s1,                     \\
                                          double *__restrict s2,                     \\
                                          const T *x, Py_ssize_t st, Py_ssize_t rows,\\
                                          const double *__restrict kv, double k,     \\
@@ -198,30 +200,32 @@ cdef extern from *:
             for (j = 0; j < n; j++) y[j] = x[j] * s[j] + b[j];                      \\
         }                                                                           \\
     }                                                                               \\
-    /* Backward sums over `rows` rows `st` apart, four per sweep in row order:     \\
-       ag += g, agx += g * (x - m), g masked to 0 where y <= 0 (if y). */          \\
+    /* Backward sums over `rows` rows (of g and y `st` apart, of x `xst` apart), four \\
+       per sweep in row order: ag += g, agx += g * (x - m), g masked to 0 where     \\
+       y <= 0 (if y). */                                                            \\
     static inline T cdl_bn_gmask_##SFX(const T *g, const T *y, Py_ssize_t j) {      \\
         return y ? cdl_bn_pick_##SFX(y[j] <= (T)0, (T)0, g[j]) : g[j];              \\
     }                                                                               \\
-    static inline void cdl_bn_bsum_rows_##SFX(double *__restrict ag,                \\
-            double *__restrict agx, const T *g, const T *x, const T *y,            \\
-            Py_ssize_t st, Py_ssize_t rows, const double *mv, double m, Py_ssize_t n) { \\
+    static inline __attribute__((always_inline)) void cdl_bn_bsum_rows_##SFX(         \\
+            double *__restrict ag, double *__restrict agx, const T *g, const T *x,  \\
+            const T *y, Py_ssize_t st, Py_ssize_t xst, Py_ssize_t rows,             \\
+            const double *__restrict mv, double m, Py_ssize_t n) {                  \\
         Py_ssize_t j;                                                               \\
-        for (; rows >= 4; rows -= 4, g += 4 * st, x += 4 * st, y = y ? y + 4 * st : y) { \\
+        for (; rows >= 4; rows -= 4, g += 4 * st, x += 4 * xst, y = y ? y + 4 * st : y) { \\
             for (j = 0; j < n; j++) {                                               \\
                 double a = ag[j], b = agx[j], mj = mv ? mv[j] : m, gv;              \\
                 gv = (double)cdl_bn_gmask_##SFX(g, y, j);                           \\
                 a += gv; b += gv * ((double)x[j] - mj);                             \\
                 gv = (double)cdl_bn_gmask_##SFX(g + st, y ? y + st : y, j);         \\
-                a += gv; b += gv * ((double)x[st + j] - mj);                        \\
+                a += gv; b += gv * ((double)x[xst + j] - mj);                       \\
                 gv = (double)cdl_bn_gmask_##SFX(g + 2 * st, y ? y + 2 * st : y, j); \\
-                a += gv; b += gv * ((double)x[2 * st + j] - mj);                    \\
+                a += gv; b += gv * ((double)x[2 * xst + j] - mj);                   \\
                 gv = (double)cdl_bn_gmask_##SFX(g + 3 * st, y ? y + 3 * st : y, j); \\
-                a += gv; b += gv * ((double)x[3 * st + j] - mj);                    \\
+                a += gv; b += gv * ((double)x[3 * xst + j] - mj);                   \\
                 ag[j] = a; agx[j] = b;                                              \\
             }                                                                       \\
         }                                                                           \\
-        for (; rows > 0; rows--, g += st, x += st, y = y ? y + st : y)              \\
+        for (; rows > 0; rows--, g += st, x += xst, y = y ? y + st : y)             \\
             for (j = 0; j < n; j++) {                                               \\
                 double mj = mv ? mv[j] : m;                                         \\
                 double gv = (double)cdl_bn_gmask_##SFX(g, y, j);                    \\
@@ -229,18 +233,24 @@ cdef extern from *:
                 agx[j] += gv * ((double)x[j] - mj);                                 \\
             }                                                                       \\
     }                                                                               \\
-    /* The four cases as separate loops (y and mv known), each vectorised. */       \\
+    /* The cases as separate loops (y and mv known), each vectorised. */            \\
     static void cdl_bn_bsum_##SFX(double *ag, double *agx, const T *g, const T *x,  \\
                                   const T *y, Py_ssize_t st, Py_ssize_t rows,       \\
                                   double m, Py_ssize_t n) {                         \\
-        if (y) cdl_bn_bsum_rows_##SFX(ag, agx, g, x, y, st, rows, NULL, m, n);      \\
-        else cdl_bn_bsum_rows_##SFX(ag, agx, g, x, NULL, st, rows, NULL, m, n);     \\
+        if (y) cdl_bn_bsum_rows_##SFX(ag, agx, g, x, y, st, st, rows, NULL, m, n);  \\
+        else cdl_bn_bsum_rows_##SFX(ag, agx, g, x, NULL, st, st, rows, NULL, m, n); \\
     }                                                                               \\
     static void cdl_bn_bsum_v_##SFX(double *ag, double *agx, const T *g, const T *x, \\
                                     const T *y, Py_ssize_t st, Py_ssize_t rows,     \\
                                     const double *mv, Py_ssize_t n) {               \\
-        if (y) cdl_bn_bsum_rows_##SFX(ag, agx, g, x, y, st, rows, mv, 0.0, n);      \\
-        else cdl_bn_bsum_rows_##SFX(ag, agx, g, x, NULL, st, rows, mv, 0.0, n);     \\
+        if (y) cdl_bn_bsum_rows_##SFX(ag, agx, g, x, y, st, st, rows, mv, 0.0, n);  \\
+        else cdl_bn_bsum_rows_##SFX(ag, agx, g, x, NULL, st, st, rows, mv, 0.0, n); \\
+    }                                                                               \\
+    /* Rows of g `st` apart (no mask), of x `xst` apart: the pooled pass's sums. */ \\
+    static void cdl_bn_bsum_x_##SFX(double *ag, double *agx, const T *g, Py_ssize_t st, \\
+                                    const T *x, Py_ssize_t xst, Py_ssize_t rows,    \\
+                                    double m, Py_ssize_t n) {                       \\
+        cdl_bn_bsum_rows_##SFX(ag, agx, g, x, NULL, st, xst, rows, NULL, m, n);     \\
     }                                                                               \\
     /* dx = ((g - gm) - (x - m) * k) * sc, g masked as above */                     \\
     static void cdl_bn_dx_##SFX(T *dx, const T *g, const T *x, const T *y, T m, T k, \\
@@ -301,54 +311,26 @@ cdef extern from *:
                 ind[oh * OW + ow] = k;                                              \\
             }                                                                       \\
     }                                                                               \\
-    /* That pool's backward with the batch norm's, for one plane of the pooled      \\
-       pass. The unpooled input gradient is g of each window at its argmax (masked  \\
-       to 0 where the pooled ReLU output y <= 0; y NULL: no ReLU) and 0 elsewhere;  \\
-       its zeros add nothing to the sums (x finite: 0 * (x - m) is 0; otherwise the \\
-       channel's mean and invstd are NaN and so is every result either way), so the \\
-       sums visit the argmax cells only, each column still in n order. Indices      \\
-       outside their window count as a zero gradient and are counted. */           \\
-    static inline T cdl_bn_pooled_g_##SFX(const T *g, const T *y, Py_ssize_t o) {   \\
-        return y ? cdl_bn_pick_##SFX(y[o] <= (T)0, (T)0, g[o]) : g[o];              \\
-    }                                                                               \\
-    static Py_ssize_t cdl_bn_pooled_sums_##SFX(double *__restrict ag,               \\
-            double *__restrict agx, const T *__restrict g, const T *__restrict y,   \\
-            const int *__restrict ind, const T *__restrict x, double m, Py_ssize_t W, \\
-            Py_ssize_t OH, Py_ssize_t OW) {                                         \\
-        Py_ssize_t oh, ow, bad = 0;                                                 \\
-        for (oh = 0; oh < OH; oh++, g += OW, ind += OW, y = y ? y + OW : y) {       \\
-            const Py_ssize_t p0 = 2 * oh * W;                                       \\
+    /* That pool's input gradient for one plane (L cells, rows of W, even height):   \\
+       g of each window at its argmax, masked to 0 where the pooled ReLU output y  \\
+       is <= 0 (y NULL: no ReLU), 0 elsewhere: bitwise max-pool's backward and the \\
+       ReLU mask. Adds the indices outside their window to *bad (they give 0).     \\
+       float on AVX-512: cdl_pool2x2.h's kernel. */                                 \\
+    static void cdl_bn_unpool2_##SFX(T *gb, const T *g, const T *y, const int *ind, \\
+            Py_ssize_t W, Py_ssize_t L, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t *bad) { \\
+        Py_ssize_t oh, ow;                                                          \\
+        if (cdl_bn_unpool2_vec_##SFX(gb, g, y, ind, W, OH, OW, bad)) return;        \\
+        memset(gb, 0, (size_t)L * sizeof(T));                                       \\
+        for (oh = 0; oh < OH; oh++)                                                 \\
             for (ow = 0; ow < OW; ow++) {                                           \\
+                Py_ssize_t o = oh * OW + ow;                                        \\
                 size_t ok;                                                          \\
-                Py_ssize_t k = cdl_bn_window_cell(ind[ow], W, p0 + 2 * ow, &ok);    \\
-                double gv;                                                          \\
-                bad += (Py_ssize_t)(ok ^ 1);                                        \\
-                gv = (double)cdl_bn_pick_##SFX((int)ok, cdl_bn_pooled_g_##SFX(g, y, ow), (T)0); \\
-                ag[k] += gv;                                                        \\
-                agx[k] += gv * ((double)x[k] - m);                                  \\
+                Py_ssize_t k = cdl_bn_window_cell(ind[o], W, 2 * oh * W + 2 * ow, &ok); \\
+                T gv = y ? cdl_bn_pick_##SFX(y[o] <= (T)0, (T)0, g[o]) : g[o];      \\
+                *bad += (Py_ssize_t)(ok ^ 1);                                       \\
+                gb[k] = cdl_bn_pick_##SFX((int)ok, gv, (T)0);                       \\
             }                                                                       \\
-        }                                                                           \\
-        return bad;                                                                 \\
     }                                                                               \\
-    /* dx of one plane: the zero-gradient formula everywhere, then the argmax cells */ \\
-    static void cdl_bn_pooled_dx_##SFX(T *__restrict dx, const T *__restrict g,     \\
-            const T *__restrict y, const int *__restrict ind, const T *__restrict x, \\
-            T m, T k, T gm, T sc, Py_ssize_t L, Py_ssize_t W, Py_ssize_t OH,         \\
-            Py_ssize_t OW) {                                                        \\
-        Py_ssize_t j, oh, ow;                                                       \\
-        const T zero = 0;                                                           \\
-        for (j = 0; j < L; j++) dx[j] = ((zero - gm) - (x[j] - m) * k) * sc;        \\
-        for (oh = 0; oh < OH; oh++, g += OW, ind += OW, y = y ? y + OW : y) {       \\
-            const Py_ssize_t p0 = 2 * oh * W;                                       \\
-            for (ow = 0; ow < OW; ow++) {                                           \\
-                size_t ok;                                                          \\
-                Py_ssize_t q = cdl_bn_window_cell(ind[ow], W, p0 + 2 * ow, &ok);    \\
-                T gv = cdl_bn_pick_##SFX((int)ok, cdl_bn_pooled_g_##SFX(g, y, ow), zero); \\
-                dx[q] = ((gv - gm) - (x[q] - m) * k) * sc;                          \\
-            }                                                                       \\
-        }                                                                           \\
-    }                                                                               \\
-                                                                                    \\
     /* Training forward of channels [c0, c0 + nc) (nc > 1 only if nc*L <= TILE). */\\
     static void cdl_bn_fwd_block_##SFX(const T *x, T *y, Py_ssize_t N, Py_ssize_t C, \\
             Py_ssize_t L, Py_ssize_t c0, Py_ssize_t nc, const T *w, const T *b,     \\
@@ -443,8 +425,8 @@ cdef extern from *:
                                                                                     \\
     /* Backward of channels [c0, c0 + nc). y: forward output (relu) or NULL;         \\
        w, dx, dw, db may be NULL. With pind (a pooled forward): g and y are the     \\
-       pool's (N, C, L/4) gradient and output (cdl_bn_pooled_sums); returns how     \\
-       many indices lay outside their window. */                                    \\
+       pool's (N, C, L/4) gradient and output (cdl_bn_unpool2); returns how many    \\
+       indices lay outside their window. */                                         \\
     static Py_ssize_t cdl_bn_bwd_block_##SFX(const T *g, const T *x, const T *y,     \\
             const T *w, const T *mean_in, const T *invstd_in, T *dx, T *dw, T *db,  \\
             Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0, Py_ssize_t nc, \\
@@ -457,29 +439,29 @@ cdef extern from *:
         const Py_ssize_t off = c0 * L;                                              \\
         Py_ssize_t n, c, l0, len, S = nc * L, bad = 0;                              \\
         const Py_ssize_t OH = pind ? L / W / 2 : 0, OW = W / 2, P = OH * OW;        \\
-        T *gp = (T *)(ws + 5 * CDL_BN_TILE);   /* a dense plane (tile 5 is free) */  \\
         if (pind) {                                                                 \\
-            /* agx 16 doubles further on (into the unused mexp tile): a tile apart, \\
-               each scattered load of agx[k] waited on the store to ag[k] (4 KiB    \\
-               aliasing) and the sums ran at half speed */                          \\
-            double *agp = agx + 16;                                                 \\
+            /* Each channel's gradient planes unpooled four images at a time into  \\
+               tiles 10..13 and summed as rows there: the same additions, in the    \\
+               same order, as over the full-size gradient. */                      \\
+            T *gb = (T *)(ws + 10 * CDL_BN_TILE);                                   \\
             memset(ag, 0, (size_t)S * sizeof(double));                              \\
-            memset(agp, 0, (size_t)S * sizeof(double));                             \\
-            for (n = 0; n < N; n++)                                                 \\
+            memset(agx, 0, (size_t)S * sizeof(double));                             \\
+            for (n = 0; n < N; n += 4) {                                            \\
+                Py_ssize_t r, nr = N - n < 4 ? N - n : 4;                           \\
                 for (c = 0; c < nc; c++) {                                          \\
-                    Py_ssize_t o = (n * C + c0 + c) * P;                            \\
-                    const T *yo = y ? y + o : NULL, *xq = x + off + n * CL + c * L; \\
-                    double m = (double)mean_in[c0 + c];                             \\
-                    if (cdl_bn_unpool2_vec_##SFX(gp, g + o, yo, pind + o, W, OH, OW, &bad)) \\
-                        /* the plane's gradient, dense: one vectorised row */       \\
-                        cdl_bn_bsum_##SFX(ag + c * L, agp + c * L, gp, xq, NULL, 0, 1, m, L); \\
-                    else                                                            \\
-                        bad += cdl_bn_pooled_sums_##SFX(ag + c * L, agp + c * L, g + o, \\
-                                                        yo, pind + o, xq, m, W, OH, OW); \\
+                    for (r = 0; r < nr; r++) {                                      \\
+                        Py_ssize_t o = ((n + r) * C + c0 + c) * P;                  \\
+                        cdl_bn_unpool2_##SFX(gb + r * L, g + o, y ? y + o : NULL, pind + o, \\
+                                             W, L, OH, OW, &bad);                   \\
+                    }                                                               \\
+                    cdl_bn_bsum_x_##SFX(ag + c * L, agx + c * L, gb, L,             \\
+                                        x + off + n * CL + c * L, CL, nr,           \\
+                                        (double)mean_in[c0 + c], L);                \\
                 }                                                                   \\
+            }                                                                       \\
             for (c = 0; c < nc; c++) {                                              \\
                 sg[c] = cdl_bn_fold_total(ag + c * L, L);                           \\
-                sgx[c] = cdl_bn_fold_total(agp + c * L, L);                         \\
+                sgx[c] = cdl_bn_fold_total(agx + c * L, L);                         \\
             }                                                                       \\
         } else if (L > CDL_BN_TILE) {                                               \\
             double l1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, l2[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \\
@@ -529,15 +511,13 @@ cdef extern from *:
         }                                                                           \\
         if (!dx) return bad;                                                        \\
         if (pind) {                                                                 \\
+            T *gb = (T *)(ws + 10 * CDL_BN_TILE);                                   \\
+            Py_ssize_t b2 = 0;                                                      \\
             for (n = 0; n < N; n++)                                                 \\
                 for (c = 0; c < nc; c++) {                                          \\
-                    Py_ssize_t o = (n * C + c0 + c) * P, q = off + n * CL + c * L, b2 = 0; \\
-                    const T *yo = y ? y + o : NULL;                                 \\
-                    if (cdl_bn_unpool2_vec_##SFX(gp, g + o, yo, pind + o, W, OH, OW, &b2)) \\
-                        cdl_bn_dx_##SFX(dx + q, gp, x + q, NULL, mf[c], kf[c], gf[c], cf[c], L); \\
-                    else                                                            \\
-                        cdl_bn_pooled_dx_##SFX(dx + q, g + o, yo, pind + o, x + q, mf[c], \\
-                                               kf[c], gf[c], cf[c], L, W, OH, OW);  \\
+                    Py_ssize_t o = (n * C + c0 + c) * P, q = off + n * CL + c * L;  \\
+                    cdl_bn_unpool2_##SFX(gb, g + o, y ? y + o : NULL, pind + o, W, L, OH, OW, &b2); \\
+                    cdl_bn_dx_##SFX(dx + q, gb, x + q, NULL, mf[c], kf[c], gf[c], cf[c], L); \\
                 }                                                                   \\
         } else if (L >= CDL_BN_RUN) {                                               \\
             for (n = 0; n < N; n++)                                                 \\
