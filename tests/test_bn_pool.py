@@ -257,3 +257,37 @@ def test_merged_model_equals_unmerged(dtype, relu):
                              *[b_.copy() for b_ in m.layers[1].buffers.values()],
                              *[p.copy() for _, p, _ in m.parameters()]))
             assert _same(outs[0], outs[1]), f"threads={nt}"
+
+
+def test_the_layer_alone_never_merges():
+    # BatchNorm2d's own forward/backward keep its shapes; the model's pass merges.
+    m = _net(np.float32)
+    bn = m.layers[1]
+    h = np.random.default_rng(1).standard_normal((3, 4, 12, 12)).astype(np.float32)
+    y = bn.forward(h)
+    assert y.shape == (3,) + bn.output_shape
+    dx = bn.backward(np.ones_like(y))
+    assert dx.shape == h.shape
+    x = np.random.default_rng(2).standard_normal((3, 2, 12, 12)).astype(np.float32)
+    assert m.forward(x).shape == (3, 5) and bn.merged is m.layers[3]
+    assert m.layers[3].indices.shape == (3, 4, 6, 6)
+
+
+def test_fusion_turned_off_and_on_between_steps():
+    # Workspaces whose layout follows the fusion (a Residual's) are rebuilt.
+    rng = np.random.default_rng(3)
+    m = cdl.Sequential([cdl.Conv2d(2, 4, 3, padding=1, bias=False), cdl.BatchNorm2d(4),
+                        cdl.ReLU(),
+                        cdl.Residual([cdl.Conv2d(4, 4, 3, padding=1), cdl.BatchNorm2d(4)]),
+                        cdl.ReLU(), cdl.MaxPool2d(2), cdl.Flatten(), cdl.Linear(4 * 16, 3)],
+                       (2, 8, 8), seed=1)
+    x = rng.standard_normal((5, 2, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 5)
+    loss, opt = cdl.SoftmaxCrossEntropy(), None
+    for enable in (True, False, True):
+        m.chain.fuse(enable)
+        m._reset_plans()
+        opt = cdl.SGD(m, lr=0.01)
+        m.train_step(x, y, loss, opt)
+        m.forward(x)
+        m.backward(np.ones((5, 3), np.float32))

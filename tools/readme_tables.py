@@ -187,10 +187,14 @@ def resnet_block(doc):
                      f"{'n/a' if t is None else ms(t)} | {_ratio(r['cdl/torch'])} |")
     if "bn_dropout_overhead_lenet_n64" in m:
         pair = m.get("lenet_n64_interleaved_ms")
-        timed = "" if pair is None else (f" ({ms(pair['plain'])} → {ms(pair['bn'])} ms, the two "
+        timed = "" if pair is None else (f" ({ms(pair['plain'])} → {ms(pair['bn'])} ms, the "
                                          f"steps timed in one interleaved block)")
         lines += ["", f"BatchNorm + Dropout add {m['bn_dropout_overhead_lenet_n64']:.0%} to the "
                       f"LeNet-5 `train_step` at batch 64{timed}."]
+        if "bn_pool_merge_gain_lenet_n64" in m:
+            lines[-1] += (f" Its BatchNorm layers running the max-pool after them in their own "
+                          f"pass save {m['bn_pool_merge_gain_lenet_n64']:.0%} of that step "
+                          f"({ms(pair['bn_unmerged'])} ms without, in the same block).")
     return "\n".join(lines)
 
 

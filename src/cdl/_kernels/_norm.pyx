@@ -672,6 +672,8 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
     cdef double* ws
     cdef floating* pp = NULL
     cdef int* pi = NULL
+    if pool_out is None and (pool_indices is not None or out is None):
+        raise ValueError("batch norm: out is needed unless pool_out and pool_indices are given")
     if pool_out is not None:
         _check_pool(N, C, L, width, _shape3(pool_out.shape), pool_indices is not None
                     and _shape3(pool_indices.shape) == _shape3(pool_out.shape))

@@ -70,6 +70,7 @@ class Chain:
         """Decide the passes: (index, layer) for each layer that runs; a layer that
         runs a neighbour inside its own pass has fused_previous/fused_next set."""
         layers = self.layers
+        before = [(layer.fused_previous, layer.fused_next) for layer in layers]
         for layer in layers:
             layer.fused_previous = layer.fused_next = False
         absorbed = set()
@@ -84,6 +85,9 @@ class Chain:
                 a.fused_next = True
                 absorbed.add(i + 1)
         self.passes = [(i, layer) for i, layer in enumerate(layers) if i not in absorbed]
+        for layer, flags in zip(layers, before):
+            if flags != (layer.fused_previous, layer.fused_next):
+                layer._ws = {}       # a workspace's layout may follow the fusion (Residual's)
         # Inference folds further: a pass may take the passes after it into its own
         # (a BatchNorm, with its ReLU, into the convolution's weights; a ReLU into
         # the convolution's or Linear's output tiles).
@@ -100,24 +104,31 @@ class Chain:
                 k += 1
         # Training merges further: a pass may run the pass right after it inside its own
         # (a BatchNorm, with its ReLU, the 2x2 max-pool after them: the full-size
-        # output is never stored). Inference keeps both passes, the BatchNorm folded.
+        # output is never read back). The chain hands it the merged layer's workspace
+        # as ws["merged"] (_pass_ws). Inference keeps both passes, the BatchNorm folded.
         train_passes = []
         for k, (i, layer) in enumerate(self.passes):
             if train_passes and train_passes[-1][1].merged is layer:
                 absorbed.add(i)
                 continue
-            merged = None
+            layer.merged = None
             if enable and k + 1 < len(self.passes) and layer.merges_next(self.passes[k + 1][1]):
-                merged = self.passes[k + 1][1]
-            if merged is not layer.merged:
-                layer._ws = {}       # the workspace's layout follows the merge
-            layer.merged = merged
+                layer.merged = self.passes[k + 1][1]
             train_passes.append((i, layer))
         self.passes = train_passes
         self.absorbed = [layers[i] for i in sorted(absorbed)]
 
     def passes_for(self, train):
         return self.passes if train else self.infer_passes
+
+    @staticmethod
+    def _pass_ws(layer, workspace, train):
+        """A pass's workspace: the layer's own, with the merged layer's as "merged" in
+        training (so the layer's own forward and backward, called alone, never merge)."""
+        ws = workspace(layer)
+        if train and layer.merged is not None:
+            ws = dict(ws, merged=workspace(layer.merged))
+        return ws
 
     # -- walking ----------------------------------------------------------------------
     def walk(self, prefix=""):
@@ -149,7 +160,7 @@ class Chain:
         passes = self.passes_for(train)
         last = passes[-1][1] if passes else None
         for _, layer in passes:
-            ws = workspace(layer)
+            ws = self._pass_ws(layer, workspace, train)
             run_ws = ws
             if out is not None and layer is last and layer.writes_through_ws \
                     and not layer.backward_reads_output and _can_write(ws, "out", out, x):
@@ -195,7 +206,7 @@ class Chain:
         ops, trace = [], []
         h, from_input = x, True
         for i, layer in self.passes_for(train):
-            ws = workspace(layer)
+            ws = self._pass_ws(layer, workspace, train)
             layer_ops, out = layer.plan_forward(h, ws, train)
             for op in layer_ops:
                 ops.append(op if from_input else op._replace(bind=None))

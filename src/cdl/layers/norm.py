@@ -20,11 +20,12 @@ class _BatchNorm(Layer):
 
     Parameters ``weight``, ``bias`` (when ``affine``); buffers ``running_mean``,
     ``running_var``, ``num_batches_tracked``. A ReLU right after runs in this
-    layer's pass (``fused_next``), with identical results. In training, so does a
-    2x2 stride-2 ``MaxPool2d`` after them (``merged``) on planes of 16 to 1024
-    cells with an even height and width: each plane is normalised into a small
-    buffer and pooled there, so the full-size output is never written or read
-    back; results, indices and gradients are bitwise those of the separate passes.
+    layer's pass (``fused_next``), with identical results. In a model's training
+    pass, so does a 2x2 stride-2 ``MaxPool2d`` after them (``merged``) on planes of
+    16 to 1024 cells with an even height and width: each plane is normalised into
+    a small buffer and pooled there, so the full-size output is never written or
+    read back; results, indices and gradients are bitwise those of the separate
+    passes. The layer's own ``forward``/``backward`` never merge.
     """
 
     transparent = True
@@ -79,7 +80,7 @@ class _BatchNorm(Layer):
         return layer.activation == "relu"
 
     def merges_next(self, layer):
-        if not (isinstance(layer, MaxPool2d) and not layer.fused_previous
+        if not (type(layer) is MaxPool2d and not layer.fused_previous
                 and layer.kernel_size == (2, 2) and layer.stride == (2, 2)
                 and layer.padding == (0, 0) and len(self.input_shape) == 3):
             return False
@@ -154,13 +155,8 @@ class _BatchNorm(Layer):
 
     def _alloc(self, n, train):
         c = self.num_features
-        if train and self.merged is not None:
-            # the pool's output and indices; the full-size output is never stored
-            shape = (n,) + self.merged.output_shape
-            ws = {"out": np.empty(shape, self.dtype), "indices": np.empty(shape, np.int32)}
-        else:
-            ws = {"out": np.empty((n,) + self.output_shape, self.dtype)}
-        ws.update(scale=np.empty(c, self.dtype), shift=np.empty(c, self.dtype))
+        ws = {"out": np.empty((n,) + self.output_shape, self.dtype),
+              "scale": np.empty(c, self.dtype), "shift": np.empty(c, self.dtype)}
         if train:
             ws["dx"] = np.empty((n,) + self.input_shape, self.dtype)
             ws["mean"] = np.empty(c, self.dtype)
@@ -198,35 +194,42 @@ class _BatchNorm(Layer):
                                       b["running_mean"], b["running_var"], self._factor(),
                                       self.eps, self.fused_next, nt, **self._pool_args(ws))
         self.on_train_forward(ws, x)
-        return ws["out"]
+        return self._pass_out(ws)
 
     def _backward(self, g, x, ws, nt, need_input_grad, l2):
         dx = ws["dx"] if need_input_grad else None
-        _norm.batchnorm_backward(self._planes(g), self._planes(x), self._planes(ws["out"]),
-                                 self.params.get("weight"), ws["mean"], ws["invstd"],
+        _norm.batchnorm_backward(self._planes(g), self._planes(x),
+                                 self._planes(self._pass_out(ws)), self.params.get("weight"),
+                                 ws["mean"], ws["invstd"],
                                  None if dx is None else self._planes(dx),
                                  self.grads.get("weight"), self.grads.get("bias"),
                                  self.fused_next, nt, **self._pool_args(ws, backward=True))
         return dx
 
     # -- the merged max-pool (training) -----------------------------------------------
+    # In a chain's training pass ws["merged"] is the max-pool's workspace: the kernels
+    # write its output and indices there, and the full-size output is not written.
+    def _pass_out(self, ws):
+        pool = ws.get("merged")
+        return ws["out"] if pool is None else pool["out"]
+
     def _train_out(self, ws):
-        """The training forward's full-size output (None when a max-pool is merged: the
-        kernel writes the pool's output and indices instead)."""
-        return self._planes(ws["out"]) if self.merged is None else None
+        return None if "merged" in ws else self._planes(ws["out"])
 
     def _pool_args(self, ws, backward=False):
         """The training kernels' pool arguments (none without a merged max-pool)."""
-        if self.merged is None:
+        pool = ws.get("merged")
+        if pool is None:
             return {}
-        args = {"pool_indices": self._planes(ws["indices"]), "width": self.input_shape[2]}
+        args = {"pool_indices": self._planes(pool["indices"]), "width": self.input_shape[2]}
         if not backward:
-            args["pool_out"] = self._planes(ws["out"])
+            args["pool_out"] = self._planes(pool["out"])
         return args
 
     def on_train_forward(self, ws, x):
-        if self.merged is not None:
-            self.merged.indices = ws["indices"]
+        pool = ws.get("merged")
+        if pool is not None and self.merged is not None:
+            self.merged.indices = pool["indices"]
 
     def plan_forward(self, x, ws, train):
         x3, out3 = self._planes(x), self._planes(ws["out"])
@@ -246,12 +249,12 @@ class _BatchNorm(Layer):
         def run(nt):
             k.set_momentum(self._factor())
             k.run(nt)
-        return [Op(run, k.bind_input, x3.shape)], ws["out"]
+        return [Op(run, k.bind_input, x3.shape)], self._pass_out(ws)
 
     def plan_backward(self, g, x, ws, need_input_grad):
         dx = ws["dx"] if need_input_grad else None
         x3 = self._planes(x)
-        k = _norm.BatchNormBackward(self._planes(g), x3, self._planes(ws["out"]),
+        k = _norm.BatchNormBackward(self._planes(g), x3, self._planes(self._pass_out(ws)),
                                     self.params.get("weight"), ws["mean"], ws["invstd"],
                                     None if dx is None else self._planes(dx),
                                     self.grads.get("weight"), self.grads.get("bias"),

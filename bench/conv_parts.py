@@ -1,0 +1,80 @@
+"""Each convolution of ResNet-8 and LeNet-5 alone: forward, input gradient and weight
+gradient, timed interleaved, with their GFLOP/s and the gradients' time over the forward's.
+
+    python bench/conv_parts.py [--batch 64] [--threads 2] [--repeats 15] [--out PATH]
+
+A backward pass does twice the forward's multiply-adds (the first layer's input gradient
+aside), so each gradient at 1.0x the forward's time runs as fast per FLOP. Times are the
+float32 kernels alone (cdl._kernels.conv) on random data; a model's step adds the cache
+misses of its neighbours (bench/profile_plan.py shows those).
+"""
+import argparse
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _timing import median_times  # noqa: E402
+
+# (name, C, K, H, kernel, stride, padding)
+LAYERS = [
+    ("ResNet-8 stem", 3, 16, 32, 3, 1, 1),
+    ("ResNet-8 stage 1", 16, 16, 32, 3, 1, 1),
+    ("ResNet-8 stage 2 first", 16, 32, 32, 3, 2, 1),
+    ("ResNet-8 stage 2", 32, 32, 16, 3, 1, 1),
+    ("ResNet-8 stage 2 shortcut", 16, 32, 32, 1, 2, 0),
+    ("ResNet-8 stage 3 first", 32, 64, 16, 3, 2, 1),
+    ("ResNet-8 stage 3", 64, 64, 8, 3, 1, 1),
+    ("ResNet-8 stage 3 shortcut", 32, 64, 16, 1, 2, 0),
+    ("LeNet-5 conv1", 1, 6, 28, 5, 1, 2),
+    ("LeNet-5 conv2", 6, 16, 14, 5, 1, 0),
+]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--out", default=None, help="write a markdown table to this path")
+    args = ap.parse_args(argv)
+    from cdl._kernels import conv
+    rng = np.random.default_rng(0)
+    n, nt = args.batch, args.threads
+    load = os.getloadavg()[0]
+    lines = ["| layer | C→K | H | kernel, stride | forward ms | GFLOP/s | input grad / forward "
+             "| weight grad / forward |", "|---|---|--:|---|--:|--:|--:|--:|"]
+    for name, c, k, h, f, s, p in LAYERS:
+        x = rng.standard_normal((n, c, h, h), dtype=np.float32)
+        w = rng.standard_normal((k, c, f, f), dtype=np.float32)
+        oh = (h + 2 * p - f) // s + 1
+        g = rng.standard_normal((n, k, oh, oh), dtype=np.float32)
+        y, dx, dw = np.empty_like(g), np.empty_like(x), np.empty_like(w)
+        t = median_times({
+            "forward": lambda: conv.conv2d_forward(x, w, None, y, s, s, p, p, nt),
+            "input": lambda: conv.conv2d_backward_input(g, w, dx, s, s, p, p, nt),
+            "weight": lambda: conv.conv2d_backward_weight(g, x, dw, None, s, s, p, p, nt),
+        }, args.repeats)
+        gflop = 2.0 * n * k * c * f * f * oh * oh / 1e9
+        row = (f"| {name} | {c}→{k} | {h} | {f}×{f}, {s} | {t['forward'] * 1e3:.3f} | "
+               f"{gflop / t['forward']:.0f} | {t['input'] / t['forward']:.2f} | "
+               f"{t['weight'] / t['forward']:.2f} |")
+        print(row, flush=True)
+        lines.append(row)
+    head = (f"`python bench/conv_parts.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+            f" ({time.strftime('%Y-%m-%d %H:%M')}): batch {n}, {nt} threads, "
+            f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+            f"load average {load:.2f} before and {os.getloadavg()[0]:.2f} after.")
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write("# Convolution kernels by layer\n\n" + head + "\n\n" + "\n".join(lines)
+                     + "\n")
+
+
+if __name__ == "__main__":
+    main()
