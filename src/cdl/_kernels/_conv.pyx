@@ -45,8 +45,10 @@ and input gradient: weight (K x C) times the image's C x positions, strided
 positions gathered first. The float32 input gradient at strides > 1 runs phase
 by phase: the input cells with y % sh == a and x % sw == b are a stride-1
 correlation of grad_out with the taps that reach them (each tap used once),
-computed on the column tiles into a buffer and scattered. float64 takes a
-plain scalar path at strides > 1 (correctness, not speed).
+each computed on the path its shapes pick (channel vectors for narrow phases,
+column tiles, a GEMM for one tap) into a buffer of its own, then interleaved
+into dx row by row. float64 takes a plain scalar path at strides > 1
+(correctness, not speed).
 
 Column tiles end in registers (cdl_cvtile.h, cdl_ct_tile): the tiles that read
 every kernel row and store whole vectors add the bias (and apply ReLU) to

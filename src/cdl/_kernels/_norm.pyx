@@ -25,6 +25,13 @@ CDL_BN_TILE elements), each computed whole by one thread, so results are
 bitwise identical for any thread count. A block's data is read twice in
 training (the sums, then the output), the second time mostly from cache.
 
+Pooled training pass (a 2x2 stride-2 max-pool after the batch norm, planes of
+CDL_BN_RUN..CDL_BN_TILE cells): the forward normalises each plane into the
+thread's workspace and pools it there, writing only the pool's output and
+indices; the backward unpools the pool's gradient (masked by the pooled ReLU
+output) four planes at a time into the workspace and sums those rows. Every
+result is bitwise that of the batch norm and the max-pool run apart.
+
 Kernels trust their inputs (shapes, dtypes, C-contiguity, M > 1); the layers
 validate. weight and bias may be None (affine=False); so may the running
 statistics (track_running_stats=False).
