@@ -66,9 +66,11 @@ class Chain:
                 return False
         return False
 
-    def fuse(self, enable=True):
+    def fuse(self, enable=True, merge=True):
         """Decide the passes: (index, layer) for each layer that runs; a layer that
-        runs a neighbour inside its own pass has fused_previous/fused_next set."""
+        runs a neighbour inside its own pass has fused_previous/fused_next set.
+        ``enable=False``: no fusion at all; ``merge=False``: no training merges
+        (``merges_next``), every other fusion kept."""
         layers = self.layers
         before = [(layer.fused_previous, layer.fused_next) for layer in layers]
         for layer in layers:
@@ -112,7 +114,8 @@ class Chain:
                 absorbed.add(i)
                 continue
             layer.merged = None
-            if enable and k + 1 < len(self.passes) and layer.merges_next(self.passes[k + 1][1]):
+            if enable and merge and k + 1 < len(self.passes) \
+                    and layer.merges_next(self.passes[k + 1][1]):
                 layer.merged = self.passes[k + 1][1]
             train_passes.append((i, layer))
         self.passes = train_passes
