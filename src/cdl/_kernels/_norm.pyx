@@ -349,7 +349,7 @@ cdef extern from *:
         T *bf = sf + CDL_BN_TILE, *tmp = bf + CDL_BN_TILE;                          \\
         const Py_ssize_t CL = C * L, M = N * L;                                     \\
         const T *xb = x + c0 * L;                                                   \\
-        T *yb = y + c0 * L;                                                         \\
+        T *yb = y ? y + c0 * L : NULL;     /* NULL when pooled: not written */     \\
         Py_ssize_t n, c, l0, len, S = nc * L;                                       \\
         double s1, s2;                                                              \\
         /* one pass: shifted sums, then mean = k + s1/M, M var = s2 - s1²/M */      \\

@@ -43,16 +43,16 @@ CDL_CV_INLINE void cdl_cv_wtile(const float *xs, const Py_ssize_t *poff, Py_ssiz
     cdl_vf acc[A * B * V], gv[V];
     const float *pt[A];
     const float *g = gt;
-    Py_ssize_t y, x, xi;
+    Py_ssize_t y, x;
     int a, b, v;
     for (a = 0; a < A; a++)
         for (b = 0; b < B; b++)
             for (v = 0; v < V; v++)
                 acc[(a * B + b) * V + v] = cdl_vf_load(am + a * am_a + b * kp + v * CDL_VF);
-    /* 8- and 16-wide outputs at stride 1 or 2 (ResNet's later stages): each
-       row's positions in a loop of constant trip count and stride, unrolled; the
-       short variable-length loop and its exit cost ~20% of an 8x8 tile's time.
-       The sums run in the same order either way. */
+    /* Row by row over the output positions. 8- and 16-wide outputs at stride 1
+       or 2 (ResNet's later stages) get a loop of constant trip count and stride,
+       unrolled: the short variable-length loop and its exit cost ~20% of an 8x8
+       tile's time. The sums run in the same order either way. */
 #define CDL_CV_WROWS(OWC, SWC)                                              \
         for (y = 0; y < oh; y++) {                                          \
             for (a = 0; a < A; a++)                                         \
@@ -77,20 +77,7 @@ CDL_CV_INLINE void cdl_cv_wtile(const float *xs, const Py_ssize_t *poff, Py_ssiz
     } else if (ow == 16 && sw == 2) {
         CDL_CV_WROWS(16, 2)
     } else {
-        for (y = 0; y < oh; y++) {
-            for (a = 0; a < A; a++)
-                pt[a] = xs + poff[a] + y * rstep;
-            for (x = 0, xi = 0; x < ow; x++, xi += sw, g += kp) {
-                for (v = 0; v < V; v++)
-                    gv[v] = cdl_vf_loadr(g + v * CDL_VF);
-                for (a = 0; a < A; a++)
-                    for (b = 0; b < B; b++) {
-                        cdl_vf bv = cdl_cv_bcast(pt[a][xi + b]);
-                        for (v = 0; v < V; v++)
-                            acc[(a * B + b) * V + v] += bv * gv[v];
-                    }
-            }
-        }
+        CDL_CV_WROWS(ow, sw)
     }
     for (a = 0; a < A; a++)
         for (b = 0; b < B; b++)

@@ -85,7 +85,8 @@ class _BatchNorm(Layer):
                 and layer.padding == (0, 0) and len(self.input_shape) == 3):
             return False
         _, h, w = self.input_shape
-        return h % 2 == 0 and w % 2 == 0 and _norm.POOLED_PLANE_MIN <= h * w <= _norm.POOLED_PLANE_MAX
+        return (h % 2 == 0 and w % 2 == 0
+                and _norm.POOLED_PLANE_MIN <= h * w <= _norm.POOLED_PLANE_MAX)
 
     # -- ONNX --------------------------------------------------------------------------
     def to_onnx(self, graph, x):
