@@ -147,6 +147,40 @@ def test_foreign_indices_are_counted_not_followed():
     assert np.isfinite(dx).all()
 
 
+@pytest.mark.parametrize("shape", [(64, 6, 28, 28), (5, 16, 10, 10)], ids=str)
+def test_parameter_gradients_alone_equal_those_with_dx(shape):
+    # Without grad_input the unpooled gradient goes to the workspace, not dx.
+    x, w, b = _case(shape, np.float32)
+    n, c, h, wd = shape
+    g = np.random.default_rng(2).standard_normal((n, c, h // 2, wd // 2)).astype(np.float32)
+    po, pi, mean, invstd, _, _, _, dw, db = _pooled(norm, x, w, b, g, True, 2)
+    dw2, db2 = np.empty_like(dw), np.empty_like(db)
+    norm.batchnorm_backward(g.reshape(n, c, -1), x.reshape(n, c, -1), po.reshape(n, c, -1),
+                            w, mean, invstd, None, dw2, db2, True, 2, pi.reshape(n, c, -1), wd)
+    assert dw2.tobytes() == dw.tobytes() and db2.tobytes() == db.tobytes()
+
+
+@pytest.mark.parametrize("target", ["x", "grad_out", "out"])
+def test_pooled_backward_refuses_overlapping_grad_input(target):
+    # dx holds the unpooled gradient before x, grad_out and out are all read.
+    x, w, b = _case((2, 3, 8, 8), np.float32, nan=False)
+    n, c, h, wd = x.shape
+    g = np.ones((n, c, 4, 4), np.float32)
+    po, pi, mean, invstd, *_ = _pooled(norm, x, w, b, g, True, 1)
+    arrays = {"x": x.reshape(n, c, -1).copy(), "grad_out": g.reshape(n, c, -1).copy(),
+              "out": po.reshape(n, c, -1).copy()}
+    big = np.zeros(n * c * h * wd * 2, np.float32)
+    dx = big[:n * c * h * wd].reshape(n, c, -1)
+    # the target array lives inside dx's memory
+    src = arrays[target]
+    view = big[8:8 + src.size].reshape(src.shape)
+    view[...] = src
+    arrays[target] = view
+    with pytest.raises(ValueError, match="overlap"):
+        norm.batchnorm_backward(arrays["grad_out"], arrays["x"], arrays["out"], w, mean,
+                                invstd, dx, None, None, True, 1, pi.reshape(n, c, -1), wd)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(width=7), "even height and width"),          # 8x8 plane read as rows of 7
     (dict(width=4, shape=(2, 3, 2, 4)), "16 to"),        # 8 cells: too small

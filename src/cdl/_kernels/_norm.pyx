@@ -26,11 +26,13 @@ bitwise identical for any thread count. A block's data is read twice in
 training (the sums, then the output), the second time mostly from cache.
 
 Pooled training pass (a 2x2 stride-2 max-pool after the batch norm, planes of
-CDL_BN_RUN..CDL_BN_TILE cells): the forward normalises each plane into the
-thread's workspace and pools it there, writing only the pool's output and
-indices; the backward unpools the pool's gradient (masked by the pooled ReLU
-output) four planes at a time into the workspace and sums those rows. Every
-result is bitwise that of the batch norm and the max-pool run apart.
+CDL_BN_RUN..CDL_BN_TILE cells): the forward pools each plane as it normalises
+it (AVX-512; elsewhere it normalises the plane into the thread's workspace and
+pools it there), writing only the pool's output and indices; the backward
+unpools the pool's gradient (masked by the pooled ReLU output) into dx four
+planes at a time, sums those rows, and then turns dx into the input gradient in
+place. Every result is bitwise that of the batch norm and the max-pool run
+apart.
 
 Kernels trust their inputs (shapes, dtypes, C-contiguity, M > 1); the layers
 validate. weight and bias may be None (affine=False); so may the running
@@ -100,6 +102,20 @@ cdef extern from *:
     static inline int cdl_bn_pool2_vec_d(const double *y, Py_ssize_t W, Py_ssize_t OH,
                                          Py_ssize_t OW, double *out, int *ind) {
         (void)y; (void)W; (void)OH; (void)OW; (void)out; (void)ind;
+        return 0;
+    }
+    /* The same pool of the normalised plane (x - m) * s + b (then max(0, ·) with
+       relu), read straight from x, float only (1: done). */
+    static inline int cdl_bn_normpool2_vec_f(const float *x, Py_ssize_t W, Py_ssize_t OH,
+            Py_ssize_t OW, float m, float s, float b, int relu, float *out, int *ind) {
+        if (!CDL_POOL2_VEC) return 0;
+        cdl_pool2_plane_fwd_affine(x, out, ind, W, OH, OW, relu, m, s, b);
+        return 1;
+    }
+    static inline int cdl_bn_normpool2_vec_d(const double *x, Py_ssize_t W, Py_ssize_t OH,
+            Py_ssize_t OW, double m, double s, double b, int relu, double *out, int *ind) {
+        (void)x; (void)W; (void)OH; (void)OW; (void)m; (void)s; (void)b; (void)relu;
+        (void)out; (void)ind;
         return 0;
     }
     /* Its backward into a dense plane gb (max-pool's input gradient, masked where
@@ -404,14 +420,19 @@ cdef extern from *:
             bf[c] = (T)bc;                                                          \\
         }                                                                           \\
         if (pout) {                                                                 \\
-            /* pooled (CDL_BN_RUN <= L <= CDL_BN_TILE): each plane normalised into  \\
-               tile 5, which the forward does not use otherwise, and pooled there */ \\
+            /* pooled (CDL_BN_RUN <= L <= CDL_BN_TILE): each plane pooled as it is \\
+               normalised (AVX-512), or normalised into tile 5, which the forward   \\
+               does not use otherwise, and pooled there */                          \\
             T *yp = (T *)(ws + 5 * CDL_BN_TILE);                                    \\
             Py_ssize_t OH = L / W / 2, OW = W / 2, P = OH * OW;                     \\
             for (n = 0; n < N; n++)                                                 \\
                 for (c = 0; c < nc; c++) {                                          \\
                     Py_ssize_t o = (n * C + c0 + c) * P;                            \\
-                    cdl_bn_norm_##SFX(yp, xb + n * CL + c * L, mf[c], sf[c], bf[c], L, relu); \\
+                    const T *xp = xb + n * CL + c * L;                              \\
+                    if (cdl_bn_normpool2_vec_##SFX(xp, W, OH, OW, mf[c], sf[c], bf[c], \\
+                                                   relu, pout + o, pind + o))       \\
+                        continue;                                                   \\
+                    cdl_bn_norm_##SFX(yp, xp, mf[c], sf[c], bf[c], L, relu);        \\
                     cdl_bn_pool2_##SFX(yp, W, OH, OW, pout + o, pind + o);          \\
                 }                                                                   \\
         } else if (L >= CDL_BN_RUN) {                                               \\
@@ -447,21 +468,24 @@ cdef extern from *:
         Py_ssize_t n, c, l0, len, S = nc * L, bad = 0;                              \\
         const Py_ssize_t OH = pind ? L / W / 2 : 0, OW = W / 2, P = OH * OW;        \\
         if (pind) {                                                                 \\
-            /* Each channel's gradient planes unpooled four images at a time into  \\
-               tiles 10..13 and summed as rows there: the same additions, in the    \\
-               same order, as over the full-size gradient. */                      \\
-            T *gb = (T *)(ws + 10 * CDL_BN_TILE);                                   \\
+            /* Each channel's gradient planes unpooled four images at a time and   \\
+               summed as rows there: the same additions, in the same order, as over \\
+               the full-size gradient. They are unpooled into dx, where the dx pass \\
+               reads them back, or, with no dx, into tiles 10..13. */               \\
+            T *gb = dx ? dx + off : (T *)(ws + 10 * CDL_BN_TILE);                   \\
+            const Py_ssize_t gst = dx ? CL : L;    /* one image's plane to the next */ \\
             memset(ag, 0, (size_t)S * sizeof(double));                              \\
             memset(agx, 0, (size_t)S * sizeof(double));                             \\
             for (n = 0; n < N; n += 4) {                                            \\
                 Py_ssize_t r, nr = N - n < 4 ? N - n : 4;                           \\
                 for (c = 0; c < nc; c++) {                                          \\
+                    T *gr = dx ? gb + n * CL + c * L : gb;                          \\
                     for (r = 0; r < nr; r++) {                                      \\
                         Py_ssize_t o = ((n + r) * C + c0 + c) * P;                  \\
-                        cdl_bn_unpool2_##SFX(gb + r * L, g + o, y ? y + o : NULL, pind + o, \\
-                                             W, L, OH, OW, &bad);                   \\
+                        cdl_bn_unpool2_##SFX(gr + r * gst, g + o, y ? y + o : NULL, \\
+                                             pind + o, W, L, OH, OW, &bad);         \\
                     }                                                               \\
-                    cdl_bn_bsum_x_##SFX(ag + c * L, agx + c * L, gb, L,             \\
+                    cdl_bn_bsum_x_##SFX(ag + c * L, agx + c * L, gr, gst,           \\
                                         x + off + n * CL + c * L, CL, nr,           \\
                                         (double)mean_in[c0 + c], L);                \\
                 }                                                                   \\
@@ -518,13 +542,12 @@ cdef extern from *:
         }                                                                           \\
         if (!dx) return bad;                                                        \\
         if (pind) {                                                                 \\
-            T *gb = (T *)(ws + 10 * CDL_BN_TILE);                                   \\
-            Py_ssize_t b2 = 0;                                                      \\
+            /* dx holds the unpooled gradient: the formula in place */              \\
             for (n = 0; n < N; n++)                                                 \\
                 for (c = 0; c < nc; c++) {                                          \\
-                    Py_ssize_t o = (n * C + c0 + c) * P, q = off + n * CL + c * L;  \\
-                    cdl_bn_unpool2_##SFX(gb, g + o, y ? y + o : NULL, pind + o, W, L, OH, OW, &b2); \\
-                    cdl_bn_dx_##SFX(dx + q, gb, x + q, NULL, mf[c], kf[c], gf[c], cf[c], L); \\
+                    Py_ssize_t q = off + n * CL + c * L;                            \\
+                    cdl_bn_dx_##SFX(dx + q, dx + q, x + q, NULL, mf[c], kf[c], gf[c], \\
+                                    cf[c], L);                                      \\
                 }                                                                   \\
         } else if (L >= CDL_BN_RUN) {                                               \\
             for (n = 0; n < N; n++)                                                 \\
@@ -631,6 +654,10 @@ cdef inline Py_ssize_t _block_channels(Py_ssize_t C, Py_ssize_t L, int nt) noexc
 cdef inline Py_ssize_t _ws_stride() noexcept nogil:
     # Whole cache lines plus one spare, so threads never share a line.
     return (CDL_BN_WS + 7) // 8 * 8 + 8
+
+
+cdef inline bint _overlaps(const char* a, size_t na, const char* b, size_t nb) noexcept nogil:
+    return a < b + nb and b < a + na
 
 
 cdef inline const floating* _ptr_or_null(const floating[::1] a) noexcept nogil:
@@ -756,6 +783,8 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
                              Py_ssize_t width=0) except -1:
     # Returns how many pool indices lay outside their window (0 unpooled).
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2]
+    cdef size_t n
+    cdef const char* d
     cdef Py_ssize_t cb, nblocks, blk, c0, stride = _ws_stride(), bad = 0
     cdef int nt
     cdef double* ws
@@ -774,6 +803,15 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
             if grad_bias is not None:
                 grad_bias[c0] = 0
         return 0
+    if pool_indices is not None and grad_input is not None:
+        # The unpooled gradient is staged in grad_input before the inputs are read.
+        n = N * C * L * sizeof(floating)
+        d = <const char*>&grad_input[0, 0, 0]
+        if _overlaps(d, n, <const char*>&x[0, 0, 0], n) \
+                or _overlaps(d, n, <const char*>&grad_out[0, 0, 0], n // 4) \
+                or (relu and _overlaps(d, n, <const char*>&out[0, 0, 0], n // 4)):
+            raise ValueError("pooled batch norm backward: grad_input must not overlap "
+                             "grad_out, x or out")
     nt = _threads(N * C * L, num_threads)
     cb = _block_channels(C, L, nt)
     nblocks = (C + cb - 1) // cb
@@ -823,8 +861,10 @@ def batchnorm_backward(const floating[:, :, ::1] grad_out, const floating[:, :, 
 
     With pool_indices (the pooled forward's) and width: grad_out and out are the
     pool's (N, C, L/4) gradient and output; bitwise the gradients of the unpooled
-    pass given max_pool2d_backward's input gradient. Returns how many indices lay
-    outside their 2x2 window (skipped; 0 for indices the forward made).
+    pass given max_pool2d_backward's input gradient; grad_input then must not
+    overlap grad_out, x or out (it holds the unpooled gradient in between). Returns
+    how many indices lay outside their 2x2 window (skipped; 0 for indices the
+    forward made).
     """
     return _batchnorm_backward(grad_out, x, out, weight, mean, invstd, grad_input,
                                grad_weight, grad_bias, relu, num_threads, pool_indices, width)

@@ -22,9 +22,14 @@ static inline __mmask16 cdl_p2_takes(__m512 v, __m512 best) {
     return _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
 }
 
+/* affine: the cells are (x - m) * s + b first, rounded as batch norm's scalar loop
+ * (a subtraction, then one fused multiply-add), so BatchNorm's pooled pass pools
+ * straight from its input with no normalised copy of the plane. */
 static inline __attribute__((always_inline)) void
 cdl_pool2_plane_fwd_core(const float *x, float *y, int *ind, Py_ssize_t W, Py_ssize_t OH,
-                         Py_ssize_t OW, const int relu) {
+                         Py_ssize_t OW, const int relu, const int affine, float m, float s,
+                         float b) {
+    const __m512 mv = _mm512_set1_ps(m), sv = _mm512_set1_ps(s), bv = _mm512_set1_ps(b);
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
                                            28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
@@ -40,7 +45,14 @@ cdl_pool2_plane_fwd_core(const float *x, float *y, int *ind, Py_ssize_t W, Py_ss
             __m512 a1 = _mm512_maskz_loadu_ps(hi, r0 + 2 * j + 16);
             __m512 b0 = _mm512_maskz_loadu_ps(lo, r1 + 2 * j);
             __m512 b1 = _mm512_maskz_loadu_ps(hi, r1 + 2 * j + 16);
-            __m512 best = _mm512_permutex2var_ps(a0, even, a1);
+            __m512 best;
+            if (affine) {
+                a0 = _mm512_fmadd_ps(_mm512_sub_ps(a0, mv), sv, bv);
+                a1 = _mm512_fmadd_ps(_mm512_sub_ps(a1, mv), sv, bv);
+                b0 = _mm512_fmadd_ps(_mm512_sub_ps(b0, mv), sv, bv);
+                b1 = _mm512_fmadd_ps(_mm512_sub_ps(b1, mv), sv, bv);
+            }
+            best = _mm512_permutex2var_ps(a0, even, a1);
             __m512 v = _mm512_permutex2var_ps(a0, odd, a1);
             __m512i k = _mm512_setzero_si512();
             __mmask16 t = cdl_p2_takes(v, best);
@@ -74,9 +86,19 @@ cdl_pool2_plane_fwd_core(const float *x, float *y, int *ind, Py_ssize_t W, Py_ss
 static inline void cdl_pool2_plane_fwd(const float *x, float *y, int *ind, Py_ssize_t W,
                                        Py_ssize_t OH, Py_ssize_t OW, int relu) {
     if (relu)
-        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 1);
+        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 1, 0, 0.0f, 1.0f, 0.0f);
     else
-        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 0);
+        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 0, 0, 0.0f, 1.0f, 0.0f);
+}
+
+/* The pool of (x - m) * s + b, or of max(0, that) with relu. */
+static inline void cdl_pool2_plane_fwd_affine(const float *x, float *y, int *ind, Py_ssize_t W,
+                                              Py_ssize_t OH, Py_ssize_t OW, int relu, float m,
+                                              float s, float b) {
+    if (relu)
+        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 1, 1, m, s, b);
+    else
+        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 0, 1, m, s, b);
 }
 
 /* dx of the plane (every cell written): each cell gets the gradient of its
@@ -114,8 +136,8 @@ static Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, const floa
                 __m512 yv = _mm512_maskz_loadu_ps(out, yrelu + oh * OW + j);
                 gv = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(yv, zero, _CMP_LE_OQ), gv, zero);
             }
-            matched += _mm_popcnt_u32((unsigned)m0) + _mm_popcnt_u32((unsigned)m1)
-                     + _mm_popcnt_u32((unsigned)m2) + _mm_popcnt_u32((unsigned)m3);
+            /* an index equals at most one of the four cells */
+            matched += _mm_popcnt_u32((unsigned)(m0 | m1 | m2 | m3));
             p = _mm512_maskz_mov_ps(m0, gv);
             q = _mm512_maskz_mov_ps(m1, gv);
             _mm512_mask_storeu_ps(d0 + 2 * j, lo, _mm512_permutex2var_ps(p, ilo, q));
@@ -141,6 +163,12 @@ static Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, const floa
 static inline void cdl_pool2_plane_fwd(const float *x, float *y, int *ind, Py_ssize_t W,
                                        Py_ssize_t OH, Py_ssize_t OW, int relu) {
     (void)x; (void)y; (void)ind; (void)W; (void)OH; (void)OW; (void)relu;
+}
+static inline void cdl_pool2_plane_fwd_affine(const float *x, float *y, int *ind, Py_ssize_t W,
+                                              Py_ssize_t OH, Py_ssize_t OW, int relu, float m,
+                                              float s, float b) {
+    (void)x; (void)y; (void)ind; (void)W; (void)OH; (void)OW; (void)relu; (void)m; (void)s;
+    (void)b;
 }
 static inline Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, const float *yrelu,
                                              float *dx, Py_ssize_t H, Py_ssize_t W,
