@@ -160,25 +160,41 @@ def test_parameter_gradients_alone_equal_those_with_dx(shape):
     assert dw2.tobytes() == dw.tobytes() and db2.tobytes() == db.tobytes()
 
 
-@pytest.mark.parametrize("target", ["x", "grad_out", "out"])
-def test_pooled_backward_refuses_overlapping_grad_input(target):
-    # dx holds the unpooled gradient before x, grad_out and out are all read.
+@pytest.mark.parametrize("target", ["x", "grad_out", "out", "pool_indices"])
+@pytest.mark.parametrize("start", [8, "last", "after", "ends_at_first", "before"])
+def test_pooled_backward_refuses_overlapping_grad_input(target, start):
+    # dx holds the unpooled gradient before x, grad_out, out and the indices are all
+    # read: an array sharing even dx's first or last element is refused; one right
+    # before or after it is taken, with the results of separate arrays.
     x, w, b = _case((2, 3, 8, 8), np.float32, nan=False)
     n, c, h, wd = x.shape
-    g = np.ones((n, c, 4, 4), np.float32)
-    po, pi, mean, invstd, *_ = _pooled(norm, x, w, b, g, True, 1)
-    arrays = {"x": x.reshape(n, c, -1).copy(), "grad_out": g.reshape(n, c, -1).copy(),
-              "out": po.reshape(n, c, -1).copy()}
-    big = np.zeros(n * c * h * wd * 2, np.float32)
-    dx = big[:n * c * h * wd].reshape(n, c, -1)
-    # the target array lives inside dx's memory
+    size = n * c * h * wd
+    g = np.random.default_rng(3).standard_normal((n, c, 4, 4)).astype(np.float32)
+    po, pi, mean, invstd, *_, dw, db = _pooled(norm, x, w, b, g, True, 1)
+    want = np.empty_like(x)
+    norm.batchnorm_backward(g.reshape(n, c, -1), x.reshape(n, c, -1), po.reshape(n, c, -1),
+                            w, mean, invstd, want.reshape(n, c, -1), None, None, True, 1,
+                            pi.reshape(n, c, -1), wd)
+    arrays = {"x": x.reshape(n, c, -1), "grad_out": g.reshape(n, c, -1),
+              "out": po.reshape(n, c, -1), "pool_indices": pi.reshape(n, c, -1)}
+    big = np.zeros(size * 3, np.float32)
+    dx = big[size:2 * size].reshape(n, c, -1)
     src = arrays[target]
-    view = big[8:8 + src.size].reshape(src.shape)
+    at = size + {"last": size - 1, "after": size, "ends_at_first": 1 - src.size,
+                 "before": -src.size}.get(start, start)
+    pool = big.view(np.int32) if src.dtype == np.int32 else big
+    view = pool[at:at + src.size].reshape(src.shape)
     view[...] = src
     arrays[target] = view
-    with pytest.raises(ValueError, match="overlap"):
-        norm.batchnorm_backward(arrays["grad_out"], arrays["x"], arrays["out"], w, mean,
-                                invstd, dx, None, None, True, 1, pi.reshape(n, c, -1), wd)
+    call = lambda: norm.batchnorm_backward(  # noqa: E731
+        arrays["grad_out"], arrays["x"], arrays["out"], w, mean, invstd, dx, None, None,
+        True, 1, arrays["pool_indices"], wd)
+    if start in ("after", "before"):
+        assert call() == 0
+        assert dx.tobytes() == want.reshape(dx.shape).tobytes()
+    else:
+        with pytest.raises(ValueError, match="overlap"):
+            call()
 
 
 @pytest.mark.parametrize("kwargs,match", [

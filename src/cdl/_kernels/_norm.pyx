@@ -764,8 +764,9 @@ def batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::1] wei
     With pool_out and pool_indices (N, C, L/4) and the planes' width (L = H * W,
     H and W even, CDL_BN_RUN <= L <= CDL_BN_TILE): a 2x2 stride-2 max-pool of the
     result instead, with its argmax indices, bitwise max_pool2d_forward of the
-    unpooled output; out is not written (may be None). Each plane is normalised
-    into a per-thread buffer and pooled there, so no full-size output is stored.
+    unpooled output; out is not written (may be None). Each plane is pooled as it
+    is normalised (float32 on AVX-512; elsewhere through a per-thread buffer), so
+    no full-size output is stored.
     """
     _batchnorm_forward_train(x, weight, bias, out, mean, invstd, running_mean, running_var,
                              momentum, eps, relu, num_threads, pool_out, pool_indices, width)
@@ -809,9 +810,11 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
         d = <const char*>&grad_input[0, 0, 0]
         if _overlaps(d, n, <const char*>&x[0, 0, 0], n) \
                 or _overlaps(d, n, <const char*>&grad_out[0, 0, 0], n // 4) \
-                or (relu and _overlaps(d, n, <const char*>&out[0, 0, 0], n // 4)):
+                or (relu and _overlaps(d, n, <const char*>&out[0, 0, 0], n // 4)) \
+                or _overlaps(d, n, <const char*>&pool_indices[0, 0, 0],
+                             n // sizeof(floating) // 4 * sizeof(int)):
             raise ValueError("pooled batch norm backward: grad_input must not overlap "
-                             "grad_out, x or out")
+                             "grad_out, x, out or pool_indices")
     nt = _threads(N * C * L, num_threads)
     cb = _block_channels(C, L, nt)
     nblocks = (C + cb - 1) // cb
@@ -862,7 +865,8 @@ def batchnorm_backward(const floating[:, :, ::1] grad_out, const floating[:, :, 
     With pool_indices (the pooled forward's) and width: grad_out and out are the
     pool's (N, C, L/4) gradient and output; bitwise the gradients of the unpooled
     pass given max_pool2d_backward's input gradient; grad_input then must not
-    overlap grad_out, x or out (it holds the unpooled gradient in between). Returns
+    overlap grad_out, x, out or pool_indices (it holds the unpooled gradient in
+    between; ValueError otherwise). Returns
     how many indices lay outside their 2x2 window (skipped; 0 for indices the
     forward made).
     """

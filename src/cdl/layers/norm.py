@@ -22,10 +22,11 @@ class _BatchNorm(Layer):
     ``running_var``, ``num_batches_tracked``. A ReLU right after runs in this
     layer's pass (``fused_next``), with identical results. In a model's training
     pass, so does a 2x2 stride-2 ``MaxPool2d`` after them (``merged``) on planes of
-    16 to 1024 cells with an even height and width: each plane is normalised into
-    a small buffer and pooled there, so the full-size output is never written or
-    read back; results, indices and gradients are bitwise those of the separate
-    passes. The layer's own ``forward``/``backward`` never merge.
+    16 to 1024 cells with an even height and width: each plane is pooled as it is
+    normalised, and the backward unpools the pool's gradient straight into this
+    layer's input gradient, so the full-size output is never written or read back;
+    results, indices and gradients are bitwise those of the separate passes. The
+    layer's own ``forward``/``backward`` never merge.
     """
 
     transparent = True
