@@ -784,7 +784,7 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
                              Py_ssize_t width=0) except -1:
     # Returns how many pool indices lay outside their window (0 unpooled).
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2]
-    cdef size_t n
+    cdef size_t cells, n
     cdef const char* d
     cdef Py_ssize_t cb, nblocks, blk, c0, stride = _ws_stride(), bad = 0
     cdef int nt
@@ -806,13 +806,14 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
         return 0
     if pool_indices is not None and grad_input is not None:
         # The unpooled gradient is staged in grad_input before the inputs are read.
-        n = N * C * L * sizeof(floating)
+        cells = N * C * L                 # of x and dx; the pool's arrays have a quarter
+        n = cells * sizeof(floating)
         d = <const char*>&grad_input[0, 0, 0]
         if _overlaps(d, n, <const char*>&x[0, 0, 0], n) \
                 or _overlaps(d, n, <const char*>&grad_out[0, 0, 0], n // 4) \
                 or (relu and _overlaps(d, n, <const char*>&out[0, 0, 0], n // 4)) \
                 or _overlaps(d, n, <const char*>&pool_indices[0, 0, 0],
-                             n // sizeof(floating) // 4 * sizeof(int)):
+                             cells // 4 * sizeof(int)):
             raise ValueError("pooled batch norm backward: grad_input must not overlap "
                              "grad_out, x, out or pool_indices")
     nt = _threads(N * C * L, num_threads)
@@ -866,9 +867,8 @@ def batchnorm_backward(const floating[:, :, ::1] grad_out, const floating[:, :, 
     pool's (N, C, L/4) gradient and output; bitwise the gradients of the unpooled
     pass given max_pool2d_backward's input gradient; grad_input then must not
     overlap grad_out, x, out or pool_indices (it holds the unpooled gradient in
-    between; ValueError otherwise). Returns
-    how many indices lay outside their 2x2 window (skipped; 0 for indices the
-    forward made).
+    between; ValueError otherwise). Returns how many indices lay outside their
+    2x2 window (skipped; 0 for indices the forward made).
     """
     return _batchnorm_backward(grad_out, x, out, weight, mean, invstd, grad_input,
                                grad_weight, grad_bias, relu, num_threads, pool_indices, width)
