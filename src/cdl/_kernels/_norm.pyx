@@ -92,20 +92,8 @@ cdef extern from *:
         *ok = (size_t)((r >> 1) == 0) | (size_t)(((r - (size_t)W) >> 1) == 0);
         return p + (Py_ssize_t)(r & ((size_t)0 - *ok));
     }
-    /* The AVX-512 2x2 pool of cdl_pool2x2.h, float only (1: done). */
-    static inline int cdl_bn_pool2_vec_f(const float *y, Py_ssize_t W, Py_ssize_t OH,
-                                         Py_ssize_t OW, float *out, int *ind) {
-        if (!CDL_POOL2_VEC) return 0;
-        cdl_pool2_plane_fwd(y, out, ind, W, OH, OW, 0);
-        return 1;
-    }
-    static inline int cdl_bn_pool2_vec_d(const double *y, Py_ssize_t W, Py_ssize_t OH,
-                                         Py_ssize_t OW, double *out, int *ind) {
-        (void)y; (void)W; (void)OH; (void)OW; (void)out; (void)ind;
-        return 0;
-    }
-    /* The same pool of the normalised plane (x - m) * s + b (then max(0, ·) with
-       relu), read straight from x, float only (1: done). */
+    /* The AVX-512 2x2 pool of cdl_pool2x2.h of the normalised plane (x - m) * s + b
+       (then max(0, ·) with relu), read straight from x, float only (1: done). */
     static inline int cdl_bn_normpool2_vec_f(const float *x, Py_ssize_t W, Py_ssize_t OH,
             Py_ssize_t OW, float m, float s, float b, int relu, float *out, int *ind) {
         if (!CDL_POOL2_VEC) return 0;
@@ -312,12 +300,11 @@ cdef extern from *:
     /* A following 2x2 stride-2 max-pool of one plane y (even height, rows of W):  \\
        max-pool's rule, bitwise: cells in the order TL, TR, BL, BR, a later one     \\
        wins if greater or NaN (branch-free: random data mispredicts); ind = the     \\
-       winner's flat index in the plane. float on AVX-512: cdl_pool2x2.h's kernel.  \\
-    */                                                                              \\
+       winner's flat index in the plane. (float on AVX-512 pools in               \\
+       cdl_bn_normpool2_vec_f instead.) */                                          \\
     static void cdl_bn_pool2_##SFX(const T *y, Py_ssize_t W, Py_ssize_t OH,         \\
                                    Py_ssize_t OW, T *out, int *ind) {               \\
         Py_ssize_t oh, ow, p;                                                       \\
-        if (cdl_bn_pool2_vec_##SFX(y, W, OH, OW, out, ind)) return;                 \\
         for (oh = 0; oh < OH; oh++)                                                 \\
             for (ow = 0; ow < OW; ow++) {                                           \\
                 T best, v;                                                          \\
