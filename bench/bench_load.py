@@ -18,7 +18,10 @@ the order rotating, with a short pause between blocks so that one contender's sp
 threads do not land on the next): ``cdl`` (its defaults: all usable cores, adaptive
 thread count), ``cdl 1 thread``, ``cdl fixed`` (the same thread count with the
 adaptation off: cdl before this change) and ``PyTorch`` (``torch.set_num_threads`` the
-same count, same weights). Each reports the median, p99 and total of its calls. Every
+same count, same weights). Each reports the median, p99 and total of its calls. Each
+block starts with one more call, reported apart (``block's 1st call``): it comes after
+the pause, with cold caches and sleeping threads, where a training loop's steps run back
+to back; the "after a pause" condition measures that case on every call. Every
 condition records the machine's load while it ran: ``os.getloadavg()`` and the runnable
 count (field 4 of /proc/loadavg) before every block. Results go to
 ``bench/results/load.json`` and ``.md`` (``--out``).
@@ -140,8 +143,12 @@ class Case:
         return call
 
 
-def run_block(how, call, calls, pre, budget_s, threads):
-    """``calls`` timed calls of one contender; ``pre``: None, "matmul" or "pause"."""
+def run_block(how, call, calls, pre, budget_s, threads, first=None):
+    """``calls`` timed calls of one contender; ``pre``: None, "matmul" or "pause".
+
+    With ``first`` (a list), the block starts with one more call, timed into ``first``
+    and not into the result: after the pause between blocks it finds cold caches and
+    sleeping threads, which a training loop's back-to-back steps do not."""
     times = []
     a = pre_matrix()
     if how is None:
@@ -151,6 +158,10 @@ def run_block(how, call, calls, pre, budget_s, threads):
         ctx = cdl.threads(how["n"], adaptive=how["adaptive"])
         ctx.__enter__()
     try:
+        if first is not None:
+            t0 = time.perf_counter()
+            call(calls)
+            first.append(time.perf_counter() - t0)
         start = time.perf_counter()
         for i in range(calls):
             if pre is not None:
@@ -193,6 +204,7 @@ def measure(case, calls, rounds, pre, budget_s, threads, pause_s):
     """Interleaved rounds of blocks; returns {contender: stats} and the load seen."""
     labels = list(case.calls)
     times = {k: [] for k in labels}
+    firsts = {k: [] for k in labels}
     seen = []
     per_block = max(1, calls // rounds)
     for label in labels:  # warm-up: plans, buffers, thread pools
@@ -209,7 +221,8 @@ def measure(case, calls, rounds, pre, budget_s, threads, pause_s):
             prev = label
             seen.append(runnable())
             before = dict(_config.thread_status()) if label == "cdl" else None
-            got = run_block(how, call, per_block, pre, budget_s / rounds, threads)
+            got = run_block(how, call, per_block, pre, budget_s / rounds, threads,
+                            firsts[label] if pre is None else None)
             times[label] += got
             if before is not None:
                 after = _config.thread_status()
@@ -218,6 +231,9 @@ def measure(case, calls, rounds, pre, budget_s, threads, pause_s):
                      after["calls"] - before["calls"]))
     reduced = times.pop("_reduced", [])
     res = {k: stats(v, per_block * rounds) for k, v in times.items()}
+    for k, v in firsts.items():
+        if v:
+            res[k]["first_median_ms"] = float(np.median(v)) * 1e3
     if reduced:
         red, tot = map(sum, zip(*reduced))
         res["cdl"]["calls_on_fewer_threads"] = f"{red}/{tot}"
@@ -335,7 +351,10 @@ def markdown(doc):
              "`total/1thr`: the contender's total over cdl's own 1-thread total under the same "
              "load. `runnable`: the machine's runnable-task count (field 4 of /proc/loadavg, "
              "including this benchmark's own threads and busy processes) read before each "
-             "block. `cdl fixed` is cdl with the adaptation off (its previous behaviour).", ""]
+             "block. `cdl fixed` is cdl with the adaptation off (its previous behaviour). "
+             "Each block starts with one more call, not counted in the others: `block's 1st "
+             "call` is its median (after the pause between blocks: cold caches, sleeping "
+             "threads). The timed calls are the back-to-back steps of a training loop.", ""]
     for cond in doc["conditions"]:
         if cond["kind"] == "busy":
             title = f"## {cond['busy']} competing busy process(es)"
@@ -347,8 +366,9 @@ def markdown(doc):
                   f"runnable counts seen: min {min(cond['runnable'], default='—')}, median "
                   f"{_f(float(np.median(cond['runnable'])) if cond['runnable'] else None)}, "
                   f"max {max(cond['runnable'], default='—')}.", "",
-                  "| row | contender | calls | median | p99 | p99/median | total | total/1thr |",
-                  "|---|---|--:|--:|--:|--:|--:|--:|"]
+                  "| row | contender | calls | median | p99 | p99/median | total | total/1thr "
+                  "| block's 1st call |",
+                  "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
         for row in cond["rows"]:
             r = row["results"]
             one = r.get("cdl 1 thread", {})
@@ -361,7 +381,8 @@ def markdown(doc):
                              f"{_f(s['median_ms'])} | {_f(s['p99_ms'])} | "
                              f"{_f(s['p99_ms'] / s['median_ms'], '.2f')} | "
                              f"{_f(total(s), '.4g')} | "
-                             f"{_f(total(s) / one if one else None, '.2f')} |")
+                             f"{_f(total(s) / one if one else None, '.2f')} | "
+                             f"{_f(s.get('first_median_ms'))} |")
         lines.append("")
     if doc.get("fit"):
         for cond in doc["fit"]:

@@ -82,6 +82,49 @@ def test_adaptive_decisions_with_faked_load(fake_load):
     assert _runtime.step_threads(2) == 2
 
 
+@pytest.mark.skipif(not _runtime.openmp_enabled(), reason="built without OpenMP")
+def test_sleeping_workers_are_woken_once_per_pause(fake_load):
+    _runtime.set_adaptive(True, 2, 0.0, 0.0)   # read on every call
+    wakes = lambda: cdl.thread_status()["wakes"]
+    w = wakes()
+    _runtime._set_fake_reading(1, 1, asleep=0)  # workers spinning: nothing to wake
+    assert _runtime.step_threads(2) == 2 and wakes() == w
+    _runtime._set_fake_reading(1, 1, asleep=1)  # a reading finds a worker asleep
+    assert _runtime.step_threads(2) == 2 and wakes() == w + 1
+    assert _runtime.step_threads(1) == 1 and wakes() == w + 1    # one thread: no team
+    _runtime._set_fake_reading(3, 1, asleep=1)  # busy: down to one thread, no wake
+    _runtime.step_threads(2)
+    assert _runtime.step_threads(2) == 1 and wakes() == w + 1
+    _runtime.set_adaptive(True, 2, 10.0, 0.0)   # no reading this call: no wake either
+    _runtime._set_fake_reading(1, 1, asleep=1)
+    _runtime.step_threads(2)
+    n = wakes()
+    assert _runtime.step_threads(2) == 2 and wakes() == n
+    _runtime.set_adaptive(True, 2, 0.0, 0.0)
+    _runtime.set_wake(False)
+    try:
+        _runtime.step_threads(2)
+        assert wakes() == n
+    finally:
+        _runtime.set_wake(True)
+    assert cdl.thread_status()["wake"]
+
+
+@pytest.mark.skipif(not LINUX or not _runtime.openmp_enabled(),
+                    reason="thread affinity is Linux's")
+def test_wake_team_leaves_every_thread_mask_as_it_was():
+    def masks():
+        return {int(t): os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task")}
+    before = masks()
+    for n in (2, 3, 2):
+        time.sleep(0.03)                        # let the workers fall asleep
+        moved = _runtime.wake_team(n)
+        assert 0 <= moved <= n - 1
+    after = masks()
+    for tid, mask in after.items():             # new workers get the process's mask
+        assert mask == before.get(tid, os.sched_getaffinity(0)), tid
+
+
 @pytest.mark.skipif(not LINUX, reason="/proc is Linux's")
 def test_real_readings():
     assert _runtime.read_runnable() >= 1       # at least this thread
@@ -216,6 +259,13 @@ def test_thread_count_changes_mid_training(quiet_one_thread, fake_load):
             _runtime._set_fake_reading(1 + next(flips) % 2, 1)
             return 2
         _same(quiet_one_thread, _train(threads, adaptive=True))
+
+        def waking(i):                          # a wake-up region before every call
+            _runtime._set_fake_reading(1, 1, asleep=1)
+            return 2
+        wakes = cdl.thread_status()["wakes"]
+        _same(quiet_one_thread, _train(waking, adaptive=True))
+        assert cdl.thread_status()["wakes"] > wakes
     finally:
         cdl.set_num_threads(n)
 

@@ -296,6 +296,9 @@ def _adaptive_line(a, threads):
         cap = a["capacity"]
         text += (f"; last reading: {a['runnable']} runnable task(s), {a['own_running']} of "
                  f"them cdl's -> {min(cap, threads) if cap else threads} thread(s)")
+    if a["wakes"]:
+        text += (f"; sleeping workers woken {a['wakes']} time(s), {a['wake_moves']} moved off "
+                 f"the caller's CPU")
     return text
 
 
