@@ -107,7 +107,8 @@ def batches(input_shape, n, count, seed):
 class Case:
     """One row: a callable per contender, each doing one call on batch i % len."""
 
-    def __init__(self, name, op, input_shape, spec, n, threads, torch_on, seed=0):
+    def __init__(self, name, op, input_shape, spec, n, threads, torch_on, seed=0,
+                 control=False):
         self.name, self.op, self.n = name, op, n
         params = nref.init_params(spec, seed=0)
         data = batches(input_shape, n, 8, seed)
@@ -115,6 +116,8 @@ class Case:
         settings = {"cdl": dict(n=threads, adaptive=True),
                     "cdl 1 thread": dict(n=1, adaptive=False),
                     "cdl fixed": dict(n=threads, adaptive=False)}
+        if control:  # the same as "cdl fixed": their ratio is the measurement's noise
+            settings["cdl fixed (control)"] = dict(n=threads, adaptive=False)
         for label, how in settings.items():
             model = build_cdl_net(spec, input_shape, params)[0]
             loss = cdl.SoftmaxCrossEntropy()
@@ -319,10 +322,14 @@ def targets(doc):
                 mine, fixed = r["cdl"], r.get("cdl fixed", {})
                 if mine.get("calls") and fixed.get("calls"):
                     ratio = mine["median_ms"] / fixed["median_ms"]
-                    out.append({"target": f"0 busy: {row['name']} {row['op']} median <= 1.05x "
-                                          f"cdl fixed (adaptation off)",
-                                "value": round(ratio, 3), "ok": ratio <= 1.05,
-                                "quiet": cond.get("quiet", False)})
+                    t = {"target": f"0 busy: {row['name']} {row['op']} median <= 1.05x "
+                                   f"cdl fixed (adaptation off)",
+                         "value": round(ratio, 3), "ok": ratio <= 1.05,
+                         "quiet": cond.get("quiet", False)}
+                    control = r.get("cdl fixed (control)", {})
+                    if control.get("calls"):
+                        t["control"] = round(control["median_ms"] / fixed["median_ms"], 3)
+                    out.append(t)
     mm = {c["pre"]: c for c in doc["conditions"] if c["kind"] == "matmul"}
     if "matmul" in mm and "pause" in mm:
         for a, b in zip(mm["matmul"]["rows"], mm["pause"]["rows"]):
@@ -355,7 +362,9 @@ def markdown(doc):
              "block. `cdl fixed` is cdl with the adaptation off (its previous behaviour). "
              "Each block starts with one more call, not counted in the others: `block's 1st "
              "call` is its median (after the pause between blocks: cold caches, sleeping "
-             "threads). The timed calls are the back-to-back steps of a training loop.", ""]
+             "threads). The timed calls are the back-to-back steps of a training loop. "
+             "`cdl fixed (control)` (with `--control`) is `cdl fixed` again: its ratio to "
+             "`cdl fixed` shows how far two identical contenders differ in this run.", ""]
     for cond in doc["conditions"]:
         if cond["kind"] == "busy":
             title = f"## {cond['busy']} competing busy process(es)"
@@ -399,11 +408,12 @@ def markdown(doc):
             lines.append("")
     lines += ["`*` a contender that collapsed was stopped after its time budget; its total is "
               "extrapolated to the full count of calls.", "", "## Targets (issue 12)", "",
-              "| target | value | met | cdl 1 thread's p99/median |", "|---|--:|---|--:|"]
+              "| target | value | met | cdl 1 thread's p99/median | control / cdl fixed |",
+              "|---|--:|---|--:|--:|"]
     for t in doc["targets"]:
         note = "" if t.get("quiet", True) else " (machine not quiet)"
         lines.append(f"| {t['target']} | {t['value']} | {'yes' if t['ok'] else 'no'}{note} | "
-                     f"{t.get('one_thread', '')} |")
+                     f"{t.get('one_thread', '')} | {t.get('control', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -425,6 +435,9 @@ def main(argv=None):
     p.add_argument("--pause", type=float, default=0.25,
                    help="seconds between blocks (lets spinning threads fall asleep)")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--control", action="store_true",
+                   help="a second 'cdl fixed' contender: its ratio to the first is the noise "
+                        "of the quiet comparison")
     p.add_argument("--quick", action="store_true",
                    help="40 calls, batch 64, 0 and 2 busy processes, train_step only")
     p.add_argument("--out", default=str(HERE / "results" / "load.json"))
@@ -468,7 +481,7 @@ def main(argv=None):
         try:
             for name, op, shape, spec, n in rows:
                 case = Case(f"{name} N={n}" if not name.startswith("cdl train") else name,
-                            op, shape, spec, n, threads, torch_on)
+                            op, shape, spec, n, threads, torch_on, control=args.control)
                 res, seen = measure(case, args.calls, args.rounds, None, args.budget, threads,
                                     args.pause)
                 cond["runnable"] += [s for s in seen if s is not None]

@@ -328,14 +328,17 @@ def test_bench_load_runs_and_reports(tmp_path):
     try:
         assert bench_load.main(["--calls", "4", "--rounds", "1", "--busy", "0", "--only", "mlp",
                                 "--batches", "1", "--ops", "predict", "--no-torch",
-                                "--pause", "0", "--out", str(out)]) == 0
+                                "--pause", "0", "--control", "--out", str(out)]) == 0
     finally:
         cdl.set_num_threads(n)
     doc = json.loads(out.read_text())
     row = doc["conditions"][0]["rows"][0]
     assert row["name"] == "MLP N=1" and row["op"] == "predict"
-    assert set(row["results"]) == {"cdl", "cdl 1 thread", "cdl fixed"}
+    assert set(row["results"]) == {"cdl", "cdl 1 thread", "cdl fixed", "cdl fixed (control)"}
     assert row["results"]["cdl"]["calls"] == 4
+    assert row["results"]["cdl"]["first_median_ms"] > 0     # the block's extra first call
+    quiet = [t for t in doc["targets"] if t["target"].startswith("0 busy")]
+    assert quiet and all("control" in t for t in quiet)
     assert doc["loadavg_start"] is None or len(doc["loadavg_start"]) == 3
     assert "## 0 competing busy process(es)" in out.with_suffix(".md").read_text()
     assert bench_load.main(["--report", str(out)]) == 0
