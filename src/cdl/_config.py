@@ -226,7 +226,10 @@ def adaptive_status():
     """What the adaptive thread count last saw: a dict with ``adaptive``,
     ``online_cpus``, the last reading (``runnable`` tasks on the machine,
     ``own_running`` of them cdl's, ``others``), ``capacity`` (threads that reading
-    allows; None before the first), and counters of readings and reduced calls."""
+    allows; None before the first), counters of readings and reduced calls, and the
+    wake-up of sleeping workers after a pause: ``wake`` (on), ``wake_pause_s``,
+    ``team_idle`` (back-to-back calls leave the workers unused: no wake), ``wakes``
+    and ``wake_moves`` (workers moved off a CPU the team already used)."""
     get_adaptive()
     return _runtime.adaptive_state()
 

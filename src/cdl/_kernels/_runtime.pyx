@@ -199,6 +199,7 @@ cdef extern from *:
 
     /* How many of the recorded worker threads are running (state R), or -1 when one
        is gone (the ids must be collected again). */
+    static char cdl_tid_running[CDL_MAX_TIDS];   /* what the last call saw, team order */
     static int cdl_workers_running(void) {
         char buf[512];
         int running = 0;
@@ -208,25 +209,37 @@ cdef extern from *:
             buf[k] = 0;
             char *p = strrchr(buf, ')');
             if (p == NULL || p[1] != ' ') return -1;
+            cdl_tid_running[i] = p[2] == 'R';
             if (p[2] == 'R') running++;
         }
         return running;
+    }
+    /* Sleeping workers among the first k recorded ones (a team of k + 1). */
+    static int cdl_workers_asleep(int k) {
+        int asleep = 0;
+        for (int i = 0; i < k && i < cdl_ntids; i++) asleep += !cdl_tid_running[i];
+        return asleep;
     }
 
     /* Wake a team of n whose workers sleep, each on a CPU of its own. A sleeping worker
        that is woken is queued on the waking thread's CPU when the other CPUs look busy
        to the scheduler, as idle (halted) vCPUs of a VM do: on the 2-vCPU VM this was
-       measured on, it then waited a time slice (4-8 ms) behind the caller spinning at
+       measured on, it then waited a time slice (4-12 ms) behind the caller spinning at
        the region's barrier, on every first call after a pause. Here the caller yields
        until every worker has arrived, and a worker that finds its CPU taken by an
-       earlier member moves itself to a free one of its allowed CPUs and restores its
-       mask (the kernel moves a thread at once when its CPU leaves its mask). Returns how
-       many workers moved. */
+       earlier member moves itself to the next allowed CPU no member has taken yet
+       (searching upwards from its own, so teams do not all crowd the low CPUs) and
+       restores its mask (the kernel moves a thread at once when its CPU leaves its
+       mask). Whether that CPU is idle is not known here; the load readings keep the
+       team no larger than the free CPUs. Returns how many workers moved, or -1 when
+       the process may use fewer than 2 CPUs (nothing to do). */
     static int cdl_wake_team(int n) {
         int moved = 0;
     #if defined(_OPENMP) && defined(__linux__)
         int arrived = 0;
-        cpu_set_t claimed;
+        cpu_set_t claimed, allowed;
+        if (sched_getaffinity(0, sizeof allowed, &allowed) != 0 || CPU_COUNT(&allowed) < 2)
+            return -1;
         CPU_ZERO(&claimed);
         #pragma omp parallel num_threads(n)
         {
@@ -245,8 +258,10 @@ cdef extern from *:
                 {
                     cpu = sched_getcpu();
                     if (cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &claimed) && have_mask) {
-                        for (int c = 0; c < CPU_SETSIZE; c++)
+                        for (int j = 1; j < CPU_SETSIZE; j++) {
+                            int c = (cpu + j) % CPU_SETSIZE;
                             if (CPU_ISSET(c, &mask) && !CPU_ISSET(c, &claimed)) { target = c; break; }
+                        }
                     }
                     if (target >= 0) CPU_SET(target, &claimed);
                     else if (cpu >= 0 && cpu < CPU_SETSIZE) CPU_SET(cpu, &claimed);
@@ -255,7 +270,12 @@ cdef extern from *:
                     CPU_ZERO(&one);
                     CPU_SET(target, &one);
                     if (sched_setaffinity(0, sizeof one, &one) == 0) {
-                        sched_setaffinity(0, sizeof mask, &mask);
+                        /* the mask it had; failing that (the CPU set changed meanwhile),
+                           the process's main thread's, never the single CPU */
+                        if (sched_setaffinity(0, sizeof mask, &mask) != 0
+                                && (sched_getaffinity(getpid(), sizeof mask, &mask) != 0
+                                    || sched_setaffinity(0, sizeof mask, &mask) != 0))
+                            sched_setaffinity(0, sizeof allowed, &allowed);
                         __atomic_add_fetch(&moved, 1, __ATOMIC_SEQ_CST);
                     }
                 }
@@ -272,6 +292,7 @@ cdef extern from *:
     int cdl_read_runnable() nogil
     int cdl_collect_tids(int n) nogil
     int cdl_workers_running() nogil
+    int cdl_workers_asleep(int k) nogil
     int cdl_check_pid() nogil
     int cdl_team_used
     int cdl_forked_child
@@ -300,8 +321,11 @@ cdef long _samples = 0
 cdef long _rereads = 0          # drops checked by a second reading
 cdef long _reduced_calls = 0
 cdef long _calls = 0
-cdef int _asleep = 0            # workers the last reading found sleeping (not in state R)
+cdef bint _fake_read = False    # the last reading was made up (tests)
 cdef int _wake = 1              # wake sleeping workers onto CPUs of their own (cdl_wake_team)
+cdef double _pause = 0.005      # a call this long after the previous one follows a pause
+cdef double _last_call = -1e300
+cdef bint _team_idle = False    # back-to-back calls leave the workers asleep (unused)
 cdef long _wakes = 0
 cdef long _wake_moves = 0
 
@@ -320,29 +344,30 @@ def decide(int requested, int runnable, int own_running, int online):
 
 cdef int _read_others(int requested, int* own_out, bint confirming) noexcept nogil:
     """One reading: (runnable tasks, with cdl's own running threads in own_out), or -1."""
-    global _team, _asleep
+    global _team, _fake_read
     cdef int runnable, workers
+    # The ids of the largest team a call can get: no more threads than CPUs (a larger
+    # team, collected once, would be shrunk by the calls and collected again and again).
+    cdef int team = requested if requested < _online else _online
     if _fake_runnable >= 0:
         own_out[0] = _fake_own if _fake_own >= 0 else 1
-        if not confirming:
-            _asleep = _fake_asleep
+        _fake_read = True
         if confirming and _fake_confirm >= 0:
             return _fake_confirm
         return _fake_runnable
+    _fake_read = False
     runnable = cdl_read_runnable()
     if runnable < 0:
         return -1
-    if cdl_check_pid() or _team != requested:
-        cdl_collect_tids(requested)
-        _team = requested
+    if cdl_check_pid() or _team != team:
+        cdl_collect_tids(team)
+        _team = team
     workers = cdl_workers_running()
     if workers < 0:
-        cdl_collect_tids(requested)
+        cdl_collect_tids(team)
         workers = cdl_workers_running()
         if workers < 0:
             workers = 0
-    if not confirming:
-        _asleep = cdl_ntids - workers
     own_out[0] = 1 + workers
     return runnable
 
@@ -394,9 +419,10 @@ cdef int _sample(int requested, double now) noexcept nogil:
 
 cpdef int step_threads(int requested) noexcept:
     """Threads to run the next call on, when ``requested`` are configured."""
-    global _last_sample, _calls, _reduced_calls, cdl_team_used, _asleep, _wakes, _wake_moves
-    cdef double now
-    cdef int cap
+    global _last_sample, _calls, _reduced_calls, cdl_team_used, _wakes, _wake_moves
+    global _last_call, _team_idle
+    cdef double now, gap
+    cdef int cap, asleep, moved
     cdef bint sampled = False
     if requested <= 1 or not CDL_HAVE_OPENMP:
         return requested
@@ -406,9 +432,10 @@ cpdef int step_threads(int requested) noexcept:
         cdl_team_used = 1
         return requested
     now = cdl_monotonic()
+    gap = now - _last_call
+    _last_call = now
     if now - _last_sample >= _interval:
         _last_sample = now
-        _asleep = 0
         _sample(requested, now)
         sampled = True
     cap = _capacity
@@ -418,11 +445,19 @@ cpdef int step_threads(int requested) noexcept:
         requested = cap
     if requested > 1:
         cdl_team_used = 1
-        if sampled and _asleep > 0 and _wake:
-            # workers fell asleep since the last call (a pause): wake them onto free CPUs
-            _wakes += 1
-            _wake_moves += cdl_wake_team(requested)
-            _asleep = 0
+        if sampled:
+            asleep = _fake_asleep if _fake_read else cdl_workers_asleep(requested - 1)
+            if gap < _pause:
+                # back to back: workers asleep now are workers the calls do not use
+                # (small calls run on one thread; a passive wait policy sleeps at once)
+                _team_idle = asleep > 0
+            elif asleep > 0 and _wake and not _team_idle:
+                # the workers fell asleep in a pause: wake them onto CPUs of their own
+                with nogil:
+                    moved = cdl_wake_team(requested)
+                if moved >= 0:
+                    _wakes += 1
+                    _wake_moves += moved
     return requested
 
 
@@ -450,7 +485,10 @@ def set_adaptive(bint on, int online, double interval=-1.0, double hold=-1.0):
     seconds between readings; ``hold``: seconds without a lower reading before the
     count goes back up (negative: unchanged)."""
     global _adaptive, _online, _interval, _hold, _capacity, _prev_time, _last_sample
+    global _last_call, _team_idle
     _adaptive = on
+    _last_call = -1e300
+    _team_idle = False
     _online = online if online > 0 else 1
     if interval >= 0:
         _interval = interval
@@ -469,14 +507,18 @@ def adaptive_state():
             "capacity": None if _capacity >= (1 << 30) else _capacity,
             "runnable": _seen_runnable, "own_running": _seen_own, "others": _seen_others,
             "samples": _samples, "rereads": _rereads, "calls": _calls,
-            "reduced_calls": _reduced_calls, "wake": bool(_wake), "wakes": _wakes,
-            "wake_moves": _wake_moves}
+            "reduced_calls": _reduced_calls, "wake": bool(_wake), "wake_pause_s": _pause,
+            "team_idle": bool(_team_idle), "wakes": _wakes, "wake_moves": _wake_moves}
 
 
-def set_wake(bint on):
-    """Turn the waking of sleeping workers onto CPUs of their own on or off."""
-    global _wake
+def set_wake(bint on, double pause=-1.0):
+    """Turn the waking of sleeping workers onto CPUs of their own on or off; ``pause``:
+    seconds between two calls from which the second follows a pause (negative:
+    unchanged; 5 ms by default, below libgomp's default spin of about 8 ms)."""
+    global _wake, _pause
     _wake = on
+    if pause >= 0:
+        _pause = pause
 
 
 def _set_fake_reading(int runnable, int own=-1, int confirm=-1, int asleep=0):
