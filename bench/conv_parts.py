@@ -1,5 +1,7 @@
 """Each convolution of ResNet-8 and LeNet-5 alone: forward, input gradient and weight
-gradient, timed interleaved, with their GFLOP/s and the gradients' time over the forward's.
+gradient, timed interleaved, with their GFLOP/s and the gradients' time over the forward's;
+for strided layers also the input gradient's two paths, each forced (cdl picks the GEMM
+and scatter for kernels wider than 1x1 below 8 images, the phases otherwise).
 
     python bench/conv_parts.py [--batch 64] [--threads 2] [--repeats 15] [--out PATH]
 
@@ -48,22 +50,29 @@ def main(argv=None):
     n, nt = args.batch, args.threads
     load = os.getloadavg()[0]
     lines = ["| layer | C→K | H | kernel, stride | forward ms | GFLOP/s | input grad / forward "
-             "| weight grad / forward |", "|---|---|--:|---|--:|--:|--:|--:|"]
+             "| weight grad / forward | strided input grad: GEMM / phases |",
+             "|---|---|--:|---|--:|--:|--:|--:|--:|"]
     for name, c, k, h, f, s, p in LAYERS:
         x = rng.standard_normal((n, c, h, h), dtype=np.float32)
         w = rng.standard_normal((k, c, f, f), dtype=np.float32)
         oh = (h + 2 * p - f) // s + 1
         g = rng.standard_normal((n, k, oh, oh), dtype=np.float32)
         y, dx, dw = np.empty_like(g), np.empty_like(x), np.empty_like(w)
-        t = median_times({
+        fns = {
             "forward": lambda: conv.conv2d_forward(x, w, None, y, s, s, p, p, nt),
             "input": lambda: conv.conv2d_backward_input(g, w, dx, s, s, p, p, nt),
             "weight": lambda: conv.conv2d_backward_weight(g, x, dw, None, s, s, p, p, nt),
-        }, args.repeats)
+        }
+        if s > 1:
+            # the strided input gradient's two paths, each forced
+            for key, mode in (("phases", 1), ("gemm", 2)):
+                fns[key] = (lambda mode=mode: _forced(conv, mode, g, w, dx, s, p, nt))
+        t = median_times(fns, args.repeats)
         gflop = 2.0 * n * k * c * f * f * oh * oh / 1e9
+        paths = (f"{t['gemm'] / t['phases']:.2f}" if s > 1 else "–")
         row = (f"| {name} | {c}→{k} | {h} | {f}×{f}, {s} | {t['forward'] * 1e3:.3f} | "
                f"{gflop / t['forward']:.0f} | {t['input'] / t['forward']:.2f} | "
-               f"{t['weight'] / t['forward']:.2f} |")
+               f"{t['weight'] / t['forward']:.2f} | {paths} |")
         print(row, flush=True)
         lines.append(row)
     head = (f"`python bench/conv_parts.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
@@ -74,6 +83,14 @@ def main(argv=None):
         with open(args.out, "w") as fh:
             fh.write("# Convolution kernels by layer\n\n" + head + "\n\n" + "\n".join(lines)
                      + "\n")
+
+
+def _forced(conv, mode, g, w, dx, s, p, nt):
+    old = conv.set_strided_input_grad_path(mode)
+    try:
+        conv.conv2d_backward_input(g, w, dx, s, s, p, p, nt)
+    finally:
+        conv.set_strided_input_grad_path(old)
 
 
 if __name__ == "__main__":

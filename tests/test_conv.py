@@ -257,6 +257,8 @@ def test_gradients_central_difference(xs, ws, s, p):
     ((1, 16, 32, 32), (32, 16, 1, 1), 2, 0),           # 1x1: column chunks
     ((3, 32, 16, 16), (64, 32, 1, 1), 1, 0),
     ((8, 16, 32, 32), (32, 16, 3, 3), 2, 1),           # strided input gradient phases
+    ((1, 16, 32, 32), (32, 16, 3, 3), 2, 1),           # ... as a GEMM and scatter
+    ((3, 32, 16, 16), (64, 32, 3, 3), 2, 1),
     ((8, 32, 16, 16), (64, 32, 3, 3), 2, 1),           # phases on channel vectors
     ((2, 32, 15, 17), (64, 32, 1, 1), 2, 0),           # 1x1: phases no tap reaches, odd W
     ((16, 64, 8, 8), (64, 64, 3, 3), 1, 1),            # input gradient on channel vectors
@@ -359,6 +361,47 @@ def test_forced_float32_paths_match_reference(isa, path):
                                        atol=1e-4 * np.abs(y_ref).max())
     finally:
         mod.set_float32_path(old)
+
+
+# Strided input gradients: phases (1) and GEMM + scatter (2), each forced, against
+# the reference; odd sizes, padding past the kernel, strides 3 and (2, 3), a 1x1
+# with phases no tap reaches, and an image shorter than the stride.
+STRIDED = [
+    ((2, 16, 32, 32), (32, 16, 3, 3), 2, 1),
+    ((9, 32, 16, 16), (64, 32, 3, 3), 2, 1),
+    ((3, 5, 13, 11), (17, 5, 3, 3), 2, 1),
+    ((2, 4, 12, 15), (6, 4, 3, 2), (2, 3), (2, 0)),
+    ((4, 3, 10, 10), (1, 3, 5, 5), 3, 2),
+    ((2, 3, 9, 8), (5, 3, 3, 3), 2, 3),
+    ((2, 32, 15, 17), (64, 32, 1, 1), 2, 0),
+    ((1, 3, 2, 7), (4, 3, 1, 3), 3, (1, 0)),
+]
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("path", [1, 2])
+def test_forced_strided_input_grad_paths_match_reference(isa, path):
+    if isa not in cpu_supports():
+        pytest.skip(f"CPU lacks {isa}")
+    mod = importlib.import_module(f"cdl._kernels._conv_{isa}")
+    rng = np.random.default_rng(10)
+    old = mod.set_strided_input_grad_path(path)
+    try:
+        for xs, ws, s, p in STRIDED:
+            s, p = _pair(s), _pair(p)
+            x = rng.standard_normal(xs).astype(np.float32)
+            w = rng.standard_normal(ws).astype(np.float32)
+            g = rng.standard_normal(ref_conv2d(x, w, None, s, p).shape).astype(np.float32)
+            want = ref_conv2d_backward(g, x, w, s, p)[0]
+            got = []
+            for nt in (1, 2):
+                dx = np.full(x.shape, np.nan, np.float32)
+                mod.conv2d_backward_input(g, w, dx, s[0], s[1], p[0], p[1], nt)
+                np.testing.assert_allclose(dx, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+                got.append(dx)
+            assert np.array_equal(got[0], got[1]), (xs, ws, s, p)
+    finally:
+        mod.set_strided_input_grad_path(old)
 
 
 # ---------------------------------------------------------------------------

@@ -767,6 +767,18 @@ cdef float _sum_f32(const float* p, Py_ssize_t m) noexcept nogil:
 # Test and benchmark hook: 0 picks the path from the shapes, 1 forces the
 # column-vector kernels above (stride 1 only), 2 the channel-vector kernels.
 cdef int _cv_mode = 0
+# Test and benchmark hook for strided input gradients: 0 picks from the batch size,
+# 1 forces the phases, 2 the GEMM and scatter.
+cdef int _strided_dx_mode = 0
+
+
+def set_strided_input_grad_path(int mode):
+    """Force the float32 strided input gradient's path (0 auto, 1 phases, 2 GEMM and
+    scatter); returns the old mode."""
+    global _strided_dx_mode
+    cdef int old = _strided_dx_mode
+    _strided_dx_mode = mode
+    return old
 
 
 def set_float32_path(int mode):
@@ -1610,9 +1622,20 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
         return 0
     if floating is float and K > 0:
         with nogil:
-            rc = _strided_input_grad_f32(&grad_out[0, 0, 0, 0], &weight[0, 0, 0, 0],
-                                         &grad_input[0, 0, 0, 0], N, C, H, W, K, KH, KW, OH,
-                                         OW, sh, sw, ph, pw, num_threads)
+            rc = -2
+            # GEMM and scatter for kernels of several taps and batches under MIN_ITEMS
+            # images, phases otherwise (bench/conv_parts.py, ResNet-8's strided layers,
+            # 2 threads: 3x3 at batch 1-4, the GEMM takes 0.35-0.9x the phases' time;
+            # at 8-64 and for 1x1 shortcuts 0.95-1.45x)
+            if _strided_dx_mode == 2 or (_strided_dx_mode == 0 and N < MIN_ITEMS
+                                         and KH * KW > 1):
+                rc = _strided_input_grad_gemm_f32(&grad_out[0, 0, 0, 0], &weight[0, 0, 0, 0],
+                                                  &grad_input[0, 0, 0, 0], N, C, H, W, K, KH,
+                                                  KW, OH, OW, sh, sw, ph, pw, num_threads)
+            if rc == -2:
+                rc = _strided_input_grad_f32(&grad_out[0, 0, 0, 0], &weight[0, 0, 0, 0],
+                                             &grad_input[0, 0, 0, 0], N, C, H, W, K, KH, KW, OH,
+                                             OW, sh, sw, ph, pw, num_threads)
         if rc != 0:
             raise MemoryError()
         return 0
@@ -1799,6 +1822,117 @@ cdef int _strided_input_grad_f32(const float* go, const float* weight, float* dx
                     d[q * sw + b] = src[q]
     free(buf)
     free(poff)
+    return 0
+
+
+cdef int _strided_input_grad_gemm_f32(const float* go, const float* weight, float* dx,
+                                      Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                                      Py_ssize_t K, Py_ssize_t KH, Py_ssize_t KW,
+                                      Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t sh,
+                                      Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
+                                      int num_threads) noexcept nogil:
+    # The input gradient of a strided convolution as a GEMM and a scatter, per
+    # image and group of input channels: cols (rows x P) = weight^T (rows x K) .
+    # grad_out[n] (K x P), rows = (c, i, j) taps, P = OH * OW positions. Tap
+    # (i, j) reaches only the input cells of one phase (y % sh, x % sw), at a fixed
+    # shift: its row of cols is added onto that phase's plane with unit-stride
+    # vectors, and the phase planes are then interleaved into dx. Every
+    # multiply-add is a useful one, in one pass over grad_out; each input cell is
+    # summed over its taps in (i, j) order. Items are fixed by the shapes.
+    # Returns -1 when memory is missing, -2 for more than 64 phases or an image
+    # shorter than the stride (the phase path takes those).
+    cdef Py_ssize_t T = KH * KW, P = OH * OW, HW = H * W, cg, ngr, items, it, n, c0, nc
+    cdef Py_ssize_t per, tid, c, i, j, oy, ox, lo, hi, ylo, yhi, m, a, b, di, dj, q, y
+    cdef Py_ssize_t[64] pofs
+    cdef Py_ssize_t[64] hp
+    cdef Py_ssize_t[64] wp
+    cdef float* buf
+    cdef float* cols
+    cdef float* phs
+    cdef float* pl
+    cdef float* d
+    cdef const float* src
+    cdef const float* s0
+    cdef const float* s1
+    cdef void* mem
+    cdef int nt
+    if sh * sw > 64 or sh > H or sw > W:
+        return -2
+    # Phase (a, b): the cells y % sh == a, x % sw == b, an hp[a] x wp[b] plane at
+    # pofs[a * sw + b] within a channel's H * W floats.
+    q = 0
+    for a in range(sh):
+        hp[a] = _cdiv(H - a, sh)
+        for b in range(sw):
+            wp[b] = _cdiv(W - b, sw)
+            pofs[a * sw + b] = q
+            q = q + hp[a] * wp[b]
+    cg = C
+    if N < MIN_ITEMS:
+        cg = _cdiv(C, _imin(C, _cdiv(MIN_ITEMS, N)))
+    ngr = _cdiv(C, cg)
+    items = N * ngr
+    nt = _threads(N * K * P * C * T, items, num_threads)
+    per = _align16(cg * T * P) + _align16(cg * HW) + _align16(sgemm_scratch(cg * T, P, K) + 16)
+    mem = malloc(nt * per * sizeof(float) + 64)
+    if mem == NULL:
+        return -1
+    buf = _aligned(mem)
+    for it in prange(items, schedule="dynamic", num_threads=nt):
+        tid = omp_get_thread_num()
+        n = it // ngr
+        c0 = (it % ngr) * cg
+        nc = _imin(cg, C - c0)
+        cols = buf + tid * per
+        phs = cols + _align16(cg * T * P)
+        m = nc * T
+        # A[r, k] = weight[k, c0 * T + r]: the (K, C*T) filters read transposed
+        sgemm(m, P, K, weight + c0 * T, 1, C * T, go + n * K * P, P, 1, cols, P, 1, 0, 0,
+              phs + _align16(cg * HW))
+        memset(phs, 0, nc * HW * sizeof(float))
+        for c in range(nc):
+            for i in range(KH):
+                # rows oy of tap row i land on phase a's row oy + di
+                a = (i - ph) % sh
+                if a < 0:
+                    a = a + sh
+                di = (i - ph - a) // sh
+                ylo = _imax(0, -di)
+                yhi = _imin(OH, hp[a] - di)
+                for j in range(KW):
+                    b = (j - pw) % sw
+                    if b < 0:
+                        b = b + sw
+                    dj = (j - pw - b) // sw
+                    lo = _imax(0, -dj)
+                    hi = _imin(OW, wp[b] - dj)
+                    if hi <= lo:
+                        continue
+                    pl = phs + c * HW + pofs[a * sw + b] + dj
+                    src = cols + ((c * KH + i) * KW + j) * P
+                    for oy in range(ylo, yhi):
+                        d = pl + (oy + di) * wp[b]
+                        for ox in range(lo, hi):
+                            d[ox] = d[ox] + src[oy * OW + ox]
+            # the phases interleaved into dx's rows
+            for y in range(H):
+                a = y % sh
+                d = dx + ((n * C + c0 + c) * H + y) * W
+                if sw == 2:
+                    # the common case as one loop of pairs
+                    s0 = phs + c * HW + pofs[a * 2] + (y // sh) * wp[0]
+                    s1 = phs + c * HW + pofs[a * 2 + 1] + (y // sh) * wp[1]
+                    for q in range(wp[1]):
+                        d[2 * q] = s0[q]
+                        d[2 * q + 1] = s1[q]
+                    if W % 2:
+                        d[W - 1] = s0[wp[1]]
+                    continue
+                for b in range(sw):
+                    src = phs + c * HW + pofs[a * sw + b] + (y // sh) * wp[b]
+                    for q in range(wp[b]):
+                        d[q * sw + b] = src[q]
+    free(mem)
     return 0
 
 
