@@ -250,8 +250,9 @@ cdef extern from *:
     static void cdl_dropout_f(const float *x, float *y, uint8_t *mask, Py_ssize_t n,
                               uint64_t start, uint64_t key, uint64_t thresh, float scale) {
         Py_ssize_t i;
-        for (i = 0; i < n; i++) {
-            int keep = cdl_dropout_bits(key, start + (uint64_t)i) >= thresh;
+        uint64_t z = key + (start + 1) * CDL_GAMMA;    /* cdl_dropout_bits' argument, by adds */
+        for (i = 0; i < n; i++, z += CDL_GAMMA) {
+            int keep = (cdl_mix64(z) >> 11) >= thresh;
             mask[i] = (uint8_t)keep;
             y[i] = x[i] * cdl_pick_f(keep, scale, 0.0f);
         }
@@ -259,8 +260,9 @@ cdef extern from *:
     static void cdl_dropout_d(const double *x, double *y, uint8_t *mask, Py_ssize_t n,
                               uint64_t start, uint64_t key, uint64_t thresh, double scale) {
         Py_ssize_t i;
-        for (i = 0; i < n; i++) {
-            int keep = cdl_dropout_bits(key, start + (uint64_t)i) >= thresh;
+        uint64_t z = key + (start + 1) * CDL_GAMMA;    /* cdl_dropout_bits' argument, by adds */
+        for (i = 0; i < n; i++, z += CDL_GAMMA) {
+            int keep = (cdl_mix64(z) >> 11) >= thresh;
             mask[i] = (uint8_t)keep;
             y[i] = x[i] * cdl_pick_d(keep, scale, 0.0);
         }
