@@ -1625,8 +1625,8 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
             rc = -2
             # GEMM and scatter for kernels of several taps and batches under MIN_ITEMS
             # images, phases otherwise (bench/conv_parts.py, ResNet-8's strided layers,
-            # 2 threads: 3x3 at batch 1-4, the GEMM takes 0.35-0.9x the phases' time;
-            # at 8-64 and for 1x1 shortcuts 0.95-1.45x)
+            # 2 threads: 3x3 at batch 1-4, the GEMM took 0.37-0.83x the phases' time,
+            # at 8 0.85x, at 16-64 0.99-1.20x; 1x1 at batch 1 1.0-1.4x)
             if _strided_dx_mode == 2 or (_strided_dx_mode == 0 and N < MIN_ITEMS
                                          and KH * KW > 1):
                 rc = _strided_input_grad_gemm_f32(&grad_out[0, 0, 0, 0], &weight[0, 0, 0, 0],
