@@ -68,6 +68,88 @@ def test_plan_equals_layer_by_layer_and_threads(dtype):
         assert passes == ref[3] == 3
 
 
+def join_nets(dtype=np.float32):
+    """Residuals whose join (the sum, and the ReLU after it) runs in the body's last
+    BatchNorm in training plans: a conv + BN shortcut with a ReLU after, identity
+    shortcuts without one, and a Residual whose input is the model input (its
+    shortcut rebinds to every new batch)."""
+    return [
+        cdl.Sequential([cdl.Conv2d(3, 8, 3, padding=1, bias=False), cdl.BatchNorm2d(8),
+                        cdl.ReLU(),
+                        cdl.Residual([cdl.Conv2d(8, 12, 3, stride=2, padding=1, bias=False),
+                                      cdl.BatchNorm2d(12), cdl.ReLU(),
+                                      cdl.Conv2d(12, 12, 3, padding=1, bias=False),
+                                      cdl.BatchNorm2d(12)],
+                                     shortcut=[cdl.Conv2d(8, 12, 1, stride=2, bias=False),
+                                               cdl.BatchNorm2d(12)]),
+                        cdl.ReLU(), cdl.GlobalAvgPool2d(), cdl.Linear(12, 5)],
+                       (3, 8, 8), dtype=dtype, seed=1),
+        cdl.Sequential([cdl.Residual([cdl.BatchNorm2d(3)]),
+                        cdl.Residual([cdl.Conv2d(3, 3, 3, padding=1), cdl.BatchNorm2d(3)]),
+                        cdl.Flatten(), cdl.Linear(192, 5)], (3, 8, 8), dtype=dtype, seed=2)]
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_residual_join_in_batchnorm_equals_layer_by_layer(which):
+    # fresh inputs every step, so that a stale binding of the model input shows
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((6, 3, 8, 8)).astype(np.float32) * 2 for _ in range(3)]
+    y = rng.integers(0, 5, 6)
+    loss = cdl.SoftmaxCrossEntropy()
+    results = []
+    for use_plan, nt in ((False, 1), (True, 1), (True, 2)):
+        m = join_nets()[which]
+        m._use_plans = use_plan
+        opt = cdl.SGD(m, lr=0.1, momentum=0.9)
+        with cdl.threads(nt):
+            values = [m.train_step(x.copy(), y, loss, opt) for x in xs]
+        results.append((values, m.state_dict()))
+        residuals = [l for l in m.layers if isinstance(l, cdl.Residual)]
+        assert residuals and all(r._joins(True) for r in residuals)
+    ref = results[0]
+    for values, sd in results[1:]:
+        assert values == ref[0]
+        for k in sd:
+            np.testing.assert_array_equal(sd[k], ref[1][k], err_msg=k)
+
+
+def test_residual_join_kernels_match_separate_passes():
+    # the join's kernels against the passes they replace, on values with many zeros
+    # and signed zeros, where a wrong mask or a wrong rounding order shows
+    rng = np.random.default_rng(0)
+    n, c, l = 5, 4, 37
+    x = rng.standard_normal((n, c, l)).astype(np.float32)
+    r = rng.standard_normal((n, c, l)).astype(np.float32)
+    r[:, :, ::3] = -0.0
+    w, b = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    from cdl._kernels import elementwise as ew, norm
+    for relu in (False, True):
+        outs = []
+        for joined in (False, True):
+            out = np.empty_like(x)
+            stats = [np.empty(c, np.float32) for _ in range(2)]
+            norm.batchnorm_forward_train(x, w, b, out, *stats, None, None, 0.1, 1e-5,
+                                         False if not joined else relu, 2,
+                                         **({"residual": r} if joined else {}))
+            if not joined:
+                ew.add(out.reshape(-1), r.reshape(-1), out.reshape(-1), relu, 2)
+            outs.append(out)
+        np.testing.assert_array_equal(outs[0], outs[1])
+        assert (np.signbit(outs[0]) == np.signbit(outs[1])).all()
+    g = rng.standard_normal(n * c * l).astype(np.float32)
+    a = rng.standard_normal(n * c * l).astype(np.float32)
+    mask = np.where(rng.random(n * c * l) < 0.5, 0.0, rng.standard_normal(n * c * l))
+    mask = mask.astype(np.float32)
+    mask[::7] = np.nan
+    sep = np.empty_like(g)
+    ew.relu_backward(g, mask, sep, 2)
+    ew.add(a, sep, sep, False, 2)
+    got = np.empty_like(g)
+    ew.add_masked(a, g, mask, got, 2)
+    np.testing.assert_array_equal(got, sep)
+    np.testing.assert_array_equal(got, a + np.where(mask <= 0, 0, g))
+
+
 def test_batchnorm_matches_numpy_twin_and_running_stats():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 4, 3, 3)) * 3 + 1

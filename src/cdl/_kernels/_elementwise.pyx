@@ -228,6 +228,19 @@ cdef extern from *:
         }
     }
 
+    /* out = a + (b where y > 0, else 0): an add after relu_backward(b, y), bitwise,
+       in one pass (a Residual's input gradient); out may be a or b */
+    static void cdl_add_masked_f(const float *a, const float *b, const float *m, float *y,
+                                 Py_ssize_t n) {
+        Py_ssize_t i;
+        for (i = 0; i < n; i++) y[i] = a[i] + cdl_pick_f(m[i] <= 0.0f, 0.0f, b[i]);
+    }
+    static void cdl_add_masked_d(const double *a, const double *b, const double *m, double *y,
+                                 Py_ssize_t n) {
+        Py_ssize_t i;
+        for (i = 0; i < n; i++) y[i] = a[i] + cdl_pick_d(m[i] <= 0.0, 0.0, b[i]);
+    }
+
     #define CDL_GAMMA 0x9E3779B97F4A7C15ULL
     static inline uint64_t cdl_mix64(uint64_t z) {
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -318,6 +331,10 @@ cdef extern from *:
     void cdl_add_f(const float* a, const float* b, float* y, Py_ssize_t n, int relu) noexcept nogil
     void cdl_add_d(const double* a, const double* b, double* y, Py_ssize_t n,
                    int relu) noexcept nogil
+    void cdl_add_masked_f(const float* a, const float* b, const float* m, float* y,
+                          Py_ssize_t n) noexcept nogil
+    void cdl_add_masked_d(const double* a, const double* b, const double* m, double* y,
+                          Py_ssize_t n) noexcept nogil
     uint64_t cdl_dropout_key(uint64_t seed, uint64_t stream, uint64_t counter) noexcept nogil
     void cdl_uniforms(double* u, Py_ssize_t n, uint64_t key) noexcept nogil
     void cdl_dropout_f(const float* x, float* y, uint8_t* mask, Py_ssize_t n, uint64_t start,
@@ -815,6 +832,35 @@ def add(const floating[::1] a, const floating[::1] b, floating[::1] out, bint re
     _add(a, b, out, relu, num_threads)
 
 
+cdef int _add_masked(const floating[::1] a, const floating[::1] b, const floating[::1] mask,
+                     floating[::1] out, int num_threads) except -1:
+    cdef Py_ssize_t n = out.shape[0], t, lo
+    if a.shape[0] != n or b.shape[0] != n or mask.shape[0] != n:
+        raise ValueError(f"add_masked: a, b, mask and out need one length, got {a.shape[0]}, "
+                         f"{b.shape[0]}, {mask.shape[0]} and {n}")
+    if n == 0:
+        return 0
+    cdef const floating* ap = &a[0]
+    cdef const floating* bp = &b[0]
+    cdef const floating* mp = &mask[0]
+    cdef floating* yp = &out[0]
+    with nogil:
+        for t in prange(_chunks(n), schedule="static", num_threads=_threads(n, num_threads)):
+            lo = t * CHUNK
+            if floating is float:
+                cdl_add_masked_f(ap + lo, bp + lo, mp + lo, yp + lo, min(CHUNK, n - lo))
+            else:
+                cdl_add_masked_d(ap + lo, bp + lo, mp + lo, yp + lo, min(CHUNK, n - lo))
+    return 0
+
+
+def add_masked(const floating[::1] a, const floating[::1] b, const floating[::1] mask,
+               floating[::1] out, int num_threads):
+    """out = a + (b where mask > 0, else 0), bitwise add(a, relu_backward(b, mask)); out
+    may be a or b."""
+    _add_masked(a, b, mask, out, num_threads)
+
+
 cdef int _scale(floating[::1] x, double alpha, int num_threads) except -1:
     cdef Py_ssize_t n = x.shape[0], t, lo, i
     if n == 0:
@@ -1029,14 +1075,18 @@ cdef class DropoutBackward:
 
 
 cdef class Add:
-    """add with bound arrays; either operand can be rebound (e.g. to the model input)."""
+    """add with bound arrays; either operand can be rebound (e.g. to the model input).
+    With mask: add_masked (b taken as 0 where mask <= 0; relu must be False)."""
     cdef const float[::1] a
     cdef const float[::1] b
     cdef float[::1] out
     cdef bint relu
+    cdef const float[::1] mask
 
-    def __init__(self, a, b, out, bint relu):
-        self.a, self.b, self.out, self.relu = a, b, out, relu
+    def __init__(self, a, b, out, bint relu, mask=None):
+        if mask is not None and relu:
+            raise ValueError("Add: a mask and relu do not combine")
+        self.a, self.b, self.out, self.relu, self.mask = a, b, out, relu, mask
 
     def bind_a(self, const float[::1] a):
         self.a = a
@@ -1045,4 +1095,7 @@ cdef class Add:
         self.b = b
 
     def run(self, int num_threads):
-        _add(self.a, self.b, self.out, self.relu, num_threads)
+        if self.mask is not None:
+            _add_masked(self.a, self.b, self.mask, self.out, num_threads)
+        else:
+            _add(self.a, self.b, self.out, self.relu, num_threads)

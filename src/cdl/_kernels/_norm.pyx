@@ -161,11 +161,23 @@ cdef extern from *:
                 s1[j] += d; s2[j] += d * d;                                         \\
             }                                                                       \\
     }                                                                               \\
-    /* y = (x - m) * s + b, then max(0, y) (NaN passes) */                          \\
-    static void cdl_bn_norm_##SFX(T *y, const T *x, T m, T s, T b, Py_ssize_t n,    \\
-                                  int relu) {                                       \\
+    /* y = (x - m) * s + b (+ r when r: a Residual's join, the shortcut added to \\
+       the rounded value), then max(0, y) (NaN passes) */                           \\
+    static void cdl_bn_norm_##SFX(T *y, const T *x, const T *r, T m, T s, T b,      \\
+                                  Py_ssize_t n, int relu) {                         \\
         Py_ssize_t j;                                                               \\
-        if (relu) {                                                                 \\
+        if (r && relu) {                                                            \\
+            for (j = 0; j < n; j++) {                                               \\
+                T v = (x[j] - m) * s + b;                                           \\
+                v = v + r[j];                                                       \\
+                y[j] = cdl_bn_pick_##SFX(v <= (T)0, (T)0, v);                       \\
+            }                                                                       \\
+        } else if (r) {                                                             \\
+            for (j = 0; j < n; j++) {                                               \\
+                T v = (x[j] - m) * s + b;                                           \\
+                y[j] = v + r[j];                                                    \\
+            }                                                                       \\
+        } else if (relu) {                                                          \\
             for (j = 0; j < n; j++) {                                               \\
                 T v = (x[j] - m) * s + b;                                           \\
                 y[j] = cdl_bn_pick_##SFX(v <= (T)0, (T)0, v);                       \\
@@ -174,10 +186,21 @@ cdef extern from *:
             for (j = 0; j < n; j++) y[j] = (x[j] - m) * s + b;                      \\
         }                                                                           \\
     }                                                                               \\
-    static void cdl_bn_norm_v_##SFX(T *y, const T *x, const T *m, const T *s,       \\
-                                    const T *b, Py_ssize_t n, int relu) {           \\
+    static void cdl_bn_norm_v_##SFX(T *y, const T *x, const T *r, const T *m,       \\
+                                    const T *s, const T *b, Py_ssize_t n, int relu) {\\
         Py_ssize_t j;                                                               \\
-        if (relu) {                                                                 \\
+        if (r && relu) {                                                            \\
+            for (j = 0; j < n; j++) {                                               \\
+                T v = (x[j] - m[j]) * s[j] + b[j];                                  \\
+                v = v + r[j];                                                       \\
+                y[j] = cdl_bn_pick_##SFX(v <= (T)0, (T)0, v);                       \\
+            }                                                                       \\
+        } else if (r) {                                                             \\
+            for (j = 0; j < n; j++) {                                               \\
+                T v = (x[j] - m[j]) * s[j] + b[j];                                  \\
+                y[j] = v + r[j];                                                    \\
+            }                                                                       \\
+        } else if (relu) {                                                          \\
             for (j = 0; j < n; j++) {                                               \\
                 T v = (x[j] - m[j]) * s[j] + b[j];                                  \\
                 y[j] = cdl_bn_pick_##SFX(v <= (T)0, (T)0, v);                       \\
@@ -342,7 +365,8 @@ cdef extern from *:
             }                                                                       \\
     }                                                                               \\
     /* Training forward of channels [c0, c0 + nc) (nc > 1 only if nc*L <= TILE). */\\
-    static void cdl_bn_fwd_block_##SFX(const T *x, T *y, Py_ssize_t N, Py_ssize_t C, \\
+    static void cdl_bn_fwd_block_##SFX(const T *x, T *y, const T *res, Py_ssize_t N, \\
+            Py_ssize_t C, \\
             Py_ssize_t L, Py_ssize_t c0, Py_ssize_t nc, const T *w, const T *b,     \\
             T *mean_out, T *invstd_out, T *rm, T *rv, double momentum, double eps,  \\
             int relu, T *pout, int *pind, Py_ssize_t W, double *ws) {               \\
@@ -353,6 +377,7 @@ cdef extern from *:
         const Py_ssize_t CL = C * L, M = N * L;                                     \\
         const T *xb = x + c0 * L;                                                   \\
         T *yb = y ? y + c0 * L : NULL;     /* NULL when pooled: not written */     \\
+        const T *rb = res ? res + c0 * L : NULL;   /* added after normalising */    \\
         Py_ssize_t n, c, l0, len, S = nc * L;                                       \\
         double s1, s2;                                                              \\
         /* one pass: shifted sums, then mean = k + s1/M, M var = s2 - s1²/M */      \\
@@ -419,14 +444,15 @@ cdef extern from *:
                     if (cdl_bn_normpool2_vec_##SFX(xp, W, OH, OW, mf[c], sf[c], bf[c], \\
                                                    relu, pout + o, pind + o))       \\
                         continue;                                                   \\
-                    cdl_bn_norm_##SFX(yp, xp, mf[c], sf[c], bf[c], L, relu);        \\
+                    cdl_bn_norm_##SFX(yp, xp, NULL, mf[c], sf[c], bf[c], L, relu);  \\
                     cdl_bn_pool2_##SFX(yp, W, OH, OW, pout + o, pind + o);          \\
                 }                                                                   \\
         } else if (L >= CDL_BN_RUN) {                                               \\
             for (n = 0; n < N; n++)                                                 \\
                 for (c = 0; c < nc; c++)                                            \\
-                    cdl_bn_norm_##SFX(yb + n * CL + c * L, xb + n * CL + c * L, mf[c], \\
-                                      sf[c], bf[c], L, relu);                       \\
+                    cdl_bn_norm_##SFX(yb + n * CL + c * L, xb + n * CL + c * L,     \\
+                                      rb ? rb + n * CL + c * L : NULL, mf[c], sf[c], \\
+                                      bf[c], L, relu);                              \\
         } else {                                                                    \\
             /* per-element copies in the tiles no longer needed */                  \\
             T *me = tmp, *se = (T *)mexp, *be = (T *)ssq;                           \\
@@ -434,7 +460,8 @@ cdef extern from *:
             cdl_bn_spread_##SFX(se, sf, nc, L);                                     \\
             cdl_bn_spread_##SFX(be, bf, nc, L);                                     \\
             for (n = 0; n < N; n++)                                                 \\
-                cdl_bn_norm_v_##SFX(yb + n * CL, xb + n * CL, me, se, be, S, relu); \\
+                cdl_bn_norm_v_##SFX(yb + n * CL, xb + n * CL, rb ? rb + n * CL : NULL, \\
+                                    me, se, be, S, relu);                           \\
         }                                                                           \\
     }                                                                               \\
                                                                                     \\
@@ -583,12 +610,14 @@ cdef extern from *:
     Py_ssize_t CDL_BN_TILE
     Py_ssize_t CDL_BN_RUN
     Py_ssize_t CDL_BN_WS
-    void cdl_bn_fwd_block_f(const float* x, float* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
+    void cdl_bn_fwd_block_f(const float* x, float* y, const float* res, Py_ssize_t N,
+                            Py_ssize_t C, Py_ssize_t L,
                             Py_ssize_t c0, Py_ssize_t nc, const float* w, const float* b,
                             float* mean_out, float* invstd_out, float* rm, float* rv,
                             double momentum, double eps, int relu, float* pout, int* pind,
                             Py_ssize_t W, double* ws) noexcept nogil
-    void cdl_bn_fwd_block_d(const double* x, double* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
+    void cdl_bn_fwd_block_d(const double* x, double* y, const double* res, Py_ssize_t N,
+                            Py_ssize_t C, Py_ssize_t L,
                             Py_ssize_t c0, Py_ssize_t nc, const double* w, const double* b,
                             double* mean_out, double* invstd_out, double* rm, double* rv,
                             double momentum, double eps, int relu, double* pout, int* pind,
@@ -686,7 +715,8 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
                                   double momentum, double eps, bint relu,
                                   int num_threads, floating[:, :, ::1] pool_out=None,
                                   int[:, :, ::1] pool_indices=None,
-                                  Py_ssize_t width=0) except -1:
+                                  Py_ssize_t width=0,
+                                  const floating[:, :, ::1] residual=None) except -1:
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2]
     cdef Py_ssize_t cb, nblocks, blk, c0, stride = _ws_stride()
     cdef int nt
@@ -698,8 +728,14 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
     if pool_out is not None:
         _check_pool(N, C, L, width, _shape3(pool_out.shape), pool_indices is not None
                     and _shape3(pool_indices.shape) == _shape3(pool_out.shape))
+    if residual is not None and (pool_out is not None or out is None
+                                 or _shape3(residual.shape) != _shape3(x.shape)
+                                 or _shape3(out.shape) != _shape3(x.shape)):
+        raise ValueError(f"batch norm: the residual must have x's shape {_shape3(x.shape)}, "
+                         f"as out does, and cannot be pooled")
     if N == 0 or C == 0 or L == 0:
         return 0
+    cdef const floating* rp = NULL if residual is None else &residual[0, 0, 0]
     if pool_out is not None:
         pp = &pool_out[0, 0, 0]
         pi = &pool_indices[0, 0, 0]
@@ -723,11 +759,11 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
         for blk in prange(nblocks, schedule="static", num_threads=nt):
             c0 = blk * cb
             if floating is float:
-                cdl_bn_fwd_block_f(xp, yp, N, C, L, c0, min(cb, C - c0), wp, bp, mp, ip, rmp,
+                cdl_bn_fwd_block_f(xp, yp, rp, N, C, L, c0, min(cb, C - c0), wp, bp, mp, ip, rmp,
                                    rvp, momentum, eps, relu, pp, pi, width,
                                    ws + omp_get_thread_num() * stride)
             else:
-                cdl_bn_fwd_block_d(xp, yp, N, C, L, c0, min(cb, C - c0), wp, bp, mp, ip, rmp,
+                cdl_bn_fwd_block_d(xp, yp, rp, N, C, L, c0, min(cb, C - c0), wp, bp, mp, ip, rmp,
                                    rvp, momentum, eps, relu, pp, pi, width,
                                    ws + omp_get_thread_num() * stride)
     free(ws)
@@ -740,7 +776,8 @@ def batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::1] wei
                             floating[::1] running_mean, floating[::1] running_var,
                             double momentum, double eps, bint relu, int num_threads,
                             floating[:, :, ::1] pool_out=None,
-                            int[:, :, ::1] pool_indices=None, Py_ssize_t width=0):
+                            int[:, :, ::1] pool_indices=None, Py_ssize_t width=0,
+                            const floating[:, :, ::1] residual=None):
     """Training-mode batch norm of x (N, C, L) into out (may be x).
 
     Fills mean and invstd (C,) with the batch mean and 1/sqrt(var + eps) (kept for
@@ -754,9 +791,14 @@ def batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::1] wei
     unpooled output; out is not written (may be None). Each plane is pooled as it
     is normalised (float32 on AVX-512; elsewhere through a per-thread buffer), so
     no full-size output is stored.
+
+    With residual (N, C, L; not pooled): out = the normalised value (rounded) +
+    residual, then the ReLU, bitwise the batch norm followed by add(..., relu) (a
+    Residual's join in one pass). out may be residual.
     """
     _batchnorm_forward_train(x, weight, bias, out, mean, invstd, running_mean, running_var,
-                             momentum, eps, relu, num_threads, pool_out, pool_indices, width)
+                             momentum, eps, relu, num_threads, pool_out, pool_indices, width,
+                             residual)
 
 
 # ---------------------------------------------------------------- backward
@@ -983,18 +1025,23 @@ cdef class BatchNormTrainForward:
     cdef float[:, :, ::1] pool_out
     cdef int[:, :, ::1] pool_indices
     cdef Py_ssize_t width
+    cdef const float[:, :, ::1] residual
 
     def __init__(self, x, weight, bias, out, mean, invstd, running_mean, running_var,
                  double momentum, double eps, bint relu, pool_out=None, pool_indices=None,
-                 Py_ssize_t width=0):
+                 Py_ssize_t width=0, residual=None):
         self.x, self.weight, self.bias, self.out = x, weight, bias, out
         self.mean, self.invstd = mean, invstd
         self.running_mean, self.running_var = running_mean, running_var
         self.momentum, self.eps, self.relu = momentum, eps, relu
         self.pool_out, self.pool_indices, self.width = pool_out, pool_indices, width
+        self.residual = residual
 
     def bind_input(self, const float[:, :, ::1] x):
         self.x = x
+
+    def bind_residual(self, const float[:, :, ::1] residual):
+        self.residual = residual
 
     def set_momentum(self, double momentum):
         self.momentum = momentum
@@ -1003,7 +1050,8 @@ cdef class BatchNormTrainForward:
         _batchnorm_forward_train[float](self.x, self.weight, self.bias, self.out, self.mean,
                                         self.invstd, self.running_mean, self.running_var,
                                         self.momentum, self.eps, self.relu, num_threads,
-                                        self.pool_out, self.pool_indices, self.width)
+                                        self.pool_out, self.pool_indices, self.width,
+                                        self.residual)
 
 
 cdef class BatchNormBackward:

@@ -43,6 +43,14 @@ fusion
     ``fused_previous`` / ``fused_next`` on the layer that runs the pair.
     ``merges_next(layer)``: whether, in training only, this pass also runs the
     next pass (BatchNorm + ReLU, then a 2x2 max-pool); the chain sets ``merged``.
+    ``joins_residual()``: whether, as the last pass of a ``Residual``'s branch
+    in training plans, this layer runs the join: with ws["join_add"] = (addend,
+    out, relu, rebind) its ``plan_forward`` writes its output (rounded) plus
+    addend, then the ReLU if relu, into out and returns out (rebind: addend
+    is a view of the Residual's input, so an op with ``bind_input`` rebinds
+    it); with ws["join_mask"] its ``plan_backward`` takes the incoming
+    gradient as 0 where that array is <= 0. Results are bitwise those of the
+    separate passes.
 containers
     ``children()`` lists (name, Layer or chain) held inside; parameters,
     buffers, names, summary and files recurse into them.
@@ -68,7 +76,7 @@ from .._kernels import norm as _norm
 from ..functional._checks import FLOAT_DTYPES, INT32_MAX, shape_str
 from ..init import INITS, initialize
 
-__all__ = ["Layer", "LAYER_TYPES", "Op", "check_grad"]
+__all__ = ["Layer", "LAYER_TYPES", "Op", "bind_op", "check_grad"]
 
 _KEEP_SIZES = 2  # batch sizes whose buffers a layer keeps
 
@@ -120,6 +128,15 @@ class Op(NamedTuple):
     bind: Optional[Callable] = None
     shape: Optional[tuple] = None
     takes_l2: bool = False
+
+
+def _noop(nt):
+    pass
+
+
+def bind_op(bind, shape):
+    """An op that runs nothing and only rebinds an operand to the model input."""
+    return Op(_noop, bind, shape)
 
 
 class CallOp:
@@ -276,6 +293,10 @@ class Layer:
     def merges_next(self, layer):
         """Whether, in training, this pass can also run the pass of ``layer`` (right after
         it) inside its own; the chain then sets ``merged`` to that layer."""
+        return False
+
+    def joins_residual(self):
+        """Whether this pass can run a Residual's join (see "fusion" in the module notes)."""
         return False
 
     per_channel_affine = False   # at inference y = x·scale[c] + shift[c] (channel_affine)

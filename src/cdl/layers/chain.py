@@ -203,13 +203,23 @@ class Chain:
         return g
 
     # -- plan ops -----------------------------------------------------------------------
-    def plan_forward(self, x, workspace, train):
+    def last_pass(self, train):
+        """The layer whose pass runs last."""
+        passes = self.passes_for(train)
+        return passes[-1][1] if passes else None
+
+    def plan_forward(self, x, workspace, train, join=None):
         """(ops, output, trace): the passes as ops on x. ``trace`` lists, per pass,
-        (index, layer, ws, input array, whether that input is x itself or a view of it)."""
+        (index, layer, ws, input array, whether that input is x itself or a view of it).
+        ``join``: a Residual's join for the last pass, given to it as ws["join_add"]
+        (see ``Layer.joins_residual``; the caller checks that it can take it)."""
         ops, trace = [], []
         h, from_input = x, True
-        for i, layer in self.passes_for(train):
+        passes = self.passes_for(train)
+        for i, layer in passes:
             ws = self._pass_ws(layer, workspace, train)
+            if join is not None and layer is passes[-1][1]:
+                ws = dict(ws, join_add=join)
             layer_ops, out = layer.plan_forward(h, ws, train)
             for op in layer_ops:
                 ops.append(op if from_input else op._replace(bind=None))
@@ -218,13 +228,17 @@ class Chain:
             h = out
         return ops, h, trace
 
-    def plan_backward(self, g, trace, need_input_grad):
-        """(ops, input gradient): the backward of the passes recorded in ``trace``."""
+    def plan_backward(self, g, trace, need_input_grad, mask=None):
+        """(ops, input gradient): the backward of the passes recorded in ``trace``.
+        ``mask``: g is to be taken as 0 where mask <= 0 (the ReLU after a Residual's
+        join), given to the last pass as ws["join_mask"] (``Layer.joins_residual``)."""
         stop = 0 if need_input_grad else self.first_trained
         ops = []
-        for i, layer, ws, x, x_is_input in reversed(trace):
+        for k, (i, layer, ws, x, x_is_input) in enumerate(reversed(trace)):
             if i < stop:
                 break
+            if mask is not None and k == 0:
+                ws = dict(ws, join_mask=mask)
             layer_ops, g = layer.plan_backward(g, x, ws, i > stop or need_input_grad)
             for op in layer_ops:
                 ops.append(op if x_is_input else op._replace(bind=None))

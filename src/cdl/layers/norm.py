@@ -5,7 +5,7 @@ import numpy as np
 
 from .._kernels import norm as _norm
 from ..functional._checks import shape_str
-from .base import Layer, positive_int
+from .base import Layer, bind_op, positive_int
 from .chain import Op
 from .pool import MaxPool2d
 
@@ -88,6 +88,9 @@ class _BatchNorm(Layer):
         _, h, w = self.input_shape
         return (h % 2 == 0 and w % 2 == 0
                 and _norm.POOLED_PLANE_MIN <= h * w <= _norm.POOLED_PLANE_MAX)
+
+    def joins_residual(self):
+        return self.merged is None and not self.fused_next
 
     # -- ONNX --------------------------------------------------------------------------
     def to_onnx(self, graph, x):
@@ -242,25 +245,38 @@ class _BatchNorm(Layer):
             return [Op(lambda nt: coef.run()), Op(k.run, k.bind_input, x3.shape)], ws["out"]
         self._check_batch(x.shape[0])
         b = self.buffers
+        join = ws.get("join_add")
+        out, relu, extra = self._pass_out(ws), self.fused_next, {}
+        if join is not None:        # a Residual's join: out = relu?(y + addend)
+            addend, out, relu, rebind = join
+            extra = {"residual": addend.reshape(x3.shape)}
         k = _norm.BatchNormTrainForward(x3, self.params.get("weight"), self.params.get("bias"),
-                                        self._train_out(ws), ws["mean"], ws["invstd"],
+                                        self._train_out(ws) if join is None else
+                                        out.reshape(x3.shape), ws["mean"], ws["invstd"],
                                         b["running_mean"], b["running_var"],
-                                        self.momentum or 0.0, self.eps, self.fused_next,
-                                        **self._pool_args(ws))
+                                        self.momentum or 0.0, self.eps, relu,
+                                        **self._pool_args(ws), **extra)
 
         def run(nt):
             k.set_momentum(self._factor())
             k.run(nt)
-        return [Op(run, k.bind_input, x3.shape)], self._pass_out(ws)
+        ops = [Op(run, k.bind_input, x3.shape)]
+        if join is not None and rebind:
+            ops.append(bind_op(k.bind_residual, x3.shape))
+        return ops, out
 
     def plan_backward(self, g, x, ws, need_input_grad):
         dx = ws["dx"] if need_input_grad else None
         x3 = self._planes(x)
-        k = _norm.BatchNormBackward(self._planes(g), x3, self._planes(self._pass_out(ws)),
+        # A Residual's join with a ReLU masks g by the join's output (join_mask).
+        mask = ws.get("join_mask")
+        k = _norm.BatchNormBackward(self._planes(g), x3,
+                                    self._planes(self._pass_out(ws) if mask is None else mask),
                                     self.params.get("weight"), ws["mean"], ws["invstd"],
                                     None if dx is None else self._planes(dx),
                                     self.grads.get("weight"), self.grads.get("bias"),
-                                    self.fused_next, **self._pool_args(ws, backward=True))
+                                    self.fused_next or mask is not None,
+                                    **self._pool_args(ws, backward=True))
         return [Op(k.run, k.bind_input, x3.shape)], dx
 
 

@@ -3,7 +3,7 @@ import numpy as np
 
 from .._kernels import elementwise as _ew
 from ..functional._checks import shape_str
-from .base import LAYER_TYPES, Layer
+from .base import LAYER_TYPES, Layer, bind_op
 from .chain import Chain, Op, replay
 
 __all__ = ["Residual", "layer_from_spec"]
@@ -171,8 +171,25 @@ class Residual(Layer):
         _ew.add(df.reshape(-1), ds.reshape(-1), ws["dx_flat"], False, nt)
         return ws["dx"]
 
+    def _joins(self, train):
+        """Whether the training plan runs the join (the sum, and the ReLU after it) in
+        the body's last pass, and takes the gradient mask in both branches' last passes
+        (Layer.joins_residual): then neither the sum nor the masked gradient is a pass
+        of its own."""
+        return train and self.body.last_pass(True).joins_residual() and (
+            self.shortcut is None or self.shortcut.last_pass(True).joins_residual())
+
     def plan_forward(self, x, ws, train):
         workspace = self._workspaces(x.shape[0], ws, train)
+        if self._joins(train):
+            # the shortcut first: the body's last pass adds it
+            ops, s, trace_s = [], x, []
+            if self.shortcut is not None:
+                ops, s, trace_s = self.shortcut.plan_forward(x, workspace, train)
+            join = (s, ws["out"], self.fused_next, np.shares_memory(s, x))
+            ops_f, _, trace_f = self.body.plan_forward(x, workspace, train, join=join)
+            ws["trace"] = (trace_f, trace_s)
+            return ops + ops_f, ws["out"]
         ops, f, trace_f = self.body.plan_forward(x, workspace, train)
         s, trace_s = x, []
         if self.shortcut is not None:
@@ -183,9 +200,9 @@ class Residual(Layer):
         ops.append(Op(k.run))
         # An operand that is (a view of) x is rebound with it.
         if np.shares_memory(f, x):
-            ops.append(Op(_noop, k.bind_a, f_flat.shape))
+            ops.append(bind_op(k.bind_a, f_flat.shape))
         if np.shares_memory(s, x):
-            ops.append(Op(_noop, k.bind_b, s_flat.shape))
+            ops.append(bind_op(k.bind_b, s_flat.shape))
         ws["trace"] = (trace_f, trace_s)
         return ops, ws["out"]
 
@@ -198,24 +215,28 @@ class Residual(Layer):
 
     def plan_backward(self, g, x, ws, need_input_grad):
         ops = []
-        if self.fused_next:
-            k = _ew.ActivationBackward("relu", g.reshape(-1), ws["out_flat"],
-                                       ws["g"].reshape(-1))
-            ops.append(Op(k.run))
-            g = ws["g"]
         trace_f, trace_s = ws["trace"]
-        ops_f, df = self.body.plan_backward(g, trace_f, need_input_grad)
+        # With the join the branches' last passes mask g by the ReLU's output
+        # themselves; otherwise the masked gradient is a pass of its own.
+        mask = None
+        if self.fused_next:
+            if self._joins(True):
+                mask = ws["out"]
+            else:
+                k = _ew.ActivationBackward("relu", g.reshape(-1), ws["out_flat"],
+                                           ws["g"].reshape(-1))
+                ops.append(Op(k.run))
+                g = ws["g"]
+        ops_f, df = self.body.plan_backward(g, trace_f, need_input_grad, mask=mask)
         ops += ops_f
         ds = g
         if self.shortcut is not None:
-            ops_s, ds = self.shortcut.plan_backward(g, trace_s, need_input_grad)
+            ops_s, ds = self.shortcut.plan_backward(g, trace_s, need_input_grad, mask=mask)
             ops += ops_s
         if not need_input_grad:
             return ops, None
-        k = _ew.Add(df.reshape(-1), ds.reshape(-1), ws["dx_flat"], False)
+        # identity shortcut with the mask: dx = df + (g where out > 0)
+        k = _ew.Add(df.reshape(-1), ds.reshape(-1), ws["dx_flat"], False,
+                    mask=None if mask is None or self.shortcut is not None else ws["out_flat"])
         ops.append(Op(k.run))
         return ops, ws["dx"]
-
-
-def _noop(nt):
-    pass
