@@ -1,12 +1,15 @@
 """ResNet-8 (3x32x32) and LeNet-5 with and without BatchNorm + Dropout: cdl against
-PyTorch, same weights, same threads, interleaved runs, medians.
+PyTorch, and ResNet-8 also against NumPy, same weights, same threads, interleaved runs,
+medians.
 
     python bench/bench_resnet.py [--threads 2] [--repeats 30] [--out bench/results/resnet]
 
-Rows: train_step (SGD, lr 0.01, cross-entropy) and predict at batch 1 and 64. The
-machine's load average is recorded before and after. NumPy has no ResNet-8 twin in
-bench/ (numpy_ref.py covers the MLP, LeNet-5 and CIFAR nets), so it is not a
-contender here.
+Rows: train_step (SGD, lr 0.01, cross-entropy) and predict at batch 1 and 64. NumPy is
+numpy_ref.NumpyResNet8 (im2col + one GEMM per convolution, BatchNorm in NumPy
+expressions; tests/test_bench.py checks its step against cdl's), whose BLAS runs
+with the same thread count through threadpoolctl, timed against cdl in a block of its
+own (cdl/NumPy uses cdl's time from that block); LeNet-5 against NumPy is in run.py's
+table. The machine's load average is recorded before and after.
 """
 import argparse
 import json
@@ -18,6 +21,7 @@ import time
 import numpy as np
 
 from _timing import median_times
+from numpy_ref import NumpyResNet8
 
 
 def _unmerged(model):
@@ -83,6 +87,8 @@ def main(argv=None):
     cdl.set_num_threads(args.threads)
     if torch is not None:
         torch.set_num_threads(args.threads)
+    from threadpoolctl import threadpool_limits
+    blas = threadpool_limits(limits=args.threads, user_api="blas")
     load_before = os.getloadavg()
     nets = [("ResNet-8", lambda: models.resnet8(seed=0),
              (lambda: torch_resnet8(torch)) if torch else None, (3, 32, 32)),
@@ -103,6 +109,7 @@ def main(argv=None):
             loss = cdl.SoftmaxCrossEntropy()
             fns = {"cdl train_step": lambda: m.train_step(x, y, loss, opt),
                    "cdl predict": lambda: m.predict(x)}
+            twin = NumpyResNet8(m.state_dict(), lr=0.01) if name == "ResNet-8" else None
             if make_torch is not None:
                 net = make_torch()
                 tsd = net.state_dict()
@@ -127,14 +134,32 @@ def main(argv=None):
                 fns["torch train_step"] = t_step
                 fns["torch predict"] = t_pred
             res = median_times(fns, args.repeats)
+            if twin is not None:
+                # NumPy in a block of its own, against cdl: its BLAS threads spin for about
+                # 0.1 s after each call and its temporaries are large, which would slow
+                # the cdl/PyTorch pairs above; a longer pause lets the threads sleep.
+                vs = median_times({"cdl train_step": fns["cdl train_step"],
+                                   "cdl predict": fns["cdl predict"],
+                                   "numpy train_step": lambda: twin.train_step(x, y),
+                                   "numpy predict": lambda: twin.predict(x)},
+                                  max(5, args.repeats // 3), pause=0.3)
+                for op in ("train_step", "predict"):
+                    res[f"numpy {op}"] = vs[f"numpy {op}"]
+                    res[f"cdl vs numpy {op}"] = vs[f"cdl {op}"]
             for op in ("train_step", "predict"):
                 c = res[f"cdl {op}"]
                 t = res.get(f"torch {op}")
+                npy = res.get(f"numpy {op}")
+                cn = res.get(f"cdl vs numpy {op}")
                 rows.append({"net": name, "batch": n, "op": op, "cdl_ms": c * 1e3,
                              "torch_ms": None if t is None else t * 1e3,
-                             "cdl/torch": None if t is None else c / t})
+                             "cdl/torch": None if t is None else c / t,
+                             "numpy_ms": None if npy is None else npy * 1e3,
+                             "cdl/numpy": None if npy is None else cn / npy})
                 print(f"{name:24s} N={n:<3d} {op:10s} cdl {c * 1e3:8.3f} ms"
-                      + ("" if t is None else f"  torch {t * 1e3:8.3f} ms  ratio {c / t:.2f}"),
+                      + ("" if t is None else f"  torch {t * 1e3:8.3f} ms  ratio {c / t:.2f}")
+                      + ("" if npy is None else f"  numpy {npy * 1e3:8.3f} ms  ratio "
+                                                f"{cn / npy:.2f}"),
                       flush=True)
     # The BatchNorm + Dropout overhead from the two LeNet-5 steps timed in one interleaved
     # block: the rows above come from separate blocks, minutes apart on a VM whose speed
@@ -150,6 +175,7 @@ def main(argv=None):
         opt = cdl.SGD(m, lr=0.01)
         pair[key] = (lambda m=m, opt=opt: m.train_step(x, y, loss, opt))
     both = median_times(pair, args.repeats)
+    blas.restore_original_limits()
     load_after = os.getloadavg()
     meta = {"command": "python bench/bench_resnet.py " + " ".join(argv or sys.argv[1:]),
             "threads": args.threads, "cpu": platform.processor() or platform.machine(),
@@ -172,11 +198,15 @@ def main(argv=None):
                  f"`{meta['command']}`, {args.threads} threads, {meta['cores']} cores, "
                  f"load average {load_before[0]:.2f} before / {load_after[0]:.2f} after, "
                  f"torch {meta['torch']}, {meta['date']}.", "",
-                 "| net | batch | op | cdl ms | PyTorch ms | cdl/PyTorch |", "|---|--:|---|--:|--:|--:|"]
+                 "| net | batch | op | cdl ms | PyTorch ms | cdl/PyTorch | NumPy ms | cdl/NumPy |",
+                 "|---|--:|---|--:|--:|--:|--:|--:|"]
         for r in rows:
             t = "—" if r["torch_ms"] is None else f"{r['torch_ms']:.3f}"
             q = "—" if r["cdl/torch"] is None else f"{r['cdl/torch']:.2f}"
-            lines.append(f"| {r['net']} | {r['batch']} | {r['op']} | {r['cdl_ms']:.3f} | {t} | {q} |")
+            u = "—" if r["numpy_ms"] is None else f"{r['numpy_ms']:.3f}"
+            v = "—" if r["cdl/numpy"] is None else f"{r['cdl/numpy']:.2f}"
+            lines.append(f"| {r['net']} | {r['batch']} | {r['op']} | {r['cdl_ms']:.3f} | {t} | "
+                         f"{q} | {u} | {v} |")
         ms = meta["lenet_n64_interleaved_ms"]
         lines += ["", f"BatchNorm + Dropout add {meta['bn_dropout_overhead_lenet_n64']:.0%} "
                       f"to LeNet-5's train_step at batch 64 ({ms['plain']:.3f} -> "

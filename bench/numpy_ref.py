@@ -304,3 +304,120 @@ class NumpyNet:
             w -= self.lr * dw
             b -= self.lr * db
         return loss
+
+
+# ----------------------------------------------------------------------------- ResNet-8
+def batchnorm_train(x, w, b, eps=1e-5):
+    """Training-mode batch norm of x (N, C, H, W) over N, H, W: (y, cache, mean, biased
+    var). In x's dtype, as PyTorch's CPU kernel keeps float32 activations."""
+    mean = x.mean(axis=(0, 2, 3))
+    var = x.var(axis=(0, 2, 3))
+    invstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x - mean[:, None, None]) * invstd[:, None, None]
+    y = xhat * w[:, None, None] + b[:, None, None]
+    return y, (xhat, invstd, w), mean, var
+
+
+def batchnorm_backward(g, cache):
+    """(dx, dw, db) of batchnorm_train."""
+    xhat, invstd, w = cache
+    m = g.shape[0] * g.shape[2] * g.shape[3]
+    db = g.sum(axis=(0, 2, 3))
+    dw = (g * xhat).sum(axis=(0, 2, 3))
+    dx = (w * invstd / m)[:, None, None] * (m * g - db[:, None, None]
+                                             - xhat * dw[:, None, None])
+    return dx, dw, db
+
+
+class NumpyResNet8:
+    """cdl.models.resnet8 in NumPy from its state dict (the same names): train_step (SGD,
+    cross-entropy, BatchNorm in training mode with PyTorch's running-statistics update)
+    and predict (BatchNorm with the running statistics)."""
+
+    BLOCKS = (("3", 1, False), ("5", 2, True), ("7", 2, True))
+
+    def __init__(self, state, lr=0.01, momentum=0.1, eps=1e-5):
+        self.p = {k: np.array(v, copy=True) for k, v in state.items()}
+        self.lr, self.momentum, self.eps = lr, momentum, eps
+
+    def _bn(self, x, key, train, cache):
+        p = self.p
+        if not train:
+            inv = 1.0 / np.sqrt(p[key + ".running_var"] + self.eps)
+            scale = p[key + ".weight"] * inv
+            shift = p[key + ".bias"] - p[key + ".running_mean"] * scale
+            return x * scale[:, None, None] + shift[:, None, None]
+        y, c, mean, var = batchnorm_train(x, p[key + ".weight"], p[key + ".bias"], self.eps)
+        m = x.shape[0] * x.shape[2] * x.shape[3]
+        mo = self.momentum
+        p[key + ".running_mean"] = (1 - mo) * p[key + ".running_mean"] + mo * mean
+        p[key + ".running_var"] = (1 - mo) * p[key + ".running_var"] + mo * var * m / (m - 1)
+        cache[key] = c
+        return y
+
+    def _conv(self, x, key, stride, pad, cache):
+        y, cols = conv2d(x, self.p[key + ".weight"], None, stride, pad, return_cols=True)
+        cache[key] = (x, cols, stride, pad)
+        return y
+
+    def _forward(self, x, train):
+        c = {}
+        h = relu(self._bn(self._conv(x, "0", 1, 1, c), "1", train, c))
+        c["relu0"] = h
+        for key, s, has_sc in self.BLOCKS:
+            f = relu(self._bn(self._conv(h, key + ".layers.0", s, 1, c), key + ".layers.1",
+                              train, c))
+            c[key + ".relu"] = f
+            f = self._bn(self._conv(f, key + ".layers.3", 1, 1, c), key + ".layers.4", train, c)
+            sc = h
+            if has_sc:
+                sc = self._bn(self._conv(h, key + ".shortcut.0", s, 0, c), key + ".shortcut.1",
+                              train, c)
+            h = relu(f + sc)
+            c[key + ".out"] = h
+        pooled = h.mean(axis=(2, 3))
+        c["gap"] = (pooled, h.shape)
+        return linear(pooled, self.p["10.weight"], self.p["10.bias"]), c
+
+    def predict(self, x):
+        return self._forward(x, train=False)[0]
+
+    def _conv_back(self, g, key, grads, need_input_grad=True):
+        x, cols, s, pad = self._cache[key]
+        dx, dw, _ = conv2d_backward(g, x, self.p[key + ".weight"], s, pad, need_input_grad,
+                                    False, cols)
+        grads[key + ".weight"] = dw
+        return dx
+
+    def _bn_back(self, g, key, grads):
+        dx, dw, db = batchnorm_backward(g, self._cache[key])
+        grads[key + ".weight"], grads[key + ".bias"] = dw, db
+        return dx
+
+    def train_step(self, x, y):
+        scores, c = self._forward(x, train=True)
+        self._cache = c
+        loss, g = softmax_cross_entropy(scores, y)
+        grads = {}
+        pooled, shape = c["gap"]
+        dx, grads["10.weight"], grads["10.bias"] = linear_backward(g, pooled, self.p["10.weight"])
+        g = np.broadcast_to(dx[:, :, None, None] / (shape[2] * shape[3]), shape)
+        for key, s, has_sc in reversed(self.BLOCKS):
+            g = relu_backward(g, c[key + ".out"])
+            df = self._bn_back(g, key + ".layers.4", grads)
+            df = self._conv_back(df, key + ".layers.3", grads)
+            df = relu_backward(df, c[key + ".relu"])
+            df = self._bn_back(df, key + ".layers.1", grads)
+            df = self._conv_back(df, key + ".layers.0", grads)
+            if has_sc:
+                ds = self._bn_back(g, key + ".shortcut.1", grads)
+                g = df + self._conv_back(ds, key + ".shortcut.0", grads)
+            else:
+                g = df + g
+        g = relu_backward(g, c["relu0"])
+        g = self._bn_back(g, "1", grads)
+        self._conv_back(g, "0", grads, need_input_grad=False)
+        for k, d in grads.items():
+            self.p[k] -= self.lr * d.astype(self.p[k].dtype)
+        self._cache = None
+        return loss

@@ -169,6 +169,44 @@ def test_numpy_network_step_matches_finite_differences(net):
                 assert abs(num - got) <= 1e-6 * max(1.0, abs(num)), (net, pi, which, num, got)
 
 
+def test_numpy_resnet8_agrees_with_cdl_and_finite_differences():
+    # The NumPy ResNet-8 (bench_resnet's NumPy contender) from cdl's state dict: one
+    # float64 SGD step gives cdl's loss, parameters and running statistics, its
+    # gradients match central differences of its own loss (training-mode BatchNorm),
+    # and predict uses the running statistics as cdl's does.
+    from cdl.models import resnet8
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 3, 8, 8))
+    y = rng.integers(0, 10, 4)
+    m = resnet8(input_shape=(3, 8, 8), width=4, dtype=np.float64, seed=2)
+    state = {k: np.array(v) for k, v in m.state_dict().items()}
+    lr = 0.5
+    twin = nref.NumpyResNet8(state, lr=lr)
+    loss = twin.train_step(x, y)
+    want = m.train_step(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=lr))
+    assert abs(loss - want) <= 1e-12 * abs(want)
+    after = m.state_dict()
+    for k, v in twin.p.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        np.testing.assert_allclose(v, after[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    np.testing.assert_allclose(twin.predict(x), m.predict(x), rtol=1e-10, atol=1e-12)
+
+    def loss_at(key, i, delta):
+        st = {k: v.copy() for k, v in state.items()}
+        st[key].flat[i] += delta
+        t = nref.NumpyResNet8(st, lr=0.0)
+        return t.train_step(x, y)      # training-mode loss; lr 0 leaves st as it is
+
+    for key in ("0.weight", "1.weight", "3.layers.4.bias", "5.shortcut.0.weight",
+                "7.layers.3.weight", "10.weight"):
+        for i in rng.choice(state[key].size, size=2, replace=False):
+            grad = (state[key].flat[i] - twin.p[key].flat[i]) / lr
+            h = 1e-6
+            num = (loss_at(key, i, h) - loss_at(key, i, -h)) / (2 * h)
+            assert abs(num - grad) <= 1e-6 * max(1.0, abs(num)), (key, num, grad)
+
+
 def test_flops_per_sample():
     assert nref.flops_per_sample((784,), nref.NETWORKS["MLP"][1]) == 2 * (
         784 * 256 + 256 * 128 + 128 * 10)

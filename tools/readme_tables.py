@@ -176,15 +176,22 @@ def _run_line(m):
 
 
 def resnet_block(doc):
-    """bench/bench_resnet.py's run: ResNet-8 and LeNet-5 (± BatchNorm + Dropout) vs PyTorch."""
+    """bench/bench_resnet.py's run: ResNet-8 and LeNet-5 (± BatchNorm + Dropout) vs PyTorch,
+    and ResNet-8 vs NumPy (runs from before it had a NumPy contender have no such column)."""
     m = doc["meta"]
+    numpy = any("numpy_ms" in r for r in doc["rows"])
     lines = [f"{_run_line(m)}, PyTorch {m['torch']}.", "",
-             "| net | batch | op | cdl ms | PyTorch ms | cdl/PyTorch |",
-             "|---|--:|---|--:|--:|--:|"]
+             "| net | batch | op | cdl ms | PyTorch ms | cdl/PyTorch |"
+             + (" NumPy ms | cdl/NumPy |" if numpy else ""),
+             "|---|--:|---|--:|--:|--:|" + ("--:|--:|" if numpy else "")]
     for r in doc["rows"]:
         t = r["torch_ms"]
-        lines.append(f"| {r['net']} | {r['batch']} | `{r['op']}` | {ms(r['cdl_ms'])} | "
-                     f"{'n/a' if t is None else ms(t)} | {_ratio(r['cdl/torch'])} |")
+        line = (f"| {r['net']} | {r['batch']} | `{r['op']}` | {ms(r['cdl_ms'])} | "
+                f"{'n/a' if t is None else ms(t)} | {_ratio(r['cdl/torch'])} |")
+        if numpy:
+            u = r.get("numpy_ms")
+            line += f" {'—' if u is None else ms(u)} | {_ratio(r.get('cdl/numpy'))} |"
+        lines.append(line)
     if "bn_dropout_overhead_lenet_n64" in m:
         pair = m.get("lenet_n64_interleaved_ms")
         timed = "" if pair is None else (f" ({ms(pair['plain'])} → {ms(pair['bn'])} ms, the "
