@@ -809,20 +809,32 @@ def dropout_backward(const floating[::1] grad_out, const uint8_t[::1] mask,
 # ---------------------------------------------------------------- residual add, scale
 
 cdef int _add(const floating[::1] a, const floating[::1] b, floating[::1] out, bint relu,
-              int num_threads) except -1:
+              int num_threads, const floating[::1] mask=None) except -1:
     cdef Py_ssize_t n = out.shape[0], t, lo
+    if a.shape[0] != n or b.shape[0] != n or (mask is not None and mask.shape[0] != n):
+        raise ValueError(f"add: a, b, mask and out need one length, got {a.shape[0]}, "
+                         f"{b.shape[0]}, {'-' if mask is None else mask.shape[0]} and {n}")
+    if mask is not None and relu:
+        raise ValueError("add: a mask and relu do not combine")
     if n == 0:
         return 0
     cdef const floating* ap = &a[0]
     cdef const floating* bp = &b[0]
+    cdef const floating* mp = NULL if mask is None else &mask[0]
     cdef floating* yp = &out[0]
     with nogil:
         for t in prange(_chunks(n), schedule="static", num_threads=_threads(n, num_threads)):
             lo = t * CHUNK
             if floating is float:
-                cdl_add_f(ap + lo, bp + lo, yp + lo, min(CHUNK, n - lo), relu)
+                if mp != NULL:
+                    cdl_add_masked_f(ap + lo, bp + lo, mp + lo, yp + lo, min(CHUNK, n - lo))
+                else:
+                    cdl_add_f(ap + lo, bp + lo, yp + lo, min(CHUNK, n - lo), relu)
             else:
-                cdl_add_d(ap + lo, bp + lo, yp + lo, min(CHUNK, n - lo), relu)
+                if mp != NULL:
+                    cdl_add_masked_d(ap + lo, bp + lo, mp + lo, yp + lo, min(CHUNK, n - lo))
+                else:
+                    cdl_add_d(ap + lo, bp + lo, yp + lo, min(CHUNK, n - lo), relu)
     return 0
 
 
@@ -832,33 +844,11 @@ def add(const floating[::1] a, const floating[::1] b, floating[::1] out, bint re
     _add(a, b, out, relu, num_threads)
 
 
-cdef int _add_masked(const floating[::1] a, const floating[::1] b, const floating[::1] mask,
-                     floating[::1] out, int num_threads) except -1:
-    cdef Py_ssize_t n = out.shape[0], t, lo
-    if a.shape[0] != n or b.shape[0] != n or mask.shape[0] != n:
-        raise ValueError(f"add_masked: a, b, mask and out need one length, got {a.shape[0]}, "
-                         f"{b.shape[0]}, {mask.shape[0]} and {n}")
-    if n == 0:
-        return 0
-    cdef const floating* ap = &a[0]
-    cdef const floating* bp = &b[0]
-    cdef const floating* mp = &mask[0]
-    cdef floating* yp = &out[0]
-    with nogil:
-        for t in prange(_chunks(n), schedule="static", num_threads=_threads(n, num_threads)):
-            lo = t * CHUNK
-            if floating is float:
-                cdl_add_masked_f(ap + lo, bp + lo, mp + lo, yp + lo, min(CHUNK, n - lo))
-            else:
-                cdl_add_masked_d(ap + lo, bp + lo, mp + lo, yp + lo, min(CHUNK, n - lo))
-    return 0
-
-
 def add_masked(const floating[::1] a, const floating[::1] b, const floating[::1] mask,
                floating[::1] out, int num_threads):
     """out = a + (b where mask > 0, else 0), bitwise add(a, relu_backward(b, mask)); out
     may be a or b."""
-    _add_masked(a, b, mask, out, num_threads)
+    _add(a, b, out, False, num_threads, mask)
 
 
 cdef int _scale(floating[::1] x, double alpha, int num_threads) except -1:
@@ -1095,7 +1085,4 @@ cdef class Add:
         self.b = b
 
     def run(self, int num_threads):
-        if self.mask is not None:
-            _add_masked(self.a, self.b, self.mask, self.out, num_threads)
-        else:
-            _add(self.a, self.b, self.out, self.relu, num_threads)
+        _add(self.a, self.b, self.out, self.relu, num_threads, self.mask)
