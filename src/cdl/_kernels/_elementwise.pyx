@@ -1066,7 +1066,7 @@ cdef class DropoutBackward:
 
 cdef class Add:
     """add with bound arrays; either operand can be rebound (e.g. to the model input).
-    With mask: add_masked (b taken as 0 where mask <= 0; relu must be False)."""
+    With mask: add_masked (b taken as 0 where mask <= 0; run raises ValueError with relu)."""
     cdef const float[::1] a
     cdef const float[::1] b
     cdef float[::1] out
@@ -1074,8 +1074,6 @@ cdef class Add:
     cdef const float[::1] mask
 
     def __init__(self, a, b, out, bint relu, mask=None):
-        if mask is not None and relu:
-            raise ValueError("Add: a mask and relu do not combine")
         self.a, self.b, self.out, self.relu, self.mask = a, b, out, relu, mask
 
     def bind_a(self, const float[::1] a):

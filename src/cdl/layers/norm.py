@@ -246,13 +246,14 @@ class _BatchNorm(Layer):
         self._check_batch(x.shape[0])
         b = self.buffers
         join = ws.get("join_add")
-        out, relu, extra = self._pass_out(ws), self.fused_next, {}
+        out, train_out = self._pass_out(ws), self._train_out(ws)
+        relu, extra = self.fused_next, {}
         if join is not None:        # a Residual's join: out = relu?(y + addend)
             addend, out, relu, rebind = join
+            train_out = out.reshape(x3.shape)
             extra = {"residual": addend.reshape(x3.shape)}
         k = _norm.BatchNormTrainForward(x3, self.params.get("weight"), self.params.get("bias"),
-                                        self._train_out(ws) if join is None else
-                                        out.reshape(x3.shape), ws["mean"], ws["invstd"],
+                                        train_out, ws["mean"], ws["invstd"],
                                         b["running_mean"], b["running_var"],
                                         self.momentum or 0.0, self.eps, relu,
                                         **self._pool_args(ws), **extra)
