@@ -4,6 +4,12 @@ for strided layers also the input gradient's two paths, each forced (cdl picks t
 and scatter for kernels wider than 1x1 below 8 images, the phases otherwise).
 
     python bench/conv_parts.py [--batch 64] [--threads 2] [--repeats 15] [--out PATH]
+                               [--before DIR]
+
+With --before DIR (a directory holding a copy of an older build's _conv_<isa>*.so, as
+for bench_peak.py) the older kernels are timed too, interleaved with this build's in
+the same blocks, and each part gets a column of this build's time over the older one's,
+with whether the two results are bit for bit the same.
 
 A backward pass does twice the forward's multiply-adds (the first layer's input gradient
 aside), so each gradient at 1.0x the forward's time runs as fast per FLOP. Times are the
@@ -44,14 +50,23 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", default=None, help="write a markdown table to this path")
+    ap.add_argument("--before", default=None,
+                    help="directory with an older build's _conv_<isa>*.so to time against")
     args = ap.parse_args(argv)
     from cdl._kernels import conv
+    old = None
+    if args.before:
+        from bench_peak import load_before
+        old = load_before(args.before, "_conv")
     rng = np.random.default_rng(0)
     n, nt = args.batch, args.threads
     load = os.getloadavg()[0]
     lines = ["| layer | C→K | H | kernel, stride | forward ms | GFLOP/s | input grad / forward "
              "| weight grad / forward | strided input grad: GEMM / phases |",
              "|---|---|--:|---|--:|--:|--:|--:|--:|"]
+    if old is not None:
+        lines[0] += " forward: this / before | input grad: this / before | weight grad: this / before |"
+        lines[1] += "--:|--:|--:|"
     for name, c, k, h, f, s, p in LAYERS:
         x = rng.standard_normal((n, c, h, h), dtype=np.float32)
         w = rng.standard_normal((k, c, f, f), dtype=np.float32)
@@ -67,12 +82,27 @@ def main(argv=None):
             # the strided input gradient's two paths, each forced
             for key, mode in (("phases", 1), ("gemm", 2)):
                 fns[key] = (lambda mode=mode: _forced(conv, mode, g, w, dx, s, p, nt))
+        same = {}
+        if old is not None:
+            y0, dx0, dw0 = np.empty_like(g), np.empty_like(x), np.empty_like(w)
+            fns["forward_before"] = lambda: old.conv2d_forward(x, w, None, y0, s, s, p, p, nt)
+            fns["input_before"] = lambda: old.conv2d_backward_input(g, w, dx0, s, s, p, p, nt)
+            fns["weight_before"] = lambda: old.conv2d_backward_weight(g, x, dw0, None, s, s, p,
+                                                                      p, nt)
+            for part, a, b in (("forward", y, y0), ("input", dx, dx0), ("weight", dw, dw0)):
+                fns[part]()
+                fns[part + "_before"]()
+                same[part] = np.array_equal(a, b)
         t = median_times(fns, args.repeats)
         gflop = 2.0 * n * k * c * f * f * oh * oh / 1e9
         paths = (f"{t['gemm'] / t['phases']:.2f}" if s > 1 else "–")
         row = (f"| {name} | {c}→{k} | {h} | {f}×{f}, {s} | {t['forward'] * 1e3:.3f} | "
                f"{gflop / t['forward']:.0f} | {t['input'] / t['forward']:.2f} | "
                f"{t['weight'] / t['forward']:.2f} | {paths} |")
+        if old is not None:
+            row += "".join(f" {t[part] / t[part + '_before']:.2f}"
+                           f"{'' if same[part] else ' (results differ)'} |"
+                           for part in ("forward", "input", "weight"))
         print(row, flush=True)
         lines.append(row)
     head = (f"`python bench/conv_parts.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
