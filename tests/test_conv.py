@@ -110,6 +110,13 @@ FIXED = [
     ((2, 32, 16, 16), (64, 32, 3, 3), 2, 1),            # 8x8 phases: channel vectors
     ((2, 4, 9, 10), (6, 4, 3, 3), 2, 2),
     ((1, 3, 11, 7), (5, 3, 2, 2), 3, 0),
+    # Kernels of at most 2x2 taps on the column path run their taps as one loop
+    # (AVX2), from a table of at most 1024 taps: 2x2, 1x2 and 2x1 kernels, and
+    # 600 input channels of 2x2 (2400 taps: the nested loops).
+    ((2, 5, 17, 19), (12, 5, 2, 2), 1, 1),
+    ((2, 7, 16, 18), (8, 7, 1, 2), 1, (0, 1)),
+    ((1, 3, 18, 16), (4, 3, 2, 1), 1, (1, 0)),
+    ((1, 600, 9, 10), (4, 600, 2, 2), 1, 0),
     ((2, 5, 13, 9), (7, 5, 5, 3), (2, 3), (2, 1)),
     ((2, 3, 1, 5), (4, 3, 1, 1), 2, 0),                 # fewer rows than the stride
     ((2, 3, 7, 8), (4, 3, 3, 3), 2, 4),                 # padding past the kernel
