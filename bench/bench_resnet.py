@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from _machine import describe
 from _timing import median_times
 from numpy_ref import NumpyResNet8
 
@@ -179,7 +180,7 @@ def main(argv=None):
     load_after = os.getloadavg()
     meta = {"command": "python bench/bench_resnet.py " + " ".join(argv or sys.argv[1:]),
             "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after,
+            "machine": describe(), "cores": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after,
             "torch": None if torch is None else torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M")}
     meta["bn_dropout_overhead_lenet_n64"] = both["bn"] / both["plain"] - 1
@@ -195,7 +196,7 @@ def main(argv=None):
         with open(args.out + ".json", "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         lines = [f"# ResNet-8 and LeNet-5 (+BN, Dropout): cdl vs PyTorch", "",
-                 f"`{meta['command']}`, {args.threads} threads, {meta['cores']} cores, "
+                 f"`{meta['command']}`, {args.threads} threads, {meta['machine']}, "
                  f"load average {load_before[0]:.2f} before / {load_after[0]:.2f} after, "
                  f"torch {meta['torch']}, {meta['date']}.", "",
                  "| net | batch | op | cdl ms | PyTorch ms | cdl/PyTorch | NumPy ms | cdl/NumPy |",

@@ -18,7 +18,6 @@ misses of its neighbours (bench/profile_plan.py shows those).
 """
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -27,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _machine import describe  # noqa: E402
 from _timing import median_times  # noqa: E402
 
 # (name, C, K, H, kernel, stride, padding)
@@ -106,8 +106,7 @@ def main(argv=None):
         print(row, flush=True)
         lines.append(row)
     head = (f"`python bench/conv_parts.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
-            f" ({time.strftime('%Y-%m-%d %H:%M')}): batch {n}, {nt} threads, "
-            f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+            f" ({time.strftime('%Y-%m-%d %H:%M')}): batch {n}, {nt} threads, {describe()}, "
             f"load average {load:.2f} before and {os.getloadavg()[0]:.2f} after.")
     if args.out:
         with open(args.out, "w") as fh:
