@@ -27,7 +27,7 @@ training (the sums, then the output), the second time mostly from cache.
 
 Pooled training pass (a 2x2 stride-2 max-pool after the batch norm, planes of
 CDL_BN_RUN..CDL_BN_TILE cells): the forward pools each plane as it normalises
-it (AVX-512; elsewhere it normalises the plane into the thread's workspace and
+it (AVX-512 and AVX2; elsewhere it normalises the plane into the thread's workspace and
 pools it there), writing only the pool's output and indices; the backward
 unpools the pool's gradient (masked by the pooled ReLU output) into dx four
 planes at a time, sums those rows, and then turns dx into the input gradient in
@@ -92,7 +92,7 @@ cdef extern from *:
         *ok = (size_t)((r >> 1) == 0) | (size_t)(((r - (size_t)W) >> 1) == 0);
         return p + (Py_ssize_t)(r & ((size_t)0 - *ok));
     }
-    /* The AVX-512 2x2 pool of cdl_pool2x2.h of the normalised plane (x - m) * s + b
+    /* The vector 2x2 pool of cdl_pool2x2.h of the normalised plane (x - m) * s + b
        (then max(0, ·) with relu), read straight from x, float only (1: done). */
     static inline int cdl_bn_normpool2_vec_f(const float *x, Py_ssize_t W, Py_ssize_t OH,
             Py_ssize_t OW, float m, float s, float b, int relu, float *out, int *ind) {
@@ -323,7 +323,7 @@ cdef extern from *:
     /* A following 2x2 stride-2 max-pool of one plane y (even height, rows of W):  \\
        max-pool's rule, bitwise: cells in the order TL, TR, BL, BR, a later one     \\
        wins if greater or NaN (branch-free: random data mispredicts); ind = the     \\
-       winner's flat index in the plane. (float on AVX-512 pools in               \\
+       winner's flat index in the plane. (float on AVX-512 or AVX2 pools in       \\
        cdl_bn_normpool2_vec_f instead.) */                                          \\
     static void cdl_bn_pool2_##SFX(const T *y, Py_ssize_t W, Py_ssize_t OH,         \\
                                    Py_ssize_t OW, T *out, int *ind) {               \\
@@ -348,7 +348,7 @@ cdef extern from *:
        g of each window at its argmax, masked to 0 where the pooled ReLU output y  \\
        is <= 0 (y NULL: no ReLU), 0 elsewhere: bitwise max-pool's backward and the \\
        ReLU mask. Adds the indices outside their window to *bad (they give 0).     \\
-       float on AVX-512: cdl_pool2x2.h's kernel. */                                 \\
+       float on AVX-512 or AVX2: cdl_pool2x2.h's kernel. */                         \\
     static void cdl_bn_unpool2_##SFX(T *gb, const T *g, const T *y, const int *ind, \\
             Py_ssize_t W, Py_ssize_t L, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t *bad) { \\
         Py_ssize_t oh, ow;                                                          \\
@@ -433,8 +433,8 @@ cdef extern from *:
         }                                                                           \\
         if (pout) {                                                                 \\
             /* pooled (CDL_BN_RUN <= L <= CDL_BN_TILE): each plane pooled as it is \\
-               normalised (AVX-512), or normalised into tile 5, which the forward   \\
-               does not use otherwise, and pooled there */                          \\
+               normalised (AVX-512, AVX2), or normalised into tile 5, which the     \\
+               forward does not use otherwise, and pooled there */                  \\
             T *yp = (T *)(ws + 5 * CDL_BN_TILE);                                    \\
             Py_ssize_t OH = L / W / 2, OW = W / 2, P = OH * OW;                     \\
             for (n = 0; n < N; n++)                                                 \\
@@ -789,7 +789,7 @@ def batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::1] wei
     H and W even, CDL_BN_RUN <= L <= CDL_BN_TILE): a 2x2 stride-2 max-pool of the
     result instead, with its argmax indices, bitwise max_pool2d_forward of the
     unpooled output; out is not written (may be None). Each plane is pooled as it
-    is normalised (float32 on AVX-512; elsewhere through a per-thread buffer), so
+    is normalised (float32 on AVX-512 and AVX2; elsewhere through a per-thread buffer), so
     no full-size output is stored.
 
     With residual (N, C, L; not pooled): out = the normalised value (rounded) +

@@ -16,7 +16,7 @@ Work is split over (n, c) planes, each computed whole by one thread, in fixed
 order: results are bitwise identical for any thread count. (Handing planes out
 dynamically cost up to 10x in a 2048-plane call; guided measured the same as
 static.) The 2x2 stride-2 case without padding, the usual CNN pooling, has its
-own branch-free loops that the compiler vectorises, and AVX-512 kernels of its
+own branch-free loops that the compiler vectorises, and AVX-512 and AVX2 kernels of its
 own (cdl_pool2x2.h). Inputs are trusted: cdl.functional validates them. The backward
 kernels return how many indices did not point into their own window (0 for
 indices made by the forward pass), so a caller can refuse foreign indices
@@ -464,7 +464,7 @@ def max_pool2d_backward(const floating[:, :, :, ::1] grad_out, const int[:, :, :
 # A ReLU followed by a 2x2 stride-2 max-pool (the usual CNN block) in one pass:
 # Sequential runs the pair through these, so the full-size ReLU output is never
 # written and read back, nor its gradient. Each plane is rectified in vector
-# registers (AVX-512 float32, cdl_pool2x2.h) or into a per-thread buffer in
+# registers (AVX-512 and AVX2 float32, cdl_pool2x2.h) or into a per-thread buffer in
 # cache, and pooled, so values and indices are exactly those of the separate
 # layers; the backward masks the pooled gradient with ReLU's rule (0 where the
 # pooled value is <= 0; NaN passes) and gathers it.

@@ -7,11 +7,12 @@
  * bottom-left, bottom-right; a later cell wins if it is greater or NaN), so
  * values and indices are bit for bit those of cdl_pool2_fwd_f. The scalar
  * kernels spent most of their time on short rows (LeNet's 28 and 10 columns).
- * CDL_POOL2_VEC is 0 in builds without AVX-512; the callers use the scalar
- * kernels there. */
+ * AVX2 builds have the same kernels 8 outputs at a time. CDL_POOL2_VEC is 0 in
+ * builds without AVX2 or AVX-512; the callers use the scalar kernels there. */
 #ifndef CDL_POOL2X2_H
 #define CDL_POOL2X2_H
 #include <stddef.h>
+#include <string.h>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -146,6 +147,213 @@ static Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, const floa
             q = _mm512_maskz_mov_ps(m3, gv);
             _mm512_mask_storeu_ps(d1 + 2 * j, lo, _mm512_permutex2var_ps(p, ilo, q));
             _mm512_mask_storeu_ps(d1 + 2 * j + 16, hi, _mm512_permutex2var_ps(p, ihi, q));
+        }
+        for (w = 2 * OW; w < W; w++) {   /* odd width: the last column is in no window */
+            d0[w] = 0;
+            d1[w] = 0;
+        }
+    }
+    for (h = 2 * OH; h < H; h++)          /* odd height: the last row is in no window */
+        for (w = 0; w < W; w++)
+            dx[h * W + w] = 0;
+    return matched;
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define CDL_POOL2_VEC 1
+
+/* The same kernels with 8 outputs a step: AVX2 has no mask registers, so masks
+ * are vectors (compare results, blends) and the row's end is a masked load or
+ * store; even and odd columns are split with a shuffle and a 64-bit permute. */
+
+/* Lanes i < n set (n <= 8). */
+static inline __m256i cdl_p2_first(Py_ssize_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* A later cell v replaces best where v > best or v is NaN. */
+static inline __m256 cdl_p2_takes(__m256 v, __m256 best) {
+    return _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+/* The even (0, 2, ..., 14) or odd cells of the 16 in a, b, in order: the shuffle
+ * gives a's four, b's four per 128-bit half; the permute puts the halves' pairs
+ * in order. */
+static inline __m256 cdl_p2_pairs(__m256 t) {
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(t), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+static inline __m256 cdl_p2_even(__m256 a, __m256 b) {
+    return cdl_p2_pairs(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)));
+}
+static inline __m256 cdl_p2_odd(__m256 a, __m256 b) {
+    return cdl_p2_pairs(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+static inline __attribute__((always_inline)) void
+cdl_pool2_plane_fwd_core(const float *x, float *y, int *ind, Py_ssize_t W, Py_ssize_t OH,
+                         Py_ssize_t OW, const int relu, const int affine, float m, float s,
+                         float b) {
+    const __m256 mv = _mm256_set1_ps(m), sv = _mm256_set1_ps(s), bv = _mm256_set1_ps(b);
+    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256 zero = _mm256_setzero_ps();
+    Py_ssize_t oh, j;
+    for (oh = 0; oh < OH; oh++) {
+        const float *r0 = x + 2 * oh * W, *r1 = r0 + W;
+        for (j = 0; j < OW; j += 8) {
+            Py_ssize_t n = OW - j < 8 ? OW - j : 8;
+            __m256 a0, a1, b0, b1, best, v, t;
+            __m256i k;
+            if (n == 8 || (2 * oh + 1) * W + 2 * j + 16 <= 2 * OH * W) {
+                /* whole vectors, past the row's end where the plane goes on */
+                a0 = _mm256_loadu_ps(r0 + 2 * j);
+                a1 = _mm256_loadu_ps(r0 + 2 * j + 8);
+                b0 = _mm256_loadu_ps(r1 + 2 * j);
+                b1 = _mm256_loadu_ps(r1 + 2 * j + 8);
+            } else {
+                __m256i lo = cdl_p2_first(2 * n), hi = cdl_p2_first(2 * n - 8);
+                a0 = _mm256_maskload_ps(r0 + 2 * j, lo);
+                a1 = _mm256_maskload_ps(r0 + 2 * j + 8, hi);
+                b0 = _mm256_maskload_ps(r1 + 2 * j, lo);
+                b1 = _mm256_maskload_ps(r1 + 2 * j + 8, hi);
+            }
+            if (affine) {
+                a0 = _mm256_fmadd_ps(_mm256_sub_ps(a0, mv), sv, bv);
+                a1 = _mm256_fmadd_ps(_mm256_sub_ps(a1, mv), sv, bv);
+                b0 = _mm256_fmadd_ps(_mm256_sub_ps(b0, mv), sv, bv);
+                b1 = _mm256_fmadd_ps(_mm256_sub_ps(b1, mv), sv, bv);
+            }
+            best = cdl_p2_even(a0, a1);
+            v = cdl_p2_odd(a0, a1);
+            k = _mm256_setzero_si256();
+            t = cdl_p2_takes(v, best);
+            best = _mm256_blendv_ps(best, v, t);
+            k = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(k),
+                    _mm256_castsi256_ps(_mm256_set1_epi32(1)), t));
+            v = cdl_p2_even(b0, b1);
+            t = cdl_p2_takes(v, best);
+            best = _mm256_blendv_ps(best, v, t);
+            k = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(k),
+                    _mm256_castsi256_ps(_mm256_set1_epi32((int)W)), t));
+            v = cdl_p2_odd(b0, b1);
+            t = cdl_p2_takes(v, best);
+            best = _mm256_blendv_ps(best, v, t);
+            k = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(k),
+                    _mm256_castsi256_ps(_mm256_set1_epi32((int)W + 1)), t));
+            if (relu) {
+                /* as in the AVX-512 kernel: a window with no cell > 0 gives its
+                 * top-left cell and +0 */
+                t = _mm256_cmp_ps(best, zero, _CMP_LE_OQ);
+                best = _mm256_blendv_ps(best, zero, t);
+                k = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(k), zero, t));
+            }
+            k = _mm256_add_epi32(k, _mm256_add_epi32(even, _mm256_set1_epi32(
+                    (int)(2 * oh * W + 2 * j))));
+            if (oh * OW + j + 8 <= OH * OW) {
+                /* whole vectors: past the row's end they write cells of the
+                 * next row, which its own step overwrites */
+                _mm256_storeu_ps(y + oh * OW + j, best);
+                _mm256_storeu_si256((__m256i *)(ind + oh * OW + j), k);
+            } else {
+                /* copied from the registers' spill: Zen 2's masked stores took
+                 * longer than the scalar kernel on 5-wide rows */
+                float tb[8];
+                int tk[8];
+                _mm256_storeu_ps(tb, best);
+                _mm256_storeu_si256((__m256i *)tk, k);
+                memcpy(y + oh * OW + j, tb, (size_t)n * sizeof(float));
+                memcpy(ind + oh * OW + j, tk, (size_t)n * sizeof(int));
+            }
+        }
+    }
+}
+
+static inline void cdl_pool2_plane_fwd(const float *x, float *y, int *ind, Py_ssize_t W,
+                                       Py_ssize_t OH, Py_ssize_t OW, int relu) {
+    if (relu)
+        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 1, 0, 0.0f, 1.0f, 0.0f);
+    else
+        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 0, 0, 0.0f, 1.0f, 0.0f);
+}
+
+static inline void cdl_pool2_plane_fwd_affine(const float *x, float *y, int *ind, Py_ssize_t W,
+                                              Py_ssize_t OH, Py_ssize_t OW, int relu, float m,
+                                              float s, float b) {
+    if (relu)
+        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 1, 1, m, s, b);
+    else
+        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 0, 1, m, s, b);
+}
+
+/* The first m of the 16 floats p, q to d. */
+static inline void cdl_p2_store16(float *d, __m256 p, __m256 q, Py_ssize_t m) {
+    float t[16];
+    if (m == 16) {
+        _mm256_storeu_ps(d, p);
+        _mm256_storeu_ps(d + 8, q);
+        return;
+    }
+    _mm256_storeu_ps(t, p);
+    _mm256_storeu_ps(t + 8, q);
+    memcpy(d, t, (size_t)m * sizeof(float));
+}
+
+/* As the AVX-512 cdl_pool2_plane_bwd. */
+static Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, const float *yrelu,
+                                      float *dx, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                                      Py_ssize_t OW) {
+    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256 zero = _mm256_setzero_ps();
+    Py_ssize_t oh, j, h, w, matched = 0;
+    for (oh = 0; oh < OH; oh++) {
+        float *d0 = dx + 2 * oh * W, *d1 = d0 + W;
+        for (j = 0; j < OW; j += 8) {
+            Py_ssize_t n = OW - j < 8 ? OW - j : 8;
+            const int whole = n == 8 || (OW <= 8 && (2 * oh + 2) * W + 16 <= 2 * OH * W);
+            __m256i out = cdl_p2_first(n), rel;
+            __m256 gv, m0, m1, m2, m3, p, q, lo, hi;
+            if (oh * OW + j + 8 <= OH * OW) {
+                gv = _mm256_loadu_ps(g + oh * OW + j);
+                rel = _mm256_loadu_si256((const __m256i *)(ind + oh * OW + j));
+            } else {
+                gv = _mm256_maskload_ps(g + oh * OW + j, out);
+                rel = _mm256_maskload_epi32(ind + oh * OW + j, out);
+            }
+            rel = _mm256_sub_epi32(rel, _mm256_add_epi32(even, _mm256_set1_epi32(
+                    (int)(2 * oh * W + 2 * j))));
+            m0 = _mm256_and_ps(_mm256_castsi256_ps(out), _mm256_castsi256_ps(
+                    _mm256_cmpeq_epi32(rel, _mm256_setzero_si256())));
+            m1 = _mm256_and_ps(_mm256_castsi256_ps(out), _mm256_castsi256_ps(
+                    _mm256_cmpeq_epi32(rel, _mm256_set1_epi32(1))));
+            m2 = _mm256_and_ps(_mm256_castsi256_ps(out), _mm256_castsi256_ps(
+                    _mm256_cmpeq_epi32(rel, _mm256_set1_epi32((int)W))));
+            m3 = _mm256_and_ps(_mm256_castsi256_ps(out), _mm256_castsi256_ps(
+                    _mm256_cmpeq_epi32(rel, _mm256_set1_epi32((int)W + 1))));
+            if (yrelu) {
+                const float *yr = yrelu + oh * OW + j;
+                __m256 yv = oh * OW + j + 8 <= OH * OW ? _mm256_loadu_ps(yr)
+                                                       : _mm256_maskload_ps(yr, out);
+                gv = _mm256_blendv_ps(gv, zero, _mm256_cmp_ps(yv, zero, _CMP_LE_OQ));
+            }
+            /* an index equals at most one of the four cells */
+            matched += __builtin_popcount((unsigned)_mm256_movemask_ps(
+                _mm256_or_ps(_mm256_or_ps(m0, m1), _mm256_or_ps(m2, m3))));
+            p = _mm256_and_ps(m0, gv);
+            q = _mm256_and_ps(m1, gv);
+            lo = _mm256_unpacklo_ps(p, q);        /* p0 q0 p1 q1 | p4 q4 p5 q5 */
+            hi = _mm256_unpackhi_ps(p, q);        /* p2 q2 p3 q3 | p6 q6 p7 q7 */
+            p = _mm256_permute2f128_ps(lo, hi, 0x20);
+            q = _mm256_permute2f128_ps(lo, hi, 0x31);
+            /* One step a row: d0's whole vectors run into d1, stored next; d1's
+             * into the next row pair, stored by the next step. */
+            cdl_p2_store16(d0 + 2 * j, p, q, whole ? 16 : 2 * n);
+            p = _mm256_and_ps(m2, gv);
+            q = _mm256_and_ps(m3, gv);
+            lo = _mm256_unpacklo_ps(p, q);
+            hi = _mm256_unpackhi_ps(p, q);
+            p = _mm256_permute2f128_ps(lo, hi, 0x20);
+            q = _mm256_permute2f128_ps(lo, hi, 0x31);
+            cdl_p2_store16(d1 + 2 * j, p, q, whole ? 16 : 2 * n);
         }
         for (w = 2 * OW; w < W; w++) {   /* odd width: the last column is in no window */
             d0[w] = 0;
