@@ -14,6 +14,19 @@
 #include <stddef.h>
 #include <string.h>
 
+/* The cells of a plane's gradient that lie in no window set to 0: the last column
+ * of an odd width, the last row of an odd height. */
+static inline void cdl_p2_zero_edges(float *dx, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                                     Py_ssize_t OW) {
+    Py_ssize_t h, w;
+    for (h = 0; h < 2 * OH; h++)
+        for (w = 2 * OW; w < W; w++)
+            dx[h * W + w] = 0;
+    for (h = 2 * OH; h < H; h++)
+        for (w = 0; w < W; w++)
+            dx[h * W + w] = 0;
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define CDL_POOL2_VEC 1
@@ -84,24 +97,6 @@ cdl_pool2_plane_fwd_core(const float *x, float *y, int *ind, Py_ssize_t W, Py_ss
     }
 }
 
-static inline void cdl_pool2_plane_fwd(const float *x, float *y, int *ind, Py_ssize_t W,
-                                       Py_ssize_t OH, Py_ssize_t OW, int relu) {
-    if (relu)
-        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 1, 0, 0.0f, 1.0f, 0.0f);
-    else
-        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 0, 0, 0.0f, 1.0f, 0.0f);
-}
-
-/* The pool of (x - m) * s + b, or of max(0, that) with relu. */
-static inline void cdl_pool2_plane_fwd_affine(const float *x, float *y, int *ind, Py_ssize_t W,
-                                              Py_ssize_t OH, Py_ssize_t OW, int relu, float m,
-                                              float s, float b) {
-    if (relu)
-        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 1, 1, m, s, b);
-    else
-        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 0, 1, m, s, b);
-}
-
 /* dx of the plane (every cell written): each cell gets the gradient of its
  * window if it is that window's argmax, else 0; with yrelu (the pooled output of
  * the fused ReLU + pool) the gradient is first zeroed where yrelu <= 0. Returns
@@ -116,7 +111,7 @@ static Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, const floa
     const __m512i ihi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30,
                                           15, 31);
     const __m512 zero = _mm512_setzero_ps();
-    Py_ssize_t oh, j, h, w, matched = 0;
+    Py_ssize_t oh, j, matched = 0;
     for (oh = 0; oh < OH; oh++) {
         float *d0 = dx + 2 * oh * W, *d1 = d0 + W;
         for (j = 0; j < OW; j += 16) {
@@ -148,14 +143,8 @@ static Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, const floa
             _mm512_mask_storeu_ps(d1 + 2 * j, lo, _mm512_permutex2var_ps(p, ilo, q));
             _mm512_mask_storeu_ps(d1 + 2 * j + 16, hi, _mm512_permutex2var_ps(p, ihi, q));
         }
-        for (w = 2 * OW; w < W; w++) {   /* odd width: the last column is in no window */
-            d0[w] = 0;
-            d1[w] = 0;
-        }
     }
-    for (h = 2 * OH; h < H; h++)          /* odd height: the last row is in no window */
-        for (w = 0; w < W; w++)
-            dx[h * W + w] = 0;
+    cdl_p2_zero_edges(dx, H, W, OH, OW);
     return matched;
 }
 
@@ -268,23 +257,6 @@ cdl_pool2_plane_fwd_core(const float *x, float *y, int *ind, Py_ssize_t W, Py_ss
     }
 }
 
-static inline void cdl_pool2_plane_fwd(const float *x, float *y, int *ind, Py_ssize_t W,
-                                       Py_ssize_t OH, Py_ssize_t OW, int relu) {
-    if (relu)
-        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 1, 0, 0.0f, 1.0f, 0.0f);
-    else
-        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 0, 0, 0.0f, 1.0f, 0.0f);
-}
-
-static inline void cdl_pool2_plane_fwd_affine(const float *x, float *y, int *ind, Py_ssize_t W,
-                                              Py_ssize_t OH, Py_ssize_t OW, int relu, float m,
-                                              float s, float b) {
-    if (relu)
-        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 1, 1, m, s, b);
-    else
-        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 0, 1, m, s, b);
-}
-
 /* The first m of the 16 floats p, q to d. */
 static inline void cdl_p2_store16(float *d, __m256 p, __m256 q, Py_ssize_t m) {
     float t[16];
@@ -304,7 +276,7 @@ static Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, const floa
                                       Py_ssize_t OW) {
     const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
     const __m256 zero = _mm256_setzero_ps();
-    Py_ssize_t oh, j, h, w, matched = 0;
+    Py_ssize_t oh, j, matched = 0;
     for (oh = 0; oh < OH; oh++) {
         float *d0 = dx + 2 * oh * W, *d1 = d0 + W;
         for (j = 0; j < OW; j += 8) {
@@ -355,14 +327,8 @@ static Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, const floa
             q = _mm256_permute2f128_ps(lo, hi, 0x31);
             cdl_p2_store16(d1 + 2 * j, p, q, whole ? 16 : 2 * n);
         }
-        for (w = 2 * OW; w < W; w++) {   /* odd width: the last column is in no window */
-            d0[w] = 0;
-            d1[w] = 0;
-        }
     }
-    for (h = 2 * OH; h < H; h++)          /* odd height: the last row is in no window */
-        for (w = 0; w < W; w++)
-            dx[h * W + w] = 0;
+    cdl_p2_zero_edges(dx, H, W, OH, OW);
     return matched;
 }
 
@@ -383,6 +349,27 @@ static inline Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, con
                                              Py_ssize_t OH, Py_ssize_t OW) {
     (void)g; (void)ind; (void)yrelu; (void)dx; (void)H; (void)W; (void)OH; (void)OW;
     return 0;
+}
+#endif
+
+#if CDL_POOL2_VEC
+/* The pool of x (or of max(0, x) with relu). */
+static inline void cdl_pool2_plane_fwd(const float *x, float *y, int *ind, Py_ssize_t W,
+                                       Py_ssize_t OH, Py_ssize_t OW, int relu) {
+    if (relu)
+        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 1, 0, 0.0f, 1.0f, 0.0f);
+    else
+        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 0, 0, 0.0f, 1.0f, 0.0f);
+}
+
+/* The pool of (x - m) * s + b, or of max(0, that) with relu. */
+static inline void cdl_pool2_plane_fwd_affine(const float *x, float *y, int *ind, Py_ssize_t W,
+                                              Py_ssize_t OH, Py_ssize_t OW, int relu, float m,
+                                              float s, float b) {
+    if (relu)
+        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 1, 1, m, s, b);
+    else
+        cdl_pool2_plane_fwd_core(x, y, ind, W, OH, OW, 0, 1, m, s, b);
 }
 #endif
 #endif
