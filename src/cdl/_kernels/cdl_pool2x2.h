@@ -257,9 +257,21 @@ cdl_pool2_plane_fwd_core(const float *x, float *y, int *ind, Py_ssize_t W, Py_ss
     }
 }
 
-/* The first m of the 16 floats p, q to d. */
-static inline void cdl_p2_store16(float *d, __m256 p, __m256 q, Py_ssize_t m) {
+/* The lanes where rel == k (among the valid lanes out), as a float mask. */
+static inline __m256 cdl_p2_at(__m256i rel, __m256i out, int k) {
+    return _mm256_and_ps(_mm256_castsi256_ps(out), _mm256_castsi256_ps(
+        _mm256_cmpeq_epi32(rel, _mm256_set1_epi32(k))));
+}
+
+/* One row of a window's cells, left and right interleaved (gv where ml, then gv
+ * where mr, lane by lane: 16 floats), of which the first m are stored to d. */
+static inline void cdl_p2_store_row(float *d, __m256 gv, __m256 ml, __m256 mr, Py_ssize_t m) {
+    __m256 p = _mm256_and_ps(ml, gv), q = _mm256_and_ps(mr, gv);
+    __m256 lo = _mm256_unpacklo_ps(p, q);     /* p0 q0 p1 q1 | p4 q4 p5 q5 */
+    __m256 hi = _mm256_unpackhi_ps(p, q);     /* p2 q2 p3 q3 | p6 q6 p7 q7 */
     float t[16];
+    p = _mm256_permute2f128_ps(lo, hi, 0x20);
+    q = _mm256_permute2f128_ps(lo, hi, 0x31);
     if (m == 16) {
         _mm256_storeu_ps(d, p);
         _mm256_storeu_ps(d + 8, q);
@@ -282,9 +294,10 @@ static Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, const floa
         for (j = 0; j < OW; j += 8) {
             Py_ssize_t n = OW - j < 8 ? OW - j : 8;
             const int whole = n == 8 || (OW <= 8 && (2 * oh + 2) * W + 16 <= 2 * OH * W);
+            const int inside = oh * OW + j + 8 <= OH * OW;   /* whole vectors load */
             __m256i out = cdl_p2_first(n), rel;
-            __m256 gv, m0, m1, m2, m3, p, q, lo, hi;
-            if (oh * OW + j + 8 <= OH * OW) {
+            __m256 gv, m0, m1, m2, m3;
+            if (inside) {
                 gv = _mm256_loadu_ps(g + oh * OW + j);
                 rel = _mm256_loadu_si256((const __m256i *)(ind + oh * OW + j));
             } else {
@@ -293,39 +306,22 @@ static Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, const floa
             }
             rel = _mm256_sub_epi32(rel, _mm256_add_epi32(even, _mm256_set1_epi32(
                     (int)(2 * oh * W + 2 * j))));
-            m0 = _mm256_and_ps(_mm256_castsi256_ps(out), _mm256_castsi256_ps(
-                    _mm256_cmpeq_epi32(rel, _mm256_setzero_si256())));
-            m1 = _mm256_and_ps(_mm256_castsi256_ps(out), _mm256_castsi256_ps(
-                    _mm256_cmpeq_epi32(rel, _mm256_set1_epi32(1))));
-            m2 = _mm256_and_ps(_mm256_castsi256_ps(out), _mm256_castsi256_ps(
-                    _mm256_cmpeq_epi32(rel, _mm256_set1_epi32((int)W))));
-            m3 = _mm256_and_ps(_mm256_castsi256_ps(out), _mm256_castsi256_ps(
-                    _mm256_cmpeq_epi32(rel, _mm256_set1_epi32((int)W + 1))));
+            m0 = cdl_p2_at(rel, out, 0);
+            m1 = cdl_p2_at(rel, out, 1);
+            m2 = cdl_p2_at(rel, out, (int)W);
+            m3 = cdl_p2_at(rel, out, (int)W + 1);
             if (yrelu) {
                 const float *yr = yrelu + oh * OW + j;
-                __m256 yv = oh * OW + j + 8 <= OH * OW ? _mm256_loadu_ps(yr)
-                                                       : _mm256_maskload_ps(yr, out);
+                __m256 yv = inside ? _mm256_loadu_ps(yr) : _mm256_maskload_ps(yr, out);
                 gv = _mm256_blendv_ps(gv, zero, _mm256_cmp_ps(yv, zero, _CMP_LE_OQ));
             }
             /* an index equals at most one of the four cells */
             matched += __builtin_popcount((unsigned)_mm256_movemask_ps(
                 _mm256_or_ps(_mm256_or_ps(m0, m1), _mm256_or_ps(m2, m3))));
-            p = _mm256_and_ps(m0, gv);
-            q = _mm256_and_ps(m1, gv);
-            lo = _mm256_unpacklo_ps(p, q);        /* p0 q0 p1 q1 | p4 q4 p5 q5 */
-            hi = _mm256_unpackhi_ps(p, q);        /* p2 q2 p3 q3 | p6 q6 p7 q7 */
-            p = _mm256_permute2f128_ps(lo, hi, 0x20);
-            q = _mm256_permute2f128_ps(lo, hi, 0x31);
             /* One step a row: d0's whole vectors run into d1, stored next; d1's
              * into the next row pair, stored by the next step. */
-            cdl_p2_store16(d0 + 2 * j, p, q, whole ? 16 : 2 * n);
-            p = _mm256_and_ps(m2, gv);
-            q = _mm256_and_ps(m3, gv);
-            lo = _mm256_unpacklo_ps(p, q);
-            hi = _mm256_unpackhi_ps(p, q);
-            p = _mm256_permute2f128_ps(lo, hi, 0x20);
-            q = _mm256_permute2f128_ps(lo, hi, 0x31);
-            cdl_p2_store16(d1 + 2 * j, p, q, whole ? 16 : 2 * n);
+            cdl_p2_store_row(d0 + 2 * j, gv, m0, m1, whole ? 16 : 2 * n);
+            cdl_p2_store_row(d1 + 2 * j, gv, m2, m3, whole ? 16 : 2 * n);
         }
     }
     cdl_p2_zero_edges(dx, H, W, OH, OW);
