@@ -291,9 +291,11 @@ def test_relu_pool_2x2_agrees_with_the_baseline_build(isa):
         pytest.skip(f"CPU lacks {isa}")
     fast, base = (importlib.import_module(f"cdl._kernels._pool_{i}") for i in (isa, "baseline"))
     rng = np.random.default_rng(9)
-    # rows of at most 8 outputs (AVX2 writes whole vectors into the next row), odd widths
+    # rows of at most 8 outputs and rows with a short last step (AVX2 writes whole
+    # vectors into the next row, or several rows on tiny planes), odd widths
     for shape in [(2, 3, 28, 28), (1, 2, 10, 64), (2, 1, 7, 33), (1, 1, 2, 2), (1, 1, 5, 3),
-                  (2, 3, 10, 11), (1, 2, 12, 10), (1, 2, 9, 17)]:
+                  (2, 3, 10, 11), (1, 2, 12, 10), (1, 2, 9, 17), (2, 2, 6, 22), (1, 3, 4, 36),
+                  (2, 2, 8, 4), (1, 2, 6, 2), (2, 1, 5, 37)]:
         x = rng.standard_normal(shape).astype(np.float32)
         x.flat[::5] = 0.0
         x.flat[::7] = -0.0

@@ -12,7 +12,6 @@
 #ifndef CDL_POOL2X2_H
 #define CDL_POOL2X2_H
 #include <stddef.h>
-#include <string.h>
 
 /* The cells of a plane's gradient that lie in no window set to 0: the last column
  * of an odd width, the last row of an odd height. */
@@ -161,6 +160,31 @@ static inline __m256i cdl_p2_first(Py_ssize_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+/* The first n (0 < n <= 8) lanes of v stored to d, in at most three plain
+ * stores: Zen 2's masked stores, and the rep movs GCC makes of a memcpy, took
+ * longer than the scalar kernels on short rows. */
+static inline void cdl_p2_store_first(float *d, __m256 v, Py_ssize_t n) {
+    __m128 h = _mm256_castps256_ps128(v);
+    if (n == 8) {
+        _mm256_storeu_ps(d, v);
+        return;
+    }
+    if (n >= 4) {
+        _mm_storeu_ps(d, h);
+        d += 4;
+        n -= 4;
+        h = _mm256_extractf128_ps(v, 1);
+    }
+    if (n >= 2) {
+        _mm_storel_pi((__m64 *)d, h);
+        d += 2;
+        n -= 2;
+        h = _mm_movehl_ps(h, h);
+    }
+    if (n)
+        _mm_store_ss(d, h);
+}
+
 /* A later cell v replaces best where v > best or v is NaN. */
 static inline __m256 cdl_p2_takes(__m256 v, __m256 best) {
     return _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
@@ -244,14 +268,8 @@ cdl_pool2_plane_fwd_core(const float *x, float *y, int *ind, Py_ssize_t W, Py_ss
                 _mm256_storeu_ps(y + oh * OW + j, best);
                 _mm256_storeu_si256((__m256i *)(ind + oh * OW + j), k);
             } else {
-                /* copied from the registers' spill: Zen 2's masked stores took
-                 * longer than the scalar kernel on 5-wide rows */
-                float tb[8];
-                int tk[8];
-                _mm256_storeu_ps(tb, best);
-                _mm256_storeu_si256((__m256i *)tk, k);
-                memcpy(y + oh * OW + j, tb, (size_t)n * sizeof(float));
-                memcpy(ind + oh * OW + j, tk, (size_t)n * sizeof(int));
+                cdl_p2_store_first(y + oh * OW + j, best, n);
+                cdl_p2_store_first((float *)(ind + oh * OW + j), _mm256_castsi256_ps(k), n);
             }
         }
     }
@@ -269,17 +287,14 @@ static inline void cdl_p2_store_row(float *d, __m256 gv, __m256 ml, __m256 mr, P
     __m256 p = _mm256_and_ps(ml, gv), q = _mm256_and_ps(mr, gv);
     __m256 lo = _mm256_unpacklo_ps(p, q);     /* p0 q0 p1 q1 | p4 q4 p5 q5 */
     __m256 hi = _mm256_unpackhi_ps(p, q);     /* p2 q2 p3 q3 | p6 q6 p7 q7 */
-    float t[16];
     p = _mm256_permute2f128_ps(lo, hi, 0x20);
     q = _mm256_permute2f128_ps(lo, hi, 0x31);
-    if (m == 16) {
+    if (m > 8) {
         _mm256_storeu_ps(d, p);
-        _mm256_storeu_ps(d + 8, q);
-        return;
+        cdl_p2_store_first(d + 8, q, m - 8);
+    } else {
+        cdl_p2_store_first(d, p, m);
     }
-    _mm256_storeu_ps(t, p);
-    _mm256_storeu_ps(t + 8, q);
-    memcpy(d, t, (size_t)m * sizeof(float));
 }
 
 /* As the AVX-512 cdl_pool2_plane_bwd. */
@@ -291,9 +306,14 @@ static Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, const floa
     Py_ssize_t oh, j, matched = 0;
     for (oh = 0; oh < OH; oh++) {
         float *d0 = dx + 2 * oh * W, *d1 = d0 + W;
-        for (j = 0; j < OW; j += 8) {
+        /* The row's steps from the last: a short step's whole vectors run past d0's
+         * end into d1's first cells, which the steps after it store, and past d1's
+         * into cells of later rows, stored later too (the odd row and column are
+         * zeroed at the end). So only a step whose vectors would leave the plane
+         * stores just its cells. */
+        for (j = (OW - 1) / 8 * 8; j >= 0; j -= 8) {
             Py_ssize_t n = OW - j < 8 ? OW - j : 8;
-            const int whole = n == 8 || (OW <= 8 && (2 * oh + 2) * W + 16 <= 2 * OH * W);
+            const int whole = n == 8 || (2 * oh + 1) * W + 2 * j + 16 <= H * W;
             const int inside = oh * OW + j + 8 <= OH * OW;   /* whole vectors load */
             __m256i out = cdl_p2_first(n), rel;
             __m256 gv, m0, m1, m2, m3;
@@ -318,8 +338,6 @@ static Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, const floa
             /* an index equals at most one of the four cells */
             matched += __builtin_popcount((unsigned)_mm256_movemask_ps(
                 _mm256_or_ps(_mm256_or_ps(m0, m1), _mm256_or_ps(m2, m3))));
-            /* One step a row: d0's whole vectors run into d1, stored next; d1's
-             * into the next row pair, stored by the next step. */
             cdl_p2_store_row(d0 + 2 * j, gv, m0, m1, whole ? 16 : 2 * n);
             cdl_p2_store_row(d1 + 2 * j, gv, m2, m3, whole ? 16 : 2 * n);
         }
