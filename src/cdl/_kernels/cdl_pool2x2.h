@@ -12,6 +12,7 @@
 #ifndef CDL_POOL2X2_H
 #define CDL_POOL2X2_H
 #include <stddef.h>
+#include <string.h>
 
 /* The cells of a plane's gradient that lie in no window set to 0: the last column
  * of an odd width, the last row of an odd height. */
@@ -160,29 +161,34 @@ static inline __m256i cdl_p2_first(Py_ssize_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-/* The first n (0 < n <= 8) lanes of v stored to d, in at most three plain
- * stores: Zen 2's masked stores, and the rep movs GCC makes of a memcpy, took
- * longer than the scalar kernels on short rows. */
-static inline void cdl_p2_store_first(float *d, __m256 v, Py_ssize_t n) {
+/* The first n (0 < n <= 8) lanes of v stored to d (floats, or ints as their
+ * bits), in at most three plain stores: Zen 2's masked stores, and the rep movs
+ * GCC makes of a memcpy of n lanes, took longer than the scalar kernels on short
+ * rows. The stores go through may_alias vector types and a 4-byte memcpy (a mov),
+ * so int arrays may be written this way. */
+static inline void cdl_p2_store_first(void *d, __m256 v, Py_ssize_t n) {
+    char *p = (char *)d;
     __m128 h = _mm256_castps256_ps128(v);
     if (n == 8) {
-        _mm256_storeu_ps(d, v);
+        _mm256_storeu_ps((float *)p, v);
         return;
     }
     if (n >= 4) {
-        _mm_storeu_ps(d, h);
-        d += 4;
+        _mm_storeu_ps((float *)p, h);
+        p += 16;
         n -= 4;
         h = _mm256_extractf128_ps(v, 1);
     }
     if (n >= 2) {
-        _mm_storel_pi((__m64 *)d, h);
-        d += 2;
+        _mm_storel_pi((__m64 *)p, h);
+        p += 8;
         n -= 2;
         h = _mm_movehl_ps(h, h);
     }
-    if (n)
-        _mm_store_ss(d, h);
+    if (n) {
+        float f = _mm_cvtss_f32(h);
+        memcpy(p, &f, sizeof f);
+    }
 }
 
 /* A later cell v replaces best where v > best or v is NaN. */
@@ -269,7 +275,7 @@ cdl_pool2_plane_fwd_core(const float *x, float *y, int *ind, Py_ssize_t W, Py_ss
                 _mm256_storeu_si256((__m256i *)(ind + oh * OW + j), k);
             } else {
                 cdl_p2_store_first(y + oh * OW + j, best, n);
-                cdl_p2_store_first((float *)(ind + oh * OW + j), _mm256_castsi256_ps(k), n);
+                cdl_p2_store_first(ind + oh * OW + j, _mm256_castsi256_ps(k), n);
             }
         }
     }
