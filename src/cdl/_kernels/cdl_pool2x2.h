@@ -153,8 +153,10 @@ static Py_ssize_t cdl_pool2_plane_bwd(const float *g, const int *ind, const floa
 #define CDL_POOL2_VEC 1
 
 /* The same kernels with 8 outputs a step: AVX2 has no mask registers, so masks
- * are vectors (compare results, blends) and the row's end is a masked load or
- * store; even and odd columns are split with a shuffle and a 64-bit permute. */
+ * are vectors (compare results, blends); the row's end is a masked load, and
+ * whole-vector stores into cells stored later or a short plain store
+ * (cdl_p2_store_first); even and odd columns are split with a shuffle and a
+ * 64-bit permute. */
 
 /* Lanes i < n set (n <= 8). */
 static inline __m256i cdl_p2_first(Py_ssize_t n) {
