@@ -83,9 +83,13 @@ write the same element, so results are bitwise identical for any thread count.
 One split does follow the thread count: on more than one thread, column-path
 items with fewer than MIN_ITEMS (image, channel group) pairs are also cut into
 row groups. Every row tile is computed alone, so the cut changes no bit.
-Items are handed out dynamically (which thread runs an item never changes its
-result), so a thread that the OS preempts on a busy machine does not hold the
-others up at the end of the loop.
+Items are image-major, and the forward, input-gradient and weight-gradient
+loops hand them out statically, in contiguous ranges: each thread takes the
+same images in every pass, as the batch-norm, pooling and elementwise passes do,
+so a pass reads the images its own core wrote (handed out dynamically, about
+half the reads of the pass after a convolution came from the other core's
+cache). Which thread runs an item never changes its result. The fallback loops
+over channels (_dw_scalar, grad_bias) stay dynamic.
 Scratch memory is allocated once per call (per thread: one staged image, plus
 for the weight gradient one chunk of grad_out and at most 16 partial weight
 gradients; the channel-vector path: one staged image, transposed grad_out or
@@ -520,7 +524,7 @@ cdef int _corr_f32(Corr* g, const float* src, const float* wpk, const float* bpk
     staged = <Py_ssize_t*>(buf + nt * per)
     for tid in range(nt):
         staged[tid * 8] = -1
-    for it in prange(items, schedule="dynamic", num_threads=nt):
+    for it in prange(items, schedule="static", num_threads=nt):
         tid = omp_get_thread_num()
         _corr_item(g, src, wpk, bpk, dst, it, buf + tid * per, buf + tid * per + xs_size,
                    staged + tid * 8)
@@ -730,7 +734,7 @@ cdef int _wgrad_f32(WGrad* g, const float* go, const float* x, float* gw,
         return -1
     buf = _aligned(mem)
     part = buf + nt * per
-    for it in prange(items, schedule="dynamic", num_threads=nt):
+    for it in prange(items, schedule="static", num_threads=nt):
         tid = omp_get_thread_num()
         _wgrad_item(g, go, x, part, it, buf + tid * per, buf + tid * per + g.gs_size)
     # Partial sums added in chunk order: the same for any thread count.
@@ -961,7 +965,7 @@ cdef int _cv_wgrad(CV* g, const float* go, const float* x, float* gw, float* gb,
         c = _imin(q, g.c * g.kh - 1) // g.kh
         i = _imin(q, g.c * g.kh - 1) % g.kh
         poff[q] = (c * g.rs + i) * g.qs
-    for it in prange(items, schedule="dynamic", num_threads=nt):
+    for it in prange(items, schedule="static", num_threads=nt):
         tid = omp_get_thread_num()
         _cv_witem(g, go, x, poff, part, psize, gb != NULL, it, buf + tid * per,
                   buf + tid * per + g.xs_size, gt_image + tid * 8)
@@ -1208,7 +1212,7 @@ cdef int _cv_forward(CV* g, const float* x, const float* weight, const float* bi
         for r in range(g.rows):
             for k in range(g.k, g.kp):
                 wt[r * g.kp + k] = 0
-    for it in prange(items, schedule="dynamic", num_threads=nt):
+    for it in prange(items, schedule="static", num_threads=nt):
         tid = omp_get_thread_num()
         _cv_fitem(g, x, wt, bias, roff, out, it, buf + tid * per, buf + tid * per + g.xs_size,
                   buf + tid * per + g.xs_size + tbs if ybs > 0 else NULL, staged + tid * 8)
@@ -1383,7 +1387,7 @@ cdef int _pointwise_f32(const float* x, const float* weight, const float* bias, 
     if mem == NULL:
         return -1
     buf = _aligned(mem)
-    for it in prange(items, schedule="dynamic", num_threads=nt):
+    for it in prange(items, schedule="static", num_threads=nt):
         tid = omp_get_thread_num()
         n = it // nch
         j0 = (it % nch) * cw
@@ -1641,7 +1645,7 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
         return 0
     nt = _threads(N * K * OH * OW * C * KH * KW, N * C, num_threads)
     with nogil:
-        for it in prange(N * C, schedule="dynamic", num_threads=nt):
+        for it in prange(N * C, schedule="static", num_threads=nt):
             _dx_scalar(grad_out, weight, grad_input, it, sh, sw, ph, pw)
     return 0
 
@@ -1878,7 +1882,7 @@ cdef int _strided_input_grad_gemm_f32(const float* go, const float* weight, floa
     if mem == NULL:
         return -1
     buf = _aligned(mem)
-    for it in prange(items, schedule="dynamic", num_threads=nt):
+    for it in prange(items, schedule="static", num_threads=nt):
         tid = omp_get_thread_num()
         n = it // ngr
         c0 = (it % ngr) * cg

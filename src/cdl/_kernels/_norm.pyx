@@ -3,7 +3,7 @@
 
 BatchNorm2d on (N, C, H, W) is L = H*W; BatchNorm1d on (N, F) is C = F, L = 1.
 Per channel c, over its M = N*L values:
-  training   with k = the channel's first value, in one pass, in double:
+  training   with k = the channel's first value, in one pass (sums below):
              s1 = Σ (x - k),  s2 = Σ (x - k)²
              mean = k + s1 / M,  var = (s2 - s1² / M) / M  (biased; max(0, ·))
              invstd = 1 / sqrt(var + eps)
@@ -16,23 +16,31 @@ Per channel c, over its M = N*L values:
   eval       y = x · scale[c] + shift[c],  scale = w / sqrt(rv + eps), shift = b - rm · scale
 
 Sums run over a fixed order that depends on neither the thread count nor how
-channels are grouped: for each element position l of a channel, the N values
-are added in n order into a double (a vectorised column sum over the rows of
-the (N, C·L) matrix); those L column sums are then folded into 8 lanes by
-l mod 8 and the lanes added pairwise. Channels are dealt to threads in blocks
-(one channel, or several short ones whose C·L rows still fit a tile of
-CDL_BN_TILE elements), each computed whole by one thread, so results are
-bitwise identical for any thread count. A block's data is read twice in
-training (the sums, then the output), the second time mostly from cache.
+the work is split. The batch is cut into groups of CDL_BN_GROUP (4) images. In
+a group, the 4 values at one position of a channel are added in the input's
+type, ((a0 + a1) + (a2 + a3)) (fewer in the last group), and converted to
+double; a channel's positions fold into 8 double lanes by position mod 8, and
+the lanes' pairwise total is the group's sum. The group sums are added in group
+order. (Channels shorter than CDL_BN_RUN add each position's group sums in
+group order first, then fold once.) In float32 a 4-value partial sum is rounded
+to float32 once more than a pure double sum would be: relative errors of about
+1e-7 in the statistics, below what the float32 output can show.
+
+Training passes run in three steps: the group sums, split by (group, block of
+channels); the statistics, on one thread; the elementwise pass, split by
+(image, block of channels). Both loops are image-major with static schedules,
+as are the convolutions', so a thread reads the images its own core wrote
+(with the sums split by channels, half of every read came from the other core:
+the LeNet-5 + BatchNorm step took 1.15x as long).
 
 Pooled training pass (a 2x2 stride-2 max-pool after the batch norm, planes of
 CDL_BN_RUN..CDL_BN_TILE cells): the forward pools each plane as it normalises
 it (AVX-512 and AVX2; elsewhere it normalises the plane into the thread's workspace and
 pools it there), writing only the pool's output and indices; the backward
-unpools the pool's gradient (masked by the pooled ReLU output) into dx four
-planes at a time, sums those rows, and then turns dx into the input gradient in
+unpools the pool's gradient (masked by the pooled ReLU output) into dx a group
+of planes at a time, sums those rows, and then turns dx into the input gradient in
 place. Every result is bitwise that of the batch norm and the max-pool run
-apart.
+apart (the sums are the same function over the same rows).
 
 Kernels trust their inputs (shapes, dtypes, C-contiguity, M > 1); the layers
 validate. weight and bias may be None (affine=False); so may the running
@@ -52,16 +60,33 @@ cdef extern from *:
     #include <stdint.h>
     #include <string.h>
     #include "cdl_pool2x2.h"
-    /* A tile: the column sums of one block (<= CDL_BN_TILE doubles). Shorter
-       channels (L < CDL_BN_RUN) use per-element copies of the per-channel
-       coefficients so that the loop runs over the whole block, not over runs
-       of L. */
+    /* A tile: CDL_BN_TILE values. Channels shorter than CDL_BN_RUN run several
+       at a time, a tile of positions, with per-element copies of the
+       per-channel coefficients, so that loops run over the whole block, not
+       over runs of L. A pooled pass's planes have at most a tile of cells. */
     #define CDL_BN_TILE 1024
     #define CDL_BN_RUN 16
-    /* Per-thread workspace in doubles: 6 tiles (two accumulators, a double
-       mean, 3 per-channel arrays), 4 tiles of coefficients as T, and 4 tiles for
-       the pooled pass's four unpooled gradient planes (as T). */
-    #define CDL_BN_WS (14 * CDL_BN_TILE + 8)
+    #define CDL_BN_GROUP 4
+    /* 32-byte vectors (GCC vector types) for the sums, and lanes
+       [h, h + 8) of 8 double lanes += s: floats convert in two halves. */
+    typedef double cdl_bn_d4 __attribute__((vector_size(32)));
+    typedef float cdl_bn_v_f __attribute__((vector_size(32)));
+    typedef double cdl_bn_v_d __attribute__((vector_size(32)));
+    typedef float cdl_bn_f4 __attribute__((vector_size(16)));
+    static inline void cdl_bn_acc_f(cdl_bn_d4 *acc, cdl_bn_v_f s, Py_ssize_t h) {
+        cdl_bn_f4 a, b;
+        (void)h;
+        memcpy(&a, &s, sizeof a);
+        memcpy(&b, (const char *)&s + sizeof a, sizeof b);
+        acc[0] += __builtin_convertvector(a, cdl_bn_d4);
+        acc[1] += __builtin_convertvector(b, cdl_bn_d4);
+    }
+    static inline void cdl_bn_acc_d(cdl_bn_d4 *acc, cdl_bn_v_d s, Py_ssize_t h) {
+        acc[h / 4] += s;
+    }
+    /* The eval pass's per-thread workspace in doubles: two tiles of
+       per-element coefficients (as T). Training's is _train_stride's. */
+    #define CDL_BN_WS (2 * CDL_BN_TILE + 8)
 
     /* lanes[l % 8] += a[l]; calls continuing the same lanes must follow one
        with n % 8 == 0. */
@@ -130,36 +155,87 @@ cdef extern from *:
         memcpy(&a, &ia, sizeof a);                                                  \\
         return a;                                                                   \\
     }                                                                               \\
-    /* Shifted sums over `rows` rows `st` apart, in row order: s1[j] += x - k,      \\
-       s2[j] += (x - k)^2, k = kv[j] when kv is given, else k (kv: channels shorter \\
-       than CDL_BN_RUN, one k per element). k is the channel's first value, so the  \\
-       variance Σ(x-k)² - (Σ(x-k))²/M loses nothing to cancellation in double unless\\
-       a channel's values lie ~1e4 standard deviations from its first one. Four rows\\
-       per sweep: the accumulators are loaded and stored once per four. Inlined, so \\
-       each call site's kv (NULL or not) is a constant the compiler folds. */       \\
-    static inline __attribute__((always_inline)) void cdl_bn_sum2_##SFX(              \\
-                                         double *__restrict s1,                     \\
-                                         double *__restrict s2,                     \\
-                                         const T *x, Py_ssize_t st, Py_ssize_t rows,\\
-                                         const double *__restrict kv, double k,     \\
-                                         Py_ssize_t n) {                            \\
-        Py_ssize_t j;                                                               \\
-        for (; rows >= 4; rows -= 4, x += 4 * st) {                                 \\
-            const T *x1 = x + st, *x2 = x1 + st, *x3 = x2 + st;                     \\
-            for (j = 0; j < n; j++) {                                               \\
-                double a = s1[j], q = s2[j], kj = kv ? kv[j] : k, d;                \\
-                d = (double)x[j] - kj;  a += d; q += d * d;                         \\
-                d = (double)x1[j] - kj; a += d; q += d * d;                         \\
-                d = (double)x2[j] - kj; a += d; q += d * d;                         \\
-                d = (double)x3[j] - kj; a += d; q += d * d;                         \\
-                s1[j] = a; s2[j] = q;                                               \\
-            }                                                                       \\
+    /* Sums run by groups of CDL_BN_GROUP (4) images. Within a group the values of  \\
+       one position are added in T in a fixed association (cdl_bn_add4), then       \\
+       converted to double; positions fold into 8 double lanes by position mod 8,   \\
+       and the lanes' total (pairwise) is the group's sum for the channel. The      \\
+       group sums are added in group order (cdl_bn_*_coef). Channels shorter than   \\
+       CDL_BN_RUN instead add each position's group sums in group order, then fold  \\
+       once. Work is split by groups, images and channels, never inside one of      \\
+       these sums, so no result depends on the threads. */                          \\
+    /* 32-byte vectors of T (8 floats or 4 doubles), in GCC's vector types: the     \\
+       compiler did not vectorise the lanes' loops written with arrays. */          \\
+    static inline cdl_bn_v_##SFX cdl_bn_load_##SFX(const T *p) {                    \\
+        cdl_bn_v_##SFX v;                                                           \\
+        memcpy(&v, p, sizeof v);                                                    \\
+        return v;                                                                   \\
+    }                                                                               \\
+    /* ((a0 + a1) + (a2 + a3)) for nr = 4 values; ((a0 + a1) + a2), a0 + a1 or a0 */\\
+    static inline T cdl_bn_add4_##SFX(T a0, T a1, T a2, T a3, Py_ssize_t nr) {      \\
+        return nr == 4 ? (a0 + a1) + (a2 + a3) : nr == 3 ? (a0 + a1) + a2           \\
+             : nr == 2 ? a0 + a1 : a0;                                              \\
+    }                                                                               \\
+    /* x[r * st] - k for rows r < nr, else 0 (not read) */                          \\
+    static inline T cdl_bn_dev_##SFX(const T *x, Py_ssize_t st, Py_ssize_t r,       \\
+                                     Py_ssize_t nr, T k) {                          \\
+        return r < nr ? x[r * st] - k : (T)0;                                       \\
+    }                                                                               \\
+    /* One group's shifted sums of one channel, o1 = Σ (x - k), o2 = Σ (x - k)²,    \\
+       over nr <= 4 rows `st` apart of L positions. Eight positions a step in       \\
+       vector types (GCC does not vectorise the lanes' loop on its own). */         \\
+    static void cdl_bn_csum2_##SFX(const T *x, Py_ssize_t st, Py_ssize_t nr,        \\
+                                   Py_ssize_t L, T k, double *o1, double *o2) {     \\
+        cdl_bn_d4 v1[2] = {{0, 0, 0, 0}, {0, 0, 0, 0}}, v2[2] = {{0, 0, 0, 0}, {0, 0, 0, 0}};\\
+        double l1[8], l2[8];                                                        \\
+        Py_ssize_t j = 0, h;                                                        \\
+        if (nr == 4)                                                                \\
+            for (; j + 8 <= L; j += 8)                                              \\
+                for (h = 0; h < 8; h += (Py_ssize_t)(32 / sizeof(T))) {             \\
+                    const T *p = x + j + h;                                         \\
+                    cdl_bn_v_##SFX d0 = cdl_bn_load_##SFX(p) - k;                   \\
+                    cdl_bn_v_##SFX d1 = cdl_bn_load_##SFX(p + st) - k;              \\
+                    cdl_bn_v_##SFX d2 = cdl_bn_load_##SFX(p + 2 * st) - k;          \\
+                    cdl_bn_v_##SFX d3 = cdl_bn_load_##SFX(p + 3 * st) - k;          \\
+                    cdl_bn_acc_##SFX(v1, (d0 + d1) + (d2 + d3), h);                 \\
+                    cdl_bn_acc_##SFX(v2, (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3), h);\\
+                }                                                                   \\
+        memcpy(l1, &v1, sizeof l1);                                                 \\
+        memcpy(l2, &v2, sizeof l2);                                                 \\
+        for (; j < L; j++) {                                                        \\
+            T d0 = cdl_bn_dev_##SFX(x + j, st, 0, nr, k);                           \\
+            T d1 = cdl_bn_dev_##SFX(x + j, st, 1, nr, k);                           \\
+            T d2 = cdl_bn_dev_##SFX(x + j, st, 2, nr, k);                           \\
+            T d3 = cdl_bn_dev_##SFX(x + j, st, 3, nr, k);                           \\
+            l1[j % 8] += (double)cdl_bn_add4_##SFX(d0, d1, d2, d3, nr);             \\
+            l2[j % 8] += (double)cdl_bn_add4_##SFX(d0 * d0, d1 * d1, d2 * d2,       \\
+                                                   d3 * d3, nr);                    \\
         }                                                                           \\
-        for (; rows > 0; rows--, x += st)                                           \\
-            for (j = 0; j < n; j++) {                                               \\
-                double d = (double)x[j] - (kv ? kv[j] : k);                         \\
-                s1[j] += d; s2[j] += d * d;                                         \\
+        *o1 = cdl_bn_total(l1);                                                     \\
+        *o2 = cdl_bn_total(l2);                                                     \\
+    }                                                                               \\
+    /* Channels shorter than CDL_BN_RUN, several at once: a1[p] += and a2[p] +=     \\
+       the group's sums at each position p < S of the rows (shift kv[p]). */        \\
+    static void cdl_bn_tsum2_##SFX(const T *x, Py_ssize_t st, Py_ssize_t nr,        \\
+                                   Py_ssize_t S, const T *kv, double *a1,           \\
+                                   double *a2) {                                    \\
+        Py_ssize_t p;                                                               \\
+        if (nr == 4) {                                                              \\
+            const T *x1 = x + st, *x2 = x1 + st, *x3 = x2 + st;                     \\
+            for (p = 0; p < S; p++) {                                               \\
+                T k = kv[p], d0 = x[p] - k, d1 = x1[p] - k;                         \\
+                T d2 = x2[p] - k, d3 = x3[p] - k;                                   \\
+                a1[p] += (double)((d0 + d1) + (d2 + d3));                           \\
+                a2[p] += (double)((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3));       \\
             }                                                                       \\
+            return;                                                                 \\
+        }                                                                           \\
+        for (p = 0; p < S; p++) {                                                   \\
+            T d0 = cdl_bn_dev_##SFX(x + p, st, 0, nr, kv[p]);                       \\
+            T d1 = cdl_bn_dev_##SFX(x + p, st, 1, nr, kv[p]);                       \\
+            T d2 = cdl_bn_dev_##SFX(x + p, st, 2, nr, kv[p]);                       \\
+            a1[p] += (double)cdl_bn_add4_##SFX(d0, d1, d2, (T)0, nr);               \\
+            a2[p] += (double)cdl_bn_add4_##SFX(d0 * d0, d1 * d1, d2 * d2, (T)0, nr);\\
+        }                                                                           \\
     }                                                                               \\
     /* y = (x - m) * s + b (+ r when r: a Residual's join, the shortcut added to \\
        the rounded value), then max(0, y) (NaN passes) */                           \\
@@ -234,57 +310,86 @@ cdef extern from *:
             for (j = 0; j < n; j++) y[j] = x[j] * s[j] + b[j];                      \\
         }                                                                           \\
     }                                                                               \\
-    /* Backward sums over `rows` rows (of g and y `st` apart, of x `xst` apart), four \\
-       per sweep in row order: ag += g, agx += g * (x - m), g masked to 0 where     \\
-       y <= 0 (if y). */                                                            \\
-    static inline T cdl_bn_gmask_##SFX(const T *g, const T *y, Py_ssize_t j) {      \\
-        return y ? cdl_bn_pick_##SFX(y[j] <= (T)0, (T)0, g[j]) : g[j];              \\
+    /* Backward sums of one group and channel: o1 = Σ g, o2 = Σ g (x - m), g masked \\
+       to 0 where y <= 0 (if y); rows of g and y `st` apart, of x `xst` apart. The  \\
+       association is the forward's (cdl_bn_add4). Inlined, so each call site's y   \\
+       (NULL or not) is a constant. */                                              \\
+    static inline T cdl_bn_gmask_##SFX(const T *g, const T *y, Py_ssize_t o) {      \\
+        return y ? cdl_bn_pick_##SFX(y[o] <= (T)0, (T)0, g[o]) : g[o];              \\
     }                                                                               \\
-    static inline __attribute__((always_inline)) void cdl_bn_bsum_rows_##SFX(         \\
-            double *__restrict ag, double *__restrict agx, const T *g, const T *x,  \\
-            const T *y, Py_ssize_t st, Py_ssize_t xst, Py_ssize_t rows,             \\
-            const double *__restrict mv, double m, Py_ssize_t n) {                  \\
-        Py_ssize_t j;                                                               \\
-        for (; rows >= 4; rows -= 4, g += 4 * st, x += 4 * xst, y = y ? y + 4 * st : y) { \\
-            for (j = 0; j < n; j++) {                                               \\
-                double a = ag[j], b = agx[j], mj = mv ? mv[j] : m, gv;              \\
-                gv = (double)cdl_bn_gmask_##SFX(g, y, j);                           \\
-                a += gv; b += gv * ((double)x[j] - mj);                             \\
-                gv = (double)cdl_bn_gmask_##SFX(g + st, y ? y + st : y, j);         \\
-                a += gv; b += gv * ((double)x[xst + j] - mj);                       \\
-                gv = (double)cdl_bn_gmask_##SFX(g + 2 * st, y ? y + 2 * st : y, j); \\
-                a += gv; b += gv * ((double)x[2 * xst + j] - mj);                   \\
-                gv = (double)cdl_bn_gmask_##SFX(g + 3 * st, y ? y + 3 * st : y, j); \\
-                a += gv; b += gv * ((double)x[3 * xst + j] - mj);                   \\
-                ag[j] = a; agx[j] = b;                                              \\
-            }                                                                       \\
+    static inline cdl_bn_v_##SFX cdl_bn_gmaskv_##SFX(const T *g, const T *y,        \\
+                                                     Py_ssize_t o) {                \\
+        cdl_bn_v_##SFX gv = cdl_bn_load_##SFX(g + o);                               \\
+        if (y) {                                                                    \\
+            typedef UT cdl_bn_u __attribute__((vector_size(32)));                   \\
+            cdl_bn_u m = (cdl_bn_u)(cdl_bn_load_##SFX(y + o) <= (T)0);              \\
+            gv = (cdl_bn_v_##SFX)((cdl_bn_u)gv & ~m);                               \\
         }                                                                           \\
-        for (; rows > 0; rows--, g += st, x += xst, y = y ? y + st : y)             \\
-            for (j = 0; j < n; j++) {                                               \\
-                double mj = mv ? mv[j] : m;                                         \\
-                double gv = (double)cdl_bn_gmask_##SFX(g, y, j);                    \\
-                ag[j] += gv;                                                        \\
-                agx[j] += gv * ((double)x[j] - mj);                                 \\
+        return gv;                                                                  \\
+    }                                                                               \\
+    static inline __attribute__((always_inline)) void cdl_bn_cbsum_##SFX(           \\
+            const T *g, const T *y, Py_ssize_t st, const T *x, Py_ssize_t xst,      \\
+            Py_ssize_t nr, Py_ssize_t L, T m, double *o1, double *o2) {             \\
+        cdl_bn_d4 v1[2] = {{0, 0, 0, 0}, {0, 0, 0, 0}}, v2[2] = {{0, 0, 0, 0}, {0, 0, 0, 0}};\\
+        double l1[8], l2[8];                                                        \\
+        Py_ssize_t j = 0, r, h;                                                     \\
+        if (nr == 4)                                                                \\
+            for (; j + 8 <= L; j += 8)                                              \\
+                for (h = 0; h < 8; h += (Py_ssize_t)(32 / sizeof(T))) {             \\
+                    const Py_ssize_t o = j + h;                                     \\
+                    cdl_bn_v_##SFX g0 = cdl_bn_gmaskv_##SFX(g, y, o);               \\
+                    cdl_bn_v_##SFX g1 = cdl_bn_gmaskv_##SFX(g, y, o + st);          \\
+                    cdl_bn_v_##SFX g2 = cdl_bn_gmaskv_##SFX(g, y, o + 2 * st);      \\
+                    cdl_bn_v_##SFX g3 = cdl_bn_gmaskv_##SFX(g, y, o + 3 * st);      \\
+                    cdl_bn_v_##SFX e0 = cdl_bn_load_##SFX(x + o) - m;               \\
+                    cdl_bn_v_##SFX e1 = cdl_bn_load_##SFX(x + xst + o) - m;         \\
+                    cdl_bn_v_##SFX e2 = cdl_bn_load_##SFX(x + 2 * xst + o) - m;     \\
+                    cdl_bn_v_##SFX e3 = cdl_bn_load_##SFX(x + 3 * xst + o) - m;     \\
+                    cdl_bn_acc_##SFX(v1, (g0 + g1) + (g2 + g3), h);                 \\
+                    cdl_bn_acc_##SFX(v2, (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3), h);\\
+                }                                                                   \\
+        memcpy(l1, &v1, sizeof l1);                                                 \\
+        memcpy(l2, &v2, sizeof l2);                                                 \\
+        for (; j < L; j++) {                                                        \\
+            T gv[4] = {0, 0, 0, 0}, gx[4] = {0, 0, 0, 0};                           \\
+            for (r = 0; r < nr; r++) {                                              \\
+                gv[r] = cdl_bn_gmask_##SFX(g, y, j + r * st);                       \\
+                gx[r] = gv[r] * (x[j + r * xst] - m);                               \\
             }                                                                       \\
+            l1[j % 8] += (double)cdl_bn_add4_##SFX(gv[0], gv[1], gv[2], gv[3], nr); \\
+            l2[j % 8] += (double)cdl_bn_add4_##SFX(gx[0], gx[1], gx[2], gx[3], nr); \\
+        }                                                                           \\
+        *o1 = cdl_bn_total(l1);                                                     \\
+        *o2 = cdl_bn_total(l2);                                                     \\
     }                                                                               \\
-    /* The cases as separate loops (y and mv known), each vectorised. */            \\
-    static void cdl_bn_bsum_##SFX(double *ag, double *agx, const T *g, const T *x,  \\
-                                  const T *y, Py_ssize_t st, Py_ssize_t rows,       \\
-                                  double m, Py_ssize_t n) {                         \\
-        if (y) cdl_bn_bsum_rows_##SFX(ag, agx, g, x, y, st, st, rows, NULL, m, n);  \\
-        else cdl_bn_bsum_rows_##SFX(ag, agx, g, x, NULL, st, st, rows, NULL, m, n); \\
-    }                                                                               \\
-    static void cdl_bn_bsum_v_##SFX(double *ag, double *agx, const T *g, const T *x, \\
-                                    const T *y, Py_ssize_t st, Py_ssize_t rows,     \\
-                                    const double *mv, Py_ssize_t n) {               \\
-        if (y) cdl_bn_bsum_rows_##SFX(ag, agx, g, x, y, st, st, rows, mv, 0.0, n);  \\
-        else cdl_bn_bsum_rows_##SFX(ag, agx, g, x, NULL, st, st, rows, mv, 0.0, n); \\
-    }                                                                               \\
-    /* Rows of g `st` apart (no mask), of x `xst` apart: the pooled pass's sums. */ \\
-    static void cdl_bn_bsum_x_##SFX(double *ag, double *agx, const T *g, Py_ssize_t st, \\
-                                    const T *x, Py_ssize_t xst, Py_ssize_t rows,    \\
-                                    double m, Py_ssize_t n) {                       \\
-        cdl_bn_bsum_rows_##SFX(ag, agx, g, x, NULL, st, xst, rows, NULL, m, n);     \\
+    /* The same at each position p < S (mean mv[p]) for channels shorter than       \\
+       CDL_BN_RUN, added to a1[p], a2[p]. */                                        \\
+    static inline __attribute__((always_inline)) void cdl_bn_tbsum_##SFX(           \\
+            const T *g, const T *y, Py_ssize_t st, const T *x, Py_ssize_t nr,       \\
+            Py_ssize_t S, const T *mv, double *a1, double *a2) {                    \\
+        Py_ssize_t p, r;                                                            \\
+        if (nr == 4) {                                                              \\
+            for (p = 0; p < S; p++) {                                               \\
+                T g0 = cdl_bn_gmask_##SFX(g, y, p);                                 \\
+                T g1 = cdl_bn_gmask_##SFX(g, y, p + st);                            \\
+                T g2 = cdl_bn_gmask_##SFX(g, y, p + 2 * st);                        \\
+                T g3 = cdl_bn_gmask_##SFX(g, y, p + 3 * st);                        \\
+                T e0 = x[p] - mv[p], e1 = x[p + st] - mv[p];                        \\
+                T e2 = x[p + 2 * st] - mv[p], e3 = x[p + 3 * st] - mv[p];           \\
+                a1[p] += (double)((g0 + g1) + (g2 + g3));                           \\
+                a2[p] += (double)((g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3));       \\
+            }                                                                       \\
+            return;                                                                 \\
+        }                                                                           \\
+        for (p = 0; p < S; p++) {                                                   \\
+            T gv[4] = {0, 0, 0, 0}, gx[4] = {0, 0, 0, 0};                           \\
+            for (r = 0; r < nr; r++) {                                              \\
+                gv[r] = cdl_bn_gmask_##SFX(g, y, p + r * st);                       \\
+                gx[r] = gv[r] * (x[p + r * st] - mv[p]);                            \\
+            }                                                                       \\
+            a1[p] += (double)cdl_bn_add4_##SFX(gv[0], gv[1], gv[2], gv[3], nr);     \\
+            a2[p] += (double)cdl_bn_add4_##SFX(gx[0], gx[1], gx[2], gx[3], nr);     \\
+        }                                                                           \\
     }                                                                               \\
     /* dx = ((g - gm) - (x - m) * k) * sc, g masked as above */                     \\
     static void cdl_bn_dx_##SFX(T *dx, const T *g, const T *x, const T *y, T m, T k, \\
@@ -364,227 +469,227 @@ cdef extern from *:
                 gb[k] = cdl_bn_pick_##SFX((int)ok, gv, (T)0);                       \\
             }                                                                       \\
     }                                                                               \\
-    /* Training forward of channels [c0, c0 + nc) (nc > 1 only if nc*L <= TILE). */\\
-    static void cdl_bn_fwd_block_##SFX(const T *x, T *y, const T *res, Py_ssize_t N, \\
-            Py_ssize_t C, \\
-            Py_ssize_t L, Py_ssize_t c0, Py_ssize_t nc, const T *w, const T *b,     \\
-            T *mean_out, T *invstd_out, T *rm, T *rv, double momentum, double eps,  \\
-            int relu, T *pout, int *pind, Py_ssize_t W, double *ws) {               \\
-        double *acc = ws, *mexp = ws + CDL_BN_TILE, *mean = ws + 2 * CDL_BN_TILE;   \\
-        double *ssq = ws + 3 * CDL_BN_TILE, *acc2 = ws + 4 * CDL_BN_TILE;           \\
-        T *mf = (T *)(ws + 6 * CDL_BN_TILE), *sf = mf + CDL_BN_TILE;                \\
-        T *bf = sf + CDL_BN_TILE, *tmp = bf + CDL_BN_TILE;                          \\
-        const Py_ssize_t CL = C * L, M = N * L;                                     \\
-        const T *xb = x + c0 * L;                                                   \\
-        T *yb = y ? y + c0 * L : NULL;     /* NULL when pooled: not written */     \\
-        const T *rb = res ? res + c0 * L : NULL;   /* added after normalising */    \\
-        Py_ssize_t n, c, l0, len, S = nc * L;                                       \\
-        double s1, s2;                                                              \\
-        /* one pass: shifted sums, then mean = k + s1/M, M var = s2 - s1²/M */      \\
-        if (L > CDL_BN_TILE) {          /* one channel, in pieces of a tile */      \\
-            double l1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, l2[8] = {0, 0, 0, 0, 0, 0, 0, 0};\\
-            double k = (double)xb[0];                                               \\
-            for (l0 = 0; l0 < L; l0 += CDL_BN_TILE) {                               \\
-                len = L - l0 < CDL_BN_TILE ? L - l0 : CDL_BN_TILE;                  \\
-                memset(acc, 0, (size_t)len * sizeof(double));                       \\
-                memset(acc2, 0, (size_t)len * sizeof(double));                      \\
-                cdl_bn_sum2_##SFX(acc, acc2, xb + l0, CL, N, NULL, k, len);         \\
-                cdl_bn_fold(l1, acc, len);                                          \\
-                cdl_bn_fold(l2, acc2, len);                                         \\
-            }                                                                       \\
-            s1 = cdl_bn_total(l1);                                                  \\
-            s2 = cdl_bn_total(l2);                                                  \\
-            mean[0] = k + s1 / (double)M;                                           \\
-            ssq[0] = s2 - s1 * (s1 / (double)M);                                    \\
-        } else {                                                                    \\
-            memset(acc, 0, (size_t)S * sizeof(double));                             \\
-            memset(acc2, 0, (size_t)S * sizeof(double));                            \\
-            if (L >= CDL_BN_RUN) {                                                  \\
-                for (c = 0; c < nc; c++)                                            \\
-                    cdl_bn_sum2_##SFX(acc + c * L, acc2 + c * L, xb + c * L, CL, N, \\
-                                      NULL, (double)xb[c * L], L);                  \\
-            } else {                                                                \\
-                for (c = 0; c < nc; c++)                                            \\
-                    for (l0 = 0; l0 < L; l0++) mexp[c * L + l0] = (double)xb[c * L];\\
-                cdl_bn_sum2_##SFX(acc, acc2, xb, CL, N, mexp, 0.0, S);              \\
-            }                                                                       \\
-            for (c = 0; c < nc; c++) {                                              \\
-                s1 = cdl_bn_fold_total(acc + c * L, L);                             \\
-                s2 = cdl_bn_fold_total(acc2 + c * L, L);                            \\
-                mean[c] = (double)xb[c * L] + s1 / (double)M;                       \\
-                ssq[c] = s2 - s1 * (s1 / (double)M);                                \\
-            }                                                                       \\
+    /* The training forward in three steps (a parallel loop each, then one for the  \\
+       next): cdl_bn_fwd_sums (one group of images, channels [c0, c0 + nc)),        \\
+       cdl_bn_fwd_coef (all channels, one thread), cdl_bn_fwd_apply (one image,     \\
+       channels [c0, c0 + nc)). Splitting by images keeps each thread on the        \\
+       images whose convolution output its core wrote, as the convolutions split    \\
+       them. s1, s2: [groups][C]; kf: the shifts (each channel's first value);      \\
+       ke: kf spread over each channel's L positions (channels shorter than         \\
+       CDL_BN_RUN, else unused); tile: 2 * CDL_BN_TILE doubles of the thread's. */  \\
+    static void cdl_bn_fwd_sums_##SFX(const T *x, Py_ssize_t N, Py_ssize_t C,       \\
+            Py_ssize_t L, Py_ssize_t gi, Py_ssize_t c0, Py_ssize_t nc, const T *kf, \\
+            const T *ke, double *s1, double *s2, double *tile) {                    \\
+        const Py_ssize_t CL = C * L, n0 = gi * CDL_BN_GROUP;                        \\
+        const Py_ssize_t nr = N - n0 < CDL_BN_GROUP ? N - n0 : CDL_BN_GROUP;        \\
+        const T *xb = x + n0 * CL;                                                  \\
+        double *t1 = tile, *t2 = tile + CDL_BN_TILE;                                \\
+        Py_ssize_t c, o = gi * C;                                                   \\
+        if (L >= CDL_BN_RUN) {                                                      \\
+            for (c = c0; c < c0 + nc; c++)                                          \\
+                cdl_bn_csum2_##SFX(xb + c * L, CL, nr, L, kf[c], s1 + o + c, s2 + o + c);\\
+            return;                                                                 \\
         }                                                                           \\
-        /* rounding can leave a constant channel just below 0 (NaN stays NaN) */     \\
-        for (c = 0; c < nc; c++)                                                    \\
-            if (!(ssq[c] > 0.0) && ssq[c] == ssq[c]) ssq[c] = 0.0;                  \\
+        /* short channels: gi is 0 and one item runs every group (G is 1) */        \\
+        memset(t1, 0, (size_t)(nc * L) * sizeof(double));                           \\
+        memset(t2, 0, (size_t)(nc * L) * sizeof(double));                           \\
+        for (; xb < x + N * CL; xb += CDL_BN_GROUP * CL) {                          \\
+            const Py_ssize_t left = (x + N * CL - xb) / CL;                         \\
+            cdl_bn_tsum2_##SFX(xb + c0 * L, CL, left < CDL_BN_GROUP ? left : CDL_BN_GROUP,\\
+                               nc * L, ke + c0 * L, t1, t2);                        \\
+        }                                                                           \\
         for (c = 0; c < nc; c++) {                                                  \\
-            double mu = mean[c], var = ssq[c] / (double)M;                          \\
-            double is = 1.0 / sqrt(var + eps);                                      \\
-            double wc = w ? (double)w[c0 + c] : 1.0, bc = b ? (double)b[c0 + c] : 0.0; \\
-            mean_out[c0 + c] = (T)mu;                                               \\
-            invstd_out[c0 + c] = (T)is;                                             \\
-            if (rm) rm[c0 + c] = (T)(momentum * mu + (1.0 - momentum) * (double)rm[c0 + c]); \\
-            if (rv) rv[c0 + c] = (T)(momentum * (ssq[c] / (double)(M - 1))          \\
-                                     + (1.0 - momentum) * (double)rv[c0 + c]);      \\
+            s1[c0 + c] = cdl_bn_fold_total(t1 + c * L, L);                          \\
+            s2[c0 + c] = cdl_bn_fold_total(t2 + c * L, L);                          \\
+        }                                                                           \\
+    }                                                                               \\
+    /* Statistics from the group sums (in group order); mf, sf, bf: the             \\
+       normalisation's per-channel mean, scale (invstd * w) and shift (b) as T;     \\
+       me, se, be: the same spread over L positions (CDL_BN_RUN > L only). */       \\
+    static void cdl_bn_fwd_coef_##SFX(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,     \\
+            Py_ssize_t G, const double *s1, const double *s2, const T *kf,          \\
+            const T *w, const T *b, T *mean_out, T *invstd_out, T *rm, T *rv,       \\
+            double momentum, double eps, T *mf, T *sf, T *bf, T *me, T *se, T *be) {\\
+        const Py_ssize_t M = N * L;                                                 \\
+        Py_ssize_t c, gi;                                                           \\
+        for (c = 0; c < C; c++) {                                                   \\
+            double a = 0.0, q = 0.0, mu, ssq, var, is, wc, bc;                      \\
+            for (gi = 0; gi < G; gi++) {                                            \\
+                a += s1[gi * C + c];                                                \\
+                q += s2[gi * C + c];                                                \\
+            }                                                                       \\
+            mu = (double)kf[c] + a / (double)M;                                     \\
+            ssq = q - a * (a / (double)M);                                          \\
+            /* rounding can leave a constant channel just below 0 (NaN stays) */    \\
+            if (!(ssq > 0.0) && ssq == ssq) ssq = 0.0;                              \\
+            var = ssq / (double)M;                                                  \\
+            is = 1.0 / sqrt(var + eps);                                             \\
+            wc = w ? (double)w[c] : 1.0;                                            \\
+            bc = b ? (double)b[c] : 0.0;                                            \\
+            mean_out[c] = (T)mu;                                                    \\
+            invstd_out[c] = (T)is;                                                  \\
+            if (rm) rm[c] = (T)(momentum * mu + (1.0 - momentum) * (double)rm[c]);  \\
+            if (rv) rv[c] = (T)(momentum * (ssq / (double)(M - 1))                  \\
+                                + (1.0 - momentum) * (double)rv[c]);                \\
             mf[c] = (T)mu;                                                          \\
             sf[c] = (T)(is * wc);                                                   \\
             bf[c] = (T)bc;                                                          \\
         }                                                                           \\
+        if (L < CDL_BN_RUN) {                                                       \\
+            cdl_bn_spread_##SFX(me, mf, C, L);                                      \\
+            cdl_bn_spread_##SFX(se, sf, C, L);                                      \\
+            cdl_bn_spread_##SFX(be, bf, C, L);                                      \\
+        }                                                                           \\
+    }                                                                               \\
+    /* Image n's channels [c0, c0 + nc): y = the normalised x (+ res, then the      \\
+       ReLU), or pooled into pout, pind (planes of L <= CDL_BN_TILE cells, rows     \\
+       of W; tmp: L T's where the pool is not vectorised). */                       \\
+    static void cdl_bn_fwd_apply_##SFX(const T *x, T *y, const T *res, Py_ssize_t C,\\
+            Py_ssize_t L, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nc, const T *mf,  \\
+            const T *sf, const T *bf, const T *me, const T *se, const T *be,        \\
+            int relu, T *pout, int *pind, Py_ssize_t W, T *tmp) {                   \\
+        const Py_ssize_t CL = C * L;                                                \\
+        Py_ssize_t c;                                                               \\
         if (pout) {                                                                 \\
-            /* pooled (CDL_BN_RUN <= L <= CDL_BN_TILE): each plane pooled as it is \\
-               normalised (AVX-512, AVX2), or normalised into tile 5, which the     \\
-               forward does not use otherwise, and pooled there */                  \\
-            T *yp = (T *)(ws + 5 * CDL_BN_TILE);                                    \\
-            Py_ssize_t OH = L / W / 2, OW = W / 2, P = OH * OW;                     \\
-            for (n = 0; n < N; n++)                                                 \\
-                for (c = 0; c < nc; c++) {                                          \\
-                    Py_ssize_t o = (n * C + c0 + c) * P;                            \\
-                    const T *xp = xb + n * CL + c * L;                              \\
-                    if (cdl_bn_normpool2_vec_##SFX(xp, W, OH, OW, mf[c], sf[c], bf[c], \\
-                                                   relu, pout + o, pind + o))       \\
-                        continue;                                                   \\
-                    cdl_bn_norm_##SFX(yp, xp, NULL, mf[c], sf[c], bf[c], L, relu);  \\
-                    cdl_bn_pool2_##SFX(yp, W, OH, OW, pout + o, pind + o);          \\
-                }                                                                   \\
+            const Py_ssize_t OH = L / W / 2, OW = W / 2, P = OH * OW;               \\
+            for (c = c0; c < c0 + nc; c++) {                                        \\
+                const Py_ssize_t o = (n * C + c) * P;                               \\
+                const T *xp = x + n * CL + c * L;                                   \\
+                if (cdl_bn_normpool2_vec_##SFX(xp, W, OH, OW, mf[c], sf[c], bf[c],  \\
+                                               relu, pout + o, pind + o))           \\
+                    continue;                                                       \\
+                cdl_bn_norm_##SFX(tmp, xp, NULL, mf[c], sf[c], bf[c], L, relu);     \\
+                cdl_bn_pool2_##SFX(tmp, W, OH, OW, pout + o, pind + o);             \\
+            }                                                                       \\
         } else if (L >= CDL_BN_RUN) {                                               \\
-            for (n = 0; n < N; n++)                                                 \\
-                for (c = 0; c < nc; c++)                                            \\
-                    cdl_bn_norm_##SFX(yb + n * CL + c * L, xb + n * CL + c * L,     \\
-                                      rb ? rb + n * CL + c * L : NULL, mf[c], sf[c], \\
-                                      bf[c], L, relu);                              \\
+            for (c = c0; c < c0 + nc; c++) {                                        \\
+                const Py_ssize_t o = n * CL + c * L;                                \\
+                cdl_bn_norm_##SFX(y + o, x + o, res ? res + o : NULL, mf[c], sf[c], \\
+                                  bf[c], L, relu);                                  \\
+            }                                                                       \\
         } else {                                                                    \\
-            /* per-element copies in the tiles no longer needed */                  \\
-            T *me = tmp, *se = (T *)mexp, *be = (T *)ssq;                           \\
-            cdl_bn_spread_##SFX(me, mf, nc, L);                                     \\
-            cdl_bn_spread_##SFX(se, sf, nc, L);                                     \\
-            cdl_bn_spread_##SFX(be, bf, nc, L);                                     \\
-            for (n = 0; n < N; n++)                                                 \\
-                cdl_bn_norm_v_##SFX(yb + n * CL, xb + n * CL, rb ? rb + n * CL : NULL, \\
-                                    me, se, be, S, relu);                           \\
+            const Py_ssize_t o = n * CL + c0 * L;                                   \\
+            cdl_bn_norm_v_##SFX(y + o, x + o, res ? res + o : NULL, me + c0 * L,    \\
+                                se + c0 * L, be + c0 * L, nc * L, relu);            \\
         }                                                                           \\
     }                                                                               \\
                                                                                     \\
-    /* Backward of channels [c0, c0 + nc). y: forward output (relu) or NULL;         \\
-       w, dx, dw, db may be NULL. With pind (a pooled forward): g and y are the     \\
-       pool's (N, C, L/4) gradient and output (cdl_bn_unpool2); returns how many    \\
-       indices lay outside their window. */                                         \\
-    static Py_ssize_t cdl_bn_bwd_block_##SFX(const T *g, const T *x, const T *y,     \\
-            const T *w, const T *mean_in, const T *invstd_in, T *dx, T *dw, T *db,  \\
-            Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0, Py_ssize_t nc, \\
-            const int *pind, Py_ssize_t W, double *ws) {                            \\
-        double *ag = ws, *agx = ws + CDL_BN_TILE, *mexp = ws + 2 * CDL_BN_TILE;     \\
-        double *sg = ws + 3 * CDL_BN_TILE, *sgx = ws + 4 * CDL_BN_TILE;             \\
-        T *mf = (T *)(ws + 6 * CDL_BN_TILE), *kf = mf + CDL_BN_TILE;                \\
-        T *gf = kf + CDL_BN_TILE, *cf = gf + CDL_BN_TILE;                           \\
-        const Py_ssize_t CL = C * L, M = N * L;                                     \\
-        const Py_ssize_t off = c0 * L;                                              \\
-        Py_ssize_t n, c, l0, len, S = nc * L, bad = 0;                              \\
-        const Py_ssize_t OH = pind ? L / W / 2 : 0, OW = W / 2, P = OH * OW;        \\
+    /* The backward in the same three steps. y: the forward output (relu) or        \\
+       NULL. With pind (a pooled forward), g and y are the pool's (N, C, L/4)       \\
+       gradient and output: cdl_bn_bwd_sums unpools the group's planes into dx      \\
+       (or, with no dx, into planes: 4 * L T's of the thread's) and sums those,     \\
+       and cdl_bn_bwd_apply turns dx into the input gradient in place. Returns      \\
+       how many indices lay outside their window. */                                \\
+    static Py_ssize_t cdl_bn_bwd_sums_##SFX(const T *g, const T *x, const T *y,     \\
+            const T *mean_in, T *dx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,      \\
+            Py_ssize_t gi, Py_ssize_t c0, Py_ssize_t nc, const T *mexp,             \\
+            const int *pind, Py_ssize_t W, double *sg, double *sgx, double *tile,   \\
+            T *planes) {                                                            \\
+        const Py_ssize_t CL = C * L, n0 = gi * CDL_BN_GROUP;                        \\
+        const Py_ssize_t nr = N - n0 < CDL_BN_GROUP ? N - n0 : CDL_BN_GROUP;        \\
+        const Py_ssize_t o = gi * C;                                                \\
+        double *t1 = tile, *t2 = tile + CDL_BN_TILE;                                \\
+        Py_ssize_t c, r, bad = 0;                                                   \\
         if (pind) {                                                                 \\
-            /* Each channel's gradient planes unpooled four images at a time and   \\
-               summed as rows there: the same additions, in the same order, as over \\
-               the full-size gradient. They are unpooled into dx, where the dx pass \\
-               reads them back, or, with no dx, into tiles 10..13. */               \\
-            T *gb = dx ? dx + off : (T *)(ws + 10 * CDL_BN_TILE);                   \\
-            const Py_ssize_t gst = dx ? CL : L;    /* one image's plane to the next */ \\
-            memset(ag, 0, (size_t)S * sizeof(double));                              \\
-            memset(agx, 0, (size_t)S * sizeof(double));                             \\
-            for (n = 0; n < N; n += 4) {                                            \\
-                Py_ssize_t r, nr = N - n < 4 ? N - n : 4;                           \\
-                for (c = 0; c < nc; c++) {                                          \\
-                    T *gr = dx ? gb + n * CL + c * L : gb;                          \\
-                    for (r = 0; r < nr; r++) {                                      \\
-                        Py_ssize_t o = ((n + r) * C + c0 + c) * P;                  \\
-                        cdl_bn_unpool2_##SFX(gr + r * gst, g + o, y ? y + o : NULL, \\
-                                             pind + o, W, L, OH, OW, &bad);         \\
-                    }                                                               \\
-                    cdl_bn_bsum_x_##SFX(ag + c * L, agx + c * L, gr, gst,           \\
-                                        x + off + n * CL + c * L, CL, nr,           \\
-                                        (double)mean_in[c0 + c], L);                \\
+            const Py_ssize_t OH = L / W / 2, OW = W / 2, P = OH * OW;               \\
+            const Py_ssize_t gst = dx ? CL : L;    /* one image's plane to the next */\\
+            for (c = c0; c < c0 + nc; c++) {                                        \\
+                T *gb = dx ? dx + n0 * CL + c * L : planes;                         \\
+                for (r = 0; r < nr; r++) {                                          \\
+                    const Py_ssize_t q = ((n0 + r) * C + c) * P;                    \\
+                    cdl_bn_unpool2_##SFX(gb + r * gst, g + q, y ? y + q : NULL,     \\
+                                         pind + q, W, L, OH, OW, &bad);             \\
                 }                                                                   \\
+                cdl_bn_cbsum_##SFX(gb, NULL, gst, x + n0 * CL + c * L, CL, nr, L,   \\
+                                   mean_in[c], sg + o + c, sgx + o + c);            \\
             }                                                                       \\
-            for (c = 0; c < nc; c++) {                                              \\
-                sg[c] = cdl_bn_fold_total(ag + c * L, L);                           \\
-                sgx[c] = cdl_bn_fold_total(agx + c * L, L);                         \\
-            }                                                                       \\
-        } else if (L > CDL_BN_TILE) {                                               \\
-            double l1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, l2[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \\
-            double m = (double)mean_in[c0];                                         \\
-            for (l0 = 0; l0 < L; l0 += CDL_BN_TILE) {                               \\
-                len = L - l0 < CDL_BN_TILE ? L - l0 : CDL_BN_TILE;                  \\
-                memset(ag, 0, (size_t)len * sizeof(double));                        \\
-                memset(agx, 0, (size_t)len * sizeof(double));                       \\
-                {                                                                   \\
-                    Py_ssize_t o = off + l0;                                        \\
-                    cdl_bn_bsum_##SFX(ag, agx, g + o, x + o, y ? y + o : NULL, CL, N, m, len); \\
-                }                                                                   \\
-                cdl_bn_fold(l1, ag, len);                                           \\
-                cdl_bn_fold(l2, agx, len);                                          \\
-            }                                                                       \\
-            sg[0] = cdl_bn_total(l1);                                               \\
-            sgx[0] = cdl_bn_total(l2);                                              \\
-        } else {                                                                    \\
-            memset(ag, 0, (size_t)S * sizeof(double));                              \\
-            memset(agx, 0, (size_t)S * sizeof(double));                             \\
-            if (L >= CDL_BN_RUN) {                                                  \\
-                for (c = 0; c < nc; c++) {                                          \\
-                    Py_ssize_t o = off + c * L;                                     \\
-                    cdl_bn_bsum_##SFX(ag + c * L, agx + c * L, g + o, x + o,        \\
-                                      y ? y + o : NULL, CL, N, (double)mean_in[c0 + c], L); \\
-                }                                                                   \\
-            } else {                                                                \\
-                for (c = 0; c < nc; c++)                                            \\
-                    for (l0 = 0; l0 < L; l0++) mexp[c * L + l0] = (double)mean_in[c0 + c]; \\
-                cdl_bn_bsum_v_##SFX(ag, agx, g + off, x + off, y ? y + off : NULL, CL, N, \\
-                                    mexp, S);                                       \\
-            }                                                                       \\
-            for (c = 0; c < nc; c++) {                                              \\
-                sg[c] = cdl_bn_fold_total(ag + c * L, L);                           \\
-                sgx[c] = cdl_bn_fold_total(agx + c * L, L);                         \\
-            }                                                                       \\
-        }                                                                           \\
-        for (c = 0; c < nc; c++) {                                                  \\
-            double is = (double)invstd_in[c0 + c];                                  \\
-            double wc = w ? (double)w[c0 + c] : 1.0;                                \\
-            if (db) db[c0 + c] = (T)sg[c];                                          \\
-            if (dw) dw[c0 + c] = (T)(sgx[c] * is);                                  \\
-            mf[c] = mean_in[c0 + c];                                                \\
-            kf[c] = (T)(sgx[c] * is * is / (double)M);                              \\
-            gf[c] = (T)(sg[c] / (double)M);                                         \\
-            cf[c] = (T)(is * wc);                                                   \\
-        }                                                                           \\
-        if (!dx) return bad;                                                        \\
-        if (pind) {                                                                 \\
-            /* dx holds the unpooled gradient: the formula in place */              \\
-            for (n = 0; n < N; n++)                                                 \\
-                for (c = 0; c < nc; c++) {                                          \\
-                    Py_ssize_t q = off + n * CL + c * L;                            \\
-                    cdl_bn_dx_##SFX(dx + q, dx + q, x + q, NULL, mf[c], kf[c], gf[c], \\
-                                    cf[c], L);                                      \\
-                }                                                                   \\
         } else if (L >= CDL_BN_RUN) {                                               \\
-            for (n = 0; n < N; n++)                                                 \\
-                for (c = 0; c < nc; c++) {                                          \\
-                    Py_ssize_t o = off + n * CL + c * L;                            \\
-                    cdl_bn_dx_##SFX(dx + o, g + o, x + o, y ? y + o : NULL, mf[c], kf[c], \\
-                                    gf[c], cf[c], L);                               \\
-                }                                                                   \\
+            for (c = c0; c < c0 + nc; c++) {                                        \\
+                const Py_ssize_t q = n0 * CL + c * L;                               \\
+                if (y)                                                              \\
+                    cdl_bn_cbsum_##SFX(g + q, y + q, CL, x + q, CL, nr, L, mean_in[c],\\
+                                       sg + o + c, sgx + o + c);                    \\
+                else                                                                \\
+                    cdl_bn_cbsum_##SFX(g + q, NULL, CL, x + q, CL, nr, L, mean_in[c],\\
+                                       sg + o + c, sgx + o + c);                    \\
+            }                                                                       \\
         } else {                                                                    \\
-            /* per-element copies in the tiles no longer needed */                  \\
-            T *me = (T *)ag, *ke = (T *)agx, *ge = (T *)mexp, *ce = (T *)(ws + 5 * CDL_BN_TILE); \\
-            cdl_bn_spread_##SFX(me, mf, nc, L);                                     \\
-            cdl_bn_spread_##SFX(ke, kf, nc, L);                                     \\
-            cdl_bn_spread_##SFX(ge, gf, nc, L);                                     \\
-            cdl_bn_spread_##SFX(ce, cf, nc, L);                                     \\
-            for (n = 0; n < N; n++) {                                               \\
-                Py_ssize_t o = off + n * CL;                                        \\
-                cdl_bn_dx_v_##SFX(dx + o, g + o, x + o, y ? y + o : NULL, me, ke, ge, ce, S); \\
+            /* short channels: gi is 0 and one item runs every group (G is 1) */    \\
+            Py_ssize_t q;                                                           \\
+            memset(t1, 0, (size_t)(nc * L) * sizeof(double));                       \\
+            memset(t2, 0, (size_t)(nc * L) * sizeof(double));                       \\
+            for (q = c0 * L; q < N * CL; q += CDL_BN_GROUP * CL) {                  \\
+                const Py_ssize_t left = N - q / CL;                                 \\
+                const Py_ssize_t k = left < CDL_BN_GROUP ? left : CDL_BN_GROUP;     \\
+                if (y)                                                              \\
+                    cdl_bn_tbsum_##SFX(g + q, y + q, CL, x + q, k, nc * L, mexp + c0 * L,\\
+                                       t1, t2);                                     \\
+                else                                                                \\
+                    cdl_bn_tbsum_##SFX(g + q, NULL, CL, x + q, k, nc * L, mexp + c0 * L,\\
+                                       t1, t2);                                     \\
+            }                                                                       \\
+            for (c = 0; c < nc; c++) {                                              \\
+                sg[c0 + c] = cdl_bn_fold_total(t1 + c * L, L);                      \\
+                sgx[c0 + c] = cdl_bn_fold_total(t2 + c * L, L);                     \\
             }                                                                       \\
         }                                                                           \\
         return bad;                                                                 \\
     }                                                                               \\
-                                                                                    \\
+    /* Parameter gradients (dw, db may be NULL) and dx's coefficients:              \\
+       dx = ((g - gf) - (x - mf) * kf) * cf, spread over L positions into           \\
+       me, ke, ge, ce when CDL_BN_RUN > L. */                                       \\
+    static void cdl_bn_bwd_coef_##SFX(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,     \\
+            Py_ssize_t G, const double *sg, const double *sgx, const T *w,          \\
+            const T *mean_in, const T *invstd_in, T *dw, T *db, T *mf, T *kf,       \\
+            T *gf, T *cf, T *me, T *ke, T *ge, T *ce) {                             \\
+        const Py_ssize_t M = N * L;                                                 \\
+        Py_ssize_t c, gi;                                                           \\
+        for (c = 0; c < C; c++) {                                                   \\
+            double a = 0.0, bx = 0.0;                                               \\
+            double is = (double)invstd_in[c], wc = w ? (double)w[c] : 1.0;          \\
+            for (gi = 0; gi < G; gi++) {                                            \\
+                a += sg[gi * C + c];                                                \\
+                bx += sgx[gi * C + c];                                              \\
+            }                                                                       \\
+            if (db) db[c] = (T)a;                                                   \\
+            if (dw) dw[c] = (T)(bx * is);                                           \\
+            mf[c] = mean_in[c];                                                     \\
+            kf[c] = (T)(bx * is * is / (double)M);                                  \\
+            gf[c] = (T)(a / (double)M);                                             \\
+            cf[c] = (T)(is * wc);                                                   \\
+        }                                                                           \\
+        if (L < CDL_BN_RUN) {                                                       \\
+            cdl_bn_spread_##SFX(me, mf, C, L);                                      \\
+            cdl_bn_spread_##SFX(ke, kf, C, L);                                      \\
+            cdl_bn_spread_##SFX(ge, gf, C, L);                                      \\
+            cdl_bn_spread_##SFX(ce, cf, C, L);                                      \\
+        }                                                                           \\
+    }                                                                               \\
+    /* Image n's channels [c0, c0 + nc) of dx (in place on the unpooled gradient    \\
+       when pooled). */                                                             \\
+    static void cdl_bn_bwd_apply_##SFX(const T *g, const T *x, const T *y, T *dx,   \\
+            Py_ssize_t C, Py_ssize_t L, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nc, \\
+            const T *mf, const T *kf, const T *gf, const T *cf, const T *me,        \\
+            const T *ke, const T *ge, const T *ce, int pooled) {                    \\
+        const Py_ssize_t CL = C * L;                                                \\
+        Py_ssize_t c;                                                               \\
+        if (pooled) {                                                               \\
+            for (c = c0; c < c0 + nc; c++) {                                        \\
+                const Py_ssize_t q = n * CL + c * L;                                \\
+                cdl_bn_dx_##SFX(dx + q, dx + q, x + q, NULL, mf[c], kf[c], gf[c], cf[c], L);\\
+            }                                                                       \\
+        } else if (L >= CDL_BN_RUN) {                                               \\
+            for (c = c0; c < c0 + nc; c++) {                                        \\
+                const Py_ssize_t q = n * CL + c * L;                                \\
+                cdl_bn_dx_##SFX(dx + q, g + q, x + q, y ? y + q : NULL, mf[c], kf[c],\\
+                                gf[c], cf[c], L);                                   \\
+            }                                                                       \\
+        } else {                                                                    \\
+            const Py_ssize_t q = n * CL + c0 * L;                                   \\
+            cdl_bn_dx_v_##SFX(dx + q, g + q, x + q, y ? y + q : NULL, me + c0 * L,  \\
+                              ke + c0 * L, ge + c0 * L, ce + c0 * L, nc * L);       \\
+        }                                                                           \\
+    }                                                                               \\
     /* Eval: y = x * scale[c] + shift[c] over channels [c0, c0 + nc). */            \\
     static void cdl_bn_eval_block_##SFX(const T *x, T *y, const T *scale, const T *shift, \\
             Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0, Py_ssize_t nc, \\
@@ -609,30 +714,66 @@ cdef extern from *:
     """
     Py_ssize_t CDL_BN_TILE
     Py_ssize_t CDL_BN_RUN
+    Py_ssize_t CDL_BN_GROUP
     Py_ssize_t CDL_BN_WS
-    void cdl_bn_fwd_block_f(const float* x, float* y, const float* res, Py_ssize_t N,
-                            Py_ssize_t C, Py_ssize_t L,
-                            Py_ssize_t c0, Py_ssize_t nc, const float* w, const float* b,
-                            float* mean_out, float* invstd_out, float* rm, float* rv,
-                            double momentum, double eps, int relu, float* pout, int* pind,
-                            Py_ssize_t W, double* ws) noexcept nogil
-    void cdl_bn_fwd_block_d(const double* x, double* y, const double* res, Py_ssize_t N,
-                            Py_ssize_t C, Py_ssize_t L,
-                            Py_ssize_t c0, Py_ssize_t nc, const double* w, const double* b,
-                            double* mean_out, double* invstd_out, double* rm, double* rv,
-                            double momentum, double eps, int relu, double* pout, int* pind,
-                            Py_ssize_t W, double* ws) noexcept nogil
-    Py_ssize_t cdl_bn_bwd_block_f(const float* g, const float* x, const float* y,
-                                  const float* w, const float* mean_in, const float* invstd_in,
-                                  float* dx, float* dw, float* db, Py_ssize_t N, Py_ssize_t C,
-                                  Py_ssize_t L, Py_ssize_t c0, Py_ssize_t nc, const int* pind,
-                                  Py_ssize_t W, double* ws) noexcept nogil
-    Py_ssize_t cdl_bn_bwd_block_d(const double* g, const double* x, const double* y,
-                                  const double* w, const double* mean_in,
-                                  const double* invstd_in, double* dx, double* dw, double* db,
-                                  Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0,
-                                  Py_ssize_t nc, const int* pind, Py_ssize_t W,
-                                  double* ws) noexcept nogil
+    void cdl_bn_fwd_sums_f(const float* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
+                              Py_ssize_t gi, Py_ssize_t c0, Py_ssize_t nc, const float* kf,
+                              const float* ke, double* s1, double* s2, double* tile) noexcept nogil
+    void cdl_bn_fwd_coef_f(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t G,
+                              const double* s1, const double* s2, const float* kf, const float* w,
+                              const float* b, float* mean_out, float* invstd_out, float* rm, float* rv,
+                              double momentum, double eps, float* mf, float* sf, float* bf, float* me,
+                              float* se, float* be) noexcept nogil
+    void cdl_bn_fwd_apply_f(const float* x, float* y, const float* res, Py_ssize_t C,
+                               Py_ssize_t L, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nc,
+                               const float* mf, const float* sf, const float* bf, const float* me,
+                               const float* se, const float* be, int relu, float* pout, int* pind,
+                               Py_ssize_t W, float* tmp) noexcept nogil
+    Py_ssize_t cdl_bn_bwd_sums_f(const float* g, const float* x, const float* y,
+                                    const float* mean_in, float* dx, Py_ssize_t N, Py_ssize_t C,
+                                    Py_ssize_t L, Py_ssize_t gi, Py_ssize_t c0, Py_ssize_t nc,
+                                    const float* mexp, const int* pind, Py_ssize_t W,
+                                    double* sg, double* sgx, double* tile,
+                                    float* planes) noexcept nogil
+    void cdl_bn_bwd_coef_f(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t G,
+                              const double* sg, const double* sgx, const float* w,
+                              const float* mean_in, const float* invstd_in, float* dw, float* db,
+                              float* mf, float* kf, float* gf, float* cf, float* me, float* ke, float* ge,
+                              float* ce) noexcept nogil
+    void cdl_bn_bwd_apply_f(const float* g, const float* x, const float* y, float* dx,
+                               Py_ssize_t C, Py_ssize_t L, Py_ssize_t n, Py_ssize_t c0,
+                               Py_ssize_t nc, const float* mf, const float* kf, const float* gf,
+                               const float* cf, const float* me, const float* ke, const float* ge,
+                               const float* ce, int pooled) noexcept nogil
+    void cdl_bn_fwd_sums_d(const double* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
+                              Py_ssize_t gi, Py_ssize_t c0, Py_ssize_t nc, const double* kf,
+                              const double* ke, double* s1, double* s2, double* tile) noexcept nogil
+    void cdl_bn_fwd_coef_d(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t G,
+                              const double* s1, const double* s2, const double* kf, const double* w,
+                              const double* b, double* mean_out, double* invstd_out, double* rm, double* rv,
+                              double momentum, double eps, double* mf, double* sf, double* bf, double* me,
+                              double* se, double* be) noexcept nogil
+    void cdl_bn_fwd_apply_d(const double* x, double* y, const double* res, Py_ssize_t C,
+                               Py_ssize_t L, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nc,
+                               const double* mf, const double* sf, const double* bf, const double* me,
+                               const double* se, const double* be, int relu, double* pout, int* pind,
+                               Py_ssize_t W, double* tmp) noexcept nogil
+    Py_ssize_t cdl_bn_bwd_sums_d(const double* g, const double* x, const double* y,
+                                    const double* mean_in, double* dx, Py_ssize_t N, Py_ssize_t C,
+                                    Py_ssize_t L, Py_ssize_t gi, Py_ssize_t c0, Py_ssize_t nc,
+                                    const double* mexp, const int* pind, Py_ssize_t W,
+                                    double* sg, double* sgx, double* tile,
+                                    double* planes) noexcept nogil
+    void cdl_bn_bwd_coef_d(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t G,
+                              const double* sg, const double* sgx, const double* w,
+                              const double* mean_in, const double* invstd_in, double* dw, double* db,
+                              double* mf, double* kf, double* gf, double* cf, double* me, double* ke, double* ge,
+                              double* ce) noexcept nogil
+    void cdl_bn_bwd_apply_d(const double* g, const double* x, const double* y, double* dx,
+                               Py_ssize_t C, Py_ssize_t L, Py_ssize_t n, Py_ssize_t c0,
+                               Py_ssize_t nc, const double* mf, const double* kf, const double* gf,
+                               const double* cf, const double* me, const double* ke, const double* ge,
+                               const double* ce, int pooled) noexcept nogil
     void cdl_bn_eval_block_f(const float* x, float* y, const float* scale, const float* shift,
                              Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0,
                              Py_ssize_t nc, int relu, double* ws) noexcept nogil
@@ -656,12 +797,10 @@ cdef inline int _threads(Py_ssize_t work, int num_threads) noexcept nogil:
 
 
 cdef inline Py_ssize_t _block_channels(Py_ssize_t C, Py_ssize_t L, int nt) noexcept nogil:
-    """Channels per block: one for planes (L >= CDL_BN_RUN), whose loops run channel
-    by channel anyway; else as many as fit a tile but no more than a thread's share
-    (so every thread gets a block). The grouping does not change any result, only the
-    work split. With one thread's group of plane channels per block, both threads
-    wrote the cache lines where their groups meet, image by image at the same time:
-    a pooled backward of (64, 16, 10, 10) took longer on two threads than on one."""
+    """The eval pass's channels per block: one for planes (L >= CDL_BN_RUN), whose
+    loops run channel by channel anyway (blocks of several made threads write the
+    cache lines where their blocks meet at the same time); else as many as fit a
+    tile but no more than a thread's share, so every thread gets a block."""
     cdef Py_ssize_t cb, share
     if L >= CDL_BN_RUN:
         return 1
@@ -673,6 +812,51 @@ cdef inline Py_ssize_t _block_channels(Py_ssize_t C, Py_ssize_t L, int nt) noexc
 cdef inline Py_ssize_t _ws_stride() noexcept nogil:
     # Whole cache lines plus one spare, so threads never share a line.
     return (CDL_BN_WS + 7) // 8 * 8 + 8
+
+
+cdef struct _Split:
+    Py_ssize_t G, nbA, cbA, itemsA, nbC, cbC, itemsC
+
+
+cdef inline void _split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, int nt,
+                        _Split* s) noexcept nogil:
+    """A training pass's work items: its sums by (group of CDL_BN_GROUP images,
+    block of channels), its elementwise pass by (image, block of channels), both
+    image-major. With static schedules each thread then takes the same images in
+    both loops, the ones the convolutions' static split gave its core, so it reads
+    what its own cache holds. Channels are split only as far as it takes to give
+    every thread an item (or, below CDL_BN_RUN, to fit a tile); no split changes a
+    result."""
+    cdef Py_ssize_t nb
+    # channels shorter than CDL_BN_RUN: one item runs all groups of its channels
+    s.G = (N + CDL_BN_GROUP - 1) // CDL_BN_GROUP if L >= CDL_BN_RUN else 1
+    nb = max(1, min(C, (nt + s.G - 1) // s.G))
+    s.cbA = (C + nb - 1) // nb
+    if L < CDL_BN_RUN:
+        s.cbA = max(1, min(s.cbA, CDL_BN_TILE // L))
+    s.nbA = (C + s.cbA - 1) // s.cbA
+    s.itemsA = s.G * s.nbA
+    nb = max(1, min(C, (nt + N - 1) // N))
+    s.cbC = (C + nb - 1) // nb
+    s.nbC = (C + s.cbC - 1) // s.cbC
+    s.itemsC = N * s.nbC
+
+
+cdef inline Py_ssize_t _train_stride() noexcept nogil:
+    # A thread's doubles: 2 tiles of sums, then 4 planes of T; whole cache lines
+    # plus one spare, so threads never share a line.
+    return (6 * CDL_BN_TILE + 7) // 8 * 8 + 8
+
+
+cdef inline size_t _train_bytes(int nt, Py_ssize_t G, Py_ssize_t C, Py_ssize_t L,
+                                int per_channel, size_t item) noexcept nogil:
+    """A training pass's workspace: the threads' tiles, two [G][C] double arrays,
+    per_channel arrays of C T's and, below CDL_BN_RUN, per_channel of C * L."""
+    cdef size_t n = (nt * _train_stride() + 2 * G * C) * sizeof(double)
+    n += per_channel * C * item
+    if L < CDL_BN_RUN:
+        n += per_channel * C * L * item
+    return n + 64
 
 
 cdef inline bint _overlaps(const char* a, size_t na, const char* b, size_t nb) noexcept nogil:
@@ -721,9 +905,16 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
                                   Py_ssize_t width=0,
                                   const floating[:, :, ::1] residual=None) except -1:
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2]
-    cdef Py_ssize_t cb, nblocks, blk, c0, stride = _ws_stride()
-    cdef int nt
+    cdef Py_ssize_t it, c, gi, n, c0, stride = _train_stride()
+    cdef int nt, tid
+    cdef _Split sp
+    cdef char* mem
     cdef double* ws
+    cdef double* s1
+    cdef double* s2
+    cdef floating* kf
+    cdef floating* coef
+    cdef floating* spread
     cdef floating* pp = NULL
     cdef int* pi = NULL
     if pool_out is None and (pool_indices is not None or out is None):
@@ -742,11 +933,6 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
     if pool_out is not None:
         pp = &pool_out[0, 0, 0]
         pi = &pool_indices[0, 0, 0]
-    nt = _threads(N * C * L, num_threads)
-    cb = _block_channels(C, L, nt)
-    nblocks = (C + cb - 1) // cb
-    if nt > nblocks:
-        nt = <int>nblocks
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = NULL if out is None else &out[0, 0, 0]
     cdef const floating* wp = _ptr_or_null(weight)
@@ -755,21 +941,58 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
     cdef floating* ip = &invstd[0]
     cdef floating* rmp = _wptr_or_null(running_mean)
     cdef floating* rvp = _wptr_or_null(running_var)
-    ws = <double*>malloc(nt * stride * sizeof(double))
-    if ws == NULL:
+    nt = _threads(N * C * L, num_threads)
+    _split(N, C, L, nt, &sp)
+    # threads' tiles, then s1, s2 [groups][C], then kf, mf, sf, bf [C] and,
+    # below CDL_BN_RUN, ke, me, se, be [C * L]
+    mem = <char*>malloc(_train_bytes(nt, sp.G, C, L, 4, sizeof(floating)))
+    if mem == NULL:
         raise MemoryError()
+    ws = <double*>mem
+    s1 = ws + nt * stride
+    s2 = s1 + sp.G * C
+    kf = <floating*>(s2 + sp.G * C)
+    coef = kf + C
+    spread = coef + 3 * C
     with nogil:
-        for blk in prange(nblocks, schedule="static", num_threads=nt):
-            c0 = blk * cb
+        for c in range(C):
+            kf[c] = xp[c * L]
+        if L < CDL_BN_RUN:
+            for c in range(C * L):
+                spread[c] = kf[c // L]
+        for it in prange(sp.itemsA, schedule="static", num_threads=min(nt, sp.itemsA)):
+            tid = omp_get_thread_num()
+            gi = it // sp.nbA
+            c0 = (it % sp.nbA) * sp.cbA
             if floating is float:
-                cdl_bn_fwd_block_f(xp, yp, rp, N, C, L, c0, min(cb, C - c0), wp, bp, mp, ip, rmp,
-                                   rvp, momentum, eps, relu, pp, pi, width,
-                                   ws + omp_get_thread_num() * stride)
+                cdl_bn_fwd_sums_f(xp, N, C, L, gi, c0, min(sp.cbA, C - c0), kf, spread, s1,
+                                  s2, ws + tid * stride)
             else:
-                cdl_bn_fwd_block_d(xp, yp, rp, N, C, L, c0, min(cb, C - c0), wp, bp, mp, ip, rmp,
-                                   rvp, momentum, eps, relu, pp, pi, width,
-                                   ws + omp_get_thread_num() * stride)
-    free(ws)
+                cdl_bn_fwd_sums_d(xp, N, C, L, gi, c0, min(sp.cbA, C - c0), kf, spread, s1,
+                                  s2, ws + tid * stride)
+        if floating is float:
+            cdl_bn_fwd_coef_f(N, C, L, sp.G, s1, s2, kf, wp, bp, mp, ip, rmp, rvp, momentum,
+                              eps, coef, coef + C, coef + 2 * C, spread, spread + C * L,
+                              spread + 2 * C * L)
+        else:
+            cdl_bn_fwd_coef_d(N, C, L, sp.G, s1, s2, kf, wp, bp, mp, ip, rmp, rvp, momentum,
+                              eps, coef, coef + C, coef + 2 * C, spread, spread + C * L,
+                              spread + 2 * C * L)
+        for it in prange(sp.itemsC, schedule="static", num_threads=min(nt, sp.itemsC)):
+            tid = omp_get_thread_num()
+            n = it // sp.nbC
+            c0 = (it % sp.nbC) * sp.cbC
+            if floating is float:
+                cdl_bn_fwd_apply_f(xp, yp, rp, C, L, n, c0, min(sp.cbC, C - c0), coef,
+                                   coef + C, coef + 2 * C, spread, spread + C * L,
+                                   spread + 2 * C * L, relu, pp, pi, width,
+                                   <float*>(ws + tid * stride))
+            else:
+                cdl_bn_fwd_apply_d(xp, yp, rp, C, L, n, c0, min(sp.cbC, C - c0), coef,
+                                   coef + C, coef + 2 * C, spread, spread + C * L,
+                                   spread + 2 * C * L, relu, pp, pi, width,
+                                   <double*>(ws + tid * stride))
+    free(mem)
     return 0
 
 
@@ -818,9 +1041,15 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2]
     cdef size_t cells, n
     cdef const char* d
-    cdef Py_ssize_t cb, nblocks, blk, c0, stride = _ws_stride(), bad = 0
-    cdef int nt
+    cdef Py_ssize_t it, c, gi, im, c0, stride = _train_stride(), bad = 0
+    cdef int nt, tid
+    cdef _Split sp
+    cdef char* mem
     cdef double* ws
+    cdef double* sg
+    cdef double* sgx
+    cdef floating* coef
+    cdef floating* spread
     cdef const int* pi = NULL
     if pool_indices is not None:
         _check_pool(N, C, L, width, _shape3(grad_out.shape),
@@ -849,10 +1078,7 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
             raise ValueError("pooled batch norm backward: grad_input must not overlap "
                              "grad_out, x, out or pool_indices")
     nt = _threads(N * C * L, num_threads)
-    cb = _block_channels(C, L, nt)
-    nblocks = (C + cb - 1) // cb
-    if nt > nblocks:
-        nt = <int>nblocks
+    _split(N, C, L, nt, &sp)
     cdef const floating* gp = &grad_out[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef const floating* yp = &out[0, 0, 0] if relu else NULL
@@ -862,23 +1088,60 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
     cdef floating* dxp = NULL if grad_input is None else &grad_input[0, 0, 0]
     cdef floating* dwp = _wptr_or_null(grad_weight)
     cdef floating* dbp = _wptr_or_null(grad_bias)
-    if pool_indices is not None:
+    cdef int pooled = pool_indices is not None
+    if pooled:
         pi = &pool_indices[0, 0, 0]
-    ws = <double*>malloc(nt * stride * sizeof(double))
-    if ws == NULL:
+    # threads' tiles, then sg, sgx [groups][C], then mf, kf, gf, cf [C] and,
+    # below CDL_BN_RUN, the mean and me, ke, ge, ce spread [C * L]
+    mem = <char*>malloc(_train_bytes(nt, sp.G, C, L, 5, sizeof(floating)))
+    if mem == NULL:
         raise MemoryError()
+    ws = <double*>mem
+    sg = ws + nt * stride
+    sgx = sg + sp.G * C
+    coef = <floating*>(sgx + sp.G * C)
+    spread = coef + 4 * C
     with nogil:
-        for blk in prange(nblocks, schedule="static", num_threads=nt):
-            c0 = blk * cb
+        if L < CDL_BN_RUN:
+            for c in range(C * L):
+                spread[c] = mp[c // L]
+        for it in prange(sp.itemsA, schedule="static", num_threads=min(nt, sp.itemsA)):
+            tid = omp_get_thread_num()
+            gi = it // sp.nbA
+            c0 = (it % sp.nbA) * sp.cbA
             if floating is float:
-                bad += cdl_bn_bwd_block_f(gp, xp, yp, wp, mp, ip, dxp, dwp, dbp, N, C, L, c0,
-                                          min(cb, C - c0), pi, width,
-                                          ws + omp_get_thread_num() * stride)
+                bad += cdl_bn_bwd_sums_f(gp, xp, yp, mp, dxp, N, C, L, gi, c0,
+                                         min(sp.cbA, C - c0), spread, pi, width, sg, sgx,
+                                         ws + tid * stride,
+                                         <float*>(ws + tid * stride + 2 * CDL_BN_TILE))
             else:
-                bad += cdl_bn_bwd_block_d(gp, xp, yp, wp, mp, ip, dxp, dwp, dbp, N, C, L, c0,
-                                          min(cb, C - c0), pi, width,
-                                          ws + omp_get_thread_num() * stride)
-    free(ws)
+                bad += cdl_bn_bwd_sums_d(gp, xp, yp, mp, dxp, N, C, L, gi, c0,
+                                         min(sp.cbA, C - c0), spread, pi, width, sg, sgx,
+                                         ws + tid * stride,
+                                         <double*>(ws + tid * stride + 2 * CDL_BN_TILE))
+        if floating is float:
+            cdl_bn_bwd_coef_f(N, C, L, sp.G, sg, sgx, wp, mp, ip, dwp, dbp, coef, coef + C,
+                              coef + 2 * C, coef + 3 * C, spread + C * L, spread + 2 * C * L,
+                              spread + 3 * C * L, spread + 4 * C * L)
+        else:
+            cdl_bn_bwd_coef_d(N, C, L, sp.G, sg, sgx, wp, mp, ip, dwp, dbp, coef, coef + C,
+                              coef + 2 * C, coef + 3 * C, spread + C * L, spread + 2 * C * L,
+                              spread + 3 * C * L, spread + 4 * C * L)
+        if dxp != NULL:
+            for it in prange(sp.itemsC, schedule="static", num_threads=min(nt, sp.itemsC)):
+                im = it // sp.nbC
+                c0 = (it % sp.nbC) * sp.cbC
+                if floating is float:
+                    cdl_bn_bwd_apply_f(gp, xp, yp, dxp, C, L, im, c0, min(sp.cbC, C - c0), coef,
+                                       coef + C, coef + 2 * C, coef + 3 * C, spread + C * L,
+                                       spread + 2 * C * L, spread + 3 * C * L,
+                                       spread + 4 * C * L, pooled)
+                else:
+                    cdl_bn_bwd_apply_d(gp, xp, yp, dxp, C, L, im, c0, min(sp.cbC, C - c0), coef,
+                                       coef + C, coef + 2 * C, coef + 3 * C, spread + C * L,
+                                       spread + 2 * C * L, spread + 3 * C * L,
+                                       spread + 4 * C * L, pooled)
+    free(mem)
     return bad
 
 
