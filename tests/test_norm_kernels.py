@@ -235,8 +235,11 @@ def test_backward_gradcheck(shape, affine, relu):
 
 # ------------------------------------------------------------ threads, bound calls
 
-# Big enough to run in parallel (32K elements), in every block layout.
-THREAD_SHAPES = [(8, 12, 4096), (64, 40, 20), (2048, 24, 1), (16, 48, 49), (32, 3, 700)]
+# Big enough to run in parallel (32K elements), in every work split: groups of 4
+# images with a short last group (13), channels split to give threads items (one
+# image), short channels over several tiles (300 x 15 > 1024).
+THREAD_SHAPES = [(8, 12, 4096), (64, 40, 20), (2048, 24, 1), (16, 48, 49), (32, 3, 700),
+                 (13, 6, 600), (1, 16, 4096), (9, 300, 15)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -245,7 +248,7 @@ def test_bitwise_for_any_thread_count(shape, dtype):
     x, w, b, rm, rv = bn_case(shape, dtype, seed=7)
     g = np.random.default_rng(8).standard_normal(shape).astype(dtype)
     res = []
-    for nt in (1, 2, 3):
+    for nt in (1, 2, 3, 5):
         fwd = run_train(x, w, b, rm, rv, relu=True, threads=nt)
         bwd = run_backward(g, x, fwd[0], w, fwd[1], fwd[2], True, threads=nt)
         scale, shift = np.empty_like(w), np.empty_like(w)
@@ -253,7 +256,7 @@ def test_bitwise_for_any_thread_count(shape, dtype):
         ev = np.empty_like(x)
         norm.batchnorm_forward_eval(x, scale, shift, ev, True, nt)
         res.append(b"".join(a.tobytes() for a in fwd + bwd + (ev,)))
-    assert res[0] == res[1] == res[2]
+    assert res[0] == res[1] == res[2] == res[3]
 
 
 @pytest.mark.parametrize("shape", [(4, 6, 50), (2048, 24, 1), (8, 5, 3000)])
