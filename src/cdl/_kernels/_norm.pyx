@@ -67,22 +67,29 @@ cdef extern from *:
     #define CDL_BN_TILE 1024
     #define CDL_BN_RUN 16
     #define CDL_BN_GROUP 4
-    /* 32-byte vectors (GCC vector types) for the sums, and lanes
-       [h, h + 8) of 8 double lanes += s: floats convert in two halves. */
-    typedef double cdl_bn_d4 __attribute__((vector_size(32)));
-    typedef float cdl_bn_v_f __attribute__((vector_size(32)));
-    typedef double cdl_bn_v_d __attribute__((vector_size(32)));
-    typedef float cdl_bn_f4 __attribute__((vector_size(16)));
-    static inline void cdl_bn_acc_f(cdl_bn_d4 *acc, cdl_bn_v_f s, Py_ssize_t h) {
-        cdl_bn_f4 a, b;
-        (void)h;
+    /* Vectors of CDL_BN_VB bytes (GCC vector types; 32 with AVX, else 16, which
+       SSE2 keeps in registers) for the sums. cdl_bn_acc_*: lanes [h, h + the
+       vector's length) of 8 double lanes (acc: vectors of CDL_BN_DL doubles)
+       += s as double; floats convert by halves. */
+    #if defined(__AVX__)
+    #define CDL_BN_VB 32
+    #else
+    #define CDL_BN_VB 16
+    #endif
+    #define CDL_BN_DL (CDL_BN_VB / 8)
+    typedef double cdl_bn_dv __attribute__((vector_size(CDL_BN_VB)));
+    typedef float cdl_bn_v_f __attribute__((vector_size(CDL_BN_VB)));
+    typedef double cdl_bn_v_d __attribute__((vector_size(CDL_BN_VB)));
+    typedef float cdl_bn_fh __attribute__((vector_size(CDL_BN_VB / 2)));
+    static inline void cdl_bn_acc_f(cdl_bn_dv *acc, cdl_bn_v_f s, Py_ssize_t h) {
+        cdl_bn_fh a, b;
         memcpy(&a, &s, sizeof a);
         memcpy(&b, (const char *)&s + sizeof a, sizeof b);
-        acc[0] += __builtin_convertvector(a, cdl_bn_d4);
-        acc[1] += __builtin_convertvector(b, cdl_bn_d4);
+        acc[h / CDL_BN_DL] += __builtin_convertvector(a, cdl_bn_dv);
+        acc[h / CDL_BN_DL + 1] += __builtin_convertvector(b, cdl_bn_dv);
     }
-    static inline void cdl_bn_acc_d(cdl_bn_d4 *acc, cdl_bn_v_d s, Py_ssize_t h) {
-        acc[h / 4] += s;
+    static inline void cdl_bn_acc_d(cdl_bn_dv *acc, cdl_bn_v_d s, Py_ssize_t h) {
+        acc[h / CDL_BN_DL] += s;
     }
     /* The eval pass's per-thread workspace in doubles: two tiles of
        per-element coefficients (as T). Training's is _train_stride's. */
@@ -163,8 +170,8 @@ cdef extern from *:
        CDL_BN_RUN instead add each position's group sums in group order, then fold  \\
        once. Work is split by groups, images and channels, never inside one of      \\
        these sums, so no result depends on the threads. */                          \\
-    /* 32-byte vectors of T (8 floats or 4 doubles), in GCC's vector types: the     \\
-       compiler did not vectorise the lanes' loops written with arrays. */          \\
+    /* Vectors of T, CDL_BN_VB bytes, in GCC's vector types: the compiler did not   \\
+       vectorise the lanes' loops written with arrays. */                           \\
     static inline cdl_bn_v_##SFX cdl_bn_load_##SFX(const T *p) {                    \\
         cdl_bn_v_##SFX v;                                                           \\
         memcpy(&v, p, sizeof v);                                                    \\
@@ -185,12 +192,12 @@ cdef extern from *:
        vector types (GCC does not vectorise the lanes' loop on its own). */         \\
     static void cdl_bn_csum2_##SFX(const T *x, Py_ssize_t st, Py_ssize_t nr,        \\
                                    Py_ssize_t L, T k, double *o1, double *o2) {     \\
-        cdl_bn_d4 v1[2] = {{0, 0, 0, 0}, {0, 0, 0, 0}}, v2[2] = {{0, 0, 0, 0}, {0, 0, 0, 0}};\\
+        cdl_bn_dv v1[8 / CDL_BN_DL] = {{0}}, v2[8 / CDL_BN_DL] = {{0}};             \\
         double l1[8], l2[8];                                                        \\
         Py_ssize_t j = 0, h;                                                        \\
         if (nr == 4)                                                                \\
             for (; j + 8 <= L; j += 8)                                              \\
-                for (h = 0; h < 8; h += (Py_ssize_t)(32 / sizeof(T))) {             \\
+                for (h = 0; h < 8; h += (Py_ssize_t)(CDL_BN_VB / sizeof(T))) {      \\
                     const T *p = x + j + h;                                         \\
                     cdl_bn_v_##SFX d0 = cdl_bn_load_##SFX(p) - k;                   \\
                     cdl_bn_v_##SFX d1 = cdl_bn_load_##SFX(p + st) - k;              \\
@@ -321,7 +328,7 @@ cdef extern from *:
                                                      Py_ssize_t o) {                \\
         cdl_bn_v_##SFX gv = cdl_bn_load_##SFX(g + o);                               \\
         if (y) {                                                                    \\
-            typedef UT cdl_bn_u __attribute__((vector_size(32)));                   \\
+            typedef UT cdl_bn_u __attribute__((vector_size(CDL_BN_VB)));            \\
             cdl_bn_u m = (cdl_bn_u)(cdl_bn_load_##SFX(y + o) <= (T)0);              \\
             gv = (cdl_bn_v_##SFX)((cdl_bn_u)gv & ~m);                               \\
         }                                                                           \\
@@ -330,12 +337,12 @@ cdef extern from *:
     static inline __attribute__((always_inline)) void cdl_bn_cbsum_##SFX(           \\
             const T *g, const T *y, Py_ssize_t st, const T *x, Py_ssize_t xst,      \\
             Py_ssize_t nr, Py_ssize_t L, T m, double *o1, double *o2) {             \\
-        cdl_bn_d4 v1[2] = {{0, 0, 0, 0}, {0, 0, 0, 0}}, v2[2] = {{0, 0, 0, 0}, {0, 0, 0, 0}};\\
+        cdl_bn_dv v1[8 / CDL_BN_DL] = {{0}}, v2[8 / CDL_BN_DL] = {{0}};             \\
         double l1[8], l2[8];                                                        \\
         Py_ssize_t j = 0, r, h;                                                     \\
         if (nr == 4)                                                                \\
             for (; j + 8 <= L; j += 8)                                              \\
-                for (h = 0; h < 8; h += (Py_ssize_t)(32 / sizeof(T))) {             \\
+                for (h = 0; h < 8; h += (Py_ssize_t)(CDL_BN_VB / sizeof(T))) {      \\
                     const Py_ssize_t o = j + h;                                     \\
                     cdl_bn_v_##SFX g0 = cdl_bn_gmaskv_##SFX(g, y, o);               \\
                     cdl_bn_v_##SFX g1 = cdl_bn_gmaskv_##SFX(g, y, o + st);          \\
