@@ -194,14 +194,20 @@ def resnet_block(doc):
         lines.append(line)
     if "bn_dropout_overhead_lenet_n64" in m:
         pair = m.get("lenet_n64_interleaved_ms")
-        timed = "" if pair is None else (f" ({ms(pair['plain'])} → {ms(pair['bn'])} ms, the "
-                                         f"steps timed in one interleaved block)")
+        blocks = m.get("bn_dropout_overhead_blocks")
+        timed = "" if pair is None else (
+            f" ({ms(pair['plain'])} → {ms(pair['bn'])} ms, the steps timed in one interleaved "
+            f"block)" if blocks is None else
+            f" (the median of {len(blocks)} interleaved blocks, "
+            + ", ".join(f"{o:.0%}" for o in blocks)
+            + f"; median times {ms(pair['plain'])} → {ms(pair['bn'])} ms)")
         lines += ["", f"BatchNorm + Dropout add {m['bn_dropout_overhead_lenet_n64']:.0%} to the "
                       f"LeNet-5 `train_step` at batch 64{timed}."]
         if "bn_pool_merge_gain_lenet_n64" in m:
             lines[-1] += (f" Its BatchNorm layers running the max-pool after them in their own "
                           f"pass save {m['bn_pool_merge_gain_lenet_n64']:.0%} of that step "
-                          f"({ms(pair['bn_unmerged'])} ms without, in the same block).")
+                          f"({ms(pair['bn_unmerged'])} ms without, in the same "
+                          + ("block)." if blocks is None else "blocks)."))
     return "\n".join(lines)
 
 
