@@ -163,7 +163,7 @@ cdef extern from *:
         return a;                                                                   \\
     }                                                                               \\
     /* Sums run by groups of CDL_BN_GROUP (4) images. Within a group the values of  \\
-       one position are added in T in a fixed association (cdl_bn_add4), then       \\
+       one position are added in T, ((a0 + a1) + (a2 + a3)), then                   \\
        converted to double; positions fold into 8 double lanes by position mod 8,   \\
        and the lanes' total (pairwise) is the group's sum for the channel. The      \\
        group sums are added in group order (cdl_bn_*_coef). Channels shorter than   \\
@@ -177,35 +177,30 @@ cdef extern from *:
         memcpy(&v, p, sizeof v);                                                    \\
         return v;                                                                   \\
     }                                                                               \\
-    /* ((a0 + a1) + (a2 + a3)) for nr = 4 values; ((a0 + a1) + a2), a0 + a1 or a0 */\\
-    static inline T cdl_bn_add4_##SFX(T a0, T a1, T a2, T a3, Py_ssize_t nr) {      \\
-        return nr == 4 ? (a0 + a1) + (a2 + a3) : nr == 3 ? (a0 + a1) + a2           \\
-             : nr == 2 ? a0 + a1 : a0;                                              \\
-    }                                                                               \\
+    /* Rows past nr count as zeros: (a + b) + (c + 0) is (a + b) + c exactly, so    \\
+       a short group adds its values in the order a full one does. */               \\
     /* x[r * st] - k for rows r < nr, else 0 (not read) */                          \\
     static inline T cdl_bn_dev_##SFX(const T *x, Py_ssize_t st, Py_ssize_t r,       \\
                                      Py_ssize_t nr, T k) {                          \\
         return r < nr ? x[r * st] - k : (T)0;                                       \\
     }                                                                               \\
     /* One group's shifted sums of one channel, o1 = Σ (x - k), o2 = Σ (x - k)²,    \\
-       over nr <= 4 rows `st` apart of L positions. Eight positions a step in       \\
-       vector types (GCC does not vectorise the lanes' loop on its own). */         \\
+       over nr <= 4 rows `st` apart of L positions, eight positions a step. */      \\
     static void cdl_bn_csum2_##SFX(const T *x, Py_ssize_t st, Py_ssize_t nr,        \\
                                    Py_ssize_t L, T k, double *o1, double *o2) {     \\
         cdl_bn_dv v1[8 / CDL_BN_DL] = {{0}}, v2[8 / CDL_BN_DL] = {{0}};             \\
         double l1[8], l2[8];                                                        \\
         Py_ssize_t j = 0, h;                                                        \\
-        if (nr == 4)                                                                \\
-            for (; j + 8 <= L; j += 8)                                              \\
-                for (h = 0; h < 8; h += (Py_ssize_t)(CDL_BN_VB / sizeof(T))) {      \\
-                    const T *p = x + j + h;                                         \\
-                    cdl_bn_v_##SFX d0 = cdl_bn_load_##SFX(p) - k;                   \\
-                    cdl_bn_v_##SFX d1 = cdl_bn_load_##SFX(p + st) - k;              \\
-                    cdl_bn_v_##SFX d2 = cdl_bn_load_##SFX(p + 2 * st) - k;          \\
-                    cdl_bn_v_##SFX d3 = cdl_bn_load_##SFX(p + 3 * st) - k;          \\
-                    cdl_bn_acc_##SFX(v1, (d0 + d1) + (d2 + d3), h);                 \\
-                    cdl_bn_acc_##SFX(v2, (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3), h);\\
-                }                                                                   \\
+        for (; j + 8 <= L; j += 8)                                                  \\
+            for (h = 0; h < 8; h += (Py_ssize_t)(CDL_BN_VB / sizeof(T))) {          \\
+                const T *p = x + j + h;                                             \\
+                cdl_bn_v_##SFX z = {0}, d0 = cdl_bn_load_##SFX(p) - k;              \\
+                cdl_bn_v_##SFX d1 = nr > 1 ? cdl_bn_load_##SFX(p + st) - k : z;     \\
+                cdl_bn_v_##SFX d2 = nr > 2 ? cdl_bn_load_##SFX(p + 2 * st) - k : z; \\
+                cdl_bn_v_##SFX d3 = nr > 3 ? cdl_bn_load_##SFX(p + 3 * st) - k : z; \\
+                cdl_bn_acc_##SFX(v1, (d0 + d1) + (d2 + d3), h);                     \\
+                cdl_bn_acc_##SFX(v2, (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3), h); \\
+            }                                                                       \\
         memcpy(l1, &v1, sizeof l1);                                                 \\
         memcpy(l2, &v2, sizeof l2);                                                 \\
         for (; j < L; j++) {                                                        \\
@@ -213,9 +208,8 @@ cdef extern from *:
             T d1 = cdl_bn_dev_##SFX(x + j, st, 1, nr, k);                           \\
             T d2 = cdl_bn_dev_##SFX(x + j, st, 2, nr, k);                           \\
             T d3 = cdl_bn_dev_##SFX(x + j, st, 3, nr, k);                           \\
-            l1[j % 8] += (double)cdl_bn_add4_##SFX(d0, d1, d2, d3, nr);             \\
-            l2[j % 8] += (double)cdl_bn_add4_##SFX(d0 * d0, d1 * d1, d2 * d2,       \\
-                                                   d3 * d3, nr);                    \\
+            l1[j % 8] += (double)((d0 + d1) + (d2 + d3));                           \\
+            l2[j % 8] += (double)((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3));       \\
         }                                                                           \\
         *o1 = cdl_bn_total(l1);                                                     \\
         *o2 = cdl_bn_total(l2);                                                     \\
@@ -240,8 +234,8 @@ cdef extern from *:
             T d0 = cdl_bn_dev_##SFX(x + p, st, 0, nr, kv[p]);                       \\
             T d1 = cdl_bn_dev_##SFX(x + p, st, 1, nr, kv[p]);                       \\
             T d2 = cdl_bn_dev_##SFX(x + p, st, 2, nr, kv[p]);                       \\
-            a1[p] += (double)cdl_bn_add4_##SFX(d0, d1, d2, (T)0, nr);               \\
-            a2[p] += (double)cdl_bn_add4_##SFX(d0 * d0, d1 * d1, d2 * d2, (T)0, nr);\\
+            a1[p] += (double)((d0 + d1) + d2);                                      \\
+            a2[p] += (double)((d0 * d0 + d1 * d1) + d2 * d2);                       \\
         }                                                                           \\
     }                                                                               \\
     /* y = (x - m) * s + b (+ r when r: a Residual's join, the shortcut added to \\
@@ -319,7 +313,7 @@ cdef extern from *:
     }                                                                               \\
     /* Backward sums of one group and channel: o1 = Σ g, o2 = Σ g (x - m), g masked \\
        to 0 where y <= 0 (if y); rows of g and y `st` apart, of x `xst` apart. The  \\
-       association is the forward's (cdl_bn_add4). Inlined, so each call site's y   \\
+       association is the forward's. Inlined, so each call site's y                 \\
        (NULL or not) is a constant. */                                              \\
     static inline T cdl_bn_gmask_##SFX(const T *g, const T *y, Py_ssize_t o) {      \\
         return y ? cdl_bn_pick_##SFX(y[o] <= (T)0, (T)0, g[o]) : g[o];              \\
@@ -340,31 +334,31 @@ cdef extern from *:
         cdl_bn_dv v1[8 / CDL_BN_DL] = {{0}}, v2[8 / CDL_BN_DL] = {{0}};             \\
         double l1[8], l2[8];                                                        \\
         Py_ssize_t j = 0, r, h;                                                     \\
-        if (nr == 4)                                                                \\
-            for (; j + 8 <= L; j += 8)                                              \\
-                for (h = 0; h < 8; h += (Py_ssize_t)(CDL_BN_VB / sizeof(T))) {      \\
-                    const Py_ssize_t o = j + h;                                     \\
-                    cdl_bn_v_##SFX g0 = cdl_bn_gmaskv_##SFX(g, y, o);               \\
-                    cdl_bn_v_##SFX g1 = cdl_bn_gmaskv_##SFX(g, y, o + st);          \\
-                    cdl_bn_v_##SFX g2 = cdl_bn_gmaskv_##SFX(g, y, o + 2 * st);      \\
-                    cdl_bn_v_##SFX g3 = cdl_bn_gmaskv_##SFX(g, y, o + 3 * st);      \\
-                    cdl_bn_v_##SFX e0 = cdl_bn_load_##SFX(x + o) - m;               \\
-                    cdl_bn_v_##SFX e1 = cdl_bn_load_##SFX(x + xst + o) - m;         \\
-                    cdl_bn_v_##SFX e2 = cdl_bn_load_##SFX(x + 2 * xst + o) - m;     \\
-                    cdl_bn_v_##SFX e3 = cdl_bn_load_##SFX(x + 3 * xst + o) - m;     \\
-                    cdl_bn_acc_##SFX(v1, (g0 + g1) + (g2 + g3), h);                 \\
-                    cdl_bn_acc_##SFX(v2, (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3), h);\\
-                }                                                                   \\
+        for (; j + 8 <= L; j += 8)                                                  \\
+            for (h = 0; h < 8; h += (Py_ssize_t)(CDL_BN_VB / sizeof(T))) {          \\
+                const Py_ssize_t o = j + h;                                         \\
+                cdl_bn_v_##SFX z = {0};                                             \\
+                cdl_bn_v_##SFX g0 = cdl_bn_gmaskv_##SFX(g, y, o);                   \\
+                cdl_bn_v_##SFX g1 = nr > 1 ? cdl_bn_gmaskv_##SFX(g, y, o + st) : z; \\
+                cdl_bn_v_##SFX g2 = nr > 2 ? cdl_bn_gmaskv_##SFX(g, y, o + 2 * st) : z;\\
+                cdl_bn_v_##SFX g3 = nr > 3 ? cdl_bn_gmaskv_##SFX(g, y, o + 3 * st) : z;\\
+                cdl_bn_v_##SFX e0 = cdl_bn_load_##SFX(x + o) - m;                   \\
+                cdl_bn_v_##SFX e1 = nr > 1 ? cdl_bn_load_##SFX(x + xst + o) - m : z;\\
+                cdl_bn_v_##SFX e2 = nr > 2 ? cdl_bn_load_##SFX(x + 2 * xst + o) - m : z;\\
+                cdl_bn_v_##SFX e3 = nr > 3 ? cdl_bn_load_##SFX(x + 3 * xst + o) - m : z;\\
+                cdl_bn_acc_##SFX(v1, (g0 + g1) + (g2 + g3), h);                     \\
+                cdl_bn_acc_##SFX(v2, (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3), h); \\
+            }                                                                       \\
         memcpy(l1, &v1, sizeof l1);                                                 \\
         memcpy(l2, &v2, sizeof l2);                                                 \\
         for (; j < L; j++) {                                                        \\
-            T gv[4] = {0, 0, 0, 0}, gx[4] = {0, 0, 0, 0};                           \\
+            T gv[4] = {0, 0, 0, 0}, ex[4] = {0, 0, 0, 0};                           \\
             for (r = 0; r < nr; r++) {                                              \\
                 gv[r] = cdl_bn_gmask_##SFX(g, y, j + r * st);                       \\
-                gx[r] = gv[r] * (x[j + r * xst] - m);                               \\
+                ex[r] = x[j + r * xst] - m;                                         \\
             }                                                                       \\
-            l1[j % 8] += (double)cdl_bn_add4_##SFX(gv[0], gv[1], gv[2], gv[3], nr); \\
-            l2[j % 8] += (double)cdl_bn_add4_##SFX(gx[0], gx[1], gx[2], gx[3], nr); \\
+            l1[j % 8] += (double)((gv[0] + gv[1]) + (gv[2] + gv[3]));               \\
+            l2[j % 8] += (double)((gv[0] * ex[0] + gv[1] * ex[1]) + (gv[2] * ex[2] + gv[3] * ex[3]));\\
         }                                                                           \\
         *o1 = cdl_bn_total(l1);                                                     \\
         *o2 = cdl_bn_total(l2);                                                     \\
@@ -389,13 +383,13 @@ cdef extern from *:
             return;                                                                 \\
         }                                                                           \\
         for (p = 0; p < S; p++) {                                                   \\
-            T gv[4] = {0, 0, 0, 0}, gx[4] = {0, 0, 0, 0};                           \\
+            T gv[4] = {0, 0, 0, 0}, ex[4] = {0, 0, 0, 0};                           \\
             for (r = 0; r < nr; r++) {                                              \\
                 gv[r] = cdl_bn_gmask_##SFX(g, y, p + r * st);                       \\
-                gx[r] = gv[r] * (x[p + r * st] - mv[p]);                            \\
+                ex[r] = x[p + r * st] - mv[p];                                      \\
             }                                                                       \\
-            a1[p] += (double)cdl_bn_add4_##SFX(gv[0], gv[1], gv[2], gv[3], nr);     \\
-            a2[p] += (double)cdl_bn_add4_##SFX(gx[0], gx[1], gx[2], gx[3], nr);     \\
+            a1[p] += (double)((gv[0] + gv[1]) + (gv[2] + gv[3]));                   \\
+            a2[p] += (double)((gv[0] * ex[0] + gv[1] * ex[1]) + (gv[2] * ex[2] + gv[3] * ex[3]));\\
         }                                                                           \\
     }                                                                               \\
     /* dx = ((g - gm) - (x - m) * k) * sc, g masked as above */                     \\
@@ -510,16 +504,18 @@ cdef extern from *:
             s2[c0 + c] = cdl_bn_fold_total(t2 + c * L, L);                          \\
         }                                                                           \\
     }                                                                               \\
-    /* Statistics from the group sums (in group order); mf, sf, bf: the             \\
+    /* Channels [c0, c0 + nc)' statistics from the group sums (in group order);   \\
+       mf, sf, bf: the                                                              \\
        normalisation's per-channel mean, scale (invstd * w) and shift (b) as T;     \\
        me, se, be: the same spread over L positions (CDL_BN_RUN > L only). */       \\
     static void cdl_bn_fwd_coef_##SFX(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,     \\
             Py_ssize_t G, const double *s1, const double *s2, const T *kf,          \\
             const T *w, const T *b, T *mean_out, T *invstd_out, T *rm, T *rv,       \\
-            double momentum, double eps, T *mf, T *sf, T *bf, T *me, T *se, T *be) {\\
+            double momentum, double eps, T *mf, T *sf, T *bf, T *me, T *se, T *be,  \\
+            Py_ssize_t c0, Py_ssize_t nc) {                                         \\
         const Py_ssize_t M = N * L;                                                 \\
         Py_ssize_t c, gi;                                                           \\
-        for (c = 0; c < C; c++) {                                                   \\
+        for (c = c0; c < c0 + nc; c++) {                                            \\
             double a = 0.0, q = 0.0, mu, ssq, var, is, wc, bc;                      \\
             for (gi = 0; gi < G; gi++) {                                            \\
                 a += s1[gi * C + c];                                                \\
@@ -543,9 +539,9 @@ cdef extern from *:
             bf[c] = (T)bc;                                                          \\
         }                                                                           \\
         if (L < CDL_BN_RUN) {                                                       \\
-            cdl_bn_spread_##SFX(me, mf, C, L);                                      \\
-            cdl_bn_spread_##SFX(se, sf, C, L);                                      \\
-            cdl_bn_spread_##SFX(be, bf, C, L);                                      \\
+            cdl_bn_spread_##SFX(me + c0 * L, mf + c0, nc, L);                       \\
+            cdl_bn_spread_##SFX(se + c0 * L, sf + c0, nc, L);                       \\
+            cdl_bn_spread_##SFX(be + c0 * L, bf + c0, nc, L);                       \\
         }                                                                           \\
     }                                                                               \\
     /* Image n's channels [c0, c0 + nc): y = the normalised x (+ res, then the      \\
@@ -648,10 +644,10 @@ cdef extern from *:
     static void cdl_bn_bwd_coef_##SFX(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,     \\
             Py_ssize_t G, const double *sg, const double *sgx, const T *w,          \\
             const T *mean_in, const T *invstd_in, T *dw, T *db, T *mf, T *kf,       \\
-            T *gf, T *cf, T *me, T *ke, T *ge, T *ce) {                             \\
+            T *gf, T *cf, T *me, T *ke, T *ge, T *ce, Py_ssize_t c0, Py_ssize_t nc) {\\
         const Py_ssize_t M = N * L;                                                 \\
         Py_ssize_t c, gi;                                                           \\
-        for (c = 0; c < C; c++) {                                                   \\
+        for (c = c0; c < c0 + nc; c++) {                                            \\
             double a = 0.0, bx = 0.0;                                               \\
             double is = (double)invstd_in[c], wc = w ? (double)w[c] : 1.0;          \\
             for (gi = 0; gi < G; gi++) {                                            \\
@@ -666,10 +662,10 @@ cdef extern from *:
             cf[c] = (T)(is * wc);                                                   \\
         }                                                                           \\
         if (L < CDL_BN_RUN) {                                                       \\
-            cdl_bn_spread_##SFX(me, mf, C, L);                                      \\
-            cdl_bn_spread_##SFX(ke, kf, C, L);                                      \\
-            cdl_bn_spread_##SFX(ge, gf, C, L);                                      \\
-            cdl_bn_spread_##SFX(ce, cf, C, L);                                      \\
+            cdl_bn_spread_##SFX(me + c0 * L, mf + c0, nc, L);                       \\
+            cdl_bn_spread_##SFX(ke + c0 * L, kf + c0, nc, L);                       \\
+            cdl_bn_spread_##SFX(ge + c0 * L, gf + c0, nc, L);                       \\
+            cdl_bn_spread_##SFX(ce + c0 * L, cf + c0, nc, L);                       \\
         }                                                                           \\
     }                                                                               \\
     /* Image n's channels [c0, c0 + nc) of dx (in place on the unpooled gradient    \\
@@ -730,7 +726,7 @@ cdef extern from *:
                               const double* s1, const double* s2, const float* kf, const float* w,
                               const float* b, float* mean_out, float* invstd_out, float* rm, float* rv,
                               double momentum, double eps, float* mf, float* sf, float* bf, float* me,
-                              float* se, float* be) noexcept nogil
+                              float* se, float* be, Py_ssize_t c0, Py_ssize_t nc) noexcept nogil
     void cdl_bn_fwd_apply_f(const float* x, float* y, const float* res, Py_ssize_t C,
                                Py_ssize_t L, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nc,
                                const float* mf, const float* sf, const float* bf, const float* me,
@@ -746,7 +742,7 @@ cdef extern from *:
                               const double* sg, const double* sgx, const float* w,
                               const float* mean_in, const float* invstd_in, float* dw, float* db,
                               float* mf, float* kf, float* gf, float* cf, float* me, float* ke, float* ge,
-                              float* ce) noexcept nogil
+                              float* ce, Py_ssize_t c0, Py_ssize_t nc) noexcept nogil
     void cdl_bn_bwd_apply_f(const float* g, const float* x, const float* y, float* dx,
                                Py_ssize_t C, Py_ssize_t L, Py_ssize_t n, Py_ssize_t c0,
                                Py_ssize_t nc, const float* mf, const float* kf, const float* gf,
@@ -759,7 +755,7 @@ cdef extern from *:
                               const double* s1, const double* s2, const double* kf, const double* w,
                               const double* b, double* mean_out, double* invstd_out, double* rm, double* rv,
                               double momentum, double eps, double* mf, double* sf, double* bf, double* me,
-                              double* se, double* be) noexcept nogil
+                              double* se, double* be, Py_ssize_t c0, Py_ssize_t nc) noexcept nogil
     void cdl_bn_fwd_apply_d(const double* x, double* y, const double* res, Py_ssize_t C,
                                Py_ssize_t L, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nc,
                                const double* mf, const double* sf, const double* bf, const double* me,
@@ -775,7 +771,7 @@ cdef extern from *:
                               const double* sg, const double* sgx, const double* w,
                               const double* mean_in, const double* invstd_in, double* dw, double* db,
                               double* mf, double* kf, double* gf, double* cf, double* me, double* ke, double* ge,
-                              double* ce) noexcept nogil
+                              double* ce, Py_ssize_t c0, Py_ssize_t nc) noexcept nogil
     void cdl_bn_bwd_apply_d(const double* g, const double* x, const double* y, double* dx,
                                Py_ssize_t C, Py_ssize_t L, Py_ssize_t n, Py_ssize_t c0,
                                Py_ssize_t nc, const double* mf, const double* kf, const double* gf,
@@ -795,6 +791,9 @@ POOLED_PLANE_MAX = CDL_BN_TILE
 
 # Below this many elements one thread runs the call (a second costs more than it saves).
 cdef Py_ssize_t PARALLEL_MIN_ELEMENTS = 1 << 15
+# From this many channels a training pass's per-channel statistics (a square root and
+# divisions each) run on every thread.
+cdef Py_ssize_t COEF_PARALLEL_MIN_CHANNELS = 1024
 
 
 cdef inline int _threads(Py_ssize_t work, int num_threads) noexcept nogil:
@@ -843,6 +842,11 @@ cdef inline void _split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, int nt,
         s.cbA = max(1, min(s.cbA, CDL_BN_TILE // L))
     s.nbA = (C + s.cbA - 1) // s.cbA
     s.itemsA = s.G * s.nbA
+    if L < CDL_BN_RUN:
+        # short channels: the elementwise pass by the same blocks, over every image
+        # (a thread's block is still in its cache from the sums)
+        s.cbC, s.nbC, s.itemsC = s.cbA, s.nbA, s.nbA
+        return
     nb = max(1, min(C, (nt + N - 1) // N))
     s.cbC = (C + nb - 1) // nb
     s.nbC = (C + s.cbC - 1) // s.cbC
@@ -912,7 +916,8 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
                                   Py_ssize_t width=0,
                                   const floating[:, :, ::1] residual=None) except -1:
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2]
-    cdef Py_ssize_t it, c, gi, n, c0, stride = _train_stride()
+    cdef Py_ssize_t it, c, gi, n, n0, c0, cbB, stride = _train_stride()
+    cdef int nbB
     cdef int nt, tid
     cdef _Split sp
     cdef char* mem
@@ -950,6 +955,9 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
     cdef floating* rvp = _wptr_or_null(running_var)
     nt = _threads(N * C * L, num_threads)
     _split(N, C, L, nt, &sp)
+    # the statistics by blocks of channels: on every thread only for many channels
+    nbB = nt if C >= COEF_PARALLEL_MIN_CHANNELS else 1
+    cbB = (C + nbB - 1) // nbB
     # threads' tiles, then s1, s2 [groups][C], then kf, mf, sf, bf [C] and,
     # below CDL_BN_RUN, ke, me, se, be [C * L]
     mem = <char*>malloc(_train_bytes(nt, sp.G, C, L, 4, sizeof(floating)))
@@ -965,8 +973,9 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
         for c in range(C):
             kf[c] = xp[c * L]
         if L < CDL_BN_RUN:
-            for c in range(C * L):
-                spread[c] = kf[c // L]
+            for c in range(C):
+                for it in range(L):
+                    spread[c * L + it] = kf[c]
         for it in prange(sp.itemsA, schedule="static", num_threads=min(nt, sp.itemsA)):
             tid = omp_get_thread_num()
             gi = it // sp.nbA
@@ -977,28 +986,31 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
             else:
                 cdl_bn_fwd_sums_d(xp, N, C, L, gi, c0, min(sp.cbA, C - c0), kf, spread, s1,
                                   s2, ws + tid * stride)
-        if floating is float:
-            cdl_bn_fwd_coef_f(N, C, L, sp.G, s1, s2, kf, wp, bp, mp, ip, rmp, rvp, momentum,
-                              eps, coef, coef + C, coef + 2 * C, spread, spread + C * L,
-                              spread + 2 * C * L)
-        else:
-            cdl_bn_fwd_coef_d(N, C, L, sp.G, s1, s2, kf, wp, bp, mp, ip, rmp, rvp, momentum,
-                              eps, coef, coef + C, coef + 2 * C, spread, spread + C * L,
-                              spread + 2 * C * L)
+        for it in prange(nbB, schedule="static", num_threads=nbB):
+            c0 = it * cbB
+            if floating is float:
+                cdl_bn_fwd_coef_f(N, C, L, sp.G, s1, s2, kf, wp, bp, mp, ip, rmp, rvp,
+                                  momentum, eps, coef, coef + C, coef + 2 * C, spread,
+                                  spread + C * L, spread + 2 * C * L, c0, min(cbB, C - c0))
+            else:
+                cdl_bn_fwd_coef_d(N, C, L, sp.G, s1, s2, kf, wp, bp, mp, ip, rmp, rvp,
+                                  momentum, eps, coef, coef + C, coef + 2 * C, spread,
+                                  spread + C * L, spread + 2 * C * L, c0, min(cbB, C - c0))
         for it in prange(sp.itemsC, schedule="static", num_threads=min(nt, sp.itemsC)):
             tid = omp_get_thread_num()
-            n = it // sp.nbC
             c0 = (it % sp.nbC) * sp.cbC
-            if floating is float:
-                cdl_bn_fwd_apply_f(xp, yp, rp, C, L, n, c0, min(sp.cbC, C - c0), coef,
-                                   coef + C, coef + 2 * C, spread, spread + C * L,
-                                   spread + 2 * C * L, relu, pp, pi, width,
-                                   <float*>(ws + tid * stride))
-            else:
-                cdl_bn_fwd_apply_d(xp, yp, rp, C, L, n, c0, min(sp.cbC, C - c0), coef,
-                                   coef + C, coef + 2 * C, spread, spread + C * L,
-                                   spread + 2 * C * L, relu, pp, pi, width,
-                                   <double*>(ws + tid * stride))
+            n0 = it // sp.nbC if L >= CDL_BN_RUN else 0
+            for n in range(n0, n0 + 1 if L >= CDL_BN_RUN else N):
+                if floating is float:
+                    cdl_bn_fwd_apply_f(xp, yp, rp, C, L, n, c0, min(sp.cbC, C - c0), coef,
+                                       coef + C, coef + 2 * C, spread, spread + C * L,
+                                       spread + 2 * C * L, relu, pp, pi, width,
+                                       <float*>(ws + tid * stride))
+                else:
+                    cdl_bn_fwd_apply_d(xp, yp, rp, C, L, n, c0, min(sp.cbC, C - c0), coef,
+                                       coef + C, coef + 2 * C, spread, spread + C * L,
+                                       spread + 2 * C * L, relu, pp, pi, width,
+                                       <double*>(ws + tid * stride))
     free(mem)
     return 0
 
@@ -1048,7 +1060,8 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2]
     cdef size_t cells, n
     cdef const char* d
-    cdef Py_ssize_t it, c, gi, im, c0, stride = _train_stride(), bad = 0
+    cdef Py_ssize_t it, c, gi, im, n0, c0, cbB, stride = _train_stride(), bad = 0
+    cdef int nbB
     cdef int nt, tid
     cdef _Split sp
     cdef char* mem
@@ -1086,6 +1099,9 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
                              "grad_out, x, out or pool_indices")
     nt = _threads(N * C * L, num_threads)
     _split(N, C, L, nt, &sp)
+    # the statistics by blocks of channels: on every thread only for many channels
+    nbB = nt if C >= COEF_PARALLEL_MIN_CHANNELS else 1
+    cbB = (C + nbB - 1) // nbB
     cdef const floating* gp = &grad_out[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef const floating* yp = &out[0, 0, 0] if relu else NULL
@@ -1110,8 +1126,9 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
     spread = coef + 4 * C
     with nogil:
         if L < CDL_BN_RUN:
-            for c in range(C * L):
-                spread[c] = mp[c // L]
+            for c in range(C):
+                for it in range(L):
+                    spread[c * L + it] = mp[c]
         for it in prange(sp.itemsA, schedule="static", num_threads=min(nt, sp.itemsA)):
             tid = omp_get_thread_num()
             gi = it // sp.nbA
@@ -1126,28 +1143,33 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
                                          min(sp.cbA, C - c0), spread, pi, width, sg, sgx,
                                          ws + tid * stride,
                                          <double*>(ws + tid * stride + 2 * CDL_BN_TILE))
-        if floating is float:
-            cdl_bn_bwd_coef_f(N, C, L, sp.G, sg, sgx, wp, mp, ip, dwp, dbp, coef, coef + C,
-                              coef + 2 * C, coef + 3 * C, spread + C * L, spread + 2 * C * L,
-                              spread + 3 * C * L, spread + 4 * C * L)
-        else:
-            cdl_bn_bwd_coef_d(N, C, L, sp.G, sg, sgx, wp, mp, ip, dwp, dbp, coef, coef + C,
-                              coef + 2 * C, coef + 3 * C, spread + C * L, spread + 2 * C * L,
-                              spread + 3 * C * L, spread + 4 * C * L)
+        for it in prange(nbB, schedule="static", num_threads=nbB):
+            c0 = it * cbB
+            if floating is float:
+                cdl_bn_bwd_coef_f(N, C, L, sp.G, sg, sgx, wp, mp, ip, dwp, dbp, coef,
+                                  coef + C, coef + 2 * C, coef + 3 * C, spread + C * L,
+                                  spread + 2 * C * L, spread + 3 * C * L, spread + 4 * C * L,
+                                  c0, min(cbB, C - c0))
+            else:
+                cdl_bn_bwd_coef_d(N, C, L, sp.G, sg, sgx, wp, mp, ip, dwp, dbp, coef,
+                                  coef + C, coef + 2 * C, coef + 3 * C, spread + C * L,
+                                  spread + 2 * C * L, spread + 3 * C * L, spread + 4 * C * L,
+                                  c0, min(cbB, C - c0))
         if dxp != NULL:
             for it in prange(sp.itemsC, schedule="static", num_threads=min(nt, sp.itemsC)):
-                im = it // sp.nbC
                 c0 = (it % sp.nbC) * sp.cbC
-                if floating is float:
-                    cdl_bn_bwd_apply_f(gp, xp, yp, dxp, C, L, im, c0, min(sp.cbC, C - c0), coef,
-                                       coef + C, coef + 2 * C, coef + 3 * C, spread + C * L,
-                                       spread + 2 * C * L, spread + 3 * C * L,
-                                       spread + 4 * C * L, pooled)
-                else:
-                    cdl_bn_bwd_apply_d(gp, xp, yp, dxp, C, L, im, c0, min(sp.cbC, C - c0), coef,
-                                       coef + C, coef + 2 * C, coef + 3 * C, spread + C * L,
-                                       spread + 2 * C * L, spread + 3 * C * L,
-                                       spread + 4 * C * L, pooled)
+                n0 = it // sp.nbC if L >= CDL_BN_RUN else 0
+                for im in range(n0, n0 + 1 if L >= CDL_BN_RUN else N):
+                    if floating is float:
+                        cdl_bn_bwd_apply_f(gp, xp, yp, dxp, C, L, im, c0, min(sp.cbC, C - c0),
+                                           coef, coef + C, coef + 2 * C, coef + 3 * C,
+                                           spread + C * L, spread + 2 * C * L,
+                                           spread + 3 * C * L, spread + 4 * C * L, pooled)
+                    else:
+                        cdl_bn_bwd_apply_d(gp, xp, yp, dxp, C, L, im, c0, min(sp.cbC, C - c0),
+                                           coef, coef + C, coef + 2 * C, coef + 3 * C,
+                                           spread + C * L, spread + 2 * C * L,
+                                           spread + 3 * C * L, spread + 4 * C * L, pooled)
     free(mem)
     return bad
 
