@@ -237,9 +237,10 @@ def test_backward_gradcheck(shape, affine, relu):
 
 # Big enough to run in parallel (32K elements), in every work split: groups of 4
 # images with a short last group (13), channels split to give threads items (one
-# image), short channels over several tiles (300 x 15 > 1024).
+# image), short channels over several tiles (300 x 15 > 1024), statistics of 1024
+# channels or more split among threads.
 THREAD_SHAPES = [(8, 12, 4096), (64, 40, 20), (2048, 24, 1), (16, 48, 49), (32, 3, 700),
-                 (13, 6, 600), (1, 16, 4096), (9, 300, 15)]
+                 (13, 6, 600), (1, 16, 4096), (9, 300, 15), (40, 1100, 1)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
