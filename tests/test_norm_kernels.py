@@ -83,8 +83,8 @@ def run_backward(g, x, out, w, mean, invstd, relu, threads=1, want_dx=True, affi
 
 
 # Shapes reach every path: L = 1 (BatchNorm1d) and short rows (per-element
-# coefficients), rows of 16+ in multi-channel blocks, one channel per block, and
-# channels longer than a tile (in pieces, the last one not a multiple of 8).
+# coefficients, blocks of channels), planes of 16+ cells, planes longer than a tile
+# and not a multiple of 8, and batches that end in a short group of images.
 SHAPES = [(7, 5, 1), (64, 33, 1), (5, 9, 3), (6, 40, 15), (4, 7, 16), (3, 11, 100),
           (2, 3, 600), (3, 2, 1024), (2, 3, 2500), (1, 2, 5), (13, 1, 1)]
 

@@ -1548,7 +1548,7 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
         return 0
     nt = _threads(N * K * OH * OW * C * KH * KW, N * K, num_threads)
     with nogil:
-        for it in prange(N * K, schedule="dynamic", num_threads=nt):
+        for it in prange(N * K, schedule="static", num_threads=nt):
             _fwd_scalar(x, weight, bp, out, it, sh, sw, ph, pw, relu)
     return 0
 

@@ -22,16 +22,20 @@ type, ((a0 + a1) + (a2 + a3)) (fewer in the last group), and converted to
 double; a channel's positions fold into 8 double lanes by position mod 8, and
 the lanes' pairwise total is the group's sum. The group sums are added in group
 order. (Channels shorter than CDL_BN_RUN add each position's group sums in
-group order first, then fold once.) In float32 a 4-value partial sum is rounded
-to float32 once more than a pure double sum would be: relative errors of about
-1e-7 in the statistics, below what the float32 output can show.
+group order first, then fold once.) In float32, x - k, its square and g (x - m)
+are formed in float32 and each 4-value partial sum is rounded to float32: the
+statistics carry relative errors of about 1e-7 times 1 + ((mean - k) / std)²,
+where double sums had none, and (x - k)² overflows beyond |x - k| ~ 1.8e19.
 
 Training passes run in three steps: the group sums, split by (group, block of
-channels); the statistics, on one thread; the elementwise pass, split by
-(image, block of channels). Both loops are image-major with static schedules,
-as are the convolutions', so a thread reads the images its own core wrote
-(with the sums split by channels, half of every read came from the other core:
-the LeNet-5 + BatchNorm step took 1.15x as long).
+channels); the per-channel statistics (split by channels from
+COEF_PARALLEL_MIN_CHANNELS channels, else on one thread); the elementwise pass,
+split by (image, block of channels). Both loops are image-major with static
+schedules, as are the convolutions', so a thread reads the images its own core
+wrote (with the sums split by channels, half of every read came from the other
+core: the LeNet-5 + BatchNorm step took 1.15x as long). Channels shorter than
+CDL_BN_RUN are split by blocks of channels in both loops instead, each block
+over every image, so a thread's second pass finds its block in its cache.
 
 Pooled training pass (a 2x2 stride-2 max-pool after the batch norm, planes of
 CDL_BN_RUN..CDL_BN_TILE cells): the forward pools each plane as it normalises
@@ -177,8 +181,8 @@ cdef extern from *:
         memcpy(&v, p, sizeof v);                                                    \\
         return v;                                                                   \\
     }                                                                               \\
-    /* Rows past nr count as zeros: (a + b) + (c + 0) is (a + b) + c exactly, so    \\
-       a short group adds its values in the order a full one does. */               \\
+    /* Rows past a short group's nr count as zeros, so it runs the code of a        \\
+       full group (the sums are the same up to how FMA contraction falls). */       \\
     /* x[r * st] - k for rows r < nr, else 0 (not read) */                          \\
     static inline T cdl_bn_dev_##SFX(const T *x, Py_ssize_t st, Py_ssize_t r,       \\
                                      Py_ssize_t nr, T k) {                          \\
@@ -472,7 +476,7 @@ cdef extern from *:
     }                                                                               \\
     /* The training forward in three steps (a parallel loop each, then one for the  \\
        next): cdl_bn_fwd_sums (one group of images, channels [c0, c0 + nc)),        \\
-       cdl_bn_fwd_coef (all channels, one thread), cdl_bn_fwd_apply (one image,     \\
+       cdl_bn_fwd_coef (blocks of channels), cdl_bn_fwd_apply (one image,     \\
        channels [c0, c0 + nc)). Splitting by images keeps each thread on the        \\
        images whose convolution output its core wrote, as the convolutions split    \\
        them. s1, s2: [groups][C]; kf: the shifts (each channel's first value);      \\
@@ -485,7 +489,7 @@ cdef extern from *:
         const Py_ssize_t nr = N - n0 < CDL_BN_GROUP ? N - n0 : CDL_BN_GROUP;        \\
         const T *xb = x + n0 * CL;                                                  \\
         double *t1 = tile, *t2 = tile + CDL_BN_TILE;                                \\
-        Py_ssize_t c, o = gi * C;                                                   \\
+        Py_ssize_t c, n, o = gi * C;                                                \\
         if (L >= CDL_BN_RUN) {                                                      \\
             for (c = c0; c < c0 + nc; c++)                                          \\
                 cdl_bn_csum2_##SFX(xb + c * L, CL, nr, L, kf[c], s1 + o + c, s2 + o + c);\\
@@ -494,11 +498,9 @@ cdef extern from *:
         /* short channels: gi is 0 and one item runs every group (G is 1) */        \\
         memset(t1, 0, (size_t)(nc * L) * sizeof(double));                           \\
         memset(t2, 0, (size_t)(nc * L) * sizeof(double));                           \\
-        for (; xb < x + N * CL; xb += CDL_BN_GROUP * CL) {                          \\
-            const Py_ssize_t left = (x + N * CL - xb) / CL;                         \\
-            cdl_bn_tsum2_##SFX(xb + c0 * L, CL, left < CDL_BN_GROUP ? left : CDL_BN_GROUP,\\
-                               nc * L, ke + c0 * L, t1, t2);                        \\
-        }                                                                           \\
+        for (n = 0; n < N; n += CDL_BN_GROUP)                                       \\
+            cdl_bn_tsum2_##SFX(x + n * CL + c0 * L, CL, N - n < CDL_BN_GROUP ?      \\
+                               N - n : CDL_BN_GROUP, nc * L, ke + c0 * L, t1, t2);  \\
         for (c = 0; c < nc; c++) {                                                  \\
             s1[c0 + c] = cdl_bn_fold_total(t1 + c * L, L);                          \\
             s2[c0 + c] = cdl_bn_fold_total(t2 + c * L, L);                          \\
@@ -860,13 +862,13 @@ cdef inline Py_ssize_t _train_stride() noexcept nogil:
 
 
 cdef inline size_t _train_bytes(int nt, Py_ssize_t G, Py_ssize_t C, Py_ssize_t L,
-                                int per_channel, size_t item) noexcept nogil:
+                                int per_channel, int spread, size_t item) noexcept nogil:
     """A training pass's workspace: the threads' tiles, two [G][C] double arrays,
-    per_channel arrays of C T's and, below CDL_BN_RUN, per_channel of C * L."""
+    per_channel arrays of C T's and, below CDL_BN_RUN, spread arrays of C * L."""
     cdef size_t n = (nt * _train_stride() + 2 * G * C) * sizeof(double)
     n += per_channel * C * item
     if L < CDL_BN_RUN:
-        n += per_channel * C * L * item
+        n += spread * C * L * item
     return n + 64
 
 
@@ -927,6 +929,8 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
     cdef floating* kf
     cdef floating* coef
     cdef floating* spread
+    cdef floating* sp1
+    cdef floating* sp2
     cdef floating* pp = NULL
     cdef int* pi = NULL
     if pool_out is None and (pool_indices is not None or out is None):
@@ -955,12 +959,15 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
     cdef floating* rvp = _wptr_or_null(running_var)
     nt = _threads(N * C * L, num_threads)
     _split(N, C, L, nt, &sp)
+    nt = <int>min(nt, max(sp.itemsA, sp.itemsC))    # no tiles for threads without items
     # the statistics by blocks of channels: on every thread only for many channels
     nbB = nt if C >= COEF_PARALLEL_MIN_CHANNELS else 1
     cbB = (C + nbB - 1) // nbB
+    nbB = <int>((C + cbB - 1) // cbB)
     # threads' tiles, then s1, s2 [groups][C], then kf, mf, sf, bf [C] and,
-    # below CDL_BN_RUN, ke, me, se, be [C * L]
-    mem = <char*>malloc(_train_bytes(nt, sp.G, C, L, 4, sizeof(floating)))
+    # below CDL_BN_RUN, ke (the sums' shifts; the statistics write me over it), se, be
+    # [C * L]
+    mem = <char*>malloc(_train_bytes(nt, sp.G, C, L, 4, 3, sizeof(floating)))
     if mem == NULL:
         raise MemoryError()
     ws = <double*>mem
@@ -969,6 +976,10 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
     kf = <floating*>(s2 + sp.G * C)
     coef = kf + C
     spread = coef + 3 * C
+    sp1 = spread + C * L if L < CDL_BN_RUN else NULL
+    sp2 = spread + 2 * C * L if L < CDL_BN_RUN else NULL
+    if L >= CDL_BN_RUN:
+        spread = NULL
     with nogil:
         for c in range(C):
             kf[c] = xp[c * L]
@@ -991,11 +1002,11 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
             if floating is float:
                 cdl_bn_fwd_coef_f(N, C, L, sp.G, s1, s2, kf, wp, bp, mp, ip, rmp, rvp,
                                   momentum, eps, coef, coef + C, coef + 2 * C, spread,
-                                  spread + C * L, spread + 2 * C * L, c0, min(cbB, C - c0))
+                                  sp1, sp2, c0, min(cbB, C - c0))
             else:
                 cdl_bn_fwd_coef_d(N, C, L, sp.G, s1, s2, kf, wp, bp, mp, ip, rmp, rvp,
                                   momentum, eps, coef, coef + C, coef + 2 * C, spread,
-                                  spread + C * L, spread + 2 * C * L, c0, min(cbB, C - c0))
+                                  sp1, sp2, c0, min(cbB, C - c0))
         for it in prange(sp.itemsC, schedule="static", num_threads=min(nt, sp.itemsC)):
             tid = omp_get_thread_num()
             c0 = (it % sp.nbC) * sp.cbC
@@ -1003,13 +1014,13 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
             for n in range(n0, n0 + 1 if L >= CDL_BN_RUN else N):
                 if floating is float:
                     cdl_bn_fwd_apply_f(xp, yp, rp, C, L, n, c0, min(sp.cbC, C - c0), coef,
-                                       coef + C, coef + 2 * C, spread, spread + C * L,
-                                       spread + 2 * C * L, relu, pp, pi, width,
+                                       coef + C, coef + 2 * C, spread, sp1, sp2, relu, pp,
+                                       pi, width,
                                        <float*>(ws + tid * stride))
                 else:
                     cdl_bn_fwd_apply_d(xp, yp, rp, C, L, n, c0, min(sp.cbC, C - c0), coef,
-                                       coef + C, coef + 2 * C, spread, spread + C * L,
-                                       spread + 2 * C * L, relu, pp, pi, width,
+                                       coef + C, coef + 2 * C, spread, sp1, sp2, relu, pp,
+                                       pi, width,
                                        <double*>(ws + tid * stride))
     free(mem)
     return 0
@@ -1070,6 +1081,9 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
     cdef double* sgx
     cdef floating* coef
     cdef floating* spread
+    cdef floating* sp1
+    cdef floating* sp2
+    cdef floating* sp3
     cdef const int* pi = NULL
     if pool_indices is not None:
         _check_pool(N, C, L, width, _shape3(grad_out.shape),
@@ -1099,9 +1113,11 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
                              "grad_out, x, out or pool_indices")
     nt = _threads(N * C * L, num_threads)
     _split(N, C, L, nt, &sp)
+    nt = <int>min(nt, max(sp.itemsA, sp.itemsC))    # no tiles for threads without items
     # the statistics by blocks of channels: on every thread only for many channels
     nbB = nt if C >= COEF_PARALLEL_MIN_CHANNELS else 1
     cbB = (C + nbB - 1) // nbB
+    nbB = <int>((C + cbB - 1) // cbB)
     cdef const floating* gp = &grad_out[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef const floating* yp = &out[0, 0, 0] if relu else NULL
@@ -1115,8 +1131,8 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
     if pooled:
         pi = &pool_indices[0, 0, 0]
     # threads' tiles, then sg, sgx [groups][C], then mf, kf, gf, cf [C] and,
-    # below CDL_BN_RUN, the mean and me, ke, ge, ce spread [C * L]
-    mem = <char*>malloc(_train_bytes(nt, sp.G, C, L, 5, sizeof(floating)))
+    # below CDL_BN_RUN, me (the mean, which the sums read too), ke, ge, ce [C * L]
+    mem = <char*>malloc(_train_bytes(nt, sp.G, C, L, 4, 4, sizeof(floating)))
     if mem == NULL:
         raise MemoryError()
     ws = <double*>mem
@@ -1124,6 +1140,11 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
     sgx = sg + sp.G * C
     coef = <floating*>(sgx + sp.G * C)
     spread = coef + 4 * C
+    sp1 = spread + C * L if L < CDL_BN_RUN else NULL
+    sp2 = spread + 2 * C * L if L < CDL_BN_RUN else NULL
+    sp3 = spread + 3 * C * L if L < CDL_BN_RUN else NULL
+    if L >= CDL_BN_RUN:
+        spread = NULL
     with nogil:
         if L < CDL_BN_RUN:
             for c in range(C):
@@ -1147,13 +1168,11 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
             c0 = it * cbB
             if floating is float:
                 cdl_bn_bwd_coef_f(N, C, L, sp.G, sg, sgx, wp, mp, ip, dwp, dbp, coef,
-                                  coef + C, coef + 2 * C, coef + 3 * C, spread + C * L,
-                                  spread + 2 * C * L, spread + 3 * C * L, spread + 4 * C * L,
+                                  coef + C, coef + 2 * C, coef + 3 * C, spread, sp1, sp2, sp3,
                                   c0, min(cbB, C - c0))
             else:
                 cdl_bn_bwd_coef_d(N, C, L, sp.G, sg, sgx, wp, mp, ip, dwp, dbp, coef,
-                                  coef + C, coef + 2 * C, coef + 3 * C, spread + C * L,
-                                  spread + 2 * C * L, spread + 3 * C * L, spread + 4 * C * L,
+                                  coef + C, coef + 2 * C, coef + 3 * C, spread, sp1, sp2, sp3,
                                   c0, min(cbB, C - c0))
         if dxp != NULL:
             for it in prange(sp.itemsC, schedule="static", num_threads=min(nt, sp.itemsC)):
@@ -1163,13 +1182,11 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
                     if floating is float:
                         cdl_bn_bwd_apply_f(gp, xp, yp, dxp, C, L, im, c0, min(sp.cbC, C - c0),
                                            coef, coef + C, coef + 2 * C, coef + 3 * C,
-                                           spread + C * L, spread + 2 * C * L,
-                                           spread + 3 * C * L, spread + 4 * C * L, pooled)
+                                           spread, sp1, sp2, sp3, pooled)
                     else:
                         cdl_bn_bwd_apply_d(gp, xp, yp, dxp, C, L, im, c0, min(sp.cbC, C - c0),
                                            coef, coef + C, coef + 2 * C, coef + 3 * C,
-                                           spread + C * L, spread + 2 * C * L,
-                                           spread + 3 * C * L, spread + 4 * C * L, pooled)
+                                           spread, sp1, sp2, sp3, pooled)
     free(mem)
     return bad
 
