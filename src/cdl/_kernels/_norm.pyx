@@ -3,7 +3,7 @@
 
 BatchNorm2d on (N, C, H, W) is L = H*W; BatchNorm1d on (N, F) is C = F, L = 1.
 Per channel c, over its M = N*L values:
-  training   with k = the channel's first value, in one pass (sums below):
+  training   with k = the channel's first value (or its mean, below), in one pass:
              s1 = Σ (x - k),  s2 = Σ (x - k)²
              mean = k + s1 / M,  var = (s2 - s1² / M) / M  (biased; max(0, ·))
              invstd = 1 / sqrt(var + eps)
@@ -25,7 +25,10 @@ order. (Channels shorter than CDL_BN_RUN add each position's group sums in
 group order first, then fold once.) In float32, x - k, its square and g (x - m)
 are formed in float32 and each 4-value partial sum is rounded to float32: the
 statistics carry relative errors of about 1e-7 times 1 + ((mean - k) / std)²,
-where double sums had none, and (x - k)² overflows beyond |x - k| ~ 1.8e19.
+where double sums had none. So when a channel's first value lies more than 4
+standard deviations from its mean, the sums run again shifted by that mean
+(_reshift), and the factor stays below 17. (x - k)² overflows beyond
+|x - k| ~ 1.8e19.
 
 Training passes run in three steps: the group sums, split by (group, block of
 channels); the per-channel statistics (split by channels from
@@ -52,7 +55,7 @@ statistics (track_running_stats=False).
 """
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt
+from libc.math cimport INFINITY, sqrt
 from libc.stdlib cimport malloc, free
 from cdl._kernels._openmp cimport omp_get_thread_num
 
@@ -908,6 +911,28 @@ def _check_pool(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t width, pool
         raise ValueError(f"pooled batch norm: the pool's arrays must have shape {want}")
 
 
+cdef inline bint _reshift(const double* s1, const double* s2, Py_ssize_t G, Py_ssize_t C,
+                          Py_ssize_t M, floating* kf) noexcept nogil:
+    """Moves the shift kf[c] of each channel whose mean lies more than 4 standard
+    deviations from it to the mean (as the group sums give them); True if any moved.
+    Depends on the sums only, so on no thread count."""
+    cdef Py_ssize_t c, gi
+    cdef double a, q, d, v
+    cdef bint moved = False
+    for c in range(C):
+        a = 0.0
+        q = 0.0
+        for gi in range(G):
+            a = a + s1[gi * C + c]
+            q = q + s2[gi * C + c]
+        d = a / M
+        v = q / M - d * d
+        if d * d > 16.0 * v and d == d and d * d < INFINITY:
+            kf[c] = <floating>(kf[c] + d)
+            moved = True
+    return moved
+
+
 cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::1] weight,
                                   const floating[::1] bias, floating[:, :, ::1] out,
                                   floating[::1] mean, floating[::1] invstd,
@@ -918,7 +943,7 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
                                   Py_ssize_t width=0,
                                   const floating[:, :, ::1] residual=None) except -1:
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2]
-    cdef Py_ssize_t it, c, gi, n, n0, c0, cbB, stride = _train_stride()
+    cdef Py_ssize_t it, c, gi, n, n0, c0, cbB, attempt, stride = _train_stride()
     cdef int nbB
     cdef int nt, tid
     cdef _Split sp
@@ -983,20 +1008,27 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
     with nogil:
         for c in range(C):
             kf[c] = xp[c * L]
-        if L < CDL_BN_RUN:
-            for c in range(C):
-                for it in range(L):
-                    spread[c * L + it] = kf[c]
-        for it in prange(sp.itemsA, schedule="static", num_threads=min(nt, sp.itemsA)):
-            tid = omp_get_thread_num()
-            gi = it // sp.nbA
-            c0 = (it % sp.nbA) * sp.cbA
-            if floating is float:
-                cdl_bn_fwd_sums_f(xp, N, C, L, gi, c0, min(sp.cbA, C - c0), kf, spread, s1,
-                                  s2, ws + tid * stride)
-            else:
-                cdl_bn_fwd_sums_d(xp, N, C, L, gi, c0, min(sp.cbA, C - c0), kf, spread, s1,
-                                  s2, ws + tid * stride)
+        # The sums, shifted by each channel's first value; again, shifted by the mean,
+        # if that value lay more than 4 standard deviations from it (float32's
+        # partial sums lose about 1e-7 x (1 + (mean - shift)² / variance) of the
+        # variance to cancellation).
+        for attempt in range(2):
+            if L < CDL_BN_RUN:
+                for c in range(C):
+                    for it in range(L):
+                        spread[c * L + it] = kf[c]
+            for it in prange(sp.itemsA, schedule="static", num_threads=min(nt, sp.itemsA)):
+                tid = omp_get_thread_num()
+                gi = it // sp.nbA
+                c0 = (it % sp.nbA) * sp.cbA
+                if floating is float:
+                    cdl_bn_fwd_sums_f(xp, N, C, L, gi, c0, min(sp.cbA, C - c0), kf, spread,
+                                      s1, s2, ws + tid * stride)
+                else:
+                    cdl_bn_fwd_sums_d(xp, N, C, L, gi, c0, min(sp.cbA, C - c0), kf, spread,
+                                      s1, s2, ws + tid * stride)
+            if attempt == 1 or not _reshift(s1, s2, sp.G, C, N * L, kf):
+                break
         for it in prange(nbB, schedule="static", num_threads=nbB):
             c0 = it * cbB
             if floating is float:
