@@ -836,8 +836,8 @@ cdef inline void _split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, int nt,
     image-major. With static schedules each thread then takes the same images in
     both loops, the ones the convolutions' static split gave its core, so it reads
     what its own cache holds. Channels are split only as far as it takes to give
-    every thread an item (or, below CDL_BN_RUN, to fit a tile); no split changes a
-    result."""
+    every thread an item. Below CDL_BN_RUN both loops run blocks of channels (that fit
+    a tile) over every image instead. No split changes a result."""
     cdef Py_ssize_t nb
     # channels shorter than CDL_BN_RUN: one item runs all groups of its channels
     s.G = (N + CDL_BN_GROUP - 1) // CDL_BN_GROUP if L >= CDL_BN_RUN else 1
