@@ -644,12 +644,13 @@ cdef extern from *:
         return bad;                                                                 \\
     }                                                                               \\
     /* Parameter gradients (dw, db may be NULL) and dx's coefficients:              \\
-       dx = ((g - gf) - (x - mf) * kf) * cf, spread over L positions into           \\
-       me, ke, ge, ce when CDL_BN_RUN > L. */                                       \\
+       dx = ((g - gf) - (x - mean) * kf) * cf, spread over L positions into         \\
+       ke, ge, ce when CDL_BN_RUN > L (the caller spread the mean for the           \\
+       sums). */                                                                    \\
     static void cdl_bn_bwd_coef_##SFX(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,     \\
             Py_ssize_t G, const double *sg, const double *sgx, const T *w,          \\
-            const T *mean_in, const T *invstd_in, T *dw, T *db, T *mf, T *kf,       \\
-            T *gf, T *cf, T *me, T *ke, T *ge, T *ce, Py_ssize_t c0, Py_ssize_t nc) {\\
+            const T *invstd_in, T *dw, T *db, T *kf, T *gf, T *cf, T *ke, T *ge,    \\
+            T *ce, Py_ssize_t c0, Py_ssize_t nc) {                                  \\
         const Py_ssize_t M = N * L;                                                 \\
         Py_ssize_t c, gi;                                                           \\
         for (c = c0; c < c0 + nc; c++) {                                            \\
@@ -661,13 +662,11 @@ cdef extern from *:
             }                                                                       \\
             if (db) db[c] = (T)a;                                                   \\
             if (dw) dw[c] = (T)(bx * is);                                           \\
-            mf[c] = mean_in[c];                                                     \\
             kf[c] = (T)(bx * is * is / (double)M);                                  \\
             gf[c] = (T)(a / (double)M);                                             \\
             cf[c] = (T)(is * wc);                                                   \\
         }                                                                           \\
         if (L < CDL_BN_RUN) {                                                       \\
-            cdl_bn_spread_##SFX(me + c0 * L, mf + c0, nc, L);                       \\
             cdl_bn_spread_##SFX(ke + c0 * L, kf + c0, nc, L);                       \\
             cdl_bn_spread_##SFX(ge + c0 * L, gf + c0, nc, L);                       \\
             cdl_bn_spread_##SFX(ce + c0 * L, cf + c0, nc, L);                       \\
@@ -745,9 +744,9 @@ cdef extern from *:
                                     float* planes) noexcept nogil
     void cdl_bn_bwd_coef_f(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t G,
                               const double* sg, const double* sgx, const float* w,
-                              const float* mean_in, const float* invstd_in, float* dw, float* db,
-                              float* mf, float* kf, float* gf, float* cf, float* me, float* ke, float* ge,
-                              float* ce, Py_ssize_t c0, Py_ssize_t nc) noexcept nogil
+                              const float* invstd_in, float* dw, float* db, float* kf, float* gf,
+                              float* cf, float* ke, float* ge, float* ce, Py_ssize_t c0,
+                              Py_ssize_t nc) noexcept nogil
     void cdl_bn_bwd_apply_f(const float* g, const float* x, const float* y, float* dx,
                                Py_ssize_t C, Py_ssize_t L, Py_ssize_t n, Py_ssize_t c0,
                                Py_ssize_t nc, const float* mf, const float* kf, const float* gf,
@@ -774,9 +773,9 @@ cdef extern from *:
                                     double* planes) noexcept nogil
     void cdl_bn_bwd_coef_d(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t G,
                               const double* sg, const double* sgx, const double* w,
-                              const double* mean_in, const double* invstd_in, double* dw, double* db,
-                              double* mf, double* kf, double* gf, double* cf, double* me, double* ke, double* ge,
-                              double* ce, Py_ssize_t c0, Py_ssize_t nc) noexcept nogil
+                              const double* invstd_in, double* dw, double* db, double* kf, double* gf,
+                              double* cf, double* ke, double* ge, double* ce, Py_ssize_t c0,
+                              Py_ssize_t nc) noexcept nogil
     void cdl_bn_bwd_apply_d(const double* g, const double* x, const double* y, double* dx,
                                Py_ssize_t C, Py_ssize_t L, Py_ssize_t n, Py_ssize_t c0,
                                Py_ssize_t nc, const double* mf, const double* kf, const double* gf,
@@ -1162,16 +1161,16 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
     cdef int pooled = pool_indices is not None
     if pooled:
         pi = &pool_indices[0, 0, 0]
-    # threads' tiles, then sg, sgx [groups][C], then mf, kf, gf, cf [C] and,
-    # below CDL_BN_RUN, me (the mean, which the sums read too), ke, ge, ce [C * L]
-    mem = <char*>malloc(_train_bytes(nt, sp.G, C, L, 4, 4, sizeof(floating)))
+    # threads' tiles, then sg, sgx [groups][C], then kf, gf, cf [C] and, below
+    # CDL_BN_RUN, the mean (read by the sums and dx), ke, ge, ce spread [C * L]
+    mem = <char*>malloc(_train_bytes(nt, sp.G, C, L, 3, 4, sizeof(floating)))
     if mem == NULL:
         raise MemoryError()
     ws = <double*>mem
     sg = ws + nt * stride
     sgx = sg + sp.G * C
     coef = <floating*>(sgx + sp.G * C)
-    spread = coef + 4 * C
+    spread = coef + 3 * C
     sp1 = spread + C * L if L < CDL_BN_RUN else NULL
     sp2 = spread + 2 * C * L if L < CDL_BN_RUN else NULL
     sp3 = spread + 3 * C * L if L < CDL_BN_RUN else NULL
@@ -1199,13 +1198,11 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
         for it in prange(nbB, schedule="static", num_threads=nbB):
             c0 = it * cbB
             if floating is float:
-                cdl_bn_bwd_coef_f(N, C, L, sp.G, sg, sgx, wp, mp, ip, dwp, dbp, coef,
-                                  coef + C, coef + 2 * C, coef + 3 * C, spread, sp1, sp2, sp3,
-                                  c0, min(cbB, C - c0))
+                cdl_bn_bwd_coef_f(N, C, L, sp.G, sg, sgx, wp, ip, dwp, dbp, coef, coef + C,
+                                  coef + 2 * C, sp1, sp2, sp3, c0, min(cbB, C - c0))
             else:
-                cdl_bn_bwd_coef_d(N, C, L, sp.G, sg, sgx, wp, mp, ip, dwp, dbp, coef,
-                                  coef + C, coef + 2 * C, coef + 3 * C, spread, sp1, sp2, sp3,
-                                  c0, min(cbB, C - c0))
+                cdl_bn_bwd_coef_d(N, C, L, sp.G, sg, sgx, wp, ip, dwp, dbp, coef, coef + C,
+                                  coef + 2 * C, sp1, sp2, sp3, c0, min(cbB, C - c0))
         if dxp != NULL:
             for it in prange(sp.itemsC, schedule="static", num_threads=min(nt, sp.itemsC)):
                 c0 = (it % sp.nbC) * sp.cbC
@@ -1213,11 +1210,11 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
                 for im in range(n0, n0 + 1 if L >= CDL_BN_RUN else N):
                     if floating is float:
                         cdl_bn_bwd_apply_f(gp, xp, yp, dxp, C, L, im, c0, min(sp.cbC, C - c0),
-                                           coef, coef + C, coef + 2 * C, coef + 3 * C,
+                                           mp, coef, coef + C, coef + 2 * C,
                                            spread, sp1, sp2, sp3, pooled)
                     else:
                         cdl_bn_bwd_apply_d(gp, xp, yp, dxp, C, L, im, c0, min(sp.cbC, C - c0),
-                                           coef, coef + C, coef + 2 * C, coef + 3 * C,
+                                           mp, coef, coef + C, coef + 2 * C,
                                            spread, sp1, sp2, sp3, pooled)
     free(mem)
     return bad
