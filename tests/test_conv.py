@@ -411,6 +411,45 @@ def test_forced_strided_input_grad_paths_match_reference(isa, path):
         mod.set_strided_input_grad_path(old)
 
 
+@pytest.mark.parametrize("path", [0, 1, 2])
+def test_input_grad_accumulate_adds_to_what_is_there(path):
+    # accumulate=True: dx = base + the input gradient, on every path (phases add in
+    # their interleave pass; stride 1, the GEMM path and float64 go through a
+    # scratch array). Cells no phase reaches keep base's bits, -0 included.
+    rng = np.random.default_rng(12)
+    old = kconv.set_strided_input_grad_path(path)
+    try:
+        for xs, ws, s, p in STRIDED + [((3, 4, 9, 9), (5, 4, 3, 3), 1, 1)]:
+            s, p = _pair(s), _pair(p)
+            for dt in (np.float32, np.float64):
+                x = rng.standard_normal(xs).astype(dt)
+                w = rng.standard_normal(ws).astype(dt)
+                g = rng.standard_normal(ref_conv2d(x, w, None, s, p).shape).astype(dt)
+                base = rng.standard_normal(xs).astype(dt)
+                base[..., ::2] = -0.0
+                plain = np.empty_like(base)
+                kconv.conv2d_backward_input(g, w, plain, s[0], s[1], p[0], p[1], 2)
+                want = ref_conv2d_backward(g, x, w, s, p)[0] + base
+                got = []
+                for nt in (1, 2):
+                    dx = base.copy()
+                    kconv.conv2d_backward_input(g, w, dx, s[0], s[1], p[0], p[1], nt,
+                                                accumulate=True)
+                    tol = 1e-4 if dt == np.float32 else 1e-10
+                    np.testing.assert_allclose(dx, want, rtol=tol, atol=tol * np.abs(want).max())
+                    np.testing.assert_array_equal(dx, base + plain)
+                    got.append(dx)
+                assert got[0].tobytes() == got[1].tobytes(), (xs, ws, s, p, dt)
+                if ws[2:] == (1, 1) and p == (0, 0) and s[0] > 1 and dt == np.float32 \
+                        and path != 2:
+                    # the phases of a 1x1 strided kernel reach the cells (s*i, s*j) only
+                    reached = np.zeros(xs, bool)
+                    reached[:, :, ::s[0], ::s[1]] = True
+                    assert got[0][~reached].tobytes() == base[~reached].tobytes()
+    finally:
+        kconv.set_strided_input_grad_path(old)
+
+
 # ---------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------

@@ -113,6 +113,26 @@ def test_residual_join_in_batchnorm_equals_layer_by_layer(which):
             np.testing.assert_array_equal(sd[k], ref[1][k], err_msg=k)
 
 
+def test_strided_shortcut_adds_its_input_grad_to_the_body():
+    # In a training plan the 1x1 stride-2 shortcut's input gradient is added to the
+    # body's by the shortcut's convolution: no sum of its own. The states after the
+    # steps equal layer by layer's (test above); here the sum's op is gone, and the
+    # first layer's weight gradient, which needs the summed input gradient, matches.
+    from cdl._kernels import elementwise as ew
+    x, y = batch(9)
+    grads = []
+    for use_plan in (True, False):
+        m = join_nets()[0]
+        m._use_plans = use_plan
+        m.train_step(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1))
+        grads.append(m.layers[0].grads["weight"].copy())
+        if use_plan:
+            plan = m._plans[0]
+            runs = [getattr(run, "__self__", None) for run, _ in plan._backward]
+            assert not any(isinstance(r, ew.Add) for r in runs)
+    np.testing.assert_array_equal(grads[0], grads[1])
+
+
 def test_residual_join_kernels_match_separate_passes():
     # the join's kernels against the passes they replace, on values with many zeros
     # and signed zeros, where a wrong mask or a wrong rounding order shows

@@ -1572,7 +1572,10 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
                                 const floating[:, :, :, ::1] weight,
                                 floating[:, :, :, ::1] grad_input,
                                 Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                                int num_threads) except -1:
+                                int num_threads, bint accumulate=False) except -1:
+    # accumulate: grad_input += the input gradient (grad_input holds another branch's).
+    # The strided phases add theirs in their interleave pass, touching only the
+    # cells their taps reach; every other path runs into a scratch array first.
     cdef Py_ssize_t N = grad_input.shape[0], C = grad_input.shape[1]
     cdef Py_ssize_t H = grad_input.shape[2], W = grad_input.shape[3], K = weight.shape[0]
     cdef Py_ssize_t KH = weight.shape[2], KW = weight.shape[3]
@@ -1581,7 +1584,15 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
     cdef Corr g
     cdef CV cv
     cdef int rc = 0, nt
+    cdef floating[:, :, :, ::1] scratch
+    cdef bint phases = floating is float and K > 0 and (sh > 1 or sw > 1) and not (
+        _strided_dx_mode == 2 or (_strided_dx_mode == 0 and N < MIN_ITEMS and KH * KW > 1))
     if N == 0 or C == 0 or H == 0 or W == 0:
+        return 0
+    if accumulate and not phases:
+        scratch = np.empty_like(np.asarray(grad_input))
+        _conv2d_backward_input(grad_out, weight, scratch, sh, sw, ph, pw, num_threads)
+        _add_into(grad_input, scratch, num_threads)
         return 0
     if floating is float and sw == 1 and sh == 1 and K > 0 and KH == 1 and KW == 1 \
             and ph == 0 and pw == 0 and _cv_mode == 0:
@@ -1631,15 +1642,14 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
             # images, phases otherwise (bench/conv_parts.py, ResNet-8's strided layers,
             # 2 threads: 3x3 at batch 1-4, the GEMM took 0.37-0.83x the phases' time,
             # at 8 0.85x, at 16-64 0.99-1.20x; 1x1 at batch 1 1.0-1.4x)
-            if _strided_dx_mode == 2 or (_strided_dx_mode == 0 and N < MIN_ITEMS
-                                         and KH * KW > 1):
+            if not phases:
                 rc = _strided_input_grad_gemm_f32(&grad_out[0, 0, 0, 0], &weight[0, 0, 0, 0],
                                                   &grad_input[0, 0, 0, 0], N, C, H, W, K, KH,
                                                   KW, OH, OW, sh, sw, ph, pw, num_threads)
             if rc == -2:
                 rc = _strided_input_grad_f32(&grad_out[0, 0, 0, 0], &weight[0, 0, 0, 0],
                                              &grad_input[0, 0, 0, 0], N, C, H, W, K, KH, KW, OH,
-                                             OW, sh, sw, ph, pw, num_threads)
+                                             OW, sh, sw, ph, pw, num_threads, accumulate)
         if rc != 0:
             raise MemoryError()
         return 0
@@ -1648,6 +1658,19 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
         for it in prange(N * C, schedule="static", num_threads=nt):
             _dx_scalar(grad_out, weight, grad_input, it, sh, sw, ph, pw)
     return 0
+
+
+cdef void _add_into(floating[:, :, :, ::1] d, const floating[:, :, :, ::1] s,
+                    int num_threads) except *:
+    # d += s, plane by plane (d + s and s + d are the same bits).
+    cdef Py_ssize_t N = d.shape[0], C = d.shape[1], m = d.shape[2] * d.shape[3], pl, q
+    cdef floating* dp = &d[0, 0, 0, 0]
+    cdef const floating* sp = &s[0, 0, 0, 0]
+    cdef int nt = _threads(N * C * m, N * C, num_threads)
+    with nogil:
+        for pl in prange(N * C, schedule="static", num_threads=nt):
+            for q in range(pl * m, pl * m + m):
+                dp[q] = dp[q] + sp[q]
 
 
 cdef int _cv_flipped_forward(CV* cv, const float* go, const float* weight, float* dx,
@@ -1717,7 +1740,8 @@ cdef int _strided_input_grad_f32(const float* go, const float* weight, float* dx
                                  Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                                  Py_ssize_t K, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t OH,
                                  Py_ssize_t OW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph,
-                                 Py_ssize_t pw, int num_threads) noexcept nogil:
+                                 Py_ssize_t pw, int num_threads,
+                                 bint accumulate=False) noexcept nogil:
     # The input gradient of a strided convolution, phase by phase: the input cells
     # (y, x) with y % sh == a and x % sw == b form a stride-1 correlation of
     # grad_out with the taps that reach them (a 3x3 stride-2 kernel: 1x1, 1x2, 2x1
@@ -1725,7 +1749,9 @@ cdef int _strided_input_grad_f32(const float* go, const float* weight, float* dx
     # for narrow phases, column tiles, a GEMM for one tap) into its own buffer;
     # one pass then interleaves the phases into dx row by row. Every tap is used
     # once: a quarter of the multiply-adds of the stride-1 correlation over
-    # grad_out spread onto a zero grid. Returns -1 when memory is missing.
+    # grad_out spread onto a zero grid. accumulate: dx += the gradient, on the cells
+    # of the phases some tap reaches only (a 1x1 stride-2 shortcut: a quarter of
+    # them). Returns -1 when memory is missing.
     cdef Py_ssize_t a, b, u0, v0, offh, offw, Tu, Tv, Hp, Wp, c, k, t, q, i, y, pl
     cdef Py_ssize_t nph = sh * sw, total = 0, wpmax = _cdiv(W, sw)
     cdef float* sub
@@ -1787,7 +1813,12 @@ cdef int _strided_input_grad_f32(const float* go, const float* weight, float* dx
                 # one tap (a 1x1 shortcut): a GEMM per image
                 rc = _pointwise_f32(go, sub, NULL, d, N, K, OH, OW, C, Hp, Wp, 1, 1, False,
                                     num_threads)
-            elif offh >= 0 and offw >= 0 and _use_cv(&cv, True):
+            elif offh >= 0 and offw >= 0 and (_use_cv(&cv, True) or (
+                    _cv_mode == 0 and Wp <= VF and C >= 16 and K >= 32)):
+                # Phases one vector wide tie on lanes, but with their few taps the
+                # column tiles' loops are short: channel vectors took 0.85x their
+                # time (AVX2, 2 threads, 8x8 phases of C16/C32 from K32/K64, 1x2 to
+                # 2x2 taps; 1.09x from K16, 1.02x on 16x16 phases).
                 rc = _cv_forward(&cv, go, sub, NULL, d, num_threads)
             else:
                 g.n = N; g.cin = K; g.h = OH; g.w = OW; g.cout = C
@@ -1809,6 +1840,15 @@ cdef int _strided_input_grad_f32(const float* go, const float* weight, float* dx
             i = y // sh
             Hp = _cdiv(H - a, sh)
             d = dx + (pl * H + y) * W
+            if accumulate:
+                for b in range(_imin(sw, W)):
+                    if poff[a * sw + b] < 0:
+                        continue
+                    Wp = _cdiv(W - b, sw)
+                    src = _phase_row(base, poff[a * sw + b], zeros, pl, Hp, i, Wp)
+                    for q in range(Wp):
+                        d[q * sw + b] = d[q * sw + b] + src[q]
+                continue
             if sw == 2:
                 # the common case as one loop of pairs (the compiler interleaves them)
                 s0 = _phase_row(base, poff[a * 2], zeros, pl, Hp, i, _cdiv(W, 2))
@@ -1944,9 +1984,11 @@ def conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
                           const floating[:, :, :, ::1] weight,
                           floating[:, :, :, ::1] grad_input,
                           Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
-                          int num_threads):
-    """grad_input[n, c] = sum_k full correlation of grad_out[n, k] with flipped weight[k, c]."""
-    _conv2d_backward_input(grad_out, weight, grad_input, sh, sw, ph, pw, num_threads)
+                          int num_threads, bint accumulate=False):
+    """grad_input[n, c] = sum_k full correlation of grad_out[n, k] with flipped weight[k, c]
+    (accumulate=True: added to grad_input's contents)."""
+    _conv2d_backward_input(grad_out, weight, grad_input, sh, sw, ph, pw, num_threads,
+                           accumulate)
 
 
 cdef int _conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
@@ -2053,7 +2095,8 @@ cdef class ConvForward:
 
 
 cdef class ConvBackward:
-    """Weight and bias gradients, then the input gradient if grad_input is not None."""
+    """Weight and bias gradients, then the input gradient if grad_input is not None
+    (accumulate=True: added to what grad_input holds)."""
     cdef const float[:, :, :, ::1] grad_out
     cdef const float[:, :, :, ::1] x
     cdef const float[:, :, :, ::1] weight
@@ -2061,12 +2104,14 @@ cdef class ConvBackward:
     cdef float[:, :, :, ::1] grad_weight
     cdef float[::1] grad_bias
     cdef Py_ssize_t sh, sw, ph, pw
+    cdef bint accumulate
 
     def __init__(self, grad_out, x, weight, grad_input, grad_weight, grad_bias, stride,
-                 padding):
+                 padding, accumulate=False):
         self.grad_out, self.x, self.weight = grad_out, x, weight
         self.grad_input, self.grad_weight, self.grad_bias = grad_input, grad_weight, grad_bias
         (self.sh, self.sw), (self.ph, self.pw) = stride, padding
+        self.accumulate = accumulate
 
     def bind_input(self, const float[:, :, :, ::1] x):
         self.x = x
@@ -2076,4 +2121,4 @@ cdef class ConvBackward:
                                 self.sh, self.sw, self.ph, self.pw, num_threads)
         if self.grad_input is not None:
             _conv2d_backward_input(self.grad_out, self.weight, self.grad_input, self.sh,
-                                   self.sw, self.ph, self.pw, num_threads)
+                                   self.sw, self.ph, self.pw, num_threads, self.accumulate)

@@ -51,6 +51,12 @@ fusion
     it); with ws["join_mask"] its ``plan_backward`` takes the incoming
     gradient as 0 where that array is <= 0. Results are bitwise those of the
     separate passes.
+    ``adds_input_grad()``: whether, as the first pass of a ``Residual``'s
+    shortcut in training plans, with ws["dx_add"] (an array of its input's
+    shape holding the body's input gradient) its ``plan_backward`` adds its own
+    input gradient to that array and returns it, so the branches' gradients
+    need no sum of their own. Values are those of the separate sum (a -0 may
+    stay -0 where the sum would give +0).
 containers
     ``children()`` lists (name, Layer or chain) held inside; parameters,
     buffers, names, summary and files recurse into them.
@@ -297,6 +303,11 @@ class Layer:
 
     def joins_residual(self):
         """Whether this pass can run a Residual's join (see "fusion" in the module notes)."""
+        return False
+
+    def adds_input_grad(self):
+        """Whether this pass's ``plan_backward`` can add its input gradient to another
+        branch's, ws["dx_add"] (see "fusion" in the module notes)."""
         return False
 
     per_channel_affine = False   # at inference y = x·scale[c] + shift[c] (channel_affine)

@@ -228,10 +228,13 @@ class Chain:
             h = out
         return ops, h, trace
 
-    def plan_backward(self, g, trace, need_input_grad, mask=None):
+    def plan_backward(self, g, trace, need_input_grad, mask=None, add_to=None):
         """(ops, input gradient): the backward of the passes recorded in ``trace``.
         ``mask``: g is to be taken as 0 where mask <= 0 (the ReLU after a Residual's
-        join), given to the last pass as ws["join_mask"] (``Layer.joins_residual``)."""
+        join), given to the last pass as ws["join_mask"] (``Layer.joins_residual``).
+        ``add_to``: the other branch's input gradient, given to the first pass as
+        ws["dx_add"] if it can take it (``Layer.adds_input_grad``); the returned
+        gradient is then ``add_to`` itself, holding the sum."""
         stop = 0 if need_input_grad else self.first_trained
         ops = []
         for k, (i, layer, ws, x, x_is_input) in enumerate(reversed(trace)):
@@ -239,6 +242,8 @@ class Chain:
                 break
             if mask is not None and k == 0:
                 ws = dict(ws, join_mask=mask)
+            if add_to is not None and k == len(trace) - 1 and layer.adds_input_grad():
+                ws = dict(ws, dx_add=add_to)
             layer_ops, g = layer.plan_backward(g, x, ws, i > stop or need_input_grad)
             for op in layer_ops:
                 ops.append(op if x_is_input else op._replace(bind=None))

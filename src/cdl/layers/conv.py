@@ -158,8 +158,13 @@ class Conv2d(FoldsAtInference, Layer):
         return self._inference_ops(lambda w, b: _conv.ConvForward(
             x, w, b, ws["out"], self.stride, self.padding, self.fold_relu), x, ws)
 
+    def adds_input_grad(self):
+        return True
+
     def plan_backward(self, g, x, ws, need_input_grad):
-        dx = ws["dx"] if need_input_grad else None
+        add = ws.get("dx_add") if need_input_grad else None
+        dx = add if add is not None else ws["dx"] if need_input_grad else None
         k = _conv.ConvBackward(g, x, self.params["weight"], dx, self.grads["weight"],
-                               self.grads.get("bias"), self.stride, self.padding)
+                               self.grads.get("bias"), self.stride, self.padding,
+                               accumulate=add is not None)
         return [Op(k.run, k.bind_input, x.shape)], dx

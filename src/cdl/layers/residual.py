@@ -213,6 +213,14 @@ class Residual(Layer):
             for layer in chain[1].absorbed:
                 layer._last = None
 
+    @staticmethod
+    def _takes_sum(df, g, x):
+        """Whether the body's input gradient df can hold the branches' sum: an array of
+        x's shape and dtype of its own (sharing no memory with g or x)."""
+        return (isinstance(df, np.ndarray) and df.shape == x.shape and df.dtype == x.dtype
+                and df.flags.c_contiguous and not np.may_share_memory(df, g)
+                and not np.may_share_memory(df, x))
+
     def plan_backward(self, g, x, ws, need_input_grad):
         ops = []
         trace_f, trace_s = ws["trace"]
@@ -231,8 +239,14 @@ class Residual(Layer):
         ops += ops_f
         ds = g
         if self.shortcut is not None:
-            ops_s, ds = self.shortcut.plan_backward(g, trace_s, need_input_grad, mask=mask)
+            # The shortcut's first pass may add its input gradient to the body's
+            # (a strided 1x1 convolution then touches only the cells it reaches).
+            add_to = df if need_input_grad and self._takes_sum(df, g, x) else None
+            ops_s, ds = self.shortcut.plan_backward(g, trace_s, need_input_grad, mask=mask,
+                                                    add_to=add_to)
             ops += ops_s
+            if add_to is not None and ds is add_to:
+                return ops, df
         if not need_input_grad:
             return ops, None
         # identity shortcut with the mask: dx = df + (g where out > 0)
