@@ -33,6 +33,18 @@ def _unmerged(model):
     return model
 
 
+def _separate_shortcut_sums(model):
+    """The model with each Residual's shortcut input gradient summed with the body's in a
+    pass of its own (Layer.adds_input_grad turned off on the shortcut's first layer),
+    for the A/B of that fusion."""
+    import cdl
+    for layer in model.layers:
+        if isinstance(layer, cdl.Residual) and layer.shortcut is not None:
+            layer.shortcut.layers[0].adds_input_grad = lambda: False
+    model._reset_plans()
+    return model
+
+
 def torch_resnet8(torch):
     nn = torch.nn
 
@@ -71,6 +83,20 @@ def torch_lenet(torch, bn, p):
                            + [nn.ReLU(), nn.Linear(84, 10)]))
 
 
+def resnet_blocks_line(meta):
+    """The ResNet-8 batch-64 blocks as a sentence (also tools/readme_tables.py's)."""
+    ratios = meta["resnet_n64_train_vs_torch_blocks"]
+    med = {k: float(np.median([b[k] for b in meta["resnet_n64_blocks_ms"]]))
+           for k in ("cdl", "cdl_separate", "torch")}
+    return (f"ResNet-8's train_step at batch 64 against PyTorch's in {len(ratios)} interleaved "
+            f"blocks: {meta['resnet_n64_train_vs_torch']:.2f}x, the median ("
+            + ", ".join(f"{r:.2f}" for r in ratios)
+            + f"; median times {med['cdl']:.1f} ms and {med['torch']:.1f} ms; target ≤ 0.5). "
+            f"The strided shortcuts adding their input gradient to the body's in their "
+            f"convolution save {meta['shortcut_sum_fusion_gain']:.1%} of that step "
+            f"({med['cdl_separate']:.1f} ms with the sum in a pass of its own, same blocks).")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -78,6 +104,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     ap.add_argument("--overhead-blocks", type=int, default=5,
                     help="interleaved blocks of the LeNet-5 BatchNorm + Dropout overhead")
+    ap.add_argument("--resnet-blocks", type=int, default=5,
+                    help="interleaved blocks of ResNet-8's train_step at batch 64 against "
+                         "PyTorch's (0: none)")
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
     import cdl
@@ -182,6 +211,32 @@ def main(argv=None):
     blocks = [median_times(pair, args.repeats) for _ in range(args.overhead_blocks)]
     both = {k: float(np.median([b[k] for b in blocks])) for k in pair}
     overheads = [b["bn"] / b["plain"] - 1 for b in blocks]
+    # ResNet-8 at batch 64 against PyTorch in interleaved blocks as well: single runs of
+    # one build gave 0.52-0.61 within half an hour on the VM, and each block also times
+    # the step with the shortcuts' input gradients summed in a pass of their own.
+    resnet_blocks = []
+    if torch is not None and args.resnet_blocks > 0:
+        rng = np.random.default_rng(0)
+        x8 = rng.standard_normal((64, 3, 32, 32)).astype(np.float32)
+        y8 = rng.integers(0, 10, 64)
+        trio = {}
+        for key, m in (("cdl", models.resnet8(seed=0)),
+                       ("cdl_separate", _separate_shortcut_sums(models.resnet8(seed=0)))):
+            opt = cdl.SGD(m, lr=0.01)
+            trio[key] = (lambda m=m, opt=opt: m.train_step(x8, y8, loss, opt))
+        net = torch_resnet8(torch)
+        topt = torch.optim.SGD(net.parameters(), lr=0.01)
+        tx, ty = torch.from_numpy(x8), torch.from_numpy(y8)
+        lossf = torch.nn.CrossEntropyLoss()
+
+        def t_step():
+            net.train()
+            topt.zero_grad()
+            lossf(net(tx), ty).backward()
+            topt.step()
+        trio["torch"] = t_step
+        resnet_blocks = [{k: v * 1e3 for k, v in median_times(trio, args.repeats).items()}
+                         for _ in range(args.resnet_blocks)]
     blas.restore_original_limits()
     load_after = os.getloadavg()
     meta = {"command": "python bench/bench_resnet.py " + " ".join(argv or sys.argv[1:]),
@@ -194,6 +249,17 @@ def main(argv=None):
     meta["bn_pool_merge_gain_lenet_n64"] = float(np.median(
         [1 - b["bn"] / b["bn_unmerged"] for b in blocks]))
     meta["lenet_n64_interleaved_ms"] = {k: v * 1e3 for k, v in both.items()}
+    if resnet_blocks:
+        ratios = [b["cdl"] / b["torch"] for b in resnet_blocks]
+        meta["resnet_n64_blocks_ms"] = resnet_blocks
+        meta["resnet_n64_train_vs_torch"] = float(np.median(ratios))
+        meta["resnet_n64_train_vs_torch_blocks"] = ratios
+        meta["shortcut_sum_fusion_gain"] = float(np.median(
+            [1 - b["cdl"] / b["cdl_separate"] for b in resnet_blocks]))
+        print(f"ResNet-8 train_step at batch 64 takes {meta['resnet_n64_train_vs_torch']:.2f}x "
+              f"PyTorch's time (median of {len(ratios)} interleaved blocks, "
+              f"{min(ratios):.2f} to {max(ratios):.2f}); the shortcuts adding their input "
+              f"gradient in their convolution save {meta['shortcut_sum_fusion_gain']:.1%}")
     print(f"BatchNorm + Dropout add {meta['bn_dropout_overhead_lenet_n64']:.0%} to LeNet-5's "
           f"step at batch 64 (median of {len(blocks)} interleaved blocks, "
           f"{min(overheads):.0%} to {max(overheads):.0%}; median times "
@@ -226,6 +292,8 @@ def main(argv=None):
                       f"target ≤ 15%). Its BatchNorm layers running the max-pool after them "
                       f"in their own pass save {meta['bn_pool_merge_gain_lenet_n64']:.0%} "
                       f"of that step ({ms['bn_unmerged']:.3f} ms without)."]
+        if resnet_blocks:
+            lines += ["", resnet_blocks_line(meta)]
         with open(args.out + ".md", "w") as f:
             f.write("\n".join(lines) + "\n")
 

@@ -208,6 +208,10 @@ def resnet_block(doc):
                           f"pass save {m['bn_pool_merge_gain_lenet_n64']:.0%} of that step "
                           f"({ms(pair['bn_unmerged'])} ms without, in the same "
                           + ("block)." if blocks is None else "blocks)."))
+    if "resnet_n64_blocks_ms" in m:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from bench_resnet import resnet_blocks_line
+        lines += ["", resnet_blocks_line(m)]
     return "\n".join(lines)
 
 
