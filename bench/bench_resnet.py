@@ -45,6 +45,23 @@ def _separate_shortcut_sums(model):
     return model
 
 
+def _masks_from_output(model):
+    """The model with each BatchNorm's fused ReLU mask read from its output in the
+    backward instead of rebuilt from its input (BatchNorm._mask_args turned off), for
+    the A/B of that change."""
+    import cdl
+
+    def walk(layers):
+        for layer in layers:
+            if isinstance(layer, cdl.layers.norm._BatchNorm):
+                layer._mask_args = lambda ws, join_mask=None: {}
+            for _, child in layer.children():
+                walk(child.layers)
+    walk(model.layers)
+    model._reset_plans()
+    return model
+
+
 def torch_resnet8(torch):
     nn = torch.nn
 
@@ -86,15 +103,19 @@ def torch_lenet(torch, bn, p):
 def resnet_blocks_line(meta):
     """The ResNet-8 batch-64 blocks as a sentence (also tools/readme_tables.py's)."""
     ratios = meta["resnet_n64_train_vs_torch_blocks"]
-    med = {k: float(np.median([b[k] for b in meta["resnet_n64_blocks_ms"]]))
-           for k in ("cdl", "cdl_separate", "torch")}
+    blocks = meta["resnet_n64_blocks_ms"]
+    med = {k: float(np.median([b[k] for b in blocks])) for k in blocks[0]}
     return (f"ResNet-8's train_step at batch 64 against PyTorch's in {len(ratios)} interleaved "
             f"blocks: {meta['resnet_n64_train_vs_torch']:.2f}x, the median ("
             + ", ".join(f"{r:.2f}" for r in ratios)
             + f"; median times {med['cdl']:.1f} ms and {med['torch']:.1f} ms; target ≤ 0.5). "
             f"The strided shortcuts adding their input gradient to the body's in their "
             f"convolution save {meta['shortcut_sum_fusion_gain']:.1%} of that step "
-            f"({med['cdl_separate']:.1f} ms with the sum in a pass of its own, same blocks).")
+            f"({med['cdl_separate']:.1f} ms with the sum in a pass of its own, same blocks)."
+            + ("" if "bn_mask_rebuild_gain" not in meta else
+               f" BatchNorm's backward rebuilding its fused ReLU's mask from its input "
+               f"instead of reading its output saves {meta['bn_mask_rebuild_gain']:.1%} "
+               f"({med['cdl_read_mask']:.1f} ms reading it)."))
 
 
 def main(argv=None):
@@ -221,7 +242,8 @@ def main(argv=None):
         y8 = rng.integers(0, 10, 64)
         trio = {}
         for key, m in (("cdl", models.resnet8(seed=0)),
-                       ("cdl_separate", _separate_shortcut_sums(models.resnet8(seed=0)))):
+                       ("cdl_separate", _separate_shortcut_sums(models.resnet8(seed=0))),
+                       ("cdl_read_mask", _masks_from_output(models.resnet8(seed=0)))):
             opt = cdl.SGD(m, lr=0.01)
             trio[key] = (lambda m=m, opt=opt: m.train_step(x8, y8, loss, opt))
         net = torch_resnet8(torch)
@@ -256,10 +278,13 @@ def main(argv=None):
         meta["resnet_n64_train_vs_torch_blocks"] = ratios
         meta["shortcut_sum_fusion_gain"] = float(np.median(
             [1 - b["cdl"] / b["cdl_separate"] for b in resnet_blocks]))
+        meta["bn_mask_rebuild_gain"] = float(np.median(
+            [1 - b["cdl"] / b["cdl_read_mask"] for b in resnet_blocks]))
         print(f"ResNet-8 train_step at batch 64 takes {meta['resnet_n64_train_vs_torch']:.2f}x "
               f"PyTorch's time (median of {len(ratios)} interleaved blocks, "
               f"{min(ratios):.2f} to {max(ratios):.2f}); the shortcuts adding their input "
-              f"gradient in their convolution save {meta['shortcut_sum_fusion_gain']:.1%}")
+              f"gradient in their convolution save {meta['shortcut_sum_fusion_gain']:.1%}; "
+              f"BatchNorm rebuilding its ReLU mask saves {meta['bn_mask_rebuild_gain']:.1%}")
     print(f"BatchNorm + Dropout add {meta['bn_dropout_overhead_lenet_n64']:.0%} to LeNet-5's "
           f"step at batch 64 (median of {len(blocks)} interleaved blocks, "
           f"{min(overheads):.0%} to {max(overheads):.0%}; median times "

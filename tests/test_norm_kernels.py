@@ -202,6 +202,49 @@ def test_relu_masks_where_output_is_not_positive():
     np.testing.assert_allclose(dw[0], ((x - mean) * invstd)[0, 0, 2:].sum(), rtol=1e-14)
 
 
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_relu_mask_rebuilt_from_x_is_the_mask_read_from_out(isa):
+    # batchnorm_backward with the forward's scale (scale_out) and shift rebuilds the
+    # ReLU's mask from x; bit for bit the gradients that read the forward's output,
+    # on data with many outputs at or near 0 (bias set to land them there), for
+    # every build, both dtypes, with and without bias, and any thread count.
+    import importlib
+
+    from cdl._kernels import _runtime
+    if isa not in _runtime.cpu_supports():
+        pytest.skip(f"CPU lacks {isa}")
+    mod = importlib.import_module(f"cdl._kernels._norm_{isa}")
+    for dtype in (np.float32, np.float64):
+        for shape in ((5, 3, 16), (4, 7, 100), (9, 2, 1024), (3, 4, 37), (6, 3, 4)):
+            for with_bias in (True, False):
+                x, w, b, rm, rv = bn_case(shape, dtype, seed=23)
+                c = shape[1]
+                # x's values repeat, so that many land exactly where the output is 0
+                x = np.round(x * 4) / 4
+                mean, invstd = np.empty(c, dtype), np.empty(c, dtype)
+                scale, out = np.empty(c, dtype), np.empty_like(x)
+                b = b if with_bias else None
+                mod.batchnorm_forward_train(x, w, b, out, mean, invstd, None, None, 0.1, 1e-5,
+                                            True, 2, scale_out=scale)
+                if with_bias:
+                    # shift each channel so that an output lands on 0 (or just beside)
+                    b = (-(x[0, :, 0] - mean) * scale).astype(dtype)
+                    mod.batchnorm_forward_train(x, w, b, out, mean, invstd, None, None, 0.1,
+                                                1e-5, True, 2, scale_out=scale)
+                assert (out == 0).any() and (out > 0).any()
+                g = np.random.default_rng(24).standard_normal(shape).astype(dtype)
+                want = [np.empty_like(x), np.empty(c, dtype), np.empty(c, dtype)]
+                mod.batchnorm_backward(g, x, out, w, mean, invstd, *want, True, 2)
+                for nt in (1, 2, 3):
+                    got = [np.empty_like(x), np.empty(c, dtype), np.empty(c, dtype)]
+                    # out must not be read: garbage in it changes nothing
+                    junk = np.full_like(out, np.nan)
+                    mod.batchnorm_backward(g, x, junk if shape[2] >= 16 else out, w, mean,
+                                           invstd, *got, True, nt, scale=scale, shift=b)
+                    for u, v in zip(got, want):
+                        assert u.tobytes() == v.tobytes(), (isa, dtype, shape, with_bias, nt)
+
+
 # ------------------------------------------------------------ central differences
 
 def numeric_grad(f, a, h=1e-6):

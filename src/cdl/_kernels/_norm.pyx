@@ -335,9 +335,21 @@ cdef extern from *:
         }                                                                           \\
         return gv;                                                                  \\
     }                                                                               \\
+    /* The same mask from x - m (e): the forward's y = e * s + b <= 0, computed     \\
+       as the forward computes it (bitwise its mask), instead of read from y. */    \\
+    static inline cdl_bn_v_##SFX cdl_bn_remask_##SFX(cdl_bn_v_##SFX gv,             \\
+            cdl_bn_v_##SFX e, T s, T b) {                                           \\
+        typedef UT cdl_bn_u __attribute__((vector_size(CDL_BN_VB)));                \\
+        cdl_bn_u m = (cdl_bn_u)(e * s + b <= (T)0);                                 \\
+        gv = (cdl_bn_v_##SFX)((cdl_bn_u)gv & ~m);                                   \\
+        /* opaque, as a masked load is: the sums after it contract as on y's path */\\
+        __asm__("" : "+x"(gv));                                                     \\
+        return gv;                                                                  \\
+    }                                                                               \\
     static inline __attribute__((always_inline)) void cdl_bn_cbsum_##SFX(           \\
             const T *g, const T *y, Py_ssize_t st, const T *x, Py_ssize_t xst,      \\
-            Py_ssize_t nr, Py_ssize_t L, T m, double *o1, double *o2) {             \\
+            Py_ssize_t nr, Py_ssize_t L, T m, int rm, T rs, T rb, double *o1,       \\
+            double *o2) {                                                           \\
         cdl_bn_dv v1[8 / CDL_BN_DL] = {{0}}, v2[8 / CDL_BN_DL] = {{0}};             \\
         double l1[8], l2[8];                                                        \\
         Py_ssize_t j = 0, r, h;                                                     \\
@@ -353,6 +365,12 @@ cdef extern from *:
                 cdl_bn_v_##SFX e1 = nr > 1 ? cdl_bn_load_##SFX(x + xst + o) - m : z;\\
                 cdl_bn_v_##SFX e2 = nr > 2 ? cdl_bn_load_##SFX(x + 2 * xst + o) - m : z;\\
                 cdl_bn_v_##SFX e3 = nr > 3 ? cdl_bn_load_##SFX(x + 3 * xst + o) - m : z;\\
+                if (rm) {                                                           \\
+                    g0 = cdl_bn_remask_##SFX(g0, e0, rs, rb);                       \\
+                    g1 = cdl_bn_remask_##SFX(g1, e1, rs, rb);                       \\
+                    g2 = cdl_bn_remask_##SFX(g2, e2, rs, rb);                       \\
+                    g3 = cdl_bn_remask_##SFX(g3, e3, rs, rb);                       \\
+                }                                                                   \\
                 cdl_bn_acc_##SFX(v1, (g0 + g1) + (g2 + g3), h);                     \\
                 cdl_bn_acc_##SFX(v2, (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3), h); \\
             }                                                                       \\
@@ -363,6 +381,8 @@ cdef extern from *:
             for (r = 0; r < nr; r++) {                                              \\
                 gv[r] = cdl_bn_gmask_##SFX(g, y, j + r * st);                       \\
                 ex[r] = x[j + r * xst] - m;                                         \\
+                if (rm)                                                             \\
+                    gv[r] = cdl_bn_pick_##SFX(ex[r] * rs + rb <= (T)0, (T)0, gv[r]);\\
             }                                                                       \\
             l1[j % 8] += (double)((gv[0] + gv[1]) + (gv[2] + gv[3]));               \\
             l2[j % 8] += (double)((gv[0] * ex[0] + gv[1] * ex[1]) + (gv[2] * ex[2] + gv[3] * ex[3]));\\
@@ -410,6 +430,16 @@ cdef extern from *:
             }                                                                       \\
         } else {                                                                    \\
             for (j = 0; j < n; j++) dx[j] = ((g[j] - gm) - (x[j] - m) * k) * sc;    \\
+        }                                                                           \\
+    }                                                                               \\
+    /* dx as cdl_bn_dx, the mask from x: (x - m) * s + b <= 0, as the forward */    \\
+    static void cdl_bn_dxr_##SFX(T *dx, const T *g, const T *x, T m, T k, T gm,     \\
+                                 T sc, T s, T b, Py_ssize_t n) {                    \\
+        Py_ssize_t j;                                                               \\
+        for (j = 0; j < n; j++) {                                                   \\
+            T e = x[j] - m;                                                         \\
+            T gv = cdl_bn_pick_##SFX(e * s + b <= (T)0, (T)0, g[j]);                \\
+            dx[j] = ((gv - gm) - e * k) * sc;                                       \\
         }                                                                           \\
     }                                                                               \\
     static void cdl_bn_dx_v_##SFX(T *dx, const T *g, const T *x, const T *y,        \\
@@ -587,12 +617,14 @@ cdef extern from *:
        gradient and output: cdl_bn_bwd_sums unpools the group's planes into dx      \\
        (or, with no dx, into planes: 4 * L T's of the thread's) and sums those,     \\
        and cdl_bn_bwd_apply turns dx into the input gradient in place. Returns      \\
-       how many indices lay outside their window. */                                \\
+       how many indices lay outside their window. ms (channels of CDL_BN_RUN or     \\
+       more, not pooled): the ReLU mask from x, the forward's scale ms and shift    \\
+       mb (NULL: 0) instead of from y (one array less to read in both steps). */    \\
     static Py_ssize_t cdl_bn_bwd_sums_##SFX(const T *g, const T *x, const T *y,     \\
             const T *mean_in, T *dx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,      \\
             Py_ssize_t gi, Py_ssize_t c0, Py_ssize_t nc, const T *mexp,             \\
             const int *pind, Py_ssize_t W, double *sg, double *sgx, double *tile,   \\
-            T *planes) {                                                            \\
+            T *planes, const T *ms, const T *mb) {                                  \\
         const Py_ssize_t CL = C * L, n0 = gi * CDL_BN_GROUP;                        \\
         const Py_ssize_t nr = N - n0 < CDL_BN_GROUP ? N - n0 : CDL_BN_GROUP;        \\
         const Py_ssize_t o = gi * C;                                                \\
@@ -609,17 +641,21 @@ cdef extern from *:
                                          pind + q, W, L, OH, OW, &bad);             \\
                 }                                                                   \\
                 cdl_bn_cbsum_##SFX(gb, NULL, gst, x + n0 * CL + c * L, CL, nr, L,   \\
-                                   mean_in[c], sg + o + c, sgx + o + c);            \\
+                                   mean_in[c], 0, 0, 0, sg + o + c, sgx + o + c);   \\
             }                                                                       \\
         } else if (L >= CDL_BN_RUN) {                                               \\
             for (c = c0; c < c0 + nc; c++) {                                        \\
                 const Py_ssize_t q = n0 * CL + c * L;                               \\
-                if (y)                                                              \\
+                if (ms)                                                             \\
+                    cdl_bn_cbsum_##SFX(g + q, NULL, CL, x + q, CL, nr, L, mean_in[c],\\
+                                       1, ms[c], mb ? mb[c] : (T)0, sg + o + c,     \\
+                                       sgx + o + c);                                \\
+                else if (y)                                                         \\
                     cdl_bn_cbsum_##SFX(g + q, y + q, CL, x + q, CL, nr, L, mean_in[c],\\
-                                       sg + o + c, sgx + o + c);                    \\
+                                       0, 0, 0, sg + o + c, sgx + o + c);           \\
                 else                                                                \\
                     cdl_bn_cbsum_##SFX(g + q, NULL, CL, x + q, CL, nr, L, mean_in[c],\\
-                                       sg + o + c, sgx + o + c);                    \\
+                                       0, 0, 0, sg + o + c, sgx + o + c);           \\
             }                                                                       \\
         } else {                                                                    \\
             /* short channels: gi is 0 and one item runs every group (G is 1) */    \\
@@ -677,13 +713,20 @@ cdef extern from *:
     static void cdl_bn_bwd_apply_##SFX(const T *g, const T *x, const T *y, T *dx,   \\
             Py_ssize_t C, Py_ssize_t L, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nc, \\
             const T *mf, const T *kf, const T *gf, const T *cf, const T *me,        \\
-            const T *ke, const T *ge, const T *ce, int pooled) {                    \\
+            const T *ke, const T *ge, const T *ce, int pooled, const T *ms,         \\
+            const T *mb) {                                                          \\
         const Py_ssize_t CL = C * L;                                                \\
         Py_ssize_t c;                                                               \\
         if (pooled) {                                                               \\
             for (c = c0; c < c0 + nc; c++) {                                        \\
                 const Py_ssize_t q = n * CL + c * L;                                \\
                 cdl_bn_dx_##SFX(dx + q, dx + q, x + q, NULL, mf[c], kf[c], gf[c], cf[c], L);\\
+            }                                                                       \\
+        } else if (L >= CDL_BN_RUN && ms) {                                         \\
+            for (c = c0; c < c0 + nc; c++) {                                        \\
+                const Py_ssize_t q = n * CL + c * L;                                \\
+                cdl_bn_dxr_##SFX(dx + q, g + q, x + q, mf[c], kf[c], gf[c], cf[c],  \\
+                                 ms[c], mb ? mb[c] : (T)0, L);                      \\
             }                                                                       \\
         } else if (L >= CDL_BN_RUN) {                                               \\
             for (c = c0; c < c0 + nc; c++) {                                        \\
@@ -741,7 +784,7 @@ cdef extern from *:
                                     Py_ssize_t L, Py_ssize_t gi, Py_ssize_t c0, Py_ssize_t nc,
                                     const float* mexp, const int* pind, Py_ssize_t W,
                                     double* sg, double* sgx, double* tile,
-                                    float* planes) noexcept nogil
+                                    float* planes, const float* ms, const float* mb) noexcept nogil
     void cdl_bn_bwd_coef_f(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t G,
                               const double* sg, const double* sgx, const float* w,
                               const float* invstd_in, float* dw, float* db, float* kf, float* gf,
@@ -751,7 +794,8 @@ cdef extern from *:
                                Py_ssize_t C, Py_ssize_t L, Py_ssize_t n, Py_ssize_t c0,
                                Py_ssize_t nc, const float* mf, const float* kf, const float* gf,
                                const float* cf, const float* me, const float* ke, const float* ge,
-                               const float* ce, int pooled) noexcept nogil
+                               const float* ce, int pooled, const float* ms,
+                               const float* mb) noexcept nogil
     void cdl_bn_fwd_sums_d(const double* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
                               Py_ssize_t gi, Py_ssize_t c0, Py_ssize_t nc, const double* kf,
                               const double* ke, double* s1, double* s2, double* tile) noexcept nogil
@@ -770,7 +814,7 @@ cdef extern from *:
                                     Py_ssize_t L, Py_ssize_t gi, Py_ssize_t c0, Py_ssize_t nc,
                                     const double* mexp, const int* pind, Py_ssize_t W,
                                     double* sg, double* sgx, double* tile,
-                                    double* planes) noexcept nogil
+                                    double* planes, const double* ms, const double* mb) noexcept nogil
     void cdl_bn_bwd_coef_d(Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t G,
                               const double* sg, const double* sgx, const double* w,
                               const double* invstd_in, double* dw, double* db, double* kf, double* gf,
@@ -780,7 +824,8 @@ cdef extern from *:
                                Py_ssize_t C, Py_ssize_t L, Py_ssize_t n, Py_ssize_t c0,
                                Py_ssize_t nc, const double* mf, const double* kf, const double* gf,
                                const double* cf, const double* me, const double* ke, const double* ge,
-                               const double* ce, int pooled) noexcept nogil
+                               const double* ce, int pooled, const double* ms,
+                               const double* mb) noexcept nogil
     void cdl_bn_eval_block_f(const float* x, float* y, const float* scale, const float* shift,
                              Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c0,
                              Py_ssize_t nc, int relu, double* ws) noexcept nogil
@@ -940,7 +985,8 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
                                   int num_threads, floating[:, :, ::1] pool_out=None,
                                   int[:, :, ::1] pool_indices=None,
                                   Py_ssize_t width=0,
-                                  const floating[:, :, ::1] residual=None) except -1:
+                                  const floating[:, :, ::1] residual=None,
+                                  floating[::1] scale_out=None) except -1:
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2]
     cdef Py_ssize_t it, c, gi, n, n0, c0, cbB, attempt, stride = _train_stride()
     cdef int nbB
@@ -1038,6 +1084,9 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
                 cdl_bn_fwd_coef_d(N, C, L, sp.G, s1, s2, kf, wp, bp, mp, ip, rmp, rvp,
                                   momentum, eps, coef, coef + C, coef + 2 * C, spread,
                                   sp1, sp2, c0, min(cbB, C - c0))
+        if scale_out is not None:
+            for c in range(C):
+                scale_out[c] = coef[C + c]
         for it in prange(sp.itemsC, schedule="static", num_threads=min(nt, sp.itemsC)):
             tid = omp_get_thread_num()
             c0 = (it % sp.nbC) * sp.cbC
@@ -1064,7 +1113,8 @@ def batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::1] wei
                             double momentum, double eps, bint relu, int num_threads,
                             floating[:, :, ::1] pool_out=None,
                             int[:, :, ::1] pool_indices=None, Py_ssize_t width=0,
-                            const floating[:, :, ::1] residual=None):
+                            const floating[:, :, ::1] residual=None,
+                            floating[::1] scale_out=None):
     """Training-mode batch norm of x (N, C, L) into out (may be x).
 
     Fills mean and invstd (C,) with the batch mean and 1/sqrt(var + eps) (kept for
@@ -1082,10 +1132,14 @@ def batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::1] wei
     With residual (N, C, L; not pooled): out = the normalised value (rounded) +
     residual, then the ReLU, bitwise the batch norm followed by add(..., relu) (a
     Residual's join in one pass). out may be residual.
+
+    scale_out (C,), if given, receives the normalisation's per-channel scale as the
+    output was computed with it (invstd · weight rounded once from double), which
+    batchnorm_backward can take to rebuild the ReLU's mask from x.
     """
     _batchnorm_forward_train(x, weight, bias, out, mean, invstd, running_mean, running_var,
                              momentum, eps, relu, num_threads, pool_out, pool_indices, width,
-                             residual)
+                             residual, scale_out)
 
 
 # ---------------------------------------------------------------- backward
@@ -1097,7 +1151,8 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
                                     floating[::1] grad_weight, floating[::1] grad_bias,
                                     bint relu, int num_threads,
                              const int[:, :, ::1] pool_indices=None,
-                             Py_ssize_t width=0) except -1:
+                             Py_ssize_t width=0, const floating[::1] scale=None,
+                             const floating[::1] shift=None) except -1:
     # Returns how many pool indices lay outside their window (0 unpooled).
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], L = x.shape[2]
     cdef size_t cells, n
@@ -1152,6 +1207,16 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
     cdef const floating* gp = &grad_out[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef const floating* yp = &out[0, 0, 0] if relu else NULL
+    # The ReLU's mask rebuilt from x with the forward's scale and shift (planes, not
+    # pooled) instead of read from out: one array less to read in both steps.
+    cdef const floating* msp = NULL
+    cdef const floating* mbp = NULL
+    if relu and scale is not None and pool_indices is None and L >= CDL_BN_RUN:
+        if scale.shape[0] != C or (shift is not None and shift.shape[0] != C):
+            raise ValueError(f"batch norm backward: scale and shift need {C} entries")
+        msp = &scale[0]
+        mbp = _ptr_or_null(shift)
+        yp = NULL
     cdef const floating* wp = _ptr_or_null(weight)
     cdef const floating* mp = &mean[0]
     cdef const floating* ip = &invstd[0]
@@ -1189,12 +1254,14 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
                 bad += cdl_bn_bwd_sums_f(gp, xp, yp, mp, dxp, N, C, L, gi, c0,
                                          min(sp.cbA, C - c0), spread, pi, width, sg, sgx,
                                          ws + tid * stride,
-                                         <float*>(ws + tid * stride + 2 * CDL_BN_TILE))
+                                         <float*>(ws + tid * stride + 2 * CDL_BN_TILE),
+                                         msp, mbp)
             else:
                 bad += cdl_bn_bwd_sums_d(gp, xp, yp, mp, dxp, N, C, L, gi, c0,
                                          min(sp.cbA, C - c0), spread, pi, width, sg, sgx,
                                          ws + tid * stride,
-                                         <double*>(ws + tid * stride + 2 * CDL_BN_TILE))
+                                         <double*>(ws + tid * stride + 2 * CDL_BN_TILE),
+                                         msp, mbp)
         for it in prange(nbB, schedule="static", num_threads=nbB):
             c0 = it * cbB
             if floating is float:
@@ -1211,11 +1278,11 @@ cdef Py_ssize_t _batchnorm_backward(const floating[:, :, ::1] grad_out, const fl
                     if floating is float:
                         cdl_bn_bwd_apply_f(gp, xp, yp, dxp, C, L, im, c0, min(sp.cbC, C - c0),
                                            mp, coef, coef + C, coef + 2 * C,
-                                           spread, sp1, sp2, sp3, pooled)
+                                           spread, sp1, sp2, sp3, pooled, msp, mbp)
                     else:
                         cdl_bn_bwd_apply_d(gp, xp, yp, dxp, C, L, im, c0, min(sp.cbC, C - c0),
                                            mp, coef, coef + C, coef + 2 * C,
-                                           spread, sp1, sp2, sp3, pooled)
+                                           spread, sp1, sp2, sp3, pooled, msp, mbp)
     free(mem)
     return bad
 
@@ -1225,7 +1292,8 @@ def batchnorm_backward(const floating[:, :, ::1] grad_out, const floating[:, :, 
                        const floating[::1] mean, const floating[::1] invstd,
                        floating[:, :, ::1] grad_input, floating[::1] grad_weight,
                        floating[::1] grad_bias, bint relu, int num_threads,
-                       const int[:, :, ::1] pool_indices=None, Py_ssize_t width=0):
+                       const int[:, :, ::1] pool_indices=None, Py_ssize_t width=0,
+                       const floating[::1] scale=None, const floating[::1] shift=None):
     """Gradients of batchnorm_forward_train given grad_out (N, C, L).
 
     mean / invstd are the forward's; out (the forward output) is read only with
@@ -1239,9 +1307,15 @@ def batchnorm_backward(const floating[:, :, ::1] grad_out, const floating[:, :, 
     overlap grad_out, x, out or pool_indices (it holds the unpooled gradient in
     between; ValueError otherwise). Returns how many indices lay outside their
     2x2 window (skipped; 0 for indices the forward made).
+
+    With relu, scale (the forward's scale_out) and shift (its bias; None: 0), the
+    ReLU's mask of planes (L >= CDL_BN_RUN, not pooled) is rebuilt from x as the
+    forward computed the output, bit for bit the mask read from out, which is then
+    not read.
     """
     return _batchnorm_backward(grad_out, x, out, weight, mean, invstd, grad_input,
-                               grad_weight, grad_bias, relu, num_threads, pool_indices, width)
+                               grad_weight, grad_bias, relu, num_threads, pool_indices, width,
+                               scale, shift)
 
 
 # ---------------------------------------------------------------- eval
@@ -1367,16 +1441,18 @@ cdef class BatchNormTrainForward:
     cdef int[:, :, ::1] pool_indices
     cdef Py_ssize_t width
     cdef const float[:, :, ::1] residual
+    cdef float[::1] scale_out
 
     def __init__(self, x, weight, bias, out, mean, invstd, running_mean, running_var,
                  double momentum, double eps, bint relu, pool_out=None, pool_indices=None,
-                 Py_ssize_t width=0, residual=None):
+                 Py_ssize_t width=0, residual=None, scale_out=None):
         self.x, self.weight, self.bias, self.out = x, weight, bias, out
         self.mean, self.invstd = mean, invstd
         self.running_mean, self.running_var = running_mean, running_var
         self.momentum, self.eps, self.relu = momentum, eps, relu
         self.pool_out, self.pool_indices, self.width = pool_out, pool_indices, width
         self.residual = residual
+        self.scale_out = scale_out
 
     def bind_input(self, const float[:, :, ::1] x):
         self.x = x
@@ -1392,7 +1468,7 @@ cdef class BatchNormTrainForward:
                                         self.invstd, self.running_mean, self.running_var,
                                         self.momentum, self.eps, self.relu, num_threads,
                                         self.pool_out, self.pool_indices, self.width,
-                                        self.residual)
+                                        self.residual, self.scale_out)
 
 
 cdef class BatchNormBackward:
@@ -1409,14 +1485,18 @@ cdef class BatchNormBackward:
     cdef bint relu
     cdef const int[:, :, ::1] pool_indices
     cdef Py_ssize_t width
+    cdef const float[::1] scale
+    cdef const float[::1] shift
 
     def __init__(self, grad_out, x, out, weight, mean, invstd, grad_input, grad_weight,
-                 grad_bias, bint relu, pool_indices=None, Py_ssize_t width=0):
+                 grad_bias, bint relu, pool_indices=None, Py_ssize_t width=0, scale=None,
+                 shift=None):
         self.grad_out, self.x, self.out, self.weight = grad_out, x, out, weight
         self.mean, self.invstd = mean, invstd
         self.grad_input, self.grad_weight, self.grad_bias = grad_input, grad_weight, grad_bias
         self.relu = relu
         self.pool_indices, self.width = pool_indices, width
+        self.scale, self.shift = scale, shift
 
     def bind_input(self, const float[:, :, ::1] x):
         self.x = x
@@ -1425,7 +1505,7 @@ cdef class BatchNormBackward:
         _batchnorm_backward[float](self.grad_out, self.x, self.out, self.weight, self.mean,
                                    self.invstd, self.grad_input, self.grad_weight,
                                    self.grad_bias, self.relu, num_threads,
-                                   self.pool_indices, self.width)
+                                   self.pool_indices, self.width, self.scale, self.shift)
 
 
 cdef class BatchNormEvalForward:

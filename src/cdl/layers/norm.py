@@ -166,6 +166,9 @@ class _BatchNorm(Layer):
             ws["dx"] = np.empty((n,) + self.input_shape, self.dtype)
             ws["mean"] = np.empty(c, self.dtype)
             ws["invstd"] = np.empty(c, self.dtype)
+            # the forward's per-channel scale, from which the backward rebuilds the
+            # ReLU's mask instead of reading the output again (planes, not pooled)
+            ws["train_scale"] = np.empty(c, self.dtype)
         return ws
 
     per_channel_affine = True
@@ -197,7 +200,8 @@ class _BatchNorm(Layer):
         _norm.batchnorm_forward_train(x3, self.params.get("weight"), self.params.get("bias"),
                                       self._train_out(ws), ws["mean"], ws["invstd"],
                                       b["running_mean"], b["running_var"], self._factor(),
-                                      self.eps, self.fused_next, nt, **self._pool_args(ws))
+                                      self.eps, self.fused_next, nt, **self._pool_args(ws),
+                                      scale_out=ws["train_scale"])
         self.on_train_forward(ws, x)
         return self._pass_out(ws)
 
@@ -208,8 +212,16 @@ class _BatchNorm(Layer):
                                  ws["mean"], ws["invstd"],
                                  None if dx is None else self._planes(dx),
                                  self.grads.get("weight"), self.grads.get("bias"),
-                                 self.fused_next, nt, **self._pool_args(ws, backward=True))
+                                 self.fused_next, nt, **self._pool_args(ws, backward=True),
+                                 **self._mask_args(ws))
         return dx
+
+    def _mask_args(self, ws, join_mask=None):
+        """The backward's arguments for rebuilding the fused ReLU's mask from x (the
+        kernel does so for unpooled planes; a Residual's join masks by its own output)."""
+        if not self.fused_next or join_mask is not None:
+            return {}
+        return {"scale": ws["train_scale"], "shift": self.params.get("bias")}
 
     # -- the merged max-pool (training) -----------------------------------------------
     # In a chain's training pass ws["merged"] is the max-pool's workspace: the kernels
@@ -256,7 +268,8 @@ class _BatchNorm(Layer):
                                         train_out, ws["mean"], ws["invstd"],
                                         b["running_mean"], b["running_var"],
                                         self.momentum or 0.0, self.eps, relu,
-                                        **self._pool_args(ws), **extra)
+                                        **self._pool_args(ws), **extra,
+                                        scale_out=ws["train_scale"])
 
         def run(nt):
             k.set_momentum(self._factor())
@@ -277,7 +290,8 @@ class _BatchNorm(Layer):
                                     None if dx is None else self._planes(dx),
                                     self.grads.get("weight"), self.grads.get("bias"),
                                     self.fused_next or mask is not None,
-                                    **self._pool_args(ws, backward=True))
+                                    **self._pool_args(ws, backward=True),
+                                    **self._mask_args(ws, mask))
         return [Op(k.run, k.bind_input, x3.shape)], dx
 
 

@@ -216,9 +216,10 @@ class Residual(Layer):
     @staticmethod
     def _takes_sum(df, g, x):
         """Whether the body's input gradient df can hold the branches' sum: an array of
-        x's shape and dtype of its own (sharing no memory with g or x)."""
+        x's shape and dtype of its own (writable, sharing no memory with g or x)."""
         return (isinstance(df, np.ndarray) and df.shape == x.shape and df.dtype == x.dtype
-                and df.flags.c_contiguous and not np.may_share_memory(df, g)
+                and df.flags.c_contiguous and df.flags.writeable
+                and not np.may_share_memory(df, g)
                 and not np.may_share_memory(df, x))
 
     def plan_backward(self, g, x, ws, need_input_grad):
