@@ -87,6 +87,20 @@ def torch_resnet8(torch):
                          Block(32, 64, 2), nn.ReLU(), GAP(), nn.Linear(64, 10))
 
 
+def torch_train_step(torch, net, x, y):
+    """PyTorch's SGD step (lr 0.01, cross-entropy) of net on (x, y), as a call."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    lossf = torch.nn.CrossEntropyLoss()
+
+    def step():
+        net.train()
+        opt.zero_grad()
+        lossf(net(tx), ty).backward()
+        opt.step()
+    return step
+
+
 def torch_lenet(torch, bn, p):
     nn = torch.nn
     b2 = (lambda n: [nn.BatchNorm2d(n)]) if bn else (lambda n: [])
@@ -170,15 +184,8 @@ def main(argv=None):
                 # same weights (names differ only where torch has a Flatten layer)
                 for (tk, tv), (ck, cv) in zip(tsd.items(), ours.items()):
                     tv.copy_(torch.from_numpy(np.asarray(cv).reshape(tv.shape)))
-                topt = torch.optim.SGD(net.parameters(), lr=0.01)
-                tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-                lossf = torch.nn.CrossEntropyLoss()
-
-                def t_step():
-                    net.train()
-                    topt.zero_grad()
-                    lossf(net(tx), ty).backward()
-                    topt.step()
+                t_step = torch_train_step(torch, net, x, y)
+                tx = torch.from_numpy(x)
 
                 def t_pred():
                     net.eval()
@@ -246,17 +253,7 @@ def main(argv=None):
                        ("cdl_read_mask", _masks_from_output(models.resnet8(seed=0)))):
             opt = cdl.SGD(m, lr=0.01)
             trio[key] = (lambda m=m, opt=opt: m.train_step(x8, y8, loss, opt))
-        net = torch_resnet8(torch)
-        topt = torch.optim.SGD(net.parameters(), lr=0.01)
-        tx, ty = torch.from_numpy(x8), torch.from_numpy(y8)
-        lossf = torch.nn.CrossEntropyLoss()
-
-        def t_step():
-            net.train()
-            topt.zero_grad()
-            lossf(net(tx), ty).backward()
-            topt.step()
-        trio["torch"] = t_step
+        trio["torch"] = torch_train_step(torch, torch_resnet8(torch), x8, y8)
         resnet_blocks = [{k: v * 1e3 for k, v in median_times(trio, args.repeats).items()}
                          for _ in range(args.resnet_blocks)]
     blas.restore_original_limits()
