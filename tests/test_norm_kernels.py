@@ -245,6 +245,17 @@ def test_relu_mask_rebuilt_from_x_is_the_mask_read_from_out(isa):
                         assert u.tobytes() == v.tobytes(), (isa, dtype, shape, with_bias, nt)
 
 
+def test_mask_scale_of_the_wrong_length_is_refused():
+    x = np.ones((2, 3, 16), np.float32)
+    c3 = lambda: np.empty(3, np.float32)  # noqa: E731
+    with pytest.raises(ValueError, match="scale_out has 2 entries for 3 channels"):
+        norm.batchnorm_forward_train(x, None, None, np.empty_like(x), c3(), c3(), None, None,
+                                     0.1, 1e-5, True, 1, scale_out=np.empty(2, np.float32))
+    with pytest.raises(ValueError, match="scale and shift need 3 entries"):
+        norm.batchnorm_backward(x, x, x, None, c3(), c3(), np.empty_like(x), None, None, True,
+                                1, scale=c3(), shift=np.empty(4, np.float32))
+
+
 # ------------------------------------------------------------ central differences
 
 def numeric_grad(f, a, h=1e-6):

@@ -84,6 +84,12 @@ cdef extern from *:
     #define CDL_BN_VB 16
     #endif
     #define CDL_BN_DL (CDL_BN_VB / 8)
+    /* An empty asm the value passes through: the compiler cannot see how it was made. */
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    #define CDL_BN_OPAQUE(v) __asm__("" : "+x"(v))
+    #else
+    #define CDL_BN_OPAQUE(v) __asm__("" : "+m"(v))
+    #endif
     typedef double cdl_bn_dv __attribute__((vector_size(CDL_BN_VB)));
     typedef float cdl_bn_v_f __attribute__((vector_size(CDL_BN_VB)));
     typedef double cdl_bn_v_d __attribute__((vector_size(CDL_BN_VB)));
@@ -343,7 +349,7 @@ cdef extern from *:
         cdl_bn_u m = (cdl_bn_u)(e * s + b <= (T)0);                                 \\
         gv = (cdl_bn_v_##SFX)((cdl_bn_u)gv & ~m);                                   \\
         /* opaque, as a masked load is: the sums after it contract as on y's path */\\
-        __asm__("" : "+x"(gv));                                                     \\
+        CDL_BN_OPAQUE(gv);                                                          \\
         return gv;                                                                  \\
     }                                                                               \\
     static inline __attribute__((always_inline)) void cdl_bn_cbsum_##SFX(           \\
@@ -1008,6 +1014,9 @@ cdef int _batchnorm_forward_train(const floating[:, :, ::1] x, const floating[::
     if pool_out is not None:
         _check_pool(N, C, L, width, _shape3(pool_out.shape), pool_indices is not None
                     and _shape3(pool_indices.shape) == _shape3(pool_out.shape))
+    if scale_out is not None and scale_out.shape[0] != C:
+        raise ValueError(f"batch norm: scale_out has {scale_out.shape[0]} entries for {C} "
+                         f"channels")
     if residual is not None and (pool_out is not None or out is None
                                  or _shape3(residual.shape) != _shape3(x.shape)
                                  or _shape3(out.shape) != _shape3(x.shape)):
