@@ -38,7 +38,7 @@ def _separate_shortcut_sums(model):
     pass of its own (Layer.adds_input_grad turned off on the shortcut's first layer),
     for the A/B of that fusion."""
     import cdl
-    for layer in model.layers:
+    for _, layer in model.chain.walk():
         if isinstance(layer, cdl.Residual) and layer.shortcut is not None:
             layer.shortcut.layers[0].adds_input_grad = lambda: False
     model._reset_plans()
@@ -50,14 +50,9 @@ def _masks_from_output(model):
     backward instead of rebuilt from its input (BatchNorm._mask_args turned off), for
     the A/B of that change."""
     import cdl
-
-    def walk(layers):
-        for layer in layers:
-            if isinstance(layer, cdl.layers.norm._BatchNorm):
-                layer._mask_args = lambda ws, join_mask=None: {}
-            for _, child in layer.children():
-                walk(child.layers)
-    walk(model.layers)
+    for _, layer in model.chain.walk():
+        if isinstance(layer, cdl.layers.norm._BatchNorm):
+            layer._mask_args = lambda ws, join_mask=None: {}
     model._reset_plans()
     return model
 

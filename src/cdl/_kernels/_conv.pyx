@@ -1590,9 +1590,10 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
     if N == 0 or C == 0 or H == 0 or W == 0:
         return 0
     if accumulate and not phases:
-        scratch = np.empty_like(np.asarray(grad_input))
+        dst = np.asarray(grad_input)
+        scratch = np.empty_like(dst)
         _conv2d_backward_input(grad_out, weight, scratch, sh, sw, ph, pw, num_threads)
-        _add_into(grad_input, scratch, num_threads)
+        np.add(dst, np.asarray(scratch), out=dst)   # d + s: the separate sum's bits
         return 0
     if floating is float and sw == 1 and sh == 1 and K > 0 and KH == 1 and KW == 1 \
             and ph == 0 and pw == 0 and _cv_mode == 0:
@@ -1658,19 +1659,6 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
         for it in prange(N * C, schedule="static", num_threads=nt):
             _dx_scalar(grad_out, weight, grad_input, it, sh, sw, ph, pw)
     return 0
-
-
-cdef void _add_into(floating[:, :, :, ::1] d, const floating[:, :, :, ::1] s,
-                    int num_threads) except *:
-    # d += s, plane by plane (d + s and s + d are the same bits).
-    cdef Py_ssize_t N = d.shape[0], C = d.shape[1], m = d.shape[2] * d.shape[3], pl, q
-    cdef floating* dp = &d[0, 0, 0, 0]
-    cdef const floating* sp = &s[0, 0, 0, 0]
-    cdef int nt = _threads(N * C * m, N * C, num_threads)
-    with nogil:
-        for pl in prange(N * C, schedule="static", num_threads=nt):
-            for q in range(pl * m, pl * m + m):
-                dp[q] = dp[q] + sp[q]
 
 
 cdef int _cv_flipped_forward(CV* cv, const float* go, const float* weight, float* dx,
