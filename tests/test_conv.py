@@ -510,3 +510,172 @@ def test_nan_propagates():
     dx, dw, db = F.conv2d_backward(g, x, w, 1, 0)
     assert np.isnan(dw[:, 1]).all() and np.isfinite(dw[:, 0]).all()
     assert np.isfinite(dx).all() and np.isfinite(db).all()
+
+# ---------------------------------------------------------------------------
+# The Winograd F(2x2, 3x3) path of float32 3x3 stride-1 convolutions: forced on
+# (set_winograd_path(2)) in every build this CPU runs, against the reference;
+# its bits across thread counts and batch sizes; the auto mode's choice.
+# ---------------------------------------------------------------------------
+
+# (x shape, K, padding): planes smaller than a tile, odd sizes (part tiles at the
+# right and bottom), more tiles than one vector, padding 0-2, channel counts that
+# are not a multiple of the GEMM tile, a batch that splits blocks across images.
+WINO_CASES = [
+    ((2, 16, 32, 32), 16, 1),
+    ((3, 5, 7, 9), 7, 1),
+    ((1, 3, 1, 1), 2, 1),
+    ((2, 8, 8, 8), 20, 0),
+    ((2, 17, 10, 5), 13, 2),
+    ((4, 33, 8, 8), 64, 1),
+    ((1, 4, 2, 3), 5, 2),
+    ((5, 9, 6, 11), 3, 0),
+    ((7, 6, 3, 19), 9, 1),
+    ((3, 2, 13, 4), 1, 2),
+]
+
+
+def _wino_modules():
+    out = []
+    for isa in ("baseline", "avx2", "avx512"):
+        if isa in cpu_supports():
+            out.append(importlib.import_module(f"cdl._kernels._conv_{isa}"))
+    return out
+
+
+class _Forced:
+    def __init__(self, mod, mode):
+        self.mod, self.mode = mod, mode
+
+    def __enter__(self):
+        self.old = self.mod.set_winograd_path(self.mode)
+        return self.mod
+
+    def __exit__(self, *exc):
+        self.mod.set_winograd_path(self.old)
+
+
+def _wino_case(xs, k, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal((k, xs[1], 3, 3)).astype(np.float32)
+    b = rng.standard_normal(k).astype(np.float32)
+    return x, w, b
+
+
+def _wino_forward(mod, x, w, b, p, nt, relu=False):
+    oh, ow = x.shape[2] + 2 * p - 2, x.shape[3] + 2 * p - 2
+    y = np.full((x.shape[0], w.shape[0], oh, ow), np.nan, np.float32)
+    mod.conv2d_forward(x, w, b, y, 1, 1, p, p, nt, relu=relu)
+    return y
+
+
+def _wino_input_grad(mod, g, w, x_shape, p, nt):
+    dx = np.full(x_shape, np.nan, np.float32)
+    mod.conv2d_backward_input(g, w, dx, 1, 1, p, p, nt)
+    return dx
+
+
+@pytest.mark.parametrize("mod", _wino_modules(), ids=lambda m: m.__name__.rsplit("_", 1)[-1])
+@pytest.mark.parametrize("case", WINO_CASES, ids=lambda c: f"{c[0]}-K{c[1]}-p{c[2]}")
+def test_forced_winograd_matches_reference(mod, case):
+    xs, k, p = case
+    x, w, b = _wino_case(xs, k, 3)
+    y_ref = ref_conv2d(x, w, b, 1, p)
+    g = np.random.default_rng(4).standard_normal(y_ref.shape).astype(np.float32)
+    dx_ref = ref_conv2d_backward(g, x, w, 1, p)[0]
+    with _Forced(mod, 2):
+        ys = [_wino_forward(mod, x, w, b, p, nt) for nt in (1, 2)]
+        yr = _wino_forward(mod, x, w, b, p, 2, relu=True)
+        y0 = _wino_forward(mod, x, w, None, p, 2)
+        dxs = [_wino_input_grad(mod, g, w, xs, p, nt) for nt in (1, 2)]
+    with _Forced(mod, 1):
+        y_direct = _wino_forward(mod, x, w, b, p, 2)
+    scale = np.abs(y_ref).max()
+    np.testing.assert_allclose(ys[0], y_ref, rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(y0 + b[:, None, None], y_ref, rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(dxs[0], dx_ref, rtol=1e-4, atol=1e-5 * np.abs(dx_ref).max())
+    assert np.array_equal(ys[0], ys[1]) and np.array_equal(dxs[0], dxs[1])
+    # ReLU in the epilogue is ReLU's rule on the stored value, bit for bit.
+    want = np.where(ys[0] <= 0, np.float32(0), ys[0])
+    assert want.tobytes() == yr.tobytes()
+    # The path really ran: its sums round differently from the direct ones.
+    if xs[1] * 9 >= 16 and y_ref.size >= 64:
+        assert not np.array_equal(ys[0], y_direct)
+
+
+@pytest.mark.parametrize("mod", _wino_modules(), ids=lambda m: m.__name__.rsplit("_", 1)[-1])
+def test_winograd_bits_do_not_depend_on_batch(mod):
+    # Blocks of tile rows run across images; an image's outputs must not depend
+    # on which block, lane or batch it landed in.
+    x, w, b = _wino_case((11, 16, 12, 14), 24, 5)
+    with _Forced(mod, 2):
+        y = _wino_forward(mod, x, w, b, 1, 2)
+        for i in (0, 4, 10):
+            assert np.array_equal(_wino_forward(mod, x[i:i + 1], w, b, 1, 1), y[i:i + 1])
+        assert np.array_equal(_wino_forward(mod, x[3:9], w, b, 1, 2), y[3:9])
+
+
+def test_auto_mode_takes_winograd_where_the_build_measured_it():
+    x, w, b = _wino_case((4, 16, 16, 16), 32, 6)
+    with _Forced(kconv, 2):
+        forced = _wino_forward(kconv, x, w, b, 1, 2)
+    with _Forced(kconv, 1):
+        direct = _wino_forward(kconv, x, w, b, 1, 2)
+    auto = _wino_forward(kconv, x, w, b, 1, 2)
+    if kconv.__name__.endswith("avx2"):
+        assert np.array_equal(auto, forced)
+    else:
+        assert np.array_equal(auto, direct)
+    # Too few channels: the direct path, whatever the build.
+    x3, w3, b3 = _wino_case((4, 3, 16, 16), 16, 6)
+    with _Forced(kconv, 1):
+        direct3 = _wino_forward(kconv, x3, w3, b3, 1, 2)
+    assert np.array_equal(_wino_forward(kconv, x3, w3, b3, 1, 2), direct3)
+
+
+def test_forced_float32_paths_turn_winograd_off():
+    x, w, b = _wino_case((2, 16, 8, 8), 16, 7)
+    with _Forced(kconv, 2):
+        old = kconv.set_float32_path(1)
+        try:
+            column = _wino_forward(kconv, x, w, b, 1, 1)
+        finally:
+            kconv.set_float32_path(old)
+    with _Forced(kconv, 1):
+        old = kconv.set_float32_path(1)
+        try:
+            assert np.array_equal(_wino_forward(kconv, x, w, b, 1, 1), column)
+        finally:
+            kconv.set_float32_path(old)
+
+
+def test_winograd_input_grad_accumulates():
+    x, w, _ = _wino_case((3, 16, 10, 10), 16, 8)
+    g = np.random.default_rng(9).standard_normal((3, 16, 10, 10)).astype(np.float32)
+    base = np.random.default_rng(10).standard_normal(x.shape).astype(np.float32)
+    with _Forced(kconv, 2):
+        plain = _wino_input_grad(kconv, g, w, x.shape, 1, 2)
+        acc = base.copy()
+        kconv.conv2d_backward_input(g, w, acc, 1, 1, 1, 1, 2, accumulate=True)
+    assert np.array_equal(acc, base + plain)
+
+
+def test_winograd_nan_reaches_its_windows_and_stays_in_its_tiles():
+    # Exactly the direct path's NaNs are not kept: a NaN enters every cell of
+    # the 4x4 input patches that hold it, so it reaches the whole 2x2 output
+    # tiles of those patches (a superset of the windows that cover it), and no
+    # tile whose patch misses it.
+    x, w, _ = _wino_case((1, 16, 12, 12), 16, 11)
+    x[0, 3, 5, 6] = np.nan
+    with _Forced(kconv, 2):
+        y = _wino_forward(kconv, x, w, None, 0, 2)
+    covers = np.zeros((10, 10), bool)
+    covers[3:6, 4:7] = True                      # windows holding input (5, 6)
+    tiles = np.zeros((10, 10), bool)
+    for ty in range(5):
+        for tx in range(5):
+            if 2 * ty <= 5 < 2 * ty + 4 and 2 * tx <= 6 < 2 * tx + 4:
+                tiles[2 * ty:2 * ty + 2, 2 * tx:2 * tx + 2] = True
+    nan = np.isnan(y[0])
+    assert nan[:, covers].all()
+    assert not nan[:, ~tiles].any()

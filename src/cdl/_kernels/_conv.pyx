@@ -144,10 +144,24 @@ cdef extern from "cdl_cvtile.h" nogil:
     vf cv_takes "cdl_cv_takes"(vf best, vf v)
     vf cv_relu "cdl_cv_relu"(vf y)
 
+cdef extern from "cdl_wino.h" nogil:
+    # Winograd F(2x2, 3x3): see the header.
+    ctypedef struct CdlWino:
+        Py_ssize_t N, C, H, W, K, ph, pw, OH, OW, nty, kp, tr, per
+    const int WINO_AUTO "CDL_WINO_AUTO"
+    void wino_setup "cdl_wino_setup"(CdlWino* g)
+    void wino_filters "cdl_wino_filters"(const float* w, Py_ssize_t K, Py_ssize_t C,
+                                         Py_ssize_t kp, float* U)
+    void wino_block "cdl_wino_block"(const CdlWino* g, const float* x, const float* U,
+                                     const float* bias, int relu, float* out, Py_ssize_t r0,
+                                     Py_ssize_t r1, float* scratch)
+
 # Below this many multiply-adds a second thread costs more than it saves.
 cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 18
 # Work items a correlation is cut into at least (rows split when the batch is small).
 cdef Py_ssize_t MIN_ITEMS = 8
+# The Winograd path from this many input and output channels on (auto mode).
+cdef Py_ssize_t WINO_MIN_CHANNELS = 16
 
 
 cdef inline int _threads(Py_ssize_t macs, Py_ssize_t items, int num_threads) noexcept nogil:
@@ -783,6 +797,67 @@ def set_strided_input_grad_path(int mode):
     cdef int old = _strided_dx_mode
     _strided_dx_mode = mode
     return old
+
+
+# Test and benchmark hook for float32 3x3 stride-1 convolutions: 0 picks from the
+# shapes and the build, 1 never takes the Winograd path, 2 takes it wherever the
+# shapes allow.
+cdef int _wino_mode = 0
+
+
+def set_winograd_path(int mode):
+    """Force the Winograd path of 3x3 stride-1 float32 convolutions (0 auto, 1 off,
+    2 wherever the shapes allow); returns the old mode."""
+    global _wino_mode
+    cdef int old = _wino_mode
+    _wino_mode = mode
+    return old
+
+
+cdef bint _use_wino(Py_ssize_t C, Py_ssize_t K, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+                    Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
+    # From the shapes and the build only (never the batch or the thread count),
+    # so a model gives the same bits at any batch size.
+    if _wino_mode == 1 or _cv_mode != 0 or C == 0 or K == 0:
+        return False
+    if KH != 3 or KW != 3 or sh != 1 or sw != 1 or ph < 0 or ph > 2 or pw < 0 or pw > 2:
+        return False
+    if _wino_mode == 2:
+        return True
+    return WINO_AUTO and C >= WINO_MIN_CHANNELS and K >= WINO_MIN_CHANNELS
+
+
+cdef int _wino_f32(const float* x, const float* weight, const float* bias, float* out,
+                   Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t K,
+                   Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t OH, Py_ssize_t OW, bint relu,
+                   int num_threads) noexcept nogil:
+    # Items are blocks of g.tr tile rows of the batch (fixed by the shapes).
+    # Returns -1 when memory is missing.
+    cdef CdlWino g
+    cdef Py_ssize_t rows, items, it, tid, per
+    cdef int nt
+    cdef float* U
+    cdef float* buf
+    cdef void* mem
+    g.N = N; g.C = C; g.H = H; g.W = W; g.K = K; g.ph = ph; g.pw = pw; g.OH = OH; g.OW = OW
+    wino_setup(&g)
+    rows = N * g.nty
+    items = _cdiv(rows, g.tr)
+    nt = _threads(N * K * OH * OW * C * 9, items, num_threads)
+    per = _align16(g.per)
+    mem = malloc((_align16(16 * C * g.kp) + nt * per) * sizeof(float) + 128)
+    if mem == NULL:
+        return -1
+    U = _aligned(mem)
+    buf = U + _align16(16 * C * g.kp)
+    memset(buf, 0, nt * per * sizeof(float))
+    wino_filters(weight, K, C, g.kp, U)
+    for it in prange(items, schedule="static", num_threads=nt):
+        tid = omp_get_thread_num()
+        wino_block(&g, x, U, bias, relu, out, it * g.tr, _imin(rows, (it + 1) * g.tr),
+                   buf + tid * per)
+    free(mem)
+    return 0
 
 
 def set_float32_path(int mode):
@@ -1500,6 +1575,11 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
     g.relu = relu
     g.pool = False
     if pool:
+        if floating is float and _use_wino(C, K, KH, KW, sh, sw, ph, pw):
+            # The Winograd path does not pool in registers: chunks keep the bits of
+            # its unpooled result, pooled.
+            return _conv_pool_chunked(x, weight, bias, out, sh, sw, ph, pw, num_threads, relu,
+                                      OH, OW)
         cv.oh2 = out.shape[2]; cv.ow2 = out.shape[3]
         if floating is float and C > 0 and N >= 8 and _use_cv(&cv, True):
             # Channel-vector path, items of whole images (N >= 8): each image's
@@ -1529,6 +1609,13 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
         with nogil:
             rc = _pointwise_f32(&x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp, &out[0, 0, 0, 0], N, C,
                                 x.shape[2], x.shape[3], K, OH, OW, sh, sw, relu, num_threads)
+        if rc != 0:
+            raise MemoryError()
+        return 0
+    if floating is float and _use_wino(C, K, KH, KW, sh, sw, ph, pw):
+        with nogil:
+            rc = _wino_f32(&x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp, &out[0, 0, 0, 0], N, C,
+                           x.shape[2], x.shape[3], K, ph, pw, OH, OW, relu, num_threads)
         if rc != 0:
             raise MemoryError()
         return 0
@@ -1602,6 +1689,16 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
             rc = _pointwise_input_grad_f32(&grad_out[0, 0, 0, 0], &weight[0, 0, 0, 0],
                                            &grad_input[0, 0, 0, 0], N, C, H, W, K,
                                            num_threads)
+        if rc != 0:
+            raise MemoryError()
+        return 0
+    if floating is float and _use_wino(K, C, KH, KW, sh, sw, KH - 1 - ph, KW - 1 - pw):
+        # Stride 1 on the Winograd path: the forward of grad_out, padded by 2 - P,
+        # with the filters flipped and in/out channels swapped.
+        with nogil:
+            rc = _wino_flipped_f32(&grad_out[0, 0, 0, 0], &weight[0, 0, 0, 0],
+                                   &grad_input[0, 0, 0, 0], N, C, H, W, K, ph, pw, OH, OW,
+                                   num_threads)
         if rc != 0:
             raise MemoryError()
         return 0
@@ -1680,6 +1777,27 @@ cdef int _cv_flipped_forward(CV* cv, const float* go, const float* weight, float
     rc = _cv_forward(cv, go, wf, NULL, dx, num_threads)
     free(wf)
     return -1 if rc == -1 else 0
+
+
+cdef int _wino_flipped_f32(const float* go, const float* weight, float* dx, Py_ssize_t N,
+                           Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t K,
+                           Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t OH, Py_ssize_t OW,
+                           int num_threads) noexcept nogil:
+    # The 3x3 stride-1 input gradient on the Winograd path; weight is the layer's
+    # (K, C, 3, 3). Returns -1 when memory is missing.
+    cdef Py_ssize_t c, k, i
+    cdef float* wf = <float*>malloc(C * K * 9 * sizeof(float) + 64)
+    cdef int rc
+    if wf == NULL:
+        return -1
+    for c in range(C):
+        for k in range(K):
+            for i in range(9):
+                wf[(c * K + k) * 9 + i] = weight[(k * C + c) * 9 + 8 - i]
+    rc = _wino_f32(go, wf, NULL, dx, N, K, OH, OW, C, 2 - ph, 2 - pw, H, W, False,
+                   num_threads)
+    free(wf)
+    return rc
 
 
 cdef int _pointwise_input_grad_f32(const float* go, const float* weight, float* dx,

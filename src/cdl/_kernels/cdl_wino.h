@@ -1,0 +1,343 @@
+/* Winograd F(2x2, 3x3) for float32 3x3 stride-1 convolutions (_conv.pyx,
+ * "Winograd path").
+ *
+ * Each 2x2 output tile is A^T [ (G g G^T) . (B^T d B) ] A summed over input
+ * channels, d the tile's 4x4 input patch: 16 products per channel pair and
+ * tile where the direct sum does 36, the rest are additions. For a block of
+ * tiles (whole tile rows, possibly of several images) the input transform
+ * writes V[xi][c][t] (xi = 4*i + j, one of the 16 transformed cells), a GEMM
+ * per xi gives M[xi][k][t] = sum_c U[xi][c][k] V[xi][c][t], and the output
+ * transform writes the 2x2 outputs. SIMD vectors run over tiles t: VF tiles
+ * side by side in a tile row are read from four padded input rows by
+ * even/odd lane shuffles. Every output is computed by the same operations in
+ * the same order whatever the block, batch or thread, so results are bitwise
+ * the same for any thread count and batch size (not those of the direct sum:
+ * the transforms round differently, within a few ulps of the sum's scale).
+ */
+#ifndef CDL_WINO_H
+#define CDL_WINO_H
+
+#include <string.h>
+#include "cdl_cvtile.h"
+
+/* GEMM register tile: KR output channels x RB vectors of tiles (KR*RB
+ * accumulators, RB loads and a broadcast within the vector registers). */
+/* Taken without being forced only where measured: the AVX2 build (Zen 2,
+ * bench/conv_parts.py). */
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define CDL_WINO_AUTO 1
+#else
+#define CDL_WINO_AUTO 0
+#endif
+
+#if CDL_VREGS >= 32
+#define CDL_WG_KR 6
+#define CDL_WG_RB 4
+#else
+#define CDL_WG_KR 4
+#define CDL_WG_RB 3
+#endif
+
+/* Lane patterns: even lanes from a, odd from b; neighbours swapped. */
+#if CDL_VF == 16
+#define CDL_WN_BLEND 0, 17, 2, 19, 4, 21, 6, 23, 8, 25, 10, 27, 12, 29, 14, 31
+#define CDL_WN_SWAP 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14
+#elif CDL_VF == 8
+#define CDL_WN_BLEND 0, 9, 2, 11, 4, 13, 6, 15
+#define CDL_WN_SWAP 1, 0, 3, 2, 5, 4, 7, 6
+#else
+#define CDL_WN_BLEND 0, 5, 2, 7
+#define CDL_WN_SWAP 1, 0, 3, 2
+#endif
+
+/* Every lane pair = (p[0], p[1]): one 64-bit broadcast load. */
+CDL_CV_INLINE cdl_vf cdl_wino_bcast2(const float *p) {
+    double d;
+    __builtin_memcpy(&d, p, sizeof(d));
+#if defined(__AVX512F__)
+    return (cdl_vf)_mm512_castpd_ps(_mm512_set1_pd(d));
+#elif defined(__AVX__)
+    return (cdl_vf)_mm256_castpd_ps(_mm256_set1_pd(d));
+#elif defined(__SSE2__)
+    return (cdl_vf)_mm_castpd_ps(_mm_set1_pd(d));
+#else
+    cdl_vf v;
+    int l;
+    for (l = 0; l < CDL_VF; l++)
+        v[l] = p[l & 1];
+    return v;
+#endif
+}
+
+/* The 16 cells of a tile travel as 8 pairs in neighbouring lanes, tile t in
+ * lanes 2t and 2t + 1: pair 2i holds cells (i, 0) and (i, 3), pair 2i + 1
+ * cells (i, 1) and (i, 2). Then the column transforms need no lane
+ * shuffles: with P0, P1, P2 a patch row read from columns 0, 1 and 2 on,
+ * P0 - P2 is (d0 - d2, d1 - d3) and P1 + P2 / P1 - P0 blended is (d1 + d2,
+ * d2 - d1) in every lane pair; the GEMM broadcasts the two cells' weights
+ * as one 64-bit pair; the output transform's column step ends in output
+ * columns 2t and 2t + 1, which are already neighbours. */
+
+/* U[((pair*C + c)*kp + k)*2 + e] = (G g G^T) of filter g = w[k, c] (K x C x
+ * 3 x 3), cell e of the pair, zero for K <= k < kp. G = [[1, 0, 0], [1/2,
+ * 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]; worked in double, rounded once. */
+static void cdl_wino_filters(const float *w, Py_ssize_t K, Py_ssize_t C, Py_ssize_t kp,
+                             float *U) {
+    static const int cell[8][2] = {{0, 3}, {1, 2}, {4, 7}, {5, 6},
+                                   {8, 11}, {9, 10}, {12, 15}, {13, 14}};
+    Py_ssize_t k, c;
+    int i, j, e;
+    for (k = 0; k < kp; k++)
+        for (c = 0; c < C; c++) {
+            double t[4][3], u[16] = {0};
+            if (k < K) {
+                const float *g = w + (k * C + c) * 9;
+                for (j = 0; j < 3; j++) {
+                    double g0 = g[j], g1 = g[3 + j], g2 = g[6 + j];
+                    t[0][j] = g0;
+                    t[1][j] = 0.5 * (g0 + g1 + g2);
+                    t[2][j] = 0.5 * (g0 - g1 + g2);
+                    t[3][j] = g2;
+                }
+                for (i = 0; i < 4; i++) {
+                    u[i * 4 + 0] = t[i][0];
+                    u[i * 4 + 1] = 0.5 * (t[i][0] + t[i][1] + t[i][2]);
+                    u[i * 4 + 2] = 0.5 * (t[i][0] - t[i][1] + t[i][2]);
+                    u[i * 4 + 3] = t[i][2];
+                }
+            }
+            for (i = 0; i < 8; i++)
+                for (e = 0; e < 2; e++)
+                    U[((i * C + c) * kp + k) * 2 + e] = (float)u[cell[i][e]];
+        }
+}
+
+/* B^T d B for VF/2 tiles side by side: rows[r] points at input row r of the
+ * first tile's patch (padded, readable for VF + 2 floats); the 8 pair
+ * vectors go to v + pair*vs. */
+static inline void cdl_wino_in(const float *const rows[4], float *v, Py_ssize_t vs) {
+    cdl_vf a[4], b[4];
+    int r;
+    for (r = 0; r < 4; r++) {
+        const float *p = rows[r];
+        cdl_vf p0 = cdl_vf_load(p), p1 = cdl_vf_load(p + 1), p2 = cdl_vf_load(p + 2);
+        a[r] = p0 - p2;
+        b[r] = CDL_SHUF(p1 + p2, p1 - p0, CDL_WN_BLEND);
+    }
+    cdl_vf_store(v + 0 * vs, a[0] - a[2]);
+    cdl_vf_store(v + 1 * vs, b[0] - b[2]);
+    cdl_vf_store(v + 2 * vs, a[1] + a[2]);
+    cdl_vf_store(v + 3 * vs, b[1] + b[2]);
+    cdl_vf_store(v + 4 * vs, a[2] - a[1]);
+    cdl_vf_store(v + 5 * vs, b[2] - b[1]);
+    cdl_vf_store(v + 6 * vs, a[1] - a[3]);
+    cdl_vf_store(v + 7 * vs, b[1] - b[3]);
+}
+
+/* m[a*ms + r*VF + l] = sum_c u[(c*kp + a)*2 + l%2] * v[c*vs + r*VF + l], a < KR, r < RB. */
+static inline __attribute__((always_inline)) void cdl_wino_gtile(
+        const float *u, Py_ssize_t kp, const float *v, Py_ssize_t vs, Py_ssize_t C, float *m,
+        Py_ssize_t ms, const int KR, const int RB) {
+    cdl_vf acc[CDL_WG_KR * CDL_WG_RB], xv[CDL_WG_RB];
+    Py_ssize_t c;
+    int a, r;
+#pragma GCC unroll 24
+    for (a = 0; a < KR * RB; a++)
+        acc[a] = cdl_vf_set1(0);
+    for (c = 0; c < C; c++) {
+#pragma GCC unroll 8
+        for (r = 0; r < RB; r++)
+            xv[r] = cdl_vf_loadr(v + c * vs + r * CDL_VF);
+#pragma GCC unroll 8
+        for (a = 0; a < KR; a++) {
+            cdl_vf w = cdl_wino_bcast2(u + (c * kp + a) * 2);
+#pragma GCC unroll 8
+            for (r = 0; r < RB; r++)
+                acc[a * RB + r] += w * xv[r];
+        }
+    }
+#pragma GCC unroll 8
+    for (a = 0; a < KR; a++)
+#pragma GCC unroll 8
+        for (r = 0; r < RB; r++)
+            cdl_vf_store(m + a * ms + r * CDL_VF, acc[a * RB + r]);
+}
+
+#define CDL_WG_DEF(RB) \
+    static void cdl_wino_gemm_##RB(const float *u, Py_ssize_t kp, const float *v, \
+                                   Py_ssize_t vs, Py_ssize_t C, float *m, Py_ssize_t ms) { \
+        cdl_wino_gtile(u, kp, v, vs, C, m, ms, CDL_WG_KR, RB); }
+CDL_WG_DEF(1)
+CDL_WG_DEF(2)
+CDL_WG_DEF(3)
+#if CDL_WG_RB >= 4
+CDL_WG_DEF(4)
+#endif
+
+/* M[pair] = U[pair]^T V[pair] over nv vectors, all kp channels, for one pair. */
+static void cdl_wino_gemm(const float *u, Py_ssize_t kp, const float *v, Py_ssize_t vs,
+                          Py_ssize_t C, float *m, Py_ssize_t nv) {
+    Py_ssize_t k0, v0;
+    for (k0 = 0; k0 < kp; k0 += CDL_WG_KR)
+        for (v0 = 0; v0 < nv; v0 += CDL_WG_RB) {
+            Py_ssize_t rb = nv - v0 < CDL_WG_RB ? nv - v0 : CDL_WG_RB;
+            const float *vv = v + v0 * CDL_VF;
+            const float *uu = u + k0 * 2;
+            float *mm = m + k0 * vs + v0 * CDL_VF;
+            switch (rb) {
+            case 1: cdl_wino_gemm_1(uu, kp, vv, vs, C, mm, vs); break;
+            case 2: cdl_wino_gemm_2(uu, kp, vv, vs, C, mm, vs); break;
+#if CDL_WG_RB >= 4
+            case 3: cdl_wino_gemm_3(uu, kp, vv, vs, C, mm, vs); break;
+            default: cdl_wino_gemm_4(uu, kp, vv, vs, C, mm, vs); break;
+#else
+            default: cdl_wino_gemm_3(uu, kp, vv, vs, C, mm, vs); break;
+#endif
+            }
+        }
+}
+
+/* A^T M A for VF/2 tiles side by side: m + pair*ms holds pair `pair` of each;
+ * adds bias, applies ReLU's rule if relu, and writes output rows y0 and y1
+ * (y1 NULL past the last row), columns [0, VF) cut at ncol. */
+static inline void cdl_wino_out(const float *m, Py_ssize_t ms, float bias, int relu, float *y0,
+                                float *y1, Py_ssize_t ncol) {
+    cdl_vf a[4], b[4], sa[2], sb[2];
+    cdl_vf bv = cdl_cv_bcast(bias);
+    float tmp[CDL_VF];
+    int i, r;
+    for (i = 0; i < 4; i++) {
+        a[i] = cdl_vf_load(m + (2 * i) * ms);
+        b[i] = cdl_vf_load(m + (2 * i + 1) * ms);
+    }
+    sa[0] = a[0] + a[1] + a[2];
+    sb[0] = b[0] + b[1] + b[2];
+    sa[1] = a[1] - a[2] - a[3];
+    sb[1] = b[1] - b[2] - b[3];
+    for (r = 0; r < 2; r++) {
+        float *y = r ? y1 : y0;
+        cdl_vf sw, e, d, o;
+        if (y == NULL)
+            break;
+        /* lanes (s0, s3) in sa, (s1, s2) in sb, (s2, s1) in sw: even lanes
+         * s0 + (s1 + s2), odd (s1 - s2) - s3 */
+        sw = CDL_SHUF(sb[r], sb[r], CDL_WN_SWAP);
+        e = sb[r] + sw;
+        d = sw - sb[r];
+        o = CDL_SHUF(sa[r] + e, d - sa[r], CDL_WN_BLEND) + bv;
+        if (relu)
+            o = cdl_cv_relu(o);
+        if (ncol >= CDL_VF) {
+            cdl_vf_store(y, o);
+        } else {
+            cdl_vf_store(tmp, o);
+            memcpy(y, tmp, ncol * sizeof(float));
+        }
+    }
+}
+
+/* d[0, n) = s[0, n), whole vectors then floats (short rows: no libc call). */
+static inline void cdl_wino_copy(float *d, const float *s, Py_ssize_t n) {
+    Py_ssize_t q = 0;
+    for (; q + CDL_VF <= n; q += CDL_VF)
+        cdl_vf_store(d + q, cdl_vf_load(s + q));
+    for (; q < n; q++)
+        d[q] = s[q];
+}
+
+/* Scratch floats one thread needs for blocks of tr tile rows. */
+typedef struct {
+    Py_ssize_t N, C, H, W, K, ph, pw, OH, OW;  /* the convolution */
+    Py_ssize_t nty, ntx, ntxv;   /* tile rows and columns; vectors per tile row */
+    Py_ssize_t kp, tr, vs, nv;   /* K padded to KR; tile rows a block; row length of V and M; GEMM vectors */
+    Py_ssize_t wq;               /* padded input row length */
+    Py_ssize_t per;              /* scratch floats per thread */
+} CdlWino;
+
+static void cdl_wino_setup(CdlWino *g) {
+    Py_ssize_t tb, tstar, unit = CDL_VF / 2 * CDL_WG_RB, half = CDL_VF / 2;
+    g->nty = (g->OH + 1) / 2;
+    g->ntx = (g->OW + 1) / 2;
+    g->ntxv = (g->ntx + half - 1) / half;
+    g->kp = (g->K + CDL_WG_KR - 1) / CDL_WG_KR * CDL_WG_KR;
+    /* Blocks of about 192 KB of V and M (L2), whole GEMM tiles of tiles. */
+    tstar = 3072 / (g->C + g->kp) / unit * unit;
+    if (tstar < unit)
+        tstar = unit;
+    g->tr = tstar / g->ntx;
+    if (g->tr < 1)
+        g->tr = 1;
+    tb = g->tr * g->ntx;
+    g->nv = (2 * tb + CDL_VF - 1) / CDL_VF;
+    /* The last tile row's vectors may run past tb: room for them. */
+    g->vs = 2 * ((g->tr - 1) * g->ntx + g->ntxv * half);
+    if (g->vs < g->nv * CDL_VF)
+        g->vs = g->nv * CDL_VF;
+    g->vs = (g->vs + 15) / 16 * 16;
+    g->wq = (2 * g->ntxv * half + 2 + 15) / 16 * 16;
+    g->per = 5 * g->wq + 8 * (g->C + g->kp) * g->vs;
+}
+
+/* Tile rows [r0, r1) of the whole batch (row r: image r / nty, tile row
+ * r % nty): out (N x K x OH x OW) from x (N x C x H x W) and U. scratch: g->per
+ * floats, the V and M parts once zeroed (lanes past the last tile are read). */
+static void cdl_wino_block(const CdlWino *g, const float *x, const float *U, const float *bias,
+                           int relu, float *out, Py_ssize_t r0, Py_ssize_t r1, float *scratch) {
+    float *buf[4] = {scratch, scratch + g->wq, scratch + 2 * g->wq, scratch + 3 * g->wq};
+    const float *zero = scratch + 4 * g->wq, *rows[4];
+    float *V = scratch + 5 * g->wq, *M = V + 8 * g->C * g->vs;
+    Py_ssize_t vs = g->vs, r, c, k, tx0, q;
+    Py_ssize_t nv = (2 * (r1 - r0) * g->ntx + CDL_VF - 1) / CDL_VF;
+    int i, xi;
+    /* Input transform, channel by channel, tile row by tile row; a row's last
+     * vector may spill into the next row's lanes, which that row then
+     * overwrites. Four row buffers, whose padding columns are never written,
+     * hold the patch rows; a tile row reuses two of the row before it. */
+    for (c = 0; c < g->C; c++) {
+        Py_ssize_t prev_n = -1, prev_ty = -2;
+        for (r = r0; r < r1; r++) {
+            Py_ssize_t n = r / g->nty, ty = r % g->nty, t0 = (r - r0) * g->ntx;
+            const float *xc = x + (n * g->C + c) * g->H * g->W;
+            int keep = (n == prev_n && ty == prev_ty + 1) ? 2 : 0;
+            if (keep) {
+                float *a = buf[0], *b = buf[1];
+                buf[0] = buf[2]; buf[1] = buf[3]; buf[2] = a; buf[3] = b;
+                rows[0] = rows[2]; rows[1] = rows[3];
+            }
+            for (i = keep; i < 4; i++) {
+                Py_ssize_t iy = 2 * ty - g->ph + i;
+                if (iy >= 0 && iy < g->H) {
+                    cdl_wino_copy(buf[i] + g->pw, xc + iy * g->W, g->W);
+                    rows[i] = buf[i];
+                } else {
+                    rows[i] = zero;
+                }
+            }
+            prev_n = n;
+            prev_ty = ty;
+            for (tx0 = 0; tx0 < g->ntx; tx0 += CDL_VF / 2) {
+                const float *p[4] = {rows[0] + 2 * tx0, rows[1] + 2 * tx0, rows[2] + 2 * tx0,
+                                     rows[3] + 2 * tx0};
+                cdl_wino_in(p, V + c * vs + 2 * (t0 + tx0), g->C * vs);
+            }
+        }
+    }
+    for (xi = 0; xi < 8; xi++)
+        cdl_wino_gemm(U + xi * g->C * g->kp * 2, g->kp, V + xi * g->C * vs, vs, g->C,
+                      M + xi * g->kp * vs, nv);
+    for (r = r0; r < r1; r++) {
+        Py_ssize_t n = r / g->nty, ty = r % g->nty, t0 = (r - r0) * g->ntx;
+        for (k = 0; k < g->K; k++) {
+            float *y0 = out + ((n * g->K + k) * g->OH + 2 * ty) * g->OW;
+            float *y1 = 2 * ty + 1 < g->OH ? y0 + g->OW : NULL;
+            float b = bias ? bias[k] : 0.0f;
+            for (tx0 = 0; tx0 < g->ntx; tx0 += CDL_VF / 2) {
+                q = g->OW - 2 * tx0;
+                cdl_wino_out(M + k * vs + 2 * (t0 + tx0), g->kp * vs, b, relu, y0 + 2 * tx0,
+                             y1 ? y1 + 2 * tx0 : NULL, q);
+            }
+        }
+    }
+}
+
+#endif
