@@ -531,6 +531,7 @@ WINO_CASES = [
     ((5, 9, 6, 11), 3, 0),
     ((7, 6, 3, 19), 9, 1),
     ((3, 2, 13, 4), 1, 2),
+    ((130, 4, 8, 8), 4, 1),    # weight gradient: 9 blocks of tile rows in 8 chunks
 ]
 
 
@@ -588,13 +589,23 @@ def test_forced_winograd_matches_reference(mod, case):
         yr = _wino_forward(mod, x, w, b, p, 2, relu=True)
         y0 = _wino_forward(mod, x, w, None, p, 2)
         dxs = [_wino_input_grad(mod, g, w, xs, p, nt) for nt in (1, 2)]
+        dws = []
+        for nt in (1, 2):
+            dw = np.full(w.shape, np.nan, np.float32)
+            db = np.full(b.shape, np.nan, np.float32)
+            mod.conv2d_backward_weight(g, x, dw, db, 1, 1, p, p, nt)
+            dws.append((dw, db))
     with _Forced(mod, 1):
         y_direct = _wino_forward(mod, x, w, b, p, 2)
     scale = np.abs(y_ref).max()
     np.testing.assert_allclose(ys[0], y_ref, rtol=1e-4, atol=1e-5 * scale)
     np.testing.assert_allclose(y0 + b[:, None, None], y_ref, rtol=1e-4, atol=1e-5 * scale)
     np.testing.assert_allclose(dxs[0], dx_ref, rtol=1e-4, atol=1e-5 * np.abs(dx_ref).max())
+    _, dw_ref, db_ref = ref_conv2d_backward(g, x, w, 1, p)
+    np.testing.assert_allclose(dws[0][0], dw_ref, rtol=1e-4, atol=1e-5 * np.abs(dw_ref).max())
+    np.testing.assert_allclose(dws[0][1], db_ref, rtol=1e-4, atol=1e-5 * np.abs(db_ref).max())
     assert np.array_equal(ys[0], ys[1]) and np.array_equal(dxs[0], dxs[1])
+    assert np.array_equal(dws[0][0], dws[1][0]) and np.array_equal(dws[0][1], dws[1][1])
     # ReLU in the epilogue is ReLU's rule on the stored value, bit for bit.
     want = np.where(ys[0] <= 0, np.float32(0), ys[0])
     assert want.tobytes() == yr.tobytes()

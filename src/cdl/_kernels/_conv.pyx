@@ -147,7 +147,7 @@ cdef extern from "cdl_cvtile.h" nogil:
 cdef extern from "cdl_wino.h" nogil:
     # Winograd F(2x2, 3x3): see the header.
     ctypedef struct CdlWino:
-        Py_ssize_t N, C, H, W, K, ph, pw, OH, OW, nty, kp, tr, per
+        Py_ssize_t N, C, H, W, K, ph, pw, OH, OW, nty, kp, tr, per, cp, nch, rowbuf
     const int WINO_AUTO "CDL_WINO_AUTO"
     void wino_setup "cdl_wino_setup"(CdlWino* g)
     void wino_filters "cdl_wino_filters"(const float* w, Py_ssize_t K, Py_ssize_t C,
@@ -155,6 +155,12 @@ cdef extern from "cdl_wino.h" nogil:
     void wino_block "cdl_wino_block"(const CdlWino* g, const float* x, const float* U,
                                      const float* bias, int relu, float* out, Py_ssize_t r0,
                                      Py_ssize_t r1, float* scratch)
+    void wino_wsetup "cdl_wino_wsetup"(CdlWino* g)
+    void wino_wzero "cdl_wino_wzero"(const CdlWino* g, float* scratch)
+    void wino_wchunk "cdl_wino_wchunk"(const CdlWino* g, const float* x, const float* go,
+                                       Py_ssize_t ch, float* part, float* scratch)
+    void wino_wfinish "cdl_wino_wfinish"(const CdlWino* g, const float* parts,
+                                         Py_ssize_t part_size, float* gw, Py_ssize_t k)
 
 # Below this many multiply-adds a second thread costs more than it saves.
 cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 18
@@ -850,12 +856,47 @@ cdef int _wino_f32(const float* x, const float* weight, const float* bias, float
         return -1
     U = _aligned(mem)
     buf = U + _align16(16 * C * g.kp)
-    memset(buf, 0, nt * per * sizeof(float))
+    for it in range(nt):
+        memset(buf + it * per, 0, g.rowbuf * sizeof(float))
     wino_filters(weight, K, C, g.kp, U)
     for it in prange(items, schedule="static", num_threads=nt):
         tid = omp_get_thread_num()
         wino_block(&g, x, U, bias, relu, out, it * g.tr, _imin(rows, (it + 1) * g.tr),
                    buf + tid * per)
+    free(mem)
+    return 0
+
+
+cdef int _wino_wgrad_f32(const float* go, const float* x, float* gw, Py_ssize_t N,
+                         Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t K,
+                         Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t OH, Py_ssize_t OW,
+                         int num_threads) noexcept nogil:
+    # The 3x3 stride-1 weight gradient on the Winograd path: chunks (fixed by the
+    # shapes) of tile-row blocks, each summed on one thread, then added in chunk
+    # order. Returns -1 when memory is missing.
+    cdef CdlWino g
+    cdef Py_ssize_t it, tid, per, psize, k
+    cdef int nt
+    cdef float* parts
+    cdef float* buf
+    cdef void* mem
+    g.N = N; g.C = C; g.H = H; g.W = W; g.K = K; g.ph = ph; g.pw = pw; g.OH = OH; g.OW = OW
+    wino_wsetup(&g)
+    nt = _threads(N * K * OH * OW * C * 9, g.nch, num_threads)
+    per = _align16(g.per)
+    psize = _align16(16 * g.kp * g.cp)
+    mem = malloc((g.nch * psize + nt * per) * sizeof(float) + 128)
+    if mem == NULL:
+        return -1
+    parts = _aligned(mem)
+    buf = parts + g.nch * psize
+    for it in range(nt):
+        wino_wzero(&g, buf + it * per)
+    for it in prange(g.nch, schedule="static", num_threads=nt):
+        tid = omp_get_thread_num()
+        wino_wchunk(&g, x, go, it, parts + it * psize, buf + tid * per)
+    for k in prange(K, schedule="static", num_threads=nt):
+        wino_wfinish(&g, parts, psize, gw, k)
     free(mem)
     return 0
 
@@ -2110,14 +2151,15 @@ cdef int _conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
     cdef WGrad g
     cdef CV cv
     cdef int rc = 0, nt
-    cdef bint use_cv = False
+    cdef bint use_cv = False, use_wino = False
     cdef float* gbp = NULL
     cv.n = N; cv.c = C; cv.h = x.shape[2]; cv.w = x.shape[3]; cv.k = K
     cv.kh = KH; cv.kw = KW; cv.oh = OH; cv.ow = OW; cv.sh = sh; cv.sw = sw
     cv.ph = ph; cv.pw = pw
     if (floating is float and K > 0 and C > 0 and KH > 0 and KW > 0 and N > 0 and OH > 0
             and OW > 0):
-        use_cv = _use_cv(&cv, False)
+        use_wino = _use_wino(C, K, KH, KW, sh, sw, ph, pw)
+        use_cv = not use_wino and _use_cv(&cv, False)
     if use_cv and grad_bias is not None:
         # grad_bias comes from the transposed grad_out the kernel builds anyway.
         gbp = <float*>&grad_bias[0]
@@ -2137,6 +2179,13 @@ cdef int _conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
         return 0
     if N == 0 or OH == 0 or OW == 0:
         grad_weight[:, :, :, :] = 0
+        return 0
+    if floating is float and use_wino:
+        with nogil:
+            rc = _wino_wgrad_f32(&grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], &grad_weight[0, 0, 0, 0],
+                                 N, C, x.shape[2], x.shape[3], K, ph, pw, OH, OW, num_threads)
+        if rc != 0:
+            raise MemoryError()
         return 0
     if floating is float and use_cv:
         with nogil:

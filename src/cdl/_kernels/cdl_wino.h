@@ -42,12 +42,18 @@
 #if CDL_VF == 16
 #define CDL_WN_BLEND 0, 17, 2, 19, 4, 21, 6, 23, 8, 25, 10, 27, 12, 29, 14, 31
 #define CDL_WN_SWAP 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14
+#define CDL_WN_REST4 , 8, 9, 10, 11, 12, 13, 14, 15
+#define CDL_WN_REST2 , 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
 #elif CDL_VF == 8
 #define CDL_WN_BLEND 0, 9, 2, 11, 4, 13, 6, 15
 #define CDL_WN_SWAP 1, 0, 3, 2, 5, 4, 7, 6
+#define CDL_WN_REST4
+#define CDL_WN_REST2 , 4, 5, 6, 7
 #else
 #define CDL_WN_BLEND 0, 5, 2, 7
 #define CDL_WN_SWAP 1, 0, 3, 2
+#define CDL_WN_REST4
+#define CDL_WN_REST2
 #endif
 
 /* Every lane pair = (p[0], p[1]): one 64-bit broadcast load. */
@@ -251,7 +257,9 @@ typedef struct {
     Py_ssize_t nty, ntx, ntxv;   /* tile rows and columns; vectors per tile row */
     Py_ssize_t kp, tr, vs, nv;   /* K padded to KR; tile rows a block; row length of V and M; GEMM vectors */
     Py_ssize_t wq;               /* padded input row length */
+    Py_ssize_t cp, nch;          /* weight gradient: rows of V a pair (C); chunks */
     Py_ssize_t per;              /* scratch floats per thread */
+    Py_ssize_t rowbuf;           /* its first part, the row buffers (zeroed once) */
 } CdlWino;
 
 static void cdl_wino_setup(CdlWino *g) {
@@ -273,22 +281,23 @@ static void cdl_wino_setup(CdlWino *g) {
     g->vs = 2 * ((g->tr - 1) * g->ntx + g->ntxv * half);
     if (g->vs < g->nv * CDL_VF)
         g->vs = g->nv * CDL_VF;
-    g->vs = (g->vs + 15) / 16 * 16;
+    /* Whole cache lines, plus one: rows a power of two apart share cache sets
+     * (Zen 2, the 8x8 weight gradient: 1.3x the time without it). */
+    g->vs = (g->vs + 15) / 16 * 16 + 16;
     g->wq = (2 * g->ntxv * half + 2 + 15) / 16 * 16;
-    g->per = 5 * g->wq + 8 * (g->C + g->kp) * g->vs;
+    g->rowbuf = 5 * g->wq;
+    g->per = g->rowbuf + 8 * (g->C + g->kp) * g->vs;
 }
 
-/* Tile rows [r0, r1) of the whole batch (row r: image r / nty, tile row
- * r % nty): out (N x K x OH x OW) from x (N x C x H x W) and U. scratch: g->per
- * floats, the V and M parts once zeroed (lanes past the last tile are read). */
-static void cdl_wino_block(const CdlWino *g, const float *x, const float *U, const float *bias,
-                           int relu, float *out, Py_ssize_t r0, Py_ssize_t r1, float *scratch) {
-    float *buf[4] = {scratch, scratch + g->wq, scratch + 2 * g->wq, scratch + 3 * g->wq};
-    const float *zero = scratch + 4 * g->wq, *rows[4];
-    float *V = scratch + 5 * g->wq, *M = V + 8 * g->C * g->vs;
-    Py_ssize_t vs = g->vs, r, c, k, tx0, q;
-    Py_ssize_t nv = (2 * (r1 - r0) * g->ntx + CDL_VF - 1) / CDL_VF;
-    int i, xi;
+/* The input transform of tile rows [r0, r1) of the batch (row r: image
+ * r / nty, tile row r % nty): pair p of channel c at V + (p*crows + c)*vs,
+ * tile t of the block in lanes 2t, 2t + 1. rowbuf: 5*wq floats, once zeroed. */
+static void cdl_wino_vblock(const CdlWino *g, const float *x, Py_ssize_t r0, Py_ssize_t r1,
+                            float *rowbuf, float *V, Py_ssize_t crows) {
+    float *buf[4] = {rowbuf, rowbuf + g->wq, rowbuf + 2 * g->wq, rowbuf + 3 * g->wq};
+    const float *zero = rowbuf + 4 * g->wq, *rows[4];
+    Py_ssize_t vs = g->vs, r, c, tx0;
+    int i;
     /* Input transform, channel by channel, tile row by tile row; a row's last
      * vector may spill into the next row's lanes, which that row then
      * overwrites. Four row buffers, whose padding columns are never written,
@@ -318,10 +327,22 @@ static void cdl_wino_block(const CdlWino *g, const float *x, const float *U, con
             for (tx0 = 0; tx0 < g->ntx; tx0 += CDL_VF / 2) {
                 const float *p[4] = {rows[0] + 2 * tx0, rows[1] + 2 * tx0, rows[2] + 2 * tx0,
                                      rows[3] + 2 * tx0};
-                cdl_wino_in(p, V + c * vs + 2 * (t0 + tx0), g->C * vs);
+                cdl_wino_in(p, V + c * vs + 2 * (t0 + tx0), crows * vs);
             }
         }
     }
+}
+
+/* The forward of tile rows [r0, r1) of the batch: out (N x K x OH x OW) from
+ * x (N x C x H x W) and U. scratch: g->per floats, the first g->rowbuf once
+ * zeroed (lanes of V and M past the last tile are computed, never stored). */
+static void cdl_wino_block(const CdlWino *g, const float *x, const float *U, const float *bias,
+                           int relu, float *out, Py_ssize_t r0, Py_ssize_t r1, float *scratch) {
+    float *V = scratch + g->rowbuf, *M = V + 8 * g->C * g->vs;
+    Py_ssize_t vs = g->vs, r, k, tx0, q;
+    Py_ssize_t nv = (2 * (r1 - r0) * g->ntx + CDL_VF - 1) / CDL_VF;
+    int xi;
+    cdl_wino_vblock(g, x, r0, r1, scratch, V, g->C);
     for (xi = 0; xi < 8; xi++)
         cdl_wino_gemm(U + xi * g->C * g->kp * 2, g->kp, V + xi * g->C * vs, vs, g->C,
                       M + xi * g->kp * vs, nv);
@@ -336,6 +357,225 @@ static void cdl_wino_block(const CdlWino *g, const float *x, const float *U, con
                 cdl_wino_out(M + k * vs + 2 * (t0 + tx0), g->kp * vs, b, relu, y0 + 2 * tx0,
                              y1 ? y1 + 2 * tx0 : NULL, q);
             }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * Weight gradient. y = A^T (U . V) A is linear in U, so dL/dU[cell] =
+ * sum_t (A dy_t A^T)[cell] V_t[cell]: the grad_out tiles' transform (2x2 to
+ * 4x4, in the same cell pairs) times the input transform, summed over tiles
+ * (a GEMM per pair that reduces over lanes), then dW = G^T dU G. Blocks of
+ * tile rows are grouped in chunks fixed by the shapes; each chunk's sums
+ * run in block order and chunks are added in order, so the bits do not
+ * depend on the thread count.
+ * ------------------------------------------------------------------------ */
+
+/* A dy A^T for VF/2 tiles side by side from grad_out rows g0, g1 (columns
+ * 2t, 2t + 1 of tile t, zero past the plane): pair p to y + p*ys. */
+static inline void cdl_wino_gin(const float *g0, const float *g1, float *y, Py_ssize_t ys) {
+    cdl_vf a[2], b[2];
+    int r;
+    for (r = 0; r < 2; r++) {
+        cdl_vf v = cdl_vf_load(r ? g1 : g0), sw = CDL_SHUF(v, v, CDL_WN_SWAP);
+        a[r] = CDL_SHUF(v, -v, CDL_WN_BLEND);        /* (g0, -g1) */
+        b[r] = CDL_SHUF(v + sw, sw - v, CDL_WN_BLEND); /* (g0 + g1, g0 - g1) */
+    }
+    cdl_vf_store(y + 0 * ys, a[0]);
+    cdl_vf_store(y + 1 * ys, b[0]);
+    cdl_vf_store(y + 2 * ys, a[0] + a[1]);
+    cdl_vf_store(y + 3 * ys, b[0] + b[1]);
+    cdl_vf_store(y + 4 * ys, a[0] - a[1]);
+    cdl_vf_store(y + 5 * ys, b[0] - b[1]);
+    cdl_vf_store(y + 6 * ys, -a[1]);
+    cdl_vf_store(y + 7 * ys, -b[1]);
+}
+
+/* o[0] += the even lanes of v, o[1] += the odd ones (halves, a fixed order). */
+CDL_CV_INLINE void cdl_wino_pairsum(cdl_vf v, float *o) {
+#if CDL_VF == 16
+    v = v + CDL_SHUF(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+#endif
+#if CDL_VF >= 8
+    v = v + CDL_SHUF(v, v, 4, 5, 6, 7, 0, 1, 2, 3 CDL_WN_REST4);
+#endif
+    v = v + CDL_SHUF(v, v, 2, 3, 0, 1 CDL_WN_REST2);
+    o[0] += v[0];
+    o[1] += v[1];
+}
+
+/* out[a*ldk + r*2 + e] += sum over nv vectors of y[a*vs] * v[r*vs], lanes of
+ * parity e, a < KR, r < RB. */
+static inline __attribute__((always_inline)) void cdl_wino_wtile(
+        const float *y, const float *v, Py_ssize_t vs, Py_ssize_t nv, float *out,
+        Py_ssize_t ldk, const int KR, const int RB) {
+    cdl_vf acc[CDL_WG_KR * CDL_WG_RB], xv[CDL_WG_RB];
+    Py_ssize_t q;
+    int a, r;
+#pragma GCC unroll 24
+    for (a = 0; a < KR * RB; a++)
+        acc[a] = cdl_vf_set1(0);
+    for (q = 0; q < nv * CDL_VF; q += CDL_VF) {
+#pragma GCC unroll 8
+        for (r = 0; r < RB; r++)
+            xv[r] = cdl_vf_loadr(v + r * vs + q);
+#pragma GCC unroll 8
+        for (a = 0; a < KR; a++) {
+            cdl_vf yv = cdl_vf_loadr(y + a * vs + q);
+#pragma GCC unroll 8
+            for (r = 0; r < RB; r++)
+                acc[a * RB + r] += yv * xv[r];
+        }
+    }
+#pragma GCC unroll 8
+    for (a = 0; a < KR; a++)
+#pragma GCC unroll 8
+        for (r = 0; r < RB; r++)
+            cdl_wino_pairsum(acc[a * RB + r], out + a * ldk + r * 2);
+}
+
+#define CDL_WW_DEF(RB) \
+    static void cdl_wino_wgemm_##RB(const float *y, const float *v, Py_ssize_t vs, \
+                                    Py_ssize_t nv, float *out, Py_ssize_t ldk) { \
+        cdl_wino_wtile(y, v, vs, nv, out, ldk, CDL_WG_KR, RB); }
+CDL_WW_DEF(1)
+CDL_WW_DEF(2)
+CDL_WW_DEF(3)
+#if CDL_WG_RB >= 4
+CDL_WW_DEF(4)
+#endif
+
+/* One pair: out[(k*C + c)*2 + e] += the lane sums, all kp x C. */
+static void cdl_wino_wgemm(const float *y, const float *v, Py_ssize_t vs, Py_ssize_t nv,
+                           Py_ssize_t kp, Py_ssize_t C, float *out) {
+    Py_ssize_t k0, c0;
+    for (k0 = 0; k0 < kp; k0 += CDL_WG_KR)
+        for (c0 = 0; c0 < C; c0 += CDL_WG_RB) {
+            const float *yy = y + k0 * vs, *vv = v + c0 * vs;
+            float *o = out + (k0 * C + c0) * 2;
+            switch (C - c0 < CDL_WG_RB ? C - c0 : CDL_WG_RB) {
+            case 1: cdl_wino_wgemm_1(yy, vv, vs, nv, o, C * 2); break;
+            case 2: cdl_wino_wgemm_2(yy, vv, vs, nv, o, C * 2); break;
+#if CDL_WG_RB >= 4
+            case 3: cdl_wino_wgemm_3(yy, vv, vs, nv, o, C * 2); break;
+            default: cdl_wino_wgemm_4(yy, vv, vs, nv, o, C * 2); break;
+#else
+            default: cdl_wino_wgemm_3(yy, vv, vs, nv, o, C * 2); break;
+#endif
+            }
+        }
+}
+
+#ifndef CDL_WINO_WTILES
+#define CDL_WINO_WTILES 256
+#endif
+/* Block and chunk sizes of the weight gradient: longer blocks than the
+ * forward's (each GEMM tile ends in lane sums), C padded to RB. */
+static void cdl_wino_wsetup(CdlWino *g) {
+    Py_ssize_t tstar, half = CDL_VF / 2, nblocks;
+    cdl_wino_setup(g);
+    g->cp = g->C;
+    tstar = CDL_WINO_WTILES;
+    g->tr = tstar / g->ntx;
+    if (g->tr < 1)
+        g->tr = 1;
+    g->nv = (2 * g->tr * g->ntx + CDL_VF - 1) / CDL_VF;
+    g->vs = 2 * ((g->tr - 1) * g->ntx + g->ntxv * half);
+    if (g->vs < g->nv * CDL_VF)
+        g->vs = g->nv * CDL_VF;
+    g->vs = (g->vs + 15) / 16 * 16 + 16;
+    nblocks = (g->N * g->nty + g->tr - 1) / g->tr;
+    g->nch = nblocks < 8 ? nblocks : 8;
+    g->per = g->rowbuf + 8 * (g->cp + g->kp) * g->vs + CDL_VF;
+}
+
+/* Zeroes what the weight gradient's scratch needs zeroed once: the row
+ * buffers and grad_out's transforms for channels K..kp-1. */
+static void cdl_wino_wzero(const CdlWino *g, float *scratch) {
+    float *Y = scratch + g->rowbuf + 8 * g->cp * g->vs;
+    int p;
+    memset(scratch, 0, g->rowbuf * sizeof(float));
+    for (p = 0; p < 8; p++)
+        memset(Y + (p * g->kp + g->K) * g->vs, 0, (g->kp - g->K) * g->vs * sizeof(float));
+}
+
+/* Chunk ch of the weight gradient: part[((p*kp + k)*cp + c)*2 + e] = its sum
+ * for pair p, cell e. scratch: g->per floats, prepared by cdl_wino_wzero. */
+static void cdl_wino_wchunk(const CdlWino *g, const float *x, const float *go, Py_ssize_t ch,
+                            float *part, float *scratch) {
+    Py_ssize_t rows = g->N * g->nty, nblocks = (rows + g->tr - 1) / g->tr;
+    Py_ssize_t b0 = ch * nblocks / g->nch, b1 = (ch + 1) * nblocks / g->nch, blk;
+    Py_ssize_t vs = g->vs, kp = g->kp, cp = g->cp, half = CDL_VF / 2;
+    float *V = scratch + g->rowbuf, *Y = V + 8 * cp * vs;
+    float *tmp = Y + 8 * kp * vs;   /* VF floats */
+    Py_ssize_t r, k, c, tx0, p, q;
+    memset(part, 0, 16 * kp * cp * sizeof(float));
+    for (blk = b0; blk < b1; blk++) {
+        Py_ssize_t r0 = blk * g->tr, r1 = r0 + g->tr < rows ? r0 + g->tr : rows;
+        Py_ssize_t lanes = 2 * (r1 - r0) * g->ntx;
+        Py_ssize_t nv = (lanes + CDL_VF - 1) / CDL_VF;
+        cdl_wino_vblock(g, x, r0, r1, scratch, V, cp);
+        for (r = r0; r < r1; r++) {
+            Py_ssize_t n = r / g->nty, ty = r % g->nty, t0 = (r - r0) * g->ntx;
+            for (k = 0; k < g->K; k++) {
+                const float *g0 = go + ((n * g->K + k) * g->OH + 2 * ty) * g->OW;
+                const float *g1 = 2 * ty + 1 < g->OH ? g0 + g->OW : NULL;
+                for (tx0 = 0; tx0 < g->ntx; tx0 += half) {
+                    Py_ssize_t col = 2 * tx0, m = g->OW - col;
+                    float t1[CDL_VF];
+                    const float *p0 = g0 + col, *p1 = g1 ? g1 + col : NULL;
+                    if (m < CDL_VF || !p1) {
+                        /* part of a vector past the plane, or no second row: zeros */
+                        for (q = 0; q < CDL_VF; q++) {
+                            tmp[q] = q < m ? p0[q] : 0.0f;
+                            t1[q] = (p1 && q < m) ? p1[q] : 0.0f;
+                        }
+                        p0 = tmp;
+                        p1 = t1;
+                    }
+                    cdl_wino_gin(p0, p1, Y + k * vs + 2 * (t0 + tx0), kp * vs);
+                }
+            }
+        }
+        /* Lanes past the block's tiles (a row's spill) join the sums: zeros. */
+        for (p = 0; p < 8; p++) {
+            for (c = 0; c < g->C; c++)
+                memset(V + (p * cp + c) * vs + lanes, 0, (nv * CDL_VF - lanes) * sizeof(float));
+            for (k = 0; k < g->K; k++)
+                memset(Y + (p * kp + k) * vs + lanes, 0, (nv * CDL_VF - lanes) * sizeof(float));
+        }
+        for (p = 0; p < 8; p++)
+            cdl_wino_wgemm(Y + p * kp * vs, V + p * cp * vs, vs, nv, kp, cp,
+                           part + p * kp * cp * 2);
+    }
+}
+
+/* gw[k, c] (K x C x 3 x 3) = G^T (sum of the chunks' parts, in order) G. */
+static void cdl_wino_wfinish(const CdlWino *g, const float *parts, Py_ssize_t part_size,
+                             float *gw, Py_ssize_t k) {
+    static const int cell[8][2] = {{0, 3}, {1, 2}, {4, 7}, {5, 6},
+                                   {8, 11}, {9, 10}, {12, 15}, {13, 14}};
+    Py_ssize_t c, ch, kp = g->kp, cp = g->cp;
+    int p, e, i, j;
+    for (c = 0; c < g->C; c++) {
+        double u[16], t[3][4];
+        for (p = 0; p < 8; p++)
+            for (e = 0; e < 2; e++) {
+                double s = 0;
+                for (ch = 0; ch < g->nch; ch++)
+                    s += parts[ch * part_size + ((p * kp + k) * cp + c) * 2 + e];
+                u[cell[p][e]] = s;
+            }
+        for (j = 0; j < 4; j++) {
+            t[0][j] = u[j] + 0.5 * (u[4 + j] + u[8 + j]);
+            t[1][j] = 0.5 * (u[4 + j] - u[8 + j]);
+            t[2][j] = 0.5 * (u[4 + j] + u[8 + j]) + u[12 + j];
+        }
+        for (i = 0; i < 3; i++) {
+            float *d = gw + ((k * g->C + c) * 3 + i) * 3;
+            d[0] = (float)(t[i][0] + 0.5 * (t[i][1] + t[i][2]));
+            d[1] = (float)(0.5 * (t[i][1] - t[i][2]));
+            d[2] = (float)(0.5 * (t[i][1] + t[i][2]) + t[i][3]);
         }
     }
 }
