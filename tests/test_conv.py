@@ -637,6 +637,20 @@ def test_auto_mode_takes_winograd_where_the_build_measured_it():
         assert np.array_equal(auto, forced)
     else:
         assert np.array_equal(auto, direct)
+    # The weight gradient from 512 output tiles on (8 images of 8 x 8 tiles here).
+    g = np.random.default_rng(7).standard_normal(auto.shape).astype(np.float32)
+    for n, wino in ((8, True), (7, False)):
+        got = {}
+        for mode in (0, 1, 2):
+            with _Forced(kconv, mode):
+                dw = np.empty_like(w)
+                kconv.conv2d_backward_weight(np.tile(g, (2, 1, 1, 1))[:n],
+                                             np.tile(x, (2, 1, 1, 1))[:n], dw, None,
+                                             1, 1, 1, 1, 2)
+                got[mode] = dw
+        assert not np.array_equal(got[1], got[2])
+        on_avx2 = kconv.__name__.endswith("avx2")
+        assert np.array_equal(got[0], got[2 if wino and on_avx2 else 1]), n
     # Too few channels: the direct path, whatever the build.
     x3, w3, b3 = _wino_case((4, 3, 16, 16), 16, 6)
     with _Forced(kconv, 1):

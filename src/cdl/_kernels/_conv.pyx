@@ -168,6 +168,8 @@ cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 18
 cdef Py_ssize_t MIN_ITEMS = 8
 # The Winograd path from this many input and output channels on (auto mode).
 cdef Py_ssize_t WINO_MIN_CHANNELS = 16
+# ... and its weight gradient from this many 2x2 output tiles in the batch on.
+cdef Py_ssize_t WINO_MIN_WGRAD_TILES = 512
 
 
 cdef inline int _threads(Py_ssize_t macs, Py_ssize_t items, int num_threads) noexcept nogil:
@@ -2158,7 +2160,11 @@ cdef int _conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
     cv.ph = ph; cv.pw = pw
     if (floating is float and K > 0 and C > 0 and KH > 0 and KW > 0 and N > 0 and OH > 0
             and OW > 0):
-        use_wino = _use_wino(C, K, KH, KW, sh, sw, ph, pw)
+        # The weight gradient's GEMM tiles end in lane sums: too few tiles and they
+        # cost more than the Winograd path saves (bench: 0.9-1.0x at 512 tiles, 1.2-2.6x
+        # at batch 1). Its bits depend on the thread count in no case.
+        use_wino = _use_wino(C, K, KH, KW, sh, sw, ph, pw) and (
+            _wino_mode == 2 or N * ((OH + 1) // 2) * ((OW + 1) // 2) >= WINO_MIN_WGRAD_TILES)
         use_cv = not use_wino and _use_cv(&cv, False)
     if use_cv and grad_bias is not None:
         # grad_bias comes from the transposed grad_out the kernel builds anyway.
