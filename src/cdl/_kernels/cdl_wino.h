@@ -242,11 +242,13 @@ static inline void cdl_wino_out(const float *m, Py_ssize_t ms, float bias, int r
     }
 }
 
-/* d[0, n) = s[0, n), whole vectors then floats (short rows: no libc call). */
+/* d[0, n) = s[0, n), whole vectors then floats. Short rows: no libc call (the
+ * register load keeps GCC from turning the loop into memcpy, which took a
+ * quarter of the input transform's time). */
 static inline void cdl_wino_copy(float *d, const float *s, Py_ssize_t n) {
     Py_ssize_t q = 0;
     for (; q + CDL_VF <= n; q += CDL_VF)
-        cdl_vf_store(d + q, cdl_vf_load(s + q));
+        cdl_vf_store(d + q, cdl_vf_loadr(s + q));
     for (; q < n; q++)
         d[q] = s[q];
 }
