@@ -57,6 +57,21 @@ def _masks_from_output(model):
     return model
 
 
+def _direct_convs(model):
+    """A train_step of the model with the Winograd path of 3x3 stride-1 convolutions
+    turned off (cdl._kernels.conv.set_winograd_path(1) around the step), for the A/B of
+    that path."""
+    from cdl._kernels import conv
+
+    def step(*args):
+        old = conv.set_winograd_path(1)
+        try:
+            return model.train_step(*args)
+        finally:
+            conv.set_winograd_path(old)
+    return step
+
+
 def torch_resnet8(torch):
     nn = torch.nn
 
@@ -124,7 +139,10 @@ def resnet_blocks_line(meta):
             + ("" if "bn_mask_rebuild_gain" not in meta else
                f" BatchNorm's backward rebuilding its fused ReLU's mask from its input "
                f"instead of reading its output saves {meta['bn_mask_rebuild_gain']:.1%} "
-               f"({med['cdl_read_mask']:.1f} ms reading it)."))
+               f"({med['cdl_read_mask']:.1f} ms reading it).")
+            + ("" if "winograd_gain" not in meta else
+               f" The Winograd path of the 3x3 stride-1 convolutions saves "
+               f"{meta['winograd_gain']:.1%} ({med['cdl_direct']:.1f} ms with direct sums only)."))
 
 
 def main(argv=None):
@@ -236,7 +254,8 @@ def main(argv=None):
     overheads = [b["bn"] / b["plain"] - 1 for b in blocks]
     # ResNet-8 at batch 64 against PyTorch in interleaved blocks as well: single runs of
     # one build gave 0.52-0.61 within half an hour on the VM, and each block also times
-    # the step with the shortcuts' input gradients summed in a pass of their own.
+    # the step with the shortcuts' input gradients summed in a pass of their own, with
+    # BatchNorm reading its ReLU mask, and with the Winograd path off.
     resnet_blocks = []
     if torch is not None and args.resnet_blocks > 0:
         rng = np.random.default_rng(0)
@@ -248,6 +267,9 @@ def main(argv=None):
                        ("cdl_read_mask", _masks_from_output(models.resnet8(seed=0)))):
             opt = cdl.SGD(m, lr=0.01)
             trio[key] = (lambda m=m, opt=opt: m.train_step(x8, y8, loss, opt))
+        m = models.resnet8(seed=0)
+        trio["cdl_direct"] = (lambda step=_direct_convs(m), opt=cdl.SGD(m, lr=0.01):
+                              step(x8, y8, loss, opt))
         trio["torch"] = torch_train_step(torch, torch_resnet8(torch), x8, y8)
         resnet_blocks = [{k: v * 1e3 for k, v in median_times(trio, args.repeats).items()}
                          for _ in range(args.resnet_blocks)]
@@ -272,11 +294,14 @@ def main(argv=None):
             [1 - b["cdl"] / b["cdl_separate"] for b in resnet_blocks]))
         meta["bn_mask_rebuild_gain"] = float(np.median(
             [1 - b["cdl"] / b["cdl_read_mask"] for b in resnet_blocks]))
+        meta["winograd_gain"] = float(np.median(
+            [1 - b["cdl"] / b["cdl_direct"] for b in resnet_blocks]))
         print(f"ResNet-8 train_step at batch 64 takes {meta['resnet_n64_train_vs_torch']:.2f}x "
               f"PyTorch's time (median of {len(ratios)} interleaved blocks, "
               f"{min(ratios):.2f} to {max(ratios):.2f}); the shortcuts adding their input "
               f"gradient in their convolution save {meta['shortcut_sum_fusion_gain']:.1%}; "
-              f"BatchNorm rebuilding its ReLU mask saves {meta['bn_mask_rebuild_gain']:.1%}")
+              f"BatchNorm rebuilding its ReLU mask saves {meta['bn_mask_rebuild_gain']:.1%}; "
+              f"the Winograd path saves {meta['winograd_gain']:.1%}")
     print(f"BatchNorm + Dropout add {meta['bn_dropout_overhead_lenet_n64']:.0%} to LeNet-5's "
           f"step at batch 64 (median of {len(blocks)} interleaved blocks, "
           f"{min(overheads):.0%} to {max(overheads):.0%}; median times "

@@ -1,7 +1,10 @@
 """Each convolution of ResNet-8 and LeNet-5 alone: forward, input gradient and weight
 gradient, timed interleaved, with their GFLOP/s and the gradients' time over the forward's;
 for strided layers also the input gradient's two paths, each forced (cdl picks the GEMM
-and scatter for kernels wider than 1x1 below 8 images, the phases otherwise).
+and scatter for kernels wider than 1x1 below 8 images, the phases otherwise); for 3x3
+stride-1 layers each part's time over its time with the Winograd path turned off (cdl
+takes it from 16 channels in and out on the AVX2 build; "–" where it does not).
+GFLOP/s counts the direct sum's multiply-adds, whatever path ran.
 
     python bench/conv_parts.py [--batch 64] [--threads 2] [--repeats 15] [--out PATH]
                                [--before DIR]
@@ -62,8 +65,9 @@ def main(argv=None):
     n, nt = args.batch, args.threads
     load = os.getloadavg()[0]
     lines = ["| layer | C→K | H | kernel, stride | forward ms | GFLOP/s | input grad / forward "
-             "| weight grad / forward | strided input grad: GEMM / phases |",
-             "|---|---|--:|---|--:|--:|--:|--:|--:|"]
+             "| weight grad / forward | strided input grad: GEMM / phases "
+             "| Winograd / direct: forward, input grad, weight grad |",
+             "|---|---|--:|---|--:|--:|--:|--:|--:|---|"]
     if old is not None:
         lines[0] += " forward: this / before | input grad: this / before | weight grad: this / before |"
         lines[1] += "--:|--:|--:|"
@@ -82,6 +86,10 @@ def main(argv=None):
             # the strided input gradient's two paths, each forced
             for key, mode in (("phases", 1), ("gemm", 2)):
                 fns[key] = (lambda mode=mode: _forced(conv, mode, g, w, dx, s, p, nt))
+        wino = f == 3 and s == 1 and _winograd_runs(conv, x, w, y)
+        if wino:
+            for part in ("forward", "input", "weight"):
+                fns[part + "_direct"] = (lambda fn=fns[part]: _direct(conv, fn))
         same = {}
         if old is not None:
             y0, dx0, dw0 = np.empty_like(g), np.empty_like(x), np.empty_like(w)
@@ -96,9 +104,11 @@ def main(argv=None):
         t = median_times(fns, args.repeats)
         gflop = 2.0 * n * k * c * f * f * oh * oh / 1e9
         paths = (f"{t['gemm'] / t['phases']:.2f}" if s > 1 else "–")
+        wratio = (", ".join(f"{t[part] / t[part + '_direct']:.2f}"
+                            for part in ("forward", "input", "weight")) if wino else "–")
         row = (f"| {name} | {c}→{k} | {h} | {f}×{f}, {s} | {t['forward'] * 1e3:.3f} | "
                f"{gflop / t['forward']:.0f} | {t['input'] / t['forward']:.2f} | "
-               f"{t['weight'] / t['forward']:.2f} | {paths} |")
+               f"{t['weight'] / t['forward']:.2f} | {paths} | {wratio} |")
         if old is not None:
             row += "".join(f" {t[part] / t[part + '_before']:.2f}"
                            f"{'' if same[part] else ' (results differ)'} |"
@@ -112,6 +122,23 @@ def main(argv=None):
         with open(args.out, "w") as fh:
             fh.write("# Convolution kernels by layer\n\n" + head + "\n\n" + "\n".join(lines)
                      + "\n")
+
+
+def _winograd_runs(conv, x, w, y):
+    """Whether the auto mode takes the Winograd path for this layer (its forward's bits
+    differ from the direct path's)."""
+    conv.conv2d_forward(x[:2], w, None, y[:2], 1, 1, 1, 1, 1)
+    auto = y[:2].copy()
+    _direct(conv, lambda: conv.conv2d_forward(x[:2], w, None, y[:2], 1, 1, 1, 1, 1))
+    return not np.array_equal(auto, y[:2])
+
+
+def _direct(conv, fn):
+    old = conv.set_winograd_path(1)
+    try:
+        fn()
+    finally:
+        conv.set_winograd_path(old)
 
 
 def _forced(conv, mode, g, w, dx, s, p, nt):
