@@ -117,7 +117,9 @@ def main(argv=None):
         lines.append(row)
     head = (f"`python bench/conv_parts.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
             f" ({time.strftime('%Y-%m-%d %H:%M')}): batch {n}, {nt} threads, {describe()}, "
-            f"load average {load:.2f} before and {os.getloadavg()[0]:.2f} after.")
+            f"load average {load:.2f} before and {os.getloadavg()[0]:.2f} after. GFLOP/s "
+            f"counts the direct sum's multiply-adds, whatever path ran (so the Winograd "
+            f"path's can pass the FMA peak).")
     if args.out:
         with open(args.out, "w") as fh:
             fh.write("# Convolution kernels by layer\n\n" + head + "\n\n" + "\n".join(lines)

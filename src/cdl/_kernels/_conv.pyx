@@ -60,6 +60,21 @@ order as the buffered tile, so results are bitwise those of before; tiles that
 skip padding rows, part-width columns and the 1-channel row-reuse tile keep
 the buffered path.
 
+Winograd path (float32, 3x3, stride 1, padding 0-2; auto on the AVX2 build from 16
+input and 16 output channels, the weight gradient also from 512 output tiles in the
+batch; cdl_wino.h): F(2x2, 3x3), each 2x2 output tile A^T [(G g G^T) . (B^T d B)] A
+summed over channels, 16 products per channel pair and tile where the direct sum does
+36. The input gradient is the same forward of grad_out with the flipped filters; the
+weight gradient is dU = sum over tiles of (A dy A^T) . (B^T d B), then G^T dU G. Its
+sums round differently from the direct path's (within a few float32 ulps of the sum's
+scale; the tests hold it to the NumPy twin as tightly as the direct path), and a NaN
+or Inf in an input reaches the whole 2x2 tiles of the 4x4 patches that hold it, a
+superset of the windows that cover it. Work items are blocks of tile rows and (weight
+gradient) chunks of blocks fixed by the shapes, so results are bitwise the same for
+any thread count, and the forward's also for any batch size. Measured on Zen 2 (AVX2,
+bench/conv_parts.py): 0.6-0.86x the direct path's time for ResNet-8's 16-, 32- and
+64-channel layers; the stem (3 channels) loses (1.4x) and stays direct.
+
 Fused inference (forward only, float32 and float64): relu=True applies ReLU's
 rule (v <= 0 gives +0, NaN passes) to each finished value as it is stored, so
 the result is bitwise that of the conv followed by relu_forward. pool=True
