@@ -72,7 +72,7 @@ or Inf in an input reaches the whole 2x2 tiles of the 4x4 patches that hold it, 
 superset of the windows that cover it. Work items are blocks of tile rows and (weight
 gradient) chunks of blocks fixed by the shapes, so results are bitwise the same for
 any thread count, and the forward's also for any batch size. Measured on Zen 2 (AVX2,
-bench/conv_parts.py): 0.6-0.86x the direct path's time for ResNet-8's 16-, 32- and
+bench/conv_parts.py): 0.6-0.93x the direct path's time for ResNet-8's 16-, 32- and
 64-channel layers; the stem (3 channels) loses (1.4x) and stays direct.
 
 Fused inference (forward only, float32 and float64): relu=True applies ReLU's

@@ -5,14 +5,15 @@
  * channels, d the tile's 4x4 input patch: 16 products per channel pair and
  * tile where the direct sum does 36, the rest are additions. For a block of
  * tiles (whole tile rows, possibly of several images) the input transform
- * writes V[xi][c][t] (xi = 4*i + j, one of the 16 transformed cells), a GEMM
- * per xi gives M[xi][k][t] = sum_c U[xi][c][k] V[xi][c][t], and the output
- * transform writes the 2x2 outputs. SIMD vectors run over tiles t: VF tiles
- * side by side in a tile row are read from four padded input rows by
- * even/odd lane shuffles. Every output is computed by the same operations in
- * the same order whatever the block, batch or thread, so results are bitwise
- * the same for any thread count and batch size (not those of the direct sum:
- * the transforms round differently, within a few ulps of the sum's scale).
+ * writes V[pair][c][lane], a GEMM per pair gives M[pair][k][lane] =
+ * sum_c U[pair][c][k] V[pair][c][lane], and the output transform writes the
+ * 2x2 outputs. SIMD vectors run over tiles, VF/2 of them side by side, each
+ * tile's 16 cells as 8 pairs in neighbouring lanes (see cdl_wino_in). The
+ * weight gradient (further down) reuses the input transform. Every output is
+ * computed by the same operations in the same order whatever the block,
+ * batch or thread, so results are bitwise the same for any thread count
+ * (not those of the direct sum: the transforms round differently, within a
+ * few ulps of the sum's scale).
  */
 #ifndef CDL_WINO_H
 #define CDL_WINO_H
@@ -20,8 +21,6 @@
 #include <string.h>
 #include "cdl_cvtile.h"
 
-/* GEMM register tile: KR output channels x RB vectors of tiles (KR*RB
- * accumulators, RB loads and a broadcast within the vector registers). */
 /* Taken without being forced only where measured: the AVX2 build (Zen 2,
  * bench/conv_parts.py). */
 #if defined(__AVX2__) && !defined(__AVX512F__)
@@ -30,6 +29,8 @@
 #define CDL_WINO_AUTO 0
 #endif
 
+/* GEMM register tile: KR output channels x RB vectors of tiles (KR*RB
+ * accumulators, RB loads and a broadcast within the vector registers). */
 #if CDL_VREGS >= 32
 #define CDL_WG_KR 6
 #define CDL_WG_RB 4
@@ -343,11 +344,11 @@ static void cdl_wino_block(const CdlWino *g, const float *x, const float *U, con
     float *V = scratch + g->rowbuf, *M = V + 8 * g->C * g->vs;
     Py_ssize_t vs = g->vs, r, k, tx0, q;
     Py_ssize_t nv = (2 * (r1 - r0) * g->ntx + CDL_VF - 1) / CDL_VF;
-    int xi;
+    int p;
     cdl_wino_vblock(g, x, r0, r1, scratch, V, g->C);
-    for (xi = 0; xi < 8; xi++)
-        cdl_wino_gemm(U + xi * g->C * g->kp * 2, g->kp, V + xi * g->C * vs, vs, g->C,
-                      M + xi * g->kp * vs, nv);
+    for (p = 0; p < 8; p++)
+        cdl_wino_gemm(U + p * g->C * g->kp * 2, g->kp, V + p * g->C * vs, vs, g->C,
+                      M + p * g->kp * vs, nv);
     for (r = r0; r < r1; r++) {
         Py_ssize_t n = r / g->nty, ty = r % g->nty, t0 = (r - r0) * g->ntx;
         for (k = 0; k < g->K; k++) {
