@@ -850,6 +850,12 @@ cdef bint _use_wino(Py_ssize_t C, Py_ssize_t K, Py_ssize_t KH, Py_ssize_t KW, Py
     return WINO_AUTO and C >= WINO_MIN_CHANNELS and K >= WINO_MIN_CHANNELS
 
 
+cdef inline void _wino_geometry(CdlWino* g, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H,
+                                Py_ssize_t W, Py_ssize_t K, Py_ssize_t ph, Py_ssize_t pw,
+                                Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
+    g.N = N; g.C = C; g.H = H; g.W = W; g.K = K; g.ph = ph; g.pw = pw; g.OH = OH; g.OW = OW
+
+
 cdef int _wino_f32(const float* x, const float* weight, const float* bias, float* out,
                    Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t K,
                    Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t OH, Py_ssize_t OW, bint relu,
@@ -862,7 +868,7 @@ cdef int _wino_f32(const float* x, const float* weight, const float* bias, float
     cdef float* U
     cdef float* buf
     cdef void* mem
-    g.N = N; g.C = C; g.H = H; g.W = W; g.K = K; g.ph = ph; g.pw = pw; g.OH = OH; g.OW = OW
+    _wino_geometry(&g, N, C, H, W, K, ph, pw, OH, OW)
     wino_setup(&g)
     rows = N * g.nty
     items = _cdiv(rows, g.tr)
@@ -897,7 +903,7 @@ cdef int _wino_wgrad_f32(const float* go, const float* x, float* gw, Py_ssize_t 
     cdef float* parts
     cdef float* buf
     cdef void* mem
-    g.N = N; g.C = C; g.H = H; g.W = W; g.K = K; g.ph = ph; g.pw = pw; g.OH = OH; g.OW = OW
+    _wino_geometry(&g, N, C, H, W, K, ph, pw, OH, OW)
     wino_wsetup(&g)
     nt = _threads(N * K * OH * OW * C * 9, g.nch, num_threads)
     per = _align16(g.per)
@@ -1816,22 +1822,33 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
     return 0
 
 
-cdef int _cv_flipped_forward(CV* cv, const float* go, const float* weight, float* dx,
-                             int num_threads) noexcept nogil:
-    # The stride-1 input gradient on the channel-vector forward path: cv describes
-    # the forward correlation of grad_out (cv.c = K channels in, cv.k = C out);
-    # weight is the layer's (K, C, KH, KW). Returns -1 when memory is missing.
-    cdef Py_ssize_t K = cv.c, C = cv.k, KH = cv.kh, KW = cv.kw, c, k, i, j
+cdef float* _flipped_filters(const float* weight, Py_ssize_t K, Py_ssize_t C, Py_ssize_t KH,
+                             Py_ssize_t KW) noexcept nogil:
+    # The filters of the stride-1 input gradient's forward, (C, K, KH, KW) from the
+    # layer's (K, C, KH, KW), flipped in both axes, in a new malloc'd array (NULL when
+    # memory is missing).
+    cdef Py_ssize_t c, k, i, j
     cdef float* wf = <float*>malloc(C * K * KH * KW * sizeof(float) + 64)
-    cdef int rc
     if wf == NULL:
-        return -1
+        return NULL
     for c in range(C):
         for k in range(K):
             for i in range(KH):
                 for j in range(KW):
                     wf[((c * K + k) * KH + i) * KW + j] = \
                         weight[((k * C + c) * KH + KH - 1 - i) * KW + KW - 1 - j]
+    return wf
+
+
+cdef int _cv_flipped_forward(CV* cv, const float* go, const float* weight, float* dx,
+                             int num_threads) noexcept nogil:
+    # The stride-1 input gradient on the channel-vector forward path: cv describes
+    # the forward correlation of grad_out (cv.c = K channels in, cv.k = C out);
+    # weight is the layer's (K, C, KH, KW). Returns -1 when memory is missing.
+    cdef float* wf = _flipped_filters(weight, cv.c, cv.k, cv.kh, cv.kw)
+    cdef int rc
+    if wf == NULL:
+        return -1
     rc = _cv_forward(cv, go, wf, NULL, dx, num_threads)
     free(wf)
     return -1 if rc == -1 else 0
@@ -1843,15 +1860,10 @@ cdef int _wino_flipped_f32(const float* go, const float* weight, float* dx, Py_s
                            int num_threads) noexcept nogil:
     # The 3x3 stride-1 input gradient on the Winograd path; weight is the layer's
     # (K, C, 3, 3). Returns -1 when memory is missing.
-    cdef Py_ssize_t c, k, i
-    cdef float* wf = <float*>malloc(C * K * 9 * sizeof(float) + 64)
+    cdef float* wf = _flipped_filters(weight, K, C, 3, 3)
     cdef int rc
     if wf == NULL:
         return -1
-    for c in range(C):
-        for k in range(K):
-            for i in range(9):
-                wf[(c * K + k) * 9 + i] = weight[(k * C + c) * 9 + 8 - i]
     rc = _wino_f32(go, wf, NULL, dx, N, K, OH, OW, C, 2 - ph, 2 - pw, H, W, False,
                    num_threads)
     free(wf)
