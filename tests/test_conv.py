@@ -626,36 +626,49 @@ def test_winograd_bits_do_not_depend_on_batch(mod):
         assert np.array_equal(_wino_forward(mod, x[3:9], w, b, 1, 2), y[3:9])
 
 
-def test_auto_mode_takes_winograd_where_the_build_measured_it():
+def _wino_wgrad_modes(mod, g, x, w):
+    """The weight gradient in modes 0 (auto), 1 (off) and 2 (forced)."""
+    got = {}
+    for mode in (0, 1, 2):
+        with _Forced(mod, mode):
+            dw = np.empty_like(w)
+            mod.conv2d_backward_weight(g, x, dw, None, 1, 1, 1, 1, 2)
+            got[mode] = dw
+    assert not np.array_equal(got[1], got[2])
+    return got
+
+
+@pytest.mark.parametrize("mod", _wino_modules(), ids=lambda m: m.__name__.rsplit("_", 1)[1])
+def test_auto_mode_takes_winograd_where_the_build_measured_it(mod):
+    # Measured on the AVX2 build (Zen 2) and the AVX-512 build (Sapphire Rapids);
+    # the baseline build keeps the direct sums.
+    isa = mod.__name__.rsplit("_", 1)[1]
+    measured = isa in ("avx2", "avx512")
     x, w, b = _wino_case((4, 16, 16, 16), 32, 6)
-    with _Forced(kconv, 2):
-        forced = _wino_forward(kconv, x, w, b, 1, 2)
-    with _Forced(kconv, 1):
-        direct = _wino_forward(kconv, x, w, b, 1, 2)
-    auto = _wino_forward(kconv, x, w, b, 1, 2)
-    if kconv.__name__.endswith("avx2"):
-        assert np.array_equal(auto, forced)
-    else:
-        assert np.array_equal(auto, direct)
+    with _Forced(mod, 2):
+        forced = _wino_forward(mod, x, w, b, 1, 2)
+    with _Forced(mod, 1):
+        direct = _wino_forward(mod, x, w, b, 1, 2)
+    auto = _wino_forward(mod, x, w, b, 1, 2)
+    assert np.array_equal(auto, forced if measured else direct)
     # The weight gradient from 512 output tiles on (8 images of 8 x 8 tiles here).
-    g = np.random.default_rng(7).standard_normal(auto.shape).astype(np.float32)
+    rng = np.random.default_rng(7)
+    g = rng.standard_normal(auto.shape).astype(np.float32)
     for n, wino in ((8, True), (7, False)):
-        got = {}
-        for mode in (0, 1, 2):
-            with _Forced(kconv, mode):
-                dw = np.empty_like(w)
-                kconv.conv2d_backward_weight(np.tile(g, (2, 1, 1, 1))[:n],
-                                             np.tile(x, (2, 1, 1, 1))[:n], dw, None,
-                                             1, 1, 1, 1, 2)
-                got[mode] = dw
-        assert not np.array_equal(got[1], got[2])
-        on_avx2 = kconv.__name__.endswith("avx2")
-        assert np.array_equal(got[0], got[2 if wino and on_avx2 else 1]), n
+        got = _wino_wgrad_modes(mod, np.tile(g, (2, 1, 1, 1))[:n],
+                                np.tile(x, (2, 1, 1, 1))[:n], w)
+        assert np.array_equal(got[0], got[2 if wino and measured else 1]), n
+    # ... and where a tile row fills a vector: 8 x 8 planes (4 tiles a row) take it
+    # on AVX2 (8 floats a vector) but not on AVX-512 (16), 512 tiles either way.
+    x8 = rng.standard_normal((32, 16, 8, 8)).astype(np.float32)
+    g8 = rng.standard_normal((32, 32, 8, 8)).astype(np.float32)
+    got = _wino_wgrad_modes(mod, g8, x8, w)
+    assert np.array_equal(got[0], got[2 if isa == "avx2" else 1])
     # Too few channels: the direct path, whatever the build.
     x3, w3, b3 = _wino_case((4, 3, 16, 16), 16, 6)
-    with _Forced(kconv, 1):
-        direct3 = _wino_forward(kconv, x3, w3, b3, 1, 2)
-    assert np.array_equal(_wino_forward(kconv, x3, w3, b3, 1, 2), direct3)
+    with _Forced(mod, 1):
+        direct3 = _wino_forward(mod, x3, w3, b3, 1, 2)
+    assert np.array_equal(_wino_forward(mod, x3, w3, b3, 1, 2), direct3)
 
 
 def test_forced_float32_paths_turn_winograd_off():

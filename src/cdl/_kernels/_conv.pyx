@@ -60,9 +60,9 @@ order as the buffered tile, so results are bitwise those of before; tiles that
 skip padding rows, part-width columns and the 1-channel row-reuse tile keep
 the buffered path.
 
-Winograd path (float32, 3x3, stride 1, padding 0-2; auto on the AVX2 build from 16
-input and 16 output channels, the weight gradient also from 512 output tiles in the
-batch; cdl_wino.h): F(2x2, 3x3), each 2x2 output tile A^T [(G g G^T) . (B^T d B)] A
+Winograd path (float32, 3x3, stride 1, padding 0-2; auto on the AVX2 and AVX-512
+builds from 16 input and 16 output channels, the weight gradient also from 512 output
+tiles in the batch and where a tile row fills a vector; cdl_wino.h): F(2x2, 3x3), each 2x2 output tile A^T [(G g G^T) . (B^T d B)] A
 summed over channels, 16 products per channel pair and tile where the direct sum does
 36. The input gradient is the same forward of grad_out with the flipped filters; the
 weight gradient is dU = sum over tiles of (A dy A^T) . (B^T d B), then G^T dU G. Its
@@ -2189,9 +2189,12 @@ cdef int _conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
             and OW > 0):
         # The weight gradient's GEMM tiles end in lane sums: too few tiles and they
         # cost more than the Winograd path saves (bench: 0.9-1.0x at 512 tiles, 1.2-2.6x
-        # at batch 1). Its bits depend on the thread count in no case.
+        # at batch 1). A tile row must also fill a vector: on AVX-512 the 8x8 plane's
+        # half-empty vectors took 1.2x the direct time. Its bits depend on the thread
+        # count in no case.
         use_wino = _use_wino(C, K, KH, KW, sh, sw, ph, pw) and (
-            _wino_mode == 2 or N * ((OH + 1) // 2) * ((OW + 1) // 2) >= WINO_MIN_WGRAD_TILES)
+            _wino_mode == 2 or (N * ((OH + 1) // 2) * ((OW + 1) // 2) >= WINO_MIN_WGRAD_TILES
+                                and 2 * ((OW + 1) // 2) >= VF))
         use_cv = not use_wino and _use_cv(&cv, False)
     if use_cv and grad_bias is not None:
         # grad_bias comes from the transposed grad_out the kernel builds anyway.

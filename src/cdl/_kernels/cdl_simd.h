@@ -66,6 +66,41 @@ static inline void cdl_vf_store(float *p, cdl_vf v) {
 #endif
 }
 
+/* The first n lanes (0 < n < CDL_VF) from p, zeros after; and their store.
+ * Masked moves on AVX2 and AVX-512: a vector load right after scalar stores
+ * to the same bytes waits for them (a failed store forward). */
+#if defined(__AVX512F__)
+static inline cdl_vf cdl_vf_loadn(const float *p, int n) {
+    return (cdl_vf)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+}
+static inline void cdl_vf_storen(float *p, cdl_vf v, int n) {
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v);
+}
+#elif defined(__AVX2__)
+static inline __m256i cdl_vf_lanes_below(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline cdl_vf cdl_vf_loadn(const float *p, int n) {
+    return (cdl_vf)_mm256_maskload_ps(p, cdl_vf_lanes_below(n));
+}
+static inline void cdl_vf_storen(float *p, cdl_vf v, int n) {
+    _mm256_maskstore_ps(p, cdl_vf_lanes_below(n), (__m256)v);
+}
+#else
+static inline cdl_vf cdl_vf_loadn(const float *p, int n) {
+    cdl_vf v = {0};
+    int i;
+    for (i = 0; i < n; i++)
+        v[i] = p[i];
+    return v;
+}
+static inline void cdl_vf_storen(float *p, cdl_vf v, int n) {
+    int i;
+    for (i = 0; i < n; i++)
+        p[i] = v[i];
+}
+#endif
+
 static inline cdl_vf cdl_vf_set1(float a) {
     cdl_vf v = {0};
     return v + a;

@@ -21,9 +21,9 @@
 #include <string.h>
 #include "cdl_cvtile.h"
 
-/* Taken without being forced only where measured: the AVX2 build (Zen 2,
- * bench/conv_parts.py). */
-#if defined(__AVX2__) && !defined(__AVX512F__)
+/* Taken without being forced only where measured: the AVX2 build (Zen 2) and
+ * the AVX-512 build (Sapphire Rapids), bench/conv_parts.py. */
+#if defined(__AVX2__)
 #define CDL_WINO_AUTO 1
 #else
 #define CDL_WINO_AUTO 0
@@ -211,7 +211,6 @@ static inline void cdl_wino_out(const float *m, Py_ssize_t ms, float bias, int r
                                 float *y1, Py_ssize_t ncol) {
     cdl_vf a[4], b[4], sa[2], sb[2];
     cdl_vf bv = cdl_cv_bcast(bias);
-    float tmp[CDL_VF];
     int i, r;
     for (i = 0; i < 4; i++) {
         a[i] = cdl_vf_load(m + (2 * i) * ms);
@@ -234,12 +233,10 @@ static inline void cdl_wino_out(const float *m, Py_ssize_t ms, float bias, int r
         o = CDL_SHUF(sa[r] + e, d - sa[r], CDL_WN_BLEND) + bv;
         if (relu)
             o = cdl_cv_relu(o);
-        if (ncol >= CDL_VF) {
+        if (ncol >= CDL_VF)
             cdl_vf_store(y, o);
-        } else {
-            cdl_vf_store(tmp, o);
-            memcpy(y, tmp, ncol * sizeof(float));
-        }
+        else
+            cdl_vf_storen(y, o, (int)ncol);
     }
 }
 
@@ -375,12 +372,13 @@ static void cdl_wino_block(const CdlWino *g, const float *x, const float *U, con
  * ------------------------------------------------------------------------ */
 
 /* A dy A^T for VF/2 tiles side by side from grad_out rows g0, g1 (columns
- * 2t, 2t + 1 of tile t, zero past the plane): pair p to y + p*ys. */
-static inline void cdl_wino_gin(const float *g0, const float *g1, float *y, Py_ssize_t ys) {
+ * 2t, 2t + 1 of tile t in lanes 2t, 2t + 1; zero past the plane): pair p to
+ * y + p*ys. */
+static inline void cdl_wino_gin(cdl_vf g0, cdl_vf g1, float *y, Py_ssize_t ys) {
     cdl_vf a[2], b[2];
     int r;
     for (r = 0; r < 2; r++) {
-        cdl_vf v = cdl_vf_load(r ? g1 : g0), sw = CDL_SHUF(v, v, CDL_WN_SWAP);
+        cdl_vf v = r ? g1 : g0, sw = CDL_SHUF(v, v, CDL_WN_SWAP);
         a[r] = CDL_SHUF(v, -v, CDL_WN_BLEND);        /* (g0, -g1) */
         b[r] = CDL_SHUF(v + sw, sw - v, CDL_WN_BLEND); /* (g0 + g1, g0 - g1) */
     }
@@ -489,7 +487,7 @@ static void cdl_wino_wsetup(CdlWino *g) {
     g->vs = (g->vs + 15) / 16 * 16 + 16;
     nblocks = (g->N * g->nty + g->tr - 1) / g->tr;
     g->nch = nblocks < 8 ? nblocks : 8;
-    g->per = g->rowbuf + 8 * (g->cp + g->kp) * g->vs + CDL_VF;
+    g->per = g->rowbuf + 8 * (g->cp + g->kp) * g->vs;
 }
 
 /* Zeroes what the weight gradient's scratch needs zeroed once: the row
@@ -510,8 +508,7 @@ static void cdl_wino_wchunk(const CdlWino *g, const float *x, const float *go, P
     Py_ssize_t b0 = ch * nblocks / g->nch, b1 = (ch + 1) * nblocks / g->nch, blk;
     Py_ssize_t vs = g->vs, kp = g->kp, cp = g->cp, half = CDL_VF / 2;
     float *V = scratch + g->rowbuf, *Y = V + 8 * cp * vs;
-    float *tmp = Y + 8 * kp * vs;   /* VF floats */
-    Py_ssize_t r, k, c, tx0, p, q;
+    Py_ssize_t r, k, c, tx0, p;
     memset(part, 0, 16 * kp * cp * sizeof(float));
     for (blk = b0; blk < b1; blk++) {
         Py_ssize_t r0 = blk * g->tr, r1 = r0 + g->tr < rows ? r0 + g->tr : rows;
@@ -525,18 +522,12 @@ static void cdl_wino_wchunk(const CdlWino *g, const float *x, const float *go, P
                 const float *g1 = 2 * ty + 1 < g->OH ? g0 + g->OW : NULL;
                 for (tx0 = 0; tx0 < g->ntx; tx0 += half) {
                     Py_ssize_t col = 2 * tx0, m = g->OW - col;
-                    float t1[CDL_VF];
-                    const float *p0 = g0 + col, *p1 = g1 ? g1 + col : NULL;
-                    if (m < CDL_VF || !p1) {
-                        /* part of a vector past the plane, or no second row: zeros */
-                        for (q = 0; q < CDL_VF; q++) {
-                            tmp[q] = q < m ? p0[q] : 0.0f;
-                            t1[q] = (p1 && q < m) ? p1[q] : 0.0f;
-                        }
-                        p0 = tmp;
-                        p1 = t1;
-                    }
-                    cdl_wino_gin(p0, p1, Y + k * vs + 2 * (t0 + tx0), kp * vs);
+                    /* part of a vector past the plane, or no second row: zeros */
+                    cdl_vf v0 = m < CDL_VF ? cdl_vf_loadn(g0 + col, (int)m) : cdl_vf_load(g0 + col);
+                    cdl_vf v1 = cdl_vf_set1(0.0f);
+                    if (g1)
+                        v1 = m < CDL_VF ? cdl_vf_loadn(g1 + col, (int)m) : cdl_vf_load(g1 + col);
+                    cdl_wino_gin(v0, v1, Y + k * vs + 2 * (t0 + tx0), kp * vs);
                 }
             }
         }
