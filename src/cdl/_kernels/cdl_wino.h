@@ -30,10 +30,12 @@
 #endif
 
 /* GEMM register tile: KR output channels x RB vectors of tiles (KR*RB
- * accumulators, RB loads and a broadcast within the vector registers). */
+ * accumulators, RB loads and a broadcast within the vector registers). KR 8
+ * on AVX-512: channel counts of 16, 32 and 64 need no padding (6 x 4 padded
+ * them by up to 12.5%; 8 x 3 took 0.87-0.95x its time per layer). */
 #if CDL_VREGS >= 32
-#define CDL_WG_KR 6
-#define CDL_WG_RB 4
+#define CDL_WG_KR 8
+#define CDL_WG_RB 3
 #else
 #define CDL_WG_KR 4
 #define CDL_WG_RB 3
