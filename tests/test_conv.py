@@ -687,15 +687,21 @@ def test_forced_float32_paths_turn_winograd_off():
             kconv.set_float32_path(old)
 
 
-def test_winograd_input_grad_accumulates():
-    x, w, _ = _wino_case((3, 16, 10, 10), 16, 8)
-    g = np.random.default_rng(9).standard_normal((3, 16, 10, 10)).astype(np.float32)
+@pytest.mark.parametrize("mod", _wino_modules(), ids=lambda m: m.__name__.rsplit("_", 1)[1])
+def test_winograd_input_grad_accumulates(mod):
+    # The epilogue adds to what dx holds (whole vectors and the part vectors at the
+    # right edge): the bits of base + the plain input gradient, at any thread count.
+    x, w, _ = _wino_case((3, 16, 10, 9), 16, 8)
+    g = np.random.default_rng(9).standard_normal((3, 16, 10, 9)).astype(np.float32)
     base = np.random.default_rng(10).standard_normal(x.shape).astype(np.float32)
-    with _Forced(kconv, 2):
-        plain = _wino_input_grad(kconv, g, w, x.shape, 1, 2)
-        acc = base.copy()
-        kconv.conv2d_backward_input(g, w, acc, 1, 1, 1, 1, 2, accumulate=True)
-    assert np.array_equal(acc, base + plain)
+    base[..., ::3] = -0.0
+    with _Forced(mod, 2):
+        plain = _wino_input_grad(mod, g, w, x.shape, 1, 2)
+        for nt in (1, 2):
+            acc = base.copy()
+            mod.conv2d_backward_input(g, w, acc, 1, 1, 1, 1, nt, accumulate=True)
+            assert np.array_equal(acc, base + plain)
+            assert not np.array_equal(acc, plain)
 
 
 def test_winograd_nan_reaches_its_windows_and_stays_in_its_tiles():

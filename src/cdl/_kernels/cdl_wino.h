@@ -208,9 +208,10 @@ static void cdl_wino_gemm(const float *u, Py_ssize_t kp, const float *v, Py_ssiz
 
 /* A^T M A for VF/2 tiles side by side: m + pair*ms holds pair `pair` of each;
  * adds bias, applies ReLU's rule if relu, and writes output rows y0 and y1
- * (y1 NULL past the last row), columns [0, VF) cut at ncol. */
-static inline void cdl_wino_out(const float *m, Py_ssize_t ms, float bias, int relu, float *y0,
-                                float *y1, Py_ssize_t ncol) {
+ * (y1 NULL past the last row), columns [0, VF) cut at ncol; acc: adds what the
+ * rows hold instead (the bits of a separate sum, y + result). */
+static inline void cdl_wino_out(const float *m, Py_ssize_t ms, float bias, int relu, int acc,
+                                float *y0, float *y1, Py_ssize_t ncol) {
     cdl_vf a[4], b[4], sa[2], sb[2];
     cdl_vf bv = cdl_cv_bcast(bias);
     int i, r;
@@ -235,10 +236,15 @@ static inline void cdl_wino_out(const float *m, Py_ssize_t ms, float bias, int r
         o = CDL_SHUF(sa[r] + e, d - sa[r], CDL_WN_BLEND) + bv;
         if (relu)
             o = cdl_cv_relu(o);
-        if (ncol >= CDL_VF)
+        if (ncol >= CDL_VF) {
+            if (acc)
+                o = cdl_vf_load(y) + o;
             cdl_vf_store(y, o);
-        else
+        } else {
+            if (acc)
+                o = cdl_vf_loadn(y, (int)ncol) + o;
             cdl_vf_storen(y, o, (int)ncol);
+        }
     }
 }
 
@@ -339,7 +345,8 @@ static void cdl_wino_vblock(const CdlWino *g, const float *x, Py_ssize_t r0, Py_
  * x (N x C x H x W) and U. scratch: g->per floats, the first g->rowbuf once
  * zeroed (lanes of V and M past the last tile are computed, never stored). */
 static void cdl_wino_block(const CdlWino *g, const float *x, const float *U, const float *bias,
-                           int relu, float *out, Py_ssize_t r0, Py_ssize_t r1, float *scratch) {
+                           int relu, int acc, float *out, Py_ssize_t r0, Py_ssize_t r1,
+                           float *scratch) {
     float *V = scratch + g->rowbuf, *M = V + 8 * g->C * g->vs;
     Py_ssize_t vs = g->vs, r, k, tx0, q;
     Py_ssize_t nv = (2 * (r1 - r0) * g->ntx + CDL_VF - 1) / CDL_VF;
@@ -356,7 +363,7 @@ static void cdl_wino_block(const CdlWino *g, const float *x, const float *U, con
             float b = bias ? bias[k] : 0.0f;
             for (tx0 = 0; tx0 < g->ntx; tx0 += CDL_VF / 2) {
                 q = g->OW - 2 * tx0;
-                cdl_wino_out(M + k * vs + 2 * (t0 + tx0), g->kp * vs, b, relu, y0 + 2 * tx0,
+                cdl_wino_out(M + k * vs + 2 * (t0 + tx0), g->kp * vs, b, relu, acc, y0 + 2 * tx0,
                              y1 ? y1 + 2 * tx0 : NULL, q);
             }
         }
