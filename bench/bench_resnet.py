@@ -11,9 +11,9 @@ with the same thread count through threadpoolctl, timed against cdl in a block o
 own (cdl/NumPy uses cdl's time from that block); LeNet-5 against NumPy is in run.py's
 table. The machine's load average is recorded before and after.
 
-glibc's allocator is set up first (``--malloc default`` leaves it alone) so that large
-blocks stay in the heap: with its defaults PyTorch maps and unmaps its 4 MB tensors on
-every step. Its ResNet-8 step at batch 64 took 4,448 page faults and 47 ms in a fresh
+glibc's allocator is set up first (``--malloc default`` leaves it alone; run.py's
+``keep_large_blocks_in_heap``) so that large blocks stay in the heap: with its defaults
+PyTorch maps and unmaps its 4 MB tensors on every step. Its ResNet-8 step at batch 64 took 4,448 page faults and 47 ms in a fresh
 process against 410 and 40 ms once a large free had raised glibc's mmap threshold (a /tmp
 script on a Sapphire Rapids VM). The NumPy twin's arrays did that halfway through the run,
 so the rows before it and the blocks after it saw two different PyTorches. cdl reuses its
@@ -30,6 +30,7 @@ import numpy as np
 
 from _machine import describe
 from _timing import median_times
+from run import keep_large_blocks_in_heap
 from numpy_ref import NumpyResNet8
 
 
@@ -78,24 +79,6 @@ def _direct_convs(model):
         finally:
             conv.set_winograd_path(old)
     return step
-
-
-def keep_large_blocks_in_heap():
-    """mallopt: blocks up to 32 MiB come from the heap and up to 256 MiB of free heap
-    stays mapped, fixed for the whole run. Returns a description for the results, or
-    None where there is no glibc."""
-    import ctypes
-    import ctypes.util
-    name = ctypes.util.find_library("c")
-    if platform.system() != "Linux" or not name:
-        return None
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt"):
-        return None
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if not (libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 256 << 20)):
-        return None
-    return "glibc mallopt: M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 256 MiB"
 
 
 def torch_resnet8(torch):

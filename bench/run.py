@@ -14,7 +14,11 @@ reported, never timed); warm-up; contenders interleaved block by block in a
 rotating order with a short pause between blocks so spinning thread pools go
 idle; the median of >= 5 samples (each sample averages enough calls to last a
 few ms). Ceilings (sgemm GFLOP/s of a large NumPy matmul, copy bandwidth) are
-measured in the same run.
+measured in the same run. Before anything runs, glibc keeps blocks up to 32 MiB in its heap
+(keep_large_blocks_in_heap; ``--malloc default`` leaves the allocator alone): with its
+defaults PyTorch maps, faults in and unmaps its large tensors on every step, which made its
+CIFAR-CNN step at batch 256 take 118 ms against 72 ms (results/nets-malloc-*.md), and which a
+large free elsewhere in the process can switch off halfway through a run.
 """
 import argparse
 import json
@@ -868,7 +872,8 @@ def markdown(results, ceilings, machine, command=None):
     lines += [f"### Machine: {machine['cpu']}, {machine['cores_usable']} usable cores, "
               f"{machine['threads']} threads; cdl {machine.get('cdl')} (ISA "
               f"{machine.get('cdl_isa', '?')}), numpy {machine['numpy']} "
-              f"({machine.get('numpy_blas', '?')}), torch {machine.get('torch') or 'n/a'}",
+              f"({machine.get('numpy_blas', '?')}), torch {machine.get('torch') or 'n/a'}; "
+              f"allocator: {machine.get('malloc', 'default')}",
               "",
               f"Ceilings (same run, best of several checks): sgemm {c['sgemm_gflops']:.1f} "
               f"GFLOP/s (NumPy float32 {c['sgemm_n']}^3, best of 1 and N threads); copy "
@@ -1095,6 +1100,25 @@ def scaling_rows():
     return rows + [row]
 
 
+def keep_large_blocks_in_heap():
+    """mallopt: blocks up to 32 MiB come from the heap and up to 256 MiB of free heap
+    stays mapped, fixed for the whole run (glibc otherwise moves its mmap threshold up
+    after a large free). Returns a description for the results, or None where there is
+    no glibc."""
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or not name:
+        return None
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):
+        return None
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 256 << 20)):
+        return None
+    return "glibc mallopt: M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 256 MiB"
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="subset, 5 repeats (< 1 min on 2 cores)")
@@ -1111,6 +1135,9 @@ def parse_args(argv):
     p.add_argument("--compare", nargs="+", metavar="JSON",
                    help="OLD [NEW]: print the per-row change vs OLD (NEW given: no run)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--malloc", choices=("heap", "default"), default="heap",
+                   help="heap: keep large blocks in glibc's heap for every contender (the "
+                        "module notes); default: leave the allocator alone")
     return p.parse_args(argv)
 
 
@@ -1138,8 +1165,10 @@ def main(argv=None):
         0.004 if args.quick else 0.02)
     timer = Timer(repeats, pause, min_sample)
     t_start = time.perf_counter()
+    malloc = (keep_large_blocks_in_heap() if args.malloc == "heap" else None) or "default"
 
     machine = machine_info(threads)
+    machine["malloc"] = malloc
     ceilings = measure_ceilings(threads, args.quick)
     if machine.get("loadavg_start", 0.0) > 0.5 * machine["cores_usable"]:
         print(f"warning: load average {machine['loadavg_start']:.1f} on "
@@ -1184,7 +1213,7 @@ def main(argv=None):
     doc = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": "quick" if args.quick
            else "full", "argv": sys.argv[1:], "machine": machine, "ceilings": ceilings,
            "method": {"repeats": repeats, "pause_s": pause, "min_sample_s": timer.min_sample,
-                      "statistic": "median"},
+                      "statistic": "median", "malloc": malloc},
            "results": results, "targets": targets,
            "elapsed_s": time.perf_counter() - t_start}
     command = "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
