@@ -651,13 +651,22 @@ def test_auto_mode_takes_winograd_where_the_build_measured_it(mod):
         direct = _wino_forward(mod, x, w, b, 1, 2)
     auto = _wino_forward(mod, x, w, b, 1, 2)
     assert np.array_equal(auto, forced if measured else direct)
-    # The weight gradient from 512 output tiles on (8 images of 8 x 8 tiles here).
+    # The forward at any batch size; the gradients from 512 tiles on (8 images of
+    # 8 x 8 tiles here).
+    one = _wino_forward(mod, x[:1], w, b, 1, 2)
+    assert np.array_equal(one, auto[:1])
     rng = np.random.default_rng(7)
     g = rng.standard_normal(auto.shape).astype(np.float32)
     for n, wino in ((8, True), (7, False)):
-        got = _wino_wgrad_modes(mod, np.tile(g, (2, 1, 1, 1))[:n],
-                                np.tile(x, (2, 1, 1, 1))[:n], w)
+        gn, xn = np.tile(g, (2, 1, 1, 1))[:n], np.tile(x, (2, 1, 1, 1))[:n]
+        got = _wino_wgrad_modes(mod, gn, xn, w)
         assert np.array_equal(got[0], got[2 if wino and measured else 1]), n
+        dx = {}
+        for mode in (0, 1, 2):
+            with _Forced(mod, mode):
+                dx[mode] = _wino_input_grad(mod, gn, w, xn.shape, 1, 2)
+        assert not np.array_equal(dx[1], dx[2])
+        assert np.array_equal(dx[0], dx[2 if wino and measured else 1]), n
     # ... and where a tile row fills a vector: 8 x 8 planes (4 tiles a row) take it
     # on AVX2 (8 floats a vector) but not on AVX-512 (16), 512 tiles either way.
     x8 = rng.standard_normal((32, 16, 8, 8)).astype(np.float32)

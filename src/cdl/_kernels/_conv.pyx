@@ -166,7 +166,8 @@ cdef extern from "cdl_wino.h" nogil:
     const int WINO_AUTO "CDL_WINO_AUTO"
     void wino_setup "cdl_wino_setup"(CdlWino* g)
     void wino_filters "cdl_wino_filters"(const float* w, Py_ssize_t K, Py_ssize_t C,
-                                         Py_ssize_t kp, float* U)
+                                         Py_ssize_t kp, float* U, Py_ssize_t k0,
+                                         Py_ssize_t k1)
     void wino_block "cdl_wino_block"(const CdlWino* g, const float* x, const float* U,
                                      const float* bias, int relu, int acc, float* out,
                                      Py_ssize_t r0, Py_ssize_t r1, float* scratch)
@@ -183,8 +184,15 @@ cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 18
 cdef Py_ssize_t MIN_ITEMS = 8
 # The Winograd path from this many input and output channels on (auto mode).
 cdef Py_ssize_t WINO_MIN_CHANNELS = 16
-# ... and its weight gradient from this many 2x2 output tiles in the batch on.
-cdef Py_ssize_t WINO_MIN_WGRAD_TILES = 512
+# ... and its gradients from this many 2x2 tiles in the batch on (the forward's choice
+# must not depend on the batch: a sample's output is the same in any batch). Below
+# it the fixed costs (the filter transform, a block per thread) win: at batch 1 the
+# input gradient took 1.1-2.2x the direct time (AVX-512, 2 threads), and from 512
+# tiles 0.78-0.93x except 1.10x on 32x32 planes at batch 2.
+cdef Py_ssize_t WINO_MIN_GRAD_TILES = 512
+# The filter transform on several threads from this many channel pairs (about 20 us
+# of one thread's time).
+cdef Py_ssize_t WINO_PARALLEL_FILTER_PAIRS = 1024
 
 
 cdef inline int _threads(Py_ssize_t macs, Py_ssize_t items, int num_threads) noexcept nogil:
@@ -864,7 +872,7 @@ cdef int _wino_f32(const float* x, const float* weight, const float* bias, float
     # accumulate: out += the result. Returns -1 when memory is missing.
     cdef CdlWino g
     cdef Py_ssize_t rows, items, it, tid, per
-    cdef int nt
+    cdef int nt, nf
     cdef float* U
     cdef float* buf
     cdef void* mem
@@ -881,7 +889,13 @@ cdef int _wino_f32(const float* x, const float* weight, const float* bias, float
     buf = U + _align16(16 * C * g.kp)
     for it in range(nt):
         memset(buf + it * per, 0, g.rowbuf * sizeof(float))
-    wino_filters(weight, K, C, g.kp, U)
+    # The filter transform, split by output channels (each is its own, so the split
+    # changes no bits): one thread takes about 19 ns a channel pair, 0.08 ms of the
+    # 0.1 ms that 64 -> 64 channels on 8 x 8 take at batch 1 (AVX-512).
+    nf = num_threads if C * K >= WINO_PARALLEL_FILTER_PAIRS else 1
+    nf = _imax(1, _imin(nf, g.kp // 8))
+    for it in prange(nf, schedule="static", num_threads=nf):
+        wino_filters(weight, K, C, g.kp, U, it * g.kp // nf, (it + 1) * g.kp // nf)
     for it in prange(items, schedule="static", num_threads=nt):
         tid = omp_get_thread_num()
         wino_block(&g, x, U, bias, relu, accumulate, out, it * g.tr,
@@ -1741,7 +1755,8 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
     cdef bint phases = floating is float and K > 0 and (sh > 1 or sw > 1) and not (
         _strided_dx_mode == 2 or (_strided_dx_mode == 0 and N < MIN_ITEMS and KH * KW > 1))
     cdef bint wino = floating is float and _use_wino(K, C, KH, KW, sh, sw, KH - 1 - ph,
-                                                     KW - 1 - pw)
+                                                     KW - 1 - pw) and (
+        _wino_mode == 2 or N * ((H + 1) // 2) * ((W + 1) // 2) >= WINO_MIN_GRAD_TILES)
     if N == 0 or C == 0 or H == 0 or W == 0:
         return 0
     if accumulate and not phases and not wino:
@@ -2198,7 +2213,7 @@ cdef int _conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
         # half-empty vectors took 1.2x the direct time. Its bits depend on the thread
         # count in no case.
         use_wino = _use_wino(C, K, KH, KW, sh, sw, ph, pw) and (
-            _wino_mode == 2 or (N * ((OH + 1) // 2) * ((OW + 1) // 2) >= WINO_MIN_WGRAD_TILES
+            _wino_mode == 2 or (N * ((OH + 1) // 2) * ((OW + 1) // 2) >= WINO_MIN_GRAD_TILES
                                 and 2 * ((OW + 1) // 2) >= VF))
         use_cv = not use_wino and _use_cv(&cv, False)
     if use_cv and grad_bias is not None:

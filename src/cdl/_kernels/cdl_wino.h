@@ -88,15 +88,16 @@ CDL_CV_INLINE cdl_vf cdl_wino_bcast2(const float *p) {
  * columns 2t and 2t + 1, which are already neighbours. */
 
 /* U[((pair*C + c)*kp + k)*2 + e] = (G g G^T) of filter g = w[k, c] (K x C x
- * 3 x 3), cell e of the pair, zero for K <= k < kp. G = [[1, 0, 0], [1/2,
- * 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]; worked in double, rounded once. */
+ * 3 x 3), cell e of the pair, zero for K <= k < kp, for k in [k0, k1). G =
+ * [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]; worked in double,
+ * rounded once. */
 static void cdl_wino_filters(const float *w, Py_ssize_t K, Py_ssize_t C, Py_ssize_t kp,
-                             float *U) {
+                             float *U, Py_ssize_t k0, Py_ssize_t k1) {
     static const int cell[8][2] = {{0, 3}, {1, 2}, {4, 7}, {5, 6},
                                    {8, 11}, {9, 10}, {12, 15}, {13, 14}};
     Py_ssize_t k, c;
     int i, j, e;
-    for (k = 0; k < kp; k++)
+    for (k = k0; k < k1; k++)
         for (c = 0; c < C; c++) {
             double t[4][3], u[16] = {0};
             if (k < K) {
@@ -271,7 +272,7 @@ typedef struct {
 } CdlWino;
 
 static void cdl_wino_setup(CdlWino *g) {
-    Py_ssize_t tb, tstar, unit = CDL_VF / 2 * CDL_WG_RB, half = CDL_VF / 2;
+    Py_ssize_t tb, tstar, nb, unit = CDL_VF / 2 * CDL_WG_RB, half = CDL_VF / 2;
     g->nty = (g->OH + 1) / 2;
     g->ntx = (g->OW + 1) / 2;
     g->ntxv = (g->ntx + half - 1) / half;
@@ -283,6 +284,11 @@ static void cdl_wino_setup(CdlWino *g) {
     g->tr = tstar / g->ntx;
     if (g->tr < 1)
         g->tr = 1;
+    /* Blocks of equal size (no bits change: each tile's sums are its own), so
+     * that a small batch's few blocks split evenly across the threads. */
+    nb = (g->N * g->nty + g->tr - 1) / g->tr;
+    if (nb > 0)
+        g->tr = (g->N * g->nty + nb - 1) / nb;
     tb = g->tr * g->ntx;
     g->nv = (2 * tb + CDL_VF - 1) / CDL_VF;
     /* The last tile row's vectors may run past tb: room for them. */
