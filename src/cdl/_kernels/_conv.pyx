@@ -61,8 +61,8 @@ skip padding rows, part-width columns and the 1-channel row-reuse tile keep
 the buffered path.
 
 Winograd path (float32, 3x3, stride 1, padding 0-2; auto on the AVX2 and AVX-512
-builds from 16 input and 16 output channels, the weight gradient also from 512 output
-tiles in the batch and where a tile row fills a vector; cdl_wino.h): F(2x2, 3x3), each 2x2 output tile A^T [(G g G^T) . (B^T d B)] A
+builds from 16 input and 16 output channels, the gradients also from 512 2x2 tiles in
+the batch, the weight gradient also where a tile row fills a vector; cdl_wino.h): F(2x2, 3x3), each 2x2 output tile A^T [(G g G^T) . (B^T d B)] A
 summed over channels, 16 products per channel pair and tile where the direct sum does
 36. The input gradient is the same forward of grad_out with the flipped filters; the
 weight gradient is dU = sum over tiles of (A dy A^T) . (B^T d B), then G^T dU G. Its

@@ -5,9 +5,10 @@
 with zero padding P, stride S (per axis) and H2 = (H1 - F + 2P)/S + 1 (floor).
 
 float32 3x3 stride-1 convolutions with at least 16 input and output channels run on a
-Winograd F(2x2, 3x3) path on the AVX2 and AVX-512 builds: the same values within
-float32 rounding, bitwise the same for any thread count; a NaN or Inf in x reaches
-whole 2x2 output tiles.
+Winograd F(2x2, 3x3) path on the AVX2 and AVX-512 builds (their gradients from 512 2x2
+tiles in the batch): the same values within float32 rounding, bitwise the same for any
+thread count and, for the forward, any batch size; a NaN or Inf in x reaches whole 2x2
+output tiles.
 """
 from .._kernels import conv as _conv
 from ._checks import (conv_output_size, float_array, int_pair, num_threads, out_array,
