@@ -62,18 +62,20 @@ the buffered path.
 
 Winograd path (float32, 3x3, stride 1, padding 0-2; auto on the AVX2 and AVX-512
 builds from 16 input and 16 output channels, the gradients also from 512 2x2 tiles in
-the batch, the weight gradient also where a tile row fills a vector; cdl_wino.h): F(2x2, 3x3), each 2x2 output tile A^T [(G g G^T) . (B^T d B)] A
-summed over channels, 16 products per channel pair and tile where the direct sum does
-36. The input gradient is the same forward of grad_out with the flipped filters; the
-weight gradient is dU = sum over tiles of (A dy A^T) . (B^T d B), then G^T dU G. Its
-sums round differently from the direct path's (within a few float32 ulps of the sum's
-scale; the tests hold it to the NumPy twin as tightly as the direct path), and a NaN
-or Inf in an input reaches the whole 2x2 tiles of the 4x4 patches that hold it, a
-superset of the windows that cover it. Work items are blocks of tile rows and (weight
-gradient) chunks of blocks fixed by the shapes, so results are bitwise the same for
-any thread count, and the forward's also for any batch size. Measured on Zen 2 (AVX2,
-bench/conv_parts.py): 0.6-0.93x the direct path's time for ResNet-8's 16-, 32- and
-64-channel layers; the stem (3 channels) loses (1.4x) and stays direct.
+the batch, the weight gradient also where a tile row fills a vector; cdl_wino.h):
+F(2x2, 3x3), each 2x2 output tile A^T [(G g G^T) . (B^T d B)] A summed over channels,
+16 products per channel pair and tile where the direct sum does 36. The input gradient
+is the same forward of grad_out with the flipped filters; the weight gradient is
+dU = sum over tiles of (A dy A^T) . (B^T d B), then G^T dU G. Its sums round
+differently from the direct path's (within a few float32 ulps of the sum's scale; the
+tests hold it to the NumPy twin as tightly as the direct path), and a NaN or Inf in an
+input reaches the whole 2x2 tiles of the 4x4 patches that hold it, a superset of the
+windows that cover it. Work items are blocks of tile rows and (weight gradient) chunks
+of blocks fixed by the shapes, so results are bitwise the same for any thread count,
+and the forward's also for any batch size. Measured (bench/conv_parts.py) on Zen 2
+(AVX2): 0.6-0.93x the direct path's time for ResNet-8's 16-, 32- and 64-channel
+layers; on Sapphire Rapids (AVX-512): 0.68-0.91x, the 8x8 weight gradient excepted;
+the stem (3 channels) loses (1.4x on Zen 2) and stays direct.
 
 Fused inference (forward only, float32 and float64): relu=True applies ReLU's
 rule (v <= 0 gives +0, NaN passes) to each finished value as it is stored, so
@@ -892,6 +894,7 @@ cdef int _wino_f32(const float* x, const float* weight, const float* bias, float
     # The filter transform, split by output channels (each is its own, so the split
     # changes no bits): one thread takes about 19 ns a channel pair, 0.08 ms of the
     # 0.1 ms that 64 -> 64 channels on 8 x 8 take at batch 1 (AVX-512).
+    # At least 8 output channels a thread.
     nf = num_threads if C * K >= WINO_PARALLEL_FILTER_PAIRS else 1
     nf = _imax(1, _imin(nf, g.kp // 8))
     for it in prange(nf, schedule="static", num_threads=nf):
@@ -1742,7 +1745,8 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
     # The strided phases add theirs in their interleave pass, touching only the
     # cells their taps reach, and the Winograd path in its epilogue; every other
     # path runs into a scratch array first (a fresh page-faulting array and a
-    # single-threaded add: 1.3x the input gradient's time on ResNet-8's stage 1).
+    # single-threaded add: 1.3x the input gradient's time on 16 -> 16 channels,
+    # 32 x 32, batch 64).
     cdef Py_ssize_t N = grad_input.shape[0], C = grad_input.shape[1]
     cdef Py_ssize_t H = grad_input.shape[2], W = grad_input.shape[3], K = weight.shape[0]
     cdef Py_ssize_t KH = weight.shape[2], KW = weight.shape[3]

@@ -32,7 +32,8 @@
 /* GEMM register tile: KR output channels x RB vectors of tiles (KR*RB
  * accumulators, RB loads and a broadcast within the vector registers). KR 8
  * on AVX-512: channel counts of 16, 32 and 64 need no padding (6 x 4 padded
- * them by up to 12.5%; 8 x 3 took 0.87-0.95x its time per layer). */
+ * them by up to 12.5%; 8 x 3 took 0.88-0.99x its time per part of ResNet-8's
+ * layers in one A/B). */
 #if CDL_VREGS >= 32
 #define CDL_WG_KR 8
 #define CDL_WG_RB 3
@@ -369,8 +370,8 @@ static void cdl_wino_block(const CdlWino *g, const float *x, const float *U, con
             float b = bias ? bias[k] : 0.0f;
             for (tx0 = 0; tx0 < g->ntx; tx0 += CDL_VF / 2) {
                 q = g->OW - 2 * tx0;
-                cdl_wino_out(M + k * vs + 2 * (t0 + tx0), g->kp * vs, b, relu, acc, y0 + 2 * tx0,
-                             y1 ? y1 + 2 * tx0 : NULL, q);
+                cdl_wino_out(M + k * vs + 2 * (t0 + tx0), g->kp * vs, b, relu, acc,
+                             y0 + 2 * tx0, y1 ? y1 + 2 * tx0 : NULL, q);
             }
         }
     }
@@ -538,7 +539,8 @@ static void cdl_wino_wchunk(const CdlWino *g, const float *x, const float *go, P
                 for (tx0 = 0; tx0 < g->ntx; tx0 += half) {
                     Py_ssize_t col = 2 * tx0, m = g->OW - col;
                     /* part of a vector past the plane, or no second row: zeros */
-                    cdl_vf v0 = m < CDL_VF ? cdl_vf_loadn(g0 + col, (int)m) : cdl_vf_load(g0 + col);
+                    cdl_vf v0 = m < CDL_VF ? cdl_vf_loadn(g0 + col, (int)m)
+                                           : cdl_vf_load(g0 + col);
                     cdl_vf v1 = cdl_vf_set1(0.0f);
                     if (g1)
                         v1 = m < CDL_VF ? cdl_vf_loadn(g1 + col, (int)m) : cdl_vf_load(g1 + col);
