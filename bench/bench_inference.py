@@ -9,7 +9,8 @@ ORT_ENABLE_ALL and ``--threads`` intra-op threads; PyTorch gets the same weights
 through the state dict. Runs are interleaved and medians reported, with the
 machine's load average before and after. The public-path rows compare
 ``predict``/``forward``/``backward`` with the model's plan (``ForwardPlan.run``)
-or the bare kernels on preallocated buffers.
+or the bare kernels on preallocated buffers. glibc's allocator keeps large blocks in
+the heap for every contender (``--malloc``, as in bench/run.py).
 """
 import argparse
 import io
@@ -21,7 +22,9 @@ import time
 
 import numpy as np
 
+from _machine import describe
 from _timing import median_times
+from run import add_malloc_argument, apply_malloc
 
 
 def nets(cdl):
@@ -94,7 +97,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=25)
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    add_malloc_argument(ap)
     args = ap.parse_args(argv)
+    malloc = apply_malloc(args)
     import cdl
     cdl.set_num_threads(args.threads)
     try:
@@ -176,9 +181,9 @@ def main(argv=None):
     load_after = os.getloadavg()
     meta = {"command": "python bench/bench_inference.py " + " ".join(argv or sys.argv[1:]),
             "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after,
-            "onnxruntime": None if ort is None else ort.__version__,
-            "torch": None if torch is None else torch.__version__,
+            "machine": describe(), "cores": os.cpu_count(), "loadavg_before": load_before,
+            "loadavg_after": load_after, "onnxruntime": None if ort is None else ort.__version__,
+            "torch": None if torch is None else torch.__version__, "malloc": malloc,
             "date": time.strftime("%Y-%m-%d %H:%M")}
     if args.out:
         with open(args.out + ".json", "w") as f:
@@ -187,7 +192,8 @@ def main(argv=None):
         lines = ["# Inference: cdl predict vs ONNX Runtime and PyTorch", "",
                  f"`{meta['command']}`, {args.threads} threads, {meta['cores']} cores, load "
                  f"average {load_before[0]:.2f} before / {load_after[0]:.2f} after, onnxruntime "
-                 f"{meta['onnxruntime']}, torch {meta['torch']}, {meta['date']}. Times in ms "
+                 f"{meta['onnxruntime']}, torch {meta['torch']}, {meta['date']}; "
+                 f"{meta['machine']}; allocator: {malloc}. Times in ms "
                  f"(medians); ratios below 1 mean cdl is faster.", "",
                  "| net | batch | cdl | ORT | PyTorch | cdl/ORT | cdl/PyTorch | predict/plan |",
                  "|---|--:|--:|--:|--:|--:|--:|--:|"]

@@ -40,7 +40,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import numpy_ref as nref  # noqa: E402
-from run import build_cdl_net  # noqa: E402
+from run import add_malloc_argument, apply_malloc, build_cdl_net  # noqa: E402
 
 import cdl  # noqa: E402
 from cdl import _config  # noqa: E402
@@ -352,7 +352,8 @@ def markdown(doc):
              f"Command: `{doc['command']}`  ",
              f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['platform']}; python {m['python']}, "
              f"numpy {m['numpy']}, torch {m['torch']}, cdl {m['cdl']} ({m['cdl_isa']}); "
-             f"cdl threads {m['threads']}; env {m['env'] or '{}'}  ",
+             f"cdl threads {m['threads']}; env {m['env'] or '{}'}; "
+             f"allocator: {m.get('malloc', 'default')}  ",
              f"Started {doc['started']}, took {doc['seconds']:.0f} s; load average "
              f"(1, 5, 15 min) at start {doc['loadavg_start']}, at end {doc['loadavg_end']}.", "",
              "Times in ms over the calls of each contender (interleaved in rounds). "
@@ -443,6 +444,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(HERE / "results" / "load.json"))
     p.add_argument("--report", metavar="JSON",
                    help="no run: rewrite the targets and the markdown of a saved run")
+    add_malloc_argument(p)
     args = p.parse_args(argv)
     if args.report:
         path = Path(args.report)
@@ -457,13 +459,15 @@ def main(argv=None):
         args.pause_calls, args.fit_epochs, args.rounds = 8, 1, 2
     only = set(args.only.split(","))
     ops = args.ops.split(",")
+    malloc = apply_malloc(args)
     threads = cdl.get_num_threads()
     torch_on = torch is not None and not args.no_torch
     if torch_on:
         torch.set_num_threads(threads)
     doc = {"command": "python bench/bench_load.py " + " ".join(sys.argv[1:] if argv is None
                                                                  else argv),
-           "machine": machine_info(threads), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "machine": dict(machine_info(threads), malloc=malloc),
+           "started": time.strftime("%Y-%m-%d %H:%M:%S"),
            "loadavg_start": loadavg(), "conditions": [], "fit": []}
     t_start = time.perf_counter()
     rows = []

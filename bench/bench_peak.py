@@ -45,7 +45,7 @@ if str(HERE) not in sys.path:
 
 import cdl  # noqa: E402
 from cdl._kernels import _dispatch, conv, dense, elementwise, pool  # noqa: E402
-from run import Timer  # noqa: E402
+from run import Timer, add_malloc_argument, apply_malloc  # noqa: E402
 
 try:
     import torch
@@ -229,7 +229,9 @@ def main():
                     help="leave out the fused conv contenders (a shorter run)")
     ap.add_argument("--quick", action="store_true",
                     help="one small conv and dense shape, 5 short samples (a smoke run)")
+    add_malloc_argument(ap)
     args = ap.parse_args()
+    malloc = apply_malloc(args)
     if args.quick:
         global CONV_SHAPES, DENSE_SHAPES
         CONV_SHAPES = [("first layer C3->K32 32x32 3x3 p1", (4, 3, 32, 32), (32, 3, 3), 1)]
@@ -255,7 +257,8 @@ def main():
     print(f"Command: `python bench/bench_peak.py {' '.join(sys.argv[1:])}`")
     print(f"FMA peak ({_dispatch.ISA} build, {args.threads} threads): best {peak.best:.0f} GFLOP/s "
           f"of {len(peak.checks)} checks (range {min(peak.checks):.0f}-{max(peak.checks):.0f}); "
-          f"1 thread {p1:.0f}. Load average {load0:.2f} at start, {load1:.2f} at end.")
+          f"1 thread {p1:.0f}. Load average {load0:.2f} at start, {load1:.2f} at end; "
+          f"allocator: {malloc}.")
     print()
     print("Rows marked * had a peak check (just before or after them) under 90% of the best: "
           "the machine was busy then, and their times mean little.")

@@ -30,7 +30,7 @@ import numpy as np
 
 from _machine import describe
 from _timing import median_times
-from run import keep_large_blocks_in_heap
+from run import add_malloc_argument, apply_malloc
 from numpy_ref import NumpyResNet8
 
 
@@ -164,11 +164,9 @@ def main(argv=None):
     ap.add_argument("--resnet-blocks", type=int, default=5,
                     help="interleaved blocks of ResNet-8's train_step at batch 64 against "
                          "PyTorch's (0: none)")
-    ap.add_argument("--malloc", choices=("heap", "default"), default="heap",
-                    help="heap: keep large blocks in glibc's heap for every contender (the "
-                         "module notes); default: leave the allocator alone")
+    add_malloc_argument(ap)
     args = ap.parse_args(argv)
-    malloc = keep_large_blocks_in_heap() if args.malloc == "heap" else None
+    malloc = apply_malloc(args)
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
     import cdl
     import cdl.models as models
@@ -292,7 +290,7 @@ def main(argv=None):
             "threads": args.threads, "cpu": platform.processor() or platform.machine(),
             "machine": describe(), "cores": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after,
             "torch": None if torch is None else torch.__version__,
-            "malloc": malloc or "default",
+            "malloc": malloc,
             "date": time.strftime("%Y-%m-%d %H:%M")}
     meta["bn_dropout_overhead_lenet_n64"] = float(np.median(overheads))
     meta["bn_dropout_overhead_blocks"] = overheads

@@ -1119,6 +1119,18 @@ def keep_large_blocks_in_heap():
     return "glibc mallopt: M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 256 MiB"
 
 
+def add_malloc_argument(parser):
+    """The benches' shared ``--malloc heap|default`` option (see keep_large_blocks_in_heap)."""
+    parser.add_argument("--malloc", choices=("heap", "default"), default="heap",
+                        help="heap: keep large blocks in glibc's heap for every contender "
+                             "(bench/run.py's notes); default: leave the allocator alone")
+
+
+def apply_malloc(args):
+    """Set the allocator up as ``args.malloc`` asks; the description for the results."""
+    return (keep_large_blocks_in_heap() if args.malloc == "heap" else None) or "default"
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="subset, 5 repeats (< 1 min on 2 cores)")
@@ -1135,9 +1147,7 @@ def parse_args(argv):
     p.add_argument("--compare", nargs="+", metavar="JSON",
                    help="OLD [NEW]: print the per-row change vs OLD (NEW given: no run)")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--malloc", choices=("heap", "default"), default="heap",
-                   help="heap: keep large blocks in glibc's heap for every contender (the "
-                        "module notes); default: leave the allocator alone")
+    add_malloc_argument(p)
     return p.parse_args(argv)
 
 
@@ -1165,7 +1175,7 @@ def main(argv=None):
         0.004 if args.quick else 0.02)
     timer = Timer(repeats, pause, min_sample)
     t_start = time.perf_counter()
-    malloc = (keep_large_blocks_in_heap() if args.malloc == "heap" else None) or "default"
+    malloc = apply_malloc(args)
 
     machine = machine_info(threads)
     machine["malloc"] = malloc

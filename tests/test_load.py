@@ -380,7 +380,8 @@ def test_bench_load_runs_and_reports(tmp_path):
     try:
         assert bench_load.main(["--calls", "4", "--rounds", "1", "--busy", "0", "--only", "mlp",
                                 "--batches", "1", "--ops", "predict", "--no-torch",
-                                "--pause", "0", "--control", "--out", str(out)]) == 0
+                                "--pause", "0", "--control", "--malloc", "default",
+                                "--out", str(out)]) == 0
     finally:
         cdl.set_num_threads(n)
     doc = json.loads(out.read_text())
@@ -392,5 +393,6 @@ def test_bench_load_runs_and_reports(tmp_path):
     quiet = [t for t in doc["targets"] if t["target"].startswith("0 busy")]
     assert quiet and all("control" in t for t in quiet)
     assert doc["loadavg_start"] is None or len(doc["loadavg_start"]) == 3
+    assert doc["machine"]["malloc"] == "default"     # in-process: pytest's allocator left alone
     assert "## 0 competing busy process(es)" in out.with_suffix(".md").read_text()
     assert bench_load.main(["--report", str(out)]) == 0

@@ -169,10 +169,13 @@ def _ratio(v):
 
 
 def _run_line(m):
-    """The command, date, threads, cores and load average a bench script's JSON records."""
-    return (f"`{m['command'].strip()}` ({m['date']}): {m['threads']} threads, {m['cores']} "
-            f"cores, load average {m['loadavg_before'][0]:.2f} before and "
-            f"{m['loadavg_after'][0]:.2f} after")
+    """The command, date, machine, threads, cores, load average and allocator a bench
+    script's JSON records (older runs recorded no machine or allocator)."""
+    machine = f"{m['machine']}; " if m.get("machine") else ""
+    malloc = f", allocator: {m['malloc']}" if m.get("malloc") else ""
+    return (f"`{m['command'].strip()}` ({m['date']}): {machine}{m['threads']} threads, "
+            f"{m['cores']} cores, load average {m['loadavg_before'][0]:.2f} before and "
+            f"{m['loadavg_after'][0]:.2f} after{malloc}")
 
 
 def resnet_block(doc):
