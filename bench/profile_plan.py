@@ -9,11 +9,19 @@ and prints each op's median with its layer, largest first, then the sum. The
 ops run in order on the plan's own buffers, so each sees the caches the ops
 before it left, as in a real step. A tool for finding hot spots, not a
 benchmark against other libraries: use bench_resnet.py or run.py for those.
+
+--torch also profiles PyTorch's train step of the same net (bench_resnet.py's twin, its
+own random weights) under torch.profiler and prints each op's self time a step by input
+shapes, largest first: which of PyTorch's layers are fast, to compare with cdl's ops
+above. The profiler adds its own overhead, so compare layers, not the totals with
+bench_resnet.py's. glibc's allocator is set up as in bench/run.py (``--malloc``).
 """
 import argparse
 import time
 
 import numpy as np
+
+from run import add_malloc_argument, apply_malloc
 
 import cdl
 from cdl.models import lenet5, resnet8
@@ -49,6 +57,26 @@ def plan_ops(model, n, x, y, mode, nt):
     return ops
 
 
+def torch_profile(net, batch, threads, repeats, x, y):
+    """[(ms a step, op, first input shapes)] of PyTorch's train step of ``net``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from bench_resnet import torch_lenet, torch_resnet8, torch_train_step
+    torch.set_num_threads(threads)
+    make = {"resnet8": lambda: torch_resnet8(torch),
+            "lenet5": lambda: torch_lenet(torch, False, 0),
+            "lenet5-bn": lambda: torch_lenet(torch, True, 0.5)}[net]
+    step = torch_train_step(torch, make(), x, y)
+    for _ in range(10):
+        step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(repeats):
+            step()
+    rows = [(e.self_cpu_time_total / 1e3 / repeats, e.key, e.input_shapes[:2])
+            for e in prof.key_averages(group_by_input_shape=True)]
+    return sorted((r for r in rows if r[0] >= 0.01), key=lambda r: -r[0])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--net", choices=sorted(NETS), default="resnet8")
@@ -56,7 +84,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mode", choices=("train", "predict"), default="train")
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--torch", action="store_true",
+                   help="also PyTorch's train step of the same net under torch.profiler")
+    add_malloc_argument(p)
     args = p.parse_args(argv)
+    malloc = apply_malloc(args)
     make, shape = NETS[args.net]
     model = make()
     rng = np.random.default_rng(0)
@@ -77,6 +109,15 @@ def main(argv=None):
     for i in np.argsort(-med):
         print(f"  {ops[i][0]:40s} {med[i]:8.3f}  {100 * med[i] / total:5.1f}%")
     print(f"  {'sum':40s} {total:8.3f}")
+    print(f"allocator: {malloc}")
+    if args.torch and args.mode == "train":
+        rows = torch_profile(args.net, args.batch, args.threads, args.repeats, x, y)
+        total = sum(r[0] for r in rows)
+        print(f"PyTorch train step under torch.profiler, {args.repeats} steps: self time a "
+              f"step in ms by op and first input shapes (ops of 10 us and more)")
+        for t, key, shapes in rows:
+            print(f"  {key[:34]:34s} {str(shapes)[:44]:44s} {t:8.3f}  {100 * t / total:5.1f}%")
+        print(f"  {'sum':79s} {total:8.3f}")
 
 
 if __name__ == "__main__":
