@@ -57,7 +57,7 @@ def plan_ops(model, n, x, y, mode, nt):
     return ops
 
 
-def torch_profile(net, batch, threads, repeats, x, y):
+def torch_profile(net, threads, repeats, x, y):
     """[(ms a step, op, first input shapes)] of PyTorch's train step of ``net``."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -88,6 +88,8 @@ def main(argv=None):
                    help="also PyTorch's train step of the same net under torch.profiler")
     add_malloc_argument(p)
     args = p.parse_args(argv)
+    if args.torch and args.mode != "train":
+        p.error("--torch profiles PyTorch's train step only (--mode train)")
     malloc = apply_malloc(args)
     make, shape = NETS[args.net]
     model = make()
@@ -110,14 +112,15 @@ def main(argv=None):
         print(f"  {ops[i][0]:40s} {med[i]:8.3f}  {100 * med[i] / total:5.1f}%")
     print(f"  {'sum':40s} {total:8.3f}")
     print(f"allocator: {malloc}")
-    if args.torch and args.mode == "train":
-        rows = torch_profile(args.net, args.batch, args.threads, args.repeats, x, y)
+    if args.torch:
+        rows = torch_profile(args.net, args.threads, args.repeats, x, y)
         total = sum(r[0] for r in rows)
         print(f"PyTorch train step under torch.profiler, {args.repeats} steps: self time a "
               f"step in ms by op and first input shapes (ops of 10 us and more)")
         for t, key, shapes in rows:
-            print(f"  {key[:34]:34s} {str(shapes)[:44]:44s} {t:8.3f}  {100 * t / total:5.1f}%")
-        print(f"  {'sum':79s} {total:8.3f}")
+            name = key if len(key) <= 40 else "..." + key[-37:]   # autograd rows differ at the end
+            print(f"  {name:40s} {str(shapes)[:44]:44s} {t:8.3f}  {100 * t / total:5.1f}%")
+        print(f"  {'sum':85s} {total:8.3f}")
 
 
 if __name__ == "__main__":

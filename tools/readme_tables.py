@@ -111,7 +111,8 @@ def summary_block(doc):
     lines = [
         f"Latest full run (`{_cmd(doc)}`, {doc['created'][:10]}, {doc['elapsed_s']:.0f} s): "
         f"{m['cpu']}, {m['cores_usable']} usable cores, {m['threads']} threads, cdl "
-        f"{m['cdl']} {isa} build, NumPy {m['numpy']}, PyTorch {m.get('torch') or 'n/a'}. "
+        f"{m['cdl']} {isa} build, NumPy {m['numpy']}, PyTorch {m.get('torch') or 'n/a'}"
+        + (f" (allocator: {m['malloc']})" if m.get("malloc") else "") + ". "
         f"1-minute load average of other work: up to {load:.1f} on {m['cores_usable']} cores"
         + (" (busy: multi-threaded timings may be pessimistic)"
            if load > 0.5 * m["cores_usable"] else "") + ". "
@@ -171,10 +172,10 @@ def _ratio(v):
 def _run_line(m):
     """The command, date, machine, threads, cores, load average and allocator a bench
     script's JSON records (older runs recorded no machine or allocator)."""
-    machine = f"{m['machine']}; " if m.get("machine") else ""
-    malloc = f", allocator: {m['malloc']}" if m.get("malloc") else ""
-    return (f"`{m['command'].strip()}` ({m['date']}): {machine}{m['threads']} threads, "
-            f"{m['cores']} cores, load average {m['loadavg_before'][0]:.2f} before and "
+    where = f"{m['machine']}" if m.get("machine") else f"{m['cores']} cores"
+    malloc = f" (allocator: {m['malloc']})" if m.get("malloc") else ""
+    return (f"`{m['command'].strip()}` ({m['date']}): {where}; {m['threads']} threads, "
+            f"load average {m['loadavg_before'][0]:.2f} before and "
             f"{m['loadavg_after'][0]:.2f} after{malloc}")
 
 
