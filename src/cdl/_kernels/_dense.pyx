@@ -16,8 +16,9 @@ columns; a forward with few outputs takes dot products along in_features
 instead. Why: where SciPy's OpenBLAS runs its AVX2 (Haswell) kernels (Zen 5),
 ours on AVX-512 is ~1.7-2x faster per tile (2x on skinny 4096 -> 10 shapes,
 where OpenBLAS's fixed costs dominate); against its AVX-512 kernels (Sapphire
-Rapids, 1 thread) 1.1x on 1024 x 1024 x 256 and 2x on 784 -> 256, batch 64. On AVX2 ours only ties on big
-products, so it is used for skinny or small ones; on SSE only for 2-4 rows.
+Rapids, 1 thread) 1.1x on 1024 x 1024 x 256 and 2x on 784 -> 256, batch 64.
+On AVX2 ours only ties on big products, so it is used for skinny or small
+ones; on SSE only for 2-4 rows.
 float64 and every other case stay on SciPy's BLAS. A float32 batch of one
 takes our dot products (GEMV) on AVX builds, BLAS's GEMV on the baseline build,
 and its backward one pass over the rows of W (_backward_one).

@@ -17,22 +17,6 @@
 
 #define CDL_CV_INLINE static inline __attribute__((always_inline))
 
-/* Every lane = a, through the intrinsics: one broadcast load from memory,
- * where cdl_vf_set1's `{0} + a` costs an add and a register broadcast (the add
- * stays: -0 + 0 is +0). Kept out of cdl_simd.h: there it slowed the column
- * kernels' code by ~5% (CIFAR conv2 forward). */
-CDL_CV_INLINE cdl_vf cdl_cv_bcast(float a) {
-#if defined(__AVX512F__)
-    return (cdl_vf)_mm512_set1_ps(a);
-#elif defined(__AVX__)
-    return (cdl_vf)_mm256_set1_ps(a);
-#elif defined(__SSE2__)
-    return (cdl_vf)_mm_set1_ps(a);
-#else
-    return cdl_vf_set1(a);
-#endif
-}
-
 /* am[a*am_a + b*kp + v*VF + l] += sum_{y, x} xs[poff[a] + b + y*rstep + x*sw]
  *                                   * gt[(y*ow + x)*kp + v*VF + l]
  * (weight gradient: A (c, i) pairs x B kernel columns x V channel vectors). */
@@ -65,7 +49,7 @@ CDL_CV_INLINE void cdl_cv_wtile(const float *xs, const Py_ssize_t *poff, Py_ssiz
                     gv[v] = cdl_vf_loadr(g + v * CDL_VF);                   \
                 for (a = 0; a < A; a++)                                     \
                     for (b = 0; b < B; b++) {                               \
-                        cdl_vf bv = cdl_cv_bcast(pt[a][x * (SWC) + b]);     \
+                        cdl_vf bv = cdl_vf_bcast(pt[a][x * (SWC) + b]);     \
                         for (v = 0; v < V; v++)                             \
                             acc[(a * B + b) * V + v] += bv * gv[v];         \
                     }                                                       \
@@ -113,7 +97,7 @@ CDL_CV_INLINE void cdl_cv_ftile(const float *xs, const Py_ssize_t *prow, const P
             gv[v] = cdl_vf_loadr(w + v * CDL_VF);
         for (a = 0; a < A; a++)
             for (b = 0; b < B; b++) {
-                cdl_vf bv = cdl_cv_bcast(pt[a][o + b]);
+                cdl_vf bv = cdl_vf_bcast(pt[a][o + b]);
                 for (v = 0; v < V; v++)
                     acc[(a * B + b) * V + v] += bv * gv[v];
             }
@@ -395,7 +379,7 @@ CDL_CV_INLINE void cdl_ct_tile(const float *xs, Py_ssize_t xs_c, Py_ssize_t xs_r
             for (r = 0; r < RB; r++)
                 xv[r] = cdl_vf_loadr(xt + r * rstep);
             for (a = 0; a < KR; a++) {
-                cdl_vf w = cdl_cv_bcast(wp[t * KR + a]);
+                cdl_vf w = cdl_vf_bcast(wp[t * KR + a]);
                 for (r = 0; r < RB; r++)
                     acc[a * RB + r] += w * xv[r];
             }
@@ -411,7 +395,7 @@ CDL_CV_INLINE void cdl_ct_tile(const float *xs, Py_ssize_t xs_c, Py_ssize_t xs_r
                 for (r = 0; r < RB; r++)
                     xv[r] = cdl_vf_loadr(xc + r * rstep + i * xs_r + j);
                 for (a = 0; a < KR; a++) {
-                    cdl_vf w = cdl_cv_bcast(wc[(i * KW + j) * KR + a]);
+                    cdl_vf w = cdl_vf_bcast(wc[(i * KW + j) * KR + a]);
                     for (r = 0; r < RB; r++)
                         acc[a * RB + r] += w * xv[r];
                 }
@@ -422,7 +406,7 @@ CDL_CV_INLINE void cdl_ct_tile(const float *xs, Py_ssize_t xs_c, Py_ssize_t xs_r
      * call (~12% of the time of a 27-tap tile). */
 #pragma GCC unroll 24
     for (a = 0; a < KR; a++) {
-        cdl_vf b = cdl_cv_bcast(bias[a]);
+        cdl_vf b = cdl_vf_bcast(bias[a]);
 #pragma GCC unroll 24
         for (r = 0; r < RB; r++) {
             acc[a * RB + r] += b;

@@ -14,8 +14,8 @@
  * Short reductions walk C by row panels; a single row panel reads B in place.
  * Tile shapes were measured on Zen 5 (AVX-512 14 x 32 ~ 12 x 32 ~ 8 x 48 >
  * 6 x 64; KC 128-384 within noise) and Sapphire Rapids (14 x 32 > 6 x 64 ~
- * 8 x 48, 1 thread, with cdl_gemm_bcast). cdl_sdot_nt below serves X W^T with few
- * outputs.
+ * 8 x 48, 1 thread, with cdl_vf_bcast). cdl_sdot_nt below serves X W^T with
+ * few outputs.
  */
 #ifndef CDL_GEMM_H
 #define CDL_GEMM_H
@@ -150,25 +150,6 @@ static inline float cdl_gemm_relu1(float v) {
     return v <= 0.0f ? 0.0f : v;
 }
 
-/* Every lane = *p as one broadcast load (which the FMA can take as its memory
- * operand). cdl_vf_set1's `{0} + a` adds a scalar add and a register broadcast
- * per row and k: on Sapphire Rapids both compete with the FMAs for their ports
- * (1 thread, 1024 x 1024 x 256: 96 against 156 GFLOP/s). The values are the same
- * but for two edge cases: a -0 in A now stays -0, so a sum that a fused
- * multiply-add had rounded to -0 (a tiny negative product onto +0) can stay -0
- * where it became +0; and with two NaN operands, which one propagates. */
-static inline cdl_vf cdl_gemm_bcast(const float *p) {
-#if defined(__AVX512F__)
-    return (cdl_vf)_mm512_set1_ps(*p);
-#elif defined(__AVX__)
-    return (cdl_vf)_mm256_set1_ps(*p);
-#elif defined(__SSE2__)
-    return (cdl_vf)_mm_set1_ps(*p);
-#else
-    return cdl_vf_set1(*p);
-#endif
-}
-
 static inline cdl_vf cdl_gemm_relu(cdl_vf y) {
     typedef int cdl_vi __attribute__((vector_size(CDL_VF * 4)));
     cdl_vi m = (y <= cdl_vf_set1(0.0f));
@@ -193,7 +174,10 @@ cdl_gemm_ukr(const int mr, cdl_idx kc, const float *restrict ap, const float *re
         for (v = 0; v < CDL_GEMM_NV; v++)
             b[v] = cdl_vf_loadr(bp + v * CDL_VF);
         for (i = 0; i < mr; i++) {
-            cdl_vf a = cdl_gemm_bcast(ap + i);
+            /* Keeps a -0 of A (cdl_vf_set1 made it +0, at 0.6x the speed on
+             * Sapphire Rapids): the same values but for zeros' signs after an
+             * FMA underflow and which of two NaNs propagates. */
+            cdl_vf a = cdl_vf_bcast(ap[i]);
             for (v = 0; v < CDL_GEMM_NV; v++)
                 acc[i][v] += a * b[v];
         }

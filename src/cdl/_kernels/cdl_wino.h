@@ -215,7 +215,7 @@ static void cdl_wino_gemm(const float *u, Py_ssize_t kp, const float *v, Py_ssiz
 static inline void cdl_wino_out(const float *m, Py_ssize_t ms, float bias, int relu, int acc,
                                 float *y0, float *y1, Py_ssize_t ncol) {
     cdl_vf a[4], b[4], sa[2], sb[2];
-    cdl_vf bv = cdl_cv_bcast(bias);
+    cdl_vf bv = cdl_vf_bcast(bias);
     int i, r;
     for (i = 0; i < 4; i++) {
         a[i] = cdl_vf_load(m + (2 * i) * ms);
