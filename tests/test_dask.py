@@ -13,6 +13,7 @@ pytest.importorskip("dask.array", reason="Dask not installed (pip install cdl-cp
 distributed = pytest.importorskip("distributed",
                                   reason="dask.distributed not installed (pip install cdl-cpu[dask])")
 import cdl.dask  # noqa: E402
+import dask  # noqa: E402
 import dask.array as da  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,8 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                                  dashboard_address=None, silence_logs=40) as cluster, \
+    # two spawned workers import distributed and cdl; on a busy machine that can take
+    # longer than the default 30 s connect timeout
+    with dask.config.set({"distributed.comm.timeouts.connect": "120s"}), \
+            distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+                                     dashboard_address=None, silence_logs=40) as cluster, \
             distributed.Client(cluster) as c:
         yield c
 

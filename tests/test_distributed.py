@@ -52,8 +52,18 @@ needs_mpi = pytest.mark.skipif(
 
 def launch(n, args, cwd=None):
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "CDL_ISA")}
-    proc = subprocess.run(MPIEXEC + ["-n", str(n)] + args, capture_output=True, text=True,
-                          timeout=TIMEOUT, env=env, cwd=cwd)
+    cmd = MPIEXEC + ["-n", str(n)] + args
+    # its own process group, so that a timeout ends the ranks too, not only mpiexec
+    # (ranks left spinning would slow every later test)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env, cwd=cwd, start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, 9)
+            p.communicate()
+            pytest.fail(f"mpiexec -n {n} {' '.join(args)} ran past {TIMEOUT} s")
+    proc = subprocess.CompletedProcess(cmd, p.returncode, out, err)
     assert proc.returncode == 0, (f"mpiexec -n {n} {' '.join(args)} failed "
                                   f"({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

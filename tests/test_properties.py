@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import cdl.functional as F
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow],
-                derandomize=False)
+                derandomize=False, print_blob=True)   # a failure says how to rerun it
 dtypes = st.sampled_from([np.float32, np.float64])
 seeds = st.integers(0, 2**32 - 1)
 threads = st.integers(1, 3)
