@@ -190,7 +190,7 @@ def main(argv=None):
             json.dump({"meta": meta, "rows": rows, "public_paths": [pool_row]}, f, indent=1)
         fmt = lambda v: "—" if v is None else f"{v:.3g}"  # noqa: E731
         lines = ["# Inference: cdl predict vs ONNX Runtime and PyTorch", "",
-                 f"`{meta['command']}`, {args.threads} threads, {meta['cores']} cores, load "
+                 f"`{meta['command']}`, {args.threads} threads, load "
                  f"average {load_before[0]:.2f} before / {load_after[0]:.2f} after, onnxruntime "
                  f"{meta['onnxruntime']}, torch {meta['torch']}, {meta['date']}; "
                  f"{meta['machine']}; allocator: {malloc}. Times in ms "
