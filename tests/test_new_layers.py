@@ -71,8 +71,10 @@ def test_plan_equals_layer_by_layer_and_threads(dtype):
 def join_nets(dtype=np.float32):
     """Residuals whose join (the sum, and the ReLU after it) runs in the body's last
     BatchNorm in training plans: a conv + BN shortcut with a ReLU after, identity
-    shortcuts without one, and a Residual whose input is the model input (its
-    shortcut rebinds to every new batch)."""
+    shortcuts without one, and Residuals whose input is the model input (their
+    shortcut rebinds to every new batch): with a body of one pass or of several
+    (whose last pass does not read the input itself), nested, and after a Flatten
+    (a view of the input)."""
     return [
         cdl.Sequential([cdl.Conv2d(3, 8, 3, padding=1, bias=False), cdl.BatchNorm2d(8),
                         cdl.ReLU(),
@@ -86,10 +88,20 @@ def join_nets(dtype=np.float32):
                        (3, 8, 8), dtype=dtype, seed=1),
         cdl.Sequential([cdl.Residual([cdl.BatchNorm2d(3)]),
                         cdl.Residual([cdl.Conv2d(3, 3, 3, padding=1), cdl.BatchNorm2d(3)]),
-                        cdl.Flatten(), cdl.Linear(192, 5)], (3, 8, 8), dtype=dtype, seed=2)]
+                        cdl.Flatten(), cdl.Linear(192, 5)], (3, 8, 8), dtype=dtype, seed=2),
+        cdl.Sequential([cdl.Residual([cdl.Conv2d(3, 3, 3, padding=1, bias=False),
+                                      cdl.BatchNorm2d(3)]),
+                        cdl.ReLU(), cdl.Flatten(), cdl.Linear(192, 5)], (3, 8, 8), dtype=dtype,
+                       seed=3),
+        cdl.Sequential([cdl.Residual([cdl.Residual([cdl.Conv2d(3, 3, 3, padding=1, bias=False),
+                                                    cdl.BatchNorm2d(3)]),
+                                      cdl.Conv2d(3, 3, 1, bias=False), cdl.BatchNorm2d(3)]),
+                        cdl.Flatten(), cdl.Linear(192, 5)], (3, 8, 8), dtype=dtype, seed=4),
+        cdl.Sequential([cdl.Flatten(), cdl.Residual([cdl.Linear(192, 192), cdl.BatchNorm1d(192)]),
+                        cdl.Linear(192, 5)], (3, 8, 8), dtype=dtype, seed=5)]
 
 
-@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("which", range(5))
 def test_residual_join_in_batchnorm_equals_layer_by_layer(which):
     # fresh inputs every step, so that a stale binding of the model input shows
     rng = np.random.default_rng(5)

@@ -45,10 +45,12 @@ fusion
     next pass (BatchNorm + ReLU, then a 2x2 max-pool); the chain sets ``merged``.
     ``joins_residual()``: whether, as the last pass of a ``Residual``'s branch
     in training plans, this layer runs the join: with ws["join_add"] = (addend,
-    out, relu, rebind) its ``plan_forward`` writes its output (rounded) plus
-    addend, then the ReLU if relu, into out and returns out (rebind: addend
-    is a view of the Residual's input, so an op with ``bind_input`` rebinds
-    it); with ws["join_mask"] its ``plan_backward`` takes the incoming
+    out, relu, binds) its ``plan_forward`` writes its output (rounded) plus
+    addend, then the ReLU if relu, into out and returns out (binds: None, or,
+    when addend is a view of the Residual's input, a list to which it appends
+    the ops that rebind addend, ``bind_op``; the Residual runs them as its own,
+    because a chain keeps binds only for passes that read its input); with
+    ws["join_mask"] its ``plan_backward`` takes the incoming
     gradient as 0 where that array is <= 0. Results are bitwise those of the
     separate passes.
     ``adds_input_grad()``: whether, as the first pass of a ``Residual``'s

@@ -261,7 +261,7 @@ class _BatchNorm(Layer):
         out, train_out = self._pass_out(ws), self._train_out(ws)
         relu, extra = self.fused_next, {}
         if join is not None:        # a Residual's join: out = relu?(y + addend)
-            addend, out, relu, rebind = join
+            addend, out, relu, binds = join
             train_out = out.reshape(x3.shape)
             extra = {"residual": addend.reshape(x3.shape)}
         k = _norm.BatchNormTrainForward(x3, self.params.get("weight"), self.params.get("bias"),
@@ -275,8 +275,8 @@ class _BatchNorm(Layer):
             k.set_momentum(self._factor())
             k.run(nt)
         ops = [Op(run, k.bind_input, x3.shape)]
-        if join is not None and rebind:
-            ops.append(bind_op(k.bind_residual, x3.shape))
+        if join is not None and binds is not None:
+            binds.append(bind_op(k.bind_residual, x3.shape))
         return ops, out
 
     def plan_backward(self, g, x, ws, need_input_grad):

@@ -186,10 +186,14 @@ class Residual(Layer):
             ops, s, trace_s = [], x, []
             if self.shortcut is not None:
                 ops, s, trace_s = self.shortcut.plan_forward(x, workspace, train)
-            join = (s, ws["out"], self.fused_next, np.shares_memory(s, x))
+            # An addend that is (a view of) x is rebound with it: the joining pass
+            # hands over its bind ops, and they become this Residual's own, since the
+            # body's chain keeps binds only for passes that read x themselves.
+            binds = [] if np.shares_memory(s, x) else None
+            join = (s, ws["out"], self.fused_next, binds)
             ops_f, _, trace_f = self.body.plan_forward(x, workspace, train, join=join)
             ws["trace"] = (trace_f, trace_s)
-            return ops + ops_f, ws["out"]
+            return ops + ops_f + (binds or []), ws["out"]
         ops, f, trace_f = self.body.plan_forward(x, workspace, train)
         s, trace_s = x, []
         if self.shortcut is not None:
