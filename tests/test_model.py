@@ -112,6 +112,30 @@ def test_gradcheck_detects_a_wrong_gradient(monkeypatch):
     assert errs["4.weight"] > 1e-3
 
 
+@pytest.mark.parametrize("layers,shape", [
+    (lambda: [cdl.Linear(5, 6), cdl.BatchNorm1d(6), cdl.ReLU(), cdl.Linear(6, 3)], (5,)),
+    (lambda: [cdl.Conv2d(2, 3, 3), cdl.BatchNorm2d(3), cdl.ReLU(), cdl.Flatten(),
+              cdl.Linear(12, 3)], (2, 4, 4))])
+def test_gradcheck_of_a_zero_gradient_before_batchnorm(layers, shape, monkeypatch):
+    # BatchNorm cancels the bias before it: the true gradient is 0, the central
+    # differences are round-off; measured on the model's scale that passes, and a
+    # spurious gradient there is still caught
+    m = cdl.Sequential(layers(), shape, dtype=np.float64, seed=0)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((7,) + shape), np.arange(7) % 3
+    errs = cdl.gradcheck(m, x, y, cdl.SoftmaxCrossEntropy())
+    assert max(errs.values()) < 1e-6, errs
+    first = type(m.layers[0])
+    real = first._backward
+
+    def spurious(self, g, x, ws, nt, need, l2):
+        dx = real(self, g, x, ws, nt, need, l2)
+        self.grads["bias"] += 0.01 * np.abs(self.grads["weight"]).max()
+        return dx
+    monkeypatch.setattr(first, "_backward", spurious)
+    assert cdl.gradcheck(m, x, y, cdl.SoftmaxCrossEntropy())["0.bias"] > 1e-3
+
+
 def test_seed_reproducible_bit_for_bit():
     a = cdl.Sequential(small_cnn(), (2, 4, 4), seed=42)
     b = cdl.Sequential(small_cnn(), (2, 4, 4), seed=42)

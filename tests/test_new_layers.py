@@ -323,6 +323,30 @@ def test_bad_input_messages():
                       cdl.SGD(bn, lr=0.1))
 
 
+def test_fit_refuses_a_batch_batchnorm_cannot_train_on_before_any_step():
+    # 13 samples in batches of 4 leave a last batch of 1: refused up front, not after
+    # three updates, with the model and optimizer as they were
+    m = cdl.Sequential([cdl.Linear(5, 6), cdl.BatchNorm1d(6), cdl.ReLU(), cdl.Linear(6, 3)],
+                       (5,), seed=0)
+    x = np.random.default_rng(0).standard_normal((13, 5)).astype(np.float32)
+    y = np.arange(13) % 3
+    opt = cdl.SGD(m, lr=0.1, momentum=0.9)
+    before = {k: v.copy() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"Sequential.fit: 13 training samples in batches of "
+                                         r"4 make a batch of 1, and BatchNorm1d\[1\]: training "
+                                         r"needs more than one value per channel"):
+        m.fit(x, y, cdl.SoftmaxCrossEntropy(), opt, batch_size=4, verbose=0)
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    assert opt.state_dict()["step"] == 0
+    # batches of 5 leave 3: trains; so does a BatchNorm2d plane of 4 cells for a batch of 1
+    m.fit(x, y, cdl.SoftmaxCrossEntropy(), opt, batch_size=5, verbose=0)
+    conv = cdl.Sequential([cdl.Conv2d(1, 2, 1), cdl.BatchNorm2d(2), cdl.Flatten(),
+                           cdl.Linear(8, 3)], (1, 2, 2), seed=0)
+    conv.fit(np.ones((5, 1, 2, 2), np.float32), np.arange(5) % 3, cdl.SoftmaxCrossEntropy(),
+             cdl.SGD(conv, lr=0.1), batch_size=4, verbose=0)
+
+
 def test_model_file_with_mismatched_buffers_is_refused(tmp_path):
     import json
     m = conv_bn_net()

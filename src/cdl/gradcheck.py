@@ -3,9 +3,12 @@
 For every parameter element θ (and, with ``check_input``, every input element),
     g_num = (J(θ + ε) − J(θ − ε)) / (2ε),   J = loss(model(x), y) + λ Σ W²,
 and each array's error is reported relative to its gradient's scale:
-    err = max_i |g_i − g_num,i| / max(max_i |g_i| + max_i |g_num,i|, 1e-12)
-(a per-element ratio would flag round-off on elements whose gradient is ~0). A float32 model is checked through a float64 copy
-(same weights), because float32 round-off swamps ε.
+    err = max_i |g_i − g_num,i| / max(s, 1e-3 · S, 1e-12),   s = max_i |g_i| + max_i |g_num,i|,
+S the largest s over the arrays checked (a per-element ratio would flag round-off on
+elements whose gradient is ~0; the floor 1e-3 · S does so for a whole array whose
+gradient is zero, such as a bias just before BatchNorm, whose central differences are
+then round-off of J alone). A float32 model is checked through a float64 copy (same
+weights), because float32 round-off swamps ε.
 """
 import numpy as np
 
@@ -68,7 +71,7 @@ def gradcheck(model, x, y, loss, eps=1e-6, max_checks=None, seed=0, check_input=
         analytic["input"] = dx
         arrays["input"] = x
     rng = np.random.default_rng(seed)
-    errors = {}
+    diffs, scales = {}, {}
     for key, a in arrays.items():
         flat = a.reshape(-1)
         idx = np.arange(flat.size)
@@ -85,6 +88,7 @@ def gradcheck(model, x, y, loss, eps=1e-6, max_checks=None, seed=0, check_input=
             flat[i] = old
             nums[t] = (jp - jm) / (2 * eps)
         a = ga[idx]
-        scale = np.abs(a).max(initial=0.0) + np.abs(nums).max(initial=0.0)
-        errors[key] = float(np.abs(a - nums).max(initial=0.0) / max(scale, 1e-12))
-    return errors
+        scales[key] = np.abs(a).max(initial=0.0) + np.abs(nums).max(initial=0.0)
+        diffs[key] = np.abs(a - nums).max(initial=0.0)
+    floor = max(1e-3 * max(scales.values(), default=0.0), 1e-12)
+    return {key: float(diffs[key] / max(scales[key], floor)) for key in diffs}

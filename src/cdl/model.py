@@ -483,6 +483,11 @@ class Sequential:
         x, y = self._check_batch(x, y, loss, "Sequential.compute_gradients")
         return self._train_step(x, y, loss, None, _config.step_threads())
 
+    def _check_train_batch(self, n):
+        """Raise ValueError if a layer cannot train on a batch of n (check_train_batch)."""
+        for _, layer in self.chain.walk():
+            layer.check_train_batch(n)
+
     def _check_batch(self, x, y, loss, where):
         x = self._check_x(x, where, batch=True)
         if x.shape[0] == 0:

@@ -28,7 +28,9 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     """Train ``model`` for ``epochs`` passes over (x, y); returns a History.
 
     Each epoch shuffles without replacement (seeded by the model's ``seed``) and
-    keeps the last partial batch. ``validation_split`` holds out the last fraction
+    keeps the last partial batch; a batch size that some layer cannot train on (a
+    last batch of one sample through BatchNorm1d) is refused before the first step.
+    ``validation_split`` holds out the last fraction
     of the data (before shuffling). Learning-rate schedules and EarlyStopping /
     ModelCheckpoint go in ``callbacks``. Training stops with a warning naming the
     epoch and step when the loss becomes NaN or infinite (that update is skipped),
@@ -134,6 +136,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         raise ValueError(f"{where}: batch_size={bs} needs {bs * model._max_sample} elements "
                          f"in one layer buffer; at most {INT32_MAX} are supported")
     steps = len(bounds)
+    _check_batch_sizes(model, bounds, n, bs, where, comm if ranks > 1 else None)
     step_threads = _config.step_threads  # re-read per step: the load changes
     xb = np.empty((bs,) + model.input_shape, model.dtype)
     yb = np.empty((bs,) + y.shape[1:], y.dtype)
@@ -260,6 +263,24 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         for cb in cbs:
             cb.on_train_end()
     return history
+
+
+def _check_batch_sizes(model, bounds, n, bs, where, comm):
+    """Refuse, before the first step, a batch some layer cannot train on (BatchNorm on
+    one value per channel), rather than stop in the middle of an epoch; with comm,
+    every rank raises if one would."""
+    problem = None
+    for m in sorted({e - s for s, e in bounds if e > s}):
+        try:
+            model._check_train_batch(m)
+        except ValueError as exc:
+            problem = (f"{where}: {n} training samples in batches of {bs} make a batch of "
+                       f"{m}, and {exc}; choose a batch_size that leaves no such batch")
+            break
+    if comm is not None:
+        problem = next((p for p in comm.allgather(problem) if p), None)
+    if problem:
+        raise ValueError(problem)
 
 
 def _local_batches(comm, n, batch_size, shard, optimizer):

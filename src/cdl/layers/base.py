@@ -12,7 +12,9 @@ shapes and state
     ``add_buffer``. ``decay`` names the parameters that L2 applies to.
 passes
     ``_alloc(n, train)`` returns the buffers for a batch of n (``"out"``
-    always); ``_forward(x, ws, nt, train)`` writes ``ws["out"]`` and returns it
+    always); ``check_train_batch(n)`` raises ValueError if the layer cannot
+    train on a batch of n (BatchNorm on a single value per channel), so that
+    ``fit`` refuses such a batch before its first step; ``_forward(x, ws, nt, train)`` writes ``ws["out"]`` and returns it
     (or returns a view of x); ``_backward(g, x, ws, nt, need_input_grad, l2)``
     overwrites ``grads`` and returns dL/dx (or None when not needed). A layer
     with ``fuses_l2 = True`` adds 2λW to its decayed gradients itself;
@@ -399,6 +401,9 @@ class Layer:
                 self._ws.pop(next(iter(self._ws)))
             ws = self._ws[n] = self._alloc(n, True)
         return ws
+
+    def check_train_batch(self, n):
+        """Raise ValueError (naming the layer) if a training pass cannot take n samples."""
 
     def _alloc(self, n, train):
         """Buffers for batch size n: 'out' always, backward ones if ``train``."""

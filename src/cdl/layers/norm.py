@@ -146,7 +146,7 @@ class _BatchNorm(Layer):
     def _plane_size(self):
         return int(np.prod(self.input_shape[1:], dtype=np.int64))
 
-    def _check_batch(self, n):
+    def check_train_batch(self, n):
         if n * self._plane_size() < 2:
             raise ValueError(f"{self.name}: training needs more than one value per channel, "
                              f"got a batch of {n} with input {shape_str(self.input_shape)}")
@@ -195,7 +195,7 @@ class _BatchNorm(Layer):
             self._coefficients(ws)
             _norm.batchnorm_forward_eval(x3, ws["scale"], ws["shift"], out3, self.fused_next, nt)
             return ws["out"]
-        self._check_batch(x.shape[0])
+        self.check_train_batch(x.shape[0])
         b = self.buffers
         _norm.batchnorm_forward_train(x3, self.params.get("weight"), self.params.get("bias"),
                                       self._train_out(ws), ws["mean"], ws["invstd"],
@@ -255,7 +255,7 @@ class _BatchNorm(Layer):
             coef = self.channel_affine_op(ws["scale"], ws["shift"])
             # recomputed every run: the weights and running statistics change in between
             return [Op(lambda nt: coef.run()), Op(k.run, k.bind_input, x3.shape)], ws["out"]
-        self._check_batch(x.shape[0])
+        self.check_train_batch(x.shape[0])
         b = self.buffers
         join = ws.get("join_add")
         out, train_out = self._pass_out(ws), self._train_out(ws)
