@@ -356,6 +356,28 @@ def test_sequential_same_layer_twice():
         cdl.Sequential([r, r], (4,))
 
 
+def test_sequential_layer_of_another_model():
+    # building would re-shape the layer and move its parameters into the new model's
+    # pack, leaving the first model training parameters nothing reads
+    c = cdl.Conv2d(1, 2, 3)
+    first = cdl.Sequential([c, cdl.Flatten(), cdl.Linear(18, 2)], (1, 5, 5), seed=0)
+    inner = cdl.Linear(4, 4)
+    second = cdl.Sequential([cdl.Residual([inner])], (4,))  # noqa: F841 (kept alive)
+    for layers, shape, where in (([c, cdl.Flatten(), cdl.Linear(2, 2)], (1, 3, 3), "0"),
+                                 ([cdl.ReLU(), cdl.Residual([inner])], (4,), "1.layers.0")):
+        with pytest.raises(ValueError, match=rf"Sequential: layers\[{re.escape(where)}\] "
+                                             r"\((Conv2d|Linear)\) already belongs to another "
+                                             r"model.*copy.deepcopy"):
+            cdl.Sequential(layers, shape)
+    # the first model is untouched and trains; a copy of the layer may join a new model
+    x, y = np.ones((2, 1, 5, 5), f32), np.array([0, 1])
+    w = c.params["weight"].copy()
+    first.train_step(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(first, lr=0.5))
+    assert not np.array_equal(w, c.params["weight"])
+    import copy
+    cdl.Sequential([copy.deepcopy(c), cdl.Flatten(), cdl.Linear(2, 2)], (1, 3, 3))
+
+
 @pytest.fixture
 def cnn():
     m = cdl.Sequential([cdl.Conv2d(1, 2, 3), cdl.ReLU(), cdl.MaxPool2d(2), cdl.Flatten(),

@@ -16,6 +16,7 @@ import math
 import numbers
 import os
 import threading
+import weakref
 
 import numpy as np
 
@@ -76,6 +77,14 @@ class Sequential:
                                  f"({type(layer).__name__}) appears twice (also at "
                                  f"{seen[id(layer)]}); create a new instance for each position")
             seen[id(layer)] = path.rstrip(".")
+            owner = _OWNERS.get(layer)
+            if owner is not None and owner() is not None:
+                # building would re-shape it and move its parameters into this model's
+                # pack: the other model would then train parameters no layer reads
+                raise ValueError(f"Sequential: layers[{path.rstrip('.')}] "
+                                 f"({type(layer).__name__}) already belongs to another "
+                                 f"model; a layer holds its shapes, parameters and buffers, so "
+                                 f"give each model its own (copy.deepcopy(layer) copies one)")
         self.dtype = dtype
         self.seed = seed
         self.l2 = l2
@@ -87,6 +96,8 @@ class Sequential:
                             f"{seed!r} ({exc})") from None
         self._lock = threading.Lock()
         self._build()
+        for _, layer in self.chain.walk():
+            _OWNERS[layer] = weakref.ref(self)
 
     @property
     def layers(self):
@@ -612,6 +623,10 @@ class Sequential:
         # its buffers and trains bit for bit like this model.
         from .io.format import _unpickle, dumps
         return _unpickle, (dumps(self),)
+
+
+# Each layer's model (weakly: a layer whose model is gone may join another).
+_OWNERS = weakref.WeakKeyDictionary()
 
 
 class _LayerRunner:
