@@ -69,6 +69,30 @@ def test_load_state_dict_names_every_problem_and_changes_nothing():
         m.load_state_dict([1, 2])
 
 
+def test_out_of_range_values_are_refused_and_set_weights_checks_first():
+    m = cdl.Sequential([cdl.Linear(3, 4), cdl.BatchNorm1d(4), cdl.Linear(4, 2)], (3,), seed=0)
+    before = m.state_dict()
+    bad = dict(before)
+    bad["2.bias"] = np.array([1e300, np.nan])                    # NaN beside an overflow
+    bad["1.num_batches_tracked"] = np.array(2**64 - 1, np.uint64)  # would wrap to -1
+    with pytest.raises(ValueError) as err:
+        m.load_state_dict(bad)
+    for needle in ("2.bias overflows float32", "1.num_batches_tracked holds values outside "
+                   "int64's range"):
+        assert needle in str(err.value), str(err.value)
+    # set_weights: a bad last key leaves every earlier one as it was
+    w = {k: np.full_like(p, 7) for k, p, _ in m.parameters()}
+    w["2.weight"] = np.zeros((3, 3))
+    with pytest.raises(ValueError, match=r"Sequential.set_weights: .*2.weight has shape 3x3, "
+                                         r"the model needs 2x4"):
+        m.set_weights(w)
+    w["2.weight"] = np.array([["a"] * 4] * 2)
+    with pytest.raises(ValueError, match=r"2.weight has dtype <U1"):
+        m.set_weights(w)
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
 def test_version_1_files_still_load(tmp_path):
     """A file as the version-1 writer laid it out: parameters and SGD velocities."""
     m = lenet()

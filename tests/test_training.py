@@ -118,7 +118,9 @@ def test_nan_input_reported_with_epoch_and_step():
 
 
 def test_early_stopping_restores_best_weights():
-    m = tiny()
+    # BatchNorm's running statistics are part of what the best epoch evaluated with
+    m = cdl.Sequential([cdl.Linear(2, 4), cdl.BatchNorm1d(4), cdl.ReLU(), cdl.Linear(4, 3)],
+                       (2,), seed=0)
     es = cdl.EarlyStopping(monitor="val_loss", patience=1, restore_best_weights=True)
     es.set_context(m, None)
     es.on_train_begin()
@@ -126,14 +128,18 @@ def test_early_stopping_restores_best_weights():
     for epoch, v in enumerate([1.0, 0.5, 0.6, 0.7, 0.1]):
         for _, p, _ in m.parameters():
             p += 1.0
-        snapshots.append(m.get_weights())
+        for _, b in m.buffers():
+            b += 1
+        snapshots.append(m.state_dict())
         es.on_epoch_end(epoch, {"val_loss": v})
         if m.stop_training:
             break
     es.on_train_end()
     assert epoch == 3 and es.best_epoch == 1 and es.stopped_epoch == 3
-    for k, w in m.get_weights().items():
-        np.testing.assert_array_equal(w, snapshots[1][k])
+    state = m.state_dict()
+    assert "1.running_mean" in state and "1.num_batches_tracked" in state
+    for k, w in state.items():
+        np.testing.assert_array_equal(w, snapshots[1][k], err_msg=k)
 
 
 def test_early_stopping_in_fit():

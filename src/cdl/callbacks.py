@@ -112,7 +112,9 @@ class EarlyStopping(Callback):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
 
     With ``restore_best_weights=True`` the model gets back the weights of the best
-    epoch when training ends (also when it ends because ``epochs`` ran out).
+    epoch when training ends (also when it ends because ``epochs`` ran out): its
+    whole state dict, so BatchNorm's running statistics too, which its evaluation
+    used. ``best_weights`` holds that state dict.
     """
 
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto",
@@ -146,7 +148,7 @@ class EarlyStopping(Callback):
         if self._improved(value):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best_weights:
-                self.best_weights = self.model.get_weights()
+                self.best_weights = self.model.state_dict()
         else:
             self.wait += 1
             if self.wait > self.patience:
@@ -155,7 +157,7 @@ class EarlyStopping(Callback):
 
     def on_train_end(self, logs=None):
         if self.restore_best_weights and self.best_weights is not None:
-            self.model.set_weights(self.best_weights)
+            self.model.load_state_dict(self.best_weights, "EarlyStopping")
 
 
 class ModelCheckpoint(Callback):

@@ -173,19 +173,12 @@ class Sequential:
         return {k: p.copy() for k, p, _ in self._params}
 
     def set_weights(self, weights):
-        """Copy ``weights`` ({key: array}, e.g. from get_weights) into the parameters in place."""
+        """Copy ``weights`` ({key: array}, e.g. from get_weights) into the parameters in
+        place. Everything is checked first, as in ``load_state_dict``."""
         params = {k: p for k, p, _ in self._params}
-        missing = set(params) - set(weights)
-        extra = set(weights) - set(params)
-        if missing or extra:
-            raise ValueError(f"set_weights: keys differ from the model's: missing "
-                             f"{sorted(missing)}, unexpected {sorted(extra)}")
-        for k, p in params.items():
-            w = np.asarray(weights[k])
-            if w.shape != p.shape:
-                raise ValueError(f"set_weights: {k} must have shape {shape_str(p.shape)}, got "
-                                 f"{shape_str(w.shape)}")
-            p[...] = w
+        for k, v in _checked_values(params, weights, "Sequential.set_weights",
+                                      "the weights dict").items():
+            params[k][...] = v
 
     def buffers(self):
         """List of (key, array) of the layers' buffers ("1.running_mean", ...), live."""
@@ -211,40 +204,8 @@ class Sequential:
         """Load a flat {name: array} (as ``state_dict`` gives, or a PyTorch state dict
         converted to NumPy). Everything is checked before anything changes: one
         ValueError names every missing, unexpected or mis-shaped key."""
-        if not hasattr(state, "keys"):
-            raise TypeError(f"{where}: expected a dict of arrays, got {type(state).__name__}")
         targets = self._state_targets()
-        problems = []
-        missing = sorted(set(targets) - set(state))
-        extra = sorted(set(state) - set(targets), key=str)
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if extra:
-            problems.append(f"unexpected keys {extra}")
-        values = {}
-        for k in sorted(set(targets) & set(state)):
-            t = targets[k]
-            try:
-                v = np.asarray(state[k])
-            except Exception as exc:  # e.g. an object that is not array-like
-                problems.append(f"{k} is not an array ({exc})")
-                continue
-            if v.shape != t.shape:
-                problems.append(f"{k} has shape {shape_str(v.shape)}, the model needs "
-                                f"{shape_str(t.shape)}")
-            elif t.dtype.kind == "f" and v.dtype.kind not in "fiu":
-                problems.append(f"{k} has dtype {v.dtype}, the model needs {t.dtype}")
-            elif t.dtype.kind == "i" and v.dtype.kind not in "iu":
-                problems.append(f"{k} has dtype {v.dtype}, the model needs an integer")
-            elif t.dtype.kind == "f" and v.dtype.kind == "f" and v.dtype.itemsize > t.dtype.itemsize \
-                    and np.isfinite(v).all() and not np.isfinite(v.astype(t.dtype)).all():
-                problems.append(f"{k} overflows {t.dtype}")
-            else:
-                values[k] = v
-        if problems:
-            raise ValueError(f"{where}: the state dict does not match the model: "
-                             + "; ".join(problems))
-        for k, v in values.items():
+        for k, v in _checked_values(targets, state, where).items():
             targets[k][...] = v
 
     def l2_penalty(self):
@@ -623,6 +584,56 @@ class Sequential:
         # its buffers and trains bit for bit like this model.
         from .io.format import _unpickle, dumps
         return _unpickle, (dumps(self),)
+
+
+def _checked_values(targets, state, where, what="the state dict"):
+    """{key: array} for copying ``state`` into ``targets`` (both {key: array}), after
+    every check: one ValueError names every missing, unexpected, mis-shaped, wrongly
+    typed or out-of-range key, so that nothing changes unless everything can."""
+    if not hasattr(state, "keys"):
+        raise TypeError(f"{where}: expected a dict of arrays, got {type(state).__name__}")
+    problems = []
+    missing = sorted(set(targets) - set(state))
+    extra = sorted(set(state) - set(targets), key=str)
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if extra:
+        problems.append(f"unexpected keys {extra}")
+    values = {}
+    for k in sorted(set(targets) & set(state)):
+        t = targets[k]
+        try:
+            v = np.asarray(state[k])
+        except Exception as exc:  # e.g. an object that is not array-like
+            problems.append(f"{k} is not an array ({exc})")
+            continue
+        problem = _value_problem(v, t)
+        if problem:
+            problems.append(f"{k} {problem}")
+        else:
+            values[k] = v
+    if problems:
+        raise ValueError(f"{where}: {what} does not match the model: " + "; ".join(problems))
+    return values
+
+
+def _value_problem(v, t):
+    """Why array v cannot be copied into t exactly enough (None if it can)."""
+    if v.shape != t.shape:
+        return f"has shape {shape_str(v.shape)}, the model needs {shape_str(t.shape)}"
+    if t.dtype.kind == "f" and v.dtype.kind not in "fiu":
+        return f"has dtype {v.dtype}, the model needs {t.dtype}"
+    if t.dtype.kind == "i" and v.dtype.kind not in "iu":
+        return f"has dtype {v.dtype}, the model needs an integer"
+    if t.dtype.kind == "f" and v.dtype.kind == "f" and v.dtype.itemsize > t.dtype.itemsize:
+        with np.errstate(over="ignore"):
+            if (np.isfinite(v) & ~np.isfinite(v.astype(t.dtype))).any():
+                return f"overflows {t.dtype}"
+    if t.dtype.kind == "i" and v.size:
+        lo, hi = np.iinfo(t.dtype).min, np.iinfo(t.dtype).max
+        if int(v.min()) < lo or int(v.max()) > hi:
+            return f"holds values outside {t.dtype}'s range"
+    return None
 
 
 # Each layer's model (weakly: a layer whose model is gone may join another).
