@@ -1,6 +1,8 @@
 """BatchNorm, Dropout, average pooling, Tanh, LeakyReLU, Residual, and Adam/AdamW
 inside models: NumPy twins, float64 gradchecks, plan = layer by layer bit for bit,
 thread-count independence, PyTorch cross-checks, and bad input."""
+import copy
+
 import numpy as np
 import pytest
 
@@ -404,3 +406,67 @@ def test_compute_gradients_is_train_step_without_the_update():
     vb = b.train_step(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(b, lr=0.1))
     assert va == vb                                    # L2 included in both
     np.testing.assert_array_equal(ga, b.gradient_buffer)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: cdl.SGD(m, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    lambda m: cdl.Adam(m, lr=0.01, betas=(0.8, 0.95), eps=1e-6),
+    lambda m: cdl.AdamW(m, lr=0.01, weight_decay=0.05)])
+def test_optimizer_state_dict_resumes_with_its_settings(make):
+    # A state dict carries the settings (torch.optim restores them too): an optimizer
+    # made with other settings, even one without momentum buffers, resumes bit for bit
+    x, y = batch(6)
+    loss = cdl.SoftmaxCrossEntropy()
+    a = conv_bn_net()
+    oa = make(a)
+    for _ in range(2):
+        a.train_step(x, y, loss, oa)
+    oa.lr *= 0.5                                      # a setting changed mid-run
+    b = copy.deepcopy(a)                              # Dropout's generator position too
+    ob = type(oa)(b, lr=1.0)                          # (SGD: without momentum buffers)
+    ob.load_state_dict(oa.state_dict())
+    assert ob.get_config() == oa.get_config()
+    for _ in range(2):
+        assert a.train_step(x, y, loss, oa) == b.train_step(x, y, loss, ob)
+    for k, v in a.state_dict().items():
+        np.testing.assert_array_equal(v, b.state_dict()[k], err_msg=k)
+
+
+def test_optimizer_load_state_dict_checks_everything_first():
+    m = conv_bn_net()
+    x, y = batch(6)
+    opt = cdl.Adam(m, lr=0.01)
+    m.train_step(x, y, cdl.SoftmaxCrossEntropy(), opt)
+    good = opt.state_dict()
+    for change, exc, match in (
+            ({"base_lr": "abc"}, TypeError, r"base_lr must be a number"),
+            ({"base_lr": float("nan")}, ValueError, r"base_lr must be a finite number"),
+            ({"base_lr": -1.0}, ValueError, r"base_lr must be a finite number in \(0.0, inf\)"),
+            ({"step": 2**63}, ValueError, r"step must be an int in \[0, 2\*\*53\]"),
+            ({"config": dict(good["config"], betas=[0.9, 1.5])}, ValueError,
+             r"Adam.load_state_dict: bad optimizer settings: Adam: betas\[1\]"),
+            ({"config": dict(good["config"], nope=1)}, TypeError, r"bad optimizer settings")):
+        other = cdl.Adam(m, lr=0.5)
+        before = other.state_dict()
+        with pytest.raises(exc, match=match):
+            other.load_state_dict(dict(good, **change))
+        after = other.state_dict()
+        assert after["config"] == before["config"] and after["step"] == before["step"]
+        assert after["base_lr"] == before["base_lr"]
+        for b, per in before["state"].items():
+            for k, v in per.items():
+                np.testing.assert_array_equal(after["state"][b][k], v)
+
+
+def test_sgd_momentum_set_after_construction_takes_effect():
+    # the buffer is made at the first step that needs it (PyTorch: v = g at first)
+    x, y = batch(6)
+    loss = cdl.SoftmaxCrossEntropy()
+    a, b = conv_bn_net(), conv_bn_net()
+    oa, ob = cdl.SGD(a, lr=0.1, momentum=0.9), cdl.SGD(b, lr=0.1)
+    ob.momentum = 0.9
+    for _ in range(3):
+        assert a.train_step(x, y, loss, oa) == b.train_step(x, y, loss, ob)
+    for k, v in a.state_dict().items():
+        np.testing.assert_array_equal(v, b.state_dict()[k], err_msg=k)
+    assert list(ob.state_dict()["state"]) == ["momentum_buffer"]

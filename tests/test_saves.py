@@ -312,6 +312,11 @@ def test_header_is_checked_against_the_architecture(saved, tmp_path):
         (variant(lambda hh: hh["arrays"].pop(0)), r"parameter 0.weight is not in the file"),
         (variant(lambda hh: hh.__setitem__("arrays", "nope")), r"the array list in the header is malformed"),
         (variant(lambda hh: hh.__setitem__("model", None)), r"the header has no layer list"),
+        # numpy raises OverflowError for these; the file is still just malformed
+        (variant(lambda hh: hh["rng"]["state"].__setitem__("state", -1)),
+         r"the generator state is malformed"),
+        (variant(lambda hh: hh["rng"].__setitem__("has_uint32", 1e308)),
+         r"the generator state is malformed"),
         # a header asking for 46340x46340 weights (8.6 GB) in a tiny file: refused before
         # anything is allocated
         (variant(lambda hh: hh["model"]["layers"].__setitem__(4, {
@@ -338,7 +343,11 @@ def test_bad_optimizer_sections(tmp_path):
              r"optimizer state 'momentum_buffer' does not match the optimizer"),
             ({"type": "SGD", "config": {"lr": 0.1, "momentum": 0.9}, "state": []},
              r"bad optimizer state: .*missing state 'momentum_buffer'"),
-            ({"type": "SGD", "config": {"lr": 0.1}, "base_lr": [1]}, r"bad optimizer settings")]):
+            ({"type": "SGD", "config": {"lr": 0.1}, "base_lr": [1]}, r"bad optimizer settings"),
+            ({"type": "SGD", "config": {"lr": 0.1}, "base_lr": -1.0},
+             r"bad optimizer state: .*base_lr must be a finite number"),
+            ({"type": "SGD", "config": {"lr": 0.1}, "step": 2**70},
+             r"bad optimizer state: .*step must be an int in \[0, 2\*\*53\]")]):
         hh = dict(h, optimizer=opt)
         bad = _rewrite(path, tmp_path / f"o{i}.npz", hh)
         with pytest.raises(ValueError, match=rf"is not a valid cdl model file: {match}"):

@@ -406,13 +406,13 @@ def _restore_extra(model, header, path):
             raise _fail(path, f"extra state for {key!r} matches no layer")
         try:
             layers[key].set_extra_state(state)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise _fail(path, str(exc)) from None
     rng = header.get("rng")
     if rng is not None:
         try:
             model._rng.bit_generator.state = rng
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:
             raise _fail(path, f"the generator state is malformed ({exc})") from None
 
 

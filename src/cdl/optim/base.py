@@ -25,6 +25,10 @@ __all__ = ["Optimizer", "OPTIMIZER_TYPES"]
 OPTIMIZER_TYPES = {}
 """Every Optimizer subclass by class name (what model files may name)."""
 
+# Step counts beyond this are refused (Adam's bias correction takes the count as a C
+# long; 2**53 steps are far beyond any run).
+MAX_STEPS = 2**53
+
 
 def number(value, name, where, lo=None, lo_open=False, hi=None, hi_open=False):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
@@ -144,24 +148,41 @@ class Optimizer:
                 "base_lr": self.base_lr, "step": self.steps, "state": state}
 
     def load_state_dict(self, state, where=None):
-        """Load what ``state_dict`` gave; everything is checked before anything changes."""
+        """Load what ``state_dict`` gave: the settings (as ``torch.optim`` does), the
+        step count, ``base_lr`` and the per-parameter state. Everything is checked
+        before anything changes."""
         where = where or f"{type(self).__name__}.load_state_dict"
         if not isinstance(state, dict):
             raise TypeError(f"{where}: expected a dict, got {type(state).__name__}")
         if state.get("type", type(self).__name__) != type(self).__name__:
             raise ValueError(f"{where}: the state is of a {state.get('type')}, not a "
                              f"{type(self).__name__}")
+        # The settings are checked by building an optimizer from them; it becomes this
+        # one's settings and (empty) buffers once everything else has passed too.
+        config = state.get("config")
+        if config is None:
+            settings = self
+        elif not isinstance(config, dict):
+            raise ValueError(f"{where}: 'config' must be a dict of settings")
+        else:
+            try:
+                settings = type(self)(self.model, **config)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{where}: bad optimizer settings: {exc}") from None
         step = state.get("step", 0)
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"{where}: step must be an int >= 0, got {step!r}")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) \
+                or not 0 <= step <= MAX_STEPS:
+            raise ValueError(f"{where}: step must be an int in [0, 2**53], got {step!r}")
+        base_lr = number(state.get("base_lr", settings.lr), "base_lr", where, lo=0.0,
+                         lo_open=True)
         arrays = state.get("state", {})
         problems, values = [], []
         if not isinstance(arrays, dict):
             raise ValueError(f"{where}: 'state' must be a dict")
-        extra = sorted(set(arrays) - set(self.buffers))
+        extra = sorted(set(arrays) - set(settings.buffers))
         if extra:
             problems.append(f"unexpected state {extra}")
-        for b in self.buffers:
+        for b in settings.buffers:
             per = arrays.get(b)
             if per is None:
                 problems.append(f"missing state {b!r}")
@@ -183,11 +204,12 @@ class Optimizer:
                     values.append((b, name, a))
         if problems:
             raise ValueError(f"{where}: " + "; ".join(problems))
+        if settings is not self:
+            self.__dict__.update(settings.__dict__)
         for b, name, a in values:
             self.pack.view(self.buffers[b], name)[...] = a
         self.steps = int(step)
-        if "base_lr" in state:
-            self.base_lr = float(state["base_lr"])
+        self.base_lr = base_lr
 
 
 def _rebuild_optimizer(model, spec):

@@ -38,6 +38,12 @@ class SGD(Optimizer):
             functools.partial(_ew.sgd_update_chunks, *bound)
 
     def _update(self, nt):
+        if self.momentum > 0 and "momentum_buffer" not in self.buffers:
+            # momentum set after construction: its buffer starts at zero, as PyTorch's
+            # first step (v = g) does
+            self.state_names = ("momentum_buffer",)
+            self.buffers["momentum_buffer"] = self.pack.zeros()
+            self._bind()
         self._run(self.lr, self.momentum, self.nesterov, self.weight_decay, nt)
 
     @property
