@@ -163,6 +163,31 @@ def test_model_checkpoint_writes_loadable_files_atomically(tmp_path):
     np.testing.assert_array_equal(cdl.load(tmp_path / "ck-03.npz").predict(x), m.predict(x))
 
 
+def test_model_checkpoint_path_is_checked_before_the_first_epoch(tmp_path):
+    x, y = blobs()
+    m = tiny()
+    before = m.state_dict()
+    handler = signal.getsignal(signal.SIGINT)
+    for path, match in (("ck-{val_loss:.3f}.npz", r"KeyError: 'val_loss'"),  # no validation
+                        ("{acc}.npz", r"KeyError: 'acc'"),
+                        ("{0}.npz", r"IndexError"),
+                        ("{loss:d}.npz", r"ValueError: Unknown format code 'd'")):
+        ck = cdl.ModelCheckpoint(str(tmp_path / path), monitor="loss")
+        with pytest.raises(ValueError, match=r"ModelCheckpoint: path .* cannot be filled from "
+                                             r"epoch and the logs \(loss, accuracy, lr, "
+                                             r"seconds\): " + match):
+            m.fit(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1), verbose=0,
+                  callbacks=[ck])
+    for k, v in m.state_dict().items():       # refused before any step
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    assert signal.getsignal(signal.SIGINT) is handler
+    # with validation data val_loss fills the path; missing folders are made
+    ck = cdl.ModelCheckpoint(str(tmp_path / "runs" / "a" / "ck-{val_loss:.3f}.npz"))
+    m.fit(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1), verbose=0,
+          validation_split=0.25, callbacks=[ck])
+    assert len(ck.saved) == 1 and os.path.isfile(ck.saved[0])
+
+
 def test_ctrl_c_stops_between_steps_and_model_stays_usable():
     x, y = blobs(64)
     m = tiny()

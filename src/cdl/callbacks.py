@@ -22,6 +22,9 @@ class Callback:
     rank = 0
     """This process's rank in a distributed ``fit`` (set by fit; 0 otherwise): a
     callback that writes files or prints should do so where ``rank == 0``."""
+    log_keys = ()
+    """The keys every epoch's logs will hold (set by fit before ``on_train_begin``), so
+    that a callback can check what it will ask of them before the first epoch."""
 
     @property
     def model(self):
@@ -167,8 +170,9 @@ class ModelCheckpoint(Callback):
     ``saved`` lists the paths on every rank.
 
     ``path`` may contain ``{epoch}`` (from 1) and any log key, e.g.
-    ``"ckpt-{epoch:02d}-{val_loss:.3f}.npz"``. ``save_best_only`` saves only when
-    ``monitor`` improves; ``save_optimizer`` stores the optimizer state too.
+    ``"ckpt-{epoch:02d}-{val_loss:.3f}.npz"``; ``fit`` checks that it can be filled
+    before the first epoch, and missing folders are made. ``save_best_only`` saves
+    only when ``monitor`` improves; ``save_optimizer`` stores the optimizer state too.
     """
 
     def __init__(self, path, monitor="val_loss", save_best_only=False, mode="auto",
@@ -182,6 +186,16 @@ class ModelCheckpoint(Callback):
 
     def on_train_begin(self, logs=None):
         self.best = math.inf if self.mode == "min" else -math.inf
+        if not self.log_keys:       # not run by fit: the logs are unknown
+            return
+        # The path is tried on stand-in logs now, not after the first epoch has trained
+        # (the same on every rank of a distributed fit, so every rank raises or none).
+        try:
+            self.path.format(epoch=1, **{k: 0.0 for k in self.log_keys})
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            raise ValueError(f"ModelCheckpoint: path {self.path!r} cannot be filled from "
+                             f"epoch and the logs ({', '.join(self.log_keys)}): "
+                             f"{type(exc).__name__}: {exc}") from None
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
@@ -194,5 +208,8 @@ class ModelCheckpoint(Callback):
             self.best = value
         path = self.path.format(epoch=epoch + 1, **logs)
         if self.rank == 0:
+            folder = os.path.dirname(path)
+            if folder:
+                os.makedirs(folder, exist_ok=True)
             self.model.save(path, optimizer=self.optimizer if self.save_optimizer else None)
         self.saved.append(path)

@@ -154,6 +154,14 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         # the metrics do not depend on the number of ranks either
         val_pieces = shards // ranks if shards else 1
 
+    model.stop_training = False    # (callbacks may raise here: nothing is set up yet)
+    log_keys = ("loss", "accuracy", "lr") + (("val_loss", "val_accuracy")
+                                             if xv is not None or val_everywhere else ()) \
+        + ("seconds",)
+    for cb in cbs:
+        cb.log_keys = log_keys
+        cb.on_train_begin()
+
     stop = {"interrupted": False}
     old_handler = None
     if threading.current_thread() is threading.main_thread():
@@ -166,9 +174,6 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         except ValueError:
             old_handler = None
 
-    model.stop_training = False
-    for cb in cbs:
-        cb.on_train_begin()
     try:
         for epoch in range(epochs):
             for cb in cbs:
