@@ -123,6 +123,13 @@ def test_state_dict_file_errors(tmp_path, monkeypatch):
         (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
         with pytest.raises(ValueError, match="not a valid safetensors"):
             cdl.load_state_dict_file(model, tmp_path / "bad.safetensors")
+        # bfloat16 (PyTorch's common export) has no NumPy type: said so, with the remedy
+        head = b'{"0.weight":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}'
+        (tmp_path / "bf16.safetensors").write_bytes(len(head).to_bytes(8, "little") + head
+                                                    + bytes(4))
+        with pytest.raises(ValueError, match=r"holds '0.weight' as BF16, which NumPy cannot "
+                                             r"hold \(1 such tensors\); save it as float32"):
+            cdl.load_state_dict_file(model, tmp_path / "bf16.safetensors")
     # pickled object arrays in an .npz are never unpickled
     np.savez(tmp_path / "obj.npz", **{"0.weight": np.array([{"a": 1}], dtype=object)})
     with pytest.raises(ValueError, match="Python objects"):

@@ -85,10 +85,30 @@ def read_state_dict_file(path, format=None, where="cdl.load_state_dict_file"):
         try:
             return dict(st.load(bytes(data)))
         except Exception as exc:  # SafetensorError, unknown dtypes, ...
+            odd = _dtypes_numpy_lacks(data)
+            if odd:
+                raise ValueError(f"{where}: {name} holds {odd[0][0]!r} as {odd[0][1]}, which "
+                                 f"NumPy cannot hold ({len(odd)} such tensors); save it as "
+                                 f"float32 (in PyTorch: {{k: v.float() for k, v in "
+                                 f"sd.items()}})") from None
             raise ValueError(f"{where}: {name} is not a valid safetensors file "
                              f"({type(exc).__name__}: {exc})") from None
     from .format import checked_npz_arrays
     return checked_npz_arrays(io.BytesIO(bytes(data)), name, len(data), where)
+
+
+def _dtypes_numpy_lacks(data):
+    """[(tensor name, dtype)] of a safetensors header's tensors in dtypes such as BF16 or
+    FP8 that NumPy has no type for ([] if the header cannot be read)."""
+    import json
+    try:
+        n = int.from_bytes(bytes(data[:8]), "little")
+        header = json.loads(bytes(data[8:8 + n]).decode("utf-8"))
+        return [(k, v["dtype"]) for k, v in header.items()
+                if k != "__metadata__" and isinstance(v, dict)
+                and (v.get("dtype") == "BF16" or str(v.get("dtype", "")).startswith("F8"))]
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
+        return []
 
 
 def load_state_dict_file(model, path, format=None):
