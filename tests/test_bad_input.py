@@ -350,6 +350,71 @@ def test_sequential_construction(call, exc, match):
         call()
 
 
+def test_functional_outputs_overlapping_inputs_are_refused():
+    # the kernels read their inputs while they write: an output sharing memory with an
+    # input (or another output) gave silently wrong results
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((4, 4)).astype(f32), rng.standard_normal((4, 4)).astype(f32)
+    x4 = rng.standard_normal((2, 2, 5, 5)).astype(f32)
+    w4 = rng.standard_normal((2, 2, 3, 3)).astype(f32)
+    g4 = rng.standard_normal((2, 2, 5, 5)).astype(f32)
+    s, lab = rng.standard_normal((3, 4)).astype(f32), np.array([0, 1, 2])
+    y, idx = F.max_pool2d(x4, 3, 1, 1)
+    big = np.zeros(200, f32)
+    cases = [
+        (lambda: F.linear(x, w, out=x), r"linear: out shares memory with x"),
+        (lambda: F.linear(x, w, out=w), r"linear: out shares memory with weight"),
+        (lambda: F.linear_backward(x, x, w, grad_weight=x), r"grad_weight shares memory with "
+                                                            r"grad_out"),
+        (lambda: F.linear_backward(x, x, w, grad_input=w), r"grad_input shares memory with "
+                                                           r"weight"),
+        (lambda: F.conv2d(x4, w4, padding=1, out=x4), r"conv2d: out shares memory with x"),
+        (lambda: F.conv2d_backward(g4, x4, w4, 1, 1, grad_input=g4),
+         r"conv2d_backward: grad_input shares memory with grad_out"),
+        (lambda: F.conv2d_backward(g4, x4, w4, 1, 1, grad_input=big[:100].reshape(x4.shape),
+                                   grad_weight=big[64:100].reshape(w4.shape)),
+         r"grad_weight shares memory with grad_input"),
+        (lambda: F.max_pool2d(x4, 1, out=x4), r"max_pool2d: out shares memory with x"),
+        (lambda: F.max_pool2d_backward(y, idx, x4.shape, 3, 1, 1, grad_input=y),
+         r"max_pool2d_backward: grad_input shares memory with grad_out"),
+        (lambda: F.softmax(s, out=s), r"softmax: out shares memory with scores"),
+        (lambda: F.softmax_cross_entropy(s, lab, grad=s), r"grad shares memory with scores"),
+        (lambda: F.softmax_cross_entropy(s, lab, grad=big[:12].reshape(3, 4),
+                                         probs=big[8:20].reshape(3, 4)),
+         r"probs shares memory with grad"),
+        (lambda: F.multiclass_svm(s, lab, grad=s), r"grad shares memory with scores"),
+        (lambda: F.mse(s, s.copy(), grad=s), r"mse: grad shares memory with pred"),
+        (lambda: F.linear(x, w, out=np.empty((4, 4), f32)), None),   # separate arrays
+        (lambda: F.relu(x.reshape(-1)[1:], out=x.reshape(-1)[:-1]),
+         r"relu: out shares memory with x"),
+    ]
+    for call, match in cases:
+        if match is None:
+            call()                      # fine: no overlap
+            continue
+        with pytest.raises(ValueError, match=match):
+            call()
+    # in place is still allowed where it is elementwise
+    xr = x.copy()
+    assert F.relu(xr, out=xr) is xr
+    gr = x.copy()
+    F.relu_backward(gr, np.abs(x), out=gr)
+
+
+def test_max_pool_backward_checks_indices_before_writing_the_callers_array():
+    x = np.random.default_rng(1).standard_normal((1, 1, 4, 4)).astype(f32)
+    y, idx = F.max_pool2d(x, 2)
+    idx = idx.copy()
+    idx[0, 0, 1, 1] = 0                 # a cell of the first window, not its own
+    gi = np.full(x.shape, 7.0, f32)
+    with pytest.raises(ValueError, match=r"1 of 4 indices do not point into their own 2x2 "
+                                         r"window of the 4x4 input"):
+        F.max_pool2d_backward(np.ones_like(y), idx, x.shape, 2, grad_input=gi)
+    assert (gi == 7.0).all()
+    with pytest.raises(ValueError, match=r"1 of 4 indices"):   # allocated output: same error
+        F.max_pool2d_backward(np.ones_like(y), idx, x.shape, 2)
+
+
 def test_sequential_same_layer_twice():
     r = cdl.ReLU()
     with pytest.raises(ValueError, match=r"Sequential: layers\[1\] \(ReLU\) appears twice"):

@@ -182,6 +182,17 @@ def test_stable_for_large_scores():
     np.testing.assert_allclose(grad, ref_g, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_entropy_keeps_its_precision_for_huge_scores(dtype):
+    # log Σ e^{s_j − m} must not be added to m = 1e17 before s_y is taken off
+    for big in (1e10, 1e17, 1e30):
+        s = np.array([[big, big, big], [big, big - big / 1e3, big]], dtype)
+        loss = [F.softmax_cross_entropy(s[i:i + 1], np.array([i]), reduction="sum")[0]
+                for i in range(2)]
+        np.testing.assert_allclose(loss, [np.log(3.0), np.log(2.0) + float(s[1, 0] - s[1, 1])],
+                                   rtol=1e-6)
+
+
 def test_nan_in_scores_gives_nan_loss():
     s = np.zeros((3, 4))
     s[1, 2] = np.nan

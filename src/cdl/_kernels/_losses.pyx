@@ -3,7 +3,7 @@
 
 For scores s (N, C) and integer labels y (N,):
   softmax cross-entropy  L_i = -log(e^{s_{y_i}} / Σ_j e^{s_j})
-                              = log Σ_j e^{s_j - m} + m - s_{y_i},  m = max_j s_j
+                              = log Σ_j e^{s_j - m} − (s_{y_i} − m),  m = max_j s_j
                          dL_i/ds_j = p_j - [j = y_i]
   multiclass SVM         L_i = Σ_{j≠y_i} max(0, s_j - s_{y_i} + Δ)
                          dL_i/ds_j = [margin_j > 0] (j ≠ y_i),  dL_i/ds_{y_i} = -#{j: margin_j > 0}
@@ -105,7 +105,9 @@ cdef double _softmax_cross_entropy(const floating[:, ::1] scores,
                     total = total + e[j]
                 else:
                     total = total + exp(s[j] - m)
-            sample_loss[i] = log(total) + m - s[y]
+            # s[y] - m first, exactly in double: added to m first, log(total) would round
+            # away for scores of 1e17
+            sample_loss[i] = log(total) - (<double>s[y] - <double>m)
             inv = <floating>(1.0 / total)
             if has_p:
                 for j in range(C):

@@ -78,6 +78,25 @@ def out_array(out, name, where, shape, dtype):
     return out
 
 
+def separate(where, outputs, inputs, in_place=()):
+    """Refuse an output that shares memory with an input or another output: the kernels
+    read their inputs while they write, so the result would be silently wrong.
+    ``outputs`` and ``inputs`` are {name: array or None}; (output, input) name pairs
+    in ``in_place`` may be exactly the same array (an elementwise update in place)."""
+    outs = [(k, a) for k, a in outputs.items() if a is not None]
+    for i, (name, out) in enumerate(outs):
+        others = [(k, a) for k, a in inputs.items() if a is not None] + outs[:i]
+        for other, a in others:
+            if not np.may_share_memory(out, a):
+                continue
+            if (name, other) in in_place and out.__array_interface__["data"][0] == \
+                    a.__array_interface__["data"][0] and out.strides == a.strides \
+                    and out.shape == a.shape:
+                continue
+            raise ValueError(f"{where}: {name} shares memory with {other}; give it an array "
+                             f"of its own")
+
+
 def real_number(value, name, where, minimum=None):
     """A finite real number (>= minimum when given) as a float; TypeError for non-numbers."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):

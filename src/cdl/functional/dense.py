@@ -3,7 +3,8 @@
 
 from .. import _config
 from .._kernels import dense as _dense
-from ._checks import float_array, num_threads, out_array, real_number, same_dtype, shape_str
+from ._checks import (float_array, num_threads, out_array, real_number, same_dtype, separate,
+                      shape_str)
 
 __all__ = ["linear", "linear_backward"]
 
@@ -27,6 +28,7 @@ def linear(x, weight, bias=None, *, out=None, threads=None):
         raise ValueError(f"{where}: bias has {bias.shape[0]} entries but weight has "
                          f"{weight.shape[0]} output features")
     out = out_array(out, "out", where, (x.shape[0], weight.shape[0]), x.dtype)
+    separate(where, {"out": out}, {"x": x, "weight": weight, "bias": bias})
     try:
         _dense.linear_forward(x, weight, bias, out, num_threads(threads))
     finally:
@@ -59,6 +61,8 @@ def linear_backward(grad_out, x, weight, *, need_input_grad=True, need_bias_grad
     dx = out_array(grad_input, "grad_input", where, x.shape, x.dtype) if need_input_grad else None
     dw = out_array(grad_weight, "grad_weight", where, weight.shape, x.dtype)
     db = out_array(grad_bias, "grad_bias", where, (fout,), x.dtype) if need_bias_grad else None
+    separate(where, {"grad_input": dx, "grad_weight": dw, "grad_bias": db},
+             {"grad_out": grad_out, "x": x, "weight": weight})
     try:
         _dense.linear_backward(grad_out, x, weight, dx, dw, db, float(l2), num_threads(threads))
     finally:

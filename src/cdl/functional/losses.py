@@ -14,7 +14,7 @@ summed in a fixed order: identical for any thread count.
 import numpy as np
 
 from .._kernels import losses as _losses
-from ._checks import float_array, num_threads, out_array, real_number, shape_str
+from ._checks import float_array, num_threads, out_array, real_number, separate, shape_str
 
 __all__ = ["softmax", "softmax_cross_entropy", "multiclass_svm", "mse", "l2_penalty"]
 
@@ -63,6 +63,7 @@ def softmax(scores, *, out=None, threads=None):
     where = "softmax"
     scores = _scores(scores, "scores", where)
     out = out_array(out, "out", where, scores.shape, scores.dtype)
+    separate(where, {"out": out}, {"scores": scores})
     _losses.softmax(scores, out, num_threads(threads))
     return out
 
@@ -81,6 +82,7 @@ def softmax_cross_entropy(scores, labels, *, reduction="mean", grad=None, probs=
     grad = out_array(grad, "grad", where, scores.shape, scores.dtype)
     if probs is not None:
         probs = out_array(probs, "probs", where, scores.shape, scores.dtype)
+    separate(where, {"grad": grad, "probs": probs}, {"scores": scores, "labels": labels})
     sample = np.empty(n, dtype=np.float64)
     total = _losses.softmax_cross_entropy(scores, labels, probs, grad, sample, scale,
                                           num_threads(threads))
@@ -97,6 +99,7 @@ def multiclass_svm(scores, labels, *, margin=1.0, reduction="mean", grad=None, t
     margin = real_number(margin, "margin", where)
     scale = _reduction(reduction, n, where)
     grad = out_array(grad, "grad", where, scores.shape, scores.dtype)
+    separate(where, {"grad": grad}, {"scores": scores, "labels": labels})
     sample = np.empty(n, dtype=np.float64)
     total = _losses.multiclass_svm(scores, labels, float(margin), grad, sample, scale,
                                    num_threads(threads))
@@ -124,6 +127,7 @@ def mse(pred, target, *, reduction="mean", grad=None, threads=None):
             raise ValueError(f"{where}: with integer labels pred must be 2-D (N, C), got shape "
                              f"{shape_str(pred.shape)}")
         labels = _labels(t, pred.shape, where, "pred")
+        separate(where, {"grad": grad}, {"pred": pred, "target": labels})
         total = _losses.mse_labels(pred, labels, grad, sample, scale, nt)
     else:
         t = float_array(t, "target", where)
@@ -132,6 +136,7 @@ def mse(pred, target, *, reduction="mean", grad=None, threads=None):
         if t.shape != pred.shape:
             raise ValueError(f"{where}: target has shape {shape_str(t.shape)} but pred has "
                              f"{shape_str(pred.shape)}")
+        separate(where, {"grad": grad}, {"pred": pred, "target": t})
         cols = pred.size // n if n else 0
         total = _losses.mse(pred.reshape(n, cols), t.reshape(n, cols), grad.reshape(n, cols),
                             sample, scale, nt)
