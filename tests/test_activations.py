@@ -155,5 +155,5 @@ def test_bad_input():
         F.relu_backward(np.zeros((2, 2), np.float32), x)
     with pytest.raises(TypeError, match="sigmoid_backward: grad_out has dtype float64 but y has float32"):
         F.sigmoid_backward(np.zeros((2, 3)), x)
-    with pytest.raises(ValueError, match="num_threads must be a positive int"):
+    with pytest.raises(ValueError, match="relu: threads must be a positive int"):
         F.relu(x, threads=0)

@@ -128,12 +128,13 @@ def test_functional_rejects_non_float_arrays(fn, args, argname, kind, make, exc,
     (lambda: F.relu_backward(z(3), z(4)), ValueError, r"relu_backward: grad_out has shape 3 but y has 4"),
     (lambda: F.sigmoid_backward(z(3), z(3, dtype=np.float64)), TypeError, r"sigmoid_backward: grad_out has dtype float32"),
     (lambda: F.relu(S, out=np.broadcast_to(z(1, 3), (4, 3))), ValueError, r"relu: out must be a writeable"),
-    (lambda: F.relu(S, threads=0), ValueError, r"num_threads must be a positive int, got 0"),
-    (lambda: F.relu(S, threads=2.0), ValueError, r"num_threads must be a positive int, got 2.0"),
-    (lambda: F.relu(S, threads="2"), ValueError, r"num_threads must be a positive int"),
+    (lambda: F.relu(S, threads=0), ValueError, r"relu: threads must be a positive int, got 0"),
+    (lambda: F.relu(S, threads=2.0), TypeError, r"relu: threads must be a positive int, got 2.0"),
+    (lambda: F.relu(S, threads="2"), TypeError, r"relu: threads must be a positive int"),
+    (lambda: F.relu(S, threads=True), TypeError, r"relu: threads must be a positive int"),
     # libgomp segfaults when it cannot create ~1e5 threads: refused up front
-    (lambda: F.relu(z(10**6), threads=100000), ValueError, r"num_threads=100000 is more than the 1024"),
-    (lambda: F.conv2d(X, W, threads=10**12), ValueError, r"num_threads=1000000000000 is more than"),
+    (lambda: F.relu(z(10**6), threads=100000), ValueError, r"relu: threads=100000 is more than the 1024"),
+    (lambda: F.conv2d(X, W, threads=10**12), ValueError, r"conv2d: threads=1000000000000 is more than"),
 ])
 def test_functional_bad_arguments(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -296,7 +297,7 @@ def test_functional_empty_batches_are_noops():
     (lambda: cdl.Linear(3, 2).forward(z(2, 4)), ValueError, r"Linear: expected 3 input features, got 4"),
     (lambda: cdl.Linear(3, 2).forward(z(2, 3).astype(object)), TypeError, r"Linear: x must be a numeric array, got dtype object"),
     (lambda: cdl.Linear(3, 2).forward(z(2, 3).astype(complex)), TypeError, r"Linear: x must be a numeric array, got dtype complex128"),
-    (lambda: cdl.Linear(3, 2).forward(z(3)), ValueError, r"Linear: x must have a batch axis, got shape 3"),
+    (lambda: cdl.Linear(3, 2).forward(z(3)), ValueError, r"Linear: x must have a batch axis with N >= 1 samples, got shape 3"),
     (lambda: cdl.Conv2d(3, 2, 3).forward(z(2, 1, 8, 8)), ValueError, r"Conv2d: expected 3 input channels, got 1"),
     (lambda: cdl.Conv2d(1, 2, 5).forward(z(2, 1, 3, 3)), ValueError, r"Conv2d: kernel H=5 is larger than the padded input"),
     (lambda: cdl.Conv2d(1, 2, 3).forward(z(1, 8, 8)), ValueError, r"Conv2d: expects inputs of shape CxHxW, got 8x8"),
@@ -306,6 +307,30 @@ def test_functional_empty_batches_are_noops():
 def test_layers_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_conv_output_size():
+    assert F.conv_output_size(32, 3, 2, 1) == 16
+    assert F.conv_output_size(5, 5) == 1
+    for args, exc, match in (((5, 3, 0), ValueError, r"stride must be >= 1, got 0"),
+                             ((5, 0), ValueError, r"kernel must be >= 1, got 0"),
+                             ((5, 3, 1, -1), ValueError, r"padding must be >= 0, got -1"),
+                             ((5.0, 3), TypeError, r"size must be an int, got 5.0"),
+                             (("5", 3), TypeError, r"size must be an int, got '5'"),
+                             ((2, 3), ValueError, r"kernel H=3 is larger than the padded input")):
+        with pytest.raises(exc, match=rf"conv_output_size: {match}"):
+            F.conv_output_size(*args)
+
+
+def test_a_refused_first_call_leaves_a_layer_unbuilt():
+    # the layer takes its shape from its first input: not from one it refuses
+    for layer, bad, good in ((cdl.ReLU(), z(0, 5), z(2, 6)),
+                             (cdl.Flatten(), z(0, 2, 3), z(1, 4)),
+                             (cdl.MaxPool2d(2), z(0, 1, 4, 4), z(1, 2, 6, 6))):
+        with pytest.raises(ValueError, match=r"N >= 1"):
+            layer.forward(bad)
+        assert layer.input_shape is None
+        layer.forward(good)
 
 
 def test_layer_backward_checks_grad():
@@ -601,6 +626,17 @@ def test_thread_settings():
     with pytest.raises(TypeError, match=r"set_num_threads: n must be an int"):
         with cdl.threads(2.0):
             pass
+    # nothing changes when a call is refused, adaptive included
+    before = cdl.thread_status()
+    for call in (lambda: cdl.set_num_threads(0, adaptive=not before["adaptive"]),
+                 lambda: cdl.set_num_threads(2, adaptive="no"),
+                 lambda: cdl.threads(0, adaptive=not before["adaptive"]).__enter__()):
+        with pytest.raises((TypeError, ValueError)):
+            call()
+        after = cdl.thread_status()
+        assert (after["threads"], after["adaptive"]) == (before["threads"], before["adaptive"])
+    with cdl.threads(np.int64(1), adaptive=np.bool_(before["adaptive"])):   # NumPy scalars
+        assert cdl.thread_status()["threads"] == 1
 
 
 # --------------------------------------------------------------- save / load / load_idx / CLI

@@ -488,7 +488,7 @@ W = np.zeros((4, 3, 3, 3), np.float32)
      "grad_weight must have shape 4x3x3x3"),
     (lambda: F.conv2d_backward(np.zeros((2, 4, 6, 6), np.float32), X, W, stride=0), ValueError,
      "stride must be >= 1"),
-    (lambda: F.conv2d(X, W, threads=0), ValueError, "num_threads"),
+    (lambda: F.conv2d(X, W, threads=0), ValueError, "conv2d: threads must be a positive int"),
 ])
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):

@@ -133,7 +133,7 @@ def test_linear_bad_input():
         F.linear_backward(np.ones((4, 3), np.float32), x, w, l2=-1.0)
     with pytest.raises(TypeError, match="x must be a float32 or float64 array, got str"):
         F.linear("abc", w)
-    with pytest.raises(ValueError, match="num_threads must be a positive int"):
+    with pytest.raises(ValueError, match="linear: threads must be a positive int"):
         F.linear(x, w, threads=0)
 
 

@@ -211,7 +211,7 @@ def test_public_switches(fake_load):
         assert cdl.get_num_threads() == n and not cdl.thread_status()["adaptive"]
     cdl.set_num_threads(adaptive=True)
     assert cdl.thread_status()["adaptive"]
-    with pytest.raises(TypeError, match="expected True or False"):
+    with pytest.raises(TypeError, match="adaptive must be True or False"):
         cdl.set_num_threads(adaptive="yes")
 
 

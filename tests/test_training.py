@@ -142,6 +142,35 @@ def test_early_stopping_restores_best_weights():
         np.testing.assert_array_equal(w, snapshots[1][k], err_msg=k)
 
 
+def test_callback_arguments_are_checked():
+    for kw, exc, match in ((dict(patience="3"), TypeError, r"patience must be an int >= 0"),
+                           (dict(patience=float("nan")), TypeError, r"patience must be an int"),
+                           (dict(patience=-1), ValueError, r"patience must be >= 0"),
+                           (dict(monitor=None), TypeError, r"monitor must be a log key"),
+                           (dict(min_delta="x"), TypeError, r"min_delta must be a number"),
+                           (dict(mode="up"), ValueError, r"mode must be 'auto', 'min' or 'max'")):
+        with pytest.raises(exc, match=rf"EarlyStopping: {match}"):
+            cdl.EarlyStopping(**kw)
+    with pytest.raises(TypeError, match=r"ModelCheckpoint: path must be a str or path, got "
+                                        r"NoneType"):
+        cdl.ModelCheckpoint(None)
+    with pytest.raises(TypeError, match=r"ModelCheckpoint: monitor must be a log key"):
+        cdl.ModelCheckpoint("m.npz", monitor=3)
+
+
+def test_early_stopping_counts_a_nan_epoch_as_no_improvement():
+    # as Keras does: a NaN val_loss every epoch stops training after `patience` epochs
+    m = tiny()
+    es = cdl.EarlyStopping(monitor="val_loss", patience=1)
+    es.set_context(m, None)
+    es.on_train_begin()
+    for epoch in range(5):
+        es.on_epoch_end(epoch, {"val_loss": float("nan")})
+        if m.stop_training:
+            break
+    assert es.stopped_epoch == 1 and es.best_epoch is None
+
+
 def test_early_stopping_in_fit():
     x, y = blobs()
     m = tiny()

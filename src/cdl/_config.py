@@ -24,6 +24,8 @@ import os
 import platform
 import sys
 
+import numpy as np
+
 from ._kernels import _runtime
 
 __all__ = ["default_num_threads", "blas_info", "get_num_threads", "set_num_threads", "threads",
@@ -169,10 +171,14 @@ def get_adaptive():
 def set_adaptive(on):
     """Turn the adaptive thread count on or off (default: on, unless
     ``CDL_ADAPTIVE_THREADS=0``)."""
-    if not isinstance(on, (bool, int)):
-        raise TypeError(f"set_adaptive: expected True or False, got {type(on).__name__}")
+    _check_adaptive(on, "set_adaptive")
     _state["adaptive"] = bool(on)
     _runtime.set_adaptive(bool(on), _online_cpus())
+
+
+def _check_adaptive(on, where):
+    if not isinstance(on, (bool, int, np.bool_, np.integer)):
+        raise TypeError(f"{where}: adaptive must be True or False, got {type(on).__name__}")
 
 
 def step_threads(_state=_state, _step=_runtime.step_threads):
@@ -191,17 +197,23 @@ def set_num_threads(n=None, adaptive=None):
     fewer threads while other work holds the cores, False always on ``n``; None
     leaves the setting (default on, unless ``CDL_ADAPTIVE_THREADS=0``). Results are
     bit-identical for any thread count, so neither changes them."""
+    # everything is checked before anything changes
+    if adaptive is not None:
+        _check_adaptive(adaptive, "set_num_threads")
+    if n is not None:
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+        from .functional._checks import MAX_THREADS
+        if n > MAX_THREADS:
+            raise ValueError(f"set_num_threads: n={n} is more than the {MAX_THREADS} cdl "
+                             f"supports")
     if adaptive is not None:
         set_adaptive(adaptive)
     if n is None:
         return
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
-    from .functional._checks import MAX_THREADS
-    if n > MAX_THREADS:
-        raise ValueError(f"set_num_threads: n={n} is more than the {MAX_THREADS} cdl supports")
     _pin_blas()
     _state["threads"] = n if _runtime.openmp_enabled() else 1
     _state["explicit"] = True

@@ -5,9 +5,14 @@ A callback gets ``model`` and ``optimizer`` set before training and may set
 Epochs are counted from 0 in the calls and from 1 in messages.
 """
 import math
+import numbers
 import os
 import warnings
 import weakref
+
+import numpy as np
+
+from .functional._checks import real_number
 
 __all__ = ["Callback", "History", "EarlyStopping", "ModelCheckpoint"]
 
@@ -91,11 +96,14 @@ class History(Callback):
         return f"History(epochs={len(self.epochs)}, keys={sorted(self.history)})"
 
 
-def _better(mode, monitor):
+def _better(mode, monitor, where):
+    if not isinstance(monitor, str) or not monitor:
+        raise TypeError(f"{where}: monitor must be a log key such as 'val_loss', got "
+                        f"{monitor!r}")
     if mode == "auto":
         mode = "max" if "acc" in monitor else "min"
     if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        raise ValueError(f"{where}: mode must be 'auto', 'min' or 'max', got {mode!r}")
     return mode
 
 
@@ -122,12 +130,15 @@ class EarlyStopping(Callback):
 
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto",
                  restore_best_weights=False):
+        where = "EarlyStopping"
+        if isinstance(patience, (bool, np.bool_)) or not isinstance(patience, numbers.Integral):
+            raise TypeError(f"{where}: patience must be an int >= 0, got {patience!r}")
         if patience < 0:
-            raise ValueError(f"EarlyStopping: patience must be >= 0, got {patience!r}")
+            raise ValueError(f"{where}: patience must be >= 0, got {patience!r}")
+        self.mode = _better(mode, monitor, where)
         self.monitor = monitor
         self.patience = int(patience)
-        self.min_delta = abs(float(min_delta))
-        self.mode = _better(mode, monitor)
+        self.min_delta = abs(real_number(min_delta, "min_delta", where))
         self.restore_best_weights = bool(restore_best_weights)
         self.stopped_epoch = None
         self.best_epoch = None
@@ -146,9 +157,9 @@ class EarlyStopping(Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         value = _monitored(logs, self.monitor, self)
-        if value is None or not math.isfinite(value):
+        if value is None:
             return
-        if self._improved(value):
+        if math.isfinite(value) and self._improved(value):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best_weights:
                 self.best_weights = self.model.state_dict()
@@ -177,10 +188,16 @@ class ModelCheckpoint(Callback):
 
     def __init__(self, path, monitor="val_loss", save_best_only=False, mode="auto",
                  save_optimizer=False):
-        self.path = os.fspath(path)
+        try:
+            self.path = os.fspath(path)
+        except TypeError:
+            raise TypeError(f"ModelCheckpoint: path must be a str or path, got "
+                            f"{type(path).__name__}") from None
+        if isinstance(self.path, bytes):
+            raise TypeError("ModelCheckpoint: path must be a str or path, got bytes")
+        self.mode = _better(mode, monitor, "ModelCheckpoint")
         self.monitor = monitor
         self.save_best_only = bool(save_best_only)
-        self.mode = _better(mode, monitor)
         self.save_optimizer = bool(save_optimizer)
         self.saved = []
 

@@ -346,15 +346,7 @@ class Sequential:
         where = "Sequential.predict"
         x = self._check_x(x, where)
         n = x.shape[0]
-        if batch_size is None:
-            bs = 256
-        else:
-            if isinstance(batch_size, (bool, np.bool_)) or \
-                    not isinstance(batch_size, numbers.Integral):
-                raise TypeError(f"{where}: batch_size must be an int, got {batch_size!r}")
-            bs = int(batch_size)
-            if bs < 1:
-                raise ValueError(f"{where}: batch_size must be >= 1, got {batch_size!r}")
+        bs = _batch_size(batch_size, where)
         step = _config.step_threads
         if out is None and 0 < n <= bs:
             # One batch, no out= (most calls): the result is a copy of the runner's.
@@ -407,8 +399,8 @@ class Sequential:
         if n == 0:
             raise ValueError(f"{where}: x is empty")
         y = self._check_y(y, n, loss, where)
-        scores = self.predict(x, batch_size)
-        return self._score(scores, y, loss, batch_size or 256)
+        bs = _batch_size(batch_size, where)
+        return self._score(self.predict(x, bs), y, loss, bs)
 
     def _score(self, scores, y, loss, bs):
         nt = _config.step_threads()
@@ -584,6 +576,17 @@ class Sequential:
         # its buffers and trains bit for bit like this model.
         from .io.format import _unpickle, dumps
         return _unpickle, (dumps(self),)
+
+
+def _batch_size(batch_size, where):
+    """predict's and evaluate's batch size: None gives 256."""
+    if batch_size is None:
+        return 256
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"{where}: batch_size must be an int, got {batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"{where}: batch_size must be >= 1, got {batch_size!r}")
+    return int(batch_size)
 
 
 def _checked_values(targets, state, where, what="the state dict"):

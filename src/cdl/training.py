@@ -86,8 +86,9 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         raise ValueError(f"{where}: validation_split must be in [0, 1), got "
                          f"{validation_split!r}")
     if validation_data is not None:
-        if len(validation_data) != 2:
-            raise ValueError(f"{where}: validation_data must be a pair (x_val, y_val)")
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+            raise ValueError(f"{where}: validation_data must be a pair (x_val, y_val), got "
+                             f"{type(validation_data).__name__}")
         xv = model._check_x(validation_data[0], where, "validation_data[0]")
         yv = model._check_y(validation_data[1], xv.shape[0], loss, where, "validation_data[1]")
     elif validation_split > 0:

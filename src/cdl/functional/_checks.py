@@ -132,6 +132,13 @@ def conv_output_size(size, kernel, stride=1, padding=0, where="conv_output_size"
     padded input is a ValueError that shows the arithmetic (``where`` names the caller,
     ``axis`` the axis in the message).
     """
+    for name, value, least in (("size", size, 0), ("kernel", kernel, 1), ("stride", stride, 1),
+                               ("padding", padding, 0)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{where}: {name} must be an int, got {value!r}")
+        if value < least:
+            raise ValueError(f"{where}: {name} must be >= {least}, got {value!r}")
+    size, kernel, stride, padding = int(size), int(kernel), int(stride), int(padding)
     span = size + 2 * padding - kernel
     if span < 0:
         raise ValueError(
@@ -141,11 +148,14 @@ def conv_output_size(size, kernel, stride=1, padding=0, where="conv_output_size"
     return span // stride + 1
 
 
-def num_threads(n=None):
+def num_threads(n=None, where="cdl"):
+    """A call's ``threads`` argument: None gives the configured (adaptive) count."""
     if n is None:
         return _config.step_threads()
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"num_threads must be a positive int, got {n!r}")
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"{where}: threads must be a positive int, got {n!r}")
+    if n < 1:
+        raise ValueError(f"{where}: threads must be a positive int, got {n!r}")
     if n > MAX_THREADS:
-        raise ValueError(f"num_threads={n} is more than the {MAX_THREADS} cdl supports")
+        raise ValueError(f"{where}: threads={n} is more than the {MAX_THREADS} cdl supports")
     return _runtime.fork_safe_threads(int(n))

@@ -17,7 +17,7 @@ def _unary(kernel, x, out, threads, where):
     x = float_array(x, "x", where)
     out = out_array(out, "out", where, x.shape, x.dtype)
     separate(where, {"out": out}, {"x": x}, in_place={("out", "x")})
-    kernel(x.reshape(-1), out.reshape(-1), num_threads(threads))
+    kernel(x.reshape(-1), out.reshape(-1), num_threads(threads, where))
     return out
 
 
@@ -31,7 +31,7 @@ def _backward(kernel, grad_out, y, out, threads, where):
     out = out_array(out, "out", where, y.shape, y.dtype)
     separate(where, {"out": out}, {"grad_out": grad_out, "y": y},
              in_place={("out", "grad_out"), ("out", "y")})
-    kernel(grad_out.reshape(-1), y.reshape(-1), out.reshape(-1), num_threads(threads))
+    kernel(grad_out.reshape(-1), y.reshape(-1), out.reshape(-1), num_threads(threads, where))
     return out
 
 

@@ -52,7 +52,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, *, out=None, threads=None)
                          f"{weight.shape[0]} output channels")
     out = out_array(out, "out", where, (x.shape[0], weight.shape[0], oh, ow), x.dtype)
     separate(where, {"out": out}, {"x": x, "weight": weight, "bias": bias})
-    _conv.conv2d_forward(x, weight, bias, out, sh, sw, ph, pw, num_threads(threads))
+    _conv.conv2d_forward(x, weight, bias, out, sh, sw, ph, pw, num_threads(threads, where))
     return out
 
 
@@ -77,7 +77,7 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, *, need_input_grad
     if grad_out.shape != expected:
         raise ValueError(f"{where}: grad_out must have shape {shape_str(expected)} (N x K x H2 x "
                          f"W2), got {shape_str(grad_out.shape)}")
-    nt = num_threads(threads)
+    nt = num_threads(threads, where)
     dx = out_array(grad_input, "grad_input", where, x.shape, x.dtype) if need_input_grad else None
     dw = out_array(grad_weight, "grad_weight", where, weight.shape, x.dtype)
     db = (out_array(grad_bias, "grad_bias", where, (weight.shape[0],), x.dtype)

@@ -30,7 +30,7 @@ def linear(x, weight, bias=None, *, out=None, threads=None):
     out = out_array(out, "out", where, (x.shape[0], weight.shape[0]), x.dtype)
     separate(where, {"out": out}, {"x": x, "weight": weight, "bias": bias})
     try:
-        _dense.linear_forward(x, weight, bias, out, num_threads(threads))
+        _dense.linear_forward(x, weight, bias, out, num_threads(threads, where))
     finally:
         _config.restore_blas()  # SciPy's BLAS was single-threaded only for this call
     return out
@@ -64,7 +64,7 @@ def linear_backward(grad_out, x, weight, *, need_input_grad=True, need_bias_grad
     separate(where, {"grad_input": dx, "grad_weight": dw, "grad_bias": db},
              {"grad_out": grad_out, "x": x, "weight": weight})
     try:
-        _dense.linear_backward(grad_out, x, weight, dx, dw, db, float(l2), num_threads(threads))
+        _dense.linear_backward(grad_out, x, weight, dx, dw, db, float(l2), num_threads(threads, where))
     finally:
         _config.restore_blas()
     return dx, dw, db

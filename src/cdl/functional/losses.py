@@ -64,7 +64,7 @@ def softmax(scores, *, out=None, threads=None):
     scores = _scores(scores, "scores", where)
     out = out_array(out, "out", where, scores.shape, scores.dtype)
     separate(where, {"out": out}, {"scores": scores})
-    _losses.softmax(scores, out, num_threads(threads))
+    _losses.softmax(scores, out, num_threads(threads, where))
     return out
 
 
@@ -85,7 +85,7 @@ def softmax_cross_entropy(scores, labels, *, reduction="mean", grad=None, probs=
     separate(where, {"grad": grad, "probs": probs}, {"scores": scores, "labels": labels})
     sample = np.empty(n, dtype=np.float64)
     total = _losses.softmax_cross_entropy(scores, labels, probs, grad, sample, scale,
-                                          num_threads(threads))
+                                          num_threads(threads, where))
     return float(total * scale), grad
 
 
@@ -102,7 +102,7 @@ def multiclass_svm(scores, labels, *, margin=1.0, reduction="mean", grad=None, t
     separate(where, {"grad": grad}, {"scores": scores, "labels": labels})
     sample = np.empty(n, dtype=np.float64)
     total = _losses.multiclass_svm(scores, labels, float(margin), grad, sample, scale,
-                                   num_threads(threads))
+                                   num_threads(threads, where))
     return float(total * scale), grad
 
 
@@ -120,7 +120,7 @@ def mse(pred, target, *, reduction="mean", grad=None, threads=None):
     scale = _reduction(reduction, n, where)
     grad = out_array(grad, "grad", where, pred.shape, pred.dtype)
     sample = np.empty(n, dtype=np.float64)
-    nt = num_threads(threads)
+    nt = num_threads(threads, where)
     t = target if isinstance(target, np.ndarray) else np.asarray(target)
     if t.dtype.kind in "iu":
         if pred.ndim != 2:

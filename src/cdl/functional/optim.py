@@ -61,5 +61,5 @@ def sgd_update(param, grad, *, lr, velocity=None, momentum=0.0, nesterov=False,
                          f"(np.zeros_like(param), kept between steps)")
     _ew.sgd_update(param.reshape(-1), grad.reshape(-1),
                    None if velocity is None else velocity.reshape(-1),
-                   lr, momentum, bool(nesterov), weight_decay, num_threads(threads))
+                   lr, momentum, bool(nesterov), weight_decay, num_threads(threads, where))
     return param

@@ -49,7 +49,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, *, out=None, indices=None
     out = out_array(out, "out", where, shape, x.dtype)
     indices = out_array(indices, "indices", where, shape, np.int32)
     separate(where, {"out": out, "indices": indices}, {"x": x})
-    _pool.max_pool2d_forward(x, out, indices, kh, kw, sh, sw, ph, pw, num_threads(threads))
+    _pool.max_pool2d_forward(x, out, indices, kh, kw, sh, sw, ph, pw, num_threads(threads, where))
     return out, indices
 
 
@@ -92,7 +92,7 @@ def max_pool2d_backward(grad_out, indices, input_shape, kernel_size, stride=None
         if bad:
             raise _bad_indices(where, bad, indices, h, w, kh, kw)
     bad = _pool.max_pool2d_backward(grad_out, indices, dx, kh, kw, sh, sw, ph, pw,
-                                    num_threads(threads))
+                                    num_threads(threads, where))
     if bad:
         raise _bad_indices(where, bad, indices, h, w, kh, kw)
     return dx

@@ -419,9 +419,10 @@ class Layer:
         if x.dtype.kind not in "fiub":
             raise TypeError(f"{self.name}: x must be a numeric array, got dtype {x.dtype}")
         if self.input_shape is None:
-            if x.ndim < 2:
-                raise ValueError(f"{self.name}: x must have a batch axis, got shape "
-                                 f"{shape_str(x.shape)}")
+            # a call that is refused leaves the layer unbuilt
+            if x.ndim < 2 or x.shape[0] < 1:
+                raise ValueError(f"{self.name}: x must have a batch axis with N >= 1 "
+                                 f"samples, got shape {shape_str(x.shape)}")
             dt = x.dtype if x.dtype in FLOAT_DTYPES else np.dtype(np.float32)
             self.build(x.shape[1:], self.dtype or dt, keep_params=True)
         if x.shape[1:] != self.input_shape or x.shape[0] < 1:
