@@ -69,7 +69,8 @@ def test_summary_table(capsys):
     total = 6 * 25 + 6 + 16 * 6 * 25 + 16 + 400 * 120 + 120 + 120 * 10 + 10
     assert m.num_params() == total
     assert f"Total params: {total:,}" in out
-    assert f"{2 * 25 * 6 * 28 * 28:,}" in out  # conv1 FLOPs per sample
+    assert f"{(2 * 25 + 1) * 6 * 28 * 28:,}" in out  # conv1 FLOPs per sample, bias adds too
+    assert f"{2 * 400 * 120 + 120:,}" in out         # as Linear counts its bias
 
 
 @pytest.mark.parametrize("arch,shape", [(mlp, (6,)), (small_cnn, (2, 4, 4))])

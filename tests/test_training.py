@@ -1,4 +1,5 @@
 """fit: accuracy on real digits, validation, shuffling, callbacks, NaN stop, Ctrl-C."""
+import io
 import os
 import re
 import signal
@@ -60,6 +61,12 @@ def test_fit_history_validation_split_and_verbose(capsys):
         assert rate <= 1.5 * 40 / seconds
     v_loss, v_acc = m.evaluate(x[40:], y[40:], cdl.SoftmaxCrossEntropy())
     assert h["val_loss"][-1] == pytest.approx(v_loss) and h["val_accuracy"][-1] == v_acc
+
+
+def test_progress_line_shows_a_nan_loss_but_not_an_undefined_accuracy():
+    bar = cdl.progress.ProgressBar(10, 1, 1, file=io.StringIO())
+    line = bar._line(10, {"loss": 0.5, "accuracy": float("nan"), "val_loss": float("nan")})
+    assert "loss 0.5000" in line and "val_loss nan" in line and "accuracy" not in line
 
 
 def test_fit_shuffles_without_replacement_and_keeps_partial_batch(monkeypatch):

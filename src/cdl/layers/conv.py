@@ -78,7 +78,9 @@ class Conv2d(FoldsAtInference, Layer):
     def flops(self):
         kh, kw = self.kernel_size
         _, h2, w2 = self.output_shape
-        return 2 * self.in_channels * kh * kw * self.out_channels * h2 * w2
+        # multiply-adds, then the bias adds (as Linear counts them)
+        return (2 * self.in_channels * kh * kw + (1 if self.use_bias else 0)) \
+            * self.out_channels * h2 * w2
 
     writes_through_ws = True
     backward_reads_output = False   # it reads x and the weights
