@@ -470,3 +470,25 @@ def test_sgd_momentum_set_after_construction_takes_effect():
     for k, v in a.state_dict().items():
         np.testing.assert_array_equal(v, b.state_dict()[k], err_msg=k)
     assert list(ob.state_dict()["state"]) == ["momentum_buffer"]
+    # its state dict loads before any step too, and back to no momentum drops the buffer
+    oc = cdl.SGD(b, lr=0.1)
+    oc.momentum = 0.5
+    cdl.SGD(b, lr=0.1).load_state_dict(oc.state_dict())
+    oc.momentum = 0.0
+    assert oc.state_dict()["state"] == {}
+
+
+def test_optimizer_load_state_dict_keeps_its_buffers_and_base_lr_when_it_can():
+    m = conv_bn_net()
+    x, y = batch(6)
+    opt = cdl.SGD(m, lr=0.1, momentum=0.9)
+    m.train_step(x, y, cdl.SoftmaxCrossEntropy(), opt)
+    views = opt.velocities                       # views into the buffer stay live
+    sd = opt.state_dict()
+    opt.base_lr = 0.05
+    del sd["base_lr"]
+    opt.load_state_dict(sd)
+    assert opt.base_lr == 0.05
+    for name, v in views.items():
+        np.testing.assert_array_equal(v, sd["state"]["momentum_buffer"][name])
+        assert np.shares_memory(v, opt.buffers["momentum_buffer"])

@@ -128,7 +128,7 @@ def test_state_dict_file_errors(tmp_path, monkeypatch):
         (tmp_path / "bf16.safetensors").write_bytes(len(head).to_bytes(8, "little") + head
                                                     + bytes(4))
         with pytest.raises(ValueError, match=r"holds '0.weight' as BF16, which NumPy cannot "
-                                             r"hold \(1 such tensors\); save it as float32"):
+                                             r"hold \(1 such tensor\(s\)\); save it as float32"):
             cdl.load_state_dict_file(model, tmp_path / "bf16.safetensors")
     # pickled object arrays in an .npz are never unpickled
     np.savez(tmp_path / "obj.npz", **{"0.weight": np.array([{"a": 1}], dtype=object)})

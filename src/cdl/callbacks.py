@@ -119,6 +119,24 @@ def _monitored(logs, monitor, owner):
     return value
 
 
+# The keys fit may put in an epoch's logs.
+FIT_LOG_KEYS = ("loss", "accuracy", "lr", "val_loss", "val_accuracy", "seconds")
+
+
+class _StandIns(dict):
+    """Stand-in logs for trying a format string: 0.0 for the keys given and for keys
+    fit does not make (another callback may add them); KeyError for fit's own keys
+    that this run leaves out."""
+
+    def __init__(self, keys, **known):
+        super().__init__({k: 0.0 for k in keys}, **known)
+
+    def __missing__(self, key):
+        if key in FIT_LOG_KEYS:
+            raise KeyError(key)
+        return 0.0
+
+
 class EarlyStopping(Callback):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
 
@@ -207,8 +225,10 @@ class ModelCheckpoint(Callback):
             return
         # The path is tried on stand-in logs now, not after the first epoch has trained
         # (the same on every rank of a distributed fit, so every rank raises or none).
+        # A key that another callback may add to the logs is taken on trust; one of
+        # fit's own that this run will not have (val_loss without validation) is not.
         try:
-            self.path.format(epoch=1, **{k: 0.0 for k in self.log_keys})
+            self.path.format_map(_StandIns(self.log_keys, epoch=1))
         except (KeyError, IndexError, ValueError, AttributeError) as exc:
             raise ValueError(f"ModelCheckpoint: path {self.path!r} cannot be filled from "
                              f"epoch and the logs ({', '.join(self.log_keys)}): "
@@ -223,7 +243,12 @@ class ModelCheckpoint(Callback):
             if not (value < self.best if self.mode == "min" else value > self.best):
                 return
             self.best = value
-        path = self.path.format(epoch=epoch + 1, **logs)
+        try:
+            path = self.path.format(epoch=epoch + 1, **logs)
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
+            raise ValueError(f"ModelCheckpoint: path {self.path!r} cannot be filled from "
+                             f"epoch and this epoch's logs ({', '.join(logs)}): "
+                             f"{type(exc).__name__}: {exc}") from None
         if self.rank == 0:
             folder = os.path.dirname(path)
             if folder:

@@ -29,8 +29,9 @@ class ProgressBar:
     def _line(self, done, metrics):
         elapsed = time.perf_counter() - self.start
         rate = done / elapsed if elapsed > 0 else float("nan")
-        # an undefined accuracy (NaN: no class labels) is left out; a NaN loss is shown
-        parts = [f"{k} {v:.4f}" for k, v in metrics.items() if v == v or "accuracy" not in k]
+        # an undefined accuracy ("acc", "accuracy", "val_accuracy" NaN: no class labels)
+        # is left out; a NaN loss is shown
+        parts = [f"{k} {v:.4f}" for k, v in metrics.items() if v == v or "acc" not in k]
         if done < self.total:
             filled = int(self.width * done / max(self.total, 1))
             bar = "=" * filled + ">" + "." * (self.width - filled - 1)

@@ -157,8 +157,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
 
     model.stop_training = False    # (callbacks may raise here: nothing is set up yet)
     log_keys = ("loss", "accuracy", "lr") + (("val_loss", "val_accuracy")
-                                             if xv is not None or val_everywhere else ()) \
-        + ("seconds",)
+                                             if xv is not None else ()) + ("seconds",)
     for cb in cbs:
         cb.log_keys = log_keys
         cb.on_train_begin()

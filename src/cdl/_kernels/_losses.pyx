@@ -105,8 +105,8 @@ cdef double _softmax_cross_entropy(const floating[:, ::1] scores,
                     total = total + e[j]
                 else:
                     total = total + exp(s[j] - m)
-            # s[y] - m first, exactly in double: added to m first, log(total) would round
-            # away for scores of 1e17
+            # s[y] - m first (exact in double for float32 scores): added to m first,
+            # log(total) would round away for scores of 1e17
             sample_loss[i] = log(total) - (<double>s[y] - <double>m)
             inv = <floating>(1.0 / total)
             if has_p:

@@ -55,8 +55,13 @@ def same_dtype(where, first_name, first, **others):
                             f"{first.dtype}; use one dtype for all arrays")
 
 
-def out_array(out, name, where, shape, dtype):
-    """Check a caller-provided output buffer, or allocate one if ``out`` is None."""
+def out_array(out, name, where, shape, dtype, reads=None, in_place=()):
+    """Check a caller-provided output buffer, or allocate one if ``out`` is None.
+
+    ``reads`` ({name: array or None}): the arrays the call reads (inputs, and outputs
+    checked before this one). A given ``out`` that shares memory with one of them is a
+    ValueError, since the kernels read while they write and the result would be silently
+    wrong; the names in ``in_place`` may be exactly ``out`` (an elementwise update)."""
     shape = tuple(int(s) for s in shape)
     size = 1
     for s in shape:
@@ -75,26 +80,16 @@ def out_array(out, name, where, shape, dtype):
                          f"got {shape_str(out.shape)}")
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError(f"{where}: {name} must be a writeable C-contiguous array")
+    for other, a in (reads or {}).items():
+        if a is None or not np.may_share_memory(out, a):
+            continue
+        if other in in_place and (a is out or (a.ctypes.data == out.ctypes.data
+                                               and a.strides == out.strides
+                                               and a.shape == out.shape)):
+            continue
+        raise ValueError(f"{where}: {name} shares memory with {other}; give it an array of "
+                         f"its own")
     return out
-
-
-def separate(where, outputs, inputs, in_place=()):
-    """Refuse an output that shares memory with an input or another output: the kernels
-    read their inputs while they write, so the result would be silently wrong.
-    ``outputs`` and ``inputs`` are {name: array or None}; (output, input) name pairs
-    in ``in_place`` may be exactly the same array (an elementwise update in place)."""
-    outs = [(k, a) for k, a in outputs.items() if a is not None]
-    for i, (name, out) in enumerate(outs):
-        others = [(k, a) for k, a in inputs.items() if a is not None] + outs[:i]
-        for other, a in others:
-            if not np.may_share_memory(out, a):
-                continue
-            if (name, other) in in_place and out.__array_interface__["data"][0] == \
-                    a.__array_interface__["data"][0] and out.strides == a.strides \
-                    and out.shape == a.shape:
-                continue
-            raise ValueError(f"{where}: {name} shares memory with {other}; give it an array "
-                             f"of its own")
 
 
 def real_number(value, name, where, minimum=None):

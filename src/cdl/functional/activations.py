@@ -8,15 +8,14 @@ The backward functions take the forward OUTPUT y (what a layer keeps), not x.
 input is a ValueError). NaN propagates.
 """
 from .._kernels import elementwise as _ew
-from ._checks import float_array, num_threads, out_array, same_dtype, separate, shape_str
+from ._checks import float_array, num_threads, out_array, same_dtype, shape_str
 
 __all__ = ["relu", "relu_backward", "sigmoid", "sigmoid_backward"]
 
 
 def _unary(kernel, x, out, threads, where):
     x = float_array(x, "x", where)
-    out = out_array(out, "out", where, x.shape, x.dtype)
-    separate(where, {"out": out}, {"x": x}, in_place={("out", "x")})
+    out = out_array(out, "out", where, x.shape, x.dtype, {"x": x}, in_place=("x",))
     kernel(x.reshape(-1), out.reshape(-1), num_threads(threads, where))
     return out
 
@@ -28,9 +27,8 @@ def _backward(kernel, grad_out, y, out, threads, where):
     if grad_out.shape != y.shape:
         raise ValueError(f"{where}: grad_out has shape {shape_str(grad_out.shape)} but y has "
                          f"{shape_str(y.shape)}")
-    out = out_array(out, "out", where, y.shape, y.dtype)
-    separate(where, {"out": out}, {"grad_out": grad_out, "y": y},
-             in_place={("out", "grad_out"), ("out", "y")})
+    out = out_array(out, "out", where, y.shape, y.dtype, {"grad_out": grad_out, "y": y},
+                    in_place=("grad_out", "y"))
     kernel(grad_out.reshape(-1), y.reshape(-1), out.reshape(-1), num_threads(threads, where))
     return out
 

@@ -12,7 +12,7 @@ output tiles.
 """
 from .._kernels import conv as _conv
 from ._checks import (conv_output_size, float_array, int_pair, num_threads, out_array,
-                      same_dtype, separate, shape_str)
+                      same_dtype, shape_str)
 
 __all__ = ["conv2d", "conv2d_backward"]
 
@@ -50,8 +50,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, *, out=None, threads=None)
     if bias is not None and bias.shape[0] != weight.shape[0]:
         raise ValueError(f"{where}: bias has {bias.shape[0]} entries but weight has "
                          f"{weight.shape[0]} output channels")
-    out = out_array(out, "out", where, (x.shape[0], weight.shape[0], oh, ow), x.dtype)
-    separate(where, {"out": out}, {"x": x, "weight": weight, "bias": bias})
+    out = out_array(out, "out", where, (x.shape[0], weight.shape[0], oh, ow), x.dtype,
+                    {"x": x, "weight": weight, "bias": bias})
     _conv.conv2d_forward(x, weight, bias, out, sh, sw, ph, pw, num_threads(threads, where))
     return out
 
@@ -78,12 +78,13 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, *, need_input_grad
         raise ValueError(f"{where}: grad_out must have shape {shape_str(expected)} (N x K x H2 x "
                          f"W2), got {shape_str(grad_out.shape)}")
     nt = num_threads(threads, where)
-    dx = out_array(grad_input, "grad_input", where, x.shape, x.dtype) if need_input_grad else None
-    dw = out_array(grad_weight, "grad_weight", where, weight.shape, x.dtype)
-    db = (out_array(grad_bias, "grad_bias", where, (weight.shape[0],), x.dtype)
-          if need_bias_grad else None)
-    separate(where, {"grad_input": dx, "grad_weight": dw, "grad_bias": db},
-             {"grad_out": grad_out, "x": x, "weight": weight})
+    reads = {"grad_out": grad_out, "x": x, "weight": weight}
+    dx = (out_array(grad_input, "grad_input", where, x.shape, x.dtype, reads)
+          if need_input_grad else None)
+    dw = out_array(grad_weight, "grad_weight", where, weight.shape, x.dtype,
+                   dict(reads, grad_input=dx))
+    db = (out_array(grad_bias, "grad_bias", where, (weight.shape[0],), x.dtype,
+                    dict(reads, grad_input=dx, grad_weight=dw)) if need_bias_grad else None)
     if dx is not None:
         _conv.conv2d_backward_input(grad_out, weight, dx, sh, sw, ph, pw, nt)
     _conv.conv2d_backward_weight(grad_out, x, dw, db, sh, sw, ph, pw, nt)

@@ -3,8 +3,7 @@
 
 from .. import _config
 from .._kernels import dense as _dense
-from ._checks import (float_array, num_threads, out_array, real_number, same_dtype, separate,
-                      shape_str)
+from ._checks import float_array, num_threads, out_array, real_number, same_dtype, shape_str
 
 __all__ = ["linear", "linear_backward"]
 
@@ -27,8 +26,8 @@ def linear(x, weight, bias=None, *, out=None, threads=None):
     if bias is not None and bias.shape[0] != weight.shape[0]:
         raise ValueError(f"{where}: bias has {bias.shape[0]} entries but weight has "
                          f"{weight.shape[0]} output features")
-    out = out_array(out, "out", where, (x.shape[0], weight.shape[0]), x.dtype)
-    separate(where, {"out": out}, {"x": x, "weight": weight, "bias": bias})
+    out = out_array(out, "out", where, (x.shape[0], weight.shape[0]), x.dtype,
+                    {"x": x, "weight": weight, "bias": bias})
     try:
         _dense.linear_forward(x, weight, bias, out, num_threads(threads, where))
     finally:
@@ -58,13 +57,16 @@ def linear_backward(grad_out, x, weight, *, need_input_grad=True, need_bias_grad
         raise ValueError(f"{where}: grad_out must have shape {shape_str((n, fout))} "
                          f"(batch x out_features), got {shape_str(grad_out.shape)}")
     l2 = real_number(l2, "l2", where, minimum=0)
-    dx = out_array(grad_input, "grad_input", where, x.shape, x.dtype) if need_input_grad else None
-    dw = out_array(grad_weight, "grad_weight", where, weight.shape, x.dtype)
-    db = out_array(grad_bias, "grad_bias", where, (fout,), x.dtype) if need_bias_grad else None
-    separate(where, {"grad_input": dx, "grad_weight": dw, "grad_bias": db},
-             {"grad_out": grad_out, "x": x, "weight": weight})
+    reads = {"grad_out": grad_out, "x": x, "weight": weight}
+    dx = (out_array(grad_input, "grad_input", where, x.shape, x.dtype, reads)
+          if need_input_grad else None)
+    dw = out_array(grad_weight, "grad_weight", where, weight.shape, x.dtype,
+                   dict(reads, grad_input=dx))
+    db = (out_array(grad_bias, "grad_bias", where, (fout,), x.dtype,
+                    dict(reads, grad_input=dx, grad_weight=dw)) if need_bias_grad else None)
     try:
-        _dense.linear_backward(grad_out, x, weight, dx, dw, db, float(l2), num_threads(threads, where))
+        _dense.linear_backward(grad_out, x, weight, dx, dw, db, float(l2),
+                               num_threads(threads, where))
     finally:
         _config.restore_blas()
     return dx, dw, db

@@ -14,7 +14,7 @@ summed in a fixed order: identical for any thread count.
 import numpy as np
 
 from .._kernels import losses as _losses
-from ._checks import float_array, num_threads, out_array, real_number, separate, shape_str
+from ._checks import float_array, num_threads, out_array, real_number, shape_str
 
 __all__ = ["softmax", "softmax_cross_entropy", "multiclass_svm", "mse", "l2_penalty"]
 
@@ -62,8 +62,7 @@ def softmax(scores, *, out=None, threads=None):
     """p_ij = e^{s_ij - m_i} / Σ_k e^{s_ik - m_i} with m_i = max_k s_ik, for scores (N, C)."""
     where = "softmax"
     scores = _scores(scores, "scores", where)
-    out = out_array(out, "out", where, scores.shape, scores.dtype)
-    separate(where, {"out": out}, {"scores": scores})
+    out = out_array(out, "out", where, scores.shape, scores.dtype, {"scores": scores})
     _losses.softmax(scores, out, num_threads(threads, where))
     return out
 
@@ -79,10 +78,11 @@ def softmax_cross_entropy(scores, labels, *, reduction="mean", grad=None, probs=
     n, c = scores.shape
     labels = _labels(labels, scores.shape, where)
     scale = _reduction(reduction, n, where)
-    grad = out_array(grad, "grad", where, scores.shape, scores.dtype)
+    reads = {"scores": scores, "labels": labels}
+    grad = out_array(grad, "grad", where, scores.shape, scores.dtype, reads)
     if probs is not None:
-        probs = out_array(probs, "probs", where, scores.shape, scores.dtype)
-    separate(where, {"grad": grad, "probs": probs}, {"scores": scores, "labels": labels})
+        probs = out_array(probs, "probs", where, scores.shape, scores.dtype,
+                          dict(reads, grad=grad))
     sample = np.empty(n, dtype=np.float64)
     total = _losses.softmax_cross_entropy(scores, labels, probs, grad, sample, scale,
                                           num_threads(threads, where))
@@ -98,8 +98,8 @@ def multiclass_svm(scores, labels, *, margin=1.0, reduction="mean", grad=None, t
     labels = _labels(labels, scores.shape, where)
     margin = real_number(margin, "margin", where)
     scale = _reduction(reduction, n, where)
-    grad = out_array(grad, "grad", where, scores.shape, scores.dtype)
-    separate(where, {"grad": grad}, {"scores": scores, "labels": labels})
+    grad = out_array(grad, "grad", where, scores.shape, scores.dtype,
+                     {"scores": scores, "labels": labels})
     sample = np.empty(n, dtype=np.float64)
     total = _losses.multiclass_svm(scores, labels, float(margin), grad, sample, scale,
                                    num_threads(threads, where))
@@ -118,17 +118,13 @@ def mse(pred, target, *, reduction="mean", grad=None, threads=None):
         raise ValueError(f"{where}: pred must have a batch axis, got a scalar")
     n = pred.shape[0]
     scale = _reduction(reduction, n, where)
-    grad = out_array(grad, "grad", where, pred.shape, pred.dtype)
-    sample = np.empty(n, dtype=np.float64)
     nt = num_threads(threads, where)
     t = target if isinstance(target, np.ndarray) else np.asarray(target)
     if t.dtype.kind in "iu":
         if pred.ndim != 2:
             raise ValueError(f"{where}: with integer labels pred must be 2-D (N, C), got shape "
                              f"{shape_str(pred.shape)}")
-        labels = _labels(t, pred.shape, where, "pred")
-        separate(where, {"grad": grad}, {"pred": pred, "target": labels})
-        total = _losses.mse_labels(pred, labels, grad, sample, scale, nt)
+        t = _labels(t, pred.shape, where, "pred")
     else:
         t = float_array(t, "target", where)
         if t.dtype != pred.dtype:
@@ -136,7 +132,11 @@ def mse(pred, target, *, reduction="mean", grad=None, threads=None):
         if t.shape != pred.shape:
             raise ValueError(f"{where}: target has shape {shape_str(t.shape)} but pred has "
                              f"{shape_str(pred.shape)}")
-        separate(where, {"grad": grad}, {"pred": pred, "target": t})
+    grad = out_array(grad, "grad", where, pred.shape, pred.dtype, {"pred": pred, "target": t})
+    sample = np.empty(n, dtype=np.float64)
+    if t.dtype.kind in "iu":
+        total = _losses.mse_labels(pred, t, grad, sample, scale, nt)
+    else:
         cols = pred.size // n if n else 0
         total = _losses.mse(pred.reshape(n, cols), t.reshape(n, cols), grad.reshape(n, cols),
                             sample, scale, nt)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .._kernels import pool as _pool
 from ._checks import (conv_output_size, float_array, int_pair, num_threads, out_array,
-                      separate, shape_str)
+                      shape_str)
 
 __all__ = ["max_pool2d", "max_pool2d_backward"]
 
@@ -46,9 +46,8 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, *, out=None, indices=None
     n, c, h, w = x.shape
     oh, ow = _output_hw(h, w, kh, kw, sh, sw, ph, pw, where)
     shape = (n, c, oh, ow)
-    out = out_array(out, "out", where, shape, x.dtype)
-    indices = out_array(indices, "indices", where, shape, np.int32)
-    separate(where, {"out": out, "indices": indices}, {"x": x})
+    out = out_array(out, "out", where, shape, x.dtype, {"x": x})
+    indices = out_array(indices, "indices", where, shape, np.int32, {"x": x, "out": out})
     _pool.max_pool2d_forward(x, out, indices, kh, kw, sh, sw, ph, pw, num_threads(threads, where))
     return out, indices
 
@@ -83,33 +82,17 @@ def max_pool2d_backward(grad_out, indices, input_shape, kernel_size, stride=None
         raise ValueError(f"{where}: indices has shape {shape_str(indices.shape)} but grad_out "
                          f"has {shape_str(grad_out.shape)}")
     indices = np.ascontiguousarray(indices)
-    dx = out_array(grad_input, "grad_input", where, (n, c, h, w), grad_out.dtype)
-    separate(where, {"grad_input": dx}, {"grad_out": grad_out, "indices": indices})
-    if grad_input is not None:
-        # the caller's array: checked first, since the kernel finds bad indices only
-        # after it has written
-        bad = _out_of_window(indices, h, w, kh, kw, sh, sw, ph, pw)
-        if bad:
-            raise _bad_indices(where, bad, indices, h, w, kh, kw)
-    bad = _pool.max_pool2d_backward(grad_out, indices, dx, kh, kw, sh, sw, ph, pw,
+    dx = out_array(grad_input, "grad_input", where, (n, c, h, w), grad_out.dtype,
+                   {"grad_out": grad_out, "indices": indices})
+    # The kernel finds a bad index only as it writes: a caller's array is filled from a
+    # scratch one once all indices have passed.
+    target = dx if grad_input is None else np.empty_like(dx)
+    bad = _pool.max_pool2d_backward(grad_out, indices, target, kh, kw, sh, sw, ph, pw,
                                     num_threads(threads, where))
     if bad:
-        raise _bad_indices(where, bad, indices, h, w, kh, kw)
+        raise ValueError(f"{where}: {bad} of {indices.size} indices do not point into their "
+                         f"own {kh}x{kw} window of the {h}x{w} input; pass the indices "
+                         f"max_pool2d returned for the same kernel_size/stride/padding")
+    if target is not dx:
+        np.copyto(dx, target)
     return dx
-
-
-def _out_of_window(indices, h, w, kh, kw, sh, sw, ph, pw):
-    """How many indices do not point into their own window's cells of the h x w plane."""
-    oh, ow = indices.shape[2:]
-    i0 = (np.arange(oh) * sh - ph)[:, None]
-    j0 = (np.arange(ow) * sw - pw)[None, :]
-    r, col = np.divmod(indices.astype(np.int64), max(w, 1))
-    inside = ((indices >= 0) & (indices < h * w) & (r >= i0) & (r < i0 + kh)
-              & (col >= j0) & (col < j0 + kw))
-    return int(inside.size - np.count_nonzero(inside))
-
-
-def _bad_indices(where, bad, indices, h, w, kh, kw):
-    return ValueError(f"{where}: {bad} of {indices.size} indices do not point into their "
-                      f"own {kh}x{kw} window of the {h}x{w} input; pass the indices "
-                      f"max_pool2d returned for the same kernel_size/stride/padding")

@@ -88,7 +88,7 @@ def read_state_dict_file(path, format=None, where="cdl.load_state_dict_file"):
             odd = _dtypes_numpy_lacks(data)
             if odd:
                 raise ValueError(f"{where}: {name} holds {odd[0][0]!r} as {odd[0][1]}, which "
-                                 f"NumPy cannot hold ({len(odd)} such tensors); save it as "
+                                 f"NumPy cannot hold ({len(odd)} such tensor(s)); save it as "
                                  f"float32 (in PyTorch: {{k: v.float() for k, v in "
                                  f"sd.items()}})") from None
             raise ValueError(f"{where}: {name} is not a valid safetensors file "

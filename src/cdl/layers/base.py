@@ -14,9 +14,10 @@ passes
     ``_alloc(n, train)`` returns the buffers for a batch of n (``"out"``
     always); ``check_train_batch(n)`` raises ValueError if the layer cannot
     train on a batch of n (BatchNorm on a single value per channel), so that
-    ``fit`` refuses such a batch before its first step; ``_forward(x, ws, nt, train)`` writes ``ws["out"]`` and returns it
-    (or returns a view of x); ``_backward(g, x, ws, nt, need_input_grad, l2)``
-    overwrites ``grads`` and returns dL/dx (or None when not needed). A layer
+    ``fit`` refuses such a batch before its first step; ``_forward(x, ws, nt,
+    train)`` writes ``ws["out"]`` and returns it (or returns a view of x);
+    ``_backward(g, x, ws, nt, need_input_grad, l2)`` overwrites ``grads`` and
+    returns dL/dx (or None when not needed). A layer
     with ``fuses_l2 = True`` adds 2λW to its decayed gradients itself;
     otherwise the model does, right after its backward.
 direct results

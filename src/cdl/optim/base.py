@@ -157,14 +157,13 @@ class Optimizer:
         if state.get("type", type(self).__name__) != type(self).__name__:
             raise ValueError(f"{where}: the state is of a {state.get('type')}, not a "
                              f"{type(self).__name__}")
-        # The settings are checked by building an optimizer from them; it becomes this
-        # one's settings and (empty) buffers once everything else has passed too.
+        # Settings other than this optimizer's are checked by building one from them
+        # (get_config gives constructor arguments); they are set once all else passed.
         config = state.get("config")
-        if config is None:
-            settings = self
-        elif not isinstance(config, dict):
+        settings = self
+        if config is not None and not isinstance(config, dict):
             raise ValueError(f"{where}: 'config' must be a dict of settings")
-        else:
+        if config is not None and config != self.get_config():
             try:
                 settings = type(self)(self.model, **config)
             except (TypeError, ValueError) as exc:
@@ -173,8 +172,9 @@ class Optimizer:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) \
                 or not 0 <= step <= MAX_STEPS:
             raise ValueError(f"{where}: step must be an int in [0, 2**53], got {step!r}")
-        base_lr = number(state.get("base_lr", settings.lr), "base_lr", where, lo=0.0,
-                         lo_open=True)
+        base_lr = self.base_lr
+        if "base_lr" in state:
+            base_lr = number(state["base_lr"], "base_lr", where, lo=0.0, lo_open=True)
         arrays = state.get("state", {})
         problems, values = [], []
         if not isinstance(arrays, dict):
@@ -205,7 +205,8 @@ class Optimizer:
         if problems:
             raise ValueError(f"{where}: " + "; ".join(problems))
         if settings is not self:
-            self.__dict__.update(settings.__dict__)
+            for key in config:      # (SGD's momentum setter adds or drops its buffer)
+                setattr(self, key, getattr(settings, key))
         for b, name, a in values:
             self.pack.view(self.buffers[b], name)[...] = a
         self.steps = int(step)

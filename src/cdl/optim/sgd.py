@@ -22,13 +22,30 @@ class SGD(Optimizer):
 
     def __init__(self, model, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
                  clip_grad_norm=None):
-        self.momentum = number(momentum, "momentum", "SGD", lo=0.0, hi=1.0, hi_open=True)
-        if nesterov and self.momentum == 0.0:
+        self._momentum = number(momentum, "momentum", "SGD", lo=0.0, hi=1.0, hi_open=True)
+        if nesterov and self._momentum == 0.0:
             raise ValueError("SGD: nesterov=True needs momentum > 0")
         self.nesterov = bool(nesterov)
         self.weight_decay = number(weight_decay, "weight_decay", "SGD", lo=0.0)
-        self.state_names = ("momentum_buffer",) if self.momentum > 0 else ()
+        self.state_names = ("momentum_buffer",) if self._momentum > 0 else ()
         super().__init__(model, lr, clip_grad_norm)
+
+    @property
+    def momentum(self):
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, value):
+        # Set after construction: the momentum buffer appears (from zero, as PyTorch's
+        # first step v = g) or goes with it, so state_dict always matches the settings.
+        self._momentum = number(value, "momentum", "SGD", lo=0.0, hi=1.0, hi_open=True)
+        names = ("momentum_buffer",) if self._momentum > 0 else ()
+        if names != self.state_names:
+            self.state_names = names
+            if self.pack.params is not None:
+                self.buffers = {n: self.buffers[n] if n in self.buffers else self.pack.zeros()
+                                for n in names}
+                self._bind()
 
     def _bind(self):
         pack = self.pack
@@ -38,13 +55,7 @@ class SGD(Optimizer):
             functools.partial(_ew.sgd_update_chunks, *bound)
 
     def _update(self, nt):
-        if self.momentum > 0 and "momentum_buffer" not in self.buffers:
-            # momentum set after construction: its buffer starts at zero, as PyTorch's
-            # first step (v = g) does
-            self.state_names = ("momentum_buffer",)
-            self.buffers["momentum_buffer"] = self.pack.zeros()
-            self._bind()
-        self._run(self.lr, self.momentum, self.nesterov, self.weight_decay, nt)
+        self._run(self.lr, self._momentum, self.nesterov, self.weight_decay, nt)
 
     @property
     def velocities(self):
