@@ -68,40 +68,24 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                             f"gradients), got {type(optimizer).__name__}")
         optimizer.check_loss(loss, where)
         rank, ranks = comm.Get_rank(), comm.Get_size()
-    if isinstance(validation_split, (bool, np.bool_)) or \
-            not isinstance(validation_split, numbers.Real):
-        raise TypeError(f"{where}: validation_split must be a number in [0, 1), got "
-                        f"{validation_split!r}")
-    if verbose not in (0, 1, 2):
-        raise ValueError(f"{where}: verbose must be 0, 1 or 2, got {verbose!r}")
     if rank != 0:
         verbose = 0  # distributed: rank 0 prints
-    x = model._check_x(x, where)
-    n_all = x.shape[0]
-    y = model._check_y(y, n_all, loss, where)
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{where}: {name} must be an int >= 1, got {value!r}")
-    if not 0.0 <= validation_split < 1.0:
-        raise ValueError(f"{where}: validation_split must be in [0, 1), got "
-                         f"{validation_split!r}")
-    if validation_data is not None:
-        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-            raise ValueError(f"{where}: validation_data must be a pair (x_val, y_val), got "
-                             f"{type(validation_data).__name__}")
-        xv = model._check_x(validation_data[0], where, "validation_data[0]")
-        yv = model._check_y(validation_data[1], xv.shape[0], loss, where, "validation_data[1]")
-    elif validation_split > 0:
-        n_val = int(round(n_all * validation_split))
-        if n_val < 1 or n_val >= n_all:
-            raise ValueError(f"{where}: validation_split={validation_split} of {n_all} "
-                             f"samples leaves an empty training or validation set")
-        xv, yv = x[n_all - n_val:], y[n_all - n_val:]
-        x, y = x[:n_all - n_val], y[:n_all - n_val]
-    else:
-        xv = yv = None
-    if xv is not None and xv.shape[0] == 0:
-        xv = yv = None
+    try:
+        x, y, xv, yv = _checked_data(model, x, y, loss, epochs, batch_size, validation_data,
+                                     validation_split, verbose, where)
+        problem = None
+    except (TypeError, ValueError) as exc:
+        problem = exc
+    if comm is not None and ranks > 1:
+        # every rank raises if one does: one that raised alone would leave the others
+        # waiting in the first collective call
+        said = comm.allgather(None if problem is None else f"{type(problem).__name__}: "
+                                                             f"{problem}")
+        if problem is None and any(said):
+            bad = next(i for i, p in enumerate(said) if p)
+            raise ValueError(f"{where}: rank {bad} refused its arguments ({said[bad]})")
+    if problem is not None:
+        raise problem
     n = x.shape[0]
     if comm is not None and ranks > 1:
         # Every rank must run the same number of steps: check the sizes collectively
@@ -146,9 +130,13 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     pred = np.empty(bs, np.intp)
     hit = np.empty(bs, np.bool_)
     shards = None if comm is None else optimizer.shards
-    val_everywhere = comm is not None and (ranks > 1 or shards) and xv is not None
+    # whether any rank validates (one whose part is empty still joins the scoring)
+    has_val = xv is not None
+    if comm is not None and ranks > 1:
+        has_val = any(comm.allgather(has_val))
+    val_everywhere = comm is not None and (ranks > 1 or shards) and has_val
     val_pieces = 1
-    if val_everywhere and shard:
+    if val_everywhere and shard and xv is not None:
         lo, hi = optimizer.piece(0, xv.shape[0])
         xv, yv = xv[lo:hi], yv[lo:hi]
         # with fixed gradient shards the validation set is scored shard by shard too, so
@@ -157,7 +145,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
 
     model.stop_training = False    # (callbacks may raise here: nothing is set up yet)
     log_keys = ("loss", "accuracy", "lr") + (("val_loss", "val_accuracy")
-                                             if xv is not None else ()) + ("seconds",)
+                                             if has_val else ()) + ("seconds",)
     for cb in cbs:
         cb.log_keys = log_keys
         cb.on_train_begin()
@@ -258,8 +246,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                     bar = ProgressBar(n_total, epoch + 1, epochs, start=t0)
                     bar.tty = False
                 bar.finish(n_total, shown)
-            for cb in cbs:
-                cb.on_epoch_end(epoch, logs)
+            _epoch_end(cbs, epoch, logs, comm if ranks > 1 else None, where)
             if model.stop_training:
                 break
     finally:
@@ -268,6 +255,65 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         for cb in cbs:
             cb.on_train_end()
     return history
+
+
+def _epoch_end(cbs, epoch, logs, comm, where):
+    """The callbacks' on_epoch_end; with comm, every rank raises if one's callback did
+    (rank 0 alone writes checkpoints: a full disk there must not leave the others
+    waiting in the next step)."""
+    failure = None
+    try:
+        for cb in cbs:
+            cb.on_epoch_end(epoch, logs)
+    except Exception as exc:     # noqa: BLE001 (re-raised below, after the agreement)
+        failure = exc
+    if comm is not None:
+        said = comm.allgather(None if failure is None else f"{type(failure).__name__}: "
+                                                             f"{failure}")
+        if failure is None and any(said):
+            bad = next(i for i, p in enumerate(said) if p)
+            raise RuntimeError(f"{where}: stopped after epoch {epoch + 1}: a callback on rank "
+                               f"{bad} failed ({said[bad]})")
+    if failure is not None:
+        raise failure
+
+
+def _checked_data(model, x, y, loss, epochs, batch_size, validation_data, validation_split,
+                  verbose, where):
+    """fit's arguments checked: (x, y, x_val, y_val), the validation pair None if empty."""
+    if isinstance(validation_split, (bool, np.bool_)) or \
+            not isinstance(validation_split, numbers.Real):
+        raise TypeError(f"{where}: validation_split must be a number in [0, 1), got "
+                        f"{validation_split!r}")
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"{where}: verbose must be 0, 1 or 2, got {verbose!r}")
+    x = model._check_x(x, where)
+    n_all = x.shape[0]
+    y = model._check_y(y, n_all, loss, where)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{where}: {name} must be an int >= 1, got {value!r}")
+    if not 0.0 <= validation_split < 1.0:
+        raise ValueError(f"{where}: validation_split must be in [0, 1), got "
+                         f"{validation_split!r}")
+    if validation_data is not None:
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+            raise ValueError(f"{where}: validation_data must be a pair (x_val, y_val), got "
+                             f"{type(validation_data).__name__}")
+        xv = model._check_x(validation_data[0], where, "validation_data[0]")
+        yv = model._check_y(validation_data[1], xv.shape[0], loss, where, "validation_data[1]")
+    elif validation_split > 0:
+        n_val = int(round(n_all * validation_split))
+        if n_val < 1 or n_val >= n_all:
+            raise ValueError(f"{where}: validation_split={validation_split} of {n_all} "
+                             f"samples leaves an empty training or validation set")
+        xv, yv = x[n_all - n_val:], y[n_all - n_val:]
+        x, y = x[:n_all - n_val], y[:n_all - n_val]
+    else:
+        xv = yv = None
+    if xv is not None and xv.shape[0] == 0:
+        xv = yv = None
+    return x, y, xv, yv
 
 
 def _check_batch_sizes(model, bounds, n, bs, where, comm):
