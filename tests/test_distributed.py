@@ -91,9 +91,10 @@ def test_two_ranks(pair):
     at rtol 1e-5; broadcasts override different seeds; a NaN (or an inf gradient) on
     one rank skips everywhere; fit with checkpoints (rank 0 writes, atomically), a NaN
     in fit, Ctrl-C on one rank, unsharded uneven data; threads per rank; fixed shards;
-    each rank's own dropout masks; a summed loss refused."""
+    each rank's own dropout masks; a summed loss refused; validation data on one rank
+    only; bad arguments or a failing callback on one rank raising on every rank."""
     result, proc = pair
-    assert len(result["checks"]) == 16, result
+    assert len(result["checks"]) == 19, result
     # the progress bar came from rank 0 only
     assert proc.stderr.count("Epoch 2/2") == 1, proc.stderr
 
