@@ -78,3 +78,30 @@ def test_search_example(client, capsys):
         pytest.approx(results[0]["score"], rel=1e-6)
     out = capsys.readouterr().out
     assert "best: lr=0.05" in out
+
+
+def test_search_twice_by_accuracy_and_bad_arguments(client):
+    # identical data in two calls in a row (it reused the first call's released keys and
+    # failed or hung); an accuracy ranks highest first; arguments are checked up front
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, 1, 8, 8)).astype(np.float32)
+    y = (x.reshape(64, -1).mean(axis=1) > 0).astype(np.int64)
+    val = (x[:16], y[:16])
+    for _ in range(2):
+        results = cdl.dask.search(cnn(), x, y, cdl.SoftmaxCrossEntropy(), [1e-4, 0.1],
+                                  epochs=2, validation_data=val, monitor="val_accuracy",
+                                  client=client)
+        scores = [r["score"] for r in results]
+        assert scores == sorted(scores, reverse=True)
+        assert scores[0] == results[0]["history"]["val_accuracy"][-1]
+    m, loss = cnn(), cdl.SoftmaxCrossEntropy()
+    for kw, exc, match in ((dict(learning_rates=0.1), TypeError, "learning_rates must be a list"),
+                           (dict(learning_rates=[0.1, -1]), ValueError, "learning rates must be finite numbers > 0"),
+                           (dict(learning_rates=[0.1], optimizer="Sgd"), ValueError,
+                            "unknown optimizer 'Sgd'"),
+                           (dict(learning_rates=[0.1], monitor="val_acc", validation_data=val),
+                            ValueError, "monitor 'val_acc' is not in fit's logs"),
+                           (dict(learning_rates=[0.1], monitor="val_loss"), ValueError,
+                            "monitor 'val_loss' is not in fit's logs")):
+        with pytest.raises(exc, match=rf"cdl.dask.search: {match}"):
+            cdl.dask.search(m, x, y, loss, client=client, **kw)

@@ -105,30 +105,62 @@ def search(model, x, y, loss, learning_rates, optimizer="SGD", optimizer_kwargs=
     ``distributed.Client`` (default: the current one). The data and the model are
     scattered to the workers once. Each result is a dict: ``lr``, ``history`` (the
     History's dict), ``score`` (the last ``monitor`` value: ``val_loss`` when there is
-    validation data, else ``loss``; a diverged run scores +inf), ``stop_reason`` and
-    the trained ``model``.
+    validation data, else ``loss``; lower is better, except for accuracies; a diverged
+    run scores worst), ``stop_reason`` and the trained ``model``. The arguments are
+    checked here, before anything is sent.
     """
+    from .callbacks import FIT_LOG_KEYS
+    from .optim import OPTIMIZER_TYPES, Optimizer
+
     _dask()
     try:
         from distributed import default_client
     except ImportError as exc:
         raise ImportError(f"cdl.dask.search needs dask.distributed: {INSTALL_HINT} "
                           f"({exc})") from exc
-    lrs = [float(lr) for lr in learning_rates]
+    where = "cdl.dask.search"
+    if isinstance(learning_rates, (numbers.Number, str)) or \
+            not hasattr(learning_rates, "__iter__"):
+        raise TypeError(f"{where}: learning_rates must be a list of numbers, got "
+                        f"{learning_rates!r}")
+    lrs = list(learning_rates)
     if not lrs:
-        raise ValueError("cdl.dask.search: learning_rates is empty")
-    client = client or default_client()
+        raise ValueError(f"{where}: learning_rates is empty")
+    for lr in lrs:
+        if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, numbers.Real) \
+                or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"{where}: learning rates must be finite numbers > 0, got {lr!r}")
+    lrs = [float(lr) for lr in lrs]
+    if isinstance(optimizer, str):
+        if optimizer not in OPTIMIZER_TYPES:
+            raise ValueError(f"{where}: unknown optimizer {optimizer!r}; one of "
+                             f"{', '.join(sorted(OPTIMIZER_TYPES))}, or an Optimizer class")
+    elif not (isinstance(optimizer, type) and issubclass(optimizer, Optimizer)):
+        raise TypeError(f"{where}: optimizer must be a name or an Optimizer class, got "
+                        f"{optimizer!r}")
+    if validation_data is not None and (not isinstance(validation_data, (tuple, list))
+                                        or len(validation_data) != 2):
+        raise ValueError(f"{where}: validation_data must be a pair (x_val, y_val)")
     monitor = monitor or ("val_loss" if validation_data is not None else "loss")
-    shipped_model, sx, sy = client.scatter([model, x, y], broadcast=True)
+    logged = [k for k in FIT_LOG_KEYS if validation_data is not None or not k.startswith("val_")]
+    if monitor not in logged:
+        raise ValueError(f"{where}: monitor {monitor!r} is not in fit's logs here "
+                         f"({', '.join(logged)})")
+    higher = "accuracy" in monitor
+    client = client or default_client()
+    # hash=False: identical data in a second call must not reuse the first call's keys,
+    # which are being released
+    shipped_model, sx, sy = client.scatter([model, x, y], broadcast=True, hash=False)
     val = None
     if validation_data is not None:
-        val = tuple(client.scatter(list(validation_data), broadcast=True))
+        val = tuple(client.scatter(list(validation_data), broadcast=True, hash=False))
     futures = [client.submit(_train_one, shipped_model, sx, sy, loss, optimizer, lr,
                              optimizer_kwargs, epochs, batch_size, val, pure=False)
                for lr in lrs]
     results = client.gather(futures)
+    worst = -math.inf if higher else math.inf
     for r in results:
-        values = r["history"].get(monitor) or [math.inf]
+        values = r["history"].get(monitor) or [worst]
         score = values[-1]
-        r["score"] = score if (math.isfinite(score) and not r["stop_reason"]) else math.inf
-    return sorted(results, key=lambda r: r["score"])
+        r["score"] = score if (math.isfinite(score) and not r["stop_reason"]) else worst
+    return sorted(results, key=lambda r: -r["score"] if higher else r["score"])
