@@ -680,8 +680,11 @@ def test_load_idx_bad_files(tmp_path):
     with pytest.raises(ValueError, match=r"load_idx: .*: header says 0 dimensions"):
         load_idx(_idx(tmp_path / "d0", 0x08, []))
     (tmp_path / "nd").write_bytes(b"\0\0\x08\xff" + b"\0" * 8)
-    with pytest.raises(ValueError, match=r"load_idx: .*: truncated header \(12 bytes\)"):
+    with pytest.raises(ValueError, match=r"load_idx: .*: header says 255 dimensions \(1 to 32"):
         load_idx(tmp_path / "nd")
+    (tmp_path / "th").write_bytes(b"\0\0\x08\x03" + b"\0" * 8)
+    with pytest.raises(ValueError, match=r"load_idx: .*: truncated header \(12 bytes\)"):
+        load_idx(tmp_path / "th")
     # absurd dimensions: refused from the header, before anything is allocated
     with pytest.raises(ValueError, match=r"load_idx: .*: header says 2147483648x2147483648x2147483648 of "
                                          r"uint8 = \d+ data bytes, file has 0 \(truncated\)"):
@@ -691,12 +694,30 @@ def test_load_idx_bad_files(tmp_path):
     (tmp_path / "gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
     with pytest.raises(ValueError, match=r"load_idx: .*: cannot read the gzip stream"):
         load_idx(tmp_path / "gz")
+    # damaged deflate data: zlib's own error, also a ValueError naming the file
+    packed = bytearray(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 64]) + bytes(range(64)),
+                                     mtime=0))
+    packed[11] ^= 0xFF                  # "invalid distance too far back"
+    (tmp_path / "z.gz").write_bytes(bytes(packed))
+    with pytest.raises(ValueError, match=r"load_idx: .*z.gz: "):
+        load_idx(tmp_path / "z.gz")
+    # a gzip stream far longer than its header says is read only as far as needed
+    with gzip.open(tmp_path / "long.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 1, 0, 0, 0, 2, 7, 9]) + bytes(1 << 20))
+    with pytest.raises(ValueError, match=r"header says 2 of uint8 = 2 data bytes, file has "
+                                         r"more than 2"):
+        load_idx(tmp_path / "long.gz")
     with gzip.open(tmp_path / "ok.gz", "wb") as f:
         f.write(bytes([0, 0, 8, 1, 0, 0, 0, 2, 7, 9]))
     np.testing.assert_array_equal(load_idx(tmp_path / "ok.gz"), [7, 9])
     imgs = _idx(tmp_path / "imgs", 0x08, [2, 2, 2], b"\0" * 8)
     with pytest.raises(ValueError, match=r"load_idx_dataset: .* has shape 3, expected \(2,\) labels for the 2 images"):
         load_idx_dataset(imgs, _idx(tmp_path / "l3", 0x08, [3], b"\0" * 3))
+    with pytest.raises(ValueError, match=r"load_idx_dataset: .*: labels must be >= 0, got -1"):
+        load_idx_dataset(imgs, _idx(tmp_path / "neg", 0x09, [2], b"\x01\xff"))
+    signed = _idx(tmp_path / "i8", 0x09, [1, 1, 2], b"\x05\xfb")      # int8: not scaled
+    np.testing.assert_array_equal(load_idx_dataset(signed, _idx(tmp_path / "l1", 0x08, [1],
+                                                                 b"\0"))[0].ravel(), [5, -5])
     with pytest.raises(ValueError, match=r"load_idx_dataset: labels must be integers, got float32"):
         load_idx_dataset(imgs, _idx(tmp_path / "lf", 0x0D, [2], b"\0" * 8))
     with pytest.raises(ValueError, match=r"load_idx_dataset: .*: expected images N x H x W, got 2x4"):

@@ -1,9 +1,11 @@
 """Datasets: scikit-learn's 8x8 digits, and IDX files (MNIST / Fashion-MNIST) you have.
 
-Nothing is downloaded. Images come back NCHW float32 in [0, 1], labels int64.
+Nothing is downloaded. Images come back NCHW float32 (8-bit ones scaled to [0, 1]),
+labels int64.
 """
 import gzip as _gzip
 import os as _os
+import zlib as _zlib
 
 import numpy as _np
 
@@ -11,6 +13,8 @@ __all__ = ["load_digits", "load_idx", "load_idx_dataset"]
 
 # IDX type codes -> big-endian dtypes
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_MAX_DIMS = 32          # NumPy's own limit is 64; an IDX file has a handful
+_MAX_BYTES = 1 << 40    # a gzip header promising more is damaged, not a dataset
 
 
 def load_digits():
@@ -35,42 +39,58 @@ def load_idx(path):
     """The array stored in an IDX file (gzip-compressed or not), in native byte order.
 
     Format: two zero bytes, a type byte (0x08 ubyte ... 0x0E double), the number of
-    dimensions, each dimension as a big-endian uint32, then the data.
+    dimensions, each dimension as a big-endian uint32, then the data. The header is
+    checked before the data is read, and no more data than it promises is read.
     """
     path = _os.fspath(path)
     with open(path, "rb") as f:
-        head = f.read(2)
-    opener = _gzip.open if head == b"\x1f\x8b" else open
+        magic = f.read(2)
+    opener = _gzip.open if magic == b"\x1f\x8b" else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as exc:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0:
+                raise ValueError(f"load_idx: {path} is not an IDX file (the header must start "
+                                 f"with two zero bytes, got {head!r})")
+            code, ndim = head[2], head[3]
+            if code not in _IDX_TYPES:
+                raise ValueError(f"load_idx: {path}: unknown IDX type code 0x{code:02X}")
+            if not 1 <= ndim <= _MAX_DIMS:
+                raise ValueError(f"load_idx: {path}: header says {ndim} dimensions (1 to "
+                                 f"{_MAX_DIMS} are supported)")
+            raw = f.read(4 * ndim)
+            if len(raw) < 4 * ndim:
+                raise ValueError(f"load_idx: {path}: truncated header ({4 + len(raw)} bytes)")
+            dims = tuple(int(d) for d in _np.frombuffer(raw, ">u4"))
+            dtype = _np.dtype(_IDX_TYPES[code])
+            expect = 1
+            for d in dims:
+                expect *= d
+            expect *= dtype.itemsize
+            shape = f"{'x'.join(map(str, dims))} of {dtype.name} = {expect} data bytes"
+            if opener is open:          # the file's size says it all before any read
+                got = _os.fstat(f.fileno()).st_size - 4 - 4 * ndim
+                if got != expect:
+                    raise ValueError(f"load_idx: {path}: header says {shape}, file has {got}"
+                                     + (" (truncated)" if got < expect else ""))
+            elif expect > _MAX_BYTES:
+                raise ValueError(f"load_idx: {path}: header says {shape}, more than cdl "
+                                 f"reads from a gzip stream")
+            data = f.read(expect + 1)       # one more: a longer stream is an error too
+    except (OSError, EOFError, _zlib.error) as exc:
         raise ValueError(f"load_idx: {path}: cannot read the gzip stream ({exc})") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"load_idx: {path} is not an IDX file (the header must start with "
-                         f"two zero bytes, got {data[:4]!r})")
-    code, ndim = data[2], data[3]
-    if code not in _IDX_TYPES:
-        raise ValueError(f"load_idx: {path}: unknown IDX type code 0x{code:02X}")
-    if ndim < 1:
-        raise ValueError(f"load_idx: {path}: header says 0 dimensions")
-    start = 4 + 4 * ndim
-    if len(data) < start:
-        raise ValueError(f"load_idx: {path}: truncated header ({len(data)} bytes)")
-    dims = tuple(int(d) for d in _np.frombuffer(data, ">u4", ndim, 4))
-    dtype = _np.dtype(_IDX_TYPES[code])
-    expect = int(_np.prod(dims, dtype=object)) * dtype.itemsize
-    got = len(data) - start
-    if got != expect:
-        raise ValueError(f"load_idx: {path}: header says {'x'.join(map(str, dims))} of "
-                         f"{dtype.name} = {expect} data bytes, file has {got}"
-                         + (" (truncated)" if got < expect else ""))
-    arr = _np.frombuffer(data, dtype, offset=start).reshape(dims)
+    if len(data) != expect:
+        got = f"{len(data)}" if len(data) <= expect else f"more than {expect}"
+        raise ValueError(f"load_idx: {path}: header says {shape}, file has {got}"
+                         + (" (truncated)" if len(data) < expect else ""))
+    arr = _np.frombuffer(data, dtype).reshape(dims)
     return arr.astype(dtype.newbyteorder("="))
 
 
 def load_idx_dataset(images_path, labels_path):
-    """(x, y) from an IDX image file (N, H, W) and label file (N,): x float32 in [0, 1]."""
+    """(x, y) from an IDX image file (N, H, W) and label file (N,) of labels >= 0: x
+    float32 (N, 1, H, W), ubyte images scaled to [0, 1] (other types as they are), y
+    int64."""
     images = load_idx(images_path)
     labels = load_idx(labels_path)
     if images.ndim != 3:
@@ -82,7 +102,10 @@ def load_idx_dataset(images_path, labels_path):
                          f"labels for the {images.shape[0]} images")
     if labels.dtype.kind not in "iu":
         raise ValueError(f"load_idx_dataset: labels must be integers, got {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"load_idx_dataset: {labels_path}: labels must be >= 0, got "
+                         f"{int(labels.min())}")
     x = images.astype(_np.float32)
-    if images.dtype.kind in "iu":
+    if images.dtype == _np.uint8:
         x /= _np.float32(255.0)
     return _np.ascontiguousarray(x[:, None]), labels.astype(_np.int64)
