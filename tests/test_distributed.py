@@ -255,3 +255,12 @@ def test_global_batches_and_pieces(n, bs, ranks):
         assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
         if n >= ranks:
             assert min(sizes) >= 1
+
+
+def test_global_batches_refuses_bad_sizes():
+    # a batch size of 0 used to become 1 without a word
+    for args, exc, match in (((5, 0, 2), ValueError, "batch_size must be >= 1, got 0"),
+                             ((5, 2.5, 2), TypeError, "batch_size must be an int"),
+                             ((-1, 2), ValueError, "n must be >= 0")):
+        with pytest.raises(exc, match=rf"global_batches: {match}"):
+            dist.global_batches(*args)

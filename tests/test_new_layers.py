@@ -335,7 +335,7 @@ def test_fit_refuses_a_batch_batchnorm_cannot_train_on_before_any_step():
     opt = cdl.SGD(m, lr=0.1, momentum=0.9)
     before = {k: v.copy() for k, v in m.state_dict().items()}
     with pytest.raises(ValueError, match=r"Sequential.fit: 13 training samples in batches of "
-                                         r"4 make a batch of 1, and BatchNorm1d\[1\]: training "
+                                         r"4 give a batch of 1, and BatchNorm1d\[1\]: training "
                                          r"needs more than one value per channel"):
         m.fit(x, y, cdl.SoftmaxCrossEntropy(), opt, batch_size=4, verbose=0)
     for k, v in m.state_dict().items():

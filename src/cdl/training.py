@@ -121,7 +121,9 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         raise ValueError(f"{where}: batch_size={bs} needs {bs * model._max_sample} elements "
                          f"in one layer buffer; at most {INT32_MAX} are supported")
     steps = len(bounds)
-    _check_batch_sizes(model, bounds, n, bs, where, comm if ranks > 1 else None)
+    _check_batch_sizes(model, bounds, where, comm if ranks > 1 else None,
+                       f"{n} training samples in batches of {bs}" if comm is None or ranks == 1
+                       else f"batches of {batch_size} dealt to {ranks} ranks")
     step_threads = _config.step_threads  # re-read per step: the load changes
     xb = np.empty((bs,) + model.input_shape, model.dtype)
     yb = np.empty((bs,) + y.shape[1:], y.dtype)
@@ -316,17 +318,18 @@ def _checked_data(model, x, y, loss, epochs, batch_size, validation_data, valida
     return x, y, xv, yv
 
 
-def _check_batch_sizes(model, bounds, n, bs, where, comm):
+def _check_batch_sizes(model, bounds, where, comm, batches):
     """Refuse, before the first step, a batch some layer cannot train on (BatchNorm on
     one value per channel), rather than stop in the middle of an epoch; with comm,
-    every rank raises if one would."""
+    every rank raises if one would. ``batches`` says how the batches were made."""
     problem = None
     for m in sorted({e - s for s, e in bounds if e > s}):
         try:
             model._check_train_batch(m)
         except ValueError as exc:
-            problem = (f"{where}: {n} training samples in batches of {bs} make a batch of "
-                       f"{m}, and {exc}; choose a batch_size that leaves no such batch")
+            piece = "a batch" if comm is None else f"rank {comm.Get_rank()} a piece"
+            problem = (f"{where}: {batches} give {piece} of {m}, and {exc}; choose a "
+                       f"batch_size that leaves no such batch")
             break
     if comm is not None:
         problem = next((p for p in comm.allgather(problem) if p), None)
