@@ -196,6 +196,8 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                     mg = m
                 if not math.isfinite(value):
                     bad_input = not np.isfinite(xm).all()
+                    if comm is not None and ranks > 1:    # every rank is here: one message
+                        bad_input = any(comm.allgather(bad_input))
                     why = getattr(optimizer, "last_skip", None)
                     msg = (f"fit: loss became {value} at epoch {epoch + 1}, step {step + 1} "
                            f"of {steps}; training stopped and that update was skipped"

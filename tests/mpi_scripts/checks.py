@@ -296,6 +296,8 @@ def pair_checks():
             h = model.fit(x, y, LOSS, opt, epochs=3, batch_size=8, shuffle=False, verbose=0)
         assert h.stop_reason and "every rank" in h.stop_reason, h.stop_reason
         assert "epoch 1, step 4 of 5" in h.stop_reason, h.stop_reason
+        # the same message on every rank, naming the cause, whichever rank holds the inf
+        assert "NaN or Inf inputs" in h.stop_reason and gathered_equal(h.stop_reason)
         assert any("every rank" in str(w.message) for w in caught)
         assert opt.steps == 3 and replicas_identical(model)
 
