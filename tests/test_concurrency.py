@@ -160,6 +160,7 @@ def test_train_step_while_model_is_training_raises():
     m = lenet()
     x, y = _data()
     loss, opt = cdl.SoftmaxCrossEntropy(), cdl.SGD(m, 0.01)
+    m.forward(x)
     assert m._lock.acquire(blocking=False)   # as if another thread were inside train_step
     try:
         with pytest.raises(RuntimeError, match=r"train_step: this model is being trained from "
@@ -167,9 +168,17 @@ def test_train_step_while_model_is_training_raises():
             m.train_step(x, y, loss, opt)
         with pytest.raises(RuntimeError, match=r"being trained from another thread"):
             m.fit(x, y, loss, opt, verbose=0)
+        # the public training passes share the same buffers: refused too
+        with pytest.raises(RuntimeError, match=r"Sequential.forward: this model is being "
+                                               r"trained from another thread"):
+            m.forward(x)
+        with pytest.raises(RuntimeError, match=r"Sequential.backward: this model is being "
+                                               r"trained from another thread"):
+            m.backward(np.zeros((64, 10), np.float32))
     finally:
         m._lock.release()
     m.train_step(x, y, loss, opt)            # the lock is free again
+    m.backward(np.zeros((64, 10), np.float32))
 
 
 def test_two_threads_training_one_model_is_detected():

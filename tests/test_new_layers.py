@@ -492,3 +492,43 @@ def test_optimizer_load_state_dict_keeps_its_buffers_and_base_lr_when_it_can():
     for name, v in views.items():
         np.testing.assert_array_equal(v, sd["state"]["momentum_buffer"][name])
         assert np.shares_memory(v, opt.buffers["momentum_buffer"])
+
+
+def test_changed_settings_reach_the_fast_plans():
+    # Dropout's p, BatchNorm's eps and LeakyReLU's slope are held by the plans: a change
+    # rebuilds them, so every batch size computes what a fresh model with the setting does
+    def make(p, eps, slope):
+        return cdl.Sequential([cdl.Conv2d(3, 4, 3, padding=1), cdl.BatchNorm2d(4, eps=eps),
+                               cdl.LeakyReLU(slope), cdl.Dropout(p), cdl.Flatten(),
+                               cdl.Linear(256, 5)], (3, 8, 8), seed=7)
+    x, y = batch(6)
+    loss = cdl.SoftmaxCrossEntropy()
+    m = make(0.3, 1e-5, 0.1)
+    m.train_step(x, y, loss, cdl.SGD(m, lr=0.1))
+    m.predict(x)
+    m.layers[1].eps, m.layers[2].negative_slope, m.layers[3].p = 0.5, 0.9, 0.0
+    ref = make(0.0, 0.5, 0.9)
+    ref.load_state_dict(m.state_dict())
+    np.testing.assert_array_equal(m.predict(x), ref.predict(x))
+    np.testing.assert_array_equal(m.predict(x[:3]), ref.predict(x[:3]))
+    assert m.compute_gradients(x, y, loss) == ref.compute_gradients(x, y, loss)
+    np.testing.assert_array_equal(m.gradient_buffer, ref.gradient_buffer)
+    with pytest.raises(ValueError, match=r"Dropout: p must be in \[0, 1\), got 1.5"):
+        m.layers[3].p = 1.5
+    with pytest.raises(ValueError, match=r"BatchNorm2d: eps must be a finite number > 0"):
+        m.layers[1].eps = 0.0
+    assert m.layers[3].p == 0.0 and m.layers[1].eps == 0.5
+
+
+def test_shapes_and_layers_are_fixed_once_built():
+    m = cdl.Sequential([cdl.Conv2d(1, 2, 3), cdl.MaxPool2d(2), cdl.Flatten(),
+                        cdl.Linear(2, 3)], (1, 4, 4))
+    for layer, name, value in ((m.layers[0], "stride", (3, 3)), (m.layers[0], "padding", 1),
+                               (m.layers[1], "kernel_size", (1, 1)),
+                               (m.layers[3], "out_features", 7)):
+        with pytest.raises(AttributeError, match=rf"{type(layer).__name__}: {name} is fixed "
+                                                 rf"once the layer is built"):
+            setattr(layer, name, value)
+    with pytest.raises(TypeError):              # a tuple: another architecture is a new model
+        m.layers[1] = cdl.ReLU()
+    assert not hasattr(m.layers, "append")

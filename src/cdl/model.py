@@ -12,6 +12,7 @@ L2 regularisation lives on the model: ``Sequential(..., l2=λ)`` adds λ Σ W²
 over the parameters each layer lists in ``decay`` (Linear and Conv2d weights)
 to every reported loss, and 2λW to their gradients.
 """
+import contextlib
 import math
 import numbers
 import os
@@ -23,7 +24,7 @@ import numpy as np
 from . import _config, plan as _plan
 from ._kernels import losses as _kl
 from .functional._checks import FLOAT_DTYPES, INT32_MAX, real_number, shape_str
-from .layers.base import Layer, check_grad
+from .layers.base import OWNERS, Layer, check_grad
 from .layers.chain import Chain, has_params
 from .losses import Loss
 from .buffers import ResultPool, RunnerPool, nbytes_of
@@ -77,7 +78,7 @@ class Sequential:
                                  f"({type(layer).__name__}) appears twice (also at "
                                  f"{seen[id(layer)]}); create a new instance for each position")
             seen[id(layer)] = path.rstrip(".")
-            owner = _OWNERS.get(layer)
+            owner = OWNERS.get(layer)
             if owner is not None and owner() is not None:
                 # building would re-shape it and move its parameters into this model's
                 # pack: the other model would then train parameters no layer reads
@@ -97,11 +98,12 @@ class Sequential:
         self._lock = threading.Lock()
         self._build()
         for _, layer in self.chain.walk():
-            _OWNERS[layer] = weakref.ref(self)
+            OWNERS[layer] = weakref.ref(self)
 
     @property
     def layers(self):
-        """The top-level layers, in order."""
+        """The top-level layers, in order (a tuple: the model is built from them, so
+        another architecture is another Sequential)."""
         return self.chain.layers
 
     @property
@@ -316,7 +318,8 @@ class Sequential:
             raise ValueError(f"{where}: out shares memory with x, which the layers keep for "
                              f"backward; pass another array")
         # the last layer writes straight into out when its backward does not read it
-        self._forward(x, _config.step_threads(), out)
+        with self._exclusive(where):
+            self._forward(x, _config.step_threads(), out)
         _config.restore_blas()
         return out
 
@@ -330,9 +333,22 @@ class Sequential:
         g = check_grad(grad, (n,) + self.output_shape, self.dtype, where)
         out = self._result(out, (n,) + self.input_shape, where)
         # the first layer writes its input gradient straight into out (no copy)
-        self.chain.backward(g, _config.step_threads(), True, self._l2, out=out)
+        with self._exclusive(where):
+            self.chain.backward(g, _config.step_threads(), True, self._l2, out=out)
         _config.restore_blas()
         return out
+
+    @contextlib.contextmanager
+    def _exclusive(self, where):
+        """The training passes' buffers for this call alone: a second thread in a
+        training pass of the same model is refused, not left to corrupt them."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(f"{where}: this model is being trained from another thread; "
+                               f"training one model from several threads is not supported")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def predict(self, x, batch_size=None, out=None):
         """Inference in batches of ``batch_size`` (default 256); stores nothing for backward.
@@ -481,9 +497,10 @@ class Sequential:
     def _train_step(self, x, y, loss, optimizer, nt):
         """Gradients, the optimizer's gradient hook, then ``optimizer.step`` when the
         value is finite (no optimizer: gradients only, as compute_gradients)."""
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("train_step: this model is being trained from another thread; "
-                               "training one model from several threads is not supported")
+        with self._exclusive("train_step"):
+            return self._locked_train_step(x, y, loss, optimizer, nt)
+
+    def _locked_train_step(self, x, y, loss, optimizer, nt):
         try:
             # An optimizer may ask for the batch in micro-batches (cdl.distributed's
             # fixed gradient shards): then the hook runs after each one's backward pass
@@ -506,7 +523,6 @@ class Sequential:
                 optimizer.step(nt)
             return value
         finally:
-            self._lock.release()
             _config.restore_blas()
 
     def _micro_step(self, x, y, loss, optimizer, pieces, nt):
@@ -637,10 +653,6 @@ def _value_problem(v, t):
         if int(v.min()) < lo or int(v.max()) > hi:
             return f"holds values outside {t.dtype}'s range"
     return None
-
-
-# Each layer's model (weakly: a layer whose model is gone may join another).
-_OWNERS = weakref.WeakKeyDictionary()
 
 
 class _LayerRunner:

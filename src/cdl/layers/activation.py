@@ -97,11 +97,20 @@ class LeakyReLU(_Elementwise):
 
     def __init__(self, negative_slope=0.01):
         super().__init__()
-        if isinstance(negative_slope, (bool, np.bool_)) or \
-                not isinstance(negative_slope, numbers.Real) or not np.isfinite(negative_slope):
+        self.negative_slope = negative_slope
+
+    @property
+    def negative_slope(self):
+        return self._negative_slope
+
+    @negative_slope.setter
+    def negative_slope(self, value):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
+                or not np.isfinite(value):
             raise TypeError(f"LeakyReLU: negative_slope must be a finite number, got "
-                            f"{negative_slope!r}")
-        self.negative_slope = float(negative_slope)
+                            f"{value!r}")
+        self._negative_slope = float(value)
+        self._settings_changed()        # the plans hold it
 
     def get_config(self):
         return {"negative_slope": self.negative_slope}

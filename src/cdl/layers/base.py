@@ -77,6 +77,7 @@ ONNX
 Every subclass is registered by name in ``LAYER_TYPES`` when it is defined;
 model files only ever build registered classes.
 """
+import weakref
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -128,6 +129,27 @@ class _CallWith:
 
     def run(self):
         self.fn(*self.args)
+
+
+class FixedOnceBuilt:
+    """A layer setting its shapes follow (a kernel size, a stride): set freely until the
+    layer is built, then fixed, since its buffers and the model's plans come from it."""
+
+    def __set_name__(self, owner, name):
+        self.name, self.slot = name, "_" + name
+
+    def __get__(self, layer, cls=None):
+        return self if layer is None else layer.__dict__[self.slot]
+
+    def __set__(self, layer, value):
+        if layer.__dict__.get("input_shape") is not None:
+            raise AttributeError(f"{type(layer).__name__}: {self.name} is fixed once the "
+                                 f"layer is built; make a new layer (and a new model)")
+        layer.__dict__[self.slot] = value
+
+
+# Each built layer's model (weakly: a layer whose model is gone may join another).
+OWNERS = weakref.WeakKeyDictionary()
 
 
 class Op(NamedTuple):
@@ -402,6 +424,14 @@ class Layer:
                 self._ws.pop(next(iter(self._ws)))
             ws = self._ws[n] = self._alloc(n, True)
         return ws
+
+    def _settings_changed(self):
+        """A setting the fast plans hold (Dropout's p, BatchNorm's eps, ...) changed: the
+        owning model rebuilds its plans on the next call."""
+        owner = OWNERS.get(self)
+        model = owner() if owner is not None else None
+        if model is not None:
+            model._reset_plans()
 
     def check_train_batch(self, n):
         """Raise ValueError (naming the layer) if a training pass cannot take n samples."""

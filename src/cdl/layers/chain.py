@@ -26,7 +26,7 @@ class Chain:
             if not isinstance(layer, Layer):
                 raise TypeError(f"{where}: layers[{i}] must be a cdl layer, got "
                                 f"{type(layer).__name__}")
-        self.layers = layers
+        self.layers = tuple(layers)     # fixed: the passes and buffers are built from it
         self.where = where
 
     def __iter__(self):

@@ -3,7 +3,7 @@ import numpy as np
 
 from .._kernels import conv as _conv
 from ..functional._checks import conv_output_size, int_pair, shape_str
-from .base import FoldsAtInference, Layer, check_init, positive_int
+from .base import FixedOnceBuilt, FoldsAtInference, Layer, check_init, positive_int
 from .chain import Op
 
 __all__ = ["Conv2d"]
@@ -19,6 +19,11 @@ class Conv2d(FoldsAtInference, Layer):
     """
 
     decay = ("weight",)
+    in_channels = FixedOnceBuilt()
+    out_channels = FixedOnceBuilt()
+    kernel_size = FixedOnceBuilt()
+    stride = FixedOnceBuilt()
+    padding = FixedOnceBuilt()
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  bias=True, init="auto"):

@@ -3,7 +3,7 @@ import numpy as np
 
 from .._kernels import dense as _dense
 from ..functional._checks import shape_str
-from .base import FoldsAtInference, Layer, check_init, positive_int
+from .base import FixedOnceBuilt, FoldsAtInference, Layer, check_init, positive_int
 from .chain import Op
 
 __all__ = ["Linear"]
@@ -19,6 +19,8 @@ class Linear(FoldsAtInference, Layer):
 
     decay = ("weight",)
     fuses_l2 = True             # the backward kernel adds 2*l2*W to dW in the same pass
+    in_features = FixedOnceBuilt()
+    out_features = FixedOnceBuilt()
 
     def __init__(self, in_features, out_features, bias=True, init="auto"):
         super().__init__()

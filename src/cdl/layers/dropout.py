@@ -29,15 +29,24 @@ class Dropout(Layer):
 
     def __init__(self, p=0.5):
         super().__init__()
-        if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real):
-            raise TypeError(f"Dropout: p must be a number in [0, 1), got {p!r}")
-        if not 0 <= p < 1:
-            raise ValueError(f"Dropout: p must be in [0, 1), got {p!r}")
-        self.p = float(p)
+        self.p = p
         self.seed = 0
         self.stream = 0
         self.passes = 0         # training passes so far: the generator's counter
         self.replica = 0        # data-parallel replica index: the counter's top bits
+
+    @property
+    def p(self):
+        return self._p
+
+    @p.setter
+    def p(self, p):
+        if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real):
+            raise TypeError(f"Dropout: p must be a number in [0, 1), got {p!r}")
+        if not 0 <= p < 1:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p!r}")
+        self._p = float(p)
+        self._settings_changed()        # the plans hold it
 
     def get_config(self):
         return {"p": self.p}

@@ -36,18 +36,28 @@ class _BatchNorm(Layer):
         super().__init__()
         where = type(self).__name__
         self.num_features = positive_int(num_features, "num_features", where)
-        for name, value in (("eps", eps), ("momentum", momentum)):
-            if value is None and name == "momentum":
-                continue
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-                raise TypeError(f"{where}: {name} must be a number, got {value!r}")
-        if not (eps > 0 and np.isfinite(eps)):
-            raise ValueError(f"{where}: eps must be a finite number > 0, got {eps!r}")
+        if momentum is not None and (isinstance(momentum, (bool, np.bool_))
+                                     or not isinstance(momentum, numbers.Real)):
+            raise TypeError(f"{where}: momentum must be a number, got {momentum!r}")
         if momentum is not None and not 0 <= momentum <= 1:
             raise ValueError(f"{where}: momentum must be in [0, 1] or None, got {momentum!r}")
-        self.eps = float(eps)
+        self.eps = eps
         self.momentum = None if momentum is None else float(momentum)
         self.affine = bool(affine)
+
+    @property
+    def eps(self):
+        return self._eps
+
+    @eps.setter
+    def eps(self, eps):
+        where = type(self).__name__
+        if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"{where}: eps must be a number, got {eps!r}")
+        if not (eps > 0 and np.isfinite(eps)):
+            raise ValueError(f"{where}: eps must be a finite number > 0, got {eps!r}")
+        self._eps = float(eps)
+        self._settings_changed()        # the plans (and the inference folding) hold it
 
     def get_config(self):
         return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,

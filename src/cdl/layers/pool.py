@@ -3,7 +3,7 @@ import numpy as np
 
 from .._kernels import pool as _pool
 from ..functional._checks import conv_output_size, int_pair, shape_str
-from .base import Layer
+from .base import FixedOnceBuilt, Layer
 from .chain import Op
 
 __all__ = ["MaxPool2d", "AvgPool2d", "GlobalAvgPool2d"]
@@ -12,6 +12,9 @@ __all__ = ["MaxPool2d", "AvgPool2d", "GlobalAvgPool2d"]
 class _Pool2d(Layer):
     transparent = True
     writes_through_ws = True
+    kernel_size = FixedOnceBuilt()
+    stride = FixedOnceBuilt()
+    padding = FixedOnceBuilt()
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()

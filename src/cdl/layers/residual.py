@@ -44,7 +44,7 @@ class Residual(Layer):
                             f"{type(shortcut).__name__}")
         self.shortcut = None if shortcut is None else Chain(shortcut, "Residual: shortcut")
         seen = set()
-        for layer in self.body.layers + (self.shortcut.layers if self.shortcut else []):
+        for layer in self.body.layers + (self.shortcut.layers if self.shortcut else ()):
             if id(layer) in seen:
                 raise ValueError(f"Residual: {type(layer).__name__} appears twice; create a "
                                  f"new instance for each position")
