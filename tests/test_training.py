@@ -269,3 +269,26 @@ def test_fit_argument_errors():
         m.fit(x, y, loss, opt, validation_data=(x[:3], y[:4]))
     with pytest.raises(TypeError, match="callbacks must be cdl callbacks"):
         m.fit(x, y, loss, opt, callbacks=[print])
+
+
+@pytest.mark.parametrize("schedule", [lambda: cdl.CosineLR(6), lambda: cdl.StepLR(2, 0.5)])
+def test_resuming_from_a_checkpoint_with_initial_epoch_is_the_uninterrupted_run(
+        tmp_path, schedule):
+    x, y = blobs()
+    loss = cdl.SoftmaxCrossEntropy()
+    whole = tiny()
+    opt = cdl.SGD(whole, lr=0.1, momentum=0.9)
+    ck = cdl.ModelCheckpoint(str(tmp_path / "ck-{epoch}.npz"), monitor="loss",
+                             save_optimizer=True)
+    h = whole.fit(x, y, loss, opt, epochs=6, batch_size=16, verbose=0,
+                  callbacks=[schedule(), ck])
+    resumed, ropt = cdl.load(tmp_path / "ck-3.npz", optimizer=True)
+    h2 = resumed.fit(x, y, loss, ropt, epochs=6, batch_size=16, verbose=0, initial_epoch=3,
+                     callbacks=[schedule()])
+    assert h2.epochs == [3, 4, 5] and h2["lr"] == h["lr"][3:]
+    assert h2["loss"] == h["loss"][3:]
+    for k, v in whole.state_dict().items():
+        np.testing.assert_array_equal(v, resumed.state_dict()[k], err_msg=k)
+    for bad in (6, -1, 1.0):
+        with pytest.raises(ValueError, match=r"initial_epoch must be an int in \[0, epochs=6\)"):
+            resumed.fit(x, y, loss, ropt, epochs=6, verbose=0, initial_epoch=bad)

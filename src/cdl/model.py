@@ -556,7 +556,7 @@ class Sequential:
 
     def fit(self, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=None,
             validation_split=0.0, shuffle=True, callbacks=(), verbose=1, comm=None,
-            shard=True):
+            shard=True, initial_epoch=0):
         """Train for ``epochs`` passes over (x, y); returns a History. See
         :func:`cdl.training.fit` for the details (``comm``, ``shard``: distributed
         training over MPI)."""
@@ -564,7 +564,7 @@ class Sequential:
         return fit(self, x, y, loss, optimizer, epochs=epochs, batch_size=batch_size,
                    validation_data=validation_data, validation_split=validation_split,
                    shuffle=shuffle, callbacks=callbacks, verbose=verbose, comm=comm,
-                   shard=shard)
+                   shard=shard, initial_epoch=initial_epoch)
 
     # -- persistence ----------------------------------------------------------------
     def save(self, path, optimizer=None):

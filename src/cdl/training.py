@@ -24,7 +24,8 @@ __all__ = ["fit"]
 
 
 def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=None,
-        validation_split=0.0, shuffle=True, callbacks=(), verbose=1, comm=None, shard=True):
+        validation_split=0.0, shuffle=True, callbacks=(), verbose=1, comm=None, shard=True,
+        initial_epoch=0):
     """Train ``model`` for ``epochs`` passes over (x, y); returns a History.
 
     Each epoch shuffles without replacement (seeded by the model's ``seed``) and
@@ -36,6 +37,10 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     epoch and step when the loss becomes NaN or infinite (that update is skipped),
     and Ctrl-C stops it between steps; the model stays usable either way.
     ``verbose``: 0 silent, 1 progress bar (stderr), 2 one line per epoch.
+    ``initial_epoch``: resume at that epoch (counted from 0; ``epochs`` is then the
+    number of the last one, as in Keras): callbacks and learning-rate schedules see
+    the epochs of the whole run, so a model and optimizer saved after epoch k (e.g. by
+    ModelCheckpoint with ``save_optimizer=True``) continue as if never stopped.
 
     **Distributed** (``comm``, an mpi4py communicator, or a
     :class:`cdl.distributed.DistributedOptimizer`, whose ``comm`` is then used): run
@@ -73,6 +78,11 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     try:
         x, y, xv, yv = _checked_data(model, x, y, loss, epochs, batch_size, validation_data,
                                      validation_split, verbose, where)
+        if isinstance(initial_epoch, (bool, np.bool_)) or \
+                not isinstance(initial_epoch, (int, np.integer)) \
+                or not 0 <= initial_epoch < epochs:
+            raise ValueError(f"{where}: initial_epoch must be an int in [0, epochs={epochs}), "
+                             f"got {initial_epoch!r}")
         problem = None
     except (TypeError, ValueError) as exc:
         problem = exc
@@ -165,7 +175,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
             old_handler = None
 
     try:
-        for epoch in range(epochs):
+        for epoch in range(int(initial_epoch), epochs):
             for cb in cbs:
                 cb.on_epoch_begin(epoch)
             t0 = time.perf_counter()
