@@ -532,3 +532,21 @@ def test_shapes_and_layers_are_fixed_once_built():
     with pytest.raises(TypeError):              # a tuple: another architecture is a new model
         m.layers[1] = cdl.ReLU()
     assert not hasattr(m.layers, "append")
+
+
+def test_a_parameter_array_is_filled_in_place_not_replaced():
+    # the pack, the plans and the optimizer hold the array: a new one would be read by
+    # some paths only
+    m = conv_bn_net()
+    w = m.layers[0].params["weight"]
+    with pytest.raises(TypeError, match=r"the array 'weight' is held by the model .* set its "
+                                        r"values in place"):
+        m.layers[0].params["weight"] = np.zeros_like(w)
+    with pytest.raises(TypeError, match=r"the array 'running_var' is held by the model"):
+        m.layers[1].buffers["running_var"] = np.ones(8, np.float32)
+    assert m.layers[0].params["weight"] is w
+    m.layers[0].params["weight"][...] = 0          # in place: every path sees it
+    x, _ = batch(4)
+    ref = conv_bn_net()
+    ref.load_state_dict(m.state_dict())
+    np.testing.assert_array_equal(m.predict(x), ref.predict(x))

@@ -131,6 +131,24 @@ class _CallWith:
         self.fn(*self.args)
 
 
+class ArrayDict(dict):
+    """A layer's ``params``, ``grads`` or ``buffers``. A name's array is filled in place
+    (``params["weight"][...] = w``, or ``load_state_dict``), never replaced: the
+    model's parameter pack, its plans and the optimizer hold that very array, so a new
+    one would be read by some paths and not others."""
+
+    def __setitem__(self, key, value):
+        if key in self and self[key] is not value:      # (an in-place "+=" is the same)
+            raise TypeError(f"the array {key!r} is held by the model (its parameter pack, "
+                            f"plans and optimizer): set its values in place, "
+                            f"[{key!r}][...] = value, or use load_state_dict")
+        super().__setitem__(key, value)
+
+    def put(self, key, value):
+        """Replace the array (the layer and the parameter pack, as they lay it out)."""
+        super().__setitem__(key, value)
+
+
 class FixedOnceBuilt:
     """A layer setting its shapes follow (a kernel size, a stride): set freely until the
     layer is built, then fixed, since its buffers and the model's plans come from it."""
@@ -221,9 +239,9 @@ class Layer:
             LAYER_TYPES[cls.__name__] = cls
 
     def __init__(self):
-        self.params = {}
-        self.grads = {}
-        self.buffers = {}
+        self.params = ArrayDict()
+        self.grads = ArrayDict()
+        self.buffers = ArrayDict()
         self.path = None           # "3" or "3.layers.0": the state-dict prefix
         self.dtype = None
         self.input_shape = None    # per sample, without the batch axis
@@ -369,9 +387,9 @@ class Layer:
             for d in (self.params, self.grads, self.buffers):
                 for k in d:
                     if d[k].dtype.kind == "f":
-                        d[k] = np.require(d[k], dtype, "C")
+                        d.put(k, np.require(d[k], dtype, "C"))
         else:
-            self.params, self.grads, self.buffers = {}, {}, {}
+            self.params, self.grads, self.buffers = ArrayDict(), ArrayDict(), ArrayDict()
             self._create(np.random.default_rng() if rng is None else rng, init or "he", dtype)
         self.fused_previous = self.fused_next = False
         self.merged = None
