@@ -9,7 +9,10 @@ shapes and state
     input shape; ``_create(rng, init, dtype)`` makes ``params`` (trained,
     each with a same-shaped entry in ``grads``) and ``buffers`` (state that is
     not trained, such as running statistics) through ``add_param`` and
-    ``add_buffer``. ``decay`` names the parameters that L2 applies to.
+    ``add_buffer``. ``decay`` names the parameters that L2 applies to. Their arrays
+    are filled in place, never replaced (``ArrayDict``): the model's pack, plans and
+    optimizer hold them. A setting the plans hold is a property that calls
+    ``_settings_changed()``; one the shapes follow is ``FixedOnceBuilt``.
 passes
     ``_alloc(n, train)`` returns the buffers for a batch of n (``"out"``
     always); ``check_train_batch(n)`` raises ValueError if the layer cannot
