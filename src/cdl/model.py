@@ -497,10 +497,9 @@ class Sequential:
     def _train_step(self, x, y, loss, optimizer, nt):
         """Gradients, the optimizer's gradient hook, then ``optimizer.step`` when the
         value is finite (no optimizer: gradients only, as compute_gradients)."""
-        with self._exclusive("train_step"):
-            return self._locked_train_step(x, y, loss, optimizer, nt)
-
-    def _locked_train_step(self, x, y, loss, optimizer, nt):
+        if not self._lock.acquire(blocking=False):     # (as _exclusive, without its cost)
+            raise RuntimeError("train_step: this model is being trained from another thread; "
+                               "training one model from several threads is not supported")
         try:
             # An optimizer may ask for the batch in micro-batches (cdl.distributed's
             # fixed gradient shards): then the hook runs after each one's backward pass
@@ -523,6 +522,7 @@ class Sequential:
                 optimizer.step(nt)
             return value
         finally:
+            self._lock.release()
             _config.restore_blas()
 
     def _micro_step(self, x, y, loss, optimizer, pieces, nt):
