@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 
 from . import _config
-from .callbacks import Callback, History
+from .callbacks import FIT_LOG_KEYS, Callback, History
 from .functional._checks import INT32_MAX
 from .model import _accuracy_labels
 from .progress import ProgressBar
@@ -86,16 +86,11 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         problem = None
     except (TypeError, ValueError) as exc:
         problem = exc
-    if comm is not None and ranks > 1:
-        # every rank raises if one does: one that raised alone would leave the others
-        # waiting in the first collective call
-        said = comm.allgather(None if problem is None else f"{type(problem).__name__}: "
-                                                             f"{problem}")
-        if problem is None and any(said):
-            bad = next(i for i, p in enumerate(said) if p)
-            raise ValueError(f"{where}: rank {bad} refused its arguments ({said[bad]})")
-    if problem is not None:
-        raise problem
+    # (before the first collective call, which a rank that raised alone would leave the
+    # others waiting in)
+    _raise_on_every_rank(comm if ranks > 1 else None, problem,
+                         lambda bad, said: ValueError(f"{where}: rank {bad} refused its "
+                                                      f"arguments ({said})"))
     n = x.shape[0]
     if comm is not None and ranks > 1:
         # Every rank must run the same number of steps: check the sizes collectively
@@ -156,8 +151,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         val_pieces = shards // ranks if shards else 1
 
     model.stop_training = False    # (callbacks may raise here: nothing is set up yet)
-    log_keys = ("loss", "accuracy", "lr") + (("val_loss", "val_accuracy")
-                                             if has_val else ()) + ("seconds",)
+    log_keys = tuple(k for k in FIT_LOG_KEYS if has_val or not k.startswith("val_"))
     for cb in cbs:
         cb.log_keys = log_keys
         cb.on_train_begin()
@@ -281,15 +275,24 @@ def _epoch_end(cbs, epoch, logs, comm, where):
             cb.on_epoch_end(epoch, logs)
     except Exception as exc:     # noqa: BLE001 (re-raised below, after the agreement)
         failure = exc
+    _raise_on_every_rank(comm, failure,
+                         lambda bad, said: RuntimeError(f"{where}: stopped after epoch "
+                                                        f"{epoch + 1}: a callback on rank "
+                                                        f"{bad} failed ({said})"))
+
+
+def _raise_on_every_rank(comm, problem, other):
+    """Raise ``problem`` (an exception or None) here, and on every other rank of comm
+    ``other(rank, what it said)``, so that no rank is left waiting for one that
+    stopped. Without comm: raise ``problem`` if any."""
     if comm is not None:
-        said = comm.allgather(None if failure is None else f"{type(failure).__name__}: "
-                                                             f"{failure}")
-        if failure is None and any(said):
+        said = comm.allgather(None if problem is None else f"{type(problem).__name__}: "
+                                                             f"{problem}")
+        if problem is None and any(said):
             bad = next(i for i, p in enumerate(said) if p)
-            raise RuntimeError(f"{where}: stopped after epoch {epoch + 1}: a callback on rank "
-                               f"{bad} failed ({said[bad]})")
-    if failure is not None:
-        raise failure
+            raise other(bad, said[bad])
+    if problem is not None:
+        raise problem
 
 
 def _checked_data(model, x, y, loss, epochs, batch_size, validation_data, validation_split,
@@ -340,13 +343,11 @@ def _check_batch_sizes(model, bounds, where, comm, batches):
             model._check_train_batch(m)
         except ValueError as exc:
             piece = "a batch" if comm is None else f"rank {comm.Get_rank()} a piece"
-            problem = (f"{where}: {batches} give {piece} of {m}, and {exc}; choose a "
-                       f"batch_size that leaves no such batch")
+            problem = ValueError(f"{where}: {batches} give {piece} of {m}, and {exc}; choose "
+                                 f"a batch_size that leaves no such batch")
             break
-    if comm is not None:
-        problem = next((p for p in comm.allgather(problem) if p), None)
-    if problem:
-        raise ValueError(problem)
+    _raise_on_every_rank(comm, problem, lambda bad, said: ValueError(
+        f"{where}: rank {bad} cannot train on its batches ({said})"))
 
 
 def _local_batches(comm, n, batch_size, shard, optimizer):
