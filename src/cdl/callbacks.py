@@ -5,14 +5,11 @@ A callback gets ``model`` and ``optimizer`` set before training and may set
 Epochs are counted from 0 in the calls and from 1 in messages.
 """
 import math
-import numbers
 import os
 import warnings
 import weakref
 
-import numpy as np
-
-from .functional._checks import real_number
+from .functional._checks import int_at_least, real_number
 
 __all__ = ["Callback", "History", "EarlyStopping", "ModelCheckpoint"]
 
@@ -149,13 +146,9 @@ class EarlyStopping(Callback):
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto",
                  restore_best_weights=False):
         where = "EarlyStopping"
-        if isinstance(patience, (bool, np.bool_)) or not isinstance(patience, numbers.Integral):
-            raise TypeError(f"{where}: patience must be an int >= 0, got {patience!r}")
-        if patience < 0:
-            raise ValueError(f"{where}: patience must be >= 0, got {patience!r}")
+        self.patience = int_at_least(patience, "patience", where, 0)
         self.mode = _better(mode, monitor, where)
         self.monitor = monitor
-        self.patience = int(patience)
         self.min_delta = abs(real_number(min_delta, "min_delta", where))
         self.restore_best_weights = bool(restore_best_weights)
         self.stopped_epoch = None

@@ -41,13 +41,13 @@ this module: the hook returns the local loss and sends nothing (unless
 ``shards`` is given).
 """
 import math
-import numbers
 import os
 
 import numpy as np
 
 from . import _config
 from ._kernels import losses as _kl
+from .functional._checks import int_at_least
 
 __all__ = ["DistributedOptimizer", "DistributedSampler", "broadcast_parameters",
            "broadcast_optimizer_state", "shard", "global_batches", "batch_piece",
@@ -111,20 +111,12 @@ def global_batches(n, batch_size, ranks=1):
     """(start, stop) of each global batch over n samples: batches of ``batch_size``,
     the last partial one kept. A last batch with fewer samples than ``ranks`` joins
     the one before it, so no rank gets an empty piece (unless n < ranks)."""
-    n = _count(n, "n", "global_batches", 0)
-    bs = _count(batch_size, "batch_size", "global_batches", 1)
+    n = int_at_least(n, "n", "global_batches", 0)
+    bs = int_at_least(batch_size, "batch_size", "global_batches", 1)
     bounds = [(s, min(s + bs, n)) for s in range(0, n, bs)]
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < ranks:
         bounds[-2:] = [(bounds[-2][0], n)]
     return bounds
-
-
-def _count(value, name, where, least):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {name} must be an int, got {value!r}")
-    if value < least:
-        raise ValueError(f"{where}: {name} must be >= {least}, got {value!r}")
-    return int(value)
 
 
 def batch_piece(start, stop, rank, ranks):
@@ -157,8 +149,8 @@ class DistributedSampler:
 
     def __init__(self, n, batch_size, comm=None, seed=0, shuffle=True):
         comm = _comm(comm)
-        self.n = _count(n, "n", "DistributedSampler", 0)
-        self.batch_size = _count(batch_size, "batch_size", "DistributedSampler", 1)
+        self.n = int_at_least(n, "n", "DistributedSampler", 0)
+        self.batch_size = int_at_least(batch_size, "batch_size", "DistributedSampler", 1)
         self.seed, self.shuffle = seed, shuffle
         self.rank, self.ranks = comm.Get_rank(), comm.Get_size()
         self.bounds = global_batches(self.n, self.batch_size, self.ranks)

@@ -14,7 +14,6 @@ to every reported loss, and 2λW to their gradients.
 """
 import contextlib
 import math
-import numbers
 import os
 import threading
 import weakref
@@ -23,7 +22,7 @@ import numpy as np
 
 from . import _config, plan as _plan
 from ._kernels import losses as _kl
-from .functional._checks import FLOAT_DTYPES, INT32_MAX, real_number, shape_str
+from .functional._checks import FLOAT_DTYPES, INT32_MAX, int_at_least, real_number, shape_str
 from .layers.base import OWNERS, Layer, check_grad
 from .layers.chain import Chain, has_params
 from .losses import Loss
@@ -596,13 +595,7 @@ class Sequential:
 
 def _batch_size(batch_size, where):
     """predict's and evaluate's batch size: None gives 256."""
-    if batch_size is None:
-        return 256
-    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral):
-        raise TypeError(f"{where}: batch_size must be an int, got {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"{where}: batch_size must be >= 1, got {batch_size!r}")
-    return int(batch_size)
+    return 256 if batch_size is None else int_at_least(batch_size, "batch_size", where, 1)
 
 
 def _checked_values(targets, state, where, what="the state dict"):

@@ -92,6 +92,15 @@ def out_array(out, name, where, shape, dtype, reads=None, in_place=()):
     return out
 
 
+def int_at_least(value, name, where, least):
+    """An int (NumPy's too, not a bool) >= least, as a Python int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: {name} must be an int, got {value!r}")
+    if value < least:
+        raise ValueError(f"{where}: {name} must be >= {least}, got {value!r}")
+    return int(value)
+
+
 def real_number(value, name, where, minimum=None):
     """A finite real number (>= minimum when given) as a float; TypeError for non-numbers."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):

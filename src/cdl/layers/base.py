@@ -88,7 +88,7 @@ import numpy as np
 from .. import _config
 from .._kernels import elementwise as _ew
 from .._kernels import norm as _norm
-from ..functional._checks import FLOAT_DTYPES, INT32_MAX, shape_str
+from ..functional._checks import FLOAT_DTYPES, INT32_MAX, int_at_least, shape_str
 from ..init import INITS, initialize
 
 __all__ = ["Layer", "LAYER_TYPES", "Op", "bind_op", "check_grad"]
@@ -100,11 +100,7 @@ LAYER_TYPES = {}
 
 
 def positive_int(value, name, where):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{where}: {name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{where}: {name} must be >= 1, got {value!r}")
-    return int(value)
+    return int_at_least(value, name, where, 1)
 
 
 def check_grad(grad, expect, dtype, where):
