@@ -84,15 +84,14 @@ def max_pool2d_backward(grad_out, indices, input_shape, kernel_size, stride=None
     indices = np.ascontiguousarray(indices)
     dx = out_array(grad_input, "grad_input", where, (n, c, h, w), grad_out.dtype,
                    {"grad_out": grad_out, "indices": indices})
-    # The kernel finds a bad index only as it writes: a caller's array is filled from a
-    # scratch one once all indices have passed.
-    target = dx if grad_input is None else np.empty_like(dx)
-    bad = _pool.max_pool2d_backward(grad_out, indices, target, kh, kw, sh, sw, ph, pw,
+    # The kernel finds a bad index as it writes. Checking first (a pass over the
+    # indices) or filling a scratch array and copying cost up to 3.5x the call
+    # (64x32x32x32: 0.88 against 0.25 ms), so a caller's grad_input holds partial
+    # results after this error (the error is a misuse: max_pool2d's indices pass).
+    bad = _pool.max_pool2d_backward(grad_out, indices, dx, kh, kw, sh, sw, ph, pw,
                                     num_threads(threads, where))
     if bad:
         raise ValueError(f"{where}: {bad} of {indices.size} indices do not point into their "
                          f"own {kh}x{kw} window of the {h}x{w} input; pass the indices "
                          f"max_pool2d returned for the same kernel_size/stride/padding")
-    if target is not dx:
-        np.copyto(dx, target)
     return dx
