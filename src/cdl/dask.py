@@ -109,7 +109,7 @@ def search(model, x, y, loss, learning_rates, optimizer="SGD", optimizer_kwargs=
     run scores worst), ``stop_reason`` and the trained ``model``. The arguments are
     checked here, before anything is sent.
     """
-    from .callbacks import FIT_LOG_KEYS
+    from .callbacks import FIT_LOG_KEYS, _better
     from .optim import OPTIMIZER_TYPES, Optimizer
 
     _dask()
@@ -146,7 +146,7 @@ def search(model, x, y, loss, learning_rates, optimizer="SGD", optimizer_kwargs=
     if monitor not in logged:
         raise ValueError(f"{where}: monitor {monitor!r} is not in fit's logs here "
                          f"({', '.join(logged)})")
-    higher = "accuracy" in monitor
+    higher = _better("auto", monitor, where) == "max"      # EarlyStopping's rule
     client = client or default_client()
     # hash=False: identical data in a second call must not reuse the first call's keys,
     # which are being released

@@ -12,7 +12,6 @@ L2 regularisation lives on the model: ``Sequential(..., l2=λ)`` adds λ Σ W²
 over the parameters each layer lists in ``decay`` (Linear and Conv2d weights)
 to every reported loss, and 2λW to their gradients.
 """
-import contextlib
 import math
 import os
 import threading
@@ -317,9 +316,12 @@ class Sequential:
             raise ValueError(f"{where}: out shares memory with x, which the layers keep for "
                              f"backward; pass another array")
         # the last layer writes straight into out when its backward does not read it
-        with self._exclusive(where):
+        self._enter(where)
+        try:
             self._forward(x, _config.step_threads(), out)
-        _config.restore_blas()
+        finally:
+            self._lock.release()
+            _config.restore_blas()
         return out
 
     def backward(self, grad, out=None):
@@ -332,22 +334,21 @@ class Sequential:
         g = check_grad(grad, (n,) + self.output_shape, self.dtype, where)
         out = self._result(out, (n,) + self.input_shape, where)
         # the first layer writes its input gradient straight into out (no copy)
-        with self._exclusive(where):
+        self._enter(where)
+        try:
             self.chain.backward(g, _config.step_threads(), True, self._l2, out=out)
-        _config.restore_blas()
+        finally:
+            self._lock.release()
+            _config.restore_blas()
         return out
 
-    @contextlib.contextmanager
-    def _exclusive(self, where):
-        """The training passes' buffers for this call alone: a second thread in a
-        training pass of the same model is refused, not left to corrupt them."""
+    def _enter(self, where):
+        """Take the training passes' buffers for this call (release ``_lock`` after):
+        a second thread in a training pass of the same model is refused, not left to
+        corrupt them."""
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(f"{where}: this model is being trained from another thread; "
                                f"training one model from several threads is not supported")
-        try:
-            yield
-        finally:
-            self._lock.release()
 
     def predict(self, x, batch_size=None, out=None):
         """Inference in batches of ``batch_size`` (default 256); stores nothing for backward.
@@ -496,9 +497,7 @@ class Sequential:
     def _train_step(self, x, y, loss, optimizer, nt):
         """Gradients, the optimizer's gradient hook, then ``optimizer.step`` when the
         value is finite (no optimizer: gradients only, as compute_gradients)."""
-        if not self._lock.acquire(blocking=False):     # (as _exclusive, without its cost)
-            raise RuntimeError("train_step: this model is being trained from another thread; "
-                               "training one model from several threads is not supported")
+        self._enter("train_step")
         try:
             # An optimizer may ask for the batch in micro-batches (cdl.distributed's
             # fixed gradient shards): then the hook runs after each one's backward pass

@@ -53,7 +53,7 @@ class ParameterPack:
             for store, buf in ((layer.params, self.params), (layer.grads, self.grads)):
                 view = buf[start:start + size].reshape(store[key].shape)
                 view[...] = store[key]
-                dict.__setitem__(store, key, view)      # (a layer's ArrayDict refuses "=")
+                store.put(key, view)        # (a layer's ArrayDict refuses "=")
         self.parts = self._parts(placed)
 
     def zeros(self):

@@ -136,13 +136,10 @@ def conv_output_size(size, kernel, stride=1, padding=0, where="conv_output_size"
     padded input is a ValueError that shows the arithmetic (``where`` names the caller,
     ``axis`` the axis in the message).
     """
-    for name, value, least in (("size", size, 0), ("kernel", kernel, 1), ("stride", stride, 1),
-                               ("padding", padding, 0)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{where}: {name} must be an int, got {value!r}")
-        if value < least:
-            raise ValueError(f"{where}: {name} must be >= {least}, got {value!r}")
-    size, kernel, stride, padding = int(size), int(kernel), int(stride), int(padding)
+    size, kernel, stride, padding = (
+        int_at_least(value, name, where, least)
+        for name, value, least in (("size", size, 0), ("kernel", kernel, 1),
+                                   ("stride", stride, 1), ("padding", padding, 0)))
     span = size + 2 * padding - kernel
     if span < 0:
         raise ValueError(
