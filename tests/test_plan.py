@@ -202,3 +202,105 @@ def test_changing_the_loss_or_the_flag_after_a_step_is_honoured():
     model._use_plans = False
     assert model._plan(4, loss) is None
     assert not isinstance(model._make_runner(4), cdl.plan.ForwardPlan)
+
+
+class _FlatViewScale(cdl.Layer):
+    """y = 2x through flat views of its buffers (ws holds views of dx), and an
+    identity-like backward that returns a view of g when asked to (no dx written)."""
+
+    def __init__(self, pass_g=False):
+        super().__init__()
+        self.pass_g = pass_g
+
+    def get_config(self):
+        return {"pass_g": self.pass_g}
+
+    def _alloc(self, n, train):
+        ws = super()._alloc(n, train)
+        ws["out_flat"] = ws["out"].reshape(-1)
+        if train:
+            ws["dx_flat"] = ws["dx"].reshape(-1)
+        return ws
+
+    def _forward(self, x, ws, nt, train):
+        np.multiply(x.reshape(-1), 2, out=ws["out_flat"])
+        return ws["out"]
+
+    def _backward(self, g, x, ws, nt, need_input_grad, l2):
+        if not need_input_grad:
+            return None
+        if self.pass_g:
+            return g
+        np.multiply(g.reshape(-1), 2, out=ws["dx_flat"])
+        return ws["dx"]
+
+
+def arena_nets():
+    """Gradient paths the shared input-gradient buffers must keep apart: Residuals
+    without a join (their sum and masked gradient are passes of their own), a conv
+    shortcut without BatchNorm, nested Residuals, Dropout and custom passes inside a
+    body, and a backward that hands its incoming gradient on."""
+    conv = lambda c, k, **kw: cdl.Conv2d(c, k, 3, padding=1, **kw)
+    return [
+        [conv(3, 4), cdl.ReLU(), cdl.Residual([conv(4, 4), cdl.Tanh(), conv(4, 4)]), cdl.ReLU(),
+         cdl.Residual([conv(4, 6, stride=2), cdl.Sigmoid()],
+                      shortcut=[cdl.Conv2d(4, 6, 1, stride=2)]),
+         cdl.Flatten(), cdl.Linear(96, 5)],
+        [conv(3, 4), cdl.Residual([cdl.Residual([conv(4, 4), cdl.BatchNorm2d(4)]),
+                                   cdl.Dropout(0.3), _FlatViewScale(), conv(4, 4)]),
+         cdl.ReLU(), cdl.Residual([_FlatViewScale(pass_g=True), conv(4, 4),
+                                   _FlatViewScale(pass_g=True)]),
+         cdl.GlobalAvgPool2d(), cdl.Linear(4, 5)],
+        [cdl.Residual([conv(3, 3), cdl.BatchNorm2d(3)]), cdl.ReLU(),
+         cdl.Residual([conv(3, 3), cdl.BatchNorm2d(3)]), cdl.ReLU(),
+         cdl.Residual([conv(3, 3), cdl.BatchNorm2d(3)]), _FlatViewScale(),
+         cdl.Flatten(), cdl.Linear(192, 5)],
+    ]
+
+
+@pytest.mark.parametrize("which", range(3))
+def test_shared_gradient_buffers_keep_plan_equal_to_layer_by_layer(which):
+    rng = np.random.default_rng(8)
+    xs = [rng.standard_normal((5, 3, 8, 8)).astype(np.float32) for _ in range(3)]
+    y = rng.integers(0, 5, 5)
+    results = []
+    for use_plan in (False, True):
+        m = cdl.Sequential(arena_nets()[which], (3, 8, 8), seed=which)
+        m._use_plans = use_plan
+        opt = cdl.SGD(m, lr=0.05, momentum=0.9)
+        values = [m.train_step(x, y, cdl.SoftmaxCrossEntropy(), opt) for x in xs]
+        grads = [g.copy() for _, _, g in m.parameters()]
+        results.append((values, m.state_dict(), grads))
+    assert results[0][0] == results[1][0]
+    for k in results[0][1]:
+        np.testing.assert_array_equal(results[1][1][k], results[0][1][k], err_msg=k)
+    for a, b in zip(results[0][2], results[1][2]):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_backward_passes_share_gradient_buffers():
+    """The plan lends input-gradient buffers: ResNet-8's backward writes far fewer
+    bytes of them than its passes own, and no pass writes into its own."""
+    from cdl.models import resnet8
+    m = resnet8(seed=0)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, 4)
+    loss, opt = cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1)
+    m.train_step(x, y, loss, opt)
+    arena = m._plans[0]._arena
+    own = []
+
+    def walk(layers):
+        for layer in layers:
+            ws = layer._ws.get(4)
+            if ws is not None and isinstance(ws.get("dx"), np.ndarray):
+                own.append(ws["dx"])
+            for _, child in layer.children():
+                walk(child.layers)
+    walk(m.layers)
+    assert 0 < arena.nbytes < sum(a.nbytes for a in own) / 2
+    for a in own:
+        a.fill(np.nan)
+    m.train_step(x, y, loss, opt)
+    assert all(np.isnan(a).all() for a in own)
+    assert np.isfinite(m.layers[0].grads["weight"]).all()

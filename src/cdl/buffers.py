@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-__all__ = ["RunnerPool", "ResultPool", "nbytes_of"]
+__all__ = ["GradArena", "RunnerPool", "ResultPool", "nbytes_of"]
 
 
 class RunnerPool:
@@ -131,3 +131,59 @@ class ResultPool:
     def clear(self):
         with self._lock:
             self._arrays.clear()
+
+
+class GradArena:
+    """Input-gradient buffers shared by a training plan's backward passes.
+
+    A pass's input gradient is read by the pass before it and then dead, so the
+    plan lends each pass a buffer and takes it back once the reader's ops are
+    planned (ops run in the order they are planned). A few buffers a size then
+    serve a whole backward, and a pass writes into lines the step used moments
+    ago instead of its own buffer, last touched a step earlier and long evicted
+    (ResNet-8's step works on about 100 MB; see bench/profile_plan.py).
+    """
+
+    def __init__(self):
+        self._free = {}              # (size, dtype) -> [flat array, ...]
+        self._lent = {}              # data address -> flat array
+
+    @staticmethod
+    def _address(a):
+        return a.__array_interface__["data"][0]
+
+    def lend(self, ws):
+        """(ws with "dx" and its whole-array views on a lent buffer, the buffer), or
+        (ws, None) when the pass has no input-gradient buffer or keeps other views of it."""
+        dx = ws.get("dx")
+        if not isinstance(dx, np.ndarray) or not dx.flags.c_contiguous or dx.size == 0:
+            return ws, None
+        views = {k: v for k, v in ws.items()
+                 if k != "dx" and isinstance(v, np.ndarray) and np.may_share_memory(v, dx)}
+        if any(v.size != dx.size or not v.flags.c_contiguous
+               or self._address(v) != self._address(dx) for v in views.values()):
+            return ws, None
+        key = (dx.size, dx.dtype)
+        free = self._free.get(key)
+        flat = free.pop() if free else np.empty(dx.size, dx.dtype)
+        self._lent[self._address(flat)] = flat
+        lent = dict(ws, dx=flat.reshape(dx.shape))
+        lent.update((k, flat.reshape(v.shape)) for k, v in views.items())
+        return lent, lent["dx"]
+
+    def buffers(self):
+        """Every buffer made so far (lent or free)."""
+        return [*self._lent.values(), *(a for free in self._free.values() for a in free)]
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in self.buffers())
+
+    def release(self, a):
+        """Take back the lent buffer ``a`` is (a whole view of); anything else is ignored."""
+        if not isinstance(a, np.ndarray) or a.size == 0:
+            return
+        flat = self._lent.get(self._address(a))
+        if flat is not None and flat.size == a.size:
+            del self._lent[self._address(a)]
+            self._free.setdefault((flat.size, flat.dtype), []).append(flat)

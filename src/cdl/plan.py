@@ -12,7 +12,7 @@ both). float32 models get plans; float64 ones run layer by layer.
 import numpy as np
 
 from ._kernels import losses as _kl
-from .buffers import nbytes_of
+from .buffers import GradArena, nbytes_of
 from .layers.base import Layer
 from .layers.chain import replay
 
@@ -77,7 +77,8 @@ class TrainPlan(ForwardPlan):
         scale = 1.0 / n if loss.reduction == "mean" else 1.0
         self._loss = _kl.LossForward(type(loss).plan_kind, scores, self.grad, sample, scale,
                                      getattr(loss, "margin", 0.0))
-        ops, _ = model.chain.plan_backward(self.grad, self._trace, False)
+        self._arena = GradArena()
+        ops, _ = model.chain.plan_backward(self.grad, self._trace, False, arena=self._arena)
         self._binders += [(op.bind, op.shape) for op in ops if op.bind is not None]
         self._backward = [(op.run, op.takes_l2) for op in ops]
         # State the layers keep after a step: plain (layer, ws, input) for most, a

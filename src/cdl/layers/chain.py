@@ -228,13 +228,16 @@ class Chain:
             h = out
         return ops, h, trace
 
-    def plan_backward(self, g, trace, need_input_grad, mask=None, add_to=None):
+    def plan_backward(self, g, trace, need_input_grad, mask=None, add_to=None, arena=None):
         """(ops, input gradient): the backward of the passes recorded in ``trace``.
         ``mask``: g is to be taken as 0 where mask <= 0 (the ReLU after a Residual's
         join), given to the last pass as ws["join_mask"] (``Layer.joins_residual``).
         ``add_to``: the other branch's input gradient, given to the first pass as
         ws["dx_add"] if it can take it (``Layer.adds_input_grad``); the returned
-        gradient is then ``add_to`` itself, holding the sum."""
+        gradient is then ``add_to`` itself, holding the sum.
+        ``arena``: a ``GradArena`` that lends the passes their input-gradient buffers
+        (layers holding chains find it as ws["grad_arena"]); g stays the caller's,
+        and so does the returned gradient."""
         stop = 0 if need_input_grad else self.first_trained
         ops = []
         for k, (i, layer, ws, x, x_is_input) in enumerate(reversed(trace)):
@@ -244,11 +247,24 @@ class Chain:
                 ws = dict(ws, join_mask=mask)
             if add_to is not None and k == len(trace) - 1 and layer.adds_input_grad():
                 ws = dict(ws, dx_add=add_to)
-            layer_ops, g = layer.plan_backward(g, x, ws, i > stop or need_input_grad)
+            needs_dx, lent = i > stop or need_input_grad, None
+            if arena is not None:
+                if needs_dx:
+                    ws, lent = arena.lend(ws)
+                if any(True for _ in layer.children()):
+                    ws = dict(ws, grad_arena=arena)
+            layer_ops, dx = layer.plan_backward(g, x, ws, needs_dx)
             for op in layer_ops:
                 ops.append(op if x_is_input else op._replace(bind=None))
             if layer.decay and not layer.fuses_l2:
                 ops.append(Op(L2Op(layer).run, takes_l2=True))
+            if arena is not None:
+                # This pass's ops were the last to read g; later ops may reuse it.
+                if k > 0 and not _shares(dx, g):
+                    arena.release(g)
+                if lent is not None and not _shares(dx, lent):
+                    arena.release(lent)
+            g = dx
         return ops, g
 
 
@@ -270,6 +286,10 @@ def replay(trace, x):
         inp = x.reshape(h.shape) if from_input else h
         layer._last = (inp, ws)
         layer.on_train_forward(ws, inp)
+
+
+def _shares(a, b):
+    return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.may_share_memory(a, b)
 
 
 def _can_write(ws, key, out, *operands):

@@ -240,7 +240,9 @@ class Residual(Layer):
                                            ws["g"].reshape(-1))
                 ops.append(Op(k.run))
                 g = ws["g"]
-        ops_f, df = self.body.plan_backward(g, trace_f, need_input_grad, mask=mask)
+        arena = ws.get("grad_arena")
+        ops_f, df = self.body.plan_backward(g, trace_f, need_input_grad, mask=mask,
+                                            arena=arena)
         ops += ops_f
         ds = g
         if self.shortcut is not None:
@@ -248,7 +250,7 @@ class Residual(Layer):
             # (a strided 1x1 convolution then touches only the cells it reaches).
             add_to = df if need_input_grad and self._takes_sum(df, g, x) else None
             ops_s, ds = self.shortcut.plan_backward(g, trace_s, need_input_grad, mask=mask,
-                                                    add_to=add_to)
+                                                    add_to=add_to, arena=arena)
             ops += ops_s
             if add_to is not None and ds is add_to:
                 return ops, df
@@ -258,4 +260,8 @@ class Residual(Layer):
         k = _ew.Add(df.reshape(-1), ds.reshape(-1), ws["dx_flat"], False,
                     mask=None if mask is None or self.shortcut is not None else ws["out_flat"])
         ops.append(Op(k.run))
+        if arena is not None:
+            arena.release(df)
+            if ds is not g:
+                arena.release(ds)
         return ops, ws["dx"]
