@@ -201,3 +201,36 @@ def test_matches_torch_if_available():
         opt.step()
         F.sgd_update(p, g, lr=0.1, velocity=v, momentum=0.9, nesterov=True, weight_decay=0.01)
     np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_updates_flush_subnormal_state_and_restore_the_fp_mode(dtype):
+    """Momentum and Adam moments of a parameter whose gradient stays 0 decay into the
+    subnormal range and stick there (0.9 × the smallest subnormal rounds back to it),
+    where every operation takes a microcode assist. The updates run with subnormals
+    flushed to zero: such state becomes 0 at once, normal values are untouched, and
+    the caller's floating-point mode is as before."""
+    tiny = np.finfo(dtype).smallest_subnormal * 5
+    n = 40_000                                   # more than one chunk
+    p = np.full(n, 0.5, dtype)
+    g = np.zeros(n, dtype)
+    g[::2] = 0.25
+    v = np.full(n, tiny, dtype)
+    v[1::4] = 1e-3
+    chunks = np.array([[0, n // 2, 0], [n // 2, n, 1]], np.int64)
+    elementwise.sgd_update_chunks(p, g, v, chunks, 0.1, 0.9, False, 0.0, 2)
+    assert not ((v != 0) & (np.abs(v) < np.finfo(dtype).tiny)).any()
+    np.testing.assert_array_equal(v[3::4], 0)                       # g = 0, v was tiny
+    np.testing.assert_array_equal(v[1::4], dtype(0.9) * dtype(1e-3))
+    np.testing.assert_array_equal(v[::2], dtype(0.25))
+    m, s = np.full(n, tiny, dtype), np.full(n, tiny, dtype)
+    elementwise.adam_update_chunks(p, g, m, s, chunks, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, 3, 2)
+    assert np.isfinite(p).all()
+    np.testing.assert_array_equal(m[1::2], 0)
+    np.testing.assert_array_equal(s[1::2], 0)
+    v = np.full(n, tiny, dtype)
+    elementwise.sgd_update(p, g, v, 0.1, 0.9, False, 0.0, 2)
+    np.testing.assert_array_equal(v[1::2], 0)
+    # the caller's mode: NumPy on this thread still keeps subnormals
+    assert np.array([tiny], dtype)[0] * dtype(1) == tiny
+    assert dtype(tiny) / dtype(2) != 0

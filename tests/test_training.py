@@ -126,6 +126,44 @@ def test_nan_input_reported_with_epoch_and_step():
         np.testing.assert_array_equal(w, before[k])
 
 
+def _step_state(m, opt):
+    return [a.copy() for a in (m.parameter_buffer, *opt.buffers.values())]
+
+
+@pytest.mark.parametrize("use_plan", [True, False])
+def test_nonfinite_gradient_with_a_finite_loss_skips_the_update(use_plan):
+    # float32 gradients overflow where the loss, summed in float64, is finite
+    m = cdl.Sequential([cdl.Linear(2, 1)], (2,), seed=0)
+    m._use_plans = use_plan
+    opt = cdl.SGD(m, lr=0.1, momentum=0.9)
+    x = np.array([[1e20, -1e20], [2e20, 1e20]], np.float32)
+    y = np.array([[0.0], [1.0]], np.float32)
+    assert np.isfinite(cdl.MSE().forward(m.predict(x), y))
+    before = _step_state(m, opt)
+    assert np.isnan(m.train_step(x, y, cdl.MSE(), opt))
+    for a, b in zip(before, _step_state(m, opt)):
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fit_stops_on_a_nonfinite_gradient_naming_it_and_the_inputs(dtype):
+    # an Inf input saturates the sigmoid: the loss is finite, 0 · Inf makes the
+    # first weight's gradient NaN
+    m = cdl.Sequential([cdl.Linear(1, 2), cdl.Sigmoid(), cdl.Linear(2, 2)], (1,), dtype=dtype,
+                       seed=0)
+    x = np.array([[np.inf], [0.5], [0.1], [0.2]], dtype)
+    y = np.array([0, 1, 0, 1])
+    opt = cdl.Adam(m)
+    before = _step_state(m, opt)
+    with pytest.warns(RuntimeWarning, match=r"a gradient was not finite \(the loss was [0-9.]+\) "
+                                            r"at epoch 1, step 1 of 2.*NaN or Inf inputs"):
+        h = m.fit(x, y, cdl.SoftmaxCrossEntropy(), opt, epochs=2, batch_size=2,
+                  shuffle=False, verbose=0)
+    assert h.epochs == [] and "gradient was not finite" in h.stop_reason
+    for a, b in zip(before, _step_state(m, opt)):
+        assert a.tobytes() == b.tobytes()
+
+
 def test_early_stopping_restores_best_weights():
     # BatchNorm's running statistics are part of what the best epoch evaluated with
     m = cdl.Sequential([cdl.Linear(2, 4), cdl.BatchNorm1d(4), cdl.ReLU(), cdl.Linear(4, 3)],

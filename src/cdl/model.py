@@ -20,7 +20,7 @@ import weakref
 import numpy as np
 
 from . import _config, plan as _plan
-from ._kernels import losses as _kl
+from ._kernels import elementwise as _ew, losses as _kl
 from .functional._checks import FLOAT_DTYPES, INT32_MAX, int_at_least, real_number, shape_str
 from .layers.base import OWNERS, Layer, check_grad
 from .layers.chain import Chain, has_params
@@ -438,7 +438,9 @@ class Sequential:
         """One forward, backward and update; returns the loss before the update.
 
         The loss includes λ Σ W² when l2 > 0. The input gradient is not computed. If
-        the loss is NaN or infinite the update is skipped (weights stay finite).
+        the loss is NaN or infinite the update is skipped (weights stay finite); if the
+        loss is finite but a gradient is not (an overflow, or 0 · Inf from an infinite
+        input), the update is skipped too and NaN is returned.
         Buffers are reused, so nothing is allocated once a batch size has been seen.
 
         Between the backward pass and ``optimizer.step()`` the optimizer's
@@ -516,6 +518,7 @@ class Sequential:
             hook = getattr(optimizer, "gradient_hook", None)
             if hook is not None:
                 value = hook(value, x.shape[0], nt)
+            value = self._checked_gradients(value, nt)
             if math.isfinite(value):
                 optimizer.step(nt)
             return value
@@ -536,8 +539,19 @@ class Sequential:
                 scores[lo:hi] = self._scores
             value = optimizer.gradient_hook(v, hi - lo, nt)
         self._scores = scores[:n]
+        value = self._checked_gradients(value, nt)
         if math.isfinite(value):
             optimizer.step(nt)
+        return value
+
+    def _checked_gradients(self, value, nt):
+        """``value``, or NaN when it is finite but a gradient is not (the step is then
+        skipped; ``_skip_reason`` says why, for fit's message)."""
+        self._skip_reason = None
+        grads = self.parameter_pack.grads
+        if math.isfinite(value) and grads is not None and not _ew.all_finite(grads, nt):
+            self._skip_reason = f"a gradient was not finite (the loss was {value:.6g})"
+            return math.nan
         return value
 
     def _plan(self, n, loss):

@@ -203,8 +203,10 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                     if comm is not None and ranks > 1:    # every rank is here: one message
                         bad_input = any(comm.allgather(bad_input))
                     why = getattr(optimizer, "last_skip", None)
-                    msg = (f"fit: loss became {value} at epoch {epoch + 1}, step {step + 1} "
-                           f"of {steps}; training stopped and that update was skipped"
+                    grad_why = getattr(model, "_skip_reason", None) if m else None
+                    msg = (f"fit: {grad_why or f'loss became {value}'} at epoch {epoch + 1}, "
+                           f"step {step + 1} of {steps}; training stopped and that update was "
+                           f"skipped"
                            + (f" on every rank ({why})" if comm is not None and why else "")
                            + ". " + ("The batch contains NaN or Inf inputs." if bad_input else
                                      "Try a lower learning rate (lr) or check the data."))

@@ -22,7 +22,7 @@ NaN propagates: relu(NaN) = NaN, sigmoid(NaN) = NaN, tanh(NaN) = NaN.
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.math cimport ceil, pow, sqrt
-from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from cdl._kernels._openmp cimport omp_get_num_threads, omp_get_thread_num
 # exp(x) for x <= 0 without a libm call, so the sigmoid loop vectorises and has
 # no branch (random signs made a branchy loop mispredict half the time).
@@ -291,6 +291,25 @@ cdef extern from *:
         for (i = 0; i < n; i++) dx[i] = g[i] * cdl_pick_d(mask[i] != 0, scale, 0.0);
     }
 
+    /* The optimiser updates run with subnormals flushed to zero (FTZ and DAZ, this
+       thread only, restored after). A parameter whose gradient stays 0 (a dead ReLU,
+       an input pixel that is always 0) decays its momentum or Adam moments into the
+       subnormal range, where they stick (0.9 * the smallest subnormal rounds back to
+       it) and every operation on them takes a microcode assist: LeNet-5's batch-1
+       step ran 4x (SGD momentum) and 25x (Adam) slower after 2000 steps. */
+    #if defined(__SSE2__) || defined(__x86_64__)
+    #include <xmmintrin.h>
+    static inline unsigned int cdl_flush_subnormals(void) {
+        unsigned int csr = _mm_getcsr();
+        _mm_setcsr(csr | 0x8040u);
+        return csr;
+    }
+    static inline void cdl_restore_fp(unsigned int csr) { _mm_setcsr(csr); }
+    #else
+    static inline unsigned int cdl_flush_subnormals(void) { return 0; }
+    static inline void cdl_restore_fp(unsigned int csr) { (void)csr; }
+    #endif
+
     /* Adam / AdamW on n elements (torch.optim.Adam, single-tensor path):
        AdamW: p *= decay;  Adam: g += wd * p;
        m = lerp(m, g, w1);  v = v * b2 + omb2 * g * g;
@@ -335,6 +354,8 @@ cdef extern from *:
                           Py_ssize_t n) noexcept nogil
     void cdl_add_masked_d(const double* a, const double* b, const double* m, double* y,
                           Py_ssize_t n) noexcept nogil
+    unsigned int cdl_flush_subnormals() noexcept nogil
+    void cdl_restore_fp(unsigned int csr) noexcept nogil
     uint64_t cdl_dropout_key(uint64_t seed, uint64_t stream, uint64_t counter) noexcept nogil
     void cdl_uniforms(double* u, Py_ssize_t n, uint64_t key) noexcept nogil
     void cdl_dropout_f(const float* x, float* y, uint8_t* mask, Py_ssize_t n, uint64_t start,
@@ -530,11 +551,14 @@ def sgd_update(floating[::1] param, const floating[::1] grad, floating[::1] velo
     if has_v:
         vp = &velocity[0]
     cdef floating flr = <floating>lr, fmu = <floating>momentum, fwd = <floating>weight_decay
+    cdef unsigned int csr
     with nogil:
         for t in prange(_chunks(n), schedule="static", num_threads=_threads(n, num_threads)):
             lo = t * CHUNK
+            csr = cdl_flush_subnormals()
             _sgd(pp + lo, gp + lo, vp + lo if has_v else NULL, min(CHUNK, n - lo),
                  flr, fmu, nesterov, fwd)
+            cdl_restore_fp(csr)
 
 
 cdef int _check_chunks(str name, Py_ssize_t n, const int64_t[:, ::1] chunks) except -1:
@@ -563,14 +587,17 @@ cdef int _sgd_update_chunks(floating[::1] param, const floating[::1] grad, float
     cdef const floating* gp = &grad[0]
     cdef floating* vp = &velocity[0] if has_v else NULL
     cdef floating flr = <floating>lr, fmu = <floating>momentum, fwd = <floating>weight_decay
+    cdef unsigned int csr
     with nogil, parallel(num_threads=nt):
         tid = omp_get_thread_num()
         team = omp_get_num_threads()
+        csr = cdl_flush_subnormals()
         for r in range(rows):
             if chunks[r, 2] % team == tid:
                 _sgd(pp + chunks[r, 0], gp + chunks[r, 0],
                      vp + chunks[r, 0] if has_v else NULL, chunks[r, 1] - chunks[r, 0],
                      flr, fmu, nesterov, fwd)
+        cdl_restore_fp(csr)
     return 0
 
 
@@ -873,6 +900,37 @@ cdef int _scale(floating[::1] x, double alpha, int num_threads) except -1:
     return 0
 
 
+cdef bint _chunk_nonfinite(const floating* p, Py_ssize_t n) noexcept nogil:
+    # An exponent of all ones is Inf or NaN: adding one to the exponent field then
+    # carries into the sign bit, and an integer OR collects the carries (a loop GCC
+    # vectorises, where a float test would need an ordered, NaN-aware reduction).
+    cdef Py_ssize_t i
+    cdef uint32_t c32 = 0
+    cdef uint64_t c64 = 0
+    if floating is float:
+        for i in range(n):
+            c32 |= ((<const uint32_t*>p)[i] & 0x7f800000u) + 0x00800000u
+        return (c32 >> 31) != 0
+    else:
+        for i in range(n):
+            c64 |= ((<const uint64_t*>p)[i] & 0x7ff0000000000000u) + 0x0010000000000000u
+        return (c64 >> 63) != 0
+
+
+def all_finite(const floating[::1] x, int num_threads):
+    """Whether x holds no NaN and no ±Inf."""
+    cdef Py_ssize_t n = x.shape[0], t, lo
+    cdef int bad = 0
+    if n == 0:
+        return True
+    cdef const floating* xp = &x[0]
+    with nogil:
+        for t in prange(_chunks(n), schedule="static", num_threads=_threads(n, num_threads)):
+            lo = t * CHUNK
+            bad |= _chunk_nonfinite(xp + lo, min(CHUNK, n - lo))
+    return bad == 0
+
+
 def scale(floating[::1] x, double alpha, int num_threads):
     """x *= alpha in place (alpha rounded to x's type, as PyTorch's mul_)."""
     _scale(x, alpha, num_threads)
@@ -906,9 +964,11 @@ cdef int _adam_update_chunks(floating[::1] param, const floating[::1] grad,
     cdef floating bc2s = <floating>sqrt(1.0 - pow(beta2, <double>step))
     cdef floating feps = <floating>eps
     cdef floating nstep = <floating>(-(lr / (1.0 - pow(beta1, <double>step))))
+    cdef unsigned int csr
     with nogil, parallel(num_threads=nt):
         tid = omp_get_thread_num()
         team = omp_get_num_threads()
+        csr = cdl_flush_subnormals()
         for r in range(rows):
             if chunks[r, 2] % team == tid:
                 lo = chunks[r, 0]
@@ -918,6 +978,7 @@ cdef int _adam_update_chunks(floating[::1] param, const floating[::1] grad,
                 else:
                     cdl_adam_d(pp + lo, gp + lo, mp + lo, vp + lo, chunks[r, 1] - lo, dec, decay,
                                wd, w1, b2, omb2, bc2s, feps, nstep)
+        cdl_restore_fp(csr)
     return 0
 
 
