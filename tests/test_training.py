@@ -126,6 +126,20 @@ def test_nan_input_reported_with_epoch_and_step():
         np.testing.assert_array_equal(w, before[k])
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_history_loss_is_on_evaluates_scale_for_any_batch_size(reduction):
+    # frozen weights (a tiny lr): the epoch's loss is evaluate's, L2 counted once
+    x, y = blobs(61)
+    loss = cdl.SoftmaxCrossEntropy(reduction=reduction)
+    for bs in (61, 16, 4):
+        m = tiny(l2=1e-2)
+        h = m.fit(x, y, loss, cdl.SGD(m, lr=1e-12), batch_size=bs, shuffle=False, verbose=0,
+                  validation_data=(x, y))
+        want, _ = m.evaluate(x, y, loss)
+        assert h["loss"][0] == pytest.approx(want, rel=1e-6), bs
+        assert h["val_loss"][0] == pytest.approx(want, rel=1e-12)
+
+
 def _step_state(m, opt):
     return [a.copy() for a in (m.parameter_buffer, *opt.buffers.values())]
 
@@ -182,7 +196,7 @@ def test_early_stopping_restores_best_weights():
         if m.stop_training:
             break
     es.on_train_end()
-    assert epoch == 3 and es.best_epoch == 1 and es.stopped_epoch == 3
+    assert epoch == 2 and es.best_epoch == 1 and es.stopped_epoch == 2   # patience 1: Keras
     state = m.state_dict()
     assert "1.running_mean" in state and "1.num_batches_tracked" in state
     for k, w in state.items():
@@ -216,6 +230,51 @@ def test_early_stopping_counts_a_nan_epoch_as_no_improvement():
         if m.stop_training:
             break
     assert es.stopped_epoch == 1 and es.best_epoch is None
+
+
+@pytest.mark.parametrize("patience,stops_at", [(0, 2), (1, 2), (2, 3), (3, 4)])
+def test_early_stopping_patience_counts_as_keras(patience, stops_at):
+    # the patience-th epoch in a row without improvement is the last (0 stops as 1)
+    m = tiny()
+    es = cdl.EarlyStopping(monitor="loss", patience=patience)
+    es.set_context(m, None)
+    es.on_train_begin()
+    for epoch, v in enumerate([3.0, 2.0, 2.5, 2.5, 2.5, 2.5, 2.5]):
+        es.on_epoch_end(epoch, {"loss": v})
+        if m.stop_training:
+            break
+    assert es.stopped_epoch == stops_at
+
+
+@pytest.mark.parametrize("monitor,val", [("acc", False), ("val_acc", True),
+                                         ("validation_loss", True)])
+def test_a_monitor_fit_does_not_log_is_warned_at_the_start(monitor, val):
+    x, y = blobs()
+    m = tiny()
+    es = cdl.EarlyStopping(monitor=monitor, patience=0)
+    ck = cdl.ModelCheckpoint("unused.npz", monitor=monitor, save_best_only=True)
+    kw = dict(validation_data=(x[:10], y[:10])) if val else {}
+    with pytest.warns(RuntimeWarning) as record:
+        m.fit(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1), epochs=2, verbose=0,
+              callbacks=[es, ck], **kw)
+    said = [str(w.message) for w in record]
+    for name in ("EarlyStopping", "ModelCheckpoint"):
+        hits = [w for w in said if w.startswith(f"{name}: monitor {monitor!r} is not among "
+                                                 f"fit's logs")]
+        assert len(hits) == 1 and "accuracy" in hits[0], said
+    assert not any("no validation data" in w for w in said)
+    assert ck.saved == []
+
+
+def test_a_val_monitor_without_validation_data_falls_back_with_one_warning():
+    x, y = blobs()
+    m = tiny()
+    es = cdl.EarlyStopping(monitor="val_loss", patience=0, min_delta=1e9)
+    with pytest.warns(RuntimeWarning, match="no val_loss \\(no validation data\\); monitoring "
+                                            "loss instead") as record:
+        h = m.fit(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1), epochs=5, verbose=0,
+                  callbacks=[es])
+    assert len(record) == 1 and es.stopped_epoch == 1 and len(h.epochs) == 2
 
 
 def test_early_stopping_in_fit():
@@ -294,6 +353,30 @@ def test_ctrl_c_stops_between_steps_and_model_stays_usable():
     m.fit(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1), epochs=1, verbose=0)
 
 
+@pytest.mark.parametrize("at_epoch", [1, 2])
+def test_ctrl_c_at_the_end_of_an_epoch_stops_before_the_next_and_is_reported(at_epoch):
+    # during the epoch's callbacks (a checkpoint being written, say), the last epoch's too
+    x, y = blobs(64)
+    m = tiny()
+    begun, steps = [], []
+
+    class Interrupt(cdl.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            begun.append(epoch)
+
+        def on_epoch_end(self, epoch, logs=None):
+            steps.append(opt.steps)
+            if epoch == at_epoch:
+                os.kill(os.getpid(), signal.SIGINT)
+    opt = cdl.SGD(m, lr=0.1)
+    h = m.fit(x, y, cdl.SoftmaxCrossEntropy(), opt, epochs=3, batch_size=8,
+              callbacks=[Interrupt()], verbose=0)
+    assert h.stop_reason and f"interrupted (Ctrl-C) at the end of epoch {at_epoch + 1}" \
+        in h.stop_reason
+    assert h.epochs == list(range(at_epoch + 1)) and begun == h.epochs
+    assert opt.steps == steps[-1] == 8 * (at_epoch + 1)
+
+
 def test_fit_argument_errors():
     x, y = blobs()
     m = tiny()
@@ -307,6 +390,11 @@ def test_fit_argument_errors():
         m.fit(x, y, loss, opt, validation_data=(x[:3], y[:4]))
     with pytest.raises(TypeError, match="callbacks must be cdl callbacks"):
         m.fit(x, y, loss, opt, callbacks=[print])
+    for bad in (cdl.EarlyStopping(), "es", 3):
+        with pytest.raises(TypeError, match=r"Sequential.fit: callbacks must be a list of cdl "
+                                            rf"callbacks, got {type(bad).__name__}"):
+            m.fit(x, y, loss, opt, callbacks=bad)
+    assert m.fit(x, y, loss, opt, callbacks=None, verbose=0).epochs == [0]
 
 
 @pytest.mark.parametrize("schedule", [lambda: cdl.CosineLR(6), lambda: cdl.StepLR(2, 0.5)])

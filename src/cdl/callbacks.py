@@ -104,15 +104,38 @@ def _better(mode, monitor, where):
     return mode
 
 
+def _falls_back(monitor, keys):
+    """Whether a val_* monitor stands for its training twin: no validation data."""
+    return monitor.startswith("val_") and "val_loss" not in keys and monitor[4:] in keys
+
+
+def _warn_once(owner, message):
+    if not getattr(owner, "_warned", False):
+        warnings.warn(f"{type(owner).__name__}: {message}", RuntimeWarning, stacklevel=4)
+        owner._warned = True
+
+
+def _check_monitor(owner):
+    """At fit's start: warn if the monitored key is not among the logs fit will make
+    (a typo such as 'acc' would leave the callback doing nothing, silently)."""
+    owner._warned = False
+    keys, monitor = owner.log_keys, owner.monitor
+    if keys and monitor not in keys and not _falls_back(monitor, keys):
+        _warn_once(owner, f"monitor {monitor!r} is not among fit's logs "
+                          f"({', '.join(keys)}); unless another callback adds it, "
+                          f"{type(owner).__name__} will never act")
+
+
 def _monitored(logs, monitor, owner):
-    value = (logs or {}).get(monitor)
-    if value is None and monitor.startswith("val_"):
-        fallback = monitor[4:]
-        if not getattr(owner, "_warned", False):
-            warnings.warn(f"{type(owner).__name__}: no {monitor} (no validation data); "
-                          f"monitoring {fallback} instead", RuntimeWarning, stacklevel=3)
-            owner._warned = True
-        value = (logs or {}).get(fallback)
+    logs = logs or {}
+    value = logs.get(monitor)
+    if value is None and _falls_back(monitor, logs):
+        _warn_once(owner, f"no {monitor} (no validation data); monitoring {monitor[4:]} "
+                          f"instead")
+        value = logs.get(monitor[4:])
+    elif value is None:
+        _warn_once(owner, f"monitor {monitor!r} is not in the logs ({', '.join(logs)}); "
+                          f"{type(owner).__name__} does nothing")
     return value
 
 
@@ -137,6 +160,11 @@ class _StandIns(dict):
 class EarlyStopping(Callback):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
 
+    As in Keras, the ``patience``-th epoch in a row without improvement is the last
+    (``patience=0`` stops at the first, as 1 does), but never epoch 0. ``fit`` warns at
+    the start when
+    ``monitor`` is not one of its logs (``'acc'`` for ``'accuracy'``, say).
+
     With ``restore_best_weights=True`` the model gets back the weights of the best
     epoch when training ends (also when it ends because ``epochs`` ran out): its
     whole state dict, so BatchNorm's running statistics too, which its evaluation
@@ -160,6 +188,7 @@ class EarlyStopping(Callback):
         self.best_weights = None
         self.stopped_epoch = None
         self.best_epoch = None
+        _check_monitor(self)
 
     def _improved(self, value):
         if self.mode == "min":
@@ -175,8 +204,10 @@ class EarlyStopping(Callback):
             if self.restore_best_weights:
                 self.best_weights = self.model.state_dict()
         else:
+            # as Keras counts: the patience-th epoch without improvement stops (0 and 1
+            # both stop at the first), never the run's first epoch
             self.wait += 1
-            if self.wait > self.patience:
+            if self.wait >= self.patience and epoch > 0:
                 self.stopped_epoch = epoch
                 self.model.stop_training = True
 
@@ -216,6 +247,8 @@ class ModelCheckpoint(Callback):
         self.best = math.inf if self.mode == "min" else -math.inf
         if not self.log_keys:       # not run by fit: the logs are unknown
             return
+        if self.save_best_only:
+            _check_monitor(self)
         # The path is tried on stand-in logs now, not after the first epoch has trained
         # (the same on every rank of a distributed fit, so every rank raises or none).
         # A key that another callback may add to the logs is taken on trust; one of

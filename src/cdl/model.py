@@ -486,8 +486,8 @@ class Sequential:
             self._scores = self._forward(x, nt)
             value = loss._compute(self._scores, y, nt)
         self._last_n = x.shape[0]
-        if self._l2:
-            value += self.l2_penalty()
+        self._step_penalty = self.l2_penalty() if self._l2 else 0.0
+        value += self._step_penalty
         if not math.isfinite(value):
             return value
         if plan is not None:

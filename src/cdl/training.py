@@ -36,6 +36,8 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     ModelCheckpoint go in ``callbacks``. Training stops with a warning naming the
     epoch and step when the loss becomes NaN or infinite (that update is skipped),
     and Ctrl-C stops it between steps; the model stays usable either way.
+    The History's ``loss`` is the epoch's mean loss, or with ``reduction="sum"`` its
+    total over the samples (as ``evaluate`` and ``val_loss`` give it), L2 included.
     ``verbose``: 0 silent, 1 progress bar (stderr), 2 one line per epoch.
     ``initial_epoch``: resume at that epoch (counted from 0; ``epochs`` is then the
     number of the last one, as in Keras): callbacks and learning-rate schedules see
@@ -107,6 +109,11 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     elif n == 0:
         raise ValueError(f"{where}: x is empty")
     history = History()
+    if callbacks is None:
+        callbacks = ()
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"{where}: callbacks must be a list of cdl callbacks, got "
+                        f"{type(callbacks).__name__}")
     cbs = [history] + list(callbacks)
     for cb in cbs:
         if not isinstance(cb, Callback):
@@ -214,7 +221,13 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                     warnings.warn(msg, RuntimeWarning, stacklevel=2)
                     model.stop_training = True
                     break
-                loss_sum += value * mg
+                if loss.reduction == "mean":
+                    loss_sum += value * mg
+                else:
+                    # the epoch's total, with the L2 penalty once (as evaluate has it),
+                    # averaged over the steps by their samples like a mean loss's
+                    pen = model._step_penalty
+                    loss_sum += value - pen + pen * mg / n_total
                 done += mg
                 done_here += m
                 if ab is not None and m:
@@ -224,7 +237,8 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                     correct += int(np.count_nonzero(hit[:m]))
                 if bar is not None:
                     # (distributed: the global loss; the accuracy of rank 0's samples)
-                    bar.update(done, {"loss": loss_sum / done,
+                    bar.update(done, {"loss": loss_sum / done if loss.reduction == "mean"
+                                      else loss_sum,
                                       "acc": correct / max(done_here, 1) if ab is not None
                                       else math.nan})
                 if stop["interrupted"]:
@@ -240,7 +254,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                 break
             if comm is not None and ranks > 1:
                 correct = _sum_in_rank_order(comm, correct)
-            logs = {"loss": loss_sum / n_total,
+            logs = {"loss": loss_sum / n_total if loss.reduction == "mean" else loss_sum,
                     "accuracy": correct / n_total if ab is not None else math.nan,
                     "lr": float(getattr(optimizer, "lr", math.nan))}
             if val_everywhere:
@@ -257,6 +271,17 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                     bar.tty = False
                 bar.finish(n_total, shown)
             _epoch_end(cbs, epoch, logs, comm if ranks > 1 else None, where)
+            # A Ctrl-C during validation or the callbacks: stop before the next epoch
+            # begins (or, after the last, report it), on every rank alike.
+            interrupted = stop["interrupted"]
+            if comm is not None and ranks > 1:
+                interrupted = any(comm.allgather(interrupted))
+            if interrupted:
+                history.stop_reason = (f"fit: interrupted (Ctrl-C) at the end of epoch "
+                                       f"{epoch + 1}; the model keeps that epoch's weights")
+                if verbose:
+                    print(history.stop_reason, file=sys.stderr)
+                break
             if model.stop_training:
                 break
     finally:
