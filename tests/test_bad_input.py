@@ -616,6 +616,35 @@ def test_sgd_bad_numbers(cnn):
             cls(*args)
 
 
+def test_gradcheck_bad_arguments():
+    m = cdl.Sequential([cdl.Linear(4, 5), cdl.ReLU(), cdl.Linear(5, 3)], (4,), dtype=np.float64,
+                       seed=0)
+    x, y = np.ones((2, 4)), np.array([0, 2])
+    ce = cdl.SoftmaxCrossEntropy()
+    before = m.state_dict()
+    for kw, exc, match in [
+            ({"eps": 0.0}, ValueError, r"gradcheck: eps must be a finite number > 0, got 0.0"),
+            ({"eps": -1e-6}, ValueError, r"gradcheck: eps must be a finite number > 0"),
+            ({"eps": np.nan}, ValueError, r"gradcheck: eps must be a finite number"),
+            ({"eps": "1e-6"}, TypeError, r"gradcheck: eps must be a number, got '1e-6'"),
+            # max_checks=0 would check nothing and report every error as 0.0
+            ({"max_checks": 0}, ValueError, r"gradcheck: max_checks must be >= 1, got 0"),
+            ({"max_checks": 2.5}, TypeError, r"gradcheck: max_checks must be an int, got 2.5"),
+            ({"max_checks": True}, TypeError, r"gradcheck: max_checks must be an int"),
+            ({"seed": -1}, ValueError, r"gradcheck: seed must be >= 0, got -1"),
+            ({"check_input": "no"}, TypeError, r"gradcheck: check_input must be True or False, got 'no'"),
+            ({"loss": "cross_entropy"}, TypeError, r"gradcheck: loss must be a cdl loss \(e.g. "
+                                                    r"cdl.SoftmaxCrossEntropy\(\)\), got str"),
+            ({"model": "model"}, TypeError, r"gradcheck: model must be a cdl.Sequential, got str"),
+            ({"x": x[:0], "y": y[:0]}, ValueError, r"gradcheck: x is an empty batch")]:
+        args = dict({"model": m, "x": x, "y": y, "loss": ce}, **kw)
+        with pytest.raises(exc, match=match):
+            cdl.gradcheck(**args)
+    after = m.state_dict()
+    assert all(before[k].tobytes() == after[k].tobytes() for k in before)
+    assert cdl.gradcheck(m, x, y, ce, max_checks=1, seed=None)["0.weight"] < 1e-6
+
+
 def test_thread_settings():
     with pytest.raises(ValueError, match=r"set_num_threads: n must be >= 1, got 0"):
         cdl.set_num_threads(0)

@@ -65,6 +65,43 @@ def test_bad_arguments(tmp_path):
     assert not os.path.exists(tmp_path / "cdl-out")
 
 
+
+def test_images_too_small_for_the_cnn_are_refused_up_front(tmp_path):
+    """The CNN's two 2x2 max-pools need images of at least 4x4: the error says so (not
+    "Linear: in_features must be >= 1, got 0") before anything is printed; the ResNet,
+    whose strided convolutions are padded, trains on them."""
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path / "lab", rng.integers(0, 3, 20))
+    for side in (2, 3):
+        write_idx(tmp_path / f"img{side}", rng.integers(0, 256, (20, side, side)))
+        r = run("train", "--epochs", "1", "--data", f"img{side}", "lab", cwd=tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert (f"cdl train: error: --model cnn needs images of at least 4x4, got "
+                f"{side}x{side} in img{side}") in r.stderr
+        assert r.stdout == "" and "Traceback" not in r.stderr
+    write_idx(tmp_path / "img3x9", rng.integers(0, 256, (20, 3, 9)))
+    r = run("train", "--epochs", "1", "--data", "img3x9", "lab", cwd=tmp_path)
+    assert r.returncode == 2 and "needs images of at least 4x4, got 3x9" in r.stderr
+    r = run("train", "--model", "resnet", "--epochs", "1", "--batch-size", "8",
+            "--data", "img3", "lab", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert cdl.load(tmp_path / "cdl-out" / "model.npz").input_shape == (1, 3, 3)
+
+
+def test_a_gzip_header_promising_too_much_is_an_error_not_a_traceback(tmp_path):
+    """42 bytes of gzip whose header promises 430 GB: refused from the header (more than
+    this machine's memory) or, on a machine with more, read only as far as it goes."""
+    data = bytes([0, 0, 0x08, 3]) + b"".join(struct.pack(">I", d) for d in (65535, 65535, 100))
+    with gzip.open(tmp_path / "img.gz", "wb") as f:
+        f.write(data + bytes(144))
+    write_idx(tmp_path / "lab", np.zeros(5, np.uint8))
+    r = run("train", "--epochs", "1", "--data", "img.gz", "lab", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert ("cdl train: error: load_idx: img.gz: header says 65535x65535x100 of uint8 = "
+            "429483622500 data bytes, ") in r.stderr
+    assert "Traceback" not in r.stderr and "MemoryError" not in r.stderr
+
+
 # ----------------------------------------------------------------------------- options and help
 def test_version():
     r = run("--version", cwd=None)
@@ -118,6 +155,7 @@ def test_help_is_plain_text():
     (["--seed", "-1"], "--seed: must be >= 0"),
     (["--out", "a-file"], "--out: a-file exists and is not a folder"),
     (["--out", "a-file/sub"], "is not a folder"),
+    (["--out", ""], "--out: expected a folder name, got an empty string"),
     (["--data", "nope.idx", "labels.idx"], "--data: nope.idx: no such file"),
 ])
 def test_bad_options_stop_before_any_work(tmp_path, args, message):
@@ -216,6 +254,23 @@ def test_bench_runs_and_writes_json(tmp_path):
         assert not row["errors"], row
         assert row["ms"]["cdl"] > 0 and row["ms"]["NumPy"] > 0
     assert doc["threads"] == 1 and doc["torch"] is None
+
+
+@pytest.mark.parametrize("path, message", [
+    ("no_such_dir/b.json", "no_such_dir does not exist"),
+    ("a-file/b.json", "is not a folder"),
+    ("a-folder", "a-folder is a folder"),
+    ("", "expected a file name, got an empty string"),
+])
+def test_bench_checks_json_before_running(tmp_path, path, message):
+    """--json is written after the whole benchmark: a path it cannot write is refused first."""
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-folder").mkdir()
+    r = run("bench", "--repeats", "3", "--no-torch", "--threads", "1", "--json", path,
+            cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "cdl bench: error: --json: " in r.stderr and message in r.stderr, r.stderr
+    assert r.stdout == "" and "Traceback" not in r.stderr
 
 
 def test_bench_reports_a_wrong_contender(monkeypatch, capsys):

@@ -81,6 +81,26 @@ def test_default_threads_respect_omp_num_threads():
     assert r.stdout.strip() == "1"
 
 
+
+def test_omp_num_threads_above_the_limit_is_ignored_with_a_warning():
+    """set_num_threads refuses more than 1024 threads; the same count from the environment
+    is not taken as the default either, but it is said (libgomp accepts it silently)."""
+    code = ("import warnings; warnings.simplefilter('always'); "
+            "import cdl; from cdl import _config; "
+            "n = cdl.get_num_threads(); chosen = _config.threads_chosen(); "
+            "cdl.set_num_threads(n); "
+            "print(n, _config.usable_cores() if _config._runtime.openmp_enabled() else 1, chosen)")
+    r = _run(code, OMP_NUM_THREADS="99999")
+    assert r.returncode == 0, r.stderr
+    n, default, chosen = r.stdout.split()
+    assert n == default and chosen == "False"
+    assert r.stderr.count("OMP_NUM_THREADS=99999 is more than the 1024 threads cdl supports; "
+                          "cdl ignores it") == 1, r.stderr
+    if _runtime.openmp_enabled():
+        r = _run("import cdl; print(cdl.get_num_threads())", OMP_NUM_THREADS="1024")
+        assert r.returncode == 0 and r.stdout.strip() == "1024" and "1024 threads" not in r.stderr
+
+
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 def test_forced_isa(isa):
     r = _run("import cdl._kernels._dispatch as d; print(d.ISA)", CDL_ISA=isa)

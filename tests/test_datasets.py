@@ -75,3 +75,46 @@ def test_load_idx_dataset(tmp_path):
     write_idx(tmp_path / "l3", np.array([1, 0, 3]))
     with pytest.raises(ValueError, match=r"expected \(4,\) labels"):
         cdl.datasets.load_idx_dataset(tmp_path / "i.gz", tmp_path / "l3")
+
+
+def test_load_idx_refuses_more_than_the_machine_memory(tmp_path, monkeypatch):
+    from cdl import datasets
+    monkeypatch.setattr(datasets._config, "physical_memory", lambda: 1000)
+    for compress in (False, True):
+        path = tmp_path / f"big{int(compress)}"
+        write_idx(path, np.zeros((2, 1000), np.uint8), compress=compress)
+        with pytest.raises(ValueError, match=r"load_idx: .*big\d: header says 2x1000 of uint8 = "
+                                             r"2000 data bytes, more than this machine's "
+                                             r"memory \(1000 bytes\)"):
+            datasets.load_idx(path)
+
+
+def test_load_idx_reads_a_lying_gzip_header_in_bounded_chunks(tmp_path, monkeypatch):
+    """A 42-byte gzip file promising 430 GB: with the machine's memory check out of the
+    way, the read still allocates only what the stream holds and reports it truncated."""
+    import tracemalloc
+    from cdl import datasets
+    monkeypatch.setattr(datasets._config, "physical_memory", lambda: 1 << 50)
+    path = tmp_path / "liar.gz"
+    write_idx(path, np.zeros((1, 12, 12)), compress=True, dims=(65535, 65535, 100))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"header says 65535x65535x100 of uint8 = 429483622500 "
+                                             r"data bytes, file has 144 \(truncated\)"):
+            datasets.load_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, peak
+
+
+def test_load_idx_turns_a_memory_error_into_a_value_error(tmp_path, monkeypatch):
+    from cdl import datasets
+
+    def out_of_memory(f, n):
+        raise MemoryError
+    monkeypatch.setattr(datasets, "_read_at_most", out_of_memory)
+    write_idx(tmp_path / "a.gz", np.zeros((3, 4)), compress=True)
+    with pytest.raises(ValueError, match=r"load_idx: .*a.gz: header says 3x4 of uint8 = 12 data "
+                                         r"bytes, more than the memory free to read it"):
+        datasets.load_idx(tmp_path / "a.gz")

@@ -93,3 +93,26 @@ def test_fit_stops_when_loss_diverges():
     assert h.stop_reason and "loss became" in h.stop_reason and "epoch" in h.stop_reason
     assert "lower learning rate" in h.stop_reason
     assert all(np.isfinite(p).all() for _, p, _ in m.parameters())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gradcheck_leaves_the_model_as_it_was(dtype):
+    """A float64 model is checked in place: its BatchNorm statistics, Dropout position,
+    weights and gradients must all come back exactly as they were."""
+    m = cdl.Sequential([cdl.Linear(4, 6), cdl.BatchNorm1d(6), cdl.ReLU(), cdl.Dropout(0.5),
+                        cdl.Linear(6, 3)], (4,), dtype=dtype, seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 4))
+    y = rng.integers(0, 3, 8)
+    m.compute_gradients(x, y, cdl.SoftmaxCrossEntropy())   # gradients the user still holds
+    state = m.state_dict()
+    extra = [layer.extra_state() for _, layer in m.chain.walk()]
+    grads = m.gradient_buffer.copy()
+    scores = m.predict(x)
+    errors = cdl.gradcheck(m, x, y, cdl.SoftmaxCrossEntropy(), max_checks=5)
+    assert max(errors.values()) < 1e-5, errors
+    after = m.state_dict()
+    assert [k for k in state if state[k].tobytes() != after[k].tobytes()] == []
+    assert [layer.extra_state() for _, layer in m.chain.walk()] == extra
+    assert m.gradient_buffer.tobytes() == grads.tobytes()
+    assert m.predict(x).tobytes() == scores.tobytes()

@@ -23,6 +23,7 @@ import itertools
 import os
 import platform
 import sys
+import warnings
 
 import numpy as np
 
@@ -32,7 +33,8 @@ __all__ = ["default_num_threads", "blas_info", "get_num_threads", "set_num_threa
            "get_adaptive", "set_adaptive", "step_threads", "thread_status", "adaptive_status",
            "config", "show_config"]
 
-_state = {"threads": None, "blas_pinned": False, "explicit": False, "adaptive": None}
+_state = {"threads": None, "blas_pinned": False, "explicit": False, "adaptive": None,
+          "omp_env_warned": False}
 
 _OFF = ("0", "false", "off", "no")
 
@@ -58,6 +60,14 @@ def _cgroup_cpu_limit():
     return None
 
 
+def physical_memory():
+    """This machine's memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def usable_cores():
     """The cores this process may use: its CPU affinity, capped by the cgroup quota."""
     if hasattr(os, "sched_getaffinity"):
@@ -69,8 +79,23 @@ def usable_cores():
 
 
 def _omp_env_threads():
+    """The first count in OMP_NUM_THREADS, or None where it gives none cdl can use: the
+    default applies then, as set_num_threads would refuse the value. libgomp itself
+    warns about a value that is not a count; one above cdl's limit it accepts, so cdl
+    warns about that (once)."""
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    return int(env) if env.isdigit() and int(env) > 0 else None
+    if not (env.isdigit() and int(env) > 0):
+        return None
+    from .functional._checks import MAX_THREADS
+    if int(env) > MAX_THREADS:
+        if not _state["omp_env_warned"]:
+            _state["omp_env_warned"] = True
+            warnings.warn(f"OMP_NUM_THREADS={env} is more than the {MAX_THREADS} threads cdl "
+                          f"supports; cdl ignores it and uses the usable cores "
+                          f"({usable_cores()}); cdl.set_num_threads(n) sets another count",
+                          stacklevel=2)
+        return None
+    return int(env)
 
 
 def default_num_threads():

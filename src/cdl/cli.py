@@ -110,6 +110,8 @@ def _check_train_args(args):
     elif importlib.util.find_spec("sklearn") is None:
         raise bad("the default data (scikit-learn's digits) needs scikit-learn: "
                   "pip install scikit-learn  (or pass --data IMAGES LABELS)")
+    if not args.out:    # abspath("") would be the current folder, and makedirs("") fails
+        raise bad("--out: expected a folder name, got an empty string")
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise bad(f"--out: {args.out} exists and is not a folder")
@@ -139,18 +141,16 @@ def train(args):
     if x.shape[0] < 2:
         raise _Stop(f"cdl train: error: {source}: need at least 2 samples", EXIT_USAGE)
     num_classes = int(y.max()) + 1
+    model = _checked_model(args, x.shape[1:], num_classes, source)
     train_idx, test_idx = _split(x.shape[0], 0.2, args.seed)
     x_train, y_train = x[train_idx], y[train_idx]
     x_test, y_test = x[test_idx], y[test_idx]
     print(f"data: {source}; {len(train_idx)} for training, {len(test_idx)} held out for testing")
 
     if args.model == "resnet":
-        from .models import resnet8
-        model = resnet8(x.shape[1:], num_classes, seed=args.seed)
         lr = 0.003 if args.lr is None else args.lr
         opt = cdl.AdamW(model, lr=lr)
     else:
-        model = cdl.Sequential(lenet(x.shape[1:], num_classes), x.shape[1:], seed=args.seed)
         lr = 0.05 if args.lr is None else args.lr
         opt = cdl.SGD(model, lr=lr, momentum=args.momentum)
     if comm is not None:
@@ -198,6 +198,39 @@ def train(args):
     return EXIT_OK
 
 
+def _model(name, shape, num_classes, seed):
+    """The network --model names, for images of ``shape`` (C, H, W)."""
+    import cdl
+
+    if name == "resnet":
+        from .models import resnet8
+        return resnet8(shape, num_classes, seed=seed)
+    return cdl.Sequential(lenet(shape, num_classes), shape, seed=seed)
+
+
+def _checked_model(args, shape, num_classes, source):
+    """The model for the data; images too small for it stop the command with the
+    smallest size it takes (found by building it, so it follows the layers)."""
+    try:
+        return _model(args.model, shape, num_classes, args.seed)
+    except ValueError:
+        c, h, w = shape
+        side = next((s for s in range(1, 257)
+                     if _builds(args.model, (c, s, s), num_classes)), None)
+        if side is None or min(h, w) >= side:
+            raise   # not the image size: the layer's own message says what
+        raise _Stop(f"cdl train: error: --model {args.model} needs images of at least "
+                    f"{side}x{side}, got {h}x{w} in {source}", EXIT_USAGE) from None
+
+
+def _builds(name, shape, num_classes):
+    try:
+        _model(name, shape, num_classes, 0)
+    except ValueError:
+        return False
+    return True
+
+
 def _distributed():
     """COMM_WORLD for --distributed; ranks other than 0 print nothing to stdout."""
     try:
@@ -210,7 +243,28 @@ def _distributed():
     return comm
 
 
+def _check_bench_args(args):
+    """--json is written after the whole benchmark: check now that it can be."""
+    def bad(msg):
+        return _Stop(f"cdl bench: error: --json: {msg}", EXIT_USAGE)
+
+    if args.json is None:
+        return
+    if not args.json:
+        raise bad("expected a file name, got an empty string")
+    path = os.path.abspath(args.json)
+    if os.path.isdir(path):
+        raise bad(f"{args.json} is a folder")
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        why = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise bad(f"cannot write {args.json}: {folder} {why}")
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        raise bad(f"cannot write {args.json}: permission denied")
+
+
 def bench(args):
+    _check_bench_args(args)
     from . import _quickbench
 
     return _quickbench.main(threads=args.threads, repeats=args.repeats, torch=args.torch,

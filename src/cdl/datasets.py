@@ -9,12 +9,33 @@ import zlib as _zlib
 
 import numpy as _np
 
+from . import _config
+
 __all__ = ["load_digits", "load_idx", "load_idx_dataset"]
 
 # IDX type codes -> big-endian dtypes
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _MAX_DIMS = 32          # NumPy's own limit is 64; an IDX file has a handful
 _MAX_BYTES = 1 << 40    # a gzip header promising more is damaged, not a dataset
+_CHUNK = 1 << 24        # gzip data is read 16 MiB at a time: memory grows with what is there
+
+
+def _read_at_most(f, n):
+    """Up to n bytes of the stream f, in chunks: a header that promises more than the
+    stream holds costs only what the stream holds, not an n-byte buffer up front."""
+    data = bytearray()
+    while len(data) < n:
+        chunk = f.read(min(_CHUNK, n - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _out_of_memory(path, shape):
+    # under the machine's memory but more than is free now (other processes, no swap)
+    return ValueError(f"load_idx: {path}: header says {shape}, more than the memory free "
+                      f"to read it")
 
 
 def load_digits():
@@ -40,7 +61,9 @@ def load_idx(path):
 
     Format: two zero bytes, a type byte (0x08 ubyte ... 0x0E double), the number of
     dimensions, each dimension as a big-endian uint32, then the data. The header is
-    checked before the data is read, and no more data than it promises is read.
+    checked before the data is read, and no more data than it promises is read; a
+    header promising more than this machine's memory is refused, and a gzip stream is
+    read in chunks, so that a lying header cannot make it allocate what is not there.
     """
     path = _os.fspath(path)
     with open(path, "rb") as f:
@@ -76,15 +99,24 @@ def load_idx(path):
             elif expect > _MAX_BYTES:
                 raise ValueError(f"load_idx: {path}: header says {shape}, more than cdl "
                                  f"reads from a gzip stream")
-            data = f.read(expect + 1)       # one more: a longer stream is an error too
+            memory = _config.physical_memory()
+            if memory is not None and expect > memory:
+                raise ValueError(f"load_idx: {path}: header says {shape}, more than this "
+                                 f"machine's memory ({memory} bytes)")
+            # one byte more than promised: a longer stream is an error too
+            data = f.read(expect + 1) if opener is open else _read_at_most(f, expect + 1)
     except (OSError, EOFError, _zlib.error) as exc:
         raise ValueError(f"load_idx: {path}: cannot read the gzip stream ({exc})") from None
+    except MemoryError:
+        raise _out_of_memory(path, shape) from None
     if len(data) != expect:
         got = f"{len(data)}" if len(data) <= expect else f"more than {expect}"
         raise ValueError(f"load_idx: {path}: header says {shape}, file has {got}"
                          + (" (truncated)" if len(data) < expect else ""))
-    arr = _np.frombuffer(data, dtype).reshape(dims)
-    return arr.astype(dtype.newbyteorder("="))
+    try:
+        return _np.frombuffer(data, dtype).reshape(dims).astype(dtype.newbyteorder("="))
+    except MemoryError:
+        raise _out_of_memory(path, shape) from None
 
 
 def load_idx_dataset(images_path, labels_path):

@@ -13,7 +13,6 @@ over the parameters each layer lists in ``decay`` (Linear and Conv2d weights)
 to every reported loss, and 2λW to their gradients.
 """
 import math
-import os
 import threading
 import weakref
 
@@ -265,7 +264,7 @@ class Sequential:
                              f"at most {INT32_MAX} are supported (use a smaller batch)")
         if x.dtype != self.dtype or not x.flags.c_contiguous:
             need = x.size * self.dtype.itemsize
-            if need > _physical_memory():  # e.g. a broadcast view: refuse before allocating
+            if need > (_config.physical_memory() or 2**62):  # e.g. a broadcast view: refuse before allocating
                 raise ValueError(f"{where}: {name} of shape {shape_str(x.shape)} needs a "
                                  f"{need / 2**30:.1f} GiB {self.dtype.name} copy, more than "
                                  f"this machine's memory")
@@ -673,13 +672,6 @@ class _LayerRunner:
     def run(self, x, nt):
         ws = self.ws
         return self.chain.forward(x, nt, False, lambda layer: ws[id(layer)])
-
-
-def _physical_memory():
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 2**62
 
 
 def _accuracy_labels(y, num_classes):
