@@ -788,3 +788,27 @@ def test_cli_bad_data_files(tmp_path):
     assert r.returncode == 2, r
     assert "must be >= 1 and <= 1024" in r.stderr and "Traceback" not in r.stderr
 
+
+
+def test_predict_and_evaluate_refuse_batches_past_int32_before_allocating():
+    # 4095 x 4095 planes: 200 samples need 3.35e9 elements in one buffer
+    m = cdl.Sequential([cdl.Conv2d(1, 1, 1, padding=2047), cdl.GlobalAvgPool2d()], (1, 1, 1),
+                       seed=0)
+    x, y = np.ones((200, 1, 1, 1), np.float32), np.zeros(200, np.int64)
+    for where, call in (("predict", lambda: m.predict(x)),
+                        ("evaluate", lambda: m.evaluate(x, y, cdl.MSE()))):
+        with pytest.raises(ValueError, match=rf"Sequential.{where}: a batch of 200 needs "
+                                             r"3353805000 elements in one layer buffer; at "
+                                             r"most 2147483647 are supported \(pass a smaller "
+                                             r"batch_size\)"):
+            call()
+
+
+def test_uint64_labels_past_int64_are_named_as_given():
+    m = cdl.Sequential([cdl.Linear(3, 3)], (3,), seed=0)
+    y = np.array([0, 1, 2**63], np.uint64)
+    for call in (lambda: m.evaluate(np.ones((3, 3)), y, cdl.SoftmaxCrossEntropy()),
+                 lambda: cdl.SoftmaxCrossEntropy().forward(np.ones((3, 3), np.float32), y)):
+        with pytest.raises(ValueError, match=r"class labels in \[0, 3\), got "
+                                             r"9223372036854775808$"):
+            call()

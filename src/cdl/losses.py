@@ -106,6 +106,11 @@ def _labels(targets, n, num_classes, where, name):
     if targets.shape != (n,):
         raise ValueError(f"{where}: {name} must have shape ({n},) (one label per sample), "
                          f"got {shape_str(targets.shape)}")
+    if targets.dtype.kind == "u" and targets.dtype.itemsize == 8 and n \
+            and targets.max() > np.iinfo(np.int64).max:
+        # int64 would wrap such a label to a negative one: name the value given
+        raise ValueError(f"{where}: {name} must be class labels in [0, {num_classes}), "
+                         f"got {targets.max()}")
     labels = np.ascontiguousarray(targets, dtype=np.int64)
     if n:
         lo, hi = _kl.label_range(labels)

@@ -258,10 +258,8 @@ class Sequential:
                 if x.shape == self.input_shape else ""
             raise ValueError(f"{where}: {name} must have shape Nx{shape_str(self.input_shape)}, "
                              f"got {shape_str(x.shape)}{hint}")
-        if batch and x.shape[0] * self._max_sample > INT32_MAX:
-            raise ValueError(f"{where}: a batch of {x.shape[0]} needs "
-                             f"{x.shape[0] * self._max_sample} elements in one layer buffer; "
-                             f"at most {INT32_MAX} are supported (use a smaller batch)")
+        if batch:
+            self._check_batch_elements(x.shape[0], where, "use a smaller batch")
         if x.dtype != self.dtype or not x.flags.c_contiguous:
             need = x.size * self.dtype.itemsize
             if need > (_config.physical_memory() or 2**62):  # e.g. a broadcast view: refuse before allocating
@@ -362,6 +360,7 @@ class Sequential:
         x = self._check_x(x, where)
         n = x.shape[0]
         bs = _batch_size(batch_size, where)
+        self._check_batch_elements(min(n, bs), where, "pass a smaller batch_size")
         step = _config.step_threads
         if out is None and 0 < n <= bs:
             # One batch, no out= (most calls): the result is a copy of the runner's.
@@ -389,6 +388,11 @@ class Sequential:
             _config.restore_blas()
         return out
 
+    def _check_batch_elements(self, n, where, hint):
+        if n * self._max_sample > INT32_MAX:
+            raise ValueError(f"{where}: a batch of {n} needs {n * self._max_sample} elements "
+                             f"in one layer buffer; at most {INT32_MAX} are supported ({hint})")
+
     def _result(self, out, shape, where):
         """``out`` checked, or an array from the result pool."""
         if out is None:
@@ -415,6 +419,7 @@ class Sequential:
             raise ValueError(f"{where}: x is empty")
         y = self._check_y(y, n, loss, where)
         bs = _batch_size(batch_size, where)
+        self._check_batch_elements(min(n, bs), where, "pass a smaller batch_size")
         return self._score(self.predict(x, bs), y, loss, bs)
 
     def _score(self, scores, y, loss, bs):
