@@ -377,6 +377,29 @@ def test_ctrl_c_at_the_end_of_an_epoch_stops_before_the_next_and_is_reported(at_
     assert opt.steps == steps[-1] == 8 * (at_epoch + 1)
 
 
+def test_schedules_start_from_an_lr_set_by_hand():
+    # as a PyTorch scheduler made after the change: StepLR(2, 0.5) from 0.001
+    x, y = blobs(16)
+    m = tiny()
+    opt = cdl.SGD(m, lr=0.1)
+    opt.lr = 0.001
+    seen = []
+
+    class Record(cdl.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append(opt.lr)
+    m.fit(x, y, cdl.SoftmaxCrossEntropy(), opt, epochs=4, verbose=0,
+          callbacks=[cdl.StepLR(2, 0.5), Record()])
+    assert seen == [0.001, 0.001, 0.0005, 0.0005] and opt.base_lr == 0.001
+    # past a cosine schedule's end the lr is 0; by hand it must be > 0
+    m.fit(x, y, cdl.SoftmaxCrossEntropy(), opt, epochs=3, verbose=0, callbacks=[cdl.CosineLR(1)])
+    assert opt.lr == 0.0 and opt.base_lr == 0.001
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="SGD: lr must be"):
+            opt.lr = bad
+    assert opt.lr == 0.0
+
+
 def test_fit_argument_errors():
     x, y = blobs()
     m = tiny()

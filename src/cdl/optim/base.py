@@ -62,17 +62,33 @@ class Optimizer:
         if getattr(model, "parameter_pack", None) is None:
             raise TypeError(f"{where}: model must be a cdl.Sequential, got "
                             f"{type(model).__name__}")
-        self.lr = number(lr, "lr", where, lo=0.0, lo_open=True)
+        self.lr = lr                # (also the schedules' base_lr)
         self.clip_grad_norm = None if clip_grad_norm is None else \
             number(clip_grad_norm, "clip_grad_norm", where, lo=0.0, lo_open=True)
         self.model = model
         self.pack = model.parameter_pack
-        self.base_lr = self.lr
         self.steps = 0
         self.buffers = {}
         if self.pack.params is not None:
             self.buffers = {name: self.pack.zeros() for name in self.state_names}
             self._bind()
+
+    @property
+    def lr(self):
+        """The learning rate of the next step. Set by hand, it is also ``base_lr``, the
+        value learning-rate schedules start from (as for a PyTorch scheduler made after
+        the change); the schedules' own per-epoch values leave ``base_lr`` alone."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        self._lr = number(value, "lr", type(self).__name__, lo=0.0, lo_open=True)
+        self.base_lr = self._lr
+
+    def set_scheduled_lr(self, value):
+        """Set ``lr`` for a schedule's epoch, keeping ``base_lr`` (0 allowed: a cosine
+        schedule's end)."""
+        self._lr = number(value, "lr", type(self).__name__, lo=0.0)
 
     def _bind(self):
         raise NotImplementedError

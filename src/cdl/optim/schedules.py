@@ -1,7 +1,8 @@
 """Learning-rate schedules, as callbacks for ``fit``.
 
-At the start of epoch e (counted from 0) each sets
-``optimizer.lr = schedule(e, base_lr)``; they work with every optimizer.
+At the start of epoch e (counted from 0) each sets the optimizer's ``lr`` to
+``schedule(e, base_lr)`` (``Optimizer.set_scheduled_lr``); ``base_lr`` is the lr the
+optimizer was made with or last given by hand. They work with every optimizer.
 """
 import math
 import numbers
@@ -20,7 +21,7 @@ class _Schedule(Callback):
         self._base = self.optimizer.base_lr
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.optimizer.lr = float(self(epoch, self._base))
+        self.optimizer.set_scheduled_lr(float(self(epoch, self._base)))
 
 
 class StepLR(_Schedule):
