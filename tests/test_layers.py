@@ -144,3 +144,31 @@ def test_layer_argument_errors():
         cdl.Linear(2, 2, init="zeros")
     with pytest.raises(ValueError, match="at most 2147483647"):
         cdl.Linear(2**20, 2**12)
+
+
+def test_a_layers_own_passes_leave_out_the_neighbours_a_model_fuses_into_it():
+    """Inside a model, BatchNorm and a Residual run the next ReLU in their pass, and a
+    max-pool the ReLU before it; their own forward/backward still compute the layer alone,
+    as the same layer in a model of its own does."""
+    rng = np.random.default_rng(0)
+    inside = cdl.Sequential([cdl.Conv2d(2, 3, 3, padding=1), cdl.ReLU(), cdl.MaxPool2d(2),
+                             cdl.BatchNorm2d(3), cdl.ReLU(),
+                             cdl.Residual([cdl.Conv2d(3, 3, 3, padding=1)]), cdl.ReLU(),
+                             cdl.Flatten(), cdl.Linear(12, 2)], (2, 4, 4), seed=1)
+    assert inside.layers[2].fused_previous and inside.layers[3].fused_next \
+        and inside.layers[5].fused_next
+    state = inside.state_dict()
+    for i, make in ((2, lambda: cdl.MaxPool2d(2)), (3, lambda: cdl.BatchNorm2d(3)),
+                    (5, lambda: cdl.Residual([cdl.Conv2d(3, 3, 3, padding=1)]))):
+        layer = inside.layers[i]
+        ref = cdl.Sequential([make()], layer.input_shape, seed=2)
+        ref.load_state_dict({"0" + k[len(str(i)):]: v for k, v in state.items()
+                             if k.startswith(f"{i}.")})
+        x = -np.abs(rng.standard_normal((5,) + layer.input_shape)).astype(np.float32)
+        x[0] += 3.0                                 # mostly negative: a ReLU would show
+        y = layer.forward(x).copy()
+        np.testing.assert_array_equal(y, ref.layers[0].forward(x), err_msg=layer.name)
+        assert (y < 0).any()
+        g = rng.standard_normal(y.shape).astype(np.float32)
+        np.testing.assert_array_equal(layer.backward(g), ref.layers[0].backward(g),
+                                      err_msg=layer.name)

@@ -480,9 +480,10 @@ class Layer:
 
     def forward(self, x):
         """Training-mode forward pass on a batch; the result is the layer's own buffer
-        (reused by the next call with the same batch size)."""
+        (reused by the next call with the same batch size). It computes this layer
+        alone, also inside a model that runs a neighbour (a ReLU) in its pass."""
         x = self._check_input(x)
-        ws = self._workspace(x.shape[0])
+        ws = dict(self._workspace(x.shape[0]), solo=True)
         y = self._forward(x, ws, _config.step_threads(), True)
         _config.restore_blas()
         self._last = (x, ws)
@@ -498,6 +499,14 @@ class Layer:
             return self._backward(g, x, ws, _config.step_threads(), True, 0.0)
         finally:
             _config.restore_blas()
+
+    def _runs_next(self, ws):
+        """Whether this pass also runs the next layer's (``fused_next``): in a chain's
+        passes, not in the layer's own forward/backward (ws marked "solo")."""
+        return self.fused_next and "solo" not in ws
+
+    def _runs_previous(self, ws):
+        return self.fused_previous and "solo" not in ws
 
     # -- hot path (trusted inputs) -------------------------------------------------
     def _forward(self, x, ws, nt, train):

@@ -203,14 +203,15 @@ class _BatchNorm(Layer):
         x3, out3 = self._planes(x), self._planes(ws["out"])
         if not train:
             self._coefficients(ws)
-            _norm.batchnorm_forward_eval(x3, ws["scale"], ws["shift"], out3, self.fused_next, nt)
+            _norm.batchnorm_forward_eval(x3, ws["scale"], ws["shift"], out3,
+                                         self._runs_next(ws), nt)
             return ws["out"]
         self.check_train_batch(x.shape[0])
         b = self.buffers
         _norm.batchnorm_forward_train(x3, self.params.get("weight"), self.params.get("bias"),
                                       self._train_out(ws), ws["mean"], ws["invstd"],
                                       b["running_mean"], b["running_var"], self._factor(),
-                                      self.eps, self.fused_next, nt, **self._pool_args(ws),
+                                      self.eps, self._runs_next(ws), nt, **self._pool_args(ws),
                                       scale_out=ws["train_scale"])
         self.on_train_forward(ws, x)
         return self._pass_out(ws)
@@ -222,14 +223,14 @@ class _BatchNorm(Layer):
                                  ws["mean"], ws["invstd"],
                                  None if dx is None else self._planes(dx),
                                  self.grads.get("weight"), self.grads.get("bias"),
-                                 self.fused_next, nt, **self._pool_args(ws, backward=True),
-                                 **self._mask_args(ws))
+                                 self._runs_next(ws), nt,
+                                 **self._pool_args(ws, backward=True), **self._mask_args(ws))
         return dx
 
     def _mask_args(self, ws, join_mask=None):
         """The backward's arguments for rebuilding the fused ReLU's mask from x (the
         kernel does so for unpooled planes; a Residual's join masks by its own output)."""
-        if not self.fused_next or join_mask is not None:
+        if not self._runs_next(ws) or join_mask is not None:
             return {}
         return {"scale": ws["train_scale"], "shift": self.params.get("bias")}
 

@@ -126,7 +126,7 @@ class MaxPool2d(_Pool2d):
 
     def _forward(self, x, ws, nt, train):
         out, idx = ws["out"], ws["indices"]
-        if self.fused_previous:
+        if self._runs_previous(ws):
             _pool.max_pool2d_relu_forward(x, out, idx, nt)
         else:
             _pool.max_pool2d_forward(x, out, idx, *self._window, nt)
@@ -136,7 +136,7 @@ class MaxPool2d(_Pool2d):
 
     def _backward(self, g, x, ws, nt, need_input_grad, l2):
         dx = ws["dx"]
-        if self.fused_previous:
+        if self._runs_previous(ws):
             # The pair's ReLU has no parameters, so its input gradient is always wanted.
             _pool.max_pool2d_relu_backward(g, ws["out"], ws["indices"], dx, nt)
             return dx

@@ -157,11 +157,11 @@ class Residual(Layer):
         workspace = self._workspaces(x.shape[0], ws, train)
         f = self.body.forward(x, nt, train, workspace)
         s = x if self.shortcut is None else self.shortcut.forward(x, nt, train, workspace)
-        _ew.add(f.reshape(-1), s.reshape(-1), ws["out_flat"], self.fused_next, nt)
+        _ew.add(f.reshape(-1), s.reshape(-1), ws["out_flat"], self._runs_next(ws), nt)
         return ws["out"]
 
     def _backward(self, g, x, ws, nt, need_input_grad, l2):
-        if self.fused_next:
+        if self._runs_next(ws):
             _ew.relu_backward(g.reshape(-1), ws["out_flat"], ws["g"].reshape(-1), nt)
             g = ws["g"]
         df = self.body.backward(g, nt, need_input_grad, l2)
