@@ -229,3 +229,36 @@ def test_separate_models_train_concurrently_and_match_serial():
     for i in range(3):
         assert par[i][0] == serial[i][0]
         assert all(par[i][1][k].tobytes() == serial[i][1][k].tobytes() for k in serial[i][1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_models_sharing_one_loss_object_train_and_evaluate_concurrently(dtype):
+    # float32: training plans; float64: layer by layer through the loss's own buffers
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((256, 16)).astype(dtype) * (k + 1) for k in range(3)]
+    ys = [rng.integers(0, 5, 256) for _ in range(3)]
+    shared = cdl.SoftmaxCrossEntropy()
+
+    def net(i):
+        return cdl.Sequential([cdl.Linear(16, 32), cdl.ReLU(), cdl.Linear(32, 5)], (16,),
+                              dtype=dtype, seed=i)
+
+    def run(out, i, loss):
+        m = net(i)
+        opt = cdl.SGD(m, 0.05)
+        out[i] = ([m.train_step(xs[i], ys[i], loss, opt) for _ in range(150)]
+                  + [m.evaluate(xs[j], ys[j], loss) for j in range(3) for _ in range(50)])
+
+    serial, par = {}, {}
+    for i in range(3):
+        run(serial, i, cdl.SoftmaxCrossEntropy())
+    ts = [threading.Thread(target=run, args=(par, i, shared)) for i in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for i in range(3):
+        assert par[i] == serial[i], i
+    import copy
+    import pickle
+    assert pickle.loads(pickle.dumps(shared)).reduction == copy.deepcopy(shared).reduction

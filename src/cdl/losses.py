@@ -7,6 +7,8 @@ the loss owns and reuses). Labels may be any integer (or boolean) array; they
 are used as int64.
 """
 
+import threading
+
 import numpy as np
 
 from . import _config
@@ -29,8 +31,18 @@ class Loss:
             raise ValueError(f"{type(self).__name__}: reduction must be 'mean' or 'sum', "
                              f"got {reduction!r}")
         self.reduction = reduction
-        self._bufs = {}
+        self._local = threading.local()     # each thread's buffers (see _buffers)
         self._grad = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_local"]
+        state["_grad"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     def get_config(self):
         return {"reduction": self.reduction}
@@ -58,12 +70,17 @@ class Loss:
 
     # -- hot path -----------------------------------------------------------------
     def _buffers(self, shape, dtype):
+        # Per thread: one loss object may serve models trained or evaluated in
+        # several threads at once (training plans have buffers of their own).
+        bufs = getattr(self._local, "bufs", None)
+        if bufs is None:
+            bufs = self._local.bufs = {}
         key = (shape, dtype)
-        b = self._bufs.get(key)
+        b = bufs.get(key)
         if b is None:
-            if len(self._bufs) >= _KEEP:
-                self._bufs.pop(next(iter(self._bufs)))
-            b = self._bufs[key] = (np.empty(shape, dtype), np.empty(shape[0], np.float64))
+            if len(bufs) >= _KEEP:
+                bufs.pop(next(iter(bufs)))
+            b = bufs[key] = (np.empty(shape, dtype), np.empty(shape[0], np.float64))
         return b
 
     def _compute(self, scores, targets, nt, need_grad=True):

@@ -73,7 +73,9 @@ class TrainPlan(ForwardPlan):
         self.loss = loss
         self._loss_config = self._config_of(loss)
         scores = self.output
-        self.grad, sample = loss._buffers(scores.shape, scores.dtype)
+        # buffers of its own, not the loss object's: one loss may serve several models
+        self.grad = np.empty(scores.shape, scores.dtype)
+        sample = np.empty(scores.shape[0], np.float64)
         scale = 1.0 / n if loss.reduction == "mean" else 1.0
         self._loss = _kl.LossForward(type(loss).plan_kind, scores, self.grad, sample, scale,
                                      getattr(loss, "margin", 0.0))
