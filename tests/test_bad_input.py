@@ -601,8 +601,7 @@ def test_losses_and_sgd_objects(call, exc, match):
 
 def test_sgd_bad_numbers(cnn):
     m = cnn[0]
-    for kw, exc, match in [({"lr": 0}, ValueError, r"SGD: lr must be a finite number in \(0.0, inf\)"),
-                           ({"lr": -1}, ValueError, r"SGD: lr must be"),
+    for kw, exc, match in [({"lr": -1}, ValueError, r"SGD: lr must be a finite number in \[0.0, inf\)"),
                            ({"lr": np.nan}, ValueError, r"SGD: lr must be"),
                            ({"lr": "0.1"}, TypeError, r"SGD: lr must be a number"),
                            ({"lr": 0.1, "momentum": 1}, ValueError, r"SGD: momentum must be a finite number in \[0.0, 1.0\)"),
@@ -614,6 +613,33 @@ def test_sgd_bad_numbers(cnn):
                              (cdl.CosineLR, (0,), r"CosineLR: epochs must be an int >= 1")]:
         with pytest.raises(ValueError, match=match):
             cls(*args)
+
+
+def test_optimizer_settings_are_checked_when_assigned_too(cnn):
+    """A setting the constructor refuses is refused on assignment, unchanged: it would
+    train, then make the optimizer's state and files unloadable."""
+    m = cnn[0]
+    sgd, adam = cdl.SGD(m, lr=0.1, momentum=0.9, nesterov=True), cdl.Adam(m)
+    for opt, key, value, exc, match in [
+            (sgd, "momentum", 0.0, ValueError, r"SGD: nesterov=True needs momentum > 0"),
+            (sgd, "weight_decay", -0.1, ValueError, r"SGD: weight_decay must be"),
+            (sgd, "clip_grad_norm", 0.0, ValueError, r"SGD: clip_grad_norm must be"),
+            (sgd, "lr", -1.0, ValueError, r"SGD: lr must be"),
+            (adam, "betas", (0.9, 1.0), ValueError, r"Adam: betas\[1\] must be"),
+            (adam, "betas", 0.9, TypeError, r"Adam: betas must be a pair"),
+            (adam, "eps", 0.0, ValueError, r"Adam: eps must be"),
+            (adam, "weight_decay", "x", TypeError, r"Adam: weight_decay must be a number")]:
+        before = opt.get_config()
+        with pytest.raises(exc, match=match):
+            setattr(opt, key, value)
+        assert opt.get_config() == before
+    sgd.nesterov = False          # then momentum 0 is fine, and the state loads back
+    sgd.momentum = 0.0
+    twin = cdl.SGD(m, lr=0.1, momentum=0.9, nesterov=True)
+    twin.load_state_dict(sgd.state_dict())
+    assert twin.get_config() == sgd.get_config()
+    twin.load_state_dict(cdl.SGD(m, lr=0.1, momentum=0.5, nesterov=True).state_dict())
+    assert twin.nesterov and twin.momentum == 0.5
 
 
 def test_gradcheck_bad_arguments():

@@ -172,3 +172,50 @@ def test_a_layers_own_passes_leave_out_the_neighbours_a_model_fuses_into_it():
         g = rng.standard_normal(y.shape).astype(np.float32)
         np.testing.assert_array_equal(layer.backward(g), ref.layers[0].backward(g),
                                       err_msg=layer.name)
+
+
+def test_a_model_keeps_weights_a_layer_holds_and_draws_fresh_ones_from_its_seed():
+    import copy
+    import gc
+    x = np.ones((2, 4), np.float32)
+    # set by hand (docs/tutorial.rst), kept, also in a float64 model
+    W = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
+    for dtype in (np.float32, np.float64):
+        layer = cdl.Linear(4, 3)
+        layer.params["weight"][...] = W
+        layer.params["bias"][...] = 1.0
+        m = cdl.Sequential([layer], (4,), dtype=dtype, seed=0)
+        np.testing.assert_array_equal(m.layers[0].params["weight"], W)
+        np.testing.assert_allclose(m.predict(x.astype(dtype))[0], [1.6, 3.2, 4.8], rtol=1e-6)
+    # trained, then reused after the model is gone or copied: weights and running statistics
+    def net():
+        return [cdl.Linear(4, 6), cdl.BatchNorm1d(6), cdl.ReLU(), cdl.Linear(6, 3)]
+    m = cdl.Sequential(net(), (4,), seed=0)
+    rng = np.random.default_rng(0)
+    xs, ys = rng.standard_normal((8, 4)).astype(np.float32), np.arange(8) % 3
+    opt = cdl.SGD(m, lr=0.5)
+    for _ in range(3):
+        m.train_step(xs, ys, cdl.SoftmaxCrossEntropy(), opt)
+    state, ref = m.state_dict(), m.predict(xs)
+    copies = copy.deepcopy(list(m.layers))
+    layers = list(m.layers)
+    del m, opt
+    gc.collect()
+    for reused in (cdl.Sequential(layers, (4,), seed=5), cdl.Sequential(copies, (4,), seed=6)):
+        np.testing.assert_array_equal(reused.predict(xs), ref)
+        for k, v in reused.state_dict().items():
+            np.testing.assert_array_equal(v, state[k], err_msg=k)
+    # fresh layers (and those of an untrained model) are drawn from the model's seed
+    a, b = cdl.Sequential(net(), (4,), seed=3), cdl.Sequential(net(), (4,), seed=3)
+    fresh = a.state_dict()
+    del a
+    gc.collect()
+    for k, v in b.state_dict().items():
+        np.testing.assert_array_equal(v, fresh[k], err_msg=k)
+    untouched = list(b.layers)
+    del b
+    gc.collect()
+    c = cdl.Sequential(untouched, (4,), seed=4)
+    d = cdl.Sequential(net(), (4,), seed=4)
+    for k, v in c.state_dict().items():
+        np.testing.assert_array_equal(v, d.state_dict()[k], err_msg=k)

@@ -377,7 +377,7 @@ def test_ctrl_c_at_the_end_of_an_epoch_stops_before_the_next_and_is_reported(at_
     assert opt.steps == steps[-1] == 8 * (at_epoch + 1)
 
 
-def test_schedules_start_from_an_lr_set_by_hand():
+def test_schedules_start_from_an_lr_set_by_hand(tmp_path):
     # as a PyTorch scheduler made after the change: StepLR(2, 0.5) from 0.001
     x, y = blobs(16)
     m = tiny()
@@ -391,10 +391,18 @@ def test_schedules_start_from_an_lr_set_by_hand():
     m.fit(x, y, cdl.SoftmaxCrossEntropy(), opt, epochs=4, verbose=0,
           callbacks=[cdl.StepLR(2, 0.5), Record()])
     assert seen == [0.001, 0.001, 0.0005, 0.0005] and opt.base_lr == 0.001
-    # past a cosine schedule's end the lr is 0; by hand it must be > 0
-    m.fit(x, y, cdl.SoftmaxCrossEntropy(), opt, epochs=3, verbose=0, callbacks=[cdl.CosineLR(1)])
+    # past a cosine schedule's end the lr is 0 (PyTorch allows 0 too): the optimizer
+    # still copies, pickles and resumes from a checkpoint
+    import copy
+    import pickle
+    ck = str(tmp_path / "ck.npz")
+    m.fit(x, y, cdl.SoftmaxCrossEntropy(), opt, epochs=3, verbose=0,
+          callbacks=[cdl.CosineLR(1), cdl.ModelCheckpoint(ck, save_optimizer=True)])
     assert opt.lr == 0.0 and opt.base_lr == 0.001
-    for bad in (0.0, -1.0, float("nan")):
+    _, back = cdl.load(ck, optimizer=True)
+    for twin in (back, copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert (twin.lr, twin.base_lr) == (0.0, 0.001)
+    for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="SGD: lr must be"):
             opt.lr = bad
     assert opt.lr == 0.0

@@ -80,6 +80,7 @@ ONNX
 Every subclass is registered by name in ``LAYER_TYPES`` when it is defined;
 model files only ever build registered classes.
 """
+import hashlib
 import weakref
 from typing import Callable, NamedTuple, Optional
 
@@ -251,6 +252,7 @@ class Layer:
         self.merged = None         # the pass run inside this one in training (Chain.fuse)
         self._ws = {}
         self._last = None
+        self._drawn = None         # _fingerprint() of the last random draw (_draw)
 
     # -- description -------------------------------------------------------------
     @property
@@ -389,7 +391,7 @@ class Layer:
                         d.put(k, np.require(d[k], dtype, "C"))
         else:
             self.params, self.grads, self.buffers = ArrayDict(), ArrayDict(), ArrayDict()
-            self._create(np.random.default_rng() if rng is None else rng, init or "he", dtype)
+            self._draw(np.random.default_rng() if rng is None else rng, init or "he", dtype)
         self.fused_previous = self.fused_next = False
         self.merged = None
         self._ws = {}
@@ -401,6 +403,26 @@ class Layer:
 
     def _create(self, rng, init, dtype):
         """Create parameters and buffers (add_param / add_buffer); none by default."""
+
+    def _draw(self, rng, init, dtype):
+        """``_create``, remembering the values drawn, so that a model can tell them from
+        values of the layer's own (``holds_own_values``)."""
+        self._create(rng, init, dtype)
+        self._drawn = self._fingerprint()
+
+    def _fingerprint(self):
+        h = hashlib.blake2b(digest_size=16)
+        for d in (self.params, self.buffers):
+            for k in d:
+                h.update(k.encode())
+                h.update(np.ascontiguousarray(d[k]).view(np.uint8).reshape(-1).data)
+        return h.digest()
+
+    def holds_own_values(self):
+        """Whether the parameters or buffers hold values of their own (set by hand,
+        trained, loaded or copied from a trained layer) rather than the random draw they
+        were made with. A model keeps such values; it draws the others from its seed."""
+        return bool(self.params or self.buffers) and self._fingerprint() != self._drawn
 
     def add_param(self, name, value):
         """Register a trained parameter (its gradient starts at zero)."""

@@ -43,8 +43,10 @@ class Chain:
             init = layer.init
             if init == "auto":
                 init = "he" if self._followed_by_relu(i) else "xavier"
+            # values of a layer's own (set, trained, loaded) stay; random ones are redrawn
+            # from the model's seed
             out = layer.build(shape, dtype, index=f"{prefix}{i}", source=source, rng=rng,
-                              init=init)
+                              init=init, keep_params=layer.holds_own_values())
             n = int(np.prod(out))
             if n > INT32_MAX:
                 raise ValueError(f"{layer.name}: output {shape_str(out)} has {n} elements per "

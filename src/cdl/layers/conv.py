@@ -35,7 +35,7 @@ class Conv2d(FoldsAtInference, Layer):
         self.padding = int_pair(padding, "padding", "Conv2d", 0)
         self.use_bias = bool(bias)
         self.init = check_init(init, "Conv2d")
-        self._create(np.random.default_rng(), "he" if init == "auto" else init, np.float32)
+        self._draw(np.random.default_rng(), "he" if init == "auto" else init, np.float32)
         self.dtype = np.dtype(np.float32)
 
     def get_config(self):

@@ -28,7 +28,7 @@ class Linear(FoldsAtInference, Layer):
         self.out_features = positive_int(out_features, "out_features", "Linear")
         self.use_bias = bool(bias)
         self.init = check_init(init, "Linear")
-        self._create(np.random.default_rng(), "he" if init == "auto" else init, np.float32)
+        self._draw(np.random.default_rng(), "he" if init == "auto" else init, np.float32)
         self.dtype = np.dtype(np.float32)
 
     def get_config(self):

@@ -11,9 +11,20 @@ import functools
 import numpy as np
 
 from .._kernels import elementwise as _ew
-from .base import Optimizer, number
+from .base import Optimizer, Setting, at_least_zero, number
 
 __all__ = ["Adam", "AdamW"]
+
+
+def _check_betas(opt, betas):
+    where = type(opt).__name__
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise TypeError(f"{where}: betas must be a pair of numbers in [0, 1), got "
+                        f"{betas!r}") from None
+    return (number(b1, "betas[0]", where, lo=0.0, hi=1.0, hi_open=True),
+            number(b2, "betas[1]", where, lo=0.0, hi=1.0, hi_open=True))
 
 
 class Adam(Optimizer):
@@ -21,19 +32,15 @@ class Adam(Optimizer):
 
     state_names = ("exp_avg", "exp_avg_sq")
     decoupled = False
+    betas = Setting(_check_betas)
+    eps = Setting(lambda opt, v: number(v, "eps", type(opt).__name__, lo=0.0, lo_open=True))
+    weight_decay = at_least_zero("weight_decay")
 
     def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  clip_grad_norm=None):
-        where = type(self).__name__
-        try:
-            b1, b2 = betas
-        except (TypeError, ValueError):
-            raise TypeError(f"{where}: betas must be a pair of numbers in [0, 1), got "
-                            f"{betas!r}") from None
-        self.betas = (number(b1, "betas[0]", where, lo=0.0, hi=1.0, hi_open=True),
-                      number(b2, "betas[1]", where, lo=0.0, hi=1.0, hi_open=True))
-        self.eps = number(eps, "eps", where, lo=0.0, lo_open=True)
-        self.weight_decay = number(weight_decay, "weight_decay", where, lo=0.0)
+        self.betas = betas
+        self.eps = eps
+        self.weight_decay = weight_decay
         super().__init__(model, lr, clip_grad_norm)
 
     def _bind(self):

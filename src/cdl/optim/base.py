@@ -46,11 +46,39 @@ def number(value, name, where, lo=None, lo_open=False, hi=None, hi_open=False):
     return v
 
 
+class Setting:
+    """An optimizer setting checked on every assignment as the constructor checks it: a
+    value the constructor refuses would train, then make the optimizer's state and files
+    unloadable. ``check(optimizer, value)`` returns the value to keep or raises."""
+
+    def __init__(self, check):
+        self.check = check
+
+    def __set_name__(self, owner, name):
+        self.attr = "_" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj, self.attr)
+
+    def __set__(self, obj, value):
+        setattr(obj, self.attr, self.check(obj, value))
+
+
+def positive_or_none(name):
+    return Setting(lambda opt, v: None if v is None else
+                   number(v, name, type(opt).__name__, lo=0.0, lo_open=True))
+
+
+def at_least_zero(name):
+    return Setting(lambda opt, v: number(v, name, type(opt).__name__, lo=0.0))
+
+
 class Optimizer:
     """Base class. Subclasses name their per-parameter ``state_names`` and implement
     ``_bind()`` (make the update call once) and ``_update(nt)``."""
 
     state_names = ()
+    clip_grad_norm = positive_or_none("clip_grad_norm")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -63,8 +91,7 @@ class Optimizer:
             raise TypeError(f"{where}: model must be a cdl.Sequential, got "
                             f"{type(model).__name__}")
         self.lr = lr                # (also the schedules' base_lr)
-        self.clip_grad_norm = None if clip_grad_norm is None else \
-            number(clip_grad_norm, "clip_grad_norm", where, lo=0.0, lo_open=True)
+        self.clip_grad_norm = clip_grad_norm
         self.model = model
         self.pack = model.parameter_pack
         self.steps = 0
@@ -82,13 +109,17 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value):
-        self._lr = number(value, "lr", type(self).__name__, lo=0.0, lo_open=True)
+        self.set_scheduled_lr(value)
         self.base_lr = self._lr
 
     def set_scheduled_lr(self, value):
-        """Set ``lr`` for a schedule's epoch, keeping ``base_lr`` (0 allowed: a cosine
-        schedule's end)."""
+        """Set ``lr`` for a schedule's epoch, keeping ``base_lr``. An lr is a finite
+        number >= 0, as in PyTorch (0: a cosine schedule's end)."""
         self._lr = number(value, "lr", type(self).__name__, lo=0.0)
+
+    def _setting_order(self, config):
+        """The order in which load_state_dict applies ``config``'s settings."""
+        return list(config)
 
     def _bind(self):
         raise NotImplementedError
@@ -190,7 +221,7 @@ class Optimizer:
             raise ValueError(f"{where}: step must be an int in [0, 2**53], got {step!r}")
         base_lr = self.base_lr
         if "base_lr" in state:
-            base_lr = number(state["base_lr"], "base_lr", where, lo=0.0, lo_open=True)
+            base_lr = number(state["base_lr"], "base_lr", where, lo=0.0)
         arrays = state.get("state", {})
         problems, values = [], []
         if not isinstance(arrays, dict):
@@ -221,8 +252,8 @@ class Optimizer:
         if problems:
             raise ValueError(f"{where}: " + "; ".join(problems))
         if settings is not self:
-            for key in config:      # (SGD's momentum setter adds or drops its buffer)
-                setattr(self, key, getattr(settings, key))
+            for key in self._setting_order(config):   # (SGD's momentum setter adds or
+                setattr(self, key, getattr(settings, key))    # drops its buffer)
         for b, name, a in values:
             self.pack.view(self.buffers[b], name)[...] = a
         self.steps = int(step)

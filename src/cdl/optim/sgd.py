@@ -12,21 +12,28 @@ import functools
 import numpy as np
 
 from .._kernels import elementwise as _ew
-from .base import Optimizer, number
+from .base import Optimizer, Setting, at_least_zero, number
 
 __all__ = ["SGD"]
+
+
+def _check_nesterov(opt, value):
+    if value and opt.momentum == 0.0:
+        raise ValueError("SGD: nesterov=True needs momentum > 0")
+    return bool(value)
 
 
 class SGD(Optimizer):
     """Stochastic gradient descent over all parameters of ``model``."""
 
+    nesterov = Setting(_check_nesterov)
+    weight_decay = at_least_zero("weight_decay")
+
     def __init__(self, model, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
                  clip_grad_norm=None):
         self._momentum = number(momentum, "momentum", "SGD", lo=0.0, hi=1.0, hi_open=True)
-        if nesterov and self._momentum == 0.0:
-            raise ValueError("SGD: nesterov=True needs momentum > 0")
-        self.nesterov = bool(nesterov)
-        self.weight_decay = number(weight_decay, "weight_decay", "SGD", lo=0.0)
+        self.nesterov = nesterov
+        self.weight_decay = weight_decay
         self.state_names = ("momentum_buffer",) if self._momentum > 0 else ()
         super().__init__(model, lr, clip_grad_norm)
 
@@ -38,7 +45,10 @@ class SGD(Optimizer):
     def momentum(self, value):
         # Set after construction: the momentum buffer appears (from zero, as PyTorch's
         # first step v = g) or goes with it, so state_dict always matches the settings.
-        self._momentum = number(value, "momentum", "SGD", lo=0.0, hi=1.0, hi_open=True)
+        value = number(value, "momentum", "SGD", lo=0.0, hi=1.0, hi_open=True)
+        if value == 0.0 and self.nesterov:
+            raise ValueError("SGD: nesterov=True needs momentum > 0 (set nesterov=False first)")
+        self._momentum = value
         names = ("momentum_buffer",) if self._momentum > 0 else ()
         if names != self.state_names:
             self.state_names = names
@@ -46,6 +56,11 @@ class SGD(Optimizer):
                 self.buffers = {n: self.buffers[n] if n in self.buffers else self.pack.zeros()
                                 for n in names}
                 self._bind()
+
+    def _setting_order(self, config):
+        # nesterov off before momentum goes to 0; on after momentum is set
+        keys = [k for k in config if k != "nesterov"]
+        return (["nesterov"] + keys) if not config.get("nesterov") else (keys + ["nesterov"])
 
     def _bind(self):
         pack = self.pack
