@@ -130,3 +130,20 @@ def test_spawn_pool_predicts():
         got = pool.map(operator.methodcaller("predict", x), [model, model])
     for g in got:
         np.testing.assert_array_equal(g, want)
+
+
+def test_a_layer_copies_after_its_model_trained_and_the_copy_works_alone():
+    # a Residual's buffers hold a training plan's ops, which do not copy: they are left out
+    import copy
+    m = cdl.Sequential([cdl.Conv2d(2, 8, 3, padding=1), cdl.ReLU(),
+                        cdl.Residual([cdl.Conv2d(8, 8, 3, padding=1), cdl.BatchNorm2d(8)]),
+                        cdl.ReLU(), cdl.GlobalAvgPool2d(), cdl.Linear(8, 3)], (2, 8, 8), seed=0)
+    x = np.random.default_rng(0).standard_normal((4, 2, 8, 8)).astype(np.float32)
+    m.train_step(x, np.arange(4) % 3, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1))
+    block = m.layers[2]
+    h = m.layers[1].forward(m.layers[0].forward(x)).copy()
+    want = block.forward(h).copy()
+    for twin in (copy.deepcopy(block), pickle.loads(pickle.dumps(block))):
+        alone = cdl.Sequential([twin], (8, 8, 8), seed=1)        # keeps its trained values
+        np.testing.assert_array_equal(alone.layers[0].forward(h), want)
+        assert twin._ws is not block._ws

@@ -254,6 +254,13 @@ class Layer:
         self._last = None
         self._drawn = None         # _fingerprint() of the last random draw (_draw)
 
+    def __getstate__(self):
+        # A copy (copy.deepcopy, pickle) leaves out the buffers and the last pass: they
+        # are rebuilt on use, and a training plan's ops in them do not copy.
+        state = dict(self.__dict__)
+        state["_ws"], state["_last"] = {}, None
+        return state
+
     # -- description -------------------------------------------------------------
     @property
     def name(self):
