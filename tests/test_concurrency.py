@@ -161,7 +161,15 @@ def test_train_step_while_model_is_training_raises():
     x, y = _data()
     loss, opt = cdl.SoftmaxCrossEntropy(), cdl.SGD(m, 0.01)
     m.forward(x)
-    assert m._lock.acquire(blocking=False)   # as if another thread were inside train_step
+    held, done = threading.Event(), threading.Event()
+
+    def holder():                            # as if another thread were inside train_step
+        with m._lock:
+            held.set()
+            done.wait(60)
+    t = threading.Thread(target=holder)
+    t.start()
+    assert held.wait(60)
     try:
         with pytest.raises(RuntimeError, match=r"train_step: this model is being trained from "
                                                r"another thread"):
@@ -176,7 +184,8 @@ def test_train_step_while_model_is_training_raises():
                                                r"trained from another thread"):
             m.backward(np.zeros((64, 10), np.float32))
     finally:
-        m._lock.release()
+        done.set()
+        t.join()
     m.train_step(x, y, loss, opt)            # the lock is free again
     m.backward(np.zeros((64, 10), np.float32))
 
@@ -262,3 +271,37 @@ def test_models_sharing_one_loss_object_train_and_evaluate_concurrently(dtype):
     import copy
     import pickle
     assert pickle.loads(pickle.dumps(shared)).reduction == copy.deepcopy(shared).reduction
+
+
+def test_fit_holds_the_training_lock_between_its_steps():
+    """Another thread's train_step is refused for the whole of fit, between steps too
+    (batch gathering, validation, callbacks); a callback in fit's own thread may step."""
+    m = lenet()
+    x, y = _data(64)
+    loss, opt = cdl.SoftmaxCrossEntropy(), cdl.SGD(m, 0.01)
+    started, done, outcomes = threading.Event(), threading.Event(), []
+
+    def intruder():                          # tries while fit's first callback runs
+        started.wait(60)
+        while len(outcomes) < 20:
+            try:
+                m.train_step(x[:8], y[:8], cdl.SoftmaxCrossEntropy(), opt)
+                outcomes.append("stepped")
+            except RuntimeError:
+                outcomes.append("refused")
+        done.set()
+
+    class Between(cdl.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            started.set()
+            done.wait(60)                    # a slow callback: the lock stays held
+            m.train_step(x[:8], y[:8], loss, opt)    # fit's own thread: allowed
+
+    t = threading.Thread(target=intruder)
+    t.start()
+    try:
+        m.fit(x, y, loss, opt, epochs=3, batch_size=16, verbose=0, callbacks=[Between()])
+    finally:
+        done.set()
+        t.join()
+    assert outcomes == ["refused"] * 20 and opt.steps == 3 * 4 + 3

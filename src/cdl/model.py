@@ -92,7 +92,7 @@ class Sequential:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"Sequential: seed must be None or a non-negative int, got "
                             f"{seed!r} ({exc})") from None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()       # training passes (see _enter)
         self._build()
         for _, layer in self.chain.walk():
             OWNERS[layer] = weakref.ref(self)
@@ -341,8 +341,8 @@ class Sequential:
 
     def _enter(self, where):
         """Take the training passes' buffers for this call (release ``_lock`` after):
-        a second thread in a training pass of the same model is refused, not left to
-        corrupt them."""
+        a second thread in a training pass of the same model (or in its ``fit``) is
+        refused, not left to corrupt them; the thread holding it may enter again."""
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(f"{where}: this model is being trained from another thread; "
                                f"training one model from several threads is not supported")

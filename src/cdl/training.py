@@ -157,11 +157,18 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         # the metrics do not depend on the number of ranks either
         val_pieces = shards // ranks if shards else 1
 
-    model.stop_training = False    # (callbacks may raise here: nothing is set up yet)
-    log_keys = tuple(k for k in FIT_LOG_KEYS if has_val or not k.startswith("val_"))
-    for cb in cbs:
-        cb.log_keys = log_keys
-        cb.on_train_begin()
+    # The model's training lock for the whole run, so another thread's train_step is
+    # refused between steps too (re-entrant: a callback in this thread may still step).
+    model._enter(where)
+    try:
+        model.stop_training = False    # (callbacks may raise here: nothing is set up yet)
+        log_keys = tuple(k for k in FIT_LOG_KEYS if has_val or not k.startswith("val_"))
+        for cb in cbs:
+            cb.log_keys = log_keys
+            cb.on_train_begin()
+    except BaseException:
+        model._lock.release()
+        raise
 
     stop = {"interrupted": False}
     old_handler = None
@@ -285,10 +292,13 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
             if model.stop_training:
                 break
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
-        for cb in cbs:
-            cb.on_train_end()
+        try:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+            for cb in cbs:
+                cb.on_train_end()
+        finally:
+            model._lock.release()
     return history
 
 
