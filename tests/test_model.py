@@ -321,7 +321,8 @@ def test_parameters_share_one_aligned_buffer_and_stay_live(dtype):
 def test_sgd_and_schedule_arguments():
     m = cdl.Sequential(mlp(), (6,))
     with pytest.raises(ValueError, match="lr must be"):
-        cdl.SGD(m, lr=0)
+        cdl.SGD(m, lr=-0.1)
+    assert cdl.SGD(m, lr=0).lr == 0.0            # as in PyTorch
     with pytest.raises(ValueError, match="momentum must be"):
         cdl.SGD(m, lr=0.1, momentum=1.0)
     with pytest.raises(ValueError, match="nesterov=True needs momentum"):

@@ -441,7 +441,7 @@ def test_optimizer_load_state_dict_checks_everything_first():
     for change, exc, match in (
             ({"base_lr": "abc"}, TypeError, r"base_lr must be a number"),
             ({"base_lr": float("nan")}, ValueError, r"base_lr must be a finite number"),
-            ({"base_lr": -1.0}, ValueError, r"base_lr must be a finite number in \(0.0, inf\)"),
+            ({"base_lr": -1.0}, ValueError, r"base_lr must be a finite number in \[0.0, inf\)"),
             ({"step": 2**63}, ValueError, r"step must be an int in \[0, 2\*\*53\]"),
             ({"config": dict(good["config"], betas=[0.9, 1.5])}, ValueError,
              r"Adam.load_state_dict: bad optimizer settings: Adam: betas\[1\]"),
