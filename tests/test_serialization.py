@@ -1,6 +1,9 @@
-"""save / load: bit-identical round trip, atomic writes, damaged and foreign files."""
+"""save / load: bit-identical round trip, atomic writes, damaged and foreign files,
+several saved objects in one stream."""
+import io
 import json
 import os
+import pickle
 import zipfile
 
 import numpy as np
@@ -167,3 +170,102 @@ def test_header_is_validated_before_building(tmp_path):
         z.writestr("__cdl__.npy", b"garbage")
     with pytest.raises(ValueError, match="not a valid cdl model file"):
         cdl.load(tmp_path / "e.npz")
+
+
+# ------------------------------------------------------------------ several objects in one stream
+def _two_models():
+    a = cdl.Sequential([cdl.Linear(3, 2)], (3,), seed=1)
+    b = cdl.Sequential([cdl.Linear(5, 4), cdl.ReLU(), cdl.Linear(4, 2)], (5,), seed=2)
+    return a, b
+
+
+class _Unseekable(io.RawIOBase):
+    """A pipe-like binary stream: read only, no tell or seek."""
+
+    def __init__(self, data):
+        self._buf = io.BytesIO(data)
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        chunk = self._buf.read(len(b))
+        b[:len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_a_stream_of_models_loads_them_in_turn(tmp_path):
+    """zipfile reads the archive whose end record is last: a stream holding two models
+    must still give the first, and leave the position after it."""
+    a, b = _two_models()
+    opt = cdl.Adam(b)
+    for make in (io.BytesIO, lambda: open(tmp_path / "stream.bin", "w+b")):
+        with make() as f:
+            f.write(b"my own header")
+            a.save(f)
+            after_a = f.tell()
+            b.save(f, optimizer=opt)
+            after_b = f.tell()
+            pickle.dump({"epoch": 3}, f)
+            f.seek(len(b"my own header"))
+            first = cdl.load(f)
+            assert f.tell() == after_a
+            second, opt2 = cdl.load(f, optimizer=True)
+            assert f.tell() == after_b
+            assert pickle.load(f) == {"epoch": 3}
+        x = np.ones((2, 3), np.float32)
+        assert first.input_shape == (3,) and first.predict(x).tobytes() == a.predict(x).tobytes()
+        assert second.input_shape == (5,) and isinstance(opt2, cdl.Adam)
+        assert second.get_config() == b.get_config()
+
+
+def test_a_stream_of_zip64_models_loads_them_in_turn(monkeypatch):
+    # zip64 end records (over 65535 arrays, or 4 GiB), here forced by a lower limit
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 1)
+    a, b = _two_models()
+    f = io.BytesIO()
+    a.save(f)
+    b.save(f)
+    assert b"PK\x06\x06" in f.getvalue()
+    f.seek(0)
+    assert cdl.load(f).input_shape == (3,)
+    assert cdl.load(f).input_shape == (5,)
+    assert f.read() == b""
+
+
+def test_a_damaged_stream_is_still_refused_clearly():
+    a, b = _two_models()
+    one = cdl.dumps(a)
+    cases = [b"", b"hello", one[:len(one) // 2], one[:-1], one[:-30] + one]
+    for data in cases:
+        with pytest.raises(ValueError, match=r"cdl.load: <file object> is not a valid cdl "
+                                             r"model file"):
+            cdl.load(io.BytesIO(data))
+    # the first model is whole, the second cut short
+    f = io.BytesIO(one + cdl.dumps(b)[:200])
+    assert cdl.load(f).input_shape == (3,)
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        cdl.load(f)
+    # a stream that cannot seek back is read to its end, and loads
+    assert cdl.load(_Unseekable(one + b"trailing bytes")).input_shape == (3,)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors"])
+def test_a_stream_of_state_dict_files_loads_them_in_turn(fmt):
+    if fmt == "safetensors":
+        pytest.importorskip("safetensors")
+    a, _ = _two_models()
+    other = cdl.Sequential([cdl.Linear(3, 2)], (3,), seed=9)
+    f = io.BytesIO()
+    a.save_state_dict(f, format=fmt)
+    end_a = f.tell()
+    other.save_state_dict(f, format=fmt)
+    f.write(b"trailing")
+    f.seek(0)
+    target = cdl.Sequential([cdl.Linear(3, 2)], (3,), seed=5)
+    for want, end in ((a, end_a), (other, len(f.getvalue()) - len(b"trailing"))):
+        cdl.load_state_dict_file(target, f, format=fmt)
+        assert f.tell() == end
+        assert all(np.array_equal(v, want.state_dict()[k])
+                   for k, v in target.state_dict().items())
+    assert f.read() == b"trailing"

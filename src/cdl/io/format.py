@@ -16,11 +16,14 @@ header is validated against the architecture before any weight is read; zip
 CRCs catch corrupted data. ``save`` writes a temporary file in the same folder,
 syncs it and renames it over the target (``os.replace``), so an interrupted
 save leaves any previous file intact. ``dumps``/``loads`` and pickling use the
-same format in memory.
+same format in memory. A file object is read from its position to the end of the
+model's archive and left there, so several models (or a model and other data)
+can follow one another in one stream.
 """
 import io
 import json
 import os
+import struct
 import tempfile
 
 import numpy as np
@@ -319,28 +322,95 @@ def _read_array(npz, entry, path):
     return a
 
 
+_EOCD = b"PK\x05\x06"              # a zip's end-of-central-directory record
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_ZIP64_EOCD = b"PK\x06\x06"
+
+
+def _archive_end(data, pos):
+    """Where the zip archive that starts at data[0] ends, if the end record at ``pos``
+    closes it, else None. It closes it when its central directory lies just before
+    it, the directory's entries fill it exactly, and the first local header they name
+    is at 0: the offsets count from wherever the writer's stream began, so they are
+    compared only with each other."""
+    if pos + 22 > len(data):
+        return None
+    entries, cd_size, cd_offset, comment = struct.unpack_from("<HIIH", data, pos + 10)
+    cd_end = pos
+    if pos >= 76 and data[pos - 20:pos - 16] == _ZIP64_LOCATOR \
+            and data[pos - 76:pos - 72] == _ZIP64_EOCD:
+        # zip64 (over 65535 entries or 4 GiB): the sizes are in the zip64 record
+        entries, cd_size, cd_offset = struct.unpack_from("<QQQ", data, pos - 76 + 32)
+        cd_end = pos - 76
+    cd_start, end = cd_end - cd_size, pos + 22 + comment
+    if cd_start < 0 or end > len(data):
+        return None
+    first, at = cd_start, cd_start     # an empty archive is its end record alone
+    for _ in range(entries):
+        if at + 46 > cd_end or data[at:at + 4] != b"PK\x01\x02":
+            return None
+        offset = struct.unpack_from("<I", data, at + 42)[0]
+        if offset != 0xFFFFFFFF:        # (else in a zip64 extra field: not checked)
+            first = min(first, offset - (cd_offset - cd_start))
+        at += 46 + sum(struct.unpack_from("<HHH", data, at + 28))  # name, extra, comment
+    return end if at == cd_end and first == 0 else None
+
+
+def zip_extent(data):
+    """The length of the zip archive at the start of ``data`` (bytes that may go on with
+    more data), or None when no complete archive starts there. zipfile reads the
+    archive whose end record is last, so on a stream holding two models it would give
+    the second; here the first end record that closes the archive starting at 0 wins."""
+    pos = data.find(_EOCD)
+    while pos >= 0:
+        end = _archive_end(data, pos)
+        if end is not None:
+            return end
+        pos = data.find(_EOCD, pos + 1)
+    return None
+
+
+def read_stream(f, extent):
+    """(data, whole): what a binary file object holds from its position. ``extent(data)``
+    gives the length of the one saved object there (None if it is incomplete); data is
+    that object, and ``f`` is left right after it, so whatever follows can be read
+    next. When ``extent`` finds no end, data is all that is left and whole is False.
+    A stream that cannot seek back stays at its end."""
+    try:
+        start = f.tell()
+    except (AttributeError, OSError, ValueError):
+        start = None
+    data = f.read()
+    if not isinstance(data, (bytes, bytearray)):
+        return data, False          # a text-mode file: the caller rejects it
+    end = extent(data)
+    if end is None or not 0 < end < len(data):
+        return bytes(data), end == len(data)
+    if start is not None:
+        try:
+            f.seek(start + end)
+        except (AttributeError, OSError, ValueError):
+            pass
+    return bytes(data[:end]), True
+
+
 def _open(path):
-    """(npz, display name, size in bytes) for a path or a binary file object."""
+    """(npz, display name, size in bytes) for a path or a binary file object (read up
+    to the end of the model there)."""
     if hasattr(path, "read"):
         name = getattr(path, "name", "<file object>")
-        start = path.tell() if hasattr(path, "tell") else 0
-        magic = path.read(4)
-        try:
-            path.seek(0, os.SEEK_END)
-            size = path.tell() - start
-            path.seek(start)
-        except (OSError, AttributeError, ValueError):
-            data = magic + path.read()
-            path, size = io.BytesIO(data), len(data)
-        source = path
+        data, whole = read_stream(path, zip_extent)
+        source, size, magic = io.BytesIO(data), len(data), data[:4]
     else:
-        name = path = os.fspath(path)
-        with open(path, "rb") as f:
+        name = source = os.fspath(path)
+        with open(source, "rb") as f:
             magic = f.read(4)
-        size = os.path.getsize(path)
-        source = path
+        size, whole = os.path.getsize(source), True
     if magic != b"PK\x03\x04":
         raise _fail(name, "it is not a zip/npz container" if magic else "the file is empty")
+    if not whole:       # (zipfile would read a later archive in the stream, if any)
+        raise _fail(name, "the container is truncated or damaged (no zip archive that "
+                          "starts here ends)")
     try:
         npz = np.load(source, allow_pickle=False)
     except Exception as exc:  # zipfile raises several types for damaged containers

@@ -221,22 +221,44 @@ class OnnxImportError(ValueError):
 
 
 class _Dyn:
-    """A value computed from the graph's input. ``dom`` lists the values every path
-    from the input to it passes through (itself last): a chain of ops, with an Add
-    reaching back to where its two branches fork."""
+    """A value computed from the graph's input. ``idom`` is the value every path from
+    the input to it passes through last (its immediate dominator): an op's input, or
+    the value where an Add's two branches fork. ``depth`` counts the steps up to the
+    input along ``idom``; ``jump`` is a farther ancestor, for ``_ancestor``."""
 
-    __slots__ = ("kind", "node", "parents", "layers", "shape", "onnx_shape", "dom", "fork",
-                 "used")
+    __slots__ = ("kind", "node", "parents", "layers", "shape", "onnx_shape", "idom", "depth",
+                 "jump", "fork", "used")
 
     def __init__(self, kind, node, parents, layers, shape, onnx_shape, fork=None):
         self.kind, self.node, self.parents, self.layers = kind, node, parents, layers
         self.shape, self.onnx_shape, self.fork, self.used = shape, onnx_shape, fork, False
-        if kind == "input":
-            self.dom = [self]
-        elif kind == "op":
-            self.dom = parents[0].dom + [self]
+        up = None if kind == "input" else parents[0] if kind == "op" else fork
+        self.idom = up
+        if up is None:
+            self.depth, self.jump = 0, self
         else:
-            self.dom = fork.dom + [self]
+            # skew-binary jump pointers (Myers 1983): any ancestor is O(log depth) jumps
+            # away, and each value stores one pointer, not the list of its dominators
+            self.depth = up.depth + 1
+            j = up.jump
+            self.jump = j.jump if up.depth - j.depth == j.depth - j.jump.depth else up
+
+
+def _ancestor(v, depth):
+    """v's dominator at ``depth`` (at most v.depth)."""
+    while v.depth > depth:
+        v = v.jump if v.jump.depth >= depth else v.idom
+    return v
+
+
+def _fork(a, b):
+    """The last value that every path from the input to a or to b passes through."""
+    a, b = _ancestor(a, b.depth), _ancestor(b, a.depth)
+    while a is not b:
+        # a and b are at one depth, so are their jumps: where the jumps land apart, both
+        # are still below the fork; else step up one
+        a, b = (a.jump, b.jump) if a.jump is not b.jump else (a.idom, b.idom)
+    return a
 
 
 class NodeReader:
@@ -538,7 +560,8 @@ class _Importer:
         return v
 
     def consumers(self, name):
-        return [n for n in self.needed_nodes if name in n.input]
+        """The needed nodes that read value ``name``, in graph order."""
+        return list(self.uses.get(name, ()))
 
     def prepare(self):
         g = self.graph
@@ -577,6 +600,10 @@ class _Importer:
                         raise self.fail(n, "subgraphs (control flow) are not supported")
                 stack.extend(i for i in n.input if i)
         self.needed_nodes = [n for n in self.nodes if id(n) in needed]
+        self.uses = {}      # value name -> the needed nodes that read it (built once)
+        for n in self.needed_nodes:
+            for name in dict.fromkeys(n.input):
+                self.uses.setdefault(name, []).append(n)
         ops = set(self.layer_ops) | set(_STRUCTURAL) | set(_FOLDED)
         for n in self.needed_nodes:
             if n.domain not in ("", "ai.onnx"):
@@ -758,19 +785,22 @@ class _Importer:
         if a.shape != b.shape or a.onnx_shape != b.onnx_shape:
             raise self.fail(n, f"adds per-sample shapes {shape_str(a.onnx_shape)} and "
                                f"{shape_str(b.onnx_shape)}; a residual Add joins equal shapes")
-        common = [u for u, v in zip(a.dom, b.dom) if u is v]
-        fork = common[-1]
-        self.values[n.output[0]] = _Dyn("add", n, (a, b), [], a.shape, a.onnx_shape, fork=fork)
+        self.values[n.output[0]] = _Dyn("add", n, (a, b), [], a.shape, a.onnx_shape,
+                                         fork=_fork(a, b))
 
     def linearize(self, v, stop, depth=1):
         """The cdl layers computing v from ``stop`` (a value v's branches pass through)."""
-        from ..layers import Residual
+        from ..layers import Dropout, Residual
         from .format import MAX_NESTING
 
         if depth > MAX_NESTING:
             raise self.fail(v.node, f"residual branches nest more than {MAX_NESTING} levels "
                                     f"deep")
-        path = v.dom[v.dom.index(stop) + 1:]
+        path, e = [], v     # the values after stop up to v, walked back along idom
+        while e is not stop:
+            path.append(e)
+            e = e.idom
+        path.reverse()
         layers = []
         for e in path:
             if e.used:
@@ -786,8 +816,9 @@ class _Importer:
             if not body:
                 body, short = short, body
             if not body:
-                raise self.fail(e.node, "it adds a value to itself (both branches are "
-                                        "empty; cdl's Residual needs at least one layer)")
+                # it adds a value to itself (as cdl exports a Residual whose body is only
+                # Dropout): a Residual's body needs a layer, and Dropout(0) is the identity
+                body = [Dropout(0.0)]
             layers.append(Residual(body, short or None))
         return layers
 
@@ -1039,9 +1070,11 @@ def load(source, input_shape=None):
 
     The graph must be a chain of supported ops from one float32/float64 input with a
     batch axis (``input_shape`` gives the per-sample shape when the graph leaves it
-    symbolic), with residual Adds joining two branches from one value. Constant
-    subgraphs are folded; Dropout and Identity vanish; a final Softmax/LogSoftmax is
-    left out of the model with a warning and named in ``model.onnx_output_activation``
+    symbolic), with residual Adds joining two branches from one value (an Add of a
+    value to itself, as export writes for a ``Residual`` of Dropout alone, gives a
+    ``Residual`` whose body is ``Dropout(0.0)``, the identity). Constant subgraphs are
+    folded; Dropout and Identity vanish; a final Softmax/LogSoftmax is left out of
+    the model with a warning and named in ``model.onnx_output_activation``
     ("softmax", "log_softmax" or None). Opsets before 13 are converted with
     ``onnx.version_converter`` first. Everything else is a ValueError naming the node,
     its op type and the reason, and listing the supported ops (``supported_ops()``).

@@ -69,17 +69,39 @@ def save_state_dict(model, path, format=None):
     atomic_write(path, lambda f: f.write(data))
 
 
+def _safetensors_extent(data):
+    """The length of the safetensors file at the start of ``data`` (8-byte header size,
+    JSON header, then the tensors up to the last one's end), or None if its header
+    cannot be read (the safetensors library then says what is wrong)."""
+    import json
+    try:
+        n = int.from_bytes(bytes(data[:8]), "little")
+        header = json.loads(bytes(data[8:8 + n]).decode("utf-8"))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError,
+            UnicodeDecodeError, RecursionError):
+        return None
+    return 8 + n + max(ends, default=0)
+
+
 def read_state_dict_file(path, format=None, where="cdl.load_state_dict_file"):
-    """The {name: array} a .safetensors or .npz state-dict file holds."""
+    """The {name: array} a .safetensors or .npz state-dict file holds. A file object is
+    read from its position up to the end of the file there and left right after it."""
     kind = _format(path, format, where)
     if hasattr(path, "read"):
-        data, name = path.read(), getattr(path, "name", "<file object>")
+        from .format import read_stream, zip_extent
+        extent = _safetensors_extent if kind == ".safetensors" else zip_extent
+        (data, whole), name = read_stream(path, extent), getattr(path, "name", "<file object>")
     else:
-        name = os.fspath(path)
+        name, whole = os.fspath(path), True
         with open(name, "rb") as f:
             data = f.read()
     if not isinstance(data, (bytes, bytearray)):
         raise TypeError(f"{where}: the file object must be opened in binary mode")
+    if kind == ".npz" and not whole and data[:4] == b"PK\x03\x04":
+        # a zip without its end here: zipfile would read a later archive, if any
+        raise ValueError(f"{where}: {name} is not a valid .npz file: it is truncated or "
+                         f"damaged (no zip archive that starts here ends)")
     if kind == ".safetensors":
         st = _require_safetensors()
         try:
