@@ -506,8 +506,6 @@ def test_refusals_name_node_op_and_reason():
             "input_shape=")
     refused(graph_model([h.make_node("Flatten", ["x"], ["y"], axis=0)], {}, shape),
             "axis=0")
-    refused(graph_model([h.make_node("Identity", ["x"], ["y"])], {}, shape),
-            "computes no layer")
     refused(b"\x08\x07garbage that is not a protobuf", "not a valid ONNX")
 
 
@@ -567,6 +565,20 @@ def test_a_residual_of_dropout_round_trips(layers, shape):
     assert all(l.p == 0 for _, l in back.chain.walk() if isinstance(l, cdl.Dropout))
     y = np.arange(5) % model.output_shape[0]
     assert np.isfinite(back.train_step(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(back, 0.1)))
+
+
+@pytest.mark.parametrize("layers", [[cdl.Dropout(0.5)], [cdl.Dropout(0.2), cdl.Dropout(0.1)]],
+                         ids=["one", "two"])
+def test_a_model_of_dropout_alone_round_trips(layers):
+    """Export writes one Identity for it: it loads back as Dropout(0), the identity."""
+    model = cdl.Sequential(layers, (3, 4), seed=0)
+    data = exported(model)
+    assert [n.op_type for n in onnx.load_from_string(data).graph.node] == ["Identity"]
+    back = cdl.onnx.load(data)
+    assert [l.describe() for l in back.layers] == ["Dropout(p=0)"]
+    x = inputs(model, 5)
+    np.testing.assert_array_equal(back.predict(x), model.predict(x))
+    np.testing.assert_array_equal(ort_run(data, x), x)
 
 
 def test_a_sum_of_a_value_with_itself_loads():

@@ -116,3 +116,58 @@ def test_copies_train_bit_for_bit_like_the_original():
     h2 = m2.fit(x, y, loss, opt2, epochs=2, batch_size=8, verbose=0)
     assert h1.history["loss"] == h2.history["loss"]
     np.testing.assert_array_equal(m.parameter_buffer, m2.parameter_buffer)
+
+
+def _copies(model):
+    """The model through every way a copy is made: pickle, the model format, deepcopy."""
+    return [pickle.loads(pickle.dumps(model)), cdl.loads(cdl.dumps(model)),
+            copy.deepcopy(model)]
+
+
+def test_a_layer_named_like_a_builtin_never_replaces_it():
+    """A user's class that shares a built-in's name gets a type name of its own
+    ("<module>.<qualname>"): models holding either still copy as what they were."""
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    builtin = cdl.Sequential([cdl.Linear(4, 3), cdl.Residual([cdl.Sigmoid()])], (4,), seed=0)
+    saved = pickle.dumps(builtin)       # before the user's class exists
+
+    class Sigmoid(cdl.ReLU):
+        """The user's own Sigmoid, unrelated to cdl's."""
+
+    own = f"{__name__}.{Sigmoid.__qualname__}"
+    try:
+        assert cdl.layers.LAYER_TYPES["Sigmoid"] is cdl.Sigmoid
+        assert cdl.layers.LAYER_TYPES[own] is Sigmoid and Sigmoid.type_name == own
+        for m in [pickle.loads(saved)] + _copies(builtin):
+            assert type(m.layers[1].body.layers[0]) is cdl.Sigmoid
+            assert m.predict(x).tobytes() == builtin.predict(x).tobytes()
+        mine = cdl.Sequential([cdl.Linear(4, 3), cdl.Residual([Sigmoid()])], (4,), seed=0)
+        for m in _copies(mine):
+            assert type(m.layers[1].body.layers[0]) is Sigmoid
+            assert m.predict(x).tobytes() == mine.predict(x).tobytes()
+
+        class Sigmoid(cdl.Tanh):        # noqa: F811 (a notebook cell run again)
+            pass
+
+        assert cdl.layers.LAYER_TYPES[own] is Sigmoid
+        assert cdl.layers.LAYER_TYPES["Sigmoid"] is cdl.Sigmoid
+    finally:
+        del cdl.layers.LAYER_TYPES[own]
+
+
+def test_a_builtin_defined_after_a_users_layer_of_its_name_takes_the_name():
+    class Zed(cdl.ReLU):
+        pass
+
+    assert cdl.layers.LAYER_TYPES["Zed"] is Zed
+    # as a layer module of the package imported later would define it
+    builtin = type("Zed", (cdl.Tanh,), {"__module__": "cdl.layers.zed"})
+    own = f"{__name__}.{Zed.__qualname__}"
+    try:
+        assert cdl.layers.LAYER_TYPES["Zed"] is builtin
+        assert cdl.layers.LAYER_TYPES[own] is Zed and Zed.type_name == own
+        for layer in (Zed(), builtin()):
+            m = cdl.Sequential([layer], (3,), seed=0)
+            assert type(cdl.loads(cdl.dumps(m)).layers[0]) is type(layer)
+    finally:
+        del cdl.layers.LAYER_TYPES["Zed"], cdl.layers.LAYER_TYPES[own]

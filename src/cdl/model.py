@@ -599,8 +599,7 @@ class Sequential:
     def get_config(self):
         return {"input_shape": list(self.input_shape), "dtype": self.dtype.name,
                 "l2": self._l2,
-                "layers": [{"type": type(l).__name__, "config": l.get_config()}
-                           for l in self.layers]}
+                "layers": [l.spec() for l in self.layers]}
 
     def __reduce__(self):
         # Pickling (and copy.deepcopy, multiprocessing, Dask...) goes through the safe

@@ -677,8 +677,10 @@ class _Importer:
         self.check_output_shape(out)
         layers = self.linearize(out, x)
         if not layers:
-            raise self.fail(None, "the graph computes no layer (it is the identity); a cdl "
-                                  "model needs at least one")
+            # the identity (as cdl exports a model of Dropout alone): a model needs a
+            # layer, and Dropout(0) is the identity
+            from ..layers import Dropout
+            layers = [Dropout(0.0)]
         return layers, shape
 
     def check_output_shape(self, out):
@@ -1073,8 +1075,9 @@ def load(source, input_shape=None):
     symbolic), with residual Adds joining two branches from one value (an Add of a
     value to itself, as export writes for a ``Residual`` of Dropout alone, gives a
     ``Residual`` whose body is ``Dropout(0.0)``, the identity). Constant subgraphs are
-    folded; Dropout and Identity vanish; a final Softmax/LogSoftmax is left out of
-    the model with a warning and named in ``model.onnx_output_activation``
+    folded; Dropout and Identity vanish (a graph that is the identity gives a model
+    of one ``Dropout(0.0)``); a final Softmax/LogSoftmax is left out of the model
+    with a warning and named in ``model.onnx_output_activation``
     ("softmax", "log_softmax" or None). Opsets before 13 are converted with
     ``onnx.version_converter`` first. Everything else is a ValueError naming the node,
     its op type and the reason, and listing the supported ops (``supported_ops()``).

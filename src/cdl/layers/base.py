@@ -77,8 +77,9 @@ ONNX
     package: the builder and the reader hold it. A layer without them exports
     and imports with a clear error.
 
-Every subclass is registered by name in ``LAYER_TYPES`` when it is defined;
-model files only ever build registered classes.
+Every subclass is registered in ``LAYER_TYPES`` when it is defined, under its
+``type_name`` (what model files and pickles record); model files only ever build
+registered classes.
 """
 import hashlib
 import weakref
@@ -97,7 +98,29 @@ __all__ = ["Layer", "LAYER_TYPES", "Op", "bind_op", "check_grad"]
 _KEEP_SIZES = 2  # batch sizes whose buffers a layer keeps
 
 LAYER_TYPES = {}
-"""Every Layer subclass by class name (the whitelist model files are built from)."""
+"""Every Layer subclass by its ``type_name`` (the whitelist model files are built from)."""
+
+
+def _builtin(cls):
+    return cls.__module__ == "cdl" or cls.__module__.startswith("cdl.")
+
+
+def _register(cls):
+    """Record ``cls`` in LAYER_TYPES under its class name, unless a built-in layer (a
+    class of the cdl package) holds that name: a user's class named like one (say its
+    own Sigmoid) is recorded as "<module>.<qualname>" instead, so that models holding
+    either still load as what they were. Defining a class again under the same module
+    and qualname (a notebook cell run twice) replaces the earlier one."""
+    name = cls.__name__
+    held = LAYER_TYPES.get(name)
+    if held is not None and _builtin(held) != _builtin(cls):
+        if _builtin(held):
+            name = f"{cls.__module__}.{cls.__qualname__}"
+        else:                   # (a built-in defined after a user's class of its name)
+            held.type_name = f"{held.__module__}.{held.__qualname__}"
+            LAYER_TYPES[held.type_name] = held
+    cls.type_name = name
+    LAYER_TYPES[name] = cls
 
 
 def positive_int(value, name, where):
@@ -233,10 +256,13 @@ class Layer:
     init = None                # "auto", "he", "xavier" for layers with weights
     onnx_ops = ()              # ONNX op types from_onnx builds this class from
 
+    type_name = "Layer"        # the name model files record (see _register)
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        cls.type_name = cls.__name__
         if not cls.__name__.startswith("_"):
-            LAYER_TYPES[cls.__name__] = cls
+            _register(cls)
 
     def __init__(self):
         self.params = ArrayDict()
@@ -275,6 +301,10 @@ class Layer:
     def get_config(self):
         """Constructor arguments as a JSON-able dict (what model files store)."""
         return {}
+
+    def spec(self):
+        """{"type": type_name, "config": get_config()}: the layer in a model file."""
+        return {"type": type(self).type_name, "config": self.get_config()}
 
     @classmethod
     def from_config(cls, config):

@@ -57,9 +57,8 @@ class Residual(Layer):
         return kids
 
     def get_config(self):
-        spec = lambda l: {"type": type(l).__name__, "config": l.get_config()}  # noqa: E731
-        return {"layers": [spec(l) for l in self.body],
-                "shortcut": None if self.shortcut is None else [spec(l) for l in self.shortcut]}
+        return {"layers": [l.spec() for l in self.body],
+                "shortcut": None if self.shortcut is None else [l.spec() for l in self.shortcut]}
 
     @classmethod
     def from_config(cls, config):
