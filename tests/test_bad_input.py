@@ -317,9 +317,32 @@ def test_conv_output_size():
                              ((5, 3, 1, -1), ValueError, r"padding must be >= 0, got -1"),
                              ((5.0, 3), TypeError, r"size must be an int, got 5.0"),
                              (("5", 3), TypeError, r"size must be an int, got '5'"),
-                             ((2, 3), ValueError, r"kernel H=3 is larger than the padded input")):
+                             ((2, 3), ValueError, r"kernel H=3 is larger than the padded input"),
+                             ((0, 1, 1, 1), ValueError, r"size must be >= 1, got 0")):
         with pytest.raises(exc, match=rf"conv_output_size: {match}"):
             F.conv_output_size(*args)
+    # a plane with no cells gives no output from its padding (PyTorch refuses it too)
+    empty = np.zeros((1, 1, 0, 4), np.float32)
+    with pytest.raises(ValueError, match=r"max_pool2d: size must be >= 1, got 0"):
+        F.max_pool2d(empty, 2, stride=2, padding=1)
+    with pytest.raises(ValueError, match=r"conv2d: size must be >= 1, got 0"):
+        F.conv2d(empty, np.ones((1, 1, 1, 1), np.float32), np.ones(1, np.float32), padding=1)
+
+
+def test_sgd_update_refuses_a_grad_that_overlaps_param_or_velocity_shifted():
+    a = np.arange(1, 9, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"sgd_update: grad overlaps param without being the "
+                                         r"same array"):
+        F.sgd_update(a[1:], a[:-1], lr=0.5)
+    np.testing.assert_array_equal(a, np.arange(1, 9))               # nothing written
+    buf = np.zeros(9, np.float32)
+    p = np.ones(8, np.float32)
+    with pytest.raises(ValueError, match=r"grad overlaps velocity"):
+        F.sgd_update(p, buf[1:], lr=0.1, velocity=buf[:-1], momentum=0.9)
+    # the very same array is fine: each element reads its own value before writing it
+    q = np.full(4, 2.0, np.float32)
+    F.sgd_update(q, q, lr=0.5)
+    np.testing.assert_array_equal(q, 1.0)
 
 
 def test_a_refused_first_call_leaves_a_layer_unbuilt():

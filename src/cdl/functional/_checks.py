@@ -136,9 +136,10 @@ def conv_output_size(size, kernel, stride=1, padding=0, where="conv_output_size"
     padded input is a ValueError that shows the arithmetic (``where`` names the caller,
     ``axis`` the axis in the message).
     """
+    # size 0 is refused: padding alone would make an output with no input cell in it
     size, kernel, stride, padding = (
         int_at_least(value, name, where, least)
-        for name, value, least in (("size", size, 0), ("kernel", kernel, 1),
+        for name, value, least in (("size", size, 1), ("kernel", kernel, 1),
                                    ("stride", stride, 1), ("padding", padding, 0)))
     span = size + 2 * padding - kernel
     if span < 0:

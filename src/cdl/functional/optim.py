@@ -59,6 +59,13 @@ def sgd_update(param, grad, *, lr, velocity=None, momentum=0.0, nesterov=False,
     elif momentum != 0:
         raise ValueError(f"{where}: momentum={momentum} needs a velocity buffer "
                          f"(np.zeros_like(param), kept between steps)")
+    for other, name in ((param, "param"), (velocity, "velocity")):
+        # the same array is fine (each element reads its own value first); a shifted
+        # overlap would read gradients the update has already overwritten
+        if other is not None and np.shares_memory(grad, other) \
+                and grad.ctypes.data != other.ctypes.data:
+            raise ValueError(f"{where}: grad overlaps {name} without being the same array; "
+                             f"pass a copy")
     _ew.sgd_update(param.reshape(-1), grad.reshape(-1),
                    None if velocity is None else velocity.reshape(-1),
                    lr, momentum, bool(nesterov), weight_decay, num_threads(threads, where))
