@@ -248,9 +248,9 @@ def test_models_sharing_one_loss_object_train_and_evaluate_concurrently(dtype):
     ys = [rng.integers(0, 5, 256) for _ in range(3)]
     shared = cdl.SoftmaxCrossEntropy()
 
-    def net(i):
+    def net(i):     # l2: a Python call between the loss and reading its gradient
         return cdl.Sequential([cdl.Linear(16, 32), cdl.ReLU(), cdl.Linear(32, 5)], (16,),
-                              dtype=dtype, seed=i)
+                              dtype=dtype, seed=i, l2=1e-3)
 
     def run(out, i, loss):
         m = net(i)

@@ -147,3 +147,12 @@ def test_a_layer_copies_after_its_model_trained_and_the_copy_works_alone():
         alone = cdl.Sequential([twin], (8, 8, 8), seed=1)        # keeps its trained values
         np.testing.assert_array_equal(alone.layers[0].forward(h), want)
         assert twin._ws is not block._ws
+
+
+def test_a_layer_copied_before_draws_were_recorded_still_joins_a_model():
+    # layers pickled by a cdl without Layer._drawn: their values count as their own
+    layer = pickle.loads(pickle.dumps(cdl.Linear(4, 3)))
+    del layer.__dict__["_drawn"]
+    w = layer.params["weight"].copy()
+    m = cdl.Sequential([layer, cdl.ReLU()], (4,), seed=1)
+    np.testing.assert_array_equal(m.layers[0].params["weight"], w)

@@ -255,10 +255,22 @@ def arena_nets():
          cdl.Residual([conv(3, 3), cdl.BatchNorm2d(3)]), cdl.ReLU(),
          cdl.Residual([conv(3, 3), cdl.BatchNorm2d(3)]), _FlatViewScale(),
          cdl.Flatten(), cdl.Linear(192, 5)],
+        # Flatten hands on a view of its incoming gradient: a body or shortcut ending in it
+        # (or made of it) gives back the caller's buffer, which is not the body's to lend
+        [cdl.Flatten(), cdl.Linear(192, 8),
+         cdl.Residual([cdl.Linear(8, 8), cdl.Linear(8, 8), cdl.Flatten()]), cdl.Linear(8, 5)],
+        [cdl.Flatten(), cdl.Linear(192, 8),
+         cdl.Residual([cdl.Linear(8, 8), cdl.Linear(8, 8), cdl.Flatten()],
+                      shortcut=[cdl.Linear(8, 8)]), cdl.Linear(8, 5)],
+        [conv(3, 4), cdl.Residual([conv(4, 4), conv(4, 4), cdl.Flatten()],
+                                  shortcut=[cdl.Flatten()]), cdl.Linear(256, 5)],
+        [cdl.Flatten(), cdl.Linear(192, 8),
+         cdl.Residual([cdl.Linear(8, 8), cdl.Linear(8, 8), cdl.Residual([cdl.Flatten()])]),
+         cdl.Linear(8, 5)],
     ]
 
 
-@pytest.mark.parametrize("which", range(3))
+@pytest.mark.parametrize("which", range(7))
 def test_shared_gradient_buffers_keep_plan_equal_to_layer_by_layer(which):
     rng = np.random.default_rng(8)
     xs = [rng.standard_normal((5, 3, 8, 8)).astype(np.float32) for _ in range(3)]

@@ -31,13 +31,20 @@ class Loss:
             raise ValueError(f"{type(self).__name__}: reduction must be 'mean' or 'sum', "
                              f"got {reduction!r}")
         self.reduction = reduction
-        self._local = threading.local()     # each thread's buffers (see _buffers)
-        self._grad = None
+        self._local = threading.local()     # each thread's buffers and gradient
+
+    @property
+    def _grad(self):
+        """This thread's last gradient (the loss object may serve several threads)."""
+        return getattr(self._local, "grad", None)
+
+    @_grad.setter
+    def _grad(self, value):
+        self._local.grad = value
 
     def __getstate__(self):
         state = dict(self.__dict__)
         del state["_local"]
-        state["_grad"] = None
         return state
 
     def __setstate__(self, state):

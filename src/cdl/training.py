@@ -166,21 +166,20 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         for cb in cbs:
             cb.log_keys = log_keys
             cb.on_train_begin()
+        stop = {"interrupted": False}
+        old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            def on_sigint(signum, frame):
+                if stop["interrupted"]:  # a second Ctrl-C aborts at once
+                    raise KeyboardInterrupt
+                stop["interrupted"] = True
+            try:
+                old_handler = signal.signal(signal.SIGINT, on_sigint)
+            except ValueError:
+                old_handler = None
     except BaseException:
         model._lock.release()
         raise
-
-    stop = {"interrupted": False}
-    old_handler = None
-    if threading.current_thread() is threading.main_thread():
-        def on_sigint(signum, frame):
-            if stop["interrupted"]:  # a second Ctrl-C aborts at once
-                raise KeyboardInterrupt
-            stop["interrupted"] = True
-        try:
-            old_handler = signal.signal(signal.SIGINT, on_sigint)
-        except ValueError:
-            old_handler = None
 
     try:
         for epoch in range(int(initial_epoch), epochs):

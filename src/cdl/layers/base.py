@@ -257,6 +257,8 @@ class Layer:
     onnx_ops = ()              # ONNX op types from_onnx builds this class from
 
     type_name = "Layer"        # the name model files record (see _register)
+    _drawn = None              # _fingerprint() of the last random draw (_draw); None for
+                               # a layer copied by a cdl before it was kept
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -278,7 +280,6 @@ class Layer:
         self.merged = None         # the pass run inside this one in training (Chain.fuse)
         self._ws = {}
         self._last = None
-        self._drawn = None         # _fingerprint() of the last random draw (_draw)
 
     def __getstate__(self):
         # A copy (copy.deepcopy, pickle) leaves out the buffers and the last pass: they

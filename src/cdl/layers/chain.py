@@ -241,7 +241,7 @@ class Chain:
         (layers holding chains find it as ws["grad_arena"]); g stays the caller's,
         and so does the returned gradient."""
         stop = 0 if need_input_grad else self.first_trained
-        ops = []
+        ops, incoming = [], g
         for k, (i, layer, ws, x, x_is_input) in enumerate(reversed(trace)):
             if i < stop:
                 break
@@ -261,8 +261,10 @@ class Chain:
             if layer.decay and not layer.fuses_l2:
                 ops.append(Op(L2Op(layer).run, takes_l2=True))
             if arena is not None:
-                # This pass's ops were the last to read g; later ops may reuse it.
-                if k > 0 and not _shares(dx, g):
+                # This pass's ops were the last to read g; later ops may reuse it, unless
+                # it is (a view of) the caller's gradient, which the caller still reads
+                # (a pass such as Flatten hands on a view of its g).
+                if not _shares(dx, g) and not _shares(g, incoming):
                     arena.release(g)
                 if lent is not None and not _shares(dx, lent):
                     arena.release(lent)

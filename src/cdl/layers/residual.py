@@ -253,14 +253,17 @@ class Residual(Layer):
             ops += ops_s
             if add_to is not None and ds is add_to:
                 return ops, df
+
+        def give_back(*grads):      # the branches' gradients, unless views of g
+            for a in grads:
+                if arena is not None and not np.shares_memory(a, g):
+                    arena.release(a)
         if not need_input_grad:
+            give_back(*(a for a in (df, ds) if isinstance(a, np.ndarray)))
             return ops, None
         # identity shortcut with the mask: dx = df + (g where out > 0)
         k = _ew.Add(df.reshape(-1), ds.reshape(-1), ws["dx_flat"], False,
                     mask=None if mask is None or self.shortcut is not None else ws["out_flat"])
         ops.append(Op(k.run))
-        if arena is not None:
-            arena.release(df)
-            if ds is not g:
-                arena.release(ds)
+        give_back(df, ds)
         return ops, ws["dx"]
