@@ -104,6 +104,7 @@ def test_one_rank_is_plain_training(tmp_path):
     result, _ = run_checks(1, "single", tmp_path)
     assert "identical_to_plain_train_step" in result["checks"]
     assert "fit_identical_to_plain_fit" in result["checks"]
+    assert "one_sample_shard_refused_before_the_first_step" in result["checks"]
 
 
 @needs_mpi

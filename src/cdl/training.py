@@ -135,7 +135,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     steps = len(bounds)
     _check_batch_sizes(model, bounds, where, comm if ranks > 1 else None,
                        f"{n} training samples in batches of {bs}" if comm is None or ranks == 1
-                       else f"batches of {batch_size} dealt to {ranks} ranks")
+                       else f"batches of {batch_size} dealt to {ranks} ranks", optimizer)
     step_threads = _config.step_threads  # re-read per step: the load changes
     xb = np.empty((bs,) + model.input_shape, model.dtype)
     yb = np.empty((bs,) + y.shape[1:], y.dtype)
@@ -369,16 +369,27 @@ def _checked_data(model, x, y, loss, epochs, batch_size, validation_data, valida
     return x, y, xv, yv
 
 
-def _check_batch_sizes(model, bounds, where, comm, batches):
+def _check_batch_sizes(model, bounds, where, comm, batches, optimizer=None):
     """Refuse, before the first step, a batch some layer cannot train on (BatchNorm on
     one value per channel), rather than stop in the middle of an epoch; with comm,
-    every rank raises if one would. ``batches`` says how the batches were made."""
+    every rank raises if one would. ``batches`` says how the batches were made. With
+    fixed gradient shards (``DistributedOptimizer(shards=S)``) each shard is a pass of
+    its own, so the shards' sizes are checked."""
     problem = None
-    for m in sorted({e - s for s, e in bounds if e > s}):
+    sizes = {e - s for s, e in bounds if e > s}
+    shards = getattr(optimizer, "shards", None)
+    if shards:
+        from .distributed import batch_piece
+        k = shards // optimizer.size
+        sizes = {hi - lo for m in sizes for lo, hi in (batch_piece(0, m, i, k)
+                                                       for i in range(k)) if hi > lo}
+    for m in sorted(sizes):
         try:
             model._check_train_batch(m)
         except ValueError as exc:
             piece = "a batch" if comm is None else f"rank {comm.Get_rank()} a piece"
+            if shards:
+                piece += f" (its gradient shard of shards={shards})"
             problem = ValueError(f"{where}: {batches} give {piece} of {m}, and {exc}; choose "
                                  f"a batch_size that leaves no such batch")
             break

@@ -458,6 +458,24 @@ def single_checks():
         assert strip(ha) == strip(hb), (strip(ha), strip(hb))
         assert np.array_equal(a.parameter_buffer, b.parameter_buffer)
 
+    @check
+    def one_sample_shard_refused_before_the_first_step():
+        # batches of 6 cut into 4 gradient shards: 2, 2, 1, 1 samples; BatchNorm1d cannot
+        # train on one, which fit says before it trains (it failed mid-epoch)
+        m = cdl.Sequential([cdl.Linear(12, 8), cdl.BatchNorm1d(8), cdl.ReLU(),
+                            cdl.Linear(8, 3)], (12,), seed=4)
+        x, y = data(16, (12,), 3, seed=5)
+        before = m.parameter_buffer.copy()
+        opt = dist.DistributedOptimizer(cdl.SGD(m, lr=0.1), shards=4)
+        try:
+            m.fit(x, y, LOSS, opt, batch_size=6, verbose=0)
+        except ValueError as exc:
+            assert "gradient shard of shards=4" in str(exc) and " of 1, " in str(exc), exc
+        else:
+            raise AssertionError("fit trained on one-sample shards")
+        assert np.array_equal(m.parameter_buffer, before)
+        m.fit(x, y, LOSS, opt, batch_size=8, verbose=0)     # shards of 2 train
+
     result = shards_run()
     DONE.append("shards")
     return result
