@@ -125,24 +125,26 @@ def architectures(draw):
     return specs, (c, h, h)
 
 
-def _run(specs, shape, use_plans, xs, y):
+def _run(specs, shape, use_plans, xs, y, nt):
     m = cdl.Sequential([make(s) for s in specs], shape, seed=7, l2=1e-3)
     m._use_plans = use_plans
     opt = cdl.SGD(m, lr=0.05, momentum=0.9)
-    losses = [m.train_step(x, y, cdl.SoftmaxCrossEntropy(), opt) for x in xs]
+    with cdl.threads(nt):
+        losses = [m.train_step(x, y, cdl.SoftmaxCrossEntropy(), opt) for x in xs]
+        pred = m.predict(xs[0])
     grads = [g.copy() for _, _, g in m.parameters()]
-    return losses, m.state_dict(), grads, m.predict(xs[0])
+    return losses, m.state_dict(), grads, pred
 
 
 @settings(**SETTINGS)
-@given(architectures(), st.integers(0, 2**32 - 1))
-def test_plans_equal_layer_by_layer_on_random_architectures(arch, seed):
+@given(architectures(), st.integers(0, 2**32 - 1), st.integers(1, 3))
+def test_plans_equal_layer_by_layer_on_random_architectures(arch, seed, nt):
     specs, shape = arch
     rng = np.random.default_rng(seed)
     xs = [rng.standard_normal((4,) + shape).astype(np.float32) for _ in range(2)]
     y = rng.integers(0, 5, 4)
-    planned = _run(specs, shape, True, xs, y)
-    layered = _run(specs, shape, False, xs, y)
+    planned = _run(specs, shape, True, xs, y, nt)         # and any thread count
+    layered = _run(specs, shape, False, xs, y, 2)
     assert planned[0] == layered[0], specs
     for k, v in layered[1].items():
         assert planned[1][k].tobytes() == v.tobytes(), (k, specs)
