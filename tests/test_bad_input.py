@@ -861,3 +861,13 @@ def test_uint64_labels_past_int64_are_named_as_given():
         with pytest.raises(ValueError, match=r"class labels in \[0, 3\), got "
                                              r"9223372036854775808$"):
             call()
+
+
+def test_lenet5_input_shape_is_checked():
+    from cdl.models import lenet5
+    for shape, match in (((1, 8, 8), r"needs C >= 1 and H, W >= 12"),
+                         ((28, 28), r"input_shape must be \(C, H, W\), got \(28, 28\)"),
+                         (784, r"input_shape must be \(C, H, W\), got 784")):
+        with pytest.raises(ValueError, match=rf"lenet5: {match}"):
+            lenet5(input_shape=shape)
+    assert lenet5(input_shape=(1, 12, 12)).output_shape == (10,)

@@ -171,3 +171,179 @@ def test_a_builtin_defined_after_a_users_layer_of_its_name_takes_the_name():
             assert type(cdl.loads(cdl.dumps(m)).layers[0]) is type(layer)
     finally:
         del cdl.layers.LAYER_TYPES["Zed"], cdl.layers.LAYER_TYPES[own]
+
+
+class FusedL2Linear(cdl.Layer):
+    """y = x Wᵀ; its backward adds 2λW itself (fuses_l2)."""
+
+    decay = ("weight",)
+    fuses_l2 = True
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.i, self.o = i, o
+
+    def get_config(self):
+        return {"i": self.i, "o": self.o}
+
+    def _configure(self, input_shape, source):
+        return (self.o,)
+
+    def _create(self, rng, init, dtype):
+        self.add_param("weight", (rng.standard_normal((self.o, self.i)) * 0.3).astype(dtype))
+
+    def _forward(self, x, ws, nt, train):
+        np.matmul(x, self.params["weight"].T, out=ws["out"])
+        return ws["out"]
+
+    def _backward(self, g, x, ws, nt, need_input_grad, l2):
+        self.grads["weight"][...] = g.T @ x + 2 * l2 * self.params["weight"]
+        if not need_input_grad:
+            return None
+        np.matmul(g, self.params["weight"], out=ws["dx"])
+        return ws["dx"]
+
+
+class Holder(cdl.Layer):
+    """A container of its own (not Residual): its layers in a chain; ``pass_l2``
+    decides whether it passes l2 on (fuses_l2) or leaves it to the model."""
+
+    def __init__(self, layers, pass_l2=False):
+        super().__init__()
+        from cdl.layers.chain import Chain
+        self.pass_l2 = pass_l2
+        self.fuses_l2 = pass_l2
+        self.body = Chain(layers, "Holder")
+
+    def get_config(self):
+        return {"layers": [l.spec() for l in self.body], "pass_l2": self.pass_l2}
+
+    @classmethod
+    def from_config(cls, config):
+        from cdl.layers.residual import layer_from_spec
+        return cls([layer_from_spec(s) for s in config["layers"]], config["pass_l2"])
+
+    def children(self):
+        return [("layers", self.body)]
+
+    def build(self, input_shape, dtype, index=None, source=None, rng=None, init=None,
+              keep_params=False):
+        if index is not None:
+            self.path = str(index)
+        self.dtype, self.input_shape = np.dtype(dtype), tuple(input_shape)
+        self.output_shape = tuple(self.body.build(self.input_shape, dtype, rng,
+                                                  f"{self.path}.layers."))
+        self._ws, self._last = {}, None
+        return self.output_shape
+
+    def _forward(self, x, ws, nt, train):
+        n = x.shape[0]
+        y = self.body.forward(x, nt, train, (lambda l: l._workspace(n)) if train
+                              else (lambda l: l._alloc(n, False)))
+        ws["out"][...] = y
+        return ws["out"]
+
+    def _backward(self, g, x, ws, nt, need_input_grad, l2):
+        r = self.body.backward(g, nt, need_input_grad, l2)
+        if not need_input_grad:
+            return None
+        ws["dx"][...] = r
+        return ws["dx"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: [FusedL2Linear(4, 6), cdl.ReLU(), cdl.Linear(6, 3)],
+    lambda: [Holder([cdl.Linear(4, 6), cdl.ReLU()]), cdl.Linear(6, 3)],
+    lambda: [Holder([cdl.Linear(4, 6), cdl.ReLU()], pass_l2=True), cdl.Linear(6, 3)],
+    lambda: [Holder([cdl.Residual([cdl.Linear(4, 4)]), FusedL2Linear(4, 6)]),
+             cdl.Linear(6, 3)]], ids=["fuses_l2", "container", "container_passing_l2",
+                                      "container_of_residual"])
+def test_l2_reaches_custom_layers_and_containers_on_every_path(make):
+    """L2 is in the loss (λ Σ W² over every decayed weight) and so in every gradient:
+    gradcheck in float64, and the plan equal to layer by layer in float32."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((6, 4)), rng.integers(0, 3, 6)
+    m = cdl.Sequential(make(), (4,), dtype=np.float64, seed=0, l2=0.5)
+    errors = cdl.gradcheck(m, x, y, cdl.SoftmaxCrossEntropy())
+    assert max(errors.values()) < 1e-7, errors
+    runs = []
+    for use_plans in (True, False):
+        m = cdl.Sequential(make(), (4,), seed=0, l2=0.5)
+        m._use_plans = use_plans
+        opt = cdl.SGD(m, lr=0.1)
+        runs.append(([m.train_step(x.astype(np.float32), y, cdl.SoftmaxCrossEntropy(), opt)
+                      for _ in range(3)], m.parameter_buffer.copy()))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1].tobytes() == runs[1][1].tobytes()
+
+
+def test_user_classes_of_one_name_in_two_modules_keep_apart():
+    def block(module, factor):
+        def _forward(self, x, ws, nt, train):
+            np.multiply(x, factor, out=ws["out"])
+            return ws["out"]
+        return type("Block", (cdl.Layer,), {"__module__": module, "_forward": _forward})
+    a, b = block("user_mod_a", 2.0), block("user_mod_b", -1.0)
+    try:
+        assert cdl.layers.LAYER_TYPES["Block"] is a and b.type_name == "user_mod_b.Block"
+        x = np.ones((1, 3), np.float32)
+        for cls, want in ((a, 2.0), (b, -1.0)):
+            m = cdl.Sequential([cls()], (3,))
+            for twin in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+                assert type(twin.layers[0]) is cls
+                np.testing.assert_array_equal(twin.predict(x), want)
+    finally:
+        for key in ("Block", "user_mod_b.Block"):
+            cdl.layers.LAYER_TYPES.pop(key, None)
+
+
+def test_a_layer_that_could_not_be_rebuilt_is_refused_when_saved(tmp_path):
+    class Mul(cdl.Layer):                       # arguments, and no get_config
+        def __init__(self, k=1.0):
+            super().__init__()
+            self.k = k
+
+        def _forward(self, x, ws, nt, train):
+            np.multiply(x, self.k, out=ws["out"])
+            return ws["out"]
+
+    class _Private(cdl.ReLU):                   # not registered
+        pass
+
+    class Odd(cdl.ReLU):                        # a config JSON cannot hold
+        def get_config(self):
+            return {"k": np.float32(1)}
+
+    for layer, match in ((Mul(3.0), r"Mul takes constructor arguments but does not define "
+                                    r"get_config"),
+                         (_Private(), r"its class .*_Private is not registered"),
+                         (Odd(), r"Odd\[0\]: get_config\(\) must return JSON-able values")):
+        m = cdl.Sequential([layer], (3,))
+        for call in (lambda: pickle.dumps(m), lambda: copy.deepcopy(m),
+                     lambda: m.save(str(tmp_path / "m.npz"))):
+            with pytest.raises(TypeError, match=match):
+                call()
+        assert not (tmp_path / "m.npz").exists()
+
+
+@pytest.mark.parametrize("mistake", ["none", "narrow", "rows", "float64", "backward_none"])
+@pytest.mark.parametrize("dtype,use_plans", [(np.float32, True), (np.float32, False),
+                                             (np.float64, False)])
+def test_a_user_layer_returning_the_wrong_array_is_a_clear_error(mistake, dtype, use_plans):
+    class Bad(cdl.Layer):
+        def _forward(self, x, ws, nt, train):
+            return {"none": None, "narrow": ws["out"][:, :1], "rows": ws["out"][:1],
+                    "float64": ws["out"].astype(np.float64) if x.dtype == np.float32
+                    else ws["out"].astype(np.float32)}.get(mistake, ws["out"])
+
+        def _backward(self, g, x, ws, nt, need_input_grad, l2):
+            return None if mistake == "backward_none" else g
+
+    m = cdl.Sequential([cdl.Linear(4, 8), Bad(), cdl.Linear(8, 3)], (4,), dtype=dtype)
+    m._use_plans = use_plans
+    x = np.ones((5, 4), dtype)
+    which = "_backward" if mistake == "backward_none" else "_forward"
+    with pytest.raises(TypeError, match=rf"Bad\[1\]: {which} returned .*; the layer protocol "
+                                        rf"needs a C-contiguous {np.dtype(dtype)} array of "
+                                        rf"shape 5x8"):
+        m.train_step(x, np.zeros(5, np.int64), cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1))

@@ -11,7 +11,8 @@ shapes and state
     not trained, such as running statistics) through ``add_param`` and
     ``add_buffer``. ``decay`` names the parameters that L2 applies to. Their arrays
     are filled in place, never replaced (``ArrayDict``): the model's pack, plans and
-    optimizer hold them. A setting the plans hold is a property that calls
+    optimizer hold them. The model lays parameters out in its pack when it is built,
+    so passes read ``self.params[name]`` (not an array kept from ``add_param``). A setting the plans hold is a property that calls
     ``_settings_changed()``; one the shapes follow is ``FixedOnceBuilt``.
 passes
     ``_alloc(n, train)`` returns the buffers for a batch of n (``"out"``
@@ -20,9 +21,11 @@ passes
     ``fit`` refuses such a batch before its first step; ``_forward(x, ws, nt,
     train)`` writes ``ws["out"]`` and returns it (or returns a view of x);
     ``_backward(g, x, ws, nt, need_input_grad, l2)`` overwrites ``grads`` and
-    returns dL/dx (or None when not needed). A layer
-    with ``fuses_l2 = True`` adds 2λW to its decayed gradients itself;
-    otherwise the model does, right after its backward.
+    returns dL/dx (or None when not needed); a user layer's results are checked
+    (``checked_pass``: a C-contiguous array of its dtype and shape). A layer
+    with ``fuses_l2 = True`` adds 2λW to its decayed gradients itself (a container
+    then passes l2 on to the layers it holds); otherwise the model does, right after
+    its backward, for its decayed weights and those of every layer inside it.
 direct results
     ``writes_through_ws = True`` promises that ``_forward`` writes its output
     only through ``ws["out"]`` and ``_backward`` its input gradient only
@@ -82,6 +85,8 @@ Every subclass is registered in ``LAYER_TYPES`` when it is defined, under its
 registered classes.
 """
 import hashlib
+import inspect
+import json
 import weakref
 from typing import Callable, NamedTuple, Optional
 
@@ -106,19 +111,21 @@ def _builtin(cls):
 
 
 def _register(cls):
-    """Record ``cls`` in LAYER_TYPES under its class name, unless a built-in layer (a
-    class of the cdl package) holds that name: a user's class named like one (say its
-    own Sigmoid) is recorded as "<module>.<qualname>" instead, so that models holding
+    """Record ``cls`` in LAYER_TYPES under its class name, unless another class holds
+    that name (a built-in layer of the cdl package, or a user's class of another
+    module): then it is recorded as "<module>.<qualname>", so that models holding
     either still load as what they were. Defining a class again under the same module
-    and qualname (a notebook cell run twice) replaces the earlier one."""
+    and qualname (a notebook cell run twice) replaces the earlier one; a built-in
+    defined after a user's class of its name takes the name back."""
     name = cls.__name__
     held = LAYER_TYPES.get(name)
-    if held is not None and _builtin(held) != _builtin(cls):
-        if _builtin(held):
-            name = f"{cls.__module__}.{cls.__qualname__}"
-        else:                   # (a built-in defined after a user's class of its name)
+    if held is not None and (held.__module__, held.__qualname__) != \
+            (cls.__module__, cls.__qualname__):
+        if _builtin(cls) and not _builtin(held):
             held.type_name = f"{held.__module__}.{held.__qualname__}"
             LAYER_TYPES[held.type_name] = held
+        else:
+            name = f"{cls.__module__}.{cls.__qualname__}"
     cls.type_name = name
     LAYER_TYPES[name] = cls
 
@@ -214,7 +221,8 @@ def bind_op(bind, shape):
 
 
 class CallOp:
-    """A plan op that calls a Python function ``fn(x, nt)`` on a rebindable input."""
+    """A plan op that calls a Python function ``fn(x, nt)`` (``fn(x, nt, l2)`` for an
+    op that takes l2) on a rebindable input."""
 
     __slots__ = ("fn", "x")
 
@@ -224,18 +232,49 @@ class CallOp:
     def bind_input(self, x):
         self.x = x
 
-    def run(self, nt):
-        self.fn(self.x, nt)
+    def run(self, nt, *l2):
+        self.fn(self.x, nt, *l2)
+
+
+def checked_pass(layer, result, shape, what):
+    """``result`` of a user layer's pass, refused unless it is what the next kernel
+    reads: a C-contiguous array of the layer's dtype and ``shape`` (a wrong one would be
+    read out of bounds, or broadcast into the buffer, silently). Built-in layers are
+    trusted as they are."""
+    if type(layer)._trusted:
+        return result
+    if not isinstance(result, np.ndarray) or result.shape != shape \
+            or result.dtype != layer.dtype or not result.flags.c_contiguous:
+        got = (f"{result.dtype} {shape_str(result.shape)}"
+               + ("" if result.flags.c_contiguous else " (not C-contiguous)")
+               if isinstance(result, np.ndarray) else type(result).__name__)
+        raise TypeError(f"{layer.name}: {what} returned {got}; the layer protocol needs a "
+                        f"C-contiguous {layer.dtype} array of shape {shape_str(shape)}")
+    return result
+
+
+def unfused_decay(layer):
+    """The layers, ``layer`` and inside it, whose L2 gradient the chain adds after
+    ``layer``'s backward (see L2Op)."""
+    if layer.fuses_l2:
+        return []
+    found = [layer] if layer.decay else []
+    for _, child in layer.children():
+        inner = [l for _, l in child.walk()] if hasattr(child, "walk") else [child]
+        found += [l for l in inner if l.decay]
+    return found
 
 
 class L2Op:
-    """dW += 2λW for a layer that does not fuse L2 into its backward kernel."""
+    """dW += 2λW for the layers whose backward does not add it: ``layer`` unless it
+    fuses L2, and, inside a container that does not pass l2 on to what it holds
+    (``fuses_l2`` False), every layer there with decayed weights."""
 
     __slots__ = ("pairs",)
 
     def __init__(self, layer):
-        self.pairs = [(layer.params[k].reshape(-1), layer.grads[k].reshape(-1))
-                      for k in layer.decay]
+        self.pairs = [(l.params[k].reshape(-1), l.grads[k].reshape(-1))
+                      for l in unfused_decay(layer) for k in l.decay]
 
     def run(self, nt, l2):
         if l2:
@@ -257,11 +296,13 @@ class Layer:
     onnx_ops = ()              # ONNX op types from_onnx builds this class from
 
     type_name = "Layer"        # the name model files record (see _register)
+    _trusted = False           # built-in classes: their passes' results are not checked
     _drawn = None              # _fingerprint() of the last random draw (_draw); None for
                                # a layer copied by a cdl before it was kept
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        cls._trusted = _builtin(cls)      # passes' results not checked (checked_pass)
         cls.type_name = cls.__name__
         if not cls.__name__.startswith("_"):
             _register(cls)
@@ -304,8 +345,27 @@ class Layer:
         return {}
 
     def spec(self):
-        """{"type": type_name, "config": get_config()}: the layer in a model file."""
-        return {"type": type(self).type_name, "config": self.get_config()}
+        """{"type": type_name, "config": get_config()}: the layer in a model file (and in
+        a pickle or copy). Refused (TypeError) for what could not be rebuilt as it is:
+        a class that is not registered, one whose constructor takes arguments that
+        ``get_config`` does not give, or a config that is not JSON-able."""
+        cls = type(self)
+        if LAYER_TYPES.get(cls.type_name) is not cls:
+            raise TypeError(f"{self.name}: its class {cls.__qualname__} is not registered "
+                            f"(a class whose name starts with '_' is private), so a model "
+                            f"holding it cannot be saved, copied or pickled")
+        if cls.get_config is Layer.get_config and len(
+                inspect.signature(cls.__init__).parameters) > 1:
+            raise TypeError(f"{self.name}: {cls.__qualname__} takes constructor arguments but "
+                            f"does not define get_config() to return them, so a saved, "
+                            f"copied or pickled model could not rebuild it as it is")
+        config = self.get_config()
+        try:
+            json.dumps(config)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{self.name}: get_config() must return JSON-able values "
+                            f"(numbers, strings, lists, dicts): {exc}") from None
+        return {"type": cls.type_name, "config": config}
 
     @classmethod
     def from_config(cls, config):
@@ -463,7 +523,9 @@ class Layer:
         return bool(self.params or self.buffers) and self._fingerprint() != self._drawn
 
     def add_param(self, name, value):
-        """Register a trained parameter (its gradient starts at zero)."""
+        """Register a trained parameter (its gradient starts at zero). The array returned
+        is for filling now: a model moves every parameter into its flat pack, so passes
+        read ``self.params[name]``, never a reference kept from here."""
         value = np.require(value, requirements="C")
         self._check_size(value.shape)
         self.params[name] = value
@@ -580,7 +642,7 @@ class Layer:
         out = ws["out"]
 
         def run(xv, nt):
-            y = self._forward(xv, ws, nt, train)
+            y = checked_pass(self, self._forward(xv, ws, nt, train), out.shape, "_forward")
             if y is not out:
                 np.copyto(out, y)
         op = CallOp(run, x)
@@ -591,12 +653,13 @@ class Layer:
         ``run(nt)``; ops that read x have ``bind_input``. L2 is added by the plan."""
         dx = ws.get("dx") if need_input_grad else None
 
-        def run(xv, nt):
-            r = self._backward(g, xv, ws, nt, need_input_grad, 0.0)
+        def run(xv, nt, l2=0.0):
+            r = self._backward(g, xv, ws, nt, need_input_grad, l2)
             if need_input_grad and r is not dx:
-                np.copyto(dx, r)
+                np.copyto(dx, checked_pass(self, r, dx.shape, "_backward"))
         op = CallOp(run, x)
-        return [Op(op.run, op.bind_input, x.shape)], dx
+        # a layer that fuses L2 (or passes it on to layers it holds) gets l2 here
+        return [Op(op.run, op.bind_input, x.shape, takes_l2=self.fuses_l2)], dx
 
     def on_train_forward(self, ws, x):
         """Called by plans after a planned training forward, so state that the layer

@@ -10,7 +10,7 @@ through the layer protocol (layers/base.py).
 import numpy as np
 
 from ..functional._checks import INT32_MAX, shape_str
-from .base import L2Op, Layer, Op
+from .base import L2Op, Layer, Op, checked_pass, unfused_decay
 
 __all__ = ["Chain", "Op", "has_params", "replay"]
 
@@ -170,7 +170,8 @@ class Chain:
             if out is not None and layer is last and layer.writes_through_ws \
                     and not layer.backward_reads_output and _can_write(ws, "out", out, x):
                 run_ws = dict(ws, out=out)
-            y = layer._forward(x, run_ws, nt, train)
+            y = checked_pass(layer, layer._forward(x, run_ws, nt, train),
+                             (x.shape[0],) + layer.output_shape, "_forward")
             if train:
                 layer._last = (x, ws)
             x = y
@@ -195,9 +196,11 @@ class Chain:
             if out is not None and layer is first and layer.writes_through_ws \
                     and _can_write(ws, "dx", out, g, x):
                 ws = dict(ws, dx=out)
-            g = layer._backward(g, x, ws, nt, i > stop or need_input_grad,
-                                l2 if layer.fuses_l2 else 0.0)
-            if l2 and layer.decay and not layer.fuses_l2:
+            wanted = i > stop or need_input_grad
+            g = layer._backward(g, x, ws, nt, wanted, l2 if layer.fuses_l2 else 0.0)
+            if wanted:
+                g = checked_pass(layer, g, x.shape, "_backward")
+            if l2 and unfused_decay(layer):
                 L2Op(layer).run(nt, l2)
         if out is not None and g is not out:
             np.copyto(out, g)
@@ -258,7 +261,7 @@ class Chain:
             layer_ops, dx = layer.plan_backward(g, x, ws, needs_dx)
             for op in layer_ops:
                 ops.append(op if x_is_input else op._replace(bind=None))
-            if layer.decay and not layer.fuses_l2:
+            if unfused_decay(layer):
                 ops.append(Op(L2Op(layer).run, takes_l2=True))
             if arena is not None:
                 # This pass's ops were the last to read g; later ops may reuse it, unless
