@@ -865,7 +865,7 @@ def test_uint64_labels_past_int64_are_named_as_given():
 
 def test_lenet5_input_shape_is_checked():
     from cdl.models import lenet5
-    for shape, match in (((1, 8, 8), r"needs C >= 1 and H, W >= 12"),
+    for shape, match in (((1, 8, 8), r"input_shape \(C, H, W\) needs C >= 1 and H, W >= 12"),
                          ((28, 28), r"input_shape must be \(C, H, W\), got \(28, 28\)"),
                          (784, r"input_shape must be \(C, H, W\), got 784")):
         with pytest.raises(ValueError, match=rf"lenet5: {match}"):
