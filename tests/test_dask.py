@@ -102,6 +102,22 @@ def test_search_twice_by_accuracy_and_bad_arguments(client):
                            (dict(learning_rates=[0.1], monitor="val_acc", validation_data=val),
                             ValueError, "monitor 'val_acc' is not in fit's logs"),
                            (dict(learning_rates=[0.1], monitor="val_loss"), ValueError,
-                            "monitor 'val_loss' is not in fit's logs")):
+                            "monitor 'val_loss' is not in fit's logs"),
+                           # what a trial would refuse, refused before anything is sent
+                           (dict(learning_rates=[0.1], epochs=0), ValueError,
+                            "epochs must be >= 1"),
+                           (dict(learning_rates=[0.1], batch_size=0), ValueError,
+                            "batch_size must be >= 1"),
+                           (dict(learning_rates=[0.1], optimizer_kwargs={"momentm": 0.9}),
+                            TypeError, "optimizer_kwargs: .*momentm"),
+                           (dict(learning_rates=[0.1], validation_data=(x[:, :, :4], y)),
+                            ValueError, "validation_data\\[0\\] must have shape")):
         with pytest.raises(exc, match=rf"cdl.dask.search: {match}"):
             cdl.dask.search(m, x, y, loss, client=client, **kw)
+    for bad_model, bad_x, bad_y, bad_loss, exc, match in (
+            ("model", x, y, loss, TypeError, "model must be a cdl.Sequential"),
+            (m, x[:, :, :4], y, loss, ValueError, "x must have shape"),
+            (m, x, y[:10], loss, ValueError, "y must have shape"),
+            (m, x, y, None, TypeError, "loss must be a cdl loss")):
+        with pytest.raises(exc, match=rf"cdl.dask.search: {match}"):
+            cdl.dask.search(bad_model, bad_x, bad_y, bad_loss, [0.1], client=client)

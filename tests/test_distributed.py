@@ -94,7 +94,7 @@ def test_two_ranks(pair):
     each rank's own dropout masks; a summed loss refused; validation data on one rank
     only; bad arguments or a failing callback on one rank raising on every rank."""
     result, proc = pair
-    assert len(result["checks"]) == 19, result
+    assert len(result["checks"]) == 21, result
     # the progress bar came from rank 0 only
     assert proc.stderr.count("Epoch 2/2") == 1, proc.stderr
 
@@ -262,6 +262,16 @@ def test_global_batches_refuses_bad_sizes():
     # a batch size of 0 used to become 1 without a word
     for args, exc, match in (((5, 0, 2), ValueError, "batch_size must be >= 1, got 0"),
                              ((5, 2.5, 2), TypeError, "batch_size must be an int"),
-                             ((-1, 2), ValueError, "n must be >= 0")):
+                             ((-1, 2), ValueError, "n must be >= 0"),
+                             ((5, 2, 0), ValueError, "ranks must be >= 1, got 0")):
         with pytest.raises(exc, match=rf"global_batches: {match}"):
             dist.global_batches(*args)
+    for args, match in (((0, 10, 2, 2), r"rank must be in \[0, ranks=2\), got 2"),
+                        ((0, 10, 0, 0), "ranks must be >= 1, got 0"),
+                        ((5, 3, 0, 1), "stop must be >= 5, got 3")):
+        with pytest.raises(ValueError, match=rf"batch_piece: {match}"):
+            dist.batch_piece(*args)
+    m = cdl.Sequential([cdl.Linear(4, 3)], (4,))
+    with pytest.raises(TypeError, match=r"DistributedOptimizer: comm must be an mpi4py "
+                                        r"communicator \(e.g. MPI.COMM_WORLD\), got str"):
+        dist.DistributedOptimizer(cdl.SGD(m, lr=0.1), comm="world")

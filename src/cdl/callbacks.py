@@ -110,7 +110,8 @@ def _falls_back(monitor, keys):
 
 
 def _warn_once(owner, message):
-    if not getattr(owner, "_warned", False):
+    # (in a distributed fit every rank sees the same logs: rank 0 says it)
+    if owner.rank == 0 and not getattr(owner, "_warned", False):
         warnings.warn(f"{type(owner).__name__}: {message}", RuntimeWarning, stacklevel=4)
         owner._warned = True
 

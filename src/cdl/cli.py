@@ -17,6 +17,7 @@ import numpy as np
 __all__ = ["main", "build_parser", "lenet"]
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
+_QUIET = False          # a distributed run's rank other than 0 (see _distributed)
 MAX_THREADS = 1024
 
 TRAIN_DESCRIPTION = """\
@@ -172,7 +173,8 @@ def train(args):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     seconds = time.perf_counter() - t0
     if history.stop_reason:
-        diverged = any(str(w.message) == history.stop_reason for w in caught)
+        # (fit warns on rank 0 only; every rank has the reason)
+        diverged = "interrupted (Ctrl-C)" not in history.stop_reason
         if diverged:
             raise _Stop(f"cdl train: error: training diverged, nothing was saved. "
                         f"{history.stop_reason} (--lr is {lr:g})", EXIT_DIVERGED)
@@ -239,6 +241,8 @@ def _distributed():
     except ImportError as exc:
         raise _Stop(f"cdl train: error: --distributed: {exc}", EXIT_USAGE) from None
     if comm.Get_rank() != 0:
+        global _QUIET
+        _QUIET = True       # the errors and messages fit agrees on: rank 0 says them
         sys.stdout = open(os.devnull, "w")
     return comm
 
@@ -388,14 +392,19 @@ def main(argv=None):
         cmd = f"cdl {args.command}"
         return args.run(args)
     except _Stop as stop:
-        print(stop, file=sys.stderr)
+        _say(stop)
         return stop.code
     except KeyboardInterrupt:
-        print(f"\n{cmd}: interrupted (Ctrl-C); nothing was saved", file=sys.stderr)
+        _say(f"\n{cmd}: interrupted (Ctrl-C); nothing was saved")
         return EXIT_INTERRUPTED
     except (ImportError, ValueError, TypeError, OSError) as exc:
-        print(f"{cmd}: error: {exc}", file=sys.stderr)
+        _say(f"{cmd}: error: {exc}")
         return EXIT_USAGE
+
+
+def _say(message):
+    if not _QUIET:
+        print(message, file=sys.stderr)
 
 
 if __name__ == "__main__":

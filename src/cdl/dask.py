@@ -141,6 +141,27 @@ def search(model, x, y, loss, learning_rates, optimizer="SGD", optimizer_kwargs=
     if validation_data is not None and (not isinstance(validation_data, (tuple, list))
                                         or len(validation_data) != 2):
         raise ValueError(f"{where}: validation_data must be a pair (x_val, y_val)")
+    # everything a trial would refuse, refused here (before the data is scattered)
+    from .functional._checks import int_at_least
+    from .model import Sequential
+    if not isinstance(model, Sequential):
+        raise TypeError(f"{where}: model must be a cdl.Sequential, got {type(model).__name__}")
+    model._check_loss(loss, where)
+    int_at_least(epochs, "epochs", where, 1)
+    int_at_least(batch_size, "batch_size", where, 1)
+    if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
+        raise TypeError(f"{where}: optimizer_kwargs must be a dict or None, got "
+                        f"{type(optimizer_kwargs).__name__}")
+    opt_cls = OPTIMIZER_TYPES[optimizer] if isinstance(optimizer, str) else optimizer
+    try:
+        opt_cls(model, lr=lrs[0], **(optimizer_kwargs or {}))
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{where}: optimizer_kwargs: {exc}") from None
+    x = model._check_x(x, where)
+    y = model._check_y(y, x.shape[0], loss, where)
+    if validation_data is not None:
+        xv = model._check_x(validation_data[0], where, name="validation_data[0]")
+        validation_data = (xv, model._check_y(validation_data[1], xv.shape[0], loss, where))
     monitor = monitor or ("val_loss" if validation_data is not None else "loss")
     logged = [k for k in FIT_LOG_KEYS if validation_data is not None or not k.startswith("val_")]
     if monitor not in logged:

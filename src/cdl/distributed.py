@@ -74,8 +74,13 @@ def world():
     return _mpi().COMM_WORLD
 
 
-def _comm(comm):
-    return world() if comm is None else comm
+def _comm(comm, where="cdl.distributed"):
+    if comm is None:
+        return world()
+    if not all(callable(getattr(comm, a, None)) for a in ("Get_rank", "Get_size", "allgather")):
+        raise TypeError(f"{where}: comm must be an mpi4py communicator (e.g. "
+                        f"MPI.COMM_WORLD), got {type(comm).__name__}")
+    return comm
 
 
 def _aligned(nbytes):
@@ -110,9 +115,12 @@ def threads_per_rank(comm=None):
 def global_batches(n, batch_size, ranks=1):
     """(start, stop) of each global batch over n samples: batches of ``batch_size``,
     the last partial one kept. A last batch with fewer samples than ``ranks`` joins
-    the one before it, so no rank gets an empty piece (unless n < ranks)."""
+    the one before it, so that it leaves no rank an empty piece where the others have
+    batch_size / ranks (a batch_size below ``ranks``, or n below it, does leave some
+    ranks empty pieces)."""
     n = int_at_least(n, "n", "global_batches", 0)
     bs = int_at_least(batch_size, "batch_size", "global_batches", 1)
+    ranks = int_at_least(ranks, "ranks", "global_batches", 1)
     bounds = [(s, min(s + bs, n)) for s in range(0, n, bs)]
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < ranks:
         bounds[-2:] = [(bounds[-2][0], n)]
@@ -122,6 +130,13 @@ def global_batches(n, batch_size, ranks=1):
 def batch_piece(start, stop, rank, ranks):
     """The contiguous piece [lo, hi) of the global batch [start, stop) that ``rank`` of
     ``ranks`` trains on: sizes differ by at most one, the larger pieces first."""
+    where = "batch_piece"
+    ranks = int_at_least(ranks, "ranks", where, 1)
+    rank = int_at_least(rank, "rank", where, 0)
+    start = int_at_least(start, "start", where, 0)
+    stop = int_at_least(stop, "stop", where, start)
+    if rank >= ranks:
+        raise ValueError(f"{where}: rank must be in [0, ranks={ranks}), got {rank}")
     q, r = divmod(stop - start, ranks)
     lo = start + rank * q + min(rank, r)
     return lo, lo + q + (rank < r)
@@ -557,7 +572,7 @@ class DistributedOptimizer:
             raise ValueError(f"DistributedOptimizer: algorithm must be one of {ALGORITHMS}, "
                              f"got {algorithm!r}")
         self.__dict__["optimizer"] = optimizer
-        self.comm = _comm(comm)
+        self.comm = _comm(comm, "DistributedOptimizer")
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         if threads == "auto":
             if not _config.threads_chosen():

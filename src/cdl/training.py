@@ -77,6 +77,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         rank, ranks = comm.Get_rank(), comm.Get_size()
     if rank != 0:
         verbose = 0  # distributed: rank 0 prints
+    agree = comm if ranks > 1 else None     # what every rank must decide alike
     try:
         x, y, xv, yv = _checked_data(model, x, y, loss, epochs, batch_size, validation_data,
                                      validation_split, verbose, where)
@@ -95,8 +96,17 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                                                       f"arguments ({said})"))
     n = x.shape[0]
     if comm is not None and ranks > 1:
-        # Every rank must run the same number of steps: check the sizes collectively
-        # (everyone sees the same list, so everyone raises or no one does).
+        # Every rank must run the same steps: check the sizes and the settings that make
+        # them collectively (everyone sees the same lists, so everyone raises or no one).
+        settings = comm.allgather((int(epochs), int(initial_epoch), int(batch_size),
+                                   bool(shuffle), float(validation_split), bool(shard)))
+        names = ("epochs", "initial_epoch", "batch_size", "shuffle", "validation_split",
+                 "shard")
+        for i, name in enumerate(names):
+            if any(s[i] != settings[0][i] for s in settings):
+                raise ValueError(f"{where}: {name} must be the same on every rank (run the "
+                                 f"same call on each); the ranks passed "
+                                 f"{[s[i] for s in settings]}")
         sizes = comm.allgather(n)
         if shard and any(s != sizes[0] for s in sizes):
             raise ValueError(f"{where}: with shard=True every rank must pass the same full "
@@ -165,8 +175,10 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         log_keys = tuple(k for k in FIT_LOG_KEYS if has_val or not k.startswith("val_"))
         for cb in cbs:
             cb.log_keys = log_keys
-            cb.on_train_begin()
-        stop = {"interrupted": False}
+        _callbacks(cbs, lambda cb: cb.on_train_begin(), agree, where, "before training")
+        # Ctrl-C: "interrupted" is this process's request; with comm it rides on the next
+        # step's message and "agreed" says when every rank has it (so all stop together)
+        stop = {"interrupted": False, "agreed": False}
         old_handler = None
         if threading.current_thread() is threading.main_thread():
             def on_sigint(signum, frame):
@@ -183,8 +195,8 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
 
     try:
         for epoch in range(int(initial_epoch), epochs):
-            for cb in cbs:
-                cb.on_epoch_begin(epoch)
+            _callbacks(cbs, lambda cb: cb.on_epoch_begin(epoch), agree, where,
+                       f"at the start of epoch {epoch + 1}")
             t0 = time.perf_counter()
             order = model._rng.permutation(n) if shuffle else np.arange(n)
             bar = ProgressBar(n_total, epoch + 1, epochs, start=t0) if verbose == 1 else None
@@ -207,7 +219,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                     if math.isfinite(value):
                         optimizer.step(nt)
                 if comm is not None:
-                    stop["interrupted"] = optimizer.stop_requested
+                    stop["agreed"] = optimizer.stop_requested
                     mg = optimizer.last_count
                 else:
                     mg = m
@@ -224,7 +236,8 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                            + ". " + ("The batch contains NaN or Inf inputs." if bad_input else
                                      "Try a lower learning rate (lr) or check the data."))
                     history.stop_reason = msg
-                    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                    if rank == 0:       # (every rank has it in stop_reason)
+                        warnings.warn(msg, RuntimeWarning, stacklevel=2)
                     model.stop_training = True
                     break
                 if loss.reduction == "mean":
@@ -247,9 +260,9 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                                       else loss_sum,
                                       "acc": correct / max(done_here, 1) if ab is not None
                                       else math.nan})
-                if stop["interrupted"]:
+                if stop["agreed" if comm is not None else "interrupted"]:
                     break
-            if stop["interrupted"]:
+            if stop["agreed" if comm is not None else "interrupted"]:
                 history.stop_reason = (f"fit: interrupted (Ctrl-C) at epoch {epoch + 1}, "
                                        f"step {step + 1} of {steps}; the model keeps the "
                                        f"weights after that step")
@@ -276,12 +289,16 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                     bar = ProgressBar(n_total, epoch + 1, epochs, start=t0)
                     bar.tty = False
                 bar.finish(n_total, shown)
-            _epoch_end(cbs, epoch, logs, comm if ranks > 1 else None, where)
-            # A Ctrl-C during validation or the callbacks: stop before the next epoch
-            # begins (or, after the last, report it), on every rank alike.
-            interrupted = stop["interrupted"]
-            if comm is not None and ranks > 1:
-                interrupted = any(comm.allgather(interrupted))
+            _callbacks(cbs, lambda cb: cb.on_epoch_end(epoch, logs), agree, where,
+                       f"after epoch {epoch + 1}")
+            # A Ctrl-C during validation or the callbacks, or a callback's stop_training:
+            # stop before the next epoch begins (or, after the last, report the Ctrl-C),
+            # on every rank alike.
+            interrupted = stop["interrupted"] or stop["agreed"]
+            if agree is not None:
+                said = agree.allgather((interrupted, bool(model.stop_training)))
+                interrupted = any(i for i, _ in said)
+                model.stop_training = any(t for _, t in said)
             if interrupted:
                 history.stop_reason = (f"fit: interrupted (Ctrl-C) at the end of epoch "
                                        f"{epoch + 1}; the model keeps that epoch's weights")
@@ -301,20 +318,20 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     return history
 
 
-def _epoch_end(cbs, epoch, logs, comm, where):
-    """The callbacks' on_epoch_end; with comm, every rank raises if one's callback did
+def _callbacks(cbs, call, comm, where, when):
+    """``call(cb)`` for every callback; with comm, every rank raises if one's callback did
     (rank 0 alone writes checkpoints: a full disk there must not leave the others
     waiting in the next step)."""
     failure = None
     try:
         for cb in cbs:
-            cb.on_epoch_end(epoch, logs)
+            call(cb)
     except Exception as exc:     # noqa: BLE001 (re-raised below, after the agreement)
         failure = exc
     _raise_on_every_rank(comm, failure,
-                         lambda bad, said: RuntimeError(f"{where}: stopped after epoch "
-                                                        f"{epoch + 1}: a callback on rank "
-                                                        f"{bad} failed ({said})"))
+                         lambda bad, said: RuntimeError(f"{where}: stopped {when}: a "
+                                                        f"callback on rank {bad} failed "
+                                                        f"({said})"))
 
 
 def _raise_on_every_rank(comm, problem, other):

@@ -298,7 +298,8 @@ def pair_checks():
         assert "epoch 1, step 4 of 5" in h.stop_reason, h.stop_reason
         # the same message on every rank, naming the cause, whichever rank holds the inf
         assert "NaN or Inf inputs" in h.stop_reason and gathered_equal(h.stop_reason)
-        assert any("every rank" in str(w.message) for w in caught)
+        # the warning from rank 0 only (every rank has it in stop_reason)
+        assert any("every rank" in str(w.message) for w in caught) == (rank == 0)
         assert opt.steps == 3 and replicas_identical(model)
 
     @check
@@ -317,6 +318,61 @@ def pair_checks():
         assert h.stop_reason and "interrupted" in h.stop_reason, h.stop_reason
         assert "epoch 2, step 1 of 5" in h.stop_reason, h.stop_reason
         assert len(h.epochs) == 1 and opt.steps == 6 and replicas_identical(model)
+
+    @check
+    def ctrl_c_during_a_step_stops_all_after_the_same_step():
+        # before the step's exchange (it was dropped) and after it (one rank left alone)
+        import signal
+        for before in (True, False):
+            class Hooked(dist.DistributedOptimizer):
+                def gradient_hook(self, loss_value, batch_size, threads=None):
+                    kill = rank == 1 and self.steps == 2
+                    if kill and before:
+                        os.kill(os.getpid(), signal.SIGINT)
+                    value = super().gradient_hook(loss_value, batch_size, threads)
+                    if kill and not before:
+                        os.kill(os.getpid(), signal.SIGINT)
+                    return value
+            model = mlp(seed=0)
+            opt = Hooked(cdl.SGD(model, lr=0.05))
+            x, y = data(40, (12,), seed=8)
+            h = model.fit(x, y, LOSS, opt, epochs=2, batch_size=8, verbose=0)
+            assert h.stop_reason and "epoch 1, step 4 of 5" in h.stop_reason, h.stop_reason
+            assert opt.steps == 4 and replicas_identical(model)
+
+    @check
+    def a_stop_or_failure_on_one_rank_is_everyones():
+        class StopOne(cdl.Callback):         # a time budget read on one rank, say
+            def on_epoch_end(self, epoch, logs=None):
+                if rank == 1:
+                    self.model.stop_training = True
+        model = mlp(seed=0)
+        opt = dist.DistributedOptimizer(cdl.SGD(model, lr=0.05))
+        x, y = data(40, (12,), seed=8)
+        h = model.fit(x, y, LOSS, opt, epochs=3, batch_size=8, callbacks=[StopOne()],
+                      verbose=0)
+        assert h.epochs == [0] and opt.steps == 5
+        for hook in ("on_train_begin", "on_epoch_begin"):
+            class FailOne(cdl.Callback):
+                pass
+
+            def fail(self, *args, **kwargs):
+                if rank == 1:
+                    raise OSError("disk full")
+            setattr(FailOne, hook, fail)
+            try:
+                model.fit(x, y, LOSS, opt, epochs=1, batch_size=8, callbacks=[FailOne()],
+                          verbose=0)
+            except (OSError, RuntimeError) as exc:
+                assert "disk full" in str(exc), exc
+            else:
+                raise AssertionError(f"{hook} failing on rank 1 was not raised on rank {rank}")
+        try:      # a setting that differs between ranks
+            model.fit(x, y, LOSS, opt, epochs=2 + rank, batch_size=8, verbose=0)
+        except ValueError as exc:
+            assert "epochs must be the same on every rank" in str(exc), exc
+        else:
+            raise AssertionError("different epochs were not refused")
 
     @check
     def fit_unsharded_uneven():
