@@ -871,3 +871,17 @@ def test_lenet5_input_shape_is_checked():
         with pytest.raises(ValueError, match=rf"lenet5: {match}"):
             lenet5(input_shape=shape)
     assert lenet5(input_shape=(1, 12, 12)).output_shape == (10,)
+    assert lenet5(input_shape=np.array([1, 28, 28])).input_shape == (1, 28, 28)
+
+
+def test_cli_errors_on_a_distributed_runs_other_ranks(monkeypatch, capsys):
+    # an error only one rank hits is said there (with its rank); one every rank stops
+    # with (fit agreed on it) is said by rank 0 alone
+    from cdl import cli
+    monkeypatch.setattr(cli, "_RANK", 1)
+    cli._say("cdl train: error: a file missing on this node")
+    cli._say("cdl train: error: training diverged", agreed=True)
+    assert capsys.readouterr().err == "rank 1: cdl train: error: a file missing on this node\n"
+    monkeypatch.setattr(cli, "_RANK", None)
+    cli._say("cdl train: error: training diverged", agreed=True)
+    assert capsys.readouterr().err == "cdl train: error: training diverged\n"

@@ -51,7 +51,7 @@ def spatial(draw, c, h):
     """(specs, c, h): a stage of spatial layers."""
     specs = []
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["conv", "keep", "pool", "project", "keep"]))
+        kind = draw(st.sampled_from(["conv", "keep", "pool", "project", "keep", "bn_pool"]))
         if kind == "conv":
             k = draw(st.sampled_from([1, 3]))
             s = draw(st.sampled_from([1, 2])) if h >= 2 else 1
@@ -60,6 +60,11 @@ def spatial(draw, c, h):
             c, h = c2, (h + 2 * (k // 2) - k) // s + 1
         elif kind == "keep":
             specs.append(draw(keep_shape(c, h, 0)))
+        elif kind == "bn_pool" and h >= 2 and h % 2 == 0:
+            # BatchNorm runs the ReLU and the max-pool after it in its own training pass
+            specs += [("BatchNorm2d", (c,))] + ([("ReLU", ())] if draw(st.booleans()) else []) \
+                + [("MaxPool2d", (2,))]
+            h //= 2
         elif kind == "pool" and h >= 2 and h % 2 == 0:
             specs.append((draw(st.sampled_from(["MaxPool2d", "AvgPool2d"])), (2,)))
             h //= 2

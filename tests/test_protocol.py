@@ -347,3 +347,42 @@ def test_a_user_layer_returning_the_wrong_array_is_a_clear_error(mistake, dtype,
                                         rf"needs a C-contiguous {np.dtype(dtype)} array of "
                                         rf"shape 5x8"):
         m.train_step(x, np.zeros(5, np.int64), cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1))
+
+
+def test_a_subclass_of_batchnorm_merging_the_pool_after_it_passes_the_checks():
+    # in training BatchNorm runs the ReLU and 2x2 max-pool after it: its pass returns the
+    # pooled output, which a user subclass's check must expect
+    class MyBN(cdl.BatchNorm2d):
+        pass
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        m = cdl.Sequential([cdl.Conv2d(2, 4, 3, padding=1), MyBN(4), cdl.ReLU(),
+                            cdl.MaxPool2d(2), cdl.Flatten(), cdl.Linear(64, 3)], (2, 8, 8),
+                           dtype=dtype, seed=0)
+        assert m.layers[1].merged is m.layers[3]
+        x, y = rng.standard_normal((5, 2, 8, 8)).astype(dtype), rng.integers(0, 3, 5)
+        assert m.forward(x).shape == (5, 3)
+        m._use_plans = False
+        assert np.isfinite(m.train_step(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1)))
+    errors = cdl.gradcheck(m, x, y, cdl.SoftmaxCrossEntropy(), max_checks=6)
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_a_model_built_before_its_layer_class_was_defined_again_still_copies():
+    def define():                       # a notebook cell run twice
+        class Again(cdl.Layer):
+            def _forward(self, x, ws, nt, train):
+                np.multiply(x, 2.0, out=ws["out"])
+                return ws["out"]
+        return Again
+    first = define()
+    try:
+        m = cdl.Sequential([first()], (3,))
+        second = define()
+        assert cdl.layers.LAYER_TYPES[first.type_name] is second
+        twin = pickle.loads(pickle.dumps(m))
+        assert type(twin.layers[0]) is second
+        np.testing.assert_array_equal(twin.predict(np.ones((1, 3), np.float32)), 2.0)
+    finally:
+        cdl.layers.LAYER_TYPES.pop(first.type_name, None)

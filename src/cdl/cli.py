@@ -17,7 +17,7 @@ import numpy as np
 __all__ = ["main", "build_parser", "lenet"]
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
-_QUIET = False          # a distributed run's rank other than 0 (see _distributed)
+_RANK = None            # a distributed run's rank other than 0 (see _distributed)
 MAX_THREADS = 1024
 
 TRAIN_DESCRIPTION = """\
@@ -92,11 +92,13 @@ def _plot(history, path):
 
 
 class _Stop(Exception):
-    """End the command with ``code`` after printing ``message`` to stderr."""
+    """End the command with ``code`` after printing ``message`` to stderr (``agreed``:
+    every rank of a distributed run stops with it, so rank 0 alone says it)."""
 
-    def __init__(self, message, code):
+    def __init__(self, message, code, agreed=False):
         super().__init__(message)
         self.code = code
+        self.agreed = agreed
 
 
 def _check_train_args(args):
@@ -177,9 +179,9 @@ def train(args):
         diverged = "interrupted (Ctrl-C)" not in history.stop_reason
         if diverged:
             raise _Stop(f"cdl train: error: training diverged, nothing was saved. "
-                        f"{history.stop_reason} (--lr is {lr:g})", EXIT_DIVERGED)
+                        f"{history.stop_reason} (--lr is {lr:g})", EXIT_DIVERGED, agreed=True)
         raise _Stop(f"cdl train: interrupted after {len(history.epochs)} finished epoch(s); "
-                    f"nothing was saved", EXIT_INTERRUPTED)
+                    f"nothing was saved", EXIT_INTERRUPTED, agreed=True)
     test_loss, test_acc = model.evaluate(x_test, y_test, loss)
     print(f"test accuracy: {test_acc * 100:.2f}%  (loss {test_loss:.4f}, "
           f"{len(history.epochs)} epochs in {seconds:.1f} s, {cdl.get_num_threads()} threads)")
@@ -241,8 +243,8 @@ def _distributed():
     except ImportError as exc:
         raise _Stop(f"cdl train: error: --distributed: {exc}", EXIT_USAGE) from None
     if comm.Get_rank() != 0:
-        global _QUIET
-        _QUIET = True       # the errors and messages fit agrees on: rank 0 says them
+        global _RANK
+        _RANK = comm.Get_rank()
         sys.stdout = open(os.devnull, "w")
     return comm
 
@@ -392,19 +394,24 @@ def main(argv=None):
         cmd = f"cdl {args.command}"
         return args.run(args)
     except _Stop as stop:
-        _say(stop)
+        _say(stop, stop.agreed)
         return stop.code
     except KeyboardInterrupt:
-        _say(f"\n{cmd}: interrupted (Ctrl-C); nothing was saved")
+        _say(f"\n{cmd}: interrupted (Ctrl-C); nothing was saved", agreed=True)
         return EXIT_INTERRUPTED
     except (ImportError, ValueError, TypeError, OSError) as exc:
         _say(f"{cmd}: error: {exc}")
         return EXIT_USAGE
 
 
-def _say(message):
-    if not _QUIET:
-        print(message, file=sys.stderr)
+def _say(message, agreed=False):
+    """An error to stderr: on a distributed run's other ranks only one of their own
+    (prefixed with the rank), not one every rank stops with."""
+    if _RANK is not None:
+        if agreed:
+            return
+        message = f"rank {_RANK}: {message}"
+    print(message, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -156,12 +156,14 @@ def search(model, x, y, loss, learning_rates, optimizer="SGD", optimizer_kwargs=
     try:
         opt_cls(model, lr=lrs[0], **(optimizer_kwargs or {}))
     except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{where}: optimizer_kwargs: {exc}") from None
+        kind = TypeError if isinstance(exc, TypeError) else ValueError
+        raise kind(f"{where}: optimizer_kwargs: {exc}") from None
     x = model._check_x(x, where)
     y = model._check_y(y, x.shape[0], loss, where)
     if validation_data is not None:
         xv = model._check_x(validation_data[0], where, name="validation_data[0]")
-        validation_data = (xv, model._check_y(validation_data[1], xv.shape[0], loss, where))
+        validation_data = (xv, model._check_y(validation_data[1], xv.shape[0], loss, where,
+                                              name="validation_data[1]"))
     monitor = monitor or ("val_loss" if validation_data is not None else "loss")
     logged = [k for k in FIT_LOG_KEYS if validation_data is not None or not k.startswith("val_")]
     if monitor not in logged:

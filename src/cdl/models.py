@@ -39,15 +39,15 @@ def lenet5(input_shape=(1, 28, 28), num_classes=10, batchnorm=False, dropout=0.0
     with BatchNorm after each conv and hidden Linear and Dropout before the two hidden
     Linear layers (120 and 84). ``input_shape`` is (C, H, W) with H and W >= 12 (the
     second convolution needs a 5×5 plane after the first pool)."""
-    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list, np.ndarray)) \
+        else None
     if shape is None or len(shape) != 3 or not all(
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in shape):
         raise ValueError(f"lenet5: input_shape must be (C, H, W), got {input_shape!r}")
     c, h, w = shape
     if c < 1 or h < 12 or w < 12:
-        raise ValueError(f"lenet5: input_shape (C, H, W) needs C >= 1 and H, W >= 12 (the "
-                         f"second 5x5 convolution needs a 5x5 plane after the first pool), "
-                         f"got {shape}")
+        raise ValueError(f"lenet5: input_shape (C, H, W) needs C >= 1 and H, W >= 12 (its "
+                         f"two 2x2 pools with a 5x5 convolution between them), got {shape}")
     bn2 = (lambda n: [BatchNorm2d(n)]) if batchnorm else (lambda n: [])
     bn1 = (lambda n: [BatchNorm1d(n)]) if batchnorm else (lambda n: [])
     drop = (lambda: [Dropout(dropout)]) if dropout else (lambda: [])

@@ -350,10 +350,14 @@ class Layer:
         a class that is not registered, one whose constructor takes arguments that
         ``get_config`` does not give, or a config that is not JSON-able."""
         cls = type(self)
-        if LAYER_TYPES.get(cls.type_name) is not cls:
-            raise TypeError(f"{self.name}: its class {cls.__qualname__} is not registered "
-                            f"(a class whose name starts with '_' is private), so a model "
-                            f"holding it cannot be saved, copied or pickled")
+        held = LAYER_TYPES.get(cls.type_name)       # (or a later definition of it)
+        if held is None or (held.__module__, held.__qualname__) != \
+                (cls.__module__, cls.__qualname__):
+            why = (" (a class whose name starts with '_' is private)"
+                   if cls.__name__.startswith("_") else "")
+            raise TypeError(f"{self.name}: its class {cls.__qualname__} is not registered"
+                            f"{why}, so a model holding it cannot be saved, copied or "
+                            f"pickled")
         if cls.get_config is Layer.get_config and len(
                 inspect.signature(cls.__init__).parameters) > 1:
             raise TypeError(f"{self.name}: {cls.__qualname__} takes constructor arguments but "

@@ -170,8 +170,10 @@ class Chain:
             if out is not None and layer is last and layer.writes_through_ws \
                     and not layer.backward_reads_output and _can_write(ws, "out", out, x):
                 run_ws = dict(ws, out=out)
+            # (a pass that runs the next one too, merged in training, returns its output)
+            ran = layer.merged if train and layer.merged is not None else layer
             y = checked_pass(layer, layer._forward(x, run_ws, nt, train),
-                             (x.shape[0],) + layer.output_shape, "_forward")
+                             (x.shape[0],) + ran.output_shape, "_forward")
             if train:
                 layer._last = (x, ws)
             x = y
