@@ -12,6 +12,7 @@ L2 regularisation lives on the model: ``Sequential(..., l2=λ)`` adds λ Σ W²
 over the parameters each layer lists in ``decay`` (Linear and Conv2d weights)
 to every reported loss, and 2λW to their gradients.
 """
+import functools
 import math
 import threading
 import weakref
@@ -552,8 +553,13 @@ class Sequential:
         """``value``, or NaN when it is finite but a gradient is not (the step is then
         skipped; ``_skip_reason`` says why, for fit's message)."""
         self._skip_reason = None
-        grads = self.parameter_pack.grads
-        if math.isfinite(value) and grads is not None and not _ew.all_finite(grads, nt):
+        check = self.__dict__.get("_grads_finite")
+        if check is None:
+            grads = self.parameter_pack.grads
+            check = self._grads_finite = (
+                (lambda nt: True) if grads is None else _ew.AllFinite(grads).run
+                if grads.dtype == np.float32 else functools.partial(_ew.all_finite, grads))
+        if math.isfinite(value) and not check(nt):
             self._skip_reason = f"a gradient was not finite (the loss was {value:.6g})"
             return math.nan
         return value

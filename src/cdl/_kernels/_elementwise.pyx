@@ -917,18 +917,36 @@ cdef bint _chunk_nonfinite(const floating* p, Py_ssize_t n) noexcept nogil:
         return (c64 >> 63) != 0
 
 
-def all_finite(const floating[::1] x, int num_threads):
-    """Whether x holds no NaN and no ±Inf."""
+cdef bint _all_finite(const floating[::1] x, int num_threads) noexcept:
     cdef Py_ssize_t n = x.shape[0], t, lo
-    cdef int bad = 0
+    cdef int bad = 0, nt = _threads(n, num_threads)
     if n == 0:
         return True
     cdef const floating* xp = &x[0]
+    if nt == 1:     # no parallel region: a batch-1 step checks every step
+        return not _chunk_nonfinite(xp, n)
     with nogil:
-        for t in prange(_chunks(n), schedule="static", num_threads=_threads(n, num_threads)):
+        for t in prange(_chunks(n), schedule="static", num_threads=nt):
             lo = t * CHUNK
             bad |= _chunk_nonfinite(xp + lo, min(CHUNK, n - lo))
     return bad == 0
+
+
+def all_finite(const floating[::1] x, int num_threads):
+    """Whether x holds no NaN and no ±Inf."""
+    return _all_finite(x, num_threads)
+
+
+cdef class AllFinite:
+    """all_finite of one float32 array, bound once (a model's gradient buffer, checked
+    every step: a call without the argument's conversion)."""
+    cdef const float[::1] x
+
+    def __init__(self, x):
+        self.x = x
+
+    def run(self, int num_threads):
+        return _all_finite(self.x, num_threads)
 
 
 def scale(floating[::1] x, double alpha, int num_threads):
