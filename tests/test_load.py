@@ -172,19 +172,23 @@ def test_real_sleeping_worker_is_found_and_woken(fake_load, wake_settings):
     _runtime.set_adaptive(True, 2, 0.0, 0.0)
     _runtime.set_wake(True, 0.005)
     assert _runtime.worker_tids(2) == 1
-    _runtime.wake_team(2)
-    for _ in range(50):                         # its spin (about 8 ms) is over: asleep
-        time.sleep(0.05)
-        if _runtime.workers_running() == 0:
+    for attempt in range(5):                    # a busy spell of the machine: try again
+        _runtime.wake_team(2)
+        for _ in range(50):                     # its spin (about 8 ms) is over: asleep
+            time.sleep(0.05)
+            if _runtime.workers_running() == 0:
+                break
+        assert _runtime.workers_running() == 0
+        w = cdl.thread_status()["wakes"]
+        t0 = time.perf_counter()
+        threads = _runtime.step_threads(2)
+        running = _runtime.workers_running()    # read at once: its spin lasts ms only
+        took = time.perf_counter() - t0
+        if threads == 2:
             break
-    assert _runtime.workers_running() == 0
-    w = cdl.thread_status()["wakes"]
-    t0 = time.perf_counter()
-    threads = _runtime.step_threads(2)
-    running = _runtime.workers_running()        # read at once: its spin lasts ms only
-    took = time.perf_counter() - t0
-    if threads < 2:
-        pytest.skip("the machine is busy: the adaptation chose one thread")
+        time.sleep(0.5)
+    else:
+        pytest.skip("the machine stayed busy: the adaptation chose one thread 5 times")
     assert cdl.thread_status()["wakes"] == w + 1
     # woken, and spinning for the next call; unless this thread lost the CPU for longer
     # than a millisecond in between (a busy machine), when the spin may be over
