@@ -648,14 +648,18 @@ def test_optimizer_settings_are_checked_when_assigned_too(cnn):
             (sgd, "weight_decay", -0.1, ValueError, r"SGD: weight_decay must be"),
             (sgd, "clip_grad_norm", 0.0, ValueError, r"SGD: clip_grad_norm must be"),
             (sgd, "lr", -1.0, ValueError, r"SGD: lr must be"),
+            (sgd, "base_lr", float("nan"), ValueError, r"SGD: base_lr must be"),
+            (sgd, "steps", -1, ValueError, r"SGD: steps must be an int in \[0, 2\*\*53\]"),
             (adam, "betas", (0.9, 1.0), ValueError, r"Adam: betas\[1\] must be"),
             (adam, "betas", 0.9, TypeError, r"Adam: betas must be a pair"),
             (adam, "eps", 0.0, ValueError, r"Adam: eps must be"),
             (adam, "weight_decay", "x", TypeError, r"Adam: weight_decay must be a number")]:
-        before = opt.get_config()
+        before = opt.state_dict()
         with pytest.raises(exc, match=match):
             setattr(opt, key, value)
-        assert opt.get_config() == before
+        after = opt.state_dict()
+        assert (after["config"], after["base_lr"], after["step"]) == \
+            (before["config"], before["base_lr"], before["step"])
     sgd.nesterov = False          # then momentum 0 is fine, and the state loads back
     sgd.momentum = 0.0
     twin = cdl.SGD(m, lr=0.1, momentum=0.9, nesterov=True)

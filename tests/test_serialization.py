@@ -269,3 +269,21 @@ def test_a_stream_of_state_dict_files_loads_them_in_turn(fmt):
         assert all(np.array_equal(v, want.state_dict()[k])
                    for k, v in target.state_dict().items())
     assert f.read() == b"trailing"
+
+
+def test_a_pipe_gives_its_first_model_and_a_clear_error_after():
+    # a stream that cannot seek back is read to its end: its first model loads, and the
+    # next load says the stream is used up (not that fd 3 "is not a valid file")
+    import os
+    a = cdl.Sequential([cdl.Linear(3, 2)], (3,), seed=0)
+    r, w = os.pipe()
+    with os.fdopen(w, "wb") as f:
+        a.save(f)
+        a.save(f)
+    with os.fdopen(r, "rb") as f:
+        back = cdl.load(f)
+        np.testing.assert_array_equal(back.layers[0].params["weight"],
+                                      a.layers[0].params["weight"])
+        with pytest.raises(ValueError, match=r"cdl.load: <file object> is not a valid cdl "
+                                             r"model file: the file is empty"):
+            cdl.load(f)

@@ -717,7 +717,8 @@ class DistributedOptimizer:
             return math.nan
         grads = self.model.gradient_buffer
         if grads is not None and not math.isfinite(_kl.sum_squares(grads, nt)):
-            self.last_skip = "the averaged gradient was not finite"
+            self.last_skip = (f"the averaged gradient was not finite (the global loss was "
+                              f"{loss_sum / N:.6g})")
             return math.nan
         value = loss_sum / N
         if not math.isfinite(value):

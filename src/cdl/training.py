@@ -229,6 +229,8 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                         bad_input = any(comm.allgather(bad_input))
                     why = getattr(optimizer, "last_skip", None)
                     grad_why = getattr(model, "_skip_reason", None) if m else None
+                    if grad_why is None and why and "gradient" in why:
+                        grad_why = "a gradient was not finite"      # (the ranks' average)
                     msg = (f"fit: {grad_why or f'loss became {value}'} at epoch {epoch + 1}, "
                            f"step {step + 1} of {steps}; training stopped and that update was "
                            f"skipped"

@@ -341,6 +341,21 @@ def pair_checks():
             assert opt.steps == 4 and replicas_identical(model)
 
     @check
+    def fit_names_a_nonfinite_gradient_with_a_finite_loss():
+        # an Inf input behind a saturated sigmoid: the loss is finite, the gradient is not
+        x, y = data(16, (4,), 2, seed=3)
+        x[0, 0] = np.inf
+        m = cdl.Sequential([cdl.Linear(4, 3), cdl.Sigmoid(), cdl.Linear(3, 2)], (4,), seed=0)
+        opt = dist.DistributedOptimizer(cdl.SGD(m, lr=0.01))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            h = m.fit(x, y, LOSS, opt, epochs=1, batch_size=8, shuffle=False, verbose=0)
+        assert h.stop_reason.startswith("fit: a gradient was not finite at epoch 1, step 1"), \
+            h.stop_reason
+        assert "the averaged gradient was not finite (the global loss was " in h.stop_reason
+        assert gathered_equal(h.stop_reason) and np.isfinite(m.parameter_buffer).all()
+
+    @check
     def a_stop_or_failure_on_one_rank_is_everyones():
         class StopOne(cdl.Callback):         # a time budget read on one rank, say
             def on_epoch_end(self, epoch, logs=None):

@@ -398,7 +398,8 @@ def _open(path):
     """(npz, display name, size in bytes) for a path or a binary file object (read up
     to the end of the model there)."""
     if hasattr(path, "read"):
-        name = getattr(path, "name", "<file object>")
+        name = getattr(path, "name", None)
+        name = name if isinstance(name, str) else "<file object>"   # (a pipe's is its fd)
         data, whole = read_stream(path, zip_extent)
         source, size, magic = io.BytesIO(data), len(data), data[:4]
     else:

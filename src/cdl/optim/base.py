@@ -73,12 +73,22 @@ def at_least_zero(name):
     return Setting(lambda opt, v: number(v, name, type(opt).__name__, lo=0.0))
 
 
+def _check_steps(opt, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or not 0 <= value <= MAX_STEPS:
+        raise ValueError(f"{type(opt).__name__}: steps must be an int in [0, 2**53], got "
+                         f"{value!r}")
+    return int(value)
+
+
 class Optimizer:
     """Base class. Subclasses name their per-parameter ``state_names`` and implement
     ``_bind()`` (make the update call once) and ``_update(nt)``."""
 
     state_names = ()
     clip_grad_norm = positive_or_none("clip_grad_norm")
+    base_lr = at_least_zero("base_lr")
+    steps = Setting(_check_steps)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -130,7 +140,7 @@ class Optimizer:
     def step(self, threads=None):
         """One update of every parameter from its current gradient."""
         nt = _config.fork_safe_threads(threads) if threads else _config.step_threads()
-        self.steps += 1
+        self._steps += 1            # (the step count, unchecked on the hot path)
         if self.pack.params is None:
             return
         if self.clip_grad_norm is not None:
