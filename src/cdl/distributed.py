@@ -46,7 +46,6 @@ import os
 import numpy as np
 
 from . import _config
-from ._kernels import losses as _kl
 from .functional._checks import int_at_least
 
 __all__ = ["DistributedOptimizer", "DistributedSampler", "broadcast_parameters",
@@ -715,8 +714,7 @@ class DistributedOptimizer:
         if N == 0:
             self.last_skip = "no rank had samples"
             return math.nan
-        grads = self.model.gradient_buffer
-        if grads is not None and not math.isfinite(_kl.sum_squares(grads, nt)):
+        if not self.model._gradients_finite(nt):
             self.last_skip = (f"the averaged gradient was not finite (the global loss was "
                               f"{loss_sum / N:.6g})")
             return math.nan

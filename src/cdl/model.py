@@ -263,7 +263,8 @@ class Sequential:
             self._check_batch_elements(x.shape[0], where, "use a smaller batch")
         if x.dtype != self.dtype or not x.flags.c_contiguous:
             need = x.size * self.dtype.itemsize
-            if need > (_config.physical_memory() or 2**62):  # e.g. a broadcast view: refuse before allocating
+            # e.g. a broadcast view: refuse before allocating
+            if need > (_config.physical_memory() or 2**62):
                 raise ValueError(f"{where}: {name} of shape {shape_str(x.shape)} needs a "
                                  f"{need / 2**30:.1f} GiB {self.dtype.name} copy, more than "
                                  f"this machine's memory")
@@ -553,16 +554,21 @@ class Sequential:
         """``value``, or NaN when it is finite but a gradient is not (the step is then
         skipped; ``_skip_reason`` says why, for fit's message)."""
         self._skip_reason = None
-        check = self.__dict__.get("_grads_finite")
-        if check is None:
-            grads = self.parameter_pack.grads
-            check = self._grads_finite = (
-                (lambda nt: True) if grads is None else _ew.AllFinite(grads).run
-                if grads.dtype == np.float32 else functools.partial(_ew.all_finite, grads))
-        if math.isfinite(value) and not check(nt):
+        if math.isfinite(value) and not self._gradients_finite(nt):
             self._skip_reason = f"a gradient was not finite (the loss was {value:.6g})"
             return math.nan
         return value
+
+    def _gradients_finite(self, nt):
+        """Whether no gradient is NaN or infinite (one scan of the flat buffer, by a
+        check bound on first use: a batch-1 step runs it every time)."""
+        check = self.__dict__.get("_finite_check")
+        if check is None:
+            grads = self.parameter_pack.grads
+            check = self._finite_check = (
+                (lambda nt: True) if grads is None else _ew.AllFinite(grads).run
+                if grads.dtype == np.float32 else functools.partial(_ew.all_finite, grads))
+        return check(nt)
 
     def _plan(self, n, loss):
         """The TrainPlan for batch size n and this loss (the last two are kept), or None

@@ -91,11 +91,11 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         problem = exc
     # (before the first collective call, which a rank that raised alone would leave the
     # others waiting in)
-    _raise_on_every_rank(comm if ranks > 1 else None, problem,
+    _raise_on_every_rank(agree, problem,
                          lambda bad, said: ValueError(f"{where}: rank {bad} refused its "
                                                       f"arguments ({said})"))
     n = x.shape[0]
-    if comm is not None and ranks > 1:
+    if agree is not None:
         # Every rank must run the same steps: check the sizes and the settings that make
         # them collectively (everyone sees the same lists, so everyone raises or no one).
         settings = comm.allgather((int(epochs), int(initial_epoch), int(batch_size),
@@ -143,7 +143,7 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         raise ValueError(f"{where}: batch_size={bs} needs {bs * model._max_sample} elements "
                          f"in one layer buffer; at most {INT32_MAX} are supported")
     steps = len(bounds)
-    _check_batch_sizes(model, bounds, where, comm if ranks > 1 else None,
+    _check_batch_sizes(model, bounds, where, agree,
                        f"{n} training samples in batches of {bs}" if comm is None or ranks == 1
                        else f"batches of {batch_size} dealt to {ranks} ranks", optimizer)
     step_threads = _config.step_threads  # re-read per step: the load changes
@@ -156,8 +156,8 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     shards = None if comm is None else optimizer.shards
     # whether any rank validates (one whose part is empty still joins the scoring)
     has_val = xv is not None
-    if comm is not None and ranks > 1:
-        has_val = any(comm.allgather(has_val))
+    if agree is not None:
+        has_val = any(agree.allgather(has_val))
     val_everywhere = comm is not None and (ranks > 1 or shards) and has_val
     val_pieces = 1
     if val_everywhere and shard and xv is not None:
@@ -225,8 +225,8 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                     mg = m
                 if not math.isfinite(value):
                     bad_input = not np.isfinite(xm).all()
-                    if comm is not None and ranks > 1:    # every rank is here: one message
-                        bad_input = any(comm.allgather(bad_input))
+                    if agree is not None:    # every rank is here: one message
+                        bad_input = any(agree.allgather(bad_input))
                     why = getattr(optimizer, "last_skip", None)
                     grad_why = getattr(model, "_skip_reason", None) if m else None
                     if grad_why is None and why and "gradient" in why:
@@ -273,8 +273,8 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
                 break
             if model.stop_training and history.stop_reason:
                 break
-            if comm is not None and ranks > 1:
-                correct = _sum_in_rank_order(comm, correct)
+            if agree is not None:
+                correct = _sum_in_rank_order(agree, correct)
             logs = {"loss": loss_sum / n_total if loss.reduction == "mean" else loss_sum,
                     "accuracy": correct / n_total if ab is not None else math.nan,
                     "lr": float(getattr(optimizer, "lr", math.nan))}

@@ -73,11 +73,11 @@ def at_least_zero(name):
     return Setting(lambda opt, v: number(v, name, type(opt).__name__, lo=0.0))
 
 
-def _check_steps(opt, value):
+def _check_steps(opt, value, name="steps", where=None):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
             or not 0 <= value <= MAX_STEPS:
-        raise ValueError(f"{type(opt).__name__}: steps must be an int in [0, 2**53], got "
-                         f"{value!r}")
+        raise ValueError(f"{where or type(opt).__name__}: {name} must be an int in "
+                         f"[0, 2**53], got {value!r}")
     return int(value)
 
 
@@ -225,10 +225,7 @@ class Optimizer:
                 settings = type(self)(self.model, **config)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{where}: bad optimizer settings: {exc}") from None
-        step = state.get("step", 0)
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) \
-                or not 0 <= step <= MAX_STEPS:
-            raise ValueError(f"{where}: step must be an int in [0, 2**53], got {step!r}")
+        step = _check_steps(self, state.get("step", 0), "step", where)
         base_lr = self.base_lr
         if "base_lr" in state:
             base_lr = number(state["base_lr"], "base_lr", where, lo=0.0)
