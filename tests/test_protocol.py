@@ -326,6 +326,49 @@ def test_a_layer_that_could_not_be_rebuilt_is_refused_when_saved(tmp_path):
         assert not (tmp_path / "m.npz").exists()
 
 
+def test_a_subclass_whose_constructor_disagrees_with_its_inherited_config_is_refused(
+        tmp_path):
+    class Scaled(cdl.Conv2d):                   # a new argument the config does not know
+        def __init__(self, *args, scale=2.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scale = scale
+
+    class Square(cdl.Conv2d):                   # the config's keys are not its arguments
+        def __init__(self, channels):
+            super().__init__(channels, channels, 3, padding=1)
+
+    class Same(cdl.Conv2d):                     # passes everything on: rebuilt as it is
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    class Own(Scaled):                          # its own get_config gives the argument
+        def get_config(self):
+            return dict(super().get_config(), scale=self.scale)
+
+    try:
+        for layer, match in (
+                (Scaled(3, 4, 3, scale=5.0), r"Scaled\[0\]: .*Scaled.__init__ takes \['scale'\], "
+                                             r"which the get_config\(\) it inherits from "
+                                             r"Conv2d does not return"),
+                (Square(3), r"Square\[0\]: get_config\(\) gives \['in_channels', .*\] but "
+                            r".*Square.__init__ does not take them")):
+            m = cdl.Sequential([layer], (3, 6, 6))
+            for call in (lambda: pickle.dumps(m), lambda: copy.deepcopy(m),
+                         lambda: m.save(str(tmp_path / "m.npz"))):
+                with pytest.raises(TypeError, match=match):
+                    call()
+            assert not (tmp_path / "m.npz").exists()
+        for layer in (Same(3, 4, 3, stride=2), Own(3, 4, 3, scale=5.0)):
+            m = cdl.Sequential([layer], (3, 6, 6), seed=0)
+            twin = copy.deepcopy(m)
+            assert type(twin.layers[0]) is type(layer)
+            assert twin.layers[0].stride == layer.stride
+            assert getattr(twin.layers[0], "scale", None) == getattr(layer, "scale", None)
+    finally:
+        for key in ("Scaled", "Square", "Same", "Own"):
+            cdl.layers.LAYER_TYPES.pop(key, None)
+
+
 @pytest.mark.parametrize("mistake", ["none", "narrow", "rows", "float64", "backward_none"])
 @pytest.mark.parametrize("dtype,use_plans", [(np.float32, True), (np.float32, False),
                                              (np.float64, False)])

@@ -369,7 +369,41 @@ class Layer:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{self.name}: get_config() must return JSON-able values "
                             f"(numbers, strings, lists, dicts): {exc}") from None
+        if not cls._trusted:
+            self._check_config_fits_constructor(config)
         return {"type": cls.type_name, "config": config}
+
+    def _check_config_fits_constructor(self, config):
+        # A user's subclass that changes the constructor but inherits get_config would be
+        # rebuilt without its new arguments, or not at all (from_config passes keys its
+        # __init__ does not take): refuse it here, not at load time.
+        cls = type(self)
+        if not isinstance(config, dict) or cls.from_config.__func__ is not \
+                Layer.from_config.__func__:
+            return
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        kinds = inspect.Parameter
+        named = [p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD,
+                                                       kinds.KEYWORD_ONLY)]
+        takes_any = any(p.kind == kinds.VAR_KEYWORD for p in params)
+        unknown = [k for k in config if k not in named and not takes_any]
+        if unknown:
+            raise TypeError(f"{self.name}: get_config() gives {unknown} but "
+                            f"{cls.__qualname__}.__init__ does not take "
+                            f"{'it' if len(unknown) == 1 else 'them'}, so a saved, copied "
+                            f"or pickled model could not rebuild it; define get_config() "
+                            f"for {cls.__qualname__}")
+        owner = lambda name: next(k for k in cls.__mro__ if name in k.__dict__)  # noqa: E731
+        if issubclass(owner("__init__"), owner("get_config")) and \
+                owner("__init__") is not owner("get_config"):
+            missing = [k for k in named if k not in config]
+            if missing:
+                raise TypeError(f"{self.name}: {cls.__qualname__}.__init__ takes {missing}, "
+                                f"which the get_config() it inherits from "
+                                f"{owner('get_config').__qualname__} does not return, so a "
+                                f"saved, copied or pickled model would lose "
+                                f"{'it' if len(missing) == 1 else 'them'}; define "
+                                f"get_config() for {cls.__qualname__}")
 
     @classmethod
     def from_config(cls, config):
