@@ -47,6 +47,14 @@ def test_predict_bit_identical(client):
         assert lazy.shape == (1000, 10) and lazy.dtype == np.float32
         got = lazy.compute()
         assert np.array_equal(got, model.predict(x, batch_size=bs)), (chunks, bs)
+    # the graph holds the model as it was: training it before compute() changes nothing,
+    # on the distributed client and on the local threaded scheduler
+    want = model.predict(x, batch_size=64)
+    lazy = cdl.dask.predict(model, da.from_array(x, chunks=(250, 1, 8, 8)), batch_size=64)
+    model.train_step(x[:64], y[:64], cdl.SoftmaxCrossEntropy(), cdl.SGD(model, lr=0.1))
+    assert not np.array_equal(model.predict(x, batch_size=64), want)
+    assert np.array_equal(lazy.compute(), want)
+    assert np.array_equal(lazy.compute(scheduler="threads"), want)
     # float64 input, a flat model (no dropped axes), a NumPy input
     mlp = cdl.Sequential([cdl.Linear(5, 7), cdl.Tanh(), cdl.Linear(7, 2)], (5,), seed=1)
     x2 = rng.standard_normal((301, 5))

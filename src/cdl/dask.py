@@ -32,6 +32,11 @@ def _dask():
     return dask, da
 
 
+def _model_from_bytes(blob):
+    from .io.format import loads
+    return loads(blob)
+
+
 def _predict_block(block, model, batch_size):
     return model.predict(block, batch_size=batch_size)
 
@@ -40,8 +45,10 @@ def predict(model, x, batch_size=256):
     """``model``'s predictions of the Dask array ``x`` (N, *input_shape), as a lazy Dask
     array (N, *output_shape) in the model's dtype.
 
-    The model is put in the graph once (a Delayed named by a hash of its bytes) and
-    each block is predicted on a worker with ``model.predict(block, batch_size)``.
+    The model is put in the graph once, as its file bytes at the time of the call (a
+    Delayed named by their hash: training the model before ``compute()`` does not change
+    the result), and each block is predicted on a worker with
+    ``model.predict(block, batch_size)``.
     Blocks are rechunked to whole batches of ``batch_size`` samples along the first
     axis (and one chunk along the others), so every batch is the one a local
     ``model.predict(x.compute(), batch_size)`` runs: the result is bit-identical.
@@ -67,8 +74,12 @@ def predict(model, x, batch_size=256):
     rows = max(x.chunks[0]) if x.shape[0] else bs
     rows = max(bs, rows // bs * bs)
     x = x.rechunk({0: rows, **{axis: -1 for axis in range(1, x.ndim)}})
-    token = hashlib.sha256(dumps(model)).hexdigest()[:20]
-    shipped = dask.delayed(model, name=f"cdl-model-{token}", traverse=False)
+    # The graph holds the model as it is now (its file bytes), as its key says: a model
+    # trained or changed before compute() must not change these predictions.
+    blob = dumps(model)
+    token = hashlib.sha256(blob).hexdigest()[:20]
+    shipped = dask.delayed(_model_from_bytes, pure=True)(blob,
+                                                         dask_key_name=f"cdl-model-{token}")
     out_ndim = 1 + len(model.output_shape)
     chunks = (x.chunks[0],) + tuple((s,) for s in model.output_shape)
     extra = {}
