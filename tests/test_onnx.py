@@ -433,6 +433,15 @@ def test_final_softmax_is_reported(torch, kind):
     np.testing.assert_allclose(probs, want, atol=1e-6)
     plain = cdl.onnx.load(exported(cdl.Sequential([cdl.Linear(3, 2)], (3,))))
     assert plain.onnx_output_activation is None
+    # it travels with the model: copies, pickles, files; other models have it as None
+    import copy
+    import pickle
+    f = io.BytesIO()
+    model.save(f)
+    f.seek(0)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), cdl.load(f)):
+        assert twin.onnx_output_activation == model.onnx_output_activation
+    assert cdl.Sequential([cdl.Linear(3, 2)], (3,)).onnx_output_activation is None
 
 
 # ---------------------------------------------------------------------------------
@@ -514,6 +523,67 @@ def test_input_shape_argument_fixes_a_symbolic_shape():
     data = graph_model([h.make_node("Relu", ["x"], ["y"])], {}, ["N", "C", 8, 8])
     model = cdl.onnx.load(data, input_shape=(3, 8, 8))
     assert model.input_shape == (3, 8, 8)
+    for bad, error in (((3.7, 8, 8), ValueError), ((True, 8, 8), ValueError),
+                       ((3, 8, None), ValueError), ("abc", TypeError), ((), ValueError)):
+        with pytest.raises(error, match=r"cdl.onnx.load: input_shape must be"):
+            cdl.onnx.load(data, input_shape=bad)
+    with pytest.raises(ValueError, match=r"input_shape \(3, 8, 9\) contradicts the graph's "
+                                         r"input shape \(N, C, 8, 8\)"):
+        cdl.onnx.load(data, input_shape=(3, 8, 9))
+
+
+def test_pool_with_negative_same_padding_is_refused():
+    # kernel < stride with auto_pad=SAME_*: ONNX's formula gives negative padding, where
+    # ONNX Runtime's AveragePool crops, its MaxPool refuses and cdl padded by 0 (a third
+    # answer); Conv, where the runtimes clamp to 0 as cdl does, still loads
+    h = onnx.helper
+    for op in ("AveragePool", "MaxPool"):
+        node = h.make_node(op, ["x"], ["y"], kernel_shape=[1, 1], strides=[3, 3],
+                           auto_pad="SAME_UPPER")
+        refused(graph_model([node], {}, ["N", 1, 3, 3]), f"({op})", "negative padding (-2)")
+    w = np.ones((1, 1, 1, 1), np.float32)
+    conv = h.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1], strides=[3, 3],
+                       auto_pad="SAME_UPPER")
+    data = graph_model([conv], {"w": w}, ["N", 1, 3, 3])
+    x = np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3)
+    np.testing.assert_array_equal(cdl.onnx.load(data).predict(x), ort_run(data, x))
+
+
+def test_global_pool_reshaped_to_its_own_shape_loads():
+    # GlobalAveragePool then a Reshape to (N, C, 1, 1): ONNX's own shape, not a flatten
+    h = onnx.helper
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    gap = h.make_node("GlobalAveragePool", ["x"], ["g"])
+    cases = [([gap, h.make_node("Reshape", ["g", "s"], ["y"])], [0, 3, 1, 1],
+              ["AvgPool2d"], (2, 3, 1, 1)),
+             ([gap, h.make_node("Reshape", ["g", "s"], ["r"]),
+               h.make_node("Flatten", ["r"], ["y"])], [0, -1, 1, 1],
+              ["AvgPool2d", "Flatten"], (2, 3)),
+             ([gap, h.make_node("Reshape", ["g", "s"], ["y"])], [0, -1],
+              ["GlobalAvgPool2d"], (2, 3))]
+    for nodes, target, kinds, shape in cases:
+        data = graph_model(nodes, {"s": np.array(target, np.int64)}, ["N", 3, 4, 4])
+        model = cdl.onnx.load(data)
+        assert [type(l).__name__ for l in model.layers] == kinds
+        got, want = model.predict(x), ort_run(data, x)
+        assert got.shape == want.shape == shape
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_export_refuses_settings_a_float32_attribute_cannot_hold():
+    for layer, pattern in ((cdl.LeakyReLU(1e39), r"LeakyReLU\[0\]: ONNX stores LeakyRelu's "
+                                                 r"attribute alpha as a float32, which turns "
+                                                 r"1e\+39 into inf"),
+                           (cdl.BatchNorm1d(4, eps=1e-50), r"BatchNorm1d\[0\]: .*epsilon .*"
+                                                           r"turns 1e-50 into 0.0"),
+                           (cdl.BatchNorm1d(4, eps=1e39), r"epsilon .* turns 1e\+39 into inf")):
+        model = cdl.Sequential([layer], (4,), dtype=np.float64)
+        out = io.BytesIO()
+        with pytest.raises(ValueError, match=pattern):
+            cdl.onnx.export(model, out)
+        assert out.getvalue() == b""
+    model = cdl.Sequential([cdl.BatchNorm1d(4, eps=1e-12)], (4,), dtype=np.float64)
+    assert cdl.onnx.load(exported(model)).layers[0].eps == pytest.approx(1e-12, rel=1e-7)
 
 
 def test_matmul_add_and_folded_reshape_shapes():

@@ -37,17 +37,20 @@ INFERENCE_CACHE_BYTES = 256 << 20
 """predict keeps at most this many bytes of inference buffers per model (see cdl.buffers)."""
 
 
-def _input_shape(shape):
+def _input_shape(shape, where="Sequential"):
     if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
         shape = (shape,)
+    if isinstance(shape, (str, bytes)):
+        raise TypeError(f"{where}: input_shape must be a tuple of ints (per sample, "
+                        f"without the batch axis), got {shape!r}")
     try:
         shape = tuple(shape)
     except TypeError:
-        raise TypeError(f"Sequential: input_shape must be a tuple of ints (per sample, "
+        raise TypeError(f"{where}: input_shape must be a tuple of ints (per sample, "
                         f"without the batch axis), got {shape!r}") from None
     if not shape or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
                             and s >= 1 for s in shape):
-        raise ValueError(f"Sequential: input_shape must be a non-empty tuple of ints >= 1 "
+        raise ValueError(f"{where}: input_shape must be a non-empty tuple of ints >= 1 "
                          f"(per sample, without the batch axis), got {shape!r}")
     return tuple(int(s) for s in shape)
 
@@ -59,6 +62,11 @@ class Sequential:
     layer's output shape is computed and checked here. ``seed`` makes the
     initial weights (and fit's shuffling) reproducible bit for bit.
     """
+
+    onnx_output_activation = None
+    """The final Softmax or LogSoftmax ("softmax", "log_softmax") that ``cdl.onnx.load``
+    left out of the model (which returns the scores before it); None otherwise. Saved,
+    copied and pickled with the model."""
 
     def __init__(self, layers, input_shape, dtype=np.float32, seed=None, l2=0.0):
         self.chain = Chain(layers, "Sequential")
@@ -609,9 +617,12 @@ class Sequential:
         save_state_dict(self, path, format)
 
     def get_config(self):
-        return {"input_shape": list(self.input_shape), "dtype": self.dtype.name,
-                "l2": self._l2,
-                "layers": [l.spec() for l in self.layers]}
+        config = {"input_shape": list(self.input_shape), "dtype": self.dtype.name,
+                  "l2": self._l2,
+                  "layers": [l.spec() for l in self.layers]}
+        if self.onnx_output_activation is not None:
+            config["onnx_output_activation"] = self.onnx_output_activation
+        return config
 
     def __reduce__(self):
         # Pickling (and copy.deepcopy, multiprocessing, Dask...) goes through the safe
@@ -659,6 +670,9 @@ def _checked_values(targets, state, where, what="the state dict"):
 
 def _value_problem(v, t):
     """Why array v cannot be copied into t exactly enough (None if it can)."""
+    if v.dtype.kind not in "fiub":
+        return f"is not a numeric array (dtype {v.dtype}); the model needs {t.dtype} " \
+               f"{shape_str(t.shape)}"
     if v.shape != t.shape:
         return f"has shape {shape_str(v.shape)}, the model needs {shape_str(t.shape)}"
     if t.dtype.kind == "f" and v.dtype.kind not in "fiu":

@@ -307,11 +307,18 @@ def _build(header, path, size):
             layers.append(LAYER_TYPES[spec["type"]].from_config(kwargs))
         except (TypeError, ValueError, KeyError, RecursionError) as exc:
             raise _fail(path, f"layer {i} ({spec['type']}): {exc}") from None
+    activation = cfg.get("onnx_output_activation")
+    if activation not in (None, "softmax", "log_softmax"):
+        raise _fail(path, f"onnx_output_activation {activation!r} is not 'softmax', "
+                          f"'log_softmax' or absent")
     try:
-        return Sequential(layers, cfg.get("input_shape"), dtype=cfg["dtype"],
-                          l2=cfg.get("l2", 0.0))
+        model = Sequential(layers, cfg.get("input_shape"), dtype=cfg["dtype"],
+                           l2=cfg.get("l2", 0.0))
     except (TypeError, ValueError) as exc:
         raise _fail(path, f"the architecture is inconsistent: {exc}") from None
+    if activation is not None:
+        model.onnx_output_activation = activation
+    return model
 
 
 def _read_array(npz, entry, path):

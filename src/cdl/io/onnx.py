@@ -84,6 +84,15 @@ class GraphBuilder:
         return "" if layer is None or layer.path is None else f"{layer.path}."
 
     def node(self, op, inputs, layer=None, **attributes):
+        for key, value in attributes.items():
+            if isinstance(value, (float, np.floating)):
+                with np.errstate(over="ignore", under="ignore"):
+                    stored = np.float32(value)     # ONNX's float attributes are float32
+                if not np.isfinite(stored) and np.isfinite(value) or stored == 0 != value:
+                    where = layer.name if layer is not None else op
+                    raise ValueError(f"{where}: ONNX stores {op}'s attribute {key} as a "
+                                     f"float32, which turns {value!r} into {float(stored)}; "
+                                     f"the exported graph would compute something else")
         prefix = self._prefix(layer)
         out = self.unique(f"{prefix}{op}")
         name = self.unique(f"node:{prefix}{op}")
@@ -344,7 +353,15 @@ class NodeReader:
         elif auto in ("SAME_UPPER", "SAME_LOWER"):
             begin, end = [], []
             for i in range(n):
-                total = max((-(-size[i] // strides[i]) - 1) * strides[i] + kernel[i] - size[i], 0)
+                total = (-(-size[i] // strides[i]) - 1) * strides[i] + kernel[i] - size[i]
+                if total < 0 and node.op_type != "Conv":
+                    # ONNX Runtime and the reference evaluator disagree here (crop or
+                    # refuse); Conv's clamp to 0 they share
+                    raise self.fail(node, f"auto_pad={auto} with kernel {list(kernel)} "
+                                          f"smaller than strides {list(strides)} on a "
+                                          f"{size[i]}-cell axis gives negative padding "
+                                          f"({total}); cdl pads by 0 or more")
+                total = max(total, 0)
                 small, big = total // 2, total - total // 2
                 begin.append(small if auto == "SAME_UPPER" else big)
                 end.append(big if auto == "SAME_UPPER" else small)
@@ -641,7 +658,10 @@ class _Importer:
             if dims is not None and (len(dims) - 1 != len(shape) or any(
                     d.HasField("dim_value") and d.dim_value != s
                     for d, s in zip(dims[1:], shape))):
-                raise self.fail(None, f"input_shape {shape} contradicts the graph's input shape")
+                graph = ", ".join(str(d.dim_value) if d.HasField("dim_value") else
+                                  (d.dim_param or "?") for d in dims)
+                raise self.fail(None, f"input_shape {shape} contradicts the graph's input "
+                                      f"shape ({graph})")
         else:
             if dims is None or not all(d.HasField("dim_value") for d in dims[1:]):
                 raise self.fail(None, f"input {vi.name!r} has no fixed per-sample shape; pass "
@@ -1082,6 +1102,9 @@ def load(source, input_shape=None):
     ``onnx.version_converter`` first. Everything else is a ValueError naming the node,
     its op type and the reason, and listing the supported ops (``supported_ops()``).
     """
+    if input_shape is not None:
+        from ..model import _input_shape
+        input_shape = _input_shape(input_shape, "cdl.onnx.load")
     onnx = _require_onnx()
     data, name = _read_bytes(source)
     m = _parse(onnx, data, name)

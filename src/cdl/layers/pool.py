@@ -226,9 +226,19 @@ class GlobalAvgPool2d(Layer):
                                     f"cdl pools 2-D CxHxW inputs")
         c, h, w = reader.shape
         uses = reader.consumers(node)
-        flat = [n for n in uses if n.op_type in ("Flatten", "Reshape")]
+
+        def flattens(n):    # a Reshape to (N, m); one to (N, C, 1, 1) keeps the plane axes
+            if n.op_type != "Reshape":
+                return n.op_type == "Flatten"
+            try:
+                target = reader.const(n, 1, "shape", batch_ok=True)
+            except ValueError:
+                return True     # the Reshape's own import names what is wrong
+            return np.ndim(target) == 1 and len(target) == 2
+
+        flat = [n for n in uses if flattens(n)]
         if flat and not reader.is_graph_output(node) and \
-                all(n.op_type in ("Flatten", "Reshape", "Shape") for n in uses):
+                all(flattens(n) or n.op_type == "Shape" for n in uses):
             reader.set_onnx_shape((c, 1, 1))
             return [cls()]
         return [AvgPool2d((h, w), stride=(h, w))]
