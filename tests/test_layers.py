@@ -219,3 +219,47 @@ def test_a_model_keeps_weights_a_layer_holds_and_draws_fresh_ones_from_its_seed(
     d = cdl.Sequential(net(), (4,), seed=4)
     for k, v in c.state_dict().items():
         np.testing.assert_array_equal(v, d.state_dict()[k], err_msg=k)
+
+
+def test_held_values_that_no_longer_fit_the_layers_settings_are_refused():
+    # A setting changed after the layer got values of its own (a copy's, or set by
+    # hand): the kernels would read the old arrays out of bounds (a segfault, or NaN).
+    import copy
+    lin = cdl.Linear(3, 2)
+    lin.params["weight"][...] = 1.0
+    lin.in_features = 50
+    with pytest.raises(ValueError, match=r"Linear\[0\]: the values it holds \(weight 2x3, "
+                                         r"bias 2\) are not the arrays its settings make "
+                                         r"\(weight 2x50, bias 2\)"):
+        cdl.Sequential([lin], (50,), seed=0)
+    lin.in_features = 3                     # put back: it builds and keeps its values
+    m = cdl.Sequential([lin], (3,), seed=0)
+    np.testing.assert_array_equal(m.layers[0].params["weight"], 1.0)
+
+    a = cdl.Sequential([cdl.BatchNorm1d(4)], (4,), seed=0)
+    x = np.ones((8, 4), np.float32)
+    a.train_step(x, x, cdl.MSE(), cdl.SGD(a, 0.1))
+    bn = copy.deepcopy(a.layers[0])         # keeps its running statistics
+    bn.num_features = 100
+    with pytest.raises(ValueError, match=r"BatchNorm1d\[0\]: the values it holds \(.*"
+                                         r"running_mean 4.*\) are not the arrays its "
+                                         r"settings make \(.*running_mean 100"):
+        cdl.Sequential([bn], (100,), seed=0)
+
+
+def test_batchnorm_counts_its_running_statistics_in_a_files_size_check():
+    # affine=False has no parameters but two running statistics the file must hold: a
+    # 500-byte header must not make load allocate them (2.3 GB here) before refusing
+    import io
+    import json
+    F = 300_000_000
+    header = {"format": "cdl-model", "version": 2, "arrays": [], "optimizer": None,
+              "extra": {}, "model": {"input_shape": [F], "dtype": "float64", "l2": 0.0,
+                                     "layers": [{"type": "BatchNorm1d", "config": {
+                                         "num_features": F, "affine": False}}]}}
+    f = io.BytesIO()
+    np.savez(f, __cdl__=np.frombuffer(json.dumps(header).encode(), np.uint8))
+    with pytest.raises(ValueError, match=r"the architecture needs 4800000000 bytes"):
+        cdl.loads(f.getvalue())
+    with pytest.raises(ValueError, match=r"BatchNorm1d\[0\]: .* at most 2147483647"):
+        cdl.Sequential([cdl.BatchNorm1d(2**40, affine=False)], (2**40,))

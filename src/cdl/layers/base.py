@@ -517,10 +517,14 @@ class Layer:
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"{self.name}: dtype must be float32 or float64, got {dtype}")
         src = source or f"input {shape_str(input_shape)}"
-        self.output_shape = tuple(int(s) for s in self._configure(tuple(input_shape), src))
+        output_shape = tuple(int(s) for s in self._configure(tuple(input_shape), src))
+        keep = keep_params and bool(self.params or self.buffers)
+        if keep:
+            self._check_kept_shapes(dtype)
+        self.output_shape = output_shape
         self.input_shape = tuple(int(s) for s in input_shape)
         self.dtype = dtype
-        if keep_params and (self.params or self.buffers):
+        if keep:
             for d in (self.params, self.grads, self.buffers):
                 for k in d:
                     if d[k].dtype.kind == "f":
@@ -533,6 +537,23 @@ class Layer:
         self._ws = {}
         self._last = None
         return self.output_shape
+
+    def _check_kept_shapes(self, dtype):
+        """The values a layer holds must be the arrays its settings make (a setting changed
+        after they were set, say): the kernels trust those shapes."""
+        kept = self.params, self.grads, self.buffers, self._drawn
+        try:
+            self.params, self.grads, self.buffers = ArrayDict(), ArrayDict(), ArrayDict()
+            self._create(np.random.default_rng(0), "he", dtype)
+            want = {k: v.shape for d in (self.params, self.buffers) for k, v in d.items()}
+        finally:
+            self.params, self.grads, self.buffers, self._drawn = kept
+        have = {k: v.shape for d in (self.params, self.buffers) for k, v in d.items()}
+        if have != want:
+            show = lambda d: ", ".join(f"{k} {shape_str(v)}" for k, v in d.items())  # noqa: E731
+            raise ValueError(f"{self.name}: the values it holds ({show(have)}) are not the "
+                             f"arrays its settings make ({show(want)}); a setting changed "
+                             f"after they were set? Make a new layer")
 
     def _configure(self, input_shape, source):
         return input_shape

@@ -65,7 +65,8 @@ class _BatchNorm(Layer):
 
     @classmethod
     def declared_params(cls, config):
-        return 2 * max(int(config["num_features"]), 0) if config.get("affine", True) else 0
+        # weight and bias (affine), running_mean and running_var: all in the file
+        return (4 if config.get("affine", True) else 2) * max(int(config["num_features"]), 0)
 
     def describe(self):
         return f"{type(self).__name__}({self.num_features})"
@@ -80,6 +81,7 @@ class _BatchNorm(Layer):
 
     def _create(self, rng, init, dtype):
         c = self.num_features
+        self._check_size((c,))          # before allocating
         if self.affine:
             self.add_param("weight", np.ones(c, dtype))
             self.add_param("bias", np.zeros(c, dtype))
