@@ -722,3 +722,26 @@ def test_deep_chain_import_work_grows_linearly():
     the lines of Python (it ran eight times)."""
     small, large = (_import_lines_run(_chain("MatMul", n)) for n in (200, 800))
     assert large < 5 * small, (small, large)
+
+
+def test_file_arguments_are_checked(tmp_path):
+    model = cdl.Sequential([cdl.Linear(3, 2)], (3,))
+    path = tmp_path / "m.onnx"
+    cdl.onnx.export(model, path)
+    with open(path, "r") as text, pytest.raises(TypeError, match=r"cdl.onnx.load: .*binary "
+                                                               r"mode \('rb'\)"):
+        cdl.onnx.load(text)
+    with open(tmp_path / "t.onnx", "w") as text, \
+            pytest.raises(TypeError, match=r"cdl.onnx.export: .*binary mode \('wb'\)"):
+        cdl.onnx.export(model, text)
+    with pytest.raises(TypeError, match=r"cdl.onnx.export: f must be a path or a binary file "
+                                        r"object, got int"):
+        cdl.onnx.export(model, 123)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "t.onnx"]
+
+
+def test_matmul_by_a_vector_says_so():
+    h = onnx.helper
+    data = graph_model([h.make_node("MatMul", ["x", "w"], ["y"])],
+                       {"w": np.ones(5, np.float32)}, ["N", 5])
+    refused(data, "(MatMul)", "weight B must be a matrix, got 5")

@@ -25,6 +25,7 @@ with a ValueError naming the node, its op type and the reason, and listing the
 supported ops. Damaged files are ValueErrors too (protobuf's DecodeError is
 wrapped). Sizes are checked before anything is allocated.
 """
+import io
 import math
 import os
 import warnings
@@ -179,6 +180,12 @@ def export(model, f, opset=17, dynamic_batch=True):
     ``onnx.checker.check_model(full_check=True)``. ``opset`` from 13 to the newest the
     installed onnx knows.
     """
+    if isinstance(f, io.TextIOBase):
+        raise TypeError("cdl.onnx.export: the file object must be opened in binary mode "
+                        "('wb')")
+    if not hasattr(f, "write") and not isinstance(f, (str, os.PathLike)):
+        raise TypeError(f"cdl.onnx.export: f must be a path or a binary file object, got "
+                        f"{type(f).__name__}")
     m = to_model(model, opset, dynamic_batch)
     data = m.SerializeToString()
     if hasattr(f, "write"):
@@ -1044,6 +1051,8 @@ class _Importer:
 def _read_bytes(source):
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), "<bytes>"
+    if isinstance(source, io.TextIOBase):
+        raise TypeError("cdl.onnx.load: the file object must be opened in binary mode ('rb')")
     if hasattr(source, "read"):
         data = source.read()
         if not isinstance(data, (bytes, bytearray)):

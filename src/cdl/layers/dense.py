@@ -106,7 +106,11 @@ class Linear(FoldsAtInference, Layer):
         if node.op_type == "MatMul":
             reader.attrs(node, {})
             b = reader.const(node, 1, "B (weight)")
-            if b.ndim != 2 or b.shape[0] != k:
+            if b.ndim != 2:
+                raise reader.fail(node, f"weight B must be a matrix, got {shape_str(b.shape)} "
+                                        f"(a vector or a stack of matrices does not give "
+                                        f"(N, features) outputs)")
+            if b.shape[0] != k:
                 raise reader.fail(node, f"weight B of shape {shape_str(b.shape)} does not "
                                         f"multiply inputs of {k} features")
             weight = b.T
