@@ -152,7 +152,6 @@ LABEL_FNS = ["softmax_cross_entropy", "multiclass_svm", "mse"]
     (np.array([2**63 + 5, 0, 0, 0], np.uint64), ValueError, r"labels must lie in \[0, 3\)"),
     (np.zeros((4, 1), int), ValueError, r"labels must be 1-D \(N,\), got shape 4x1"),
     (np.array([0, 1, 2, 0], object), TypeError, r"labels must be integer class indices, got dtype object"),
-    (np.array([0, 1, 1, 0], bool), TypeError, r"labels must be integer class indices, got dtype bool"),
     ("abcd", TypeError, r"labels must be integer class indices, got dtype <U4"),
     (None, TypeError, r"labels must be integer class indices"),
 ])
@@ -169,6 +168,38 @@ def test_loss_labels(fn, labels, exc, match):
 def test_loss_float_labels(fn):
     with pytest.raises(TypeError, match=rf"{fn}: labels must be integer class indices, got dtype float64"):
         getattr(F, fn)(S, np.zeros(4))
+
+
+def test_functional_losses_agree_with_the_loss_classes():
+    """Bool labels are taken (as the classes take them) and a negative margin refused
+    (as MulticlassSVM refuses it)."""
+    scores = np.random.default_rng(0).standard_normal((4, 3)).astype(f32)
+    labels = np.array([True, False, True, True])
+    for fn, cls in ((F.softmax_cross_entropy, cdl.SoftmaxCrossEntropy()),
+                    (F.multiclass_svm, cdl.MulticlassSVM()), (F.mse, cdl.MSE())):
+        value, grad = fn(scores, labels)
+        assert value == cls.forward(scores, labels) == fn(scores, labels.astype(int))[0]
+        np.testing.assert_array_equal(grad, cls.backward())
+    with pytest.raises(ValueError, match=r"multiclass_svm: margin must be a finite number >= 0, "
+                                         r"got -1.0"):
+        F.multiclass_svm(scores, Y, margin=-1.0)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: F.softmax_cross_entropy([[1.0, 2.0, 3.0], [1.0]], [0, 1]), r"softmax_cross_entropy: scores"),
+    (lambda: F.multiclass_svm(S, [[0], [1, 2], [0], [1]]), r"multiclass_svm: labels"),
+    (lambda: F.mse([[1.0, 2.0], [1.0]], [0, 1]), r"mse: pred"),
+    (lambda: F.mse(S, [[1.0, 2.0, 3.0], [1.0], [1.0], [1.0]]), r"mse: target"),
+    (lambda: cdl.SoftmaxCrossEntropy().forward([[1.0, 2.0, 3.0], [1.0]], [0, 1]),
+     r"SoftmaxCrossEntropy.forward: scores"),
+    (lambda: cdl.MulticlassSVM().forward(S, [[0], [1, 2], [0], [1]]), r"MulticlassSVM.forward: targets"),
+    (lambda: cdl.MSE().forward(S, [[1.0, 2.0, 3.0], [1.0], [1.0], [1.0]]), r"MSE.forward: targets"),
+])
+def test_losses_name_ragged_lists(call, match):
+    # NumPy's "inhomogeneous shape" error named neither the call nor the argument
+    with pytest.raises(ValueError, match=match + r" must be an array \(nested lists of equal "
+                                                 r"lengths\)"):
+        call()
 
 
 @pytest.mark.parametrize("call,exc,match", [
@@ -510,6 +541,9 @@ XB = z(4, 1, 8, 8)
     (z(4, 2, 8, 8), ValueError, r"x must have shape Nx1x8x8, got 4x2x8x8"),
     (z(1, 8, 8), ValueError, r"x must have shape Nx1x8x8, got 1x8x8 \(a single sample\? add a batch axis"),
     (z(4, 64), ValueError, r"x must have shape Nx1x8x8, got 4x64"),
+    # ragged nested lists: NumPy's own error named neither the call nor x
+    ([XB[0].tolist(), [[[0.0]]]], ValueError, r"x must be an array \(nested lists of equal "
+                                              r"lengths\); NumPy could not make one"),
 ])
 def test_sequential_bad_x(cnn, method, x, exc, match):
     m, loss, opt = cnn
@@ -529,6 +563,7 @@ def test_sequential_bad_x(cnn, method, x, exc, match):
     (Y.astype(object), TypeError, r"y must be integer class labels, got dtype object"),
     (Y[:, None], ValueError, r"y must have shape \(4,\) \(one label per sample\), got 4x1"),
     ("abcd", TypeError, r"y must be an integer array of class labels, got str"),
+    ([[0], [1, 2], [0], [1]], ValueError, r"y must be an array \(nested lists of equal lengths\)"),
 ])
 def test_sequential_bad_labels(cnn, method, y, exc, match):
     m, loss, opt = cnn
@@ -622,6 +657,65 @@ def test_losses_and_sgd_objects(call, exc, match):
         call()
 
 
+class _OneRank:
+    """A one-process stand-in for an mpi4py communicator."""
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def allgather(self, value):
+        return [value]
+
+    def bcast(self, value, root=0):
+        return value
+
+    def Allgather(self, send, recv):
+        np.asarray(recv).reshape(-1).view(np.uint8)[...] = \
+            np.asarray(send).reshape(-1).view(np.uint8)
+
+
+def test_an_optimizer_that_is_not_a_cdl_optimizer_is_refused_before_anything_runs():
+    """The class itself (cdl.SGD, not cdl.SGD(model, ...)), a torch.optim optimizer or
+    another object with a step method used to run the forward and backward passes
+    (BatchNorm's statistics, Dropout's counter) and then fail with an AttributeError."""
+    torch = pytest.importorskip("torch")
+    m = cdl.Sequential([cdl.Linear(4, 6), cdl.BatchNorm1d(6), cdl.Dropout(0.5),
+                        cdl.Linear(6, 3)], (4,), seed=0)
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(f32)
+    y = np.arange(8) % 3
+    loss = cdl.SoftmaxCrossEntropy()
+
+    class Stepper:
+        def step(self, threads=None):
+            pass
+
+    before, passes = m.state_dict(), m.layers[2].passes
+    p = torch.nn.Parameter(torch.zeros(3))
+    for opt, got in [(cdl.SGD, r"the class cdl\.optim\.sgd\.SGD; make one first: "
+                               r"SGD\(model, lr=0\.01\)"),
+                     (torch.optim.SGD([p], lr=0.1), r"torch\.optim\.sgd\.SGD"),
+                     (Stepper(), rf"{__name__}\..*Stepper")]:
+        for where, call in [("train_step", lambda: m.train_step(x, y, loss, opt)),
+                            ("fit", lambda: m.fit(x, y, loss, opt, verbose=0,
+                                                  callbacks=[cdl.StepLR(1)]))]:
+            expected = (rf"Sequential\.{where}: optimizer must be a cdl optimizer "
+                        rf"\(e\.g\. cdl\.SGD\(model, lr=0\.01\)\), got {got}")
+            with pytest.raises(TypeError, match=expected):
+                call()
+            for k, v in m.state_dict().items():
+                np.testing.assert_array_equal(v, before[k], err_msg=k)
+            assert m.layers[2].passes == passes
+    # an optimizer wrapping one (cdl.distributed's, on one process) still trains
+    from cdl.distributed import DistributedOptimizer
+    opt = DistributedOptimizer(cdl.SGD(m, lr=0.1), comm=_OneRank(), threads=None)
+    assert np.isfinite(m.train_step(x, y, loss, opt)) and opt.steps == 1
+    m.fit(x, y, loss, opt, batch_size=4, verbose=0, callbacks=[cdl.StepLR(1)])
+    assert opt.steps == 3
+
+
 def test_sgd_bad_numbers(cnn):
     m = cnn[0]
     for kw, exc, match in [({"lr": -1}, ValueError, r"SGD: lr must be a finite number in \[0.0, inf\)"),
@@ -667,6 +761,27 @@ def test_optimizer_settings_are_checked_when_assigned_too(cnn):
     assert twin.get_config() == sgd.get_config()
     twin.load_state_dict(cdl.SGD(m, lr=0.1, momentum=0.5, nesterov=True).state_dict())
     assert twin.nesterov and twin.momentum == 0.5
+
+
+def test_loss_settings_are_checked_when_assigned_too():
+    """As the optimizers' settings: a value the constructor refuses is refused on
+    assignment, and the loss keeps its setting (reduction="none" trained as a sum)."""
+    svm = cdl.MulticlassSVM(margin=0.5)
+    for key, value, exc, match in [
+            ("reduction", "none", ValueError, r"reduction must be 'mean' or 'sum', got 'none'"),
+            ("reduction", None, ValueError, r"reduction must be 'mean' or 'sum', got None"),
+            ("margin", -1.0, ValueError, r"margin must be a finite number >= 0, got -1.0"),
+            ("margin", float("nan"), ValueError, r"margin must be a finite number >= 0"),
+            ("margin", "1", TypeError, r"margin must be a number, got '1'")]:
+        with pytest.raises(exc, match=rf"MulticlassSVM: {match}"):
+            setattr(svm, key, value)
+        assert (svm.margin, svm.reduction) == (0.5, "mean")
+    with pytest.raises(ValueError, match=r"SoftmaxCrossEntropy: reduction must be"):
+        cdl.SoftmaxCrossEntropy().reduction = "avg"
+    svm.margin, svm.reduction = 2, "sum"
+    assert svm.get_config() == {"margin": 2.0, "reduction": "sum"}
+    s = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert svm.forward(s, [0, 0]) == cdl.MulticlassSVM(2.0, "sum").forward(s, [0, 0]) == 7.0
 
 
 def test_gradcheck_bad_arguments():

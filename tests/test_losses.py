@@ -234,8 +234,11 @@ def test_bad_labels():
             f(s, np.zeros((4, 1), np.int64))
     with pytest.raises(TypeError, match="labels must be integer class indices, got dtype float64"):
         F.softmax_cross_entropy(s, np.array([0.0, 1.0, 2.0, 1.0]))
-    with pytest.raises(TypeError, match="labels must be integer class indices, got dtype bool"):
-        F.multiclass_svm(s, np.array([True, False, True, False]))
+    # bool labels are classes 0 and 1, as the loss classes take them
+    scores = np.arange(12, dtype=np.float32).reshape(4, 3)
+    for got, want in zip(F.multiclass_svm(scores, np.array([True, False, True, False])),
+                         F.multiclass_svm(scores, np.array([1, 0, 1, 0]))):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_bad_scores_and_options():

@@ -449,3 +449,128 @@ def test_resuming_from_a_checkpoint_with_initial_epoch_is_the_uninterrupted_run(
     for bad in (6, -1, 1.0):
         with pytest.raises(ValueError, match=r"initial_epoch must be an int in \[0, epochs=6\)"):
             resumed.fit(x, y, loss, ropt, epochs=6, verbose=0, initial_epoch=bad)
+
+
+def test_resuming_with_early_stopping_and_a_best_checkpoint_is_the_uninterrupted_run(tmp_path):
+    """Both callbacks used to start afresh: the resumed run stopped later, and its first
+    epoch overwrote the best file with a worse model. Given the run's state so far
+    (initial_value_threshold, initial_wait) they continue as if never stopped."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((60, 4)).astype(np.float32), rng.integers(0, 3, 60)
+    xv, yv = rng.standard_normal((30, 4)).astype(np.float32), rng.integers(0, 3, 30)
+    loss = cdl.SoftmaxCrossEntropy()
+
+    def net():
+        return cdl.Sequential([cdl.Linear(4, 32), cdl.ReLU(), cdl.Linear(32, 3)], (4,), seed=0)
+
+    kw = dict(epochs=30, batch_size=8, verbose=0, validation_data=(xv, yv))
+    whole = net()
+    es = cdl.EarlyStopping(patience=3)
+    h = whole.fit(x, y, loss, cdl.SGD(whole, lr=0.2, momentum=0.9), **kw, callbacks=[
+        es, cdl.ModelCheckpoint(str(tmp_path / "ck-{epoch}.npz"), save_optimizer=True),
+        cdl.ModelCheckpoint(tmp_path / "best.npz", save_best_only=True)])
+    k = es.stopped_epoch - 1            # resume after epoch k (counted from 1)
+    so_far = h["val_loss"][:k]
+    best = min(so_far)
+    assert h["val_loss"][k] > best      # the first resumed epoch is no better
+    best_file = (tmp_path / "best.npz").read_bytes()
+    resumed, opt = cdl.load(tmp_path / f"ck-{k}.npz", optimizer=True)
+    es2 = cdl.EarlyStopping(patience=3, initial_value_threshold=best,
+                            initial_wait=k - 1 - so_far.index(best))
+    ck2 = cdl.ModelCheckpoint(tmp_path / "best.npz", save_best_only=True,
+                              initial_value_threshold=best)
+    h2 = resumed.fit(x, y, loss, opt, **kw, initial_epoch=k, callbacks=[es2, ck2])
+    assert h2.epochs == h.epochs[k:] and es2.stopped_epoch == es.stopped_epoch
+    assert h2["val_loss"] == h["val_loss"][k:]
+    assert ck2.saved == [] and (tmp_path / "best.npz").read_bytes() == best_file
+    for key, v in whole.state_dict().items():
+        np.testing.assert_array_equal(v, resumed.state_dict()[key], err_msg=key)
+
+
+def test_callbacks_initial_state_is_checked():
+    for make in (cdl.EarlyStopping, lambda **kw: cdl.ModelCheckpoint("m.npz", **kw)):
+        for value, exc, match in (("1", TypeError, r"must be a number, got '1'"),
+                                  (True, TypeError, r"must be a number, got True"),
+                                  (float("nan"), ValueError, r"must be a finite number, got nan")):
+            with pytest.raises(exc, match=rf"(EarlyStopping|ModelCheckpoint): "
+                                          rf"initial_value_threshold {match}"):
+                make(initial_value_threshold=value)
+    with pytest.raises(ValueError, match=r"EarlyStopping: initial_wait must be >= 0, got -1"):
+        cdl.EarlyStopping(initial_wait=-1)
+    es = cdl.EarlyStopping(monitor="val_accuracy", initial_value_threshold=0.5, initial_wait=2)
+    es.on_train_begin()
+    assert (es.best, es.wait, es.mode) == (0.5, 2, "max")
+
+
+def test_fit_refuses_empty_validation_data_and_both_validation_arguments():
+    """Empty validation_data used to be dropped silently (evaluate refuses it), and
+    validation_split was ignored beside validation_data; both are refused before
+    anything trains."""
+    x, y = blobs()
+    m = tiny()
+    opt = cdl.SGD(m, lr=0.1)
+    loss = cdl.SoftmaxCrossEntropy()
+    before = m.state_dict()
+    with pytest.raises(ValueError, match=r"Sequential.fit: validation_data is empty "
+                                         r"\(validation_data\[0\] has shape 0x4\)"):
+        m.fit(x, y, loss, opt, verbose=0, validation_data=(x[:0], y[:0]))
+    with pytest.raises(ValueError, match=r"Sequential.fit: give validation_data or "
+                                         r"validation_split, not both \(got "
+                                         r"validation_split=0.5 with validation_data\)"):
+        m.fit(x, y, loss, opt, verbose=0, validation_data=(x, y), validation_split=0.5)
+    assert opt.steps == 0
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    h = m.fit(x, y, loss, opt, verbose=0, validation_data=(x, y), validation_split=0.0)
+    assert len(h["val_loss"]) == 1
+
+
+def test_an_optimizer_named_like_a_builtin_never_replaces_it():
+    """A user's optimizer class named like a built-in took its name in OPTIMIZER_TYPES:
+    every later load of a file (or unpickling) holding a cdl.SGD built the user's class.
+    It now gets a type name of its own ("<module>.<qualname>"), as layers do."""
+    import pickle
+    m = cdl.Sequential([cdl.Linear(3, 2)], (3,), seed=0)
+    builtin = cdl.SGD(m, lr=0.1, momentum=0.9)
+    file, pickled = cdl.dumps(m, optimizer=builtin), pickle.dumps(builtin)
+
+    class SGD(cdl.Optimizer):
+        """The user's own plain SGD, unrelated to cdl's."""
+
+        def _bind(self):
+            pass
+
+        def _update(self, nt):
+            self.pack.params -= self.lr * self.pack.grads
+
+    own = f"{__name__}.{SGD.__qualname__}"
+    zed = own[:-len("SGD")] + "Zed"     # (the other user class below)
+    types = cdl.optim.OPTIMIZER_TYPES
+    try:
+        assert types["SGD"] is cdl.SGD and types[own] is SGD and SGD.type_name == own
+        for _, back in (cdl.loads(file, optimizer=True), (None, pickle.loads(pickled)),
+                        cdl.loads(cdl.dumps(m, optimizer=builtin), optimizer=True),
+                        (None, pickle.loads(pickle.dumps(builtin)))):
+            assert type(back) is cdl.SGD and back.momentum == 0.9
+        mine = SGD(m, lr=0.25)
+        mine.steps = 3
+        assert mine.state_dict()["type"] == own
+        for _, back in (cdl.loads(cdl.dumps(m, optimizer=mine), optimizer=True),
+                        (None, pickle.loads(pickle.dumps(mine)))):
+            assert type(back) is SGD and (back.lr, back.steps) == (0.25, 3)
+        with pytest.raises(ValueError, match=rf"the state is of a {re.escape(own)}, not a SGD"):
+            cdl.SGD(m, lr=0.1).load_state_dict(mine.state_dict())
+
+        class SGD(cdl.Optimizer):       # noqa: F811 (a notebook cell run again)
+            pass
+
+        assert types[own] is SGD and types["SGD"] is cdl.SGD
+        # a built-in defined after a user's class of its name takes the name back
+        class Zed(cdl.SGD):
+            pass
+
+        later = type("Zed", (cdl.SGD,), {"__module__": "cdl.optim.zed"})
+        assert types["Zed"] is later and types[zed] is Zed and Zed.type_name == zed
+    finally:
+        for key in (own, zed, "Zed"):
+            types.pop(key, None)

@@ -104,6 +104,20 @@ def _better(mode, monitor, where):
     return mode
 
 
+def _threshold(value, where):
+    """``initial_value_threshold``: None or a finite real number."""
+    return None if value is None else \
+        real_number(value, "initial_value_threshold", where)
+
+
+def _start(owner):
+    """The best value at fit's start: ``initial_value_threshold`` if given (a resumed
+    run's best so far), else the worst value."""
+    if owner.initial_value_threshold is not None:
+        return owner.initial_value_threshold
+    return math.inf if owner.mode == "min" else -math.inf
+
+
 def _falls_back(monitor, keys):
     """Whether a val_* monitor stands for its training twin: no validation data."""
     return monitor.startswith("val_") and "val_loss" not in keys and monitor[4:] in keys
@@ -170,22 +184,31 @@ class EarlyStopping(Callback):
     epoch when training ends (also when it ends because ``epochs`` ran out): its
     whole state dict, so BatchNorm's running statistics too, which its evaluation
     used. ``best_weights`` holds that state dict.
+
+    Resuming (``fit(..., initial_epoch=k)``): ``best`` and ``wait`` start afresh in
+    every ``fit``. To continue as the uninterrupted run, pass its state after epoch k:
+    ``initial_value_threshold`` (the best value so far, which an epoch must beat by
+    more than ``min_delta``; with ``min_delta=0``, the min of the History's ``val_loss``
+    so far) and ``initial_wait`` (the epochs since then without improvement). Weights
+    from before the resume are not restored: ``best_weights`` holds only this run's best.
     """
 
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto",
-                 restore_best_weights=False):
+                 restore_best_weights=False, initial_value_threshold=None, initial_wait=0):
         where = "EarlyStopping"
         self.patience = int_at_least(patience, "patience", where, 0)
         self.mode = _better(mode, monitor, where)
         self.monitor = monitor
         self.min_delta = abs(real_number(min_delta, "min_delta", where))
         self.restore_best_weights = bool(restore_best_weights)
+        self.initial_value_threshold = _threshold(initial_value_threshold, where)
+        self.initial_wait = int_at_least(initial_wait, "initial_wait", where, 0)
         self.stopped_epoch = None
         self.best_epoch = None
 
     def on_train_begin(self, logs=None):
-        self.best = math.inf if self.mode == "min" else -math.inf
-        self.wait = 0
+        self.best = _start(self)
+        self.wait = self.initial_wait
         self.best_weights = None
         self.stopped_epoch = None
         self.best_epoch = None
@@ -227,10 +250,15 @@ class ModelCheckpoint(Callback):
     ``"ckpt-{epoch:02d}-{val_loss:.3f}.npz"``; ``fit`` checks that it can be filled
     before the first epoch, and missing folders are made. ``save_best_only`` saves
     only when ``monitor`` improves; ``save_optimizer`` stores the optimizer state too.
+
+    ``initial_value_threshold`` (as in Keras): the value ``save_best_only`` must beat
+    at the start, None for any. A resumed run (``fit(..., initial_epoch=k)``) passes
+    the best value so far (e.g. the History's min of ``val_loss``), or its first epoch
+    would overwrite the best file with whatever it gives.
     """
 
     def __init__(self, path, monitor="val_loss", save_best_only=False, mode="auto",
-                 save_optimizer=False):
+                 save_optimizer=False, initial_value_threshold=None):
         try:
             self.path = os.fspath(path)
         except TypeError:
@@ -242,10 +270,11 @@ class ModelCheckpoint(Callback):
         self.monitor = monitor
         self.save_best_only = bool(save_best_only)
         self.save_optimizer = bool(save_optimizer)
+        self.initial_value_threshold = _threshold(initial_value_threshold, "ModelCheckpoint")
         self.saved = []
 
     def on_train_begin(self, logs=None):
-        self.best = math.inf if self.mode == "min" else -math.inf
+        self.best = _start(self)
         if not self.log_keys:       # not run by fit: the logs are unknown
             return
         if self.save_best_only:

@@ -14,22 +14,30 @@ import numpy as np
 from . import _config
 from ._kernels import losses as _kl
 from .functional._checks import FLOAT_DTYPES, real_number, shape_str
+from .functional.losses import _as_array
+from .optim.base import Setting
 
 __all__ = ["Loss", "SoftmaxCrossEntropy", "MulticlassSVM", "MSE", "LOSS_TYPES"]
 
 _KEEP = 3  # (shape, dtype) buffer sets kept: training batch, last partial batch, evaluation
 
 
+def _check_reduction(loss, value):
+    if not isinstance(value, str) or value not in ("mean", "sum"):
+        raise ValueError(f"{type(loss).__name__}: reduction must be 'mean' or 'sum', "
+                         f"got {value!r}")
+    return value
+
+
 class Loss:
-    """Base class; see the subclasses for the formulas."""
+    """Base class; see the subclasses for the formulas. Settings are checked when
+    assigned too (``loss.reduction = "none"`` would train as a sum)."""
 
     needs_labels = True
     plan_kind = None    # the compiled loss a training plan runs for exactly this class
+    reduction = Setting(_check_reduction)
 
     def __init__(self, reduction="mean"):
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"{type(self).__name__}: reduction must be 'mean' or 'sum', "
-                             f"got {reduction!r}")
         self.reduction = reduction
         self._local = threading.local()     # each thread's buffers and gradient
 
@@ -48,8 +56,9 @@ class Loss:
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
         self._local = threading.local()
+        for key, value in state.items():    # ("reduction" of an older pickle: checked)
+            setattr(self, key, value)
 
     def get_config(self):
         return {"reduction": self.reduction}
@@ -62,7 +71,7 @@ class Loss:
     def check_scores(self, scores, where=None):
         where = where or f"{type(self).__name__}.forward"
         if not isinstance(scores, np.ndarray):
-            scores = np.asarray(scores)
+            scores = _as_array(scores, "scores", where)
         if scores.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{where}: scores must be float32 or float64, got dtype {scores.dtype}")
         if scores.ndim != 2 or scores.shape[0] < 1 or scores.shape[1] < 1:
@@ -123,7 +132,7 @@ def _labels(targets, n, num_classes, where, name):
         if targets is None or isinstance(targets, (str, bytes, dict)):
             raise TypeError(f"{where}: {name} must be an integer array of class labels, "
                             f"got {type(targets).__name__}")
-        targets = np.asarray(targets)
+        targets = _as_array(targets, name, where)
     if targets.dtype.kind not in "iub":
         raise TypeError(f"{where}: {name} must be integer class labels, got dtype "
                         f"{targets.dtype}")
@@ -157,10 +166,11 @@ class MulticlassSVM(Loss):
     """L_i = Σ_{j≠y_i} max(0, s_j − s_{y_i} + Δ), Δ = ``margin`` (PyTorch MultiMarginLoss × C)."""
 
     plan_kind = "multiclass_svm"
+    margin = Setting(lambda loss, v: real_number(v, "margin", type(loss).__name__, minimum=0))
 
     def __init__(self, margin=1.0, reduction="mean"):
         super().__init__(reduction)
-        self.margin = real_number(margin, "margin", "MulticlassSVM", minimum=0)
+        self.margin = margin
 
     def get_config(self):
         return {"margin": self.margin, "reduction": self.reduction}
@@ -184,7 +194,7 @@ class MSE(Loss):
             if targets is None or isinstance(targets, (str, bytes, dict)):
                 raise TypeError(f"{where}: {name} must be a float array or integer labels, "
                                 f"got {type(targets).__name__}")
-            targets = np.asarray(targets)
+            targets = _as_array(targets, name, where)
         if targets.dtype.kind in "iub":
             return _labels(targets, n, num_classes, where, name)
         if targets.dtype.kind != "f":

@@ -259,7 +259,8 @@ class Sequential:
             if x is None or isinstance(x, (str, bytes, dict)):
                 raise TypeError(f"{where}: {name} must be a numeric array, got "
                                 f"{type(x).__name__}")
-            x = np.asarray(x)
+            from .functional.losses import _as_array    # (names x for ragged lists)
+            x = _as_array(x, name, where)
         if x.dtype.kind not in "fiub":
             raise TypeError(f"{where}: {name} must be a numeric array, got dtype {x.dtype}")
         if x.shape[1:] != self.input_shape:
@@ -280,9 +281,21 @@ class Sequential:
         return x
 
     def _check_optimizer(self, optimizer, where):
-        if not callable(getattr(optimizer, "step", None)):
+        from .optim.base import Optimizer
+        # A cdl.Optimizer, or a wrapper that steps one (DistributedOptimizer): anything
+        # else (the class itself, a torch.optim optimizer) would fail only after the
+        # forward pass had changed BatchNorm's statistics and Dropout's counter.
+        if not isinstance(optimizer, Optimizer) and \
+                not isinstance(getattr(optimizer, "optimizer", None), Optimizer):
+            if isinstance(optimizer, type):
+                got = (f"the class {optimizer.__module__}.{optimizer.__qualname__}; make one "
+                       f"first: {optimizer.__name__}(model, lr=0.01)")
+            else:
+                kind = type(optimizer)
+                got = (kind.__qualname__ if kind.__module__ == "builtins"
+                       else f"{kind.__module__}.{kind.__qualname__}")
             raise TypeError(f"{where}: optimizer must be a cdl optimizer (e.g. cdl.SGD(model, "
-                            f"lr=0.01)), got {type(optimizer).__name__}")
+                            f"lr=0.01)), got {got}")
         if getattr(optimizer, "model", self) is not self:
             raise ValueError(f"{where}: the optimizer was built for another model; create it "
                              f"with this model: cdl.SGD(model, ...)")

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _config
 from .callbacks import FIT_LOG_KEYS, Callback, History
-from .functional._checks import INT32_MAX
+from .functional._checks import INT32_MAX, shape_str
 from .model import _accuracy_labels
 from .progress import ProgressBar
 
@@ -32,10 +32,13 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     keeps the last partial batch; a batch size that some layer cannot train on (a
     last batch of one sample through BatchNorm1d) is refused before the first step.
     ``validation_split`` holds out the last fraction
-    of the data (before shuffling). Learning-rate schedules and EarlyStopping /
-    ModelCheckpoint go in ``callbacks``. Training stops with a warning naming the
-    epoch and step when the loss becomes NaN or infinite (that update is skipped),
-    and Ctrl-C stops it between steps; the model stays usable either way.
+    of the data (before shuffling); it cannot be given with ``validation_data`` (which
+    set would be meant is unclear), and empty ``validation_data`` is refused, as
+    ``evaluate`` refuses it, rather than silently training without validation.
+    Learning-rate schedules and EarlyStopping / ModelCheckpoint go in ``callbacks``.
+    Training stops with a warning naming the epoch and step when the loss becomes NaN
+    or infinite (that update is skipped), and Ctrl-C stops it between steps; the model
+    stays usable either way.
     The History's ``loss`` is the epoch's mean loss, or with ``reduction="sum"`` its
     total over the samples (as ``evaluate`` and ``val_loss`` give it), L2 included.
     ``verbose``: 0 silent, 1 progress bar (stderr), 2 one line per epoch.
@@ -79,8 +82,11 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         verbose = 0  # distributed: rank 0 prints
     agree = comm if ranks > 1 else None     # what every rank must decide alike
     try:
+        # (with shard=False each rank passes its own part of the validation data, and
+        # some parts may be empty; below, the ranks check that not all are)
         x, y, xv, yv = _checked_data(model, x, y, loss, epochs, batch_size, validation_data,
-                                     validation_split, verbose, where)
+                                     validation_split, verbose, where,
+                                     empty_val_ok=ranks > 1 and not shard)
         if isinstance(initial_epoch, (bool, np.bool_)) or \
                 not isinstance(initial_epoch, (int, np.integer)) \
                 or not 0 <= initial_epoch < epochs:
@@ -157,7 +163,10 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     # whether any rank validates (one whose part is empty still joins the scoring)
     has_val = xv is not None
     if agree is not None:
-        has_val = any(agree.allgather(has_val))
+        said = agree.allgather((has_val, validation_data is not None))
+        has_val = any(h for h, _ in said)
+        if any(given for _, given in said) and not has_val:   # (every rank raises)
+            raise ValueError(f"{where}: validation_data is empty on every rank")
     val_everywhere = comm is not None and (ranks > 1 or shards) and has_val
     val_pieces = 1
     if val_everywhere and shard and xv is not None:
@@ -351,8 +360,9 @@ def _raise_on_every_rank(comm, problem, other):
 
 
 def _checked_data(model, x, y, loss, epochs, batch_size, validation_data, validation_split,
-                  verbose, where):
-    """fit's arguments checked: (x, y, x_val, y_val), the validation pair None if empty."""
+                  verbose, where, empty_val_ok=False):
+    """fit's arguments checked: (x, y, x_val, y_val), the validation pair None if there
+    is none (or, with ``empty_val_ok``, this rank's part of it is empty)."""
     if isinstance(validation_split, (bool, np.bool_)) or \
             not isinstance(validation_split, numbers.Real):
         raise TypeError(f"{where}: validation_split must be a number in [0, 1), got "
@@ -372,8 +382,15 @@ def _checked_data(model, x, y, loss, epochs, batch_size, validation_data, valida
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
             raise ValueError(f"{where}: validation_data must be a pair (x_val, y_val), got "
                              f"{type(validation_data).__name__}")
+        if validation_split:
+            raise ValueError(f"{where}: give validation_data or validation_split, not both "
+                             f"(got validation_split={validation_split!r} with "
+                             f"validation_data)")
         xv = model._check_x(validation_data[0], where, "validation_data[0]")
         yv = model._check_y(validation_data[1], xv.shape[0], loss, where, "validation_data[1]")
+        if xv.shape[0] == 0 and not empty_val_ok:
+            raise ValueError(f"{where}: validation_data is empty (validation_data[0] has shape "
+                             f"{shape_str(xv.shape)}); pass None for no validation")
     elif validation_split > 0:
         n_val = int(round(n_all * validation_split))
         if n_val < 1 or n_val >= n_all:

@@ -7,8 +7,9 @@
 
 L = (1/N) Σ_i L_i with reduction="mean" (the default) or Σ_i L_i with "sum";
 the returned gradient is dL/ds for that L. Labels are integer class indices in
-[0, C) (any integer dtype; converted to int64). The loss is a Python float,
-summed in a fixed order: identical for any thread count.
+[0, C) (any integer or boolean dtype, as the loss classes take them; converted to
+int64). The loss is a Python float, summed in a fixed order: identical for any
+thread count.
 """
 
 import numpy as np
@@ -27,12 +28,22 @@ def _reduction(reduction, n, where):
     raise ValueError(f"{where}: reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
+def _as_array(a, name, where):
+    """np.asarray(a), or a ValueError naming the argument: NumPy's own error for nested
+    lists of unequal lengths names neither the call nor the argument."""
+    try:
+        return np.asarray(a)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {name} must be an array (nested lists of equal lengths); "
+                         f"NumPy could not make one: {exc}") from None
+
+
 def _labels(labels, scores_shape, where, scores_name="scores"):
     """labels as a C-contiguous int64 (N,) array with values in [0, C) for scores (N, C)."""
     n, classes = scores_shape[0], scores_shape[1]
     if not isinstance(labels, np.ndarray):
-        labels = np.asarray(labels)
-    if labels.dtype.kind not in "iu":
+        labels = _as_array(labels, "labels", where)
+    if labels.dtype.kind not in "iub":
         raise TypeError(f"{where}: labels must be integer class indices, got dtype "
                         f"{labels.dtype} (shape {shape_str(labels.shape)})")
     if labels.ndim != 1:
@@ -51,6 +62,8 @@ def _labels(labels, scores_shape, where, scores_name="scores"):
 
 
 def _scores(scores, name, where):
+    if isinstance(scores, (list, tuple)):
+        scores = _as_array(scores, name, where)
     scores = float_array(scores, name, where, ndim=2)
     if scores.shape[1] == 0:
         raise ValueError(f"{where}: {name} needs at least one class, got shape "
@@ -90,13 +103,13 @@ def softmax_cross_entropy(scores, labels, *, reduction="mean", grad=None, probs=
 
 
 def multiclass_svm(scores, labels, *, margin=1.0, reduction="mean", grad=None, threads=None):
-    """Multiclass hinge loss L_i = Σ_{j≠y_i} max(0, s_j - s_{y_i} + Δ), Δ = ``margin``;
-    returns (loss, dL/ds)."""
+    """Multiclass hinge loss L_i = Σ_{j≠y_i} max(0, s_j - s_{y_i} + Δ), Δ = ``margin``
+    (>= 0); returns (loss, dL/ds)."""
     where = "multiclass_svm"
     scores = _scores(scores, "scores", where)
     n, c = scores.shape
     labels = _labels(labels, scores.shape, where)
-    margin = real_number(margin, "margin", where)
+    margin = real_number(margin, "margin", where, minimum=0)     # (as MulticlassSVM)
     scale = _reduction(reduction, n, where)
     grad = out_array(grad, "grad", where, scores.shape, scores.dtype,
                      {"scores": scores, "labels": labels})
@@ -109,18 +122,20 @@ def multiclass_svm(scores, labels, *, margin=1.0, reduction="mean", grad=None, t
 def mse(pred, target, *, reduction="mean", grad=None, threads=None):
     """Half squared error L_i = ½ Σ_j (pred_ij - t_ij)²; returns (loss, dL/dpred).
 
-    ``target`` is a float array shaped like ``pred`` (N, ...), or integer labels
-    (N,) meaning one-hot rows t_ij = [j = label_i] (pred must then be (N, C)).
+    ``target`` is a float array shaped like ``pred`` (N, ...), or integer (or boolean)
+    labels (N,) meaning one-hot rows t_ij = [j = label_i] (pred must then be (N, C)).
     """
     where = "mse"
+    if isinstance(pred, (list, tuple)):
+        pred = _as_array(pred, "pred", where)
     pred = float_array(pred, "pred", where)
     if pred.ndim < 1:
         raise ValueError(f"{where}: pred must have a batch axis, got a scalar")
     n = pred.shape[0]
     scale = _reduction(reduction, n, where)
     nt = num_threads(threads, where)
-    t = target if isinstance(target, np.ndarray) else np.asarray(target)
-    if t.dtype.kind in "iu":
+    t = target if isinstance(target, np.ndarray) else _as_array(target, "target", where)
+    if t.dtype.kind in "iub":
         if pred.ndim != 2:
             raise ValueError(f"{where}: with integer labels pred must be 2-D (N, C), got shape "
                              f"{shape_str(pred.shape)}")

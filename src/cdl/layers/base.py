@@ -95,6 +95,7 @@ import numpy as np
 from .. import _config
 from .._kernels import elementwise as _ew
 from .._kernels import norm as _norm
+from .._registry import builtin, register
 from ..functional._checks import FLOAT_DTYPES, INT32_MAX, int_at_least, shape_str
 from ..init import INITS, initialize
 
@@ -104,30 +105,6 @@ _KEEP_SIZES = 2  # batch sizes whose buffers a layer keeps
 
 LAYER_TYPES = {}
 """Every Layer subclass by its ``type_name`` (the whitelist model files are built from)."""
-
-
-def _builtin(cls):
-    return cls.__module__ == "cdl" or cls.__module__.startswith("cdl.")
-
-
-def _register(cls):
-    """Record ``cls`` in LAYER_TYPES under its class name, unless another class holds
-    that name (a built-in layer of the cdl package, or a user's class of another
-    module): then it is recorded as "<module>.<qualname>", so that models holding
-    either still load as what they were. Defining a class again under the same module
-    and qualname (a notebook cell run twice) replaces the earlier one; a built-in
-    defined after a user's class of its name takes the name back."""
-    name = cls.__name__
-    held = LAYER_TYPES.get(name)
-    if held is not None and (held.__module__, held.__qualname__) != \
-            (cls.__module__, cls.__qualname__):
-        if _builtin(cls) and not _builtin(held):
-            held.type_name = f"{held.__module__}.{held.__qualname__}"
-            LAYER_TYPES[held.type_name] = held
-        else:
-            name = f"{cls.__module__}.{cls.__qualname__}"
-    cls.type_name = name
-    LAYER_TYPES[name] = cls
 
 
 def positive_int(value, name, where):
@@ -295,17 +272,17 @@ class Layer:
     init = None                # "auto", "he", "xavier" for layers with weights
     onnx_ops = ()              # ONNX op types from_onnx builds this class from
 
-    type_name = "Layer"        # the name model files record (see _register)
+    type_name = "Layer"        # the name model files record (cdl._registry.register)
     _trusted = False           # built-in classes: their passes' results are not checked
     _drawn = None              # _fingerprint() of the last random draw (_draw); None for
                                # a layer copied by a cdl before it was kept
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls._trusted = _builtin(cls)      # passes' results not checked (checked_pass)
+        cls._trusted = builtin(cls)      # passes' results not checked (checked_pass)
         cls.type_name = cls.__name__
         if not cls.__name__.startswith("_"):
-            _register(cls)
+            register(LAYER_TYPES, cls)
 
     def __init__(self):
         self.params = ArrayDict()

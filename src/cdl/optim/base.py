@@ -18,12 +18,13 @@ import numpy as np
 from .. import _config
 from .._kernels import elementwise as _ew
 from .._kernels import losses as _kl
+from .._registry import register
 from ..functional._checks import shape_str
 
 __all__ = ["Optimizer", "OPTIMIZER_TYPES"]
 
 OPTIMIZER_TYPES = {}
-"""Every Optimizer subclass by class name (what model files may name)."""
+"""Every Optimizer subclass by its ``type_name`` (what model files and pickles may name)."""
 
 # Step counts beyond this are refused (Adam's bias correction takes the count as a C
 # long; 2**53 steps are far beyond any run).
@@ -47,9 +48,10 @@ def number(value, name, where, lo=None, lo_open=False, hi=None, hi_open=False):
 
 
 class Setting:
-    """An optimizer setting checked on every assignment as the constructor checks it: a
-    value the constructor refuses would train, then make the optimizer's state and files
-    unloadable. ``check(optimizer, value)`` returns the value to keep or raises."""
+    """A setting (of an optimizer, or a loss) checked on every assignment as the
+    constructor checks it: a value the constructor refuses would train, then make the
+    optimizer's state and files unloadable (or train a loss silently otherwise).
+    ``check(owner, value)`` returns the value to keep or raises."""
 
     def __init__(self, check):
         self.check = check
@@ -83,17 +85,20 @@ def _check_steps(opt, value, name="steps", where=None):
 
 class Optimizer:
     """Base class. Subclasses name their per-parameter ``state_names`` and implement
-    ``_bind()`` (make the update call once) and ``_update(nt)``."""
+    ``_bind()`` (make the update call once) and ``_update(nt)``. Every public subclass
+    is registered in ``OPTIMIZER_TYPES`` under its ``type_name`` when it is defined."""
 
     state_names = ()
+    type_name = "Optimizer"
     clip_grad_norm = positive_or_none("clip_grad_norm")
     base_lr = at_least_zero("base_lr")
     steps = Setting(_check_steps)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        cls.type_name = cls.__name__     # (what files record; register may qualify it)
         if not cls.__name__.startswith("_"):
-            OPTIMIZER_TYPES[cls.__name__] = cls
+            register(OPTIMIZER_TYPES, cls)    # as layers are (cdl._registry)
 
     def __init__(self, model, lr, clip_grad_norm=None):
         where = type(self).__name__
@@ -201,7 +206,7 @@ class Optimizer:
         array}}}: everything needed to resume (arrays are copies)."""
         state = {b: {name: self.pack.view(flat, name).copy() for name in self.pack.names}
                  for b, flat in self.buffers.items()}
-        return {"type": type(self).__name__, "config": self.get_config(),
+        return {"type": self.type_name, "config": self.get_config(),
                 "base_lr": self.base_lr, "step": self.steps, "state": state}
 
     def load_state_dict(self, state, where=None):
@@ -211,9 +216,9 @@ class Optimizer:
         where = where or f"{type(self).__name__}.load_state_dict"
         if not isinstance(state, dict):
             raise TypeError(f"{where}: expected a dict, got {type(state).__name__}")
-        if state.get("type", type(self).__name__) != type(self).__name__:
+        if state.get("type", self.type_name) != self.type_name:
             raise ValueError(f"{where}: the state is of a {state.get('type')}, not a "
-                             f"{type(self).__name__}")
+                             f"{self.type_name}")
         # Settings other than this optimizer's are checked by building one from them
         # (get_config gives constructor arguments); they are set once all else passed.
         config = state.get("config")
