@@ -183,6 +183,17 @@ def test_train_step_while_model_is_training_raises():
         with pytest.raises(RuntimeError, match=r"Sequential.backward: this model is being "
                                                r"trained from another thread"):
             m.backward(np.zeros((64, 10), np.float32))
+        # writing the weights in the middle of another thread's step: refused, unchanged
+        before = m.state_dict()
+        changed = {k: v + 1 if v.dtype.kind == "f" else v for k, v in before.items()}
+        with pytest.raises(RuntimeError, match=r"Sequential.load_state_dict: this model is "
+                                               r"being trained from another thread"):
+            m.load_state_dict(changed)
+        with pytest.raises(RuntimeError, match=r"Sequential.set_weights: this model is being "
+                                               r"trained from another thread"):
+            m.set_weights({k: changed[k] for k in m.get_weights()})
+        for k, v in m.state_dict().items():
+            np.testing.assert_array_equal(v, before[k])
     finally:
         done.set()
         t.join()

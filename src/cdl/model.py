@@ -184,9 +184,13 @@ class Sequential:
         """Copy ``weights`` ({key: array}, e.g. from get_weights) into the parameters in
         place. Everything is checked first, as in ``load_state_dict``."""
         params = {k: p for k, p, _ in self._params}
-        for k, v in _checked_values(params, weights, "Sequential.set_weights",
-                                      "the weights dict").items():
-            params[k][...] = v
+        values = _checked_values(params, weights, "Sequential.set_weights", "the weights dict")
+        self._enter("Sequential.set_weights")   # not in the middle of another thread's step
+        try:
+            for k, v in values.items():
+                params[k][...] = v
+        finally:
+            self._lock.release()
 
     def buffers(self):
         """List of (key, array) of the layers' buffers ("1.running_mean", ...), live."""
@@ -213,8 +217,13 @@ class Sequential:
         converted to NumPy). Everything is checked before anything changes: one
         ValueError names every missing, unexpected or mis-shaped key."""
         targets = self._state_targets()
-        for k, v in _checked_values(targets, state, where).items():
-            targets[k][...] = v
+        values = _checked_values(targets, state, where)
+        self._enter(where)          # not in the middle of another thread's step
+        try:
+            for k, v in values.items():
+                targets[k][...] = v
+        finally:
+            self._lock.release()
 
     def l2_penalty(self):
         """λ Σ W² over the decayed parameters (Linear and Conv2d weights); 0 when l2 = 0."""
