@@ -402,3 +402,165 @@ def test_umask_is_read_without_proc(monkeypatch):
         assert ser._umask() == 0o037
     finally:
         os.umask(old)
+
+
+# ------------------------------------------------------------------ modes, links, long names
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o664])
+def test_saving_over_a_file_keeps_its_mode(tmp_path, mode):
+    """As open() would: an existing file keeps its permission bits (a private checkpoint
+    stays private), whatever the umask."""
+    model = cdl.Sequential([cdl.Linear(3, 2)], (3,), seed=0)
+    old = os.umask(0o022)
+    try:
+        for name, save in (("m.npz", model.save), ("s.npz", model.save_state_dict)):
+            save(tmp_path / name)
+            os.chmod(tmp_path / name, mode)
+            save(tmp_path / name)
+            assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links")
+def test_saving_through_a_symlink_keeps_the_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    target, link = tmp_path / "real" / "m.npz", tmp_path / "link.npz"
+    cdl.Sequential([cdl.Linear(3, 2)], (3,), seed=0).save(target)
+    link.symlink_to(target)
+    cdl.Sequential([cdl.Linear(3, 5)], (3,), seed=0).save(link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert cdl.load(target).output_shape == (5,)
+    # a dangling link: the file is created where it points, as open() would
+    dangling = tmp_path / "dangling.npz"
+    dangling.symlink_to(tmp_path / "real" / "new.npz")
+    make_model().save(dangling)
+    assert dangling.is_symlink() and weights_equal(cdl.load(dangling), make_model())
+    assert others(tmp_path, keep=("real", "link.npz", "dangling.npz")) == []
+    assert others(tmp_path / "real", keep=("m.npz", "new.npz")) == []
+
+
+def test_long_file_names_save_and_errors_name_the_path(tmp_path, monkeypatch):
+    model = make_model()
+    long = tmp_path / ("m" * 246 + ".npz")     # 250 bytes: open() takes it
+    model.save(long)
+    assert weights_equal(cdl.load(long), model)
+    assert others(tmp_path, keep=(long.name,)) == []
+    # an OSError names the file asked for, never the hidden temporary file
+    missing = tmp_path / "no such folder" / "m.npz"
+    with pytest.raises(FileNotFoundError) as info:
+        model.save(missing)
+    assert info.value.filename == str(missing) and ".tmp" not in str(info.value)
+    monkeypatch.setattr(ser.np, "savez", lambda f, **a: (_ for _ in ()).throw(
+        OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match=r"No space left on device: '.*full.npz'"):
+        model.save(tmp_path / "full.npz")
+    assert others(tmp_path, keep=(long.name,)) == []
+
+
+# ------------------------------------------------------------------ what a load inflates
+def _deflated_zeros(z, name, shape, descr="<f4"):
+    """A member ``name``.npy of zeros declaring ``shape``, deflated (about 1000:1)."""
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": descr, "fortran_order": False,
+                                                "shape": tuple(shape)})
+    n = int(np.prod(shape)) * np.dtype(descr).itemsize
+    chunk = bytes(1 << 22)
+    with z.open(name + ".npy", "w", force_zip64=True) as f:
+        f.write(head.getvalue())
+        for i in range(0, n, len(chunk)):
+            f.write(chunk[:min(len(chunk), n - i)])
+
+
+def _peak(fn):
+    """(what fn raised, the peak bytes it allocated)."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        fn()
+    except Exception as exc:
+        return exc, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    raise AssertionError("no error")
+
+
+def test_a_compressed_header_member_is_capped(tmp_path):
+    """A small file whose deflated header claims 32 MB is refused before it is read
+    (it was inflated in full, then found not to be JSON)."""
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        _deflated_zeros(z, "__cdl__", (32 << 20,), "|u1")
+    assert path.stat().st_size < 100_000
+    exc, peak = _peak(lambda: cdl.load(path))
+    assert isinstance(exc, ValueError)
+    assert f"array '__cdl__' declares {32 << 20} bytes, more than the 16777216" in str(exc)
+    assert peak < 4 << 20
+
+
+def test_optimizer_arrays_are_checked_against_the_optimizer_before_reading(tmp_path):
+    model = make_model()
+    opt = cdl.SGD(model, 0.1, momentum=0.9)
+    model.save(tmp_path / "m.npz", optimizer=opt)
+    header = _header_of(tmp_path / "m.npz")
+    name = "optim/momentum_buffer/0.weight"
+    [entry] = [e for e in header["arrays"] if e["name"] == name]
+    entry["shape"] = [8 << 20]      # 32 MB of float32, deflated to a few KB
+    with np.load(tmp_path / "m.npz") as src, \
+            zipfile.ZipFile(tmp_path / "bad.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        for key in src.files:
+            if key == name:
+                _deflated_zeros(z, key, entry["shape"])
+            else:
+                a = np.frombuffer(json.dumps(header).encode(), np.uint8) \
+                    if key == "__cdl__" else src[key]
+                with z.open(key + ".npy", "w") as f:
+                    np.lib.format.write_array(f, a)
+    assert cdl.load(tmp_path / "bad.npz") is not None     # the model alone still loads
+    exc, peak = _peak(lambda: cdl.load(tmp_path / "bad.npz", optimizer=True))
+    assert isinstance(exc, ValueError)
+    assert (f"optimizer state '{name}' is float32 {8 << 20} but the optimizer holds float32 "
+            f"4x1x3x3") in str(exc)
+    assert peak < 4 << 20
+
+
+def test_a_state_dict_npz_is_read_only_as_far_as_the_model_goes(tmp_path):
+    """Members the model has no place for are not inflated: twelve deflated 16 MB members
+    (a 200 KB file) took 190 MB before the keys were compared."""
+    path = tmp_path / "sd.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for i in range(12):
+            _deflated_zeros(z, f"w{i}", (4 << 20,))
+        _deflated_zeros(z, "0.weight", (4 << 20,))          # a model key, another shape
+    model = cdl.Sequential([cdl.Linear(3, 2)], (3,), seed=0)
+    before = model.state_dict()
+    exc, peak = _peak(lambda: cdl.load_state_dict_file(model, path))
+    assert isinstance(exc, ValueError)
+    assert str(exc).startswith("cdl.load_state_dict_file: the state dict does not match the "
+                               "model: missing keys ['0.bias']; unexpected keys ['w0', ")
+    assert f"0.weight has shape {4 << 20}, the model needs 2x3" in str(exc)
+    assert peak < 4 << 20
+    assert all(np.array_equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_only_stored_and_deflated_members_are_read(tmp_path):
+    """bzip2 and lzma can inflate one small read into megabytes: refused, for model files
+    and state dicts alike (np.savez and np.savez_compressed write neither)."""
+    model = make_model()
+    for kind, save in (("model", model.save), ("state", model.save_state_dict)):
+        plain = tmp_path / f"{kind}.npz"
+        save(plain)
+        for method in (zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+            packed = tmp_path / f"{kind}{method}.npz"
+            with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w", method) as z:
+                for n in src.namelist():
+                    z.writestr(n, src.read(n))
+            load = (lambda p: cdl.load(p)) if kind == "model" else \
+                (lambda p: cdl.load_state_dict_file(make_model(), p))
+            with pytest.raises(ValueError, match=rf"is compressed with zip method {method}; "
+                                                 r"only stored and deflated members"):
+                load(packed)
+    # deflated (np.savez_compressed) loads
+    with np.load(tmp_path / "state.npz") as z:
+        np.savez_compressed(tmp_path / "c.npz", **{k: z[k] for k in z.files})
+    assert weights_equal(cdl.load_state_dict_file(make_model(1), tmp_path / "c.npz"), model)

@@ -287,3 +287,114 @@ def test_a_pipe_gives_its_first_model_and_a_clear_error_after():
         with pytest.raises(ValueError, match=r"cdl.load: <file object> is not a valid cdl "
                                              r"model file: the file is empty"):
             cdl.load(f)
+
+
+def test_a_path_holding_two_models_gives_the_first_as_a_file_object_does(tmp_path):
+    """zipfile alone reads the last archive: by path, two models back to back gave the
+    second, by file object or bytes the first."""
+    a, b = _two_models()
+    path = tmp_path / "two.npz"
+    with open(path, "wb") as f:
+        a.save(f)
+        b.save(f)
+    with open(path, "rb") as f:
+        by_file = cdl.load(f)
+    for got in (cdl.load(path), cdl.load(str(path)), by_file, cdl.loads(path.read_bytes())):
+        assert got.get_config() == a.get_config()
+    one = tmp_path / "one.npz"          # one model alone is read from its path as before
+    a.save(one)
+    assert cdl.load(one).get_config() == a.get_config()
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors"])
+def test_a_path_holding_two_state_dict_files_gives_the_first(tmp_path, fmt):
+    if fmt == "safetensors":
+        pytest.importorskip("safetensors")
+    a = cdl.Sequential([cdl.Linear(3, 2)], (3,), seed=1)
+    other = cdl.Sequential([cdl.Linear(3, 2)], (3,), seed=9)
+    path = tmp_path / f"two.{fmt}"
+    with open(path, "wb") as f:
+        a.save_state_dict(f, format=fmt)
+        other.save_state_dict(f, format=fmt)
+    with open(path, "rb") as f:
+        sources = [path, f, path.read_bytes()]
+        for source in sources:
+            target = cdl.Sequential([cdl.Linear(3, 2)], (3,), seed=5)
+            cdl.load_state_dict_file(target, source, format=fmt)
+            assert all(np.array_equal(v, a.state_dict()[k])
+                       for k, v in target.state_dict().items()), source
+
+
+def _with_header_text(data, edit):
+    """``data`` (cdl.dumps bytes) with its JSON header text passed through ``edit``."""
+    with np.load(io.BytesIO(data)) as z:
+        arrays = {k: z[k] for k in z.files}
+    text = edit(arrays["__cdl__"].tobytes().decode())
+    arrays["__cdl__"] = np.frombuffer(text.encode(), np.uint8)
+    out = io.BytesIO()
+    np.savez(out, **arrays)
+    return out.getvalue()
+
+
+def test_header_values_of_the_wrong_kind_are_clean_errors():
+    m = cdl.Sequential([cdl.Linear(3, 4), cdl.ReLU(), cdl.Linear(4, 2)], (3,), seed=0)
+    data = cdl.dumps(m, cdl.SGD(m, 0.1, momentum=0.9))
+
+    def header(edit):
+        def change(text):
+            h = json.loads(text)
+            edit(h)
+            return json.dumps(h)
+        return change
+
+    cases = {
+        "layer type list": (header(lambda h: h["model"]["layers"][0].update(type=["Linear"])),
+                            "layer 0 has unknown type"),
+        "layer type dict": (header(lambda h: h["model"]["layers"][2].update(type={})),
+                            "layer 2 has unknown type"),
+        "optimizer type list": (header(lambda h: h["optimizer"].update(type=["SGD"])),
+                                r"unknown optimizer \['SGD'\]"),
+        "state names nested": (header(lambda h: h["optimizer"].update(
+            state=[["momentum_buffer"]])), "the optimizer's state list is malformed"),
+        # an int of 5000 digits: Python's int() refuses it with a ValueError of its own
+        "huge int": (lambda t: t.replace('"l2": 0.0', '"l2": 1' + "0" * 5000),
+                     "the header is not valid JSON"),
+    }
+    for what, (edit, why) in cases.items():
+        with pytest.raises(ValueError, match=r"cdl.load: <file object> is not a valid cdl "
+                                             rf"model file: {why}"):
+            cdl.loads(_with_header_text(data, edit), optimizer=True)
+
+
+def test_text_mode_files_and_other_objects_are_refused_clearly(tmp_path):
+    m = cdl.Sequential([cdl.Linear(3, 2)], (3,), seed=0)
+    m.save(tmp_path / "m.npz")
+    m.save_state_dict(tmp_path / "s.npz")
+    with open(tmp_path / "m.npz", encoding="latin-1") as f, \
+            pytest.raises(TypeError, match=r"cdl.load: the file object must be opened in "
+                                           r"binary mode \('rb'\)"):
+        cdl.load(f)
+    with open(tmp_path / "s.npz", encoding="latin-1") as f, \
+            pytest.raises(TypeError, match=r"cdl.load_state_dict_file: the file object must "
+                                           r"be opened in binary mode \('rb'\)"):
+        cdl.load_state_dict_file(m, f, format="npz")
+    with open(tmp_path / "t.npz", "w") as f:
+        with pytest.raises(TypeError, match=r"Sequential.save: the file object must be "
+                                            r"opened in binary mode \('wb'\)"):
+            m.save(f)
+        with pytest.raises(TypeError, match=r"Sequential.save_state_dict: the file object "
+                                            r"must be opened in binary mode \('wb'\)"):
+            m.save_state_dict(f, format="npz")
+
+    class Text:                         # a file-like object that reads str
+        def read(self, n=-1):
+            return "PK\x03\x04 text"
+    with pytest.raises(TypeError, match="cdl.load: the file object must be opened in binary"):
+        cdl.load(Text())
+    for bad in (None, 3):
+        with pytest.raises(TypeError, match=r"cdl.load: path must be a path or a binary file "
+                                            rf"object, got {type(bad).__name__}"):
+            cdl.load(bad)
+        with pytest.raises(TypeError, match=r"Sequential.save: path must be a path or a "
+                                            r"binary file object"):
+            m.save(bad)

@@ -154,3 +154,28 @@ def test_missing_safetensors_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install cdl-cpu\[safetensors\]"):
         cdl.load_state_dict_file(model, tmp_path / "x.safetensors")
     model.save_state_dict(tmp_path / "w.npz")       # .npz needs only NumPy
+
+
+def test_state_dict_file_from_bytes(tmp_path):
+    """A state-dict file's bytes load as cdl.loads' and cdl.onnx.load's do; they were taken
+    for a path (an error quoting the whole blob, or "embedded null byte")."""
+    model = cdl_cnn()
+    buf = io.BytesIO()
+    model.save_state_dict(buf, format="npz")
+    data = buf.getvalue()
+    for blob in (data, bytearray(data), memoryview(data)):
+        twin = cdl_cnn()
+        twin.layers[0].params["weight"][...] = 0
+        cdl.load_state_dict_file(twin, blob, format="npz")
+        for k, v in twin.state_dict().items():
+            np.testing.assert_array_equal(v, model.state_dict()[k])
+    with pytest.raises(ValueError) as info:
+        cdl.load_state_dict_file(cdl_cnn(), data)
+    assert str(info.value) == ("cdl.load_state_dict_file: pass format='safetensors' or 'npz' "
+                               "with the file's bytes")
+    with pytest.raises(ValueError, match=r"cdl.load_state_dict_file: <bytes> is not a valid "
+                                         r"\.npz file"):
+        cdl.load_state_dict_file(cdl_cnn(), data[:100], format="npz")
+    with pytest.raises(TypeError, match=r"cdl.load_state_dict_file: expected a path, bytes or "
+                                        r"a binary file object, got int"):
+        cdl.load_state_dict_file(cdl_cnn(), 3, format="npz")

@@ -13,18 +13,30 @@ Version 1 files (parameters and SGD velocities only) still load.
 Files are read with ``allow_pickle=False`` and only registered layer and
 optimizer types are built, so loading never runs code from the file. The
 header is validated against the architecture before any weight is read; zip
-CRCs catch corrupted data. ``save`` writes a temporary file in the same folder,
-syncs it and renames it over the target (``os.replace``), so an interrupted
-save leaves any previous file intact. ``dumps``/``loads`` and pickling use the
-same format in memory. A file object is read from its position to the end of the
-model's archive and left there, so several models (or a model and other data)
-can follow one another in one stream.
+CRCs catch corrupted data. What a load inflates is bounded by what the model
+holds: the header member may take at most ``MAX_HEADER_BYTES``, and every
+other member's .npy header is checked against the exact array the architecture
+(or the optimizer) needs before its data is read, so a small file of
+compressed members cannot make a load allocate more; members compressed other
+than by deflate (what ``np.savez_compressed`` writes) are refused.
+
+``save`` writes a temporary file in the same folder, syncs it and renames it
+over the target (``os.replace``), so an interrupted save leaves any previous
+file intact; as with a plain ``open()``, an existing file keeps its permission
+bits and a symbolic link is written through (its target is replaced).
+``dumps``/``loads`` and pickling use the same format in memory. A file object
+is read from its position to the end of the model's archive and left there, so
+several models (or a model and other data) can follow one another in one
+stream; a path holding several gives the first, as a file object would.
 """
+import hashlib
 import io
 import json
 import os
+import stat
 import struct
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -35,6 +47,9 @@ __all__ = ["save", "load", "dumps", "loads"]
 FORMAT = "cdl-model"
 VERSION = 2
 HEADER = "__cdl__"
+MAX_HEADER_BYTES = 16 << 20
+"""The most the JSON header member may hold: a model of thousands of layers needs well
+under 1 MiB, and a compressed member claiming more is refused before it is read."""
 
 
 def _header(model, optimizer):
@@ -67,10 +82,16 @@ def _header(model, optimizer):
     return header, arrays
 
 
-def _write(model, f, optimizer):
-    header, arrays = _header(model, optimizer)
-    blob = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
-    np.savez(f, **{HEADER: blob}, **arrays)
+def _write(model, f, optimizer, where):
+    # The arrays are written from the live weights: refused (as train_step is) while
+    # another thread trains the model, whose steps would tear the snapshot.
+    model._enter(where)
+    try:
+        header, arrays = _header(model, optimizer)
+        blob = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+        np.savez(f, **{HEADER: blob}, **arrays)
+    finally:
+        model._lock.release()
 
 
 def _umask():
@@ -88,43 +109,71 @@ def _umask():
     return mask
 
 
+def _temp_prefix(base):
+    """The temporary file's name before mkstemp's random part: ".<name>." for the usual
+    names; a long name is cut and given a hash, so the temporary name stays within the
+    file system's limit whenever ``name`` itself does (255 bytes on most)."""
+    if len(os.fsencode(base)) <= 200:
+        return f".{base}."
+    digest = hashlib.sha256(os.fsencode(base)).hexdigest()[:16]
+    return f".{base[:40]}~{digest}."
+
+
 def atomic_write(path, write):
     """Call ``write(f)`` on a temporary file in ``path``'s folder, sync it and rename it
-    over ``path``: an interrupted write leaves any previous file intact. The file gets
-    the mode a plain open() would."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
+    over ``path``: an interrupted write leaves any previous file intact. As a plain
+    open() would, the file gets the umask's mode when new and keeps its permission bits
+    when it exists, and a symbolic link is written through (the link stays). An OSError
+    names ``path``, never the temporary file."""
+    shown = path = os.fspath(path)
+    target = os.path.realpath(path)     # (a dangling link: the file open() would create)
+    folder, base = os.path.split(target)
+    prefix = _temp_prefix(os.fsdecode(base))
     try:
+        mode = os.stat(target).st_mode & 0o777
+    except OSError:                     # a new file (or an unreadable folder: mkstemp says)
+        mode = 0o666 & ~_umask()
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            # mkstemp makes the file 0600; give it the mode a plain open() would
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.fchmod(f.fileno(), mode)     # (mkstemp makes the file 0600)
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        os.replace(tmp, target)
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(exc, OSError) and exc.errno is not None and (
+                exc.filename is None
+                or os.path.basename(os.fsdecode(exc.filename)).startswith(prefix)):
+            raise type(exc)(exc.errno, exc.strerror, shown) from None
         raise
 
 
 def save(model, path, optimizer=None):
     """Write ``model`` (and ``optimizer``'s state, if given) to ``path`` atomically, or
     to a binary file object."""
+    if isinstance(path, io.TextIOBase):
+        raise TypeError("Sequential.save: the file object must be opened in binary mode "
+                        "('wb')")
+    if not hasattr(path, "write") and not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"Sequential.save: path must be a path or a binary file object, "
+                        f"got {type(path).__name__}")
     if hasattr(path, "write"):
-        _write(model, path, optimizer)
+        _write(model, path, optimizer, "Sequential.save")
         return
-    atomic_write(path, lambda f: _write(model, f, optimizer))
+    atomic_write(path, lambda f: _write(model, f, optimizer, "Sequential.save"))
 
 
 def dumps(model, optimizer=None):
     """The model (and optimizer state) as bytes in the model-file format."""
     buf = io.BytesIO()
-    _write(model, buf, optimizer)
+    _write(model, buf, optimizer, "cdl.dumps")
     return buf.getvalue()
 
 
@@ -156,6 +205,10 @@ def _npy_header(npz, name, size, fail):
         info = zf.getinfo(name + ".npy")
     except KeyError:
         raise fail(f"array {name!r} is missing") from None
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        # (bzip2 and lzma inflate one small read into megabytes, beyond any check here)
+        raise fail(f"array {name!r} is compressed with zip method {info.compress_type}; only "
+                   f"stored and deflated members (np.savez, np.savez_compressed) are read")
     stored_limit = max(size, 0) if info.compress_type == 0 else max(size, 0) * 1100
     if info.file_size > stored_limit:
         raise fail(f"array {name!r} declares {info.file_size} bytes, more than the "
@@ -182,14 +235,18 @@ def _npy_header(npz, name, size, fail):
     return tuple(shape), dtype
 
 
-def _member(npz, name, path, expect=None):
+def _member(npz, name, path, expect=None, limit=None):
     """One stored array; any failure to decode it is the file's fault, reported as such.
-    ``expect`` = (shape, dtype name) is checked against the .npy header first."""
+    ``expect`` = (shape, dtype name) is checked against the .npy header first, as is
+    ``limit``, the most bytes its data may take."""
     fail = lambda why: _fail(path, why)  # noqa: E731
     shape, dtype = _npy_header(npz, name, getattr(npz, "cdl_size", 0), fail)
     if expect is not None and (shape != tuple(expect[0]) or dtype.name != expect[1]):
         raise fail(f"array {name!r} is {dtype} {shape_str(shape)}, the header says "
                    f"{expect[1]} {shape_str(expect[0])}")
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if limit is not None and need > limit:
+        raise fail(f"array {name!r} declares {need} bytes, more than the {limit} it may take")
     try:
         a = npz[name]
     except KeyError:
@@ -202,9 +259,14 @@ def _member(npz, name, path, expect=None):
     return a
 
 
-def checked_npz_arrays(f, name, size, where):
+def checked_npz_arrays(f, name, size, where, expect=None):
     """Every array of an .npz (a state-dict file) as {name: array}, each .npy header
-    checked against the stored sizes before its data is read; never unpickles."""
+    checked against the stored sizes before its data is read; never unpickles.
+
+    With ``expect`` ({name: array}, the model's), only the arrays the model can take (its
+    names and shapes, numeric) are read, so what a load inflates is bounded by the
+    model's size; the others come back as stand-ins of their declared shape and dtype
+    with no data (zero strides), for the model's checks to name."""
     fail = lambda why: ValueError(f"{where}: {name} is not a valid .npz file: {why}")  # noqa: E731
     try:
         npz = np.load(f, allow_pickle=False)
@@ -214,8 +276,20 @@ def checked_npz_arrays(f, name, size, where):
         raise fail("it holds a single array, not a dict of arrays")
     out = {}
     with npz:
-        for key in npz.files:
-            _npy_header(npz, key, size, fail)
+        declared = {key: _npy_header(npz, key, size, fail) for key in npz.files}
+        for key, (shape, dtype) in declared.items():
+            target = None if expect is None else expect.get(key)
+            if expect is not None and (target is None or shape != target.shape
+                                       or dtype.kind not in "fiub"):
+                if dtype.itemsize > 64:     # (a stand-in holds one element)
+                    raise fail(f"array {key!r} has {dtype.itemsize}-byte elements "
+                               f"({dtype}), not numbers")
+                try:
+                    out[key] = np.broadcast_to(np.zeros((), dtype), shape)
+                except ValueError as exc:   # (a shape beyond NumPy's sizes)
+                    raise fail(f"array {key!r} declares {dtype} {shape_str(shape)} ({exc})") \
+                        from None
+                continue
             try:
                 out[key] = npz[key]
             except Exception as exc:
@@ -227,12 +301,12 @@ def checked_npz_arrays(f, name, size, where):
 def _read_header(npz, path):
     if HEADER not in npz.files:
         raise _fail(path, f"no '{HEADER}' header (a foreign .npz?)")
-    raw = _member(npz, HEADER, path)
+    raw = _member(npz, HEADER, path, limit=MAX_HEADER_BYTES)
     if raw.dtype != np.uint8 or raw.ndim != 1:
         raise _fail(path, "the header is not a byte string")
     try:
         header = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # (bad UTF-8 or JSON, ints over 4300 digits)
         raise _fail(path, f"the header is not valid JSON ({exc})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise _fail(path, "the header does not name the cdl-model format")
@@ -246,7 +320,8 @@ def _declared_params(spec):
     """Parameter count a layer spec asks for, from its class's ``declared_params``."""
     from ..layers import LAYER_TYPES
 
-    if not isinstance(spec, dict) or spec.get("type") not in LAYER_TYPES:
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) \
+            or spec["type"] not in LAYER_TYPES:
         return 0
     config = spec.get("config") or {}
     if not isinstance(config, dict):
@@ -298,7 +373,8 @@ def _build(header, path, size):
                           f"only {size} bytes")
     layers = []
     for i, spec in enumerate(cfg["layers"]):
-        if not isinstance(spec, dict) or spec.get("type") not in LAYER_TYPES:
+        if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) \
+                or spec["type"] not in LAYER_TYPES:
             raise _fail(path, f"layer {i} has unknown type {spec!r}")
         kwargs = spec.get("config") or {}
         if not isinstance(kwargs, dict):
@@ -401,19 +477,51 @@ def read_stream(f, extent):
     return bytes(data[:end]), True
 
 
+_BINARY = "cdl.load: the file object must be opened in binary mode ('rb')"
+
+
+def _from_path(name):
+    """(source for np.load, size, first bytes, whole) for the file at ``name``: its first
+    zip archive, as for a file object (zipfile alone reads the archive whose end record
+    is last, the second of two models). The path itself when zipfile's archive is the one
+    at the start (one model: nothing is read twice), else the file's bytes up to the end
+    of the first archive."""
+    with open(name, "rb") as f:
+        info = os.fstat(f.fileno())
+        if stat.S_ISREG(info.st_mode):     # (else a pipe or a device: read as a stream)
+            magic = f.read(4)
+            if magic != b"PK\x03\x04":
+                return name, info.st_size, magic, True      # (refused by its magic)
+            try:
+                with zipfile.ZipFile(f) as zf:
+                    starts = min((i.header_offset for i in zf.infolist()), default=0)
+            except Exception:   # zipfile's errors of many kinds: decided by zip_extent
+                starts = None
+            if starts == 0:
+                return name, info.st_size, magic, True
+            f.seek(0)
+        data, whole = read_stream(f, zip_extent)
+    return io.BytesIO(data), len(data), data[:4], whole
+
+
 def _open(path):
     """(npz, display name, size in bytes) for a path or a binary file object (read up
-    to the end of the model there)."""
+    to the end of the first model there)."""
+    if isinstance(path, io.TextIOBase):
+        raise TypeError(_BINARY)
     if hasattr(path, "read"):
         name = getattr(path, "name", None)
         name = name if isinstance(name, str) else "<file object>"   # (a pipe's is its fd)
         data, whole = read_stream(path, zip_extent)
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(_BINARY)
         source, size, magic = io.BytesIO(data), len(data), data[:4]
+    elif isinstance(path, (str, bytes, os.PathLike)):
+        name = os.fspath(path)
+        source, size, magic, whole = _from_path(name)
     else:
-        name = source = os.fspath(path)
-        with open(source, "rb") as f:
-            magic = f.read(4)
-        size, whole = os.path.getsize(source), True
+        raise TypeError(f"cdl.load: path must be a path or a binary file object, got "
+                        f"{type(path).__name__}")
     if magic != b"PK\x03\x04":
         raise _fail(name, "it is not a zip/npz container" if magic else "the file is empty")
     if not whole:       # (zipfile would read a later archive in the stream, if any)
@@ -500,8 +608,8 @@ def _load_optimizer(model, header, npz, by_name, path):
     spec = header.get("optimizer")
     if not spec:
         return None
-    if not isinstance(spec, dict) or spec.get("type") not in OPTIMIZER_TYPES \
-            or not isinstance(spec.get("config"), dict):
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) \
+            or spec["type"] not in OPTIMIZER_TYPES or not isinstance(spec.get("config"), dict):
         kind = spec.get("type") if isinstance(spec, dict) else spec
         raise _fail(path, f"unknown optimizer {kind!r}")
     try:
@@ -518,10 +626,10 @@ def _load_optimizer(model, header, npz, by_name, path):
         names = {"momentum_buffer": vel} if vel else {}
         prefix = lambda b, k: f"optim/{k}"  # noqa: E731
     else:
-        names = {b: opt.pack.names for b in spec.get("state", [])} \
-            if isinstance(spec.get("state", []), list) else None
-        if names is None:
+        listed = spec.get("state", [])
+        if not isinstance(listed, list) or not all(isinstance(b, str) for b in listed):
             raise _fail(path, "the optimizer's state list is malformed")
+        names = {b: opt.pack.names for b in listed}
         prefix = lambda b, k: f"optim/{b}/{k}"  # noqa: E731
     state = {}
     for b, keys in names.items():
@@ -531,7 +639,13 @@ def _load_optimizer(model, header, npz, by_name, path):
         for key in keys:
             if key not in opt.pack.names or prefix(b, key) not in by_name:
                 raise _fail(path, f"optimizer state {key!r} does not match the model")
-            state[b][key] = _read_array(npz, by_name[prefix(b, key)], path)
+            e, shape = by_name[prefix(b, key)], opt.pack.shapes[key]
+            if tuple(e["shape"]) != shape or e["dtype"] != model.dtype.name:
+                # (before its data is read: the header's shape is not to be trusted)
+                raise _fail(path, f"optimizer state {prefix(b, key)!r} is {e['dtype']} "
+                                  f"{shape_str(e['shape'])} but the optimizer holds "
+                                  f"{model.dtype} {shape_str(shape)}")
+            state[b][key] = _read_array(npz, e, path)
     if header["version"] == 1 and opt.buffers:
         for b in opt.buffers:
             per = state.setdefault(b, {})

@@ -7,7 +7,13 @@ flat state dict with PyTorch's ``torch.nn.Sequential`` names, so the same file
 loads into PyTorch with ``safetensors.torch.load_file``; ``.npz`` (NumPy only) is
 the same dict in NumPy's format, read with ``allow_pickle=False``. Damaged files
 are ValueErrors; the safetensors library checks every declared shape and offset
-against the file before it makes an array.
+against the file before it makes an array. Of an .npz, only the arrays whose names
+and shapes the model has are read (see ``format.checked_npz_arrays``), so a small
+file of compressed members cannot make a load inflate more than the model holds.
+
+A file is given by a path, a binary file object (read from its position to the end
+of the file there, and left after it) or its bytes; a path or bytes holding several
+files back to back give the first, as a file object does.
 """
 import io
 import os
@@ -29,14 +35,22 @@ def _require_safetensors():
     return safetensors.numpy
 
 
+_BYTES = (bytes, bytearray, memoryview)
+
+
 def _kind(path, where):
+    if isinstance(path, _BYTES):
+        raise ValueError(f"{where}: pass format='safetensors' or 'npz' with the file's bytes")
     name = os.fspath(path) if not hasattr(path, "read") and not hasattr(path, "write") \
         else getattr(path, "name", "")
-    name = str(name).lower()
+    name = os.fsdecode(name) if isinstance(name, (str, bytes)) else ""
     for kind in _KINDS:
-        if name.endswith(kind):
+        if name.lower().endswith(kind):
             return kind
-    raise ValueError(f"{where}: {path!r} must end in .safetensors or .npz (for a file "
+    if not name:
+        raise ValueError(f"{where}: pass format='safetensors' or 'npz' for a file object "
+                         f"with no such name")
+    raise ValueError(f"{where}: {name!r} must end in .safetensors or .npz (for a file "
                      f"object, pass format='safetensors' or 'npz')")
 
 
@@ -53,6 +67,11 @@ def save_state_dict(model, path, format=None):
     """Write ``model.state_dict()`` to ``path`` (atomically) or a binary file object, as
     safetensors or npz (from the suffix, or ``format``)."""
     where = "Sequential.save_state_dict"
+    if isinstance(path, io.TextIOBase):
+        raise TypeError(f"{where}: the file object must be opened in binary mode ('wb')")
+    if not hasattr(path, "write") and not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"{where}: path must be a path or a binary file object, got "
+                        f"{type(path).__name__}")
     kind = _format(path, format, where)
     state = {k: np.require(v, requirements="C") for k, v in model.state_dict().items()}
     if kind == ".safetensors":
@@ -84,20 +103,32 @@ def _safetensors_extent(data):
     return 8 + n + max(ends, default=0)
 
 
-def read_state_dict_file(path, format=None, where="cdl.load_state_dict_file"):
-    """The {name: array} a .safetensors or .npz state-dict file holds. A file object is
-    read from its position up to the end of the file there and left right after it."""
+def read_state_dict_file(path, format=None, where="cdl.load_state_dict_file", expect=None):
+    """The {name: array} a .safetensors or .npz state-dict file (a path, a binary file
+    object or bytes) holds: the first file there. A file object is read from its position
+    up to the end of the file there and left right after it. ``expect``: the model's
+    {name: array}, to read of an .npz only what the model can take."""
+    from .format import read_stream, zip_extent
+
+    binary = f"{where}: the file object must be opened in binary mode ('rb')"
+    if isinstance(path, io.TextIOBase):
+        raise TypeError(binary)
+    if not hasattr(path, "read") and not isinstance(path, (str, bytes, os.PathLike) + _BYTES):
+        raise TypeError(f"{where}: expected a path, bytes or a binary file object, got "
+                        f"{type(path).__name__}")
     kind = _format(path, format, where)
-    if hasattr(path, "read"):
-        from .format import read_stream, zip_extent
-        extent = _safetensors_extent if kind == ".safetensors" else zip_extent
+    extent = _safetensors_extent if kind == ".safetensors" else zip_extent
+    if isinstance(path, _BYTES):
+        name = "<bytes>"
+        data, whole = read_stream(io.BytesIO(path), extent)
+    elif hasattr(path, "read"):
         (data, whole), name = read_stream(path, extent), getattr(path, "name", "<file object>")
     else:
-        name, whole = os.fspath(path), True
+        name = os.fspath(path)
         with open(name, "rb") as f:
-            data = f.read()
+            data, whole = read_stream(f, extent)
     if not isinstance(data, (bytes, bytearray)):
-        raise TypeError(f"{where}: the file object must be opened in binary mode")
+        raise TypeError(binary)
     if kind == ".npz" and not whole and data[:4] == b"PK\x03\x04":
         # a zip without its end here: zipfile would read a later archive, if any
         raise ValueError(f"{where}: {name} is not a valid .npz file: it is truncated or "
@@ -116,7 +147,7 @@ def read_state_dict_file(path, format=None, where="cdl.load_state_dict_file"):
             raise ValueError(f"{where}: {name} is not a valid safetensors file "
                              f"({type(exc).__name__}: {exc})") from None
     from .format import checked_npz_arrays
-    return checked_npz_arrays(io.BytesIO(bytes(data)), name, len(data), where)
+    return checked_npz_arrays(io.BytesIO(bytes(data)), name, len(data), where, expect)
 
 
 def _dtypes_numpy_lacks(data):
@@ -136,8 +167,13 @@ def _dtypes_numpy_lacks(data):
 def load_state_dict_file(model, path, format=None):
     """Load a .safetensors or .npz state-dict file (e.g. written by PyTorch with
     ``safetensors.torch.save_file(net.state_dict(), path)``) into ``model``: every key,
-    shape and dtype is checked before anything changes. Returns the model."""
+    shape and dtype is checked before anything changes. ``path``: a path, a binary file
+    object or the file's bytes (then ``format`` is needed). Returns the model."""
+    from ..model import Sequential
+
     where = "cdl.load_state_dict_file"
-    state = read_state_dict_file(path, format, where)
+    if not isinstance(model, Sequential):
+        raise TypeError(f"{where}: model must be a cdl.Sequential, got {type(model).__name__}")
+    state = read_state_dict_file(path, format, where, expect=model._state_targets())
     model.load_state_dict(state, where=where)
     return model
