@@ -263,3 +263,55 @@ def test_batchnorm_counts_its_running_statistics_in_a_files_size_check():
         cdl.loads(f.getvalue())
     with pytest.raises(ValueError, match=r"BatchNorm1d\[0\]: .* at most 2147483647"):
         cdl.Sequential([cdl.BatchNorm1d(2**40, affine=False)], (2**40,))
+
+
+def test_a_layers_own_passes_never_feed_its_models_backward_nor_the_reverse():
+    # A layer's own forward/backward run on the buffers of its model's training passes:
+    # between model.forward and model.backward (a look at one layer while debugging) it
+    # gave silently wrong gradients, and a model pass between a layer's own forward and
+    # backward gave that backward the model's state.
+    import copy
+    import threading
+    rng = np.random.default_rng(13)
+    tanh = cdl.Tanh()
+    m = cdl.Sequential([cdl.Conv2d(2, 4, 3, padding=1), tanh, cdl.Conv2d(4, 3, 3, padding=1),
+                        cdl.Flatten(), cdl.Linear(75, 2)], (2, 5, 5), seed=0)
+    x, x2 = (rng.standard_normal((4, 2, 5, 5)).astype(np.float32) for _ in range(2))
+    g = np.ones((4, 2), np.float32)
+    ref = copy.deepcopy(m)
+    ref.forward(x)
+    want = ref.backward(g)
+    m.forward(x)
+    m.layers[0].forward(x2)
+    with pytest.raises(RuntimeError, match=r"Sequential.backward: call forward first \(again, "
+                                           r"if one of its layers' own forward"):
+        m.backward(g)
+    m.forward(x)                              # forward again: the model's own gradients
+    np.testing.assert_array_equal(m.backward(g), want)
+
+    xt = rng.standard_normal((4, 4, 5, 5)).astype(np.float32)
+    y = tanh.forward(xt).copy()
+    m.forward(x)
+    with pytest.raises(RuntimeError, match=r"Tanh\[1\]: its model has run a pass since this "
+                                           r"layer's own forward"):
+        tanh.backward(np.ones_like(y))
+    y = tanh.forward(xt).copy()
+    np.testing.assert_allclose(tanh.backward(np.ones_like(y)), 1 - y * y, atol=1e-6)
+
+    # and, like the model's passes, they wait for no other thread's step: refused
+    held, done = threading.Event(), threading.Event()
+
+    def holder():
+        with m._lock:
+            held.set()
+            done.wait(60)
+    t = threading.Thread(target=holder)
+    t.start()
+    assert held.wait(60)
+    try:
+        with pytest.raises(RuntimeError, match=r"Tanh\[1\].forward: this model is being "
+                                               r"trained from another thread"):
+            tanh.forward(xt)
+    finally:
+        done.set()
+        t.join()

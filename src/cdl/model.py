@@ -359,7 +359,8 @@ class Sequential:
         where = "Sequential.backward"
         n = getattr(self, "_last_n", None)
         if n is None:
-            raise RuntimeError(f"{where}: call forward first")
+            raise RuntimeError(f"{where}: call forward first (again, if one of its layers' own "
+                               f"forward or backward ran since: they share its buffers)")
         g = check_grad(grad, (n,) + self.output_shape, self.dtype, where)
         out = self._result(out, (n,) + self.input_shape, where)
         # the first layer writes its input gradient straight into out (no copy)

@@ -603,8 +603,7 @@ class Layer:
     def _settings_changed(self):
         """A setting the fast plans hold (Dropout's p, BatchNorm's eps, ...) changed: the
         owning model rebuilds its plans on the next call."""
-        owner = OWNERS.get(self)
-        model = owner() if owner is not None else None
+        model = self._owner()
         if model is not None:
             model._reset_plans()
 
@@ -639,12 +638,20 @@ class Layer:
     def forward(self, x):
         """Training-mode forward pass on a batch; the result is the layer's own buffer
         (reused by the next call with the same batch size). It computes this layer
-        alone, also inside a model that runs a neighbour (a ReLU) in its pass."""
+        alone, also inside a model that runs a neighbour (a ReLU) in its pass. Inside a
+        model it runs on the buffers of the model's training passes: the model's next
+        ``backward`` then asks for a ``forward`` of its own first, and this layer's
+        ``backward`` needs this forward to be the last pass the model ran."""
         x = self._check_input(x)
-        ws = dict(self._workspace(x.shape[0]), solo=True)
-        y = self._forward(x, ws, _config.step_threads(), True)
-        _config.restore_blas()
-        self._last = (x, ws)
+        model = self._enter_model(f"{self.name}.forward")
+        try:
+            ws = dict(self._workspace(x.shape[0]), solo=True)
+            y = self._forward(x, ws, _config.step_threads(), True)
+            self._last = (x, ws)
+        finally:
+            if model is not None:
+                model._lock.release()
+            _config.restore_blas()
         return y
 
     def backward(self, grad):
@@ -652,11 +659,33 @@ class Layer:
         if self._last is None:
             raise RuntimeError(f"{self.name}: backward called before forward")
         x, ws = self._last
+        if "solo" not in ws:
+            raise RuntimeError(f"{self.name}: its model has run a pass since this layer's own "
+                               f"forward (or it never ran one); call {self.name}.forward "
+                               f"again first")
         g = check_grad(grad, (x.shape[0],) + self.output_shape, self.dtype, self.name)
+        model = self._enter_model(f"{self.name}.backward")
         try:
             return self._backward(g, x, ws, _config.step_threads(), True, 0.0)
         finally:
+            if model is not None:
+                model._lock.release()
             _config.restore_blas()
+
+    def _owner(self):
+        """The model this layer belongs to, if it is alive."""
+        owner = OWNERS.get(self)
+        return owner() if owner is not None else None
+
+    def _enter_model(self, where):
+        """The layer's own passes run on the buffers its model's training passes use: take
+        the model's training lock (refused while another thread trains it), and make the
+        model's next backward ask for a forward of its own first. Returns the model."""
+        model = self._owner()
+        if model is not None:
+            model._enter(where)
+            model._last_n = None
+        return model
 
     def _runs_next(self, ws):
         """Whether this pass also runs the next layer's (``fused_next``): in a chain's
