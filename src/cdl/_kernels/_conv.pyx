@@ -70,7 +70,8 @@ dU = sum over tiles of (A dy A^T) . (B^T d B), then G^T dU G. Its sums round
 differently from the direct path's (within a few float32 ulps of the sum's scale; the
 tests hold it to the NumPy twin as tightly as the direct path), and a NaN or Inf in an
 input reaches the whole 2x2 tiles of the 4x4 patches that hold it, a superset of the
-windows that cover it. Work items are blocks of tile rows and (weight gradient) chunks
+windows that cover it, and mostly as NaN (the transforms subtract Inf from Inf) where
+the direct sum gives +-Inf. Work items are blocks of tile rows and (weight gradient) chunks
 of blocks fixed by the shapes, so results are bitwise the same for any thread count,
 and the forward's also for any batch size. Measured (bench/conv_parts.py) on Zen 2
 (AVX2): 0.6-0.93x the direct path's time for ResNet-8's 16-, 32- and 64-channel
