@@ -66,6 +66,22 @@ def test_bad_arguments(tmp_path):
 
 
 
+def test_labels_that_are_not_class_indices_are_refused_before_the_model(tmp_path):
+    # one stray label (a 255 "unlabelled" marker, a typo) sized the output layer: a label
+    # of 1,000,000 built a model of 8 GB, silently, for minutes
+    rng = np.random.default_rng(0)
+    imgs = (rng.random((40, 8, 8)) * 255).astype(np.uint8)
+    y = rng.integers(0, 3, 40)
+    y[7] = 255
+    write_idx(tmp_path / "img", imgs)
+    write_idx(tmp_path / "lab", y)
+    r = run("train", "--epochs", "1", "--data", "img", "lab", "--out", "o", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "lab: the labels must be class indices 0..C-1, but 4 distinct values go up to " \
+           "255 (a model of 256 outputs)" in r.stderr
+    assert r.stdout == "" and "Traceback" not in r.stderr
+
+
 def test_images_too_small_for_the_cnn_are_refused_up_front(tmp_path):
     """The CNN's two 2x2 max-pools need images of at least 4x4: the error says so (not
     "Linear: in_features must be >= 1, got 0") before anything is printed; the ResNet,
@@ -157,9 +173,17 @@ def test_help_is_plain_text():
     (["--out", "a-file/sub"], "is not a folder"),
     (["--out", ""], "--out: expected a folder name, got an empty string"),
     (["--data", "nope.idx", "labels.idx"], "--data: nope.idx: no such file"),
+    (["--out", "has-dir"], "--out: has-dir/model.npz is a folder"),
+    (["--out", "has-png-dir"], "--out: has-png-dir/curves.png is a folder"),
+    (["--out", "dangling"], "--out: dangling is a symbolic link to nothing"),
+    (["--model", "resnet", "--momentum", "0.5"], "--momentum: the resnet model trains with "
+                                                 "AdamW"),
 ])
 def test_bad_options_stop_before_any_work(tmp_path, args, message):
     (tmp_path / "a-file").write_text("x")
+    (tmp_path / "has-dir" / "model.npz").mkdir(parents=True)     # found at the end before
+    (tmp_path / "has-png-dir" / "curves.png").mkdir(parents=True)
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
     r = run("train", *args, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr

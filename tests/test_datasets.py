@@ -62,6 +62,14 @@ def test_load_idx_rejects_bad_headers(tmp_path):
     p.write_bytes(b"\x1f\x8b\x08garbage")
     with pytest.raises(ValueError, match="gzip"):
         cdl.datasets.load_idx(p)
+    # no data, but dimensions NumPy cannot hold: NumPy's own error, named
+    p.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 0, 2**32 - 1, 2**32 - 1))
+    with pytest.raises(ValueError, match=r"load_idx: .*bad: header says 0x4294967295x4294967295 "
+                                         r"of uint8 = 0 data bytes, which NumPy cannot "
+                                         r"represent"):
+        cdl.datasets.load_idx(p)
+    with pytest.raises(TypeError, match=r"load_idx: path must be a file path, got int"):
+        cdl.datasets.load_idx(3)
 
 
 def test_load_idx_dataset(tmp_path):

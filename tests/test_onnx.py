@@ -441,7 +441,12 @@ def test_final_softmax_is_reported(torch, kind):
     f.seek(0)
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), cdl.load(f)):
         assert twin.onnx_output_activation == model.onnx_output_activation
-    assert cdl.Sequential([cdl.Linear(3, 2)], (3,)).onnx_output_activation is None
+    other = cdl.Sequential([cdl.Linear(3, 2)], (3,))
+    assert other.onnx_output_activation is None
+    with pytest.raises(ValueError, match=r"onnx_output_activation must be None, 'softmax' or "
+                                         r"'log_softmax', got 'Softmax'"):
+        other.onnx_output_activation = "Softmax"      # (a file that would not load)
+    assert other.onnx_output_activation is None
 
 
 # ---------------------------------------------------------------------------------

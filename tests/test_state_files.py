@@ -1,6 +1,7 @@
 """PyTorch weights both ways through safetensors, and cdl's state-dict files
 (``model.save_state_dict``, ``cdl.load_state_dict_file``: .safetensors and .npz)."""
 import io
+import os
 
 import numpy as np
 import pytest
@@ -179,3 +180,16 @@ def test_state_dict_file_from_bytes(tmp_path):
     with pytest.raises(TypeError, match=r"cdl.load_state_dict_file: expected a path, bytes or "
                                         r"a binary file object, got int"):
         cdl.load_state_dict_file(cdl_cnn(), 3, format="npz")
+    # a bytes *path* (as os.fspath and cdl.load take) is still a path, for saving too
+    for name in ("sd.npz", "sd.safetensors"):
+        if name.endswith(".safetensors"):
+            pytest.importorskip("safetensors")
+        path = os.fsencode(tmp_path / name)
+        model.save_state_dict(path)
+        twin = cdl_cnn()
+        twin.layers[0].params["weight"][...] = 0
+        cdl.load_state_dict_file(twin, path)
+        np.testing.assert_array_equal(twin.layers[0].params["weight"],
+                                      model.layers[0].params["weight"])
+    model.save(os.fsencode(tmp_path / "m.npz"))
+    assert cdl.load(tmp_path / "m.npz").input_shape == model.input_shape

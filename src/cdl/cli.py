@@ -59,6 +59,10 @@ def lenet(in_shape, num_classes):
             Flatten(), Linear(32 * h2 * w2, num_classes)]
 
 
+def _count(n, noun):
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _split(n, test_fraction, seed):
     order = np.random.default_rng(seed).permutation(n)
     n_test = max(1, int(round(n * test_fraction)))
@@ -74,17 +78,17 @@ def _plot(history, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    from matplotlib.ticker import MaxNLocator
     h = history.history
     epochs = np.arange(1, len(h["loss"]) + 1)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(epochs, h["loss"], label="train")
-    if "val_loss" in h:
-        a.plot(epochs, h["val_loss"], label="test")
-    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend(), a.set_title("loss")
-    b.plot(epochs, h["accuracy"], label="train")
-    if "val_accuracy" in h:
-        b.plot(epochs, h["val_accuracy"], label="test")
-    b.set_xlabel("epoch"), b.set_ylabel("accuracy"), b.legend(), b.set_title("accuracy")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        # markers: one epoch is a single point, which a line alone does not show
+        ax.plot(epochs, h[key], marker="o", label="train")
+        if f"val_{key}" in h:
+            ax.plot(epochs, h[f"val_{key}"], marker="o", label="test")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch"), ax.set_ylabel(key), ax.legend(), ax.set_title(key)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -113,6 +117,9 @@ def _check_train_args(args):
     elif importlib.util.find_spec("sklearn") is None:
         raise bad("the default data (scikit-learn's digits) needs scikit-learn: "
                   "pip install scikit-learn  (or pass --data IMAGES LABELS)")
+    if args.model == "resnet" and args.momentum is not None:
+        raise bad("--momentum: the resnet model trains with AdamW, which has no momentum "
+                  "setting (--momentum is for --model cnn)")
     if not args.out:    # abspath("") would be the current folder, and makedirs("") fails
         raise bad("--out: expected a folder name, got an empty string")
     out = os.path.abspath(args.out)
@@ -125,6 +132,14 @@ def _check_train_args(args):
         raise bad(f"--out: cannot create {args.out}: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise bad(f"--out: cannot write to {parent}")
+    if os.path.islink(args.out) and not os.path.exists(out):
+        raise bad(f"--out: {args.out} is a symbolic link to nothing")
+    for name in ("model.npz", "curves.png"):     # written at the end: not after training
+        inside = os.path.join(out, name)
+        if os.path.isdir(inside):
+            raise bad(f"--out: {os.path.join(args.out, name)} is a folder")
+        if os.path.exists(inside) and not os.access(inside, os.W_OK):
+            raise bad(f"--out: cannot write {os.path.join(args.out, name)}")
 
 
 def train(args):
@@ -137,13 +152,20 @@ def train(args):
     comm = _distributed() if args.distributed else None
     if args.data:
         x, y = datasets.load_idx_dataset(*args.data)
-        source = f"{args.data[0]} ({x.shape[0]} images)"
+        source = f"{args.data[0]} ({_count(x.shape[0], 'image')})"
     else:
         x, y = datasets.load_digits()
         source = "scikit-learn digits (1,797 8x8 images)"
     if x.shape[0] < 2:
         raise _Stop(f"cdl train: error: {source}: need at least 2 samples", EXIT_USAGE)
     num_classes = int(y.max()) + 1
+    distinct = len(np.unique(y))
+    if num_classes > max(2 * distinct, distinct + 100):
+        # (one stray label would size the output layer, and its memory, by itself)
+        raise _Stop(f"cdl train: error: {args.data[1] if args.data else 'labels'}: the labels "
+                    f"must be class indices 0..C-1, but {distinct} distinct values go up to "
+                    f"{num_classes - 1} (a model of {num_classes} outputs); relabel them",
+                    EXIT_USAGE)
     model = _checked_model(args, x.shape[1:], num_classes, source)
     train_idx, test_idx = _split(x.shape[0], 0.2, args.seed)
     x_train, y_train = x[train_idx], y[train_idx]
@@ -155,7 +177,7 @@ def train(args):
         opt = cdl.AdamW(model, lr=lr)
     else:
         lr = 0.05 if args.lr is None else args.lr
-        opt = cdl.SGD(model, lr=lr, momentum=args.momentum)
+        opt = cdl.SGD(model, lr=lr, momentum=0.9 if args.momentum is None else args.momentum)
     if comm is not None:
         from .distributed import DistributedOptimizer
         opt = DistributedOptimizer(opt, comm)  # threads per rank unless --threads
@@ -184,7 +206,8 @@ def train(args):
                     f"nothing was saved", EXIT_INTERRUPTED, agreed=True)
     test_loss, test_acc = model.evaluate(x_test, y_test, loss)
     print(f"test accuracy: {test_acc * 100:.2f}%  (loss {test_loss:.4f}, "
-          f"{len(history.epochs)} epochs in {seconds:.1f} s, {cdl.get_num_threads()} threads)")
+          f"{_count(len(history.epochs), 'epoch')} in {seconds:.1f} s, "
+          f"{_count(cdl.get_num_threads(), 'thread')})")
 
     if comm is not None and comm.Get_rank() != 0:
         return EXIT_OK  # the replicas are identical: rank 0 saves
@@ -352,8 +375,8 @@ def build_parser():
     t.add_argument("--lr", type=_float_in(0.0), default=None,
                    help="learning rate, the start of a cosine schedule to 0 (default: 0.05 "
                         "for cnn, 0.003 for resnet)")
-    t.add_argument("--momentum", type=_float_in(0.0, 1.0, lo_open=False), default=0.9,
-                   help="SGD momentum, in [0, 1) (cnn only)")
+    t.add_argument("--momentum", type=_float_in(0.0, 1.0, lo_open=False), default=None,
+                   help="SGD momentum, in [0, 1) (cnn only; default 0.9)")
     t.add_argument("--threads", type=_int_in(1, MAX_THREADS), default=None,
                    help="threads for the kernels (default: OMP_NUM_THREADS, else the usable "
                         "cores)")

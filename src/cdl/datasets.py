@@ -65,7 +65,11 @@ def load_idx(path):
     header promising more than this machine's memory is refused, and a gzip stream is
     read in chunks, so that a lying header cannot make it allocate what is not there.
     """
-    path = _os.fspath(path)
+    try:
+        path = _os.fspath(path)
+    except TypeError:
+        raise TypeError(f"load_idx: path must be a file path, got {type(path).__name__}") \
+            from None
     with open(path, "rb") as f:
         magic = f.read(2)
     opener = _gzip.open if magic == b"\x1f\x8b" else open
@@ -117,6 +121,9 @@ def load_idx(path):
         return _np.frombuffer(data, dtype).reshape(dims).astype(dtype.newbyteorder("="))
     except MemoryError:
         raise _out_of_memory(path, shape) from None
+    except ValueError as exc:     # dims NumPy cannot hold, even of no data: (0, 2**32-1, ...)
+        raise ValueError(f"load_idx: {path}: header says {shape}, which NumPy cannot "
+                         f"represent ({exc})") from None
 
 
 def load_idx_dataset(images_path, labels_path):

@@ -63,10 +63,19 @@ class Sequential:
     initial weights (and fit's shuffling) reproducible bit for bit.
     """
 
-    onnx_output_activation = None
-    """The final Softmax or LogSoftmax ("softmax", "log_softmax") that ``cdl.onnx.load``
-    left out of the model (which returns the scores before it); None otherwise. Saved,
-    copied and pickled with the model."""
+    @property
+    def onnx_output_activation(self):
+        """The final Softmax or LogSoftmax ("softmax", "log_softmax") that ``cdl.onnx.load``
+        left out of the model (which returns the scores before it); None otherwise. Saved,
+        copied and pickled with the model."""
+        return self.__dict__.get("_onnx_output_activation")
+
+    @onnx_output_activation.setter
+    def onnx_output_activation(self, value):
+        if value not in (None, "softmax", "log_softmax"):
+            raise ValueError(f"Sequential: onnx_output_activation must be None, 'softmax' or "
+                             f"'log_softmax', got {value!r}")
+        self._onnx_output_activation = value
 
     def __init__(self, layers, input_shape, dtype=np.float32, seed=None, l2=0.0):
         self.chain = Chain(layers, "Sequential")

@@ -82,16 +82,12 @@ def _header(model, optimizer):
     return header, arrays
 
 
-def _write(model, f, optimizer, where):
-    # The arrays are written from the live weights: refused (as train_step is) while
-    # another thread trains the model, whose steps would tear the snapshot.
-    model._enter(where)
-    try:
-        header, arrays = _header(model, optimizer)
-        blob = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
-        np.savez(f, **{HEADER: blob}, **arrays)
-    finally:
-        model._lock.release()
+def _write(model, f, optimizer):
+    # (from the live weights: a save from another thread while one trains the model may
+    # mix two steps; fit's callbacks run between steps, README "Threads")
+    header, arrays = _header(model, optimizer)
+    blob = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+    np.savez(f, **{HEADER: blob}, **arrays)
 
 
 def _umask():
@@ -125,7 +121,7 @@ def atomic_write(path, write):
     open() would, the file gets the umask's mode when new and keeps its permission bits
     when it exists, and a symbolic link is written through (the link stays). An OSError
     names ``path``, never the temporary file."""
-    shown = path = os.fspath(path)
+    shown = path = os.fsdecode(os.fspath(path))     # (a bytes path too)
     target = os.path.realpath(path)     # (a dangling link: the file open() would create)
     folder, base = os.path.split(target)
     prefix = _temp_prefix(os.fsdecode(base))
@@ -165,15 +161,15 @@ def save(model, path, optimizer=None):
         raise TypeError(f"Sequential.save: path must be a path or a binary file object, "
                         f"got {type(path).__name__}")
     if hasattr(path, "write"):
-        _write(model, path, optimizer, "Sequential.save")
+        _write(model, path, optimizer)
         return
-    atomic_write(path, lambda f: _write(model, f, optimizer, "Sequential.save"))
+    atomic_write(path, lambda f: _write(model, f, optimizer))
 
 
 def dumps(model, optimizer=None):
     """The model (and optimizer state) as bytes in the model-file format."""
     buf = io.BytesIO()
-    _write(model, buf, optimizer, "cdl.dumps")
+    _write(model, buf, optimizer)
     return buf.getvalue()
 
 

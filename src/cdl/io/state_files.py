@@ -38,8 +38,22 @@ def _require_safetensors():
 _BYTES = (bytes, bytearray, memoryview)
 
 
+def _is_data(path):
+    """Whether ``path`` is a file's bytes rather than a path: a bytearray or memoryview, or
+    bytes that start as a zip (.npz) or a safetensors file does (a bytes path, as os.fspath
+    takes, starts with neither)."""
+    if isinstance(path, (bytearray, memoryview)):
+        return True
+    if not isinstance(path, bytes):
+        return False
+    if path[:4] == b"PK\x03\x04":
+        return True
+    return len(path) > 8 and path[8:9] == b"{" and \
+        int.from_bytes(path[:8], "little") <= len(path) - 8
+
+
 def _kind(path, where):
-    if isinstance(path, _BYTES):
+    if _is_data(path):
         raise ValueError(f"{where}: pass format='safetensors' or 'npz' with the file's bytes")
     name = os.fspath(path) if not hasattr(path, "read") and not hasattr(path, "write") \
         else getattr(path, "name", "")
@@ -118,7 +132,7 @@ def read_state_dict_file(path, format=None, where="cdl.load_state_dict_file", ex
                         f"{type(path).__name__}")
     kind = _format(path, format, where)
     extent = _safetensors_extent if kind == ".safetensors" else zip_extent
-    if isinstance(path, _BYTES):
+    if _is_data(path):
         name = "<bytes>"
         data, whole = read_stream(io.BytesIO(path), extent)
     elif hasattr(path, "read"):

@@ -497,7 +497,7 @@ class Layer:
         output_shape = tuple(int(s) for s in self._configure(tuple(input_shape), src))
         keep = keep_params and bool(self.params or self.buffers)
         if keep:
-            self._check_kept_shapes(dtype)
+            self._check_kept_shapes(dtype, init)
         self.output_shape = output_shape
         self.input_shape = tuple(int(s) for s in input_shape)
         self.dtype = dtype
@@ -515,16 +515,19 @@ class Layer:
         self._last = None
         return self.output_shape
 
-    def _check_kept_shapes(self, dtype):
+    def _check_kept_shapes(self, dtype, init):
         """The values a layer holds must be the arrays its settings make (a setting changed
-        after they were set, say): the kernels trust those shapes."""
-        kept = self.params, self.grads, self.buffers, self._drawn
+        after they were set, say): the kernels trust those shapes. Found by a trial
+        ``_create``, after which the layer is restored as it was (a ``_create`` may set
+        more than parameters: Dropout's stream)."""
+        kept = dict(self.__dict__)
         try:
             self.params, self.grads, self.buffers = ArrayDict(), ArrayDict(), ArrayDict()
-            self._create(np.random.default_rng(0), "he", dtype)
+            self._create(np.random.default_rng(0), init or "he", dtype)
             want = {k: v.shape for d in (self.params, self.buffers) for k, v in d.items()}
         finally:
-            self.params, self.grads, self.buffers, self._drawn = kept
+            self.__dict__.clear()
+            self.__dict__.update(kept)
         have = {k: v.shape for d in (self.params, self.buffers) for k, v in d.items()}
         if have != want:
             show = lambda d: ", ".join(f"{k} {shape_str(v)}" for k, v in d.items())  # noqa: E731
