@@ -1004,3 +1004,28 @@ def test_cli_errors_on_a_distributed_runs_other_ranks(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_RANK", None)
     cli._say("cdl train: error: training diverged", agreed=True)
     assert capsys.readouterr().err == "cdl train: error: training diverged\n"
+
+
+def test_a_distributed_optimizer_refuses_a_buffer_the_ranks_could_not_keep_identical():
+    # a user layer's float64 statistics in a float32 model: the exchange carries buffers of
+    # the model's dtype and integers only, so the ranks' copies drifted apart, silently
+    import cdl.distributed as dist
+
+    class Center64(cdl.Layer):
+        def _create(self, rng, init, dtype):
+            self.add_buffer("running_mean", np.zeros(self.input_shape, np.float64))
+
+        def _forward(self, x, ws, nt, train):
+            np.copyto(ws["out"], x)
+            return ws["out"]
+
+    try:
+        m = cdl.Sequential([cdl.Linear(6, 6), Center64(), cdl.Linear(6, 3)], (6,), seed=0)
+        with pytest.raises(ValueError, match=r"DistributedOptimizer: buffer 1.running_mean is "
+                                             r"float64, neither the model's float32 nor an "
+                                             r"integer"):
+            dist.DistributedOptimizer(cdl.SGD(m, lr=0.1), comm=_OneRank())
+        ok = cdl.Sequential([cdl.Linear(6, 6), cdl.BatchNorm1d(6), cdl.Linear(6, 3)], (6,))
+        dist.DistributedOptimizer(cdl.SGD(ok, lr=0.1), comm=_OneRank(), threads=None)
+    finally:
+        cdl.layers.LAYER_TYPES.pop("Center64", None)

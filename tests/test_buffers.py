@@ -136,10 +136,17 @@ def test_out_arguments():
     assert m.forward(x, out=out) is out
     dx = np.empty((6, 2, 8, 8), np.float32)
     assert m.backward(np.ones((6, 5), np.float32), out=dx) is dx
-    for bad in (np.empty((6, 4), np.float32), np.empty((6, 5), np.float64),
-                np.empty((5, 6), np.float32).T, [[0.0] * 5] * 6):
+    read_only = np.empty((6, 5), np.float32)
+    read_only.flags.writeable = False
+    # the message names the requirement that failed
+    for bad, got in ((np.empty((6, 4), np.float32), r"float32 6x4 \(wrong shape\)"),
+                     (np.empty((6, 5), np.float64), r"float64 6x5 \(wrong dtype\)"),
+                     (np.empty((5, 6), np.float32).T, "float32 6x5 that is not C-contiguous"),
+                     (read_only, "float32 6x5 that is read-only"),
+                     ([[0.0] * 5] * 6, "list, not a NumPy array")):
         with pytest.raises(ValueError, match=r"Sequential.predict: out must be a writeable "
-                                             r"C-contiguous float32 array of shape 6x5"):
+                                             r"C-contiguous float32 array of shape 6x5, got "
+                                             + got):
             m.predict(x, out=bad)
 
 
@@ -289,3 +296,64 @@ def test_kept_runners_see_in_place_changes_of_weights_and_buffers(first):
     fresh = make()
     fresh.load_state_dict(m.state_dict())
     np.testing.assert_array_equal(after, fresh.predict(x))
+
+
+def test_nbytes_of_counts_nested_workspaces_once():
+    from cdl.buffers import nbytes_of
+    a, b, c = np.empty(100, np.uint8), np.empty(30, np.uint8), np.empty(7, np.uint8)
+    inner = {"b": b, "b_view": b[2:], "deeper": {"c": c}}
+    ws = {"a": a, "a_2d": a.reshape(10, 10), "inner": {1: inner, 2: {"again": b}},
+          "trace": [(0, "layer", inner, a)]}
+    ws["inner"][3] = ws                       # a cycle
+    assert nbytes_of([ws]) == 137
+    assert nbytes_of([a, ws]) == 137
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_runner_nbytes_counts_every_buffer_it_holds(dtype):
+    """ResNet-8's Residual keeps its branches' inference buffers in a nested dict: the
+    runner pool's budget must count them (they were 60% of the plan's memory)."""
+    import gc
+    import tracemalloc
+    import cdl.models
+    m = cdl.models.resnet8((3, 16, 16), dtype=dtype, seed=0)
+    m._make_runner(16)                        # anything a first build caches
+    gc.collect()
+    tracemalloc.start()
+    try:
+        runner = m._make_runner(16)
+        allocated = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    # what the runner holds is its buffers, and a few Python objects besides
+    assert runner.nbytes <= allocated < runner.nbytes + (256 << 10)
+
+
+def test_result_pool_keeps_at_most_its_budget_in_lru_order():
+    from cdl.buffers import ResultPool
+    row = 64 << 10                             # bytes of one (1, 16384) float32 row
+    pool = ResultPool(budget=10 * row)
+    held = pool.get((3, 16384), np.float32)   # kept by its holder throughout
+    held[...] = 7
+    for n in range(1, 40):                    # many batch sizes, each result dropped
+        pool.get((n, 16384), np.float32)
+        pool.get((2, 16384), np.float32)      # used all along: never the least recent
+        remembered = [a for arrays in pool._arrays.values() for a in arrays]
+        assert pool._held == sum(a.nbytes for a in remembered) <= pool.budget
+    assert list(pool._arrays)[-1] == ((2, 16384), np.dtype(np.float32))
+    assert ((3, 16384), np.dtype(np.float32)) not in pool._arrays   # forgotten, not freed
+    assert (held == 7).all()
+    big = pool.get((11, 16384), np.float32)   # over the budget: used once, not remembered
+    assert big.nbytes > pool.budget and not any(
+        a is big for arrays in pool._arrays.values() for a in arrays)
+    assert pool._held <= pool.budget
+
+
+def test_predicting_many_batch_sizes_keeps_a_bounded_result_pool():
+    m = cdl.Sequential([cdl.Linear(8, 1000)], (8,), seed=0)
+    m._results.budget = 4 << 20
+    x = np.zeros((600, 8), np.float32)
+    for n in range(20, 600, 7):
+        m.predict(x[:n])
+        m.predict(x[:n], batch_size=16)
+    assert sum(a.nbytes for arrays in m._results._arrays.values() for a in arrays) <= 4 << 20

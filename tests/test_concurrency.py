@@ -126,7 +126,8 @@ def test_kernels_release_the_gil(name):
 
 def test_kernel_sources_release_the_gil():
     """Every public kernel in the .pyx sources does its work inside ``with nogil``
-    (in its own body or in the ``cdef _name`` it delegates to)."""
+    (in its own body or in the ``cdef _name`` it delegates to, or the ``cdef _name_tiles``
+    that one runs between taking and giving back SciPy's BLAS)."""
     src = pathlib.Path(__file__).resolve().parents[1] / "src" / "cdl" / "_kernels"
     files = sorted(src.glob("_*.pyx")) if src.is_dir() else []
     if not files:
@@ -145,6 +146,10 @@ def test_kernel_sources_release_the_gil():
             core = re.search(rf"^cdef \w+ _{d.group(1)}\(.*?(?=^\S)", text, re.M | re.S)
             if f"_{d.group(1)}(" in body and core:
                 body = core.group(0)
+                tiles = re.search(rf"^cdef \w+ _{d.group(1)}_tiles\(.*?(?=^\S)", text,
+                                  re.M | re.S)
+                if f"_{d.group(1)}_tiles(" in body and tiles:
+                    body = tiles.group(0)
             if "with nogil" not in body:
                 missing.append(f"{f.name}:{d.group(1)}")
     assert not missing, f"kernels without `with nogil`: {missing}"
@@ -316,3 +321,63 @@ def test_fit_holds_the_training_lock_between_its_steps():
         done.set()
         t.join()
     assert outcomes == ["refused"] * 20 and opt.steps == 3 * 4 + 3
+
+
+def test_a_runner_goes_back_to_the_pool_it_came_from():
+    """A layer setting changed while a predict holds a runner (from another thread)
+    resets the plans: the runner, built with the old setting, must not go into the new
+    pool, where every later predict of its batch size would use it."""
+    m = cdl.Sequential([cdl.Conv2d(2, 4, 3, padding=1), cdl.BatchNorm2d(4), cdl.Flatten(),
+                        cdl.Linear(4 * 6 * 6, 3)], (2, 6, 6), seed=0)
+    bn = m.layers[1]
+    bn.buffers["running_var"][...] = 0.01     # so that eps matters
+    x = np.random.default_rng(0).standard_normal((8, 2, 6, 6)).astype(np.float32)
+    make = m._make_runner
+
+    def make_then_change(n):
+        runner = make(n)
+        run = runner.run
+
+        def run_and_change(*args):
+            out = run(*args)
+            bn.eps = 0.5                      # between this call's acquire and release
+            return out
+        runner.run = run_and_change
+        return runner
+    m._make_runner = make_then_change
+    old = m.predict(x).copy()
+    del m._make_runner
+    after = m.predict(x).copy()               # from the pool, if one was kept
+    m._runners.clear()
+    fresh = m.predict(x)
+    assert not np.allclose(old, fresh)
+    np.testing.assert_array_equal(after, fresh)
+
+
+def test_float64_predict_from_threads_is_bit_identical():
+    """float64 Linear runs SciPy's BLAS, lowered to one thread during each kernel: one
+    thread's call returning must not give BLAS its threads back while another thread's
+    kernel is still in its BLAS calls (multi-threaded BLAS rounds differently)."""
+    from cdl import _config
+    from cdl._kernels import _runtime
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not _runtime.blas_switchable():
+        pytest.skip("SciPy's BLAS threads cannot be switched per call here")
+    m = cdl.Sequential([cdl.Linear(50, 300)], (50,), seed=0, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((257, 50))
+    with threadpoolctl.threadpool_limits(4, user_api="blas"):
+        ref = m.predict(x, batch_size=64).copy()
+        bad, deadline = [], time.monotonic() + 2.0
+
+        def work():
+            while not bad and time.monotonic() < deadline:
+                if not np.array_equal(m.predict(x, batch_size=64), ref):
+                    bad.append(1)
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not bad, "a float64 predict differed from the serial answer"
+        assert _runtime.blas_users() == 0
+        assert _config.blas_info()[2] == 4      # given back once every call returned

@@ -177,3 +177,24 @@ def test_fit_with_callbacks_does_not_keep_model_alive():
     finally:
         gc.enable()
     assert h.history["loss"] and h.model is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kept_runners_do_not_keep_the_callers_input(dtype):
+    """predict keeps its runners (plans bound to the model input) for the next call;
+    they must not keep the caller's x alive: a dropped input is freed at once."""
+    for layers, shape in (([cdl.Conv2d(2, 4, 3), cdl.BatchNorm2d(4), cdl.ReLU(),
+                            cdl.Flatten(), cdl.Linear(64, 3)], (2, 6, 6)),
+                          ([cdl.ReLU(), cdl.Flatten(), cdl.Linear(72, 3)], (2, 6, 6)),
+                          ([cdl.Residual([cdl.Linear(30, 30)]), cdl.Linear(30, 2)], (30,))):
+        m = cdl.Sequential(layers, shape, dtype=dtype, seed=0)
+        x = np.ones((12,) + shape, dtype)
+        first = m.predict(x).copy()
+        m.predict(x, batch_size=5)
+        assert sorted(m._runners.sizes()) == [2, 5, 12]
+        r = weakref.ref(x)
+        del x
+        gc.collect()
+        alive = r() is not None
+        assert not alive, f"a kept runner holds the input ({type(layers[0]).__name__} first)"
+        np.testing.assert_array_equal(m.predict(np.ones((12,) + shape, dtype)), first)

@@ -429,3 +429,174 @@ def test_a_model_built_before_its_layer_class_was_defined_again_still_copies():
         np.testing.assert_array_equal(twin.predict(np.ones((1, 3), np.float32)), 2.0)
     finally:
         cdl.layers.LAYER_TYPES.pop(first.type_name, None)
+
+
+def test_a_workspace_entry_the_forward_rebinds_is_what_the_planned_backward_reads():
+    # the plan handed backward a copy of the workspace made when it was built: a layer
+    # storing a new array in ws during _forward trained on a stale one (or KeyError)
+    class MaskReLU(cdl.Layer):
+        def _forward(self, x, ws, nt, train):
+            ws["mask"] = (x > 0).astype(self.dtype)
+            np.multiply(x, ws["mask"], out=ws["out"])
+            return ws["out"]
+
+        def _backward(self, g, x, ws, nt, need_input_grad, l2):
+            if not need_input_grad:
+                return None
+            np.multiply(g, ws["mask"], out=ws["dx"])
+            return ws["dx"]
+
+    try:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((6, 4)).astype(np.float32)
+        y = rng.integers(0, 3, 6)
+        for make in (lambda: [cdl.Linear(4, 8), MaskReLU(), cdl.Linear(8, 3)],
+                     lambda: [cdl.Linear(4, 8), cdl.Residual([MaskReLU(), cdl.Linear(8, 8)]),
+                              cdl.ReLU(), cdl.Linear(8, 3)]):
+            plan, ref = (cdl.Sequential(make(), (4,), seed=0) for _ in range(2))
+            ref._use_plans = False
+            for model in (plan, ref):
+                opt = cdl.SGD(model, lr=0.1)
+                for _ in range(3):
+                    model.train_step(x, y, cdl.SoftmaxCrossEntropy(), opt)
+            np.testing.assert_array_equal(plan.gradient_buffer, ref.gradient_buffer)
+            for k, v in plan.state_dict().items():
+                np.testing.assert_array_equal(v, ref.state_dict()[k])
+    finally:
+        cdl.layers.LAYER_TYPES.pop("MaskReLU", None)
+
+
+def test_a_container_held_by_a_layer_child_is_walked():
+    # children() giving a Layer that itself holds layers: its parameters were not in the
+    # pack (never trained), the state dict, summary, copies or files
+    from cdl.layers.residual import layer_from_spec
+
+    class Wrap(cdl.Layer):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_config(self):
+            return {"inner": self.inner.spec()}
+
+        @classmethod
+        def from_config(cls, config):
+            return cls(layer_from_spec(config["inner"]))
+
+        def children(self):
+            return [("inner", self.inner)]
+
+        def build(self, input_shape, dtype, index=None, source=None, rng=None, init=None,
+                  keep_params=False):
+            self.path, self.dtype = str(index), np.dtype(dtype)
+            self.input_shape = tuple(input_shape)
+            self.output_shape = self.inner.build(input_shape, dtype, index=f"{self.path}.inner",
+                                                 rng=rng)
+            self._ws, self._last = {}, None
+            return self.output_shape
+
+        def _forward(self, x, ws, nt, train):
+            inner = self.inner._workspace(x.shape[0]) if train else \
+                self.inner._alloc(x.shape[0], False)
+            ws["out"][...] = self.inner._forward(x, inner, nt, train)
+            return ws["out"]
+
+        def _backward(self, g, x, ws, nt, need_input_grad, l2):
+            r = self.inner._backward(g, x, self.inner._workspace(x.shape[0]), nt, True, l2)
+            if need_input_grad:
+                ws["dx"][...] = r
+                return ws["dx"]
+
+    try:
+        m = cdl.Sequential([Wrap(cdl.Residual([cdl.Linear(4, 4)])), cdl.Linear(4, 3)], (4,),
+                           seed=0)
+        assert list(m.state_dict()) == ["0.inner.layers.0.weight", "0.inner.layers.0.bias",
+                                        "1.weight", "1.bias"]
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((8, 4)).astype(np.float32)
+        y = np.arange(8) % 3
+        before = m.state_dict()["0.inner.layers.0.weight"]
+        opt = cdl.SGD(m, lr=0.1)
+        for _ in range(3):
+            m.train_step(x, y, cdl.SoftmaxCrossEntropy(), opt)
+        assert not np.array_equal(m.state_dict()["0.inner.layers.0.weight"], before)
+        np.testing.assert_array_equal(pickle.loads(pickle.dumps(m)).predict(x), m.predict(x))
+        assert sum(p.size for _, p, _ in m.parameters()) == 20 + 15
+    finally:
+        cdl.layers.LAYER_TYPES.pop("Wrap", None)
+
+
+def test_a_subclass_overriding_a_builtins_passes_is_not_fused_as_the_builtin():
+    # a ReLU6 from ReLU: neighbours ran it as a plain ReLU (folded into Linear's tiles,
+    # BatchNorm's pass, a Residual's join) and the plan ran ReLU's kernel
+    class ReLU6(cdl.ReLU):
+        def _forward(self, x, ws, nt, train):
+            np.clip(x, 0, 6, out=ws["out"])
+            return ws["out"]
+
+        def _backward(self, g, x, ws, nt, need_input_grad, l2):
+            if need_input_grad:
+                np.multiply(g, (x > 0) & (x < 6), out=ws["dx"])
+                return ws["dx"]
+
+    try:
+        x = 50 * np.arange(1, 5, dtype=np.float32)[:, None] * np.ones((4, 4), np.float32)
+        for first in (lambda: cdl.Linear(4, 4), lambda: cdl.BatchNorm1d(4),
+                      lambda: cdl.Residual([cdl.Linear(4, 4)])):
+            m = cdl.Sequential([first(), ReLU6(), cdl.Linear(4, 3)], (4,), seed=0)
+            assert m.predict(x).shape == (4, 3)
+            inner = cdl.Sequential([first(), ReLU6()], (4,), seed=0)
+            assert inner.predict(x).max() <= 6.0
+            plan, ref = (cdl.Sequential([first(), ReLU6(), cdl.Linear(4, 3)], (4,), seed=0)
+                         for _ in range(2))
+            ref._use_plans = False
+            y = np.arange(4) % 3
+            for model in (plan, ref):
+                model.compute_gradients(x / 20, y, cdl.SoftmaxCrossEntropy())
+            np.testing.assert_array_equal(plan.gradient_buffer, ref.gradient_buffer)
+    finally:
+        cdl.layers.LAYER_TYPES.pop("ReLU6", None)
+
+
+def test_a_forward_that_raises_leaves_nothing_for_backward_and_bad_output_shapes_are_named():
+    class Boom(cdl.Layer):
+        fail = False
+
+        def _forward(self, x, ws, nt, train):
+            if Boom.fail:
+                raise RuntimeError("boom")
+            np.copyto(ws["out"], x)
+            return ws["out"]
+
+        def _backward(self, g, x, ws, nt, need_input_grad, l2):
+            return g.copy() if need_input_grad else None
+
+    class Odd(cdl.Layer):
+        shape = None
+
+        def _configure(self, input_shape, source):
+            return Odd.shape
+
+    try:
+        m = cdl.Sequential([cdl.Linear(6, 6), Boom(), cdl.Linear(6, 3)], (6,), seed=0)
+        x = np.ones((4, 6), np.float32)
+        m.forward(x)
+        Boom.fail = True
+        with pytest.raises(RuntimeError, match="boom"):
+            m.forward(x)
+        with pytest.raises(RuntimeError, match=r"Sequential.backward: call forward first"):
+            m.backward(np.ones((4, 3), np.float32))
+        layer = m.layers[1]
+        with pytest.raises(RuntimeError, match="boom"):
+            layer.forward(x)
+        with pytest.raises(RuntimeError, match=r"backward called before forward"):
+            layer.backward(np.ones((4, 6), np.float32))
+        for shape in ((2.7,), (0,), (-2,), "ab", None, (True,)):
+            Odd.shape = shape
+            with pytest.raises(ValueError, match=r"Odd\[0\]: _configure must give the "
+                                                 r"per-sample output shape as a tuple of "
+                                                 r"ints >= 1"):
+                cdl.Sequential([Odd()], (3,))
+    finally:
+        for key in ("Boom", "Odd"):
+            cdl.layers.LAYER_TYPES.pop(key, None)

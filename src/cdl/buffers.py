@@ -12,16 +12,51 @@ kernels' time (a 8 MB gradient: 2-7x). Two bounded pools remove them:
 - ``ResultPool`` hands out the arrays that public calls return. An array is
   reused only when nothing outside the pool refers to it any more (no variable,
   no view): results a user holds are never overwritten. Results under 64 KB are
-  fresh arrays (no page faults to save).
+  fresh arrays (no page faults to save). It remembers two arrays per shape and at
+  most ``RESULT_POOL_BYTES`` in all (the least recently used shapes go first), so
+  predicting many batch sizes does not keep an array for each.
 """
 import math
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping, MutableMapping
 
 import numpy as np
 
-__all__ = ["GradArena", "RunnerPool", "ResultPool", "nbytes_of"]
+__all__ = ["GradArena", "RunnerPool", "ResultPool", "RESULT_POOL_BYTES", "WsView", "nbytes_of"]
+
+
+class WsView(MutableMapping):
+    """A layer's workspace with some entries replaced for one planned pass (a lent
+    input-gradient buffer, a Residual's join): reads see the replacements first, then
+    the workspace itself, live, so an entry a layer's ``_forward`` rebinds is the one
+    its ``_backward`` reads (a copy of the dict would keep the old one); writes of
+    other keys go to the workspace."""
+
+    __slots__ = ("_over", "_base")
+
+    def __init__(self, base, **over):
+        self._base, self._over = base, over
+
+    def __getitem__(self, key):
+        return self._over[key] if key in self._over else self._base[key]
+
+    def __setitem__(self, key, value):
+        (self._over if key in self._over else self._base)[key] = value
+
+    def __delitem__(self, key):
+        del (self._over if key in self._over else self._base)[key]
+
+    def __contains__(self, key):
+        return key in self._over or key in self._base
+
+    def __iter__(self):
+        yield from self._over
+        yield from (k for k in self._base if k not in self._over)
+
+    def __len__(self):
+        return sum(1 for _ in self)
 
 
 class RunnerPool:
@@ -75,18 +110,24 @@ class RunnerPool:
 
 
 def nbytes_of(spaces):
-    """Bytes of the distinct memory held by the arrays in ``spaces`` (dicts of arrays and
-    other values; views count once, with the array they view)."""
+    """Bytes of the distinct memory held by the arrays in ``spaces``: arrays, and
+    mappings, lists and tuples of them, nested to any depth (a Residual's inference workspace keeps
+    its branches' workspaces in ws["inner"]); views count once, with the array they view."""
     seen, total = set(), 0
-    for ws in spaces:
-        for a in ws.values():
-            if isinstance(a, np.ndarray):
-                base = a
-                while isinstance(base.base, np.ndarray):
-                    base = base.base
-                if id(base) not in seen:
-                    seen.add(id(base))
-                    total += base.nbytes
+    stack, visited = list(spaces), set()
+    while stack:
+        a = stack.pop()
+        if isinstance(a, np.ndarray):
+            base = a
+            while isinstance(base.base, np.ndarray):
+                base = base.base
+            if id(base) not in seen:
+                seen.add(id(base))
+                total += base.nbytes
+        elif isinstance(a, (Mapping, list, tuple)) and id(a) not in visited:
+            # (a workspace may refer to others, and to itself through a plan's trace)
+            visited.add(id(a))
+            stack.extend(a.values() if isinstance(a, Mapping) else a)
     return total
 
 
@@ -95,12 +136,22 @@ SMALL_RESULT_BYTES = 64 << 10
 glibc's 128 KB mmap threshold), with no page faults to save and no pool to search."""
 
 
-class ResultPool:
-    """Arrays to return from public calls, reused once their holders let go."""
+RESULT_POOL_BYTES = 256 << 20
+"""A model's ResultPool remembers at most this many bytes of arrays (held ones included)."""
 
-    def __init__(self, keep=2):
+
+class ResultPool:
+    """Arrays to return from public calls, reused once their holders let go.
+
+    At most ``keep`` arrays per (shape, dtype) and ``budget`` bytes in all are
+    remembered; past the budget the least recently asked-for shapes are forgotten
+    (their holders keep them): a model predicting many batch sizes keeps no more."""
+
+    def __init__(self, keep=2, budget=RESULT_POOL_BYTES):
         self.keep = keep
-        self._arrays = {}            # (shape, dtype) -> [array, ...]
+        self.budget = budget
+        self._arrays = OrderedDict()  # (shape, dtype) -> [array, ...], least recently used first
+        self._held = 0
         self._lock = threading.Lock()
 
     def get(self, shape, dtype):
@@ -109,15 +160,30 @@ class ResultPool:
             return np.empty(shape, dtype)
         key = (tuple(shape), dtype)
         with self._lock:
-            arrays = self._arrays.setdefault(key, [])
+            arrays = self._arrays.get(key)
+            if arrays is None:
+                self._arrays[key] = arrays = []
+            else:
+                self._arrays.move_to_end(key)
             for a in arrays:
                 # References: this list, the loop variable, getrefcount's argument.
                 if sys.getrefcount(a) == 3:
                     return a
             a = np.empty(key[0], key[1])
+            if a.nbytes > self.budget:
+                if not arrays:
+                    del self._arrays[key]
+                return a             # used once, never remembered
             arrays.append(a)
+            self._held += a.nbytes
             if len(arrays) > self.keep:
-                arrays.pop(0)        # forgotten by the pool; its holder keeps it
+                self._held -= arrays.pop(0).nbytes   # forgotten; its holder keeps it
+            while self._held > self.budget:
+                k, oldest = next(iter(self._arrays.items()))
+                if oldest:
+                    self._held -= oldest.pop(0).nbytes
+                if not oldest:
+                    del self._arrays[k]
             return a
 
     def copy_of(self, a):
@@ -131,6 +197,7 @@ class ResultPool:
     def clear(self):
         with self._lock:
             self._arrays.clear()
+            self._held = 0
 
 
 class GradArena:
@@ -167,8 +234,8 @@ class GradArena:
         free = self._free.get(key)
         flat = free.pop() if free else np.empty(dx.size, dx.dtype)
         self._lent[self._address(flat)] = flat
-        lent = dict(ws, dx=flat.reshape(dx.shape))
-        lent.update((k, flat.reshape(v.shape)) for k, v in views.items())
+        lent = WsView(ws, dx=flat.reshape(dx.shape),
+                      **{k: flat.reshape(v.shape) for k, v in views.items()})
         return lent, lent["dx"]
 
     def buffers(self):

@@ -570,6 +570,15 @@ class DistributedOptimizer:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"DistributedOptimizer: algorithm must be one of {ALGORITHMS}, "
                              f"got {algorithm!r}")
+        dt = optimizer.model.dtype
+        for name, b in optimizer.model.buffers():
+            # the exchange averages buffers of the model's dtype and agrees on integers;
+            # one of another float dtype (a user layer's float64 statistics in a float32
+            # model) would drift apart on the ranks
+            if b.dtype != dt and b.dtype.kind not in "iu":
+                raise ValueError(f"DistributedOptimizer: buffer {name} is {b.dtype}, neither "
+                                 f"the model's {dt} nor an integer, so the ranks could not "
+                                 f"keep it identical; hold it in {dt}")
         self.__dict__["optimizer"] = optimizer
         self.comm = _comm(comm, "DistributedOptimizer")
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()

@@ -332,6 +332,7 @@ class Sequential:
     # -- passes ---------------------------------------------------------------------
     def _forward(self, x, nt, out=None):
         n = x.shape[0]
+        self._last_n = None     # a forward that raises leaves no state for backward
         y = self.chain.forward(x, nt, True, lambda layer: layer._workspace(n), out)
         self._last_n = n
         return y
@@ -396,7 +397,8 @@ class Sequential:
         model's dtype, C order, not sharing memory with x) and returns it. Arrays returned earlier are never overwritten
         while anything refers to them; once dropped, their memory is reused.
         Thread-safe: concurrent calls use separate buffers. Inference buffers are
-        kept per batch size, at most ``cdl.model.INFERENCE_CACHE_BYTES`` per model.
+        kept per batch size, at most ``cdl.model.INFERENCE_CACHE_BYTES`` per model, and
+        arrays to return at most ``cdl.buffers.RESULT_POOL_BYTES``; neither keeps x.
         """
         where = "Sequential.predict"
         x = self._check_x(x, where)
@@ -404,13 +406,17 @@ class Sequential:
         bs = _batch_size(batch_size, where)
         self._check_batch_elements(min(n, bs), where, "pass a smaller batch_size")
         step = _config.step_threads
+        # Runners go back to the pool they came from: a layer setting changed meanwhile
+        # (another thread's) puts in a new pool, where a runner built before the change
+        # would serve every later call of its batch size.
+        pool = self._runners
         if out is None and 0 < n <= bs:
             # One batch, no out= (most calls): the result is a copy of the runner's.
-            runner = self._runners.acquire(n, self._make_runner)
+            runner = pool.acquire(n, self._make_runner)
             try:
                 return self._results.copy_of(runner.run(x, step()))
             finally:
-                self._runners.release(runner, n)
+                pool.release(runner, n)
                 _config.restore_blas()
         out = self._result(out, (n,) + self.output_shape, where)
         if np.may_share_memory(out, x):
@@ -421,11 +427,11 @@ class Sequential:
         try:
             for s in range(0, n, bs):
                 e = min(s + bs, n)
-                runner = self._runners.acquire(e - s, self._make_runner)
+                runner = pool.acquire(e - s, self._make_runner)
                 try:
                     out[s:e] = runner.run(x[s:e], step())
                 finally:
-                    self._runners.release(runner, e - s)
+                    pool.release(runner, e - s)
         finally:
             _config.restore_blas()
         return out
@@ -439,12 +445,10 @@ class Sequential:
         """``out`` checked, or an array from the result pool."""
         if out is None:
             return self._results.get(shape, self.dtype)
-        if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != self.dtype \
-                or not out.flags.c_contiguous or not out.flags.writeable:
-            got = (f"{out.dtype} {shape_str(out.shape)}" if isinstance(out, np.ndarray)
-                   else type(out).__name__)
+        problem = _out_problem(out, shape, self.dtype)
+        if problem:
             raise ValueError(f"{where}: out must be a writeable C-contiguous {self.dtype} array "
-                             f"of shape {shape_str(shape)}, got {got}")
+                             f"of shape {shape_str(shape)}, got {problem}")
         return out
 
     def evaluate(self, x, y, loss, batch_size=256):
@@ -719,6 +723,23 @@ def _value_problem(v, t):
         lo, hi = np.iinfo(t.dtype).min, np.iinfo(t.dtype).max
         if int(v.min()) < lo or int(v.max()) > hi:
             return f"holds values outside {t.dtype}'s range"
+    return None
+
+
+def _out_problem(out, shape, dtype):
+    """What is wrong with ``out`` for a result of ``shape`` and ``dtype`` (None: nothing),
+    naming the requirement it fails."""
+    if not isinstance(out, np.ndarray):
+        return f"{type(out).__name__}, not a NumPy array"
+    what = f"{out.dtype} {shape_str(out.shape)}"
+    if out.dtype != dtype:
+        return f"{what} (wrong dtype)"
+    if out.shape != shape:
+        return f"{what} (wrong shape)"
+    if not out.flags.c_contiguous:
+        return f"{what} that is not C-contiguous (a transposed or strided view?)"
+    if not out.flags.writeable:
+        return f"{what} that is read-only"
     return None
 
 

@@ -5,15 +5,16 @@ through its Python signature cost about as much again (every array checked
 and converted, the dtype dispatched, the layer's bookkeeping). A plan asks
 each layer for its ops once (``plan_forward``/``plan_backward`` of the layer
 protocol); a step then rebinds only the model's input and the targets and runs
-the list. The ops are the same kernels on the same buffers as the
-layer-by-layer passes, so results are bit for bit the same (tests compare
+the list (an inference plan binds its own input buffer back after each call, so
+that it keeps no caller's array alive). The ops are the same kernels on the same
+buffers as the layer-by-layer passes, so results are bit for bit the same (tests compare
 both). float32 models get plans; float64 ones run layer by layer.
 """
 import numpy as np
 
 from ._kernels import losses as _kl
 from .buffers import GradArena, nbytes_of
-from .layers.base import Layer
+from .layers.base import Layer, overrides_builtin_passes
 from .layers.chain import replay
 
 __all__ = ["ForwardPlan", "TrainPlan", "supported", "supports_loss"]
@@ -51,16 +52,29 @@ class ForwardPlan:
                 return spaces[-1]
         ops, self.output, self._trace = model.chain.plan_forward(self._input, workspace, train)
         # the buffers this plan allocated (what predict's runner pool counts)
-        self.nbytes = self._input.nbytes + nbytes_of(spaces)
+        self.nbytes = nbytes_of([self._input, *spaces])
         self._binders = [(op.bind, op.shape) for op in ops if op.bind is not None]
         self._forward = [op.run for op in ops]
 
-    def run(self, x, nt):
-        """The output of the forward passes on x (N, *input_shape, float32, C order)."""
+    def _bind(self, x):
         for bind, shape in self._binders:
             bind(x if x.shape == shape else x.reshape(shape))
+
+    def _forward_on(self, x, nt):
+        self._bind(x)
         for run in self._forward:
             run(nt)
+
+    def run(self, x, nt):
+        """The output of the forward passes on x (N, *input_shape, float32, C order).
+
+        The ops read x during the call only: they are bound back to the plan's own
+        input after it, so a plan kept by predict's pool does not keep the caller's
+        x alive (the output is never a view of x: see ``supported``)."""
+        try:
+            self._forward_on(x, nt)
+        finally:
+            self._bind(self._input)
         return self.output
 
 
@@ -88,7 +102,8 @@ class TrainPlan(ForwardPlan):
         self._last, self._hooked = [], []
         for entry in self._trace:
             _, layer, ws, h, from_input = entry
-            if type(layer).on_train_forward is not Layer.on_train_forward:
+            if type(layer).on_train_forward is not Layer.on_train_forward and \
+                    not overrides_builtin_passes(layer):
                 self._hooked.append(entry)
             else:
                 self._last.append((layer, ws, from_input, h))
@@ -109,7 +124,7 @@ class TrainPlan(ForwardPlan):
             self._loss.bind_labels(y)
         else:
             self._loss.bind_target(y)
-        self.run(x, nt)
+        self._forward_on(x, nt)       # x stays bound: the backward passes read it
         for layer, ws, from_input, h in self._last:
             layer._last = (x.reshape(h.shape) if from_input else h, ws)
         if self._hooked:

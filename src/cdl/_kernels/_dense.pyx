@@ -19,7 +19,9 @@ where OpenBLAS's fixed costs dominate); against its AVX-512 kernels (Sapphire
 Rapids, 1 thread) 1.1x on 1024 x 1024 x 256 and 2x on 784 -> 256, batch 64.
 On AVX2 ours only ties on big products, so it is used for skinny or small
 ones; on SSE only for 2-4 rows.
-float64 and every other case stay on SciPy's BLAS. A float32 batch of one
+float64 and every other case stay on SciPy's BLAS, single-threaded while any
+kernel (of any Python thread) is in its BLAS calls: cdl._runtime counts them, and
+gives BLAS its thread count back only when none is. A float32 batch of one
 takes our dot products (GEMV) on AVX builds, BLAS's GEMV on the baseline build,
 and its backward one pass over the rows of W (_backward_one).
 The choice depends on the shapes and the build only. Inputs are trusted:
@@ -40,7 +42,7 @@ its own L2 cache from step to step instead of fetching them from L3.
 from cython cimport floating
 from cython.parallel cimport prange
 from cdl._kernels._blas cimport gemm, gemv
-from cdl._kernels._runtime cimport ensure_single_threaded_blas
+from cdl._kernels._runtime cimport blas_done, ensure_single_threaded_blas
 from cdl._kernels._openmp cimport omp_get_thread_num
 from libc.stdlib cimport malloc, free
 
@@ -247,6 +249,18 @@ cdef void _forward_tile(const floating* x, const floating* weight, const floatin
 cdef int _linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
                          const floating[::1] bias, floating[:, ::1] out, int num_threads,
                          bint relu=False) except -1:
+    # BLAS is single-threaded until this kernel is done with it, even if it raises
+    # (another thread's call returning must not restore it in between).
+    ensure_single_threaded_blas()
+    try:
+        return _linear_forward_tiles(x, weight, bias, out, num_threads, relu)
+    finally:
+        blas_done()
+
+
+cdef int _linear_forward_tiles(const floating[:, ::1] x, const floating[:, ::1] weight,
+                               const floating[::1] bias, floating[:, ::1] out,
+                               int num_threads, bint relu) except -1:
     cdef Py_ssize_t n = x.shape[0], fin = x.shape[1], fout = weight.shape[0]
     cdef Py_ssize_t tm, tn, tiles_m, tiles_n, t, r0, c0
     cdef int nt = _threads(n * fin * fout, num_threads)
@@ -257,7 +271,6 @@ cdef int _linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight
     cdef Py_ssize_t per = 0
     if n == 0 or fout == 0:
         return 0
-    ensure_single_threaded_blas()
     if chunked:
         tm, tn, nt = n, _row_chunk(fout, fin), num_threads
     else:
@@ -379,6 +392,19 @@ cdef int _linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1
                           const floating[:, ::1] weight, floating[:, ::1] grad_input,
                           floating[:, ::1] grad_weight, floating[::1] grad_bias,
                           double l2, int num_threads) except -1:
+    # as _linear_forward: BLAS single-threaded until this kernel is done with it
+    ensure_single_threaded_blas()
+    try:
+        return _linear_backward_tiles(grad_out, x, weight, grad_input, grad_weight,
+                                      grad_bias, l2, num_threads)
+    finally:
+        blas_done()
+
+
+cdef int _linear_backward_tiles(const floating[:, ::1] grad_out, const floating[:, ::1] x,
+                                const floating[:, ::1] weight, floating[:, ::1] grad_input,
+                                floating[:, ::1] grad_weight, floating[::1] grad_bias,
+                                double l2, int num_threads) except -1:
     cdef Py_ssize_t n = x.shape[0], fin = x.shape[1], fout = weight.shape[0]
     cdef Py_ssize_t t, i, j, r0, c0, mr, nc, tm, tn, tiles_m, tiles_n
     cdef floating two_l2 = <floating>(2.0 * l2)
@@ -390,7 +416,6 @@ cdef int _linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1
     cdef const floating* xp
     cdef const floating* wp
     cdef floating* dwp
-    ensure_single_threaded_blas()
     cdef floating* dxp = &grad_input[0, 0] if grad_input is not None else NULL
     cdef floating* dbp = &grad_bias[0] if grad_bias is not None else NULL
     if n == 1 and fin > 0 and fout > 0:

@@ -36,15 +36,38 @@ def set_blas_thread_functions(size_t get_address, size_t set_address):
     _blas_set_threads = <set_threads_fn>set_address
 
 
+# Several Python threads run kernels at once, and one's public call may return while
+# another is inside its BLAS chunks: restoring the user's thread count then would run
+# those chunks multi-threaded (not bit-identical). So the kernels count themselves in
+# and out (``_blas_users``), and the count is restored only when none is inside. The
+# counter and the thread count change together under one spinlock: held for a few
+# instructions, by callers with or without the GIL.
+cdef extern from *:
+    """
+    #include <sched.h>
+    static int cdl_blas_spin = 0;
+    static void cdl_blas_lock(void) {
+        while (__atomic_exchange_n(&cdl_blas_spin, 1, __ATOMIC_ACQUIRE))
+            while (__atomic_load_n(&cdl_blas_spin, __ATOMIC_RELAXED)) sched_yield();
+    }
+    static void cdl_blas_unlock(void) { __atomic_store_n(&cdl_blas_spin, 0, __ATOMIC_RELEASE); }
+    """
+    void cdl_blas_lock() nogil
+    void cdl_blas_unlock() nogil
+
 cdef int _blas_saved = 0      # SciPy's BLAS thread count before cdl lowered it (0: not lowered)
 cdef long _blas_lowered = 0   # how many times cdl lowered it (tests, show_config)
+cdef long _blas_users = 0     # kernels between ensure_single_threaded_blas and blas_done
 
 
 cdef void ensure_single_threaded_blas() noexcept nogil:
-    """Called by the dense kernels before their BLAS calls inside OpenMP chunks. The
-    count the user had is restored by ``restore_blas`` when cdl's public call returns."""
-    global _blas_saved, _blas_lowered
+    """Called by the dense kernels before their BLAS calls inside OpenMP chunks; each
+    call is paired with ``blas_done`` when the kernel's BLAS work is over. The count the
+    user had is restored by ``restore_blas`` when cdl's public call returns."""
+    global _blas_saved, _blas_lowered, _blas_users
     cdef int n
+    cdl_blas_lock()
+    _blas_users += 1
     if _blas_get_threads != NULL:
         n = _blas_get_threads()
         if n != 1:
@@ -52,16 +75,30 @@ cdef void ensure_single_threaded_blas() noexcept nogil:
                 _blas_saved = n
             _blas_lowered += 1
             _blas_set_threads(1)
+    cdl_blas_unlock()
+
+
+cdef void blas_done() noexcept nogil:
+    """A kernel's BLAS calls are over (pairs ``ensure_single_threaded_blas``)."""
+    global _blas_users
+    cdl_blas_lock()
+    _blas_users -= 1
+    cdl_blas_unlock()
 
 
 cpdef void restore_blas() noexcept:
-    """Give SciPy's BLAS back the thread count it had before a cdl call lowered it."""
+    """Give SciPy's BLAS back the thread count it had before a cdl call lowered it,
+    unless a kernel (another thread's) is still using it: the last call to return
+    restores it then."""
     global _blas_saved
-    cdef int n = _blas_saved
-    if n != 0:
+    cdef int n
+    cdl_blas_lock()
+    n = _blas_saved
+    if n != 0 and _blas_users == 0:
         _blas_saved = 0
         if _blas_set_threads != NULL and _blas_get_threads() == 1:
             _blas_set_threads(n)
+    cdl_blas_unlock()
 
 
 def blas_switchable():
@@ -72,6 +109,11 @@ def blas_switchable():
 def blas_lowered_count():
     """How many times a kernel lowered SciPy's BLAS to one thread for its chunks."""
     return _blas_lowered
+
+
+def blas_users():
+    """How many kernels are using SciPy's BLAS now (tests: 0 between calls)."""
+    return _blas_users
 
 
 # ---------------------------------------------------------------- adaptive thread count

@@ -230,16 +230,45 @@ def checked_pass(layer, result, shape, what):
     return result
 
 
+def overrides_builtin_passes(layer):
+    """Whether ``layer`` is of a user's subclass of a built-in that overrides
+    ``_forward`` or ``_backward`` but inherits the built-in's plan ops (a ReLU6 from
+    ReLU): the plan then wraps its own passes (Layer's generic ops), and it takes part
+    in no fusion, since the built-in's fusions (a neighbour running it as a ReLU, a
+    BatchNorm folded into a convolution) would run the built-in's computation."""
+    cls = type(layer)
+    if cls._trusted:
+        return False
+
+    def owner(name):
+        return next(k for k in cls.__mro__ if name in k.__dict__)
+    for passes, plan in (("_forward", "plan_forward"), ("_backward", "plan_backward")):
+        planner = owner(plan)
+        if planner is not Layer and owner(passes) is not planner and \
+                issubclass(owner(passes), planner):
+            return True
+    return False
+
+
+def walk_inside(layer, prefix=""):
+    """Every layer inside ``layer`` (not itself), depth first, as (state-dict prefix,
+    layer): a chain's layers and what they hold, a layer child and what it holds."""
+    for name, child in layer.children():
+        p = f"{prefix}{name}."
+        if hasattr(child, "walk"):          # a Chain
+            yield from child.walk(p)
+        else:
+            yield p, child
+            yield from walk_inside(child, p)
+
+
 def unfused_decay(layer):
     """The layers, ``layer`` and inside it, whose L2 gradient the chain adds after
     ``layer``'s backward (see L2Op)."""
     if layer.fuses_l2:
         return []
     found = [layer] if layer.decay else []
-    for _, child in layer.children():
-        inner = [l for _, l in child.walk()] if hasattr(child, "walk") else [child]
-        found += [l for l in inner if l.decay]
-    return found
+    return found + [l for _, l in walk_inside(layer) if l.decay]
 
 
 class L2Op:
@@ -494,7 +523,7 @@ class Layer:
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"{self.name}: dtype must be float32 or float64, got {dtype}")
         src = source or f"input {shape_str(input_shape)}"
-        output_shape = tuple(int(s) for s in self._configure(tuple(input_shape), src))
+        output_shape = self._checked_output_shape(self._configure(tuple(input_shape), src))
         keep = keep_params and bool(self.params or self.buffers)
         if keep:
             self._check_kept_shapes(dtype, init)
@@ -514,6 +543,19 @@ class Layer:
         self._ws = {}
         self._last = None
         return self.output_shape
+
+    def _checked_output_shape(self, shape):
+        """``_configure``'s per-sample output shape, as a tuple of ints >= 1 (a user
+        layer's float or zero sizes were truncated, or blamed on the next layer)."""
+        try:
+            dims = tuple(shape)
+        except TypeError:
+            dims = None
+        if not dims or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+                               and d >= 1 for d in dims):
+            raise ValueError(f"{self.name}: _configure must give the per-sample output shape "
+                             f"as a tuple of ints >= 1, got {shape!r}")
+        return tuple(int(d) for d in dims)
 
     def _check_kept_shapes(self, dtype, init):
         """The values a layer holds must be the arrays its settings make (a setting changed
@@ -648,6 +690,7 @@ class Layer:
         x = self._check_input(x)
         model = self._enter_model(f"{self.name}.forward")
         try:
+            self._last = None       # a forward that raises leaves no state for backward
             ws = dict(self._workspace(x.shape[0]), solo=True)
             y = self._forward(x, ws, _config.step_threads(), True)
             self._last = (x, ws)

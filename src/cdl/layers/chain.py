@@ -9,8 +9,10 @@ through the layer protocol (layers/base.py).
 """
 import numpy as np
 
+from ..buffers import WsView
 from ..functional._checks import INT32_MAX, shape_str
-from .base import L2Op, Layer, Op, checked_pass, unfused_decay
+from .base import (L2Op, Layer, Op, checked_pass, overrides_builtin_passes, unfused_decay,
+                   walk_inside)
 
 __all__ = ["Chain", "Op", "has_params", "replay"]
 
@@ -78,8 +80,10 @@ class Chain:
         for layer in layers:
             layer.fused_previous = layer.fused_next = False
         absorbed = set()
+        # a subclass overriding a built-in's passes takes part in no fusion
+        plain = [not overrides_builtin_passes(layer) for layer in layers]
         for i in range(len(layers) - 1):
-            if not enable or i in absorbed:
+            if not enable or i in absorbed or not (plain[i] and plain[i + 1]):
                 continue
             a, b = layers[i], layers[i + 1]
             if b.absorbs_previous(a):
@@ -103,7 +107,8 @@ class Chain:
             i, layer = self.passes[k]
             self.infer_passes.append((i, layer))
             k += 1
-            while enable and k < len(self.passes) and layer.folds(self.passes[k][1]):
+            while enable and k < len(self.passes) and plain[i] and \
+                    plain[self.passes[k][0]] and layer.folds(self.passes[k][1]):
                 layer.folded.append(self.passes[k][1])
                 k += 1
         # Training merges further: a pass may run the pass right after it inside its own
@@ -116,8 +121,8 @@ class Chain:
                 absorbed.add(i)
                 continue
             layer.merged = None
-            if enable and merge and k + 1 < len(self.passes) \
-                    and layer.merges_next(self.passes[k + 1][1]):
+            if enable and merge and k + 1 < len(self.passes) and plain[i] \
+                    and plain[self.passes[k + 1][0]] and layer.merges_next(self.passes[k + 1][1]):
                 layer.merged = self.passes[k + 1][1]
             train_passes.append((i, layer))
         self.passes = train_passes
@@ -132,7 +137,7 @@ class Chain:
         training (so the layer's own forward and backward, called alone, never merge)."""
         ws = workspace(layer)
         if train and layer.merged is not None:
-            ws = dict(ws, merged=workspace(layer.merged))
+            ws = WsView(ws, merged=workspace(layer.merged))
         return ws
 
     # -- walking ----------------------------------------------------------------------
@@ -141,11 +146,7 @@ class Chain:
         for i, layer in enumerate(self.layers):
             p = f"{prefix}{i}."
             yield p, layer
-            for name, child in layer.children():
-                if isinstance(child, Chain):
-                    yield from child.walk(f"{p}{name}.")
-                else:
-                    yield f"{p}{name}.", child
+            yield from walk_inside(layer, p)
 
     def to_onnx(self, graph, x):
         """Export the layers in order (see ``Layer.to_onnx``); the output's name."""
@@ -169,7 +170,7 @@ class Chain:
             run_ws = ws
             if out is not None and layer is last and layer.writes_through_ws \
                     and not layer.backward_reads_output and _can_write(ws, "out", out, x):
-                run_ws = dict(ws, out=out)
+                run_ws = WsView(ws, out=out)
             # (a pass that runs the next one too, merged in training, returns its output)
             ran = layer.merged if train and layer.merged is not None else layer
             y = checked_pass(layer, layer._forward(x, run_ws, nt, train),
@@ -197,7 +198,7 @@ class Chain:
             x, ws = layer._last
             if out is not None and layer is first and layer.writes_through_ws \
                     and _can_write(ws, "dx", out, g, x):
-                ws = dict(ws, dx=out)
+                ws = WsView(ws, dx=out)
             wanted = i > stop or need_input_grad
             g = layer._backward(g, x, ws, nt, wanted, l2 if layer.fuses_l2 else 0.0)
             if wanted:
@@ -226,8 +227,8 @@ class Chain:
         for i, layer in passes:
             ws = self._pass_ws(layer, workspace, train)
             if join is not None and layer is passes[-1][1]:
-                ws = dict(ws, join_add=join)
-            layer_ops, out = layer.plan_forward(h, ws, train)
+                ws = WsView(ws, join_add=join)
+            layer_ops, out = _planner(layer).plan_forward(h, ws, train)
             for op in layer_ops:
                 ops.append(op if from_input else op._replace(bind=None))
             trace.append((i, layer, ws, h, from_input))
@@ -251,16 +252,16 @@ class Chain:
             if i < stop:
                 break
             if mask is not None and k == 0:
-                ws = dict(ws, join_mask=mask)
+                ws = WsView(ws, join_mask=mask)
             if add_to is not None and k == len(trace) - 1 and layer.adds_input_grad():
-                ws = dict(ws, dx_add=add_to)
+                ws = WsView(ws, dx_add=add_to)
             needs_dx, lent = i > stop or need_input_grad, None
             if arena is not None:
                 if needs_dx:
                     ws, lent = arena.lend(ws)
                 if any(True for _ in layer.children()):
-                    ws = dict(ws, grad_arena=arena)
-            layer_ops, dx = layer.plan_backward(g, x, ws, needs_dx)
+                    ws = WsView(ws, grad_arena=arena)
+            layer_ops, dx = _planner(layer).plan_backward(g, x, ws, needs_dx)
             for op in layer_ops:
                 ops.append(op if x_is_input else op._replace(bind=None))
             if unfused_decay(layer):
@@ -294,7 +295,29 @@ def replay(trace, x):
     for _, layer, ws, h, from_input in trace:
         inp = x.reshape(h.shape) if from_input else h
         layer._last = (inp, ws)
-        layer.on_train_forward(ws, inp)
+        if not overrides_builtin_passes(layer):     # (the generic ops keep no more)
+            layer.on_train_forward(ws, inp)
+
+
+class _Generic:
+    """Layer's generic plan ops (wrapping ``_forward``/``_backward``) bound to a layer."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def plan_forward(self, x, ws, train):
+        return Layer.plan_forward(self.layer, x, ws, train)
+
+    def plan_backward(self, g, x, ws, need_input_grad):
+        return Layer.plan_backward(self.layer, g, x, ws, need_input_grad)
+
+
+def _planner(layer):
+    """What builds ``layer``'s plan ops: the layer, or Layer's generic ops for a subclass
+    that overrides a built-in's passes (``overrides_builtin_passes``)."""
+    return _Generic(layer) if overrides_builtin_passes(layer) else layer
 
 
 def _shares(a, b):
