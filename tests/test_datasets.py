@@ -42,6 +42,25 @@ def test_load_idx_round_trip(tmp_path, code, compress):
     got = cdl.datasets.load_idx(path)
     assert got.shape == (5, 3, 4) and got.dtype.isnative
     np.testing.assert_array_equal(got, arr)
+    got[0, 0, 0] = 7                    # a writable array of its own (a view of the read)
+    assert got[0, 0, 0] == 7
+
+
+def test_load_idx_holds_its_data_once(tmp_path):
+    """The data was read, then copied into the native byte order: a peak of twice its
+    size. A plain file's data is now read once and swapped in place."""
+    import tracemalloc
+    arr = np.arange(1 << 20, dtype=">i4").reshape(1024, 1024)
+    path = tmp_path / "big.idx"
+    write_idx(path, arr, 0x0C)
+    tracemalloc.start()
+    try:
+        got = cdl.datasets.load_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got, arr)
+    assert peak < 1.25 * arr.nbytes, peak / arr.nbytes
 
 
 def test_load_idx_rejects_bad_headers(tmp_path):

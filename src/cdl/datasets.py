@@ -108,7 +108,11 @@ def load_idx(path):
                 raise ValueError(f"load_idx: {path}: header says {shape}, more than this "
                                  f"machine's memory ({memory} bytes)")
             # one byte more than promised: a longer stream is an error too
-            data = f.read(expect + 1) if opener is open else _read_at_most(f, expect + 1)
+            if opener is open:
+                data = bytearray(expect + 1)        # (writable: the result views it)
+                del data[f.readinto(data):]
+            else:
+                data = _read_at_most(f, expect + 1)
     except (OSError, EOFError, _zlib.error) as exc:
         raise ValueError(f"load_idx: {path}: cannot read the gzip stream ({exc})") from None
     except MemoryError:
@@ -118,7 +122,14 @@ def load_idx(path):
         raise ValueError(f"load_idx: {path}: header says {shape}, file has {got}"
                          + (" (truncated)" if len(data) < expect else ""))
     try:
-        return _np.frombuffer(data, dtype).reshape(dims).astype(dtype.newbyteorder("="))
+        if not expect:
+            return _np.empty(dims, dtype.newbyteorder("="))
+        # a view of the bytes read, byte-swapped in place: no second copy of the data
+        # (the peak was twice its size)
+        a = _np.frombuffer(data, dtype, count=expect // dtype.itemsize).reshape(dims)
+        if not dtype.isnative:
+            a = a.byteswap(inplace=True).view(dtype.newbyteorder("="))
+        return a
     except MemoryError:
         raise _out_of_memory(path, shape) from None
     except ValueError as exc:     # dims NumPy cannot hold, even of no data: (0, 2**32-1, ...)
