@@ -335,10 +335,39 @@ def test_model_checkpoint_path_is_checked_before_the_first_epoch(tmp_path):
               callbacks=[cdl.ModelCheckpoint(str(tmp_path / "{acc}.npz"))])
 
 
-def test_ctrl_c_stops_between_steps_and_model_stays_usable():
+@pytest.fixture
+def sigint_handled():
+    """Python's SIGINT handler for a test that sends itself one: a background job (some
+    CI runners) starts with SIGINT ignored, which fit leaves as it is."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_an_ignored_sigint_stays_ignored():
+    # a process told to ignore SIGINT (`cmd &` from a script, nohup) kept training through
+    # Ctrl-C until fit started, then stopped on it
     x, y = blobs(64)
     m = tiny()
-    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
+
+    class Interrupt(cdl.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        h = m.fit(x, y, cdl.SoftmaxCrossEntropy(), cdl.SGD(m, lr=0.1), epochs=3,
+                  batch_size=8, callbacks=[Interrupt()], verbose=0)
+        assert h.stop_reason is None and len(h.epochs) == 3
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_stops_between_steps_and_model_stays_usable(sigint_handled):
+    x, y = blobs(64)
+    m = tiny()
+    before = signal.getsignal(signal.SIGINT)
 
     class Interrupt(cdl.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -354,7 +383,8 @@ def test_ctrl_c_stops_between_steps_and_model_stays_usable():
 
 
 @pytest.mark.parametrize("at_epoch", [1, 2])
-def test_ctrl_c_at_the_end_of_an_epoch_stops_before_the_next_and_is_reported(at_epoch):
+def test_ctrl_c_at_the_end_of_an_epoch_stops_before_the_next_and_is_reported(at_epoch,
+                                                                             sigint_handled):
     # during the epoch's callbacks (a checkpoint being written, say), the last epoch's too
     x, y = blobs(64)
     m = tiny()

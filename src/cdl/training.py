@@ -189,7 +189,9 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         # step's message and "agreed" says when every rank has it (so all stop together)
         stop = {"interrupted": False, "agreed": False}
         old_handler = None
-        if threading.current_thread() is threading.main_thread():
+        # (a process told to ignore SIGINT, as `cmd &` from a script is, keeps ignoring it)
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             def on_sigint(signum, frame):
                 if stop["interrupted"]:  # a second Ctrl-C aborts at once
                     raise KeyboardInterrupt

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -25,6 +26,9 @@ from cdl import distributed as dist
 
 comm = dist.world()
 rank, size = comm.Get_rank(), comm.Get_size()
+# fit leaves an ignored SIGINT ignored (a background job's); the Ctrl-C checks below send
+# one to themselves, so they need Python's handler whatever the launcher left
+signal.signal(signal.SIGINT, signal.default_int_handler)
 LOSS = cdl.SoftmaxCrossEntropy()
 DONE = []
 
