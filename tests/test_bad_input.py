@@ -1029,3 +1029,17 @@ def test_a_distributed_optimizer_refuses_a_buffer_the_ranks_could_not_keep_ident
         dist.DistributedOptimizer(cdl.SGD(ok, lr=0.1), comm=_OneRank(), threads=None)
     finally:
         cdl.layers.LAYER_TYPES.pop("Center64", None)
+
+
+def test_a_distributed_optimizers_settings_are_the_wrapped_optimizers():
+    # `opt.momentum = 0` on the wrapper was kept there: it read back as set and trained
+    # with the old momentum
+    import cdl.distributed as dist
+    m = cdl.Sequential([cdl.Linear(4, 3)], (4,), seed=0)
+    opt = dist.DistributedOptimizer(cdl.SGD(m, lr=0.1, momentum=0.9), comm=_OneRank(),
+                                    threads=None)
+    opt.momentum, opt.weight_decay = 0.0, 0.5
+    assert (opt.optimizer.momentum, opt.optimizer.weight_decay) == (0.0, 0.5)
+    assert opt.state_dict()["config"]["momentum"] == 0.0
+    with pytest.raises(ValueError, match="momentum"):
+        opt.momentum = 2.0               # checked as the optimizer checks it

@@ -94,7 +94,7 @@ def test_two_ranks(pair):
     each rank's own dropout masks; a summed loss refused; validation data on one rank
     only; bad arguments or a failing callback on one rank raising on every rank."""
     result, proc = pair
-    assert len(result["checks"]) == 22, result
+    assert len(result["checks"]) == 24, result
     # the progress bar came from rank 0 only
     assert proc.stderr.count("Epoch 2/2") == 1, proc.stderr
 

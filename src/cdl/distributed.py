@@ -583,8 +583,11 @@ class DistributedOptimizer:
         self.comm = _comm(comm, "DistributedOptimizer")
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         if threads == "auto":
+            # collective on every rank, whether or not this rank's threads were chosen
+            # (a rank skipping it would leave the others waiting)
+            per_rank = threads_per_rank(self.comm)
             if not _config.threads_chosen():
-                _config.set_num_threads(threads_per_rank(self.comm))
+                _config.set_num_threads(per_rank)
                 _config._state["explicit"] = False
         elif threads is not None:
             _config.set_num_threads(threads)
@@ -628,8 +631,12 @@ class DistributedOptimizer:
         return getattr(self.optimizer, name)
 
     def __setattr__(self, name, value):
-        if name in ("lr", "base_lr", "steps", "clip_grad_norm"):
-            setattr(self.optimizer, name, value)
+        # the wrapped optimizer's settings (momentum, weight_decay, ...) are set there: kept
+        # here they would read back as set and train as before
+        opt = self.__dict__.get("optimizer")
+        if name in ("lr", "base_lr", "steps", "clip_grad_norm") or (
+                opt is not None and name in opt.get_config()):
+            setattr(opt, name, value)
         else:
             object.__setattr__(self, name, value)
 
@@ -733,18 +740,20 @@ class DistributedOptimizer:
         return value
 
     def _shard_hook(self, loss_value, batch_size, nt):
-        ex = self._exchange
         if self._pieces == 0:
             if batch_size:
                 raise RuntimeError("DistributedOptimizer(shards=...): the gradients must "
                                    "come from train_step or fit (they run the shards one by "
                                    "one), not from compute_gradients")
-            # a rank with no samples in this step: all its shards are empty
+            # a rank with no samples in this step: all its shards are empty (the exchange
+            # may be made here, on a rank whose first step is empty)
             self.micro_batches(0)
+            ex = self._exchange
             for j in range(self._pieces):
                 ex.record(j, 0.0, 0, 0, True)
             self._done = self._pieces
         else:
+            ex = self._exchange
             finite = math.isfinite(loss_value)
             flags = 0 if finite or not batch_size else _LOSS_NONFINITE
             self._done += 1

@@ -65,23 +65,25 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     (``reduction="mean"``). On one rank, fit trains exactly as without ``comm``.
     """
     where = "Sequential.fit"
-    model._check_loss(loss, where)
-    model._check_optimizer(optimizer, where)
     if comm is None:
         comm = getattr(optimizer, "comm", None)
-    rank, ranks = 0, 1
     if comm is not None:
         from .distributed import DistributedOptimizer
         if not isinstance(optimizer, DistributedOptimizer):
             raise TypeError(f"{where}: with comm, the optimizer must be a "
                             f"cdl.distributed.DistributedOptimizer (it averages the ranks' "
                             f"gradients), got {type(optimizer).__name__}")
-        optimizer.check_loss(loss, where)
-        rank, ranks = comm.Get_rank(), comm.Get_size()
+    rank, ranks = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
     if rank != 0:
         verbose = 0  # distributed: rank 0 prints
     agree = comm if ranks > 1 else None     # what every rank must decide alike
     try:
+        # (every check that one rank alone could fail, before the first collective call)
+        model._check_loss(loss, where)
+        model._check_optimizer(optimizer, where)
+        if comm is not None:
+            optimizer.check_loss(loss, where)
+        callbacks = _checked_callbacks(callbacks, where)
         # (with shard=False each rank passes its own part of the validation data, and
         # some parts may be empty; below, the ranks check that not all are)
         x, y, xv, yv = _checked_data(model, x, y, loss, epochs, batch_size, validation_data,
@@ -105,14 +107,21 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
         # Every rank must run the same steps: check the sizes and the settings that make
         # them collectively (everyone sees the same lists, so everyone raises or no one).
         settings = comm.allgather((int(epochs), int(initial_epoch), int(batch_size),
-                                   bool(shuffle), float(validation_split), bool(shard)))
+                                   bool(shuffle), float(validation_split), bool(shard))
+                                  + _replica_fingerprint(model, loss, optimizer, callbacks,
+                                                         xv if shard else None))
         names = ("epochs", "initial_epoch", "batch_size", "shuffle", "validation_split",
-                 "shard")
+                 "shard") + _FINGERPRINT
         for i, name in enumerate(names):
             if any(s[i] != settings[0][i] for s in settings):
-                raise ValueError(f"{where}: {name} must be the same on every rank (run the "
-                                 f"same call on each); the ranks passed "
-                                 f"{[s[i] for s in settings]}")
+                hint = _FINGERPRINT_HINTS.get(name, "run the same call on each")
+                if name in _FINGERPRINT[:2]:     # (long or opaque: which ranks differ)
+                    shown = f"ranks {[r for r, v in enumerate(settings) if v[i] != settings[0][i]]} " \
+                            f"differ from rank 0"
+                else:
+                    shown = f"the ranks have {[v[i] for v in settings]}"
+                raise ValueError(f"{where}: {name} must be the same on every rank ({hint}); "
+                                 f"{shown}")
         sizes = comm.allgather(n)
         if shard and any(s != sizes[0] for s in sizes):
             raise ValueError(f"{where}: with shard=True every rank must pass the same full "
@@ -125,16 +134,8 @@ def fit(model, x, y, loss, optimizer, epochs=1, batch_size=32, validation_data=N
     elif n == 0:
         raise ValueError(f"{where}: x is empty")
     history = History()
-    if callbacks is None:
-        callbacks = ()
-    if not isinstance(callbacks, (list, tuple)):
-        raise TypeError(f"{where}: callbacks must be a list of cdl callbacks, got "
-                        f"{type(callbacks).__name__}")
     cbs = [history] + list(callbacks)
     for cb in cbs:
-        if not isinstance(cb, Callback):
-            raise TypeError(f"{where}: callbacks must be cdl callbacks, got "
-                            f"{type(cb).__name__}")
         cb.set_context(model, optimizer)
         cb.rank = rank
 
@@ -345,6 +346,60 @@ def _callbacks(cbs, call, comm, where, when):
                          lambda bad, said: RuntimeError(f"{where}: stopped {when}: a "
                                                         f"callback on rank {bad} failed "
                                                         f"({said})"))
+
+
+def _checked_callbacks(callbacks, where):
+    if callbacks is None:
+        return ()
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"{where}: callbacks must be a list of cdl callbacks, got "
+                        f"{type(callbacks).__name__}")
+    for cb in callbacks:
+        if not isinstance(cb, Callback):
+            raise TypeError(f"{where}: callbacks must be cdl callbacks, got "
+                            f"{type(cb).__name__}")
+    return tuple(callbacks)
+
+
+# What the ranks of a distributed fit must hold alike, beside its arguments: replicas
+# that differ in any of these average the gradients of different models (or steps), or
+# leave one rank waiting in a message of another size.
+_FINGERPRINT = ("the model (architecture and dtype)", "the model's weights and buffers",
+                "the loss", "the optimizer's settings", "the learning-rate schedules",
+                "the validation data's size")
+_FINGERPRINT_HINTS = {
+    "the model's weights and buffers": "build the model from one seed on every rank, or "
+                                       "call cdl.distributed.broadcast_parameters(model) "
+                                       "first",
+    "the learning-rate schedules": "give every rank the same schedule callbacks",
+    "the validation data's size": "with shard=True every rank passes the same full "
+                                  "validation data",
+}
+
+
+def _replica_fingerprint(model, loss, optimizer, callbacks, xv):
+    import hashlib
+    import json
+
+    from .optim.schedules import _Schedule
+    arch = (model.dtype.name, tuple((p, type(l).__qualname__, l.output_shape)
+                                    for p, l in model.chain.walk()))
+    h = hashlib.blake2b(digest_size=16)
+    for _, p, _ in model.parameters():
+        h.update(np.ascontiguousarray(p).view(np.uint8).reshape(-1).data)
+    for _, b in model.buffers():
+        h.update(np.ascontiguousarray(b).view(np.uint8).reshape(-1).data)
+    config = lambda obj: json.dumps(obj.get_config(), sort_keys=True, default=repr)  # noqa: E731
+    inner = getattr(optimizer, "optimizer", optimizer)
+    opt = (type(inner).__qualname__, config(inner), float(inner.lr), float(inner.base_lr),
+           int(inner.steps), getattr(optimizer, "shards", None),
+           getattr(optimizer, "algorithm", None))
+    schedules = tuple((type(cb).__qualname__,
+                       sorted((k, v) for k, v in vars(cb).items() if not k.startswith("_")
+                              and k != "rank" and isinstance(v, (int, float, str))))
+                      for cb in callbacks if isinstance(cb, _Schedule))
+    return (arch, h.hexdigest(), (type(loss).__qualname__, config(loss)), opt, schedules,
+            None if xv is None else int(xv.shape[0]))
 
 
 def _raise_on_every_rank(comm, problem, other):

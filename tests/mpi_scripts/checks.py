@@ -394,6 +394,46 @@ def pair_checks():
             raise AssertionError("different epochs were not refused")
 
     @check
+    def replicas_that_differ_are_refused_on_every_rank():
+        # an optimizer setting, a schedule, the weights, the architecture, the validation
+        # data or an argument check failing on one rank: they trained apart silently (or
+        # one rank raised and the others waited)
+        x, y = data(40, (12,), seed=8)
+
+        def refused(make, *, callbacks=(), vd=None, loss=LOSS, expect):
+            model, opt = make()
+            try:
+                model.fit(x, y, loss, opt, epochs=1, batch_size=8, verbose=0,
+                          callbacks=list(callbacks), validation_data=vd)
+            except (ValueError, TypeError) as exc:
+                assert expect in str(exc), exc
+            else:
+                raise AssertionError(f"not refused on rank {rank}: {expect}")
+
+        def plain(lr=0.05, seed=0, hidden=16):
+            model = mlp(seed=seed) if hidden == 16 else cdl.Sequential(
+                [cdl.Linear(12, hidden), cdl.ReLU(), cdl.Linear(hidden, 4)], (12,), seed=seed)
+            return model, dist.DistributedOptimizer(cdl.SGD(model, lr=lr))
+        refused(lambda: plain(lr=0.05 * (1 + rank)), expect="the optimizer's settings")
+        refused(plain, callbacks=[cdl.CosineLR(3)] if rank == 0 else [],
+                expect="the learning-rate schedules")
+        refused(lambda: plain(seed=rank), expect="the model's weights and buffers")
+        refused(lambda: plain(hidden=16 + rank), expect="the model (architecture")
+        refused(plain, vd=(x[:10 + rank], y[:10 + rank]), expect="the validation data's size")
+        refused(plain, loss=cdl.SoftmaxCrossEntropy(reduction="sum" if rank else "mean"),
+                expect="reduction='mean'")
+
+    @check
+    def shards_with_an_empty_first_step():
+        # a global batch smaller than shards: a rank's first piece is empty (it raised
+        # there, and the other rank waited)
+        x, y = data(9, (12,), seed=5)
+        model = mlp(seed=0)
+        opt = dist.DistributedOptimizer(cdl.SGD(model, lr=0.1), shards=2)
+        h = model.fit(x, y, LOSS, opt, epochs=1, batch_size=1, verbose=0)
+        assert math.isfinite(h.history["loss"][0]) and replicas_identical(model)
+
+    @check
     def fit_unsharded_uneven():
         model = bn_net(seed=0)
         opt = dist.DistributedOptimizer(cdl.Adam(model, lr=1e-2))
