@@ -732,3 +732,34 @@ def test_winograd_nan_reaches_its_windows_and_stays_in_its_tiles():
     nan = np.isnan(y[0])
     assert nan[:, covers].all()
     assert not nan[:, ~tiles].any()
+
+
+def test_a_stride_past_the_input_changes_nothing_and_allocates_nothing():
+    # one output along an axis whatever the stride: the strided input gradient sized its
+    # phase table by s_h * s_w (a stride near 2**31 overflowed the malloc: a segfault;
+    # 10**4 took 821 MB), and the max-pool backward looped over every stride column
+    import subprocess
+    import sys
+    from cdl import functional as F
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    for stride in ((2147352580, 1073807362), (10000, 3), (2, 2**31 - 1)):
+        for pad in (0, 1):
+            y = F.conv2d(x, w, stride=stride, padding=pad)
+            g = rng.standard_normal(y.shape).astype(np.float32)
+            got = F.conv2d_backward(g, x, w, stride=stride, padding=pad)
+            want = F.conv2d_backward(g.astype(np.float64), x.astype(np.float64),
+                                     w.astype(np.float64), stride=stride, padding=pad)
+            for a, b in zip(got, want):
+                if a is not None:
+                    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(y, F.conv2d(x.astype(np.float64), w.astype(np.float64),
+                                                   stride=stride, padding=pad), rtol=1e-5,
+                                       atol=1e-5)
+    code = ("import numpy as np; from cdl import functional as F\n"
+            "x = np.random.default_rng(0).standard_normal((8, 16, 4, 4)).astype(np.float32)\n"
+            "y, i = F.max_pool2d(x, 2, stride=2**31 - 1)\n"
+            "dx = F.max_pool2d_backward(np.ones_like(y), i, x.shape, 2, stride=2**31 - 1)\n"
+            "assert (dx != 0).sum() == y.size\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)   # it ran for hours

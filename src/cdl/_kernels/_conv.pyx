@@ -1628,6 +1628,16 @@ cdef int _conv_pool_chunked(const floating[:, :, :, ::1] x, const floating[:, :,
     return 0
 
 
+cdef inline Py_ssize_t _useful_stride(Py_ssize_t s, Py_ssize_t size, Py_ssize_t pad,
+                                      Py_ssize_t k) noexcept nogil:
+    # A stride past the padded input's span leaves one output along that axis, whose
+    # window it does not move: clamped, nothing sized by it (the strided input
+    # gradient's s_h * s_w phases: a stride near 2**31 overflowed their malloc) grows
+    # with it. The result is the same.
+    cdef Py_ssize_t span = size + 2 * pad - k + 1
+    return max(span, 2) if s > 1 and s > span else s
+
+
 cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
                          const floating[::1] bias, floating[:, :, :, ::1] out,
                          Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
@@ -1640,6 +1650,8 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
     cdef Corr g
     cdef CV cv
     cdef int rc = 0, nt
+    sh = _useful_stride(sh, x.shape[2], ph, KH)
+    sw = _useful_stride(sw, x.shape[3], pw, KW)
     if N == 0 or K == 0 or OH == 0 or OW == 0:
         return 0
     if pool:
@@ -1757,6 +1769,8 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
     cdef CV cv
     cdef int rc = 0, nt
     cdef floating[:, :, :, ::1] scratch
+    sh = _useful_stride(sh, H, ph, KH)
+    sw = _useful_stride(sw, W, pw, KW)
     cdef bint phases = floating is float and K > 0 and (sh > 1 or sw > 1) and not (
         _strided_dx_mode == 2 or (_strided_dx_mode == 0 and N < MIN_ITEMS and KH * KW > 1))
     cdef bint wino = floating is float and _use_wino(K, C, KH, KW, sh, sw, KH - 1 - ph,
@@ -2207,6 +2221,8 @@ cdef int _conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
     cdef int rc = 0, nt
     cdef bint use_cv = False, use_wino = False
     cdef float* gbp = NULL
+    sh = _useful_stride(sh, x.shape[2], ph, KH)
+    sw = _useful_stride(sw, x.shape[3], pw, KW)
     cv.n = N; cv.c = C; cv.h = x.shape[2]; cv.w = x.shape[3]; cv.k = K
     cv.kh = KH; cv.kw = KW; cv.oh = OH; cv.ow = OW; cv.sh = sh; cv.sw = sw
     cv.ph = ph; cv.pw = pw

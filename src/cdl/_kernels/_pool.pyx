@@ -360,7 +360,7 @@ cdef Py_ssize_t _backward_disjoint(const floating* g, const int* ind, floating* 
                                    Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t sh, Py_ssize_t sw,
                                    Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
     """stride >= kernel: windows are disjoint, so gather and write every cell once."""
-    cdef Py_ssize_t h, w, oh, ow, r, c, flat, o
+    cdef Py_ssize_t h, w, oh, ow, r, c, flat, o, cstop
     cdef Py_ssize_t matched = 0
     # Columns from here on lie right of the last window's stride span.
     cdef Py_ssize_t tail_w = max(OW * sw - pw, 0)
@@ -375,7 +375,11 @@ cdef Py_ssize_t _backward_disjoint(const floating* g, const int* ind, floating* 
             continue
         for ow in range(OW):
             o = oh * OW + ow
-            for c in range(sw):
+            # (not all of a huge stride: only the columns of this row's plane)
+            cstop = min(sw, W + pw - ow * sw)
+            if cstop <= 0:
+                break
+            for c in range(cstop):
                 w = ow * sw - pw + c
                 if w < 0 or w >= W:
                     continue
