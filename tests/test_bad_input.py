@@ -1043,3 +1043,18 @@ def test_a_distributed_optimizers_settings_are_the_wrapped_optimizers():
     assert opt.state_dict()["config"]["momentum"] == 0.0
     with pytest.raises(ValueError, match="momentum"):
         opt.momentum = 2.0               # checked as the optimizer checks it
+
+
+def test_functional_kernels_take_ragged_lists_and_matrices_clearly():
+    # a ragged list raised NumPy's own error (naming neither the call nor the argument);
+    # an np.matrix stayed 2-D when flattened and failed in Cython's dispatch
+    w = np.ones((1, 1, 1, 1), f32)
+    with pytest.raises(ValueError, match=r"conv2d: x must be an array \(nested lists of "
+                                         r"equal lengths\)"):
+        F.conv2d([[1.0, 2.0], [3.0]], w)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)   # (np.matrix's own)
+        m1, m2 = np.matrix([[1.0, -2.0]]), np.matrix([[0.0]])
+    np.testing.assert_array_equal(F.relu(m1), [[1.0, 0.0]])
+    np.testing.assert_array_equal(F.sigmoid(m2), [[0.5]])

@@ -30,11 +30,15 @@ def shape_str(shape):
 
 def float_array(a, name, where, ndim=None):
     """``a`` as a C-contiguous float32/float64 ndarray, or a clear error."""
-    if not isinstance(a, np.ndarray):
+    if type(a) is not np.ndarray:       # (a subclass too: np.matrix stays 2-D when flat)
         if a is None or isinstance(a, (str, bytes, dict, set)):
             raise TypeError(f"{where}: {name} must be a float32 or float64 array, "
                             f"got {type(a).__name__}")
-        a = np.asarray(a)
+        try:
+            a = np.asarray(a)
+        except ValueError as exc:       # nested lists of unequal lengths
+            raise ValueError(f"{where}: {name} must be an array (nested lists of equal "
+                             f"lengths); NumPy could not make one: {exc}") from None
     if a.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{where}: {name} must be float32 or float64, got dtype {a.dtype} "
                         f"(shape {shape_str(a.shape)}); cast it first, e.g. x.astype(np.float32)")
