@@ -554,8 +554,39 @@ def test_a_subclass_overriding_a_builtins_passes_is_not_fused_as_the_builtin():
             for model in (plan, ref):
                 model.compute_gradients(x / 20, y, cdl.SoftmaxCrossEntropy())
             np.testing.assert_array_equal(plan.gradient_buffer, ref.gradient_buffer)
+        # overriding the plan ops as well: still no fusion as a ReLU
+        class ReLU6Planned(ReLU6):
+            def plan_forward(self, x, ws, train):
+                return cdl.Layer.plan_forward(self, x, ws, train)
+
+            def plan_backward(self, g, x, ws, need_input_grad):
+                return cdl.Layer.plan_backward(self, g, x, ws, need_input_grad)
+        m = cdl.Sequential([cdl.Linear(4, 4), ReLU6Planned()], (4,), seed=0)
+        assert m.layers[0].folded == [] and m.predict(x).max() <= 6.0
+
+        # a BatchNorm subclass ending a Residual's branch: the Residual's join (the sum,
+        # and the ReLU mask after it) ran in no pass (a NaN loss, or wrong gradients)
+        class MyBN(cdl.BatchNorm2d):
+            def _forward(self, x, ws, nt, train):
+                return super()._forward(x, ws, nt, train)
+        xi = np.random.default_rng(1).standard_normal((4, 2, 6, 6)).astype(np.float32)
+        yi = np.arange(4) % 3
+        def net(bn_in_body):
+            block = cdl.Residual([cdl.Conv2d(2, 2, 3, padding=1), MyBN(2)]) if bn_in_body \
+                else cdl.Residual([cdl.Conv2d(2, 2, 3, padding=1)], [MyBN(2)])
+            return cdl.Sequential([block, cdl.ReLU(), cdl.Flatten(), cdl.Linear(72, 3)],
+                                  (2, 6, 6), seed=0)
+        for bn_in_body in (True, False):
+            plan, ref = net(bn_in_body), net(bn_in_body)
+            ref._use_plans = False
+            for model in (plan, ref):
+                model.compute_gradients(xi, yi, cdl.SoftmaxCrossEntropy())
+            assert np.isfinite(plan.gradient_buffer).all()
+            np.testing.assert_array_equal(plan.gradient_buffer, ref.gradient_buffer)
     finally:
-        cdl.layers.LAYER_TYPES.pop("ReLU6", None)
+        for key in ("ReLU6", "ReLU6Planned", "MyBN"):
+            cdl.layers.LAYER_TYPES.pop(key, None)
+
 
 
 def test_a_forward_that_raises_leaves_nothing_for_backward_and_bad_output_shapes_are_named():

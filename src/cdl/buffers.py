@@ -58,6 +58,10 @@ class WsView(MutableMapping):
     def __len__(self):
         return sum(1 for _ in self)
 
+    def copy(self):
+        """A plain dict of what the view shows (as ``dict.copy`` gives a user layer)."""
+        return dict(self)
+
 
 class RunnerPool:
     """Inference runners by batch size, at most ``budget`` bytes kept."""
@@ -147,9 +151,11 @@ class ResultPool:
     remembered; past the budget the least recently asked-for shapes are forgotten
     (their holders keep them): a model predicting many batch sizes keeps no more."""
 
-    def __init__(self, keep=2, budget=RESULT_POOL_BYTES):
+    def __init__(self, keep=2, budget=None):
         self.keep = keep
-        self.budget = budget
+        # (read when the pool is made, as INFERENCE_CACHE_BYTES is: setting it affects
+        # models built later)
+        self.budget = RESULT_POOL_BYTES if budget is None else budget
         self._arrays = OrderedDict()  # (shape, dtype) -> [array, ...], least recently used first
         self._held = 0
         self._lock = threading.Lock()

@@ -14,7 +14,7 @@ import numpy as np
 
 from ._kernels import losses as _kl
 from .buffers import GradArena, nbytes_of
-from .layers.base import Layer, overrides_builtin_passes
+from .layers.base import Layer, inherits_builtin_plan
 from .layers.chain import replay
 
 __all__ = ["ForwardPlan", "TrainPlan", "supported", "supports_loss"]
@@ -103,7 +103,7 @@ class TrainPlan(ForwardPlan):
         for entry in self._trace:
             _, layer, ws, h, from_input = entry
             if type(layer).on_train_forward is not Layer.on_train_forward and \
-                    not overrides_builtin_passes(layer):
+                    not inherits_builtin_plan(layer):
                 self._hooked.append(entry)
             else:
                 self._last.append((layer, ws, from_input, h))

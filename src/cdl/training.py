@@ -385,8 +385,9 @@ def _replica_fingerprint(model, loss, optimizer, callbacks, xv):
     arch = (model.dtype.name, tuple((p, type(l).__qualname__, l.output_shape)
                                     for p, l in model.chain.walk()))
     h = hashlib.blake2b(digest_size=16)
-    for _, p, _ in model.parameters():
-        h.update(np.ascontiguousarray(p).view(np.uint8).reshape(-1).data)
+    params = model.parameter_buffer          # (one flat pack: one call, not one an array)
+    if params is not None:
+        h.update(params.view(np.uint8).data)
     for _, b in model.buffers():
         h.update(np.ascontiguousarray(b).view(np.uint8).reshape(-1).data)
     config = lambda obj: json.dumps(obj.get_config(), sort_keys=True, default=repr)  # noqa: E731
@@ -394,9 +395,11 @@ def _replica_fingerprint(model, loss, optimizer, callbacks, xv):
     opt = (type(inner).__qualname__, config(inner), float(inner.lr), float(inner.base_lr),
            int(inner.steps), getattr(optimizer, "shards", None),
            getattr(optimizer, "algorithm", None))
+    # (reprs: a NaN attribute is then equal to itself)
     schedules = tuple((type(cb).__qualname__,
-                       sorted((k, v) for k, v in vars(cb).items() if not k.startswith("_")
-                              and k != "rank" and isinstance(v, (int, float, str))))
+                       sorted((k, repr(v)) for k, v in vars(cb).items()
+                              if not k.startswith("_") and k != "rank"
+                              and isinstance(v, (int, float, str))))
                       for cb in callbacks if isinstance(cb, _Schedule))
     return (arch, h.hexdigest(), (type(loss).__qualname__, config(loss)), opt, schedules,
             None if xv is None else int(xv.shape[0]))

@@ -423,6 +423,18 @@ def pair_checks():
         refused(plain, loss=cdl.SoftmaxCrossEntropy(reduction="sum" if rank else "mean"),
                 expect="reduction='mean'")
 
+        class Noted(cdl.CosineLR):          # the same on both ranks: a NaN attribute too
+            last_seen = math.nan
+
+            def on_train_begin(self, logs=None):
+                super().on_train_begin(logs)
+                self.last_seen = math.nan
+        model, opt = plain()
+        noted = Noted(2)
+        for _ in range(2):                  # the second fit sees last_seen = nan
+            model.fit(x, y, LOSS, opt, epochs=1, batch_size=8, verbose=0, callbacks=[noted])
+        assert replicas_identical(model)
+
     @check
     def shards_with_an_empty_first_step():
         # a global batch smaller than shards: a rank's first piece is empty (it raised

@@ -230,24 +230,30 @@ def checked_pass(layer, result, shape, what):
     return result
 
 
-def overrides_builtin_passes(layer):
-    """Whether ``layer`` is of a user's subclass of a built-in that overrides
-    ``_forward`` or ``_backward`` but inherits the built-in's plan ops (a ReLU6 from
-    ReLU): the plan then wraps its own passes (Layer's generic ops), and it takes part
-    in no fusion, since the built-in's fusions (a neighbour running it as a ReLU, a
-    BatchNorm folded into a convolution) would run the built-in's computation."""
-    cls = type(layer)
-    if cls._trusted:
-        return False
+def _owner(cls, name):
+    return next(k for k in cls.__mro__ if name in k.__dict__)
 
-    def owner(name):
-        return next(k for k in cls.__mro__ if name in k.__dict__)
-    for passes, plan in (("_forward", "plan_forward"), ("_backward", "plan_backward")):
-        planner = owner(plan)
-        if planner is not Layer and owner(passes) is not planner and \
-                issubclass(owner(passes), planner):
-            return True
-    return False
+
+def overrides_builtin_passes(layer):
+    """Whether ``layer`` is of a user's subclass of a built-in layer that overrides
+    ``_forward`` or ``_backward`` (a ReLU6 from ReLU): it then takes part in no fusion
+    (a neighbour running it as a ReLU, a BatchNorm folded into a convolution or joining a
+    Residual), since those run the built-in's computation, not its own."""
+    cls = type(layer)
+    if cls._trusted or not any(k._trusted and k is not Layer for k in cls.__mro__[1:]
+                               if issubclass(k, Layer)):
+        return False
+    return not (_owner(cls, "_forward")._trusted and _owner(cls, "_backward")._trusted)
+
+
+def inherits_builtin_plan(layer):
+    """Whether ``layer`` overrides a built-in's passes but inherits its plan ops (which
+    run the built-in's kernels): its plan then wraps its own passes (Layer's generic ops)."""
+    if not overrides_builtin_passes(layer):
+        return False
+    cls = type(layer)
+    return any(_owner(cls, plan)._trusted and _owner(cls, plan) is not Layer
+               for plan in ("plan_forward", "plan_backward"))
 
 
 def walk_inside(layer, prefix=""):
@@ -551,8 +557,8 @@ class Layer:
             dims = tuple(shape)
         except TypeError:
             dims = None
-        if not dims or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
-                               and d >= 1 for d in dims):
+        if dims is None or not all(isinstance(d, (int, np.integer))
+                                   and not isinstance(d, bool) and d >= 1 for d in dims):
             raise ValueError(f"{self.name}: _configure must give the per-sample output shape "
                              f"as a tuple of ints >= 1, got {shape!r}")
         return tuple(int(d) for d in dims)

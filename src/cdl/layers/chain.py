@@ -11,8 +11,8 @@ import numpy as np
 
 from ..buffers import WsView
 from ..functional._checks import INT32_MAX, shape_str
-from .base import (L2Op, Layer, Op, checked_pass, overrides_builtin_passes, unfused_decay,
-                   walk_inside)
+from .base import (L2Op, Layer, Op, checked_pass, inherits_builtin_plan,
+                   overrides_builtin_passes, unfused_decay, walk_inside)
 
 __all__ = ["Chain", "Op", "has_params", "replay"]
 
@@ -253,7 +253,8 @@ class Chain:
                 break
             if mask is not None and k == 0:
                 ws = WsView(ws, join_mask=mask)
-            if add_to is not None and k == len(trace) - 1 and layer.adds_input_grad():
+            if add_to is not None and k == len(trace) - 1 and layer.adds_input_grad() \
+                    and not overrides_builtin_passes(layer):
                 ws = WsView(ws, dx_add=add_to)
             needs_dx, lent = i > stop or need_input_grad, None
             if arena is not None:
@@ -295,7 +296,7 @@ def replay(trace, x):
     for _, layer, ws, h, from_input in trace:
         inp = x.reshape(h.shape) if from_input else h
         layer._last = (inp, ws)
-        if not overrides_builtin_passes(layer):     # (the generic ops keep no more)
+        if not inherits_builtin_plan(layer):        # (the generic ops keep no more)
             layer.on_train_forward(ws, inp)
 
 
@@ -316,8 +317,8 @@ class _Generic:
 
 def _planner(layer):
     """What builds ``layer``'s plan ops: the layer, or Layer's generic ops for a subclass
-    that overrides a built-in's passes (``overrides_builtin_passes``)."""
-    return _Generic(layer) if overrides_builtin_passes(layer) else layer
+    that overrides a built-in's passes and not its plan ops (``inherits_builtin_plan``)."""
+    return _Generic(layer) if inherits_builtin_plan(layer) else layer
 
 
 def _shares(a, b):

@@ -3,7 +3,7 @@ import numpy as np
 
 from .._kernels import elementwise as _ew
 from ..functional._checks import shape_str
-from .base import LAYER_TYPES, Layer, bind_op
+from .base import LAYER_TYPES, Layer, bind_op, overrides_builtin_passes
 from .chain import Chain, Op, replay
 
 __all__ = ["Residual", "layer_from_spec"]
@@ -175,8 +175,10 @@ class Residual(Layer):
         the body's last pass, and takes the gradient mask in both branches' last passes
         (Layer.joins_residual): then neither the sum nor the masked gradient is a pass
         of its own."""
-        return train and self.body.last_pass(True).joins_residual() and (
-            self.shortcut is None or self.shortcut.last_pass(True).joins_residual())
+        joins = lambda layer: layer.joins_residual() and \
+            not overrides_builtin_passes(layer)    # (its own passes do not join)  # noqa: E731
+        return train and joins(self.body.last_pass(True)) and (
+            self.shortcut is None or joins(self.shortcut.last_pass(True)))
 
     def plan_forward(self, x, ws, train):
         workspace = self._workspaces(x.shape[0], ws, train)
