@@ -422,7 +422,7 @@ def test_layer_backward_checks_grad():
     (lambda: cdl.Sequential([cdl.Flatten()], (4,), l2="x"), TypeError, r"Sequential: l2 must be a number"),
     (lambda: cdl.Sequential([cdl.Flatten()], (4,), l2=None), TypeError, r"Sequential: l2 must be a number"),
     (lambda: cdl.Sequential([cdl.Linear(4, 2)], (4,), seed="x"), TypeError, r"Sequential: seed must be None or"),
-    (lambda: cdl.Sequential([cdl.Linear(4, 2)], (4,), seed=-1), TypeError, r"Sequential: seed must be None or"),
+    (lambda: cdl.Sequential([cdl.Linear(4, 2)], (4,), seed=-1), ValueError, r"Sequential: seed must be None or"),
 ])
 def test_sequential_construction(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -1058,3 +1058,57 @@ def test_functional_kernels_take_ragged_lists_and_matrices_clearly():
         m1, m2 = np.matrix([[1.0, -2.0]]), np.matrix([[0.0]])
     np.testing.assert_array_equal(F.relu(m1), [[1.0, 0.0]])
     np.testing.assert_array_equal(F.sigmoid(m2), [[0.5]])
+
+
+def test_construction_and_config_arguments_are_checked():
+    # a single layer, seeds of other kinds, a dict for input_shape, a path for file=,
+    # adaptive=2: bare Python errors, or taken silently
+    with pytest.raises(TypeError, match=r"Sequential: layers must be a list of cdl layers, "
+                                        r"got Linear"):
+        cdl.Sequential(cdl.Linear(2, 3), 2)
+    for seed, exc in ((True, TypeError), ([1, 2], TypeError), (np.random.default_rng(0),
+                                                               TypeError), (-1, ValueError)):
+        with pytest.raises(exc, match=r"Sequential: seed must be None or a non-negative int"):
+            cdl.Sequential([cdl.Linear(2, 3)], 2, seed=seed)
+    with pytest.raises(TypeError, match=r"Sequential: input_shape must be a tuple of ints"):
+        cdl.Sequential([cdl.Linear(2, 3)], {2: 1})
+    assert cdl.Sequential([cdl.Linear(2, 3)], 2, dtype=None).dtype == np.float32
+    m = cdl.Sequential([cdl.Linear(2, 3)], 2)
+    with pytest.raises(TypeError, match=r"Sequential.summary: file must be a text stream"):
+        m.summary(file="out.txt")
+    with pytest.raises(TypeError, match=r"show_config: file must be a text stream"):
+        cdl.show_config(file="out.txt")
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match=r"adaptive must be True or False, got"):
+            with cdl.threads(1, adaptive=bad):
+                pass
+
+
+def test_a_unicode_digit_in_omp_num_threads_is_ignored():
+    import subprocess
+    import sys
+    code = "import cdl; cdl.show_config(); print(cdl.get_num_threads())"
+    for value in ("\u00b2", "\u0663"):      # "²", "٣": str.isdigit() says yes, int() no
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=dict(os.environ, OMP_NUM_THREADS=value), timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert int(r.stdout.split()[-1]) >= 1
+
+
+def test_gradcheck_leaves_a_float64_model_and_its_loss_as_they_were():
+    # it ran in place on a float64 model: a pending forward's backward then gave wrong
+    # gradients, and the loss object's pending forward was lost
+    rng = np.random.default_rng(0)
+    x1, x2 = rng.standard_normal((3, 6)), rng.standard_normal((5, 6))
+    y2, g = np.arange(5) % 4, np.ones((3, 4))
+    make = lambda: cdl.Sequential([cdl.Linear(6, 4)], (6,), dtype=np.float64, seed=0)  # noqa: E731
+    a, b = make(), make()
+    a.forward(x1)
+    a.backward(g)
+    b.forward(x1)
+    loss = cdl.SoftmaxCrossEntropy()
+    loss.forward(np.zeros((2, 4)), np.array([0, 1]))
+    assert max(cdl.gradcheck(b, x2, y2, loss).values()) < 1e-6
+    b.backward(g)
+    np.testing.assert_array_equal(a.gradient_buffer, b.gradient_buffer)
+    assert loss.backward().shape == (2, 4)

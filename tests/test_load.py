@@ -184,8 +184,13 @@ def test_real_sleeping_worker_is_found_and_woken(fake_load, wake_settings):
         w = cdl.thread_status()["wakes"]
         t0 = time.perf_counter()
         threads = _runtime.step_threads(2)
-        running = _runtime.workers_running()    # read at once: its spin lasts ms only
         took = time.perf_counter() - t0
+        # read at once, its spin lasts ms only; a woken worker may take a moment to be
+        # scheduled (it reads "sleeping" until then), so look again for up to 4 ms
+        running = _runtime.workers_running()
+        t1 = time.perf_counter()
+        while running == 0 and time.perf_counter() - t1 < 0.004:
+            running = _runtime.workers_running()
         if threads == 2:
             break
         time.sleep(0.5)

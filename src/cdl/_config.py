@@ -84,7 +84,7 @@ def _omp_env_threads():
     warns about a value that is not a count; one above cdl's limit it accepts, so cdl
     warns about that (once)."""
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if not (env.isdigit() and int(env) > 0):
+    if not (env.isascii() and env.isdigit() and int(env) > 0):    # ("²".isdigit() is True)
         return None
     from .functional._checks import MAX_THREADS
     if int(env) > MAX_THREADS:
@@ -204,6 +204,8 @@ def set_adaptive(on):
 def _check_adaptive(on, where):
     if not isinstance(on, (bool, int, np.bool_, np.integer)):
         raise TypeError(f"{where}: adaptive must be True or False, got {type(on).__name__}")
+    if on not in (0, 1):
+        raise ValueError(f"{where}: adaptive must be True or False, got {on!r}")
 
 
 def step_threads(_state=_state, _step=_runtime.step_threads):
@@ -302,7 +304,7 @@ def config():
         "openmp": _runtime.openmp_enabled(),
         "threads": get_num_threads(),
         "cpu": _cpu_model(),
-        "cores_usable": default_num_threads() if _runtime.openmp_enabled() else os.cpu_count(),
+        "cores_usable": usable_cores() if _runtime.openmp_enabled() else os.cpu_count(),
         "isa": _dispatch.ISA,
         "isa_supported": list(_dispatch.SUPPORTED),
         "blas": name,
@@ -351,6 +353,9 @@ def _blas_line(c):
 
 def show_config(file=None):
     """Print the version, OpenMP status, threads, BLAS and instruction set in use."""
+    if file is not None and not callable(getattr(file, "write", None)):
+        raise TypeError(f"show_config: file must be a text stream (e.g. sys.stdout or "
+                        f"open(path, 'w')), got {type(file).__name__}")
     c = config()
     omp = "on" if c["openmp"] else "off (kernels run serially)"
     lines = [

@@ -7,9 +7,14 @@ and each array's error is reported relative to its gradient's scale:
 S the largest s over the arrays checked (a per-element ratio would flag round-off on
 elements whose gradient is ~0; the floor 1e-3 · S does so for a whole array whose
 gradient is zero, such as a bias just before BatchNorm, whose central differences are
-then round-off of J alone). A float32 model is checked through a float64 copy (same
-weights), because float32 round-off swamps ε.
+then round-off of J alone). The check runs on a float64 copy of the model (same weights,
+buffers and extra state): float32 round-off would swamp ε, and the model itself (its
+pending forward and gradients, another thread's training of it) is left alone. A
+float64 model that cannot be copied (a layer without ``get_config``) is checked in
+place, under its training lock.
 """
+import copy
+
 import numpy as np
 
 from . import _config
@@ -18,17 +23,25 @@ __all__ = ["gradcheck"]
 
 
 def _float64_copy(model):
+    """A float64 twin of ``model`` (same weights, buffers and extra state), taken under
+    the model's training lock: the check runs on the twin, so the model (a float64 one
+    too: its pending forward, its gradients) and another thread's training of it are
+    left alone."""
     from .layers import layer_from_spec
     from .model import Sequential
 
-    if model.dtype == np.float64:
-        return model
-    cfg = model.get_config()
+    model._enter("gradcheck")
+    try:
+        cfg = model.get_config()
+        state = model.state_dict()
+        extra = [layer.extra_state() for _, layer in model.chain.walk()]
+    finally:
+        model._lock.release()
     layers = [layer_from_spec(s) for s in cfg["layers"]]
     clone = Sequential(layers, model.input_shape, dtype=np.float64, l2=model.l2)
-    clone.load_state_dict(model.state_dict())
-    for (path, a), (_, b) in zip(model.chain.walk(), clone.chain.walk()):
-        b.set_extra_state(a.extra_state())
+    clone.load_state_dict(state)
+    for (_, b), e in zip(clone.chain.walk(), extra):
+        b.set_extra_state(e)
     return clone
 
 
@@ -63,7 +76,24 @@ def gradcheck(model, x, y, loss, eps=1e-6, max_checks=None, seed=0, check_input=
     (BatchNorm's running statistics) and extra state (Dropout's generator position).
     """
     eps, max_checks, seed = _check_args(model, loss, eps, max_checks, seed, check_input)
-    m = _float64_copy(model)
+    loss = copy.deepcopy(loss)      # (its own buffers: a pending loss.forward is kept)
+    try:
+        m = _float64_copy(model)
+    except TypeError:
+        if model.dtype != np.float64:
+            raise
+        # a float64 model that cannot be rebuilt (a layer without get_config): checked in
+        # place, under its training lock; its next backward needs a forward of its own
+        model._enter("gradcheck")
+        try:
+            return _gradcheck(model, x, y, loss, eps, max_checks, seed, check_input)
+        finally:
+            model._last_n = None
+            model._lock.release()
+    return _gradcheck(m, x, y, loss, eps, max_checks, seed, check_input)
+
+
+def _gradcheck(m, x, y, loss, eps, max_checks, seed, check_input):
     x = m._check_x(x, "gradcheck").copy()
     if x.shape[0] == 0:
         raise ValueError("gradcheck: x is an empty batch")
@@ -72,8 +102,7 @@ def gradcheck(model, x, y, loss, eps=1e-6, max_checks=None, seed=0, check_input=
 
     # The objective runs in training mode, as the backward does (BatchNorm's batch
     # statistics, the same Dropout masks); running statistics and generator positions
-    # are put back before every pass and once more at the end, so that a float64
-    # model (checked in place, not through a copy) comes back as it was.
+    # are put back before every pass and once more at the end.
     buffers = [(b, b.copy()) for _, b in m.buffers()]
     extra = [(layer, layer.extra_state()) for _, layer in m.chain.walk()]
     grads = m.gradient_buffer

@@ -40,7 +40,7 @@ INFERENCE_CACHE_BYTES = 256 << 20
 def _input_shape(shape, where="Sequential"):
     if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
         shape = (shape,)
-    if isinstance(shape, (str, bytes)):
+    if isinstance(shape, (str, bytes, dict, set)):
         raise TypeError(f"{where}: input_shape must be a tuple of ints (per sample, "
                         f"without the batch axis), got {shape!r}")
     try:
@@ -80,7 +80,7 @@ class Sequential:
     def __init__(self, layers, input_shape, dtype=np.float32, seed=None, l2=0.0):
         self.chain = Chain(layers, "Sequential")
         try:
-            dtype = np.dtype(dtype)
+            dtype = np.dtype(np.float32 if dtype is None else dtype)    # (None: the default)
         except TypeError:
             raise TypeError(f"Sequential: dtype must be float32 or float64, got {dtype!r}") from None
         if dtype not in FLOAT_DTYPES:
@@ -105,11 +105,14 @@ class Sequential:
         self.seed = seed
         self.l2 = l2
         self.stop_training = False
-        try:
-            self._rng = np.random.default_rng(seed)
-        except (TypeError, ValueError) as exc:
+        if seed is not None and (isinstance(seed, (bool, np.bool_))
+                                 or not isinstance(seed, (int, np.integer))):
             raise TypeError(f"Sequential: seed must be None or a non-negative int, got "
-                            f"{seed!r} ({exc})") from None
+                            f"{seed!r}")
+        if seed is not None and seed < 0:
+            raise ValueError(f"Sequential: seed must be None or a non-negative int, got "
+                             f"{seed!r}")
+        self._rng = np.random.default_rng(seed)
         self._lock = threading.RLock()       # training passes (see _enter)
         self._build()
         for _, layer in self.chain.walk():
@@ -243,6 +246,9 @@ class Sequential:
     # -- description ----------------------------------------------------------------
     def summary(self, file=None):
         """Print a table: layer, output shape, parameters, FLOPs per sample, totals."""
+        if file is not None and not callable(getattr(file, "write", None)):
+            raise TypeError(f"Sequential.summary: file must be a text stream (e.g. "
+                            f"sys.stdout or open(path, 'w')), got {type(file).__name__}")
         rows = [("#", "Layer", "Output shape", "Params", "FLOPs/sample")]
         total_f = 0
         for path, layer in self.chain.walk():

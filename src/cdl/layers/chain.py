@@ -21,6 +21,9 @@ class Chain:
     """A list of layers run one after another (see the module notes)."""
 
     def __init__(self, layers, where):
+        if isinstance(layers, (Layer, str, bytes, dict)) or not hasattr(layers, "__iter__"):
+            raise TypeError(f"{where}: layers must be a list of cdl layers, got "
+                            f"{type(layers).__name__}")
         layers = list(layers)
         if not layers:
             raise ValueError(f"{where}: needs at least one layer")
