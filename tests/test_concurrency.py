@@ -161,21 +161,12 @@ def _data(n=64):
     return (rng.standard_normal((n, 1, 16, 16)).astype(np.float32), rng.integers(0, 10, n))
 
 
-def test_train_step_while_model_is_training_raises():
+def test_train_step_while_model_is_training_raises(lock_held_elsewhere):
     m = lenet()
     x, y = _data()
     loss, opt = cdl.SoftmaxCrossEntropy(), cdl.SGD(m, 0.01)
     m.forward(x)
-    held, done = threading.Event(), threading.Event()
-
-    def holder():                            # as if another thread were inside train_step
-        with m._lock:
-            held.set()
-            done.wait(60)
-    t = threading.Thread(target=holder)
-    t.start()
-    assert held.wait(60)
-    try:
+    with lock_held_elsewhere(m):
         with pytest.raises(RuntimeError, match=r"train_step: this model is being trained from "
                                                r"another thread"):
             m.train_step(x, y, loss, opt)
@@ -199,9 +190,6 @@ def test_train_step_while_model_is_training_raises():
             m.set_weights({k: changed[k] for k in m.get_weights()})
         for k, v in m.state_dict().items():
             np.testing.assert_array_equal(v, before[k])
-    finally:
-        done.set()
-        t.join()
     m.train_step(x, y, loss, opt)            # the lock is free again
     m.backward(np.zeros((64, 10), np.float32))
 

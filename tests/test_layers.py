@@ -289,13 +289,13 @@ def test_batchnorm_counts_its_running_statistics_in_a_files_size_check():
         cdl.Sequential([cdl.BatchNorm1d(2**40, affine=False)], (2**40,))
 
 
-def test_a_layers_own_passes_never_feed_its_models_backward_nor_the_reverse():
+def test_a_layers_own_passes_never_feed_its_models_backward_nor_the_reverse(
+        lock_held_elsewhere):
     # A layer's own forward/backward run on the buffers of its model's training passes:
     # between model.forward and model.backward (a look at one layer while debugging) it
     # gave silently wrong gradients, and a model pass between a layer's own forward and
     # backward gave that backward the model's state.
     import copy
-    import threading
     rng = np.random.default_rng(13)
     tanh = cdl.Tanh()
     m = cdl.Sequential([cdl.Conv2d(2, 4, 3, padding=1), tanh, cdl.Conv2d(4, 3, 3, padding=1),
@@ -323,19 +323,7 @@ def test_a_layers_own_passes_never_feed_its_models_backward_nor_the_reverse():
     np.testing.assert_allclose(tanh.backward(np.ones_like(y)), 1 - y * y, atol=1e-6)
 
     # and, like the model's passes, they wait for no other thread's step: refused
-    held, done = threading.Event(), threading.Event()
-
-    def holder():
-        with m._lock:
-            held.set()
-            done.wait(60)
-    t = threading.Thread(target=holder)
-    t.start()
-    assert held.wait(60)
-    try:
+    with lock_held_elsewhere(m):
         with pytest.raises(RuntimeError, match=r"Tanh\[1\].forward: this model is being "
                                                r"trained from another thread"):
             tanh.forward(xt)
-    finally:
-        done.set()
-        t.join()
