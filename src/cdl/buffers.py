@@ -63,6 +63,19 @@ class WsView(MutableMapping):
         return dict(self)
 
 
+def _forget_oldest(groups, held, budget):
+    """Drop the least recently used items of ``groups`` (an OrderedDict of lists of
+    objects with ``nbytes``, oldest first) until ``held`` bytes fit ``budget``; returns
+    the bytes still held. Lists emptied on the way go too."""
+    while held > budget:
+        key, oldest = next(iter(groups.items()))
+        if oldest:
+            held -= oldest.pop(0).nbytes
+        if not oldest:
+            del groups[key]
+    return held
+
+
 class RunnerPool:
     """Inference runners by batch size, at most ``budget`` bytes kept."""
 
@@ -94,13 +107,7 @@ class RunnerPool:
             else:
                 self._free.move_to_end(n)
             runners.append(runner)
-            self._held += runner.nbytes
-            while self._held > self.budget:
-                m, oldest = next(iter(self._free.items()))
-                if oldest:
-                    self._held -= oldest.pop(0).nbytes
-                if not oldest:
-                    del self._free[m]
+            self._held = _forget_oldest(self._free, self._held + runner.nbytes, self.budget)
 
     def clear(self):
         with self._lock:
@@ -184,12 +191,7 @@ class ResultPool:
             self._held += a.nbytes
             if len(arrays) > self.keep:
                 self._held -= arrays.pop(0).nbytes   # forgotten; its holder keeps it
-            while self._held > self.budget:
-                k, oldest = next(iter(self._arrays.items()))
-                if oldest:
-                    self._held -= oldest.pop(0).nbytes
-                if not oldest:
-                    del self._arrays[k]
+            self._held = _forget_oldest(self._arrays, self._held, self.budget)
             return a
 
     def copy_of(self, a):

@@ -151,19 +151,30 @@ def atomic_write(path, write):
         raise
 
 
+def check_target(target, where, name="path", paths=(str, bytes, os.PathLike)):
+    """Refuse (TypeError, naming the call) what a save cannot write to: a text-mode file
+    object, or something neither a path nor a binary file object. Checked before the
+    work that makes the bytes."""
+    if isinstance(target, io.TextIOBase):
+        raise TypeError(f"{where}: the file object must be opened in binary mode ('wb')")
+    if not hasattr(target, "write") and not isinstance(target, paths):
+        raise TypeError(f"{where}: {name} must be a path or a binary file object, got "
+                        f"{type(target).__name__}")
+
+
+def write_to(target, write):
+    """``write(f)`` to a binary file object, or atomically to a path (``atomic_write``)."""
+    if hasattr(target, "write"):
+        write(target)
+    else:
+        atomic_write(target, write)
+
+
 def save(model, path, optimizer=None):
     """Write ``model`` (and ``optimizer``'s state, if given) to ``path`` atomically, or
     to a binary file object."""
-    if isinstance(path, io.TextIOBase):
-        raise TypeError("Sequential.save: the file object must be opened in binary mode "
-                        "('wb')")
-    if not hasattr(path, "write") and not isinstance(path, (str, bytes, os.PathLike)):
-        raise TypeError(f"Sequential.save: path must be a path or a binary file object, "
-                        f"got {type(path).__name__}")
-    if hasattr(path, "write"):
-        _write(model, path, optimizer)
-        return
-    atomic_write(path, lambda f: _write(model, f, optimizer))
+    check_target(path, "Sequential.save")
+    write_to(path, lambda f: _write(model, f, optimizer))
 
 
 def dumps(model, optimizer=None):

@@ -180,19 +180,11 @@ def export(model, f, opset=17, dynamic_batch=True):
     ``onnx.checker.check_model(full_check=True)``. ``opset`` from 13 to the newest the
     installed onnx knows.
     """
-    if isinstance(f, io.TextIOBase):
-        raise TypeError("cdl.onnx.export: the file object must be opened in binary mode "
-                        "('wb')")
-    if not hasattr(f, "write") and not isinstance(f, (str, os.PathLike)):
-        raise TypeError(f"cdl.onnx.export: f must be a path or a binary file object, got "
-                        f"{type(f).__name__}")
+    from .format import check_target, write_to
+    check_target(f, "cdl.onnx.export", "f", paths=(str, os.PathLike))
     m = to_model(model, opset, dynamic_batch)
     data = m.SerializeToString()
-    if hasattr(f, "write"):
-        f.write(data)
-    else:
-        from .format import atomic_write
-        atomic_write(f, lambda fh: fh.write(data))
+    write_to(f, lambda fh: fh.write(data))
     return m
 
 

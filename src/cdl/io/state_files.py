@@ -80,12 +80,9 @@ def _format(path, format, where):
 def save_state_dict(model, path, format=None):
     """Write ``model.state_dict()`` to ``path`` (atomically) or a binary file object, as
     safetensors or npz (from the suffix, or ``format``)."""
+    from .format import check_target, write_to
     where = "Sequential.save_state_dict"
-    if isinstance(path, io.TextIOBase):
-        raise TypeError(f"{where}: the file object must be opened in binary mode ('wb')")
-    if not hasattr(path, "write") and not isinstance(path, (str, bytes, os.PathLike)):
-        raise TypeError(f"{where}: path must be a path or a binary file object, got "
-                        f"{type(path).__name__}")
+    check_target(path, where)
     kind = _format(path, format, where)
     state = {k: np.require(v, requirements="C") for k, v in model.state_dict().items()}
     if kind == ".safetensors":
@@ -95,11 +92,7 @@ def save_state_dict(model, path, format=None):
         buf = io.BytesIO()
         np.savez(buf, **state)
         data = buf.getvalue()
-    if hasattr(path, "write"):
-        path.write(data)
-        return
-    from .format import atomic_write
-    atomic_write(path, lambda f: f.write(data))
+    write_to(path, lambda f: f.write(data))
 
 
 def _safetensors_extent(data):
