@@ -172,6 +172,7 @@ def test_real_sleeping_worker_is_found_and_woken(fake_load, wake_settings):
     _runtime.set_adaptive(True, 2, 0.0, 0.0)
     _runtime.set_wake(True, 0.005)
     assert _runtime.worker_tids(2) == 1
+    seen = []                                   # (wakes counted, running, took) per try
     for attempt in range(5):                    # a busy spell of the machine: try again
         _runtime.wake_team(2)
         for _ in range(50):                     # its spin (about 8 ms) is over: asleep
@@ -192,15 +193,19 @@ def test_real_sleeping_worker_is_found_and_woken(fake_load, wake_settings):
         while running == 0 and time.perf_counter() - t1 < 0.004:
             running = _runtime.workers_running()
         if threads == 2:
-            break
+            seen.append((cdl.thread_status()["wakes"] - w, running, took))
+            # woken, and spinning for the next call; unless this thread lost the CPU for
+            # longer than a millisecond in between (a busy machine), when the spin may
+            # be over. A VM may also deschedule the woken worker past the 4 ms looked
+            # at (CI: 1 run in about 5): such a try proves nothing, so try again.
+            if running == 1 or took > 1e-3:
+                break
         time.sleep(0.5)
-    else:
+    if not seen:
         pytest.skip("the machine stayed busy: the worker never slept, or the adaptation "
                     "chose one thread, 5 times")
-    assert cdl.thread_status()["wakes"] == w + 1
-    # woken, and spinning for the next call; unless this thread lost the CPU for longer
-    # than a millisecond in between (a busy machine), when the spin may be over
-    assert running == 1 or took > 1e-3, (running, took)
+    assert all(woken == 1 for woken, _, _ in seen), seen      # each try woke it once
+    assert any(running == 1 or took > 1e-3 for _, running, took in seen), seen
 
 
 @pytest.mark.skipif(not LINUX, reason="/proc is Linux's")
