@@ -133,6 +133,12 @@ def torch_lenet(torch, bn, p):
                            + [nn.ReLU(), nn.Linear(84, 10)]))
 
 
+def saves(gain, fmt=".1%", plural=False):
+    """'saves 6.2%', or 'costs 1.4%' where the variant without it was the faster one."""
+    verb = ("save" if gain >= 0 else "cost") + ("" if plural else "s")
+    return f"{verb} {abs(gain):{fmt}}"
+
+
 def resnet_blocks_line(meta):
     """The ResNet-8 batch-64 blocks as a sentence (also tools/readme_tables.py's)."""
     ratios = meta["resnet_n64_train_vs_torch_blocks"]
@@ -143,15 +149,16 @@ def resnet_blocks_line(meta):
             + ", ".join(f"{r:.2f}" for r in ratios)
             + f"; median times {med['cdl']:.1f} ms and {med['torch']:.1f} ms; target ≤ 0.5). "
             f"The strided shortcuts adding their input gradient to the body's in their "
-            f"convolution save {meta['shortcut_sum_fusion_gain']:.1%} of that step "
+            f"convolution {saves(meta['shortcut_sum_fusion_gain'], plural=True)} of that step "
             f"({med['cdl_separate']:.1f} ms with the sum in a pass of its own, same blocks)."
             + ("" if "bn_mask_rebuild_gain" not in meta else
                f" BatchNorm's backward rebuilding its fused ReLU's mask from its input "
-               f"instead of reading its output saves {meta['bn_mask_rebuild_gain']:.1%} "
+               f"instead of reading its output {saves(meta['bn_mask_rebuild_gain'])} "
                f"({med['cdl_read_mask']:.1f} ms reading it).")
             + ("" if "winograd_gain" not in meta else
-               f" The Winograd path of the 3x3 stride-1 convolutions saves "
-               f"{meta['winograd_gain']:.1%} ({med['cdl_direct']:.1f} ms with direct sums only)."))
+               f" The Winograd path of the 3x3 stride-1 convolutions "
+               f"{saves(meta['winograd_gain'])} ({med['cdl_direct']:.1f} ms with direct sums "
+               f"only)."))
 
 
 def main(argv=None):
@@ -311,15 +318,16 @@ def main(argv=None):
         print(f"ResNet-8 train_step at batch 64 takes {meta['resnet_n64_train_vs_torch']:.2f}x "
               f"PyTorch's time (median of {len(ratios)} interleaved blocks, "
               f"{min(ratios):.2f} to {max(ratios):.2f}); the shortcuts adding their input "
-              f"gradient in their convolution save {meta['shortcut_sum_fusion_gain']:.1%}; "
-              f"BatchNorm rebuilding its ReLU mask saves {meta['bn_mask_rebuild_gain']:.1%}; "
-              f"the Winograd path saves {meta['winograd_gain']:.1%}")
+              f"gradient in their convolution "
+              f"{saves(meta['shortcut_sum_fusion_gain'], plural=True)}; BatchNorm rebuilding "
+              f"its ReLU mask {saves(meta['bn_mask_rebuild_gain'])}; the Winograd path "
+              f"{saves(meta['winograd_gain'])}")
     print(f"BatchNorm + Dropout add {meta['bn_dropout_overhead_lenet_n64']:.0%} to LeNet-5's "
           f"step at batch 64 (median of {len(blocks)} interleaved blocks, "
           f"{min(overheads):.0%} to {max(overheads):.0%}; median times "
           f"{both['plain'] * 1e3:.3f} -> {both['bn'] * 1e3:.3f} ms)")
-    print(f"BatchNorm running the max-pool after it in its own pass saves "
-          f"{meta['bn_pool_merge_gain_lenet_n64']:.0%} of that step "
+    print(f"BatchNorm running the max-pool after it in its own pass "
+          f"{saves(meta['bn_pool_merge_gain_lenet_n64'], '.0%')} of that step "
           f"({both['bn_unmerged'] * 1e3:.3f} ms unmerged)")
     if args.out:
         with open(args.out + ".json", "w") as f:
@@ -344,7 +352,8 @@ def main(argv=None):
                       + ", ".join(f"{o:.0%}" for o in overheads)
                       + f"; median times {ms['plain']:.3f} -> {ms['bn']:.3f} ms; "
                       f"target ≤ 15%). Its BatchNorm layers running the max-pool after them "
-                      f"in their own pass save {meta['bn_pool_merge_gain_lenet_n64']:.0%} "
+                      f"in their own pass "
+                      f"{saves(meta['bn_pool_merge_gain_lenet_n64'], '.0%', plural=True)} "
                       f"of that step ({ms['bn_unmerged']:.3f} ms without)."]
         if resnet_blocks:
             lines += ["", resnet_blocks_line(meta)]

@@ -722,7 +722,9 @@ def test_sgd_bad_numbers(cnn):
                            ({"lr": np.nan}, ValueError, r"SGD: lr must be"),
                            ({"lr": "0.1"}, TypeError, r"SGD: lr must be a number"),
                            ({"lr": 0.1, "momentum": 1}, ValueError, r"SGD: momentum must be a finite number in \[0.0, 1.0\)"),
-                           ({"lr": 0.1, "nesterov": True}, ValueError, r"SGD: nesterov=True needs momentum > 0")]:
+                           ({"lr": 0.1, "nesterov": True}, ValueError, r"SGD: nesterov=True needs momentum > 0"),
+                           ({"lr": 0.1, "momentum": 0.9, "nesterov": "no"}, TypeError,
+                            r"SGD: nesterov must be True or False, got 'no'")]:
         with pytest.raises(exc, match=match):
             cdl.SGD(m, **kw)
     for cls, args, match in [(cdl.StepLR, (0,), r"StepLR: step_size must be an int >= 1"),
@@ -1112,3 +1114,33 @@ def test_gradcheck_leaves_a_float64_model_and_its_loss_as_they_were():
     b.backward(g)
     np.testing.assert_array_equal(a.gradient_buffer, b.gradient_buffer)
     assert loss.backward().shape == (2, 4)
+
+
+def test_functional_flags_take_only_bools():
+    # "no" or 0.0 would be read by truthiness ("no" asking for the gradient): refused,
+    # naming the function and the flag; NumPy's bools are bools
+    x4, w4, g4 = z(1, 2, 4, 4), z(3, 2, 3, 3), z(1, 3, 2, 2)
+    x2, w2, g2 = z(2, 3), z(4, 3), z(2, 4)
+    p = z(3)
+    calls = {
+        ("conv2d_backward", "need_input_grad"):
+            lambda v: F.conv2d_backward(g4, x4, w4, need_input_grad=v),
+        ("conv2d_backward", "need_bias_grad"):
+            lambda v: F.conv2d_backward(g4, x4, w4, need_bias_grad=v),
+        ("linear_backward", "need_input_grad"):
+            lambda v: F.linear_backward(g2, x2, w2, need_input_grad=v),
+        ("linear_backward", "need_bias_grad"):
+            lambda v: F.linear_backward(g2, x2, w2, need_bias_grad=v),
+        ("sgd_update", "nesterov"):
+            lambda v: F.sgd_update(p.copy(), p, lr=0.1, velocity=z(3), momentum=0.9,
+                                   nesterov=v),
+    }
+    for (fn, flag), call in calls.items():
+        for bad in ("no", "", 1, 0.0, None, [True], np.array([True])):
+            with pytest.raises(TypeError, match=rf"^{fn}: {flag} must be True or False, "
+                                                rf"got {re.escape(repr(bad))}$"):
+                call(bad)
+        for good in (True, False, np.bool_(True), np.False_):
+            call(good)
+    dx, _, db = F.linear_backward(g2, x2, w2, need_input_grad=np.False_, need_bias_grad=np.True_)
+    assert dx is None and db.shape == (4,)

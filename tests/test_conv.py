@@ -1,5 +1,6 @@
 """Conv2d kernels against a plain NumPy reference, gradient checks, thread and ISA agreement."""
 import importlib
+import sys
 
 import numpy as np
 import pytest
@@ -409,6 +410,98 @@ def test_forced_strided_input_grad_paths_match_reference(isa, path):
             assert np.array_equal(got[0], got[1]), (xs, ws, s, p)
     finally:
         mod.set_strided_input_grad_path(old)
+
+
+_BOUNDED_COLUMNS = """
+import resource, sys
+import numpy as np
+from cdl._kernels import conv
+case = int(sys.argv[1])
+N, C, K, H, k = [(1, 1, 1, 1024, 32), (2, 64, 4, 256, 9)][case]
+rng = np.random.default_rng(3)
+OH = (H - k) // 2 + 1
+go = rng.standard_normal((N, K, OH, OH), dtype=np.float32)
+w = rng.standard_normal((K, C, k, k), dtype=np.float32)
+dx = np.empty((N, C, H, H), np.float32)
+conv.set_strided_input_grad_path(2)
+small = np.empty((N, C, k + 6, k + 6), np.float32)
+conv.conv2d_backward_input(np.ascontiguousarray(go[:, :, :4, :4]), w, small, 2, 2, 0, 0, 2)
+with open("/proc/self/statm") as f:
+    vm = int(f.read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + (400 << 20), resource.RLIM_INFINITY))
+conv.conv2d_backward_input(go, w, dx, 2, 2, 0, 0, 2)
+np.save(sys.stdout.buffer, dx)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc are Linux's")
+@pytest.mark.parametrize("case", [0, 1])
+def test_strided_gemm_input_grad_columns_are_bounded(case):
+    # The GEMM path's columns (taps x positions per channel group) were sized without
+    # a bound: case 0 (one 32x32 stride-2 kernel on 1024x1024) needs 1 GB for one
+    # channel and goes to the phases; case 1 (64 channels of 9x9) 320 MB a thread,
+    # and shrinks its groups. Under 400 MB more address space both run, with the
+    # bits of an unbounded run's paths.
+    import io
+    import subprocess
+    r = subprocess.run([sys.executable, "-c", _BOUNDED_COLUMNS, str(case)],
+                       capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    got = np.load(io.BytesIO(r.stdout))
+    N, C, K, H, k = [(1, 1, 1, 1024, 32), (2, 64, 4, 256, 9)][case]
+    rng = np.random.default_rng(3)
+    OH = (H - k) // 2 + 1
+    go = rng.standard_normal((N, K, OH, OH), dtype=np.float32)
+    w = rng.standard_normal((K, C, k, k), dtype=np.float32)
+    old = kconv.set_strided_input_grad_path(1 if case == 0 else 2)
+    try:
+        want = np.empty((N, C, H, H), np.float32)
+        kconv.conv2d_backward_input(go, w, want, 2, 2, 0, 0, 2)
+    finally:
+        kconv.set_strided_input_grad_path(old)
+    assert got.tobytes() == want.tobytes()
+    # and the numbers themselves, on a corner the reference can afford
+    x0 = np.zeros((N, C, H, H), np.float32)
+    ref = ref_conv2d_backward(go[:, :, :6, :6], x0[:, :, :k + 10, :k + 10], w, (2, 2), (0, 0))[0]
+    corner = got[:, :, :10, :10]
+    np.testing.assert_allclose(corner, ref[:, :, :10, :10], rtol=1e-4,
+                               atol=1e-4 * np.abs(ref).max())
+
+
+_SCRATCH_REFUSED = """
+import resource, sys
+import numpy as np
+import cdl.functional as F
+x = np.ones((1, 1, 5, 5), np.float32)
+w = np.ones((1, 1, 3, 3), np.float32)
+F.conv2d(x, w, stride=2, padding=1)                 # threads and imports up first
+with open("/proc/self/statm") as f:
+    vm = int(f.read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + (400 << 20), resource.RLIM_INFINITY))
+calls = {"forward": lambda: F.conv2d(x, w, stride=20000, padding=10000),
+         "backward": lambda: F.conv2d_backward(np.ones((1, 1, 2, 2), np.float32), x, w,
+                                               stride=20000, padding=10000),
+         "weight": lambda: F.conv2d_backward(np.ones((1, 1, 2, 2), np.float32), x, w,
+                                             stride=20000, padding=10000,
+                                             need_input_grad=False)}
+try:
+    calls[sys.argv[1]]()
+except MemoryError as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc are Linux's")
+@pytest.mark.parametrize("call", ["forward", "backward", "weight"])
+def test_scratch_memory_refused_names_the_call_and_shapes(call):
+    # Padding 10000 stages a 20005 x 20005 image (1.6 GB): past the address space left,
+    # a MemoryError that says which kernel and on what, not a bare MemoryError().
+    import subprocess
+    r = subprocess.run([sys.executable, "-c", _SCRATCH_REFUSED, call], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("conv2d ") and "(input (1, 1, 5, 5), weight (1, 1, 3, 3), " \
+        "stride (20000, 20000), padding (10000, 10000))" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("path", [0, 1, 2])

@@ -327,3 +327,22 @@ def test_a_layers_own_passes_never_feed_its_models_backward_nor_the_reverse(
         with pytest.raises(RuntimeError, match=r"Tanh\[1\].forward: this model is being "
                                                r"trained from another thread"):
             tanh.forward(xt)
+
+
+def test_flops_of_an_unbuilt_layer_asks_for_it_to_be_built():
+    # its FLOPs per sample follow its input shape, which it does not know yet
+    for layer in (cdl.Conv2d(3, 8, 3), cdl.MaxPool2d(2), cdl.AvgPool2d(2),
+                  cdl.GlobalAvgPool2d(), cdl.ReLU(), cdl.Sigmoid(), cdl.Tanh(),
+                  cdl.LeakyReLU(), cdl.BatchNorm1d(3), cdl.BatchNorm2d(3), cdl.Dropout(0.5),
+                  cdl.Residual([cdl.Conv2d(3, 3, 3, padding=1)])):
+        name = type(layer).__name__
+        with pytest.raises(RuntimeError, match=rf"^{name}\.flops: the layer is not built yet, "
+                                               rf"so its input shape is unknown; build it "
+                                               rf"first: put it in a Sequential"):
+            layer.flops()
+    conv = cdl.Conv2d(3, 8, 3)
+    conv.forward(np.ones((1, 3, 5, 5), np.float32))
+    assert conv.flops() == (2 * 3 * 3 * 3 + 1) * 8 * 3 * 3
+    m = cdl.Sequential([cdl.Conv2d(3, 8, 3), cdl.ReLU()], (3, 5, 5))
+    assert [l.flops() for l in m.layers] == [conv.flops(), 8 * 3 * 3]
+    assert cdl.Linear(4, 3).flops() == 2 * 4 * 3 + 3       # (needs no input shape)

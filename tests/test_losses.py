@@ -204,6 +204,25 @@ def test_nan_in_scores_gives_nan_loss():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_svm_nan_margin_gives_nan_gradient(dtype):
+    # A NaN score poisons the loss; its gradient, and the label score's, must say so
+    # too (a finite gradient would train on as if nothing happened).
+    s = np.zeros((3, 4), dtype)
+    s[1, 2] = np.nan            # a competing score
+    s[2, 3] = np.nan            # the label's own score: every margin of row 2
+    y = np.array([0, 1, 3])
+    loss, grad = F.multiclass_svm(s, y)
+    assert np.isnan(loss)
+    expected_nan = np.zeros((3, 4), bool)
+    expected_nan[1, [1, 2]] = True
+    expected_nan[2] = True
+    np.testing.assert_array_equal(np.isnan(grad), expected_nan)
+    # the row without a NaN keeps its ordinary gradient (margins 1: every j != y active)
+    np.testing.assert_array_equal(grad[0], np.array([-3, 1, 1, 1], dtype) / 3)
+    np.testing.assert_array_equal(grad[1, [0, 3]], np.array([1, 1], dtype) / 3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_threads_bitwise(dtype):
     rng = np.random.default_rng(5)
     s = rng.standard_normal((1000, 37)).astype(dtype)
@@ -281,3 +300,29 @@ def test_matches_torch_if_available():
         torch.nn.functional.cross_entropy(ts, ty).item(), rel=1e-12)
     assert F.multiclass_svm(s, y)[0] == pytest.approx(
         10 * torch.nn.functional.multi_margin_loss(ts, ty).item(), rel=1e-12)
+
+
+def test_an_empty_label_list_is_integer_labels():
+    # NumPy makes [] float64; labels with no elements hold no value that is not a class
+    # index, so they are labels of no sample and the shape checks say what is wrong
+    empty = np.zeros((0, 3), np.float32)
+    for f in (F.softmax_cross_entropy, F.multiclass_svm, F.mse):
+        for labels in ([], (), np.array([])):
+            if f is F.mse and isinstance(labels, np.ndarray):
+                continue        # (a float array is mse's float target)
+            loss, grad = f(empty, labels)
+            assert loss == 0.0 and grad.shape == (0, 3)
+        name = f.__name__
+        with pytest.raises(ValueError, match=rf"{name}: labels has 0 entries but (scores|pred) "
+                                             rf"has 4 rows \(shape 4x3\)"):
+            f(np.zeros((4, 3), np.float32), [])
+        with pytest.raises(ValueError, match=r"labels must be 1-D \(N,\), got shape 1x0"):
+            f(np.zeros((1, 3), np.float32), [[]])
+    # the loss classes too
+    import cdl
+    s = np.zeros((2, 3), np.float32)
+    for loss in (cdl.SoftmaxCrossEntropy(), cdl.MulticlassSVM(), cdl.MSE()):
+        with pytest.raises(ValueError, match=rf"{type(loss).__name__}.forward: targets must "
+                                             rf"have shape \(2,\) \(one label per sample\), "
+                                             rf"got 0"):
+            loss(s, [])

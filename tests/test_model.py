@@ -404,3 +404,23 @@ def test_relu_pool_kernels_match_separate_kernels(isa, dtype):
         ew.relu_backward(dr.reshape(-1), r.reshape(-1), dx_ref.reshape(-1), 2)
         assert pool.max_pool2d_relu_backward(g, y, idx, dx, 2) == 0
         np.testing.assert_array_equal(dx, dx_ref)
+
+
+def test_reprs_show_the_settings_and_no_arrays():
+    assert repr(cdl.StepLR(10)) == "StepLR(step_size=10, gamma=0.1)"
+    assert repr(cdl.ExponentialLR(0.5)) == "ExponentialLR(gamma=0.5)"
+    assert repr(cdl.CosineLR(15, min_lr=0.001)) == "CosineLR(epochs=15, min_lr=0.001)"
+    assert repr(cdl.EarlyStopping(patience=3)) == (
+        "EarlyStopping(monitor='val_loss', patience=3, min_delta=0.0, mode='min', "
+        "restore_best_weights=False, initial_value_threshold=None, initial_wait=0)")
+    assert repr(cdl.ModelCheckpoint("ckpt-{epoch}.npz", monitor="val_accuracy",
+                                    save_best_only=True)) == (
+        "ModelCheckpoint(path='ckpt-{epoch}.npz', monitor='val_accuracy', "
+        "save_best_only=True, mode='max', save_optimizer=False, initial_value_threshold=None)")
+    assert repr(cdl.Callback()) == "Callback()"
+    m = cdl.Sequential([cdl.Linear(300, 200), cdl.ReLU(), cdl.Linear(200, 10)], (300,),
+                       seed=0, l2=1e-4)
+    assert repr(m.parameter_pack) == "ParameterPack(parameters=4, elements=62210, dtype=float32)"
+    assert repr(m).endswith("], input_shape=(300,), dtype=float32, l2=0.0001)")
+    m.l2 = 0
+    assert repr(m).endswith("], input_shape=(300,), dtype=float32)")

@@ -208,8 +208,11 @@ def resnet_block(doc):
         lines += ["", f"BatchNorm + Dropout add {m['bn_dropout_overhead_lenet_n64']:.0%} to the "
                       f"LeNet-5 `train_step` at batch 64{timed}."]
         if "bn_pool_merge_gain_lenet_n64" in m:
+            sys.path.insert(0, str(ROOT / "bench"))
+            from bench_resnet import saves
             lines[-1] += (f" Its BatchNorm layers running the max-pool after them in their own "
-                          f"pass save {m['bn_pool_merge_gain_lenet_n64']:.0%} of that step "
+                          f"pass {saves(m['bn_pool_merge_gain_lenet_n64'], '.0%', plural=True)} "
+                          f"of that step "
                           f"({ms(pair['bn_unmerged'])} ms without, in the same "
                           + ("block)." if blocks is None else "blocks)."))
     if "resnet_n64_blocks_ms" in m:

@@ -44,6 +44,14 @@ class Callback:
     def optimizer(self, value):
         self._optimizer_ref = None if value is None else weakref.ref(value)
 
+    def get_config(self):
+        """The callback's settings (its constructor arguments), as its repr shows them."""
+        return {}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
     def set_context(self, model, optimizer):
         self.model = model
         self.optimizer = optimizer
@@ -206,6 +214,12 @@ class EarlyStopping(Callback):
         self.stopped_epoch = None
         self.best_epoch = None
 
+    def get_config(self):
+        return {"monitor": self.monitor, "patience": self.patience, "min_delta": self.min_delta,
+                "mode": self.mode, "restore_best_weights": self.restore_best_weights,
+                "initial_value_threshold": self.initial_value_threshold,
+                "initial_wait": self.initial_wait}
+
     def on_train_begin(self, logs=None):
         self.best = _start(self)
         self.wait = self.initial_wait
@@ -272,6 +286,12 @@ class ModelCheckpoint(Callback):
         self.save_optimizer = bool(save_optimizer)
         self.initial_value_threshold = _threshold(initial_value_threshold, "ModelCheckpoint")
         self.saved = []
+
+    def get_config(self):
+        return {"path": self.path, "monitor": self.monitor,
+                "save_best_only": self.save_best_only, "mode": self.mode,
+                "save_optimizer": self.save_optimizer,
+                "initial_value_threshold": self.initial_value_threshold}
 
     def on_train_begin(self, logs=None):
         self.best = _start(self)

@@ -14,7 +14,7 @@ import numpy as np
 from . import _config
 from ._kernels import losses as _kl
 from .functional._checks import FLOAT_DTYPES, real_number, shape_str
-from .functional.losses import _as_array
+from .functional.losses import _as_array, _empty_as_labels
 from .optim.base import Setting
 
 __all__ = ["Loss", "SoftmaxCrossEntropy", "MulticlassSVM", "MSE", "LOSS_TYPES"]
@@ -133,6 +133,7 @@ def _labels(targets, n, num_classes, where, name):
             raise TypeError(f"{where}: {name} must be an integer array of class labels, "
                             f"got {type(targets).__name__}")
         targets = _as_array(targets, name, where)
+    targets = _empty_as_labels(targets)
     if targets.dtype.kind not in "iub":
         raise TypeError(f"{where}: {name} must be integer class labels, got dtype "
                         f"{targets.dtype}")
@@ -195,6 +196,8 @@ class MSE(Loss):
                 raise TypeError(f"{where}: {name} must be a float array or integer labels, "
                                 f"got {type(targets).__name__}")
             targets = _as_array(targets, name, where)
+            if targets.shape != (n, num_classes) and (targets.shape != (n,) or num_classes > 1):
+                targets = _empty_as_labels(targets)     # (a [] that cannot be float targets)
         if targets.dtype.kind in "iub":
             return _labels(targets, n, num_classes, where, name)
         if targets.dtype.kind != "f":

@@ -275,7 +275,7 @@ class Sequential:
     def __repr__(self):
         inner = ",\n".join(f"  {layer!r}" for layer in self.layers)
         return (f"Sequential([\n{inner}\n], input_shape={self.input_shape}, "
-                f"dtype={self.dtype.name})")
+                f"dtype={self.dtype.name}" + (f", l2={self._l2!r})" if self._l2 else ")"))
 
     # -- boundary checks ------------------------------------------------------------
     def _check_x(self, x, where, name="x", batch=False):

@@ -56,6 +56,12 @@ class ParameterPack:
                 store.put(key, view)        # (a layer's ArrayDict refuses "=")
         self.parts = self._parts(placed)
 
+    def __repr__(self):
+        # counts, not the arrays (a large model's would fill the screen)
+        elements = sum(size for _, size in self.offsets.values())
+        return (f"ParameterPack(parameters={len(self.names)}, elements={elements}, "
+                f"dtype={self.dtype.name})")
+
     def zeros(self):
         """A new zeroed, 64-byte-aligned buffer laid out like ``params``."""
         raw = np.zeros(self.size + 64 // self.dtype.itemsize, self.dtype)

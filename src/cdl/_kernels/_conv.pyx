@@ -196,6 +196,10 @@ cdef Py_ssize_t WINO_MIN_GRAD_TILES = 512
 # The filter transform on several threads from this many channel pairs (about 20 us
 # of one thread's time).
 cdef Py_ssize_t WINO_PARALLEL_FILTER_PAIRS = 1024
+# The strided input gradient's GEMM path holds a group of channels' columns (taps x
+# output positions) per thread: at most this many floats (64 MB). A 48x48 stride-2
+# kernel on a 2048x2048 image needed 8.9 GB for one channel; the phases need none.
+cdef Py_ssize_t STRIDED_GEMM_MAX_COLS = 1 << 24
 
 
 cdef inline int _threads(Py_ssize_t macs, Py_ssize_t items, int num_threads) noexcept nogil:
@@ -1638,6 +1642,16 @@ cdef inline Py_ssize_t _useful_stride(Py_ssize_t s, Py_ssize_t size, Py_ssize_t 
     return max(span, 2) if s > 1 and s > span else s
 
 
+cdef int _no_scratch(str op, const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w,
+                     Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw) except -1:
+    # malloc of a kernel's scratch failed: say which call, on what (x and w: arrays of
+    # the input's and the weight's shapes).
+    sx = (x.shape[0], x.shape[1], x.shape[2], x.shape[3])
+    sw_ = (w.shape[0], w.shape[1], w.shape[2], w.shape[3])
+    raise MemoryError(f"{op}: could not allocate its scratch memory (input {sx}, weight "
+                      f"{sw_}, stride ({sh}, {sw}), padding ({ph}, {pw}))")
+
+
 cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
                          const floating[::1] bias, floating[:, :, :, ::1] out,
                          Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw,
@@ -1683,7 +1697,7 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
                 rc = _cv_forward(&cv, &x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp,
                                  &out[0, 0, 0, 0], num_threads)
             if rc == -1:
-                raise MemoryError()
+                _no_scratch("conv2d forward", x, weight, sh, sw, ph, pw)
             if rc == 0:
                 return 0
             cv.pool = False
@@ -1695,7 +1709,7 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
                 rc = _packed_corr(&g, &weight[0, 0, 0, 0], False, &x[0, 0, 0, 0], bp,
                                   &out[0, 0, 0, 0], num_threads)
             if rc != 0:
-                raise MemoryError()
+                _no_scratch("conv2d forward", x, weight, sh, sw, ph, pw)
             return 0
         return _conv_pool_chunked(x, weight, bias, out, sh, sw, ph, pw, num_threads, relu, OH, OW)
     if floating is float and C > 0 and KH == 1 and KW == 1 and ph == 0 and pw == 0 \
@@ -1704,28 +1718,28 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
             rc = _pointwise_f32(&x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp, &out[0, 0, 0, 0], N, C,
                                 x.shape[2], x.shape[3], K, OH, OW, sh, sw, relu, num_threads)
         if rc != 0:
-            raise MemoryError()
+            _no_scratch("conv2d forward", x, weight, sh, sw, ph, pw)
         return 0
     if floating is float and _use_wino(C, K, KH, KW, sh, sw, ph, pw):
         with nogil:
             rc = _wino_f32(&x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp, &out[0, 0, 0, 0], N, C,
                            x.shape[2], x.shape[3], K, ph, pw, OH, OW, relu, num_threads)
         if rc != 0:
-            raise MemoryError()
+            _no_scratch("conv2d forward", x, weight, sh, sw, ph, pw)
         return 0
     if floating is float and C > 0 and _use_cv(&cv, True):
         with nogil:
             rc = _cv_forward(&cv, &x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp, &out[0, 0, 0, 0],
                              num_threads)
         if rc != 0:
-            raise MemoryError()
+            _no_scratch("conv2d forward", x, weight, sh, sw, ph, pw)
         return 0
     if floating is float and sw == 1 and C > 0:
         with nogil:
             rc = _packed_corr(&g, &weight[0, 0, 0, 0], False, &x[0, 0, 0, 0], bp,
                               &out[0, 0, 0, 0], num_threads)
         if rc != 0:
-            raise MemoryError()
+            _no_scratch("conv2d forward", x, weight, sh, sw, ph, pw)
         return 0
     nt = _threads(N * K * OH * OW * C * KH * KW, N * K, num_threads)
     with nogil:
@@ -1792,7 +1806,7 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
                                            &grad_input[0, 0, 0, 0], N, C, H, W, K,
                                            num_threads)
         if rc != 0:
-            raise MemoryError()
+            _no_scratch("conv2d input gradient", grad_input, weight, sh, sw, ph, pw)
         return 0
     if floating is float and wino:
         # Stride 1 on the Winograd path: the forward of grad_out, padded by 2 - P,
@@ -1803,7 +1817,7 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
                                    &grad_input[0, 0, 0, 0], N, C, H, W, K, ph, pw, OH, OW,
                                    num_threads, accumulate)
         if rc != 0:
-            raise MemoryError()
+            _no_scratch("conv2d input gradient", grad_input, weight, sh, sw, ph, pw)
         return 0
     if floating is float and sw == 1 and sh == 1 and K > 0 and KH - 1 >= ph and KW - 1 >= pw:
         # Stride 1: the forward correlation of grad_out, padded by F-1-P, with the
@@ -1820,7 +1834,7 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
                 rc = _cv_flipped_forward(&cv, &grad_out[0, 0, 0, 0], &weight[0, 0, 0, 0],
                                          &grad_input[0, 0, 0, 0], num_threads)
             if rc != 0:
-                raise MemoryError()
+                _no_scratch("conv2d input gradient", grad_input, weight, sh, sw, ph, pw)
             return 0
     if floating is float and sw == 1 and sh == 1 and K > 0:
         # Stride 1: a correlation of grad_out, padded by F-1-P, with the filters
@@ -1834,7 +1848,7 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
             rc = _packed_corr(&g, &weight[0, 0, 0, 0], True, &grad_out[0, 0, 0, 0], NULL,
                               &grad_input[0, 0, 0, 0], num_threads)
         if rc != 0:
-            raise MemoryError()
+            _no_scratch("conv2d input gradient", grad_input, weight, sh, sw, ph, pw)
         return 0
     if floating is float and K > 0:
         with nogil:
@@ -1852,7 +1866,7 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
                                              &grad_input[0, 0, 0, 0], N, C, H, W, K, KH, KW, OH,
                                              OW, sh, sw, ph, pw, num_threads, accumulate)
         if rc != 0:
-            raise MemoryError()
+            _no_scratch("conv2d input gradient", grad_input, weight, sh, sw, ph, pw)
         return 0
     nt = _threads(N * K * OH * OW * C * KH * KW, N * C, num_threads)
     with nogil:
@@ -2098,8 +2112,9 @@ cdef int _strided_input_grad_gemm_f32(const float* go, const float* weight, floa
     # vectors, and the phase planes are then interleaved into dx. Every
     # multiply-add is a useful one, in one pass over grad_out; each input cell is
     # summed over its taps in (i, j) order. Items are fixed by the shapes.
-    # Returns -1 when memory is missing, -2 for more than 64 phases or an image
-    # shorter than the stride (the phase path takes those).
+    # Returns -1 when memory is missing, -2 for more than 64 phases, an image
+    # shorter than the stride, or one channel's columns over STRIDED_GEMM_MAX_COLS
+    # (the phase path takes those).
     cdef Py_ssize_t T = KH * KW, P = OH * OW, HW = H * W, cg, ngr, items, it, n, c0, nc
     cdef Py_ssize_t per, tid, c, i, j, oy, ox, lo, hi, ylo, yhi, m, a, b, di, dj, q, y
     cdef Py_ssize_t[64] pofs
@@ -2115,7 +2130,7 @@ cdef int _strided_input_grad_gemm_f32(const float* go, const float* weight, floa
     cdef const float* s1
     cdef void* mem
     cdef int nt
-    if sh * sw > 64 or sh > H or sw > W:
+    if sh * sw > 64 or sh > H or sw > W or T * P > STRIDED_GEMM_MAX_COLS:
         return -2
     # Phase (a, b): the cells y % sh == a, x % sw == b, an hp[a] x wp[b] plane at
     # pofs[a * sw + b] within a channel's H * W floats.
@@ -2129,6 +2144,9 @@ cdef int _strided_input_grad_gemm_f32(const float* go, const float* weight, floa
     cg = C
     if N < MIN_ITEMS:
         cg = _cdiv(C, _imin(C, _cdiv(MIN_ITEMS, N)))
+    # Each group's rows are their own GEMM rows and scatter: any grouping gives the
+    # same bits, so the columns are bounded by shrinking the group.
+    cg = _imin(cg, STRIDED_GEMM_MAX_COLS // (T * P))
     ngr = _cdiv(C, cg)
     items = N * ngr
     nt = _threads(N * K * P * C * T, items, num_threads)
@@ -2262,14 +2280,14 @@ cdef int _conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
             rc = _wino_wgrad_f32(&grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], &grad_weight[0, 0, 0, 0],
                                  N, C, x.shape[2], x.shape[3], K, ph, pw, OH, OW, num_threads)
         if rc != 0:
-            raise MemoryError()
+            _no_scratch("conv2d weight gradient", x, grad_weight, sh, sw, ph, pw)
         return 0
     if floating is float and use_cv:
         with nogil:
             rc = _cv_wgrad(&cv, &grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], &grad_weight[0, 0, 0, 0],
                            gbp, num_threads)
         if rc != 0:
-            raise MemoryError()
+            _no_scratch("conv2d weight gradient", x, grad_weight, sh, sw, ph, pw)
         return 0
     if floating is float and sw == 1:
         g.n = N; g.c = C; g.h = x.shape[2]; g.w = x.shape[3]; g.k = K
@@ -2278,7 +2296,7 @@ cdef int _conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
             rc = _wgrad_f32(&g, &grad_out[0, 0, 0, 0], &x[0, 0, 0, 0],
                             &grad_weight[0, 0, 0, 0], num_threads)
         if rc != 0:
-            raise MemoryError()
+            _no_scratch("conv2d weight gradient", x, grad_weight, sh, sw, ph, pw)
         return 0
     nt = _threads(N * K * OH * OW * C * KH * KW, K * C, num_threads)
     with nogil:

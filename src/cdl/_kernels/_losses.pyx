@@ -17,7 +17,7 @@ NaN in the scores gives a NaN loss (no comparison silently drops it).
 """
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport exp, log
+from libc.math cimport NAN, exp, log
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 
@@ -139,6 +139,7 @@ cdef double _multiclass_svm(const floating[:, ::1] scores, const int64_t[::1] la
     cdef floating delta = <floating>margin, scale = <floating>grad_scale, sy, d
     cdef double loss, total
     cdef Py_ssize_t active
+    cdef bint nan_margin
     if N == 0:
         return 0.0
     with nogil:
@@ -147,22 +148,26 @@ cdef double _multiclass_svm(const floating[:, ::1] scores, const int64_t[::1] la
             sy = scores[i, y]
             loss = 0
             active = 0
+            nan_margin = False
             for j in range(C):
                 if j == y:
                     if has_g:
                         grad[i, j] = 0
                     continue
                 d = scores[i, j] - sy + delta
-                # ``not (d <= 0)`` so that a NaN margin counts (and poisons the loss).
+                # ``not (d <= 0)`` so that a NaN margin counts (and poisons the loss);
+                # its gradient, and that of the label's score, is NaN too.
                 if not (d <= 0):
                     loss = loss + d
                     active = active + 1
+                    if d != d:
+                        nan_margin = True
                     if has_g:
-                        grad[i, j] = scale
+                        grad[i, j] = NAN if d != d else scale
                 elif has_g:
                     grad[i, j] = 0
             if has_g:
-                grad[i, y] = -scale * active
+                grad[i, y] = NAN if nan_margin else -scale * active
             sample_loss[i] = loss
         total = _ordered_sum(sample_loss)
     return total

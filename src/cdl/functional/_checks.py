@@ -14,7 +14,7 @@ from .. import _config
 from .._kernels import _runtime
 
 __all__ = ["FLOAT_DTYPES", "MAX_THREADS", "shape_str", "float_array", "same_dtype", "out_array",
-           "real_number", "int_pair", "conv_output_size", "num_threads"]
+           "real_number", "flag", "int_pair", "conv_output_size", "num_threads"]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # Kernels index with Py_ssize_t, but BLAS and per-plane indices are 32-bit.
@@ -114,6 +114,14 @@ def real_number(value, name, where, minimum=None):
         bound = "" if minimum is None else f" >= {minimum:g}"
         raise ValueError(f"{where}: {name} must be a finite number{bound}, got {value!r}")
     return v
+
+
+def flag(value, name, where):
+    """A bool (NumPy's too) as a Python bool; anything else is a TypeError (a string such
+    as "no" would count as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where}: {name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def int_pair(value, name, where, minimum):

@@ -11,7 +11,7 @@ thread count and, for the forward, any batch size; a NaN or Inf in x reaches who
 output tiles.
 """
 from .._kernels import conv as _conv
-from ._checks import (conv_output_size, float_array, int_pair, num_threads, out_array,
+from ._checks import (conv_output_size, flag, float_array, int_pair, num_threads, out_array,
                       same_dtype, shape_str)
 
 __all__ = ["conv2d", "conv2d_backward"]
@@ -68,6 +68,8 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, *, need_input_grad
     db[k] = sum_{n, oh, ow} dy[n, k, oh, ow] (None unless ``need_bias_grad``).
     """
     where = "conv2d_backward"
+    need_input_grad = flag(need_input_grad, "need_input_grad", where)
+    need_bias_grad = flag(need_bias_grad, "need_bias_grad", where)
     grad_out = float_array(grad_out, "grad_out", where, ndim=4)
     x = float_array(x, "x", where, ndim=4)
     weight = float_array(weight, "weight", where, ndim=4)

@@ -3,7 +3,8 @@
 
 from .. import _config
 from .._kernels import dense as _dense
-from ._checks import float_array, num_threads, out_array, real_number, same_dtype, shape_str
+from ._checks import (flag, float_array, num_threads, out_array, real_number, same_dtype,
+                      shape_str)
 
 __all__ = ["linear", "linear_backward"]
 
@@ -44,6 +45,8 @@ def linear_backward(grad_out, x, weight, *, need_input_grad=True, need_bias_grad
     db = the batch sum of grad_out (None unless ``need_bias_grad``).
     """
     where = "linear_backward"
+    need_input_grad = flag(need_input_grad, "need_input_grad", where)
+    need_bias_grad = flag(need_bias_grad, "need_bias_grad", where)
     grad_out = float_array(grad_out, "grad_out", where, ndim=2)
     x = float_array(x, "x", where, ndim=2)
     weight = float_array(weight, "weight", where, ndim=2)

@@ -3,7 +3,7 @@
 import numpy as np
 
 from .._kernels import elementwise as _ew
-from ._checks import FLOAT_DTYPES, num_threads, real_number, shape_str
+from ._checks import FLOAT_DTYPES, flag, num_threads, real_number, shape_str
 
 __all__ = ["sgd_update"]
 
@@ -48,6 +48,7 @@ def sgd_update(param, grad, *, lr, velocity=None, momentum=0.0, nesterov=False,
     lr = _number(lr, "lr", where)
     momentum = _number(momentum, "momentum", where)
     weight_decay = _number(weight_decay, "weight_decay", where)
+    nesterov = flag(nesterov, "nesterov", where)
     if nesterov and momentum == 0:
         raise ValueError(f"{where}: nesterov=True needs momentum > 0")
     if velocity is not None:
@@ -68,5 +69,5 @@ def sgd_update(param, grad, *, lr, velocity=None, momentum=0.0, nesterov=False,
                              f"pass a copy")
     _ew.sgd_update(param.reshape(-1), grad.reshape(-1),
                    None if velocity is None else velocity.reshape(-1),
-                   lr, momentum, bool(nesterov), weight_decay, num_threads(threads, where))
+                   lr, momentum, nesterov, weight_decay, num_threads(threads, where))
     return param

@@ -16,6 +16,7 @@ class _Elementwise(Layer):
     _kernels = None             # names of the forward and backward kernels in _elementwise
 
     def flops(self):
+        self._check_built("flops")
         return int(np.prod(self.output_shape))
 
     def _alloc(self, n, train):
@@ -75,6 +76,7 @@ class Sigmoid(_Elementwise):
     _kernels = ("sigmoid_forward", "sigmoid_backward")
 
     def flops(self):
+        self._check_built("flops")
         return 4 * int(np.prod(self.output_shape))
 
 
@@ -86,6 +88,7 @@ class Tanh(_Elementwise):
     _kernels = ("tanh_forward", "tanh_backward")
 
     def flops(self):
+        self._check_built("flops")
         return 4 * int(np.prod(self.output_shape))
 
 

@@ -449,8 +449,18 @@ class Layer:
         return f"{type(self).__name__}()"
 
     def flops(self):
-        """Floating-point operations per sample of one forward pass (a multiply-add is 2)."""
+        """Floating-point operations per sample of one forward pass (a multiply-add is 2).
+        A count that follows the input shape is a RuntimeError until the layer is built
+        (``_check_built``)."""
         return 0
+
+    def _check_built(self, what):
+        """RuntimeError, naming the layer, for ``what`` (a method) that needs the shapes
+        of a layer that is not built yet."""
+        if self.output_shape is None:
+            raise RuntimeError(f"{self.name}.{what}: the layer is not built yet, so its input "
+                               f"shape is unknown; build it first: put it in a Sequential "
+                               f"with an input_shape, or call its forward on a batch")
 
     def num_params(self):
         return sum(int(p.size) for p in self.params.values())

@@ -81,6 +81,7 @@ class Conv2d(FoldsAtInference, Layer):
         return (self.out_channels, h2, w2)
 
     def flops(self):
+        self._check_built("flops")
         kh, kw = self.kernel_size
         _, h2, w2 = self.output_shape
         # multiply-adds, then the bias adds (as Linear counts them)

@@ -80,6 +80,7 @@ class Dropout(Layer):
         self.passes = 0
 
     def flops(self):
+        self._check_built("flops")
         return int(np.prod(self.output_shape))
 
     # -- ONNX --------------------------------------------------------------------------

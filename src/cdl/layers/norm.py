@@ -149,6 +149,7 @@ class _BatchNorm(Layer):
         return [layer]
 
     def flops(self):
+        self._check_built("flops")
         return 2 * int(np.prod(self.output_shape))
 
     # -- helpers ---------------------------------------------------------------------

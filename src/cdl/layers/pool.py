@@ -51,6 +51,7 @@ class _Pool2d(Layer):
         return (c, h2, w2)
 
     def flops(self):
+        self._check_built("flops")
         kh, kw = self.kernel_size
         return int(np.prod(self.output_shape)) * kh * kw
 
@@ -250,6 +251,7 @@ class GlobalAvgPool2d(Layer):
         return (input_shape[0],)
 
     def flops(self):
+        self._check_built("flops")
         return int(np.prod(self.input_shape))
 
     def _planes(self, a):

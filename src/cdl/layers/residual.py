@@ -100,6 +100,7 @@ class Residual(Layer):
         return graph.node("Add", [f, s], self)
 
     def flops(self):
+        self._check_built("flops")
         return int(np.prod(self.output_shape))
 
     # -- set-up ----------------------------------------------------------------------

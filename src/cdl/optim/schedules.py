@@ -33,6 +33,9 @@ class StepLR(_Schedule):
         self.step_size = int(step_size)
         self.gamma = number(gamma, "gamma", "StepLR", lo=0.0, lo_open=True)
 
+    def get_config(self):
+        return {"step_size": self.step_size, "gamma": self.gamma}
+
     def __call__(self, epoch, base_lr):
         return base_lr * self.gamma ** (epoch // self.step_size)
 
@@ -42,6 +45,9 @@ class ExponentialLR(_Schedule):
 
     def __init__(self, gamma):
         self.gamma = number(gamma, "gamma", "ExponentialLR", lo=0.0, lo_open=True)
+
+    def get_config(self):
+        return {"gamma": self.gamma}
 
     def __call__(self, epoch, base_lr):
         return base_lr * self.gamma ** epoch
@@ -55,6 +61,9 @@ class CosineLR(_Schedule):
             raise ValueError(f"CosineLR: epochs must be an int >= 1, got {epochs!r}")
         self.epochs = int(epochs)
         self.min_lr = number(min_lr, "min_lr", "CosineLR", lo=0.0)
+
+    def get_config(self):
+        return {"epochs": self.epochs, "min_lr": self.min_lr}
 
     def __call__(self, epoch, base_lr):
         t = min(epoch, self.epochs) / self.epochs

@@ -18,6 +18,8 @@ __all__ = ["SGD"]
 
 
 def _check_nesterov(opt, value):
+    if not isinstance(value, (bool, np.bool_)):     # ("no" would count as True)
+        raise TypeError(f"SGD: nesterov must be True or False, got {value!r}")
     if value and opt.momentum == 0.0:
         raise ValueError("SGD: nesterov=True needs momentum > 0")
     return bool(value)
