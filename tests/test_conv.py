@@ -412,78 +412,98 @@ def test_forced_strided_input_grad_paths_match_reference(isa, path):
         mod.set_strided_input_grad_path(old)
 
 
-_BOUNDED_COLUMNS = """
+# Each runs in a child process whose address space is capped at what it uses + 400 MB,
+# after a warm-up call on 2 threads has started the OpenMP workers (their stacks).
+_LIMITED = """
 import resource, sys
 import numpy as np
+import cdl.functional as F
 from cdl._kernels import conv
-case = int(sys.argv[1])
-N, C, K, H, k = [(1, 1, 1, 1024, 32), (2, 64, 4, 256, 9)][case]
+F.conv2d(np.ones((1, 8, 64, 64), np.float32), np.ones((8, 8, 3, 3), np.float32), threads=2)
+with open("/proc/self/statm") as f:
+    vm = int(f.read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + (400 << 20), resource.RLIM_INFINITY))
+"""
+
+_BOUNDED_COLUMNS = _LIMITED + """
+N, C, K, H, k = eval(sys.argv[1])
 rng = np.random.default_rng(3)
 OH = (H - k) // 2 + 1
 go = rng.standard_normal((N, K, OH, OH), dtype=np.float32)
 w = rng.standard_normal((K, C, k, k), dtype=np.float32)
 dx = np.empty((N, C, H, H), np.float32)
 conv.set_strided_input_grad_path(2)
-small = np.empty((N, C, k + 6, k + 6), np.float32)
-conv.conv2d_backward_input(np.ascontiguousarray(go[:, :, :4, :4]), w, small, 2, 2, 0, 0, 2)
-with open("/proc/self/statm") as f:
-    vm = int(f.read().split()[0]) * resource.getpagesize()
-resource.setrlimit(resource.RLIMIT_AS, (vm + (400 << 20), resource.RLIM_INFINITY))
 conv.conv2d_backward_input(go, w, dx, 2, 2, 0, 0, 2)
 np.save(sys.stdout.buffer, dx)
 """
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc are Linux's")
-@pytest.mark.parametrize("case", [0, 1])
-def test_strided_gemm_input_grad_columns_are_bounded(case):
-    # The GEMM path's columns (taps x positions per channel group) were sized without
-    # a bound: case 0 (one 32x32 stride-2 kernel on 1024x1024) needs 1 GB for one
-    # channel and goes to the phases; case 1 (64 channels of 9x9) 320 MB a thread,
-    # and shrinks its groups. Under 400 MB more address space both run, with the
-    # bits of an unbounded run's paths.
-    import io
+def _in_limited_child(code, *args):
     import subprocess
-    r = subprocess.run([sys.executable, "-c", _BOUNDED_COLUMNS, str(case)],
-                       capture_output=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                          timeout=300)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc are Linux's")
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1024, 32), (8, 64, 4, 256, 9)])
+def test_strided_gemm_input_grad_columns_are_bounded(shape):
+    # The GEMM path (forced) sized its columns (taps x positions x a group of channels)
+    # without a bound: one 32x32 stride-2 kernel on 1024x1024 needs 1 GB for its one
+    # channel (it goes to the phases now); 8 images of 64 channels of 9x9 took all 64
+    # channels a group, 318 MB a thread (now smaller groups). Under 400 MB more address
+    # space both run, with the bits of runs grouped otherwise.
+    import io
+    r = _in_limited_child(_BOUNDED_COLUMNS, repr(shape))
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     got = np.load(io.BytesIO(r.stdout))
-    N, C, K, H, k = [(1, 1, 1, 1024, 32), (2, 64, 4, 256, 9)][case]
+    N, C, K, H, k = shape
     rng = np.random.default_rng(3)
     OH = (H - k) // 2 + 1
     go = rng.standard_normal((N, K, OH, OH), dtype=np.float32)
     w = rng.standard_normal((K, C, k, k), dtype=np.float32)
-    old = kconv.set_strided_input_grad_path(1 if case == 0 else 2)
+    # one image a call: groups of 8 channels (N = 1) on the GEMM path; the phases for
+    # the single channel too large for it
+    old = kconv.set_strided_input_grad_path(1 if C == 1 else 2)
     try:
         want = np.empty((N, C, H, H), np.float32)
-        kconv.conv2d_backward_input(go, w, want, 2, 2, 0, 0, 2)
+        for n in range(N):
+            kconv.conv2d_backward_input(go[n:n + 1], w, want[n:n + 1], 2, 2, 0, 0, 2)
     finally:
         kconv.set_strided_input_grad_path(old)
     assert got.tobytes() == want.tobytes()
     # and the numbers themselves, on a corner the reference can afford
-    x0 = np.zeros((N, C, H, H), np.float32)
-    ref = ref_conv2d_backward(go[:, :, :6, :6], x0[:, :, :k + 10, :k + 10], w, (2, 2), (0, 0))[0]
-    corner = got[:, :, :10, :10]
-    np.testing.assert_allclose(corner, ref[:, :, :10, :10], rtol=1e-4,
+    x0 = np.zeros((1, C, k + 10, k + 10), np.float32)
+    ref = ref_conv2d_backward(go[:1, :, :6, :6], x0, w, (2, 2), (0, 0))[0]
+    np.testing.assert_allclose(got[:1, :, :10, :10], ref[:, :, :10, :10], rtol=1e-4,
                                atol=1e-4 * np.abs(ref).max())
 
 
-_SCRATCH_REFUSED = """
-import resource, sys
-import numpy as np
-import cdl.functional as F
+def test_strided_input_grad_of_an_empty_grad_out_is_zero():
+    # No output positions (P = 0: only the private kernel API reaches this; the public
+    # one refuses an output size of 0): zeros on every path, as before the columns'
+    # bound divided by P (SIGFPE).
+    w = np.ones((1, 1, 3, 3), np.float32)
+    for path in (0, 1, 2):
+        old = kconv.set_strided_input_grad_path(path)
+        try:
+            dx = np.full((1, 1, 2, 2), np.nan, np.float32)
+            kconv.conv2d_backward_input(np.zeros((1, 1, 0, 0), np.float32), w, dx, 2, 2, 0, 0,
+                                        1)
+        finally:
+            kconv.set_strided_input_grad_path(old)
+        assert not dx.any(), path
+
+
+_SCRATCH_REFUSED = _LIMITED + """
 x = np.ones((1, 1, 5, 5), np.float32)
 w = np.ones((1, 1, 3, 3), np.float32)
-F.conv2d(x, w, stride=2, padding=1)                 # threads and imports up first
-with open("/proc/self/statm") as f:
-    vm = int(f.read().split()[0]) * resource.getpagesize()
-resource.setrlimit(resource.RLIMIT_AS, (vm + (400 << 20), resource.RLIM_INFINITY))
-calls = {"forward": lambda: F.conv2d(x, w, stride=20000, padding=10000),
-         "backward": lambda: F.conv2d_backward(np.ones((1, 1, 2, 2), np.float32), x, w,
-                                               stride=20000, padding=10000),
-         "weight": lambda: F.conv2d_backward(np.ones((1, 1, 2, 2), np.float32), x, w,
-                                             stride=20000, padding=10000,
-                                             need_input_grad=False)}
+s = int(sys.argv[2])
+oh = (5 + 2 * 10000 - 3) // s + 1
+g = np.ones((1, 1, oh, oh), np.float32)
+calls = {"forward": lambda: F.conv2d(x, w, stride=s, padding=10000),
+         "input gradient": lambda: F.conv2d_backward(g, x, w, stride=s, padding=10000),
+         "weight gradient": lambda: F.conv2d_backward(g, x, w, stride=s, padding=10000,
+                                                      need_input_grad=False)}
 try:
     calls[sys.argv[1]]()
 except MemoryError as e:
@@ -492,16 +512,18 @@ except MemoryError as e:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc are Linux's")
-@pytest.mark.parametrize("call", ["forward", "backward", "weight"])
-def test_scratch_memory_refused_names_the_call_and_shapes(call):
-    # Padding 10000 stages a 20005 x 20005 image (1.6 GB): past the address space left,
-    # a MemoryError that says which kernel and on what, not a bare MemoryError().
-    import subprocess
-    r = subprocess.run([sys.executable, "-c", _SCRATCH_REFUSED, call], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.startswith("conv2d ") and "(input (1, 1, 5, 5), weight (1, 1, 3, 3), " \
-        "stride (20000, 20000), padding (10000, 10000))" in r.stdout, r.stdout
+@pytest.mark.parametrize("call, stride", [("forward", 20000), ("input gradient", 1000000),
+                                          ("weight gradient", 20000)])
+def test_scratch_memory_refused_names_the_call_and_shapes(call, stride):
+    # Padding 10000 stages a 20005 x 20005 image (1.6 GB) where the windows reach both
+    # ends: past the address space left, a MemoryError that says which kernel and on
+    # what, not a bare MemoryError(); the stride as given (the input gradient clamps a
+    # stride past the padded image to 20003 before it stages it).
+    r = _in_limited_child(_SCRATCH_REFUSED, call, str(stride))
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert r.stdout.decode() == (f"conv2d {call}: could not allocate its scratch memory "
+                                 f"(input (1, 1, 5, 5), weight (1, 1, 3, 3), stride ({stride}, "
+                                 f"{stride}), padding (10000, 10000))\n")
 
 
 @pytest.mark.parametrize("path", [0, 1, 2])

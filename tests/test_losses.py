@@ -318,6 +318,15 @@ def test_an_empty_label_list_is_integer_labels():
             f(np.zeros((4, 3), np.float32), [])
         with pytest.raises(ValueError, match=r"labels must be 1-D \(N,\), got shape 1x0"):
             f(np.zeros((1, 3), np.float32), [[]])
+        if f is not F.mse:
+            # an empty float ndarray of another shape is refused as any float array is
+            with pytest.raises(TypeError, match=r"labels must be integer class indices, got "
+                                                r"dtype float64 \(shape 0x3\)"):
+                f(empty, np.zeros((0, 3)))
+    # mse: a [] against a pred that integer labels cannot fit keeps the shape error
+    for pred, shown in ((np.zeros(4), "4"), (np.zeros((0, 3, 2)), "0x3x2")):
+        with pytest.raises(ValueError, match=rf"mse: target has shape 0 but pred has {shown}$"):
+            F.mse(pred, [])
     # the loss classes too
     import cdl
     s = np.zeros((2, 3), np.float32)

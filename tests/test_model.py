@@ -418,6 +418,17 @@ def test_reprs_show_the_settings_and_no_arrays():
         "ModelCheckpoint(path='ckpt-{epoch}.npz', monitor='val_accuracy', "
         "save_best_only=True, mode='max', save_optimizer=False, initial_value_threshold=None)")
     assert repr(cdl.Callback()) == "Callback()"
+
+    # a user subclass whose get_config cannot answer still has a repr
+    class Late(cdl.StepLR):
+        def __init__(self):         # (sets none of StepLR's settings)
+            pass
+
+    class Odd(cdl.Callback):
+        def get_config(self):
+            return ["not", "a", "dict"]
+    for cb in (Late(), Odd()):
+        assert repr(cb).startswith("<") and type(cb).__name__ in repr(cb)
     m = cdl.Sequential([cdl.Linear(300, 200), cdl.ReLU(), cdl.Linear(200, 10)], (300,),
                        seed=0, l2=1e-4)
     assert repr(m.parameter_pack) == "ParameterPack(parameters=4, elements=62210, dtype=float32)"

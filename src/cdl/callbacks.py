@@ -49,7 +49,12 @@ class Callback:
         return {}
 
     def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        # A user subclass whose get_config reads attributes it does not set, or returns
+        # something else than a dict, still has a repr (one must never raise).
+        try:
+            args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        except Exception:
+            return object.__repr__(self)
         return f"{type(self).__name__}({args})"
 
     def set_context(self, model, optimizer):

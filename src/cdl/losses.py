@@ -128,12 +128,13 @@ class Loss:
 
 
 def _labels(targets, n, num_classes, where, name):
+    given = targets
     if not isinstance(targets, np.ndarray):
         if targets is None or isinstance(targets, (str, bytes, dict)):
             raise TypeError(f"{where}: {name} must be an integer array of class labels, "
                             f"got {type(targets).__name__}")
         targets = _as_array(targets, name, where)
-    targets = _empty_as_labels(targets)
+    targets = _empty_as_labels(targets, given)
     if targets.dtype.kind not in "iub":
         raise TypeError(f"{where}: {name} must be integer class labels, got dtype "
                         f"{targets.dtype}")
@@ -195,9 +196,9 @@ class MSE(Loss):
             if targets is None or isinstance(targets, (str, bytes, dict)):
                 raise TypeError(f"{where}: {name} must be a float array or integer labels, "
                                 f"got {type(targets).__name__}")
-            targets = _as_array(targets, name, where)
+            given, targets = targets, _as_array(targets, name, where)
             if targets.shape != (n, num_classes) and (targets.shape != (n,) or num_classes > 1):
-                targets = _empty_as_labels(targets)     # (a [] that cannot be float targets)
+                targets = _empty_as_labels(targets, given)  # (a [] that cannot be float targets)
         if targets.dtype.kind in "iub":
             return _labels(targets, n, num_classes, where, name)
         if targets.dtype.kind != "f":

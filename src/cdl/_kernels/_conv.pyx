@@ -1664,6 +1664,7 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
     cdef Corr g
     cdef CV cv
     cdef int rc = 0, nt
+    cdef Py_ssize_t given_sh = sh, given_sw = sw      # (for messages)
     sh = _useful_stride(sh, x.shape[2], ph, KH)
     sw = _useful_stride(sw, x.shape[3], pw, KW)
     if N == 0 or K == 0 or OH == 0 or OW == 0:
@@ -1697,7 +1698,7 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
                 rc = _cv_forward(&cv, &x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp,
                                  &out[0, 0, 0, 0], num_threads)
             if rc == -1:
-                _no_scratch("conv2d forward", x, weight, sh, sw, ph, pw)
+                _no_scratch("conv2d forward", x, weight, given_sh, given_sw, ph, pw)
             if rc == 0:
                 return 0
             cv.pool = False
@@ -1709,7 +1710,7 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
                 rc = _packed_corr(&g, &weight[0, 0, 0, 0], False, &x[0, 0, 0, 0], bp,
                                   &out[0, 0, 0, 0], num_threads)
             if rc != 0:
-                _no_scratch("conv2d forward", x, weight, sh, sw, ph, pw)
+                _no_scratch("conv2d forward", x, weight, given_sh, given_sw, ph, pw)
             return 0
         return _conv_pool_chunked(x, weight, bias, out, sh, sw, ph, pw, num_threads, relu, OH, OW)
     if floating is float and C > 0 and KH == 1 and KW == 1 and ph == 0 and pw == 0 \
@@ -1718,28 +1719,28 @@ cdef int _conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :,
             rc = _pointwise_f32(&x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp, &out[0, 0, 0, 0], N, C,
                                 x.shape[2], x.shape[3], K, OH, OW, sh, sw, relu, num_threads)
         if rc != 0:
-            _no_scratch("conv2d forward", x, weight, sh, sw, ph, pw)
+            _no_scratch("conv2d forward", x, weight, given_sh, given_sw, ph, pw)
         return 0
     if floating is float and _use_wino(C, K, KH, KW, sh, sw, ph, pw):
         with nogil:
             rc = _wino_f32(&x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp, &out[0, 0, 0, 0], N, C,
                            x.shape[2], x.shape[3], K, ph, pw, OH, OW, relu, num_threads)
         if rc != 0:
-            _no_scratch("conv2d forward", x, weight, sh, sw, ph, pw)
+            _no_scratch("conv2d forward", x, weight, given_sh, given_sw, ph, pw)
         return 0
     if floating is float and C > 0 and _use_cv(&cv, True):
         with nogil:
             rc = _cv_forward(&cv, &x[0, 0, 0, 0], &weight[0, 0, 0, 0], bp, &out[0, 0, 0, 0],
                              num_threads)
         if rc != 0:
-            _no_scratch("conv2d forward", x, weight, sh, sw, ph, pw)
+            _no_scratch("conv2d forward", x, weight, given_sh, given_sw, ph, pw)
         return 0
     if floating is float and sw == 1 and C > 0:
         with nogil:
             rc = _packed_corr(&g, &weight[0, 0, 0, 0], False, &x[0, 0, 0, 0], bp,
                               &out[0, 0, 0, 0], num_threads)
         if rc != 0:
-            _no_scratch("conv2d forward", x, weight, sh, sw, ph, pw)
+            _no_scratch("conv2d forward", x, weight, given_sh, given_sw, ph, pw)
         return 0
     nt = _threads(N * K * OH * OW * C * KH * KW, N * K, num_threads)
     with nogil:
@@ -1783,6 +1784,7 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
     cdef CV cv
     cdef int rc = 0, nt
     cdef floating[:, :, :, ::1] scratch
+    cdef Py_ssize_t given_sh = sh, given_sw = sw      # (for messages)
     sh = _useful_stride(sh, H, ph, KH)
     sw = _useful_stride(sw, W, pw, KW)
     cdef bint phases = floating is float and K > 0 and (sh > 1 or sw > 1) and not (
@@ -1795,7 +1797,8 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
     if accumulate and not phases and not wino:
         dst = np.asarray(grad_input)
         scratch = np.empty_like(dst)
-        _conv2d_backward_input(grad_out, weight, scratch, sh, sw, ph, pw, num_threads)
+        _conv2d_backward_input(grad_out, weight, scratch, given_sh, given_sw, ph, pw,
+                               num_threads)
         np.add(dst, np.asarray(scratch), out=dst)   # d + s: the separate sum's bits
         return 0
     if floating is float and sw == 1 and sh == 1 and K > 0 and KH == 1 and KW == 1 \
@@ -1806,7 +1809,7 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
                                            &grad_input[0, 0, 0, 0], N, C, H, W, K,
                                            num_threads)
         if rc != 0:
-            _no_scratch("conv2d input gradient", grad_input, weight, sh, sw, ph, pw)
+            _no_scratch("conv2d input gradient", grad_input, weight, given_sh, given_sw, ph, pw)
         return 0
     if floating is float and wino:
         # Stride 1 on the Winograd path: the forward of grad_out, padded by 2 - P,
@@ -1817,7 +1820,7 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
                                    &grad_input[0, 0, 0, 0], N, C, H, W, K, ph, pw, OH, OW,
                                    num_threads, accumulate)
         if rc != 0:
-            _no_scratch("conv2d input gradient", grad_input, weight, sh, sw, ph, pw)
+            _no_scratch("conv2d input gradient", grad_input, weight, given_sh, given_sw, ph, pw)
         return 0
     if floating is float and sw == 1 and sh == 1 and K > 0 and KH - 1 >= ph and KW - 1 >= pw:
         # Stride 1: the forward correlation of grad_out, padded by F-1-P, with the
@@ -1834,7 +1837,7 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
                 rc = _cv_flipped_forward(&cv, &grad_out[0, 0, 0, 0], &weight[0, 0, 0, 0],
                                          &grad_input[0, 0, 0, 0], num_threads)
             if rc != 0:
-                _no_scratch("conv2d input gradient", grad_input, weight, sh, sw, ph, pw)
+                _no_scratch("conv2d input gradient", grad_input, weight, given_sh, given_sw, ph, pw)
             return 0
     if floating is float and sw == 1 and sh == 1 and K > 0:
         # Stride 1: a correlation of grad_out, padded by F-1-P, with the filters
@@ -1848,7 +1851,7 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
             rc = _packed_corr(&g, &weight[0, 0, 0, 0], True, &grad_out[0, 0, 0, 0], NULL,
                               &grad_input[0, 0, 0, 0], num_threads)
         if rc != 0:
-            _no_scratch("conv2d input gradient", grad_input, weight, sh, sw, ph, pw)
+            _no_scratch("conv2d input gradient", grad_input, weight, given_sh, given_sw, ph, pw)
         return 0
     if floating is float and K > 0:
         with nogil:
@@ -1866,7 +1869,7 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
                                              &grad_input[0, 0, 0, 0], N, C, H, W, K, KH, KW, OH,
                                              OW, sh, sw, ph, pw, num_threads, accumulate)
         if rc != 0:
-            _no_scratch("conv2d input gradient", grad_input, weight, sh, sw, ph, pw)
+            _no_scratch("conv2d input gradient", grad_input, weight, given_sh, given_sw, ph, pw)
         return 0
     nt = _threads(N * K * OH * OW * C * KH * KW, N * C, num_threads)
     with nogil:
@@ -2146,7 +2149,7 @@ cdef int _strided_input_grad_gemm_f32(const float* go, const float* weight, floa
         cg = _cdiv(C, _imin(C, _cdiv(MIN_ITEMS, N)))
     # Each group's rows are their own GEMM rows and scatter: any grouping gives the
     # same bits, so the columns are bounded by shrinking the group.
-    cg = _imin(cg, STRIDED_GEMM_MAX_COLS // (T * P))
+    cg = _imin(cg, STRIDED_GEMM_MAX_COLS // _imax(T * P, 1))
     ngr = _cdiv(C, cg)
     items = N * ngr
     nt = _threads(N * K * P * C * T, items, num_threads)
@@ -2239,6 +2242,7 @@ cdef int _conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
     cdef int rc = 0, nt
     cdef bint use_cv = False, use_wino = False
     cdef float* gbp = NULL
+    cdef Py_ssize_t given_sh = sh, given_sw = sw      # (for messages)
     sh = _useful_stride(sh, x.shape[2], ph, KH)
     sw = _useful_stride(sw, x.shape[3], pw, KW)
     cv.n = N; cv.c = C; cv.h = x.shape[2]; cv.w = x.shape[3]; cv.k = K
@@ -2280,14 +2284,14 @@ cdef int _conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
             rc = _wino_wgrad_f32(&grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], &grad_weight[0, 0, 0, 0],
                                  N, C, x.shape[2], x.shape[3], K, ph, pw, OH, OW, num_threads)
         if rc != 0:
-            _no_scratch("conv2d weight gradient", x, grad_weight, sh, sw, ph, pw)
+            _no_scratch("conv2d weight gradient", x, grad_weight, given_sh, given_sw, ph, pw)
         return 0
     if floating is float and use_cv:
         with nogil:
             rc = _cv_wgrad(&cv, &grad_out[0, 0, 0, 0], &x[0, 0, 0, 0], &grad_weight[0, 0, 0, 0],
                            gbp, num_threads)
         if rc != 0:
-            _no_scratch("conv2d weight gradient", x, grad_weight, sh, sw, ph, pw)
+            _no_scratch("conv2d weight gradient", x, grad_weight, given_sh, given_sw, ph, pw)
         return 0
     if floating is float and sw == 1:
         g.n = N; g.c = C; g.h = x.shape[2]; g.w = x.shape[3]; g.k = K
@@ -2296,7 +2300,7 @@ cdef int _conv2d_backward_weight(const floating[:, :, :, ::1] grad_out,
             rc = _wgrad_f32(&g, &grad_out[0, 0, 0, 0], &x[0, 0, 0, 0],
                             &grad_weight[0, 0, 0, 0], num_threads)
         if rc != 0:
-            _no_scratch("conv2d weight gradient", x, grad_weight, sh, sw, ph, pw)
+            _no_scratch("conv2d weight gradient", x, grad_weight, given_sh, given_sw, ph, pw)
         return 0
     nt = _threads(N * K * OH * OW * C * KH * KW, K * C, num_threads)
     with nogil:

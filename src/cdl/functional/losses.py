@@ -39,18 +39,24 @@ def _as_array(a, name, where):
                          f"NumPy could not make one: {exc}") from None
 
 
-def _empty_as_labels(a):
-    """``a`` as int64 when it has no elements: NumPy makes ``[]`` float64, but an empty
-    batch of labels holds no value that is not a class index."""
-    return a.astype(np.int64) if a.size == 0 and a.dtype.kind not in "iub" else a
+def _empty_as_labels(a, given):
+    """``a`` (made from ``given``) as int64 when it has no elements and came from a list
+    or is 1-D: NumPy makes ``[]`` float64, but an empty batch of labels holds no value that
+    is not a class index. (A float ndarray of another shape is refused as any float array
+    of that shape would be.)"""
+    if a.size == 0 and a.dtype.kind not in "iub" and (
+            a.ndim == 1 or not isinstance(given, np.ndarray)):
+        return a.astype(np.int64)
+    return a
 
 
 def _labels(labels, scores_shape, where, scores_name="scores"):
     """labels as a C-contiguous int64 (N,) array with values in [0, C) for scores (N, C)."""
     n, classes = scores_shape[0], scores_shape[1]
+    given = labels
     if not isinstance(labels, np.ndarray):
         labels = _as_array(labels, "labels", where)
-    labels = _empty_as_labels(labels)
+    labels = _empty_as_labels(labels, given)
     if labels.dtype.kind not in "iub":
         raise TypeError(f"{where}: labels must be integer class indices, got dtype "
                         f"{labels.dtype} (shape {shape_str(labels.shape)})")
@@ -143,8 +149,8 @@ def mse(pred, target, *, reduction="mean", grad=None, threads=None):
     scale = _reduction(reduction, n, where)
     nt = num_threads(threads, where)
     t = target if isinstance(target, np.ndarray) else _as_array(target, "target", where)
-    if t is not target and t.shape != pred.shape:
-        t = _empty_as_labels(t)      # (a [] that cannot be pred's float target)
+    if t is not target and t.shape != pred.shape and pred.ndim == 2:
+        t = _empty_as_labels(t, target)      # (a [] that cannot be pred's float target)
     if t.dtype.kind in "iub":
         if pred.ndim != 2:
             raise ValueError(f"{where}: with integer labels pred must be 2-D (N, C), got shape "
