@@ -346,3 +346,36 @@ def test_flops_of_an_unbuilt_layer_asks_for_it_to_be_built():
     m = cdl.Sequential([cdl.Conv2d(3, 8, 3), cdl.ReLU()], (3, 5, 5))
     assert [l.flops() for l in m.layers] == [conv.flops(), 8 * 3 * 3]
     assert cdl.Linear(4, 3).flops() == 2 * 4 * 3 + 3       # (needs no input shape)
+
+
+def test_a_layer_used_alone_computes_in_its_input_dtype():
+    # Linear and Conv2d are made with float32 values; used alone on float64 input they
+    # computed in float32 (the input and gradient cast down), where BatchNorm and every
+    # layer without values took the input's dtype. They build in it now, their values
+    # widened exactly.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 6, 6))
+    for layer, xin in [(cdl.Linear(12, 2), x.reshape(4, -1)[:, :12].copy()),
+                       (cdl.Conv2d(3, 2, 3, padding=1), x)]:
+        w = layer.params["weight"].copy()
+        assert w.dtype == np.float32
+        y = layer.forward(xin)
+        g = rng.standard_normal(y.shape)
+        dx = layer.backward(g)
+        assert layer.dtype == y.dtype == dx.dtype == layer.params["weight"].dtype == np.float64
+        np.testing.assert_array_equal(layer.params["weight"], w.astype(np.float64))
+        w64 = layer.params["weight"]
+        if isinstance(layer, cdl.Linear):
+            want = xin @ w64.T + layer.params["bias"]
+            want_dx = g @ w64
+        else:
+            import cdl.functional as F
+            want = F.conv2d(xin, w64, layer.params["bias"], padding=1)
+            want_dx = F.conv2d_backward(g, xin, w64, padding=1)[0]
+        np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dx, want_dx, rtol=1e-12, atol=1e-12)
+        # built: later input is cast to the layer's dtype, as a model's is
+        assert layer.forward(xin.astype(np.float32)).dtype == np.float64
+    lin = cdl.Linear(3, 2)
+    assert lin.forward(np.ones((1, 3), np.float32)).dtype == np.float32
+    assert lin.forward(np.ones((1, 3))).dtype == np.float32

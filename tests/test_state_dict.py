@@ -96,6 +96,32 @@ def test_out_of_range_values_are_refused_and_set_weights_checks_first():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
 
 
+def test_optimizer_state_that_overflows_the_model_dtype_is_refused():
+    # A float64 optimizer's state into a float32 one: values past float32's range were
+    # stored as inf (a NumPy warning only), where the model's own load refuses them.
+    def make(dtype):
+        return cdl.Sequential([cdl.Linear(3, 2)], input_shape=(3,), dtype=dtype, seed=0)
+    m64 = make(np.float64)
+    o64 = cdl.Adam(m64)
+    m64.train_step(np.random.default_rng(0).standard_normal((4, 3)), np.array([0, 1, 0, 1]),
+                   cdl.SoftmaxCrossEntropy(), o64)
+    sd = o64.state_dict()
+    o32 = cdl.Adam(make(np.float32))
+    o32.load_state_dict(sd)                 # in range: taken, rounded to float32
+    np.testing.assert_array_equal(o32.state_dict()["state"]["exp_avg"]["0.weight"],
+                                  sd["state"]["exp_avg"]["0.weight"].astype(np.float32))
+    before = o32.state_dict()
+    sd["state"]["exp_avg_sq"]["0.weight"][...] = 1e40
+    with pytest.raises(ValueError, match=r"Adam.load_state_dict: exp_avg_sq\[0.weight\] "
+                                         r"overflows float32"):
+        o32.load_state_dict(sd)
+    after = o32.state_dict()
+    assert after["step"] == before["step"]
+    for b in before["state"]:
+        for k in before["state"][b]:
+            np.testing.assert_array_equal(after["state"][b][k], before["state"][b][k])
+
+
 def test_version_1_files_still_load(tmp_path):
     """A file as the version-1 writer laid it out: parameters and SGD velocities."""
     m = lenet()

@@ -21,7 +21,8 @@ import numpy as np
 
 from . import _config, plan as _plan
 from ._kernels import elementwise as _ew, losses as _kl
-from .functional._checks import FLOAT_DTYPES, INT32_MAX, int_at_least, real_number, shape_str
+from .functional._checks import (FLOAT_DTYPES, INT32_MAX, int_at_least, overflows,
+                                 real_number, shape_str)
 from .layers.base import OWNERS, Layer, check_grad
 from .layers.chain import Chain, has_params
 from .losses import Loss
@@ -721,10 +722,8 @@ def _value_problem(v, t):
         return f"has dtype {v.dtype}, the model needs {t.dtype}"
     if t.dtype.kind == "i" and v.dtype.kind not in "iu":
         return f"has dtype {v.dtype}, the model needs an integer"
-    if t.dtype.kind == "f" and v.dtype.kind == "f" and v.dtype.itemsize > t.dtype.itemsize:
-        with np.errstate(over="ignore"):
-            if (np.isfinite(v) & ~np.isfinite(v.astype(t.dtype))).any():
-                return f"overflows {t.dtype}"
+    if overflows(v, t.dtype):
+        return f"overflows {t.dtype}"
     if t.dtype.kind == "i" and v.size:
         lo, hi = np.iinfo(t.dtype).min, np.iinfo(t.dtype).max
         if int(v.min()) < lo or int(v.max()) > hi:

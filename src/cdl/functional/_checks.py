@@ -14,7 +14,7 @@ from .. import _config
 from .._kernels import _runtime
 
 __all__ = ["FLOAT_DTYPES", "MAX_THREADS", "shape_str", "float_array", "same_dtype", "out_array",
-           "real_number", "flag", "int_pair", "conv_output_size", "num_threads"]
+           "real_number", "overflows", "flag", "int_pair", "conv_output_size", "num_threads"]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # Kernels index with Py_ssize_t, but BLAS and per-plane indices are 32-bit.
@@ -114,6 +114,16 @@ def real_number(value, name, where, minimum=None):
         bound = "" if minimum is None else f" >= {minimum:g}"
         raise ValueError(f"{where}: {name} must be a finite number{bound}, got {value!r}")
     return v
+
+
+def overflows(a, dtype):
+    """Whether float array ``a`` holds finite values that ``dtype`` (narrower) makes
+    infinite."""
+    dtype = np.dtype(dtype)
+    if a.dtype.kind != "f" or dtype.kind != "f" or a.dtype.itemsize <= dtype.itemsize:
+        return False
+    with np.errstate(over="ignore"):
+        return bool((np.isfinite(a) & ~np.isfinite(a.astype(dtype))).any())
 
 
 def flag(value, name, where):

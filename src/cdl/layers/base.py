@@ -689,8 +689,10 @@ class Layer:
             if x.ndim < 2 or x.shape[0] < 1:
                 raise ValueError(f"{self.name}: x must have a batch axis with N >= 1 "
                                  f"samples, got shape {shape_str(x.shape)}")
+            # built in the input's float dtype, as a model of that dtype builds it (the
+            # values Linear and Conv2d are made with, float32, are kept: widened exactly)
             dt = x.dtype if x.dtype in FLOAT_DTYPES else np.dtype(np.float32)
-            self.build(x.shape[1:], self.dtype or dt, keep_params=True)
+            self.build(x.shape[1:], dt, keep_params=True)
         if x.shape[1:] != self.input_shape or x.shape[0] < 1:
             raise ValueError(f"{self.name}: expected x of shape Nx{shape_str(self.input_shape)} "
                              f"(N >= 1), got {shape_str(x.shape)}")

@@ -19,7 +19,7 @@ from .. import _config
 from .._kernels import elementwise as _ew
 from .._kernels import losses as _kl
 from .._registry import register
-from ..functional._checks import shape_str
+from ..functional._checks import overflows, shape_str
 
 __all__ = ["Optimizer", "OPTIMIZER_TYPES"]
 
@@ -259,6 +259,8 @@ class Optimizer:
                 if a.shape != self.pack.shapes[name] or a.dtype.kind not in "fiu":
                     problems.append(f"{b}[{name}] is {a.dtype} {shape_str(a.shape)}, needs "
                                     f"{shape_str(self.pack.shapes[name])}")
+                elif overflows(a, self.pack.dtype):     # (a float64 state into float32)
+                    problems.append(f"{b}[{name}] overflows {self.pack.dtype}")
                 else:
                     values.append((b, name, a))
         if problems:
