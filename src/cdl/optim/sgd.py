@@ -12,17 +12,17 @@ import functools
 import numpy as np
 
 from .._kernels import elementwise as _ew
+from ..functional._checks import flag
 from .base import Optimizer, Setting, at_least_zero, number
 
 __all__ = ["SGD"]
 
 
 def _check_nesterov(opt, value):
-    if not isinstance(value, (bool, np.bool_)):     # ("no" would count as True)
-        raise TypeError(f"SGD: nesterov must be True or False, got {value!r}")
+    value = flag(value, "nesterov", "SGD")      # ("no" would count as True)
     if value and opt.momentum == 0.0:
         raise ValueError("SGD: nesterov=True needs momentum > 0")
-    return bool(value)
+    return value
 
 
 class SGD(Optimizer):
