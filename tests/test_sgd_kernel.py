@@ -101,6 +101,46 @@ def test_chunked_update_matches_whole(dtype, momentum, nesterov, wd):
         assert p.tobytes() == want_p.tobytes() and v.tobytes() == want_v.tobytes()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_check_finite_updates_nothing_when_a_listed_gradient_is_not_finite(dtype, kind):
+    """With check_finite, a NaN or Inf gradient in any listed part (whichever thread
+    owns it) leaves every buffer untouched and returns False; otherwise (element 555
+    lies in the gap between parts) the update is exactly the unchecked one."""
+    rng = np.random.default_rng(7)
+    p0 = rng.standard_normal(1000).astype(dtype)
+    s0 = [rng.standard_normal(p0.shape).astype(dtype) for _ in range(2)]
+    s0[1] = np.abs(s0[1])
+    g0 = rng.standard_normal(p0.shape).astype(dtype)
+    chunks = np.array([[0, 300, 0], [300, 550, 1], [550, 551, 2], [560, 1000, 3]], np.int64)
+
+    def update(p, g, s, nt, check, bound):
+        if kind == "sgd":
+            args = (0.1, 0.9, False, 0.01, nt)
+            if bound:
+                return elementwise.SGDChunks(p, g, s[0], chunks).run(*args, check)
+            return elementwise.sgd_update_chunks(p, g, s[0], chunks, *args, check)
+        args = (1e-2, 0.9, 0.999, 1e-8, 0.01, True, 3, nt)
+        if bound:
+            return elementwise.AdamChunks(p, g, s[0], s[1], chunks).run(*args, check)
+        return elementwise.adam_update_chunks(p, g, s[0], s[1], chunks, *args, check)
+
+    want = [p0.copy()] + [a.copy() for a in s0]
+    assert update(want[0], g0, want[1:], 1, False, False) is True
+    for at, value in [(None, 0), (0, np.nan), (299, np.inf), (300, -np.inf), (550, np.nan),
+                      (999, np.nan), (555, np.nan)]:
+        g = g0.copy()
+        if at is not None:
+            g[at] = value
+        skipped = at is not None and at != 555
+        for nt in (1, 2, 3, 5):
+            for bound in ([False, True] if dtype == np.float32 else [False]):
+                p, s = p0.copy(), [a.copy() for a in s0]
+                assert update(p, g, s, nt, True, bound) is (not skipped), (at, nt, bound)
+                for got, w, old in zip([p] + s, want, [p0] + s0):
+                    assert got.tobytes() == (old if skipped else w).tobytes(), (at, nt, bound)
+
+
 def test_chunked_weight_decay_matches_torch_over_steps():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(5)

@@ -159,6 +159,62 @@ def test_nonfinite_gradient_with_a_finite_loss_skips_the_update(use_plan):
         assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("make", [
+    lambda m: cdl.SGD(m, lr=0.1, momentum=0.9), lambda m: cdl.Adam(m),
+    lambda m: cdl.AdamW(m, clip_grad_norm=0.5), lambda m: cdl.SGD(m, lr=0.1, clip_grad_norm=0.5)])
+@pytest.mark.parametrize("value", [np.nan, -np.inf])
+def test_a_nonfinite_gradient_in_any_part_skips_the_whole_update(make, value):
+    # The update kernels check the gradients themselves: each thread its own parts
+    # (a big Linear's are row chunks owned by different threads), all before anyone
+    # updates. A poisoned gradient anywhere leaves every parameter, optimizer buffer,
+    # gradient and the step count as they were; the next clean step runs.
+    m = cdl.Sequential([cdl.Linear(64, 512), cdl.ReLU(), cdl.Linear(512, 512), cdl.ReLU(),
+                        cdl.Linear(512, 10)], (64,), seed=0)
+    opt = make(m)
+    x, y = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32), np.arange(8)
+    loss = cdl.SoftmaxCrossEntropy()
+    grads = m.parameter_pack.grads
+    poison, seen = [], []
+
+    def hook(v, n, nt=None):
+        grads[poison] = value
+        seen[:] = [grads.copy()]
+        return v
+    opt.gradient_hook = hook
+    assert opt.fuses_finite_check
+    with cdl.threads(2):
+        m.train_step(x, y, loss, opt)
+        parts = m.parameter_pack.parts
+        assert parts[:, 2].max() >= 1
+        for k in (0, grads.size // 2, parts[-1, 1] - 1):
+            poison[:] = [k]
+            before = _step_state(m, opt)
+            steps = opt.steps
+            assert np.isnan(m.train_step(x, y, loss, opt))
+            assert m._skip_reason.startswith("a gradient was not finite"), k
+            assert opt.steps == steps, k
+            for a, b in zip(before, _step_state(m, opt)):
+                assert a.tobytes() == b.tobytes(), k
+            assert grads.tobytes() == seen[0].tobytes(), k      # not clipped either
+        poison[:] = []
+        before = m.parameter_buffer.copy()
+        assert np.isfinite(m.train_step(x, y, loss, opt))
+        assert opt.steps == steps + 1 and (m.parameter_buffer != before).any()
+
+
+def test_clipping_still_steps_when_finite_float64_gradients_overflow_the_norm():
+    # ‖g‖² overflows float64 while every gradient is finite: the step runs, clipped
+    # (as max_norm / inf = 0 scales it), as it did before the check moved into the update.
+    m = cdl.Sequential([cdl.Linear(2, 1, bias=False)], (2,), dtype=np.float64, seed=0)
+    opt = cdl.SGD(m, lr=0.1, clip_grad_norm=1.0)
+    opt.gradient_hook = lambda v, n, nt=None: (m.parameter_pack.grads.fill(1e200), v)[1]
+    w = m.parameter_buffer.copy()
+    x, y = np.ones((1, 2)), np.zeros((1, 1))
+    assert np.isfinite(m.train_step(x, y, cdl.MSE(), opt))
+    assert opt.steps == 1 and m._skip_reason is None
+    assert (m.parameter_buffer == w).all()      # clipped to zero, not skipped
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fit_stops_on_a_nonfinite_gradient_naming_it_and_the_inputs(dtype):
     # an Inf input saturates the sigmoid: the loss is finite, 0 · Inf makes the

@@ -625,6 +625,13 @@ class DistributedOptimizer:
     pack = property(lambda self: self.optimizer.pack)
     buffers = property(lambda self: self.optimizer.buffers)
 
+    # train_step's step: gradient_hook (_decide) has checked the averaged gradients
+    fuses_finite_check = True
+
+    def _step_if_finite(self, nt):
+        self.step(nt)
+        return True
+
     def __getattr__(self, name):
         if name.startswith("__") or name == "optimizer":
             raise AttributeError(name)

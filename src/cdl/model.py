@@ -575,10 +575,7 @@ class Sequential:
             hook = getattr(optimizer, "gradient_hook", None)
             if hook is not None:
                 value = hook(value, x.shape[0], nt)
-            value = self._checked_gradients(value, nt)
-            if math.isfinite(value):
-                optimizer.step(nt)
-            return value
+            return self._step_if_finite(value, optimizer, nt)
         finally:
             self._lock.release()
             _config.restore_blas()
@@ -596,16 +593,23 @@ class Sequential:
                 scores[lo:hi] = self._scores
             value = optimizer.gradient_hook(v, hi - lo, nt)
         self._scores = scores[:n]
-        value = self._checked_gradients(value, nt)
-        if math.isfinite(value):
-            optimizer.step(nt)
-        return value
+        return self._step_if_finite(value, optimizer, nt)
 
-    def _checked_gradients(self, value, nt):
-        """``value``, or NaN when it is finite but a gradient is not (the step is then
-        skipped; ``_skip_reason`` says why, for fit's message)."""
+    def _step_if_finite(self, value, optimizer, nt):
+        """``optimizer.step`` when ``value`` and every gradient are finite; returns
+        ``value``, or NaN when it is finite but a gradient is not (the step is then
+        skipped; ``_skip_reason`` says why, for fit's message). An optimizer that
+        fuses the gradient check into its update kernel runs it there."""
         self._skip_reason = None
-        if math.isfinite(value) and not self._gradients_finite(nt):
+        if not math.isfinite(value):
+            return value
+        if getattr(optimizer, "fuses_finite_check", False):
+            stepped = optimizer._step_if_finite(nt)
+        else:
+            stepped = self._gradients_finite(nt)
+            if stepped:
+                optimizer.step(nt)
+        if not stepped:
             self._skip_reason = f"a gradient was not finite (the loss was {value:.6g})"
             return math.nan
         return value

@@ -310,6 +310,17 @@ cdef extern from *:
     static inline void cdl_restore_fp(unsigned int csr) { (void)csr; }
     #endif
 
+    /* The updates' finite check runs in their own parallel region: every thread
+       scans the chunks it owns, raises a shared flag on a NaN or Inf, and waits at
+       this (orphaned) barrier before any thread updates anything. */
+    static inline void cdl_team_barrier(void) {
+    #ifdef _OPENMP
+        #pragma omp barrier
+    #endif
+    }
+    static inline void cdl_flag_raise(int *flag) { __atomic_store_n(flag, 1, __ATOMIC_RELAXED); }
+    static inline int cdl_flag_read(int *flag) { return __atomic_load_n(flag, __ATOMIC_RELAXED); }
+
     /* Adam / AdamW on n elements (torch.optim.Adam, single-tensor path):
        AdamW: p *= decay;  Adam: g += wd * p;
        m = lerp(m, g, w1);  v = v * b2 + omb2 * g * g;
@@ -356,6 +367,9 @@ cdef extern from *:
                           Py_ssize_t n) noexcept nogil
     unsigned int cdl_flush_subnormals() noexcept nogil
     void cdl_restore_fp(unsigned int csr) noexcept nogil
+    void cdl_team_barrier() noexcept nogil
+    void cdl_flag_raise(int* flag) noexcept nogil
+    int cdl_flag_read(int* flag) noexcept nogil
     uint64_t cdl_dropout_key(uint64_t seed, uint64_t stream, uint64_t counter) noexcept nogil
     void cdl_uniforms(double* u, Py_ssize_t n, uint64_t key) noexcept nogil
     void cdl_dropout_f(const float* x, float* y, uint8_t* mask, Py_ssize_t n, uint64_t start,
@@ -572,12 +586,26 @@ cdef int _check_chunks(str name, Py_ssize_t n, const int64_t[:, ::1] chunks) exc
     return 0
 
 
+cdef bint _owned_nonfinite(const floating* g, const int64_t[:, ::1] chunks, Py_ssize_t tid,
+                           Py_ssize_t team) noexcept nogil:
+    # Whether a chunk this thread owns holds a NaN or Inf (the update's finite check).
+    cdef Py_ssize_t r
+    cdef bint bad = False
+    for r in range(chunks.shape[0]):
+        if chunks[r, 2] % team == tid:
+            bad |= _chunk_nonfinite(g + chunks[r, 0], chunks[r, 1] - chunks[r, 0])
+    return bad
+
+
 cdef int _sgd_update_chunks(floating[::1] param, const floating[::1] grad, floating[::1] velocity,
                             const int64_t[:, ::1] chunks, double lr, double momentum, bint nesterov,
-                            double weight_decay, int num_threads) except -1:
+                            double weight_decay, int num_threads, bint check_finite) except -1:
+    # Returns 1 when check_finite found a gradient that is not finite: then nothing
+    # was updated (every thread checks its own chunks before any thread updates).
     cdef Py_ssize_t rows = chunks.shape[0], r, tid, team
     cdef bint has_v = velocity is not None
-    cdef int nt = 1
+    cdef int nt = 1, nonfinite = 0
+    cdef int* flag = &nonfinite
     if rows == 0:
         return 0
     for r in range(rows):
@@ -591,19 +619,24 @@ cdef int _sgd_update_chunks(floating[::1] param, const floating[::1] grad, float
     with nogil, parallel(num_threads=nt):
         tid = omp_get_thread_num()
         team = omp_get_num_threads()
-        csr = cdl_flush_subnormals()
-        for r in range(rows):
-            if chunks[r, 2] % team == tid:
-                _sgd(pp + chunks[r, 0], gp + chunks[r, 0],
-                     vp + chunks[r, 0] if has_v else NULL, chunks[r, 1] - chunks[r, 0],
-                     flr, fmu, nesterov, fwd)
-        cdl_restore_fp(csr)
-    return 0
+        if check_finite:
+            if _owned_nonfinite(gp, chunks, tid, team):
+                cdl_flag_raise(flag)
+            cdl_team_barrier()
+        if not cdl_flag_read(flag):
+            csr = cdl_flush_subnormals()
+            for r in range(rows):
+                if chunks[r, 2] % team == tid:
+                    _sgd(pp + chunks[r, 0], gp + chunks[r, 0],
+                         vp + chunks[r, 0] if has_v else NULL, chunks[r, 1] - chunks[r, 0],
+                         flr, fmu, nesterov, fwd)
+            cdl_restore_fp(csr)
+    return nonfinite
 
 
 def sgd_update_chunks(floating[::1] param, const floating[::1] grad, floating[::1] velocity,
                       const int64_t[:, ::1] chunks, double lr, double momentum, bint nesterov,
-                      double weight_decay, int num_threads):
+                      double weight_decay, int num_threads, bint check_finite=False):
     """sgd_update over the parts of flat buffers listed in ``chunks``, rows of
     (start, stop, owner): OpenMP thread owner mod threads updates [start, stop).
 
@@ -612,13 +645,17 @@ def sgd_update_chunks(floating[::1] param, const floating[::1] grad, floating[::
     its gradient and has it in its cache. With every owner 0 it runs on one thread.
     weight_decay adds weight_decay * param to the gradient first (0: exactly the
     update without it).
+
+    With check_finite, nothing is updated when a listed gradient is NaN or
+    infinite (each thread first checks the parts it owns). Returns whether the
+    update ran.
     """
     cdef Py_ssize_t n = param.shape[0]
     _check_chunks("sgd_update_chunks", n, chunks)
     if grad.shape[0] != n or (velocity is not None and velocity.shape[0] != n):
         raise ValueError("sgd_update_chunks: param, grad and velocity must have one length")
-    _sgd_update_chunks(param, grad, velocity, chunks, lr, momentum, nesterov, weight_decay,
-                       num_threads)
+    return _sgd_update_chunks(param, grad, velocity, chunks, lr, momentum, nesterov,
+                              weight_decay, num_threads, check_finite) == 0
 
 
 def axpy(double alpha, const floating[::1] x, floating[::1] y, int num_threads):
@@ -960,9 +997,12 @@ cdef int _adam_update_chunks(floating[::1] param, const floating[::1] grad,
                              floating[::1] exp_avg, floating[::1] exp_avg_sq,
                              const int64_t[:, ::1] chunks, double lr, double beta1, double beta2,
                              double eps, double weight_decay, bint decoupled, long step,
-                             int num_threads) except -1:
+                             int num_threads, bint check_finite) except -1:
+    # Returns 1, having updated nothing, when check_finite found a gradient that is
+    # not finite (as _sgd_update_chunks).
     cdef Py_ssize_t rows = chunks.shape[0], r, tid, team, lo
-    cdef int nt = 1
+    cdef int nt = 1, nonfinite = 0
+    cdef int* flag = &nonfinite
     if rows == 0:
         return 0
     for r in range(rows):
@@ -986,31 +1026,37 @@ cdef int _adam_update_chunks(floating[::1] param, const floating[::1] grad,
     with nogil, parallel(num_threads=nt):
         tid = omp_get_thread_num()
         team = omp_get_num_threads()
-        csr = cdl_flush_subnormals()
-        for r in range(rows):
-            if chunks[r, 2] % team == tid:
-                lo = chunks[r, 0]
-                if floating is float:
-                    cdl_adam_f(pp + lo, gp + lo, mp + lo, vp + lo, chunks[r, 1] - lo, dec, decay,
-                               wd, w1, b2, omb2, bc2s, feps, nstep)
-                else:
-                    cdl_adam_d(pp + lo, gp + lo, mp + lo, vp + lo, chunks[r, 1] - lo, dec, decay,
-                               wd, w1, b2, omb2, bc2s, feps, nstep)
-        cdl_restore_fp(csr)
-    return 0
+        if check_finite:
+            if _owned_nonfinite(gp, chunks, tid, team):
+                cdl_flag_raise(flag)
+            cdl_team_barrier()
+        if not cdl_flag_read(flag):
+            csr = cdl_flush_subnormals()
+            for r in range(rows):
+                if chunks[r, 2] % team == tid:
+                    lo = chunks[r, 0]
+                    if floating is float:
+                        cdl_adam_f(pp + lo, gp + lo, mp + lo, vp + lo, chunks[r, 1] - lo, dec,
+                                   decay, wd, w1, b2, omb2, bc2s, feps, nstep)
+                    else:
+                        cdl_adam_d(pp + lo, gp + lo, mp + lo, vp + lo, chunks[r, 1] - lo, dec,
+                                   decay, wd, w1, b2, omb2, bc2s, feps, nstep)
+            cdl_restore_fp(csr)
+    return nonfinite
 
 
 def adam_update_chunks(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
                        floating[::1] exp_avg_sq, const int64_t[:, ::1] chunks, double lr,
                        double beta1, double beta2, double eps, double weight_decay,
-                       bint decoupled, long step, int num_threads):
+                       bint decoupled, long step, int num_threads, bint check_finite=False):
     """One Adam (decoupled=False) or AdamW (decoupled=True) step in place over the
     parts of flat buffers listed in ``chunks`` (rows of (start, stop, owner), as
     sgd_update_chunks), with torch.optim.Adam's formulas; step counts from 1.
 
     Adam: g += wd·p;  AdamW: p *= 1 - lr·wd.  Then m = lerp(m, g, 1 - β1),
     v = β2·v + (1 - β2)·g², p -= lr / (1 - β1^t) · m / (sqrt(v) / sqrt(1 - β2^t) + eps).
-    exp_avg and exp_avg_sq start at zero.
+    exp_avg and exp_avg_sq start at zero. check_finite and the value returned are
+    sgd_update_chunks'.
     """
     cdef Py_ssize_t n = param.shape[0]
     _check_chunks("adam_update_chunks", n, chunks)
@@ -1019,8 +1065,8 @@ def adam_update_chunks(floating[::1] param, const floating[::1] grad, floating[:
                          "one length")
     if step < 1:
         raise ValueError(f"adam_update_chunks: step counts from 1, got {step}")
-    _adam_update_chunks(param, grad, exp_avg, exp_avg_sq, chunks, lr, beta1, beta2, eps,
-                        weight_decay, decoupled, step, num_threads)
+    return _adam_update_chunks(param, grad, exp_avg, exp_avg_sq, chunks, lr, beta1, beta2, eps,
+                               weight_decay, decoupled, step, num_threads, check_finite) == 0
 
 
 # ---------------------------------------------------------------- bound calls
@@ -1095,9 +1141,10 @@ cdef class SGDChunks:
         self.param, self.grad, self.velocity, self.chunks = param, grad, velocity, chunks
 
     def run(self, double lr, double momentum, bint nesterov, double weight_decay,
-            int num_threads):
-        _sgd_update_chunks(self.param, self.grad, self.velocity, self.chunks, lr, momentum,
-                           nesterov, weight_decay, num_threads)
+            int num_threads, bint check_finite=False):
+        return _sgd_update_chunks(self.param, self.grad, self.velocity, self.chunks, lr,
+                                  momentum, nesterov, weight_decay, num_threads,
+                                  check_finite) == 0
 
 
 cdef class AdamChunks:
@@ -1113,9 +1160,10 @@ cdef class AdamChunks:
         self.chunks = chunks
 
     def run(self, double lr, double beta1, double beta2, double eps, double weight_decay,
-            bint decoupled, long step, int num_threads):
-        _adam_update_chunks(self.param, self.grad, self.exp_avg, self.exp_avg_sq, self.chunks,
-                            lr, beta1, beta2, eps, weight_decay, decoupled, step, num_threads)
+            bint decoupled, long step, int num_threads, bint check_finite=False):
+        return _adam_update_chunks(self.param, self.grad, self.exp_avg, self.exp_avg_sq,
+                                   self.chunks, lr, beta1, beta2, eps, weight_decay, decoupled,
+                                   step, num_threads, check_finite) == 0
 
 
 cdef class DropoutForward:

@@ -32,6 +32,7 @@ class Adam(Optimizer):
 
     state_names = ("exp_avg", "exp_avg_sq")
     decoupled = False
+    fuses_finite_check = True
     betas = Setting(_check_betas)
     eps = Setting(lambda opt, v: number(v, "eps", type(opt).__name__, lo=0.0, lo_open=True))
     weight_decay = at_least_zero("weight_decay")
@@ -50,9 +51,10 @@ class Adam(Optimizer):
         self._run = _ew.AdamChunks(*bound).run if pack.dtype == np.float32 else \
             functools.partial(_ew.adam_update_chunks, *bound)
 
-    def _update(self, nt):
+    def _update(self, nt, check_finite=False):
         b1, b2 = self.betas
-        self._run(self.lr, b1, b2, self.eps, self.weight_decay, self.decoupled, self.steps, nt)
+        return self._run(self.lr, b1, b2, self.eps, self.weight_decay, self.decoupled,
+                         self.steps, nt, check_finite)
 
     def get_config(self):
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,

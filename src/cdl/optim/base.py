@@ -90,6 +90,10 @@ class Optimizer:
 
     state_names = ()
     type_name = "Optimizer"
+    fuses_finite_check = False
+    """Whether ``_step_if_finite`` checks the gradients itself (SGD and Adam in their
+    update kernel, through ``_update(nt, check_finite=True)``): ``train_step`` and
+    ``fit`` then leave that check to it, saving a pass over them."""
     clip_grad_norm = positive_or_none("clip_grad_norm")
     base_lr = at_least_zero("base_lr")
     steps = Setting(_check_steps)
@@ -167,6 +171,29 @@ class Optimizer:
         """
         return loss_value
 
+    def _step_if_finite(self, nt):
+        """``step`` for ``train_step`` and ``fit`` where ``fuses_finite_check``: nothing
+        changes (the step count included) and False is returned when a gradient is NaN
+        or infinite."""
+        if self.pack.params is None:
+            self._steps += 1
+            return True
+        check = True
+        if self.clip_grad_norm is not None:
+            grads = self.pack.grads
+            norm = math.sqrt(_kl.sum_squares(grads))
+            # A finite norm means finite gradients; an infinite one may also be the
+            # overflow of large finite float64 ones, which the old order clipped.
+            if not math.isfinite(norm) and not _ew.all_finite(grads, nt):
+                return False
+            self._clip_to(grads, norm, self.clip_grad_norm, nt)
+            check = False
+        self._steps += 1
+        if self._update(nt, check):
+            return True
+        self._steps -= 1
+        return False
+
     def clip_gradients(self, max_norm, nt=None):
         """Scale every gradient by max_norm / (‖g‖ + 1e-6) if the global norm ‖g‖ is
         larger; returns ‖g‖ before clipping."""
@@ -174,10 +201,14 @@ class Optimizer:
         if grads is None:
             return 0.0
         norm = math.sqrt(_kl.sum_squares(grads))
+        self._clip_to(grads, norm, max_norm, nt)
+        return norm
+
+    @staticmethod
+    def _clip_to(grads, norm, max_norm, nt):
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
             _ew.scale(grads, coef, nt or _config.step_threads())
-        return norm
 
     # -- pickling --------------------------------------------------------------------
     def __reduce__(self):

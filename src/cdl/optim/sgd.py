@@ -28,6 +28,7 @@ def _check_nesterov(opt, value):
 class SGD(Optimizer):
     """Stochastic gradient descent over all parameters of ``model``."""
 
+    fuses_finite_check = True
     nesterov = Setting(_check_nesterov)
     weight_decay = at_least_zero("weight_decay")
 
@@ -71,8 +72,9 @@ class SGD(Optimizer):
         self._run = _ew.SGDChunks(*bound).run if pack.dtype == np.float32 else \
             functools.partial(_ew.sgd_update_chunks, *bound)
 
-    def _update(self, nt):
-        self._run(self.lr, self._momentum, self.nesterov, self.weight_decay, nt)
+    def _update(self, nt, check_finite=False):
+        return self._run(self.lr, self._momentum, self.nesterov, self.weight_decay, nt,
+                         check_finite)
 
     @property
     def velocities(self):
