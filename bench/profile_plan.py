@@ -1,6 +1,6 @@
 """Where a step's time goes: the median time of each op of a model's plan.
 
-    python bench/profile_plan.py [--net resnet8|lenet5|lenet5-bn] [--batch 64]
+    python bench/profile_plan.py [--net resnet8|lenet5|lenet5-bn|cifar-cnn] [--batch 64]
                                  [--threads 2] [--mode train|predict] [--repeats 30]
 
 Runs the plan once per repeat, timing every op alone (a train step: the forward
@@ -29,7 +29,13 @@ from cdl.plan import ForwardPlan, TrainPlan
 
 NETS = {"resnet8": (lambda: resnet8(seed=0), (3, 32, 32)),
         "lenet5": (lambda: lenet5(seed=0), (1, 28, 28)),
-        "lenet5-bn": (lambda: lenet5(batchnorm=True, dropout=0.5, seed=0), (1, 28, 28))}
+        "lenet5-bn": (lambda: lenet5(batchnorm=True, dropout=0.5, seed=0), (1, 28, 28)),
+        # bench/run.py's CIFAR-style CNN (no --torch twin here)
+        "cifar-cnn": (lambda: cdl.Sequential(
+            [cdl.Conv2d(3, 32, 3, padding=1), cdl.ReLU(), cdl.MaxPool2d(2),
+             cdl.Conv2d(32, 64, 3, padding=1), cdl.ReLU(), cdl.MaxPool2d(2),
+             cdl.Flatten(), cdl.Linear(4096, 10)], (3, 32, 32), seed=0), (3, 32, 32))}
+TORCH_NETS = ("resnet8", "lenet5", "lenet5-bn")
 
 
 def _label(fn):
@@ -90,6 +96,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.torch and args.mode != "train":
         p.error("--torch profiles PyTorch's train step only (--mode train)")
+    if args.torch and args.net not in TORCH_NETS:
+        p.error(f"--torch has PyTorch twins of {', '.join(TORCH_NETS)} only")
     malloc = apply_malloc(args)
     make, shape = NETS[args.net]
     model = make()

@@ -167,13 +167,15 @@ cdef extern from "cdl_wino.h" nogil:
     ctypedef struct CdlWino:
         Py_ssize_t N, C, H, W, K, ph, pw, OH, OW, nty, kp, tr, per, cp, nch, rowbuf
     const int WINO_AUTO "CDL_WINO_AUTO"
-    void wino_setup "cdl_wino_setup"(CdlWino* g)
+    const int WINO_KR "CDL_WG_KR"
+    void wino_setup "cdl_wino_setup"(CdlWino* g, int nt)
     void wino_filters "cdl_wino_filters"(const float* w, Py_ssize_t K, Py_ssize_t C,
-                                         Py_ssize_t kp, float* U, Py_ssize_t k0,
-                                         Py_ssize_t k1)
+                                         Py_ssize_t kp, int flipped, float* U,
+                                         Py_ssize_t k0, Py_ssize_t k1)
     void wino_block "cdl_wino_block"(const CdlWino* g, const float* x, const float* U,
                                      const float* bias, int relu, int acc, float* out,
-                                     Py_ssize_t r0, Py_ssize_t r1, float* scratch)
+                                     Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t ka,
+                                     Py_ssize_t kb, float* scratch)
     void wino_wsetup "cdl_wino_wsetup"(CdlWino* g)
     void wino_wzero "cdl_wino_wzero"(const CdlWino* g, float* scratch)
     void wino_wchunk "cdl_wino_wchunk"(const CdlWino* g, const float* x, const float* go,
@@ -187,13 +189,14 @@ cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 18
 cdef Py_ssize_t MIN_ITEMS = 8
 # The Winograd path from this many input and output channels on (auto mode).
 cdef Py_ssize_t WINO_MIN_CHANNELS = 16
-# ... and its gradients from this many 2x2 tiles in the batch on (the forward's choice
-# must not depend on the batch: a sample's output is the same in any batch). Below
-# it the fixed costs (the filter transform, a block per thread) win: at batch 1 the
-# input gradient took 1.1-2.2x the direct time (AVX-512, 2 threads), and from 512
-# tiles 0.78-0.93x except 1.10x on 32x32 planes at batch 2.
+# ... and its weight gradient from this many 2x2 tiles in the batch on (the
+# forward's choice must not depend on the batch: a sample's output is the same in
+# any batch). The input gradient takes the Winograd path wherever the forward does:
+# since the filter transform runs in vectors, reads the flipped filters in place and
+# a small batch splits by output channels, it is 0.3-0.9x the direct time at batch 1
+# (AVX-512, 1 and 2 threads; 3x3 to 16x16 planes, 16-128 channels).
 cdef Py_ssize_t WINO_MIN_GRAD_TILES = 512
-# The filter transform on several threads from this many channel pairs (about 20 us
+# The filter transform on several threads from this many channel pairs (about 5 us
 # of one thread's time).
 cdef Py_ssize_t WINO_PARALLEL_FILTER_PAIRS = 1024
 # The strided input gradient's GEMM path holds a group of channels' columns (taps x
@@ -874,20 +877,34 @@ cdef inline void _wino_geometry(CdlWino* g, Py_ssize_t N, Py_ssize_t C, Py_ssize
 cdef int _wino_f32(const float* x, const float* weight, const float* bias, float* out,
                    Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t K,
                    Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t OH, Py_ssize_t OW, bint relu,
-                   int num_threads, bint accumulate=False) noexcept nogil:
-    # Items are blocks of g.tr tile rows of the batch (fixed by the shapes).
-    # accumulate: out += the result. Returns -1 when memory is missing.
+                   int num_threads, bint accumulate=False, bint flipped=False) noexcept nogil:
+    # Items are blocks of g.tr tile rows of the batch, each for a slice of the output
+    # channels; no split changes a bit (each output's sums are its own).
+    # accumulate: out += the result; flipped: weight is (C, K, 3, 3), each filter
+    # used rotated by 180 degrees (the input gradient). Returns -1 when memory is
+    # missing.
     cdef CdlWino g
-    cdef Py_ssize_t rows, items, it, tid, per
-    cdef int nt, nf
+    cdef Py_ssize_t rows, blocks, items, it, tid, per, s, nkr
+    cdef int nt, nf, ns = 1
     cdef float* U
     cdef float* buf
     cdef void* mem
+    cdef Py_ssize_t macs = N * K * OH * OW * C * 9
     _wino_geometry(&g, N, C, H, W, K, ph, pw, OH, OW)
-    wino_setup(&g)
+    wino_setup(&g, _threads(macs, 2, num_threads))
     rows = N * g.nty
-    items = _cdiv(rows, g.tr)
-    nt = _threads(N * K * OH * OW * C * 9, items, num_threads)
+    blocks = _cdiv(rows, g.tr)
+    nkr = g.kp // WINO_KR
+    # Fewer than two blocks a thread (a small batch): every thread takes all blocks
+    # for its slice of the output channels, whose filters it transforms itself.
+    # Split by blocks, each thread read half the transformed filters from the
+    # other core (the 32 -> 64 channel, 16 x 16 layer at batch 1: 64 us on 2
+    # threads, 52 us on 1).
+    nt = _threads(macs, blocks * nkr, num_threads)
+    if nt > 1 and blocks < 2 * nt:
+        ns = <int>_imin(nt, nkr)
+    items = blocks * ns
+    nt = _threads(macs, items, num_threads)
     per = _align16(g.per)
     mem = malloc((_align16(16 * C * g.kp) + nt * per) * sizeof(float) + 128)
     if mem == NULL:
@@ -896,18 +913,25 @@ cdef int _wino_f32(const float* x, const float* weight, const float* bias, float
     buf = U + _align16(16 * C * g.kp)
     for it in range(nt):
         memset(buf + it * per, 0, g.rowbuf * sizeof(float))
-    # The filter transform, split by output channels (each is its own, so the split
-    # changes no bits): one thread takes about 19 ns a channel pair, 0.08 ms of the
-    # 0.1 ms that 64 -> 64 channels on 8 x 8 take at batch 1 (AVX-512).
-    # At least 8 output channels a thread.
-    nf = num_threads if C * K >= WINO_PARALLEL_FILTER_PAIRS else 1
-    nf = _imax(1, _imin(nf, g.kp // 8))
-    for it in prange(nf, schedule="static", num_threads=nf):
-        wino_filters(weight, K, C, g.kp, U, it * g.kp // nf, (it + 1) * g.kp // nf)
+    if ns > 1:
+        # slice s on thread s (static schedule: items in slice order)
+        for s in prange(ns, schedule="static", num_threads=ns):
+            wino_filters(weight, K, C, g.kp, flipped, U, s * nkr // ns * WINO_KR,
+                         (s + 1) * nkr // ns * WINO_KR)
+    else:
+        # The filter transform, split by output channels: one thread takes about
+        # 5 ns a channel pair. At least 8 output channels a thread.
+        nf = num_threads if C * K >= WINO_PARALLEL_FILTER_PAIRS else 1
+        nf = _imax(1, _imin(nf, g.kp // 8))
+        for it in prange(nf, schedule="static", num_threads=nf):
+            wino_filters(weight, K, C, g.kp, flipped, U, it * g.kp // nf,
+                         (it + 1) * g.kp // nf)
     for it in prange(items, schedule="static", num_threads=nt):
         tid = omp_get_thread_num()
-        wino_block(&g, x, U, bias, relu, accumulate, out, it * g.tr,
-                   _imin(rows, (it + 1) * g.tr), buf + tid * per)
+        s = it // blocks
+        wino_block(&g, x, U, bias, relu, accumulate, out, (it % blocks) * g.tr,
+                   _imin(rows, (it % blocks + 1) * g.tr), s * nkr // ns * WINO_KR,
+                   (s + 1) * nkr // ns * WINO_KR, buf + tid * per)
     free(mem)
     return 0
 
@@ -1790,8 +1814,7 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
     cdef bint phases = floating is float and K > 0 and (sh > 1 or sw > 1) and not (
         _strided_dx_mode == 2 or (_strided_dx_mode == 0 and N < MIN_ITEMS and KH * KW > 1))
     cdef bint wino = floating is float and _use_wino(K, C, KH, KW, sh, sw, KH - 1 - ph,
-                                                     KW - 1 - pw) and (
-        _wino_mode == 2 or N * ((H + 1) // 2) * ((W + 1) // 2) >= WINO_MIN_GRAD_TILES)
+                                                     KW - 1 - pw)
     if N == 0 or C == 0 or H == 0 or W == 0:
         return 0
     if accumulate and not phases and not wino:
@@ -1915,15 +1938,10 @@ cdef int _wino_flipped_f32(const float* go, const float* weight, float* dx, Py_s
                            Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t OH, Py_ssize_t OW,
                            int num_threads, bint accumulate) noexcept nogil:
     # The 3x3 stride-1 input gradient on the Winograd path; weight is the layer's
-    # (K, C, 3, 3); accumulate: dx += it. Returns -1 when memory is missing.
-    cdef float* wf = _flipped_filters(weight, K, C, 3, 3)
-    cdef int rc
-    if wf == NULL:
-        return -1
-    rc = _wino_f32(go, wf, NULL, dx, N, K, OH, OW, C, 2 - ph, 2 - pw, H, W, False,
-                   num_threads, accumulate)
-    free(wf)
-    return rc
+    # (K, C, 3, 3), which the filter transform reads flipped; accumulate: dx += it.
+    # Returns -1 when memory is missing.
+    return _wino_f32(go, weight, NULL, dx, N, K, OH, OW, C, 2 - ph, 2 - pw, H, W, False,
+                     num_threads, accumulate, True)
 
 
 cdef int _pointwise_input_grad_f32(const float* go, const float* weight, float* dx,
