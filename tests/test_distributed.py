@@ -194,6 +194,44 @@ def test_gradient_hook_between_backward_and_step():
     assert [c[1] for c in opt2.calls] == [3, 3, 1] and opt2.steps == 3
 
 
+class _OneRankComm:
+    """Enough of an mpi4py communicator for one process without shards (the hook
+    passes the loss through; nothing is exchanged)."""
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def allgather(self, value):
+        return [value]
+
+    def bcast(self, value, root=0):
+        return value
+
+
+@pytest.mark.parametrize("make", [lambda m: cdl.SGD(m, lr=0.1), lambda m: cdl.Adam(m)])
+def test_one_process_without_shards_skips_a_nonfinite_gradient(make):
+    # The hook has no exchange to check the gradients in here: the step must still be
+    # skipped as plain training skips it (an Inf input saturates the sigmoid: the loss
+    # is finite, 0 * Inf makes a weight gradient NaN).
+    m = cdl.Sequential([cdl.Linear(2, 1), cdl.Sigmoid()], (2,), seed=0)
+    opt = dist.DistributedOptimizer(make(m), comm=_OneRankComm(), threads=None)
+    x = np.array([[np.inf, 1.0], [1.0, 1.0]], np.float32)
+    y = np.array([[1.0], [0.0]], np.float32)
+    before = m.parameter_buffer.copy()
+    assert math.isnan(m.train_step(x, y, cdl.MSE(), opt))
+    assert opt.steps == 0 and m.parameter_buffer.tobytes() == before.tobytes()
+    assert m._skip_reason.startswith("a gradient was not finite")
+    with pytest.warns(RuntimeWarning, match="a gradient was not finite"):
+        h = m.fit(x, y, cdl.MSE(), opt, epochs=2, batch_size=2, shuffle=False, verbose=0)
+    assert h.epochs == [] and opt.steps == 0
+    assert m.parameter_buffer.tobytes() == before.tobytes()
+    # and a finite batch steps
+    assert math.isfinite(m.train_step(x[1:], y[1:], cdl.MSE(), opt)) and opt.steps == 1
+
+
 def test_hook_can_veto_the_step():
     class Veto(cdl.SGD):
         def gradient_hook(self, loss_value, batch_size, threads=None):

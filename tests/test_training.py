@@ -202,6 +202,50 @@ def test_a_nonfinite_gradient_in_any_part_skips_the_whole_update(make, value):
         assert opt.steps == steps + 1 and (m.parameter_buffer != before).any()
 
 
+def test_subclasses_overriding_step_clip_or_update_keep_their_methods():
+    # SGD/Adam's fused check bypasses step and clip_gradients: a subclass that overrides
+    # one of them (or _update with the documented _update(nt)) is stepped through its
+    # own methods, with the model checking the gradients first.
+    calls = []
+
+    class LogStep(cdl.SGD):
+        def step(self, threads=None):
+            calls.append("step")
+            super().step(threads)
+
+    class LogClip(cdl.Adam):
+        def clip_gradients(self, max_norm, nt=None):
+            calls.append("clip")
+            return super().clip_gradients(max_norm, nt)
+
+    class OldUpdate(cdl.SGD):
+        def _update(self, nt):
+            calls.append("update")
+            super()._update(nt)
+
+    class Declared(OldUpdate):
+        fuses_finite_check = False
+
+    x, y = np.ones((2, 4), np.float32), np.array([0, 1])
+    for cls, kw, want in ((LogStep, {}, "step"), (LogClip, {"clip_grad_norm": 0.1}, "clip"),
+                          (OldUpdate, {}, "update"), (Declared, {}, "update")):
+        m = cdl.Sequential([cdl.Linear(4, 3)], (4,), seed=0)
+        opt = cls(m, lr=0.1, **kw) if cls is not LogClip else cls(m, **kw)
+        assert not opt.fuses_finite_check
+        calls.clear()
+        assert np.isfinite(m.train_step(x, y, cdl.SoftmaxCrossEntropy(), opt))
+        assert calls == [want] and opt.steps == 1, cls
+        before = _step_state(m, opt)
+        opt.gradient_hook = lambda v, n, nt=None: (m.parameter_pack.grads.__setitem__(0, np.nan),
+                                                   v)[1]
+        calls.clear()
+        assert np.isnan(m.train_step(x, y, cdl.SoftmaxCrossEntropy(), opt))
+        assert calls == [] and opt.steps == 1, cls
+        for a, b in zip(before, _step_state(m, opt)):
+            assert a.tobytes() == b.tobytes()
+    assert cdl.SGD.fuses_finite_check and cdl.AdamW.fuses_finite_check
+
+
 def test_clipping_still_steps_when_finite_float64_gradients_overflow_the_norm():
     # ‖g‖² overflows float64 while every gradient is finite: the step runs, clipped
     # (as max_norm / inf = 0 scales it), as it did before the check moved into the update.

@@ -625,10 +625,21 @@ class DistributedOptimizer:
     pack = property(lambda self: self.optimizer.pack)
     buffers = property(lambda self: self.optimizer.buffers)
 
-    # train_step's step: gradient_hook (_decide) has checked the averaged gradients
-    fuses_finite_check = True
+    # train_step's step (_step_if_finite): the hook (_decide) has checked the averaged
+    # gradients, except on one process without shards, where it passes the loss through
+    # and the wrapped optimizer checks as it would alone.
+    @property
+    def fuses_finite_check(self):
+        return not self._passes_through or getattr(self.optimizer, "fuses_finite_check", False)
+
+    @property
+    def _passes_through(self):
+        return self.shards is None and self.size == 1
 
     def _step_if_finite(self, nt):
+        if self._passes_through:
+            self._reduced = False
+            return self.optimizer._step_if_finite(nt)
         self.step(nt)
         return True
 

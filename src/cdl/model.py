@@ -502,7 +502,8 @@ class Sequential:
 
         Between the backward pass and ``optimizer.step()`` the optimizer's
         ``gradient_hook(loss_value, batch_size, threads)`` runs and its value decides
-        the step (see :meth:`cdl.Optimizer.gradient_hook`). With a
+        the step (see :meth:`cdl.Optimizer.gradient_hook`). SGD and Adam run that step's
+        update with the gradient check inside their kernel (``fuses_finite_check``). With a
         :class:`cdl.distributed.DistributedOptimizer`, x and y are this rank's shard;
         the gradients of all ranks are averaged over the global sample count before
         the update, and the value returned is the global loss (the same on every rank).

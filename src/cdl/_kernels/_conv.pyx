@@ -895,16 +895,18 @@ cdef int _wino_f32(const float* x, const float* weight, const float* bias, float
     rows = N * g.nty
     blocks = _cdiv(rows, g.tr)
     nkr = g.kp // WINO_KR
-    # Fewer than two blocks a thread (a small batch): every thread takes all blocks
-    # for its slice of the output channels, whose filters it transforms itself.
-    # Split by blocks, each thread read half the transformed filters from the
-    # other core (the 32 -> 64 channel, 16 x 16 layer at batch 1: 64 us on 2
-    # threads, 52 us on 1).
+    # Fewer than two blocks a thread (a small batch): each thread takes all blocks
+    # for its slice of the output channels, whose filters it transforms itself (one
+    # slice a thread: fewer threads where there are fewer slices). Split by blocks,
+    # each thread read half the transformed filters from the other core (the 32 ->
+    # 64 channel, 16 x 16 layer at batch 1: 64 us on 2 threads, 52 us on 1).
     nt = _threads(macs, blocks * nkr, num_threads)
     if nt > 1 and blocks < 2 * nt:
-        ns = <int>_imin(nt, nkr)
-    items = blocks * ns
-    nt = _threads(macs, items, num_threads)
+        ns = nt = <int>_imin(nt, nkr)
+        items = blocks * ns
+    else:
+        items = blocks
+        nt = _threads(macs, items, num_threads)
     per = _align16(g.per)
     mem = malloc((_align16(16 * C * g.kp) + nt * per) * sizeof(float) + 128)
     if mem == NULL:
@@ -914,7 +916,8 @@ cdef int _wino_f32(const float* x, const float* weight, const float* bias, float
     for it in range(nt):
         memset(buf + it * per, 0, g.rowbuf * sizeof(float))
     if ns > 1:
-        # slice s on thread s (static schedule: items in slice order)
+        # slice s on thread s, in both regions (static schedules, ns threads; the
+        # block items come in slice order)
         for s in prange(ns, schedule="static", num_threads=ns):
             wino_filters(weight, K, C, g.kp, flipped, U, s * nkr // ns * WINO_KR,
                          (s + 1) * nkr // ns * WINO_KR)

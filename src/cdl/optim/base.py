@@ -93,7 +93,10 @@ class Optimizer:
     fuses_finite_check = False
     """Whether ``_step_if_finite`` checks the gradients itself (SGD and Adam in their
     update kernel, through ``_update(nt, check_finite=True)``): ``train_step`` and
-    ``fit`` then leave that check to it, saving a pass over them."""
+    ``fit`` then leave that check to it, saving a pass over them, where they would
+    otherwise check and call ``step``. A subclass that overrides ``step``,
+    ``clip_gradients`` or ``_update`` gets False (its methods run as written) unless
+    it sets this itself."""
     clip_grad_norm = positive_or_none("clip_grad_norm")
     base_lr = at_least_zero("base_lr")
     steps = Setting(_check_steps)
@@ -101,6 +104,9 @@ class Optimizer:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.type_name = cls.__name__     # (what files record; register may qualify it)
+        if "fuses_finite_check" not in cls.__dict__ and any(
+                name in cls.__dict__ for name in ("step", "clip_gradients", "_update")):
+            cls.fuses_finite_check = False
         if not cls.__name__.startswith("_"):
             register(OPTIMIZER_TYPES, cls)    # as layers are (cdl._registry)
 
