@@ -1,4 +1,4 @@
-"""Each convolution of ResNet-8 and LeNet-5 alone: forward, input gradient and weight
+"""Each convolution of ResNet-8, LeNet-5 and the CIFAR-style CNN alone: forward, input gradient and weight
 gradient, timed interleaved, with their GFLOP/s and the gradients' time over the forward's;
 for strided layers also the input gradient's two paths, each forced (cdl picks the GEMM
 and scatter for kernels wider than 1x1 below 8 images, the phases otherwise); for 3x3
@@ -44,6 +44,8 @@ LAYERS = [
     ("ResNet-8 stage 3 shortcut", 32, 64, 16, 1, 2, 0),
     ("LeNet-5 conv1", 1, 6, 28, 5, 1, 2),
     ("LeNet-5 conv2", 6, 16, 14, 5, 1, 0),
+    ("CIFAR-style CNN conv1", 3, 32, 32, 3, 1, 1),
+    ("CIFAR-style CNN conv2", 32, 64, 16, 3, 1, 1),
 ]
 
 
