@@ -232,6 +232,22 @@ def test_one_process_without_shards_skips_a_nonfinite_gradient(make):
     assert math.isfinite(m.train_step(x[1:], y[1:], cdl.MSE(), opt)) and opt.steps == 1
 
 
+def test_one_process_without_shards_runs_a_subclass_step():
+    calls = []
+
+    class Logged(dist.DistributedOptimizer):
+        def step(self, threads=None):
+            calls.append("step")
+            super().step(threads)
+
+    m = cdl.Sequential([cdl.Linear(2, 1)], (2,), seed=0)
+    opt = Logged(cdl.SGD(m, lr=0.1), comm=_OneRankComm(), threads=None)
+    assert not opt.fuses_finite_check
+    x, y = np.ones((2, 2), np.float32), np.zeros((2, 1), np.float32)
+    assert math.isfinite(m.train_step(x, y, cdl.MSE(), opt))
+    assert calls == ["step"] and opt.steps == 1
+
+
 def test_hook_can_veto_the_step():
     class Veto(cdl.SGD):
         def gradient_hook(self, loss_value, batch_size, threads=None):

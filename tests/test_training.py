@@ -226,12 +226,29 @@ def test_subclasses_overriding_step_clip_or_update_keep_their_methods():
     class Declared(OldUpdate):
         fuses_finite_check = False
 
+    class StepMixin:            # not an Optimizer: its override comes through the MRO
+        def step(self, threads=None):
+            calls.append("step")
+            super().step(threads)
+
+    class Mixed(StepMixin, cdl.SGD):
+        pass
+
+    class Patched(cdl.SGD):     # its instance's step is replaced below
+        pass
+
     x, y = np.ones((2, 4), np.float32), np.array([0, 1])
     for cls, kw, want in ((LogStep, {}, "step"), (LogClip, {"clip_grad_norm": 0.1}, "clip"),
-                          (OldUpdate, {}, "update"), (Declared, {}, "update")):
+                          (OldUpdate, {}, "update"), (Declared, {}, "update"),
+                          (Mixed, {}, "step"), (Patched, {}, "step")):
         m = cdl.Sequential([cdl.Linear(4, 3)], (4,), seed=0)
         opt = cls(m, lr=0.1, **kw) if cls is not LogClip else cls(m, **kw)
-        assert not opt.fuses_finite_check
+        if cls is Patched:
+            assert Patched.fuses_finite_check
+            plain_step = opt.step
+            opt.step = lambda threads=None: (calls.append("step"), plain_step(threads))[1]
+        else:
+            assert not opt.fuses_finite_check
         calls.clear()
         assert np.isfinite(m.train_step(x, y, cdl.SoftmaxCrossEntropy(), opt))
         assert calls == [want] and opt.steps == 1, cls

@@ -47,6 +47,7 @@ import numpy as np
 
 from . import _config
 from .functional._checks import int_at_least
+from .optim.base import fuses_finite_check as _fuses_finite_check
 
 __all__ = ["DistributedOptimizer", "DistributedSampler", "broadcast_parameters",
            "broadcast_optimizer_state", "shard", "global_batches", "batch_piece",
@@ -627,10 +628,12 @@ class DistributedOptimizer:
 
     # train_step's step (_step_if_finite): the hook (_decide) has checked the averaged
     # gradients, except on one process without shards, where it passes the loss through
-    # and the wrapped optimizer checks as it would alone.
+    # and the wrapped optimizer checks as it would alone (unless a subclass's step must
+    # run: then the model checks, and calls it).
     @property
     def fuses_finite_check(self):
-        return not self._passes_through or getattr(self.optimizer, "fuses_finite_check", False)
+        return not self._passes_through or (
+            type(self).step is DistributedOptimizer.step and _fuses_finite_check(self.optimizer))
 
     @property
     def _passes_through(self):

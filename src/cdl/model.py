@@ -26,6 +26,7 @@ from .functional._checks import (FLOAT_DTYPES, INT32_MAX, int_at_least, overflow
 from .layers.base import OWNERS, Layer, check_grad
 from .layers.chain import Chain, has_params
 from .losses import Loss
+from .optim.base import fuses_finite_check as _fuses_finite_check
 from .buffers import ResultPool, RunnerPool, nbytes_of
 from .params import ParameterPack
 
@@ -604,7 +605,7 @@ class Sequential:
         self._skip_reason = None
         if not math.isfinite(value):
             return value
-        if getattr(optimizer, "fuses_finite_check", False):
+        if _fuses_finite_check(optimizer):
             stepped = optimizer._step_if_finite(nt)
         else:
             stepped = self._gradients_finite(nt)

@@ -895,14 +895,14 @@ cdef int _wino_f32(const float* x, const float* weight, const float* bias, float
     rows = N * g.nty
     blocks = _cdiv(rows, g.tr)
     nkr = g.kp // WINO_KR
-    # Fewer than two blocks a thread (a small batch): each thread takes all blocks
-    # for its slice of the output channels, whose filters it transforms itself (one
-    # slice a thread: fewer threads where there are fewer slices). Split by blocks,
-    # each thread read half the transformed filters from the other core (the 32 ->
-    # 64 channel, 16 x 16 layer at batch 1: 64 us on 2 threads, 52 us on 1).
+    # Fewer than two blocks a thread (a small batch) and a slice of the output
+    # channels for each: each thread takes all blocks for its slice, whose filters it
+    # transforms itself. Split by blocks, each thread read half the transformed
+    # filters from the other core (the 32 -> 64 channel, 16 x 16 layer at batch 1:
+    # 64 us on 2 threads, 52 us on 1).
     nt = _threads(macs, blocks * nkr, num_threads)
-    if nt > 1 and blocks < 2 * nt:
-        ns = nt = <int>_imin(nt, nkr)
+    if 1 < nt <= nkr and blocks < 2 * nt:
+        ns = nt
         items = blocks * ns
     else:
         items = blocks

@@ -83,6 +83,18 @@ def _check_steps(opt, value, name="steps", where=None):
     return int(value)
 
 
+# What train_step's fused route (Optimizer._step_if_finite) would bypass.
+_STEP_METHODS = ("step", "clip_gradients", "_update")
+
+
+def fuses_finite_check(optimizer):
+    """Whether ``train_step`` may leave the finite-gradient check to
+    ``optimizer._step_if_finite``: its class says so, and no attribute of the instance
+    replaces ``step``, ``clip_gradients`` or ``_update``."""
+    return bool(getattr(optimizer, "fuses_finite_check", False)) and not any(
+        name in getattr(optimizer, "__dict__", {}) for name in _STEP_METHODS)
+
+
 class Optimizer:
     """Base class. Subclasses name their per-parameter ``state_names`` and implement
     ``_bind()`` (make the update call once) and ``_update(nt)``. Every public subclass
@@ -92,11 +104,12 @@ class Optimizer:
     type_name = "Optimizer"
     fuses_finite_check = False
     """Whether ``_step_if_finite`` checks the gradients itself (SGD and Adam in their
-    update kernel, through ``_update(nt, check_finite=True)``): ``train_step`` and
-    ``fit`` then leave that check to it, saving a pass over them, where they would
-    otherwise check and call ``step``. A subclass that overrides ``step``,
-    ``clip_gradients`` or ``_update`` gets False (its methods run as written) unless
-    it sets this itself."""
+    update kernel, through ``_update(nt, check_finite=True)``, which returns whether it
+    updated): ``train_step`` and ``fit`` then leave that check to it, saving a pass over
+    them, where they would otherwise check and call ``step``. A subclass that overrides
+    ``step``, ``clip_gradients`` or ``_update`` (itself or through a mixin) gets False, so
+    its methods run as written, unless it sets this itself; so does an instance whose
+    own attributes replace one of them (:func:`fuses_finite_check`)."""
     clip_grad_norm = positive_or_none("clip_grad_norm")
     base_lr = at_least_zero("base_lr")
     steps = Setting(_check_steps)
@@ -104,9 +117,11 @@ class Optimizer:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.type_name = cls.__name__     # (what files record; register may qualify it)
-        if "fuses_finite_check" not in cls.__dict__ and any(
-                name in cls.__dict__ for name in ("step", "clip_gradients", "_update")):
-            cls.fuses_finite_check = False
+        if "fuses_finite_check" not in cls.__dict__:
+            # (methods resolved through the whole MRO: a mixin's override counts too)
+            setter = next(c for c in cls.__mro__ if "fuses_finite_check" in c.__dict__)
+            if any(getattr(cls, name) is not getattr(setter, name) for name in _STEP_METHODS):
+                cls.fuses_finite_check = False
         if not cls.__name__.startswith("_"):
             register(OPTIMIZER_TYPES, cls)    # as layers are (cdl._registry)
 
