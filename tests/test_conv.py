@@ -748,6 +748,30 @@ def test_winograd_bits_do_not_depend_on_batch(mod):
         assert np.array_equal(_wino_forward(mod, x[3:9], w, b, 1, 2), y[3:9])
 
 
+@pytest.mark.parametrize("mod", _wino_modules(), ids=lambda m: m.__name__.rsplit("_", 1)[-1])
+def test_winograd_work_splits_give_the_same_bits(mod):
+    # By blocks of tile rows or by output-channel slices (each thread transforming
+    # its slice's filters): speed only, for any batch and thread count.
+    rng = np.random.default_rng(8)
+    for n, c, k, h in ((1, 16, 40, 9), (3, 24, 16, 12), (6, 16, 64, 8)):
+        x, w, b = _wino_case((n, c, h, h), k, n)
+        g = rng.standard_normal((n, k, h, h)).astype(np.float32)
+        got = {}
+        with _Forced(mod, 2):
+            for split in (0, 1, 2):
+                old = mod.set_winograd_split(split)
+                try:
+                    for nt in (1, 2, 3, 4):
+                        got[split, nt] = (_wino_forward(mod, x, w, b, 1, nt),
+                                          _wino_input_grad(mod, g, w, x.shape, 1, nt))
+                finally:
+                    mod.set_winograd_split(old)
+        y0, dx0 = got[1, 1]
+        assert not np.isnan(y0).any() and not np.isnan(dx0).any()
+        for key, (y, dx) in got.items():
+            assert y.tobytes() == y0.tobytes() and dx.tobytes() == dx0.tobytes(), (n, key)
+
+
 def _wino_wgrad_modes(mod, g, x, w):
     """The weight gradient in modes 0 (auto), 1 (off) and 2 (forced)."""
     got = {}

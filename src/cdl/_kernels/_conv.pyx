@@ -855,6 +855,19 @@ def set_winograd_path(int mode):
     return old
 
 
+cdef int _wino_split_mode = 0
+
+
+def set_winograd_split(int mode):
+    """How the Winograd path splits its work (0 auto, 1 by blocks of tile rows only,
+    2 by output channels wherever each thread gets a slice); returns the old mode.
+    Speed only: every split gives the same bits."""
+    global _wino_split_mode
+    cdef int old = _wino_split_mode
+    _wino_split_mode = mode
+    return old
+
+
 cdef bint _use_wino(Py_ssize_t C, Py_ssize_t K, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
                     Py_ssize_t sw, Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
     # From the shapes and the build only (never the batch or the thread count),
@@ -895,13 +908,17 @@ cdef int _wino_f32(const float* x, const float* weight, const float* bias, float
     rows = N * g.nty
     blocks = _cdiv(rows, g.tr)
     nkr = g.kp // WINO_KR
-    # Fewer than two blocks a thread (a small batch) and a slice of the output
-    # channels for each: each thread takes all blocks for its slice, whose filters it
-    # transforms itself. Split by blocks, each thread read half the transformed
-    # filters from the other core (the 32 -> 64 channel, 16 x 16 layer at batch 1:
-    # 64 us on 2 threads, 52 us on 1).
+    # Few tiles a thread (fewer than two blocks, or at most two tiles per output
+    # channel) and a slice of the output channels for each: each thread takes all
+    # blocks for its slice, whose filters it transforms itself, and transforms the
+    # whole input. Split by blocks, each thread read half the transformed filters
+    # from the other core (the 32 -> 64 channel, 16 x 16 layer at batch 1: 64 us on 2
+    # threads, 52 us on 1). With more tiles the duplicated input transform costs more
+    # (batches 1-16, 16-64 channels, 8x8 to 32x32 planes, 2 threads: 0.54-0.88x
+    # the block split's time below that line, 0.9-1.3x above it).
     nt = _threads(macs, blocks * nkr, num_threads)
-    if 1 < nt <= nkr and blocks < 2 * nt:
+    if 1 < nt <= nkr and (_wino_split_mode == 2 or (_wino_split_mode == 0 and (
+            blocks < 2 * nt or rows * ((OW + 1) // 2) <= 2 * g.kp * nt))):
         ns = nt
         items = blocks * ns
     else:
