@@ -657,27 +657,7 @@ def test_losses_and_sgd_objects(call, exc, match):
         call()
 
 
-class _OneRank:
-    """A one-process stand-in for an mpi4py communicator."""
-
-    def Get_rank(self):
-        return 0
-
-    def Get_size(self):
-        return 1
-
-    def allgather(self, value):
-        return [value]
-
-    def bcast(self, value, root=0):
-        return value
-
-    def Allgather(self, send, recv):
-        np.asarray(recv).reshape(-1).view(np.uint8)[...] = \
-            np.asarray(send).reshape(-1).view(np.uint8)
-
-
-def test_an_optimizer_that_is_not_a_cdl_optimizer_is_refused_before_anything_runs():
+def test_an_optimizer_that_is_not_a_cdl_optimizer_is_refused_before_anything_runs(one_rank_comm):
     """The class itself (cdl.SGD, not cdl.SGD(model, ...)), a torch.optim optimizer or
     another object with a step method used to run the forward and backward passes
     (BatchNorm's statistics, Dropout's counter) and then fail with an AttributeError."""
@@ -710,7 +690,7 @@ def test_an_optimizer_that_is_not_a_cdl_optimizer_is_refused_before_anything_run
             assert m.layers[2].passes == passes
     # an optimizer wrapping one (cdl.distributed's, on one process) still trains
     from cdl.distributed import DistributedOptimizer
-    opt = DistributedOptimizer(cdl.SGD(m, lr=0.1), comm=_OneRank(), threads=None)
+    opt = DistributedOptimizer(cdl.SGD(m, lr=0.1), comm=one_rank_comm, threads=None)
     assert np.isfinite(m.train_step(x, y, loss, opt)) and opt.steps == 1
     m.fit(x, y, loss, opt, batch_size=4, verbose=0, callbacks=[cdl.StepLR(1)])
     assert opt.steps == 3
@@ -1008,7 +988,7 @@ def test_cli_errors_on_a_distributed_runs_other_ranks(monkeypatch, capsys):
     assert capsys.readouterr().err == "cdl train: error: training diverged\n"
 
 
-def test_a_distributed_optimizer_refuses_a_buffer_the_ranks_could_not_keep_identical():
+def test_a_distributed_optimizer_refuses_a_buffer_the_ranks_could_not_keep_identical(one_rank_comm):
     # a user layer's float64 statistics in a float32 model: the exchange carries buffers of
     # the model's dtype and integers only, so the ranks' copies drifted apart, silently
     import cdl.distributed as dist
@@ -1026,19 +1006,19 @@ def test_a_distributed_optimizer_refuses_a_buffer_the_ranks_could_not_keep_ident
         with pytest.raises(ValueError, match=r"DistributedOptimizer: buffer 1.running_mean is "
                                              r"float64, neither the model's float32 nor an "
                                              r"integer"):
-            dist.DistributedOptimizer(cdl.SGD(m, lr=0.1), comm=_OneRank())
+            dist.DistributedOptimizer(cdl.SGD(m, lr=0.1), comm=one_rank_comm)
         ok = cdl.Sequential([cdl.Linear(6, 6), cdl.BatchNorm1d(6), cdl.Linear(6, 3)], (6,))
-        dist.DistributedOptimizer(cdl.SGD(ok, lr=0.1), comm=_OneRank(), threads=None)
+        dist.DistributedOptimizer(cdl.SGD(ok, lr=0.1), comm=one_rank_comm, threads=None)
     finally:
         cdl.layers.LAYER_TYPES.pop("Center64", None)
 
 
-def test_a_distributed_optimizers_settings_are_the_wrapped_optimizers():
+def test_a_distributed_optimizers_settings_are_the_wrapped_optimizers(one_rank_comm):
     # `opt.momentum = 0` on the wrapper was kept there: it read back as set and trained
     # with the old momentum
     import cdl.distributed as dist
     m = cdl.Sequential([cdl.Linear(4, 3)], (4,), seed=0)
-    opt = dist.DistributedOptimizer(cdl.SGD(m, lr=0.1, momentum=0.9), comm=_OneRank(),
+    opt = dist.DistributedOptimizer(cdl.SGD(m, lr=0.1, momentum=0.9), comm=one_rank_comm,
                                     threads=None)
     opt.momentum, opt.weight_decay = 0.0, 0.5
     assert (opt.optimizer.momentum, opt.optimizer.weight_decay) == (0.0, 0.5)

@@ -194,30 +194,13 @@ def test_gradient_hook_between_backward_and_step():
     assert [c[1] for c in opt2.calls] == [3, 3, 1] and opt2.steps == 3
 
 
-class _OneRankComm:
-    """Enough of an mpi4py communicator for one process without shards (the hook
-    passes the loss through; nothing is exchanged)."""
-
-    def Get_rank(self):
-        return 0
-
-    def Get_size(self):
-        return 1
-
-    def allgather(self, value):
-        return [value]
-
-    def bcast(self, value, root=0):
-        return value
-
-
 @pytest.mark.parametrize("make", [lambda m: cdl.SGD(m, lr=0.1), lambda m: cdl.Adam(m)])
-def test_one_process_without_shards_skips_a_nonfinite_gradient(make):
+def test_one_process_without_shards_skips_a_nonfinite_gradient(make, one_rank_comm):
     # The hook has no exchange to check the gradients in here: the step must still be
     # skipped as plain training skips it (an Inf input saturates the sigmoid: the loss
     # is finite, 0 * Inf makes a weight gradient NaN).
     m = cdl.Sequential([cdl.Linear(2, 1), cdl.Sigmoid()], (2,), seed=0)
-    opt = dist.DistributedOptimizer(make(m), comm=_OneRankComm(), threads=None)
+    opt = dist.DistributedOptimizer(make(m), comm=one_rank_comm, threads=None)
     x = np.array([[np.inf, 1.0], [1.0, 1.0]], np.float32)
     y = np.array([[1.0], [0.0]], np.float32)
     before = m.parameter_buffer.copy()
@@ -232,7 +215,7 @@ def test_one_process_without_shards_skips_a_nonfinite_gradient(make):
     assert math.isfinite(m.train_step(x[1:], y[1:], cdl.MSE(), opt)) and opt.steps == 1
 
 
-def test_one_process_without_shards_runs_a_subclass_step():
+def test_one_process_without_shards_runs_a_subclass_step(one_rank_comm):
     calls = []
 
     class Logged(dist.DistributedOptimizer):
@@ -241,7 +224,7 @@ def test_one_process_without_shards_runs_a_subclass_step():
             super().step(threads)
 
     m = cdl.Sequential([cdl.Linear(2, 1)], (2,), seed=0)
-    opt = Logged(cdl.SGD(m, lr=0.1), comm=_OneRankComm(), threads=None)
+    opt = Logged(cdl.SGD(m, lr=0.1), comm=one_rank_comm, threads=None)
     assert not opt.fuses_finite_check
     x, y = np.ones((2, 2), np.float32), np.zeros((2, 1), np.float32)
     assert math.isfinite(m.train_step(x, y, cdl.MSE(), opt))
