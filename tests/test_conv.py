@@ -371,13 +371,20 @@ def test_forced_float32_paths_match_reference(isa, path):
         mod.set_float32_path(old)
 
 
-# Strided input gradients: phases (1) and GEMM + scatter (2), each forced, against
-# the reference; odd sizes, padding past the kernel, strides 3 and (2, 3), a 1x1
-# with phases no tap reaches, and an image shorter than the stride.
+# Strided input gradients: phases (1), GEMM + scatter (2) and the fused 3x3 stride-2
+# pass (3), each forced, against the reference; odd sizes, padding past the kernel,
+# strides 3 and (2, 3), a 1x1 with phases no tap reaches, and an image shorter than
+# the stride. The fused pass's shapes: planes of 16 columns a vector and of two rows
+# a vector (at most 8 columns), several vectors with a ragged last one, padding 0, 1
+# and (1, 0), input channels in tiles of 4, 2 and 1, rows no tap reaches (zero).
 STRIDED = [
     ((2, 16, 32, 32), (32, 16, 3, 3), 2, 1),
     ((9, 32, 16, 16), (64, 32, 3, 3), 2, 1),
     ((3, 5, 13, 11), (17, 5, 3, 3), 2, 1),
+    ((2, 7, 40, 70), (5, 7, 3, 3), 2, 1),
+    ((3, 10, 10, 7), (8, 10, 3, 3), 2, 0),
+    ((1, 9, 33, 35), (4, 9, 3, 3), 2, (1, 0)),
+    ((2, 6, 12, 14), (3, 6, 3, 3), 2, 0),
     ((2, 4, 12, 15), (6, 4, 3, 2), (2, 3), (2, 0)),
     ((4, 3, 10, 10), (1, 3, 5, 5), 3, 2),
     ((2, 3, 9, 8), (5, 3, 3, 3), 2, 3),
@@ -387,7 +394,7 @@ STRIDED = [
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
-@pytest.mark.parametrize("path", [1, 2])
+@pytest.mark.parametrize("path", [1, 2, 3])
 def test_forced_strided_input_grad_paths_match_reference(isa, path):
     if isa not in cpu_supports():
         pytest.skip(f"CPU lacks {isa}")
@@ -410,6 +417,42 @@ def test_forced_strided_input_grad_paths_match_reference(isa, path):
             assert np.array_equal(got[0], got[1]), (xs, ws, s, p)
     finally:
         mod.set_strided_input_grad_path(old)
+
+
+def test_fused_strided_input_grad_is_auto_on_avx512_and_sums_each_cell_alone():
+    # The AVX-512 build takes the fused 3x3 stride-2 pass unforced (bench/conv_parts.py:
+    # 0.68-0.85x the phases' time on ResNet-8's strided layers at batch 64, 0.8x the
+    # GEMM's at 1-8). Each cell's sum is its own: a batch's images give the bits of
+    # their own calls, and any thread count the same.
+    if "avx512" not in cpu_supports():
+        pytest.skip("CPU lacks avx512")
+    mod = importlib.import_module("cdl._kernels._conv_avx512")
+    rng = np.random.default_rng(13)
+    for xs, ws in [((5, 16, 32, 32), (32, 16, 3, 3)), ((5, 32, 16, 16), (64, 32, 3, 3))]:
+        g = rng.standard_normal((xs[0], ws[0], xs[2] // 2, xs[3] // 2)).astype(np.float32)
+        w = rng.standard_normal(ws).astype(np.float32)
+        runs = {}
+        for path in (0, 3):
+            old = mod.set_strided_input_grad_path(path)
+            try:
+                for nt in (1, 2, 3):
+                    dx = np.empty(xs, np.float32)
+                    mod.conv2d_backward_input(g, w, dx, 2, 2, 1, 1, nt)
+                    runs[path, nt] = dx.tobytes()
+                one = np.empty(xs, np.float32)
+                for n in range(xs[0]):
+                    mod.conv2d_backward_input(g[n:n + 1], w, one[n:n + 1], 2, 2, 1, 1, 2)
+                runs[path, "alone"] = one.tobytes()
+            finally:
+                mod.set_strided_input_grad_path(old)
+        assert len(set(runs.values())) == 1, xs
+        old = mod.set_strided_input_grad_path(1)
+        try:
+            phases = np.empty(xs, np.float32)
+            mod.conv2d_backward_input(g, w, phases, 2, 2, 1, 1, 2)
+        finally:
+            mod.set_strided_input_grad_path(old)
+        assert phases.tobytes() != runs[0, 1]      # (the phases sum in another order)
 
 
 # Each runs in a child process whose address space is capped at what it uses + 400 MB,
@@ -483,7 +526,7 @@ def test_strided_input_grad_of_an_empty_grad_out_is_zero():
     # one refuses an output size of 0): zeros on every path, as before the columns'
     # bound divided by P (SIGFPE).
     w = np.ones((1, 1, 3, 3), np.float32)
-    for path in (0, 1, 2):
+    for path in (0, 1, 2, 3):
         old = kconv.set_strided_input_grad_path(path)
         try:
             dx = np.full((1, 1, 2, 2), np.nan, np.float32)
@@ -526,7 +569,7 @@ def test_scratch_memory_refused_names_the_call_and_shapes(call, stride):
                                  f"{stride}), padding (10000, 10000))\n")
 
 
-@pytest.mark.parametrize("path", [0, 1, 2])
+@pytest.mark.parametrize("path", [0, 1, 2, 3])
 def test_input_grad_accumulate_adds_to_what_is_there(path):
     # accumulate=True: dx = base + the input gradient, on every path (phases add in
     # their interleave pass; stride 1, the GEMM path and float64 go through a

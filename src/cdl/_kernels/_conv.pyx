@@ -48,7 +48,10 @@ correlation of grad_out with the taps that reach them (each tap used once),
 each computed on the path its shapes pick (channel vectors for narrow phases,
 column tiles, a GEMM for one tap) into a buffer of its own, then interleaved
 into dx row by row. float64 takes a plain scalar path at strides > 1
-(correctness, not speed).
+(correctness, not speed). On the AVX-512 build the float32 input gradient of
+a 3x3 stride-2 kernel (padding 0 or 1, ResNet's downsampling) runs in one pass
+instead (cdl_s2dx.h): a register tile holds both column parities of a block
+of input rows, and stores them interleaved as whole rows of dx.
 
 Column tiles end in registers (cdl_cvtile.h, cdl_ct_tile): the tiles that read
 every kernel row and store whole vectors add the bias (and apply ReLU) to
@@ -183,6 +186,19 @@ cdef extern from "cdl_wino.h" nogil:
     void wino_wfinish "cdl_wino_wfinish"(const CdlWino* g, const float* parts,
                                          Py_ssize_t part_size, float* gw, Py_ssize_t k)
 
+cdef extern from "cdl_s2dx.h" nogil:
+    # The fused input gradient of 3x3 stride-2 convolutions: see the header.
+    ctypedef struct CdlS2dx:
+        Py_ssize_t C, H, W, K, OH, OW, ph, pw
+    const int S2DX_AUTO "CDL_S2DX_AUTO"
+    const int S2DX_KR "CDL_S2DX_KR"
+    void s2dx_setup "cdl_s2dx_setup"(CdlS2dx* g)
+    Py_ssize_t s2dx_scratch "cdl_s2dx_scratch"(const CdlS2dx* g)
+    void s2dx_stage "cdl_s2dx_stage"(const CdlS2dx* g, const float* dy, float* st)
+    void s2dx_channels "cdl_s2dx_channels"(const CdlS2dx* g, const float* st,
+                                           const float* weight, float* dx_n, Py_ssize_t c0,
+                                           Py_ssize_t c1, int acc_out)
+
 # Below this many multiply-adds a second thread costs more than it saves.
 cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 18
 # Work items a correlation is cut into at least (rows split when the batch is small).
@@ -203,6 +219,9 @@ cdef Py_ssize_t WINO_PARALLEL_FILTER_PAIRS = 1024
 # output positions) per thread: at most this many floats (64 MB). A 48x48 stride-2
 # kernel on a 2048x2048 image needed 8.9 GB for one channel; the phases need none.
 cdef Py_ssize_t STRIDED_GEMM_MAX_COLS = 1 << 24
+# The fused 3x3 stride-2 input gradient stages one image's grad_out a thread: up to
+# this many floats (64 MB).
+cdef Py_ssize_t S2DX_MAX_STAGED = 1 << 24
 
 
 cdef inline int _threads(Py_ssize_t macs, Py_ssize_t items, int num_threads) noexcept nogil:
@@ -826,14 +845,15 @@ cdef float _sum_f32(const float* p, Py_ssize_t m) noexcept nogil:
 # Test and benchmark hook: 0 picks the path from the shapes, 1 forces the
 # column-vector kernels above (stride 1 only), 2 the channel-vector kernels.
 cdef int _cv_mode = 0
-# Test and benchmark hook for strided input gradients: 0 picks from the batch size,
-# 1 forces the phases, 2 the GEMM and scatter.
+# Test and benchmark hook for strided input gradients: 0 picks from the shapes, the
+# batch size and the build, 1 forces the phases, 2 the GEMM and scatter, 3 the fused
+# 3x3 stride-2 pass where the shapes allow it (the phases elsewhere).
 cdef int _strided_dx_mode = 0
 
 
 def set_strided_input_grad_path(int mode):
     """Force the float32 strided input gradient's path (0 auto, 1 phases, 2 GEMM and
-    scatter); returns the old mode."""
+    scatter, 3 the fused 3x3 stride-2 pass where it applies); returns the old mode."""
     global _strided_dx_mode
     cdef int old = _strided_dx_mode
     _strided_dx_mode = mode
@@ -1831,13 +1851,16 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
     cdef Py_ssize_t given_sh = sh, given_sw = sw      # (for messages)
     sh = _useful_stride(sh, H, ph, KH)
     sw = _useful_stride(sw, W, pw, KW)
-    cdef bint phases = floating is float and K > 0 and (sh > 1 or sw > 1) and not (
+    cdef bint s2dx = floating is float and K > 0 and sh == 2 and sw == 2 and KH == 3 \
+        and KW == 3 and ph <= 1 and pw <= 1 and (
+            _strided_dx_mode == 3 or (_strided_dx_mode == 0 and S2DX_AUTO))
+    cdef bint phases = floating is float and K > 0 and (sh > 1 or sw > 1) and not s2dx and not (
         _strided_dx_mode == 2 or (_strided_dx_mode == 0 and N < MIN_ITEMS and KH * KW > 1))
     cdef bint wino = floating is float and _use_wino(K, C, KH, KW, sh, sw, KH - 1 - ph,
                                                      KW - 1 - pw)
     if N == 0 or C == 0 or H == 0 or W == 0:
         return 0
-    if accumulate and not phases and not wino:
+    if accumulate and not phases and not wino and not s2dx:
         dst = np.asarray(grad_input)
         scratch = np.empty_like(dst)
         _conv2d_backward_input(grad_out, weight, scratch, given_sh, given_sw, ph, pw,
@@ -1896,6 +1919,16 @@ cdef int _conv2d_backward_input(const floating[:, :, :, ::1] grad_out,
         if rc != 0:
             _no_scratch("conv2d input gradient", grad_input, weight, given_sh, given_sw, ph, pw)
         return 0
+    if floating is float and s2dx:
+        with nogil:
+            rc = _strided_dx_s2_f32(&grad_out[0, 0, 0, 0], &weight[0, 0, 0, 0],
+                                    &grad_input[0, 0, 0, 0], N, C, H, W, K, OH, OW, ph, pw,
+                                    num_threads, accumulate)
+        if rc == -1:
+            _no_scratch("conv2d input gradient", grad_input, weight, given_sh, given_sw, ph, pw)
+        if rc == 0:
+            return 0
+        phases = True       # an image too large to stage whole: the phases stage less
     if floating is float and K > 0:
         with nogil:
             rc = -2
@@ -2136,6 +2169,57 @@ cdef int _strided_input_grad_f32(const float* go, const float* weight, float* dx
                     d[q * sw + b] = src[q]
     free(buf)
     free(poff)
+    return 0
+
+
+cdef int _strided_dx_s2_f32(const float* go, const float* weight, float* dx, Py_ssize_t N,
+                            Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t K,
+                            Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t ph, Py_ssize_t pw,
+                            int num_threads, bint accumulate) noexcept nogil:
+    # The input gradient of a 3x3 stride-2 convolution in one pass (cdl_s2dx.h).
+    # Items: (image, group of input channels), the groups smaller where the batch
+    # is (as the GEMM path's); a thread stages an image's grad_out once for the
+    # items of it that it runs in a row. Each cell's sum is its own: any grouping
+    # gives the same bits. Returns -1 when memory is missing, -2 when one image's
+    # staged grad_out would pass S2DX_MAX_STAGED floats (the phases take those).
+    cdef CdlS2dx g
+    cdef Py_ssize_t cg, ngr, items, it, n, c0, per, tid
+    cdef Py_ssize_t* staged
+    cdef float* buf
+    cdef float* st
+    cdef void* mem
+    cdef int nt
+    g.C = C; g.H = H; g.W = W; g.K = K; g.OH = OH; g.OW = OW; g.ph = ph; g.pw = pw
+    s2dx_setup(&g)
+    if s2dx_scratch(&g) > S2DX_MAX_STAGED:
+        return -2
+    cg = C
+    if N < MIN_ITEMS:
+        cg = _cdiv(C, _imin(C, _cdiv(MIN_ITEMS, N)))
+    cg = _cdiv(cg, S2DX_KR) * S2DX_KR
+    ngr = _cdiv(C, cg)
+    items = N * ngr
+    nt = _threads(N * K * OH * OW * C * 9, items, num_threads)
+    per = _align16(s2dx_scratch(&g))
+    mem = malloc(nt * per * sizeof(float) + nt * sizeof(Py_ssize_t) + 64)
+    if mem == NULL:
+        return -1
+    buf = _aligned(mem)
+    staged = <Py_ssize_t*>(buf + nt * per)
+    for it in range(nt):
+        staged[it] = -1
+    for it in prange(items, schedule="static", num_threads=nt):
+        tid = omp_get_thread_num()
+        n = it // ngr
+        c0 = (it % ngr) * cg
+        st = buf + tid * per
+        if staged[tid] != n:
+            if staged[tid] < 0:
+                memset(st, 0, per * sizeof(float))     # the zero border, once
+            s2dx_stage(&g, go + n * K * OH * OW, st)
+            staged[tid] = n
+        s2dx_channels(&g, st, weight, dx + n * C * H * W, c0, _imin(c0 + cg, C), accumulate)
+    free(mem)
     return 0
 
 
