@@ -1,7 +1,8 @@
 """Each convolution of ResNet-8, LeNet-5 and the CIFAR-style CNN alone: forward, input gradient and weight
 gradient, timed interleaved, with their GFLOP/s and the gradients' time over the forward's;
-for strided layers also the input gradient's two paths, each forced (cdl picks the GEMM
-and scatter for kernels wider than 1x1 below 8 images, the phases otherwise); for 3x3
+for strided layers also the input gradient's other paths, each forced (cdl picks the fused
+3x3 stride-2 pass on the AVX-512 build where it applies; elsewhere the GEMM and scatter
+for kernels wider than 1x1 below 8 images, the phases otherwise); for 3x3
 stride-1 layers each part's time over its time with the Winograd path turned off (cdl
 takes it from 16 channels in and out on the AVX2 build; "–" where it does not).
 GFLOP/s counts the direct sum's multiply-adds, whatever path ran.
@@ -67,9 +68,10 @@ def main(argv=None):
     n, nt = args.batch, args.threads
     load = os.getloadavg()[0]
     lines = ["| layer | C→K | H | kernel, stride | forward ms | GFLOP/s | input grad / forward "
-             "| weight grad / forward | strided input grad: GEMM / phases "
+             "| weight grad / forward | strided input grad: fused / phases "
+             "| strided input grad: GEMM / phases "
              "| Winograd / direct: forward, input grad, weight grad |",
-             "|---|---|--:|---|--:|--:|--:|--:|--:|---|"]
+             "|---|---|--:|---|--:|--:|--:|--:|--:|--:|---|"]
     if old is not None:
         lines[0] += " forward: this / before | input grad: this / before | weight grad: this / before |"
         lines[1] += "--:|--:|--:|"
@@ -84,9 +86,10 @@ def main(argv=None):
             "input": lambda: conv.conv2d_backward_input(g, w, dx, s, s, p, p, nt),
             "weight": lambda: conv.conv2d_backward_weight(g, x, dw, None, s, s, p, p, nt),
         }
+        fused = s == 2 and f == 3 and p <= 1
         if s > 1:
-            # the strided input gradient's two paths, each forced
-            for key, mode in (("phases", 1), ("gemm", 2)):
+            # the strided input gradient's other paths, each forced
+            for key, mode in (("phases", 1), ("gemm", 2)) + ((("fused", 3),) if fused else ()):
                 fns[key] = (lambda mode=mode: _forced(conv, mode, g, w, dx, s, p, nt))
         wino = f == 3 and s == 1 and _winograd_runs(conv, x, w, y)
         if wino:
@@ -105,12 +108,13 @@ def main(argv=None):
                 same[part] = np.array_equal(a, b)
         t = median_times(fns, args.repeats)
         gflop = 2.0 * n * k * c * f * f * oh * oh / 1e9
-        paths = (f"{t['gemm'] / t['phases']:.2f}" if s > 1 else "–")
+        paths = (f"{t['fused'] / t['phases']:.2f}" if fused else "–",
+                 f"{t['gemm'] / t['phases']:.2f}" if s > 1 else "–")
         wratio = (", ".join(f"{t[part] / t[part + '_direct']:.2f}"
                             for part in ("forward", "input", "weight")) if wino else "–")
         row = (f"| {name} | {c}→{k} | {h} | {f}×{f}, {s} | {t['forward'] * 1e3:.3f} | "
                f"{gflop / t['forward']:.0f} | {t['input'] / t['forward']:.2f} | "
-               f"{t['weight'] / t['forward']:.2f} | {paths} | {wratio} |")
+               f"{t['weight'] / t['forward']:.2f} | {paths[0]} | {paths[1]} | {wratio} |")
         if old is not None:
             row += "".join(f" {t[part] / t[part + '_before']:.2f}"
                            f"{'' if same[part] else ' (results differ)'} |"
