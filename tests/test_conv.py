@@ -375,8 +375,10 @@ def test_forced_float32_paths_match_reference(isa, path):
 # pass (3), each forced, against the reference; odd sizes, padding past the kernel,
 # strides 3 and (2, 3), a 1x1 with phases no tap reaches, and an image shorter than
 # the stride. The fused pass's shapes: planes of 16 columns a vector and of two rows
-# a vector (at most 8 columns), several vectors with a ragged last one, padding 0, 1
-# and (1, 0), input channels in tiles of 4, 2 and 1, rows no tap reaches (zero).
+# a vector (at most 8 columns), several vectors with a ragged last one or a last one
+# exactly a vector wide (48 and 24 columns: AVX-512, AVX2), padding 0, 1, (1, 0) and
+# (0, 1), input channels in tiles of 4, 2 and 1, rows no tap reaches (zero), images
+# of 1-4 rows or columns.
 STRIDED = [
     ((2, 16, 32, 32), (32, 16, 3, 3), 2, 1),
     ((9, 32, 16, 16), (64, 32, 3, 3), 2, 1),
@@ -385,6 +387,12 @@ STRIDED = [
     ((3, 10, 10, 7), (8, 10, 3, 3), 2, 0),
     ((1, 9, 33, 35), (4, 9, 3, 3), 2, (1, 0)),
     ((2, 6, 12, 14), (3, 6, 3, 3), 2, 0),
+    ((1, 3, 10, 48), (4, 3, 3, 3), 2, 1),
+    ((1, 3, 6, 24), (2, 3, 3, 3), 2, (0, 1)),
+    ((2, 3, 9, 17), (5, 3, 3, 3), 2, (0, 1)),
+    ((2, 3, 3, 2), (2, 3, 3, 3), 2, 1),
+    ((1, 2, 1, 4), (3, 2, 3, 3), 2, 1),
+    ((1, 5, 4, 3), (2, 5, 3, 3), 2, (0, 1)),
     ((2, 4, 12, 15), (6, 4, 3, 2), (2, 3), (2, 0)),
     ((4, 3, 10, 10), (1, 3, 5, 5), 3, 2),
     ((2, 3, 9, 8), (5, 3, 3, 3), 2, 3),
@@ -415,6 +423,11 @@ def test_forced_strided_input_grad_paths_match_reference(isa, path):
                 np.testing.assert_allclose(dx, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
                 got.append(dx)
             assert np.array_equal(got[0], got[1]), (xs, ws, s, p)
+            # accumulate=True adds the same values onto what is there (this build's)
+            base = rng.standard_normal(xs).astype(np.float32)
+            acc = base.copy()
+            mod.conv2d_backward_input(g, w, acc, s[0], s[1], p[0], p[1], 2, accumulate=True)
+            np.testing.assert_array_equal(acc, base + got[0])
     finally:
         mod.set_strided_input_grad_path(old)
 
@@ -450,9 +463,13 @@ def test_fused_strided_input_grad_is_auto_on_avx512_and_sums_each_cell_alone():
         try:
             phases = np.empty(xs, np.float32)
             mod.conv2d_backward_input(g, w, phases, 2, 2, 1, 1, 2)
+            gemm = np.empty(xs, np.float32)
+            mod.set_strided_input_grad_path(2)
+            mod.conv2d_backward_input(g, w, gemm, 2, 2, 1, 1, 2)
         finally:
             mod.set_strided_input_grad_path(old)
-        assert phases.tobytes() != runs[0, 1]      # (the phases sum in another order)
+        # (the phases and the GEMM sum in other orders: auto took neither)
+        assert phases.tobytes() != runs[0, 1] and gemm.tobytes() != runs[0, 1]
 
 
 # Each runs in a child process whose address space is capped at what it uses + 400 MB,
