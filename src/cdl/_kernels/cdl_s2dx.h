@@ -53,7 +53,7 @@ typedef struct {
     Py_ssize_t C, H, W, K, OH, OW, ph, pw;
     Py_ssize_t hp, wp;        /* rows and columns of the larger parity (a, b = 0) */
     Py_ssize_t sr, sw, sk;    /* staged grad_out: rows, row length, floats a channel */
-    int packed;               /* two rows a vector (cdl_s2dx_ptile) */
+    int packed;               /* two rows a vector (cdl_s2dx_tile's PACK) */
 } CdlS2dx;
 
 #if CDL_VF == 16
@@ -110,10 +110,17 @@ static void cdl_s2dx_stage(const CdlS2dx *g, const float *dy, float *st) {
         }
 }
 
+/* Input channels c .. c + KR - 1 (w, dx from channel c on), rows u0 .. u0 + RB - 1
+ * of parity a, v0 .. v0 + VF - 1. PACK: two rows a vector, rows u0 + 2r (lanes
+ * 0-7) and u0 + 2r + 1 (lanes 8-15), v = lane % 8; a load shifted by dv reads
+ * column v + dv of its row, and the lanes where that leaves the row are masked to
+ * zero (the columns past OW are staged zeros). */
 CDL_CV_INLINE void cdl_s2dx_tile(const CdlS2dx *g, const float *st, const float *w, int a,
                                  Py_ssize_t u0, Py_ssize_t v0, float *dx, Py_ssize_t hpa,
-                                 int acc_out, const int KR, const int RB, const int PW) {
+                                 int acc_out, const int KR, const int RB, const int PW,
+                                 const int PACK) {
     cdl_vf acc[CDL_S2DX_KR * CDL_S2DX_RB * 2], yv[CDL_S2DX_RB];
+    const Py_ssize_t rstep = PACK ? 2 * g->sw : g->sw;
     Py_ssize_t k, C9 = g->C * 9, nrow = 0, i, r;
     Py_ssize_t ri[2], rd[2];
     int j, c, q;
@@ -127,7 +134,7 @@ CDL_CV_INLINE void cdl_s2dx_tile(const CdlS2dx *g, const float *st, const float 
     for (q = 0; q < KR * RB * 2; q++)
         acc[q] = cdl_vf_set1(0);
     for (k = 0; k < g->K; k++) {
-        const float *sk = st + k * g->sk + v0 + 1;
+        const float *sk = st + k * g->sk + v0 + (PACK ? 0 : 1);
         const float *wk = w + k * C9;
         Py_ssize_t t;
         for (t = 0; t < nrow; t++) {
@@ -137,86 +144,19 @@ CDL_CV_INLINE void cdl_s2dx_tile(const CdlS2dx *g, const float *st, const float 
             for (j = 0; j < 3; j++) {
                 /* column x = 2v + b: (b + PW - j) / 2 columns of grad_out off v */
                 const int b = (j + PW) & 1, dv = (b + PW - j) / 2;
-#pragma GCC unroll 8
-                for (r = 0; r < RB; r++)
-                    yv[r] = cdl_vf_loadr(rows + r * g->sw + dv);
-#pragma GCC unroll 8
-                for (c = 0; c < KR; c++) {
-                    cdl_vf wv = cdl_vf_bcast(wt[c * 9 + j]);
+#if CDL_S2DX_PACK
+                if (PACK) {
+                    const __mmask16 m = dv < 0 ? 0xfefe : (dv > 0 ? 0x7f7f : 0xffff);
 #pragma GCC unroll 8
                     for (r = 0; r < RB; r++)
-                        acc[(c * RB + r) * 2 + b] += wv * yv[r];
-                }
-            }
-        }
-    }
-    for (c = 0; c < KR; c++)
-        for (r = 0; r < RB && u0 + r < hpa; r++) {
-            float *row = dx + (c * g->H + 2 * (u0 + r) + a) * g->W + 2 * v0;
-            Py_ssize_t n = g->W - 2 * v0;
-            cdl_vf e = acc[(c * RB + r) * 2], o = acc[(c * RB + r) * 2 + 1];
-            cdl_vf lo = CDL_SHUF(e, o, CDL_S2_LO), hi = CDL_SHUF(e, o, CDL_S2_HI);
-            if (n >= 2 * CDL_VF) {
-                if (acc_out) {
-                    lo = cdl_vf_load(row) + lo;
-                    hi = cdl_vf_load(row + CDL_VF) + hi;
-                }
-                cdl_vf_store(row, lo);
-                cdl_vf_store(row + CDL_VF, hi);
-            } else if (n > CDL_VF) {
-                if (acc_out) {
-                    lo = cdl_vf_load(row) + lo;
-                    hi = cdl_vf_loadn(row + CDL_VF, (int)(n - CDL_VF)) + hi;
-                }
-                cdl_vf_store(row, lo);
-                cdl_vf_storen(row + CDL_VF, hi, (int)(n - CDL_VF));
-            } else if (n == CDL_VF) {
-                if (acc_out)
-                    lo = cdl_vf_load(row) + lo;
-                cdl_vf_store(row, lo);
-            } else {
-                if (acc_out)
-                    lo = cdl_vf_loadn(row, (int)n) + lo;
-                cdl_vf_storen(row, lo, (int)n);
-            }
-        }
-}
-
-#if CDL_S2DX_PACK
-/* The tile of two rows a vector: rows u0 + 2r (lanes 0-7) and u0 + 2r + 1
- * (lanes 8-15), v = lane % 8. A load shifted by dv reads column v + dv of its
- * row; the lanes where that leaves the row are masked to zero (the columns past
- * OW are staged zeros). */
-CDL_CV_INLINE void cdl_s2dx_ptile(const CdlS2dx *g, const float *st, const float *w, int a,
-                                  Py_ssize_t u0, float *dx, Py_ssize_t hpa, int acc_out,
-                                  const int KR, const int RB, const int PW) {
-    cdl_vf acc[CDL_S2DX_KR * CDL_S2DX_RB * 2], yv[CDL_S2DX_RB];
-    Py_ssize_t k, C9 = g->C * 9, nrow = 0, i, r;
-    Py_ssize_t ri[2], rd[2];
-    int j, c, q;
-    for (i = 0; i < 3; i++)
-        if (((a + g->ph - i) & 1) == 0) {
-            ri[nrow] = i;
-            rd[nrow] = (a + g->ph - i) / 2;
-            nrow++;
-        }
-#pragma GCC unroll 24
-    for (q = 0; q < KR * RB * 2; q++)
-        acc[q] = cdl_vf_set1(0);
-    for (k = 0; k < g->K; k++) {
-        const float *sk = st + k * g->sk;
-        const float *wk = w + k * C9;
-        Py_ssize_t t;
-        for (t = 0; t < nrow; t++) {
-            const float *rows = sk + (u0 + rd[t] + 1) * 8;
-            const float *wt = wk + ri[t] * 3;
-#pragma GCC unroll 3
-            for (j = 0; j < 3; j++) {
-                const int b = (j + PW) & 1, dv = (b + PW - j) / 2;
-                const __mmask16 m = dv < 0 ? 0xfefe : (dv > 0 ? 0x7f7f : 0xffff);
+                        yv[r] = (cdl_vf)_mm512_maskz_loadu_ps(m, rows + r * rstep + dv);
+                } else
+#endif
+                {
 #pragma GCC unroll 8
-                for (r = 0; r < RB; r++)
-                    yv[r] = (cdl_vf)_mm512_maskz_loadu_ps(m, rows + r * 16 + dv);
+                    for (r = 0; r < RB; r++)
+                        yv[r] = cdl_vf_loadr(rows + r * rstep + dv);
+                }
 #pragma GCC unroll 8
                 for (c = 0; c < KR; c++) {
                     cdl_vf wv = cdl_vf_bcast(wt[c * 9 + j]);
@@ -230,51 +170,66 @@ CDL_CV_INLINE void cdl_s2dx_ptile(const CdlS2dx *g, const float *st, const float
     for (c = 0; c < KR; c++)
         for (r = 0; r < RB; r++) {
             cdl_vf e = acc[(c * RB + r) * 2], o = acc[(c * RB + r) * 2 + 1];
+            /* the pair interleaved: x = 2v0 .. 2v0 + VF - 1, then the next VF */
             cdl_vf half[2];
             int h;
             half[0] = CDL_SHUF(e, o, CDL_S2_LO);
             half[1] = CDL_SHUF(e, o, CDL_S2_HI);
-            for (h = 0; h < 2; h++) {
-                Py_ssize_t u = u0 + 2 * r + h;
-                float *row = dx + (c * g->H + 2 * u + a) * g->W;
-                cdl_vf v = half[h];
-                if (u >= hpa)
-                    break;
-                if (g->W >= CDL_VF) {
-                    if (acc_out)
-                        v = cdl_vf_load(row) + v;
-                    cdl_vf_store(row, v);
-                } else {
-                    if (acc_out)
-                        v = cdl_vf_loadn(row, (int)g->W) + v;
-                    cdl_vf_storen(row, v, (int)g->W);
+            if (PACK) {
+                /* each half is a whole row of at most 16 columns */
+                for (h = 0; h < 2; h++) {
+                    Py_ssize_t u = u0 + 2 * r + h;
+                    float *row = dx + (c * g->H + 2 * u + a) * g->W;
+                    cdl_vf v = half[h];
+                    if (u >= hpa)
+                        break;
+                    if (g->W >= CDL_VF) {
+                        if (acc_out)
+                            v = cdl_vf_load(row) + v;
+                        cdl_vf_store(row, v);
+                    } else {
+                        if (acc_out)
+                            v = cdl_vf_loadn(row, (int)g->W) + v;
+                        cdl_vf_storen(row, v, (int)g->W);
+                    }
+                }
+                continue;
+            }
+            if (u0 + r >= hpa)
+                break;
+            {
+                float *row = dx + (c * g->H + 2 * (u0 + r) + a) * g->W + 2 * v0;
+                Py_ssize_t n = g->W - 2 * v0;
+                for (h = 0; h < 2 && n > 0; h++, row += CDL_VF, n -= CDL_VF) {
+                    cdl_vf v = half[h];
+                    if (n >= CDL_VF) {
+                        if (acc_out)
+                            v = cdl_vf_load(row) + v;
+                        cdl_vf_store(row, v);
+                    } else {
+                        if (acc_out)
+                            v = cdl_vf_loadn(row, (int)n) + v;
+                        cdl_vf_storen(row, v, (int)n);
+                    }
                 }
             }
         }
 }
-#endif
 
-/* One copy per channel count and horizontal padding: the parity each tap
- * reaches is then a constant, and the accumulators stay in registers. */
+/* One copy per channel count, horizontal padding and row packing: the parity
+ * each tap reaches is then a constant, and the accumulators stay in registers. */
 #define CDL_S2DX_DEF(KR) \
     static void cdl_s2dx_tile_##KR(const CdlS2dx *g, const float *st, const float *w, int a, \
                                    Py_ssize_t u0, Py_ssize_t v0, float *dx, Py_ssize_t hpa, \
                                    int acc_out) { \
-        if (CDL_S2DX_PACK && g->packed) \
-            CDL_S2DX_PTILE(KR) \
+        if (CDL_S2DX_PACK && g->packed && g->pw) \
+            cdl_s2dx_tile(g, st, w, a, u0, v0, dx, hpa, acc_out, KR, CDL_S2DX_RB, 1, 1); \
+        else if (CDL_S2DX_PACK && g->packed) \
+            cdl_s2dx_tile(g, st, w, a, u0, v0, dx, hpa, acc_out, KR, CDL_S2DX_RB, 0, 1); \
         else if (g->pw) \
-            cdl_s2dx_tile(g, st, w, a, u0, v0, dx, hpa, acc_out, KR, CDL_S2DX_RB, 1); \
+            cdl_s2dx_tile(g, st, w, a, u0, v0, dx, hpa, acc_out, KR, CDL_S2DX_RB, 1, 0); \
         else \
-            cdl_s2dx_tile(g, st, w, a, u0, v0, dx, hpa, acc_out, KR, CDL_S2DX_RB, 0); }
-#if CDL_S2DX_PACK
-#define CDL_S2DX_PTILE(KR) { \
-            if (g->pw) \
-                cdl_s2dx_ptile(g, st, w, a, u0, dx, hpa, acc_out, KR, CDL_S2DX_RB, 1); \
-            else \
-                cdl_s2dx_ptile(g, st, w, a, u0, dx, hpa, acc_out, KR, CDL_S2DX_RB, 0); }
-#else
-#define CDL_S2DX_PTILE(KR) {}
-#endif
+            cdl_s2dx_tile(g, st, w, a, u0, v0, dx, hpa, acc_out, KR, CDL_S2DX_RB, 0, 0); }
 CDL_S2DX_DEF(1)
 CDL_S2DX_DEF(2)
 #if CDL_S2DX_KR >= 4
