@@ -687,9 +687,10 @@ def test_nan_propagates():
     assert np.isfinite(dx).all() and np.isfinite(db).all()
 
 # ---------------------------------------------------------------------------
-# The Winograd F(2x2, 3x3) path of float32 3x3 stride-1 convolutions: forced on
-# (set_winograd_path(2)) in every build this CPU runs, against the reference;
-# its bits across thread counts and batch sizes; the auto mode's choice.
+# The Winograd path of float32 3x3 stride-1 convolutions, F(2x2, 3x3) and (forward
+# and input gradient) F(4x2, 3x3): forced on (set_winograd_path(2), each tile
+# forced with set_winograd_tile) in every build this CPU runs, against the
+# reference; its bits across thread counts and batch sizes; the auto mode's choice.
 # ---------------------------------------------------------------------------
 
 # (x shape, K, padding): planes smaller than a tile, odd sizes (part tiles at the
@@ -719,15 +720,23 @@ def _wino_modules():
 
 
 class _Forced:
-    def __init__(self, mod, mode):
-        self.mod, self.mode = mod, mode
+    """The Winograd path in `mode` (0 auto, 1 off, 2 forced) and, where given, the
+    forward's tile height (2 or 4 output rows; 0 auto)."""
+
+    def __init__(self, mod, mode, tile=0):
+        self.mod, self.mode, self.tile = mod, mode, tile
 
     def __enter__(self):
         self.old = self.mod.set_winograd_path(self.mode)
+        self.old_tile = self.mod.set_winograd_tile(self.tile)
         return self.mod
 
     def __exit__(self, *exc):
         self.mod.set_winograd_path(self.old)
+        self.mod.set_winograd_tile(self.old_tile)
+
+
+WINO_TILES = (2, 4)
 
 
 def _wino_case(xs, k, seed):
@@ -752,14 +761,17 @@ def _wino_input_grad(mod, g, w, x_shape, p, nt):
 
 
 @pytest.mark.parametrize("mod", _wino_modules(), ids=lambda m: m.__name__.rsplit("_", 1)[-1])
+@pytest.mark.parametrize("tile", WINO_TILES, ids=lambda t: f"rows{t}")
 @pytest.mark.parametrize("case", WINO_CASES, ids=lambda c: f"{c[0]}-K{c[1]}-p{c[2]}")
-def test_forced_winograd_matches_reference(mod, case):
+def test_forced_winograd_matches_reference(mod, tile, case):
     xs, k, p = case
     x, w, b = _wino_case(xs, k, 3)
     y_ref = ref_conv2d(x, w, b, 1, p)
     g = np.random.default_rng(4).standard_normal(y_ref.shape).astype(np.float32)
     dx_ref = ref_conv2d_backward(g, x, w, 1, p)[0]
-    with _Forced(mod, 2):
+    with _Forced(mod, 2, 6 - tile):
+        other_tile = _wino_forward(mod, x, w, b, p, 2), _wino_input_grad(mod, g, w, xs, p, 2)
+    with _Forced(mod, 2, tile):
         ys = [_wino_forward(mod, x, w, b, p, nt) for nt in (1, 2)]
         yr = _wino_forward(mod, x, w, b, p, 2, relu=True)
         y0 = _wino_forward(mod, x, w, None, p, 2)
@@ -784,20 +796,24 @@ def test_forced_winograd_matches_reference(mod, case):
     # ReLU in the epilogue is ReLU's rule on the stored value, bit for bit.
     want = np.where(ys[0] <= 0, np.float32(0), ys[0])
     assert want.tobytes() == yr.tobytes()
-    # The path really ran: its sums round differently from the direct ones.
+    # The path really ran: its sums round differently from the direct ones, and
+    # the two tile heights' from each other (the weight gradient has one).
     if xs[1] * 9 >= 16 and y_ref.size >= 64:
         assert not np.array_equal(ys[0], y_direct)
+        assert not np.array_equal(ys[0], other_tile[0])
+        assert not np.array_equal(dxs[0], other_tile[1])
 
 
 @pytest.mark.parametrize("mod", _wino_modules(), ids=lambda m: m.__name__.rsplit("_", 1)[-1])
-def test_winograd_bits_do_not_depend_on_batch(mod):
+@pytest.mark.parametrize("tile", WINO_TILES, ids=lambda t: f"rows{t}")
+def test_winograd_bits_do_not_depend_on_batch(mod, tile):
     # Blocks of tile rows run across images; an image's outputs must not depend
     # on which block, lane or batch it landed in.
     # A small batch splits by output channels instead, each thread transforming the
     # filters of its slice (forward and input gradient alike): the same bits.
     x, w, b = _wino_case((11, 16, 12, 14), 24, 5)
     g = np.random.default_rng(6).standard_normal((11, 24, 12, 14)).astype(np.float32)
-    with _Forced(mod, 2):
+    with _Forced(mod, 2, tile):
         y = _wino_forward(mod, x, w, b, 1, 2)
         dx = _wino_input_grad(mod, g, w, x.shape, 1, 2)
         for i in (0, 4, 10):
@@ -809,7 +825,8 @@ def test_winograd_bits_do_not_depend_on_batch(mod):
 
 
 @pytest.mark.parametrize("mod", _wino_modules(), ids=lambda m: m.__name__.rsplit("_", 1)[-1])
-def test_winograd_work_splits_give_the_same_bits(mod):
+@pytest.mark.parametrize("tile", WINO_TILES, ids=lambda t: f"rows{t}")
+def test_winograd_work_splits_give_the_same_bits(mod, tile):
     # By blocks of tile rows or by output-channel slices (each thread transforming
     # its slice's filters): speed only, for any batch and thread count.
     rng = np.random.default_rng(8)
@@ -817,7 +834,7 @@ def test_winograd_work_splits_give_the_same_bits(mod):
         x, w, b = _wino_case((n, c, h, h), k, n)
         g = rng.standard_normal((n, k, h, h)).astype(np.float32)
         got = {}
-        with _Forced(mod, 2):
+        with _Forced(mod, 2, tile):
             for split in (0, 1, 2):
                 old = mod.set_winograd_split(split)
                 try:
@@ -879,6 +896,25 @@ def test_auto_mode_takes_winograd_where_the_build_measured_it(mod):
     g8 = rng.standard_normal((32, 32, 8, 8)).astype(np.float32)
     got = _wino_wgrad_modes(mod, g8, x8, w)
     assert np.array_equal(got[0], got[2 if isa == "avx2" else 1])
+    # Tiles of 4 output rows in the forward and the input gradient on the AVX-512
+    # build from 12 output rows on (the planes above have 16); 2 rows elsewhere,
+    # and always in the weight gradient.
+    tall = isa == "avx512"
+    x11 = np.ascontiguousarray(x[:, :, :11, :11])
+    rows = {}
+    for tile in WINO_TILES:
+        with _Forced(mod, 2, tile):
+            rows[tile] = (_wino_forward(mod, x, w, b, 1, 2), _wino_input_grad(mod, g, w, x.shape, 1, 2),
+                          _wino_forward(mod, x11, w, b, 1, 2))
+            assert np.array_equal(_wino_wgrad_modes(mod, g8, x8, w)[2], got[2])
+    assert not np.array_equal(rows[2][2], rows[4][2])
+    want = rows[4 if tall else 2]
+    with _Forced(mod, 2):
+        assert np.array_equal(_wino_forward(mod, x, w, b, 1, 2), want[0])
+        assert np.array_equal(_wino_input_grad(mod, g, w, x.shape, 1, 2), want[1])
+        assert np.array_equal(_wino_forward(mod, x11, w, b, 1, 2), rows[2][2])
+    with pytest.raises(ValueError, match="rows must be 0, 2 or 4"):
+        mod.set_winograd_tile(3)
     # Too few channels: the direct path, whatever the build.
     x3, w3, b3 = _wino_case((4, 3, 16, 16), 16, 6)
     with _Forced(mod, 1):
@@ -903,14 +939,15 @@ def test_forced_float32_paths_turn_winograd_off():
 
 
 @pytest.mark.parametrize("mod", _wino_modules(), ids=lambda m: m.__name__.rsplit("_", 1)[1])
-def test_winograd_input_grad_accumulates(mod):
+@pytest.mark.parametrize("tile", WINO_TILES, ids=lambda t: f"rows{t}")
+def test_winograd_input_grad_accumulates(mod, tile):
     # The epilogue adds to what dx holds (whole vectors and the part vectors at the
     # right edge): the bits of base + the plain input gradient, at any thread count.
     x, w, _ = _wino_case((3, 16, 10, 9), 16, 8)
     g = np.random.default_rng(9).standard_normal((3, 16, 10, 9)).astype(np.float32)
     base = np.random.default_rng(10).standard_normal(x.shape).astype(np.float32)
     base[..., ::3] = -0.0
-    with _Forced(mod, 2):
+    with _Forced(mod, 2, tile):
         plain = _wino_input_grad(mod, g, w, x.shape, 1, 2)
         for nt in (1, 2):
             acc = base.copy()
@@ -919,22 +956,24 @@ def test_winograd_input_grad_accumulates(mod):
             assert not np.array_equal(acc, plain)
 
 
-def test_winograd_nan_reaches_its_windows_and_stays_in_its_tiles():
+@pytest.mark.parametrize("tile", WINO_TILES, ids=lambda t: f"rows{t}")
+def test_winograd_nan_reaches_its_windows_and_stays_in_its_tiles(tile):
     # Exactly the direct path's NaNs are not kept: a NaN enters every cell of
-    # the 4x4 input patches that hold it, so it reaches the whole 2x2 output
-    # tiles of those patches (a superset of the windows that cover it), and no
-    # tile whose patch misses it.
+    # the (tile + 2) x 4 input patches that hold it, so it reaches the whole
+    # tile x 2 output tiles of those patches (a superset of the windows that
+    # cover it), and no tile whose patch misses it.
     x, w, _ = _wino_case((1, 16, 12, 12), 16, 11)
     x[0, 3, 5, 6] = np.nan
-    with _Forced(kconv, 2):
+    with _Forced(kconv, 2, tile):
         y = _wino_forward(kconv, x, w, None, 0, 2)
     covers = np.zeros((10, 10), bool)
     covers[3:6, 4:7] = True                      # windows holding input (5, 6)
     tiles = np.zeros((10, 10), bool)
-    for ty in range(5):
+    for ty in range(-(-10 // tile)):
         for tx in range(5):
-            if 2 * ty <= 5 < 2 * ty + 4 and 2 * tx <= 6 < 2 * tx + 4:
-                tiles[2 * ty:2 * ty + 2, 2 * tx:2 * tx + 2] = True
+            if tile * ty <= 5 < tile * ty + tile + 2 and 2 * tx <= 6 < 2 * tx + 4:
+                tiles[tile * ty:tile * ty + tile, 2 * tx:2 * tx + 2] = True
+    assert not tiles.all()
     nan = np.isnan(y[0])
     assert nan[:, covers].all()
     assert not nan[:, ~tiles].any()

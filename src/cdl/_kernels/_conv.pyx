@@ -166,14 +166,15 @@ cdef extern from "cdl_cvtile.h" nogil:
     vf cv_relu "cdl_cv_relu"(vf y)
 
 cdef extern from "cdl_wino.h" nogil:
-    # Winograd F(2x2, 3x3): see the header.
+    # Winograd F(2x2, 3x3) and F(4x2, 3x3): see the header.
     ctypedef struct CdlWino:
-        Py_ssize_t N, C, H, W, K, ph, pw, OH, OW, nty, kp, tr, per, cp, nch, rowbuf
+        Py_ssize_t N, C, H, W, K, ph, pw, OH, OW, th, npair, nty, kp, tr, per, cp, nch, rowbuf
     const int WINO_AUTO "CDL_WINO_AUTO"
+    const int WINO_TALL_AUTO "CDL_WINO_TALL_AUTO"
     const int WINO_KR "CDL_WG_KR"
     void wino_setup "cdl_wino_setup"(CdlWino* g, int nt)
     void wino_filters "cdl_wino_filters"(const float* w, Py_ssize_t K, Py_ssize_t C,
-                                         Py_ssize_t kp, int flipped, float* U,
+                                         Py_ssize_t kp, int flipped, int th, float* U,
                                          Py_ssize_t k0, Py_ssize_t k1)
     void wino_block "cdl_wino_block"(const CdlWino* g, const float* x, const float* U,
                                      const float* bias, int relu, int acc, float* out,
@@ -212,6 +213,11 @@ cdef Py_ssize_t WINO_MIN_CHANNELS = 16
 # a small batch splits by output channels, it is 0.3-0.9x the direct time at batch 1
 # (AVX-512, 1 and 2 threads; 3x3 to 16x16 planes, 16-128 channels).
 cdef Py_ssize_t WINO_MIN_GRAD_TILES = 512
+# Tiles of 4 output rows (auto mode, where the build takes them) from this many
+# output rows on. Their filter transform has 1.5x the cells of 2-row tiles': an 8 x 8
+# plane's few tiles do not repay it at batch 1 (64 -> 64 channels: 1.46x the 2-row
+# tiles' time; 0.87-0.98x on 16 x 16 and 32 x 32 planes, 0.81-0.91x at batch 64).
+cdef Py_ssize_t WINO_TALL_MIN_ROWS = 12
 # The filter transform on several threads from this many channel pairs (about 5 us
 # of one thread's time).
 cdef Py_ssize_t WINO_PARALLEL_FILTER_PAIRS = 1024
@@ -876,6 +882,22 @@ def set_winograd_path(int mode):
 
 
 cdef int _wino_split_mode = 0
+# Output rows a tile of the Winograd forward and input gradient: 0 picks from the
+# build, 2 is F(2x2, 3x3), 4 F(4x2, 3x3).
+cdef int _wino_tile = 0
+
+
+def set_winograd_tile(int rows):
+    """The Winograd forward and input gradient's tile height (0 auto, 2 for
+    F(2x2, 3x3), 4 for F(4x2, 3x3)); returns the old setting. The weight gradient
+    always uses 2."""
+    global _wino_tile
+    if rows not in (0, 2, 4):
+        raise ValueError(f"set_winograd_tile: rows must be 0, 2 or 4, got {rows}")
+    cdef int old = _wino_tile
+    _wino_tile = rows
+    return old
+
 
 
 def set_winograd_split(int mode):
@@ -924,6 +946,8 @@ cdef int _wino_f32(const float* x, const float* weight, const float* bias, float
     cdef void* mem
     cdef Py_ssize_t macs = N * K * OH * OW * C * 9
     _wino_geometry(&g, N, C, H, W, K, ph, pw, OH, OW)
+    g.th = 4 if _wino_tile == 4 or (_wino_tile == 0 and WINO_TALL_AUTO and
+                                    OH >= WINO_TALL_MIN_ROWS) else 2
     wino_setup(&g, _threads(macs, 2, num_threads))
     rows = N * g.nty
     blocks = _cdiv(rows, g.tr)
@@ -940,23 +964,28 @@ cdef int _wino_f32(const float* x, const float* weight, const float* bias, float
     if 1 < nt <= nkr and (_wino_split_mode == 2 or (_wino_split_mode == 0 and (
             blocks < 2 * nt or rows * ((OW + 1) // 2) <= 2 * g.kp * nt))):
         ns = nt
+        # Each thread takes every block: blocks as long as the setup makes them for
+        # one thread (cut for nt threads, a short plane's 4-row tiles filled half a
+        # vector: 64 -> 64 channels, 8 x 8, batch 1, 1.6x the 2-row tiles' time).
+        wino_setup(&g, 1)
+        blocks = _cdiv(rows, g.tr)
         items = blocks * ns
     else:
         items = blocks
         nt = _threads(macs, items, num_threads)
     per = _align16(g.per)
-    mem = malloc((_align16(16 * C * g.kp) + nt * per) * sizeof(float) + 128)
+    mem = malloc((_align16(2 * g.npair * C * g.kp) + nt * per) * sizeof(float) + 128)
     if mem == NULL:
         return -1
     U = _aligned(mem)
-    buf = U + _align16(16 * C * g.kp)
+    buf = U + _align16(2 * g.npair * C * g.kp)
     for it in range(nt):
         memset(buf + it * per, 0, g.rowbuf * sizeof(float))
     if ns > 1:
         # slice s on thread s, in both regions (static schedules, ns threads; the
         # block items come in slice order)
         for s in prange(ns, schedule="static", num_threads=ns):
-            wino_filters(weight, K, C, g.kp, flipped, U, s * nkr // ns * WINO_KR,
+            wino_filters(weight, K, C, g.kp, flipped, g.th, U, s * nkr // ns * WINO_KR,
                          (s + 1) * nkr // ns * WINO_KR)
     else:
         # The filter transform, split by output channels: one thread takes about
@@ -964,7 +993,7 @@ cdef int _wino_f32(const float* x, const float* weight, const float* bias, float
         nf = num_threads if C * K >= WINO_PARALLEL_FILTER_PAIRS else 1
         nf = _imax(1, _imin(nf, g.kp // 8))
         for it in prange(nf, schedule="static", num_threads=nf):
-            wino_filters(weight, K, C, g.kp, flipped, U, it * g.kp // nf,
+            wino_filters(weight, K, C, g.kp, flipped, g.th, U, it * g.kp // nf,
                          (it + 1) * g.kp // nf)
     for it in prange(items, schedule="static", num_threads=nt):
         tid = omp_get_thread_num()

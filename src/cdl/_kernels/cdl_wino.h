@@ -1,19 +1,22 @@
-/* Winograd F(2x2, 3x3) for float32 3x3 stride-1 convolutions (_conv.pyx,
- * "Winograd path").
+/* Winograd F(2x2, 3x3) and F(4x2, 3x3) for float32 3x3 stride-1 convolutions
+ * (_conv.pyx, "Winograd path").
  *
- * Each 2x2 output tile is A^T [ (G g G^T) . (B^T d B) ] A summed over input
- * channels, d the tile's 4x4 input patch: 16 products per channel pair and
- * tile where the direct sum does 36, the rest are additions. For a block of
- * tiles (whole tile rows, possibly of several images) the input transform
- * writes V[pair][c][lane], a GEMM per pair gives M[pair][k][lane] =
- * sum_c U[pair][c][k] V[pair][c][lane], and the output transform writes the
- * 2x2 outputs. SIMD vectors run over tiles, VF/2 of them side by side, each
- * tile's 16 cells as 8 pairs in neighbouring lanes (see cdl_wino_in). The
- * weight gradient (further down) reuses the input transform. Every output is
- * computed by the same operations in the same order whatever the block,
- * batch or thread, so results are bitwise the same for any thread count
- * (not those of the direct sum: the transforms round differently, within a
- * few ulps of the sum's scale).
+ * Each output tile of th x 2 (th = 2 or 4 rows) is A'^T [ (G' g G^T) . (B'^T d
+ * B) ] A summed over input channels, d the tile's (th + 2) x 4 input patch:
+ * across columns F(2, 3)'s A, B, G; down the rows the same for th = 2 and
+ * F(4, 3)'s for th = 4. That is 16 products per channel pair and 4 outputs
+ * (th = 2) or 24 per 8 (th = 4) where the direct sum does 36 or 72; the rest
+ * are additions. For a block of tiles (whole tile rows, possibly of several
+ * images) the input transform writes V[pair][c][lane], a GEMM per pair gives
+ * M[pair][k][lane] = sum_c U[pair][c][k] V[pair][c][lane], and the output
+ * transform writes the outputs. SIMD vectors run over tiles, VF/2 of them side
+ * by side, each tile's cells as pairs in neighbouring lanes (see
+ * cdl_wino_in). The weight gradient (further down, th = 2 only) reuses the
+ * input transform. Every output is computed by the same operations in the
+ * same order whatever the block, batch or thread, so results are bitwise the
+ * same for any thread count (not those of the direct sum: the transforms
+ * round differently, within a few ulps of the sum's scale; F(4, 3)'s larger
+ * points about 4x F(2, 3)'s rounding).
  */
 #ifndef CDL_WINO_H
 #define CDL_WINO_H
@@ -27,6 +30,13 @@
 #define CDL_WINO_AUTO 1
 #else
 #define CDL_WINO_AUTO 0
+#endif
+/* Tiles of 4 output rows (F(4x2, 3x3)) in the forward and input gradient
+ * unforced only where measured: the AVX-512 build. */
+#if defined(__AVX512F__)
+#define CDL_WINO_TALL_AUTO 1
+#else
+#define CDL_WINO_TALL_AUTO 0
 #endif
 
 /* GEMM register tile: KR output channels x RB vectors of tiles (KR*RB
@@ -88,25 +98,33 @@ CDL_CV_INLINE cdl_vf cdl_wino_bcast2(const float *p) {
  * as one 64-bit pair; the output transform's column step ends in output
  * columns 2t and 2t + 1, which are already neighbours. */
 
-/* U[((pair*C + c)*kp + k)*2 + e] = (G g G^T) of filter g = w[k, c] (K x C x
+/* Cell e of pair p: tile cell (row, column) = (p/2, 0 or 3) for even p, (p/2,
+ * 1 or 2) for odd p, as the index row*4 + column. */
+CDL_CV_INLINE int cdl_wino_cell(int p, int e) {
+    static const int col[2][2] = {{0, 3}, {1, 2}};
+    return (p / 2) * 4 + col[p & 1][e];
+}
+
+/* U[((pair*C + c)*kp + k)*2 + e] = (G' g G^T) of filter g = w[k, c] (K x C x
  * 3 x 3), cell e of the pair, zero for K <= k < kp, for k in [k0, k1). G =
- * [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]; worked in double,
- * rounded once. Eight output channels at a time, so the arithmetic runs in
- * vectors across k and a pair's cells for them are 16 neighbouring floats of U
- * (one filter at a time took 19 ns, 39 us of a 32 -> 64 channel layer's call).
- * The filters are first gathered for CDL_WF_CB channels: read back at once, the
- * scalar stores would stall each vector load that spans them. flipped: g =
- * w[c, k] rotated by 180 degrees, w being C x K x 3 x 3 (the input gradient's
- * filters, read from the layer's weight in place). */
+ * [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]] (F(2, 3)) across
+ * columns; down rows G' = G for tiles of th = 2 output rows, and F(4, 3)'s
+ * [[1/4, 0, 0], [-1/6, -1/6, -1/6], [-1/6, 1/6, -1/6], [1/24, 1/12, 1/6],
+ * [1/24, -1/12, 1/6], [0, 0, 1]] for th = 4; worked in double, rounded once.
+ * Eight output channels at a time, so the arithmetic runs in vectors across k
+ * and a pair's cells for them are 16 neighbouring floats of U (one filter at a
+ * time took 19 ns, 39 us of a 32 -> 64 channel layer's call). The filters are
+ * first gathered for CDL_WF_CB channels: read back at once, the scalar stores
+ * would stall each vector load that spans them. flipped: g = w[c, k] rotated
+ * by 180 degrees, w being C x K x 3 x 3 (the input gradient's filters, read
+ * from the layer's weight in place). */
 #define CDL_WF_KB 8
 #define CDL_WF_CB 16
 static void cdl_wino_filters(const float *w, Py_ssize_t K, Py_ssize_t C, Py_ssize_t kp,
-                             int flipped, float *U, Py_ssize_t k0, Py_ssize_t k1) {
-    static const int cell[8][2] = {{0, 3}, {1, 2}, {4, 7}, {5, 6},
-                                   {8, 11}, {9, 10}, {12, 15}, {13, 14}};
+                             int flipped, int th, float *U, Py_ssize_t k0, Py_ssize_t k1) {
     float gt[CDL_WF_CB][9][CDL_WF_KB];
     Py_ssize_t kb, c0, c;
-    int i, j, e, q, nk, cc, cb;
+    int i, j, e, q, nk, cc, cb, nrow = th + 2;
     for (kb = k0; kb < k1; kb += CDL_WF_KB) {
         nk = (int)(k1 - kb < CDL_WF_KB ? k1 - kb : CDL_WF_KB);
         for (c0 = 0; c0 < C; c0 += CDL_WF_CB) {
@@ -118,17 +136,28 @@ static void cdl_wino_filters(const float *w, Py_ssize_t K, Py_ssize_t C, Py_ssiz
                             flipped ? w[((c0 + cc) * K + kb + q) * 9 + 8 - j] :
                                       w[((kb + q) * C + c0 + cc) * 9 + j];
             for (cc = 0; cc < cb; cc++) {
-                double t[4][3][CDL_WF_KB], u[16][CDL_WF_KB];
+                double t[6][3][CDL_WF_KB], u[24][CDL_WF_KB];
                 c = c0 + cc;
                 for (j = 0; j < 3; j++)
                     for (q = 0; q < CDL_WF_KB; q++) {
                         double g0 = gt[cc][j][q], g1 = gt[cc][3 + j][q], g2 = gt[cc][6 + j][q];
-                        t[0][j][q] = g0;
-                        t[1][j][q] = 0.5 * (g0 + g1 + g2);
-                        t[2][j][q] = 0.5 * (g0 - g1 + g2);
-                        t[3][j][q] = g2;
+                        if (th == 2) {
+                            t[0][j][q] = g0;
+                            t[1][j][q] = 0.5 * (g0 + g1 + g2);
+                            t[2][j][q] = 0.5 * (g0 - g1 + g2);
+                            t[3][j][q] = g2;
+                        } else {
+                            /* multiplications: divisions made batch 1's call
+                             * 1.6x the F(2x2) time (64 -> 64 channels, 8 x 8) */
+                            t[0][j][q] = 0.25 * g0;
+                            t[1][j][q] = (g0 + g1 + g2) * (-1.0 / 6);
+                            t[2][j][q] = (g0 - g1 + g2) * (-1.0 / 6);
+                            t[3][j][q] = (g0 + 2 * g1 + 4 * g2) * (1.0 / 24);
+                            t[4][j][q] = (g0 - 2 * g1 + 4 * g2) * (1.0 / 24);
+                            t[5][j][q] = g2;
+                        }
                     }
-                for (i = 0; i < 4; i++)
+                for (i = 0; i < nrow; i++)
                     for (q = 0; q < CDL_WF_KB; q++) {
                         double a = t[i][0][q], b = t[i][1][q], d = t[i][2][q];
                         u[i * 4 + 0][q] = a;
@@ -136,11 +165,11 @@ static void cdl_wino_filters(const float *w, Py_ssize_t K, Py_ssize_t C, Py_ssiz
                         u[i * 4 + 2][q] = 0.5 * (a - b + d);
                         u[i * 4 + 3][q] = d;
                     }
-                for (i = 0; i < 8; i++) {
+                for (i = 0; i < 2 * nrow; i++) {
                     float *dst = U + ((i * C + c) * kp + kb) * 2;
                     for (q = 0; q < nk; q++)
                         for (e = 0; e < 2; e++)
-                            dst[q * 2 + e] = (float)u[cell[i][e]][q];
+                            dst[q * 2 + e] = (float)u[cdl_wino_cell(i, e)][q];
                 }
             }
         }
@@ -167,6 +196,31 @@ static inline void cdl_wino_in(const float *const rows[4], float *v, Py_ssize_t 
     cdl_vf_store(v + 5 * vs, b[2] - b[1]);
     cdl_vf_store(v + 6 * vs, a[1] - a[3]);
     cdl_vf_store(v + 7 * vs, b[1] - b[3]);
+}
+
+/* The same for tiles of 4 output rows: rows[r], r < 6, the patch rows; B'^T
+ * (F(4, 3)'s, 6 x 6) down the rows, 12 pair vectors to v + pair*vs. */
+static inline void cdl_wino_in6(const float *const rows[6], float *v, Py_ssize_t vs) {
+    cdl_vf d[2][6];
+    int r, h;
+    for (r = 0; r < 6; r++) {
+        const float *p = rows[r];
+        cdl_vf p0 = cdl_vf_load(p), p1 = cdl_vf_load(p + 1), p2 = cdl_vf_load(p + 2);
+        d[0][r] = p0 - p2;
+        d[1][r] = CDL_SHUF(p1 + p2, p1 - p0, CDL_WN_BLEND);
+    }
+    for (h = 0; h < 2; h++) {
+        const cdl_vf *x = d[h];
+        cdl_vf four = cdl_vf_set1(4.0f), five = cdl_vf_set1(5.0f), two = cdl_vf_set1(2.0f);
+        cdl_vf s12 = x[1] + x[2], s34 = x[3] + x[4], d12 = x[1] - x[2], d43 = x[4] - x[3];
+        cdl_vf d42 = x[4] - x[2], d31 = x[3] - x[1];
+        cdl_vf_store(v + (0 + h) * vs, four * x[0] - five * x[2] + x[4]);
+        cdl_vf_store(v + (2 + h) * vs, s34 - four * s12);
+        cdl_vf_store(v + (4 + h) * vs, four * d12 + d43);
+        cdl_vf_store(v + (6 + h) * vs, two * d31 + d42);
+        cdl_vf_store(v + (8 + h) * vs, d42 - two * d31);
+        cdl_vf_store(v + (10 + h) * vs, four * x[1] - five * x[3] + x[5]);
+    }
 }
 
 /* m[a*ms + r*VF + l] = sum_c u[(c*kp + a)*2 + l%2] * v[c*vs + r*VF + l], a < KR, r < RB. */
@@ -233,12 +287,33 @@ static void cdl_wino_gemm(const float *u, Py_ssize_t kp, const float *v, Py_ssiz
         }
 }
 
+/* One output row from its two pair vectors: lanes (s0, s3) in sa, (s1, s2) in
+ * sb; adds bias, applies ReLU's rule if relu, and writes columns [0, VF) of y
+ * cut at ncol (acc: adds to what they hold, the bits of y + result). */
+CDL_CV_INLINE void cdl_wino_orow(cdl_vf sa, cdl_vf sb, cdl_vf bv, int relu, int acc, float *y,
+                                 Py_ssize_t ncol) {
+    /* (s2, s1) in sw: even lanes s0 + (s1 + s2), odd (s1 - s2) - s3 */
+    cdl_vf sw = CDL_SHUF(sb, sb, CDL_WN_SWAP);
+    cdl_vf e = sb + sw, d = sw - sb;
+    cdl_vf o = CDL_SHUF(sa + e, d - sa, CDL_WN_BLEND) + bv;
+    if (relu)
+        o = cdl_cv_relu(o);
+    if (ncol >= CDL_VF) {
+        if (acc)
+            o = cdl_vf_load(y) + o;
+        cdl_vf_store(y, o);
+    } else {
+        if (acc)
+            o = cdl_vf_loadn(y, (int)ncol) + o;
+        cdl_vf_storen(y, o, (int)ncol);
+    }
+}
+
 /* A^T M A for VF/2 tiles side by side: m + pair*ms holds pair `pair` of each;
- * adds bias, applies ReLU's rule if relu, and writes output rows y0 and y1
- * (y1 NULL past the last row), columns [0, VF) cut at ncol; acc: adds what the
- * rows hold instead (the bits of a separate sum, y + result). */
+ * writes output rows y[0], y[1] (NULL past the last row) through
+ * cdl_wino_orow. */
 static inline void cdl_wino_out(const float *m, Py_ssize_t ms, float bias, int relu, int acc,
-                                float *y0, float *y1, Py_ssize_t ncol) {
+                                float *const y[2], Py_ssize_t ncol) {
     cdl_vf a[4], b[4], sa[2], sb[2];
     cdl_vf bv = cdl_vf_bcast(bias);
     int i, r;
@@ -250,29 +325,30 @@ static inline void cdl_wino_out(const float *m, Py_ssize_t ms, float bias, int r
     sb[0] = b[0] + b[1] + b[2];
     sa[1] = a[1] - a[2] - a[3];
     sb[1] = b[1] - b[2] - b[3];
-    for (r = 0; r < 2; r++) {
-        float *y = r ? y1 : y0;
-        cdl_vf sw, e, d, o;
-        if (y == NULL)
-            break;
-        /* lanes (s0, s3) in sa, (s1, s2) in sb, (s2, s1) in sw: even lanes
-         * s0 + (s1 + s2), odd (s1 - s2) - s3 */
-        sw = CDL_SHUF(sb[r], sb[r], CDL_WN_SWAP);
-        e = sb[r] + sw;
-        d = sw - sb[r];
-        o = CDL_SHUF(sa[r] + e, d - sa[r], CDL_WN_BLEND) + bv;
-        if (relu)
-            o = cdl_cv_relu(o);
-        if (ncol >= CDL_VF) {
-            if (acc)
-                o = cdl_vf_load(y) + o;
-            cdl_vf_store(y, o);
-        } else {
-            if (acc)
-                o = cdl_vf_loadn(y, (int)ncol) + o;
-            cdl_vf_storen(y, o, (int)ncol);
-        }
+    for (r = 0; r < 2 && y[r] != NULL; r++)
+        cdl_wino_orow(sa[r], sb[r], bv, relu, acc, y[r], ncol);
+}
+
+/* The same for tiles of 4 output rows: 12 pairs, A'^T (F(4, 3)'s, 4 x 6) down
+ * the rows, output rows y[0..3]. */
+static inline void cdl_wino_out6(const float *m, Py_ssize_t ms, float bias, int relu, int acc,
+                                 float *const y[4], Py_ssize_t ncol) {
+    cdl_vf s[2][4];
+    cdl_vf bv = cdl_vf_bcast(bias), two = cdl_vf_set1(2.0f), four = cdl_vf_set1(4.0f);
+    cdl_vf eight = cdl_vf_set1(8.0f);
+    int h, r;
+    for (h = 0; h < 2; h++) {
+        cdl_vf x0 = cdl_vf_load(m + (0 + h) * ms), x1 = cdl_vf_load(m + (2 + h) * ms);
+        cdl_vf x2 = cdl_vf_load(m + (4 + h) * ms), x3 = cdl_vf_load(m + (6 + h) * ms);
+        cdl_vf x4 = cdl_vf_load(m + (8 + h) * ms), x5 = cdl_vf_load(m + (10 + h) * ms);
+        cdl_vf p = x1 + x2, q = x1 - x2, u = x3 + x4, w = x3 - x4;
+        s[h][0] = x0 + p + u;
+        s[h][1] = q + two * w;
+        s[h][2] = p + four * u;
+        s[h][3] = q + eight * w + x5;
     }
+    for (r = 0; r < 4 && y[r] != NULL; r++)
+        cdl_wino_orow(s[0][r], s[1][r], bv, relu, acc, y[r], ncol);
 }
 
 /* d[0, n) = s[0, n), whole vectors then floats. Short rows: no libc call (the
@@ -289,6 +365,7 @@ static inline void cdl_wino_copy(float *d, const float *s, Py_ssize_t n) {
 /* Scratch floats one thread needs for blocks of tr tile rows. */
 typedef struct {
     Py_ssize_t N, C, H, W, K, ph, pw, OH, OW;  /* the convolution */
+    Py_ssize_t th, npair;        /* output rows a tile (2 or 4); its cell pairs, 2*(th + 2) */
     Py_ssize_t nty, ntx, ntxv;   /* tile rows and columns; vectors per tile row */
     Py_ssize_t kp, tr, vs, nv;   /* K padded to KR; tile rows a block; row length of V and M; GEMM vectors */
     Py_ssize_t wq;               /* padded input row length */
@@ -297,16 +374,17 @@ typedef struct {
     Py_ssize_t rowbuf;           /* its first part, the row buffers (zeroed once) */
 } CdlWino;
 
-/* The forward's blocks for nt threads (1: the weight gradient's setup, which
- * then sets its own). */
+/* The forward's blocks for nt threads, tiles of g->th output rows (1: the
+ * weight gradient's setup, which then sets its own). */
 static void cdl_wino_setup(CdlWino *g, int nt) {
     Py_ssize_t tb, tstar, nb, rows, unit = CDL_VF / 2 * CDL_WG_RB, half = CDL_VF / 2;
-    g->nty = (g->OH + 1) / 2;
+    g->npair = 2 * (g->th + 2);
+    g->nty = (g->OH + g->th - 1) / g->th;
     g->ntx = (g->OW + 1) / 2;
     g->ntxv = (g->ntx + half - 1) / half;
     g->kp = (g->K + CDL_WG_KR - 1) / CDL_WG_KR * CDL_WG_KR;
     /* Blocks of about 192 KB of V and M (L2), whole GEMM tiles of tiles. */
-    tstar = 3072 / (g->C + g->kp) / unit * unit;
+    tstar = 3072 * 8 / g->npair / (g->C + g->kp) / unit * unit;
     if (tstar < unit)
         tstar = unit;
     g->tr = tstar / g->ntx;
@@ -332,23 +410,27 @@ static void cdl_wino_setup(CdlWino *g, int nt) {
      * (Zen 2, the 8x8 weight gradient: 1.3x the time without it). */
     g->vs = (g->vs + 15) / 16 * 16 + 16;
     g->wq = (2 * g->ntxv * half + 2 + 15) / 16 * 16;
-    g->rowbuf = 5 * g->wq;
-    g->per = g->rowbuf + 8 * (g->C + g->kp) * g->vs;
+    g->rowbuf = (g->th + 3) * g->wq;
+    g->per = g->rowbuf + g->npair * (g->C + g->kp) * g->vs;
 }
 
 /* The input transform of tile rows [r0, r1) of the batch (row r: image
  * r / nty, tile row r % nty): pair p of channel c at V + (p*crows + c)*vs,
- * tile t of the block in lanes 2t, 2t + 1. rowbuf: 5*wq floats, once zeroed. */
+ * tile t of the block in lanes 2t, 2t + 1. rowbuf: (th + 3)*wq floats, once
+ * zeroed. */
 static void cdl_wino_vblock(const CdlWino *g, const float *x, Py_ssize_t r0, Py_ssize_t r1,
                             float *rowbuf, float *V, Py_ssize_t crows) {
-    float *buf[4] = {rowbuf, rowbuf + g->wq, rowbuf + 2 * g->wq, rowbuf + 3 * g->wq};
-    const float *zero = rowbuf + 4 * g->wq, *rows[4];
+    float *buf[6];
+    const float *zero, *rows[6];
     Py_ssize_t vs = g->vs, r, c, tx0;
-    int i;
+    int i, nrow = (int)g->th + 2;
+    for (i = 0; i < nrow; i++)
+        buf[i] = rowbuf + i * g->wq;
+    zero = rowbuf + nrow * g->wq;
     /* Input transform, channel by channel, tile row by tile row; a row's last
      * vector may spill into the next row's lanes, which that row then
-     * overwrites. Four row buffers, whose padding columns are never written,
-     * hold the patch rows; a tile row reuses two of the row before it. */
+     * overwrites. th + 2 row buffers, whose padding columns are never written,
+     * hold the patch rows; a tile row reuses the last two of the row before it. */
     for (c = 0; c < g->C; c++) {
         Py_ssize_t prev_n = -1, prev_ty = -2;
         for (r = r0; r < r1; r++) {
@@ -357,11 +439,12 @@ static void cdl_wino_vblock(const CdlWino *g, const float *x, Py_ssize_t r0, Py_
             int keep = (n == prev_n && ty == prev_ty + 1) ? 2 : 0;
             if (keep) {
                 float *a = buf[0], *b = buf[1];
-                buf[0] = buf[2]; buf[1] = buf[3]; buf[2] = a; buf[3] = b;
-                rows[0] = rows[2]; rows[1] = rows[3];
+                buf[0] = buf[nrow - 2]; buf[1] = buf[nrow - 1];
+                buf[nrow - 2] = a; buf[nrow - 1] = b;
+                rows[0] = rows[nrow - 2]; rows[1] = rows[nrow - 1];
             }
-            for (i = keep; i < 4; i++) {
-                Py_ssize_t iy = 2 * ty - g->ph + i;
+            for (i = keep; i < nrow; i++) {
+                Py_ssize_t iy = g->th * ty - g->ph + i;
                 if (iy >= 0 && iy < g->H) {
                     cdl_wino_copy(buf[i] + g->pw, xc + iy * g->W, g->W);
                     rows[i] = buf[i];
@@ -372,9 +455,13 @@ static void cdl_wino_vblock(const CdlWino *g, const float *x, Py_ssize_t r0, Py_
             prev_n = n;
             prev_ty = ty;
             for (tx0 = 0; tx0 < g->ntx; tx0 += CDL_VF / 2) {
-                const float *p[4] = {rows[0] + 2 * tx0, rows[1] + 2 * tx0, rows[2] + 2 * tx0,
-                                     rows[3] + 2 * tx0};
-                cdl_wino_in(p, V + c * vs + 2 * (t0 + tx0), crows * vs);
+                const float *p[6];
+                for (i = 0; i < nrow; i++)
+                    p[i] = rows[i] + 2 * tx0;
+                if (nrow == 4)
+                    cdl_wino_in(p, V + c * vs + 2 * (t0 + tx0), crows * vs);
+                else
+                    cdl_wino_in6(p, V + c * vs + 2 * (t0 + tx0), crows * vs);
             }
         }
     }
@@ -388,24 +475,29 @@ static void cdl_wino_vblock(const CdlWino *g, const float *x, Py_ssize_t r0, Py_
 static void cdl_wino_block(const CdlWino *g, const float *x, const float *U, const float *bias,
                            int relu, int acc, float *out, Py_ssize_t r0, Py_ssize_t r1,
                            Py_ssize_t ka, Py_ssize_t kb, float *scratch) {
-    float *V = scratch + g->rowbuf, *M = V + 8 * g->C * g->vs;
+    float *V = scratch + g->rowbuf, *M = V + g->npair * g->C * g->vs;
     Py_ssize_t vs = g->vs, r, k, tx0, q, kend = kb < g->K ? kb : g->K;
     Py_ssize_t nv = (2 * (r1 - r0) * g->ntx + CDL_VF - 1) / CDL_VF;
-    int p;
+    int p, i;
     cdl_wino_vblock(g, x, r0, r1, scratch, V, g->C);
-    for (p = 0; p < 8; p++)
+    for (p = 0; p < g->npair; p++)
         cdl_wino_gemm(U + p * g->C * g->kp * 2, g->kp, V + p * g->C * vs, vs, g->C,
                       M + p * g->kp * vs, nv, ka, kb);
     for (r = r0; r < r1; r++) {
         Py_ssize_t n = r / g->nty, ty = r % g->nty, t0 = (r - r0) * g->ntx;
         for (k = ka; k < kend; k++) {
-            float *y0 = out + ((n * g->K + k) * g->OH + 2 * ty) * g->OW;
-            float *y1 = 2 * ty + 1 < g->OH ? y0 + g->OW : NULL;
+            float *y0 = out + ((n * g->K + k) * g->OH + g->th * ty) * g->OW;
             float b = bias ? bias[k] : 0.0f;
             for (tx0 = 0; tx0 < g->ntx; tx0 += CDL_VF / 2) {
+                float *y[4];
                 q = g->OW - 2 * tx0;
-                cdl_wino_out(M + k * vs + 2 * (t0 + tx0), g->kp * vs, b, relu, acc,
-                             y0 + 2 * tx0, y1 ? y1 + 2 * tx0 : NULL, q);
+                /* rows past the plane: NULL, and so are the ones after them */
+                for (i = 0; i < g->th; i++)
+                    y[i] = g->th * ty + i < g->OH ? y0 + i * g->OW + 2 * tx0 : NULL;
+                if (g->th == 2)
+                    cdl_wino_out(M + k * vs + 2 * (t0 + tx0), g->kp * vs, b, relu, acc, y, q);
+                else
+                    cdl_wino_out6(M + k * vs + 2 * (t0 + tx0), g->kp * vs, b, relu, acc, y, q);
             }
         }
     }
@@ -524,6 +616,7 @@ static void cdl_wino_wgemm(const float *y, const float *v, Py_ssize_t vs, Py_ssi
  * forward's (each GEMM tile ends in lane sums), C padded to RB. */
 static void cdl_wino_wsetup(CdlWino *g) {
     Py_ssize_t tstar, half = CDL_VF / 2, nblocks;
+    g->th = 2;
     cdl_wino_setup(g, 1);
     g->cp = g->C;
     tstar = CDL_WINO_WTILES;
