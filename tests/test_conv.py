@@ -771,6 +771,8 @@ def test_forced_winograd_matches_reference(mod, tile, case):
     dx_ref = ref_conv2d_backward(g, x, w, 1, p)[0]
     with _Forced(mod, 2, 6 - tile):
         other_tile = _wino_forward(mod, x, w, b, p, 2), _wino_input_grad(mod, g, w, xs, p, 2)
+        dw_other = np.empty_like(w)
+        mod.conv2d_backward_weight(g, x, dw_other, None, 1, 1, p, p, 2)
     with _Forced(mod, 2, tile):
         ys = [_wino_forward(mod, x, w, b, p, nt) for nt in (1, 2)]
         yr = _wino_forward(mod, x, w, b, p, 2, relu=True)
@@ -797,11 +799,12 @@ def test_forced_winograd_matches_reference(mod, tile, case):
     want = np.where(ys[0] <= 0, np.float32(0), ys[0])
     assert want.tobytes() == yr.tobytes()
     # The path really ran: its sums round differently from the direct ones, and
-    # the two tile heights' from each other (the weight gradient has one).
+    # the two tile heights' from each other.
     if xs[1] * 9 >= 16 and y_ref.size >= 64:
         assert not np.array_equal(ys[0], y_direct)
         assert not np.array_equal(ys[0], other_tile[0])
         assert not np.array_equal(dxs[0], other_tile[1])
+        assert not np.array_equal(dws[0][0], dw_other)
 
 
 @pytest.mark.parametrize("mod", _wino_modules(), ids=lambda m: m.__name__.rsplit("_", 1)[-1])
@@ -896,23 +899,30 @@ def test_auto_mode_takes_winograd_where_the_build_measured_it(mod):
     g8 = rng.standard_normal((32, 32, 8, 8)).astype(np.float32)
     got = _wino_wgrad_modes(mod, g8, x8, w)
     assert np.array_equal(got[0], got[2 if isa == "avx2" else 1])
-    # Tiles of 4 output rows in the forward and the input gradient on the AVX-512
-    # build from 12 output rows on (the planes above have 16); 2 rows elsewhere,
-    # and always in the weight gradient.
+    # Tiles of 4 output rows on the AVX-512 build from 12 output rows on (the planes
+    # above have 16, x11's 11), in the forward and both gradients; 2 rows elsewhere.
     tall = isa == "avx512"
     x11 = np.ascontiguousarray(x[:, :, :11, :11])
+    g11 = np.ascontiguousarray(g[:, :, :11, :11])
+    xw, gw = np.tile(x, (2, 1, 1, 1)), np.tile(g, (2, 1, 1, 1))   # 512 2x2 tiles
+
+    def parts():
+        dw, dw11 = np.empty_like(w), np.empty_like(w)
+        mod.conv2d_backward_weight(gw, xw, dw, None, 1, 1, 1, 1, 2)
+        mod.conv2d_backward_weight(g11, x11, dw11, None, 1, 1, 1, 1, 2)
+        return (_wino_forward(mod, x, w, b, 1, 2), _wino_input_grad(mod, g, w, x.shape, 1, 2), dw,
+                _wino_forward(mod, x11, w, b, 1, 2), _wino_input_grad(mod, g11, w, x11.shape, 1, 2),
+                dw11)
     rows = {}
     for tile in WINO_TILES:
         with _Forced(mod, 2, tile):
-            rows[tile] = (_wino_forward(mod, x, w, b, 1, 2), _wino_input_grad(mod, g, w, x.shape, 1, 2),
-                          _wino_forward(mod, x11, w, b, 1, 2))
-            assert np.array_equal(_wino_wgrad_modes(mod, g8, x8, w)[2], got[2])
-    assert not np.array_equal(rows[2][2], rows[4][2])
-    want = rows[4 if tall else 2]
+            rows[tile] = parts()
+    for a, b2 in zip(rows[2], rows[4]):
+        assert not np.array_equal(a, b2)
     with _Forced(mod, 2):
-        assert np.array_equal(_wino_forward(mod, x, w, b, 1, 2), want[0])
-        assert np.array_equal(_wino_input_grad(mod, g, w, x.shape, 1, 2), want[1])
-        assert np.array_equal(_wino_forward(mod, x11, w, b, 1, 2), rows[2][2])
+        auto = parts()
+    for i, a in enumerate(auto):
+        assert np.array_equal(a, rows[4 if tall and i < 3 else 2][i]), i
     with pytest.raises(ValueError, match="rows must be 0, 2 or 4"):
         mod.set_winograd_tile(3)
     # Too few channels: the direct path, whatever the build.

@@ -888,9 +888,8 @@ cdef int _wino_tile = 0
 
 
 def set_winograd_tile(int rows):
-    """The Winograd forward and input gradient's tile height (0 auto, 2 for
-    F(2x2, 3x3), 4 for F(4x2, 3x3)); returns the old setting. The weight gradient
-    always uses 2."""
+    """The Winograd path's tile height (0 auto, 2 for F(2x2, 3x3), 4 for F(4x2, 3x3)),
+    in the forward and both gradients; returns the old setting."""
     global _wino_tile
     if rows not in (0, 2, 4):
         raise ValueError(f"set_winograd_tile: rows must be 0, 2 or 4, got {rows}")
@@ -1019,10 +1018,12 @@ cdef int _wino_wgrad_f32(const float* go, const float* x, float* gw, Py_ssize_t 
     cdef float* buf
     cdef void* mem
     _wino_geometry(&g, N, C, H, W, K, ph, pw, OH, OW)
+    g.th = 4 if _wino_tile == 4 or (_wino_tile == 0 and WINO_TALL_AUTO and
+                                    OH >= WINO_TALL_MIN_ROWS) else 2
     wino_wsetup(&g)
     nt = _threads(N * K * OH * OW * C * 9, g.nch, num_threads)
     per = _align16(g.per)
-    psize = _align16(16 * g.kp * g.cp)
+    psize = _align16(2 * g.npair * g.kp * g.cp)
     mem = malloc((g.nch * psize + nt * per) * sizeof(float) + 128)
     if mem == NULL:
         return -1

@@ -504,10 +504,10 @@ static void cdl_wino_block(const CdlWino *g, const float *x, const float *U, con
 }
 
 /* ------------------------------------------------------------------------
- * Weight gradient. y = A^T (U . V) A is linear in U, so dL/dU[cell] =
- * sum_t (A dy_t A^T)[cell] V_t[cell]: the grad_out tiles' transform (2x2 to
- * 4x4, in the same cell pairs) times the input transform, summed over tiles
- * (a GEMM per pair that reduces over lanes), then dW = G^T dU G. Blocks of
+ * Weight gradient. y = A'^T (U . V) A is linear in U, so dL/dU[cell] =
+ * sum_t (A' dy_t A^T)[cell] V_t[cell]: the grad_out tiles' transform (th x 2
+ * to (th + 2) x 4, in the same cell pairs) times the input transform, summed
+ * over tiles (a GEMM per pair that reduces over lanes), then dW = G'^T dU G. Blocks of
  * tile rows are grouped in chunks fixed by the shapes; each chunk's sums
  * run in block order and chunks are added in order, so the bits do not
  * depend on the thread count.
@@ -532,6 +532,30 @@ static inline void cdl_wino_gin(cdl_vf g0, cdl_vf g1, float *y, Py_ssize_t ys) {
     cdl_vf_store(y + 5 * ys, b[0] - b[1]);
     cdl_vf_store(y + 6 * ys, -a[1]);
     cdl_vf_store(y + 7 * ys, -b[1]);
+}
+
+/* The same for tiles of 4 rows, from grad_out rows g[0..3]: A' (F(4, 3)'s, 6 x
+ * 4) down the rows, 12 pairs. */
+static inline void cdl_wino_gin6(const cdl_vf g[4], float *y, Py_ssize_t ys) {
+    cdl_vf d[2][4];
+    cdl_vf two = cdl_vf_set1(2.0f), four = cdl_vf_set1(4.0f), eight = cdl_vf_set1(8.0f);
+    int r, h;
+    for (r = 0; r < 4; r++) {
+        cdl_vf v = g[r], sw = CDL_SHUF(v, v, CDL_WN_SWAP);
+        d[0][r] = CDL_SHUF(v, -v, CDL_WN_BLEND);
+        d[1][r] = CDL_SHUF(v + sw, sw - v, CDL_WN_BLEND);
+    }
+    for (h = 0; h < 2; h++) {
+        const cdl_vf *x = d[h];
+        cdl_vf e = x[0] + x[2], o = x[1] + x[3];
+        cdl_vf e4 = x[0] + four * x[2], o8 = two * x[1] + eight * x[3];
+        cdl_vf_store(y + (0 + h) * ys, x[0]);
+        cdl_vf_store(y + (2 + h) * ys, e + o);
+        cdl_vf_store(y + (4 + h) * ys, e - o);
+        cdl_vf_store(y + (6 + h) * ys, e4 + o8);
+        cdl_vf_store(y + (8 + h) * ys, e4 - o8);
+        cdl_vf_store(y + (10 + h) * ys, x[3]);
+    }
 }
 
 /* o[0] += the even lanes of v, o[1] += the odd ones (halves, a fixed order). */
@@ -612,14 +636,13 @@ static void cdl_wino_wgemm(const float *y, const float *v, Py_ssize_t vs, Py_ssi
 #ifndef CDL_WINO_WTILES
 #define CDL_WINO_WTILES 256
 #endif
-/* Block and chunk sizes of the weight gradient: longer blocks than the
- * forward's (each GEMM tile ends in lane sums), C padded to RB. */
+/* Block and chunk sizes of the weight gradient, tiles of g->th rows: longer
+ * blocks than the forward's (each GEMM tile ends in lane sums), C padded to RB. */
 static void cdl_wino_wsetup(CdlWino *g) {
     Py_ssize_t tstar, half = CDL_VF / 2, nblocks;
-    g->th = 2;
     cdl_wino_setup(g, 1);
     g->cp = g->C;
-    tstar = CDL_WINO_WTILES;
+    tstar = CDL_WINO_WTILES * 8 / g->npair;
     g->tr = tstar / g->ntx;
     if (g->tr < 1)
         g->tr = 1;
@@ -630,16 +653,16 @@ static void cdl_wino_wsetup(CdlWino *g) {
     g->vs = (g->vs + 15) / 16 * 16 + 16;
     nblocks = (g->N * g->nty + g->tr - 1) / g->tr;
     g->nch = nblocks < 8 ? nblocks : 8;
-    g->per = g->rowbuf + 8 * (g->cp + g->kp) * g->vs;
+    g->per = g->rowbuf + g->npair * (g->cp + g->kp) * g->vs;
 }
 
 /* Zeroes what the weight gradient's scratch needs zeroed once: the row
  * buffers and grad_out's transforms for channels K..kp-1. */
 static void cdl_wino_wzero(const CdlWino *g, float *scratch) {
-    float *Y = scratch + g->rowbuf + 8 * g->cp * g->vs;
+    float *Y = scratch + g->rowbuf + g->npair * g->cp * g->vs;
     int p;
     memset(scratch, 0, g->rowbuf * sizeof(float));
-    for (p = 0; p < 8; p++)
+    for (p = 0; p < g->npair; p++)
         memset(Y + (p * g->kp + g->K) * g->vs, 0, (g->kp - g->K) * g->vs * sizeof(float));
 }
 
@@ -650,9 +673,10 @@ static void cdl_wino_wchunk(const CdlWino *g, const float *x, const float *go, P
     Py_ssize_t rows = g->N * g->nty, nblocks = (rows + g->tr - 1) / g->tr;
     Py_ssize_t b0 = ch * nblocks / g->nch, b1 = (ch + 1) * nblocks / g->nch, blk;
     Py_ssize_t vs = g->vs, kp = g->kp, cp = g->cp, half = CDL_VF / 2;
-    float *V = scratch + g->rowbuf, *Y = V + 8 * cp * vs;
+    float *V = scratch + g->rowbuf, *Y = V + g->npair * cp * vs;
     Py_ssize_t r, k, c, tx0, p;
-    memset(part, 0, 16 * kp * cp * sizeof(float));
+    int i;
+    memset(part, 0, 2 * g->npair * kp * cp * sizeof(float));
     for (blk = b0; blk < b1; blk++) {
         Py_ssize_t r0 = blk * g->tr, r1 = r0 + g->tr < rows ? r0 + g->tr : rows;
         Py_ssize_t lanes = 2 * (r1 - r0) * g->ntx;
@@ -661,53 +685,62 @@ static void cdl_wino_wchunk(const CdlWino *g, const float *x, const float *go, P
         for (r = r0; r < r1; r++) {
             Py_ssize_t n = r / g->nty, ty = r % g->nty, t0 = (r - r0) * g->ntx;
             for (k = 0; k < g->K; k++) {
-                const float *g0 = go + ((n * g->K + k) * g->OH + 2 * ty) * g->OW;
-                const float *g1 = 2 * ty + 1 < g->OH ? g0 + g->OW : NULL;
+                const float *g0 = go + ((n * g->K + k) * g->OH + g->th * ty) * g->OW;
                 for (tx0 = 0; tx0 < g->ntx; tx0 += half) {
                     Py_ssize_t col = 2 * tx0, m = g->OW - col;
-                    /* part of a vector past the plane, or no second row: zeros */
-                    cdl_vf v0 = m < CDL_VF ? cdl_vf_loadn(g0 + col, (int)m)
-                                           : cdl_vf_load(g0 + col);
-                    cdl_vf v1 = cdl_vf_set1(0.0f);
-                    if (g1)
-                        v1 = m < CDL_VF ? cdl_vf_loadn(g1 + col, (int)m) : cdl_vf_load(g1 + col);
-                    cdl_wino_gin(v0, v1, Y + k * vs + 2 * (t0 + tx0), kp * vs);
+                    cdl_vf v[4];
+                    /* part of a vector past the plane, or rows past it: zeros */
+                    for (i = 0; i < g->th; i++) {
+                        const float *gi = g0 + i * g->OW + col;
+                        v[i] = g->th * ty + i >= g->OH ? cdl_vf_set1(0.0f)
+                             : m < CDL_VF ? cdl_vf_loadn(gi, (int)m) : cdl_vf_load(gi);
+                    }
+                    if (g->th == 2)
+                        cdl_wino_gin(v[0], v[1], Y + k * vs + 2 * (t0 + tx0), kp * vs);
+                    else
+                        cdl_wino_gin6(v, Y + k * vs + 2 * (t0 + tx0), kp * vs);
                 }
             }
         }
         /* Lanes past the block's tiles (a row's spill) join the sums: zeros. */
-        for (p = 0; p < 8; p++) {
+        for (p = 0; p < g->npair; p++) {
             for (c = 0; c < g->C; c++)
                 memset(V + (p * cp + c) * vs + lanes, 0, (nv * CDL_VF - lanes) * sizeof(float));
             for (k = 0; k < g->K; k++)
                 memset(Y + (p * kp + k) * vs + lanes, 0, (nv * CDL_VF - lanes) * sizeof(float));
         }
-        for (p = 0; p < 8; p++)
+        for (p = 0; p < g->npair; p++)
             cdl_wino_wgemm(Y + p * kp * vs, V + p * cp * vs, vs, nv, kp, cp,
                            part + p * kp * cp * 2);
     }
 }
 
-/* gw[k, c] (K x C x 3 x 3) = G^T (sum of the chunks' parts, in order) G. */
+/* gw[k, c] (K x C x 3 x 3) = G'^T (sum of the chunks' parts, in order) G. */
 static void cdl_wino_wfinish(const CdlWino *g, const float *parts, Py_ssize_t part_size,
                              float *gw, Py_ssize_t k) {
-    static const int cell[8][2] = {{0, 3}, {1, 2}, {4, 7}, {5, 6},
-                                   {8, 11}, {9, 10}, {12, 15}, {13, 14}};
     Py_ssize_t c, ch, kp = g->kp, cp = g->cp;
     int p, e, i, j;
     for (c = 0; c < g->C; c++) {
-        double u[16], t[3][4];
-        for (p = 0; p < 8; p++)
+        double u[24], t[3][4];
+        for (p = 0; p < g->npair; p++)
             for (e = 0; e < 2; e++) {
                 double s = 0;
                 for (ch = 0; ch < g->nch; ch++)
                     s += parts[ch * part_size + ((p * kp + k) * cp + c) * 2 + e];
-                u[cell[p][e]] = s;
+                u[cdl_wino_cell(p, e)] = s;
             }
         for (j = 0; j < 4; j++) {
-            t[0][j] = u[j] + 0.5 * (u[4 + j] + u[8 + j]);
-            t[1][j] = 0.5 * (u[4 + j] - u[8 + j]);
-            t[2][j] = 0.5 * (u[4 + j] + u[8 + j]) + u[12 + j];
+            if (g->th == 2) {
+                t[0][j] = u[j] + 0.5 * (u[4 + j] + u[8 + j]);
+                t[1][j] = 0.5 * (u[4 + j] - u[8 + j]);
+                t[2][j] = 0.5 * (u[4 + j] + u[8 + j]) + u[12 + j];
+            } else {
+                double s12 = u[4 + j] + u[8 + j], d12 = u[4 + j] - u[8 + j];
+                double s34 = u[12 + j] + u[16 + j], d34 = u[12 + j] - u[16 + j];
+                t[0][j] = 0.25 * u[j] - s12 * (1.0 / 6) + s34 * (1.0 / 24);
+                t[1][j] = -d12 * (1.0 / 6) + d34 * (1.0 / 12);
+                t[2][j] = (s34 - s12) * (1.0 / 6) + u[20 + j];
+            }
         }
         for (i = 0; i < 3; i++) {
             float *d = gw + ((k * g->C + c) * 3 + i) * 3;
