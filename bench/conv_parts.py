@@ -4,7 +4,9 @@ for strided layers also the input gradient's other paths, each forced (cdl picks
 3x3 stride-2 pass on the AVX-512 build where it applies; elsewhere the GEMM and scatter
 for kernels wider than 1x1 below 8 images, the phases otherwise); for 3x3
 stride-1 layers each part's time over its time with the Winograd path turned off (cdl
-takes it from 16 channels in and out on the AVX2 build; "–" where it does not).
+takes it from 16 channels in and out on the AVX2 build; "–" where it does not), and
+over its time in tiles of 2 output rows (F(2x2, 3x3); the AVX-512 build takes 4-row
+tiles, F(4x2, 3x3), from 12 output rows on: 1.00 where a part keeps 2 rows).
 GFLOP/s counts the direct sum's multiply-adds, whatever path ran.
 
     python bench/conv_parts.py [--batch 64] [--threads 2] [--repeats 15] [--out PATH]
@@ -70,8 +72,9 @@ def main(argv=None):
     lines = ["| layer | C→K | H | kernel, stride | forward ms | GFLOP/s | input grad / forward "
              "| weight grad / forward | strided input grad: fused / phases "
              "| strided input grad: GEMM / phases "
-             "| Winograd / direct: forward, input grad, weight grad |",
-             "|---|---|--:|---|--:|--:|--:|--:|--:|--:|---|"]
+             "| Winograd / direct: forward, input grad, weight grad "
+             "| Winograd / 2-row tiles: forward, input grad, weight grad |",
+             "|---|---|--:|---|--:|--:|--:|--:|--:|--:|---|---|"]
     if old is not None:
         lines[0] += " forward: this / before | input grad: this / before | weight grad: this / before |"
         lines[1] += "--:|--:|--:|"
@@ -95,6 +98,7 @@ def main(argv=None):
         if wino:
             for part in ("forward", "input", "weight"):
                 fns[part + "_direct"] = (lambda fn=fns[part]: _direct(conv, fn))
+                fns[part + "_rows2"] = (lambda fn=fns[part]: _two_row_tiles(conv, fn))
         same = {}
         if old is not None:
             y0, dx0, dw0 = np.empty_like(g), np.empty_like(x), np.empty_like(w)
@@ -110,11 +114,12 @@ def main(argv=None):
         gflop = 2.0 * n * k * c * f * f * oh * oh / 1e9
         paths = (f"{t['fused'] / t['phases']:.2f}" if fused else "–",
                  f"{t['gemm'] / t['phases']:.2f}" if s > 1 else "–")
-        wratio = (", ".join(f"{t[part] / t[part + '_direct']:.2f}"
-                            for part in ("forward", "input", "weight")) if wino else "–")
+        wratio, tratio = (", ".join(f"{t[part] / t[part + suffix]:.2f}"
+                                    for part in ("forward", "input", "weight")) if wino else "–"
+                          for suffix in ("_direct", "_rows2"))
         row = (f"| {name} | {c}→{k} | {h} | {f}×{f}, {s} | {t['forward'] * 1e3:.3f} | "
                f"{gflop / t['forward']:.0f} | {t['input'] / t['forward']:.2f} | "
-               f"{t['weight'] / t['forward']:.2f} | {paths[0]} | {paths[1]} | {wratio} |")
+               f"{t['weight'] / t['forward']:.2f} | {paths[0]} | {paths[1]} | {wratio} | {tratio} |")
         if old is not None:
             row += "".join(f" {t[part] / t[part + '_before']:.2f}"
                            f"{'' if same[part] else ' (results differ)'} |"
@@ -147,6 +152,14 @@ def _direct(conv, fn):
         fn()
     finally:
         conv.set_winograd_path(old)
+
+
+def _two_row_tiles(conv, fn):
+    old = conv.set_winograd_tile(2)
+    try:
+        fn()
+    finally:
+        conv.set_winograd_tile(old)
 
 
 def _forced(conv, mode, g, w, dx, s, p, nt):
