@@ -64,15 +64,17 @@ skip padding rows, part-width columns and the 1-channel row-reuse tile keep
 the buffered path.
 
 Winograd path (float32, 3x3, stride 1, padding 0-2; auto on the AVX2 and AVX-512
-builds from 16 input and 16 output channels, the gradients also from 512 2x2 tiles in
-the batch, the weight gradient also where a tile row fills a vector; cdl_wino.h):
+builds from 16 input and 16 output channels, the weight gradient also from 512 2x2
+tiles in the batch and where a tile row fills a vector; cdl_wino.h):
 F(2x2, 3x3), each 2x2 output tile A^T [(G g G^T) . (B^T d B)] A summed over channels,
-16 products per channel pair and tile where the direct sum does 36. The input gradient
+16 products per channel pair and tile where the direct sum does 36; on the AVX-512
+build outputs of 12 rows or more take F(4x2, 3x3), 4 x 2 tiles with F(4, 3)'s
+transforms down the rows (24 products per 8 outputs). The input gradient
 is the same forward of grad_out with the flipped filters; the weight gradient is
 dU = sum over tiles of (A dy A^T) . (B^T d B), then G^T dU G. Its sums round
 differently from the direct path's (within a few float32 ulps of the sum's scale; the
 tests hold it to the NumPy twin as tightly as the direct path), and a NaN or Inf in an
-input reaches the whole 2x2 tiles of the 4x4 patches that hold it, a superset of the
+input reaches the whole output tiles of the 4x4 (6x4) patches that hold it, a superset of the
 windows that cover it, and mostly as NaN (the transforms subtract Inf from Inf) where
 the direct sum gives +-Inf. Work items are blocks of tile rows and (weight gradient) chunks
 of blocks fixed by the shapes, so results are bitwise the same for any thread count,

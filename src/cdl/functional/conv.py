@@ -5,9 +5,10 @@
 with zero padding P, stride S (per axis) and H2 = (H1 - F + 2P)/S + 1 (floor).
 
 float32 3x3 stride-1 convolutions with at least 16 input and output channels run on a
-Winograd F(2x2, 3x3) path on the AVX2 and AVX-512 builds (their gradients from 512 2x2
-tiles in the batch): the same values within float32 rounding, bitwise the same for any
-thread count and, for the forward, any batch size; a NaN or Inf in x reaches whole 2x2
+Winograd F(2x2, 3x3) path on the AVX2 and AVX-512 builds (their weight gradients from 512
+2x2 tiles in the batch; on the AVX-512 build, outputs of 12 rows or more take F(4x2, 3x3),
+tiles of 4 rows x 2 columns): the same values within float32 rounding, bitwise the same
+for any thread count and, for the forward, any batch size; a NaN or Inf in x reaches whole
 output tiles.
 """
 from .._kernels import conv as _conv
