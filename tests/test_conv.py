@@ -687,8 +687,8 @@ def test_nan_propagates():
     assert np.isfinite(dx).all() and np.isfinite(db).all()
 
 # ---------------------------------------------------------------------------
-# The Winograd path of float32 3x3 stride-1 convolutions, F(2x2, 3x3) and (forward
-# and input gradient) F(4x2, 3x3): forced on (set_winograd_path(2), each tile
+# The Winograd path of float32 3x3 stride-1 convolutions, F(2x2, 3x3) and F(4x2, 3x3)
+# (forward and both gradients): forced on (set_winograd_path(2), each tile height
 # forced with set_winograd_tile) in every build this CPU runs, against the
 # reference; its bits across thread counts and batch sizes; the auto mode's choice.
 # ---------------------------------------------------------------------------
@@ -707,7 +707,8 @@ WINO_CASES = [
     ((5, 9, 6, 11), 3, 0),
     ((7, 6, 3, 19), 9, 1),
     ((3, 2, 13, 4), 1, 2),
-    ((130, 4, 8, 8), 4, 1),    # weight gradient: 9 blocks of tile rows in 8 chunks
+    ((130, 4, 8, 8), 4, 1),    # weight gradient: 9 blocks of tile rows in 8 chunks (2 rows)
+    ((260, 4, 8, 8), 4, 1),    # ... 17 in 8 (2 rows), 13 in 8 (4 rows)
 ]
 
 
@@ -720,8 +721,8 @@ def _wino_modules():
 
 
 class _Forced:
-    """The Winograd path in `mode` (0 auto, 1 off, 2 forced) and, where given, the
-    forward's tile height (2 or 4 output rows; 0 auto)."""
+    """The Winograd path in `mode` (0 auto, 1 off, 2 forced) and, where given, its
+    tile height (2 or 4 output rows; 0 auto)."""
 
     def __init__(self, mod, mode, tile=0):
         self.mod, self.mode, self.tile = mod, mode, tile
@@ -814,17 +815,23 @@ def test_winograd_bits_do_not_depend_on_batch(mod, tile):
     # on which block, lane or batch it landed in.
     # A small batch splits by output channels instead, each thread transforming the
     # filters of its slice (forward and input gradient alike): the same bits.
-    x, w, b = _wino_case((11, 16, 12, 14), 24, 5)
-    g = np.random.default_rng(6).standard_normal((11, 24, 12, 14)).astype(np.float32)
-    with _Forced(mod, 2, tile):
-        y = _wino_forward(mod, x, w, b, 1, 2)
-        dx = _wino_input_grad(mod, g, w, x.shape, 1, 2)
-        for i in (0, 4, 10):
-            for nt in (1, 2, 3, 4):
-                assert np.array_equal(_wino_forward(mod, x[i:i + 1], w, b, 1, nt), y[i:i + 1])
-                assert np.array_equal(_wino_input_grad(mod, g[i:i + 1], w, (1,) + x.shape[1:],
-                                                       1, nt), dx[i:i + 1])
-        assert np.array_equal(_wino_forward(mod, x[3:9], w, b, 1, 2), y[3:9])
+    # 12 rows: whole tiles; 10: the last tile row of each image part-filled.
+    for rows in (12, 10):
+        x, w, b = _wino_case((11, 16, rows, 14), 24, 5)
+        g = np.random.default_rng(6).standard_normal((11, 24, rows, 14)).astype(np.float32)
+        with _Forced(mod, 2, tile):
+            y = _wino_forward(mod, x, w, b, 1, 2)
+            dx = _wino_input_grad(mod, g, w, x.shape, 1, 2)
+            for i in (0, 4, 10):
+                for nt in (1, 2, 3, 4):
+                    assert np.array_equal(_wino_forward(mod, x[i:i + 1], w, b, 1, nt),
+                                          y[i:i + 1])
+                    assert np.array_equal(_wino_input_grad(mod, g[i:i + 1], w,
+                                                           (1,) + x.shape[1:], 1, nt),
+                                          dx[i:i + 1])
+            assert np.array_equal(_wino_forward(mod, x[3:9], w, b, 1, 2), y[3:9])
+            assert np.array_equal(_wino_input_grad(mod, g[3:9], w, (6,) + x.shape[1:], 1, 2),
+                                  dx[3:9])
 
 
 @pytest.mark.parametrize("mod", _wino_modules(), ids=lambda m: m.__name__.rsplit("_", 1)[-1])
@@ -923,6 +930,14 @@ def test_auto_mode_takes_winograd_where_the_build_measured_it(mod):
         auto = parts()
     for i, a in enumerate(auto):
         assert np.array_equal(a, rows[4 if tall and i < 3 else 2][i]), i
+    # the boundary: exactly 12 output rows take 4-row tiles
+    x12 = np.ascontiguousarray(x[:, :, :12, :12])
+    by_tile = {}
+    for tile in (0,) + WINO_TILES:
+        with _Forced(mod, 2, tile):
+            by_tile[tile] = _wino_forward(mod, x12, w, b, 1, 2)
+    assert np.array_equal(by_tile[0], by_tile[4 if tall else 2])
+    assert not np.array_equal(by_tile[2], by_tile[4])
     with pytest.raises(ValueError, match="rows must be 0, 2 or 4"):
         mod.set_winograd_tile(3)
     # Too few channels: the direct path, whatever the build.

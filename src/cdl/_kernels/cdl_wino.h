@@ -11,12 +11,12 @@
  * M[pair][k][lane] = sum_c U[pair][c][k] V[pair][c][lane], and the output
  * transform writes the outputs. SIMD vectors run over tiles, VF/2 of them side
  * by side, each tile's cells as pairs in neighbouring lanes (see
- * cdl_wino_in). The weight gradient (further down, th = 2 only) reuses the
- * input transform. Every output is computed by the same operations in the
+ * cdl_wino_in). The weight gradient (further down) reuses the input
+ * transform. Every output is computed by the same operations in the
  * same order whatever the block, batch or thread, so results are bitwise the
  * same for any thread count (not those of the direct sum: the transforms
- * round differently, within a few ulps of the sum's scale; F(4, 3)'s larger
- * points about 4x F(2, 3)'s rounding).
+ * round differently: F(2, 3)'s within a few ulps of the sum's scale, F(4,
+ * 3)'s larger points about 4x that, some 1e-6 of the scale at 128 channels).
  */
 #ifndef CDL_WINO_H
 #define CDL_WINO_H
@@ -416,60 +416,51 @@ static void cdl_wino_setup(CdlWino *g, int nt) {
      * (Zen 2, the 8x8 weight gradient: 1.3x the time without it). */
     g->vs = (g->vs + 15) / 16 * 16 + 16;
     g->wq = (2 * g->ntxv * half + 2 + 15) / 16 * 16;
-    g->rowbuf = (g->th + 3) * g->wq;
+    g->rowbuf = (g->th * g->tr + 2) * g->wq;
     g->per = g->rowbuf + g->npair * (g->C + g->kp) * g->vs;
 }
 
 /* The input transform of tile rows [r0, r1) of the batch (row r: image
  * r / nty, tile row r % nty): pair p of channel c at V + (p*crows + c)*vs,
- * tile t of the block in lanes 2t, 2t + 1. rowbuf: (th + 3)*wq floats, once
- * zeroed. */
+ * tile t of the block in lanes 2t, 2t + 1. rowbuf: (th*tr + 2)*wq floats,
+ * once zeroed. Each channel's rows of an image's tile rows are copied into
+ * rowbuf first (padding columns never written, rows outside the image
+ * zeroed), then transformed. Rows copied just before their loads (th + 2
+ * rotating row buffers) made the loads that straddle the copy's stores wait
+ * for them: copying first takes 0.93-0.98x their time, every Winograd part
+ * and plane of ResNet-8 at batches 1 and 64. A tile row's last vector may
+ * spill into the next row's lanes, which that row then overwrites. */
 CDL_CV_INLINE void cdl_wino_vblock_th(const CdlWino *g, const float *x, Py_ssize_t r0,
                                       Py_ssize_t r1, float *rowbuf, float *V, Py_ssize_t crows,
                                       const int TH) {
-    float *buf[6];
-    const float *zero, *rows[6];
-    Py_ssize_t vs = g->vs, r, c, tx0;
+    Py_ssize_t vs = g->vs, wq = g->wq, r, c, tx0, iy;
     int i;
     const int nrow = TH + 2;
-    for (i = 0; i < nrow; i++)
-        buf[i] = rowbuf + i * g->wq;
-    zero = rowbuf + nrow * g->wq;
-    /* Input transform, channel by channel, tile row by tile row; a row's last
-     * vector may spill into the next row's lanes, which that row then
-     * overwrites. th + 2 row buffers, whose padding columns are never written,
-     * hold the patch rows; a tile row reuses the last two of the row before it. */
     for (c = 0; c < g->C; c++) {
-        Py_ssize_t prev_n = -1, prev_ty = -2;
-        for (r = r0; r < r1; r++) {
-            Py_ssize_t n = r / g->nty, ty = r % g->nty, t0 = (r - r0) * g->ntx;
+        for (r = r0; r < r1;) {
+            Py_ssize_t n = r / g->nty, ty0 = r % g->nty;
+            Py_ssize_t rend = (n + 1) * g->nty < r1 ? (n + 1) * g->nty : r1;
+            Py_ssize_t ylo = TH * ty0 - g->ph, yhi = TH * (ty0 + rend - r - 1) - g->ph + nrow;
             const float *xc = x + (n * g->C + c) * g->H * g->W;
-            int keep = (n == prev_n && ty == prev_ty + 1) ? 2 : 0;
-            if (keep) {
-                float *a = buf[0], *b = buf[1];
-                buf[0] = buf[nrow - 2]; buf[1] = buf[nrow - 1];
-                buf[nrow - 2] = a; buf[nrow - 1] = b;
-                rows[0] = rows[nrow - 2]; rows[1] = rows[nrow - 1];
-            }
-            for (i = keep; i < nrow; i++) {
-                Py_ssize_t iy = TH * ty - g->ph + i;
-                if (iy >= 0 && iy < g->H) {
-                    cdl_wino_copy(buf[i] + g->pw, xc + iy * g->W, g->W);
-                    rows[i] = buf[i];
-                } else {
-                    rows[i] = zero;
-                }
-            }
-            prev_n = n;
-            prev_ty = ty;
-            for (tx0 = 0; tx0 < g->ntx; tx0 += CDL_VF / 2) {
-                const float *p[6];
-                for (i = 0; i < nrow; i++)
-                    p[i] = rows[i] + 2 * tx0;
-                if (TH == 2)
-                    cdl_wino_in(p, V + c * vs + 2 * (t0 + tx0), crows * vs);
+            for (iy = ylo; iy < yhi; iy++) {
+                float *d = rowbuf + (iy - ylo) * wq + g->pw;
+                if (iy >= 0 && iy < g->H)
+                    cdl_wino_copy(d, xc + iy * g->W, g->W);
                 else
-                    cdl_wino_in6(p, V + c * vs + 2 * (t0 + tx0), crows * vs);
+                    memset(d, 0, g->W * sizeof(float));
+            }
+            for (; r < rend; r++) {
+                Py_ssize_t t0 = (r - r0) * g->ntx;
+                const float *base = rowbuf + TH * (r % g->nty - ty0) * wq;
+                for (tx0 = 0; tx0 < g->ntx; tx0 += CDL_VF / 2) {
+                    const float *p[6];
+                    for (i = 0; i < nrow; i++)
+                        p[i] = base + i * wq + 2 * tx0;
+                    if (TH == 2)
+                        cdl_wino_in(p, V + c * vs + 2 * (t0 + tx0), crows * vs);
+                    else
+                        cdl_wino_in6(p, V + c * vs + 2 * (t0 + tx0), crows * vs);
+                }
             }
         }
     }
@@ -498,7 +489,7 @@ CDL_CV_INLINE void cdl_wino_oblock(const CdlWino *g, const float *M, const float
             float *y0 = out + ((n * g->K + k) * g->OH + TH * ty) * g->OW;
             float b = bias ? bias[k] : 0.0f;
             for (tx0 = 0; tx0 < g->ntx; tx0 += CDL_VF / 2) {
-                float *y[TH];
+                float *y[4];
                 /* rows past the plane: NULL, and so are the ones after them */
                 for (i = 0; i < TH; i++)
                     y[i] = TH * ty + i < g->OH ? y0 + i * g->OW + 2 * tx0 : NULL;
@@ -685,6 +676,7 @@ static void cdl_wino_wsetup(CdlWino *g) {
     g->vs = (g->vs + 15) / 16 * 16 + 16;
     nblocks = (g->N * g->nty + g->tr - 1) / g->tr;
     g->nch = nblocks < 8 ? nblocks : 8;
+    g->rowbuf = (g->th * g->tr + 2) * g->wq;
     g->per = g->rowbuf + g->npair * (g->cp + g->kp) * g->vs;
 }
 
