@@ -146,28 +146,26 @@ def _winograd_runs(conv, x, w, y):
     return not np.array_equal(auto, y[:2])
 
 
-def _direct(conv, fn):
-    old = conv.set_winograd_path(1)
+def _with(setter, value, fn):
+    """fn() with a kernel setting (setter returns the old value) at value."""
+    old = setter(value)
     try:
         fn()
     finally:
-        conv.set_winograd_path(old)
+        setter(old)
+
+
+def _direct(conv, fn):
+    _with(conv.set_winograd_path, 1, fn)
 
 
 def _two_row_tiles(conv, fn):
-    old = conv.set_winograd_tile(2)
-    try:
-        fn()
-    finally:
-        conv.set_winograd_tile(old)
+    _with(conv.set_winograd_tile, 2, fn)
 
 
 def _forced(conv, mode, g, w, dx, s, p, nt):
-    old = conv.set_strided_input_grad_path(mode)
-    try:
-        conv.conv2d_backward_input(g, w, dx, s, s, p, p, nt)
-    finally:
-        conv.set_strided_input_grad_path(old)
+    _with(conv.set_strided_input_grad_path, mode,
+          lambda: conv.conv2d_backward_input(g, w, dx, s, s, p, p, nt))
 
 
 if __name__ == "__main__":

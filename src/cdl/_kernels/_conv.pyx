@@ -925,6 +925,13 @@ cdef bint _use_wino(Py_ssize_t C, Py_ssize_t K, Py_ssize_t KH, Py_ssize_t KW, Py
     return WINO_AUTO and C >= WINO_MIN_CHANNELS and K >= WINO_MIN_CHANNELS
 
 
+cdef inline Py_ssize_t _wino_rows(Py_ssize_t OH) noexcept nogil:
+    # The tile height for OH output rows (set_winograd_tile, else the build and OH).
+    if _wino_tile != 0:
+        return _wino_tile
+    return 4 if WINO_TALL_AUTO and OH >= WINO_TALL_MIN_ROWS else 2
+
+
 cdef inline void _wino_geometry(CdlWino* g, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H,
                                 Py_ssize_t W, Py_ssize_t K, Py_ssize_t ph, Py_ssize_t pw,
                                 Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
@@ -948,8 +955,7 @@ cdef int _wino_f32(const float* x, const float* weight, const float* bias, float
     cdef void* mem
     cdef Py_ssize_t macs = N * K * OH * OW * C * 9
     _wino_geometry(&g, N, C, H, W, K, ph, pw, OH, OW)
-    g.th = 4 if _wino_tile == 4 or (_wino_tile == 0 and WINO_TALL_AUTO and
-                                    OH >= WINO_TALL_MIN_ROWS) else 2
+    g.th = _wino_rows(OH)
     wino_setup(&g, _threads(macs, 2, num_threads))
     rows = N * g.nty
     blocks = _cdiv(rows, g.tr)
@@ -1021,8 +1027,7 @@ cdef int _wino_wgrad_f32(const float* go, const float* x, float* gw, Py_ssize_t 
     cdef float* buf
     cdef void* mem
     _wino_geometry(&g, N, C, H, W, K, ph, pw, OH, OW)
-    g.th = 4 if _wino_tile == 4 or (_wino_tile == 0 and WINO_TALL_AUTO and
-                                    OH >= WINO_TALL_MIN_ROWS) else 2
+    g.th = _wino_rows(OH)
     wino_wsetup(&g)
     nt = _threads(N * K * OH * OW * C * 9, g.nch, num_threads)
     per = _align16(g.per)

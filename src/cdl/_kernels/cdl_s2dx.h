@@ -179,19 +179,9 @@ CDL_CV_INLINE void cdl_s2dx_tile(const CdlS2dx *g, const float *st, const float 
                 /* each half is a whole row of at most 16 columns */
                 for (h = 0; h < 2; h++) {
                     Py_ssize_t u = u0 + 2 * r + h;
-                    float *row = dx + (c * g->H + 2 * u + a) * g->W;
-                    cdl_vf v = half[h];
                     if (u >= hpa)
                         break;
-                    if (g->W >= CDL_VF) {
-                        if (acc_out)
-                            v = cdl_vf_load(row) + v;
-                        cdl_vf_store(row, v);
-                    } else {
-                        if (acc_out)
-                            v = cdl_vf_loadn(row, (int)g->W) + v;
-                        cdl_vf_storen(row, v, (int)g->W);
-                    }
+                    cdl_vf_put(dx + (c * g->H + 2 * u + a) * g->W, half[h], g->W, acc_out);
                 }
                 continue;
             }
@@ -200,18 +190,8 @@ CDL_CV_INLINE void cdl_s2dx_tile(const CdlS2dx *g, const float *st, const float 
             {
                 float *row = dx + (c * g->H + 2 * (u0 + r) + a) * g->W + 2 * v0;
                 Py_ssize_t n = g->W - 2 * v0;
-                for (h = 0; h < 2 && n > 0; h++, row += CDL_VF, n -= CDL_VF) {
-                    cdl_vf v = half[h];
-                    if (n >= CDL_VF) {
-                        if (acc_out)
-                            v = cdl_vf_load(row) + v;
-                        cdl_vf_store(row, v);
-                    } else {
-                        if (acc_out)
-                            v = cdl_vf_loadn(row, (int)n) + v;
-                        cdl_vf_storen(row, v, (int)n);
-                    }
-                }
+                for (h = 0; h < 2 && n > 0; h++, row += CDL_VF, n -= CDL_VF)
+                    cdl_vf_put(row, half[h], n, acc_out);
             }
         }
 }

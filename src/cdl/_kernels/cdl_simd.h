@@ -101,6 +101,22 @@ static inline void cdl_vf_storen(float *p, cdl_vf v, int n) {
 }
 #endif
 
+/* v to p's first n floats, a whole vector from n >= CDL_VF on (n > 0); acc:
+ * what they hold plus v instead (the bits of a separate sum). The stores of
+ * a kernel's output rows, whose last vector may be part of one. */
+static inline __attribute__((always_inline)) void cdl_vf_put(float *p, cdl_vf v, long n,
+                                                             int acc) {
+    if (n >= CDL_VF) {
+        if (acc)
+            v = cdl_vf_load(p) + v;
+        cdl_vf_store(p, v);
+    } else {
+        if (acc)
+            v = cdl_vf_loadn(p, (int)n) + v;
+        cdl_vf_storen(p, v, (int)n);
+    }
+}
+
 static inline cdl_vf cdl_vf_set1(float a) {
     cdl_vf v = {0};
     return v + a;

@@ -303,15 +303,7 @@ CDL_CV_INLINE void cdl_wino_orow(cdl_vf sa, cdl_vf sb, cdl_vf bv, int relu, int 
     cdl_vf o = CDL_SHUF(sa + e, d - sa, CDL_WN_BLEND) + bv;
     if (relu)
         o = cdl_cv_relu(o);
-    if (ncol >= CDL_VF) {
-        if (acc)
-            o = cdl_vf_load(y) + o;
-        cdl_vf_store(y, o);
-    } else {
-        if (acc)
-            o = cdl_vf_loadn(y, (int)ncol) + o;
-        cdl_vf_storen(y, o, (int)ncol);
-    }
+    cdl_vf_put(y, o, ncol, acc);
 }
 
 /* A^T M A for VF/2 tiles side by side: m + pair*ms holds pair `pair` of each;
